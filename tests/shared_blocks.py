@@ -1,0 +1,37 @@
+"""The marked shared blocks of the two training scripts: read them, compare them, or copy them.
+
+train_probe.py holds the master copy. After editing a shared block there, run
+    python tests/shared_blocks.py --write
+to copy every block into train_distill.py; tests/test_shared_blocks.py fails while they differ.
+"""
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("train_probe.py", "train_distill.py")
+BLOCK = re.compile(r"^# ==== shared: (?P<name>[^(\n]+?) \(identical in train_probe.py and train_distill.py\) ====\n"
+                   r".*?^# ==== end shared: (?P=name) ====\n", re.S | re.M)
+
+
+def blocks(path):
+    with open(path) as f:
+        return {m.group("name"): m.group(0) for m in BLOCK.finditer(f.read())}
+
+
+def write_blocks(source=SCRIPTS[0], target=SCRIPTS[1]):
+    src_blocks = blocks(os.path.join(ROOT, source))
+    path = os.path.join(ROOT, target)
+    with open(path) as f:
+        text = f.read()
+    text = BLOCK.sub(lambda m: src_blocks[m.group("name")], text)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    if "--write" in sys.argv:
+        write_blocks()
+    for name, block in blocks(os.path.join(ROOT, SCRIPTS[0])).items():
+        other = blocks(os.path.join(ROOT, SCRIPTS[1])).get(name)
+        print(f"{name}: {'identical' if other == block else 'DIFFERENT' if other else 'missing'}")

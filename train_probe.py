@@ -1,0 +1,1365 @@
+"""Linear probe on a frozen backbone, with a training loop that cannot have the catalogue's bugs.
+
+Run it (defaults: synthetic TUAB-shaped EEG windows and a small built-in encoder):
+
+    python train_probe.py --config configs/probe_synthetic.yaml
+    python train_probe.py --dry_run                       # every code path in seconds, no config needed
+    python train_probe.py --config configs/tuab_4s.yaml --set optim.lr=3e-3 --set train.grad_accum=4
+    torchrun --standalone --nproc_per_node=2 train_probe.py --config configs/tuab_4s.yaml
+
+The same command line starts the run and resumes it after a kill or a preemption (`--resume auto`).
+Row ids in comments (S1, R4, G2, ...) refer to FAILURE_MODES.md, the catalogue this loop is built
+against. The blocks marked "shared" are byte-identical in train_distill.py (a test enforces it).
+"""
+import argparse
+import contextlib
+import difflib
+import hashlib
+import importlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+TASK = "probe"
+
+# -----------------------------------------------------------------------------
+# Config: every key, its default, its type and what it means. A YAML file and --set override these;
+# any other key is an error (C2), every value is cast to its type or rejected (C1).
+# Types: str, int, float, bool, floats (list), dict (free-form), a tuple of choices; "?" allows null.
+CONFIG = {
+    "task": ("probe", "str", "which script runs this config (probe = train_probe.py)"),
+    "run_name": ("probe", "str", "run directory is runs/<run_name>/ unless --run_dir is given"),
+    "seed": (0, "int", "seeds data order, synthetic data, initialisation"),
+    # optimizer
+    "optim.name": ("adamw", ("adamw", "sgd"), "optimizer"),
+    "optim.lr": (5e-4, "float", "peak learning rate"),
+    "optim.weight_decay": (0.05, "float", "decoupled weight decay (AdamW) / L2 (SGD)"),
+    "optim.betas": ([0.9, 0.999], "floats", "AdamW betas"),
+    "optim.momentum": (0.9, "float", "SGD momentum"),
+    # learning-rate schedule, stepped once per optimizer step (S1)
+    "schedule.type": ("onecycle", ("onecycle", "cosine", "linear", "wsd", "constant"), "LR schedule"),
+    "schedule.warmup": (0.1, "float", "warmup: a fraction of the run (< 1) or optimizer steps (>= 1)"),
+    "schedule.div_factor": (25.0, "float", "the first step's LR is optim.lr / div_factor"),
+    "schedule.final_div_factor": (1e4, "float", "onecycle: final LR = optim.lr / (div_factor * final_div_factor)"),
+    "schedule.final_lr_ratio": (0.0, "float", "cosine/linear/wsd: final LR as a fraction of optim.lr"),
+    "schedule.anneal": ("cos", ("cos", "linear"), "onecycle: anneal_strategy"),
+    "schedule.cycle_momentum": (False, "bool", "onecycle: cycle momentum / Adam beta1 (S4)"),
+    "schedule.decay": (0.2, "float", "wsd: share of the run spent in the final decay"),
+    "schedule.total_steps": (None, "int?", "leave null: derived from the data; if set it must match (S2)"),
+    "expect.initial_lr": (None, "float?", "optional: the LR you expect at step 1 (checked by the dry runs, S5)"),
+    "expect.peak_lr": (None, "float?", "optional: the highest LR you expect"),
+    "expect.final_lr": (None, "float?", "optional: the LR you expect at the last step"),
+    # training loop
+    "train.epochs": (20, "int?", "passes over the training set (null when train.max_steps is set)"),
+    "train.max_steps": (None, "int?", "optimizer steps instead of epochs (null when train.epochs is set)"),
+    "train.batch_size": (64, "int", "samples per micro-batch, per process"),
+    "train.grad_accum": (1, "int", "micro-batches per optimizer step"),
+    "train.clip_grad_norm": (1.0, "float?", "max total gradient norm; null = no clipping (norm still logged)"),
+    "train.grad_norm_warn": (100.0, "float", "warn when the total gradient norm exceeds this (G3)"),
+    "train.precision": ("fp32", ("fp32", "bf16", "fp16"), "autocast dtype; fp16 adds a GradScaler"),
+    "train.device": ("auto", ("auto", "cpu", "cuda"), "auto = cuda when available"),
+    "train.log_every": (10, "int", "optimizer steps between train records"),
+    "train.eval_every": (None, "int?", "optimizer steps between evals; null = once per epoch"),
+    "train.save_every_steps": (None, "int?", "optimizer steps between checkpoints; null = once per epoch"),
+    "train.max_bad_steps": (20, "int", "abort after this many consecutive non-finite steps (G4)"),
+    "train.patience": (None, "int?", "early stopping: evals without improvement; null = off"),
+    "train.best_metric": ("val/auroc", "str", "metric that picks best.pt (loss/ppl: lower is better)"),
+    "train.max_loss_share": (0.8, "float", "warn when one loss component is above this share (E2)"),
+    "train.num_workers": (0, "int", "DataLoader worker processes (uncached path)"),
+    "train.eval_batch_size": (256, "int", "samples per eval / feature-extraction batch"),
+    "train.allow_schedule_change": (False, "bool", "resume even if schedule-shaping keys changed (S7)"),
+    # data: .npy files, X [N, C, T] float32 (memory-mapped), y [N] int; null train_x = synthetic
+    "data.train_x": (None, "str?", "training windows .npy [N, C, T]"),
+    "data.train_y": (None, "str?", "training labels .npy [N]"),
+    "data.val_x": (None, "str?", "validation windows .npy"),
+    "data.val_y": (None, "str?", "validation labels .npy"),
+    "data.test_x": (None, "str?", "optional test windows .npy (evaluated with best.pt at the end)"),
+    "data.test_y": (None, "str?", "optional test labels .npy"),
+    "data.limit": (None, "int?", "use only the first N windows of each split (debugging, --dry_run)"),
+    "data.synthetic.num_train": (4000, "int", "synthetic training windows"),
+    "data.synthetic.num_val": (1000, "int", "synthetic validation windows"),
+    "data.synthetic.channels": (19, "int", "EEG channels"),
+    "data.synthetic.length": (1024, "int", "samples per window (4 s at 256 Hz)"),
+    "data.synthetic.sample_rate": (256.0, "float", "Hz"),
+    "data.synthetic.effect": (0.6, "float", "how much more slow-wave power abnormal windows carry"),
+    # backbone (frozen) and probe head (trained)
+    "backbone.target": (None, "str?", "'package.module:callable' returning the encoder; null = built-in"),
+    "backbone.kwargs": ({}, "dict", "keyword arguments for the callable"),
+    "backbone.checkpoint": (None, "str?", "state-dict file loaded into the backbone; null = seeded init"),
+    "backbone.cache_features": ("auto", ("auto", True, False), "compute features once (auto: if they fit in RAM)"),
+    "head.num_classes": (2, "int", "classes; AUROC uses the last class as positive"),
+    "head.standardize": (True, "bool", "standardise features with training-set mean/std (fixed, not trained)"),
+}
+
+
+# ==== shared: config (identical in train_probe.py and train_distill.py) ====
+class ConfigError(Exception):
+    """Bad input. Printed as one line per problem, exit code 2, nothing written (C1-C3)."""
+
+    def __init__(self, problems):
+        self.problems = problems  # [(catalogue id, key, message)]
+        super().__init__("\n".join(f"config error: {key}: {msg}" for _, key, msg in problems))
+
+
+def _flatten(tree, schema, prefix=""):
+    flat = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        free_form = key in schema and schema[key][1] == "dict"
+        if isinstance(value, dict) and not free_form:
+            flat.update(_flatten(value, schema, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def unflatten(flat):
+    tree = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def cast_value(value, kind):
+    """`value` as `kind`, or ValueError saying what was expected (C1: YAML 1.1 reads 3e-4 as a string)."""
+    if isinstance(kind, str) and kind.endswith("?"):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~", "")):
+            return None
+        kind = kind[:-1]
+    if isinstance(kind, tuple):
+        for choice in kind:
+            if value == choice or str(value).strip().lower() == str(choice).lower():
+                return choice
+        raise ValueError("one of " + ", ".join(str(c).lower() for c in kind))
+    if kind in ("float", "int"):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError("a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("a number") from None
+        if not math.isfinite(number):
+            raise ValueError("a finite number")
+        if kind == "int":
+            if number != int(number):
+                raise ValueError("a whole number")
+            return int(number)
+        return number
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise ValueError("true or false")
+    if kind == "str":
+        if isinstance(value, (dict, list)) or value is None:
+            raise ValueError("a string")
+        return str(value)
+    if kind == "floats":
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("a list of numbers such as [0.9, 0.999]")
+        return [cast_value(v, "float") for v in value]
+    if kind == "dict":
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("a mapping")
+        return value
+    raise AssertionError(f"unknown kind {kind}")
+
+
+def load_config(path, overrides, schema):
+    """Read YAML + `--set key=value` overrides into a flat {dotted.key: typed value} dict.
+
+    Returns (cfg, notes): notes are non-fatal observations such as a string cast to a number (C1).
+    Raises ConfigError listing every problem at once: unknown keys (C2), uncastable values (C1).
+    """
+    raw = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError([("C3", "--config", f"file {path} not found; give the path of a YAML config")])
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError([("C3", path, f"is not valid YAML{where}; fix the syntax there")]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([("C3", path, "must be a YAML mapping of keys to values")])
+    flat = _flatten(raw, schema)
+    problems, notes = [], []
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append(("C3", "--set", f"'{item}' is not key=value"))
+            continue
+        try:
+            flat[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            flat[key.strip()] = text
+    for key in flat:
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else "; see the config reference in README.md"
+            problems.append(("C2", key, f"unknown key{hint}"))
+    cfg = {}
+    for key, (default, kind, _doc) in schema.items():
+        value = flat.get(key, default)
+        try:
+            cfg[key] = cast_value(value, kind)
+        except ValueError as err:
+            problems.append(("C1", key, f"got {value!r}, expected {err}"))
+            continue
+        if isinstance(value, str) and kind in ("float", "int", "float?", "int?") and cfg[key] is not None:
+            notes.append(("C1", key, f"the string {value!r} was read as the number {cfg[key]!r}"))
+    if problems:
+        raise ConfigError(problems)
+    return cfg, notes
+
+
+def common_value_problems(cfg, task):
+    """Values that would only fail hours later (C3), shared by both scripts."""
+    p = []
+
+    def need(ok, key, msg, row="C3"):
+        if not ok:
+            p.append((row, key, f"{cfg.get(key)!r} {msg}"))
+
+    need(cfg["task"] == task, "task", f"is not '{task}'; run this config with train_{cfg['task']}.py")
+    need(cfg["optim.lr"] > 0, "optim.lr", "must be > 0")
+    need(cfg["optim.weight_decay"] >= 0, "optim.weight_decay", "must be >= 0")
+    need(len(cfg["optim.betas"]) == 2 and all(0 <= b < 1 for b in cfg["optim.betas"]),
+         "optim.betas", "must be two numbers in [0, 1)")
+    need(cfg["optim.momentum"] >= 0, "optim.momentum", "must be >= 0")
+    need(cfg["schedule.warmup"] >= 0, "schedule.warmup", "must be >= 0 (a fraction < 1 or optimizer steps)", "S3")
+    need(cfg["schedule.warmup"] < 1 or cfg["schedule.warmup"] == int(cfg["schedule.warmup"]),
+         "schedule.warmup", "must be a fraction < 1 or a whole number of optimizer steps", "S3")
+    need(cfg["schedule.div_factor"] >= 1, "schedule.div_factor", "must be >= 1")
+    need(cfg["schedule.final_div_factor"] >= 1, "schedule.final_div_factor", "must be >= 1")
+    need(0 <= cfg["schedule.final_lr_ratio"] <= 1, "schedule.final_lr_ratio", "must be in [0, 1]")
+    need(0 < cfg["schedule.decay"] < 1, "schedule.decay", "must be in (0, 1)")
+    need((cfg["train.epochs"] is None) != (cfg["train.max_steps"] is None), "train.epochs",
+         "and train.max_steps: set exactly one of them (the other null)")
+    for key in ("train.epochs", "train.max_steps", "train.eval_every", "train.save_every_steps",
+                "train.patience", "schedule.total_steps"):
+        need(cfg[key] is None or cfg[key] >= 1, key, "must be >= 1 or null")
+    for key in ("train.batch_size", "train.grad_accum", "train.log_every", "train.max_bad_steps",
+                "train.eval_batch_size"):
+        need(cfg[key] >= 1, key, "must be >= 1")
+    need(cfg["train.num_workers"] >= 0, "train.num_workers", "must be >= 0")
+    need(cfg["train.clip_grad_norm"] is None or cfg["train.clip_grad_norm"] > 0,
+         "train.clip_grad_norm", "must be > 0 or null")
+    need(0 < cfg["train.max_loss_share"] <= 1, "train.max_loss_share", "must be in (0, 1]")
+    for key in ("expect.initial_lr", "expect.peak_lr", "expect.final_lr"):
+        need(cfg[key] is None or cfg[key] >= 0, key, "must be >= 0 or null")
+    if cfg["train.device"] == "cuda" and not torch.cuda.is_available():
+        p.append(("C3", "train.device", "'cuda' but no CUDA device is visible; use auto or cpu"))
+    return p
+
+
+def check_file(cfg, key, problems, suffixes):
+    """A data/model path must exist before anything heavy starts (C3)."""
+    path = cfg[key]
+    if path is not None and not os.path.exists(path):
+        problems.append(("C3", key, f"file {path} not found; fix the path or set it to null"))
+    elif path is not None and suffixes and not path.endswith(suffixes):
+        problems.append(("C3", key, f"{path} should end with {' or '.join(suffixes)}"))
+# ==== end shared: config ====
+
+
+def resolve_config(path=None, overrides=(), check_files=True):
+    """The probe's config: load, cast, validate. Tools import this so they judge what training runs."""
+    cfg, notes = load_config(path, overrides, CONFIG)
+    problems = common_value_problems(cfg, TASK)
+    if check_files:
+        for key in ("data.train_x", "data.train_y", "data.val_x", "data.val_y", "data.test_x", "data.test_y"):
+            check_file(cfg, key, problems, (".npy",))
+        check_file(cfg, "backbone.checkpoint", problems, ())
+    if cfg["data.train_x"] is not None and None in (cfg["data.train_y"], cfg["data.val_x"], cfg["data.val_y"]):
+        problems.append(("C3", "data.train_x", "is set, so data.train_y, data.val_x and data.val_y must be too"))
+    if (cfg["data.test_x"] is None) != (cfg["data.test_y"] is None):
+        problems.append(("C3", "data.test_x", "and data.test_y: set both or neither"))
+    for key in ("data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.channels",
+                "data.synthetic.length", "head.num_classes"):
+        if cfg[key] < (2 if key == "head.num_classes" else 1):
+            problems.append(("C3", key, f"{cfg[key]!r} is too small"))
+    if cfg["train.best_metric"] not in ("val/auroc", "val/bacc", "val/loss"):
+        problems.append(("C3", "train.best_metric", f"{cfg['train.best_metric']!r} is not one of val/auroc, val/bacc, val/loss"))
+    if cfg["backbone.target"] is not None and ":" not in cfg["backbone.target"]:
+        problems.append(("C3", "backbone.target", "must look like 'package.module:callable'"))
+    if problems:
+        raise ConfigError(problems)
+    return cfg, notes
+
+
+# ==== shared: schedule (identical in train_probe.py and train_distill.py) ====
+def optimizer_steps_per_epoch(num_samples, batch_size, grad_accum, world_size=1):
+    """S2/G1: the kit's accumulation rule, computed here and nowhere else.
+
+    One micro-batch is batch_size samples on each of world_size processes; an optimizer step takes
+    grad_accum micro-batches, and the last, possibly short, group still steps exactly once.
+    """
+    micro_batches = math.ceil(num_samples / (batch_size * world_size))
+    return math.ceil(micro_batches / grad_accum)
+
+
+def plan_schedule(cfg, num_samples, world_size=1):
+    """Derive every step count from the data (S2, S3, S7): never hand-typed, so never inconsistent."""
+    batch, accum = cfg["train.batch_size"], cfg["train.grad_accum"]
+    micro = math.ceil(num_samples / (batch * world_size))
+    per_epoch = optimizer_steps_per_epoch(num_samples, batch, accum, world_size)
+    if cfg["train.max_steps"] is not None:
+        total = cfg["train.max_steps"]
+        epochs = math.ceil(total / per_epoch)
+    else:
+        epochs = cfg["train.epochs"]
+        total = per_epoch * epochs
+    warmup = cfg["schedule.warmup"]
+    warmup_steps = round(warmup * total) if warmup < 1 else int(warmup)  # S3: always optimizer steps
+    plan = {"num_samples": num_samples, "world_size": world_size, "batch_size": batch, "grad_accum": accum,
+            "micro_batches_per_epoch": micro, "steps_per_epoch": per_epoch, "epochs": epochs,
+            "total_steps": total, "warmup_steps": warmup_steps}
+    problems = []
+    if cfg["schedule.total_steps"] is not None and cfg["schedule.total_steps"] != total:
+        ratio = cfg["schedule.total_steps"] / total
+        problems.append(("S2", "schedule.total_steps",
+                         f"is {cfg['schedule.total_steps']} but the run has {total} optimizer steps "
+                         f"({ratio:.3g}x; micro-batches per epoch {micro}, accumulation {accum}); set it to null"))
+    if total < 2:
+        problems.append(("C3", "train.max_steps", f"the run has {total} optimizer step(s); it needs at least 2"))
+    elif warmup_steps >= total:
+        problems.append(("S3", "schedule.warmup", f"{warmup_steps} warmup steps but the run has only {total} "
+                         "optimizer steps; warmup is counted in optimizer steps, not micro-batches"))
+    elif cfg["schedule.type"] == "onecycle" and warmup_steps < 2:
+        problems.append(("S3", "schedule.warmup", f"onecycle needs at least 2 warmup steps, got {warmup_steps}"))
+    if problems:
+        raise ConfigError(problems)
+    return plan
+
+
+def build_optimizer(cfg, param_groups):
+    if cfg["optim.name"] == "adamw":
+        return torch.optim.AdamW(param_groups, lr=cfg["optim.lr"], betas=tuple(cfg["optim.betas"]),
+                                 weight_decay=cfg["optim.weight_decay"])
+    return torch.optim.SGD(param_groups, lr=cfg["optim.lr"], momentum=cfg["optim.momentum"],
+                           weight_decay=cfg["optim.weight_decay"])
+
+
+def build_schedule(optimizer, cfg, plan):
+    """The LR schedule, built only from torch's own schedulers (S5, S6), indexed by optimizer step.
+
+    Step 1 uses lr / div_factor; with w >= 2 warmup steps step w uses the peak lr; the last step uses
+    the floor. The caller steps it once after every optimizer step and nowhere else (S1).
+    """
+    from torch.optim import lr_scheduler as sched
+    lr, kind = cfg["optim.lr"], cfg["schedule.type"]
+    total, warm = plan["total_steps"], plan["warmup_steps"]
+    if kind == "onecycle":
+        # S5: torch's floor is max_lr / (div_factor * final_div_factor); S4: momentum cycling is opt-in.
+        return sched.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=warm / total,
+                                anneal_strategy=cfg["schedule.anneal"], div_factor=cfg["schedule.div_factor"],
+                                final_div_factor=cfg["schedule.final_div_factor"],
+                                cycle_momentum=cfg["schedule.cycle_momentum"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SequentialLR's own construction-time deprecation notes
+        phases, milestones = [], []
+        start = warm - 1 if warm >= 2 else 0  # index of the first step at the peak
+        if warm >= 2:
+            phases.append(sched.LinearLR(optimizer, start_factor=1 / cfg["schedule.div_factor"],
+                                         end_factor=1.0, total_iters=start))
+            milestones.append(start)
+        span = total - 1 - start  # steps from the peak to the last step, which lands on the floor
+        floor = cfg["schedule.final_lr_ratio"]
+        if kind == "cosine":
+            phases.append(sched.CosineAnnealingLR(optimizer, T_max=span, eta_min=lr * floor))
+        elif kind == "linear":
+            phases.append(sched.LinearLR(optimizer, start_factor=1.0, end_factor=floor, total_iters=span))
+        elif kind == "wsd":
+            decay = max(1, min(span, round(cfg["schedule.decay"] * total)))
+            if span > decay:
+                phases.append(sched.ConstantLR(optimizer, factor=1.0, total_iters=0))
+                milestones.append(total - 1 - decay)
+            phases.append(sched.LinearLR(optimizer, start_factor=1.0, end_factor=floor, total_iters=decay))
+        elif kind == "constant":
+            phases.append(sched.ConstantLR(optimizer, factor=1.0, total_iters=0))
+        else:
+            raise ConfigError([("S6", "schedule.type", f"{kind!r} is not one of onecycle, cosine, linear, wsd, constant")])
+        if len(phases) == 1:
+            return phases[0]
+        return sched.SequentialLR(optimizer, phases, milestones=milestones)
+
+
+def schedule_landmarks(cfg, plan):
+    """What the configured schedule must produce: initial, peak, final LR and its designed flat steps."""
+    lr, kind, total, warm = cfg["optim.lr"], cfg["schedule.type"], plan["total_steps"], plan["warmup_steps"]
+    warms = kind == "onecycle" or warm >= 2
+    initial = lr / cfg["schedule.div_factor"] if warms else lr
+    if kind == "onecycle":
+        final = lr / (cfg["schedule.div_factor"] * cfg["schedule.final_div_factor"])  # S5
+    elif kind == "constant":
+        final = lr
+    else:
+        final = lr * cfg["schedule.final_lr_ratio"]
+    start = warm - 1 if warm >= 2 else 0
+    flat = range(0)
+    if kind == "constant":
+        flat = range(start, total)
+    elif kind == "wsd":
+        decay = max(1, min(total - 1 - start, round(cfg["schedule.decay"] * total)))
+        flat = range(start, total - decay)
+    return {"initial": initial, "peak": lr, "final": final, "peak_step": start + 1, "flat_steps": flat}
+
+
+def lr_curve(cfg, plan, resume_at=None):
+    """The LR each optimizer step 1..total will use, from the real torch scheduler on a dummy parameter.
+
+    With resume_at=k the optimizer and scheduler state_dicts are saved after step k and loaded into
+    fresh objects, as a resumed run does (R3), so the returned curve includes that round trip.
+    """
+    def fresh():
+        opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+        return opt, build_schedule(opt, cfg, plan)
+
+    optimizer, scheduler = fresh()
+    group = optimizer.param_groups[0]
+    curve = np.empty(plan["total_steps"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": no weights here
+        for i in range(plan["total_steps"]):
+            if resume_at is not None and i == resume_at:
+                saved = (optimizer.state_dict(), scheduler.state_dict())
+                optimizer, scheduler = fresh()
+                optimizer.load_state_dict(saved[0])
+                scheduler.load_state_dict(saved[1])
+                group = optimizer.param_groups[0]
+            curve[i] = group["lr"]
+            scheduler.step()
+    return curve
+
+
+def _close(a, b, rel=1e-6):
+    return abs(a - b) <= rel * max(abs(a), abs(b)) + 1e-15
+
+
+def check_lr_curve(curve, cfg, plan, longest_flat=2):
+    """S10/S5 sanity checks on a per-step LR curve: [(row id, message)], empty when it is sane."""
+    marks, failures = schedule_landmarks(cfg, plan), []
+    total = len(curve)
+    if not _close(curve[0], marks["initial"]):
+        failures.append(("S10", f"step 1 LR is {curve[0]:.6g}, the configured initial LR is {marks['initial']:.6g}"))
+    if plan["warmup_steps"] >= 2 or cfg["schedule.type"] == "onecycle":
+        ramp = curve[:marks["peak_step"]]
+        if not (np.all(np.diff(ramp) >= 0) and ramp[-1] > ramp[0]):
+            failures.append(("S10", f"the LR does not rise through warmup (steps 1-{marks['peak_step']})"))
+    if not _close(float(curve.max()), marks["peak"]):
+        failures.append(("S10", f"the peak LR is {curve.max():.6g}, optim.lr is {marks['peak']:.6g}"))
+    if not _close(curve[-1], marks["final"]):
+        failures.append(("S10", f"the last step's LR is {curve[-1]:.6g}, the schedule's floor is {marks['final']:.6g}"))
+    zero = np.flatnonzero(curve[:-1] <= 0)
+    if zero.size:
+        failures.append(("S10", f"the LR is 0 from step {zero[0] + 1} of {total}: training stops learning there"))
+    moving = np.ones(total, bool)
+    moving[list(marks["flat_steps"])] = False
+    same = np.r_[False, curve[1:] == curve[:-1]] & moving
+    run = best = best_end = 0
+    for i, s in enumerate(same):
+        run = run + 1 if s else 0
+        if run > best:
+            best, best_end = run, i
+    if best >= longest_flat:
+        failures.append(("S10", f"the LR stays at {curve[best_end]:.6g} for steps {best_end - best + 1}-{best_end + 1} "
+                                "where the schedule should move"))
+    for name, actual in (("initial", curve[0]), ("peak", float(curve.max())), ("final", curve[-1])):
+        want = cfg[f"expect.{name}_lr"]
+        if want is not None and not _close(want, actual, rel=1e-3):
+            failures.append(("S5", f"expect.{name}_lr is {want:.6g} but torch's {cfg['schedule.type']} schedule "
+                                   f"gives {actual:.6g}"))
+    return failures
+# ==== end shared: schedule ====
+
+
+# ==== shared: devices, data order, precision (identical in train_probe.py and train_distill.py) ====
+def setup_distributed(cfg):
+    """One process, or one of torchrun's (it sets WORLD_SIZE/RANK/LOCAL_RANK): NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg["train.device"] == "cuda" or (cfg["train.device"] == "auto" and torch.cuda.is_available())
+    if world > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    return {"rank": rank, "world": world, "device": device, "main": rank == 0}
+
+
+def epoch_order(num_samples, batch_size, grad_accum, world_size, seed, epoch):
+    """One epoch as optimizer steps -> global micro-batches of sample indices (R5, G1, S2).
+
+    The permutation depends only on (seed, epoch), so the data position is just the step number and
+    resume needs no sampler state. A global micro-batch holds batch_size * world_size samples: N
+    processes with batch b see, step for step, the samples one process with batch N*b sees.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    size = batch_size * world_size
+    micro = [order[i:i + size] for i in range(0, num_samples, size)]
+    steps = [micro[i:i + grad_accum] for i in range(0, len(micro), grad_accum)]
+    assert len(steps) == optimizer_steps_per_epoch(num_samples, batch_size, grad_accum, world_size)  # S2
+    return steps
+
+
+def rank_share(indices, rank, world):
+    """This process's part of a global micro-batch (contiguous; a short last batch splits evenly)."""
+    return np.array_split(indices, world)[rank]
+
+
+def autocast(device, precision):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def make_grad_scaler(device, precision):
+    """fp16 only; GradScaler backs off on inf by itself, so no hand-set init_scale or _scale writes (G5)."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def to_device(tensor, device):
+    """Pinned host memory + non_blocking: the copy overlaps compute on GPUs (G7); a no-op on CPU."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def all_gather_list(items, world):
+    """Concatenate per-process Python lists in rank order (eval predictions from every process)."""
+    if world == 1:
+        return list(items)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, list(items))
+    return [x for part in gathered for x in part]
+# ==== end shared: devices, data order, precision ====
+
+
+# -----------------------------------------------------------------------------
+# Data: .npy windows (memory-mapped, multi-GB sets never load into RAM) or synthetic EEG made on the fly.
+def synthetic_window(seed, split, index, label, cfg):
+    """A TUAB-shaped window: background noise, an alpha rhythm and slow (delta) waves.
+
+    Abnormal windows carry more delta power and a weaker alpha rhythm, as abnormal EEG does.
+    Deterministic from (seed, split, index), so workers and resumed runs make identical data.
+    """
+    rng = np.random.default_rng([seed, split, index, 7])
+    channels, length = cfg["data.synthetic.channels"], cfg["data.synthetic.length"]
+    t = np.arange(length) / cfg["data.synthetic.sample_rate"]
+    effect = cfg["data.synthetic.effect"] * label
+    gain = rng.uniform(0.6, 1.6)  # per-recording amplitude, so total power alone does not give the answer
+    alpha = (1.0 - 0.3 * effect) * np.sin(2 * np.pi * rng.uniform(8, 12) * t + rng.uniform(0, 2 * np.pi, (channels, 1)))
+    delta = (0.4 + effect) * np.sin(2 * np.pi * rng.uniform(1, 4) * t + rng.uniform(0, 2 * np.pi, (channels, 1)))
+    noise = rng.standard_normal((channels, length))
+    return (gain * (alpha + delta + noise)).astype(np.float32)
+
+
+class WindowSet(torch.utils.data.Dataset):
+    """Indexed by an array of sample indices, so one fetch returns one micro-batch (x [n, C, T], y [n])."""
+
+    def __init__(self, cfg, split):
+        self.cfg, self.split = cfg, split
+        self.x_path, self.y_path = (cfg[f"data.{split}_x"], cfg[f"data.{split}_y"]) if cfg["data.train_x"] else (None, None)
+        if self.x_path:
+            x = np.load(self.x_path, mmap_mode="r")
+            self.labels = np.asarray(np.load(self.y_path, mmap_mode="r")).astype(np.int64)
+            self.shape = x.shape
+            if x.ndim != 3 or len(self.labels) != x.shape[0]:
+                raise ConfigError([("C3", f"data.{split}_x", f"{self.x_path} has shape {x.shape} and its labels "
+                                    f"{len(self.labels)} rows; expected X [N, C, T] and y [N]")])
+            if self.labels.min() < 0 or self.labels.max() >= cfg["head.num_classes"]:
+                raise ConfigError([("C3", f"data.{split}_y", f"labels span {self.labels.min()}..{self.labels.max()}, "
+                                    f"head.num_classes is {cfg['head.num_classes']}")])
+        else:
+            n = cfg[f"data.synthetic.num_{split}"] if split in ("train", "val") else 0
+            rng = np.random.default_rng([cfg["seed"], {"train": 0, "val": 1}.get(split, 2)])
+            self.labels = (rng.random(n) < 0.5).astype(np.int64)
+            self.shape = (n, cfg["data.synthetic.channels"], cfg["data.synthetic.length"])
+        if cfg["data.limit"] is not None:
+            self.labels = self.labels[:cfg["data.limit"]]
+            self.shape = (len(self.labels), *self.shape[1:])
+        self.x = None  # opened lazily: each DataLoader worker maps the file itself
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.x_path:
+            if self.x is None:
+                self.x = np.load(self.x_path, mmap_mode="r")
+            x = np.asarray(self.x[indices], dtype=np.float32)
+        else:
+            split = {"train": 0, "val": 1}[self.split]
+            x = np.stack([synthetic_window(self.cfg["seed"], split, i, self.labels[i], self.cfg) for i in indices]) \
+                if len(indices) else np.zeros((0, *self.shape[1:]), np.float32)
+        return torch.from_numpy(x), torch.from_numpy(self.labels[indices])
+
+
+def npy_length(path):
+    """Rows of a .npy file from its header alone (the dry-run tool sizes schedules with this)."""
+    return np.load(path, mmap_mode="r").shape[0]
+
+
+def train_set_size(cfg):
+    n = npy_length(cfg["data.train_x"]) if cfg["data.train_x"] else cfg["data.synthetic.num_train"]
+    return n if cfg["data.limit"] is None else min(n, cfg["data.limit"])
+
+
+# -----------------------------------------------------------------------------
+# Model: a frozen backbone (built-in encoder or any "package.module:callable") and a trained probe head.
+class EEGEncoder(nn.Module):
+    """Small conv + transformer encoder: [B, C, T] -> [B, 2*width] (mean and log-power of the tokens)."""
+
+    def __init__(self, in_channels, width=32, depth=1, heads=4):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv1d(in_channels, width, 15, stride=4, padding=7), nn.GELU(),
+                                  nn.Conv1d(width, width, 9, stride=4, padding=4), nn.GELU())
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True)
+        self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+    def forward(self, x):
+        tokens = self.transformer(self.conv(x).transpose(1, 2))
+        return torch.cat([tokens.mean(1), tokens.pow(2).mean(1).add(1e-6).log()], dim=1)
+
+
+def build_backbone(cfg, in_channels):
+    """Build, load and freeze: eval mode, no grad, never in the optimizer."""
+    torch.manual_seed(cfg["seed"])
+    if cfg["backbone.target"] is None:
+        backbone = EEGEncoder(in_channels, **cfg["backbone.kwargs"])
+    else:
+        module_name, _, attr = cfg["backbone.target"].partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError([("C3", "backbone.target", f"cannot import {cfg['backbone.target']} ({err})")]) from None
+        backbone = factory(**cfg["backbone.kwargs"])
+    if cfg["backbone.checkpoint"]:
+        state = torch.load(cfg["backbone.checkpoint"], map_location="cpu", weights_only=True)
+        backbone.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    backbone.requires_grad_(False)
+    return backbone.eval()
+
+
+def extract_features(backbone, x, device, precision):
+    """Backbone features in fp32; [B, N, D] token outputs are mean-pooled to [B, D]."""
+    with torch.no_grad(), autocast(device, precision):
+        feats = backbone(to_device(x, device))
+    feats = feats.float()
+    return feats.mean(1) if feats.ndim == 3 else feats.flatten(1)
+
+
+def feature_cache(backbone, dataset, cfg, device, limit=None):
+    """All of a split's features in one pass: the backbone is frozen and the data unaugmented, so every
+    later epoch would recompute exactly these numbers."""
+    chunks, size, n = [], cfg["train.eval_batch_size"], min(len(dataset), limit or len(dataset))
+    for start in range(0, n, size):
+        x, _ = dataset[np.arange(start, min(start + size, n))]
+        chunks.append(extract_features(backbone, x, device, cfg["train.precision"]).cpu())
+    return torch.cat(chunks)
+
+
+def use_feature_cache(cfg, num_samples, feature_dim):
+    """auto: cache when train features take under a quarter of the available RAM."""
+    if cfg["backbone.cache_features"] != "auto":
+        return cfg["backbone.cache_features"]
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        avail = 4 << 30
+    return num_samples * feature_dim * 4 < avail / 4
+
+
+class ProbeHead(nn.Module):
+    """The probe: fixed standardisation (train-set mean/std, saved with the head) + one linear layer.
+
+    Per-sample arithmetic only, no BatchNorm: an update must not depend on how a step is split into
+    micro-batches (G2).
+    """
+
+    def __init__(self, dim, num_classes, mean, std):
+        super().__init__()
+        self.register_buffer("feature_mean", mean)
+        self.register_buffer("feature_std", std)
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, feats):
+        return self.linear((feats - self.feature_mean) / self.feature_std)
+
+
+def build_head(cfg, sample_features):
+    dim = sample_features.shape[1]
+    mean, std = torch.zeros(dim), torch.ones(dim)
+    if cfg["head.standardize"]:
+        finite = sample_features[torch.isfinite(sample_features).all(1)]  # one bad window must not poison it
+        mean, std = finite.mean(0), finite.std(0).clamp_min(1e-6)
+    torch.manual_seed(cfg["seed"])
+    return ProbeHead(dim, cfg["head.num_classes"], mean, std)
+
+
+# ==== shared: run dir, checkpoints, resume, loop (identical in train_probe.py and train_distill.py) ====
+KILL_AT = os.environ.get("KIT_FAULT_KILL_AT")  # tests only: "STEP:MICRO" SIGKILLs before that micro-batch
+
+
+class TrainingAborted(Exception):
+    """The loop stopped itself on purpose (G4, S9): the message says why, the state is saved."""
+
+
+def open_run(run_dir, cfg, dist_info):
+    """runs/<run_name>/: config.yaml, metrics.jsonl, train.log, checkpoints/. Logs append, never truncate."""
+    run = {"cfg": cfg, "dist": dist_info, "quiet": False, "run_dir": run_dir, "ckpt_dir": os.path.join(run_dir, "checkpoints"),
+           "stop_signal": None, "stop_after": None, "bar": None,
+           "state": {"global_step": 0, "skipped_steps": 0, "bad_streak": 0, "best_value": None, "best_step": None,
+                     "evals_since_best": 0, "last_eval": None, "finished": False}}
+    if dist_info["main"]:
+        os.makedirs(run["ckpt_dir"], exist_ok=True)
+        run["log_file"] = open(os.path.join(run_dir, "train.log"), "a")
+        run["metrics_file"] = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    return run
+
+
+def log(run, message):
+    if not run["dist"]["main"]:
+        return
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+    if run["bar"] is not None:
+        run["bar"].write(line)
+    elif not run["quiet"]:
+        print(line, flush=True)
+    run["log_file"].write(line + "\n")
+    run["log_file"].flush()
+
+
+def write_metrics(run, record):
+    """One JSON object per line; non-finite numbers become null and are named in "nonfinite" (strict JSON)."""
+    if not run["dist"]["main"]:
+        return
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    clean = {k: (None if k in bad else v) for k, v in record.items()}
+    if bad:
+        clean["nonfinite"] = bad
+    run["metrics_file"].write(json.dumps(clean) + "\n")
+    run["metrics_file"].flush()
+
+
+def write_resolved_config(run):
+    if run["dist"]["main"]:
+        atomic_write_text(os.path.join(run["run_dir"], "config.yaml"),
+                          yaml.safe_dump(unflatten(run["cfg"]), sort_keys=False))
+
+
+def atomic_write_text(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    """R4/R7: torch CPU, every CUDA device, numpy and python RNG, as tensors and plain types."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": gauss_next}}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+
+
+def seed_everything(seed, rank):
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def schedule_signature(cfg, plan):
+    """S7: everything that shapes the LR curve; frozen in the checkpoint, compared on resume."""
+    keys = ["optim.lr", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum"]
+    keys += [k for k in cfg if k.startswith("schedule.")]
+    sig = {k: cfg[k] for k in keys}
+    sig.update({"total_steps": plan["total_steps"], "num_samples": plan["num_samples"]})
+    return sig
+
+
+def atomic_save(obj, path):
+    """R6: temp file, fsync, rename. The previous file is kept as *.prev.pt; a kill or a full disk
+    during the write leaves the old checkpoint whole."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            prev = path[:-3] + ".prev.pt"
+            os.link(path, prev + ".tmp")
+            os.replace(prev + ".tmp", prev)
+        os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(run, name):
+    """Everything the loop needs to continue exactly; loadable with weights_only=True (R7).
+    A collective under DDP (every process's RNG state is gathered); process 0 writes."""
+    d, st = run["dist"], run["state"]
+    rngs = all_gather_list([rng_state()], d["world"])
+    if not d["main"]:
+        return
+    per_epoch = run["plan"]["steps_per_epoch"]
+    ckpt = {"format": 1, "task": run["cfg"]["task"], "model": run["module"].state_dict(),
+            "optimizer": run["optimizer"].state_dict(), "scheduler": run["scheduler"].state_dict(),
+            "scaler": run["scaler"].state_dict() if run["scaler"] else None, "rng": rngs,
+            "data_position": {"epoch": st["global_step"] // per_epoch, "step_in_epoch": st["global_step"] % per_epoch,
+                              "seed": run["cfg"]["seed"]},
+            "world_size": d["world"], "config": dict(run["cfg"]), "schedule": schedule_signature(run["cfg"], run["plan"]),
+            "torch_version": str(torch.__version__), **st}
+    atomic_save(ckpt, os.path.join(run["ckpt_dir"], name))
+
+
+def load_latest_checkpoint(run, path):
+    """R6: a torn or unreadable last.pt falls back to last.prev.pt, with a message."""
+    candidates = [path] + ([path[:-3] + ".prev.pt"] if path.endswith("last.pt") else [])
+    for candidate in candidates:
+        if not os.path.exists(candidate):
+            continue
+        try:
+            return torch.load(candidate, map_location="cpu", weights_only=True), candidate  # R7
+        except Exception as err:  # a torn file raises whatever the unpickler meets
+            log(run, f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
+    return None, None
+
+
+def resume(run, mode):
+    """R1/R2/R3: the one place the loop position comes from a checkpoint; nothing later reassigns it."""
+    last = os.path.join(run["ckpt_dir"], "last.pt")
+    if mode == "none":
+        if os.path.exists(last) or os.path.exists(last[:-3] + ".prev.pt"):
+            raise ConfigError([("R1", "--resume", f"none, but {run['run_dir']} already holds checkpoints; use "
+                                "--resume auto to continue, or another --run_dir to start afresh (nothing was touched)")])
+        return False
+    path = last if mode == "auto" else mode
+    if mode != "auto" and not os.path.exists(path):
+        raise ConfigError([("C3", "--resume", f"checkpoint {path} not found")])
+    ckpt, source = load_latest_checkpoint(run, path)
+    if ckpt is None:
+        if mode != "auto" or os.path.exists(last):
+            raise ConfigError([("R6", "--resume", f"no readable checkpoint at {path} or its .prev.pt")])
+        return False
+    cfg, plan = run["cfg"], run["plan"]
+    if ckpt.get("task") != cfg["task"]:
+        raise ConfigError([("R1", "--resume", f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
+    if ckpt["world_size"] != run["dist"]["world"]:
+        raise ConfigError([("S7", "--resume", f"{source} was written by {ckpt['world_size']} process(es), this run has "
+                            f"{run['dist']['world']}; the data order and schedule depend on it, relaunch with "
+                            f"{ckpt['world_size']} process(es) or start a new --run_dir")])
+    new_sig = schedule_signature(cfg, plan)
+    changed = {k: (ckpt["schedule"].get(k), v) for k, v in new_sig.items() if ckpt["schedule"].get(k) != v}
+    if changed and not cfg["train.allow_schedule_change"]:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        raise ConfigError([("S7", "train.allow_schedule_change", f"the schedule changed since {source}: {what}; "
+                            "restore those values, or set train.allow_schedule_change=true to continue on the new curve")])
+    run["module"].load_state_dict(ckpt["model"])
+    run["optimizer"].load_state_dict(ckpt["optimizer"])
+    if changed:  # S7, explicitly allowed: the new curve, advanced by real steps to the saved position (not last_epoch, R3)
+        log(run, f"WARNING S7: schedule changed ({', '.join(changed)}); the LR follows the new curve from step {ckpt['global_step']}")
+        run["scheduler"] = build_schedule(run["optimizer"], cfg, plan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(ckpt["global_step"]):
+                run["scheduler"].step()
+    else:
+        run["scheduler"].load_state_dict(ckpt["scheduler"])  # R3: state_dict round trip
+    if run["scaler"] and ckpt["scaler"]:
+        run["scaler"].load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"][run["dist"]["rank"]])  # R4
+    for key in run["state"]:
+        run["state"][key] = ckpt[key]  # R2: global_step; R5: the data position follows from it
+    log(run, f"resumed from {source} at optimizer step {ckpt['global_step']} "
+             f"(epoch {ckpt['data_position']['epoch'] + 1}, step {ckpt['data_position']['step_in_epoch']} of it)")
+    write_metrics(run, {"event": "resume", "step": ckpt["global_step"], "from": source})
+    return True
+
+
+def install_stop_handlers(run):
+    """R8: SIGTERM/SIGINT/SIGUSR1 (preemption notice) finish the current step, save, then exit."""
+    def request_stop(signum, _frame):
+        if run["stop_signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        run["stop_signal"] = signum
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
+
+
+def optimizer_step(run, task, micro_batches, count):
+    """Micro-batches -> gradients -> one optimizer step -> one scheduler step. Returns host floats."""
+    cfg, d, st = run["cfg"], run["dist"], run["state"]
+    model, optimizer, scheduler, scaler = run["model"], run["optimizer"], run["scheduler"], run["scaler"]
+    step = st["global_step"] + 1
+    model.train()  # the trainable module only; a frozen backbone/teacher stays in eval mode
+    loss_total = torch.zeros((), device=d["device"])
+    parts = {}
+    for i, batch in enumerate(micro_batches):
+        if KILL_AT == f"{step}:{i}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or d["world"] == 1 else model.no_sync():  # DDP all-reduces once per step
+            with autocast(d["device"], cfg["train.precision"]):
+                loss_sum, components = task["loss"](model, batch)
+            # G2: a micro-batch weighs by its share of the step's targets (a short last group included);
+            # the x world undoes DDP's mean over processes, so the step equals one big batch.
+            loss = loss_sum.float() * (d["world"] / count)
+            (scaler.scale(loss) if scaler else loss).backward()
+        loss_total += loss.detach() / d["world"]
+        for name, value in components.items():
+            parts[name] = parts.get(name, 0.0) + value.detach().float() / count
+    if scaler:
+        scaler.unscale_(optimizer)  # G5: unscale before clipping, public API only
+    grad_norm = torch.nn.utils.clip_grad_norm_(run["params"], cfg["train.clip_grad_norm"] or float("inf"))  # G3
+    stats = torch.stack([loss_total, *parts.values(), torch.tensor(float(run["stop_signal"] is not None), device=d["device"])])
+    if d["world"] > 1:
+        dist.all_reduce(stats)  # the global loss; a stop request on any process stops all of them
+    values = torch.cat([stats, grad_norm.detach().float().reshape(1).to(stats.device)]).tolist()  # G7: one sync per step
+    loss, grad_norm, stop = values[0], values[-1], values[-2] > 0
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    lrs = [group["lr"] for group in optimizer.param_groups]  # S8: the LR this step uses, from the optimizer
+    if lrs != scheduler.get_last_lr():  # S9: the scheduler is the only owner of the LR
+        raise TrainingAborted(f"S9: at step {step} the optimizer's LR is {lrs[0]:.6g} but the schedule set "
+                              f"{scheduler.get_last_lr()[0]:.6g}; something else writes the LR, remove it")
+    if scaler:
+        scaler.step(optimizer)  # skips the update by itself on inf/nan; always after a backward (G1)
+        scaler.update()
+    elif finite:
+        optimizer.step()  # G4: a non-finite loss or gradient never reaches the weights
+    optimizer.zero_grad(set_to_none=True)
+    # S1: the schedule advances once per optimizer step, skipped steps (G4, fp16 overflow) included:
+    # the LR stays a function of the data position, global_step == the scheduler's step count, and
+    # the dry-run curve is exactly the one training uses. Skips are counted and logged instead.
+    scheduler.step()
+    st["global_step"] = step
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop,
+            "parts": dict(zip(parts, values[1:1 + len(parts)]))}
+
+
+def after_eval(run, metrics):
+    """Record an eval, warn on frozen metrics (E1), keep best.pt, count patience."""
+    cfg, st = run["cfg"], run["state"]
+    step = st["global_step"]
+    write_metrics(run, {"step": step, **metrics})
+    log(run, f"eval step {step}: " + " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
+    if st["last_eval"] is not None and st["last_eval"] == metrics:
+        log(run, f"WARNING E1: eval at step {step} is identical to the previous one ({metrics}); "
+                 "the model has stopped changing (LR 0? frozen weights?)")
+    st["last_eval"] = dict(metrics)
+    name = cfg["train.best_metric"]
+    value = metrics[name]
+    lower = name.endswith("loss") or name.endswith("ppl")
+    best = st["best_value"]
+    if math.isfinite(value) and (best is None or (value < best if lower else value > best)):
+        st["best_value"], st["best_step"], st["evals_since_best"] = value, step, 0
+        save_checkpoint(run, "best.pt")
+    else:
+        st["evals_since_best"] += 1
+    patience = cfg["train.patience"]
+    return patience is not None and st["evals_since_best"] >= patience
+
+
+def fit(run, task):
+    """The loop, in the order it runs: batches -> optimizer step -> log -> eval -> save -> stop?"""
+    cfg, plan, d, st = run["cfg"], run["plan"], run["dist"], run["state"]
+    total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
+    eval_every = cfg["train.eval_every"] or per_epoch  # E4: checked against the run length by the tools
+    save_every = cfg["train.save_every_steps"] or per_epoch
+    unit = task["count_name"]
+    if d["main"] and sys.stderr.isatty():
+        from tqdm import tqdm
+        run["bar"] = tqdm(total=total, initial=st["global_step"], unit="step", dynamic_ncols=True)
+    window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
+    outcome = "finished"
+    while st["global_step"] < total and outcome == "finished":
+        epoch, first = divmod(st["global_step"], per_epoch)
+        steps = epoch_order(plan["num_samples"], plan["batch_size"], plan["grad_accum"], d["world"], cfg["seed"], epoch)
+        steps = steps[first:first + total - st["global_step"]]  # R5: continue at the next unseen step
+        local = [[rank_share(m, d["rank"], d["world"]) for m in step] for step in steps]
+        batches = task["batches"]([m for step in local for m in step])
+        for step_indices, step_local in zip(steps, local):
+            count = sum(task["count"](m) for m in step_indices)  # G2: targets in the whole global step
+            out = optimizer_step(run, task, [next(batches) for _ in step_local], count)
+            step = st["global_step"]
+            window["samples"] += sum(len(m) for m in step_indices)
+            window["targets"] += count
+            st["bad_streak"] = 0 if out["finite"] else st["bad_streak"] + 1
+            st["skipped_steps"] += not out["finite"]
+            if run["bar"] is not None:
+                run["bar"].update(1)
+            if step % cfg["train.log_every"] == 0 or step == 1 or not out["finite"] or step == total:
+                elapsed = max(time.perf_counter() - window["time"], 1e-9)
+                record = {"step": step, "epoch": epoch + 1, "lr": out["lr"], "loss": out["loss"],
+                          "grad_norm": out["grad_norm"], "samples_per_s": window["samples"] / elapsed,
+                          f"{unit}_per_s": window["targets"] / elapsed, "skipped_steps": st["skipped_steps"]}
+                record.update({f"loss/{k}": v for k, v in out["parts"].items()})
+                if run["scaler"]:
+                    record["scale"] = run["scaler"].get_scale()
+                write_metrics(run, record)
+                window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
+                if run["bar"] is not None:
+                    run["bar"].set_postfix(loss=f"{out['loss']:.4g}", lr=f"{out['lr']:.3g}")
+                else:
+                    log(run, f"step {step}/{total} epoch {epoch + 1} lr {out['lr']:.4g} loss {out['loss']:.5g} "
+                             f"grad_norm {out['grad_norm']:.3g} {record[f'{unit}_per_s']:.1f} {unit}/s")
+                total_parts = sum(abs(v) for v in out["parts"].values())
+                for k, v in out["parts"].items():
+                    if len(out["parts"]) > 1 and total_parts > 0 and abs(v) / total_parts > cfg["train.max_loss_share"]:
+                        log(run, f"WARNING E2: at step {step} loss/{k} is {abs(v) / total_parts:.0%} of the loss "
+                                 f"(over train.max_loss_share {cfg['train.max_loss_share']:.0%}); rebalance the weights")
+            if not out["finite"]:
+                log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "
+                         f"({st['bad_streak']} in a row, {st['skipped_steps']} in all)")
+            elif out["grad_norm"] > cfg["train.grad_norm_warn"]:
+                log(run, f"WARNING G3: step {step} gradient norm {out['grad_norm']:.4g} > {cfg['train.grad_norm_warn']:g}")
+            if st["bad_streak"] >= cfg["train.max_bad_steps"]:
+                save_checkpoint(run, "last.pt")
+                raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state saved "
+                                      f"in {run['ckpt_dir']}/last.pt. Check the data and lower optim.lr")
+            if step % eval_every == 0 or step == total:
+                if after_eval(run, task["evaluate"](run)):
+                    log(run, f"early stop at step {step}: no better {cfg['train.best_metric']} for "
+                             f"{cfg['train.patience']} evals (best {st['best_value']:.5g} at step {st['best_step']})")
+                    outcome = "early_stopped"
+            if outcome == "early_stopped" or step == total:
+                st["finished"] = True
+                save_checkpoint(run, "last.pt")
+                break
+            if out["stop"] or step == run["stop_after"]:
+                save_checkpoint(run, "last.pt")
+                outcome = "stopped"
+                break
+            if step % save_every == 0:
+                save_checkpoint(run, "last.pt")
+    if run["bar"] is not None:
+        run["bar"].close()
+        run["bar"] = None
+    write_metrics(run, {"event": outcome, "step": st["global_step"]})
+    return outcome
+# ==== end shared: run dir, checkpoints, resume, loop ====
+
+
+# -----------------------------------------------------------------------------
+# Metrics: rank-based AUROC (equal to scikit-learn's roc_auc_score, ties as midranks), balanced accuracy.
+def auroc(scores, labels):
+    """P(score of a positive > score of a negative), ties counting one half, via midranks."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranked = scores[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    ends = np.r_[starts[1:], len(ranked)]
+    midranks = (starts + ends + 1) / 2.0  # 1-based average rank of each tie group
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(midranks, ends - starts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def balanced_accuracy(predictions, labels):
+    classes = np.unique(labels)
+    return float(np.mean([(predictions[labels == c] == c).mean() for c in classes]))
+
+
+def evaluate(run, split):
+    """Loss, AUROC and balanced accuracy over a whole split; each process scores its share and the
+    predictions from every process are gathered before any metric (not a mean of per-process AUROCs)."""
+    d, cfg = run["dist"], run["cfg"]
+    source, labels = run["eval_sources"][split]
+    mine = np.array_split(np.arange(len(labels)), d["world"])[d["rank"]]
+    run["module"].eval()
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(mine), cfg["train.eval_batch_size"]):
+            idx = mine[start:start + cfg["train.eval_batch_size"]]
+            feats = source[torch.from_numpy(idx)] if torch.is_tensor(source) else \
+                extract_features(run["backbone"], source[idx][0], d["device"], cfg["train.precision"])
+            logits = run["module"](feats.to(d["device"])).float()
+            y = torch.from_numpy(labels[idx]).to(d["device"])
+            loss = F.cross_entropy(logits, y, reduction="none")
+            rows.extend(zip(logits.softmax(1).cpu().tolist(), loss.cpu().tolist()))
+    rows = all_gather_list(rows, d["world"])
+    probs = np.array([r[0] for r in rows])
+    losses = np.array([r[1] for r in rows])
+    if probs.shape[1] == 2:
+        roc = auroc(probs[:, 1], labels == 1)
+    else:  # one-vs-rest, macro average over classes
+        roc = float(np.nanmean([auroc(probs[:, c], labels == c) for c in range(probs.shape[1])]))
+    return {f"{split}/auroc": roc, f"{split}/bacc": balanced_accuracy(probs.argmax(1), labels),
+            f"{split}/loss": float(losses.mean())}
+
+
+def tensor_digest(module):
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# The run: data -> frozen backbone -> feature cache -> head, optimizer, schedule -> resume -> fit.
+def print_plan(run, resumed, cached):
+    cfg, plan, d = run["cfg"], run["plan"], run["dist"]
+    marks = schedule_landmarks(cfg, plan)
+    b, a, w, n = plan["batch_size"], plan["grad_accum"], plan["world_size"], plan["num_samples"]
+    log(run, f"data: {n} train windows, {len(run['eval_sources']['val'][1])} val windows, "
+             f"shape {tuple(run['train_set'].shape[1:])}, feature cache {'on' if cached else 'off'}")
+    log(run, f"steps: ceil({n} / ({b} x {w} processes)) = {plan['micro_batches_per_epoch']} micro-batches per epoch; "
+             f"ceil({plan['micro_batches_per_epoch']} / grad_accum {a}) = {plan['steps_per_epoch']} optimizer steps per epoch; "
+             f"x {plan['epochs']} epochs = {plan['total_steps']} optimizer steps (S2)")
+    log(run, f"schedule: {cfg['schedule.type']}, warmup {plan['warmup_steps']} optimizer steps, LR {marks['initial']:.4g} "
+             f"at step 1 -> peak {marks['peak']:.4g} at step {marks['peak_step']} -> {marks['final']:.4g} at step {plan['total_steps']}")
+    log(run, f"devices: {d['world']} process(es) on {d['device']}, precision {cfg['train.precision']}; "
+             + (f"resuming at step {run['state']['global_step']}" if resumed else "starting at step 0"))
+
+
+def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
+    """Run (or continue) one probe training. Returns (outcome, run)."""
+    d = setup_distributed(cfg)
+    seed_everything(cfg["seed"], d["rank"])
+    train_set, val_set = WindowSet(cfg, "train"), WindowSet(cfg, "val")
+    test_set = WindowSet(cfg, "test") if cfg["data.test_x"] else None
+    plan = plan_schedule(cfg, len(train_set), d["world"])  # raises ConfigError before anything is written
+    run = open_run(run_dir, cfg, d)
+    run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set)
+
+    backbone = build_backbone(cfg, train_set.shape[1]).to(d["device"])
+    digest = tensor_digest(backbone)
+    probe = extract_features(backbone, train_set[np.arange(min(2, len(train_set)))][0], d["device"], cfg["train.precision"])
+    cached = use_feature_cache(cfg, len(train_set), probe.shape[1])
+    sets = {"val": val_set, **({"test": test_set} if test_set else {})}
+    if cached:
+        train_feats = feature_cache(backbone, train_set, cfg, d["device"])
+        run["eval_sources"] = {k: (feature_cache(backbone, s, cfg, d["device"]), s.labels) for k, s in sets.items()}
+        sample = train_feats
+    else:
+        run["eval_sources"] = {k: (s, s.labels) for k, s in sets.items()}
+        sample = feature_cache(backbone, train_set, cfg, d["device"], limit=2048)  # for standardisation only
+    module = build_head(cfg, sample).to(d["device"])
+    model = torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False) if d["world"] > 1 else module
+    params = list(module.parameters())  # only the head: the frozen backbone is never in the optimizer
+    optimizer = build_optimizer(cfg, params)
+    run.update(backbone=backbone, module=module, model=model, params=params, optimizer=optimizer,
+               scheduler=build_schedule(optimizer, cfg, plan), scaler=make_grad_scaler(d["device"], cfg["train.precision"]))
+    resumed = resume(run, resume_mode)
+    if run["state"]["finished"]:
+        log(run, f"run already complete at step {run['state']['global_step']} ({run['ckpt_dir']}/last.pt); nothing to do")
+        return "complete", run
+    write_resolved_config(run)
+    print_plan(run, resumed, cached)
+    labels = torch.from_numpy(train_set.labels)
+
+    def batches(index_lists):
+        if cached:
+            for idx in index_lists:
+                idx = torch.from_numpy(idx)
+                yield to_device(train_feats[idx], d["device"]), to_device(labels[idx], d["device"])
+        else:
+            loader = torch.utils.data.DataLoader(train_set, batch_size=None, sampler=index_lists,
+                                                 num_workers=cfg["train.num_workers"], pin_memory=d["device"].type == "cuda")
+            for x, y in loader:
+                yield extract_features(backbone, x, d["device"], cfg["train.precision"]), to_device(y, d["device"])
+
+    def loss(model, batch):
+        feats, y = batch
+        return F.cross_entropy(model(feats).float(), y, reduction="sum"), {}
+
+    task = {"batches": batches, "count": len, "count_name": "samples", "loss": loss,
+            "evaluate": lambda run: evaluate(run, "val")}
+    if threading_main():
+        install_stop_handlers(run)
+    outcome = fit(run, task)
+    if tensor_digest(backbone) != digest:
+        raise TrainingAborted("the frozen backbone's tensors changed during training")
+    st = run["state"]
+    if outcome in ("finished", "early_stopped"):
+        if test_set is not None:
+            best = torch.load(os.path.join(run["ckpt_dir"], "best.pt"), map_location="cpu", weights_only=True)
+            module.load_state_dict(best["model"])
+            test = evaluate(run, "test")
+            write_metrics(run, {"step": st["best_step"], **test})
+            log(run, "test (best.pt): " + " ".join(f"{k}={v:.5g}" for k, v in test.items()))
+        log(run, f"done: {st['global_step']} optimizer steps, {st['skipped_steps']} skipped; last eval "
+                 + " ".join(f"{k}={v:.4f}" for k, v in (st["last_eval"] or {}).items())
+                 + f"; best {cfg['train.best_metric']}={st['best_value']:.4f} at step {st['best_step']}")
+    return outcome, run
+
+
+def threading_main():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+# -----------------------------------------------------------------------------
+# --dry_run (E5, S10): every code path on tiny data in seconds, before a long run is launched.
+DRY_RUN_SETTINGS = ["train.epochs=2", "train.max_steps=null", "train.batch_size=4", "train.grad_accum=2",
+                    "train.log_every=1", "train.eval_every=3", "train.save_every_steps=2", "train.patience=null",
+                    "train.num_workers=0", "train.eval_batch_size=8", "schedule.warmup=2", "schedule.total_steps=null",
+                    "expect.initial_lr=null", "expect.peak_lr=null", "expect.final_lr=null", "data.limit=26",
+                    "data.synthetic.num_train=26", "data.synthetic.num_val=16", "data.test_x=null", "data.test_y=null"]
+
+
+def checkpoint_tensors_equal(path_a, path_b):
+    a = torch.load(path_a, map_location="cpu", weights_only=True)
+    b = torch.load(path_b, map_location="cpu", weights_only=True)
+
+    def tensors(obj, prefix=""):
+        if torch.is_tensor(obj):
+            yield prefix, obj
+        elif isinstance(obj, dict):
+            for k in obj:
+                yield from tensors(obj[k], f"{prefix}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(v, f"{prefix}.{i}")
+
+    ta = dict(tensors({k: a[k] for k in ("model", "optimizer", "scheduler")}))
+    tb = dict(tensors({k: b[k] for k in ("model", "optimizer", "scheduler")}))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def dry_run(config_path, overrides, train_fn=None):
+    """Check the full schedule of the real config, then train/eval/save/stop/resume a tiny copy of it.
+    Returns the exit code: 0 only when every check held."""
+    train_fn = train_fn or train
+    cfg, _ = resolve_config(config_path, overrides)
+    results = []
+
+    def check(ok, what):
+        results.append(ok)
+        print(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
+
+    print(f"dry run of {config_path or 'the built-in defaults'}")
+    try:
+        plan = plan_schedule(cfg, train_set_size(cfg), int(os.environ.get("WORLD_SIZE", "1")))
+        failures = check_lr_curve(lr_curve(cfg, plan), cfg, plan)
+        check(not failures, f"full schedule: {plan['total_steps']} optimizer steps, S10/S5 checks"
+                            + "".join(f"\n       {rid}: {msg}" for rid, msg in failures))
+    except ConfigError as err:
+        check(False, "full schedule: " + "; ".join(f"{rid} {key}: {msg}" for rid, key, msg in err.problems))
+    tiny, _ = resolve_config(config_path, list(overrides) + DRY_RUN_SETTINGS)
+    with tempfile.TemporaryDirectory(prefix="dry_run_") as tmp:
+        a, b = os.path.join(tmp, "uninterrupted"), os.path.join(tmp, "interrupted")
+        start = time.perf_counter()
+        outcome, run = train_fn(tiny, a, "none", quiet=True)
+        plan = run["plan"]
+        check(outcome == "finished" and run["state"]["global_step"] == plan["total_steps"],
+              f"train: {plan['total_steps']} optimizer steps over 2 epochs with a short last accumulation group (G1)")
+        records = [json.loads(line) for line in open(os.path.join(a, "metrics.jsonl"))]
+        logged = np.array([r["lr"] for r in records if "lr" in r])
+        check(len(logged) == plan["total_steps"] and np.array_equal(logged, lr_curve(tiny, plan)),
+              "logged LR equals the schedule's own curve at every step (S1, S8)")
+        check(not check_lr_curve(logged, tiny, plan), "tiny run's LR passes the S10 checks")
+        evals = [r["step"] for r in records if any(k.startswith("val/") for k in r)]
+        check(evals == [3, 6, plan["total_steps"]], f"eval at steps {evals} (E5)")
+        last = torch.load(os.path.join(a, "checkpoints", "last.pt"), map_location="cpu", weights_only=True)
+        check(last["global_step"] == last["scheduler"]["last_epoch"] == plan["total_steps"],
+              "checkpoint loads with weights_only=True; global_step == scheduler steps (R2, R7)")
+        check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")), "best.pt written")
+        outcome, _ = train_fn(tiny, b, "none", stop_after=5, quiet=True)
+        check(outcome == "stopped", "stop at step 5 saves and exits (R8 path)")
+        outcome, run = train_fn(tiny, b, "auto", quiet=True)
+        check(outcome == "finished" and checkpoint_tensors_equal(os.path.join(a, "checkpoints", "last.pt"),
+                                                                 os.path.join(b, "checkpoints", "last.pt")),
+              "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
+        outcome, _ = train_fn(tiny, b, "auto", quiet=True)
+        check(outcome == "complete", "a finished run restarted says it is complete")
+        print(f"  tiny runs took {time.perf_counter() - start:.1f} s")
+    ok = all(results)
+    print("dry run passed" if ok else "dry run FAILED", flush=True)
+    return 0 if ok else 1
+
+
+# -----------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML config (omit for the built-in defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--dry_run", action="store_true", help="check every code path on tiny data and exit")
+    parser.add_argument("--resume", default="auto", help="auto (default): continue from the run dir's last.pt; none; or a path")
+    parser.add_argument("--run_dir", help="default runs/<run_name>")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.dry_run:
+            return dry_run(args.config, args.set)
+        cfg, notes = resolve_config(args.config, args.set)
+        for rid, key, msg in notes:
+            print(f"note {rid}: {key}: {msg}", file=sys.stderr)
+        outcome, run = train(cfg, args.run_dir or os.path.join("runs", cfg["run_name"]), args.resume)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except TrainingAborted as err:
+        print(f"training aborted: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if outcome == "stopped":
+        signum = run["stop_signal"] or signal.SIGTERM
+        log(run, f"stopped by signal {signum} at step {run['state']['global_step']}; checkpoint saved, "
+                 "the same command resumes")
+        return 128 + int(signum)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
