@@ -94,7 +94,7 @@ CONFIG = {
     "data.synthetic.channels": (19, "int", "EEG channels"),
     "data.synthetic.length": (1024, "int", "samples per window (4 s at 256 Hz)"),
     "data.synthetic.sample_rate": (256.0, "float", "Hz"),
-    "data.synthetic.effect": (0.6, "float", "how much more slow-wave power abnormal windows carry"),
+    "data.synthetic.effect": (1.0, "float", "how much more slow-wave power abnormal windows carry"),
     # backbone (frozen) and probe head (trained)
     "backbone.target": (None, "str?", "'package.module:callable' returning the encoder; null = built-in"),
     "backbone.kwargs": ({}, "dict", "keyword arguments for the callable"),
@@ -878,6 +878,8 @@ def load_latest_checkpoint(run, path):
 
 def resume(run, mode):
     """R1/R2/R3: the one place the loop position comes from a checkpoint; nothing later reassigns it."""
+    cfg, plan = run["cfg"], run["plan"]
+    run["expected_lr"] = lr_curve(cfg, plan)  # S9: the curve the optimizer's LR must follow, step by step
     last = os.path.join(run["ckpt_dir"], "last.pt")
     if mode == "none":
         if os.path.exists(last) or os.path.exists(last[:-3] + ".prev.pt"):
@@ -892,7 +894,6 @@ def resume(run, mode):
         if mode != "auto" or os.path.exists(last):
             raise ConfigError([("R6", "--resume", f"no readable checkpoint at {path} or its .prev.pt")])
         return False
-    cfg, plan = run["cfg"], run["plan"]
     if ckpt.get("task") != cfg["task"]:
         raise ConfigError([("R1", "--resume", f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
     if ckpt["world_size"] != run["dist"]["world"]:
@@ -969,9 +970,11 @@ def optimizer_step(run, task, micro_batches, count):
     loss, grad_norm, stop = values[0], values[-1], values[-2] > 0
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     lrs = [group["lr"] for group in optimizer.param_groups]  # S8: the LR this step uses, from the optimizer
-    if lrs != scheduler.get_last_lr():  # S9: the scheduler is the only owner of the LR
-        raise TrainingAborted(f"S9: at step {step} the optimizer's LR is {lrs[0]:.6g} but the schedule set "
-                              f"{scheduler.get_last_lr()[0]:.6g}; something else writes the LR, remove it")
+    expected = run["expected_lr"][step - 1]
+    if any(lr != expected for lr in lrs):  # S9: the scheduler is the only owner of the LR
+        raise TrainingAborted(f"S9: at step {step} the optimizer's LR is {lrs[0]:.6g} but the configured schedule "
+                              f"gives {expected:.6g}; something else writes the LR (a plateau rule, a manual "
+                              "write): remove it, the scheduler must be its only owner")
     if scaler:
         scaler.step(optimizer)  # skips the update by itself on inf/nan; always after a backward (G1)
         scaler.update()
