@@ -247,6 +247,7 @@ def common_value_problems(cfg, task):
             p.append((row, key, f"{cfg.get(key)!r} {msg}"))
 
     need(cfg["task"] == task, "task", f"is not '{task}'; run this config with train_{cfg['task']}.py")
+    need(cfg["seed"] >= 0, "seed", "must be >= 0")
     need(cfg["optim.lr"] > 0, "optim.lr", "must be > 0")
     need(cfg["optim.weight_decay"] >= 0, "optim.weight_decay", "must be >= 0")
     need(len(cfg["optim.betas"]) == 2 and all(0 <= b < 1 for b in cfg["optim.betas"]),

@@ -32,6 +32,8 @@ def write_blocks(source=SCRIPTS[0], target=SCRIPTS[1]):
 if __name__ == "__main__":
     if "--write" in sys.argv:
         write_blocks()
+    target = os.path.join(ROOT, SCRIPTS[1])
+    others = blocks(target) if os.path.exists(target) else {}
     for name, block in blocks(os.path.join(ROOT, SCRIPTS[0])).items():
-        other = blocks(os.path.join(ROOT, SCRIPTS[1])).get(name)
+        other = others.get(name)
         print(f"{name}: {'identical' if other == block else 'DIFFERENT' if other else 'missing'}")
