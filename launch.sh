@@ -1,12 +1,30 @@
 #!/usr/bin/env bash
-# launch.sh CONFIG [-- args for the training script]   run the config's training script
-# launch.sh --tests [pytest args]                       run the test suite
+# launch.sh: run a config's training script on the chosen devices; safe to repeat from cron or nohup.
+#
+#   ./launch.sh CONFIG [--gpus auto|auto:N|cpu|cpu:N|0,1,...] [--detach] [--dry_run] [--show] [-- script args]
+#   ./launch.sh --tests [pytest args]                 run the test suite
+#
+#   --gpus auto     every idle GPU (nvidia-smi memory used < KIT_GPU_IDLE_MB, default 1000); auto:N = N of them
+#   --gpus cpu      one CPU process; cpu:N = N CPU processes (gloo)
+#   --gpus 0,2      exactly these GPUs
+#   (no --gpus)     auto when nvidia-smi is on PATH, else cpu
+#   --detach        run in the background (setsid + nohup), print the pid and the log, return at once
+#   --dry_run       the script's --dry_run on the same processes (one node), nothing written to the run dir
+#   --show          print the device choice and the command, run nothing
+#
+# One device -> plain python; several -> torchrun (python -m torch.distributed.run) --standalone; several
+# nodes when NNODES > 1 (with NODE_RANK, MASTER_ADDR, MASTER_PORT) through torchrun's static rendezvous.
+# A lock per run dir makes a repeated launch harmless: a live run -> "already running (pid N)", exit 0;
+# a finished run -> "complete", exit 0; a crashed or killed run resumes (the scripts default to --resume auto).
+# Exit status: the training's (0 done, 1 aborted, 2 config error, 128+N stopped by signal N); launch.sh's
+# own errors: 2 bad input, 3 no device to run on.
 # Works on a machine with only python3: missing dependencies go into a local .venv.
 set -euo pipefail
 KIT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 ensure_python() {  # sets PY; $1 = extra packages the caller needs (e.g. pytest)
-  local need="import torch, numpy, yaml, tqdm${1:+, $1}"
+  # find_spec looks for the packages without importing them (importing torch alone takes a second)
+  local need="import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in 'torch numpy yaml tqdm ${1:-}'.split()))"
   if [ -x "$KIT_DIR/.venv/bin/python" ] && "$KIT_DIR/.venv/bin/python" -c "$need" 2>/dev/null; then
     PY="$KIT_DIR/.venv/bin/python"; return
   fi
@@ -25,13 +43,227 @@ if [ "${1:-}" = "--tests" ]; then
   exec "$PY" -m pytest -q "$@"
 fi
 
-CONFIG="${1:?usage: launch.sh CONFIG [-- script args] | launch.sh --tests}"
-shift
-[ "${1:-}" = "--" ] && shift
-[ -f "$CONFIG" ] || { echo "launch.sh: config $CONFIG not found" >&2; exit 2; }
+die() {  # die CODE MESSAGE: one line on stderr, nothing started
+  local code=$1; shift
+  echo "launch.sh: $*" >&2
+  exit "$code"
+}
+
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }  # the header
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Arguments: launch.sh's own options, then everything after -- goes to the training script.
+CONFIG="" GPUS="" DETACH=0 DRY=0 SHOW=0 SCRIPT_ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --) shift; SCRIPT_ARGS=("$@"); break ;;
+    --gpus) [ $# -ge 2 ] || die 2 "--gpus needs a value: auto, auto:N, cpu, cpu:N or a GPU list like 0,1"
+            GPUS=$2; shift 2 ;;
+    --gpus=*) GPUS=${1#--gpus=}; shift ;;
+    --detach) DETACH=1; shift ;;
+    --dry_run|--dry-run) DRY=1; shift ;;
+    --show) SHOW=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    -*) die 2 "unknown option $1; see ./launch.sh --help (script options go after --)" ;;
+    *) [ -z "$CONFIG" ] || die 2 "two configs given ($CONFIG, $1); script options go after --"
+       CONFIG=$1; shift ;;
+  esac
+done
+[ -n "$CONFIG" ] || { usage >&2; exit 2; }
+[ -f "$CONFIG" ] || die 2 "config $CONFIG not found; give the path of a YAML config"
+for arg in ${SCRIPT_ARGS[@]+"${SCRIPT_ARGS[@]}"}; do
+  if [ "$arg" = "--dry_run" ]; then DRY=1; fi  # the same dry run either way: on the launch's processes
+done
+[ "$DETACH" = 0 ] || [ "$DRY" = 0 ] || die 2 "--detach with --dry_run: the dry run takes seconds, run it in the foreground"
+NNODES=${NNODES:-1}
+[[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || die 2 "NNODES=$NNODES is not a whole number >= 1"
+if [ "$NNODES" -gt 1 ]; then
+  [[ "${NODE_RANK:-}" =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NNODES" ] \
+    || die 2 "NNODES=$NNODES needs NODE_RANK=0..$((NNODES - 1)) (0 on the master node), got '${NODE_RANK:-}'"
+  [ -n "${MASTER_ADDR:-}" ] || die 2 "NNODES=$NNODES needs MASTER_ADDR, the address of the NODE_RANK=0 host"
+fi
+
 ensure_python
-TASK=$("$PY" -c "import sys, yaml; print((yaml.safe_load(open(sys.argv[1])) or {}).get('task', 'probe'))" "$CONFIG" 2>/dev/null) \
-  || { echo "launch.sh: $CONFIG is not valid YAML" >&2; exit 2; }
-SCRIPT="$KIT_DIR/train_$TASK.py"
-[ -f "$SCRIPT" ] || { echo "launch.sh: task '$TASK' in $CONFIG has no script train_$TASK.py" >&2; exit 2; }
-exec "$PY" "$SCRIPT" --config "$CONFIG" "$@"
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Preflight through the script itself (its own parse_args and resolve_config, so launch.sh judges the
+#    run the script will run): which script, which run dir, and what its last checkpoint says.
+PRE_ARGS=("$KIT_DIR" "$CONFIG" ${SCRIPT_ARGS[@]+"${SCRIPT_ARGS[@]}"})
+if [ "$DRY" = 1 ]; then PRE_ARGS+=(--dry_run); fi
+PREFLIGHT=$("$PY" - "${PRE_ARGS[@]}" <<'PYTHON'
+import importlib.util, os, shlex, sys
+import yaml
+
+kit, config, *script_args = sys.argv[1:]
+
+
+def fail(message):
+    print(f"launch.sh: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+try:
+    with open(config) as f:
+        raw = yaml.safe_load(f) or {}
+except (OSError, yaml.YAMLError) as err:
+    fail(f"{config} is not a readable YAML file ({type(err).__name__}); fix the file")
+if not isinstance(raw, dict):
+    fail(f"{config} must be a YAML mapping of keys to values")
+task = str(raw.get("task", "probe"))
+script = os.path.join(kit, f"train_{task}.py")
+if not os.path.isfile(script):
+    fail(f"task '{task}' in {config} has no script train_{task}.py")
+spec = importlib.util.spec_from_file_location(f"train_{task}", script)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+sys.argv[0] = os.path.basename(script)  # argparse names the script in its messages
+args = mod.parse_args(["--config", config, *script_args])  # bad script options: argparse says so, exit 2
+fields = {"SCRIPT": script, "TASK": task, "RUN_DIR": "", "STATUS": "fresh", "CKPT_WORLD": "", "CKPT_STEP": ""}
+if not args.dry_run:
+    try:
+        cfg, _ = mod.resolve_config(args.config, args.set)
+    except mod.ConfigError as err:
+        print(err, file=sys.stderr)
+        sys.exit(2)
+    fields["RUN_DIR"] = args.run_dir or os.path.join("runs", cfg["run_name"])
+    last = os.path.join(fields["RUN_DIR"], "checkpoints", "last.pt")
+    if args.resume == "auto" and os.path.exists(last):
+        import torch
+        try:  # mmap: a multi-GB checkpoint is not read into memory to look at three fields
+            ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+            fields.update(STATUS="finished" if ckpt.get("finished") else "partial",
+                          CKPT_WORLD=ckpt.get("world_size", ""), CKPT_STEP=ckpt.get("global_step", ""))
+        except Exception:  # torn or unreadable: the script falls back to last.prev.pt itself (R6)
+            fields["STATUS"] = "unreadable"
+for key, value in fields.items():
+    print(f"{key}={shlex.quote(str(value))}")
+PYTHON
+) || exit $?
+eval "$PREFLIGHT"
+
+# ---------------------------------------------------------------------------------------------------
+# 3. One lock per run dir (per node): a second launch while the first is alive does nothing. The lock is
+#    held by the training process itself (it inherits fd 9), so it lasts exactly as long as the run.
+NODE_TAG=""
+[ "$NNODES" -gt 1 ] && NODE_TAG=".node${NODE_RANK:-0}"
+if [ "$DRY" = 0 ] && [ "$SHOW" = 0 ]; then
+  mkdir -p "$RUN_DIR"
+  LOCK="$RUN_DIR/launch$NODE_TAG.lock"
+  exec 9<>"$LOCK"
+  if ! flock -n 9; then
+    pid=$(tr -dc '0-9' < "$LOCK" | head -c 12)
+    echo "launch.sh: $RUN_DIR is already running (pid ${pid:-unknown}); nothing to do"
+    exit 0
+  fi
+  if [ "$STATUS" = finished ]; then
+    echo "launch.sh: $RUN_DIR is complete (step $CKPT_STEP, $RUN_DIR/checkpoints/last.pt); nothing to do"
+    exit 0
+  fi
+fi
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Devices: CUDA_VISIBLE_DEVICES and the number of processes on this node.
+if [ -z "$GPUS" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then GPUS=auto; else GPUS=cpu; fi
+fi
+case "$GPUS" in
+  cpu) NPROC=1; VISIBLE=""; WHAT="1 CPU process" ;;
+  cpu:*)
+    NPROC=${GPUS#cpu:}
+    [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die 2 "--gpus $GPUS: the process count after cpu: must be a whole number >= 1"
+    VISIBLE=""; WHAT="$NPROC CPU process(es), gloo" ;;
+  auto|auto:*)
+    WANT=${GPUS#auto}; WANT=${WANT#:}
+    [ -z "$WANT" ] || [[ "$WANT" =~ ^[1-9][0-9]*$ ]] || die 2 "--gpus $GPUS: the GPU count after auto: must be a whole number >= 1"
+    LIMIT=${KIT_GPU_IDLE_MB:-1000}
+    command -v nvidia-smi >/dev/null 2>&1 || die 3 "--gpus $GPUS: nvidia-smi is not on PATH, so no idle GPU can be found; use --gpus cpu (or cpu:N), or name the GPUs (--gpus 0,1)"
+    TABLE=$(nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits 2>&1) \
+      || die 3 "--gpus $GPUS: nvidia-smi failed: $(echo "$TABLE" | head -n 1)"
+    IDLE=() BUSY=()
+    while IFS=', ' read -r index used _rest; do
+      [[ "$index" =~ ^[0-9]+$ ]] || continue
+      if [[ "$used" =~ ^[0-9]+$ ]] && [ "$used" -lt "$LIMIT" ]; then IDLE+=("$index"); else BUSY+=("$index: $used MiB"); fi
+    done <<< "$TABLE"
+    [ ${#IDLE[@]} -gt 0 ] || die 3 "--gpus $GPUS: no idle GPU (memory used >= $LIMIT MiB on every one: $(IFS=,; echo "${BUSY[*]:-none found}")); wait, raise KIT_GPU_IDLE_MB, or name the GPUs (--gpus 0,1)"
+    if [ -n "$WANT" ]; then
+      [ ${#IDLE[@]} -ge "$WANT" ] || die 3 "--gpus $GPUS: only ${#IDLE[@]} idle GPU(s) (${IDLE[*]}), $WANT wanted"
+      IDLE=("${IDLE[@]:0:$WANT}")
+    fi
+    VISIBLE=$(IFS=,; echo "${IDLE[*]}"); NPROC=${#IDLE[@]}
+    WHAT="idle GPU(s) $VISIBLE (memory used < $LIMIT MiB)${BUSY[0]+; busy: $(IFS=,; echo "${BUSY[*]}")}" ;;
+  *)
+    [[ "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]] || die 2 "--gpus $GPUS: expected auto, auto:N, cpu, cpu:N or a GPU list like 0,1"
+    VISIBLE=$GPUS; NPROC=$(($(tr -cd , <<< "$GPUS" | wc -c) + 1)); WHAT="GPU(s) $GPUS" ;;
+esac
+export CUDA_VISIBLE_DEVICES="$VISIBLE"  # cpu: empty, so the script's device "auto" is the CPU
+CORES=$(nproc 2>/dev/null || echo 1)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}"  # cores / processes
+# R8 under torchrun: time for every process to finish its step and save after SIGTERM before SIGKILL.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
+
+NODES=$NNODES
+if [ "$DRY" = 1 ] && [ "$NNODES" -gt 1 ]; then
+  NODES=1
+  echo "launch.sh: the dry run runs on this node's $NPROC process(es) only (NNODES=$NNODES ignored for it)"
+fi
+WORLD=$((NODES * NPROC))
+if [ "$DRY" = 0 ] && [ "$STATUS" = partial ] && [ "$CKPT_WORLD" != "$WORLD" ]; then
+  die 2 "$RUN_DIR/checkpoints/last.pt (step $CKPT_STEP) was written by $CKPT_WORLD process(es), this launch has $WORLD; the data order and schedule depend on it: relaunch with $CKPT_WORLD process(es) (e.g. --gpus cpu:$CKPT_WORLD or $CKPT_WORLD GPUs), or pass -- --run_dir NEW to start afresh"
+fi
+
+# ---------------------------------------------------------------------------------------------------
+# 5. The command: plain python for one process; torchrun for several. TORCHRUN is torchrun itself plus
+#    two things (it runs as python -c, so ps shows the torchrun arguments): a preemption notice (SIGUSR1) is forwarded to the workers like SIGTERM (R8), and the exit
+#    status is the first failed worker's (2 config error, 128+N signal), not torchrun's blanket 1.
+export KIT_TORCHRUN='
+import sys
+from torch.distributed import run
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+argv = sys.argv[1:]
+if "--signals_to_handle" in {o for a in run.get_args_parser()._actions for o in a.option_strings}:
+    argv.insert(0, "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+try:
+    run.main(argv)
+except ChildFailedError as err:
+    rank, failure = err.get_first_failure()
+    code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    print(f"launch.sh: process {rank} exited with status {code} (the first to fail)", file=sys.stderr)
+    sys.exit(code)
+except SignalException as err:
+    sys.exit(128 + int(err.sigval))
+'
+SCRIPT_CMD=("$SCRIPT" --config "$CONFIG" ${SCRIPT_ARGS[@]+"${SCRIPT_ARGS[@]}"})
+if [ "$DRY" = 1 ] && [[ " ${SCRIPT_ARGS[*]-} " != *" --dry_run "* ]]; then SCRIPT_CMD+=(--dry_run); fi
+if [ "$WORLD" -eq 1 ]; then
+  CMD=("$PY" "${SCRIPT_CMD[@]}")
+  SHOWN="${CMD[*]}"
+else
+  if [ "$NODES" -eq 1 ]; then
+    TORCHRUN_ARGS=(--standalone --nproc_per_node="$NPROC")
+  else
+    TORCHRUN_ARGS=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR"
+                   --master_port="${MASTER_PORT:-29500}" --nproc_per_node="$NPROC")
+  fi
+  CMD=("$PY" -c 'import os; exec(os.environ["KIT_TORCHRUN"])' "${TORCHRUN_ARGS[@]}" "${SCRIPT_CMD[@]}")
+  SHOWN="torchrun ${TORCHRUN_ARGS[*]} ${SCRIPT_CMD[*]}"
+fi
+echo "launch.sh: $TASK on $WHAT x $NODES node(s) = $WORLD process(es), OMP_NUM_THREADS=$OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES'"
+echo "launch.sh: $SHOWN"
+[ "$SHOW" = 0 ] || exit 0
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Run. Foreground: exec, so the exit status, the signals and the pid are the training's.
+#    --detach: a new session immune to hangups, output appended to the run dir's launch.log.
+if [ "$DETACH" = 1 ]; then
+  LOG="$RUN_DIR/launch$NODE_TAG.log"
+  echo "==== $(date '+%Y-%m-%d %H:%M:%S') launch.sh: $SHOWN" >> "$LOG"
+  setsid nohup "${CMD[@]}" >> "$LOG" 2>&1 < /dev/null &
+  PID=$!
+  echo "$PID" > "$LOCK"
+  echo "launch.sh: started pid $PID; log $LOG (appended)"
+  echo "launch.sh: follow: tail -f $LOG; stop and save: kill $PID; rerun the same command to resume"
+  exit 0
+fi
+if [ "$DRY" = 0 ]; then echo "$$" > "$LOCK"; fi
+exec "${CMD[@]}"

@@ -891,6 +891,12 @@ def resume(run, mode):
     if mode != "auto" and not os.path.exists(path):
         raise ConfigError([("C3", "--resume", f"checkpoint {path} not found")])
     ckpt, source = load_latest_checkpoint(run, path)
+    # R1 under DDP: every process must continue from the same step, or the collectives pair up different steps
+    # (a node that cannot see the run dir would silently start from step 0).
+    seen = all_gather_list([ckpt["global_step"] if ckpt else None], run["dist"]["world"])
+    if len(set(seen)) > 1:
+        raise ConfigError([("R1", "--run_dir", f"the processes found different checkpoints in {run['run_dir']} "
+                            f"(global step by rank: {seen}); every node must see the same run dir (shared filesystem)")])
     if ckpt is None:
         if mode != "auto" or os.path.exists(last):
             raise ConfigError([("R6", "--resume", f"no readable checkpoint at {path} or its .prev.pt")])
@@ -1193,7 +1199,9 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
         run["eval_sources"] = {k: (s, s.labels) for k, s in sets.items()}
         sample = feature_cache(backbone, train_set, cfg, d["device"], limit=2048)  # for standardisation only
     module = build_head(cfg, sample).to(d["device"])
-    model = torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False) if d["world"] > 1 else module
+    # DDP copies process 0's weights and buffers to every process at construction; the head's buffers are
+    # fixed, so the default per-forward buffer broadcast only copies equal values.
+    model = torch.nn.parallel.DistributedDataParallel(module) if d["world"] > 1 else module
     params = list(module.parameters())  # only the head: the frozen backbone is never in the optimizer
     optimizer = build_optimizer(cfg, params)
     run.update(backbone=backbone, module=module, model=model, params=params, optimizer=optimizer,
@@ -1280,25 +1288,38 @@ def dry_run(config_path, overrides, train_fn=None):
     Returns the exit code: 0 only when every check held."""
     train_fn = train_fn or train
     cfg, _ = resolve_config(config_path, overrides)
+    d = setup_distributed(cfg)  # under torchrun the tiny runs use every process: the DDP paths are checked too
+    say = print if d["main"] else (lambda *args, **kwargs: None)
     results = []
 
     def check(ok, what):
         results.append(ok)
-        print(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
+        say(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
 
-    print(f"dry run of {config_path or 'the built-in defaults'}")
+    def train_together(*args, **kwargs):  # returns once process 0 has written every file of that run
+        outcome_and_run = train_fn(*args, **kwargs)
+        if d["world"] > 1:
+            dist.barrier()
+        return outcome_and_run
+
+    say(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes" if d["world"] > 1 else ""))
     try:
-        plan = plan_schedule(cfg, train_set_size(cfg), int(os.environ.get("WORLD_SIZE", "1")))
+        plan = plan_schedule(cfg, train_set_size(cfg), d["world"])
         failures = check_lr_curve(lr_curve(cfg, plan), cfg, plan)
         check(not failures, f"full schedule: {plan['total_steps']} optimizer steps, S10/S5 checks"
                             + "".join(f"\n       {rid}: {msg}" for rid, msg in failures))
     except ConfigError as err:
         check(False, "full schedule: " + "; ".join(f"{rid} {key}: {msg}" for rid, key, msg in err.problems))
-    tiny, _ = resolve_config(config_path, list(overrides) + DRY_RUN_SETTINGS)
-    with tempfile.TemporaryDirectory(prefix="dry_run_") as tmp:
+    # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process
+    per_world = [f"data.limit={26 * d['world']}", f"data.synthetic.num_train={26 * d['world']}"]
+    tiny, _ = resolve_config(config_path, list(overrides) + DRY_RUN_SETTINGS + per_world)
+    # Every process trains into process 0's temporary directory and reads the same files back afterwards
+    # (processes on one node share its filesystem; launch.sh runs a multi-node job's dry run on one node).
+    with tempfile.TemporaryDirectory(prefix="dry_run_") if d["main"] else contextlib.nullcontext() as tmp:
+        tmp = all_gather_list([tmp], d["world"])[0]
         a, b = os.path.join(tmp, "uninterrupted"), os.path.join(tmp, "interrupted")
         start = time.perf_counter()
-        outcome, run = train_fn(tiny, a, "none", quiet=True)
+        outcome, run = train_together(tiny, a, "none", quiet=True)
         plan = run["plan"]
         check(outcome == "finished" and run["state"]["global_step"] == plan["total_steps"],
               f"train: {plan['total_steps']} optimizer steps over 2 epochs with a short last accumulation group (G1)")
@@ -1313,17 +1334,19 @@ def dry_run(config_path, overrides, train_fn=None):
         check(last["global_step"] == last["scheduler"]["last_epoch"] == plan["total_steps"],
               "checkpoint loads with weights_only=True; global_step == scheduler steps (R2, R7)")
         check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")), "best.pt written")
-        outcome, _ = train_fn(tiny, b, "none", stop_after=5, quiet=True)
+        outcome, _ = train_together(tiny, b, "none", stop_after=5, quiet=True)
         check(outcome == "stopped", "stop at step 5 saves and exits (R8 path)")
-        outcome, run = train_fn(tiny, b, "auto", quiet=True)
+        outcome, run = train_together(tiny, b, "auto", quiet=True)
         check(outcome == "finished" and checkpoint_tensors_equal(os.path.join(a, "checkpoints", "last.pt"),
                                                                  os.path.join(b, "checkpoints", "last.pt")),
               "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
-        outcome, _ = train_fn(tiny, b, "auto", quiet=True)
+        outcome, _ = train_together(tiny, b, "auto", quiet=True)
         check(outcome == "complete", "a finished run restarted says it is complete")
-        print(f"  tiny runs took {time.perf_counter() - start:.1f} s")
+        say(f"  tiny runs took {time.perf_counter() - start:.1f} s")
+        if d["world"] > 1:
+            dist.barrier()  # every process has read the files before process 0 deletes the directory
     ok = all(results)
-    print("dry run passed" if ok else "dry run FAILED", flush=True)
+    say("dry run passed" if ok else "dry run FAILED", flush=True)
     return 0 if ok else 1
 
 

@@ -1,0 +1,170 @@
+"""DDP under torchrun (CPU, gloo), launched the way users launch it: ./launch.sh CONFIG --gpus cpu:2.
+
+The reference is one uninterrupted two-process run (module fixture). Against it: one process with twice
+the batch ends equal within fp tolerance (G2), and a two-process run SIGKILLed mid-epoch and relaunched
+with the same command ends bit-identical (R4/R5).
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from test_launch import ROOT, TINY_YAML, launch, launch_env, records, write_config
+
+sys.path.insert(0, ROOT)
+import train_probe as tp  # noqa: E402
+
+
+def last_per_step(recs, key):
+    """A resumed run logs some steps again; the last record of a step is the one that counts."""
+    out = {}
+    for r in recs:
+        if key in r:
+            out[r["step"]] = r[key]
+    return [out[s] for s in sorted(out)]
+
+
+def ckpt(run_dir):
+    return torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ddp")
+    return path, write_config(path)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(workdir):
+    """2 processes x batch 3, grad_accum 2, 27 windows: 9 optimizer steps, uninterrupted."""
+    path, cfg = workdir
+    run_dir = str(path / "two")
+    out = launch(cfg, "--gpus", "cpu:2", "--", "--run_dir", run_dir, cwd=path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "= 2 process(es)" in out.stdout and "torchrun --standalone --nproc_per_node=2" in out.stdout
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def killed_two_process_run(workdir):
+    """The same run SIGKILLed (both processes) before micro-batch 1 of step 5, mid-epoch 2; last save: step 4."""
+    path, cfg = workdir
+    run_dir = str(path / "killed")
+    out = launch(cfg, "--gpus", "cpu:2", "--", "--run_dir", run_dir, cwd=path, env={"KIT_FAULT_KILL_AT": "5:1"})
+    assert out.returncode == 128 + signal.SIGKILL, out.stdout + out.stderr  # the worker's status, not torchrun's 1
+    assert ckpt(run_dir)["global_step"] == 4 and ckpt(run_dir)["world_size"] == 2
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_process_run(workdir):
+    """1 process x batch 6: the same global micro-batches, so the same 9 optimizer steps."""
+    path, cfg = workdir
+    one, _ = tp.resolve_config(cfg, ["train.batch_size=6"])
+    outcome, run = tp.train(one, str(path / "one"), "none", quiet=True)
+    assert outcome == "finished" and run["plan"]["total_steps"] == 9
+    return str(path / "one")
+
+
+def copy_run(run_dir, tmp_path):
+    dest = str(tmp_path / os.path.basename(run_dir))
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_g2_two_processes_with_batch_b_end_equal_to_one_process_with_batch_2b(workdir, one_process_run,
+                                                                             two_process_run):
+    path, cfg = workdir
+    a, b = ckpt(one_process_run), ckpt(two_process_run)
+    assert a["world_size"] == 1 and b["world_size"] == 2 and len(b["rng"]) == 2
+    assert a["global_step"] == b["global_step"] == 9
+    for name in a["model"]:
+        assert torch.allclose(a["model"][name], b["model"][name], rtol=1e-5, atol=1e-7), name
+    initial = tp.build_head(tp.resolve_config(cfg)[0], torch.randn(4, 16)).linear.weight  # seeded init
+    assert not torch.allclose(b["model"]["linear.weight"], initial, atol=1e-3)  # it did train
+    # the logged global loss and LR agree step for step (the loss is all-reduced over processes)
+    ra, rb = records(one_process_run), records(two_process_run)
+    assert np.allclose(last_per_step(ra, "loss"), last_per_step(rb, "loss"), rtol=1e-5)
+    assert last_per_step(ra, "lr") == last_per_step(rb, "lr")
+
+
+def test_eval_auroc_is_over_every_processs_predictions_not_a_mean_of_per_process_aurocs(one_process_run,
+                                                                                          two_process_run):
+    # 20 val windows, 10 scored by each process; gathered, the metrics equal the one-process ones.
+    ea = [r for r in records(one_process_run) if "val/auroc" in r]
+    eb = [r for r in records(two_process_run) if "val/auroc" in r]
+    assert [r["step"] for r in ea] == [r["step"] for r in eb] == [3, 6, 9]
+    for ra, rb in zip(ea, eb):
+        for key in ("val/auroc", "val/bacc", "val/loss"):
+            assert abs(ra[key] - rb[key]) < 1e-6, (key, ra, rb)
+
+
+def test_r4_r5_two_process_run_killed_and_relaunched_through_launch_sh_is_bit_identical(
+        workdir, two_process_run, killed_two_process_run, tmp_path):
+    path, cfg = workdir
+    run_dir = copy_run(killed_two_process_run, tmp_path)
+    out = launch(cfg, "--gpus", "cpu:2", "--", "--run_dir", run_dir, cwd=path)  # the same command line
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "resumed from" in out.stdout and "at optimizer step 4" in out.stdout
+    assert tp.checkpoint_tensors_equal(os.path.join(two_process_run, "checkpoints", "last.pt"),
+                                       os.path.join(run_dir, "checkpoints", "last.pt"))
+    a, b = ckpt(two_process_run), ckpt(run_dir)
+    assert a["global_step"] == b["global_step"] == 9 and b["finished"]
+    assert a["last_eval"] == b["last_eval"] and a["best_step"] == b["best_step"]
+    assert last_per_step(records(two_process_run), "loss") == last_per_step(records(run_dir), "loss")
+
+
+def test_s7_resume_with_a_different_world_size_is_refused_with_exit_2(workdir, killed_two_process_run, tmp_path):
+    path, cfg = workdir
+    run_dir = copy_run(killed_two_process_run, tmp_path)
+    before = open(os.path.join(run_dir, "checkpoints", "last.pt"), "rb").read()
+    # the script itself, one process on a two-process checkpoint
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_probe.py"), "--config", cfg, "--run_dir", run_dir],
+                         cwd=path, capture_output=True, text=True, env=launch_env(), timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "written by 2 process(es), this run has 1" in out.stderr and "Traceback" not in out.stderr
+    # launch.sh refuses before starting anything, and says which --gpus would continue it
+    out = launch(cfg, "--gpus", "cpu", "--", "--run_dir", run_dir, cwd=path)
+    assert out.returncode == 2
+    assert "written by 2 process(es), this launch has 1" in out.stderr and "--gpus cpu:2" in out.stderr
+    assert open(os.path.join(run_dir, "checkpoints", "last.pt"), "rb").read() == before
+
+
+def test_distill_two_process_kd_run_equals_one_process_with_twice_the_batch(tmp_path):
+    """Smoke test of train_distill.py under torchrun: a tiny teacher (1 process), then KD students on 2
+    processes x batch 2 and on 1 process x batch 4: token-weighted losses (G2) make them equal."""
+    if not os.path.exists(os.path.join(ROOT, "train_distill.py")):
+        pytest.skip("train_distill.py does not exist yet")
+    import train_distill as td
+    tiny = [s for s in td.DRY_RUN_SETTINGS + td.DRY_RUN_TEACHER if not s.startswith("train.batch_size=")]
+    # one epoch of 26 windows = 7 global micro-batches of 4 (the last holds 2, split 1 + 1 over two processes)
+    # in 4 optimizer steps (the last a short group of one micro-batch); 32 val windows per eval
+    tiny += ["train.epochs=null", "train.max_steps=4", "data.val_windows=32"]
+    teacher_cfg, _ = td.resolve_config(None, tiny + ["kd.enabled=false", "train.batch_size=4"])
+    assert td.train(teacher_cfg, str(tmp_path / "teacher"), "none", quiet=True)[0] == "finished"
+    kd = tiny + ["kd.enabled=true", "kd.hf_teacher_dir=null",
+                 f"kd.teacher_checkpoint={tmp_path / 'teacher' / 'checkpoints' / 'best.pt'}"]
+    one_cfg, _ = td.resolve_config(None, kd + ["train.batch_size=4"])
+    outcome, run = td.train(one_cfg, str(tmp_path / "one"), "none", quiet=True)
+    assert outcome == "finished"
+    cfg = write_config(tmp_path, "task: distill\nrun_name: distill_smoke\n", name="distill.yaml")
+    sets = [a for o in kd + ["train.batch_size=2"] for a in ("--set", o)]
+    out = launch(cfg, "--gpus", "cpu:2", "--", *sets, "--run_dir", str(tmp_path / "two"), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    a, b = ckpt(str(tmp_path / "one")), ckpt(str(tmp_path / "two"))
+    assert run["plan"]["micro_batches_per_epoch"] == 7 and run["plan"]["total_steps"] == 4
+    assert b["world_size"] == 2 and a["global_step"] == b["global_step"] == 4 and b["finished"]
+    for name in a["model"]:
+        assert torch.allclose(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-6), name
+    ra, rb = records(str(tmp_path / "one")), records(str(tmp_path / "two"))
+    assert np.allclose(last_per_step(ra, "loss"), last_per_step(rb, "loss"), rtol=1e-5)
+    # perplexity from the CE sums and token counts of every process, not a mean of per-process values (E3)
+    ea, eb = [r for r in ra if "val/ppl" in r], [r for r in rb if "val/ppl" in r]
+    assert [r["step"] for r in ea] == [r["step"] for r in eb] and ea
+    assert all(abs(x["val/ppl"] - y["val/ppl"]) <= 1e-5 * x["val/ppl"] for x, y in zip(ea, eb))
