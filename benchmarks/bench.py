@@ -1,0 +1,756 @@
+"""Benchmarks of the kit: loop overhead, host syncs, feature cache, top-k KD, the dry-run tool, a peer.
+
+    python benchmarks/bench.py --quick          # 1-2 minutes on 2 CPU cores (the limit is 10)
+    python benchmarks/bench.py                  # more repeats, the full 20-epoch cache run: about 4 minutes
+    python benchmarks/bench.py --write_results  # also rewrite benchmarks/results.md with this machine's numbers
+
+Every number comes from the kit's own code: the loop is train_probe.py's real `fit`/`optimizer_step`
+on the run and task its real `train()` builds, the KD loss is train_distill.py's `kd_kl`, the dry run is
+`lr_curve` and test_scheduler_dry_run.py. Timings use time.perf_counter with warm-ups and repeats; the
+two sides of a comparison run alternately and the ratio is the median of the paired ratios, so a busy
+machine slows both sides of a pair alike. Prints a table and, as its last line, one JSON object.
+"""
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:0] = [REPO, HERE]
+sys.modules.setdefault("bench", sys.modules[__name__])  # backbone.target "bench:wide_backbone" finds this module
+
+import train_probe as tp  # noqa: E402
+
+PROBE_CONFIG = os.path.join(REPO, "configs", "probe_synthetic.yaml")
+# The loop benchmarks run the schema's default cadences: a train record every 10 steps (train.log_every),
+# last.pt once per epoch (train.save_every_steps null), eval once per epoch (timed apart, see below).
+LOOP_SETTINGS = ["train.log_every=10", "train.save_every_steps=null", "train.eval_every=null",
+                 "backbone.cache_features=true"]
+# "Realistic": configs/tuab_4s.yaml as it is (batch 64, log every 100 steps, last.pt every 2000 steps and
+# at the end, eval once per epoch) on a TUAB-sized epoch of 131,072 windows (TUAB has 409,455: its epochs
+# are three times longer still) and a 1024-wide feature vector (a foundation model's embedding size).
+TUAB_CONFIG = os.path.join(REPO, "configs", "tuab_4s.yaml")
+REALISTIC_WINDOWS, REALISTIC_SETTINGS = 131_072, [
+    "backbone.target=bench:wide_backbone", "backbone.kwargs={dim: 1024, pool: 4}", "backbone.cache_features=true",
+    "train.epochs=1", "train.patience=null", "data.test_x=null", "data.test_y=null"]
+# Uncached: every step runs the frozen built-in encoder on freshly made windows, as a probe does when
+# the features do not fit in RAM (or the data is augmented); a smaller set keeps it short.
+UNCACHED_SETTINGS = LOOP_SETTINGS[:-1] + ["backbone.cache_features=false", "data.synthetic.num_train=1024",
+                                          "data.synthetic.num_val=64", "train.epochs=2"]
+PARAMS = {  # quick / full
+    "quick": {"loop_repeats": 5, "real_repeats": 3, "uncached_repeats": 2, "step_blocks": 9, "cache_epochs": 3,
+              "cache_repeats": 1, "kd_repeats": 3, "curve_steps": 50_000, "curve_repeats": 3, "peer_repeats": 2},
+    "full": {"loop_repeats": 11, "real_repeats": 7, "uncached_repeats": 5, "step_blocks": 25, "cache_epochs": None,
+             "cache_repeats": 1, "kd_repeats": 10, "curve_steps": 200_000, "curve_repeats": 5, "peer_repeats": 5},
+}
+PARTS = ["loop", "loop_realistic", "loop_uncached", "syncs", "cache", "topk", "dry_run", "peer"]
+STEP_BLOCK = 50  # optimizer steps per timed block of the hot-step comparison
+
+
+# -----------------------------------------------------------------------------
+# Timing: warm-ups, repeats, medians; the sides of a comparison alternate so load hits both alike.
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired_times(sides, repeats, warmup=1, setup=None):
+    """{name: [seconds]} for each side over `repeats` rounds. Each round runs every side once, in an
+    order that alternates between rounds; `setup(name)` (untimed) runs before each timed call."""
+    names = list(sides)
+    times = {name: [] for name in names}
+    for round_ in range(warmup + repeats):
+        for name in (names if round_ % 2 == 0 else names[::-1]):
+            if setup:
+                setup(name)
+            seconds = sides[name]()
+            if round_ >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def paired_ratio(times, a, b):
+    """Median over rounds of time(a) / time(b)."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+@contextlib.contextmanager
+def quiet_process():
+    """No tqdm bar (stderr is not a terminal), no warnings on screen, and the run's signal handlers
+    (R8: train() installs them) removed again afterwards so Ctrl-C still stops the benchmark."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+
+# -----------------------------------------------------------------------------
+# The real probe run: train() builds run and task exactly as a training does, then stops before fit().
+def wide_backbone(in_channels=19, dim=1024, pool=64):
+    """A cheap frozen encoder with a foundation-model-sized output (the realistic-size benchmark):
+    average-pool the window to `pool` samples per channel, then one fixed random projection to `dim`."""
+    return nn.Sequential(nn.AdaptiveAvgPool1d(pool), nn.Flatten(), nn.Linear(in_channels * pool, dim), nn.GELU())
+
+
+def tuab_shaped_data(directory, windows, val_windows=2048, channels=19, length=4):
+    """Settings pointing the TUAB config at .npy windows [N, 19, 4] made here (random, labels from their
+    sign): the loop's cost does not depend on what the numbers are, only on the sizes."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(0)
+    settings = []
+    for split, n in (("train", windows), ("val", val_windows)):
+        x = rng.standard_normal((n, channels, length), dtype=np.float32)
+        paths = (os.path.join(directory, f"{split}_x.npy"), os.path.join(directory, f"{split}_y.npy"))
+        np.save(paths[0], x)
+        np.save(paths[1], (x[:, 0].mean(1) > 0).astype(np.int64))
+        settings += [f"data.{split}_x={paths[0]}", f"data.{split}_y={paths[1]}"]
+    return settings
+
+
+def capture_run(overrides, run_dir, config=PROBE_CONFIG):
+    """(run, task, cfg) from the real train_probe.train(), captured where it calls fit()."""
+    cfg, _ = tp.resolve_config(config, overrides)
+    got, real_fit = {}, tp.fit
+
+    def stop_at_fit(run, task):
+        got.update(run=run, task=task)
+        return "stopped"  # train() returns at once: no test set, no final log line
+
+    tp.fit = stop_at_fit
+    try:
+        with quiet_process():
+            tp.train(cfg, run_dir, "none", quiet=True)
+    finally:
+        tp.fit = real_fit
+    run = got["run"]
+    run["snapshot"] = {"module": copy.deepcopy(run["module"].state_dict()), "state": copy.deepcopy(run["state"])}
+    return run, got["task"], cfg
+
+
+def reset_run(run):
+    """Back to step 0: initial head weights, a fresh optimizer and scheduler, no checkpoints."""
+    cfg, snap = run["cfg"], run["snapshot"]
+    run["module"].load_state_dict(snap["module"])
+    run["optimizer"] = tp.build_optimizer(cfg, run["params"])
+    run["scheduler"] = tp.build_schedule(run["optimizer"], cfg, run["plan"])
+    run["state"] = copy.deepcopy(snap["state"])
+    shutil.rmtree(run["ckpt_dir"], ignore_errors=True)
+    os.makedirs(run["ckpt_dir"])
+
+
+def kit_fit(run, task, eval_seconds, saves, write_checkpoints=True):
+    """tp.fit over the whole plan: guards, logging, checkpoints. Evaluation time is measured apart and
+    subtracted (the bare loop has none); the best.pt saves evaluation triggers stay in. `saves` collects
+    the number of checkpoint saves; write_checkpoints=False replaces them by no-ops (the diagnostic
+    side that shows what the disk costs)."""
+    evaluate, real_save = task["evaluate"], tp.save_checkpoint
+
+    def timed_evaluate(r):
+        start = time.perf_counter()
+        metrics = evaluate(r)
+        eval_seconds.append(time.perf_counter() - start)
+        return metrics
+
+    def counted_save(r, name):
+        saves.append(name)
+        if write_checkpoints:
+            real_save(r, name)
+
+    def go():
+        del eval_seconds[:], saves[:]
+        tp.save_checkpoint = counted_save
+        try:
+            with quiet_process():
+                start = time.perf_counter()
+                outcome = tp.fit(run, dict(task, evaluate=timed_evaluate))
+                elapsed = time.perf_counter() - start
+        finally:
+            tp.save_checkpoint = real_save
+        assert outcome == "finished" and run["state"]["global_step"] == run["plan"]["total_steps"]
+        return elapsed - sum(eval_seconds)
+
+    return go
+
+
+def bare_adamw(model, cfg):
+    return torch.optim.AdamW(model.parameters(), lr=cfg["optim.lr"], betas=tuple(cfg["optim.betas"]),
+                             weight_decay=cfg["optim.weight_decay"])
+
+
+def bare_loop(run, task):
+    """The baseline: the same head, cached features, batches and accumulation, with AdamW and the
+    same torch scheduler, and nothing else: forward, backward, step, zero_grad, scheduler.step."""
+    cfg, plan = run["cfg"], run["plan"]
+    model = copy.deepcopy(run["module"])
+
+    def go():
+        model.load_state_dict(run["snapshot"]["module"])
+        optimizer = bare_adamw(model, cfg)
+        scheduler = tp.build_schedule(optimizer, cfg, plan)
+        start = time.perf_counter()
+        for epoch in range(plan["epochs"]):
+            steps = tp.epoch_order(plan["num_samples"], plan["batch_size"], plan["grad_accum"], 1, cfg["seed"], epoch)
+            batches = task["batches"]([m for step in steps for m in step])
+            for step in steps:
+                count = sum(len(m) for m in step)
+                for _ in step:
+                    feats, y = next(batches)
+                    (F.cross_entropy(model(feats), y, reduction="sum") / count).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+        return time.perf_counter() - start
+
+    return go
+
+
+def step_blocks(run, task, blocks):
+    """Hot path only: tp.optimizer_step vs the bare step over the same prefetched micro-batches,
+    STEP_BLOCK steps per timed block (no logging, no checkpoints)."""
+    plan = run["plan"]
+    size = min(STEP_BLOCK, plan["total_steps"])  # the S9 check follows the plan's curve: never step past it
+    steps = tp.epoch_order(plan["num_samples"], plan["batch_size"], plan["grad_accum"], 1, run["cfg"]["seed"], 0)
+    steps = (steps * math.ceil(size / len(steps)))[:size]
+    batches = task["batches"]([m for step in steps for m in step])
+    prefetched = [([next(batches) for _ in step], sum(len(m) for m in step)) for step in steps]
+    model = copy.deepcopy(run["module"])
+    bare = {}
+
+    def kit():
+        start = time.perf_counter()
+        for micro, count in prefetched:
+            tp.optimizer_step(run, task, micro, count)
+        return time.perf_counter() - start
+
+    def plain():
+        optimizer, scheduler = bare["opt"], bare["sched"]
+        start = time.perf_counter()
+        for micro, count in prefetched:
+            for feats, y in micro:
+                (F.cross_entropy(model(feats), y, reduction="sum") / count).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        return time.perf_counter() - start
+
+    def setup(name):
+        if name == "kit":
+            reset_run(run)
+        else:
+            model.load_state_dict(run["snapshot"]["module"])
+            bare["opt"] = bare_adamw(model, run["cfg"])
+            bare["sched"] = tp.build_schedule(bare["opt"], run["cfg"], plan)
+
+    times = paired_times({"kit": kit, "bare": plain}, blocks, warmup=2, setup=setup)
+    return {"kit_us": 1e6 * statistics.median(times["kit"]) / size,
+            "bare_us": 1e6 * statistics.median(times["bare"]) / size, "ratio": paired_ratio(times, "kit", "bare")}
+
+
+def bench_loop(name, captured, repeats, blocks):
+    """Overhead ratio of the whole loop (fit) and, with blocks > 0, of the hot step alone. A third side,
+    fit() with checkpoint writes replaced by no-ops, splits the overhead into disk and per-step parts."""
+    run, task, cfg = captured
+    eval_seconds, saves = [], []
+    sides = {"kit": kit_fit(run, task, eval_seconds, saves), "bare": bare_loop(run, task),
+             "kit_no_writes": kit_fit(run, task, [], [], write_checkpoints=False)}
+    times = paired_times(sides, repeats, setup=lambda side: reset_run(run) if side != "bare" else None)
+    steps = run["plan"]["total_steps"]
+    per_step = {side: 1e3 * statistics.median(t) / steps for side, t in times.items()}
+    return {"name": name, "cached": cfg["backbone.cache_features"], "log_every": cfg["train.log_every"],
+            "save_every": cfg["train.save_every_steps"] or run["plan"]["steps_per_epoch"], "steps": steps,
+            "dim": run["module"].linear.in_features, "batch": cfg["train.batch_size"], "accum": cfg["train.grad_accum"],
+            "kit_ms_per_step": per_step["kit"], "bare_ms_per_step": per_step["bare"],
+            "no_writes_ms_per_step": per_step["kit_no_writes"], "ratio": paired_ratio(times, "kit", "bare"),
+            "ratio_no_writes": paired_ratio(times, "kit_no_writes", "bare"), "saves": len(saves),
+            "save_ms": (1e3 * (statistics.median(times["kit"]) - statistics.median(times["kit_no_writes"])) / len(saves)
+                        if saves else None),
+            "eval_ms": 1e3 * statistics.median(eval_seconds) if eval_seconds else None,
+            "step": step_blocks(run, task, blocks) if blocks else None}
+
+
+def close_run(run):
+    run["log_file"].close()
+    run["metrics_file"].close()
+
+
+# -----------------------------------------------------------------------------
+# Host syncs: every Tensor method that reads a value back to Python is counted per optimizer step.
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__array__")
+
+
+@contextlib.contextmanager
+def count_host_reads(record):
+    """Patch the Tensor methods that copy device data to the host; each call is recorded with the step
+    it belongs to and its caller (file, function). Calls nested in another counted call count once."""
+    own = {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}
+
+    def wrap(name, original):
+        def counted(self, *args, **kwargs):
+            if record["on"] and record["depth"] == 0:
+                caller = sys._getframe(1).f_code
+                record["calls"].append((record["step"], name, caller.co_filename, caller.co_name))
+            record["depth"] += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                record["depth"] -= 1
+        return counted
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    try:
+        yield record
+    finally:
+        for name, original in own.items():
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)
+
+
+def bench_syncs(run, task):
+    """Host reads per optimizer step during a whole fit() (logging and checkpoint steps included,
+    evaluation excluded), split into the loop's own and torch internals."""
+    reset_run(run)
+    record = {"on": True, "depth": 0, "step": 0, "calls": []}
+    real_step, evaluate = tp.optimizer_step, task["evaluate"]
+
+    def marked_step(r, t, micro, count):
+        record["step"] = r["state"]["global_step"] + 1  # later reads (logging, saving) belong to this step
+        return real_step(r, t, micro, count)
+
+    def unmarked_evaluate(r):
+        record["on"] = False
+        try:
+            return evaluate(r)
+        finally:
+            record["on"] = True
+
+    tp.optimizer_step = marked_step
+    try:
+        with count_host_reads(record), quiet_process():
+            tp.fit(run, dict(task, evaluate=unmarked_evaluate))
+    finally:
+        tp.optimizer_step = real_step
+    steps = run["plan"]["total_steps"]
+    torch_dir = os.path.dirname(torch.__file__)
+    loop = [c for c in record["calls"] if not c[2].startswith(torch_dir)]
+    internal = [c for c in record["calls"] if c[2].startswith(torch_dir)]
+    per_step = [0] * (steps + 1)
+    for call in loop:
+        per_step[call[0]] += 1
+    sites = sorted({f"{os.path.basename(f)}:{fn} .{m}()" for _, m, f, fn in loop})
+    torch_sites = sorted({f"torch/{os.path.relpath(f, torch_dir)}:{fn} .{m}()" for _, m, f, fn in internal})
+    return {"per_step": len(loop) / steps, "max_in_a_step": max(per_step[1:]), "sites": sites,
+            "torch_per_step": len(internal) / steps, "torch_sites": torch_sites, "steps": steps}
+
+
+# -----------------------------------------------------------------------------
+# Feature cache: the real train() on the synthetic config, cache on vs off.
+def bench_cache(epochs, repeats, tmp, settings=()):
+    extra = list(settings) + ([] if epochs is None else [f"train.epochs={epochs}"])
+    cfg_epochs = tp.resolve_config(PROBE_CONFIG, extra)[0]["train.epochs"]
+    counter = {"n": 0}
+
+    def one(cache):
+        def go():
+            counter["n"] += 1
+            cfg, _ = tp.resolve_config(PROBE_CONFIG, extra + [f"backbone.cache_features={cache}"])
+            with quiet_process():
+                start = time.perf_counter()
+                outcome, run = tp.train(cfg, os.path.join(tmp, f"cache_{cache}_{counter['n']}"), "none", quiet=True)
+                elapsed = time.perf_counter() - start
+            run["log_file"].close()
+            run["metrics_file"].close()
+            assert outcome == "finished"
+            return elapsed
+        return go
+
+    times = paired_times({"on": one("true"), "off": one("false")}, repeats, warmup=0)
+    return {"epochs": cfg_epochs, "on_s": statistics.median(times["on"]), "off_s": statistics.median(times["off"]),
+            "speedup": paired_ratio(times, "off", "on")}
+
+
+# -----------------------------------------------------------------------------
+# Top-k KD: train_distill.kd_kl, full vs top-k, forward + backward on given logits.
+def tensor_peak_bytes(fn):
+    """Peak bytes held by torch's CPU allocator while fn runs, above what was held before: the
+    profiler records every allocation with the allocator's running total."""
+    from torch.profiler import ProfilerActivity, profile
+    saved = os.dup(2)  # the profiler's C++ side prints start/stop lines to fd 2
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    events = []
+
+    def walk(node):
+        if "Allocation" in str(node.tag):
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    if not events:
+        return 0
+    events.sort()
+    start = events[0][2] - events[0][1]
+    return max(total for _, _, total in events) - start
+
+
+def bench_topk(repeats, vocabs=(32_000, 128_000), rows=256, k=256, temperature=2.0):
+    try:
+        import train_distill as td
+        kd_kl = td.kd_kl
+    except (ImportError, AttributeError) as err:
+        return {"skipped": f"train_distill.kd_kl not importable ({err})"}
+    out = {}
+    for vocab in vocabs:
+        gen = torch.Generator().manual_seed(vocab)
+        teacher = 3 * torch.randn(rows, vocab, generator=gen)
+        student = (3 * torch.randn(rows, vocab, generator=gen)).requires_grad_()
+
+        def step(top_k):
+            def go():
+                loss = kd_kl(student, teacher, temperature, top_k).sum()
+                loss.backward()
+                student.grad = None
+            return go
+
+        sides = {"full": lambda: timed(step(None)), "topk": lambda: timed(step(k))}
+        times = paired_times(sides, repeats, warmup=1)
+        out[vocab] = {"full_ms": 1e3 * statistics.median(times["full"]), "topk_ms": 1e3 * statistics.median(times["topk"]),
+                      "time_ratio": paired_ratio(times, "topk", "full"),
+                      "full_mb": tensor_peak_bytes(step(None)) / 2**20, "topk_mb": tensor_peak_bytes(step(k)) / 2**20,
+                      "logits_mb": rows * vocab * 4 / 2**20}
+        out[vocab]["mem_ratio"] = out[vocab]["topk_mb"] / out[vocab]["full_mb"]
+        # what an offline (stored) teacher would keep per position: k fp16 values + k int32 ids vs V fp16
+        out[vocab]["stored_ratio"] = (k * (2 + 4)) / (vocab * 2)
+    out.update(rows=rows, k=k, temperature=temperature)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The dry-run tool: optimizer steps of the real torch scheduler simulated per second.
+def bench_dry_run(steps, repeats):
+    cfg, _ = tp.resolve_config(PROBE_CONFIG, ["train.epochs=null", f"train.max_steps={steps}"])
+    plan = tp.plan_schedule(cfg, tp.train_set_size(cfg))
+    times = [timed(lambda: tp.lr_curve(cfg, plan)) for _ in range(repeats + 1)][1:]
+    result = {"steps": steps, "curve_s": statistics.median(times), "steps_per_s": steps / statistics.median(times)}
+    tool_path = os.path.join(REPO, "test_scheduler_dry_run.py")
+    if not os.path.exists(tool_path):
+        result["tool_skipped"] = "test_scheduler_dry_run.py not present"
+        return result
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("scheduler_tool", tool_path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with tempfile.TemporaryDirectory() as out:
+        argv = [PROBE_CONFIG, "--set", "train.epochs=null", "--set", f"train.max_steps={steps}", "--out", out]
+        with contextlib.redirect_stdout(io.StringIO()) as text:
+            tool_times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                code = tool.main(argv)
+                tool_times.append(time.perf_counter() - start)
+    # The tool simulates the run twice (uninterrupted, and with a state_dict round trip at the middle).
+    result.update(tool_exit=code, tool_s=tool_times[-1], tool_steps_per_s=2 * steps / tool_times[-1],
+                  tool_passed="dry run passed" in text.getvalue())
+    return result
+
+
+# -----------------------------------------------------------------------------
+# A peer: the same probe task trained with PyTorch Lightning (never a dependency of the kit).
+def bench_peer(run, task, repeats, tmp):
+    try:
+        import lightning as L
+    except ImportError:
+        try:
+            import pytorch_lightning as L
+        except ImportError:
+            return {"skipped": "lightning is not installed (pip install lightning; for this benchmark only)"}
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    cfg, plan = run["cfg"], run["plan"]
+    feats, labels = next(task["batches"]([np.arange(plan["num_samples"])]))
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.head = copy.deepcopy(run["module"])
+            self.head.load_state_dict(run["snapshot"]["module"])
+
+        def training_step(self, batch, _index):
+            loss = F.cross_entropy(self.head(batch[0]), batch[1])
+            self.log("train/loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            optimizer = tp.build_optimizer(cfg, self.head.parameters())
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": tp.build_schedule(optimizer, cfg, plan), "interval": "step"}}
+
+    counter = {"n": 0}
+
+    def lightning_fit():
+        counter["n"] += 1
+        root = os.path.join(tmp, f"lightning_{counter['n']}")
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(feats, labels), batch_size=cfg["train.batch_size"],
+                                             shuffle=True, generator=torch.Generator().manual_seed(cfg["seed"]))
+        with quiet_process(), contextlib.redirect_stdout(io.StringIO()):
+            trainer = L.Trainer(max_epochs=plan["epochs"], accelerator="cpu", devices=1,
+                                accumulate_grad_batches=cfg["train.grad_accum"], gradient_clip_val=cfg["train.clip_grad_norm"],
+                                log_every_n_steps=cfg["train.log_every"], logger=L.pytorch.loggers.CSVLogger(root)
+                                if hasattr(L, "pytorch") else True, default_root_dir=root, enable_progress_bar=False,
+                                enable_model_summary=False, num_sanity_val_steps=0)
+            start = time.perf_counter()
+            trainer.fit(Probe(), loader)
+            elapsed = time.perf_counter() - start
+        assert trainer.global_step == plan["total_steps"], (trainer.global_step, plan["total_steps"])
+        return elapsed
+
+    sides = {"kit": kit_fit(run, task, [], []), "lightning": lightning_fit}
+    times = paired_times(sides, repeats, setup=lambda side: reset_run(run) if side == "kit" else None)
+    return {"version": L.__version__, "kit_s": statistics.median(times["kit"]),
+            "lightning_s": statistics.median(times["lightning"]), "ratio": paired_ratio(times, "kit", "lightning")}
+
+
+# -----------------------------------------------------------------------------
+# Report: the machine, the table, the JSON line.
+def machine():
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "numpy": np.__version__, "os": platform.platform(),
+            "load_before": os.getloadavg()[0]}
+
+
+def fmt(value, spec=".3g"):
+    return "n/a" if value is None else format(value, spec)
+
+
+def build_rows(r):
+    """[(benchmark, measurement, result, target, verdict)] from the measured results."""
+    rows = []
+
+    def verdict(ok):
+        return "met" if ok else "NOT met"
+
+    for key in ("loop", "loop_realistic", "loop_uncached"):
+        loop = r.get(key)
+        if not loop:
+            continue
+        label = (f"loop overhead, {loop['name']} (features {'cached' if loop['cached'] else 'computed every step'}, "
+                 f"dim {loop['dim']}, batch {loop['batch']} x accum {loop['accum']}, {loop['steps']} steps)")
+        rows.append((label, f"fit() / bare loop, whole run (a record every {loop['log_every']} steps, last.pt every "
+                     f"{loop['save_every']} steps and at the end; evaluation time excluded)",
+                     f"{loop['ratio']:.3f} ({loop['kit_ms_per_step']:.3f} vs {loop['bare_ms_per_step']:.3f} ms/step)",
+                     "<= 1.05", verdict(loop["ratio"] <= 1.05)))
+        rows.append((label, f"the same without the {loop['saves']} checkpoint writes (no-ops): the per-step part; "
+                     f"the writes (temp file, fsync, rename, directory fsync: R6) cost "
+                     f"{fmt(loop['save_ms'], '.1f')} ms each", f"{loop['ratio_no_writes']:.3f} "
+                     f"({loop['no_writes_ms_per_step']:.3f} ms/step)", "-", "-"))
+        s = loop["step"]
+        if s:
+            rows.append((label, "optimizer_step() / bare step, hot path only (no logging, no checkpoints): "
+                         f"{s['kit_us'] - s['bare_us']:.0f} us more per step",
+                         f"{s['ratio']:.3f} ({s['kit_us']:.0f} vs {s['bare_us']:.0f} us/step)", "-", "-"))
+    if r.get("syncs"):
+        s = r["syncs"]
+        rows.append(("host syncs (G7)", f"loop reads per optimizer step over {s['steps']} steps, logging and checkpoint "
+                     f"steps included ({', '.join(s['sites'])})", f"{s['per_step']:.3g} (max {s['max_in_a_step']} in a step)",
+                     "<= 1", verdict(s["max_in_a_step"] <= 1)))
+        rows.append(("host syncs (G7)", "torch-internal reads per step: " + ", ".join(s["torch_sites"]) +
+                     " (AdamW's step counter lives on the host by design: no device sync on GPU)",
+                     f"{s['torch_per_step']:.3g}", "-", "-"))
+    if r.get("cache"):
+        c = r["cache"]
+        rows.append(("feature cache", f"train() wall time, cache off / on, {c['epochs']} epochs "
+                     f"({c['off_s']:.1f} s vs {c['on_s']:.1f} s)", f"{c['speedup']:.2f}x",
+                     f">= {0.8 * c['epochs']:.1f}x (0.8 x epochs)", verdict(c["speedup"] >= 0.8 * c["epochs"])))
+    topk = r.get("topk", {})
+    if "skipped" in topk:
+        rows.append(("top-k KD", "train_distill.kd_kl", "skipped", "-", topk["skipped"]))
+    else:
+        for vocab in (32_000, 128_000):
+            t = topk.get(vocab)
+            if t:
+                rows.append((f"top-k KD, vocab {vocab // 1000}k, {topk['rows']} positions",
+                             f"kd_kl forward+backward, top-{topk['k']} / full: time ({t['topk_ms']:.0f} vs {t['full_ms']:.0f} ms)",
+                             f"{t['time_ratio']:.2f}", "report", "pays off" if t["time_ratio"] < 1 else "does not pay off"))
+                rows.append((f"top-k KD, vocab {vocab // 1000}k, {topk['rows']} positions",
+                             f"peak tensor memory ({t['topk_mb']:.0f} vs {t['full_mb']:.0f} MB; one logits tensor "
+                             f"{t['logits_mb']:.0f} MB)", f"{t['mem_ratio']:.2f}", "report",
+                             "pays off" if t["mem_ratio"] < 1 else "does not pay off"))
+    if r.get("dry_run"):
+        d = r["dry_run"]
+        rows.append(("dry-run tool", f"lr_curve: {d['steps']} optimizer steps of the real scheduler",
+                     f"{d['steps_per_s']:,.0f} steps/s", "-", "-"))
+        if "tool_s" in d:
+            rows.append(("dry-run tool", f"test_scheduler_dry_run.py, {d['steps']} steps simulated twice (exit {d['tool_exit']})",
+                         f"{d['tool_steps_per_s']:,.0f} steps/s ({d['tool_s']:.1f} s)", "-", "-"))
+        elif "tool_skipped" in d:
+            rows.append(("dry-run tool", "test_scheduler_dry_run.py", "skipped", "-", d["tool_skipped"]))
+    peer = r.get("peer", {})
+    if "skipped" in peer:
+        rows.append(("peer: PyTorch Lightning", "same probe task", "skipped", "-", peer["skipped"]))
+    elif peer:
+        rows.append((f"peer: PyTorch Lightning {peer['version']}", f"kit fit() / Lightning Trainer.fit, same probe task "
+                     f"({peer['kit_s']:.2f} s vs {peer['lightning_s']:.2f} s)", f"{peer['ratio']:.2f}", "-", "-"))
+    for name, reason in r.get("errors", {}).items():
+        rows.append((name, "failed", "n/a", "-", reason))
+    return rows
+
+
+def markdown_table(rows):
+    lines = ["| benchmark | measurement | result | target | verdict |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary(r):
+    """The JSON line: the headline numbers, null where a part could not run (reason in the table)."""
+    topk = r.get("topk", {})
+    t32, t128 = topk.get(32_000, {}), topk.get(128_000, {})
+    loop, real, uncached = r.get("loop") or {}, r.get("loop_realistic") or {}, r.get("loop_uncached") or {}
+    return {"overhead_ratio": loop.get("ratio"), "overhead_ratio_no_writes": loop.get("ratio_no_writes"),
+            "checkpoint_save_ms": loop.get("save_ms"), "overhead_ratio_step": (loop.get("step") or {}).get("ratio"),
+            "overhead_ratio_realistic": real.get("ratio"), "overhead_ratio_uncached": uncached.get("ratio"),
+            "syncs_per_step": (r.get("syncs") or {}).get("per_step"),
+            "epochs": (r.get("cache") or {}).get("epochs"), "cache_speedup": (r.get("cache") or {}).get("speedup"),
+            "topk_time_ratio_32k": t32.get("time_ratio"), "topk_mem_ratio_32k": t32.get("mem_ratio"),
+            "topk_time_ratio_128k": t128.get("time_ratio"), "topk_mem_ratio_128k": t128.get("mem_ratio"),
+            "dryrun_steps_per_s": (r.get("dry_run") or {}).get("steps_per_s"),
+            "dryrun_tool_steps_per_s": (r.get("dry_run") or {}).get("tool_steps_per_s"),
+            "peer_time_ratio": (r.get("peer") or {}).get("ratio"), "quick": r["quick"]}
+
+
+def write_results(path, r, rows, elapsed):
+    m = r["machine"]
+    text = f"""# Benchmark results
+
+Measured by `python benchmarks/bench.py{' --quick' if r['quick'] else ''} --write_results` in {elapsed / 60:.1f} minutes.
+How each number is measured, what it means and why the targets marked NOT met cannot be met on this
+CPU without dropping a guarantee: [README.md](README.md) beside this file, "Reading the results".
+
+Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (intra-op threads: {m['torch_threads']}), python {m['python']},
+numpy {m['numpy']}, {m['os']}. Load average (1 min) {m['load_before']:.2f} before and {m['load_after']:.2f} after
+the run: other processes on a loaded machine slow both sides of each paired comparison, so ratios hold
+better than absolute times.
+
+{markdown_table(rows)}
+
+The JSON line the run printed last:
+
+```json
+{json.dumps(summary(r))}
+```
+"""
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def run_part(results, name, fn):
+    """One benchmark; a failure is reported in the table (and null in the JSON), the others still run."""
+    start = time.perf_counter()
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    try:
+        results[name] = fn()
+    except Exception as err:  # a benchmark that cannot run is a table row, not a crash
+        results.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"
+    print(f"[bench] {name} done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a 3-epoch cache run (under 10 minutes)")
+    parser.add_argument("--write_results", action="store_true", help="rewrite benchmarks/results.md")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1; 0 = torch's default). The compared ops are small: "
+                             "on a shared 2-core machine OpenMP barrier waits add milliseconds of noise to them")
+    parser.add_argument("--only", action="append", choices=PARTS, help="run only these parts")
+    args = parser.parse_args(argv)
+    p = PARAMS["quick" if args.quick else "full"]
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    want = set(args.only or PARTS)
+    start = time.perf_counter()
+    results = {"quick": args.quick, "machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        probe = real = None
+        if want & {"loop", "syncs", "peer"}:
+            run_part(results, "setup", lambda: capture_run(LOOP_SETTINGS, os.path.join(tmp, "probe")))
+            probe = results.pop("setup", None)
+        if "loop" in want and probe:
+            run_part(results, "loop", lambda: bench_loop("probe_synthetic", probe, p["loop_repeats"], p["step_blocks"]))
+        if "syncs" in want and probe:
+            run_part(results, "syncs", lambda: bench_syncs(*probe[:2]))
+        if "peer" in want and probe:
+            run_part(results, "peer", lambda: bench_peer(*probe[:2], p["peer_repeats"], tmp))
+        if probe:
+            close_run(probe[0])
+        for name, label, config, settings, repeats, blocks in (
+                ("loop_realistic", "tuab_4s", TUAB_CONFIG, REALISTIC_SETTINGS, p["real_repeats"], p["step_blocks"]),
+                ("loop_uncached", "uncached", PROBE_CONFIG, UNCACHED_SETTINGS, p["uncached_repeats"], 0)):
+            if name in want:
+                if name == "loop_realistic":
+                    settings = settings + tuab_shaped_data(os.path.join(tmp, "tuab_data"), REALISTIC_WINDOWS)
+                run_part(results, "setup", lambda: capture_run(settings, os.path.join(tmp, name), config))
+                captured = results.pop("setup", None)
+                if captured:
+                    run_part(results, name, lambda: bench_loop(label, captured, repeats, blocks))
+                    close_run(captured[0])
+        if "cache" in want:
+            run_part(results, "cache", lambda: bench_cache(p["cache_epochs"], p["cache_repeats"], tmp))
+        if "topk" in want:
+            run_part(results, "topk", lambda: bench_topk(p["kd_repeats"]))
+        if "dry_run" in want:
+            run_part(results, "dry_run", lambda: bench_dry_run(p["curve_steps"], p["curve_repeats"]))
+    results["machine"]["load_after"] = os.getloadavg()[0]
+    elapsed = time.perf_counter() - start
+    rows = build_rows(results)
+    m = results["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load {m['load_before']:.2f} -> {m['load_after']:.2f}; "
+          f"{elapsed:.0f} s")
+    print(markdown_table(rows))
+    if args.write_results:
+        write_results(os.path.join(HERE, "results.md"), results, rows, elapsed)
+    print(json.dumps(summary(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""benchmarks/bench.py at tiny sizes: every measurement function runs and reports sane numbers.
+
+No timing is asserted (speed is the benchmark's business, not the tests'); the host-read count is a
+count, so G7 (one host sync per optimizer step) is pinned here.
+"""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench  # noqa: E402
+
+TINY = bench.LOOP_SETTINGS + ["data.synthetic.num_train=40", "data.synthetic.num_val=16", "data.synthetic.length=256",
+                              "train.batch_size=8", "train.epochs=2", "schedule.warmup=2", "train.eval_batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    captured = bench.capture_run(TINY, str(tmp_path_factory.mktemp("bench") / "run"))
+    yield captured
+    bench.close_run(captured[0])
+
+
+def test_loop_overhead_runs_the_real_fit_and_reports_both_ratios(tiny_run):
+    result = bench.bench_loop("tiny", tiny_run, repeats=1, blocks=1)
+    run = tiny_run[0]
+    assert result["steps"] == run["plan"]["total_steps"] == 6  # ceil(ceil(40/8)/2) = 3 steps x 2 epochs
+    with open(os.path.join(run["run_dir"], "metrics.jsonl")) as f:
+        events = [json.loads(line).get("event") for line in f]
+    assert events.count("finished") == 4  # the real fit() ran to the end: warm-up + repeat, with and without writes
+    assert result["ratio"] > 0 and result["kit_ms_per_step"] > 0 and result["bare_ms_per_step"] > 0
+    assert result["ratio_no_writes"] > 0 and result["saves"] >= 3  # last.pt each epoch, best.pt at the first eval
+
+    assert result["step"]["ratio"] > 0 and result["eval_ms"] is not None
+
+
+def test_g7_one_host_sync_per_optimizer_step_in_fit(tiny_run):
+    syncs = bench.bench_syncs(*tiny_run[:2])
+    assert syncs["steps"] == 6
+    assert syncs["per_step"] == 1 and syncs["max_in_a_step"] == 1, syncs["sites"]  # G7: the one .tolist()
+    assert syncs["sites"] == ["train_probe.py:optimizer_step .tolist()"]
+
+
+def test_g7_sync_counter_sees_a_per_micro_batch_item(tiny_run):
+    run, task = tiny_run[:2]
+    loss = task["loss"]
+
+    def chatty_loss(model, batch):  # the classic bug: loss.item() on every micro-batch
+        value, parts = loss(model, batch)
+        value.item()
+        return value, parts
+
+    syncs = bench.bench_syncs(run, dict(task, loss=chatty_loss))
+    assert syncs["per_step"] > 1 and syncs["max_in_a_step"] == 3  # 2 micro-batches + the step's own read
+    assert any("chatty_loss .item()" in site for site in syncs["sites"])
+
+
+def test_topk_kd_measures_time_and_peak_memory_of_kd_kl():
+    out = bench.bench_topk(repeats=1, vocabs=(512,), rows=8, k=16)
+    row = out[512]
+    assert row["full_ms"] > 0 and row["topk_ms"] > 0 and row["time_ratio"] > 0
+    # the full KD path holds at least the two [rows, V] log-softmax outputs at once
+    assert row["full_mb"] >= 2 * row["logits_mb"] and row["topk_mb"] > 0
+
+
+def test_dry_run_rate_and_scheduler_tool():
+    out = bench.bench_dry_run(steps=300, repeats=1)
+    assert out["steps_per_s"] > 0
+    if "tool_skipped" not in out:
+        assert out["tool_exit"] == 0 and out["tool_passed"] and out["tool_steps_per_s"] > 0
+
+
+def test_cache_benchmark_runs_the_real_train_both_ways(tmp_path):
+    out = bench.bench_cache(2, 1, str(tmp_path), settings=TINY[:-4] + ["train.batch_size=8", "schedule.warmup=2"])
+    assert out["epochs"] == 2 and out["on_s"] > 0 and out["off_s"] > 0 and out["speedup"] > 0
+
+
+def test_last_line_is_json_with_every_headline_key(capsys):
+    assert bench.main(["--quick", "--only", "dry_run"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(last)
+    for key in ("overhead_ratio", "syncs_per_step", "epochs", "cache_speedup", "topk_time_ratio_32k",
+                "topk_mem_ratio_32k", "dryrun_steps_per_s"):
+        assert key in summary
+    assert summary["dryrun_steps_per_s"] > 0 and summary["overhead_ratio"] is None  # not run: null, not made up

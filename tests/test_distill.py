@@ -1,0 +1,408 @@
+"""train_distill.py: the loop's guarantees (FAILURE_MODES.md rows in the test names) plus distillation's own.
+
+Tiny nanoGPT-style token files with padding (so micro-batches hold different numbers of real target
+tokens), a 1-layer teacher made by the script itself (kd.enabled false), a 1-layer student.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_distill as T  # noqa: E402
+
+VOCAB, SEQ, PAD = 40, 16, 0
+MODELS = ["teacher.n_layer=1", "teacher.n_head=2", "teacher.n_embd=32",
+          "student.n_layer=1", "student.n_head=2", "student.n_embd=16"]
+# 20 train windows, batch 3, accumulation 2: micro-batches 3,3 | 3,3 | 3,3 | 2 per epoch, so each
+# epoch ends with a short last group (G1), and padding makes the token counts differ (G2).
+LOOP = ["train.epochs=2", "train.max_steps=null", "train.batch_size=3", "train.grad_accum=2", "train.log_every=1",
+        "train.eval_every=4", "train.save_every_steps=2", "train.eval_batch_size=8", "schedule.warmup=2",
+        "optim.lr=0.003", "data.val_windows=null"]
+
+
+def write_tokens(path, docs):
+    """Documents laid out as the built-in corpus does: each padded to whole windows with at least one pad."""
+    parts = []
+    for doc in docs:
+        doc = doc[:-1] if len(doc) % SEQ == 0 else doc
+        parts += [doc, np.full((-len(doc)) % SEQ, PAD)]
+    np.concatenate(parts + [np.full(1, PAD)]).astype(np.uint16).tofile(path)
+
+
+def documents(rng, total):
+    """Learnable token streams (a noisy walk over ids 1..VOCAB-1) of uneven lengths."""
+    docs, size = [], 0
+    while size < total:
+        n = int(rng.integers(5, 3 * SEQ))
+        steps = rng.choice([1, 2, 3], size=n, p=[0.6, 0.3, 0.1])
+        docs.append((np.cumsum(steps) + rng.integers(VOCAB)) % (VOCAB - 1) + 1)
+        size += n + (-n) % SEQ
+    return docs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    write_tokens(d / "train.bin", documents(rng, 20 * SEQ))
+    write_tokens(d / "val.bin", documents(rng, 8 * SEQ))
+    return [f"data.train_bin={d / 'train.bin'}", f"data.val_bin={d / 'val.bin'}", f"data.vocab_size={VOCAB}",
+            f"data.seq_len={SEQ}", f"data.pad_token={PAD}", "data.limit=20"]
+
+
+@pytest.fixture(scope="module")
+def teacher(data, tmp_path_factory):
+    """A teacher made the documented way: plain LM training by train_distill.py with kd.enabled false."""
+    run_dir = tmp_path_factory.mktemp("teacher")
+    cfg, _ = T.resolve_config(None, data + MODELS + LOOP + ["kd.enabled=false", "train.epochs=3"])
+    outcome, _ = T.train(cfg, str(run_dir), "none", quiet=True)
+    assert outcome == "finished"
+    return str(run_dir / "checkpoints" / "best.pt")
+
+
+def kd_settings(data, teacher, *extra):
+    return data + MODELS + LOOP + ["kd.enabled=true", f"kd.teacher_checkpoint={teacher}", "kd.alpha=0.5",
+                                   "kd.beta=0.5", "kd.gamma=0.2", "kd.temperature=2", "kd.top_k=8", *extra]
+
+
+def run(settings, run_dir, **kwargs):
+    cfg, _ = T.resolve_config(None, settings)
+    outcome, state = T.train(cfg, str(run_dir), kwargs.pop("resume", "none"), quiet=True, **kwargs)
+    return cfg, outcome, state
+
+
+@pytest.fixture(scope="module")
+def kd_run(data, teacher, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("kd")
+    cfg, outcome, state = run(kd_settings(data, teacher), run_dir)
+    assert outcome == "finished"
+    return cfg, state, str(run_dir)
+
+
+def ckpt(run_dir, name="last.pt"):
+    return torch.load(os.path.join(run_dir, "checkpoints", name), map_location="cpu", weights_only=True)
+
+
+class CallCounter:
+    """Wraps kd_kl (called once per training micro-batch, never by eval) to poison one call."""
+
+    def __init__(self, poison_call, value):
+        self.calls, self.poison_call, self.value, self.real = 0, poison_call, value, T.kd_kl
+
+    def __call__(self, *args, **kwargs):
+        out = self.real(*args, **kwargs)
+        self.calls += 1
+        return out * self.value if self.calls - 1 == self.poison_call else out
+
+
+# ----------------------------------------------------------------------------- the loop's rows
+def test_r4_resume_is_bit_exact_after_sigkill(kd_run, data, teacher, tmp_path):
+    cfg, _, uninterrupted = kd_run
+    argv = [sys.executable, os.path.join(ROOT, "train_distill.py"), "--run_dir", str(tmp_path)]
+    for item in kd_settings(data, teacher):
+        argv += ["--set", item]
+    killed = subprocess.run(argv, env={**os.environ, "KIT_FAULT_KILL_AT": "5:1"}, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert ckpt(tmp_path)["global_step"] == 4  # killed inside step 5, after the step-4 save
+    resumed = subprocess.run(argv, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert T.checkpoint_tensors_equal(os.path.join(uninterrupted, "checkpoints", "last.pt"),
+                                      os.path.join(tmp_path, "checkpoints", "last.pt"))
+    a, b = T.read_metrics(uninterrupted)[0], T.read_metrics(str(tmp_path))[0]
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert all(a[s]["loss"] == b[s]["loss"] and a[s]["lr"] == b[s]["lr"] for s in a)
+
+
+def test_g2_accumulation_with_short_last_group_and_unequal_token_counts_equals_one_big_batch(data, teacher, tmp_path):
+    """3 + 2 micro-batches of 2 windows against 2 batches of 6 and 4: same samples per optimizer step
+    (epoch_order slices one permutation), SGD without momentum, so equal weights == equal gradients."""
+    common = kd_settings(data, teacher, "data.limit=10", "train.epochs=1", "optim.name=sgd", "optim.momentum=0",
+                         "optim.weight_decay=0", "optim.lr=0.5", "schedule.type=constant", "schedule.warmup=0",
+                         "train.clip_grad_norm=null", "train.eval_every=null")
+    small = common + ["train.batch_size=2", "train.grad_accum=3"]
+    big = common + ["train.batch_size=6", "train.grad_accum=1"]
+    cfg, _ = T.resolve_config(None, small)
+    steps = T.epoch_order(10, 2, 3, 1, cfg["seed"], 0)
+    windows = T.TokenWindows(cfg, "train")
+    counts = [windows.count(m) for step in steps for m in step]
+    assert [len(s) for s in steps] == [3, 2] and len(set(counts)) > 1, counts  # short last group, uneven tokens
+    assert T.plan_schedule(cfg, 10)["total_steps"] == 2
+    _, out_small, run_small = run(small, tmp_path / "small")
+    _, out_big, run_big = run(big, tmp_path / "big")
+    assert out_small == out_big == "finished"
+    for (name, p), q in zip(run_small["module"].state_dict().items(), run_big["module"].state_dict().values()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
+    start = T.build_trainable(cfg, run_small["teacher"]).state_dict()
+    assert not torch.allclose(start["lm.wte.weight"], run_small["module"].state_dict()["lm.wte.weight"])
+    a, b = T.read_metrics(str(tmp_path / "small"))[0], T.read_metrics(str(tmp_path / "big"))[0]
+    for step in (1, 2):
+        for key in ("loss", "loss/ce", "loss/kd", "loss/hidden"):
+            assert math.isclose(a[step][key], b[step][key], rel_tol=1e-5), (step, key)
+    # and the value itself: step 1's CE term is alpha x (summed CE / real target tokens) at the initial weights
+    x, y = windows[np.concatenate(steps[0])]
+    with torch.no_grad():
+        logits, _ = T.build_trainable(cfg, run_small["teacher"])(x)
+    ce = F.cross_entropy(logits.double().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    assert math.isclose(a[1]["loss/ce"], 0.5 * float(ce) / int((y != -100).sum()), rel_tol=1e-5)
+
+
+def test_g4_nonfinite_step_is_skipped_counted_and_leaves_the_weights(kd_run, data, teacher, tmp_path, monkeypatch):
+    _, outcome, _ = run(kd_settings(data, teacher), tmp_path / "clean", stop_after=2)
+    assert outcome == "stopped"
+    monkeypatch.setattr(T, "kd_kl", CallCounter(poison_call=4, value=float("nan")))  # step 3, micro-batch 0
+    cfg, outcome, state = run(kd_settings(data, teacher), tmp_path / "nan", stop_after=3)
+    assert outcome == "stopped" and state["state"]["skipped_steps"] == 1
+    records = T.read_metrics(str(tmp_path / "nan"))[0]
+    assert records[3]["loss"] is None and "loss" in records[3]["nonfinite"] and records[3]["skipped_steps"] == 1
+    assert records[2]["skipped_steps"] == 0 and math.isfinite(records[2]["loss"])
+    last = ckpt(tmp_path / "nan")
+    assert last["global_step"] == last["scheduler"]["last_epoch"] == 3  # the schedule still advanced (S1)
+    assert T.optimizer_step_count(last) == 2
+    assert T.checkpoint_tensors_equal(os.path.join(tmp_path, "clean", "checkpoints", "last.pt"),
+                                      os.path.join(tmp_path, "nan", "checkpoints", "last.pt"))
+
+
+def test_s1_logged_lr_equals_lr_curve_at_every_step(kd_run):
+    cfg, state, run_dir = kd_run
+    trains = T.read_metrics(run_dir)[0]
+    logged = np.array([trains[s]["lr"] for s in sorted(trains)])
+    assert len(logged) == state["plan"]["total_steps"] == 8
+    assert np.array_equal(logged, T.lr_curve(cfg, state["plan"]))
+    assert not T.check_lr_curve(logged, cfg, state["plan"])
+
+
+BAD = [  # (settings added to a valid KD config, key the one line must name)
+    (["kd.temprature=3"], "did you mean kd.temperature"),
+    (["optim.lr=abc"], "optim.lr"),
+    (["kd.temperature=0"], "kd.temperature"),
+    (["kd.teacher_checkpoint=null"], "kd.teacher_checkpoint"),
+    (["kd.teacher_checkpoint=/nonexistent/best.pt"], "kd.teacher_checkpoint"),
+    (["student.n_embd=31"], "student.n_embd"),
+    (["kd.top_k=41"], "kd.top_k"),
+    (["data.val_bin=null"], "data.val_bin"),
+    (["data.vocab_size=20"], "data.train_bin"),  # ids up to 39 in the file: found before anything is written
+    (["teacher.n_layer=3"], "teacher.n_layer"),  # does not match the checkpoint
+    (["data.seq_len=32"], "data.seq_len"),  # longer than the teacher's position table
+    (["train.epochs=null"], "train.epochs"),
+    (["train.best_metric=val/auroc"], "train.best_metric"),
+]
+
+
+@pytest.mark.parametrize("bad,key", BAD, ids=[b[0][0] for b in BAD])
+def test_c3_bad_configs_exit_2_with_one_line(bad, key, data, teacher, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["--run_dir", str(run_dir)]
+    for item in kd_settings(data, teacher, *bad):
+        argv += ["--set", item]
+    assert T.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error:") and key in lines[0], lines
+    assert not run_dir.exists()  # nothing written
+
+
+def test_c3_malformed_yaml_from_the_command_line_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: distill\nkd: [unclosed\n")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_distill.py"), "--config", str(bad)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "not valid YAML" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(T.transformers_installed(), reason="transformers is installed; the HF path test covers it")
+def test_c3_hf_teacher_without_transformers_is_a_config_error(data, tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    argv = []
+    for item in data + MODELS + ["kd.enabled=true", f"kd.hf_teacher_dir={tmp_path}"]:
+        argv += ["--set", item]
+    assert T.main(argv + ["--run_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kd.hf_teacher_dir" in err[0] and "transformers" in err[0]
+
+
+# ----------------------------------------------------------------------------- distillation's own
+def coarsened_kl_reference(student, teacher, temperature, k):
+    """float64 numpy, in log space: KL over the teacher's top-k tokens plus one bucket holding the rest."""
+    s, t = student.double().numpy() / temperature, teacher.double().numpy() / temperature
+    log_q = s - np.logaddexp.reduce(s, axis=-1, keepdims=True)
+    log_p = t - np.logaddexp.reduce(t, axis=-1, keepdims=True)
+    order = np.argsort(-log_p, axis=-1, kind="stable")
+    top, rest = order[:, :k], order[:, k:]
+    lp, lq = np.take_along_axis(log_p, top, -1), np.take_along_axis(log_q, top, -1)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    if rest.shape[1]:
+        rp = np.logaddexp.reduce(np.take_along_axis(log_p, rest, -1), axis=-1)
+        rq = np.logaddexp.reduce(np.take_along_axis(log_q, rest, -1), axis=-1)
+        kl = kl + np.exp(rp) * (rp - rq)
+    return kl
+
+
+def test_topk_kd_equals_full_kd_at_k_equal_vocab():
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(64, VOCAB, generator=gen).mul(3).requires_grad_(True)
+    t = torch.randn(64, VOCAB, generator=gen).mul(3)
+    full = T.kd_kl(s, t, 2.0, None)
+    topk = T.kd_kl(s, t, 2.0, VOCAB)
+    assert torch.allclose(full, topk, rtol=1e-5, atol=1e-7)
+    g_full, = torch.autograd.grad(full.sum(), s)
+    g_topk, = torch.autograd.grad(T.kd_kl(s, t, 2.0, VOCAB).sum(), s)
+    assert torch.allclose(g_full, g_topk, rtol=1e-5, atol=1e-7)
+    ref = coarsened_kl_reference(s.detach(), t, 2.0, VOCAB)
+    assert np.allclose(full.detach().numpy(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_kd_is_the_coarsened_kl_and_a_lower_bound_of_full_kd():
+    gen = torch.Generator().manual_seed(1)
+    s, t = torch.randn(64, VOCAB, generator=gen) * 3, torch.randn(64, VOCAB, generator=gen) * 3
+    for k in (1, 5, VOCAB - 1):
+        topk = T.kd_kl(s, t, 2.0, k)
+        assert np.allclose(topk.numpy(), coarsened_kl_reference(s, t, 2.0, k), rtol=1e-4, atol=1e-6), k
+        assert bool((topk <= T.kd_kl(s, t, 2.0, None) + 1e-6).all())  # biased low (data-processing inequality)
+    assert float((T.kd_kl(s, t, 2.0, 5) - T.kd_kl(s, t, 2.0, None)).abs().max()) > 1e-3  # and really biased
+
+
+def test_distillation_loss_is_alpha_ce_plus_beta_t2_kl_plus_gamma_hidden_over_real_tokens(data, teacher):
+    """The task's loss against an independent formula (torch's kl_div, full vocabulary), real targets only."""
+    cfg, _ = T.resolve_config(None, kd_settings(data, teacher, "kd.top_k=null", "kd.alpha=0.3", "kd.beta=0.6",
+                                                "kd.gamma=0.7", "kd.temperature=3"))
+    frozen = T.build_teacher(cfg, torch.device("cpu"))
+    windows = T.TokenWindows(cfg, "train")
+    task = T.make_task({"cfg": cfg, "dist": {"device": torch.device("cpu")}, "train_set": windows, "teacher": frozen})
+    module = T.build_trainable(cfg, frozen)
+    x, y = windows[np.arange(6)]
+    total, parts = task["loss"](module, (x, y))
+    real = y != -100
+    assert int(real.sum()) < real.numel()  # padding present: the mask matters
+    with torch.no_grad():
+        logits, projected = module(x, project=True)
+        t_logits, t_hidden = frozen(x)
+        ce = F.cross_entropy(logits[real], y[real], reduction="sum")
+        kl = F.kl_div(F.log_softmax(logits[real] / 3, -1), F.log_softmax(t_logits[real] / 3, -1),
+                      log_target=True, reduction="sum")
+        ln = torch.nn.LayerNorm(32, elementwise_affine=False)
+        hidden = (ln(projected[real]) - ln(t_hidden[real])).pow(2).mean(-1).sum()
+    want = {"ce": 0.3 * ce, "kd": 0.6 * 9 * kl, "hidden": 0.7 * hidden}
+    assert set(parts) == set(want)
+    for name, value in want.items():
+        assert torch.allclose(parts[name].detach(), value, rtol=1e-5), name
+    assert torch.allclose(total.detach(), sum(want.values()), rtol=1e-5)
+    assert windows.count(np.arange(6)) == int(real.sum())  # the loop divides these sums by exactly this count
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("top_k", [None, 8], ids=["full", "top8"])
+def test_g6_kd_loss_finite_and_correct_at_t4_with_low_precision_logits(dtype, top_k):
+    """Logits near fp16's range (|x| up to 3e4) under autocast: the KL must equal a float64 reference."""
+    gen = torch.Generator().manual_seed(2)
+    s = (torch.randn(32, VOCAB, generator=gen) * 1e4).clamp(-3e4, 3e4).to(dtype)
+    t = (torch.randn(32, VOCAB, generator=gen) * 1e4).clamp(-3e4, 3e4).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        kl = T.kd_kl(s, t, 4.0, top_k)
+    assert kl.dtype == torch.float32 and bool(torch.isfinite(kl).all())
+    ref = coarsened_kl_reference(s.float(), t.float(), 4.0, top_k or VOCAB)
+    assert np.allclose(kl.numpy(), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_g1_fp16_accumulation_short_last_group_and_scaler_skip_keep_schedule(data, teacher, tmp_path, monkeypatch):
+    """fp16 + GradScaler, 3 + 2 micro-batches per epoch, one step forced to overflow: no "No inf checks
+    were recorded", the scaler backs off, the step is counted, the scheduler still advances."""
+    monkeypatch.setattr(T, "kd_kl", CallCounter(poison_call=3, value=float("inf")))  # step 2, micro-batch 0
+    cfg, outcome, state = run(kd_settings(data, teacher, "train.precision=fp16", "data.limit=10",
+                                          "train.batch_size=2", "train.grad_accum=3", "train.epochs=3",
+                                          "schedule.warmup=1"), tmp_path)
+    assert outcome == "finished" and state["plan"]["total_steps"] == 6
+    trains = T.read_metrics(str(tmp_path))[0]
+    assert trains[2]["loss"] is None and trains[2]["skipped_steps"] == 1 and state["state"]["skipped_steps"] == 1
+    assert trains[2]["scale"] < trains[1]["scale"]  # GradScaler's own back-off, public API only (G5)
+    logged = np.array([trains[s]["lr"] for s in sorted(trains)])
+    assert np.array_equal(logged, T.lr_curve(cfg, state["plan"]))  # S1: advanced on the skipped step too
+    last = ckpt(tmp_path)
+    assert last["global_step"] == last["scheduler"]["last_epoch"] == 6 and T.optimizer_step_count(last) == 5
+    assert all(math.isfinite(trains[s]["loss"]) for s in trains if s != 2)
+
+
+def test_e3_val_ppl_is_exp_of_token_weighted_ce(kd_run):
+    cfg, state, run_dir = kd_run
+    last_eval = T.read_metrics(run_dir)[1][8]
+    module = T.build_trainable(cfg, state["teacher"])
+    module.load_state_dict(ckpt(run_dir)["model"])
+    module.eval()
+    val = T.TokenWindows(cfg, "val")
+    x, y = val[np.arange(len(val))]
+    with torch.no_grad():
+        logits, _ = module(x)
+        t_logits, _ = state["teacher"](x)
+    ce = F.cross_entropy(logits.double().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none").view(y.shape)
+    real = y != -100
+    token_weighted = float(ce.sum() / real.sum())
+    mean_of_means = float((ce.sum(1) / real.sum(1)).mean())
+    assert abs(token_weighted - mean_of_means) > 1e-3  # the windows really hold different token counts
+    assert math.isclose(last_eval["val/loss"], token_weighted, rel_tol=1e-6)
+    assert math.isclose(last_eval["val/ppl"], math.exp(token_weighted), rel_tol=1e-6)
+    agree = int(((logits.argmax(-1) == t_logits.argmax(-1)) & real).sum()) / int(real.sum())
+    assert math.isclose(last_eval["val/agreement"], agree, rel_tol=1e-9)
+    assert T.perplexity(800.0) == float("inf") and math.isnan(T.perplexity(float("nan")))
+
+
+def test_teacher_frozen_and_unchanged_by_training(kd_run, teacher):
+    cfg, state, _ = kd_run
+    frozen = state["teacher"]
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    in_optimizer = {id(p) for group in state["optimizer"].param_groups for p in group["params"]}
+    assert not in_optimizer & {id(p) for p in frozen.parameters()}
+    assert T.tensor_digest(frozen) == T.tensor_digest(T.build_teacher(cfg, torch.device("cpu"))) == state["teacher_digest"]
+    saved = torch.load(teacher, map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(saved["lm." + k], v) for k, v in frozen.state_dict().items())
+    assert all(k.startswith(("lm.", "proj.")) for k in ckpt(kd_run[2])["model"])  # no teacher in the student's checkpoint
+
+
+def test_g2_token_count_is_the_number_of_real_targets(data):
+    cfg, _ = T.resolve_config(None, data)
+    windows = T.TokenWindows(cfg, "train")
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        idx = rng.choice(len(windows), size=6, replace=False)
+        _, y = windows[idx]
+        assert windows.count(idx) == int((y != T.IGNORE).sum()) < 6 * SEQ or windows.count(idx) == 6 * SEQ
+
+
+def test_builtin_corpus_is_deterministic_split_and_padded():
+    train = T.builtin_corpus("train", 32, 30000)
+    assert np.array_equal(train, T.builtin_corpus.__wrapped__("train", 32, 30000))  # rebuilt from disk: same bytes
+    val = T.builtin_corpus("val", 32, 30000)
+    assert (len(train) - 1) % 32 == 0 and train[-1] == T.BUILTIN_PAD and (train == T.BUILTIN_PAD).any()
+    _, files = T.stdlib_sources()
+    assert any(f.startswith("json/") for f in files) and not any(f.startswith("test/") for f in files)
+    cfg, _ = T.resolve_config(None, ["data.seq_len=32", "data.builtin.train_bytes=30000"])
+    windows = T.TokenWindows(cfg, "train")
+    counts = [windows.count([i]) for i in range(len(windows))]
+    assert max(counts) == 32 and min(counts) < 32  # padded file tails: uneven real-token counts
+    assert not np.array_equal(train[:len(val)], val)
+
+
+def test_e5_dry_run_without_config_passes(capsys):
+    assert T.main(["--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "fp16" in out and "bf16" in out and "bit-identical" in out
+
+
+def test_hf_teacher_from_a_local_directory(data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2,
+                                     bos_token_id=1, eos_token_id=1)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    settings = data + MODELS + LOOP + ["kd.enabled=true", f"kd.hf_teacher_dir={tmp_path / 'hf'}", "kd.gamma=0.2"]
+    cfg, outcome, state = run(settings, tmp_path / "run")
+    assert outcome == "finished"
+    assert state["teacher"].width == 32 and state["module"].proj.out_features == 32
+    assert T.tensor_digest(state["teacher"]) == state["teacher_digest"]
+    assert all(math.isfinite(r["loss/kd"]) for r in T.read_metrics(str(tmp_path / "run"))[0].values())

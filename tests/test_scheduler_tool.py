@@ -1,0 +1,269 @@
+"""test_scheduler_dry_run.py (the top-level tool): its checks fail on the seeded mistakes, its inputs
+fail cleanly, and its lr.csv is exactly the LR real training logs. Row ids refer to FAILURE_MODES.md."""
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKS = os.path.join(ROOT, "configs", "schedule_checks")
+PROBE_CONFIG = os.path.join(ROOT, "configs", "probe_synthetic.yaml")
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("scheduler_dry_run_tool", os.path.join(ROOT, "test_scheduler_dry_run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = load_tool()
+probe = tool.load_script("probe")  # the very module the tool uses, so monkeypatching reaches it
+
+
+def run_tool(capsys, *argv):
+    code = tool.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_csv(path):
+    with open(path) as f:
+        assert f.readline() == "step,lr\n"
+        rows = [line.split(",") for line in f.read().splitlines()]
+    steps = [int(s) for s, _ in rows]
+    assert steps == list(range(1, len(rows) + 1))  # 1-based optimizer steps, every one of them
+    return np.array([float(v) for _, v in rows])
+
+
+def fail_lines(out):
+    return [line.strip() for line in out.splitlines() if line.strip().startswith("FAIL")]
+
+
+def write_yaml(path, tree):
+    with open(path, "w") as f:
+        yaml.safe_dump(tree, f)
+    return path
+
+
+def logged_lr(metrics_path):
+    """step -> lr from metrics.jsonl; after a resume the LAST record for a step is the one that counts."""
+    lrs = {}
+    with open(metrics_path) as f:
+        for line in f:
+            record = json.loads(line)
+            if "lr" in record:
+                lrs[record["step"]] = record["lr"]
+    return lrs
+
+
+# -----------------------------------------------------------------------------
+# Passing configs, one per training script.
+def test_probe_config_passes_with_derivation_table_plot_and_csv(capsys, tmp_path):
+    code, out, err = run_tool(capsys, PROBE_CONFIG, "--out", tmp_path)
+    assert code == 0, out + err
+    cfg, _ = probe.resolve_config(PROBE_CONFIG, check_files=False)
+    plan = probe.plan_schedule(cfg, probe.train_set_size(cfg))
+    assert f"= {plan['micro_batches_per_epoch']} per epoch" in out and f"= {plan['total_steps']} optimizer steps" in out
+    for row in ("step 1", "end of warmup", "peak", "25% of the run", "50% of the run", "75% of the run", "100% = final step"):
+        assert row in out
+    plot = [line for line in out.splitlines() if line[10:11] == "|"]
+    assert len(plot) == tool.PLOT_HEIGHT and all(len(line) == 11 + tool.PLOT_WIDTH for line in plot)
+    assert not fail_lines(out)
+    curve = read_csv(tmp_path / "lr.csv")
+    assert np.array_equal(curve, probe.lr_curve(cfg, plan))  # exact, not approximately
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "lr.png").exists()
+    except ImportError:
+        assert not (tmp_path / "lr.png").exists() and "matplotlib is not installed" in out
+
+
+def test_distill_config_passes(capsys, tmp_path):
+    if not os.path.exists(os.path.join(ROOT, "train_distill.py")):
+        pytest.skip("train_distill.py is not in this checkout yet")
+    configs = [p for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+               if (yaml.safe_load(open(p)) or {}).get("task") == "distill"]
+    if not configs:
+        pytest.skip("no configs/*.yaml with task: distill yet")
+    for i, path in enumerate(configs):
+        code, out, err = run_tool(capsys, path, "--out", tmp_path / str(i))
+        assert code == 0, f"{path}\n{out}{err}"
+        assert "train_distill.py" in out
+        distill = sys.modules["train_distill"]
+        cfg, _ = distill.resolve_config(path, check_files=False)
+        plan = distill.plan_schedule(cfg, distill.train_set_size(cfg))
+        assert np.array_equal(read_csv(tmp_path / str(i) / "lr.csv"), distill.lr_curve(cfg, plan))
+
+
+def test_default_out_dir_is_runs_run_name_schedule(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_tool(capsys, PROBE_CONFIG)
+    assert code == 0
+    assert (tmp_path / "runs" / "probe_synthetic" / "schedule" / "lr.csv").exists()
+
+
+# -----------------------------------------------------------------------------
+# The seeded mistakes: each fails with its row id.
+def test_s5_expected_final_lr_torch_will_not_produce_is_flagged(capsys, tmp_path):
+    code, out, _ = run_tool(capsys, os.path.join(CHECKS, "expect_final_lr_wrong.yaml"), "--out", tmp_path)
+    assert code == 1
+    fails = fail_lines(out)
+    assert len(fails) == 1 and fails[0].startswith("FAIL S5") and "expect.final_lr" in fails[0] and "1.2e-07" in fails[0]
+
+
+def test_s3_warmup_longer_than_run_is_flagged(capsys, tmp_path):
+    code, out, _ = run_tool(capsys, os.path.join(CHECKS, "warmup_longer_than_run.yaml"), "--out", tmp_path)
+    assert code == 1
+    fails = fail_lines(out)
+    assert len(fails) == 1 and fails[0].startswith("FAIL S3") and "640 optimizer steps" in fails[0]
+    assert "= 640 optimizer steps" in out  # the derivation of the real run length is still shown
+    assert not (tmp_path / "lr.csv").exists()
+
+
+def test_s2_schedule_sized_in_micro_batches_is_flagged(capsys, tmp_path):
+    code, out, _ = run_tool(capsys, os.path.join(CHECKS, "schedule_in_micro_batches.yaml"), "--out", tmp_path)
+    assert code == 1
+    fails = fail_lines(out)
+    assert len(fails) == 1 and fails[0].startswith("FAIL S2") and "16x" in fails[0]
+    assert "ceil(64 / grad_accum 16) = 4 per epoch" in out
+    assert not (tmp_path / "lr.csv").exists()
+
+
+# -----------------------------------------------------------------------------
+# The checks the seeded configs cannot reach: broken code must make them fail (proof they can).
+def test_r3_resume_check_fails_when_scheduler_state_is_not_restored(capsys, tmp_path, monkeypatch):
+    # the classic resume bug: a fresh scheduler whose position is not restored restarts its curve
+    monkeypatch.setattr(torch.optim.lr_scheduler.OneCycleLR, "load_state_dict", lambda self, state: None)
+    code, out, _ = run_tool(capsys, PROBE_CONFIG, "--out", tmp_path, "--resume_at", 100)
+    assert code == 1
+    fails = fail_lines(out)
+    assert len(fails) == 1 and fails[0].startswith("FAIL R3") and "after step 100" in fails[0] and "from step 102" in fails[0]
+
+
+def test_s7_scheduler_sized_shorter_than_run_is_flagged(capsys, tmp_path, monkeypatch):
+    real = probe.build_schedule
+    monkeypatch.setattr(probe, "build_schedule",
+                        lambda opt, cfg, plan: real(opt, cfg, {**plan, "total_steps": plan["total_steps"] - 1}))
+    code, out, _ = run_tool(capsys, PROBE_CONFIG, "--out", tmp_path)
+    assert code == 1
+    fails = fail_lines(out)
+    assert len(fails) == 1 and fails[0].startswith("FAIL S7") and "Tried to step" in fails[0]
+    assert not (tmp_path / "lr.csv").exists()
+
+
+def test_s10_schedule_that_does_not_move_is_flagged(capsys, tmp_path, monkeypatch):
+    # S6/S10: the config says cosine but the code runs a constant LR
+    monkeypatch.setattr(probe, "build_schedule", lambda opt, cfg, plan: torch.optim.lr_scheduler.ConstantLR(opt, 1.0, 0))
+    code, out, _ = run_tool(capsys, PROBE_CONFIG, "--set", "schedule.type=cosine", "--set", "expect.initial_lr=null",
+                            "--set", "expect.final_lr=null", "--out", tmp_path)
+    assert code == 1
+    fails = fail_lines(out)
+    assert fails and all(f.startswith("FAIL S10") for f in fails)
+    assert any("where the schedule should move" in f for f in fails)
+
+
+# -----------------------------------------------------------------------------
+# Inputs: sizes from headers or --num_samples, world size, and bad input as one line with exit 2.
+def test_npy_header_sizes_the_schedule_and_world_size_divides_micro_batches(capsys, tmp_path):
+    for split, n in (("train", 77), ("val", 5)):
+        np.save(tmp_path / f"{split}_x.npy", np.zeros((n, 2, 8), np.float32))
+        np.save(tmp_path / f"{split}_y.npy", np.zeros(n, np.int64))
+    config = write_yaml(tmp_path / "npy.yaml", {
+        "task": "probe", "train": {"epochs": 3, "batch_size": 4, "grad_accum": 2},
+        "data": {f"{s}_{k}": str(tmp_path / f"{s}_{k}.npy") for s in ("train", "val") for k in ("x", "y")}})
+    code, out, _ = run_tool(capsys, config, "--world_size", 2, "--out", tmp_path / "o")
+    assert code == 0, out
+    assert "77  (train_probe.train_set_size: header of data.train_x" in out
+    assert "ceil(77 / (batch_size 4 x world_size 2)) = 10 per epoch" in out
+    assert "ceil(10 / grad_accum 2) = 5 per epoch" in out and "5 x 3 epochs = 15 optimizer steps" in out
+    assert len(read_csv(tmp_path / "o" / "lr.csv")) == 15
+
+
+def test_data_not_on_this_machine_needs_num_samples(capsys, tmp_path):
+    config = write_yaml(tmp_path / "remote.yaml", {
+        "task": "probe", "data": {f"{s}_{k}": f"/nonexistent/{s}_{k}.npy" for s in ("train", "val") for k in ("x", "y")}})
+    code, out, err = run_tool(capsys, config, "--out", tmp_path / "o")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert "not on this machine" in err and "--num_samples" in err
+    assert not (tmp_path / "o").exists()
+    code, out, _ = run_tool(capsys, config, "--num_samples", 409455, "--out", tmp_path / "o")
+    assert code == 0 and "409455  (--num_samples)" in out
+
+
+@pytest.mark.parametrize("yaml_text, argv, names", [
+    ("task: probe\noptim:\n  maxlr: 1.0e-3\n", [], "optim.maxlr"),                # C2 with its suggestion
+    ("task: probe\ntrain:\n  grad_accum: 0\n", [], "train.grad_accum"),            # C3
+    ("task: probe\noptim:\n  lr: fast\n", [], "optim.lr"),                         # C1
+    ("task: nosuch\n", [], "train_nosuch.py"),                                     # no script for the task
+    ("task: probe\n", ["--num_samples", "0"], "--num_samples"),
+    ("task: probe\n", ["--world_size", "0"], "--world_size"),
+    ("task: probe\n", ["--resume_at", "100000"], "--resume_at"),
+    ("task: probe\n", ["--bogus"], "--bogus"),
+])
+def test_bad_input_exits_2_with_one_line_naming_it(capsys, tmp_path, yaml_text, argv, names):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    code, out, err = run_tool(capsys, config, *argv, "--out", tmp_path / "o")
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and names in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_config_exits_2_with_one_line_and_no_traceback(tmp_path):
+    config = tmp_path / "malformed.yaml"
+    config.write_text("task: probe\noptim:\n  lr: [1.0e-3,\n")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "test_scheduler_dry_run.py"), str(config),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# -----------------------------------------------------------------------------
+# The claim that matters: lr.csv is the LR real training uses, step for step (S1, S8, R3).
+TINY = ["data.synthetic.num_train=90", "data.synthetic.num_val=16", "train.batch_size=4", "train.grad_accum=2",
+        "train.epochs=3", "train.log_every=1", "train.eval_batch_size=64", "expect.initial_lr=null",
+        "expect.peak_lr=null", "expect.final_lr=null"]  # 23 micro-batches -> 12 steps/epoch (short last group) -> 36
+
+
+def train_probe(run_dir, settings, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "KIT_FAULT_KILL_AT"}
+    env.update(env_extra or {})
+    argv = [sys.executable, os.path.join(ROOT, "train_probe.py"), "--config", PROBE_CONFIG, "--run_dir", str(run_dir)]
+    for item in settings:
+        argv += ["--set", item]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_lr_csv_equals_lr_logged_by_real_training_at_every_step(capsys, tmp_path):
+    proc = train_probe(tmp_path / "run", TINY)
+    assert proc.returncode == 0, proc.stderr
+    code, out, _ = run_tool(capsys, PROBE_CONFIG, *[a for s in TINY for a in ("--set", s)], "--out", tmp_path / "sched")
+    assert code == 0, out
+    curve = read_csv(tmp_path / "sched" / "lr.csv")
+    logged = logged_lr(tmp_path / "run" / "metrics.jsonl")
+    assert len(curve) == 36 and sorted(logged) == list(range(1, 37))
+    assert [logged[s] for s in range(1, 37)] == curve.tolist()  # exact float equality at every step
+
+
+def test_lr_csv_equals_lr_logged_by_a_killed_and_resumed_run(capsys, tmp_path):
+    settings = TINY + ["schedule.type=wsd", "train.save_every_steps=7"]  # SequentialLR phases across the resume
+    killed = train_probe(tmp_path / "run", settings, {"KIT_FAULT_KILL_AT": "20:0"})
+    assert killed.returncode == -9, killed.stderr  # SIGKILLed before step 20; last save at step 14
+    resumed = train_probe(tmp_path / "run", settings)
+    assert resumed.returncode == 0, resumed.stderr
+    code, out, _ = run_tool(capsys, PROBE_CONFIG, *[a for s in settings for a in ("--set", s)],
+                            "--resume_at", 14, "--out", tmp_path / "sched")
+    assert code == 0, out
+    curve = read_csv(tmp_path / "sched" / "lr.csv")
+    logged = logged_lr(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(logged) == list(range(1, 37))
+    assert [logged[s] for s in range(1, 37)] == curve.tolist()

@@ -1,0 +1,1679 @@
+"""Knowledge distillation of a causal language model, with a training loop that cannot have the catalogue's bugs.
+
+Run it (defaults: byte-level text of Python's own standard library, no download):
+
+    python train_distill.py --dry_run                     # every code path in seconds, no config needed
+    python train_distill.py --config configs/distill_demo.yaml --set kd.enabled=false --set run_name=distill_demo_teacher
+    python train_distill.py --config configs/distill_demo.yaml          # the student, distilled from that teacher
+    python train_distill.py --config configs/distill_reference.yaml --set kd.teacher_checkpoint=runs/t/checkpoints/best.pt
+    torchrun --standalone --nproc_per_node=2 train_distill.py --config configs/distill_reference.yaml
+
+`kd.enabled: false` is plain language-model training of the teacher.* network: that is how a teacher
+is made. A run with `kd.enabled: true` trains the student.* network against the frozen teacher in
+`kd.teacher_checkpoint` (or, when the `transformers` package is installed, a local Hugging Face model
+directory `kd.hf_teacher_dir`). Loss per real target token:
+    kd.alpha * CE(labels) + kd.beta * T^2 * KL(teacher_T || student_T) + kd.gamma * hidden-state loss.
+The same command line starts the run and resumes it after a kill or a preemption (`--resume auto`).
+Row ids in comments (S1, R4, G2, ...) refer to FAILURE_MODES.md, the catalogue this loop is built
+against. The blocks marked "shared" are byte-identical in train_probe.py (a test enforces it).
+"""
+import argparse
+import contextlib
+import difflib
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import sysconfig
+import tempfile
+import time
+import warnings
+import zlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+TASK = "distill"
+
+# -----------------------------------------------------------------------------
+# Config: every key, its default, its type and what it means. A YAML file and --set override these;
+# any other key is an error (C2), every value is cast to its type or rejected (C1).
+# Types: str, int, float, bool, floats (list), dict (free-form), a tuple of choices; "?" allows null.
+CONFIG = {
+    "task": ("distill", "str", "which script runs this config (distill = train_distill.py)"),
+    "run_name": ("distill", "str", "run directory is runs/<run_name>/ unless --run_dir is given"),
+    "seed": (0, "int", "seeds data order and initialisation"),
+    # optimizer
+    "optim.name": ("adamw", ("adamw", "sgd"), "optimizer"),
+    "optim.lr": (1e-3, "float", "peak learning rate"),
+    "optim.weight_decay": (0.1, "float", "decoupled weight decay (AdamW) / L2 (SGD), on weight matrices and embeddings only"),
+    "optim.betas": ([0.9, 0.95], "floats", "AdamW betas"),
+    "optim.momentum": (0.9, "float", "SGD momentum"),
+    # learning-rate schedule, stepped once per optimizer step (S1)
+    "schedule.type": ("cosine", ("onecycle", "cosine", "linear", "wsd", "constant"), "LR schedule"),
+    "schedule.warmup": (0.1, "float", "warmup: a fraction of the run (< 1) or optimizer steps (>= 1)"),
+    "schedule.div_factor": (25.0, "float", "the first step's LR is optim.lr / div_factor"),
+    "schedule.final_div_factor": (1e4, "float", "onecycle: final LR = optim.lr / (div_factor * final_div_factor)"),
+    "schedule.final_lr_ratio": (0.1, "float", "cosine/linear/wsd: final LR as a fraction of optim.lr"),
+    "schedule.anneal": ("cos", ("cos", "linear"), "onecycle: anneal_strategy"),
+    "schedule.cycle_momentum": (False, "bool", "onecycle: cycle momentum / Adam beta1 (S4)"),
+    "schedule.decay": (0.2, "float", "wsd: share of the run spent in the final decay"),
+    "schedule.total_steps": (None, "int?", "leave null: derived from the data; if set it must match (S2)"),
+    "expect.initial_lr": (None, "float?", "optional: the LR you expect at step 1 (checked by the dry runs, S5)"),
+    "expect.peak_lr": (None, "float?", "optional: the highest LR you expect"),
+    "expect.final_lr": (None, "float?", "optional: the LR you expect at the last step"),
+    # training loop
+    "train.epochs": (1, "int?", "passes over the training windows (null when train.max_steps is set)"),
+    "train.max_steps": (None, "int?", "optimizer steps instead of epochs (null when train.epochs is set)"),
+    "train.batch_size": (16, "int", "windows per micro-batch, per process"),
+    "train.grad_accum": (1, "int", "micro-batches per optimizer step"),
+    "train.clip_grad_norm": (1.0, "float?", "max total gradient norm; null = no clipping (norm still logged)"),
+    "train.grad_norm_warn": (100.0, "float", "warn when the total gradient norm exceeds this (G3)"),
+    "train.precision": ("fp32", ("fp32", "bf16", "fp16"), "autocast dtype; fp16 adds a GradScaler"),
+    "train.device": ("auto", ("auto", "cpu", "cuda"), "auto = cuda when available"),
+    "train.log_every": (10, "int", "optimizer steps between train records"),
+    "train.eval_every": (None, "int?", "optimizer steps between evals; null = once per epoch"),
+    "train.save_every_steps": (None, "int?", "optimizer steps between checkpoints; null = once per epoch"),
+    "train.max_bad_steps": (20, "int", "abort after this many consecutive non-finite steps (G4)"),
+    "train.patience": (None, "int?", "early stopping: evals without improvement; null = off"),
+    "train.best_metric": ("val/loss", "str", "metric that picks best.pt: val/loss, val/ppl (lower is better) or val/agreement"),
+    "train.max_loss_share": (0.8, "float", "warn when one loss component is above this share (E2)"),
+    "train.num_workers": (0, "int", "DataLoader worker processes"),
+    "train.eval_batch_size": (32, "int", "windows per eval batch"),
+    "train.allow_schedule_change": (False, "bool", "resume even if schedule-shaping keys changed (S7)"),
+    # data: nanoGPT-style token files (flat uint16/uint32 ids, memory-mapped) or the built-in corpus
+    "data.train_bin": (None, "str?", "training tokens .bin; null = the built-in corpus (Python's standard library sources)"),
+    "data.val_bin": (None, "str?", "validation tokens .bin (set both or neither)"),
+    "data.dtype": ("uint16", ("uint16", "uint32"), "token id type of the .bin files"),
+    "data.vocab_size": (None, "int?", "vocabulary size of the .bin files (required with them); the built-in corpus is bytes, 256"),
+    "data.seq_len": (128, "int", "tokens per window; a sample is window i = tokens[i*seq_len : i*seq_len + seq_len + 1]"),
+    "data.pad_token": (None, "int?", ".bin files only: id marking padding; a target equal to it or following it is ignored"),
+    "data.limit": (None, "int?", "use only the first N windows of each split (debugging, --dry_run)"),
+    "data.val_windows": (512, "int?", "windows each eval scores, evenly spaced over the val split; null = all"),
+    "data.builtin.train_bytes": (2_000_000, "int", "built-in corpus: bytes of training text (whole files, padded)"),
+    "data.builtin.val_bytes": (200_000, "int", "built-in corpus: bytes of validation text"),
+    # models: GPT-style causal transformers; kd.enabled false trains teacher.*, true trains student.*
+    "teacher.n_layer": (4, "int", "teacher blocks (must match kd.teacher_checkpoint)"),
+    "teacher.n_head": (4, "int", "teacher attention heads"),
+    "teacher.n_embd": (128, "int", "teacher width"),
+    "student.n_layer": (2, "int", "student blocks"),
+    "student.n_head": (2, "int", "student attention heads"),
+    "student.n_embd": (64, "int", "student width; a learned projection maps it to the teacher's width (kd.gamma)"),
+    # distillation
+    "kd.enabled": (False, "bool", "false: plain LM training of teacher.* (makes a teacher); true: distil student.* from it"),
+    "kd.alpha": (0.5, "float", "weight of the cross-entropy on the labels"),
+    "kd.beta": (0.5, "float", "weight of T^2 * KL(teacher_T || student_T)"),
+    "kd.gamma": (0.1, "float", "weight of the hidden-state loss through the learned projection"),
+    "kd.temperature": (2.0, "float", "softmax temperature T of the KD term"),
+    "kd.top_k": (None, "int?", "compare only the teacher's top-k tokens per position (+ one bucket for the rest); null = full KD"),
+    "kd.teacher_checkpoint": (None, "str?", "checkpoint of a kd.enabled=false run of this script (best.pt or last.pt)"),
+    "kd.hf_teacher_dir": (None, "str?", "or: a local Hugging Face causal-LM directory (needs transformers; never downloads)"),
+}
+
+
+# ==== shared: config (identical in train_probe.py and train_distill.py) ====
+class ConfigError(Exception):
+    """Bad input. Printed as one line per problem, exit code 2, nothing written (C1-C3)."""
+
+    def __init__(self, problems):
+        self.problems = problems  # [(catalogue id, key, message)]
+        super().__init__("\n".join(f"config error: {key}: {msg}" for _, key, msg in problems))
+
+
+def _flatten(tree, schema, prefix=""):
+    flat = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        free_form = key in schema and schema[key][1] == "dict"
+        if isinstance(value, dict) and not free_form:
+            flat.update(_flatten(value, schema, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def unflatten(flat):
+    tree = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def cast_value(value, kind):
+    """`value` as `kind`, or ValueError saying what was expected (C1: YAML 1.1 reads 3e-4 as a string)."""
+    if isinstance(kind, str) and kind.endswith("?"):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~", "")):
+            return None
+        kind = kind[:-1]
+    if isinstance(kind, tuple):
+        for choice in kind:
+            if value == choice or str(value).strip().lower() == str(choice).lower():
+                return choice
+        raise ValueError("one of " + ", ".join(str(c).lower() for c in kind))
+    if kind in ("float", "int"):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError("a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("a number") from None
+        if not math.isfinite(number):
+            raise ValueError("a finite number")
+        if kind == "int":
+            if number != int(number):
+                raise ValueError("a whole number")
+            return int(number)
+        return number
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise ValueError("true or false")
+    if kind == "str":
+        if isinstance(value, (dict, list)) or value is None:
+            raise ValueError("a string")
+        return str(value)
+    if kind == "floats":
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("a list of numbers such as [0.9, 0.999]")
+        return [cast_value(v, "float") for v in value]
+    if kind == "dict":
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("a mapping")
+        return value
+    raise AssertionError(f"unknown kind {kind}")
+
+
+def load_config(path, overrides, schema):
+    """Read YAML + `--set key=value` overrides into a flat {dotted.key: typed value} dict.
+
+    Returns (cfg, notes): notes are non-fatal observations such as a string cast to a number (C1).
+    Raises ConfigError listing every problem at once: unknown keys (C2), uncastable values (C1).
+    """
+    raw = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError([("C3", "--config", f"file {path} not found; give the path of a YAML config")])
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError([("C3", path, f"is not valid YAML{where}; fix the syntax there")]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([("C3", path, "must be a YAML mapping of keys to values")])
+    flat = _flatten(raw, schema)
+    problems, notes = [], []
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append(("C3", "--set", f"'{item}' is not key=value"))
+            continue
+        try:
+            flat[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            flat[key.strip()] = text
+    for key in flat:
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else "; see the config reference in README.md"
+            problems.append(("C2", key, f"unknown key{hint}"))
+    cfg = {}
+    for key, (default, kind, _doc) in schema.items():
+        value = flat.get(key, default)
+        try:
+            cfg[key] = cast_value(value, kind)
+        except ValueError as err:
+            problems.append(("C1", key, f"got {value!r}, expected {err}"))
+            continue
+        if isinstance(value, str) and kind in ("float", "int", "float?", "int?") and cfg[key] is not None:
+            notes.append(("C1", key, f"the string {value!r} was read as the number {cfg[key]!r}"))
+    if problems:
+        raise ConfigError(problems)
+    return cfg, notes
+
+
+def common_value_problems(cfg, task):
+    """Values that would only fail hours later (C3), shared by both scripts."""
+    p = []
+
+    def need(ok, key, msg, row="C3"):
+        if not ok:
+            p.append((row, key, f"{cfg.get(key)!r} {msg}"))
+
+    need(cfg["task"] == task, "task", f"is not '{task}'; run this config with train_{cfg['task']}.py")
+    need(cfg["seed"] >= 0, "seed", "must be >= 0")
+    need(cfg["optim.lr"] > 0, "optim.lr", "must be > 0")
+    need(cfg["optim.weight_decay"] >= 0, "optim.weight_decay", "must be >= 0")
+    need(len(cfg["optim.betas"]) == 2 and all(0 <= b < 1 for b in cfg["optim.betas"]),
+         "optim.betas", "must be two numbers in [0, 1)")
+    need(cfg["optim.momentum"] >= 0, "optim.momentum", "must be >= 0")
+    need(cfg["schedule.warmup"] >= 0, "schedule.warmup", "must be >= 0 (a fraction < 1 or optimizer steps)", "S3")
+    need(cfg["schedule.warmup"] < 1 or cfg["schedule.warmup"] == int(cfg["schedule.warmup"]),
+         "schedule.warmup", "must be a fraction < 1 or a whole number of optimizer steps", "S3")
+    need(cfg["schedule.div_factor"] >= 1, "schedule.div_factor", "must be >= 1")
+    need(cfg["schedule.final_div_factor"] >= 1, "schedule.final_div_factor", "must be >= 1")
+    need(0 <= cfg["schedule.final_lr_ratio"] <= 1, "schedule.final_lr_ratio", "must be in [0, 1]")
+    need(0 < cfg["schedule.decay"] < 1, "schedule.decay", "must be in (0, 1)")
+    need((cfg["train.epochs"] is None) != (cfg["train.max_steps"] is None), "train.epochs",
+         "and train.max_steps: set exactly one of them (the other null)")
+    for key in ("train.epochs", "train.max_steps", "train.eval_every", "train.save_every_steps",
+                "train.patience", "schedule.total_steps"):
+        need(cfg[key] is None or cfg[key] >= 1, key, "must be >= 1 or null")
+    for key in ("train.batch_size", "train.grad_accum", "train.log_every", "train.max_bad_steps",
+                "train.eval_batch_size"):
+        need(cfg[key] >= 1, key, "must be >= 1")
+    need(cfg["train.num_workers"] >= 0, "train.num_workers", "must be >= 0")
+    need(cfg["train.clip_grad_norm"] is None or cfg["train.clip_grad_norm"] > 0,
+         "train.clip_grad_norm", "must be > 0 or null")
+    need(0 < cfg["train.max_loss_share"] <= 1, "train.max_loss_share", "must be in (0, 1]")
+    for key in ("expect.initial_lr", "expect.peak_lr", "expect.final_lr"):
+        need(cfg[key] is None or cfg[key] >= 0, key, "must be >= 0 or null")
+    if cfg["train.device"] == "cuda" and not torch.cuda.is_available():
+        p.append(("C3", "train.device", "'cuda' but no CUDA device is visible; use auto or cpu"))
+    return p
+
+
+def check_file(cfg, key, problems, suffixes):
+    """A data/model path must exist before anything heavy starts (C3)."""
+    path = cfg[key]
+    if path is not None and not os.path.exists(path):
+        problems.append(("C3", key, f"file {path} not found; fix the path or set it to null"))
+    elif path is not None and suffixes and not path.endswith(suffixes):
+        problems.append(("C3", key, f"{path} should end with {' or '.join(suffixes)}"))
+# ==== end shared: config ====
+
+
+def resolve_config(path=None, overrides=(), check_files=True):
+    """The distillation config: load, cast, validate. Tools import this so they judge what training runs."""
+    cfg, notes = load_config(path, overrides, CONFIG)
+    problems = common_value_problems(cfg, TASK)
+
+    def need(ok, key, msg, row="C3"):
+        if not ok:
+            problems.append((row, key, msg))
+
+    bins = cfg["data.train_bin"] is not None
+    need(bins == (cfg["data.val_bin"] is not None), "data.val_bin",
+         "set data.train_bin and data.val_bin both (token files) or neither (the built-in corpus)")
+    if check_files:
+        for key in ("data.train_bin", "data.val_bin"):
+            check_file(cfg, key, problems, (".bin",))
+    if check_files and cfg["kd.enabled"]:  # a teacher run (kd.enabled false) may name the file it is about to make
+        check_file(cfg, "kd.teacher_checkpoint", problems, ())
+        hf = cfg["kd.hf_teacher_dir"]
+        need(hf is None or os.path.isfile(os.path.join(hf, "config.json")), "kd.hf_teacher_dir",
+             f"{hf} is not a local Hugging Face model directory (no config.json in it)")
+    need(cfg["data.seq_len"] >= 1, "data.seq_len", f"{cfg['data.seq_len']!r} must be >= 1")
+    vocab = vocab_size(cfg)
+    if bins:
+        limit = 2 ** (16 if cfg["data.dtype"] == "uint16" else 32)
+        need(vocab is not None, "data.vocab_size", "null, but .bin token files need their vocabulary size "
+                                                   "(e.g. 50304 for GPT-2 ids); set it")
+        need(vocab is None or 2 <= vocab <= limit, "data.vocab_size",
+             f"{vocab!r} must be in 2..{limit} for {cfg['data.dtype']} token ids")
+        pad = cfg["data.pad_token"]
+        need(pad is None or vocab is None or 0 <= pad < vocab, "data.pad_token", f"{pad!r} must be an id in 0..vocab_size-1 or null")
+        if check_files and not problems:
+            for key in ("data.train_bin", "data.val_bin"):
+                size, item = os.path.getsize(cfg[key]), np.dtype(cfg["data.dtype"]).itemsize
+                need(size % item == 0, key, f"{cfg[key]} has {size} bytes, not a whole number of {cfg['data.dtype']} "
+                                            "ids; check data.dtype")
+                need(size // item > cfg["data.seq_len"], key, f"{cfg[key]} holds {size // item} tokens, fewer than one "
+                                                              f"window of data.seq_len + 1 = {cfg['data.seq_len'] + 1}")
+    else:
+        need(cfg["data.vocab_size"] in (None, 256), "data.vocab_size",
+             f"{cfg['data.vocab_size']!r}, but the built-in corpus is bytes (256); set it to null")
+        need(cfg["data.pad_token"] is None, "data.pad_token",
+             "is for .bin files; the built-in corpus pads with byte 0 itself; set it to null")
+        for key in ("data.builtin.train_bytes", "data.builtin.val_bytes"):
+            need(cfg[key] > cfg["data.seq_len"], key, f"{cfg[key]!r} must exceed data.seq_len")
+        if check_files:
+            root, files = stdlib_sources()
+            need(bool(files), "data.train_bin", f"null selects the built-in corpus, but no standard-library .py files "
+                                                f"are under {root}; give .bin token files instead")
+    for key in ("data.limit", "data.val_windows"):
+        need(cfg[key] is None or cfg[key] >= 1, key, f"{cfg[key]!r} must be >= 1 or null")
+    for role in ("teacher", "student"):
+        for dim in ("n_layer", "n_head", "n_embd"):
+            need(cfg[f"{role}.{dim}"] >= 1, f"{role}.{dim}", f"{cfg[f'{role}.{dim}']!r} must be >= 1")
+        need(cfg[f"{role}.n_embd"] % max(cfg[f"{role}.n_head"], 1) == 0, f"{role}.n_embd",
+             f"{cfg[f'{role}.n_embd']} is not divisible by {role}.n_head {cfg[f'{role}.n_head']}")
+    need(cfg["kd.temperature"] > 0, "kd.temperature", f"{cfg['kd.temperature']!r} must be > 0")
+    for key in ("kd.alpha", "kd.beta", "kd.gamma"):
+        need(cfg[key] >= 0, key, f"{cfg[key]!r} must be >= 0")
+    k = cfg["kd.top_k"]
+    need(k is None or (k >= 1 and (vocab is None or k <= vocab)), "kd.top_k",
+         f"{k!r} must be in 1..vocab size ({vocab}) or null (full KD)")
+    sources = [key for key in ("kd.teacher_checkpoint", "kd.hf_teacher_dir") if cfg[key] is not None]
+    if cfg["kd.enabled"]:
+        need(cfg["kd.alpha"] + cfg["kd.beta"] + cfg["kd.gamma"] > 0, "kd.alpha", "kd.alpha, kd.beta and kd.gamma are all 0")
+        need(len(sources) == 1, "kd.teacher_checkpoint",
+             "kd.enabled is true: set exactly one of kd.teacher_checkpoint (a kd.enabled=false run's checkpoint) "
+             "and kd.hf_teacher_dir")
+        if cfg["kd.hf_teacher_dir"] is not None and not transformers_installed():
+            problems.append(("C3", "kd.hf_teacher_dir", "needs the transformers package, which is not installed; "
+                                                        "pip install transformers, or use kd.teacher_checkpoint"))
+    elif sources:
+        notes.append(("C3", sources[0], "is ignored: kd.enabled is false (this run trains the teacher.* network)"))
+    metrics = ("val/loss", "val/ppl") + (("val/agreement",) if cfg["kd.enabled"] else ())
+    need(cfg["train.best_metric"] in metrics, "train.best_metric",
+         f"{cfg['train.best_metric']!r} is not one of {', '.join(metrics)}")
+    if problems:
+        raise ConfigError(problems)
+    return cfg, notes
+
+
+def transformers_installed():
+    import importlib.util
+    return importlib.util.find_spec("transformers") is not None
+
+
+# ==== shared: schedule (identical in train_probe.py and train_distill.py) ====
+def optimizer_steps_per_epoch(num_samples, batch_size, grad_accum, world_size=1):
+    """S2/G1: the kit's accumulation rule, computed here and nowhere else.
+
+    One micro-batch is batch_size samples on each of world_size processes; an optimizer step takes
+    grad_accum micro-batches, and the last, possibly short, group still steps exactly once.
+    """
+    micro_batches = math.ceil(num_samples / (batch_size * world_size))
+    return math.ceil(micro_batches / grad_accum)
+
+
+def plan_schedule(cfg, num_samples, world_size=1):
+    """Derive every step count from the data (S2, S3, S7): never hand-typed, so never inconsistent."""
+    batch, accum = cfg["train.batch_size"], cfg["train.grad_accum"]
+    micro = math.ceil(num_samples / (batch * world_size))
+    per_epoch = optimizer_steps_per_epoch(num_samples, batch, accum, world_size)
+    if cfg["train.max_steps"] is not None:
+        total = cfg["train.max_steps"]
+        epochs = math.ceil(total / per_epoch)
+    else:
+        epochs = cfg["train.epochs"]
+        total = per_epoch * epochs
+    warmup = cfg["schedule.warmup"]
+    warmup_steps = round(warmup * total) if warmup < 1 else int(warmup)  # S3: always optimizer steps
+    plan = {"num_samples": num_samples, "world_size": world_size, "batch_size": batch, "grad_accum": accum,
+            "micro_batches_per_epoch": micro, "steps_per_epoch": per_epoch, "epochs": epochs,
+            "total_steps": total, "warmup_steps": warmup_steps}
+    problems = []
+    if cfg["schedule.total_steps"] is not None and cfg["schedule.total_steps"] != total:
+        ratio = cfg["schedule.total_steps"] / total
+        problems.append(("S2", "schedule.total_steps",
+                         f"is {cfg['schedule.total_steps']} but the run has {total} optimizer steps "
+                         f"({ratio:.3g}x; micro-batches per epoch {micro}, accumulation {accum}); set it to null"))
+    if total < 2:
+        problems.append(("C3", "train.max_steps", f"the run has {total} optimizer step(s); it needs at least 2"))
+    elif warmup_steps >= total:
+        problems.append(("S3", "schedule.warmup", f"{warmup_steps} warmup steps but the run has only {total} "
+                         "optimizer steps; warmup is counted in optimizer steps, not micro-batches"))
+    elif cfg["schedule.type"] == "onecycle" and warmup_steps < 2:
+        problems.append(("S3", "schedule.warmup", f"onecycle needs at least 2 warmup steps, got {warmup_steps}"))
+    if problems:
+        raise ConfigError(problems)
+    return plan
+
+
+def build_optimizer(cfg, param_groups):
+    if cfg["optim.name"] == "adamw":
+        return torch.optim.AdamW(param_groups, lr=cfg["optim.lr"], betas=tuple(cfg["optim.betas"]),
+                                 weight_decay=cfg["optim.weight_decay"])
+    return torch.optim.SGD(param_groups, lr=cfg["optim.lr"], momentum=cfg["optim.momentum"],
+                           weight_decay=cfg["optim.weight_decay"])
+
+
+def build_schedule(optimizer, cfg, plan):
+    """The LR schedule, built only from torch's own schedulers (S5, S6), indexed by optimizer step.
+
+    Step 1 uses lr / div_factor; with w >= 2 warmup steps step w uses the peak lr; the last step uses
+    the floor. The caller steps it once after every optimizer step and nowhere else (S1).
+    """
+    from torch.optim import lr_scheduler as sched
+    lr, kind = cfg["optim.lr"], cfg["schedule.type"]
+    total, warm = plan["total_steps"], plan["warmup_steps"]
+    if kind == "onecycle":
+        # S5: torch's floor is max_lr / (div_factor * final_div_factor); S4: momentum cycling is opt-in.
+        return sched.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=warm / total,
+                                anneal_strategy=cfg["schedule.anneal"], div_factor=cfg["schedule.div_factor"],
+                                final_div_factor=cfg["schedule.final_div_factor"],
+                                cycle_momentum=cfg["schedule.cycle_momentum"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SequentialLR's own construction-time deprecation notes
+        phases, milestones = [], []
+        start = warm - 1 if warm >= 2 else 0  # index of the first step at the peak
+        if warm >= 2:
+            phases.append(sched.LinearLR(optimizer, start_factor=1 / cfg["schedule.div_factor"],
+                                         end_factor=1.0, total_iters=start))
+            milestones.append(start)
+        span = total - 1 - start  # steps from the peak to the last step, which lands on the floor
+        floor = cfg["schedule.final_lr_ratio"]
+        if kind == "cosine":
+            phases.append(sched.CosineAnnealingLR(optimizer, T_max=span, eta_min=lr * floor))
+        elif kind == "linear":
+            phases.append(sched.LinearLR(optimizer, start_factor=1.0, end_factor=floor, total_iters=span))
+        elif kind == "wsd":
+            decay = max(1, min(span, round(cfg["schedule.decay"] * total)))
+            if span > decay:
+                phases.append(sched.ConstantLR(optimizer, factor=1.0, total_iters=0))
+                milestones.append(total - 1 - decay)
+            phases.append(sched.LinearLR(optimizer, start_factor=1.0, end_factor=floor, total_iters=decay))
+        elif kind == "constant":
+            phases.append(sched.ConstantLR(optimizer, factor=1.0, total_iters=0))
+        else:
+            raise ConfigError([("S6", "schedule.type", f"{kind!r} is not one of onecycle, cosine, linear, wsd, constant")])
+        if len(phases) == 1:
+            return phases[0]
+        return sched.SequentialLR(optimizer, phases, milestones=milestones)
+
+
+def schedule_landmarks(cfg, plan):
+    """What the configured schedule must produce: initial, peak, final LR and its designed flat steps."""
+    lr, kind, total, warm = cfg["optim.lr"], cfg["schedule.type"], plan["total_steps"], plan["warmup_steps"]
+    warms = kind == "onecycle" or warm >= 2
+    initial = lr / cfg["schedule.div_factor"] if warms else lr
+    if kind == "onecycle":
+        final = lr / (cfg["schedule.div_factor"] * cfg["schedule.final_div_factor"])  # S5
+    elif kind == "constant":
+        final = lr
+    else:
+        final = lr * cfg["schedule.final_lr_ratio"]
+    start = warm - 1 if warm >= 2 else 0
+    flat = range(0)
+    if kind == "constant":
+        flat = range(start, total)
+    elif kind == "wsd":
+        decay = max(1, min(total - 1 - start, round(cfg["schedule.decay"] * total)))
+        flat = range(start, total - decay)
+    return {"initial": initial, "peak": lr, "final": final, "peak_step": start + 1, "flat_steps": flat}
+
+
+def lr_curve(cfg, plan, resume_at=None):
+    """The LR each optimizer step 1..total will use, from the real torch scheduler on a dummy parameter.
+
+    With resume_at=k the optimizer and scheduler state_dicts are saved after step k and loaded into
+    fresh objects, as a resumed run does (R3), so the returned curve includes that round trip.
+    """
+    def fresh():
+        opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+        return opt, build_schedule(opt, cfg, plan)
+
+    optimizer, scheduler = fresh()
+    group = optimizer.param_groups[0]
+    curve = np.empty(plan["total_steps"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": no weights here
+        for i in range(plan["total_steps"]):
+            if resume_at is not None and i == resume_at:
+                saved = (optimizer.state_dict(), scheduler.state_dict())
+                optimizer, scheduler = fresh()
+                optimizer.load_state_dict(saved[0])
+                scheduler.load_state_dict(saved[1])
+                group = optimizer.param_groups[0]
+            curve[i] = group["lr"]
+            scheduler.step()
+    return curve
+
+
+def _close(a, b, rel=1e-6):
+    return abs(a - b) <= rel * max(abs(a), abs(b)) + 1e-15
+
+
+def check_lr_curve(curve, cfg, plan, longest_flat=2):
+    """S10/S5 sanity checks on a per-step LR curve: [(row id, message)], empty when it is sane."""
+    marks, failures = schedule_landmarks(cfg, plan), []
+    total = len(curve)
+    if not _close(curve[0], marks["initial"]):
+        failures.append(("S10", f"step 1 LR is {curve[0]:.6g}, the configured initial LR is {marks['initial']:.6g}"))
+    if plan["warmup_steps"] >= 2 or cfg["schedule.type"] == "onecycle":
+        ramp = curve[:marks["peak_step"]]
+        if not (np.all(np.diff(ramp) >= 0) and ramp[-1] > ramp[0]):
+            failures.append(("S10", f"the LR does not rise through warmup (steps 1-{marks['peak_step']})"))
+    if not _close(float(curve.max()), marks["peak"]):
+        failures.append(("S10", f"the peak LR is {curve.max():.6g}, optim.lr is {marks['peak']:.6g}"))
+    if not _close(curve[-1], marks["final"]):
+        failures.append(("S10", f"the last step's LR is {curve[-1]:.6g}, the schedule's floor is {marks['final']:.6g}"))
+    zero = np.flatnonzero(curve[:-1] <= 0)
+    if zero.size:
+        failures.append(("S10", f"the LR is 0 from step {zero[0] + 1} of {total}: training stops learning there"))
+    moving = np.ones(total, bool)
+    moving[list(marks["flat_steps"])] = False
+    same = np.r_[False, curve[1:] == curve[:-1]] & moving
+    run = best = best_end = 0
+    for i, s in enumerate(same):
+        run = run + 1 if s else 0
+        if run > best:
+            best, best_end = run, i
+    if best >= longest_flat:
+        failures.append(("S10", f"the LR stays at {curve[best_end]:.6g} for steps {best_end - best + 1}-{best_end + 1} "
+                                "where the schedule should move"))
+    for name, actual in (("initial", curve[0]), ("peak", float(curve.max())), ("final", curve[-1])):
+        want = cfg[f"expect.{name}_lr"]
+        if want is not None and not _close(want, actual, rel=1e-3):
+            failures.append(("S5", f"expect.{name}_lr is {want:.6g} but torch's {cfg['schedule.type']} schedule "
+                                   f"gives {actual:.6g}"))
+    return failures
+# ==== end shared: schedule ====
+
+
+# ==== shared: devices, data order, precision (identical in train_probe.py and train_distill.py) ====
+def setup_distributed(cfg):
+    """One process, or one of torchrun's (it sets WORLD_SIZE/RANK/LOCAL_RANK): NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg["train.device"] == "cuda" or (cfg["train.device"] == "auto" and torch.cuda.is_available())
+    if world > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    return {"rank": rank, "world": world, "device": device, "main": rank == 0}
+
+
+def epoch_order(num_samples, batch_size, grad_accum, world_size, seed, epoch):
+    """One epoch as optimizer steps -> global micro-batches of sample indices (R5, G1, S2).
+
+    The permutation depends only on (seed, epoch), so the data position is just the step number and
+    resume needs no sampler state. A global micro-batch holds batch_size * world_size samples: N
+    processes with batch b see, step for step, the samples one process with batch N*b sees.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    size = batch_size * world_size
+    micro = [order[i:i + size] for i in range(0, num_samples, size)]
+    steps = [micro[i:i + grad_accum] for i in range(0, len(micro), grad_accum)]
+    assert len(steps) == optimizer_steps_per_epoch(num_samples, batch_size, grad_accum, world_size)  # S2
+    return steps
+
+
+def rank_share(indices, rank, world):
+    """This process's part of a global micro-batch (contiguous; a short last batch splits evenly)."""
+    return np.array_split(indices, world)[rank]
+
+
+def autocast(device, precision):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def make_grad_scaler(device, precision):
+    """fp16 only; GradScaler backs off on inf by itself, so no hand-set init_scale or _scale writes (G5)."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def to_device(tensor, device):
+    """Pinned host memory + non_blocking: the copy overlaps compute on GPUs (G7); a no-op on CPU."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def all_gather_list(items, world):
+    """Concatenate per-process Python lists in rank order (eval predictions from every process)."""
+    if world == 1:
+        return list(items)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, list(items))
+    return [x for part in gathered for x in part]
+# ==== end shared: devices, data order, precision ====
+
+
+# -----------------------------------------------------------------------------
+# Data: window i of a token stream is tokens[i*L : i*L + L + 1] (inputs = the first L, targets = the
+# last L), so every token is a target exactly once and a sample is just a window index: the shared
+# epoch_order() permutation over windows makes sampling deterministic and resumable (R5).
+IGNORE = -100  # F.cross_entropy's ignore_index: padding targets count in no loss and no token count (G2, E3)
+BUILTIN_PAD = 0  # NUL never occurs in Python source text, so byte 0 is free to mark padding
+BUILTIN_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def vocab_size(cfg):
+    return cfg["data.vocab_size"] if cfg["data.train_bin"] else 256
+
+
+def stdlib_sources():
+    """The standard library's own .py files (its test suite and third-party packages left out), as
+    '/'-separated paths relative to its root, so the choice is the same on every OS."""
+    root = sysconfig.get_paths()["stdlib"]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in BUILTIN_SKIP)
+        rel = os.path.relpath(dirpath, root)
+        found += [os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/") for f in filenames if f.endswith(".py")]
+    return root, sorted(found)
+
+
+@functools.lru_cache(maxsize=8)
+def builtin_corpus(split, seq_len, max_bytes):
+    """Byte-level text of the standard library's sources: vocab 256, nothing to download.
+
+    A file goes to val when crc32(path) % 10 == 0 (a split that does not move when files come or go);
+    files are taken in crc32 order (a mix of modules) until max_bytes. Each file is padded with byte 0
+    to whole windows with at least one pad, so a window never mixes two files and a file's last window
+    has fewer real targets: the uneven token counts that token-weighted accumulation must handle (G2).
+    Deterministic for a given Python version (its stdlib is the corpus); the run log prints a digest.
+    """
+    root, files = stdlib_sources()
+    chosen = sorted((zlib.crc32(rel.encode()), rel) for rel in files
+                    if (zlib.crc32(rel.encode()) % 10 == 0) == (split == "val"))
+    parts, size = [], 0
+    for _, rel in chosen:
+        with open(os.path.join(root, rel), "rb") as f:
+            text = f.read()
+        if not text or bytes([BUILTIN_PAD]) in text:
+            continue
+        text = text[:-1] if len(text) % seq_len == 0 else text  # room for one pad: a file's last target never reads the next file
+        padded = len(text) + (-len(text)) % seq_len
+        if parts and size + padded > max_bytes:
+            break
+        parts += [np.frombuffer(text, np.uint8), np.full(padded - len(text), BUILTIN_PAD, np.uint8)]
+        size += padded
+    tokens = np.concatenate(parts + [np.full(1, BUILTIN_PAD, np.uint8)])  # the last window's "+1" token
+    tokens.flags.writeable = False
+    return tokens
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Windows of a token file (memory-mapped: multi-GB files never load into RAM) or of the built-in
+    corpus. Indexed by an array of window indices, so one fetch returns one micro-batch (x, y) [n, L]
+    of int64, targets that are padding set to IGNORE."""
+
+    def __init__(self, cfg, split):
+        self.seq_len, self.vocab = cfg["data.seq_len"], vocab_size(cfg)
+        self.path = cfg[f"data.{split}_bin"]
+        self.dtype = np.dtype(cfg["data.dtype"])
+        if self.path:
+            self.pad = cfg["data.pad_token"]
+            num_tokens = os.path.getsize(self.path) // self.dtype.itemsize
+            self.tokens = None  # opened lazily: each DataLoader worker maps the file itself
+            head = np.memmap(self.path, dtype=self.dtype, mode="r")[:1 << 20]
+            if head.size and int(head.max()) >= self.vocab:
+                raise ConfigError([("C3", f"data.{split}_bin", f"{self.path} holds token id {int(head.max())} >= "
+                                    f"data.vocab_size {self.vocab}; fix data.vocab_size or data.dtype")])
+            self.source = f"{self.path} ({num_tokens} {self.dtype.name} tokens)"
+        else:
+            self.pad = BUILTIN_PAD
+            self.tokens = builtin_corpus(split, self.seq_len, cfg[f"data.builtin.{split}_bytes"])
+            num_tokens = len(self.tokens)
+            digest = hashlib.sha256(self.tokens.tobytes()).hexdigest()[:12]
+            self.source = f"built-in corpus: Python {sys.version.split()[0]} stdlib sources, {num_tokens} bytes, sha256 {digest}"
+        self.num_windows = (num_tokens - 1) // self.seq_len
+        if cfg["data.limit"] is not None:
+            self.num_windows = min(self.num_windows, cfg["data.limit"])
+        self.offsets = np.arange(self.seq_len + 1)
+
+    def __getstate__(self):  # a worker started by spawn maps the file itself, it is never pickled whole
+        state = dict(self.__dict__)
+        if self.path:
+            state["tokens"] = None
+        return state
+
+    def stream(self):
+        if self.tokens is None:
+            self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        return self.tokens
+
+    def __len__(self):
+        return self.num_windows
+
+    def windows(self, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        return np.asarray(self.stream()[indices[:, None] * self.seq_len + self.offsets], dtype=np.int64)
+
+    def real_targets(self, w):
+        """True where window w's target is a real token: not padding, and not read right after padding."""
+        if self.pad is None:
+            return np.ones((len(w), self.seq_len), bool)
+        return (w[:, 1:] != self.pad) & (w[:, :-1] != self.pad)
+
+    def count(self, indices):
+        """G2: real target tokens in these windows, from the data on the host: every process computes
+        the global count of a step itself, without communication."""
+        if self.pad is None:
+            return len(indices) * self.seq_len
+        return int(self.real_targets(self.windows(indices)).sum())
+
+    def __getitem__(self, indices):
+        w = self.windows(indices)
+        y = np.where(self.real_targets(w), w[:, 1:], IGNORE)
+        return torch.from_numpy(w[:, :-1].copy()), torch.from_numpy(y)
+
+
+def check_token_ids(x, y, vocab, name):
+    """A token id past the vocabulary anywhere in the file stops the run with one line (C3), not an
+    index error from deep inside the embedding. Host tensors: no device sync."""
+    top = max(int(x.max()), int(y.max())) if x.numel() else -1
+    if top >= vocab:
+        raise ConfigError([("C3", name, f"token id {top} >= data.vocab_size {vocab}; fix data.vocab_size or data.dtype")])
+
+
+def train_set_size(cfg):
+    """Training windows, cheaply: the token file's size, or the built-in corpus (built once, cached)."""
+    if cfg["data.train_bin"]:
+        n = (os.path.getsize(cfg["data.train_bin"]) // np.dtype(cfg["data.dtype"]).itemsize - 1) // cfg["data.seq_len"]
+    else:
+        n = (len(builtin_corpus("train", cfg["data.seq_len"], cfg["data.builtin.train_bytes"])) - 1) // cfg["data.seq_len"]
+    return n if cfg["data.limit"] is None else min(n, cfg["data.limit"])
+
+
+def eval_windows(cfg, num_windows):
+    """The val windows every eval scores: evenly spaced over the split, the same ones each time."""
+    want = cfg["data.val_windows"]
+    if want is None or want >= num_windows:
+        return np.arange(num_windows)
+    return np.unique(np.linspace(0, num_windows - 1, want).round().astype(np.int64))
+
+
+# -----------------------------------------------------------------------------
+# Models: a GPT-style causal transformer (pre-norm blocks, tied embeddings). No dropout and only
+# per-token normalisation, so an update does not depend on how a step is cut into micro-batches (G2).
+class Block(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.qkv(self.ln1(x)).split(c, 2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """idx [B, T] -> (logits [B, T, vocab], last hidden state [B, T, width])."""
+
+    def __init__(self, vocab, block_size, n_layer, n_head, n_embd):
+        super().__init__()
+        self.width = n_embd
+        self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        for name, p in self.named_parameters():  # GPT-2's init: residual outputs scaled by depth
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("out.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        hidden = self.ln_f(x)
+        return F.linear(hidden, self.wte.weight), hidden  # tied input/output embedding
+
+
+class Trainable(nn.Module):
+    """What the optimizer trains and the checkpoint's "model" holds: the language model and, with KD
+    on, the learned projection of its hidden states to the teacher's width (kd.gamma's term)."""
+
+    def __init__(self, lm, teacher_width=None):
+        super().__init__()
+        self.lm = lm
+        self.proj = nn.Linear(lm.width, teacher_width) if teacher_width else None
+
+    def forward(self, idx, project=False):
+        logits, hidden = self.lm(idx)
+        return logits, (self.proj(hidden) if project else None)
+
+
+def trained_arch(cfg):
+    """The network a config trains: the teacher-to-be when kd.enabled is false, else the student."""
+    role = "student" if cfg.get("kd.enabled") else "teacher"
+    return {dim: cfg[f"{role}.{dim}"] for dim in ("n_layer", "n_head", "n_embd")}
+
+
+def build_trainable(cfg, teacher):
+    torch.manual_seed(cfg["seed"])  # the LM first: runs that differ only in loss weights start identical
+    lm = GPT(vocab_size(cfg), cfg["data.seq_len"], **trained_arch(cfg))
+    return Trainable(lm, teacher.width if teacher is not None else None)
+
+
+def load_teacher_checkpoint(cfg):
+    """A checkpoint of this script (kd.enabled false, or a student used as the next teacher): its saved
+    config says which network it holds; it must be the one teacher.* describes."""
+    path, key = cfg["kd.teacher_checkpoint"], "kd.teacher_checkpoint"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # whatever the unpickler meets in a torn or foreign file
+        raise ConfigError([("C3", key, f"{path} does not load ({type(err).__name__}); give a train_distill.py checkpoint")]) from None
+    if not isinstance(ckpt, dict) or ckpt.get("task") != TASK or not isinstance(ckpt.get("config"), dict):
+        raise ConfigError([("C3", key, f"{path} is not a train_distill.py checkpoint; make the teacher with "
+                            "kd.enabled=false and point here at its checkpoints/best.pt")])
+    saved = ckpt["config"]
+    arch, want = trained_arch(saved), {dim: cfg[f"teacher.{dim}"] for dim in ("n_layer", "n_head", "n_embd")}
+    if arch != want:
+        raise ConfigError([("C3", "teacher.n_layer", f"{path} holds a network with " + ", ".join(f"{k} {v}" for k, v in arch.items())
+                            + "; set teacher.n_layer/n_head/n_embd to those values")])
+    if vocab_size(saved) != vocab_size(cfg):
+        raise ConfigError([("C3", key, f"{path} has a vocabulary of {vocab_size(saved)}, this run's data has "
+                            f"{vocab_size(cfg)}; teacher and student must share one tokenizer")])
+    if saved["data.seq_len"] < cfg["data.seq_len"]:
+        raise ConfigError([("C3", "data.seq_len", f"{cfg['data.seq_len']} is longer than the teacher's windows "
+                            f"({saved['data.seq_len']} in {path}); lower data.seq_len")])
+    lm = GPT(vocab_size(saved), saved["data.seq_len"], **arch)
+    lm.load_state_dict({k[len("lm."):]: v for k, v in ckpt["model"].items() if k.startswith("lm.")})
+    return lm
+
+
+class HFTeacher(nn.Module):
+    """A local Hugging Face causal LM behind the built-in model's interface: idx -> (logits, last hidden)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.width = model, model.config.hidden_size
+
+    def forward(self, idx):
+        out = self.model(input_ids=idx, output_hidden_states=True)
+        return out.logits, out.hidden_states[-1]
+
+
+def load_hf_teacher(cfg):
+    import transformers
+    path = cfg["kd.hf_teacher_dir"]
+    try:  # local_files_only: a run never downloads weights
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).float()  # fp32 weights; autocast lowers the compute
+    except Exception as err:
+        raise ConfigError([("C3", "kd.hf_teacher_dir", f"{path} does not load as a causal LM ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200]})")]) from None
+    vocab = model.get_output_embeddings().out_features
+    if vocab != vocab_size(cfg):
+        raise ConfigError([("C3", "data.vocab_size", f"{vocab_size(cfg)}, but the teacher in {path} predicts {vocab} "
+                            "tokens; tokenize the .bin files with its tokenizer and set data.vocab_size to its size")])
+    return HFTeacher(model)
+
+
+def build_teacher(cfg, device):
+    """Load and freeze: eval mode, no grad, never in the optimizer, checked unchanged after training."""
+    teacher = load_hf_teacher(cfg) if cfg["kd.hf_teacher_dir"] else load_teacher_checkpoint(cfg)
+    teacher.requires_grad_(False)
+    return teacher.eval().to(device)
+
+
+def param_groups(module):
+    """Weight decay on matrices and embeddings; none on biases and LayerNorm gains."""
+    params = list(module.parameters())
+    return [{"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+# -----------------------------------------------------------------------------
+# Losses, each summed over real target tokens (the shared loop divides by the step's token count, G2)
+# and computed in fp32 whatever the autocast dtype (G6): CPU autocast even runs log_softmax in fp16.
+def token_cross_entropy(logits, targets):
+    """Summed CE over the real targets (IGNORE excluded)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def kd_kl(student_logits, teacher_logits, temperature, top_k=None):
+    """KL(teacher_T || student_T) per row of [N, V] logits, in fp32 (G6).
+
+    top_k: the teacher's k most likely tokens are compared one by one and the rest of the vocabulary
+    is one more outcome, "any other token", whose probability is each model's remaining mass
+    (computed exactly, by logsumexp over the excluded logits, not as 1 - sum). That is the KL of the
+    two distributions coarsened to k + 1 outcomes: a biased estimate of full KD (never above it, by
+    the data-processing inequality, and blind to how the student spreads its tail mass), equal to it
+    at k = vocab, where the bucket is empty and left out.
+    """
+    with torch.autocast(student_logits.device.type, enabled=False):
+        log_q = F.log_softmax(student_logits.float() / temperature, -1)
+        log_p = F.log_softmax(teacher_logits.float() / temperature, -1)
+        if top_k is None:
+            return xlogy_ratio(log_p, log_q).sum(-1)
+        k = min(top_k, log_p.shape[-1])
+        log_p_top, index = log_p.topk(k, dim=-1)
+        kl = xlogy_ratio(log_p_top, log_q.gather(-1, index)).sum(-1)
+        if k < log_p.shape[-1]:
+            rest_p = log_p.scatter(-1, index, float("-inf")).logsumexp(-1)
+            rest_q = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
+            kl = kl + xlogy_ratio(rest_p, rest_q)
+        return kl
+
+
+def xlogy_ratio(log_p, log_q):
+    """p * (log p - log q) with 0 where p = 0 (a teacher logit of -inf), not nan."""
+    return torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), torch.zeros_like(log_p))
+
+
+def hidden_loss(student_projected, teacher_hidden):
+    """Per-position mean squared difference of the layer-normalised hidden states, in fp32. The
+    normalisation makes the term scale-free, O(1) whatever the teacher's activation scale (E2: the
+    reference run's feature loss was 40x its KD loss)."""
+    with torch.autocast(student_projected.device.type, enabled=False):
+        s, t = student_projected.float(), teacher_hidden.float()
+        return (F.layer_norm(s, s.shape[-1:]) - F.layer_norm(t, t.shape[-1:])).pow(2).mean(-1)
+
+
+# ==== shared: run dir, checkpoints, resume, loop (identical in train_probe.py and train_distill.py) ====
+KILL_AT = os.environ.get("KIT_FAULT_KILL_AT")  # tests only: "STEP:MICRO" SIGKILLs before that micro-batch
+
+
+class TrainingAborted(Exception):
+    """The loop stopped itself on purpose (G4, S9): the message says why, the state is saved."""
+
+
+def open_run(run_dir, cfg, dist_info):
+    """runs/<run_name>/: config.yaml, metrics.jsonl, train.log, checkpoints/. Logs append, never truncate."""
+    run = {"cfg": cfg, "dist": dist_info, "quiet": False, "run_dir": run_dir, "ckpt_dir": os.path.join(run_dir, "checkpoints"),
+           "stop_signal": None, "stop_after": None, "bar": None,
+           "state": {"global_step": 0, "skipped_steps": 0, "bad_streak": 0, "best_value": None, "best_step": None,
+                     "evals_since_best": 0, "last_eval": None, "finished": False}}
+    if dist_info["main"]:
+        os.makedirs(run["ckpt_dir"], exist_ok=True)
+        run["log_file"] = open(os.path.join(run_dir, "train.log"), "a")
+        run["metrics_file"] = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    return run
+
+
+def log(run, message):
+    if not run["dist"]["main"]:
+        return
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+    if run["bar"] is not None:
+        run["bar"].write(line)
+    elif not run["quiet"]:
+        print(line, flush=True)
+    run["log_file"].write(line + "\n")
+    run["log_file"].flush()
+
+
+def write_metrics(run, record):
+    """One JSON object per line; non-finite numbers become null and are named in "nonfinite" (strict JSON)."""
+    if not run["dist"]["main"]:
+        return
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    clean = {k: (None if k in bad else v) for k, v in record.items()}
+    if bad:
+        clean["nonfinite"] = bad
+    run["metrics_file"].write(json.dumps(clean) + "\n")
+    run["metrics_file"].flush()
+
+
+def write_resolved_config(run):
+    if run["dist"]["main"]:
+        atomic_write_text(os.path.join(run["run_dir"], "config.yaml"),
+                          yaml.safe_dump(unflatten(run["cfg"]), sort_keys=False))
+
+
+def atomic_write_text(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    """R4/R7: torch CPU, every CUDA device, numpy and python RNG, as tensors and plain types."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": gauss_next}}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+
+
+def seed_everything(seed, rank):
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def schedule_signature(cfg, plan):
+    """S7: everything that shapes the LR curve; frozen in the checkpoint, compared on resume."""
+    keys = ["optim.lr", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum"]
+    keys += [k for k in cfg if k.startswith("schedule.")]
+    sig = {k: cfg[k] for k in keys}
+    sig.update({"total_steps": plan["total_steps"], "num_samples": plan["num_samples"]})
+    return sig
+
+
+def atomic_save(obj, path):
+    """R6: temp file, fsync, rename. The previous file is kept as *.prev.pt; a kill or a full disk
+    during the write leaves the old checkpoint whole."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            prev = path[:-3] + ".prev.pt"
+            os.link(path, prev + ".tmp")
+            os.replace(prev + ".tmp", prev)
+        os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(run, name):
+    """Everything the loop needs to continue exactly; loadable with weights_only=True (R7).
+    A collective under DDP (every process's RNG state is gathered); process 0 writes."""
+    d, st = run["dist"], run["state"]
+    rngs = all_gather_list([rng_state()], d["world"])
+    if not d["main"]:
+        return
+    per_epoch = run["plan"]["steps_per_epoch"]
+    ckpt = {"format": 1, "task": run["cfg"]["task"], "model": run["module"].state_dict(),
+            "optimizer": run["optimizer"].state_dict(), "scheduler": run["scheduler"].state_dict(),
+            "scaler": run["scaler"].state_dict() if run["scaler"] else None, "rng": rngs,
+            "data_position": {"epoch": st["global_step"] // per_epoch, "step_in_epoch": st["global_step"] % per_epoch,
+                              "seed": run["cfg"]["seed"]},
+            "world_size": d["world"], "config": dict(run["cfg"]), "schedule": schedule_signature(run["cfg"], run["plan"]),
+            "torch_version": str(torch.__version__), **st}
+    atomic_save(ckpt, os.path.join(run["ckpt_dir"], name))
+
+
+def load_latest_checkpoint(run, path):
+    """R6: a torn or unreadable last.pt falls back to last.prev.pt, with a message."""
+    candidates = [path] + ([path[:-3] + ".prev.pt"] if path.endswith("last.pt") else [])
+    for candidate in candidates:
+        if not os.path.exists(candidate):
+            continue
+        try:
+            return torch.load(candidate, map_location="cpu", weights_only=True), candidate  # R7
+        except Exception as err:  # a torn file raises whatever the unpickler meets
+            log(run, f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
+    return None, None
+
+
+def resume(run, mode):
+    """R1/R2/R3: the one place the loop position comes from a checkpoint; nothing later reassigns it."""
+    cfg, plan = run["cfg"], run["plan"]
+    run["expected_lr"] = lr_curve(cfg, plan)  # S9: the curve the optimizer's LR must follow, step by step
+    last = os.path.join(run["ckpt_dir"], "last.pt")
+    if mode == "none":
+        if os.path.exists(last) or os.path.exists(last[:-3] + ".prev.pt"):
+            raise ConfigError([("R1", "--resume", f"none, but {run['run_dir']} already holds checkpoints; use "
+                                "--resume auto to continue, or another --run_dir to start afresh (nothing was touched)")])
+        return False
+    path = last if mode == "auto" else mode
+    if mode != "auto" and not os.path.exists(path):
+        raise ConfigError([("C3", "--resume", f"checkpoint {path} not found")])
+    ckpt, source = load_latest_checkpoint(run, path)
+    # R1 under DDP: every process must continue from the same step, or the collectives pair up different steps
+    # (a node that cannot see the run dir would silently start from step 0).
+    seen = all_gather_list([ckpt["global_step"] if ckpt else None], run["dist"]["world"])
+    if len(set(seen)) > 1:
+        raise ConfigError([("R1", "--run_dir", f"the processes found different checkpoints in {run['run_dir']} "
+                            f"(global step by rank: {seen}); every node must see the same run dir (shared filesystem)")])
+    if ckpt is None:
+        if mode != "auto" or os.path.exists(last):
+            raise ConfigError([("R6", "--resume", f"no readable checkpoint at {path} or its .prev.pt")])
+        return False
+    if ckpt.get("task") != cfg["task"]:
+        raise ConfigError([("R1", "--resume", f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
+    if ckpt["world_size"] != run["dist"]["world"]:
+        raise ConfigError([("S7", "--resume", f"{source} was written by {ckpt['world_size']} process(es), this run has "
+                            f"{run['dist']['world']}; the data order and schedule depend on it, relaunch with "
+                            f"{ckpt['world_size']} process(es) or start a new --run_dir")])
+    new_sig = schedule_signature(cfg, plan)
+    changed = {k: (ckpt["schedule"].get(k), v) for k, v in new_sig.items() if ckpt["schedule"].get(k) != v}
+    if changed and not cfg["train.allow_schedule_change"]:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        raise ConfigError([("S7", "train.allow_schedule_change", f"the schedule changed since {source}: {what}; "
+                            "restore those values, or set train.allow_schedule_change=true to continue on the new curve")])
+    run["module"].load_state_dict(ckpt["model"])
+    run["optimizer"].load_state_dict(ckpt["optimizer"])
+    if changed:  # S7, explicitly allowed: the new curve, advanced by real steps to the saved position (not last_epoch, R3)
+        log(run, f"WARNING S7: schedule changed ({', '.join(changed)}); the LR follows the new curve from step {ckpt['global_step']}")
+        run["scheduler"] = build_schedule(run["optimizer"], cfg, plan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(ckpt["global_step"]):
+                run["scheduler"].step()
+    else:
+        run["scheduler"].load_state_dict(ckpt["scheduler"])  # R3: state_dict round trip
+    if run["scaler"] and ckpt["scaler"]:
+        run["scaler"].load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"][run["dist"]["rank"]])  # R4
+    for key in run["state"]:
+        run["state"][key] = ckpt[key]  # R2: global_step; R5: the data position follows from it
+    log(run, f"resumed from {source} at optimizer step {ckpt['global_step']} "
+             f"(epoch {ckpt['data_position']['epoch'] + 1}, step {ckpt['data_position']['step_in_epoch']} of it)")
+    write_metrics(run, {"event": "resume", "step": ckpt["global_step"], "from": source})
+    return True
+
+
+def install_stop_handlers(run):
+    """R8: SIGTERM/SIGINT/SIGUSR1 (preemption notice) finish the current step, save, then exit."""
+    def request_stop(signum, _frame):
+        if run["stop_signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        run["stop_signal"] = signum
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
+
+
+def optimizer_step(run, task, micro_batches, count):
+    """Micro-batches -> gradients -> one optimizer step -> one scheduler step. Returns host floats."""
+    cfg, d, st = run["cfg"], run["dist"], run["state"]
+    model, optimizer, scheduler, scaler = run["model"], run["optimizer"], run["scheduler"], run["scaler"]
+    step = st["global_step"] + 1
+    model.train()  # the trainable module only; a frozen backbone/teacher stays in eval mode
+    loss_total = torch.zeros((), device=d["device"])
+    parts = {}
+    for i, batch in enumerate(micro_batches):
+        if KILL_AT == f"{step}:{i}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or d["world"] == 1 else model.no_sync():  # DDP all-reduces once per step
+            with autocast(d["device"], cfg["train.precision"]):
+                loss_sum, components = task["loss"](model, batch)
+            # G2: a micro-batch weighs by its share of the step's targets (a short last group included);
+            # the x world undoes DDP's mean over processes, so the step equals one big batch.
+            loss = loss_sum.float() * (d["world"] / count)
+            (scaler.scale(loss) if scaler else loss).backward()
+        loss_total += loss.detach() / d["world"]
+        for name, value in components.items():
+            parts[name] = parts.get(name, 0.0) + value.detach().float() / count
+    if scaler:
+        scaler.unscale_(optimizer)  # G5: unscale before clipping, public API only
+    grad_norm = torch.nn.utils.clip_grad_norm_(run["params"], cfg["train.clip_grad_norm"] or float("inf"))  # G3
+    stats = torch.stack([loss_total, *parts.values(), torch.tensor(float(run["stop_signal"] is not None), device=d["device"])])
+    if d["world"] > 1:
+        dist.all_reduce(stats)  # the global loss; a stop request on any process stops all of them
+    values = torch.cat([stats, grad_norm.detach().float().reshape(1).to(stats.device)]).tolist()  # G7: one sync per step
+    loss, grad_norm, stop = values[0], values[-1], values[-2] > 0
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    lrs = [group["lr"] for group in optimizer.param_groups]  # S8: the LR this step uses, from the optimizer
+    expected = run["expected_lr"][step - 1]
+    if any(lr != expected for lr in lrs):  # S9: the scheduler is the only owner of the LR
+        raise TrainingAborted(f"S9: at step {step} the optimizer's LR is {lrs[0]:.6g} but the configured schedule "
+                              f"gives {expected:.6g}; something else writes the LR (a plateau rule, a manual "
+                              "write): remove it, the scheduler must be its only owner")
+    if scaler:
+        scaler.step(optimizer)  # skips the update by itself on inf/nan; always after a backward (G1)
+        scaler.update()
+    elif finite:
+        optimizer.step()  # G4: a non-finite loss or gradient never reaches the weights
+    optimizer.zero_grad(set_to_none=True)
+    # S1: the schedule advances once per optimizer step, skipped steps (G4, fp16 overflow) included:
+    # the LR stays a function of the data position, global_step == the scheduler's step count, and
+    # the dry-run curve is exactly the one training uses. Skips are counted and logged instead.
+    scheduler.step()
+    st["global_step"] = step
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop,
+            "parts": dict(zip(parts, values[1:1 + len(parts)]))}
+
+
+def after_eval(run, metrics):
+    """Record an eval, warn on frozen metrics (E1), keep best.pt, count patience."""
+    cfg, st = run["cfg"], run["state"]
+    step = st["global_step"]
+    write_metrics(run, {"step": step, **metrics})
+    log(run, f"eval step {step}: " + " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
+    if st["last_eval"] is not None and st["last_eval"] == metrics:
+        log(run, f"WARNING E1: eval at step {step} is identical to the previous one ({metrics}); "
+                 "the model has stopped changing (LR 0? frozen weights?)")
+    st["last_eval"] = dict(metrics)
+    name = cfg["train.best_metric"]
+    value = metrics[name]
+    lower = name.endswith("loss") or name.endswith("ppl")
+    best = st["best_value"]
+    if math.isfinite(value) and (best is None or (value < best if lower else value > best)):
+        st["best_value"], st["best_step"], st["evals_since_best"] = value, step, 0
+        save_checkpoint(run, "best.pt")
+    else:
+        st["evals_since_best"] += 1
+    patience = cfg["train.patience"]
+    return patience is not None and st["evals_since_best"] >= patience
+
+
+def fit(run, task):
+    """The loop, in the order it runs: batches -> optimizer step -> log -> eval -> save -> stop?"""
+    cfg, plan, d, st = run["cfg"], run["plan"], run["dist"], run["state"]
+    total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
+    eval_every = cfg["train.eval_every"] or per_epoch  # E4: checked against the run length by the tools
+    save_every = cfg["train.save_every_steps"] or per_epoch
+    unit = task["count_name"]
+    if d["main"] and sys.stderr.isatty():
+        from tqdm import tqdm
+        run["bar"] = tqdm(total=total, initial=st["global_step"], unit="step", dynamic_ncols=True)
+    window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
+    outcome = "finished"
+    while st["global_step"] < total and outcome == "finished":
+        epoch, first = divmod(st["global_step"], per_epoch)
+        steps = epoch_order(plan["num_samples"], plan["batch_size"], plan["grad_accum"], d["world"], cfg["seed"], epoch)
+        steps = steps[first:first + total - st["global_step"]]  # R5: continue at the next unseen step
+        local = [[rank_share(m, d["rank"], d["world"]) for m in step] for step in steps]
+        batches = task["batches"]([m for step in local for m in step])
+        for step_indices, step_local in zip(steps, local):
+            count = sum(task["count"](m) for m in step_indices)  # G2: targets in the whole global step
+            out = optimizer_step(run, task, [next(batches) for _ in step_local], count)
+            step = st["global_step"]
+            window["samples"] += sum(len(m) for m in step_indices)
+            window["targets"] += count
+            st["bad_streak"] = 0 if out["finite"] else st["bad_streak"] + 1
+            st["skipped_steps"] += not out["finite"]
+            if run["bar"] is not None:
+                run["bar"].update(1)
+            if step % cfg["train.log_every"] == 0 or step == 1 or not out["finite"] or step == total:
+                elapsed = max(time.perf_counter() - window["time"], 1e-9)
+                record = {"step": step, "epoch": epoch + 1, "lr": out["lr"], "loss": out["loss"],
+                          "grad_norm": out["grad_norm"], "samples_per_s": window["samples"] / elapsed,
+                          f"{unit}_per_s": window["targets"] / elapsed, "skipped_steps": st["skipped_steps"]}
+                record.update({f"loss/{k}": v for k, v in out["parts"].items()})
+                if run["scaler"]:
+                    record["scale"] = run["scaler"].get_scale()
+                write_metrics(run, record)
+                window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
+                if run["bar"] is not None:
+                    run["bar"].set_postfix(loss=f"{out['loss']:.4g}", lr=f"{out['lr']:.3g}")
+                else:
+                    log(run, f"step {step}/{total} epoch {epoch + 1} lr {out['lr']:.4g} loss {out['loss']:.5g} "
+                             f"grad_norm {out['grad_norm']:.3g} {record[f'{unit}_per_s']:.1f} {unit}/s")
+                total_parts = sum(abs(v) for v in out["parts"].values())
+                for k, v in out["parts"].items():
+                    if len(out["parts"]) > 1 and total_parts > 0 and abs(v) / total_parts > cfg["train.max_loss_share"]:
+                        log(run, f"WARNING E2: at step {step} loss/{k} is {abs(v) / total_parts:.0%} of the loss "
+                                 f"(over train.max_loss_share {cfg['train.max_loss_share']:.0%}); rebalance the weights")
+            if not out["finite"]:
+                log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "
+                         f"({st['bad_streak']} in a row, {st['skipped_steps']} in all)")
+            elif out["grad_norm"] > cfg["train.grad_norm_warn"]:
+                log(run, f"WARNING G3: step {step} gradient norm {out['grad_norm']:.4g} > {cfg['train.grad_norm_warn']:g}")
+            if st["bad_streak"] >= cfg["train.max_bad_steps"]:
+                save_checkpoint(run, "last.pt")
+                raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state saved "
+                                      f"in {run['ckpt_dir']}/last.pt. Check the data and lower optim.lr")
+            if step % eval_every == 0 or step == total:
+                if after_eval(run, task["evaluate"](run)):
+                    log(run, f"early stop at step {step}: no better {cfg['train.best_metric']} for "
+                             f"{cfg['train.patience']} evals (best {st['best_value']:.5g} at step {st['best_step']})")
+                    outcome = "early_stopped"
+            if outcome == "early_stopped" or step == total:
+                st["finished"] = True
+                save_checkpoint(run, "last.pt")
+                break
+            if out["stop"] or step == run["stop_after"]:
+                save_checkpoint(run, "last.pt")
+                outcome = "stopped"
+                break
+            if step % save_every == 0:
+                save_checkpoint(run, "last.pt")
+    if run["bar"] is not None:
+        run["bar"].close()
+        run["bar"] = None
+    write_metrics(run, {"event": outcome, "step": st["global_step"]})
+    return outcome
+# ==== end shared: run dir, checkpoints, resume, loop ====
+
+
+# -----------------------------------------------------------------------------
+# Eval: token-weighted over a fixed set of val windows, from sums and counts (E3).
+def perplexity(mean_ce):
+    """E3: exp of the mean token CE; inf past float range (not an OverflowError, not a clamped value)."""
+    if math.isnan(mean_ce):
+        return float("nan")
+    return math.exp(mean_ce) if mean_ce < 709.0 else float("inf")
+
+
+def evaluate(run):
+    """val/loss = summed token CE / real target tokens over the eval windows, val/ppl = exp(val/loss),
+    val/agreement = share of those targets where student and teacher rank the same token first. Each
+    process scores its share; sums and counts are gathered before any division."""
+    d, cfg, val, teacher = run["dist"], run["cfg"], run["val_set"], run["teacher"]
+    mine = np.array_split(run["val_windows"], d["world"])[d["rank"]]
+    size = cfg["train.eval_batch_size"]
+    run["module"].eval()
+    top1 = run.setdefault("teacher_top1", {})  # frozen teacher, fixed windows: its answers are computed once
+    ce_sum, count, agree = 0.0, 0, 0
+    with torch.no_grad():
+        for start in range(0, len(mine), size):
+            x, y = val[mine[start:start + size]]
+            check_token_ids(x, y, val.vocab, "data.val_bin")
+            x, y = to_device(x, d["device"]), to_device(y, d["device"])
+            with autocast(d["device"], cfg["train.precision"]):
+                logits, _ = run["module"](x)
+                if teacher is not None and start not in top1:
+                    top1[start] = teacher(x)[0].argmax(-1)
+            real = y != IGNORE
+            ce_sum += token_cross_entropy(logits, y).item()  # a float64 sum on the host: no fp32 drift over many batches
+            count += int(real.sum())
+            if teacher is not None:
+                agree += int(((logits.argmax(-1) == top1[start]) & real).sum())
+    sums = np.sum(all_gather_list([(ce_sum, count, agree)], d["world"]), axis=0)
+    mean_ce = float(sums[0] / sums[1])
+    metrics = {"val/loss": mean_ce, "val/ppl": perplexity(mean_ce)}
+    if teacher is not None:
+        metrics["val/agreement"] = float(sums[2] / sums[1])
+    return metrics
+
+
+def tensor_digest(module):
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# The run: data -> teacher (frozen) -> student + projection, optimizer, schedule -> resume -> fit.
+def print_plan(run, resumed):
+    cfg, plan, d = run["cfg"], run["plan"], run["dist"]
+    marks = schedule_landmarks(cfg, plan)
+    b, a, w, n = plan["batch_size"], plan["grad_accum"], plan["world_size"], plan["num_samples"]
+    tr, va = run["train_set"], run["val_set"]
+    log(run, f"data: {tr.source}; {n} train windows of {tr.seq_len} tokens, vocab {tr.vocab}")
+    log(run, f"val: {va.source}; each eval scores {len(run['val_windows'])} of its {len(va)} windows")
+    log(run, f"steps: ceil({n} / ({b} x {w} processes)) = {plan['micro_batches_per_epoch']} micro-batches per epoch; "
+             f"ceil({plan['micro_batches_per_epoch']} / grad_accum {a}) = {plan['steps_per_epoch']} optimizer steps per epoch; "
+             f"x {plan['epochs']} epochs = {plan['total_steps']} optimizer steps (S2)")
+    log(run, f"schedule: {cfg['schedule.type']}, warmup {plan['warmup_steps']} optimizer steps, LR {marks['initial']:.4g} "
+             f"at step 1 -> peak {marks['peak']:.4g} at step {marks['peak_step']} -> {marks['final']:.4g} at step {plan['total_steps']}")
+    arch = trained_arch(cfg)
+    params = sum(p.numel() for p in run["module"].parameters())
+    log(run, f"model: {'student' if cfg['kd.enabled'] else 'teacher (kd.enabled false: plain LM training)'} "
+             f"{arch['n_layer']} layers x {arch['n_embd']} wide, {arch['n_head']} heads, {params} trainable parameters")
+    if run["teacher"] is not None:
+        k = cfg["kd.top_k"]
+        log(run, f"teacher: {cfg['kd.teacher_checkpoint'] or cfg['kd.hf_teacher_dir']} (frozen, sha256 {run['teacher_digest'][:12]}); "
+                 f"loss = {cfg['kd.alpha']:g} CE + {cfg['kd.beta']:g} T^2 KL (T {cfg['kd.temperature']:g}, "
+                 f"{'full vocabulary' if k is None else f'top-{k} + rest bucket'}) + {cfg['kd.gamma']:g} hidden")
+    log(run, f"devices: {d['world']} process(es) on {d['device']}, precision {cfg['train.precision']}; "
+             + (f"resuming at step {run['state']['global_step']}" if resumed else "starting at step 0"))
+
+
+def make_task(run):
+    """What the shared loop needs from distillation: batches, token counts, the loss, the eval."""
+    cfg, d, train_set, teacher = run["cfg"], run["dist"], run["train_set"], run["teacher"]
+    alpha, beta, gamma = cfg["kd.alpha"], cfg["kd.beta"], cfg["kd.gamma"]
+    temperature, top_k = cfg["kd.temperature"], cfg["kd.top_k"]
+    name = "data.train_bin" if cfg["data.train_bin"] else "data.builtin"
+
+    def batches(index_lists):
+        loader = torch.utils.data.DataLoader(train_set, batch_size=None, sampler=index_lists,
+                                             num_workers=cfg["train.num_workers"], pin_memory=d["device"].type == "cuda")
+        for x, y in loader:
+            check_token_ids(x, y, train_set.vocab, name)
+            yield to_device(x, d["device"]), to_device(y, d["device"])
+
+    def loss(model, batch):
+        x, y = batch
+        logits, projected = model(x, project=teacher is not None and gamma > 0)
+        ce = token_cross_entropy(logits, y)
+        if teacher is None:
+            return ce, {}  # kd.enabled false: plain LM training (this is how a teacher is made)
+        parts = {"ce": alpha * ce}
+        if beta > 0 or gamma > 0:
+            real = y != IGNORE
+            with torch.no_grad():
+                t_logits, t_hidden = teacher(x)
+            if beta > 0:  # T^2 keeps the KD gradient's scale independent of T
+                parts["kd"] = beta * temperature ** 2 * kd_kl(logits[real], t_logits[real], temperature, top_k).sum()
+            if gamma > 0:
+                parts["hidden"] = gamma * hidden_loss(projected[real], t_hidden[real]).sum()
+        return sum(parts.values()), parts
+
+    return {"batches": batches, "count": train_set.count, "count_name": "tokens", "loss": loss, "evaluate": evaluate}
+
+
+def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
+    """Run (or continue) one distillation (or, kd.enabled false, teacher) training. Returns (outcome, run)."""
+    d = setup_distributed(cfg)
+    seed_everything(cfg["seed"], d["rank"])
+    train_set, val_set = TokenWindows(cfg, "train"), TokenWindows(cfg, "val")
+    plan = plan_schedule(cfg, len(train_set), d["world"])  # raises ConfigError before anything is written
+    teacher = build_teacher(cfg, d["device"]) if cfg["kd.enabled"] else None  # so does a bad teacher
+    windows = eval_windows(cfg, len(val_set))
+    if val_set.count(windows) == 0:
+        raise ConfigError([("C3", "data.val_bin", "the eval windows hold no real target tokens (all padding?)")])
+    run = open_run(run_dir, cfg, d)
+    run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, val_set=val_set,
+               val_windows=windows, teacher=teacher, teacher_digest=tensor_digest(teacher) if teacher is not None else None)
+
+    module = build_trainable(cfg, teacher).to(d["device"])
+    model = module
+    if d["world"] > 1:  # with kd.gamma 0 the projection takes no part in the loss
+        model = torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False,
+                                                          find_unused_parameters=module.proj is not None and cfg["kd.gamma"] == 0)
+    params = list(module.parameters())  # the student and its projection: the frozen teacher is never in the optimizer
+    optimizer = build_optimizer(cfg, param_groups(module))
+    run.update(module=module, model=model, params=params, optimizer=optimizer,
+               scheduler=build_schedule(optimizer, cfg, plan), scaler=make_grad_scaler(d["device"], cfg["train.precision"]))
+    resumed = resume(run, resume_mode)
+    if run["state"]["finished"]:
+        log(run, f"run already complete at step {run['state']['global_step']} ({run['ckpt_dir']}/last.pt); nothing to do")
+        return "complete", run
+    write_resolved_config(run)
+    print_plan(run, resumed)
+    task = make_task(run)
+    if threading_main():
+        install_stop_handlers(run)
+    outcome = fit(run, task)
+    if teacher is not None and tensor_digest(teacher) != run["teacher_digest"]:
+        raise TrainingAborted("the frozen teacher's tensors changed during training")
+    st = run["state"]
+    if outcome in ("finished", "early_stopped"):
+        log(run, f"done: {st['global_step']} optimizer steps, {st['skipped_steps']} skipped; last eval "
+                 + " ".join(f"{k}={v:.4f}" for k, v in (st["last_eval"] or {}).items())
+                 + f"; best {cfg['train.best_metric']}={st['best_value']:.4f} at step {st['best_step']}")
+    return outcome, run
+
+
+def threading_main():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+# -----------------------------------------------------------------------------
+# --dry_run (E5, S10): every code path on tiny data in seconds, before a long run is launched: a tiny
+# teacher (kd.enabled false) unless the config names one, then the student in fp32 (train, eval, save,
+# stop, resume), fp16 (GradScaler) and bf16.
+DRY_RUN_SETTINGS = ["train.epochs=2", "train.max_steps=null", "train.batch_size=4", "train.grad_accum=2",
+                    "train.log_every=1", "train.eval_every=3", "train.save_every_steps=2", "train.patience=null",
+                    "train.num_workers=0", "train.eval_batch_size=8", "schedule.warmup=2", "schedule.total_steps=null",
+                    "expect.initial_lr=null", "expect.peak_lr=null", "expect.final_lr=null", "data.limit=26",
+                    "data.val_windows=null", "data.seq_len=16", "data.builtin.train_bytes=40000",
+                    "data.builtin.val_bytes=8000", "student.n_layer=1", "student.n_head=2", "student.n_embd=16"]
+DRY_RUN_TEACHER = ["teacher.n_layer=1", "teacher.n_head=2", "teacher.n_embd=32"]
+
+
+def checkpoint_tensors_equal(path_a, path_b):
+    a = torch.load(path_a, map_location="cpu", weights_only=True)
+    b = torch.load(path_b, map_location="cpu", weights_only=True)
+
+    def tensors(obj, prefix=""):
+        if torch.is_tensor(obj):
+            yield prefix, obj
+        elif isinstance(obj, dict):
+            for k in obj:
+                yield from tensors(obj[k], f"{prefix}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(v, f"{prefix}.{i}")
+
+    ta = dict(tensors({k: a[k] for k in ("model", "optimizer", "scheduler")}))
+    tb = dict(tensors({k: b[k] for k in ("model", "optimizer", "scheduler")}))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def read_metrics(run_dir):
+    """metrics.jsonl as (train records by step, eval records by step, events); the last record of a step wins."""
+    trains, evals, events = {}, {}, []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "event" in r:
+                events.append(r)
+            elif "lr" in r:
+                trains[r["step"]] = r
+            else:
+                evals[r["step"]] = r
+    return trains, evals, events
+
+
+def optimizer_step_count(ckpt):
+    """Updates the optimizer applied (AdamW counts them per parameter); None for SGD, which does not count."""
+    steps = [s["step"] for s in ckpt["optimizer"]["state"].values() if "step" in s]
+    return int(steps[0]) if steps else (0 if ckpt["config"]["optim.name"] == "adamw" else None)
+
+
+def dry_run(config_path, overrides, train_fn=None):
+    """Check the full schedule of the real config, then train/eval/save/stop/resume tiny copies of it in
+    fp32, fp16 and bf16. Returns the exit code: 0 only when every check held."""
+    train_fn = train_fn or train
+    cfg, _ = resolve_config(config_path, overrides)
+    results = []
+
+    def check(ok, what):
+        results.append(bool(ok))
+        print(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
+
+    print(f"dry run of {config_path or 'the built-in defaults'}")
+    try:
+        plan = plan_schedule(cfg, train_set_size(cfg), int(os.environ.get("WORLD_SIZE", "1")))
+        failures = check_lr_curve(lr_curve(cfg, plan), cfg, plan)
+        check(not failures, f"full schedule: {plan['total_steps']} optimizer steps, S10/S5 checks"
+                            + "".join(f"\n       {rid}: {msg}" for rid, msg in failures))
+    except ConfigError as err:
+        check(False, "full schedule: " + "; ".join(f"{rid} {key}: {msg}" for rid, key, msg in err.problems))
+    tiny = list(overrides) + DRY_RUN_SETTINGS
+    with tempfile.TemporaryDirectory(prefix="dry_run_") as tmp:
+        start = time.perf_counter()
+        if cfg["kd.enabled"]:  # the config's own teacher, checked against teacher.*
+            kd = tiny
+        else:
+            teacher_cfg, _ = resolve_config(config_path, tiny + DRY_RUN_TEACHER)
+            t_dir = os.path.join(tmp, "teacher")
+            outcome, run = train_fn(teacher_cfg, t_dir, "none", quiet=True)
+            _, evals, _ = read_metrics(t_dir)
+            check(outcome == "finished" and evals and all(math.isfinite(e["val/ppl"]) for e in evals.values()),
+                  f"teacher: plain LM training (kd.enabled false), {run['plan']['total_steps']} steps, "
+                  f"val/ppl {list(evals.values())[-1]['val/ppl']:.4g}")
+            kd = tiny + DRY_RUN_TEACHER + ["kd.enabled=true", "kd.hf_teacher_dir=null",
+                                           f"kd.teacher_checkpoint={os.path.join(t_dir, 'checkpoints', 'best.pt')}"]
+        student, _ = resolve_config(config_path, kd + ["train.precision=fp32"])
+        a, b = os.path.join(tmp, "uninterrupted"), os.path.join(tmp, "interrupted")
+        outcome, run = train_fn(student, a, "none", quiet=True)
+        plan = run["plan"]
+        check(outcome == "finished" and run["state"]["global_step"] == plan["total_steps"],
+              f"student: {plan['total_steps']} optimizer steps over 2 epochs with a short last accumulation group (G1)")
+        trains, evals, _ = read_metrics(a)
+        logged = np.array([trains[s]["lr"] for s in sorted(trains)])
+        check(len(logged) == plan["total_steps"] and np.array_equal(logged, lr_curve(student, plan)),
+              "logged LR equals the schedule's own curve at every step (S1, S8)")
+        check(not check_lr_curve(logged, student, plan), "tiny run's LR passes the S10 checks")
+        parts = sorted(k for k in trains[1] if k.startswith("loss/"))
+        check(all(math.isfinite(trains[s]["loss"]) for s in trains) and parts, f"finite losses, components {parts} logged (E2)")
+        check(sorted(evals) == [3, 6, plan["total_steps"]] and all(
+            {"val/loss", "val/ppl", "val/agreement"} <= set(e) and _close(e["val/ppl"], math.exp(e["val/loss"]))
+            for e in evals.values()), f"eval at steps {sorted(evals)}: val/loss, val/ppl = exp(val/loss), val/agreement (E3, E5)")
+        last = torch.load(os.path.join(a, "checkpoints", "last.pt"), map_location="cpu", weights_only=True)
+        check(last["global_step"] == last["scheduler"]["last_epoch"] == plan["total_steps"]
+              and optimizer_step_count(last) in (None, last["global_step"] - last["skipped_steps"]),
+              "checkpoint loads with weights_only=True; global_step == scheduler steps == optimizer steps + skipped (R2, R7)")
+        check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")), "best.pt written")
+        check(tensor_digest(run["teacher"]) == tensor_digest(build_teacher(student, torch.device("cpu")))
+              and not any(p.requires_grad for p in run["teacher"].parameters()) and not run["teacher"].training,
+              "teacher frozen: eval mode, no grad, tensors identical to its checkpoint after training")
+        outcome, _ = train_fn(student, b, "none", stop_after=5, quiet=True)
+        check(outcome == "stopped", "stop at step 5 saves and exits (R8 path)")
+        outcome, run = train_fn(student, b, "auto", quiet=True)
+        check(outcome == "finished" and checkpoint_tensors_equal(os.path.join(a, "checkpoints", "last.pt"),
+                                                                 os.path.join(b, "checkpoints", "last.pt")),
+              "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
+        outcome, _ = train_fn(student, b, "auto", quiet=True)
+        check(outcome == "complete", "a finished run restarted says it is complete")
+        for precision in ("fp16", "bf16"):
+            extra = ["kd.top_k=8"] if precision == "fp16" and not cfg["kd.enabled"] else []  # the top-k path too
+            low, _ = resolve_config(config_path, kd + extra + [f"train.precision={precision}"])
+            p_dir = os.path.join(tmp, precision)
+            outcome, run = train_fn(low, p_dir, "none", quiet=True)
+            trains, evals, _ = read_metrics(p_dir)
+            skipped = run["state"]["skipped_steps"]
+            finite = sum(1 for r in trains.values() if r["loss"] is not None and math.isfinite(r["loss"]))
+            lrs = np.array([trains[s]["lr"] for s in sorted(trains)])
+            check(outcome == "finished" and finite + skipped == plan["total_steps"] and np.array_equal(lrs, lr_curve(low, plan))
+                  and all(math.isfinite(e["val/loss"]) for e in evals.values())
+                  and (precision != "fp16" or all("scale" in r for r in trains.values())),
+                  f"{precision}: {plan['total_steps']} steps, {skipped} skipped by "
+                  f"{'the GradScaler' if precision == 'fp16' else 'the guard'}, KD in fp32, LR on schedule (G5, G6)")
+        print(f"  tiny runs took {time.perf_counter() - start:.1f} s")
+    ok = all(results)
+    print("dry run passed" if ok else "dry run FAILED", flush=True)
+    return 0 if ok else 1
+
+
+# -----------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML config (omit for the built-in defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--dry_run", action="store_true", help="check every code path on tiny data and exit")
+    parser.add_argument("--resume", default="auto", help="auto (default): continue from the run dir's last.pt; none; or a path")
+    parser.add_argument("--run_dir", help="default runs/<run_name>")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.dry_run:
+            return dry_run(args.config, args.set)
+        cfg, notes = resolve_config(args.config, args.set)
+        for rid, key, msg in notes:
+            print(f"note {rid}: {key}: {msg}", file=sys.stderr)
+        outcome, run = train(cfg, args.run_dir or os.path.join("runs", cfg["run_name"]), args.resume)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except TrainingAborted as err:
+        print(f"training aborted: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if outcome == "stopped":
+        signum = run["stop_signal"] or signal.SIGTERM
+        log(run, f"stopped by signal {signum} at step {run['state']['global_step']}; checkpoint saved, "
+                 "the same command resumes")
+        return 128 + int(signum)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
