@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import math
 import os
+import signal
 import sys
 import time
 
@@ -115,7 +116,7 @@ def dataset_size(script, cfg, num_samples):
     except ValueError as err:
         raise BadInput(f"the training data cannot be sized from its header ({err}); give --num_samples N") from None
     files = [f"{k} = {v}" for k, v in cfg.items() if k.startswith("data.train") and isinstance(v, str)]
-    how = f"header of {files[0]}" if files else "synthetic / configured size"
+    how = f"size/header of {files[0]}" if files else "no data file configured: the script's synthetic/built-in data"
     return n, f"{script.__name__}.train_set_size: {how}"
 
 
@@ -157,7 +158,7 @@ def print_derivation(cfg, plan, source, warmup_known=True):
     if not warmup_known:
         print(f"  warmup           schedule.warmup {warm:g}: not usable, see the failed check")
         return
-    how = f"schedule.warmup {warm:g} x {total}, rounded" if warm < 1 else f"schedule.warmup = {int(warm)}"
+    how = f"schedule.warmup {warm:g} x {total}, rounded" if warm < 1 else "schedule.warmup, given in optimizer steps,"
     print(f"  warmup           {how} = {plan['warmup_steps']} optimizer steps ({plan['warmup_steps'] / total:.1%} of the run)")
 
 
@@ -301,6 +302,9 @@ def run(args):
         resume_at = total // 2 if args.resume_at is None else args.resume_at
         if not 1 <= resume_at < total:
             raise BadInput(f"--resume_at: {resume_at} must be between 1 and {total - 1} (the run has {total} optimizer steps)")
+    out = args.out or os.path.join("runs", cfg["run_name"], "schedule")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise BadInput(f"--out: {out} exists and is not a directory; give a directory for lr.csv")
     print(f"schedule dry run of {args.config} (task {cfg['task']} -> {script.__name__}.py, "
           f"schedule.type {cfg['schedule.type']}, optim.lr {cfg['optim.lr']:g})")
     for rid, key, msg in notes:
@@ -324,7 +328,6 @@ def run(args):
           f"{int(np.argmax(curve)) + 1} -> {curve[-1]:.4g} at step {total}")
     print_table(curve, plan, marks, cfg)
     print(ascii_plot(curve))
-    out = args.out or os.path.join("runs", cfg["run_name"], "schedule")
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, "lr.csv"), curve)
     title = f"{os.path.basename(args.config)}: {cfg['schedule.type']}, {total} optimizer steps"
@@ -349,4 +352,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` ends quietly, without a traceback
     sys.exit(main())

@@ -12,8 +12,9 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench  # noqa: E402
 
-TINY = bench.LOOP_SETTINGS + ["data.synthetic.num_train=40", "data.synthetic.num_val=16", "data.synthetic.length=256",
-                              "train.batch_size=8", "train.epochs=2", "schedule.warmup=2", "train.eval_batch_size=16"]
+SMALL_DATA = ["data.synthetic.num_train=40", "data.synthetic.num_val=16", "data.synthetic.length=256",
+              "train.batch_size=8", "schedule.warmup=2", "train.eval_batch_size=16"]
+TINY = bench.LOOP_SETTINGS + SMALL_DATA + ["train.epochs=2"]
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +74,14 @@ def test_dry_run_rate_and_scheduler_tool():
 
 
 def test_cache_benchmark_runs_the_real_train_both_ways(tmp_path):
-    out = bench.bench_cache(2, 1, str(tmp_path), settings=TINY[:-4] + ["train.batch_size=8", "schedule.warmup=2"])
+    out = bench.bench_cache(2, 1, str(tmp_path), settings=SMALL_DATA)
     assert out["epochs"] == 2 and out["on_s"] > 0 and out["off_s"] > 0 and out["speedup"] > 0
 
 
 def test_last_line_is_json_with_every_headline_key(capsys):
+    threads = bench.torch.get_num_threads()
     assert bench.main(["--quick", "--only", "dry_run"]) == 0
+    assert bench.torch.get_num_threads() == threads  # the benchmark's --threads 1 does not leak into the caller
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     for key in ("overhead_ratio", "syncs_per_step", "epochs", "cache_speedup", "topk_time_ratio_32k",

@@ -1,6 +1,5 @@
 """test_scheduler_dry_run.py (the top-level tool): its checks fail on the seeded mistakes, its inputs
 fail cleanly, and its lr.csv is exactly the LR real training logs. Row ids refer to FAILURE_MODES.md."""
-import glob
 import importlib.util
 import json
 import os
@@ -86,21 +85,31 @@ def test_probe_config_passes_with_derivation_table_plot_and_csv(capsys, tmp_path
         assert not (tmp_path / "lr.png").exists() and "matplotlib is not installed" in out
 
 
-def test_distill_config_passes(capsys, tmp_path):
+def distill_or_skip(name):
+    path = os.path.join(ROOT, "configs", name)
     if not os.path.exists(os.path.join(ROOT, "train_distill.py")):
         pytest.skip("train_distill.py is not in this checkout yet")
-    configs = [p for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
-               if (yaml.safe_load(open(p)) or {}).get("task") == "distill"]
-    if not configs:
-        pytest.skip("no configs/*.yaml with task: distill yet")
-    for i, path in enumerate(configs):
-        code, out, err = run_tool(capsys, path, "--out", tmp_path / str(i))
-        assert code == 0, f"{path}\n{out}{err}"
-        assert "train_distill.py" in out
-        distill = sys.modules["train_distill"]
-        cfg, _ = distill.resolve_config(path, check_files=False)
-        plan = distill.plan_schedule(cfg, distill.train_set_size(cfg))
-        assert np.array_equal(read_csv(tmp_path / str(i) / "lr.csv"), distill.lr_curve(cfg, plan))
+    if not os.path.exists(path):
+        pytest.skip(f"configs/{name} is not in this checkout yet")
+    return path
+
+
+def test_distill_demo_config_passes(capsys, tmp_path):
+    path = distill_or_skip("distill_demo.yaml")  # the built-in corpus: its size is known on any machine
+    code, out, err = run_tool(capsys, path, "--out", tmp_path)
+    assert code == 0, out + err
+    assert "task distill -> train_distill.py" in out and not fail_lines(out)
+    distill = sys.modules["train_distill"]
+    cfg, _ = distill.resolve_config(path, check_files=False)
+    plan = distill.plan_schedule(cfg, distill.train_set_size(cfg))
+    assert np.array_equal(read_csv(tmp_path / "lr.csv"), distill.lr_curve(cfg, plan))
+
+
+def test_distill_reference_config_passes_with_num_samples(capsys, tmp_path):
+    path = distill_or_skip("distill_reference.yaml")  # real token files that are not on this machine
+    code, out, err = run_tool(capsys, path, "--num_samples", 100000, "--world_size", 2, "--out", tmp_path)
+    assert code == 0, out + err
+    assert "ceil(100000 / (batch_size" in out and "x world_size 2)" in out and not fail_lines(out)
 
 
 def test_default_out_dir_is_runs_run_name_schedule(capsys, tmp_path, monkeypatch):
@@ -181,7 +190,7 @@ def test_npy_header_sizes_the_schedule_and_world_size_divides_micro_batches(caps
         "data": {f"{s}_{k}": str(tmp_path / f"{s}_{k}.npy") for s in ("train", "val") for k in ("x", "y")}})
     code, out, _ = run_tool(capsys, config, "--world_size", 2, "--out", tmp_path / "o")
     assert code == 0, out
-    assert "77  (train_probe.train_set_size: header of data.train_x" in out
+    assert "77  (train_probe.train_set_size: size/header of data.train_x" in out
     assert "ceil(77 / (batch_size 4 x world_size 2)) = 10 per epoch" in out
     assert "ceil(10 / grad_accum 2) = 5 per epoch" in out and "5 x 3 epochs = 15 optimizer steps" in out
     assert len(read_csv(tmp_path / "o" / "lr.csv")) == 15
@@ -217,6 +226,14 @@ def test_bad_input_exits_2_with_one_line_naming_it(capsys, tmp_path, yaml_text, 
     assert not (tmp_path / "o").exists()
 
 
+def test_out_that_is_a_file_exits_2_and_leaves_it_alone(capsys, tmp_path):
+    target = tmp_path / "lr_here"
+    target.write_text("mine")
+    code, out, err = run_tool(capsys, PROBE_CONFIG, "--out", target)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1 and "--out" in err
+    assert target.read_text() == "mine"
+
+
 def test_malformed_config_exits_2_with_one_line_and_no_traceback(tmp_path):
     config = tmp_path / "malformed.yaml"
     config.write_text("task: probe\noptim:\n  lr: [1.0e-3,\n")
@@ -229,9 +246,10 @@ def test_malformed_config_exits_2_with_one_line_and_no_traceback(tmp_path):
 
 # -----------------------------------------------------------------------------
 # The claim that matters: lr.csv is the LR real training uses, step for step (S1, S8, R3).
-TINY = ["data.synthetic.num_train=90", "data.synthetic.num_val=16", "train.batch_size=4", "train.grad_accum=2",
-        "train.epochs=3", "train.log_every=1", "train.eval_batch_size=64", "expect.initial_lr=null",
-        "expect.peak_lr=null", "expect.final_lr=null"]  # 23 micro-batches -> 12 steps/epoch (short last group) -> 36
+# 90 samples / batch 4 = 23 micro-batches -> 12 optimizer steps per epoch (a short last group) -> 36 steps
+TINY = ["data.synthetic.num_train=90", "data.synthetic.num_val=16", "data.synthetic.length=256",
+        "train.batch_size=4", "train.grad_accum=2", "train.epochs=3", "train.log_every=1", "train.eval_batch_size=64",
+        "expect.initial_lr=null", "expect.peak_lr=null", "expect.final_lr=null"]
 
 
 def train_probe(run_dir, settings, env_extra=None):
@@ -260,6 +278,9 @@ def test_lr_csv_equals_lr_logged_by_a_killed_and_resumed_run(capsys, tmp_path):
     assert killed.returncode == -9, killed.stderr  # SIGKILLed before step 20; last save at step 14
     resumed = train_probe(tmp_path / "run", settings)
     assert resumed.returncode == 0, resumed.stderr
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        events = [json.loads(line) for line in f if '"event"' in line]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [14]  # it continued, it did not restart
     code, out, _ = run_tool(capsys, PROBE_CONFIG, *[a for s in settings for a in ("--set", s)],
                             "--resume_at", 14, "--out", tmp_path / "sched")
     assert code == 0, out
