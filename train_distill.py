@@ -1470,8 +1470,10 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     module = build_trainable(cfg, teacher).to(d["device"])
     model = module
     if d["world"] > 1:  # with kd.gamma 0 the projection takes no part in the loss
-        model = torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False,
-                                                          find_unused_parameters=module.proj is not None and cfg["kd.gamma"] == 0)
+        # DDP copies process 0's weights and buffers to every process at construction; the student's buffers
+        # are fixed, so the default per-forward buffer broadcast only copies equal values.
+        model = torch.nn.parallel.DistributedDataParallel(
+            module, find_unused_parameters=module.proj is not None and cfg["kd.gamma"] == 0)
     params = list(module.parameters())  # the student and its projection: the frozen teacher is never in the optimizer
     optimizer = build_optimizer(cfg, param_groups(module))
     run.update(module=module, model=model, params=params, optimizer=optimizer,
@@ -1559,29 +1561,41 @@ def dry_run(config_path, overrides, train_fn=None):
     fp32, fp16 and bf16. Returns the exit code: 0 only when every check held."""
     train_fn = train_fn or train
     cfg, _ = resolve_config(config_path, overrides)
+    d = setup_distributed(cfg)  # under torchrun the tiny runs use every process: the DDP paths are checked too
+    say = print if d["main"] else (lambda *args, **kwargs: None)
     results = []
 
     def check(ok, what):
         results.append(bool(ok))
-        print(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
+        say(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
 
-    print(f"dry run of {config_path or 'the built-in defaults'}")
+    def train_fn_together(*args, **kwargs):  # returns once process 0 has written every file of that run
+        outcome_and_run = train_fn(*args, **kwargs)
+        if d["world"] > 1:
+            dist.barrier()
+        return outcome_and_run
+
+    say(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes" if d["world"] > 1 else ""))
     try:
-        plan = plan_schedule(cfg, train_set_size(cfg), int(os.environ.get("WORLD_SIZE", "1")))
+        plan = plan_schedule(cfg, train_set_size(cfg), d["world"])
         failures = check_lr_curve(lr_curve(cfg, plan), cfg, plan)
         check(not failures, f"full schedule: {plan['total_steps']} optimizer steps, S10/S5 checks"
                             + "".join(f"\n       {rid}: {msg}" for rid, msg in failures))
     except ConfigError as err:
         check(False, "full schedule: " + "; ".join(f"{rid} {key}: {msg}" for rid, key, msg in err.problems))
-    tiny = list(overrides) + DRY_RUN_SETTINGS
-    with tempfile.TemporaryDirectory(prefix="dry_run_") as tmp:
+    # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process
+    tiny = list(overrides) + DRY_RUN_SETTINGS + [f"data.limit={26 * d['world']}"]
+    # Every process trains into process 0's temporary directory and reads the same files back afterwards
+    # (processes on one node share its filesystem; launch.sh runs a multi-node job's dry run on one node).
+    with tempfile.TemporaryDirectory(prefix="dry_run_") if d["main"] else contextlib.nullcontext() as tmp:
+        tmp = all_gather_list([tmp], d["world"])[0]
         start = time.perf_counter()
         if cfg["kd.enabled"]:  # the config's own teacher, checked against teacher.*
             kd = tiny
         else:
             teacher_cfg, _ = resolve_config(config_path, tiny + DRY_RUN_TEACHER)
             t_dir = os.path.join(tmp, "teacher")
-            outcome, run = train_fn(teacher_cfg, t_dir, "none", quiet=True)
+            outcome, run = train_fn_together(teacher_cfg, t_dir, "none", quiet=True)
             _, evals, _ = read_metrics(t_dir)
             check(outcome == "finished" and evals and all(math.isfinite(e["val/ppl"]) for e in evals.values()),
                   f"teacher: plain LM training (kd.enabled false), {run['plan']['total_steps']} steps, "
@@ -1590,7 +1604,7 @@ def dry_run(config_path, overrides, train_fn=None):
                                            f"kd.teacher_checkpoint={os.path.join(t_dir, 'checkpoints', 'best.pt')}"]
         student, _ = resolve_config(config_path, kd + ["train.precision=fp32"])
         a, b = os.path.join(tmp, "uninterrupted"), os.path.join(tmp, "interrupted")
-        outcome, run = train_fn(student, a, "none", quiet=True)
+        outcome, run = train_fn_together(student, a, "none", quiet=True)
         plan = run["plan"]
         check(outcome == "finished" and run["state"]["global_step"] == plan["total_steps"],
               f"student: {plan['total_steps']} optimizer steps over 2 epochs with a short last accumulation group (G1)")
@@ -1612,19 +1626,19 @@ def dry_run(config_path, overrides, train_fn=None):
         check(tensor_digest(run["teacher"]) == tensor_digest(build_teacher(student, torch.device("cpu")))
               and not any(p.requires_grad for p in run["teacher"].parameters()) and not run["teacher"].training,
               "teacher frozen: eval mode, no grad, tensors identical to its checkpoint after training")
-        outcome, _ = train_fn(student, b, "none", stop_after=5, quiet=True)
+        outcome, _ = train_fn_together(student, b, "none", stop_after=5, quiet=True)
         check(outcome == "stopped", "stop at step 5 saves and exits (R8 path)")
-        outcome, run = train_fn(student, b, "auto", quiet=True)
+        outcome, run = train_fn_together(student, b, "auto", quiet=True)
         check(outcome == "finished" and checkpoint_tensors_equal(os.path.join(a, "checkpoints", "last.pt"),
                                                                  os.path.join(b, "checkpoints", "last.pt")),
               "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
-        outcome, _ = train_fn(student, b, "auto", quiet=True)
+        outcome, _ = train_fn_together(student, b, "auto", quiet=True)
         check(outcome == "complete", "a finished run restarted says it is complete")
         for precision in ("fp16", "bf16"):
             extra = ["kd.top_k=8"] if precision == "fp16" and not cfg["kd.enabled"] else []  # the top-k path too
             low, _ = resolve_config(config_path, kd + extra + [f"train.precision={precision}"])
             p_dir = os.path.join(tmp, precision)
-            outcome, run = train_fn(low, p_dir, "none", quiet=True)
+            outcome, run = train_fn_together(low, p_dir, "none", quiet=True)
             trains, evals, _ = read_metrics(p_dir)
             skipped = run["state"]["skipped_steps"]
             finite = sum(1 for r in trains.values() if r["loss"] is not None and math.isfinite(r["loss"]))
@@ -1634,9 +1648,11 @@ def dry_run(config_path, overrides, train_fn=None):
                   and (precision != "fp16" or all("scale" in r for r in trains.values())),
                   f"{precision}: {plan['total_steps']} steps, {skipped} skipped by "
                   f"{'the GradScaler' if precision == 'fp16' else 'the guard'}, KD in fp32, LR on schedule (G5, G6)")
-        print(f"  tiny runs took {time.perf_counter() - start:.1f} s")
+        say(f"  tiny runs took {time.perf_counter() - start:.1f} s")
+        if d["world"] > 1:
+            dist.barrier()  # every process has read the files before process 0 deletes the directory
     ok = all(results)
-    print("dry run passed" if ok else "dry run FAILED", flush=True)
+    say("dry run passed" if ok else "dry run FAILED", flush=True)
     return 0 if ok else 1
 
 

@@ -1371,6 +1371,11 @@ def main(argv=None):
         for rid, key, msg in notes:
             print(f"note {rid}: {key}: {msg}", file=sys.stderr)
         outcome, run = train(cfg, args.run_dir or os.path.join("runs", cfg["run_name"]), args.resume)
+        if dist.is_initialized():
+            # Every process leaves its last collective (the final save) before any tears the group down:
+            # a gloo peer that exits first can make the other abort at exit ("terminate called without an
+            # active exception"), seen in two-process CPU runs on a loaded machine.
+            dist.barrier()
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
