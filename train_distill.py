@@ -1337,6 +1337,34 @@ def fit(run, task):
         run["bar"] = None
     write_metrics(run, {"event": outcome, "step": st["global_step"]})
     return outcome
+def tensor_digest(module):
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+def threading_main():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+def checkpoint_tensors_equal(path_a, path_b):
+    a = torch.load(path_a, map_location="cpu", weights_only=True)
+    b = torch.load(path_b, map_location="cpu", weights_only=True)
+
+    def tensors(obj, prefix=""):
+        if torch.is_tensor(obj):
+            yield prefix, obj
+        elif isinstance(obj, dict):
+            for k in obj:
+                yield from tensors(obj[k], f"{prefix}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(v, f"{prefix}.{i}")
+
+    ta = dict(tensors({k: a[k] for k in ("model", "optimizer", "scheduler")}))
+    tb = dict(tensors({k: b[k] for k in ("model", "optimizer", "scheduler")}))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 # ==== end shared: run dir, checkpoints, resume, loop ====
 
 
@@ -1379,14 +1407,6 @@ def evaluate(run):
     if teacher is not None:
         metrics["val/agreement"] = float(sums[2] / sums[1])
     return metrics
-
-
-def tensor_digest(module):
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -1498,11 +1518,6 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     return outcome, run
 
 
-def threading_main():
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
 # -----------------------------------------------------------------------------
 # --dry_run (E5, S10): every code path on tiny data in seconds, before a long run is launched: a tiny
 # teacher (kd.enabled false) unless the config names one, then the student in fp32 (train, eval, save,
@@ -1514,25 +1529,6 @@ DRY_RUN_SETTINGS = ["train.epochs=2", "train.max_steps=null", "train.batch_size=
                     "data.val_windows=null", "data.seq_len=16", "data.builtin.train_bytes=40000",
                     "data.builtin.val_bytes=8000", "student.n_layer=1", "student.n_head=2", "student.n_embd=16"]
 DRY_RUN_TEACHER = ["teacher.n_layer=1", "teacher.n_head=2", "teacher.n_embd=32"]
-
-
-def checkpoint_tensors_equal(path_a, path_b):
-    a = torch.load(path_a, map_location="cpu", weights_only=True)
-    b = torch.load(path_b, map_location="cpu", weights_only=True)
-
-    def tensors(obj, prefix=""):
-        if torch.is_tensor(obj):
-            yield prefix, obj
-        elif isinstance(obj, dict):
-            for k in obj:
-                yield from tensors(obj[k], f"{prefix}.{k}")
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                yield from tensors(v, f"{prefix}.{i}")
-
-    ta = dict(tensors({k: a[k] for k in ("model", "optimizer", "scheduler")}))
-    tb = dict(tensors({k: b[k] for k in ("model", "optimizer", "scheduler")}))
-    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def read_metrics(run_dir):

@@ -1097,6 +1097,34 @@ def fit(run, task):
         run["bar"] = None
     write_metrics(run, {"event": outcome, "step": st["global_step"]})
     return outcome
+def tensor_digest(module):
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+def threading_main():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+def checkpoint_tensors_equal(path_a, path_b):
+    a = torch.load(path_a, map_location="cpu", weights_only=True)
+    b = torch.load(path_b, map_location="cpu", weights_only=True)
+
+    def tensors(obj, prefix=""):
+        if torch.is_tensor(obj):
+            yield prefix, obj
+        elif isinstance(obj, dict):
+            for k in obj:
+                yield from tensors(obj[k], f"{prefix}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(v, f"{prefix}.{i}")
+
+    ta = dict(tensors({k: a[k] for k in ("model", "optimizer", "scheduler")}))
+    tb = dict(tensors({k: b[k] for k in ("model", "optimizer", "scheduler")}))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 # ==== end shared: run dir, checkpoints, resume, loop ====
 
 
@@ -1149,14 +1177,6 @@ def evaluate(run, split):
         roc = float(np.nanmean([auroc(probs[:, c], labels == c) for c in range(probs.shape[1])]))
     return {f"{split}/auroc": roc, f"{split}/bacc": balanced_accuracy(probs.argmax(1), labels),
             f"{split}/loss": float(losses.mean())}
-
-
-def tensor_digest(module):
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -1250,11 +1270,6 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     return outcome, run
 
 
-def threading_main():
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
 # -----------------------------------------------------------------------------
 # --dry_run (E5, S10): every code path on tiny data in seconds, before a long run is launched.
 DRY_RUN_SETTINGS = ["train.epochs=2", "train.max_steps=null", "train.batch_size=4", "train.grad_accum=2",
@@ -1262,25 +1277,6 @@ DRY_RUN_SETTINGS = ["train.epochs=2", "train.max_steps=null", "train.batch_size=
                     "train.num_workers=0", "train.eval_batch_size=8", "schedule.warmup=2", "schedule.total_steps=null",
                     "expect.initial_lr=null", "expect.peak_lr=null", "expect.final_lr=null", "data.limit=26",
                     "data.synthetic.num_train=26", "data.synthetic.num_val=16", "data.test_x=null", "data.test_y=null"]
-
-
-def checkpoint_tensors_equal(path_a, path_b):
-    a = torch.load(path_a, map_location="cpu", weights_only=True)
-    b = torch.load(path_b, map_location="cpu", weights_only=True)
-
-    def tensors(obj, prefix=""):
-        if torch.is_tensor(obj):
-            yield prefix, obj
-        elif isinstance(obj, dict):
-            for k in obj:
-                yield from tensors(obj[k], f"{prefix}.{k}")
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                yield from tensors(v, f"{prefix}.{i}")
-
-    ta = dict(tensors({k: a[k] for k in ("model", "optimizer", "scheduler")}))
-    tb = dict(tensors({k: b[k] for k in ("model", "optimizer", "scheduler")}))
-    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def dry_run(config_path, overrides, train_fn=None):
