@@ -14,19 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from test_launch import ROOT, TINY_YAML, launch, launch_env, records, write_config
+from test_launch import ROOT, launch, launch_env, write_config
 
 sys.path.insert(0, ROOT)
 import train_probe as tp  # noqa: E402
-
-
-def last_per_step(recs, key):
-    """A resumed run logs some steps again; the last record of a step is the one that counts."""
-    out = {}
-    for r in recs:
-        if key in r:
-            out[r["step"]] = r[key]
-    return [out[s] for s in sorted(out)]
+from run_records import last_per_step, records  # noqa: E402
 
 
 def ckpt(run_dir):

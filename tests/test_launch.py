@@ -4,7 +4,6 @@ Every launch here runs on the CPU (gloo for several processes) in a tmp_path run
 exercised with a fake nvidia-smi on PATH and --show (print the choice and the command, run nothing).
 """
 import fcntl
-import json
 import os
 import re
 import signal
@@ -13,12 +12,12 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch.sh")
 sys.path.insert(0, ROOT)
 import train_probe as tp  # noqa: E402
+from run_records import records  # noqa: E402
 
 # 27 windows in global micro-batches of 6 (3 per process x 2, or 6 x 1): 6, 6, 6, 6, 3 -> a short last
 # global micro-batch that splits 2 + 1 over two processes; grad_accum 2 -> steps of 2, 2, 1 micro-batches
@@ -53,11 +52,6 @@ def launch_env(env=None):
 def launch(*args, cwd, env=None, timeout=240):
     return subprocess.run([LAUNCH, *args], cwd=cwd, capture_output=True, text=True, env=launch_env(env),
                           timeout=timeout)
-
-
-def records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def lock_is_free(path):

@@ -1,5 +1,4 @@
 """train_probe.py against the failure catalogue: each test names the row it pins."""
-import json
 import os
 import random
 import signal
@@ -14,6 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_probe as tp  # noqa: E402
+from run_records import last_per_step, records  # noqa: E402
 
 # Small enough for seconds per run, large enough for several epochs, a short last micro-batch
 # (38 = 9 x 4 + 2) and a short last accumulation group (10 micro-batches, grad_accum 3 -> 3+3+3+1):
@@ -27,20 +27,6 @@ TINY = ["data.synthetic.num_train=38", "data.synthetic.num_val=24", "data.synthe
 def config(*extra):
     cfg, _ = tp.resolve_config(None, TINY + list(extra))
     return cfg
-
-
-def records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def last_per_step(recs, key):
-    """A resumed run logs some steps again; the last record of a step is the one that counts."""
-    out = {}
-    for r in recs:
-        if key in r:
-            out[r["step"]] = r[key]
-    return [out[s] for s in sorted(out)]
 
 
 def run_script(*args, env=None, **kw):
