@@ -609,9 +609,12 @@ def rank_share(indices, rank, world):
     return np.array_split(indices, world)[rank]
 
 
+NO_CONTEXT = contextlib.nullcontext()  # reusable: entered once per micro-batch where nothing needs switching
+
+
 def autocast(device, precision):
     if precision == "fp32":
-        return contextlib.nullcontext()
+        return NO_CONTEXT
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
@@ -1185,36 +1188,63 @@ def install_stop_handlers(run):
         signal.signal(sig, request_stop)
 
 
+def total_grad_norm(grads):
+    """G3: the value torch.nn.utils.clip_grad_norm_ returns. On the CPU torch has no foreach kernels and
+    takes each gradient's norm, then the norm of those, after grouping the tensors by device and dtype on
+    every call; the kit's gradients share one device, so this runs the same arithmetic without the
+    grouping (the same bits, about a quarter of the time on a small model). Elsewhere: torch's own."""
+    if grads and grads[0].device.type == "cpu":
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def clip_gradients(params, max_norm, norm, norm_on_host):
+    """G3: clip_grad_norm_'s second half, given the norm of its first. Below max_norm its factor clamps to
+    exactly 1.0 and the multiply changes no bit: torch multiplies anyway only to avoid a host sync, and the
+    loop has already paid for its one sync. (The margin covers float32 vs float64 rounding.)"""
+    if max_norm is not None and norm_on_host + 1e-6 > max_norm * (1 - 1e-5):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
 def optimizer_step(run, task, micro_batches, count):
     """Micro-batches -> gradients -> one optimizer step -> one scheduler step. Returns host floats."""
     cfg, d, st = run["cfg"], run["dist"], run["state"]
     model, optimizer, scheduler, scaler = run["model"], run["optimizer"], run["scheduler"], run["scaler"]
     step = st["global_step"] + 1
-    model.train()  # the trainable module only; a frozen backbone/teacher stays in eval mode
-    loss_total = torch.zeros((), device=d["device"])
-    parts = {}
+    if not run["module"].training:  # after an eval; a frozen backbone/teacher is not in here and stays in eval mode
+        model.train()
+    # G2: a micro-batch weighs by its share of the step's targets (a short last group included); the
+    # x world undoes DDP's mean over processes, so the step equals one big batch of the same targets.
+    share = count / d["world"]
+    losses, parts, amp, last = [], {}, autocast(d["device"], cfg["train.precision"]), len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
-        if KILL_AT == f"{step}:{i}":
+        if KILL_AT is not None and KILL_AT == f"{step}:{i}":
             os.kill(os.getpid(), signal.SIGKILL)
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or d["world"] == 1 else model.no_sync():  # DDP all-reduces once per step
-            with autocast(d["device"], cfg["train.precision"]):
+        with model.no_sync() if d["world"] > 1 and i < last else NO_CONTEXT:  # DDP all-reduces once per step
+            with amp:
                 loss_sum, components = task["loss"](model, batch)
-            # G2: a micro-batch weighs by its share of the step's targets (a short last group included);
-            # the x world undoes DDP's mean over processes, so the step equals one big batch.
-            loss = loss_sum.float() * (d["world"] / count)
+            loss = loss_sum.float() / share
             (scaler.scale(loss) if scaler else loss).backward()
-        loss_total += loss.detach() / d["world"]
+        losses.append(loss.detach())
         for name, value in components.items():
-            parts[name] = parts.get(name, 0.0) + value.detach().float() / count
+            parts.setdefault(name, []).append(value.detach().float())
     if scaler:
         scaler.unscale_(optimizer)  # G5: unscale before clipping, public API only
-    grad_norm = torch.nn.utils.clip_grad_norm_(run["params"], cfg["train.clip_grad_norm"] or float("inf"))  # G3
-    stats = torch.stack([loss_total, *parts.values(), torch.tensor(float(run["stop_signal"] is not None), device=d["device"])])
-    if d["world"] > 1:
-        dist.all_reduce(stats)  # the global loss; a stop request on any process stops all of them
-    values = torch.cat([stats, grad_norm.detach().float().reshape(1).to(stats.device)]).tolist()  # G7: one sync per step
-    loss, grad_norm, stop = values[0], values[-1], values[-2] > 0
+    # G3: the total norm clip_grad_norm_ would compute, read back with the loss below; the clip itself
+    # follows once the host knows whether it changes anything.
+    norm = total_grad_norm([p.grad for p in run["params"] if p.grad is not None])
+    # G7: all the host needs from this step in one read: the micro-batch losses, the loss parts and the
+    # gradient norm (and, under DDP, every process's stop request).
+    stats = torch.stack([*losses, *(v for part in parts.values() for v in part), norm.float()])
+    if d["world"] > 1:  # sums the losses, the parts and the stop requests over processes; the gradient
+        # norm is the same on every process after DDP's gradient all-reduce and is divided back below
+        stats = torch.cat([stats, torch.tensor([float(run["stop_signal"] is not None)], device=stats.device)])
+        dist.all_reduce(stats)
+    values = stats.tolist()
+    loss, at = math.fsum(values[:len(losses)]) / d["world"], len(losses)
+    for name, part in parts.items():
+        parts[name], at = math.fsum(values[at:at + len(part)]) / count, at + len(part)
+    grad_norm, stop = values[at] / d["world"], d["world"] > 1 and values[-1] > 0 or run["stop_signal"] is not None
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     lrs = [group["lr"] for group in optimizer.param_groups]  # S8: the LR this step uses, from the optimizer
     expected = run["expected_lr"][step - 1]
@@ -1222,6 +1252,8 @@ def optimizer_step(run, task, micro_batches, count):
         raise TrainingAborted(f"S9: at step {step} the optimizer's LR is {lrs[0]:.6g} but the configured schedule "
                               f"gives {expected:.6g}; something else writes the LR (a plateau rule, a manual "
                               "write): remove it, the scheduler must be its only owner")
+    if finite:
+        clip_gradients(run["params"], cfg["train.clip_grad_norm"], norm, grad_norm)  # G3
     if scaler:
         scaler.step(optimizer)  # skips the update by itself on inf/nan; always after a backward (G1)
         scaler.update()
@@ -1233,8 +1265,7 @@ def optimizer_step(run, task, micro_batches, count):
     # the dry-run curve is exactly the one training uses. Skips are counted and logged instead.
     scheduler.step()
     st["global_step"] = step
-    return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop,
-            "parts": dict(zip(parts, values[1:1 + len(parts)]))}
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop, "parts": parts}
 
 
 def after_eval(run, metrics):

@@ -207,9 +207,17 @@ def bare_adamw(model, cfg):
                              weight_decay=cfg["optim.weight_decay"])
 
 
+def bare_clip(model, cfg):
+    """The recipe's clipping (train.clip_grad_norm, default 1.0) as a bare loop writes it, or nothing."""
+    if cfg["train.clip_grad_norm"] is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["train.clip_grad_norm"])
+
+
 def bare_loop(run, task):
-    """The baseline: the same head, cached features, batches and accumulation, with AdamW and the
-    same torch scheduler, and nothing else: forward, backward, step, zero_grad, scheduler.step."""
+    """The baseline: the same head, cached features, batches and accumulation, with AdamW, the config's
+    gradient clipping and the same torch scheduler, and nothing else: forward, backward, clip, step,
+    zero_grad, scheduler.step. It trains the same recipe as the kit: bench_loop checks that both end
+    with bit-identical weights (`go.model` is the bare side's model)."""
     cfg, plan = run["cfg"], run["plan"]
     model = copy.deepcopy(run["module"])
 
@@ -226,11 +234,13 @@ def bare_loop(run, task):
                 for _ in step:
                     feats, y = next(batches)
                     (F.cross_entropy(model(feats), y, reduction="sum") / count).backward()
+                bare_clip(model, cfg)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
         return time.perf_counter() - start
 
+    go.model = model
     return go
 
 
@@ -258,6 +268,7 @@ def step_blocks(run, task, blocks):
         for micro, count in prefetched:
             for feats, y in micro:
                 (F.cross_entropy(model(feats), y, reduction="sum") / count).backward()
+            bare_clip(model, run["cfg"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -284,6 +295,9 @@ def bench_loop(name, captured, repeats, blocks):
     sides = {"kit": kit_fit(run, task, eval_seconds, saves), "bare": bare_loop(run, task),
              "kit_no_writes": kit_fit(run, task, [], [], write_checkpoints=False)}
     times = paired_times(sides, repeats, setup=lambda side: reset_run(run) if side != "bare" else None)
+    # The same work on both sides: the kit's run and the bare loop end with the same weights, bit for bit.
+    same = all(torch.equal(a, b) for a, b in zip(run["module"].state_dict().values(),
+                                                 sides["bare"].model.state_dict().values()))
     steps = run["plan"]["total_steps"]
     per_step = {side: 1e3 * best(t) / steps for side, t in times.items()}
     return {"name": name, "cached": cfg["backbone.cache_features"], "log_every": cfg["train.log_every"],
@@ -291,7 +305,7 @@ def bench_loop(name, captured, repeats, blocks):
             "dim": run["module"].linear.in_features, "batch": cfg["train.batch_size"], "accum": cfg["train.grad_accum"],
             "kit_ms_per_step": per_step["kit"], "bare_ms_per_step": per_step["bare"],
             "no_writes_ms_per_step": per_step["kit_no_writes"], "ratio": best_ratio(times, "kit", "bare"),
-            "ratio_no_writes": best_ratio(times, "kit_no_writes", "bare"), "saves": len(saves),
+            "ratio_no_writes": best_ratio(times, "kit_no_writes", "bare"), "saves": len(saves), "same_weights": same,
             "save_ms": 1e3 * statistics.median(saves) if saves else None,  # the last kit run's saves
             "eval_ms": 1e3 * statistics.median(eval_seconds) if eval_seconds else None,
             "step": step_blocks(run, task, blocks) if blocks else None}

@@ -8,9 +8,11 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench  # noqa: E402
+from run_records import records  # noqa: E402
 
 SMALL_DATA = ["data.synthetic.num_train=40", "data.synthetic.num_val=16", "data.synthetic.length=256",
               "train.batch_size=8", "schedule.warmup=2", "train.eval_batch_size=16"]
@@ -35,6 +37,25 @@ def test_loop_overhead_runs_the_real_fit_and_reports_both_ratios(tiny_run):
     assert result["ratio_no_writes"] > 0 and result["saves"] >= 3  # last.pt each epoch, best.pt at the first eval
 
     assert result["step"]["ratio"] > 0 and result["eval_ms"] is not None
+    assert result["same_weights"]  # the two sides trained the same recipe, bit for bit
+
+
+def test_g2_g3_the_kit_trains_bit_identically_to_a_bare_loop_with_clip_grad_norm(tmp_path):
+    # What makes the overhead ratio honest: fit() with its guards, its one-read G3 norm and its clip that
+    # skips clip_grad_norm_'s identity multiply ends with exactly the bare loop's weights, on a run where
+    # some steps clip and some do not.
+    run, task, _ = captured = bench.capture_run(TINY + ["train.clip_grad_norm=1.6", "train.log_every=1"], str(tmp_path / "run"))
+    try:
+        bench.reset_run(run)
+        bench.kit_fit(run, task, [], [])()
+        bare = bench.bare_loop(run, task)
+        bare()
+        for name, kit_tensor in run["module"].state_dict().items():
+            assert torch.equal(kit_tensor, bare.model.state_dict()[name]), name
+        norms = [r["grad_norm"] for r in records(run["run_dir"]) if "grad_norm" in r]
+        assert len(norms) == 6 and min(norms) < 1.6 < max(norms), norms
+    finally:
+        bench.close_run(captured[0])
 
 
 def test_g7_one_host_sync_per_optimizer_step_in_fit(tiny_run):

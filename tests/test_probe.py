@@ -105,6 +105,28 @@ def test_g1_g2_short_last_accumulation_group_steps_once_and_equals_one_big_batch
         last_per_step(records(str(tmp_path / "big")), "loss"), rel=1e-5)
 
 
+@pytest.mark.parametrize("norm_wanted", [0.02, 6.0, 9.9999, "exactly 10", 10.0, 22.0, 2e4])  # max_norm is 10
+def test_g3_total_grad_norm_and_the_skipped_identity_clip_match_clip_grad_norm_bit_for_bit(norm_wanted):
+    # The loop reads the norm back with the loss and clips only where clip_grad_norm_'s factor is below 1.0
+    # (G3); both must leave exactly the bits torch's own clip_grad_norm_ leaves, below and above max_norm.
+    torch.manual_seed(0)
+    shapes = [(7, 64), (7,), (3, 5, 2)]
+    grads = [torch.randn(s) for s in shapes]
+    if norm_wanted == "exactly 10":  # torch's factor 10 / (10 + 1e-6) still rounds below 1.0 in float32
+        shapes, grads, norm_wanted = [(2,)], [torch.tensor([6.0, 8.0])], 10.0
+    grads = [g * (norm_wanted / torch.nn.utils.get_total_norm(grads)) for g in grads]
+    ours, theirs = [torch.nn.Parameter(torch.zeros(s)) for s in shapes], [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for a, b, g in zip(ours, theirs, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    norm = tp.total_grad_norm([p.grad for p in ours])
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 10.0)
+    assert torch.equal(norm, expected)
+    tp.clip_gradients(ours, 10.0, norm, norm.item())
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+    clipped = any(not torch.equal(b.grad, g) for b, g in zip(theirs, grads))
+    assert clipped == (norm_wanted >= 10.0)  # both sides of max_norm are covered
+
+
 def nan_dataset(tmp_path, bad_index=7):
     rng = np.random.default_rng(0)
     for split, n in (("train", 40), ("val", 16)):
