@@ -454,18 +454,21 @@ def check_intervals(cfg, plan):
     """E4: eval/save/log intervals against the derived run length; early stopping against warmup."""
     total, per_epoch, warm = plan["total_steps"], plan["steps_per_epoch"], plan["warmup_steps"]
     found = []
-    for key, what, severity, why in (
-            ("train.eval_every", "eval", "warning", "only the final eval happens, so best.pt and early stopping see "
-             "one point"),
-            ("train.save_every_steps", "checkpoint", "info", "no periodic checkpoint before the end: SIGTERM still "
-             "saves (R8), a SIGKILL or crash loses the run")):
-        interval = cfg[key] or per_epoch
-        if interval > total:
-            source = f"{key} {cfg[key]}" if cfg[key] else f"once per epoch = {per_epoch} steps"
-            new = max(1, total // 10)
-            found.append(finding("E4", severity, f"{what} interval {interval} optimizer steps ({source}) is longer "
-                                 f"than the {total}-step run: {why}", f"set {key} to {new}",
-                                 changes=[(key, new)] if severity != "info" else []))
+    interval = cfg["train.eval_every"] or per_epoch
+    if interval > total:
+        source = f"train.eval_every {cfg['train.eval_every']}" if cfg["train.eval_every"] else \
+            f"once per epoch = {per_epoch} steps"
+        new = max(1, total // 10)
+        found.append(finding("E4", "warning", f"eval interval {interval} optimizer steps ({source}) is longer than "
+                             f"the {total}-step run: only the final eval happens, so best.pt and early stopping see "
+                             "one point", f"set train.eval_every to {new}", changes=[("train.eval_every", new)]))
+    save_steps = cfg["train.save_every_steps"]
+    if cfg["train.save_every_minutes"] is None and (save_steps is None or save_steps > total):
+        source = f"train.save_every_steps {save_steps} is longer than the {total}-step run" if save_steps else \
+            "train.save_every_steps is null"
+        found.append(finding("E4", "info", f"no periodic checkpoint before the end: train.save_every_minutes is null "
+                             f"and {source}; SIGTERM still saves (R8), a SIGKILL or crash loses the run",
+                             "set train.save_every_minutes (default 5) or a train.save_every_steps below the run length"))
     if cfg["train.log_every"] > total:
         new = max(1, total // 20)
         found.append(finding("E4", "warning", f"train.log_every {cfg['train.log_every']} is longer than the "

@@ -73,7 +73,9 @@ CONFIG = {
     "train.device": ("auto", ("auto", "cpu", "cuda"), "auto = cuda when available"),
     "train.log_every": (10, "int", "optimizer steps between train records"),
     "train.eval_every": (None, "int?", "optimizer steps between evals; null = once per epoch"),
-    "train.save_every_steps": (None, "int?", "optimizer steps between checkpoints; null = once per epoch"),
+    "train.save_every_steps": (None, "int?", "optimizer steps between last.pt saves; null = no step trigger"),
+    "train.save_every_minutes": (5.0, "float?", "minutes of training between last.pt saves (R8: bounds what a SIGKILL "
+                                 "loses); null = no time trigger. The end, a stop signal and a G4 abort always save"),
     "train.max_bad_steps": (20, "int", "abort after this many consecutive non-finite steps (G4)"),
     "train.patience": (None, "int?", "early stopping: evals without improvement; null = off"),
     "train.best_metric": ("val/auroc", "str", "metric that picks best.pt (loss/ppl: lower is better)"),
@@ -269,6 +271,8 @@ def common_value_problems(cfg, task):
                 "train.eval_batch_size"):
         need(cfg[key] >= 1, key, "must be >= 1")
     need(cfg["train.num_workers"] >= 0, "train.num_workers", "must be >= 0")
+    need(cfg["train.save_every_minutes"] is None or cfg["train.save_every_minutes"] > 0,
+         "train.save_every_minutes", "must be > 0 or null")
     need(cfg["train.clip_grad_norm"] is None or cfg["train.clip_grad_norm"] > 0,
          "train.clip_grad_norm", "must be > 0 or null")
     need(0 < cfg["train.max_loss_share"] <= 1, "train.max_loss_share", "must be in (0, 1]")
@@ -741,7 +745,7 @@ class TrainingAborted(Exception):
 def open_run(run_dir, cfg, dist_info):
     """runs/<run_name>/: config.yaml, metrics.jsonl, train.log, checkpoints/. Logs append, never truncate."""
     run = {"cfg": cfg, "dist": dist_info, "quiet": False, "run_dir": run_dir, "ckpt_dir": os.path.join(run_dir, "checkpoints"),
-           "stop_signal": None, "stop_after": None, "bar": None,
+           "stop_signal": None, "stop_after": None, "bar": None, "last_save": time.monotonic(),
            "state": {"global_step": 0, "skipped_steps": 0, "bad_streak": 0, "best_value": None, "best_step": None,
                      "evals_since_best": 0, "last_eval": None, "finished": False}}
     if dist_info["main"]:
@@ -854,6 +858,8 @@ def save_checkpoint(run, name):
     A collective under DDP (every process's RNG state is gathered); process 0 writes."""
     d, st = run["dist"], run["state"]
     rngs = all_gather_list([rng_state()], d["world"])
+    if name == "last.pt":  # on every process: the time trigger restarts for all of them together
+        run["last_save"] = time.monotonic()
     if not d["main"]:
         return
     per_epoch = run["plan"]["steps_per_epoch"]
@@ -996,15 +1002,21 @@ def optimizer_step(run, task, micro_batches, count):
     # G7: all the host needs from this step in one read: the micro-batch losses, the loss parts and the
     # gradient norm (and, under DDP, every process's stop request).
     stats = torch.stack([*losses, *(v for part in parts.values() for v in part), norm.float()])
-    if d["world"] > 1:  # sums the losses, the parts and the stop requests over processes; the gradient
-        # norm is the same on every process after DDP's gradient all-reduce and is divided back below
-        stats = torch.cat([stats, torch.tensor([float(run["stop_signal"] is not None)], device=stats.device)])
+    minutes = cfg["train.save_every_minutes"]
+    save_due = minutes is not None and time.monotonic() - run["last_save"] >= 60 * minutes
+    if d["world"] > 1:  # sums the losses, the parts, the stop requests and the due saves over processes, so
+        # every process stops or saves at the same step; the gradient norm is the same on every process
+        # after DDP's gradient all-reduce and is divided back below
+        flags = [float(run["stop_signal"] is not None), float(save_due)]
+        stats = torch.cat([stats, torch.tensor(flags, device=stats.device)])
         dist.all_reduce(stats)
     values = stats.tolist()
     loss, at = math.fsum(values[:len(losses)]) / d["world"], len(losses)
     for name, part in parts.items():
         parts[name], at = math.fsum(values[at:at + len(part)]) / count, at + len(part)
-    grad_norm, stop = values[at] / d["world"], d["world"] > 1 and values[-1] > 0 or run["stop_signal"] is not None
+    grad_norm, stop = values[at] / d["world"], run["stop_signal"] is not None
+    if d["world"] > 1:
+        stop, save_due = values[-2] > 0, values[-1] > 0
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     lrs = [group["lr"] for group in optimizer.param_groups]  # S8: the LR this step uses, from the optimizer
     expected = run["expected_lr"][step - 1]
@@ -1025,7 +1037,8 @@ def optimizer_step(run, task, micro_batches, count):
     # the dry-run curve is exactly the one training uses. Skips are counted and logged instead.
     scheduler.step()
     st["global_step"] = step
-    return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop, "parts": parts}
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop, "save_due": save_due,
+            "parts": parts}
 
 
 def after_eval(run, metrics):
@@ -1056,7 +1069,8 @@ def fit(run, task):
     cfg, plan, d, st = run["cfg"], run["plan"], run["dist"], run["state"]
     total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
     eval_every = cfg["train.eval_every"] or per_epoch  # E4: checked against the run length by the tools
-    save_every = cfg["train.save_every_steps"] or per_epoch
+    save_every = cfg["train.save_every_steps"]
+    run["last_save"] = time.monotonic()  # the time trigger (train.save_every_minutes) counts from here
     unit = task["count_name"]
     if d["main"] and sys.stderr.isatty():
         from tqdm import tqdm
@@ -1121,7 +1135,7 @@ def fit(run, task):
                 save_checkpoint(run, "last.pt")
                 outcome = "stopped"
                 break
-            if step % save_every == 0:
+            if out["save_due"] or (save_every and step % save_every == 0):
                 save_checkpoint(run, "last.pt")
     if run["bar"] is not None:
         run["bar"].close()

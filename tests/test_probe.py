@@ -73,6 +73,21 @@ def test_r4_r5_resume_after_sigkill_is_bit_exact(tmp_path, kill_at, cache):
     assert a["last_eval"] == b["last_eval"]
 
 
+@pytest.mark.parametrize("minutes,saved_at", [("1.0e-9", 4), ("null", None), ("5.0", None)],
+                         ids=["due_after_every_step", "no_time_trigger", "default_5_minutes"])
+def test_r8_last_pt_follows_the_time_trigger_and_nothing_else_by_default(tmp_path, minutes, saved_at):
+    # No step trigger (train.save_every_steps null, the default): last.pt comes from the time trigger alone.
+    # A few-second run with the default 5 minutes writes no periodic checkpoint before a SIGKILL at step 5.
+    run_dir = str(tmp_path / "run")
+    died = run_script(*sets(*TINY, f"train.save_every_minutes={minutes}"), "--run_dir", run_dir,
+                      env={"KIT_FAULT_KILL_AT": "5:0"})
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    if saved_at is None:
+        assert not os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt"))
+    else:
+        assert ckpt(run_dir)["global_step"] == saved_at
+
+
 def test_r4_resume_at_a_random_step_is_bit_exact(tmp_path):
     step = random.Random(2026).randint(2, 11)  # fixed seed: deterministic, but not a hand-picked step
     cfg = config("train.save_every_steps=1")
