@@ -986,6 +986,7 @@ def open_run(run_dir, cfg, dist_info):
     """runs/<run_name>/: config.yaml, metrics.jsonl, train.log, checkpoints/. Logs append, never truncate."""
     run = {"cfg": cfg, "dist": dist_info, "quiet": False, "run_dir": run_dir, "ckpt_dir": os.path.join(run_dir, "checkpoints"),
            "stop_signal": None, "stop_after": None, "bar": None, "last_save": time.monotonic(),
+           "best_written": None, "best_pending": None,
            "state": {"global_step": 0, "skipped_steps": 0, "bad_streak": 0, "best_value": None, "best_step": None,
                      "evals_since_best": 0, "last_eval": None, "finished": False}}
     if dist_info["main"]:
@@ -1093,24 +1094,61 @@ def atomic_save(obj, path):
             os.unlink(tmp)
 
 
-def save_checkpoint(run, name):
-    """Everything the loop needs to continue exactly; loadable with weights_only=True (R7).
-    A collective under DDP (every process's RNG state is gathered); process 0 writes."""
+def checkpoint_state(run):
+    """Everything the loop needs to continue exactly; loadable with weights_only=True (R7). A collective
+    under DDP (every process's RNG state is gathered); None on every process but 0, which writes."""
     d, st = run["dist"], run["state"]
     rngs = all_gather_list([rng_state()], d["world"])
-    if name == "last.pt":  # on every process: the time trigger restarts for all of them together
-        run["last_save"] = time.monotonic()
     if not d["main"]:
-        return
+        return None
     per_epoch = run["plan"]["steps_per_epoch"]
-    ckpt = {"format": 1, "task": run["cfg"]["task"], "model": run["module"].state_dict(),
+    return {"format": 1, "task": run["cfg"]["task"], "model": run["module"].state_dict(),
             "optimizer": run["optimizer"].state_dict(), "scheduler": run["scheduler"].state_dict(),
             "scaler": run["scaler"].state_dict() if run["scaler"] else None, "rng": rngs,
             "data_position": {"epoch": st["global_step"] // per_epoch, "step_in_epoch": st["global_step"] % per_epoch,
                               "seed": run["cfg"]["seed"]},
             "world_size": d["world"], "config": dict(run["cfg"]), "schedule": schedule_signature(run["cfg"], run["plan"]),
             "torch_version": str(torch.__version__), **st}
-    atomic_save(ckpt, os.path.join(run["ckpt_dir"], name))
+
+
+def host_copy(obj):
+    """The checkpoint with every tensor copied to host memory: a best.pt waiting for its write must not
+    change when training goes on."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: host_copy(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(value) for value in obj) if type(obj) in (list, tuple) else obj
+    return obj
+
+
+def save_last(run):
+    """last.pt (R6: atomic; process 0 writes, a collective under DDP). A best.pt still held in memory is
+    written first, so best.pt on disk is never older than the best step last.pt names."""
+    ckpt = checkpoint_state(run)
+    run["last_save"] = time.monotonic()  # on every process: the time trigger restarts for all of them together
+    if ckpt is None:
+        return
+    if run["best_pending"] is not None:
+        atomic_save(run["best_pending"], os.path.join(run["ckpt_dir"], "best.pt"))
+        run["best_pending"] = None
+    atomic_save(ckpt, os.path.join(run["ckpt_dir"], "last.pt"))
+
+
+def save_best(run):
+    """best.pt at a better eval: written now when no best.pt was written in the last
+    train.save_every_minutes, otherwise held as a host copy and written with the next last.pt (the time
+    trigger, a stop, the end), so evals on fast epochs do not each pay an fsynced write (R6)."""
+    ckpt = checkpoint_state(run)
+    if ckpt is None:
+        return
+    minutes, now = run["cfg"]["train.save_every_minutes"], time.monotonic()
+    if minutes is None or run["best_written"] is None or now - run["best_written"] >= 60 * minutes:
+        atomic_save(ckpt, os.path.join(run["ckpt_dir"], "best.pt"))
+        run["best_written"], run["best_pending"] = now, None
+    else:
+        run["best_pending"] = host_copy(ckpt)
 
 
 def load_latest_checkpoint(run, path):
@@ -1297,7 +1335,7 @@ def after_eval(run, metrics):
     best = st["best_value"]
     if math.isfinite(value) and (best is None or (value < best if lower else value > best)):
         st["best_value"], st["best_step"], st["evals_since_best"] = value, step, 0
-        save_checkpoint(run, "best.pt")
+        save_best(run)
     else:
         st["evals_since_best"] += 1
     patience = cfg["train.patience"]
@@ -1359,7 +1397,7 @@ def fit(run, task):
             elif out["grad_norm"] > cfg["train.grad_norm_warn"]:
                 log(run, f"WARNING G3: step {step} gradient norm {out['grad_norm']:.4g} > {cfg['train.grad_norm_warn']:g}")
             if st["bad_streak"] >= cfg["train.max_bad_steps"]:
-                save_checkpoint(run, "last.pt")
+                save_last(run)
                 raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state saved "
                                       f"in {run['ckpt_dir']}/last.pt. Check the data and lower optim.lr")
             if step % eval_every == 0 or step == total:
@@ -1369,14 +1407,14 @@ def fit(run, task):
                     outcome = "early_stopped"
             if outcome == "early_stopped" or step == total:
                 st["finished"] = True
-                save_checkpoint(run, "last.pt")
+                save_last(run)
                 break
             if out["stop"] or step == run["stop_after"]:
-                save_checkpoint(run, "last.pt")
+                save_last(run)
                 outcome = "stopped"
                 break
             if out["save_due"] or (save_every and step % save_every == 0):
-                save_checkpoint(run, "last.pt")
+                save_last(run)
     if run["bar"] is not None:
         run["bar"].close()
         run["bar"] = None

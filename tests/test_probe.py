@@ -66,8 +66,9 @@ def test_r4_r5_resume_after_sigkill_is_bit_exact(tmp_path, kill_at, cache):
     resumed = run_script(*base, "--run_dir", killed)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
-    assert tp.checkpoint_tensors_equal(os.path.join(whole, "checkpoints", "last.pt"),
-                                       os.path.join(killed, "checkpoints", "last.pt"))
+    for name in ("last.pt", "best.pt"):  # best.pt too: a best held in memory at the kill is recomputed, not lost
+        assert tp.checkpoint_tensors_equal(os.path.join(whole, "checkpoints", name),
+                                           os.path.join(killed, "checkpoints", name)), name
     a, b = ckpt(whole), ckpt(killed)
     assert a["global_step"] == b["global_step"] == 12
     assert a["last_eval"] == b["last_eval"]
@@ -86,6 +87,20 @@ def test_r8_last_pt_follows_the_time_trigger_and_nothing_else_by_default(tmp_pat
         assert not os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt"))
     else:
         assert ckpt(run_dir)["global_step"] == saved_at
+
+
+def test_r6_a_best_pt_held_in_memory_is_written_with_last_pt_and_equals_an_immediate_write(tmp_path):
+    # Default train.save_every_minutes: the first better eval writes best.pt, later ones wait in memory for
+    # the next last.pt. What lands on disk must be the checkpoint of the best eval's step, bit for bit the
+    # one an immediate write (save_every_minutes null) leaves, and it must agree with last.pt.
+    _, late = tp.train(config("train.epochs=5"), str(tmp_path / "late"), "none", quiet=True)
+    _, now = tp.train(config("train.epochs=5", "train.save_every_minutes=null"), str(tmp_path / "now"), "none", quiet=True)
+    best, last = ckpt(str(tmp_path / "late"), "best.pt"), ckpt(str(tmp_path / "late"))
+    # val/auroc peaks at step 12 of 20: held in memory for 8 steps of training, neither the first eval nor the last
+    assert best["global_step"] == last["best_step"] == late["state"]["best_step"] == 12 and last["global_step"] == 20
+    assert late["best_pending"] is None
+    assert tp.checkpoint_tensors_equal(str(tmp_path / "late/checkpoints/best.pt"), str(tmp_path / "now/checkpoints/best.pt"))
+    assert torch.equal(best["model"]["linear.weight"], ckpt(str(tmp_path / "now"), "best.pt")["model"]["linear.weight"])
 
 
 def test_r4_resume_at_a_random_step_is_bit_exact(tmp_path):
