@@ -62,7 +62,8 @@ PARAMS = {  # quick / full
     "full": {"loop_repeats": 11, "real_repeats": 7, "uncached_repeats": 9, "step_blocks": 25, "cache_epochs": None,
              "cache_repeats": 2, "kd_repeats": 10, "curve_steps": 200_000, "curve_repeats": 5, "peer_repeats": 5},
 }
-PARTS = ["loop", "loop_realistic", "loop_uncached", "syncs", "cache", "topk", "dry_run", "peer"]
+LOOP_PARTS = ("loop", "loop_realistic", "loop_uncached")
+PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "dry_run", "peer"]
 STEP_BLOCK = 50  # optimizer steps per timed block of the hot-step comparison
 
 
@@ -597,7 +598,7 @@ def build_rows(r):
     def verdict(ok):
         return "met" if ok else "NOT met"
 
-    for key in ("loop", "loop_realistic", "loop_uncached"):
+    for key in LOOP_PARTS:
         loop = r.get(key)
         if not loop:
             continue
@@ -620,7 +621,7 @@ def build_rows(r):
         s = loop["step"]
         if s:
             rows.append((label, "optimizer_step() / bare step, hot path only (no logging, no checkpoints): "
-                         f"{round(s['kit_us'] - s['bare_us']) or 0:+d} us per step. Without clipping the bare step takes "
+                         f"{round(s['kit_us'] - s['bare_us']):+d} us per step. Without clipping the bare step takes "
                          f"{s['bare_noclip_us']:.0f} us: torch's clip_grad_norm_ costs it {s['bare_us'] - s['bare_noclip_us']:.0f} us, "
                          "the kit's norm + guards + conditional clip (G3, G4, S9, G7) "
                          f"{s['kit_us'] - s['bare_noclip_us']:.0f} us",
@@ -699,8 +700,8 @@ def summary(r):
 
 def write_results(path, r, rows, elapsed):
     m = r["machine"]
-    same = ", ".join(f"{r[k]['name']}: {'yes' if r[k]['same_weights'] else 'NO'}" for k in ("loop", "loop_realistic", "loop_uncached")
-                     if r.get(k)) or "no loop part ran"
+    same = ", ".join(f"{r[k]['name']}: {'yes' if r[k]['same_weights'] else 'NO'}"
+                     for k in LOOP_PARTS if r.get(k)) or "no loop part ran"
     text = f"""# Benchmark results
 
 Measured by `python benchmarks/bench.py{' --quick' if r['quick'] else ''} --write_results` in {elapsed / 60:.1f} minutes.
