@@ -4,6 +4,7 @@ The reference is one uninterrupted two-process run (module fixture). Against it:
 the batch ends equal within fp tolerance (G2), and a two-process run SIGKILLed mid-epoch and relaunched
 with the same command ends bit-identical (R4/R5).
 """
+import contextlib
 import os
 import shutil
 import signal
@@ -21,6 +22,22 @@ import train_probe as tp  # noqa: E402
 from run_records import last_per_step, records  # noqa: E402
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # launch.sh's own choice on 2 cores; pinned so a bigger machine compares alike
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The in-process reference runs with one intra-op thread, as each launch.sh --gpus cpu:2 worker does
+    (OMP_NUM_THREADS=1): the same reduction orders on both sides, so the comparisons measure the batch
+    split (G2, E3) and not the thread count, and they come out the same on every run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def ckpt(run_dir):
     return torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), map_location="cpu", weights_only=True)
 
@@ -36,7 +53,7 @@ def two_process_run(workdir):
     """2 processes x batch 3, grad_accum 2, 27 windows: 9 optimizer steps, uninterrupted."""
     path, cfg = workdir
     run_dir = str(path / "two")
-    out = launch(cfg, "--gpus", "cpu:2", "--", "--run_dir", run_dir, cwd=path)
+    out = launch(cfg, "--gpus", "cpu:2", "--", "--run_dir", run_dir, cwd=path, env=ONE_THREAD)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "= 2 process(es)" in out.stdout and "torchrun --standalone --nproc_per_node=2" in out.stdout
     return run_dir
@@ -47,7 +64,7 @@ def killed_two_process_run(workdir):
     """The same run SIGKILLed (both processes) before micro-batch 1 of step 5, mid-epoch 2; last save: step 4."""
     path, cfg = workdir
     run_dir = str(path / "killed")
-    out = launch(cfg, "--gpus", "cpu:2", "--", "--run_dir", run_dir, cwd=path, env={"KIT_FAULT_KILL_AT": "5:1"})
+    out = launch(cfg, "--gpus", "cpu:2", "--", "--run_dir", run_dir, cwd=path, env={"KIT_FAULT_KILL_AT": "5:1", **ONE_THREAD})
     assert out.returncode == 128 + signal.SIGKILL, out.stdout + out.stderr  # the worker's status, not torchrun's 1
     assert ckpt(run_dir)["global_step"] == 4 and ckpt(run_dir)["world_size"] == 2
     return run_dir
@@ -58,7 +75,8 @@ def one_process_run(workdir):
     """1 process x batch 6: the same global micro-batches, so the same 9 optimizer steps."""
     path, cfg = workdir
     one, _ = tp.resolve_config(cfg, ["train.batch_size=6"])
-    outcome, run = tp.train(one, str(path / "one"), "none", quiet=True)
+    with one_thread():
+        outcome, run = tp.train(one, str(path / "one"), "none", quiet=True)
     assert outcome == "finished" and run["plan"]["total_steps"] == 9
     return str(path / "one")
 
@@ -101,7 +119,7 @@ def test_r4_r5_two_process_run_killed_and_relaunched_through_launch_sh_is_bit_id
         workdir, two_process_run, killed_two_process_run, tmp_path):
     path, cfg = workdir
     run_dir = copy_run(killed_two_process_run, tmp_path)
-    out = launch(cfg, "--gpus", "cpu:2", "--", "--run_dir", run_dir, cwd=path)  # the same command line
+    out = launch(cfg, "--gpus", "cpu:2", "--", "--run_dir", run_dir, cwd=path, env=ONE_THREAD)  # the same command line
     assert out.returncode == 0, out.stdout + out.stderr
     assert "resumed from" in out.stdout and "at optimizer step 4" in out.stdout
     assert tp.checkpoint_tensors_equal(os.path.join(two_process_run, "checkpoints", "last.pt"),
@@ -139,15 +157,17 @@ def test_distill_two_process_kd_run_equals_one_process_with_twice_the_batch(tmp_
     # in 4 optimizer steps (the last a short group of one micro-batch); 32 val windows per eval
     tiny += ["train.epochs=null", "train.max_steps=4", "data.val_windows=32"]
     teacher_cfg, _ = td.resolve_config(None, tiny + ["kd.enabled=false", "train.batch_size=4"])
-    assert td.train(teacher_cfg, str(tmp_path / "teacher"), "none", quiet=True)[0] == "finished"
+    with one_thread():
+        assert td.train(teacher_cfg, str(tmp_path / "teacher"), "none", quiet=True)[0] == "finished"
     kd = tiny + ["kd.enabled=true", "kd.hf_teacher_dir=null",
                  f"kd.teacher_checkpoint={tmp_path / 'teacher' / 'checkpoints' / 'best.pt'}"]
     one_cfg, _ = td.resolve_config(None, kd + ["train.batch_size=4"])
-    outcome, run = td.train(one_cfg, str(tmp_path / "one"), "none", quiet=True)
+    with one_thread():
+        outcome, run = td.train(one_cfg, str(tmp_path / "one"), "none", quiet=True)
     assert outcome == "finished"
     cfg = write_config(tmp_path, "task: distill\nrun_name: distill_smoke\n", name="distill.yaml")
     sets = [a for o in kd + ["train.batch_size=2"] for a in ("--set", o)]
-    out = launch(cfg, "--gpus", "cpu:2", "--", *sets, "--run_dir", str(tmp_path / "two"), cwd=tmp_path)
+    out = launch(cfg, "--gpus", "cpu:2", "--", *sets, "--run_dir", str(tmp_path / "two"), cwd=tmp_path, env=ONE_THREAD)
     assert out.returncode == 0, out.stdout + out.stderr
     a, b = ckpt(str(tmp_path / "one")), ckpt(str(tmp_path / "two"))
     assert run["plan"]["micro_batches_per_epoch"] == 7 and run["plan"]["total_steps"] == 4
@@ -160,3 +180,19 @@ def test_distill_two_process_kd_run_equals_one_process_with_twice_the_batch(tmp_
     ea, eb = [r for r in ra if "val/ppl" in r], [r for r in rb if "val/ppl" in r]
     assert [r["step"] for r in ea] == [r["step"] for r in eb] and ea
     assert all(abs(x["val/ppl"] - y["val/ppl"]) <= 1e-5 * x["val/ppl"] for x, y in zip(ea, eb))
+
+
+@pytest.mark.parametrize("script, world", [("train_probe", "2"), ("train_distill", "2"), ("train_probe", "1")])
+def test_multi_process_exit_skips_py_finalize_so_gloo_threads_cannot_abort_a_finished_run(script, world, tmp_path):
+    """A finished torchrun worker must exit with its status, never 134: gloo's worker threads may still be
+    releasing the last collective's Python tensors when the interpreter finalizes, and a thread that asks
+    for the GIL then is killed inside a C++ destructor (std::terminate). exit_process() ends multi-process
+    runs without Py_Finalize (no atexit handler runs: the marker stays absent) after flushing stdout;
+    a single process exits normally."""
+    marker = tmp_path / "finalized"
+    code = (f"import atexit, sys; sys.path.insert(0, {ROOT!r}); import {script} as s; "
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').close()); print('flushed', end=''); s.exit_process(7)")
+    env = {**launch_env(), "WORLD_SIZE": world}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 7 and out.stdout == "flushed", out.stderr
+    assert marker.exists() == (world == "1")
