@@ -152,11 +152,11 @@ def test_c3_a_3d_output_without_backbone_pool_exits_2_naming_the_shape(tmp_path,
 
 # ---------------------------------------------------------------------------------------------------------
 # Bad backbone input: one line, exit 2, nothing written (every split goes through the backbone first)
-def save_splits(tmp_path, channels=(4, 4), label_shape=None):
+def save_splits(tmp_path, channels=(4, 4), label_shape=None, lengths=(128, 128)):
     import numpy as np
     rng = np.random.default_rng(0)
-    for split, n, c in (("train", 12, channels[0]), ("val", 8, channels[1])):
-        np.save(tmp_path / f"{split}_x.npy", rng.standard_normal((n, c, 128)).astype(np.float32))
+    for split, n, c, t in (("train", 12, channels[0], lengths[0]), ("val", 8, channels[1], lengths[1])):
+        np.save(tmp_path / f"{split}_x.npy", rng.standard_normal((n, c, t)).astype(np.float32))
         y = (np.arange(n) % 2).astype(np.int64)
         np.save(tmp_path / f"{split}_y.npy", y.reshape(label_shape(n)) if label_shape else y)
     return [f"data.{s}_{k}={tmp_path}/{s}_{k}.npy" for s in ("train", "val") for k in ("x", "y")]
@@ -181,6 +181,14 @@ def test_c3_splits_with_different_channels_exit_2(tmp_path, capsys):
     code, lines = main_exit(capsys, *TINY, *save_splits(tmp_path, channels=(4, 3)), run_dir=tmp_path / "run")
     assert code == 2 and len(lines) == 1 and lines[0].startswith("config error: data.val_x:")
     assert "3 channels" in lines[0] and "has 4" in lines[0] and not (tmp_path / "run").exists()
+
+
+def test_c3_every_split_goes_through_the_backbone_before_the_run_dir_is_touched(tmp_path, capsys):
+    # val windows half as long: flattened, their features are half the size the head is built for
+    code, lines = main_exit(capsys, *TINY, *save_splits(tmp_path, lengths=(128, 64)), "backbone.target=zoo:conv_time",
+                            "backbone.kwargs={channels: 4}", "backbone.pool=flatten", run_dir=tmp_path / "run")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("config error: backbone.pool:"), lines
+    assert "{'train': 512, 'val': 256}" in lines[0] and not (tmp_path / "run").exists()
 
 
 def test_c3_labels_shaped_n_by_1_exit_2(tmp_path, capsys):
