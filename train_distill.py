@@ -1421,10 +1421,15 @@ def fit(run, task):
     write_metrics(run, {"event": outcome, "step": st["global_step"]})
     return outcome
 def tensor_digest(module):
+    """SHA-256 of every parameter and buffer (persistent or not): name, dtype, shape and bytes. 0-dim and
+    integer tensors (BatchNorm's num_batches_tracked) included, so a frozen network that moved in any bit,
+    running statistics too, gets another digest."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    named = [("param " + n, t) for n, t in module.named_parameters()]
+    named += [("buffer " + n, t) for n, t in module.named_buffers()]
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 def threading_main():

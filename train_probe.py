@@ -101,9 +101,18 @@ CONFIG = {
     "backbone.target": (None, "str?", "'package.module:callable' returning the encoder; null = built-in"),
     "backbone.kwargs": ({}, "dict", "keyword arguments for the callable"),
     "backbone.checkpoint": (None, "str?", "state-dict file loaded into the backbone; null = seeded init"),
-    "backbone.cache_features": ("auto", ("auto", True, False), "compute features once (auto: if they fit in RAM)"),
+    "backbone.output": (None, "str?", "which tensor of a tuple/list/dict/ModelOutput output holds the features: "
+                        "a key or an index; null = a tensor output itself, a tuple's first element, a dict's "
+                        "last_hidden_state or else its only tensor (docs/probe-backbones.md)"),
+    "backbone.pool": (None, (None, "mean_tokens", "mean_time", "cls", "flatten"), "how the feature tensor becomes "
+                      "[B, D]: null or none = it must already be 2-D; mean_tokens [B, N, D] -> mean over N; "
+                      "mean_time [B, D, T] -> mean over T; cls [B, N, D] -> token 0; flatten = all dims after B"),
+    "backbone.cache_features": ("auto", ("auto", True, False), "compute features once, kept in <run_dir>/features/ "
+                                "for resumes (auto: if they fit in RAM)"),
     "head.num_classes": (2, "int", "classes; AUROC uses the last class as positive"),
     "head.standardize": (True, "bool", "standardise features with training-set mean/std (fixed, not trained)"),
+    "head.dropout": (0.0, "float", "dropout on the standardised features before the linear layer (a probe "
+                     "regulariser; draws from the torch RNG, which resume restores, R4)"),
 }
 
 
@@ -313,6 +322,8 @@ def resolve_config(path=None, overrides=(), check_files=True):
         problems.append(("C3", "train.best_metric", f"{cfg['train.best_metric']!r} is not one of val/auroc, val/bacc, val/loss"))
     if cfg["backbone.target"] is not None and ":" not in cfg["backbone.target"]:
         problems.append(("C3", "backbone.target", "must look like 'package.module:callable'"))
+    if not 0 <= cfg["head.dropout"] < 1:
+        problems.append(("C3", "head.dropout", f"{cfg['head.dropout']!r} must be in [0, 1)"))
     if problems:
         raise ConfigError(problems)
     return cfg, notes
@@ -599,6 +610,9 @@ class WindowSet(torch.utils.data.Dataset):
             x = np.load(self.x_path, mmap_mode="r")
             self.labels = np.asarray(np.load(self.y_path, mmap_mode="r")).astype(np.int64)
             self.shape = x.shape
+            if self.labels.ndim != 1:
+                raise ConfigError([("C3", f"data.{split}_y", f"{self.y_path} has shape {self.labels.shape}; labels must "
+                                    "be one class id per window, shape [N] (save y.reshape(-1) instead)")])
             if x.ndim != 3 or len(self.labels) != x.shape[0]:
                 raise ConfigError([("C3", f"data.{split}_x", f"{self.x_path} has shape {x.shape} and its labels "
                                     f"{len(self.labels)} rows; expected X [N, C, T] and y [N]")])
@@ -631,6 +645,15 @@ class WindowSet(torch.utils.data.Dataset):
         return torch.from_numpy(x), torch.from_numpy(self.labels[indices])
 
 
+def check_channels(train_set, *others):
+    """Every split must have the training windows' channels: the backbone and the head are built for them (C3)."""
+    for other in others:
+        if other is not None and other.shape[1] != train_set.shape[1]:
+            raise ConfigError([("C3", f"data.{other.split}_x", f"{other.x_path or 'synthetic'} has {other.shape[1]} "
+                                f"channels, data.train_x has {train_set.shape[1]}; every split needs the same channels "
+                                "in the same order")])
+
+
 def npy_length(path):
     """Rows of a .npy file from its header alone (the dry-run tool sizes schedules with this)."""
     return np.load(path, mmap_mode="r").shape[0]
@@ -658,41 +681,241 @@ class EEGEncoder(nn.Module):
         return torch.cat([tokens.mean(1), tokens.pow(2).mean(1).add(1e-6).log()], dim=1)
 
 
+def import_target(target):
+    """'package.module:callable' -> the callable. The working directory is searched as well: `python
+    scripts/train_probe.py` puts scripts/ on sys.path, not the directory the run starts from, where the
+    user's model code usually sits (python -m and the REPL search it too)."""
+    module_name, _, attr = target.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(1, os.getcwd())  # after the script's own directory, as python -m would have it
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError([("C3", "backbone.target", f"cannot import {target} ({err}); the module must be importable "
+                            f"from {os.getcwd()} or PYTHONPATH")]) from None
+
+
 def build_backbone(cfg, in_channels):
-    """Build, load and freeze: eval mode, no grad, never in the optimizer."""
+    """Build, load and freeze: eval mode for every submodule (BatchNorm statistics never move, dropout is
+    off), no grad, never in the optimizer. Bad kwargs and checkpoints are config errors (C3)."""
     torch.manual_seed(cfg["seed"])
-    if cfg["backbone.target"] is None:
-        backbone = EEGEncoder(in_channels, **cfg["backbone.kwargs"])
-    else:
-        module_name, _, attr = cfg["backbone.target"].partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError([("C3", "backbone.target", f"cannot import {cfg['backbone.target']} ({err})")]) from None
-        backbone = factory(**cfg["backbone.kwargs"])
+    target, kwargs = cfg["backbone.target"], cfg["backbone.kwargs"]
+    factory, args = (EEGEncoder, (in_channels,)) if target is None else (import_target(target), ())
+    try:
+        backbone = factory(*args, **kwargs)
+    except TypeError as err:  # an unknown or missing keyword; the message names it
+        raise ConfigError([("C3", "backbone.kwargs", f"{kwargs} rejected by {target or 'the built-in encoder'}: "
+                            f"{err}")]) from None
+    if not isinstance(backbone, nn.Module):
+        raise ConfigError([("C3", "backbone.target", f"{target} returned a {type(backbone).__name__}, not an nn.Module")])
     if cfg["backbone.checkpoint"]:
-        state = torch.load(cfg["backbone.checkpoint"], map_location="cpu", weights_only=True)
-        backbone.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        load_backbone_checkpoint(backbone, cfg["backbone.checkpoint"])
     backbone.requires_grad_(False)
     return backbone.eval()
 
 
-def extract_features(backbone, x, device, precision):
-    """Backbone features in fp32; [B, N, D] token outputs are mean-pooled to [B, D]."""
-    with torch.no_grad(), autocast(device, precision):
-        feats = backbone(to_device(x, device))
-    feats = feats.float()
-    return feats.mean(1) if feats.ndim == 3 else feats.flatten(1)
+def load_backbone_checkpoint(backbone, path):
+    """A state dict (name -> tensor), plain or inside a dict under state_dict (Lightning), model_state_dict or
+    model. Names may carry a prefix (Lightning's "model." or "backbone.", DDP's "module."): the one prefix that
+    leaves exactly the backbone's names is stripped. Loaded with weights_only=True: no code runs (R7)."""
+    key = "backbone.checkpoint"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        detail = next((line.strip() for line in str(err).split("WeightsUnpickler error:")[-1].splitlines()
+                       if line.strip()), type(err).__name__)
+        if "Unsupported global" in detail:
+            raise ConfigError([("R7", key, f"{path} holds pickled Python objects, which torch.load(weights_only=True) "
+                                f"refuses ({detail.split(' was not')[0]}); if you trust the file, convert it once: "
+                                f"python -c \"import torch; c = torch.load('{path}', weights_only=False); torch.save("
+                                "c.get('state_dict', c) if isinstance(c, dict) else c.state_dict(), 'backbone_weights.pt')\" "
+                                "and set backbone.checkpoint to backbone_weights.pt")]) from None
+        raise ConfigError([("C3", key, f"{path} is not a readable torch checkpoint ({detail})")]) from None
+    if isinstance(state, dict) and not all(torch.is_tensor(v) for v in state.values()):
+        inner = next((state[k] for k in ("state_dict", "model_state_dict", "model") if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            raise ConfigError([("C3", key, f"{path} is a dict with keys {sorted(map(str, state))[:8]} and no state dict "
+                                "(name -> tensor) under state_dict, model_state_dict or model")])
+        state = inner
+    if not isinstance(state, dict) or not state:
+        raise ConfigError([("C3", key, f"{path} holds a {type(state).__name__}, not a state dict (name -> tensor)")])
+    want = set(backbone.state_dict())
+    anchors = sorted(want)[:3]
+    prefixes = {""} | {name[:-len(a)] for name in state for a in anchors if name.endswith("." + a)}
+    for prefix in sorted(prefixes, key=len):
+        found = {name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)}
+        if set(found) == want:
+            break
+    else:
+        missing, extra = sorted(want - set(state)), sorted(set(state) - want)
+        raise ConfigError([("C3", key, f"{path} does not fit the backbone: {len(missing)} of its {len(want)} tensors "
+                            f"missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}), and no name "
+                            "prefix such as 'model.' or 'backbone.' fixes it; check backbone.target and backbone.kwargs")])
+    try:
+        backbone.load_state_dict(found)
+    except RuntimeError as err:  # a shape mismatch: "size mismatch for conv.weight: copying a param with shape ..."
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise ConfigError([("C3", key, f"{path} does not fit the backbone: {detail}")]) from None
 
 
-def feature_cache(backbone, dataset, cfg, device, limit=None):
-    """All of a split's features in one pass: the backbone is frozen and the data unaugmented, so every
-    later epoch would recompute exactly these numbers."""
-    chunks, size, n = [], cfg["train.eval_batch_size"], min(len(dataset), limit or len(dataset))
+POOL_CHOICES = ("mean_tokens ([B, N, D] -> mean over N), mean_time ([B, D, T] -> mean over T), cls (token 0 of "
+                "[B, N, D]) or flatten")
+
+
+def feature_tensor(out, output):
+    """The features in a backbone's output, by one rule: a tensor is itself; a tuple or list gives its first
+    element (Hugging Face's return_dict=False order); a dict or a ModelOutput (a dict whose None fields are
+    not keys) gives last_hidden_state, else its only tensor. backbone.output names another key or index."""
+    if torch.is_tensor(out):
+        if output is not None:
+            raise ConfigError([("C3", "backbone.output", f"is {output!r} but the backbone returns one tensor; set it to null")])
+        return out
+    if isinstance(out, dict):
+        tensors = {k: v for k, v in out.items() if torch.is_tensor(v)}
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
+        if output is not None:
+            if output not in tensors:
+                raise ConfigError([("C3", "backbone.output", f"{output!r} is not a tensor key of the backbone's "
+                                    f"{type(out).__name__} (tensors: {shapes or 'none'})")])
+            pick = tensors[output]
+        elif "last_hidden_state" in tensors or len(tensors) == 1:
+            pick = tensors.get("last_hidden_state", next(iter(tensors.values())))
+        else:
+            raise ConfigError([("C3", "backbone.output", f"the backbone returns a {type(out).__name__} with tensors "
+                                f"{shapes or 'none'}; set backbone.output to the key of the features")])
+        where = f"key {output!r} (keys: {shapes})"
+    elif isinstance(out, (tuple, list)):
+        index = 0 if output is None else int(output) if str(output).lstrip("-").isdigit() else None
+        if index is None or not -len(out) <= index < len(out):
+            raise ConfigError([("C3", "backbone.output", f"is {output!r} but the backbone returns a {type(out).__name__} "
+                                f"of {len(out)} items; give an index from 0 to {len(out) - 1}")])
+        pick, where = out[index], f"item {index} of {len(out)}"
+    else:
+        raise ConfigError([("C3", "backbone.target", f"the backbone returns a {type(out).__name__}; expected a tensor, "
+                            "a tuple/list, a dict or a ModelOutput")])
+    if not torch.is_tensor(pick):
+        raise ConfigError([("C3", "backbone.output", f"the backbone output's {where} is a {type(pick).__name__}, "
+                            "not a tensor; set backbone.output to the key or index of the features")])
+    return pick
+
+
+def pool_features(feats, pool):
+    """[B, ...] -> [B, D] as backbone.pool says. A non-2-D output is never pooled by a guess: [B, N, D] tokens
+    and [B, D, T] time series are both 3-D, and pooling the wrong axis still trains, badly."""
+    if pool is None:
+        if feats.ndim != 2:
+            raise ConfigError([("C3", "backbone.pool", f"is null but the backbone's features have shape "
+                                f"{tuple(feats.shape)}, not [B, D]; set backbone.pool to {POOL_CHOICES}")])
+        return feats
+    if pool == "flatten":
+        return feats.flatten(1)
+    if feats.ndim != 3:
+        raise ConfigError([("C3", "backbone.pool", f"{pool} needs a 3-D output but the features have shape "
+                            f"{tuple(feats.shape)}; use flatten, or null for a [B, D] output")])
+    if pool == "mean_tokens":
+        return feats.mean(1)
+    if pool == "mean_time":
+        return feats.mean(2)
+    return feats[:, 0]  # cls
+
+
+def extract_features(backbone, x, device, cfg):
+    """[B, D] fp32 features of a batch of windows: the backbone's feature tensor, pooled by backbone.pool."""
+    with torch.no_grad(), autocast(device, cfg["train.precision"]):
+        out = backbone(to_device(x, device))
+    return pool_features(feature_tensor(out, cfg["backbone.output"]).float(), cfg["backbone.pool"])
+
+
+def check_backbone(backbone, cfg, device, splits):
+    """One batch of every split through the backbone before anything is written (C3): a model built for other
+    channels, an output that is not [B, D] after backbone.pool, or splits with different feature sizes fail
+    here with one line, not at the first eval. Returns the feature size."""
+    dims = {}
+    for dataset in splits:
+        x, _ = dataset[np.arange(min(2, len(dataset)))]
+        try:
+            dims[dataset.split] = extract_features(backbone, x, device, cfg).shape[1]
+        except ConfigError:
+            raise
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ConfigError([("C3", "backbone.target" if cfg["backbone.target"] else "backbone.kwargs",
+                                f"the backbone fails on a data.{dataset.split}_x batch of shape {tuple(x.shape)}: "
+                                f"{type(err).__name__}: {first}; check backbone.kwargs against the data")]) from None
+    if len(set(dims.values())) > 1:
+        raise ConfigError([("C3", "backbone.pool", f"the splits give features of different sizes {dims} (windows of "
+                            "different lengths, flattened?); use a pool that removes the time axis")])
+    return dims["train"]
+
+
+def feature_cache_key(cfg, backbone, digest, split, n, device):
+    """What a split's cached features depend on: the backbone's tensors (digest) and code, the windows (the
+    file's path, size and mtime; for synthetic data the config values) and how they were computed."""
+    def file_id(path):
+        try:
+            stat = os.stat(path)
+            return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+        except (OSError, TypeError):
+            return None
+    data = file_id(cfg[f"data.{split}_x"]) if cfg["data.train_x"] else \
+        {k: v for k, v in cfg.items() if k.startswith("data.synthetic.") or k == "seed"}
+    code = file_id(getattr(sys.modules.get(type(backbone).__module__), "__file__", None))
+    what = {"format": 1, "backbone": digest, "code": code, "target": cfg["backbone.target"], "split": split,
+            "windows": n, "data": data, "output": cfg["backbone.output"], "pool": cfg["backbone.pool"],
+            "precision": cfg["train.precision"], "batch": cfg["train.eval_batch_size"], "device": device.type,
+            "torch": str(torch.__version__)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def compute_features(run, backbone, dataset, n):
+    """The first n windows' features in batches of train.eval_batch_size, with a tqdm bar on a terminal or a
+    log line a minute otherwise (a large backbone over a large set takes a while)."""
+    cfg, d = run["cfg"], run["dist"]
+    size, started = cfg["train.eval_batch_size"], time.monotonic()
+    bar, said = None, started
+    if d["main"] and sys.stderr.isatty() and not run["quiet"]:
+        from tqdm import tqdm
+        bar = tqdm(total=n, unit="window", desc=f"{dataset.split} features", dynamic_ncols=True, leave=False)
+    log(run, f"features: computing {n} {dataset.split} windows")
+    chunks = []
     for start in range(0, n, size):
         x, _ = dataset[np.arange(start, min(start + size, n))]
-        chunks.append(extract_features(backbone, x, device, cfg["train.precision"]).cpu())
+        chunks.append(extract_features(backbone, x, d["device"], cfg).cpu())
+        if bar is not None:
+            bar.update(len(x))
+        elif time.monotonic() - said >= 60:
+            said = time.monotonic()
+            log(run, f"features: {start + len(x)}/{n} {dataset.split} windows ({(start + len(x)) / n:.0%})")
+    if bar is not None:
+        bar.close()
+    log(run, f"features: {n} {dataset.split} windows in {time.monotonic() - started:.1f} s")
     return torch.cat(chunks)
+
+
+def feature_cache(run, backbone, digest, dataset, limit=None):
+    """All of a split's features in one pass: the backbone is frozen and the data unaugmented, so every
+    later epoch would recompute exactly these numbers. Kept in <run_dir>/features/ under a name made of
+    what they depend on (feature_cache_key), so a resumed run loads them instead of computing them again."""
+    n = min(len(dataset), limit or len(dataset))
+    key = feature_cache_key(run["cfg"], backbone, digest, dataset.split, n, run["dist"]["device"])
+    directory = os.path.join(run["run_dir"], "features")
+    path = os.path.join(directory, f"{dataset.split}-{n}-{key}.pt")
+    if os.path.exists(path):
+        try:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+            if torch.is_tensor(feats) and feats.shape[0] == n:
+                log(run, f"features: {n} {dataset.split} windows loaded from {path}")
+                return feats
+        except Exception as err:  # a torn file: compute again
+            log(run, f"WARNING: {path} is unreadable ({type(err).__name__}); computing the features again")
+    feats = compute_features(run, backbone, dataset, n)
+    if run["dist"]["main"]:
+        os.makedirs(directory, exist_ok=True)
+        for name in os.listdir(directory):  # features of an older backbone or data: no longer any use
+            if name.startswith(f"{dataset.split}-{n}-") and name.endswith(".pt"):
+                os.unlink(os.path.join(directory, name))
+        atomic_save(feats, path)
+    return feats
 
 
 def use_feature_cache(cfg, num_samples, feature_dim):
@@ -708,20 +931,22 @@ def use_feature_cache(cfg, num_samples, feature_dim):
 
 
 class ProbeHead(nn.Module):
-    """The probe: fixed standardisation (train-set mean/std, saved with the head) + one linear layer.
+    """The probe: fixed standardisation (train-set mean/std, saved with the head), optional dropout, one
+    linear layer.
 
     Per-sample arithmetic only, no BatchNorm: an update must not depend on how a step is split into
-    micro-batches (G2).
+    micro-batches (G2; with head.dropout > 0 the masks differ with the split, as they do with any seed).
     """
 
-    def __init__(self, dim, num_classes, mean, std):
+    def __init__(self, dim, num_classes, mean, std, dropout=0.0):
         super().__init__()
         self.register_buffer("feature_mean", mean)
         self.register_buffer("feature_std", std)
+        self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(dim, num_classes)
 
     def forward(self, feats):
-        return self.linear((feats - self.feature_mean) / self.feature_std)
+        return self.linear(self.dropout((feats - self.feature_mean) / self.feature_std))
 
 
 def build_head(cfg, sample_features):
@@ -731,7 +956,7 @@ def build_head(cfg, sample_features):
         finite = sample_features[torch.isfinite(sample_features).all(1)]  # one bad window must not poison it
         mean, std = finite.mean(0), finite.std(0).clamp_min(1e-6)
     torch.manual_seed(cfg["seed"])
-    return ProbeHead(dim, cfg["head.num_classes"], mean, std)
+    return ProbeHead(dim, cfg["head.num_classes"], mean, std, cfg["head.dropout"])
 
 
 # ==== shared: run dir, checkpoints, resume, loop (identical in train_probe.py and train_distill.py) ====
@@ -1181,10 +1406,15 @@ def fit(run, task):
     write_metrics(run, {"event": outcome, "step": st["global_step"]})
     return outcome
 def tensor_digest(module):
+    """SHA-256 of every parameter and buffer (persistent or not): name, dtype, shape and bytes. 0-dim and
+    integer tensors (BatchNorm's num_batches_tracked) included, so a frozen network that moved in any bit,
+    running statistics too, gets another digest."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    named = [("param " + n, t) for n, t in module.named_parameters()]
+    named += [("buffer " + n, t) for n, t in module.named_buffers()]
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 def threading_main():
@@ -1261,7 +1491,7 @@ def evaluate(run, split):
         for start in range(0, len(mine), cfg["train.eval_batch_size"]):
             idx = mine[start:start + cfg["train.eval_batch_size"]]
             feats = source[torch.from_numpy(idx)] if torch.is_tensor(source) else \
-                extract_features(run["backbone"], source[idx][0], d["device"], cfg["train.precision"])
+                extract_features(run["backbone"], source[idx][0], d["device"], cfg)
             logits = run["module"](feats.to(d["device"])).float()
             y = torch.from_numpy(labels[idx]).to(d["device"])
             loss = F.cross_entropy(logits, y, reduction="none")
@@ -1294,28 +1524,53 @@ def print_plan(run, resumed, cached):
              + (f"resuming at step {run['state']['global_step']}" if resumed else "starting at step 0"))
 
 
+def already_complete(cfg, plan, run_dir, mode, d):
+    """The step of a finished run's last.pt when this command would only find it complete, else None: a
+    restart of a finished run says so before building anything (the backbone, the feature cache). Anything
+    less plain (a changed schedule, another world size) goes the full way through resume(), which explains."""
+    path = os.path.join(run_dir, "checkpoints", "last.pt") if mode == "auto" else mode
+    step = None
+    if mode != "none" and os.path.isfile(path):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if ckpt.get("finished") and ckpt.get("task") == cfg["task"] and ckpt.get("world_size") == d["world"] \
+                    and ckpt.get("schedule") == schedule_signature(cfg, plan):
+                step = ckpt["global_step"]
+        except Exception:  # unreadable: resume() falls back to last.prev.pt and says so
+            pass
+    steps = all_gather_list([step], d["world"])
+    return step if len(set(steps)) == 1 else None
+
+
 def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     """Run (or continue) one probe training. Returns (outcome, run)."""
     d = setup_distributed(cfg)
     seed_everything(cfg["seed"], d["rank"])
     train_set, val_set = WindowSet(cfg, "train"), WindowSet(cfg, "val")
     test_set = WindowSet(cfg, "test") if cfg["data.test_x"] else None
+    check_channels(train_set, val_set, test_set)
     plan = plan_schedule(cfg, len(train_set), d["world"])  # raises ConfigError before anything is written
+    done = already_complete(cfg, plan, run_dir, resume_mode, d)
+    if done is not None:
+        run = open_run(run_dir, cfg, d)
+        run.update(quiet=quiet, plan=plan)
+        log(run, f"run already complete at step {done} ({run['ckpt_dir']}/last.pt); nothing to do")
+        return "complete", run
+    sets = {"train": train_set, "val": val_set, **({"test": test_set} if test_set else {})}
+    backbone = build_backbone(cfg, train_set.shape[1]).to(d["device"])
+    dim = check_backbone(backbone, cfg, d["device"], sets.values())  # every split, before anything is written
     run = open_run(run_dir, cfg, d)
     run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set)
-
-    backbone = build_backbone(cfg, train_set.shape[1]).to(d["device"])
     digest = tensor_digest(backbone)
-    probe = extract_features(backbone, train_set[np.arange(min(2, len(train_set)))][0], d["device"], cfg["train.precision"])
-    cached = use_feature_cache(cfg, len(train_set), probe.shape[1])
-    sets = {"val": val_set, **({"test": test_set} if test_set else {})}
+    cached = use_feature_cache(cfg, len(train_set), dim)
+    evals = {k: s for k, s in sets.items() if k != "train"}
     if cached:
-        train_feats = feature_cache(backbone, train_set, cfg, d["device"])
-        run["eval_sources"] = {k: (feature_cache(backbone, s, cfg, d["device"]), s.labels) for k, s in sets.items()}
+        train_feats = feature_cache(run, backbone, digest, train_set)
+        run["eval_sources"] = {k: (feature_cache(run, backbone, digest, s), s.labels) for k, s in evals.items()}
         sample = train_feats
     else:
-        run["eval_sources"] = {k: (s, s.labels) for k, s in sets.items()}
-        sample = feature_cache(backbone, train_set, cfg, d["device"], limit=2048)  # for standardisation only
+        run["eval_sources"] = {k: (s, s.labels) for k, s in evals.items()}
+        sample = feature_cache(run, backbone, digest, train_set, limit=2048)  # for standardisation only
     module = build_head(cfg, sample).to(d["device"])
     # DDP copies process 0's weights and buffers to every process at construction; the head's buffers are
     # fixed, so the default per-forward buffer broadcast only copies equal values.
@@ -1338,10 +1593,14 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
                 idx = torch.from_numpy(idx)
                 yield to_device(train_feats[idx], d["device"]), to_device(labels[idx], d["device"])
         else:
+            # R4: the loader's own generator, not the global torch RNG: each iterator draws a base seed for its
+            # workers, and a resumed run creates one iterator more than an uninterrupted one, which would shift
+            # every later dropout mask. The workers draw nothing (the windows are deterministic): one seed serves.
             loader = torch.utils.data.DataLoader(train_set, batch_size=None, sampler=index_lists,
-                                                 num_workers=cfg["train.num_workers"], pin_memory=d["device"].type == "cuda")
+                                                 num_workers=cfg["train.num_workers"], pin_memory=d["device"].type == "cuda",
+                                                 generator=torch.Generator().manual_seed(cfg["seed"]))
             for x, y in loader:
-                yield extract_features(backbone, x, d["device"], cfg["train.precision"]), to_device(y, d["device"])
+                yield extract_features(backbone, x, d["device"], cfg), to_device(y, d["device"])
 
     def loss(model, batch):
         feats, y = batch
