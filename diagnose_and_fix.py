@@ -1417,7 +1417,8 @@ def marks_summary(view):
 
 
 def draw_png(views, path):
-    """The picture: five panels sharing the step axis, the findings listed under them. Written atomically."""
+    """The picture: five panels sharing the step axis, the findings listed under them. Written atomically.
+    Returns the run legend's labels as drawn."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed (ssh, CI)
     import matplotlib.pyplot as plt
@@ -1489,7 +1490,7 @@ def draw_png(views, path):
         if legends[panel]:
             ax.legend(legends[panel].values(), legends[panel].keys(), fontsize=7, loc="upper right", framealpha=0.8)
     axes["loss"].set_xlim(0, last_step(views) * 1.01 + 1)
-    fig.legend([Line2D([], [], color=RUN_COLORS[k % len(RUN_COLORS)], lw=2.5) for k in range(len(views))],
+    legend = fig.legend([Line2D([], [], color=RUN_COLORS[k % len(RUN_COLORS)], lw=2.5) for k in range(len(views))],
                [f"{v['name']} ({v['log']})" for v in views], loc="upper center", ncol=min(len(views), 3),
                fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.985))
     lines = []
@@ -1499,11 +1500,11 @@ def draw_png(views, path):
     if not lines:
         lines = ["no critical or warning log findings"]
     more = len(lines) - 9
-    lines = [line if len(line) <= 175 else line[:172] + "..." for line in lines[:9]]
+    lines = [line if len(line) <= 160 else line[:157] + "..." for line in lines[:9]]
     lines += [f"... {more} more: run diagnose_and_fix.py --log for all of them"] if more > 0 else []
     note = fig.add_subplot(grid[-1])
     note.axis("off")
-    note.text(0, 1, "\n".join(lines), va="top", ha="left", fontsize=7.5, family="monospace", transform=note.transAxes)
+    note.text(0, 0.8, "\n".join(lines), va="top", ha="left", fontsize=7.5, family="monospace", transform=note.transAxes)
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".plot-{os.getpid()}-{os.path.basename(path)}")
     try:
         fig.savefig(tmp, dpi=PLOT_DPI)  # never bbox_inches="tight": the pixel size stays PLOT_INCHES x PLOT_DPI
@@ -1514,6 +1515,7 @@ def draw_png(views, path):
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return [text.get_text() for text in legend.get_texts()]
 
 
 def ascii_chart(series, x_last, log_y=False, width=ASCII_WIDTH, height=ASCII_HEIGHT):
@@ -1620,7 +1622,7 @@ def ascii_panels(views):
 
 def plot_runs(views, path, out=None):
     """PNG (svg, pdf) at path when matplotlib imports; else, or for path '-', ASCII panels on `out`.
-    Returns the kind drawn: "image" or "ascii"."""
+    Returns (the kind drawn: "image" or "ascii", the labels of the runs' legend)."""
     out = out or sys.stdout
     names = [v["name"] for v in views]
     for v in views:  # two runs from directories of the same name: tell them apart by their path
@@ -1632,15 +1634,16 @@ def plot_runs(views, path, out=None):
         except ImportError:
             matplotlib = None
         if matplotlib is not None:
-            draw_png(views, path)
+            legend = draw_png(views, path)
             print(f"plot: wrote {path} ({int(PLOT_INCHES[0] * PLOT_DPI)} x {int(PLOT_INCHES[1] * PLOT_DPI)} pixels); "
                   "marked " + "; ".join(marks_summary(v) for v in views), file=out)
-            return "image"
-    print(ascii_panels(views), file=out, flush=True)
+            return "image", legend
+    text = ascii_panels(views)
+    print(text, file=out, flush=True)
     if path != "-":
         print(f"plot: {path} not written: matplotlib is not installed (pip install matplotlib); the ASCII panels "
               "show the same", file=sys.stderr)
-    return "ascii"
+    return "ascii", text.splitlines()[0].removeprefix("runs: ").split("   ")
 
 
 # -----------------------------------------------------------------------------
