@@ -26,6 +26,7 @@ import argparse
 import copy
 import difflib
 import importlib
+import io
 import json
 import math
 import os
@@ -1507,7 +1508,13 @@ def draw_png(views, path):
     note.text(0, 0.8, "\n".join(lines), va="top", ha="left", fontsize=7.5, family="monospace", transform=note.transAxes)
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".plot-{os.getpid()}-{os.path.basename(path)}")
     try:
-        fig.savefig(tmp, dpi=PLOT_DPI)  # never bbox_inches="tight": the pixel size stays PLOT_INCHES x PLOT_DPI
+        if path.lower().endswith(".png"):  # a 256-colour palette (pillow comes with matplotlib): a third of the
+            from PIL import Image         # bytes, and the few colours of line plots stay exact (fast octree)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=PLOT_DPI)  # never bbox_inches="tight": the pixel size is fixed
+            Image.open(buffer).convert("RGB").quantize(256, method=2).save(tmp, format="PNG", optimize=True)
+        else:
+            fig.savefig(tmp, dpi=PLOT_DPI)
         os.replace(tmp, path)
     except OSError as err:
         raise UsageError(f"--plot {path}: cannot write ({err.strerror or err})") from None
