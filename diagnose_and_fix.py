@@ -1593,7 +1593,7 @@ def ascii_panels(views):
     """The terminal version of the PNG: the same panels, series and markers as text."""
     x_last = last_step(views)
     order = {"behind": 0, "threshold": 1, "component": 2, "line": 3, "points": 4}
-    out = [f"runs: " + "   ".join(f"{RUN_CHARS[k % len(RUN_CHARS)]} {v['name']} ({v['log']})"
+    out = ["runs: " + "   ".join(f"{RUN_CHARS[k % len(RUN_CHARS)]} {v['name']} ({v['log']})"
                                    for k, v in enumerate(views))]
     for panel in PLOT_PANELS:
         pool, drawn, legend = iter("abcdefghijkmnpqrstuvwyz"), [], []
