@@ -1407,6 +1407,17 @@ def last_step(views):
     return max([1] + [max(xs) for v in views for items in v["series"].values() for _, xs, _, _ in items])
 
 
+def loss_top(views):
+    """The loss panel's top when the first steps would flatten the rest: a start-up loss several times the
+    later ones leaves every later difference (val/loss of runs compared side by side) a few pixels. Clipped
+    to 1.15x the largest value after the first 10% of the steps when the earlier ones exceed twice that;
+    else None (no clipping)."""
+    cut = 0.1 * last_step(views)
+    values = [(x < cut, y) for v in views for _, xs, ys, _ in v["series"]["loss"] for x, y in zip(xs, ys) if finite(y)]
+    early, late = [y for e, y in values if e], [y for e, y in values if not e]
+    return 1.15 * max(late) if early and late and max(early) > 2 * max(late) else None
+
+
 def spans_text(spans):
     shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans[:4])
     return shown + (f" (+{len(spans) - 4} more)" if len(spans) > 4 else "")
@@ -1479,6 +1490,11 @@ def draw_png(views, path):
                     fontsize=8, fontweight="bold", va="top", color=shade,
                     bbox=dict(boxstyle="square,pad=0.1", fc="white", ec=color, lw=1, alpha=0.85))
             labelled[mark["panel"]] += 1
+    top = loss_top(views)
+    if top is not None:
+        axes["loss"].set_ylim(top=top)
+        axes["loss"].set_title(PLOT_TITLES["loss"] + f"; y clipped at {top:.3g} (the first steps are higher)",
+                               loc="left", fontsize=9)
     for panel, ax in axes.items():
         if not ax.lines:
             ax.text(0.5, 0.5, "not in the log", transform=ax.transAxes, ha="center", va="center", color="0.5")
@@ -1525,11 +1541,13 @@ def draw_png(views, path):
     return [text.get_text() for text in legend.get_texts()]
 
 
-def ascii_chart(series, x_last, log_y=False, width=ASCII_WIDTH, height=ASCII_HEIGHT):
+def ascii_chart(series, x_last, log_y=False, top=None, width=ASCII_WIDTH, height=ASCII_HEIGHT):
     """Text rows of [(char, steps, values, joined)] drawn in order, later ones on top. As in
     test_scheduler_dry_run.py's LR plot, a column covering several steps draws the min..max of its
-    values; a joined series is also filled in linearly between its logged steps."""
+    values; a joined series is also filled in linearly between its logged steps. Values above `top` are
+    drawn on the top row."""
     def tf(v):
+        v = v if top is None else min(v, top)
         return math.log10(v) if log_y else v
     pts = [[(x, y) for x, y in zip(xs, ys) if finite(y) and (y > 0 or not log_y)] for _, xs, ys, _ in series]
     values = [tf(y) for p in pts for _, y in p]
@@ -1610,8 +1628,10 @@ def ascii_panels(views):
         drawn.sort(key=lambda d: d[0])
         values = [y for _, _, _, ys, _ in drawn for y in ys if finite(y) and y > 0]
         log_y = panel == "grad_norm" and bool(values) and max(values) > 100 * min(values)
-        out += ["", f"{panel}: {PLOT_TITLES[panel]}" + (" [log scale]" if log_y else "")]
-        out += ascii_chart([d[1:] for d in drawn], x_last, log_y)
+        top = loss_top(views) if panel == "loss" else None
+        out += ["", f"{panel}: {PLOT_TITLES[panel]}" + (" [log scale]" if log_y else "") +
+                (f" [clipped at {top:.3g}: the first steps are higher]" if top is not None else "")]
+        out += ascii_chart([d[1:] for d in drawn], x_last, log_y, top)
         out.append(" " * 10 + "+" + "-" * ASCII_WIDTH)
         for k, view in enumerate(views):
             marks = ascii_marks(view["markers"], panel, x_last)

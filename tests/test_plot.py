@@ -303,3 +303,15 @@ def test_c3_bad_plot_input_is_one_line_exit_2_and_nothing_written(runs, monkeypa
     assert code == 2 and stdout == "" and views is None
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("diagnose_and_fix.py: --")
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_loss_panel_top_is_clipped_only_when_the_first_steps_dwarf_the_rest():
+    """A start-up loss of 7 over a later 2 would leave later differences a few pixels: the top is 1.15 x 2."""
+    def view(first):
+        train = {s: {"step": s, "loss": first if s <= 5 else 2.0 - s / 1000} for s in range(1, 101)}
+        return {"series": dx.panel_series(train, {}, {}, None)}
+    assert dx.loss_top([view(7.0)]) == pytest.approx(1.15 * 1.99)
+    assert dx.loss_top([view(3.0)]) is None
+    assert "[clipped at 2.29: the first steps are higher]" in dx.ascii_panels([{**view(7.0), "name": "a", "log": "a",
+                                                                                "markers": [], "findings": [],
+                                                                                "curve_note": None}])
