@@ -1662,7 +1662,9 @@ def plot_runs(views, path, out=None):
             matplotlib = None
         if matplotlib is not None:
             legend = draw_png(views, path)
-            print(f"plot: wrote {path} ({int(PLOT_INCHES[0] * PLOT_DPI)} x {int(PLOT_INCHES[1] * PLOT_DPI)} pixels); "
+            size = f"{int(PLOT_INCHES[0] * PLOT_DPI)} x {int(PLOT_INCHES[1] * PLOT_DPI)} pixels" \
+                if path.lower().endswith(".png") else f"{PLOT_INCHES[0]:g} x {PLOT_INCHES[1]:g} inches"
+            print(f"plot: wrote {path} ({size}); "
                   "marked " + "; ".join(marks_summary(v) for v in views), file=out)
             return "image", legend
     text = ascii_panels(views)
