@@ -4,6 +4,7 @@
     python diagnose_and_fix.py --config configs/tuab_4s.yaml --num_samples 409455 --world_size 4 --device_memory 80
     python diagnose_and_fix.py --log runs/probe_synthetic/metrics.jsonl        # config: the run's config.yaml
     python diagnose_and_fix.py --checkpoint runs/probe_synthetic/checkpoints/last.pt
+    python diagnose_and_fix.py --log runs/A/metrics.jsonl [--log runs/B/metrics.jsonl] --plot runs.png  # or --plot -
     python diagnose_and_fix.py --config C --fix --output C.fixed.yaml [--json]
 
 Every finding carries its FAILURE_MODES.md row id, a severity (critical, warning, info), one line of evidence
@@ -16,11 +17,16 @@ train_distill.py) and judges the config with that script's own loader (resolve_c
 (train_set_size), accumulation rule (plan_schedule / optimizer_steps_per_epoch), schedule (lr_curve,
 schedule_landmarks, check_lr_curve) and checkpoint signature (schedule_signature). the README section "diagnose_and_fix.py" lists
 every check, its id and severity, and the plain-text log format it accepts besides metrics.jsonl.
+
+--plot draws what the run(s) did on a shared axis of optimizer steps, with every --log finding marked at its
+steps by its row id (docs/plots.md): a PNG with matplotlib (optional), ASCII panels on stdout without it or
+with `--plot -`.
 """
 import argparse
 import copy
 import difflib
 import importlib
+import io
 import json
 import math
 import os
@@ -49,10 +55,12 @@ class UsageError(Exception):
 
 # -----------------------------------------------------------------------------
 # Findings: id, severity, evidence line, fix line, and the config changes --fix applies for it.
-def finding(rid, severity, evidence, fix, source="config", changes=()):
+def finding(rid, severity, evidence, fix, source="config", changes=(), at=()):
+    """at: the (first, last) optimizer-step spans a log finding is about ((s, s) for one step); --plot marks
+    them there."""
     assert severity in SEVERITIES
     return {"id": rid, "severity": severity, "source": source, "evidence": evidence, "fix": fix,
-            "changes": [(key, value) for key, value in changes]}
+            "changes": [(key, value) for key, value in changes], "at": [(int(a), int(b)) for a, b in at]}
 
 
 # -----------------------------------------------------------------------------
@@ -66,11 +74,14 @@ def parse_args(argv=None):
                         "data is not on this machine")
     parser.add_argument("--world_size", type=int, default=1, help="processes the run uses (default 1)")
     parser.add_argument("--device_memory", type=float, help="GiB of memory per device (default: the detected GPU)")
-    parser.add_argument("--log", help="metrics.jsonl of a run, or a plain-text log with step=/lr=/loss= fields")
+    parser.add_argument("--log", action="append", help="metrics.jsonl of a run, or a plain-text log with "
+                        "step=/lr=/loss= fields; repeat it to diagnose (and --plot) several runs")
     parser.add_argument("--checkpoint", help="a checkpoint (.pt) written by the training script")
     parser.add_argument("--fix", action="store_true", help="write a corrected config to --output")
     parser.add_argument("--output", help="where --fix writes (the input is overwritten only when named here)")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON instead of text")
+    parser.add_argument("--plot", metavar="OUT", help="draw the --log run(s) with their findings marked: OUT.png "
+                        "(or .svg/.pdf) with matplotlib; '-' (or matplotlib missing) prints ASCII panels instead")
 
     def one_line_error(message):
         raise UsageError(message)
@@ -89,6 +100,10 @@ def parse_args(argv=None):
         raise UsageError(f"--device_memory {args.device_memory} must be > 0 (GiB)")
     if not (args.config or args.log or args.checkpoint):
         raise UsageError("give --config, --log or --checkpoint (see --help)")
+    if args.log and len(args.log) > 1 and (args.fix or args.checkpoint):
+        raise UsageError("--fix and --checkpoint take one run: give a single --log with them")
+    if args.plot is not None:
+        check_plot_inputs(args.log, args.plot)
     return args
 
 
@@ -710,7 +725,7 @@ def read_log(path):
         lines = [line for line in f.read().splitlines() if line.strip()]
     jsonl = bool(lines) and lines[0].lstrip().startswith("{")
     train, evals, info = {}, {}, {"format": "jsonl" if jsonl else "text", "bad_lines": [], "relogged": 0,
-                                  "resumes": 0, "lines": len(lines)}
+                                  "resumes": 0, "lines": len(lines), "events": []}
     for number, line in enumerate(lines, 1):
         if jsonl:
             try:
@@ -726,6 +741,8 @@ def read_log(path):
         if record.get("event") == "resume":
             info["resumes"] += 1
         step = record.get("step")
+        if "event" in record and finite(step):  # resume, finished, early_stopped, stopped: --plot marks them
+            info["events"].append((str(record["event"]), int(step)))
         if "event" in record or not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step):
             continue
         step = int(step)
@@ -765,7 +782,7 @@ def check_log_lr(script, cfg, plan, curve, train, tol):
         found.append(finding("S2", "warning", f"the log has LR records at steps {beyond[0]}-{beyond[-1]}, outside this "
                              f"config's 1-{total}: the run used another length (data size, batch, accumulation, "
                              "world size or epochs)", "diagnose with the run's own config.yaml, --num_samples and "
-                             "--world_size", source="log"))
+                             "--world_size", source="log", at=[(beyond[0], beyond[-1])]))
     steps = [s for s in steps if 1 <= s <= total]
     if len(steps) < 2:
         return found
@@ -792,7 +809,7 @@ def check_log_lr(script, cfg, plan, curve, train, tol):
                              f"({s0 / total:.0%} into the {total}-step run); the configured schedule is at "
                              f"{want[first]:.3g} there and reaches the floor only at step {total}{hint}",
                              "size the schedule in optimizer steps (the kit's plan_schedule does) and resume with "
-                             "the kit's script", source="log"))
+                             "the kit's script", source="log", at=[(s0, steps[-1])]))
         explained[first:] = True
     # S1: the logged LR stays constant over a long window where the schedule is designed to move
     marks = script.schedule_landmarks(cfg, plan)
@@ -819,7 +836,7 @@ def check_log_lr(script, cfg, plan, curve, train, tol):
                              f"({b - a + 1} records; {len(windows)} such window(s)); {why}",
                              "step the scheduler right after every optimizer step and nowhere else" if moves else
                              "use schedule.type constant if a flat LR is intended, else final_lr_ratio < 1",
-                             source="log"))
+                             source="log", at=[(steps[w[0]], steps[w[1]]) for w in windows]))
     # S9: any other departure from the curve the config implies
     off = ~close(lr, want) & ~explained
     if off.any():
@@ -829,7 +846,7 @@ def check_log_lr(script, cfg, plan, curve, train, tol):
                              f"LR departs from the configured curve (worst: step {steps[worst]} logged "
                              f"{lr[worst]:.4g}, schedule {want[worst]:.4g})", "let the scheduler own the LR: remove "
                              "plateau schedulers and manual LR writes, and diagnose with the run's own config",
-                             source="log"))
+                             source="log", at=[(steps[a], steps[b]) for a, b in runs_of(off)]))
     return found
 
 
@@ -850,7 +867,8 @@ def check_log_evals(evals):
         found.append(finding("E1", "critical" if count >= 3 else "warning",
                              f"{count} evals in a row identical ({shown}) at steps {steps[a]}-{steps[b + 1]}: the "
                              "model stopped changing", "check the LR in the log (S1, S2, S10) and that the trained "
-                             "parameters are in the optimizer", source="log"))
+                             "parameters are in the optimizer", source="log",
+                             at=[(steps[a], steps[b + 1]) for a, b in spans]))
     bad = [s for s in steps if finite(evals[s].get("val/ppl")) and finite(evals[s].get("val/loss"))
            and not math.isclose(math.log(max(evals[s]["val/ppl"], 1e-300)), evals[s]["val/loss"],
                                 rel_tol=1e-3, abs_tol=1e-3)]
@@ -859,7 +877,7 @@ def check_log_evals(evals):
         found.append(finding("E3", "warning", f"val/ppl {evals[s]['val/ppl']:.4g} is not exp(val/loss) = "
                              f"exp({evals[s]['val/loss']:.4g}) at {len(bad)} evals, steps {bad[0]}-{bad[-1]}",
                              "compute perplexity as exp(summed token CE / token count) over the eval set",
-                             source="log"))
+                             source="log", at=[(s, s) for s in bad]))
     return found
 
 
@@ -889,7 +907,7 @@ def check_nonfinite(train, steps):
                              f"{', '.join(map(str, nonfinite[:5]))}); {guard}"
                              + ("; the log ends in a non-finite streak" if tail else ""),
                              "find the bad batches (data with NaN/inf, too high LR); the guard skips them but they "
-                             "are lost steps", source="log"))
+                             "are lost steps", source="log", at=[(s, s) for s in nonfinite]))
     share = len(overflow) / last
     if share > 0.05 and len(overflow) >= 3:
         early = sum(s <= 20 for s in overflow)
@@ -898,7 +916,7 @@ def check_nonfinite(train, steps):
                              f"steps {overflow[0]}-{overflow[-1]} ({early} of them in the first 20 steps while the "
                              f"scale calibrates); scale now {train[steps[-1]].get('scale', float('nan')):.4g}",
                              "train in bf16 where the GPU has it; otherwise lower the LR or check the data's scale "
-                             "(never hand-set init_scale)", source="log"))
+                             "(never hand-set init_scale)", source="log", at=[(s, s) for s in overflow]))
     return found
 
 
@@ -923,7 +941,8 @@ def check_grad_norms(cfg, train, steps):
                      f"{above[0][0]}-{above[-1][0]}")
     if parts:
         found.append(finding("G3", "warning", "gradient norm: " + "; ".join(parts), "look at the batches of those "
-                             "steps; keep train.clip_grad_norm set; lower the LR if spikes repeat", source="log"))
+                             "steps; keep train.clip_grad_norm set; lower the LR if spikes repeat", source="log",
+                             at=sorted({(s, s) for s, *_ in spikes + above})))
     if len(norms) >= 16:
         q = len(norms) // 4
         first, late = np.median([n for _, n in norms[:q]]), np.median([n for _, n in norms[-q:]])
@@ -931,7 +950,7 @@ def check_grad_norms(cfg, train, steps):
             found.append(finding("G3", "warning", f"gradient norm rising: median {first:.3g} over steps "
                                  f"{norms[0][0]}-{norms[q - 1][0]}, {late:.3g} over steps {norms[-q][0]}-"
                                  f"{norms[-1][0]}", "lower the LR or lengthen the warmup; check for a diverging loss",
-                                 source="log"))
+                                 source="log", at=[(norms[-q][0], norms[-1][0])]))
     return found
 
 
@@ -948,7 +967,8 @@ def check_loss_trend(train, steps):
     return [finding("S10", "warning", f"train loss not decreasing: median {first:.4g} over steps {losses[0][0]}-"
                     f"{losses[q - 1][0]}, {late:.4g} over steps {losses[-q][0]}-{losses[-1][0]} "
                     f"({late / first - 1:+.1%})", "check the LR the log shows (S1, S2) and the data/labels; a zero "
-                    "or frozen LR trains nothing", source="log")]
+                    "or frozen LR trains nothing", source="log",
+                    at=[(losses[-q][0], losses[-1][0])])]
 
 
 def check_loss_components(cfg, train, steps):
@@ -975,7 +995,8 @@ def check_loss_components(cfg, train, steps):
     return [finding("E2", "warning", f"{top} is {median:.0%} of the summed loss components (median over "
                     f"{len(share_steps)} records; above train.max_loss_share {limit:.0%} at steps {over[0]}-"
                     f"{over[-1]})",
-                    f"lower the weight of {top} (or raise the others) until no term is above the share", source="log")]
+                    f"lower the weight of {top} (or raise the others) until no term is above the share", source="log",
+                    at=[(share_steps[a], share_steps[b]) for a, b in runs_of([v > limit for v in shares[top]])])]
 
 
 def check_throughput(train, steps):
@@ -995,7 +1016,8 @@ def check_throughput(train, steps):
     return [finding("E7", "warning", f"{rate_key} fell to {worst:.4g} ({worst / median:.0%} of the run's median "
                     f"{median:.4g}) over steps {rates[a][0]}-{rates[b][0]} ({b - a + 1} records; {len(low)} such "
                     "drop(s))", "look for data-loading stalls, other jobs on the node, thermal throttling, or "
-                    "evaluation/checkpointing inside the window", source="log")]
+                    "evaluation/checkpointing inside the window", source="log",
+                    at=[(rates[a][0], rates[b][0]) for a, b in low])]
 
 
 def check_log(path, script, cfg, plan, curve):
@@ -1169,7 +1191,8 @@ def diagnose_tree(tree, name, opts, with_runs=True):
     """All config findings for a config tree (+ log and checkpoint checks when with_runs). Returns a report:
     findings, the repaired tree, the script, cfg and plan."""
     findings = []
-    report = {"findings": findings, "tree": None, "script": None, "cfg": None, "plan": None, "config": name}
+    report = {"findings": findings, "tree": None, "script": None, "cfg": None, "plan": None, "curve": None,
+              "config": name}
     if tree is None:
         return report
     tree, as_read = copy.deepcopy(tree), copy.deepcopy(tree)
@@ -1192,10 +1215,10 @@ def diagnose_tree(tree, name, opts, with_runs=True):
     apply_overrides(as_read, opts["overrides"], script.CONFIG, [])  # what --fix starts from: file + --set
     report.update(script=script, tree=tree, original=as_read)
     cfg, plan = settle(script, tree, opts, findings)
-    report.update(cfg=cfg, plan=plan)
+    report.update(cfg=cfg, plan=plan, curve=None)
     curve = None
     if plan is not None:
-        curve = script.lr_curve(cfg, plan)
+        curve = report["curve"] = script.lr_curve(cfg, plan)
         findings += check_plan(script, cfg, plan)
         findings += check_warmup(cfg, plan)
         findings += check_momentum_cycling(cfg)
@@ -1272,6 +1295,387 @@ def write_atomic(path, text):
 
 
 # -----------------------------------------------------------------------------
+# --plot: what the run(s) did, on one axis of optimizer steps, with the log findings marked where they are.
+PLOT_PANELS = ("loss", "val", "lr", "grad_norm", "throughput")
+PLOT_TITLES = {"loss": "train loss (loss/<name> components: broken lines), val/loss (o)",
+               "val": "val metrics (val/ppl = exp(val/loss) is left out)",
+               "lr": "learning rate: logged (thin) over the config's lr_curve (wide, light)",
+               "grad_norm": "gradient norm (before clipping), train.clip_grad_norm (dotted)",
+               "throughput": "throughput"}
+FINDING_PANEL = {"S1": "lr", "S2": "lr", "S9": "lr", "E1": "val", "E3": "val", "G3": "grad_norm", "G4": "grad_norm",
+                 "G5": "grad_norm", "E7": "throughput"}  # any other row (S10, E2): the loss panel
+EVENT_LABELS = {"resume": "resume", "stopped": "stop", "early_stopped": "early stop"}  # "finished" is not marked
+PLOT_INCHES, PLOT_DPI = (11.0, 13.0), 100  # every PNG is 1100 x 1300 pixels, whatever it shows
+PLOT_FORMATS = ("png", "svg", "pdf")
+ASCII_WIDTH, ASCII_HEIGHT = 64, 8
+RUN_CHARS = "*o+#%@&$"  # the ASCII character of each run's main line, in --log order
+RUN_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#7f7f7f", "#bcbd22", "#e377c2")
+SEVERITY_COLORS = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
+
+
+def check_plot_inputs(logs, out):
+    """--plot's bad input is a usage error (one line, exit 2), found before anything is printed or written."""
+    if not logs:
+        raise UsageError("--plot draws runs: name their metrics.jsonl with --log")
+    for log in logs:
+        if not os.path.isfile(log):
+            raise UsageError(f"--log {log}: no such file; give a run's metrics.jsonl (runs/<run_name>/metrics.jsonl)")
+        try:
+            train, evals, info = read_log(log)
+        except OSError as err:
+            raise UsageError(f"--log {log}: cannot be read ({err.strerror or err})") from None
+        if not train and not evals:
+            raise UsageError(f"--log {log}: no record with a step in its {info['lines']} line(s) "
+                             f"({len(info['bad_lines'])} unparsable): not a metrics.jsonl nor a step= text log")
+    if out == "-":
+        return
+    if os.path.splitext(out)[1].lower().lstrip(".") not in PLOT_FORMATS:
+        raise UsageError(f"--plot {out}: name a .png, .svg or .pdf file, or '-' for ASCII panels on stdout")
+    if os.path.isdir(out):
+        raise UsageError(f"--plot {out}: is a directory; name the image file, e.g. {os.path.join(out, 'runs.png')}")
+    directory = os.path.dirname(os.path.abspath(out))
+    try:  # the one sure test of writability (os.access says yes to root on a read-only mount)
+        fd, trial = tempfile.mkstemp(dir=directory, prefix=".plot-")
+        os.close(fd)
+        os.unlink(trial)
+    except OSError as err:
+        raise UsageError(f"--plot {out}: cannot write in {directory} ({err.strerror or err}); name a file in a "
+                         "writable directory") from None
+
+
+def plot_markers(findings, train, events):
+    """What --plot marks on a run, in drawing order: every log finding that names its steps (row id, severity,
+    panel, the finding's own step spans), then resumes, stops, early stops and skipped (non-finite) steps."""
+    marks = [{"label": f["id"], "kind": "finding", "severity": f["severity"], "panel": FINDING_PANEL.get(f["id"], "loss"),
+              "spans": list(f["at"])} for f in findings if f["source"] == "log" and f["at"]]
+    for event, step in events:
+        if event in EVENT_LABELS:
+            marks.append({"label": EVENT_LABELS[event], "kind": event, "severity": "info", "panel": None,
+                          "spans": [(step, step)]})
+    # G4/G5: the kit logs every step whose loss or gradient norm was not finite, and skips it
+    skipped = [s for s in sorted(train) if not (finite(train[s].get("loss", 0.0)) and finite(train[s].get("grad_norm", 0.0)))]
+    if skipped:
+        marks.append({"label": "skipped", "kind": "skipped", "severity": "info", "panel": None,
+                      "spans": [(s, s) for s in skipped]})
+    return marks
+
+
+def panel_series(train, evals, cfg, curve):
+    """{panel: [(label, steps, values, style)]}: the one list of what is drawn, for the PNG and the ASCII panels."""
+    steps, eval_steps = sorted(train), sorted(evals)
+
+    def column(key, among, records):
+        xs = [s for s in among if key in records[s]]
+        return xs, [records[s][key] for s in xs]
+
+    series = {panel: [] for panel in PLOT_PANELS}
+    series["loss"].append(("train loss", *column("loss", steps, train), "line"))
+    for key in sorted({k for s in steps for k in train[s] if k.startswith("loss/")}):
+        series["loss"].append((key, *column(key, steps, train), "component"))
+    series["loss"].append(("val/loss", *column("val/loss", eval_steps, evals), "points"))
+    names = {k for s in eval_steps for k in evals[s]} - {"val/loss"}
+    names -= {"val/ppl"} if series["loss"][-1][1] else set()
+    for key in sorted(names):
+        series["val"].append((key, *column(key, eval_steps, evals), "points"))
+    if curve is not None:  # the training script's own lr_curve for the run's saved config.yaml
+        series["lr"].append(("configured LR", list(range(1, len(curve) + 1)), [float(v) for v in curve], "behind"))
+    series["lr"].append(("logged LR", *column("lr", steps, train), "line"))
+    series["grad_norm"].append(("grad norm", *column("grad_norm", steps, train), "line"))
+    if cfg.get("train.clip_grad_norm") and steps:
+        clip, last = cfg["train.clip_grad_norm"], max(steps[-1], len(curve) if curve is not None else 0)
+        series["grad_norm"].append((f"clip {clip:g}", [1, last], [clip, clip], "threshold"))
+    rates = sorted({k for s in steps for k in train[s] if k.endswith("_per_s")})
+    rate = next((k for k in rates if k != "samples_per_s"), rates[0] if rates else None)  # tokens/s for an LM
+    if rate:
+        series["throughput"].append((rate, *column(rate, steps, train), "line"))
+    return {panel: [item for item in items if item[1]] for panel, items in series.items()}
+
+
+def run_view(log, report, findings):
+    """Everything --plot draws of one run: records, configured curve, clip threshold, markers."""
+    train, evals, info = read_log(log)
+    cfg = report["cfg"] or {}
+    return {"log": log, "name": os.path.basename(os.path.dirname(os.path.abspath(log))) or log,
+            "series": panel_series(train, evals, cfg, report["curve"]),
+            "markers": plot_markers(findings, train, info["events"]),
+            "findings": [f for f in findings if f["source"] == "log" and f["severity"] != "info"],
+            "curve_note": None if report["curve"] is not None else
+            "no configured LR curve (no config.yaml beside the log, or its run length is unknown: see the findings)"}
+
+
+def last_step(views):
+    return max([1] + [max(xs) for v in views for items in v["series"].values() for _, xs, _, _ in items])
+
+
+def loss_top(views):
+    """The loss panel's top when the first steps would flatten the rest: a start-up loss several times the
+    later ones leaves every later difference (val/loss of runs compared side by side) a few pixels. Clipped
+    to 1.15x the largest value after the first 10% of the steps when the earlier ones exceed twice that;
+    else None (no clipping)."""
+    cut = 0.1 * last_step(views)
+    values = [(x < cut, y) for v in views for _, xs, ys, _ in v["series"]["loss"] for x, y in zip(xs, ys) if finite(y)]
+    early, late = [y for e, y in values if e], [y for e, y in values if not e]
+    return 1.15 * max(late) if early and late and max(early) > 2 * max(late) else None
+
+
+def spans_text(spans):
+    shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans[:4])
+    return shown + (f" (+{len(spans) - 4} more)" if len(spans) > 4 else "")
+
+
+def marks_summary(view):
+    parts = [f"{m['label']} at {spans_text(m['spans'])}" for m in view["markers"]]
+    return f"{view['name']}: " + ("; ".join(parts) if parts else "nothing to mark")
+
+
+def draw_png(views, path):
+    """The picture: five panels sharing the step axis, the findings listed under them. Written atomically.
+    Returns the run legend's labels as drawn."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed (ssh, CI)
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import blended_transform_factory
+    fig = plt.figure(figsize=PLOT_INCHES, dpi=PLOT_DPI)
+    grid = fig.add_gridspec(len(PLOT_PANELS) + 1, 1, height_ratios=(3, 1.6, 2, 2, 1.4, 1.3), left=0.075,
+                            right=0.985, top=0.94, bottom=0.01, hspace=0.22)
+    axes = {}
+    for i, panel in enumerate(PLOT_PANELS):
+        axes[panel] = fig.add_subplot(grid[i], sharex=axes.get("loss"))
+        axes[panel].set_title(PLOT_TITLES[panel], loc="left", fontsize=9)
+        axes[panel].tick_params(labelsize=8, labelbottom=panel == PLOT_PANELS[-1])
+        axes[panel].grid(alpha=0.25)
+    axes[PLOT_PANELS[-1]].set_xlabel("optimizer step", fontsize=9)
+    styles, legends = ["--", ":", "-."], {panel: {} for panel in PLOT_PANELS}
+    shapes = ["o", "s", "^", "D", "v"]
+    for k, view in enumerate(views):
+        color = RUN_COLORS[k % len(RUN_COLORS)]
+        for panel, items in view["series"].items():
+            ax, n_comp, n_val = axes[panel], 0, 0
+            for label, xs, ys, style in items:
+                kw = {"line": dict(lw=1.2), "behind": dict(lw=6, alpha=0.22, solid_capstyle="butt"),
+                      "threshold": dict(lw=1.2, ls=":")}.get(style)
+                if style == "component":
+                    kw, n_comp = dict(lw=1.0, ls=styles[n_comp % len(styles)]), n_comp + 1
+                elif style == "points":
+                    kw, n_val = dict(lw=0.7, marker=shapes[n_val % len(shapes)], ms=4), n_val + 1
+                ax.plot(xs, ys, color=color, **kw)
+                legends[panel].setdefault(label, Line2D([], [], color="0.35", **kw))
+        trans = {p: blended_transform_factory(axes[p].transData, axes[p].transAxes) for p in PLOT_PANELS}
+        labelled = {p: 0 for p in PLOT_PANELS}
+        for mark in view["markers"]:
+            spans = mark["spans"]
+            if mark["kind"] == "skipped":
+                for p in ("loss", "grad_norm"):
+                    axes[p].plot([a for a, _ in spans], [0.04] * len(spans), "x", color="#d62728", ms=6, mew=1.5,
+                                 transform=trans[p], clip_on=False)
+                    legends[p].setdefault("skipped step", Line2D([], [], color="#d62728", marker="x", ls=""))
+                continue
+            if mark["kind"] != "finding":  # resume / stop / early stop: a line across every panel
+                ls = {"resume": "--", "stopped": ":", "early_stopped": "-"}[mark["kind"]]
+                for p in PLOT_PANELS:
+                    axes[p].axvline(spans[0][0], color="black", ls=ls, lw=1.1, alpha=0.8)
+                axes["loss"].text(spans[0][0], 0.97 - 0.1 * labelled["loss"], f" {mark['label']} ({view['name']})"
+                                  if len(views) > 1 else f" {mark['label']}", transform=trans["loss"], fontsize=8,
+                                  va="top", color=color)
+                labelled["loss"] += 1
+                continue
+            ax, shade = axes[mark["panel"]], SEVERITY_COLORS[mark["severity"]]
+            for a, b in spans:
+                if a == b:
+                    ax.axvline(a, color=shade, lw=0.9, alpha=0.75)
+                else:
+                    ax.axvspan(a - 0.5, b + 0.5, color=shade, alpha=0.13, lw=0)
+            ax.text(spans[0][0], 0.96 - 0.13 * (labelled[mark["panel"]] % 6), mark["label"], transform=trans[mark["panel"]],
+                    fontsize=8, fontweight="bold", va="top", color=shade,
+                    bbox=dict(boxstyle="square,pad=0.1", fc="white", ec=color, lw=1, alpha=0.85))
+            labelled[mark["panel"]] += 1
+    top = loss_top(views)
+    if top is not None:
+        axes["loss"].set_ylim(top=top)
+        axes["loss"].set_title(PLOT_TITLES["loss"] + f"; y clipped at {top:.3g} (the first steps are higher)",
+                               loc="left", fontsize=9)
+    for panel, ax in axes.items():
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not in the log", transform=ax.transAxes, ha="center", va="center", color="0.5")
+        if panel == "lr":
+            ax.set_ylim(bottom=0)
+        if panel == "grad_norm":
+            values = [y for line in ax.lines for y in np.asarray(line.get_ydata(), float) if np.isfinite(y) and y > 0]
+            if values and max(values) > 100 * min(values):  # spikes and the clip line both stay readable
+                ax.set_yscale("log")
+        if legends[panel]:
+            ax.legend(legends[panel].values(), legends[panel].keys(), fontsize=7, loc="upper right", framealpha=0.8)
+    axes["loss"].set_xlim(0, last_step(views) * 1.01 + 1)
+    legend = fig.legend([Line2D([], [], color=RUN_COLORS[k % len(RUN_COLORS)], lw=2.5) for k in range(len(views))],
+               [f"{v['name']} ({v['log']})" for v in views], loc="upper center", ncol=min(len(views), 3),
+               fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.985))
+    lines = []
+    for v in views:
+        lines += [f"{v['name']}: {f['severity'].upper()} {f['id']}: {f['evidence']}" for f in v["findings"]]
+        lines += [f"{v['name']}: {v['curve_note']}"] if v["curve_note"] else []
+    if not lines:
+        lines = ["no critical or warning log findings"]
+    more = len(lines) - 9
+    lines = [line if len(line) <= 160 else line[:157] + "..." for line in lines[:9]]
+    lines += [f"... {more} more: run diagnose_and_fix.py --log for all of them"] if more > 0 else []
+    note = fig.add_subplot(grid[-1])
+    note.axis("off")
+    note.text(0, 0.8, "\n".join(lines), va="top", ha="left", fontsize=7.5, family="monospace", transform=note.transAxes)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".plot-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        if path.lower().endswith(".png"):  # a 256-colour palette (pillow comes with matplotlib): a third of the
+            from PIL import Image         # bytes, and the few colours of line plots stay exact (fast octree)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=PLOT_DPI)  # never bbox_inches="tight": the pixel size is fixed
+            Image.open(buffer).convert("RGB").quantize(256, method=2).save(tmp, format="PNG", optimize=True)
+        else:
+            fig.savefig(tmp, dpi=PLOT_DPI)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UsageError(f"--plot {path}: cannot write ({err.strerror or err})") from None
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return [text.get_text() for text in legend.get_texts()]
+
+
+def ascii_chart(series, x_last, log_y=False, top=None, width=ASCII_WIDTH, height=ASCII_HEIGHT):
+    """Text rows of [(char, steps, values, joined)] drawn in order, later ones on top. As in
+    test_scheduler_dry_run.py's LR plot, a column covering several steps draws the min..max of its
+    values; a joined series is also filled in linearly between its logged steps. Values above `top` are
+    drawn on the top row."""
+    def tf(v):
+        v = v if top is None else min(v, top)
+        return math.log10(v) if log_y else v
+    pts = [[(x, y) for x, y in zip(xs, ys) if finite(y) and (y > 0 or not log_y)] for _, xs, ys, _ in series]
+    values = [tf(y) for p in pts for _, y in p]
+    if not values:
+        return [f"{'':>9} |(not in the log)"]
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12 * max(1.0, abs(hi)):
+        lo, hi = lo - max(abs(lo), 1.0) * 0.1, hi + max(abs(hi), 1.0) * 0.1
+
+    def col(x):
+        return min(width - 1, max(0, int(round((x - 1) / max(x_last - 1, 1) * (width - 1)))))
+
+    def row(v):
+        return int(round((v - lo) / (hi - lo) * (height - 1)))
+
+    grid = [[" "] * width for _ in range(height)]
+    for (char, _, _, joined), p in zip(series, pts):
+        cells = {}
+        for x, y in p:
+            cells.setdefault(col(x), []).append(tf(y))
+        if joined:  # columns between two logged steps: the straight line between them
+            for (x0, y0), (x1, y1) in zip(p, p[1:]):
+                for c in range(col(x0) + 1, col(x1)):
+                    if c not in cells:
+                        t = ((c / (width - 1)) * max(x_last - 1, 1) + 1 - x0) / max(x1 - x0, 1e-12)
+                        cells[c] = [tf(y0) + min(max(t, 0), 1) * (tf(y1) - tf(y0))]
+        for c, vs in cells.items():
+            rows = range(row(min(vs)), row(max(vs)) + 1) if joined else {row(v) for v in vs}
+            for r in rows:
+                grid[height - 1 - r][c] = char
+    shown = (lambda v: f"{10 ** v:.3g}") if log_y else (lambda v: f"{v:.3g}")
+    labels = {0: shown(hi), height - 1: shown(lo), (height - 1) // 2: shown(hi - (hi - lo) * ((height - 1) // 2) / (height - 1))}
+    return [f"{labels.get(i, ''):>9} |{''.join(r)}" for i, r in enumerate(grid)]
+
+
+def ascii_marks(markers, panel, x_last, width=ASCII_WIDTH):
+    """One text row under a panel: R resume, S stop, E early stop, x skipped step, and this panel's findings:
+    ^ at a step, = over a span, the row id written at the first one."""
+    line = [" "] * width
+
+    def col(x):
+        return min(width - 1, max(0, int(round((x - 1) / max(x_last - 1, 1) * (width - 1)))))
+    labels = []
+    for mark in markers:
+        if mark["kind"] == "finding" and mark["panel"] == panel:
+            for a, b in mark["spans"]:
+                for c in range(col(a), col(b) + 1):
+                    line[c] = "^" if a == b else "="
+            labels.append((col(mark["spans"][0][0]), mark["label"]))
+        elif mark["kind"] != "finding":
+            char = {"resume": "R", "stopped": "S", "early_stopped": "E", "skipped": "x"}[mark["kind"]]
+            for a, _ in mark["spans"]:
+                line[col(a)] = char
+    for c, text in labels:
+        c = min(c, width - len(text))
+        line[c:c + len(text)] = text
+    return "".join(line[:width])
+
+
+def ascii_panels(views):
+    """The terminal version of the PNG: the same panels, series and markers as text."""
+    x_last = last_step(views)
+    order = {"behind": 0, "threshold": 1, "component": 2, "line": 3, "points": 4}
+    out = ["runs: " + "   ".join(f"{RUN_CHARS[k % len(RUN_CHARS)]} {v['name']} ({v['log']})"
+                                   for k, v in enumerate(views))]
+    for panel in PLOT_PANELS:
+        pool, drawn, legend = iter("abcdefghijkmnpqrstuvwyz"), [], []
+        for k, view in enumerate(views):
+            for label, xs, ys, style in view["series"][panel]:
+                if style == "line":
+                    char = RUN_CHARS[k % len(RUN_CHARS)]
+                elif style in ("behind", "threshold") and len(views) == 1:
+                    char = "." if style == "behind" else "-"
+                else:
+                    char = next(pool, "?")
+                drawn.append((order[style], char, xs, ys, style not in ("points",)))
+                legend.append(f"{char} {label}" + (f" ({view['name']})" if len(views) > 1 else ""))
+        drawn.sort(key=lambda d: d[0])
+        values = [y for _, _, _, ys, _ in drawn for y in ys if finite(y) and y > 0]
+        log_y = panel == "grad_norm" and bool(values) and max(values) > 100 * min(values)
+        top = loss_top(views) if panel == "loss" else None
+        out += ["", f"{panel}: {PLOT_TITLES[panel]}" + (" [log scale]" if log_y else "") +
+                (f" [clipped at {top:.3g}: the first steps are higher]" if top is not None else "")]
+        out += ascii_chart([d[1:] for d in drawn], x_last, log_y, top)
+        out.append(" " * 10 + "+" + "-" * ASCII_WIDTH)
+        for k, view in enumerate(views):
+            marks = ascii_marks(view["markers"], panel, x_last)
+            if marks.strip():
+                out.append(f"{'marks ' + RUN_CHARS[k % len(RUN_CHARS)]:>9}  {marks}")
+        out.append(" " * 11 + "1" + f"optimizer step {x_last}".rjust(ASCII_WIDTH - 1))
+        out.append(" " * 11 + "   ".join(legend))
+    out += ["", "marks: R resume, S stop, E early stop, x skipped step; a finding: ^ at a step, = over steps, "
+            "labelled by its FAILURE_MODES.md row id"]
+    for v in views:
+        out += [f"  {v['name']}: {f['severity'].upper()} {f['id']}: {f['evidence']}" for f in v["findings"]]
+        out += [f"  {v['name']}: {v['curve_note']}"] if v["curve_note"] else []
+    return "\n".join(out)
+
+
+def plot_runs(views, path, out=None):
+    """PNG (svg, pdf) at path when matplotlib imports; else, or for path '-', ASCII panels on `out`.
+    Returns (the kind drawn: "image" or "ascii", the labels of the runs' legend)."""
+    out = out or sys.stdout
+    names = [v["name"] for v in views]
+    for v in views:  # two runs from directories of the same name: tell them apart by their path
+        if names.count(v["name"]) > 1:
+            v["name"] = os.path.relpath(os.path.dirname(os.path.abspath(v["log"])))
+    if path != "-":
+        try:
+            import matplotlib  # noqa: F401  (optional: the ASCII panels below need nothing)
+        except ImportError:
+            matplotlib = None
+        if matplotlib is not None:
+            legend = draw_png(views, path)
+            size = f"{int(PLOT_INCHES[0] * PLOT_DPI)} x {int(PLOT_INCHES[1] * PLOT_DPI)} pixels" \
+                if path.lower().endswith(".png") else f"{PLOT_INCHES[0]:g} x {PLOT_INCHES[1]:g} inches"
+            print(f"plot: wrote {path} ({size}); "
+                  "marked " + "; ".join(marks_summary(v) for v in views), file=out)
+            return "image", legend
+    text = ascii_panels(views)
+    print(text, file=out, flush=True)
+    if path != "-":
+        print(f"plot: {path} not written: matplotlib is not installed (pip install matplotlib); the ASCII panels "
+              "show the same", file=sys.stderr)
+    return "ascii", text.splitlines()[0].removeprefix("runs: ").split("   ")
+
+
+# -----------------------------------------------------------------------------
 # Output.
 def counts(findings):
     return {s: sum(f["severity"] == s for f in findings) for s in SEVERITIES}
@@ -1296,18 +1700,18 @@ def to_json(report, findings, fix_info):
         return None if value == REMOVE else value
     return {"config": report["config"], "task": report["script"].TASK if report["script"] else None,
             "plan": report["plan"], "counts": counts(findings), "exit_code": min(counts(findings)["critical"], 100),
-            "findings": [{**{k: f[k] for k in ("id", "severity", "source", "evidence", "fix")},
+            "findings": [{**{k: f[k] for k in ("id", "severity", "source", "evidence", "fix", "at")},
                           "changes": [{"key": k, "value": plain(v), "remove": v == REMOVE} for k, v in f["changes"]]}
                          for f in findings],
             "fix": fix_info}
 
 
-def default_config(args):
-    """--config, else the config.yaml the run wrote next to --log, else the checkpoint's own config."""
+def default_config(args, log):
+    """--config, else the config.yaml the run wrote next to the log, else the checkpoint's own config."""
     if args.config:
         return args.config, None
-    if args.log:
-        beside = os.path.join(os.path.dirname(os.path.abspath(args.log)), "config.yaml")
+    if log:
+        beside = os.path.join(os.path.dirname(os.path.abspath(log)), "config.yaml")
         if os.path.isfile(beside):
             return beside, None
     if args.checkpoint:
@@ -1327,15 +1731,9 @@ def default_config(args):
     return None, None
 
 
-def main(argv=None):
-    try:
-        args = parse_args(argv)
-    except UsageError as err:
-        print(f"diagnose_and_fix.py: {err}", file=sys.stderr)
-        return 2
-    opts = {"overrides": args.set, "num_samples": args.num_samples, "world_size": args.world_size,
-            "device_memory": args.device_memory, "log": args.log, "checkpoint": args.checkpoint}
-    name, tree = default_config(args)
+def diagnose_run(args, opts):
+    """(config name, report, findings) for the config and the one log (opts["log"]) and checkpoint."""
+    name, tree = default_config(args, opts["log"])
     findings = []
     if name is None:
         findings.append(finding("C3", "info", "no config given or found beside the log/checkpoint: config-dependent "
@@ -1344,13 +1742,25 @@ def main(argv=None):
         tree, findings = read_config_tree(name)
     report = diagnose_tree(tree, name, opts)
     if tree is None:  # no usable config: the log and checkpoint are still checked on their own
-        if args.log:
-            report["findings"] += check_log(args.log, None, None, None, None)
+        if opts["log"]:
+            report["findings"] += check_log(opts["log"], None, None, None, None)
         if args.checkpoint:
             report["findings"] += check_checkpoint(args.checkpoint, training_script("probe"), None, None, opts)
-    findings = findings + report["findings"]
+    return name, report, findings + report["findings"]
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+    except UsageError as err:
+        print(f"diagnose_and_fix.py: {err}", file=sys.stderr)
+        return 2
+    opts = {"overrides": args.set, "num_samples": args.num_samples, "world_size": args.world_size,
+            "device_memory": args.device_memory, "log": None, "checkpoint": args.checkpoint}
+    results = [(log, *diagnose_run(args, dict(opts, log=log))) for log in args.log or [None]]
     fixed_line, fix_info = None, None
-    if args.fix:
+    if args.fix:  # parse_args allows --fix with one run only
+        _, name, report, _ = results[0]
         if report["tree"] is None:
             fixed_line = f"--fix: nothing written: {name} has no usable config to start from (see the findings)"
             fix_info = {"output": None, "written": False, "changes": [], "remaining_critical": None}
@@ -1366,14 +1776,23 @@ def main(argv=None):
                         "changes": [{"key": k, "from": None if o == REMOVE else o, "to": None if n == REMOVE else n,
                                      "removed": n == REMOVE, "id": rid, "why": why} for k, o, n, rid, why in changes]}
     if args.json:
-        print(json.dumps(to_json(report, findings, fix_info), indent=1, default=str))
+        reports = [to_json(report, findings, fix_info) for _, _, report, findings in results]
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1, default=str))
     else:
-        task = report["script"].TASK if report["script"] else "?"
-        parts = [f"config {name} (task {task})" if name else "no config"]
-        parts += [f"log {args.log}"] if args.log else []
-        parts += [f"checkpoint {args.checkpoint}"] if args.checkpoint else []
-        print_text(findings, "diagnose_and_fix.py: " + ", ".join(parts), fixed_line)
-    return min(counts(findings)["critical"], 100)
+        for log, name, report, findings in results:
+            task = report["script"].TASK if report["script"] else "?"
+            parts = [f"config {name} (task {task})" if name else "no config"]
+            parts += [f"log {log}"] if log else []
+            parts += [f"checkpoint {args.checkpoint}"] if args.checkpoint else []
+            print_text(findings, "diagnose_and_fix.py: " + ", ".join(parts), fixed_line)
+    if args.plot is not None:
+        views = [run_view(log, report, findings) for log, _, report, findings in results]
+        try:
+            plot_runs(views, args.plot, out=sys.stderr if args.json else sys.stdout)
+        except UsageError as err:  # the picture could not be written after all (disk full, say)
+            print(f"diagnose_and_fix.py: {err}", file=sys.stderr)
+            return 2
+    return min(sum(counts(findings)["critical"] for *_, findings in results), 100)
 
 
 if __name__ == "__main__":
