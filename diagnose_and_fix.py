@@ -60,8 +60,8 @@ def finding(rid, severity, evidence, fix, source="config", changes=()):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (default: the config.yaml beside --log, or the checkpoint's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key as the training script would (repeatable)")
+    parser.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys as the training script would: --set a=1 b=2 (repeatable)")
     parser.add_argument("--num_samples", type=int, help="training samples per epoch (after data.limit) when the "
                         "data is not on this machine")
     parser.add_argument("--world_size", type=int, default=1, help="processes the run uses (default 1)")
@@ -77,6 +77,7 @@ def parse_args(argv=None):
 
     parser.error = one_line_error
     args = parser.parse_args(argv)
+    args.set = [item for group in args.set for item in group]  # --set a=1 b=2 and --set a=1 --set b=2 alike
     if args.fix and not args.output:
         raise UsageError("--fix needs --output FILE (give the config's own path to overwrite it on purpose)")
     if args.output and not args.fix:
@@ -167,9 +168,10 @@ def tree_remove(tree, key):
 
 
 def tree_set(tree, key, value, schema):
-    """Known keys are set nested; unknown ones literally, so the loader sees exactly the dotted key it
-    would see from --set (and reports it as C2)."""
-    if key not in schema:
+    """Known keys are set nested, and so is a key inside a free-form mapping (backbone.kwargs.depth); unknown
+    ones literally, so the loader sees exactly the dotted key it would see from --set (and reports it as C2)."""
+    inside_mapping = any(schema[k][1] == "dict" and key.startswith(k + ".") for k in schema if schema[k])
+    if key not in schema and not inside_mapping:
         tree[key] = value
         return
     if "." in key:
