@@ -14,7 +14,7 @@ Command-line misuse (e.g. --fix without --output) is one line on stderr and exit
 It re-implements nothing of training: it imports the script the config's `task` names (train_probe.py,
 train_distill.py) and judges the config with that script's own loader (resolve_config), data size
 (train_set_size), accumulation rule (plan_schedule / optimizer_steps_per_epoch), schedule (lr_curve,
-schedule_landmarks, check_lr_curve) and checkpoint signature (schedule_signature). the README section "diagnose_and_fix.py" lists
+schedule_landmarks, check_lr_curve) and checkpoint signature (schedule_signature). docs/diagnose_and_fix.md lists
 every check, its id and severity, and the plain-text log format it accepts besides metrics.jsonl.
 """
 import argparse
@@ -694,7 +694,7 @@ TEXT_ALIASES = {"learning_rate": "lr", "train_loss": "loss", "gnorm": "grad_norm
 
 
 def text_record(line):
-    """One plain-text log line -> a record of its name=value fields (the README section "diagnose_and_fix.py" gives the format)."""
+    """One plain-text log line -> a record of its name=value fields (docs/diagnose_and_fix.md gives the format)."""
     record = {}
     for name, text in TEXT_FIELD.findall(line):
         name = TEXT_ALIASES.get(name, name)
@@ -1020,7 +1020,7 @@ def check_log(path, script, cfg, plan, curve):
                              "nothing to fix unless lines in the middle are torn", source="log"))
     if not train and not evals:
         found.append(finding("E7", "warning", f"{path} holds no records with a step", "pass a metrics.jsonl, or a "
-                             "text log with step= and lr=/loss= fields (README.md, diagnose_and_fix.py section)", source="log"))
+                             "text log with step= and lr=/loss= fields (docs/diagnose_and_fix.md)", source="log"))
         return found
     if plan is not None and curve is not None:
         tol = 1e-6 if info["format"] == "jsonl" else 1e-3  # text logs print about 4 significant digits

@@ -3,6 +3,7 @@
 Run it (defaults: byte-level text of Python's own standard library, no download):
 
     python train_distill.py --dry_run                     # every code path in seconds, no config needed
+    python train_distill.py --help_config                 # every config key: default, type, meaning
     python train_distill.py --config configs/distill_demo.yaml --set kd.enabled=false --set run_name=distill_demo_teacher
     python train_distill.py --config configs/distill_demo.yaml          # the student, distilled from that teacher
     python train_distill.py --config configs/distill_reference.yaml --set kd.teacher_checkpoint=runs/t/checkpoints/best.pt

@@ -4,6 +4,7 @@ Run it (defaults: synthetic TUAB-shaped EEG windows and a small built-in encoder
 
     python train_probe.py --config configs/probe_synthetic.yaml
     python train_probe.py --dry_run                       # every code path in seconds, no config needed
+    python train_probe.py --help_config                   # every config key: default, type, meaning
     python train_probe.py --config configs/tuab_4s.yaml --set optim.lr=3e-3 --set train.grad_accum=4
     torchrun --standalone --nproc_per_node=2 train_probe.py --config configs/tuab_4s.yaml
 
