@@ -238,12 +238,12 @@ def load_config(path, overrides, schema):
             value = text
         mapping = next((k for k in schema if schema[k][1] == "dict" and key.startswith(k + ".")), None)
         if key not in schema and mapping:  # backbone.kwargs.depth=4: one entry inside a free-form mapping
-            merged = flat[mapping] if isinstance(flat.get(mapping), dict) else dict(schema[mapping][0])
-            flat[mapping] = merged = {**merged}
+            base = flat.get(mapping, schema[mapping][0])  # the YAML's mapping, else the default (copied, never edited)
+            node = flat[mapping] = dict(base) if isinstance(base, dict) else {}
             *parents, leaf = key[len(mapping) + 1:].split(".")
             for part in parents:
-                merged[part] = merged = {**merged[part]} if isinstance(merged.get(part), dict) else {}
-            merged[leaf] = value
+                node[part] = node = dict(node[part]) if isinstance(node.get(part), dict) else {}
+            node[leaf] = value
         else:
             flat[key] = value
     for key in flat:
