@@ -52,7 +52,10 @@ def test_set_dotted_key_sets_one_entry_of_a_mapping_merged_with_the_yaml_one(tmp
     path.write_text("backbone:\n  kwargs:\n    width: 16\n")
     cfg, _ = tp.resolve_config(str(path), tp.parse_args(["--set", "backbone.kwargs.depth=2", "backbone.kwargs.x.y=1"]).set)
     assert cfg["backbone.kwargs"] == {"width": 16, "depth": 2, "x": {"y": 1}}
-    assert tp.CONFIG["backbone.kwargs"][0] == {}, "the default mapping must not be modified"
+    cfg, _ = tp.resolve_config(None, ["backbone.kwargs.depth=2"])  # no mapping in a file: into the default's copy
+    assert cfg["backbone.kwargs"] == {"depth": 2}
+    assert tp.CONFIG["backbone.kwargs"][0] == {} and tp.resolve_config(None)[0]["backbone.kwargs"] == {}, \
+        "the default mapping must not be modified"
     cfg, _ = tp.resolve_config(str(path), ["backbone.kwargs.depth=2"])
     backbone = tp.build_backbone(cfg, in_channels=3)  # the built-in encoder really gets both keyword arguments
     assert len(backbone.transformer.layers) == 2 and backbone.conv[0].out_channels == 16
