@@ -15,7 +15,7 @@ Command-line misuse (e.g. --fix without --output) is one line on stderr and exit
 It re-implements nothing of training: it imports the script the config's `task` names (train_probe.py,
 train_distill.py) and judges the config with that script's own loader (resolve_config), data size
 (train_set_size), accumulation rule (plan_schedule / optimizer_steps_per_epoch), schedule (lr_curve,
-schedule_landmarks, check_lr_curve) and checkpoint signature (schedule_signature). the README section "diagnose_and_fix.py" lists
+schedule_landmarks, check_lr_curve) and checkpoint signature (schedule_signature). docs/diagnose_and_fix.md lists
 every check, its id and severity, and the plain-text log format it accepts besides metrics.jsonl.
 
 --plot draws what the run(s) did on a shared axis of optimizer steps, with every --log finding marked at its
@@ -68,8 +68,8 @@ def finding(rid, severity, evidence, fix, source="config", changes=(), at=()):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (default: the config.yaml beside --log, or the checkpoint's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key as the training script would (repeatable)")
+    parser.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys as the training script would: --set a=1 b=2 (repeatable)")
     parser.add_argument("--num_samples", type=int, help="training samples per epoch (after data.limit) when the "
                         "data is not on this machine")
     parser.add_argument("--world_size", type=int, default=1, help="processes the run uses (default 1)")
@@ -88,6 +88,7 @@ def parse_args(argv=None):
 
     parser.error = one_line_error
     args = parser.parse_args(argv)
+    args.set = [item for group in args.set for item in group]  # --set a=1 b=2 and --set a=1 --set b=2 alike
     if args.fix and not args.output:
         raise UsageError("--fix needs --output FILE (give the config's own path to overwrite it on purpose)")
     if args.output and not args.fix:
@@ -182,9 +183,10 @@ def tree_remove(tree, key):
 
 
 def tree_set(tree, key, value, schema):
-    """Known keys are set nested; unknown ones literally, so the loader sees exactly the dotted key it
-    would see from --set (and reports it as C2)."""
-    if key not in schema:
+    """Known keys are set nested, and so is a key inside a free-form mapping (backbone.kwargs.depth); unknown
+    ones literally, so the loader sees exactly the dotted key it would see from --set (and reports it as C2)."""
+    inside_mapping = any(schema[k][1] == "dict" and key.startswith(k + ".") for k in schema if schema[k])
+    if key not in schema and not inside_mapping:
         tree[key] = value
         return
     if "." in key:
@@ -707,7 +709,7 @@ TEXT_ALIASES = {"learning_rate": "lr", "train_loss": "loss", "gnorm": "grad_norm
 
 
 def text_record(line):
-    """One plain-text log line -> a record of its name=value fields (the README section "diagnose_and_fix.py" gives the format)."""
+    """One plain-text log line -> a record of its name=value fields (docs/diagnose_and_fix.md gives the format)."""
     record = {}
     for name, text in TEXT_FIELD.findall(line):
         name = TEXT_ALIASES.get(name, name)
@@ -1040,7 +1042,7 @@ def check_log(path, script, cfg, plan, curve):
                              "nothing to fix unless lines in the middle are torn", source="log"))
     if not train and not evals:
         found.append(finding("E7", "warning", f"{path} holds no records with a step", "pass a metrics.jsonl, or a "
-                             "text log with step= and lr=/loss= fields (README.md, diagnose_and_fix.py section)", source="log"))
+                             "text log with step= and lr=/loss= fields (docs/diagnose_and_fix.md)", source="log"))
         return found
     if plan is not None and curve is not None:
         tol = 1e-6 if info["format"] == "jsonl" else 1e-3  # text logs print about 4 significant digits

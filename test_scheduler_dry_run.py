@@ -41,8 +41,9 @@ class BadInput(Exception):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("config", help="YAML config of a training script (its `task` picks the script)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key as the training script would, e.g. --set train.grad_accum=8")
+    parser.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys as the training script would, e.g. --set train.grad_accum=8 "
+                             "train.batch_size=32 (repeatable)")
     parser.add_argument("--num_samples", type=int,
                         help="training samples per epoch (after data.limit) when the data is not on this machine")
     parser.add_argument("--world_size", type=int, default=1, help="processes the run will use (default 1)")
@@ -55,6 +56,7 @@ def parse_args(argv=None):
 
     parser.error = one_line_error
     args = parser.parse_args(argv)
+    args.set = [item for group in args.set for item in group]  # --set a=1 b=2 and --set a=1 --set b=2 alike
     if args.num_samples is not None and args.num_samples < 1:
         raise BadInput(f"--num_samples: {args.num_samples} must be >= 1")
     if args.world_size < 1:

@@ -4,6 +4,7 @@ Run it (defaults: synthetic TUAB-shaped EEG windows and a small built-in encoder
 
     python train_probe.py --config configs/probe_synthetic.yaml
     python train_probe.py --dry_run                       # every code path in seconds, no config needed
+    python train_probe.py --help_config                   # every config key: default, type, meaning
     python train_probe.py --config configs/tuab_4s.yaml --set optim.lr=3e-3 --set train.grad_accum=4
     torchrun --standalone --nproc_per_node=2 train_probe.py --config configs/tuab_4s.yaml
 
@@ -222,17 +223,28 @@ def load_config(path, overrides, schema):
     problems, notes = [], []
     for item in overrides or []:
         key, sep, text = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             problems.append(("C3", "--set", f"'{item}' is not key=value"))
             continue
         try:
-            flat[key.strip()] = yaml.safe_load(text) if text.strip() else None
+            value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
-            flat[key.strip()] = text
+            value = text
+        mapping = next((k for k in schema if schema[k][1] == "dict" and key.startswith(k + ".")), None)
+        if key not in schema and mapping:  # backbone.kwargs.depth=4: one entry inside a free-form mapping
+            base = flat.get(mapping, schema[mapping][0])  # the YAML's mapping, else the default (copied, never edited)
+            node = flat[mapping] = dict(base) if isinstance(base, dict) else {}
+            *parents, leaf = key[len(mapping) + 1:].split(".")
+            for part in parents:
+                node[part] = node = dict(node[part]) if isinstance(node.get(part), dict) else {}
+            node[leaf] = value
+        else:
+            flat[key] = value
     for key in flat:
         if key not in schema:
             close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else "; see the config reference in README.md"
+            hint = f"; did you mean {close[0]}?" if close else "; --help_config lists every key"
             problems.append(("C2", key, f"unknown key{hint}"))
     cfg = {}
     for key, (default, kind, _doc) in schema.items():
@@ -299,6 +311,31 @@ def check_file(cfg, key, problems, suffixes):
         problems.append(("C3", key, f"file {path} not found; fix the path or set it to null"))
     elif path is not None and suffixes and not path.endswith(suffixes):
         problems.append(("C3", key, f"{path} should end with {' or '.join(suffixes)}"))
+
+
+def config_reference(schema, script):
+    """--help_config: every key with its default, type and meaning, straight from CONFIG, grouped by section."""
+    def text(value):
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
+
+    def kind_text(kind):
+        if isinstance(kind, tuple):
+            return " | ".join(text(choice) for choice in kind)
+        return kind[:-1] + " or null" if kind.endswith("?") else kind
+
+    rows = [(key, text(default), kind_text(kind), doc) for key, (default, kind, doc) in schema.items()]
+    widths = [max(len(row[i]) for row in rows if len(row[i]) <= 24) for i in range(3)]  # longer ones overflow
+    lines = [f"{script}: every config key, its default, its type and its meaning. A YAML file of nested keys",
+             "(optim: {lr: 5.0e-4}) and --set key=value (--set optim.lr=5e-4 train.grad_accum=4) override the",
+             "defaults; unknown keys are errors (C2), values are cast to their type or rejected (C1).",
+             "Row ids (S1, R4, C2, ...) are explained in FAILURE_MODES.md."]
+    section = None
+    for key, default, kind, doc in rows:
+        if (key.partition(".")[0] if "." in key else "top level") != section:
+            section = key.partition(".")[0] if "." in key else "top level"
+            lines.append("\n" + section)
+        lines.append(f"  {key:<{widths[0]}}  {default:<{widths[1]}}  {kind:<{widths[2]}}  {doc}")
+    return "\n".join(lines)
 # ==== end shared: config ====
 
 
@@ -1707,16 +1744,24 @@ def dry_run(config_path, overrides, train_fn=None):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (omit for the built-in defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys: --set optim.lr=3e-4 train.grad_accum=4 (repeatable; "
+                             "backbone.kwargs.depth=4 sets one entry of a mapping)")
     parser.add_argument("--dry_run", action="store_true", help="check every code path on tiny data and exit")
     parser.add_argument("--resume", default="auto", help="auto (default): continue from the run dir's last.pt; none; or a path")
     parser.add_argument("--run_dir", help="default runs/<run_name>")
-    return parser.parse_args(argv)
+    parser.add_argument("--help_config", action="store_true",
+                        help="print every config key with its default, type and meaning, and exit")
+    args = parser.parse_args(argv)
+    args.set = [item for group in args.set for item in group]  # --set a=1 b=2 and --set a=1 --set b=2 alike
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.help_config:
+        print(config_reference(CONFIG, os.path.basename(__file__)))
+        return 0
     try:
         if args.dry_run:
             return dry_run(args.config, args.set)

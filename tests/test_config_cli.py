@@ -1,0 +1,88 @@
+"""--set as the usage line promises: several pairs after one flag, repeated flags, and dotted keys into a
+free-form mapping (backbone.kwargs.depth=4), in both training scripts and both tools; anything else dotted
+is still an unknown key (C2)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import diagnose_and_fix  # noqa: E402
+import test_scheduler_dry_run  # noqa: E402
+import train_distill as td  # noqa: E402
+import train_probe as tp  # noqa: E402
+
+SYNTHETIC = os.path.join(ROOT, "configs", "probe_synthetic.yaml")
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script", [tp, td], ids=["train_probe", "train_distill"])
+def test_c1_set_takes_several_pairs_after_one_flag_and_repeated_flags(script):
+    one_flag = script.parse_args(["--set", "optim.lr=1e-3", "train.grad_accum=4", "seed=3"]).set
+    repeated = script.parse_args(["--set", "optim.lr=1e-3", "--set", "train.grad_accum=4", "--set", "seed=3"]).set
+    mixed = script.parse_args(["--set", "optim.lr=1e-3", "train.grad_accum=4", "--dry_run", "--set", "seed=3"])
+    assert one_flag == repeated == mixed.set == ["optim.lr=1e-3", "train.grad_accum=4", "seed=3"] and mixed.dry_run
+    cfg, _ = script.resolve_config(None, one_flag)
+    assert (cfg["optim.lr"], cfg["train.grad_accum"], cfg["seed"]) == (1e-3, 4, 3)  # C1: each value cast to its type
+
+
+@pytest.mark.parametrize("tool,first", [(test_scheduler_dry_run, [SYNTHETIC]), (diagnose_and_fix, ["--config", SYNTHETIC])],
+                         ids=["test_scheduler_dry_run", "diagnose_and_fix"])
+def test_tools_take_the_same_set_forms(tool, first):
+    one_flag = tool.parse_args([*first, "--set", "train.epochs=2", "train.grad_accum=1"]).set
+    repeated = tool.parse_args([*first, "--set", "train.epochs=2", "--set", "train.grad_accum=1"]).set
+    assert one_flag == repeated == ["train.epochs=2", "train.grad_accum=1"]
+
+
+def test_diagnose_plans_with_several_pairs_after_one_flag():
+    out = run("diagnose_and_fix.py", "--config", SYNTHETIC, "--json", "--set", "train.epochs=2", "train.grad_accum=1")
+    plan = json.loads(out.stdout)["plan"]
+    assert plan["grad_accum"] == 1 and plan["total_steps"] == 2 * plan["steps_per_epoch"] == 2 * 63, out.stderr
+
+
+def test_set_dotted_key_sets_one_entry_of_a_mapping_merged_with_the_yaml_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("backbone:\n  kwargs:\n    width: 16\n")
+    cfg, _ = tp.resolve_config(str(path), tp.parse_args(["--set", "backbone.kwargs.depth=2", "backbone.kwargs.x.y=1"]).set)
+    assert cfg["backbone.kwargs"] == {"width": 16, "depth": 2, "x": {"y": 1}}
+    cfg, _ = tp.resolve_config(None, ["backbone.kwargs.depth=2"])  # no mapping in a file: into the default's copy
+    assert cfg["backbone.kwargs"] == {"depth": 2}
+    assert tp.CONFIG["backbone.kwargs"][0] == {} and tp.resolve_config(None)[0]["backbone.kwargs"] == {}, \
+        "the default mapping must not be modified"
+    cfg, _ = tp.resolve_config(str(path), ["backbone.kwargs.depth=2"])
+    backbone = tp.build_backbone(cfg, in_channels=3)  # the built-in encoder really gets both keyword arguments
+    assert len(backbone.transformer.layers) == 2 and backbone.conv[0].out_channels == 16
+    cfg, _ = tp.resolve_config(str(path), ["backbone.kwargs={depth: 3}", "backbone.kwargs.heads=1"])  # later wins
+    assert cfg["backbone.kwargs"] == {"depth": 3, "heads": 1}
+
+
+def test_diagnose_fix_writes_a_dotted_mapping_key_nested(tmp_path):
+    out_path = tmp_path / "fixed.yaml"
+    out = run("diagnose_and_fix.py", "--config", SYNTHETIC, "--set", "backbone.kwargs.depth=2", "optim.lrr=1",
+              "--fix", "--output", str(out_path))
+    fixed = yaml.safe_load(out_path.read_text())
+    assert fixed["backbone"]["kwargs"] == {"depth": 2}, out.stdout
+    assert "lrr" not in json.dumps(fixed)  # the unknown key was removed (C2), the mapping key kept
+    cfg, _ = tp.resolve_config(str(out_path))
+    assert cfg["backbone.kwargs"] == {"depth": 2}
+
+
+def test_c2_an_unknown_dotted_key_is_still_an_error(tmp_path):
+    for bad in ("backbone.kwargz.depth=4", "optim.lr.x=1", "optim.lrr=1"):
+        with pytest.raises(tp.ConfigError) as err:
+            tp.resolve_config(None, [bad])
+        assert [(rid, key) for rid, key, _ in err.value.problems] == [("C2", bad.partition("=")[0])]
+    out = run(os.path.join(ROOT, "train_probe.py"), "--set", "backbone.kwargz.depth=4", "optim.lrr=1",
+              "--run_dir", str(tmp_path / "run"), cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 2 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("config error: backbone.kwargz.depth: unknown key")
+    assert lines[1].startswith("config error: optim.lrr: unknown key; did you mean optim.lr?")
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,51 @@
+"""The distillation demo is two launch lines: ./launch.sh configs/distill_demo_teacher.yaml, then
+./launch.sh configs/distill_demo.yaml. The teacher config must make exactly the checkpoint the student
+config reads, and a student launched first must say how to make its teacher."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_distill as td  # noqa: E402
+
+TEACHER = os.path.join(ROOT, "configs", "distill_demo_teacher.yaml")
+STUDENT = os.path.join(ROOT, "configs", "distill_demo.yaml")
+LAUNCH = os.path.join(ROOT, "launch.sh")
+# A short version of both runs: the same configs, a few steps on a small slice of the built-in corpus.
+SHORT = ["train.max_steps=3", "train.eval_every=3", "train.batch_size=2", "train.grad_accum=1",
+         "data.val_windows=4", "data.builtin.train_bytes=20000", "data.builtin.val_bytes=5000"]
+
+
+def test_demo_teacher_config_writes_the_checkpoint_the_student_config_reads():
+    teacher, _ = td.resolve_config(TEACHER)
+    student, _ = td.resolve_config(STUDENT, check_files=False)
+    assert teacher["task"] == student["task"] == "distill" and not teacher["kd.enabled"] and student["kd.enabled"]
+    made = os.path.join("runs", teacher["run_name"], "checkpoints", "best.pt")  # the run dir launch.sh uses
+    assert os.path.normpath(student["kd.teacher_checkpoint"]) == os.path.normpath(made)
+    assert td.trained_arch(teacher) == {d: student[f"teacher.{d}"] for d in ("n_layer", "n_head", "n_embd")}
+    # the same data, budget and schedule (the measured demo): only the run name and the kd.* keys differ
+    differ = {k for k in teacher if teacher[k] != student[k]}
+    assert differ <= {"run_name"} | {k for k in teacher if k.startswith("kd.")}, differ
+
+
+def test_c3_missing_teacher_checkpoint_says_which_config_makes_it(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_distill.py"), "--config", STUDENT],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("config error: kd.teacher_checkpoint: file runs/distill_demo_teacher/checkpoints/best.pt "
+                               "not found; make the teacher first: ")
+    assert "launch.sh" in lines[0] and "configs/distill_demo_teacher.yaml" in lines[0]
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_demo_pipeline_is_two_launch_lines(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    for config in (TEACHER, STUDENT):
+        out = subprocess.run([LAUNCH, config, "--gpus", "cpu", "--", "--set", *SHORT], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+    log = (tmp_path / "runs" / "distill_demo" / "train.log").read_text()
+    assert "teacher: runs/distill_demo_teacher/checkpoints/best.pt (frozen" in log
+    assert "done: 3 optimizer steps" in log
