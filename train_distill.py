@@ -7,11 +7,14 @@ Run it (defaults: byte-level text of Python's own standard library, no download)
     python train_distill.py --config configs/distill_demo.yaml          # the student, distilled from that teacher
     python train_distill.py --config configs/distill_reference.yaml --set kd.teacher_checkpoint=runs/t/checkpoints/best.pt
     torchrun --standalone --nproc_per_node=2 train_distill.py --config configs/distill_reference.yaml
+    python train_distill.py --tokenize my_texts/ --tokenizer TEACHER_HF_DIR --out data/mine   # text -> .bin files
 
 `kd.enabled: false` is plain language-model training of the teacher.* network: that is how a teacher
 is made. A run with `kd.enabled: true` trains the student.* network against the frozen teacher in
 `kd.teacher_checkpoint` (or, when the `transformers` package is installed, a local Hugging Face model
-directory `kd.hf_teacher_dir`). Loss per real target token:
+directory `kd.hf_teacher_dir`, or the user's module `teacher.target`). The student is the built-in GPT,
+a local Hugging Face model (`student.hf_dir`) or the user's module (`student.target`); a finished run
+exports its best one to runs/<run_name>/export/ (docs/distill_models.md). Loss per real target token:
     kd.alpha * CE(labels) + kd.beta * T^2 * KL(teacher_T || student_T) + kd.gamma * hidden-state loss.
 The same command line starts the run and resumes it after a kill or a preemption (`--resume auto`).
 Row ids in comments (S1, R4, G2, ...) refer to FAILURE_MODES.md, the catalogue this loop is built
@@ -1892,6 +1895,7 @@ def export_best(run):
     tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=".export-")
     try:
         if isinstance(lm, HFCausalLM):
+            transformers_module()  # its progress bars off, for a model a *.target callable built too
             lm.model.save_pretrained(tmp, state_dict={k[len("model."):]: v for k, v in state.items()})
             for name in TOKENIZER_FILES if "hf_dir" in arch else ():
                 if os.path.isfile(os.path.join(arch["hf_dir"], name)):
