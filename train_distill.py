@@ -413,8 +413,13 @@ def resolve_config(path=None, overrides=(), check_files=True):
     if check_files and cfg["kd.enabled"] and cfg["kd.teacher_checkpoint"] and not problems:
         try:  # the checkpoint's window length and, for a Hugging Face network, its directory's limits (--dry_run too)
             saved = read_teacher_checkpoint(cfg)["config"]
-            if "hf_dir" in trained_arch(saved):
-                problems += hf_dir_problems(cfg, trained_arch(saved)["hf_dir"], "kd.teacher_checkpoint", "the teacher", False)
+            hf = trained_arch(saved).get("hf_dir")
+            if hf is not None and not os.path.isfile(os.path.join(hf, "config.json")):
+                problems.append(("C3", "kd.teacher_checkpoint", f"{cfg['kd.teacher_checkpoint']} holds a Hugging Face "
+                                 f"network whose directory {hf} (its config.json) is gone; give that run's export/ "
+                                 "as kd.hf_teacher_dir instead"))
+            elif hf is not None:
+                problems += hf_dir_problems(cfg, hf, "kd.teacher_checkpoint", "the teacher", False)
         except ConfigError as err:
             problems += err.problems
     metrics = ("val/loss", "val/ppl") + (("val/agreement",) if cfg["kd.enabled"] else ())
