@@ -150,6 +150,29 @@ def test_r4_hf_llama_student_resumes_bit_exact_after_sigkill(models, tmp_path):
     assert all(ra[s]["loss"] == rb[s]["loss"] for s in ra) and "loss/hidden" not in ra[1]
 
 
+@needs_hf
+def test_r4_two_process_hf_student_with_dropout_resumes_bit_exact_after_sigkill_mid_epoch(models, tmp_path):
+    """torchrun, 2 processes (gloo): each process draws its own dropout masks from its own RNG stream; both
+    are SIGKILLed inside step 3 and the relaunch restores each process's state from last.pt."""
+    settings = TINY + KD + ["data.limit=40", f"kd.hf_teacher_dir={models['llama']}", f"student.hf_dir={models['gpt2']}"]
+
+    def launch(run_dir, **env):
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        return subprocess.run(argv + command(settings, run_dir)[1:], env=environment(**env), capture_output=True, text=True)
+
+    a, b = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    clean = launch(a)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    killed = launch(b, KIT_FAULT_KILL_AT="3:1")
+    assert killed.returncode != 0 and ckpt(b)["global_step"] == 2 and ckpt(b)["world_size"] == 2
+    resumed = launch(b)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert T.checkpoint_tensors_equal(os.path.join(a, "checkpoints", "last.pt"), os.path.join(b, "checkpoints", "last.pt"))
+    clean_rng, resumed_rng = ckpt(a)["rng"], ckpt(b)["rng"]
+    assert len(clean_rng) == 2 and same(clean_rng, resumed_rng)
+    assert not torch.equal(clean_rng[0]["torch"], clean_rng[1]["torch"])  # one stream per process
+
+
 # ----------------------------------------------------------------------------- export and the next teacher
 @needs_hf
 def test_export_of_hf_student_loads_with_from_pretrained_and_gives_best_pt_logits(gpt2_student, models):
