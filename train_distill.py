@@ -1898,6 +1898,7 @@ def export_best(run):
     state = {k[len("lm."):]: v for k, v in best["model"].items() if k.startswith("lm.")}
     lm, arch, out = run["module"].lm, trained_arch(cfg), os.path.join(run["run_dir"], "export")
     tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=".export-")
+    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide the export from the people it is for
     try:
         if isinstance(lm, HFCausalLM):
             transformers_module()  # its progress bars off, for a model a *.target callable built too
@@ -1909,11 +1910,11 @@ def export_best(run):
             if isinstance(lm, TargetLM):
                 state = {k[len("model."):]: v for k, v in state.items()}
             torch.save(state, os.path.join(tmp, "model.pt"))
-            how = {"target": "module = " + arch.get("target", "") + "(**kwargs); module.load_state_dict(torch.load('model.pt', weights_only=True))",
-                   "builtin": "from train_distill import GPT; module = GPT(vocab_size, seq_len, n_layer, n_head, n_embd); "
-                              "module.load_state_dict(torch.load('model.pt', weights_only=True))"}
+            build = (f"module = {arch['target']}(**kwargs)" if "target" in arch else
+                     "from train_distill import GPT; module = GPT(vocab_size, seq_len, n_layer, n_head, n_embd)")
             meta = {"format": "state_dict", "file": "model.pt", "arch": arch, "vocab_size": vocab_size(cfg),
-                    "seq_len": cfg["data.seq_len"], "load": how["target" if "target" in arch else "builtin"]}
+                    "seq_len": cfg["data.seq_len"],
+                    "load": build + "; module.load_state_dict(torch.load('model.pt', weights_only=True))"}
             atomic_write_text(os.path.join(tmp, "model.json"), json.dumps(meta, indent=2) + "\n")
         if os.path.isdir(out):
             shutil.rmtree(out)
