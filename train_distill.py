@@ -8,11 +8,14 @@ Run it (defaults: byte-level text of Python's own standard library, no download)
     python train_distill.py --config configs/distill_demo.yaml          # the student, distilled from that teacher
     python train_distill.py --config configs/distill_reference.yaml --set kd.teacher_checkpoint=runs/t/checkpoints/best.pt
     torchrun --standalone --nproc_per_node=2 train_distill.py --config configs/distill_reference.yaml
+    python train_distill.py --tokenize my_texts/ --tokenizer TEACHER_HF_DIR --out data/mine   # text -> .bin files
 
 `kd.enabled: false` is plain language-model training of the teacher.* network: that is how a teacher
 is made. A run with `kd.enabled: true` trains the student.* network against the frozen teacher in
 `kd.teacher_checkpoint` (or, when the `transformers` package is installed, a local Hugging Face model
-directory `kd.hf_teacher_dir`). Loss per real target token:
+directory `kd.hf_teacher_dir`, or the user's module `teacher.target`). The student is the built-in GPT,
+a local Hugging Face model (`student.hf_dir`) or the user's module (`student.target`); a finished run
+exports its best one to runs/<run_name>/export/ (docs/distill_models.md). Loss per real target token:
     kd.alpha * CE(labels) + kd.beta * T^2 * KL(teacher_T || student_T) + kd.gamma * hidden-state loss.
 The same command line starts the run and resumes it after a kill or a preemption (`--resume auto`).
 Row ids in comments (S1, R4, G2, ...) refer to FAILURE_MODES.md, the catalogue this loop is built
@@ -27,6 +30,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import sys
 import sysconfig
@@ -110,6 +115,15 @@ CONFIG = {
     "student.n_layer": (2, "int", "student blocks"),
     "student.n_head": (2, "int", "student attention heads"),
     "student.n_embd": (64, "int", "student width; a learned projection maps it to the teacher's width (kd.gamma)"),
+    # models the user brings (docs/distill_models.md); null = the built-in GPT of the *.n_* keys above
+    "student.hf_dir": (None, "str?", "a local Hugging Face causal-LM directory trained as the student: its weights, or "
+                       "config.json alone for a random init seeded by seed (needs transformers; never downloads)"),
+    "student.target": (None, "str?", "or: 'package.module:callable' returning the student nn.Module: token ids [B, T] -> "
+                       "logits [B, T, vocab], (logits, hidden [B, T, D]) or an output with .logits"),
+    "student.kwargs": ({}, "dict", "keyword arguments for student.target's callable"),
+    "teacher.target": (None, "str?", "'package.module:callable' returning the teacher nn.Module (as student.target); "
+                       "kd.enabled true: the frozen teacher, false: the network this run trains"),
+    "teacher.kwargs": ({}, "dict", "keyword arguments for teacher.target's callable"),
     # distillation
     "kd.enabled": (False, "bool", "false: plain LM training of teacher.* (makes a teacher); true: distil student.* from it"),
     "kd.alpha": (0.5, "float", "weight of the cross-entropy on the labels"),
@@ -117,8 +131,10 @@ CONFIG = {
     "kd.gamma": (0.1, "float", "weight of the hidden-state loss through the learned projection"),
     "kd.temperature": (2.0, "float", "softmax temperature T of the KD term"),
     "kd.top_k": (None, "int?", "compare only the teacher's top-k tokens per position (+ one bucket for the rest); null = full KD"),
-    "kd.teacher_checkpoint": (None, "str?", "checkpoint of a kd.enabled=false run of this script (best.pt or last.pt)"),
-    "kd.hf_teacher_dir": (None, "str?", "or: a local Hugging Face causal-LM directory (needs transformers; never downloads)"),
+    "kd.teacher_checkpoint": (None, "str?", "checkpoint of a run of this script (best.pt or last.pt): a kd.enabled=false "
+                              "run's network, or a student as the next teacher; its saved config rebuilds the network"),
+    "kd.hf_teacher_dir": (None, "str?", "or: a local Hugging Face causal-LM directory with weights (needs transformers; "
+                          "never downloads); or teacher.target: exactly one of the three with kd.enabled"),
 }
 
 
@@ -363,9 +379,6 @@ def resolve_config(path=None, overrides=(), check_files=True):
         teacher = cfg["kd.teacher_checkpoint"]
         if teacher is not None and not os.path.exists(teacher):
             problems.append(("C3", "kd.teacher_checkpoint", f"file {teacher} not found; {how_to_make_teacher(teacher)}"))
-        hf = cfg["kd.hf_teacher_dir"]
-        need(hf is None or os.path.isfile(os.path.join(hf, "config.json")), "kd.hf_teacher_dir",
-             f"{hf} is not a local Hugging Face model directory (no config.json in it)")
     need(cfg["data.seq_len"] >= 1, "data.seq_len", f"{cfg['data.seq_len']!r} must be >= 1")
     vocab = vocab_size(cfg)
     if bins:
@@ -407,17 +420,47 @@ def resolve_config(path=None, overrides=(), check_files=True):
     k = cfg["kd.top_k"]
     need(k is None or (k >= 1 and (vocab is None or k <= vocab)), "kd.top_k",
          f"{k!r} must be in 1..vocab size ({vocab}) or null (full KD)")
-    sources = [key for key in ("kd.teacher_checkpoint", "kd.hf_teacher_dir") if cfg[key] is not None]
+    # the models: at most one student source, exactly one teacher source with KD (teacher.target is the
+    # trained network when kd.enabled is false)
+    for key in ("student.target", "teacher.target"):
+        need(cfg[key] is None or re.fullmatch(r"[\w.]+:[\w.]+", cfg[key]) is not None, key,
+             f"{cfg[key]!r} must look like 'package.module:callable'")
+    need(cfg["student.hf_dir"] is None or cfg["student.target"] is None, "student.target",
+         "and student.hf_dir are both set; set at most one (both null = the built-in GPT of student.n_*)")
+    for role in ("student", "teacher"):
+        if cfg[f"{role}.kwargs"] and cfg[f"{role}.target"] is None:
+            notes.append(("C3", f"{role}.kwargs", f"is ignored: {role}.target is null"))
+    sources = [key for key in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target") if cfg[key] is not None]
     if cfg["kd.enabled"]:
         need(cfg["kd.alpha"] + cfg["kd.beta"] + cfg["kd.gamma"] > 0, "kd.alpha", "kd.alpha, kd.beta and kd.gamma are all 0")
         need(len(sources) == 1, "kd.teacher_checkpoint",
-             "kd.enabled is true: set exactly one of kd.teacher_checkpoint (a kd.enabled=false run's checkpoint) "
-             "and kd.hf_teacher_dir")
-        if cfg["kd.hf_teacher_dir"] is not None and not transformers_installed():
-            problems.append(("C3", "kd.hf_teacher_dir", "needs the transformers package, which is not installed; "
-                                                        "pip install transformers, or use kd.teacher_checkpoint"))
-    elif sources:
-        notes.append(("C3", sources[0], "is ignored: kd.enabled is false (this run trains the teacher.* network)"))
+             "kd.enabled is true: set exactly one of kd.teacher_checkpoint (a checkpoint of this script), "
+             "kd.hf_teacher_dir and teacher.target" + (f"; now set: {', '.join(sources)}" if sources else ""))
+    else:
+        for key in sources:
+            if key != "teacher.target":
+                notes.append(("C3", key, "is ignored: kd.enabled is false (this run trains the teacher.* network)"))
+    hf_dirs = [("student.hf_dir", "the student", False)] + ([("kd.hf_teacher_dir", "the teacher", True)] if cfg["kd.enabled"] else [])
+    for key, who, weights in hf_dirs:
+        if cfg[key] is None:
+            continue
+        if not transformers_installed():
+            problems.append(("C3", key, "needs the transformers package, which is not installed; pip install "
+                                        "transformers, or use a built-in model or a *.target module"))
+        elif check_files:
+            problems += hf_dir_problems(cfg, cfg[key], key, who, weights)
+    if check_files and cfg["kd.enabled"] and cfg["kd.teacher_checkpoint"] and not problems:
+        try:  # the checkpoint's window length and, for a Hugging Face network, its directory's limits (--dry_run too)
+            saved = read_teacher_checkpoint(cfg)["config"]
+            hf = trained_arch(saved).get("hf_dir")
+            if hf is not None and not os.path.isfile(os.path.join(hf, "config.json")):
+                problems.append(("C3", "kd.teacher_checkpoint", f"{cfg['kd.teacher_checkpoint']} holds a Hugging Face "
+                                 f"network whose directory {hf} (its config.json) is gone; give that run's export/ "
+                                 "as kd.hf_teacher_dir instead"))
+            elif hf is not None:
+                problems += hf_dir_problems(cfg, hf, "kd.teacher_checkpoint", "the teacher", False)
+        except ConfigError as err:
+            problems += err.problems
     metrics = ("val/loss", "val/ppl") + (("val/agreement",) if cfg["kd.enabled"] else ())
     need(cfg["train.best_metric"] in metrics, "train.best_metric",
          f"{cfg['train.best_metric']!r} is not one of {', '.join(metrics)}")
@@ -429,6 +472,53 @@ def resolve_config(path=None, overrides=(), check_files=True):
 def transformers_installed():
     import importlib.util
     return importlib.util.find_spec("transformers") is not None
+
+
+HF_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")  # the names HF configs give the position limit
+
+
+def hf_config_value(config, names):
+    """(name, value) of the first of `names` a Hugging Face config (a dict or a config object) sets, looking
+    into a nested text_config too; (None, None) when it sets none."""
+    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    for name in names:
+        if isinstance(get(name), int):
+            return name, get(name)
+    text = get("text_config")
+    return hf_config_value(text, names) if text else (None, None)
+
+
+def hf_weights_present(path):
+    return any(f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin")) for f in os.listdir(path))
+
+
+def hf_dir_problems(cfg, path, key, who, need_weights):
+    """A local Hugging Face directory checked from its config.json alone (no transformers import, no
+    weights read): it exists, has weights where they are needed, predicts data.vocab_size tokens and
+    takes windows of data.seq_len tokens (an HF model indexes past its position table with an IndexError
+    at step 1, or silently degrades past its RoPE length)."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return [("C3", key, f"{path} is not a local Hugging Face model directory (no config.json in it)")]
+    if need_weights and not hf_weights_present(path):
+        return [("C3", key, f"{path} has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
+                            f"{who} needs trained weights")]
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        return [("C3", key, f"{config_file} does not read as JSON ({type(err).__name__}); fix or replace it")]
+    problems, vocab, seq_len = [], vocab_size(cfg), cfg["data.seq_len"]
+    _, model_vocab = hf_config_value(config, ("vocab_size",))
+    if vocab is not None and model_vocab is not None and model_vocab != vocab:
+        problems.append(("C3", "data.vocab_size", f"{vocab}{' (the built-in corpus is bytes)' if not cfg['data.train_bin'] else ''}, "
+                         f"but {who} in {path} predicts {model_vocab} tokens; tokenize the text with its tokenizer "
+                         "(python train_distill.py --tokenize) and set data.vocab_size to that size"))
+    name, limit = hf_config_value(config, HF_POSITION_KEYS)
+    if limit is not None and seq_len > limit:
+        problems.append(("C3", "data.seq_len", f"{seq_len} is longer than {who}'s position limit {limit} ({name} in "
+                                               f"{config_file}); set data.seq_len to at most {limit}"))
+    return problems
 
 
 # ==== shared: schedule (identical in train_probe.py and train_distill.py) ====
@@ -872,14 +962,55 @@ class GPT(nn.Module):
         return F.linear(hidden, self.wte.weight), hidden  # tied input/output embedding
 
 
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM behind the built-in model's interface: idx -> (logits, last hidden state or
+    None), attribute width. Every forward runs without a KV cache (use_cache=False: training never reuses
+    one) and asks for the hidden states only when the hidden-state loss needs them (kd.gamma > 0)."""
+
+    def __init__(self, model, hidden):
+        super().__init__()
+        self.model, self.hidden, self.width = model, hidden, model.config.hidden_size
+
+    def forward(self, idx):
+        out = self.model(input_ids=idx, use_cache=False, output_hidden_states=self.hidden, return_dict=True)
+        return out.logits, (out.hidden_states[-1] if self.hidden else None)
+
+
+class TargetLM(nn.Module):
+    """A user's nn.Module (student.target, teacher.target) behind the same interface. Its forward takes
+    token ids [B, T] and returns logits [B, T, vocab]; or a tuple/list (logits, hidden [B, T, D], ...); or
+    an object or dict with logits (and hidden_states, whose last entry is taken). Hidden states are
+    needed only with kd.gamma > 0; width is read from them when the module returns them."""
+
+    def __init__(self, model, hidden):
+        super().__init__()
+        self.model, self.hidden, self.width = model, hidden, None
+
+    def forward(self, idx):
+        logits, hidden = split_outputs(self.model(idx))
+        return logits, (hidden if self.hidden else None)
+
+
+def split_outputs(out):
+    """(logits, hidden or None) from whatever a language model's forward returns (TargetLM's forms)."""
+    if torch.is_tensor(out):
+        return out, None
+    if isinstance(out, (tuple, list)):
+        return out[0], (out[1] if len(out) > 1 and torch.is_tensor(out[1]) else None)
+    get = out.get if isinstance(out, dict) else lambda name: getattr(out, name, None)
+    states = get("hidden_states")
+    return get("logits"), (states[-1] if isinstance(states, (tuple, list)) and states else states)
+
+
 class Trainable(nn.Module):
     """What the optimizer trains and the checkpoint's "model" holds: the language model and, with KD
-    on, the learned projection of its hidden states to the teacher's width (kd.gamma's term)."""
+    on and both widths known, the learned projection of its hidden states to the teacher's width
+    (kd.gamma's term). Keys: "lm.*" (a Hugging Face or user model's own keys under "lm.model.*"), "proj.*"."""
 
     def __init__(self, lm, teacher_width=None):
         super().__init__()
         self.lm = lm
-        self.proj = nn.Linear(lm.width, teacher_width) if teacher_width else None
+        self.proj = nn.Linear(lm.width, teacher_width) if teacher_width and lm.width else None
 
     def forward(self, idx, project=False):
         logits, hidden = self.lm(idx)
@@ -887,15 +1018,140 @@ class Trainable(nn.Module):
 
 
 def trained_arch(cfg):
-    """The network a config trains: the teacher-to-be when kd.enabled is false, else the student."""
+    """The network a config trains, as plain data: the teacher-to-be when kd.enabled is false, else the
+    student. {"hf_dir": path} | {"target": "module:callable", "kwargs": {...}} | the built-in GPT's
+    {"n_layer", "n_head", "n_embd"}. A checkpoint's saved config rebuilds its network from this."""
     role = "student" if cfg.get("kd.enabled") else "teacher"
+    if role == "student" and cfg.get("student.hf_dir"):
+        return {"hf_dir": cfg["student.hf_dir"]}
+    if cfg.get(f"{role}.target"):
+        return {"target": cfg[f"{role}.target"], "kwargs": dict(cfg.get(f"{role}.kwargs") or {})}
     return {dim: cfg[f"{role}.{dim}"] for dim in ("n_layer", "n_head", "n_embd")}
+
+
+def describe_arch(arch):
+    if "hf_dir" in arch:
+        weights = "its weights" if hf_weights_present(arch["hf_dir"]) else "config.json only: random init"
+        return f"Hugging Face model {arch['hf_dir']} ({weights})"
+    if "target" in arch:
+        return f"{arch['target']}(**{arch['kwargs']})"
+    return f"built-in GPT, {arch['n_layer']} layers x {arch['n_embd']} wide, {arch['n_head']} heads"
+
+
+def transformers_module():
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # no loading bars in the run's output
+    return transformers
+
+
+def load_hf_model(path, key, seed, weights=True):
+    """A local Hugging Face causal LM in fp32 (autocast lowers the compute), never downloaded
+    (local_files_only). A directory without weights (config.json alone), or weights=False (the weights
+    come from a checkpoint), gives a random init seeded by `seed`."""
+    transformers = transformers_module()
+    try:
+        if weights and hf_weights_present(path):
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        else:
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            torch.manual_seed(seed)
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # whatever transformers raises for a directory it cannot build
+        raise ConfigError([("C3", key, f"{path} does not load as a causal LM ({type(err).__name__}: "
+                            f"{(str(err).splitlines() or [''])[0][:200]})")]) from None
+    return model.float()
+
+
+def is_hf_model(module):
+    return "transformers" in sys.modules and isinstance(module, sys.modules["transformers"].PreTrainedModel)
+
+
+def hf_lm(model, cfg, key, who, hidden):
+    """Wrap a Hugging Face model after checking it against the data: vocabulary and position limit."""
+    head = model.get_output_embeddings()
+    vocab = head.out_features if isinstance(head, nn.Linear) else model.config.vocab_size
+    if vocab != vocab_size(cfg):
+        raise ConfigError([("C3", "data.vocab_size", f"{vocab_size(cfg)}, but {who} ({key}) predicts {vocab} tokens; "
+                            "tokenize the text with its tokenizer and set data.vocab_size to that size")])
+    name, limit = hf_config_value(model.config, HF_POSITION_KEYS)
+    if limit is not None and cfg["data.seq_len"] > limit:
+        raise ConfigError([("C3", "data.seq_len", f"{cfg['data.seq_len']} is longer than {who}'s position limit "
+                            f"{limit} (config.{name} of {key}); set data.seq_len to at most {limit}")])
+    return HFCausalLM(model, hidden)
+
+
+def import_target(target, key):
+    """'package.module:callable' -> the callable. The working directory is searched last, so a module
+    next to where the run starts imports without PYTHONPATH."""
+    import importlib
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    module_name, _, attr = target.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError([("C3", key, f"cannot import {target} ({type(err).__name__}: {err})")]) from None
+    return obj
+
+
+def target_lm(cfg, arch, key, who, hidden):
+    """The user's module from its callable, checked with one forward of a [1, data.seq_len] batch of
+    token ids in eval mode without gradients (no dropout, no RNG draw): logits of the vocabulary's size
+    and, with kd.gamma > 0, hidden states; their width sizes the projection. A callable returning a
+    Hugging Face model is driven as one (use_cache=False, hidden states on request, its position limit)."""
+    module = import_target(arch["target"], key)(**arch["kwargs"])
+    if not isinstance(module, nn.Module):
+        raise ConfigError([("C3", key, f"{arch['target']} returned a {type(module).__name__}, not a torch.nn.Module")])
+    module = module.float()
+    if is_hf_model(module):
+        return hf_lm(module, cfg, key, who, hidden)
+    lm, seq_len, vocab = TargetLM(module, hidden), cfg["data.seq_len"], vocab_size(cfg)
+    mode = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            logits, states = split_outputs(module(torch.zeros(1, seq_len, dtype=torch.long)))
+    except Exception as err:  # a position table shorter than data.seq_len, a wrong input convention, ...
+        raise ConfigError([("C3", key, f"{arch['target']} fails on token ids of shape [1, data.seq_len={seq_len}] "
+                            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})")]) from None
+    module.train(mode)
+    if not torch.is_tensor(logits) or tuple(logits.shape) != (1, seq_len, vocab):
+        shape = list(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+        raise ConfigError([("C3", key, f"{arch['target']} returns logits {shape} for token ids [1, {seq_len}], expected "
+                            f"[1, {seq_len}, {vocab}] (data.vocab_size {vocab}); see docs/distill_models.md")])
+    if torch.is_tensor(states) and states.dim() == 3 and tuple(states.shape[:2]) == (1, seq_len):
+        lm.width = states.shape[-1]
+    elif hidden:
+        raise ConfigError([("C3", "kd.gamma", f"{cfg['kd.gamma']!r} needs hidden states from {who}, but {arch['target']} "
+                            "returns none [B, T, D]; return (logits, hidden) from its forward, or set kd.gamma=0")])
+    return lm
+
+
+def build_lm(cfg, arch, key, who, hidden, weights=True):
+    """The language model `arch` (trained_arch's description) names, behind one interface:
+    idx [B, T] -> (logits [B, T, vocab], last hidden state [B, T, width] or None), attribute width."""
+    if "hf_dir" in arch:
+        return hf_lm(load_hf_model(arch["hf_dir"], key, cfg["seed"], weights), cfg, key, who, hidden)
+    if "target" in arch:
+        return target_lm(cfg, arch, key, who, hidden)
+    return GPT(vocab_size(cfg), cfg["data.seq_len"], **arch)
+
+
+def trained_key(cfg):
+    """The config key that names the trained network (for messages)."""
+    arch, role = trained_arch(cfg), "student" if cfg["kd.enabled"] else "teacher"
+    return f"{role}.hf_dir" if "hf_dir" in arch else f"{role}.target" if "target" in arch else f"{role}.n_layer"
 
 
 def build_trainable(cfg, teacher):
     torch.manual_seed(cfg["seed"])  # the LM first: runs that differ only in loss weights start identical
-    lm = GPT(vocab_size(cfg), cfg["data.seq_len"], **trained_arch(cfg))
-    return Trainable(lm, teacher.width if teacher is not None else None)
+    who = "the student" if cfg["kd.enabled"] else "the trained network"
+    hidden = teacher is not None and cfg["kd.gamma"] > 0
+    lm = build_lm(cfg, trained_arch(cfg), trained_key(cfg), who, hidden)
+    # train mode throughout (from_pretrained returns eval mode): the user's dropout is on while training
+    return Trainable(lm, teacher.width if teacher is not None else None).train()
 
 
 def how_to_make_teacher(path):
@@ -919,9 +1175,9 @@ def how_to_make_teacher(path):
             f"--run_dir {run_dir}, or fix the path")
 
 
-def load_teacher_checkpoint(cfg):
-    """A checkpoint of this script (kd.enabled false, or a student used as the next teacher): its saved
-    config says which network it holds; it must be the one teacher.* describes."""
+def read_teacher_checkpoint(cfg):
+    """The checkpoint in kd.teacher_checkpoint (mmapped: cheap enough for resolve_config), checked to be
+    this script's, with windows at least data.seq_len long for the built-in GPT it may hold."""
     path, key = cfg["kd.teacher_checkpoint"], "kd.teacher_checkpoint"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -931,58 +1187,62 @@ def load_teacher_checkpoint(cfg):
         raise ConfigError([("C3", key, f"{path} is not a train_distill.py checkpoint; make the teacher with "
                             "kd.enabled=false and point here at its checkpoints/best.pt")])
     saved = ckpt["config"]
-    arch, want = trained_arch(saved), {dim: cfg[f"teacher.{dim}"] for dim in ("n_layer", "n_head", "n_embd")}
-    if arch != want:
-        raise ConfigError([("C3", "teacher.n_layer", f"{path} holds a network with " + ", ".join(f"{k} {v}" for k, v in arch.items())
-                            + "; set teacher.n_layer/n_head/n_embd to those values")])
+    if set(trained_arch(saved)) == {"n_layer", "n_head", "n_embd"} and saved["data.seq_len"] < cfg["data.seq_len"]:
+        raise ConfigError([("C3", "data.seq_len", f"{cfg['data.seq_len']} is longer than the teacher's position limit, "
+                            f"its windows of {saved['data.seq_len']} tokens in {path}; set data.seq_len to at most "
+                            f"{saved['data.seq_len']}")])
+    return ckpt
+
+
+def load_teacher_checkpoint(cfg, hidden=True):
+    """A checkpoint of this script (kd.enabled false, or a student used as the next teacher): its saved
+    config says which network it holds (trained_arch); a built-in GPT must be the one teacher.* describes,
+    a Hugging Face network is rebuilt from its directory's config.json, a user module from its callable."""
+    path, key = cfg["kd.teacher_checkpoint"], "kd.teacher_checkpoint"
+    ckpt = read_teacher_checkpoint(cfg)
+    saved = ckpt["config"]
+    arch = trained_arch(saved)
     if vocab_size(saved) != vocab_size(cfg):
         raise ConfigError([("C3", key, f"{path} has a vocabulary of {vocab_size(saved)}, this run's data has "
                             f"{vocab_size(cfg)}; teacher and student must share one tokenizer")])
-    if saved["data.seq_len"] < cfg["data.seq_len"]:
-        raise ConfigError([("C3", "data.seq_len", f"{cfg['data.seq_len']} is longer than the teacher's windows "
-                            f"({saved['data.seq_len']} in {path}); lower data.seq_len")])
-    lm = GPT(vocab_size(saved), saved["data.seq_len"], **arch)
+    if "hf_dir" in arch or "target" in arch:
+        if "hf_dir" in arch and not transformers_installed():
+            raise ConfigError([("C3", key, f"{path} holds a Hugging Face network; it needs the transformers package")])
+        lm = build_lm(cfg, arch, key, "the teacher", hidden, weights=False)
+    else:
+        want = {dim: cfg[f"teacher.{dim}"] for dim in ("n_layer", "n_head", "n_embd")}
+        if arch != want:
+            raise ConfigError([("C3", "teacher.n_layer", f"{path} holds a network with " + ", ".join(f"{k} {v}" for k, v in arch.items())
+                                + "; set teacher.n_layer/n_head/n_embd to those values")])
+        lm = GPT(vocab_size(saved), saved["data.seq_len"], **arch)
     lm.load_state_dict({k[len("lm."):]: v for k, v in ckpt["model"].items() if k.startswith("lm.")})
     return lm
 
 
-class HFTeacher(nn.Module):
-    """A local Hugging Face causal LM behind the built-in model's interface: idx -> (logits, last hidden)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.width = model, model.config.hidden_size
-
-    def forward(self, idx):
-        out = self.model(input_ids=idx, output_hidden_states=True)
-        return out.logits, out.hidden_states[-1]
-
-
-def load_hf_teacher(cfg):
-    import transformers
+def load_hf_teacher(cfg, hidden=True):
     path = cfg["kd.hf_teacher_dir"]
-    try:  # local_files_only: a run never downloads weights
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).float()  # fp32 weights; autocast lowers the compute
-    except Exception as err:
-        raise ConfigError([("C3", "kd.hf_teacher_dir", f"{path} does not load as a causal LM ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:200]})")]) from None
-    vocab = model.get_output_embeddings().out_features
-    if vocab != vocab_size(cfg):
-        raise ConfigError([("C3", "data.vocab_size", f"{vocab_size(cfg)}, but the teacher in {path} predicts {vocab} "
-                            "tokens; tokenize the .bin files with its tokenizer and set data.vocab_size to its size")])
-    return HFTeacher(model)
+    return hf_lm(load_hf_model(path, "kd.hf_teacher_dir", cfg["seed"]), cfg, "kd.hf_teacher_dir", "the teacher", hidden)
 
 
-def build_teacher(cfg, device):
-    """Load and freeze: eval mode, no grad, never in the optimizer, checked unchanged after training."""
-    teacher = load_hf_teacher(cfg) if cfg["kd.hf_teacher_dir"] else load_teacher_checkpoint(cfg)
+def build_teacher(cfg, device, hidden=None):
+    """Load and freeze: eval mode, no grad, never in the optimizer, checked unchanged after training.
+    teacher(x) -> (logits, last hidden state, or None unless `hidden`; default: kd.gamma > 0)."""
+    hidden = cfg["kd.gamma"] > 0 if hidden is None else hidden
+    if cfg["kd.hf_teacher_dir"]:
+        teacher = load_hf_teacher(cfg, hidden)
+    elif cfg["teacher.target"]:
+        torch.manual_seed(cfg["seed"])  # a callable that initialises anything does so the same way every run
+        teacher = target_lm(cfg, trained_arch({**cfg, "kd.enabled": False}), "teacher.target", "the teacher", hidden)
+    else:
+        teacher = load_teacher_checkpoint(cfg, hidden)
     teacher.requires_grad_(False)
     return teacher.eval().to(device)
 
 
 def param_groups(module):
-    """Weight decay on matrices and embeddings; none on biases and LayerNorm gains."""
-    params = list(module.parameters())
+    """Weight decay on matrices and embeddings (every parameter with >= 2 dimensions, a Hugging Face or
+    user model's too); none on biases and norm gains. Parameters the user froze stay out of the optimizer."""
+    params = [p for p in module.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2]},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
@@ -1586,13 +1846,13 @@ def print_plan(run, resumed):
              f"x {plan['epochs']} epochs = {plan['total_steps']} optimizer steps (S2)")
     log(run, f"schedule: {cfg['schedule.type']}, warmup {plan['warmup_steps']} optimizer steps, LR {marks['initial']:.4g} "
              f"at step 1 -> peak {marks['peak']:.4g} at step {marks['peak_step']} -> {marks['final']:.4g} at step {plan['total_steps']}")
-    arch = trained_arch(cfg)
-    params = sum(p.numel() for p in run["module"].parameters())
+    params = sum(p.numel() for p in run["params"])
     log(run, f"model: {'student' if cfg['kd.enabled'] else 'teacher (kd.enabled false: plain LM training)'} "
-             f"{arch['n_layer']} layers x {arch['n_embd']} wide, {arch['n_head']} heads, {params} trainable parameters")
+             f"{describe_arch(trained_arch(cfg))}, {params} trainable parameters")
     if run["teacher"] is not None:
         k = cfg["kd.top_k"]
-        log(run, f"teacher: {cfg['kd.teacher_checkpoint'] or cfg['kd.hf_teacher_dir']} (frozen, sha256 {run['teacher_digest'][:12]}); "
+        source = cfg["kd.teacher_checkpoint"] or cfg["kd.hf_teacher_dir"] or cfg["teacher.target"]
+        log(run, f"teacher: {source} (frozen, sha256 {run['teacher_digest'][:12]}); "
                  f"loss = {cfg['kd.alpha']:g} CE + {cfg['kd.beta']:g} T^2 KL (T {cfg['kd.temperature']:g}, "
                  f"{'full vocabulary' if k is None else f'top-{k} + rest bucket'}) + {cfg['kd.gamma']:g} hidden")
     log(run, f"devices: {d['world']} process(es) on {d['device']}, precision {cfg['train.precision']}; "
@@ -1607,8 +1867,12 @@ def make_task(run):
     name = "data.train_bin" if cfg["data.train_bin"] else "data.builtin"
 
     def batches(index_lists):
+        # R4: the loader draws its base seed from its own generator when its iterator is made, not from the
+        # global torch RNG: a resumed run makes one more iterator than an uninterrupted one, and a draw there
+        # would move the dropout masks of every later step
         loader = torch.utils.data.DataLoader(train_set, batch_size=None, sampler=index_lists,
-                                             num_workers=cfg["train.num_workers"], pin_memory=d["device"].type == "cuda")
+                                             num_workers=cfg["train.num_workers"], pin_memory=d["device"].type == "cuda",
+                                             generator=torch.Generator().manual_seed(cfg["seed"]))
         for x, y in loader:
             check_token_ids(x, y, train_set.vocab, name)
             yield to_device(x, d["device"]), to_device(y, d["device"])
@@ -1646,24 +1910,33 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     windows = eval_windows(cfg, len(val_set))
     if val_set.count(windows) == 0:
         raise ConfigError([("C3", "data.val_bin", "the eval windows hold no real target tokens (all padding?)")])
+    module = build_trainable(cfg, teacher).to(d["device"])  # a Hugging Face or user model's errors come here too
+    # R4: every process its own stream for the training forward's randomness (the dropout of a user's or
+    # Hugging Face model), the same on every run; build_trainable seeded the same init on every process.
+    seed_everything(cfg["seed"], d["rank"])
     run = open_run(run_dir, cfg, d)
     run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, val_set=val_set,
                val_windows=windows, teacher=teacher, teacher_digest=tensor_digest(teacher) if teacher is not None else None)
-
-    module = build_trainable(cfg, teacher).to(d["device"])
     model = module
-    if d["world"] > 1:  # with kd.gamma 0 the projection takes no part in the loss
+    if d["world"] > 1:
         # DDP copies process 0's weights and buffers to every process at construction; the student's buffers
-        # are fixed, so the default per-forward buffer broadcast only copies equal values.
+        # are fixed, so the default per-forward buffer broadcast only copies equal values. Unused parameters:
+        # the projection with kd.gamma 0, and whatever a user module (student.target) leaves out of its forward.
         model = torch.nn.parallel.DistributedDataParallel(
-            module, find_unused_parameters=module.proj is not None and cfg["kd.gamma"] == 0)
-    params = list(module.parameters())  # the student and its projection: the frozen teacher is never in the optimizer
+            module, find_unused_parameters=(module.proj is not None and cfg["kd.gamma"] == 0)
+            or isinstance(module.lm, TargetLM))
+    # the student and its projection: the frozen teacher is never in the optimizer
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError([("C3", trained_key(cfg), "the network has no trainable parameters (all requires_grad=False)")])
     optimizer = build_optimizer(cfg, param_groups(module))
     run.update(module=module, model=model, params=params, optimizer=optimizer,
                scheduler=build_schedule(optimizer, cfg, plan), scaler=make_grad_scaler(d["device"], cfg["train.precision"]))
     resumed = resume(run, resume_mode)
     if run["state"]["finished"]:
         log(run, f"run already complete at step {run['state']['global_step']} ({run['ckpt_dir']}/last.pt); nothing to do")
+        if not os.path.isdir(os.path.join(run_dir, "export")):  # killed between the last save and the export
+            export_best(run)
         return "complete", run
     write_resolved_config(run)
     print_plan(run, resumed)
@@ -1678,7 +1951,76 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
         log(run, f"done: {st['global_step']} optimizer steps, {st['skipped_steps']} skipped; last eval "
                  + " ".join(f"{k}={v:.4f}" for k, v in (st["last_eval"] or {}).items())
                  + f"; best {cfg['train.best_metric']}={st['best_value']:.4f} at step {st['best_step']}")
+        export_best(run)
     return outcome, run
+
+
+# -----------------------------------------------------------------------------
+# Export: the best network where its users load it without this script (docs/distill_models.md).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+
+
+def export_best(run):
+    """best.pt's network into <run_dir>/export/: a Hugging Face model as a save_pretrained directory
+    (config.json + model.safetensors, plus the tokenizer files of student.hf_dir), loadable with
+    AutoModelForCausalLM.from_pretrained; any other network as model.pt, a plain state dict
+    (torch.load(..., weights_only=True)), with model.json saying how to build the module it loads into.
+    Written into a temporary directory and renamed, so a kill leaves no half export; process 0 only."""
+    if not run["dist"]["main"]:
+        return None
+    cfg, best_path = run["cfg"], os.path.join(run["ckpt_dir"], "best.pt")
+    if not os.path.exists(best_path):
+        log(run, "WARNING: no best.pt (no eval had a finite value); nothing exported")
+        return None
+    best = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)
+    state = {k[len("lm."):]: v for k, v in best["model"].items() if k.startswith("lm.")}
+    lm, arch, out = run["module"].lm, trained_arch(cfg), os.path.join(run["run_dir"], "export")
+    tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=".export-")
+    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide the export from the people it is for
+    try:
+        if isinstance(lm, HFCausalLM):
+            transformers_module()  # its progress bars off, for a model a *.target callable built too
+            lm.model.save_pretrained(tmp, state_dict={k[len("model."):]: v for k, v in state.items()})
+            for name in TOKENIZER_FILES if "hf_dir" in arch else ():
+                if os.path.isfile(os.path.join(arch["hf_dir"], name)):
+                    shutil.copy2(os.path.join(arch["hf_dir"], name), os.path.join(tmp, name))
+        else:
+            if isinstance(lm, TargetLM):
+                state = {k[len("model."):]: v for k, v in state.items()}
+            torch.save(state, os.path.join(tmp, "model.pt"))
+            build = (f"module = {arch['target']}(**kwargs)" if "target" in arch else
+                     "from train_distill import GPT; module = GPT(vocab_size, seq_len, n_layer, n_head, n_embd)")
+            meta = {"format": "state_dict", "file": "model.pt", "arch": arch, "vocab_size": vocab_size(cfg),
+                    "seq_len": cfg["data.seq_len"],
+                    "load": build + "; module.load_state_dict(torch.load('model.pt', weights_only=True))"}
+            atomic_write_text(os.path.join(tmp, "model.json"), json.dumps(meta, indent=2) + "\n")
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    log(run, f"exported best.pt's network (step {best['global_step']}, {cfg['train.best_metric']} "
+             f"{best['best_value']:.5g}) to {out}")
+    return out
+
+
+def load_export(export_dir):
+    """An export loaded the way its users load it, without this script's training code: a Hugging Face
+    directory with from_pretrained, a state dict into the module model.json names. Eval mode."""
+    if os.path.isfile(os.path.join(export_dir, "config.json")):
+        return transformers_module().AutoModelForCausalLM.from_pretrained(export_dir, local_files_only=True).eval()
+    with open(os.path.join(export_dir, "model.json")) as f:
+        meta = json.load(f)
+    arch = meta["arch"]
+    if "target" in arch:
+        module = import_target(arch["target"], "export")(**arch["kwargs"])
+    else:
+        module = GPT(meta["vocab_size"], meta["seq_len"], **arch)
+    module.load_state_dict(torch.load(os.path.join(export_dir, meta["file"]), map_location="cpu", weights_only=True))
+    return module.eval()
 
 
 # -----------------------------------------------------------------------------
@@ -1707,6 +2049,19 @@ def read_metrics(run_dir):
             else:
                 evals[r["step"]] = r
     return trains, evals, events
+
+
+def export_matches_best(run_dir, cfg, teacher):
+    """True when run_dir/export/, loaded as its users load it, gives the same logits as best.pt's network
+    loaded into this script's model, on a batch of val windows."""
+    best = torch.load(os.path.join(run_dir, "checkpoints", "best.pt"), map_location="cpu", weights_only=True)
+    module = build_trainable(cfg, teacher)
+    module.load_state_dict(best["model"])
+    x, _ = TokenWindows(cfg, "val")[np.arange(min(4, len(TokenWindows(cfg, "val"))))]
+    with torch.no_grad():
+        want = module.eval()(x)[0]
+        got, _ = split_outputs(load_export(os.path.join(run_dir, "export"))(x))
+    return torch.equal(want, got)
 
 
 def optimizer_step_count(ckpt):
@@ -1759,7 +2114,7 @@ def dry_run(config_path, overrides, train_fn=None):
             check(outcome == "finished" and evals and all(math.isfinite(e["val/ppl"]) for e in evals.values()),
                   f"teacher: plain LM training (kd.enabled false), {run['plan']['total_steps']} steps, "
                   f"val/ppl {list(evals.values())[-1]['val/ppl']:.4g}")
-            kd = tiny + DRY_RUN_TEACHER + ["kd.enabled=true", "kd.hf_teacher_dir=null",
+            kd = tiny + DRY_RUN_TEACHER + ["kd.enabled=true", "kd.hf_teacher_dir=null", "teacher.target=null",
                                            f"kd.teacher_checkpoint={os.path.join(t_dir, 'checkpoints', 'best.pt')}"]
         student, _ = resolve_config(config_path, kd + ["train.precision=fp32"])
         a, b = os.path.join(tmp, "uninterrupted"), os.path.join(tmp, "interrupted")
@@ -1782,6 +2137,9 @@ def dry_run(config_path, overrides, train_fn=None):
               and optimizer_step_count(last) in (None, last["global_step"] - last["skipped_steps"]),
               "checkpoint loads with weights_only=True; global_step == scheduler steps == optimizer steps + skipped (R2, R7)")
         check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")), "best.pt written")
+        check(export_matches_best(a, student, run["teacher"]),
+              f"export/ reloads without the kit ({'from_pretrained' if isinstance(run['module'].lm, HFCausalLM) else 'a state dict'}) "
+              "and gives best.pt's logits")
         check(tensor_digest(run["teacher"]) == tensor_digest(build_teacher(student, torch.device("cpu")))
               and not any(p.requires_grad for p in run["teacher"].parameters()) and not run["teacher"].training,
               "teacher frozen: eval mode, no grad, tensors identical to its checkpoint after training")
@@ -1816,6 +2174,113 @@ def dry_run(config_path, overrides, train_fn=None):
 
 
 # -----------------------------------------------------------------------------
+# --tokenize: text files -> the .bin token files this script reads, with a local Hugging Face tokenizer
+# (docs/distill_models.md). Every file is one document, followed by the tokenizer's end-of-text token.
+def token_dtype(vocab):
+    """The smallest id type data.dtype offers for ids 0..vocab-1: uint16 up to 65536 ids, else uint32."""
+    return "uint16" if vocab <= 2 ** 16 else "uint32"
+
+
+def text_files(sources, pattern):
+    """Files named on the command line, and every file under a named directory whose name matches
+    `pattern` (hidden files and directories left out), in sorted order: the same .bin on every OS."""
+    import fnmatch
+    found = []
+    for source in sources:
+        if os.path.isfile(source):
+            found.append(source)
+        for dirpath, dirnames, filenames in os.walk(source) if os.path.isdir(source) else ():
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                      if fnmatch.fnmatch(f, pattern) and not f.startswith(".")]
+    return found
+
+
+def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern="*.txt", say=print):
+    """Tokenize text files into out_dir/train.bin and out_dir/val.bin (flat token ids, uint16 when the
+    vocabulary fits, else uint32) and write out_dir/data.yaml, the data: keys a config needs. The val split
+    is the last val_fraction of every file's tokens, so both splits see every source. The vocabulary size
+    is the model's vocab_size when tokenizer_dir is a model directory (config.json; embeddings are often
+    padded past the tokenizer's own size), else the tokenizer's size. Nothing is written on bad input."""
+    problems = []
+    if not 0 < val_fraction < 1:
+        problems.append(("C3", "--val_fraction", f"{val_fraction!r} must be between 0 and 1"))
+    if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
+        problems.append(("C3", "--tokenizer", f"{tokenizer_dir} is not a directory; give a local Hugging Face "
+                                              "tokenizer (or model) directory"))
+    elif not transformers_installed():
+        problems.append(("C3", "--tokenizer", "needs the transformers package, which is not installed; pip install transformers"))
+    if not out_dir:
+        problems.append(("C3", "--out", "missing: give the directory for train.bin, val.bin and data.yaml"))
+    else:
+        there = [name for name in ("train.bin", "val.bin") if os.path.exists(os.path.join(out_dir, name))]
+        if there:
+            problems.append(("C3", "--out", f"{out_dir} already holds {' and '.join(there)}; choose another --out "
+                                            "(nothing was overwritten)"))
+    files = text_files(sources, pattern)
+    if not files:
+        problems.append(("C3", "--tokenize", f"no text files in {' '.join(sources)} (directories: files matching {pattern}, see --glob)"))
+    if problems:
+        raise ConfigError(problems)
+    transformers = transformers_module()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    except Exception as err:  # whatever transformers raises for a directory without a usable tokenizer
+        raise ConfigError([("C3", "--tokenizer", f"{tokenizer_dir} holds no tokenizer transformers can load "
+                            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})")]) from None
+    vocab, origin = len(tokenizer), "the tokenizer's size"
+    config_file = os.path.join(tokenizer_dir, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            _, model_vocab = hf_config_value(json.load(f), ("vocab_size",))
+        if model_vocab is not None and model_vocab < vocab:
+            raise ConfigError([("C3", "--tokenizer", f"the tokenizer has {vocab} tokens but the model's vocab_size in "
+                                f"{config_file} is {model_vocab}; they must belong together")])
+        if model_vocab is not None:
+            vocab, origin = model_vocab, f"the model's vocab_size ({config_file})"
+    dtype, eos = token_dtype(vocab), tokenizer.eos_token_id
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
+    tmp = {split: f"{path}.tmp-{os.getpid()}" for split, path in paths.items()}
+    counts = {"train": 0, "val": 0}
+    try:
+        with open(tmp["train"], "wb") as train_file, open(tmp["val"], "wb") as val_file:
+            for path in files:
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        text = f.read()
+                except UnicodeDecodeError:
+                    raise ConfigError([("C3", "--tokenize", f"{path} is not UTF-8 text; convert it or leave it out")]) from None
+                ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + ([eos] if eos is not None else [])
+                ids = np.asarray(ids, dtype=np.int64)
+                if ids.size and int(ids.max()) >= vocab:
+                    raise ConfigError([("C3", "--tokenizer", f"{path} gives token id {int(ids.max())} >= vocabulary size {vocab}")])
+                cut = len(ids) - int(round(len(ids) * val_fraction))
+                ids[:cut].astype(dtype).tofile(train_file)
+                ids[cut:].astype(dtype).tofile(val_file)
+                counts["train"], counts["val"] = counts["train"] + cut, counts["val"] + len(ids) - cut
+        for split, n in counts.items():
+            if n < 2:
+                raise ConfigError([("C3", "--tokenize", f"the {split} split holds {n} tokens; give more text or change --val_fraction")])
+        for split in paths:
+            os.replace(tmp[split], paths[split])
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+    snippet = (f"# python train_distill.py --tokenize {' '.join(sources)} --tokenizer {tokenizer_dir} --out {out_dir}\n"
+               f"# {len(files)} files; {counts['train']} train and {counts['val']} val tokens; vocab_size is {origin}\n"
+               f"data:\n  train_bin: {paths['train']}\n  val_bin: {paths['val']}\n  dtype: {dtype}\n  vocab_size: {vocab}\n")
+    atomic_write_text(os.path.join(out_dir, "data.yaml"), snippet)
+    say(f"wrote {paths['train']} ({counts['train']} tokens) and {paths['val']} ({counts['val']} tokens), {dtype}, "
+        f"from {len(files)} files; the config needs (also in {os.path.join(out_dir, 'data.yaml')}):\n")
+    say("\n".join(snippet.splitlines()[2:]))
+    say(f"\nor on the command line: --set data.train_bin={paths['train']} --set data.val_bin={paths['val']} "
+        f"--set data.dtype={dtype} --set data.vocab_size={vocab}")
+    return {"paths": paths, "dtype": dtype, "vocab_size": vocab, "tokens": counts, "files": files}
+
+
+# -----------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (omit for the built-in defaults)")
@@ -1824,6 +2289,13 @@ def parse_args(argv=None):
     parser.add_argument("--dry_run", action="store_true", help="check every code path on tiny data and exit")
     parser.add_argument("--resume", default="auto", help="auto (default): continue from the run dir's last.pt; none; or a path")
     parser.add_argument("--run_dir", help="default runs/<run_name>")
+    parser.add_argument("--tokenize", nargs="+", metavar="TEXT", help="instead of training: tokenize these text files "
+                        "and directories into --out/train.bin and val.bin with --tokenizer, print the data: keys to use")
+    parser.add_argument("--tokenizer", metavar="DIR", help="--tokenize: a local Hugging Face tokenizer or model directory")
+    parser.add_argument("--out", metavar="DIR", help="--tokenize: the directory for train.bin, val.bin and data.yaml")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="--tokenize: the last share of every file's "
+                        "tokens that goes to val.bin (default 0.1)")
+    parser.add_argument("--glob", default="*.txt", help="--tokenize: which files of a directory to read (default *.txt)")
     parser.add_argument("--help_config", action="store_true",
                         help="print every config key with its default, type and meaning, and exit")
     args = parser.parse_args(argv)
@@ -1837,6 +2309,9 @@ def main(argv=None):
         print(config_reference(CONFIG, os.path.basename(__file__)))
         return 0
     try:
+        if args.tokenize:
+            tokenize_to_bins(args.tokenize, args.tokenizer, args.out, args.val_fraction, args.glob)
+            return 0
         if args.dry_run:
             return dry_run(args.config, args.set)
         cfg, notes = resolve_config(args.config, args.set)
