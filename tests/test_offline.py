@@ -267,3 +267,29 @@ def test_cache_size_is_stated_before_the_build(data, teacher):
     size, how = T.teacher_cache_size(cfg)
     train, val = T.train_set_size(cfg), len(T.eval_windows(cfg, T.val_set_size(cfg)))
     assert size == (train + val) * 16 * (8 * (4 + 2) + 4) and f"{(train + val) * 16:,} positions" in how
+
+
+def test_e6_diagnose_states_the_cache_size_and_warns_when_the_disk_is_too_small(data, teacher, tmp_path, monkeypatch):
+    import contextlib
+    import io
+
+    import diagnose_and_fix as dx
+    config = tmp_path / "offline.yaml"
+    import yaml
+    cfg, _ = T.resolve_config(None, offline(data, teacher, tmp_path / "c"))
+    config.write_text(yaml.safe_dump(T.unflatten({k: cfg[k] for k in cfg if k.startswith(("kd.", "data.", "teacher.", "student.", "task"))})))
+
+    def diagnose():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            dx.main(["--config", str(config), "--json"])
+        report = json.loads(out.getvalue())
+        return [f for f in report["findings"] if f["id"] == "E6" and "kd.teacher_cache" in f["evidence"]]
+
+    size, how = T.teacher_cache_size(cfg)
+    found = diagnose()
+    assert len(found) == 1 and found[0]["severity"] == "info" and how in found[0]["evidence"]
+    monkeypatch.setattr(T, "free_disk_bytes", lambda path: size - 1)
+    found = diagnose()
+    assert len(found) == 1 and found[0]["severity"] == "warning" and "more than is free" in found[0]["evidence"]
+    assert not (tmp_path / "c").exists()
