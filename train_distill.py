@@ -2015,7 +2015,12 @@ def dry_run(config_path, overrides, train_fn=None):
                   f"val/ppl {list(evals.values())[-1]['val/ppl']:.4g}")
             kd = tiny + DRY_RUN_TEACHER + ["kd.enabled=true", "kd.hf_teacher_dir=null",
                                            f"kd.teacher_checkpoint={os.path.join(t_dir, 'checkpoints', 'best.pt')}"]
-        student, _ = resolve_config(config_path, kd + ["train.precision=fp32"])
+        offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None
+
+        def cached(settings, name):  # an offline config: the tiny runs build and read their own teacher cache
+            return settings + [f"kd.teacher_cache={os.path.join(tmp, name)}"] if offline else settings
+
+        student, _ = resolve_config(config_path, cached(kd + ["train.precision=fp32"], "cache_fp32"))
         a, b = os.path.join(tmp, "uninterrupted"), os.path.join(tmp, "interrupted")
         outcome, run = train_fn_together(student, a, "none", quiet=True)
         plan = run["plan"]
@@ -2036,9 +2041,13 @@ def dry_run(config_path, overrides, train_fn=None):
               and optimizer_step_count(last) in (None, last["global_step"] - last["skipped_steps"]),
               "checkpoint loads with weights_only=True; global_step == scheduler steps == optimizer steps + skipped (R2, R7)")
         check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")), "best.pt written")
-        check(tensor_digest(run["teacher"]) == tensor_digest(build_teacher(student, torch.device("cpu")))
-              and not any(p.requires_grad for p in run["teacher"].parameters()) and not run["teacher"].training,
-              "teacher frozen: eval mode, no grad, tensors identical to its checkpoint after training")
+        if offline:
+            check(run["teacher"] is None and run["teacher_cache"]["manifest"]["complete"],
+                  "offline: the teacher's top-k cached, the student trained from it with no teacher in memory")
+        else:
+            check(tensor_digest(run["teacher"]) == tensor_digest(build_teacher(student, torch.device("cpu")))
+                  and not any(p.requires_grad for p in run["teacher"].parameters()) and not run["teacher"].training,
+                  "teacher frozen: eval mode, no grad, tensors identical to its checkpoint after training")
         outcome, _ = train_fn_together(student, b, "none", stop_after=5, quiet=True)
         check(outcome == "stopped", "stop at step 5 saves and exits (R8 path)")
         outcome, run = train_fn_together(student, b, "auto", quiet=True)
@@ -2047,9 +2056,15 @@ def dry_run(config_path, overrides, train_fn=None):
               "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
         outcome, _ = train_fn_together(student, b, "auto", quiet=True)
         check(outcome == "complete", "a finished run restarted says it is complete")
+        if not cfg["kd.enabled"]:  # the offline path too (kd.teacher_cache): build the tiny teacher's top-8, train from it
+            off, _ = resolve_config(config_path, kd + ["kd.gamma=0", "kd.top_k=8", f"kd.teacher_cache={os.path.join(tmp, 'cache')}"])
+            outcome, run = train_fn_together(off, os.path.join(tmp, "offline"), "none", quiet=True)
+            _, evals, _ = read_metrics(os.path.join(tmp, "offline"))
+            check(outcome == "finished" and run["teacher"] is None and all("val/agreement" in e for e in evals.values()),
+                  "offline: the teacher's top-8 cached once, the student trained from it with no teacher in memory")
         for precision in ("fp16", "bf16"):
             extra = ["kd.top_k=8"] if precision == "fp16" and not cfg["kd.enabled"] else []  # the top-k path too
-            low, _ = resolve_config(config_path, kd + extra + [f"train.precision={precision}"])
+            low, _ = resolve_config(config_path, cached(kd + extra + [f"train.precision={precision}"], f"cache_{precision}"))
             p_dir = os.path.join(tmp, precision)
             outcome, run = train_fn_together(low, p_dir, "none", quiet=True)
             trains, evals, _ = read_metrics(p_dir)
