@@ -1715,7 +1715,8 @@ def prepare_teacher_cache(cfg, d, train_set, val_set, eval_ids, say):
     --cache_teacher), and return the readers of both splits. Training from it loads no teacher."""
     path = cfg["kd.teacher_cache"]
     want = cache_identity(cfg, train_set, val_set, eval_ids)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path) if d["main"] else None
+    manifest = all_gather_list([manifest], d["world"])[0]  # process 0's reading: the others never race its writes
     key, source = teacher_source(cfg)
     file_digest = teacher_file_digest(source) if source is not None else None
     if manifest is not None:

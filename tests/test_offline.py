@@ -293,3 +293,18 @@ def test_e6_diagnose_states_the_cache_size_and_warns_when_the_disk_is_too_small(
     found = diagnose()
     assert len(found) == 1 and found[0]["severity"] == "warning" and "more than is free" in found[0]["evidence"]
     assert not (tmp_path / "c").exists()
+
+
+def test_torchrun_processes_write_their_shares_into_the_same_files(data, teacher, tmp_path):
+    """Two processes under torchrun build the cache (disjoint ranges of chunks each, process 0 the manifest):
+    the same bytes as one process's build, at the same thread count."""
+    env = {**CLEAN_ENV, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(command(offline(data, teacher, tmp_path / "one"), "--cache_teacher"), env=env,
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    argv = command(offline(data, teacher, tmp_path / "two"), "--cache_teacher")
+    two = subprocess.run([argv[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv[1:]],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert two.returncode == 0, two.stdout + two.stderr
+    manifest = json.load(open(tmp_path / "two" / "manifest.json"))
+    assert manifest["complete"] and file_hashes(tmp_path / "one") == file_hashes(tmp_path / "two")
