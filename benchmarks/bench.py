@@ -603,8 +603,9 @@ def bench_offline(repeats, tmp, cases=None, steps=None):
             _, one_step = distill_steps(td, run, task, 1)
             one_step()  # the optimizer state exists from here on: held, not part of the step's peak
             transient = tensor_peak_bytes(one_step)
+            teacher = sum(p.nbytes for p in run["teacher"].parameters()) if run["teacher"] is not None else 0
             row[side] = {"ms_per_step": 1e3 * best(times[side]) / steps[name], "held_mb": held_bytes(run) / 2**20,
-                         "step_peak_mb": transient / 2**20}
+                         "step_peak_mb": transient / 2**20, "teacher_mb": teacher / 2**20}
             row[side]["peak_mb"] = row[side]["held_mb"] + row[side]["step_peak_mb"]
             close_run(run)
         for side in ("offline_topk", "online_topk"):
