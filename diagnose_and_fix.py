@@ -675,6 +675,33 @@ def check_memory(script, cfg, plan, opts):
     return [finding("E6", severity, evidence + " (one spike from OOM above ~90%)", fix, changes=changes)]
 
 
+def check_teacher_cache(script, cfg):
+    """E6 for the disk: kd.teacher_cache's size (positions x k x bytes, plus ids and the rest bucket) before it is
+    built, from the training script's own teacher_cache_size; a warning when it exceeds the free disk space."""
+    if not (cfg.get("kd.enabled") and cfg.get("kd.teacher_cache") and cfg.get("kd.top_k")):
+        return []
+    path = cfg["kd.teacher_cache"]
+    manifest = os.path.join(path, "manifest.json")
+    try:
+        size, how = script.teacher_cache_size(cfg)
+    except Exception as err:  # data files this machine lacks: C3 already says so
+        return [finding("E6", "info", f"no teacher-cache size: {type(err).__name__}: {err}", "fix the data paths first")]
+    complete = False
+    if os.path.exists(manifest):
+        try:
+            with open(manifest) as f:
+                complete = bool(json.load(f).get("complete"))
+        except (OSError, ValueError):
+            pass
+    free = script.free_disk_bytes(path)
+    evidence = f"kd.teacher_cache {path}: {how}; {free / 2**30:,.1f} GiB free there" + ("; already built" if complete else "")
+    if size > free and not complete:
+        return [finding("E6", "warning", evidence + f": the cache needs {size / 2**30:,.2f} GiB, more than is free",
+                        "free disk space, put kd.teacher_cache on a larger disk, or halve it with "
+                        "kd.teacher_cache_dtype: fp16 or a smaller kd.top_k")]
+    return [finding("E6", "info", evidence, "nothing to fix")]
+
+
 def shrink_batches(script, cfg, plan, capacity):
     """Halve the micro-batch (and double grad_accum, keeping the optimizer batch) and the eval batch until
     the estimate is under MEMORY_WARN of the device."""
@@ -1227,6 +1254,7 @@ def diagnose_tree(tree, name, opts, with_runs=True):
         findings += check_curve(script, cfg, plan, curve)
         findings += check_intervals(cfg, plan)
         findings += check_memory(script, cfg, plan, opts)
+        findings += check_teacher_cache(script, cfg)
     if cfg is not None:
         findings += check_precision(cfg)
         findings += check_kd_temperature(cfg)

@@ -135,6 +135,10 @@ CONFIG = {
                               "run's network, or a student as the next teacher; its saved config rebuilds the network"),
     "kd.hf_teacher_dir": (None, "str?", "or: a local Hugging Face causal-LM directory with weights (needs transformers; "
                           "never downloads); or teacher.target: exactly one of the three with kd.enabled"),
+    "kd.teacher_cache": (None, "str?", "offline KD: directory of the teacher's cached top-k (built first when absent or "
+                         "incomplete, then training loads no teacher); needs kd.top_k, kd.gamma 0; null = online"),
+    "kd.teacher_cache_dtype": ("fp32", ("fp32", "fp16"), "teacher cache values: fp32 (exactly what online top-k "
+                               "uses) or fp16 (half the disk, rounded)"),
 }
 
 
@@ -431,13 +435,22 @@ def resolve_config(path=None, overrides=(), check_files=True):
         if cfg[f"{role}.kwargs"] and cfg[f"{role}.target"] is None:
             notes.append(("C3", f"{role}.kwargs", f"is ignored: {role}.target is null"))
     sources = [key for key in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target") if cfg[key] is not None]
+    cache = cfg["kd.teacher_cache"]
     if cfg["kd.enabled"]:
         need(cfg["kd.alpha"] + cfg["kd.beta"] + cfg["kd.gamma"] > 0, "kd.alpha", "kd.alpha, kd.beta and kd.gamma are all 0")
-        need(len(sources) == 1, "kd.teacher_checkpoint",
+        need(len(sources) == 1 or (cache is not None and not sources), "kd.teacher_checkpoint",
              "kd.enabled is true: set exactly one of kd.teacher_checkpoint (a checkpoint of this script), "
-             "kd.hf_teacher_dir and teacher.target" + (f"; now set: {', '.join(sources)}" if sources else ""))
+             "kd.hf_teacher_dir and teacher.target (with a complete kd.teacher_cache, none is needed)"
+             + (f"; now set: {', '.join(sources)}" if sources else ""))
+        if cache is not None:  # offline KD: the cache holds the teacher's top-k log-probabilities and nothing else
+            need(k is not None, "kd.top_k", "null, but kd.teacher_cache stores the teacher's top-k: set kd.top_k "
+                                            "(e.g. 32), or kd.teacher_cache=null for full KD online")
+            need(cfg["kd.gamma"] == 0, "kd.gamma", f"{cfg['kd.gamma']!r}, but the hidden-state term needs the teacher's "
+                                                   "hidden states, which kd.teacher_cache does not store: set kd.gamma=0 "
+                                                   "(or kd.teacher_cache=null for online KD)")
+            need(not os.path.isfile(cache), "kd.teacher_cache", f"{cache} is a file; give a directory (made when absent)")
     else:
-        for key in sources:
+        for key in sources + (["kd.teacher_cache"] if cache is not None else []):
             if key != "teacher.target":
                 notes.append(("C3", key, "is ignored: kd.enabled is false (this run trains the teacher.* network)"))
     hf_dirs = [("student.hf_dir", "the student", False)] + ([("kd.hf_teacher_dir", "the teacher", True)] if cfg["kd.enabled"] else [])
@@ -1263,20 +1276,40 @@ def kd_kl(student_logits, teacher_logits, temperature, top_k=None):
     (computed exactly, by logsumexp over the excluded logits, not as 1 - sum). That is the KL of the
     two distributions coarsened to k + 1 outcomes: a biased estimate of full KD (never above it, by
     the data-processing inequality, and blind to how the student spreads its tail mass), equal to it
-    at k = vocab, where the bucket is empty and left out.
+    at k = vocab, where the bucket is empty and left out. Online top-k is kd_kl_topk of teacher_topk:
+    the offline run (kd.teacher_cache) calls the same kd_kl_topk on those numbers read from disk.
     """
-    with torch.autocast(student_logits.device.type, enabled=False):
-        log_q = F.log_softmax(student_logits.float() / temperature, -1)
-        log_p = F.log_softmax(teacher_logits.float() / temperature, -1)
-        if top_k is None:
+    if top_k is None:
+        with torch.autocast(student_logits.device.type, enabled=False):
+            log_q = F.log_softmax(student_logits.float() / temperature, -1)
+            log_p = F.log_softmax(teacher_logits.float() / temperature, -1)
             return xlogy_ratio(log_p, log_q).sum(-1)
+    return kd_kl_topk(student_logits, *teacher_topk(teacher_logits, temperature, top_k), temperature)
+
+
+def teacher_topk(teacher_logits, temperature, top_k):
+    """What top-k KD needs of the teacher, in fp32 (G6): (log p of its k most likely tokens at temperature
+    T [..., k], their ids [..., k], log p of all the other tokens together [...]; -inf when k >= vocab).
+    These are the numbers kd.teacher_cache stores."""
+    with torch.autocast(teacher_logits.device.type, enabled=False):
+        log_p = F.log_softmax(teacher_logits.float() / temperature, -1)
         k = min(top_k, log_p.shape[-1])
         log_p_top, index = log_p.topk(k, dim=-1)
-        kl = xlogy_ratio(log_p_top, log_q.gather(-1, index)).sum(-1)
         if k < log_p.shape[-1]:
-            rest_p = log_p.scatter(-1, index, float("-inf")).logsumexp(-1)
+            log_rest = log_p.scatter(-1, index, float("-inf")).logsumexp(-1)
+        else:
+            log_rest = torch.full(log_p.shape[:-1], float("-inf"), device=log_p.device)
+        return log_p_top, index, log_rest
+
+
+def kd_kl_topk(student_logits, log_p_top, index, log_rest, temperature):
+    """The coarsened KL of kd_kl(top_k) from the teacher's top-k numbers (teacher_topk, or the cache), in fp32."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        log_q = F.log_softmax(student_logits.float() / temperature, -1)
+        kl = xlogy_ratio(log_p_top, log_q.gather(-1, index)).sum(-1)
+        if index.shape[-1] < log_q.shape[-1]:
             rest_q = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
-            kl = kl + xlogy_ratio(rest_p, rest_q)
+            kl = kl + xlogy_ratio(log_rest, rest_q)
         return kl
 
 
@@ -1792,6 +1825,291 @@ def exit_process(code):
 
 
 # -----------------------------------------------------------------------------
+# Offline KD (kd.teacher_cache): the teacher runs once over every training window and every eval window,
+# teacher_topk's numbers are stored, and training reads them with no teacher in memory. The directory:
+#   manifest.json        what the cache was built from (teacher, data, seq_len, k, T, dtypes, counts) and
+#                        whether it is complete; a run whose config differs is refused (C3)
+#   <split>.values       [windows, seq_len, k] log p of the teacher's top-k tokens (fp32, or fp16)
+#   <split>.index        [windows, seq_len, k] their ids (uint16 when the vocabulary fits, else int32)
+#   <split>.rest         [windows, seq_len] log p of all the other tokens together (the values' dtype)
+#   <split>.done         [chunks] one byte per chunk of manifest["chunk"] windows: 1 = written and flushed
+# for split "train" (row = window index) and "val" (row = position in the eval windows).
+CACHE_KILL_AT = os.environ.get("KIT_FAULT_CACHE_KILL_AT")  # tests only: "N" SIGKILLs the build inside its Nth chunk
+CACHE_SPLITS = ("train", "val")
+
+
+def val_set_size(cfg):
+    """Validation windows, cheaply (train_set_size's twin)."""
+    if cfg["data.val_bin"]:
+        n = (os.path.getsize(cfg["data.val_bin"]) // np.dtype(cfg["data.dtype"]).itemsize - 1) // cfg["data.seq_len"]
+    else:
+        n = (len(builtin_corpus("val", cfg["data.seq_len"], cfg["data.builtin.val_bytes"])) - 1) // cfg["data.seq_len"]
+    return n if cfg["data.limit"] is None else min(n, cfg["data.limit"])
+
+
+def cache_dtypes(cfg):
+    """(value dtype, id dtype) of the cache files."""
+    values = np.dtype(np.float32 if cfg["kd.teacher_cache_dtype"] == "fp32" else np.float16)
+    return values, np.dtype(np.uint16 if vocab_size(cfg) <= 2 ** 16 else np.int32)
+
+
+def teacher_cache_size(cfg, train_windows=None, val_windows=None):
+    """The cache's size on disk before it is built: positions x k x (value + id bytes) + positions x value
+    bytes (the rest bucket). Returns (bytes, a line saying how)."""
+    train_windows = train_set_size(cfg) if train_windows is None else train_windows
+    val_windows = len(eval_windows(cfg, val_set_size(cfg))) if val_windows is None else val_windows
+    values, ids = cache_dtypes(cfg)
+    k, positions = min(cfg["kd.top_k"], vocab_size(cfg)), (train_windows + val_windows) * cfg["data.seq_len"]
+    size = positions * (k * (values.itemsize + ids.itemsize) + values.itemsize)
+    return size, (f"{positions:,} positions ({train_windows:,} train + {val_windows:,} eval windows x {cfg['data.seq_len']}) x "
+                  f"top-{k} x ({values.itemsize} B value + {ids.itemsize} B id) + {values.itemsize} B rest each = "
+                  f"{size / 2 ** 20:,.1f} MiB ({size / positions:.0f} bytes per token)")
+
+
+def free_disk_bytes(path):
+    """Free space on the filesystem that holds (or will hold) path."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free
+
+
+def teacher_source(cfg):
+    """(config key, path) of the configured teacher, or (None, None) (a complete cache needs none). For
+    teacher.target the path is its module's source file: the callable makes the weights from that code
+    and teacher.kwargs (which teacher_file_digest adds)."""
+    for key in ("kd.teacher_checkpoint", "kd.hf_teacher_dir"):
+        if cfg[key] is not None:
+            return key, cfg[key]
+    if cfg["teacher.target"] is not None:
+        factory = import_target(cfg["teacher.target"], "teacher.target")
+        return "teacher.target", os.path.abspath(sys.modules[factory.__module__].__file__)
+    return None, None
+
+
+def teacher_file_digest(path, kwargs=None):
+    """sha256 of the teacher's files (the checkpoint, or every file of a model directory, or a teacher.target's
+    module and its kwargs), read in blocks: a run matches the cache to its teacher without loading a weight."""
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(top, f) for top, _, names in os.walk(path) for f in names)
+    digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode() if kwargs is not None else b"")
+    for name in files:
+        digest.update(os.path.relpath(name, path).encode())
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_identity(cfg, train_set, val_set, eval_ids):
+    """What the cached numbers depend on, besides the teacher: compared field by field with the manifest.
+    (manifest field, the config key a difference is reported under)."""
+    def data(windows):
+        if windows.path:
+            return {"file": os.path.abspath(windows.path), "bytes": os.path.getsize(windows.path), "dtype": windows.dtype.name}
+        return {"builtin_sha256": hashlib.sha256(windows.tokens.tobytes()).hexdigest()}
+
+    values, ids = cache_dtypes(cfg)
+    return {"data": {"train": data(train_set), "val": data(val_set)}, "data.vocab_size": vocab_size(cfg),
+            "data.seq_len": cfg["data.seq_len"], "kd.top_k": min(cfg["kd.top_k"], vocab_size(cfg)),
+            "kd.temperature": cfg["kd.temperature"], "kd.teacher_cache_dtype": cfg["kd.teacher_cache_dtype"],
+            "train.precision": cfg["train.precision"],  # the teacher's forward runs under the run's autocast, as online
+            "data.limit": len(train_set), "data.val_windows": hashlib.sha256(np.asarray(eval_ids, np.int64).tobytes()).hexdigest(),
+            "value_dtype": values.name, "index_dtype": ids.name}
+
+
+MANIFEST_KEYS = {"data": "data.train_bin", "data.vocab_size": "data.vocab_size", "data.seq_len": "data.seq_len",
+                 "kd.top_k": "kd.top_k", "kd.temperature": "kd.temperature", "kd.teacher_cache_dtype": "kd.teacher_cache_dtype",
+                 "train.precision": "train.precision", "data.limit": "data.limit", "data.val_windows": "data.val_windows"}
+
+
+def read_manifest(path):
+    name = os.path.join(path, "manifest.json")
+    if not os.path.exists(name):
+        return None
+    try:
+        with open(name) as f:
+            manifest = json.load(f)
+        assert manifest.get("format") == 1 and "teacher" in manifest
+        return manifest
+    except (ValueError, AssertionError, OSError):
+        raise ConfigError([("C3", "kd.teacher_cache", f"{name} is not a teacher-cache manifest; delete {path} or point "
+                            "kd.teacher_cache elsewhere")]) from None
+
+
+def check_manifest(manifest, want, teacher_key, file_digest, path):
+    """C3: a cache built from another teacher, other data or other KD settings is refused with one line."""
+    fix = f"or point kd.teacher_cache at another directory (delete {path} to rebuild it)"
+    if file_digest is not None and manifest["teacher"]["file_sha256"] != file_digest:
+        raise ConfigError([("C3", teacher_key, f"the teacher cache {path} was built from another teacher (files sha256 "
+                            f"{manifest['teacher']['file_sha256'][:12]} from {manifest['teacher']['source']}, this teacher's "
+                            f"is {file_digest[:12]}); use that teacher {fix}")])
+    for field, key in MANIFEST_KEYS.items():
+        if manifest.get(field) != want[field]:
+            was, now = (json.dumps(v)[:120] for v in (manifest.get(field), want[field]))
+            raise ConfigError([("C3", key, f"the teacher cache {path} was built with {field} {was}, this run has {now}; "
+                                f"use the cache's value {fix}")])
+
+
+def cache_files(path, split, manifest):
+    """{part: (file, dtype, shape)} of one split."""
+    rows, seq, k = manifest["windows"][split], manifest["data.seq_len"], manifest["kd.top_k"]
+    chunks = -(-rows // manifest["chunk"])
+    values, ids = np.dtype(manifest["value_dtype"]), np.dtype(manifest["index_dtype"])
+    return {"values": (os.path.join(path, f"{split}.values"), values, (rows, seq, k)),
+            "index": (os.path.join(path, f"{split}.index"), ids, (rows, seq, k)),
+            "rest": (os.path.join(path, f"{split}.rest"), values, (rows, seq)),
+            "done": (os.path.join(path, f"{split}.done"), np.dtype(np.uint8), (chunks,))}
+
+
+def open_cache_arrays(path, split, manifest, mode):
+    arrays = {}
+    for part, (name, dtype, shape) in cache_files(path, split, manifest).items():
+        if mode == "r" and os.path.getsize(name) != dtype.itemsize * math.prod(shape):
+            raise ConfigError([("C3", "kd.teacher_cache", f"{name} has {os.path.getsize(name)} bytes, the manifest says "
+                                f"{dtype.itemsize * math.prod(shape)}; the cache is damaged: delete {path} to rebuild it")])
+        arrays[part] = np.memmap(name, dtype=dtype, mode=mode, shape=shape)
+    return arrays
+
+
+def create_cache(path, manifest):
+    """Process 0: the files at full size (sparse: disk fills as chunks are written), then the manifest."""
+    os.makedirs(path, exist_ok=True)
+    for split in CACHE_SPLITS:
+        for name, dtype, shape in cache_files(path, split, manifest).values():
+            with open(name, "wb") as f:
+                f.truncate(dtype.itemsize * math.prod(shape))
+    atomic_write_text(os.path.join(path, "manifest.json"), json.dumps(manifest, indent=1) + "\n")
+
+
+def build_teacher_cache(cfg, d, path, manifest, want, sets, file_digest, say):
+    """Run the teacher over every window not yet cached and store teacher_topk's numbers.
+
+    Resumable: a chunk of windows is forwarded as one batch (the same batches whatever was done before or
+    by how many processes), its three arrays are written and flushed, and only then its done byte is set;
+    a killed build redoes its unfinished chunk and ends with the same bytes as an uninterrupted one. Under
+    torchrun each process writes a disjoint range of chunks into the same files; process 0 creates them
+    and, after a barrier, marks the manifest complete."""
+    teacher = build_teacher(cfg, d["device"])
+    digest, key = tensor_digest(teacher), teacher_source(cfg)
+    if manifest is None:
+        manifest = {"format": 1, "kind": "train_distill.py teacher top-k cache",
+                    "teacher": {"source": key[1], "file_sha256": file_digest, "tensor_digest": digest},
+                    **want, "windows": {"train": len(sets["train"][1]), "val": len(sets["val"][1])},
+                    "chunk": cfg["train.eval_batch_size"], "complete": False}
+        if d["main"]:
+            create_cache(path, manifest)
+    elif manifest["teacher"]["tensor_digest"] != digest:
+        raise ConfigError([("C3", key[0], f"the teacher cache {path} was started with another teacher (tensor digest "
+                            f"{manifest['teacher']['tensor_digest'][:12]}, this one {digest[:12]}); delete {path} to rebuild")])
+    if d["world"] > 1:
+        dist.barrier()
+    chunk, todo = manifest["chunk"], []
+    for split in CACHE_SPLITS:
+        arrays = open_cache_arrays(path, split, manifest, "r+")
+        mine = np.array_split(np.arange(len(arrays["done"])), d["world"])[d["rank"]]  # disjoint ranges of chunks
+        todo += [(split, arrays, int(c)) for c in mine if not arrays["done"][c]]
+    bar = None
+    if d["main"] and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), unit="chunk", desc="teacher cache", dynamic_ncols=True)
+    start, shown, amp = time.perf_counter(), time.perf_counter(), autocast(d["device"], cfg["train.precision"])
+    T, k = cfg["kd.temperature"], manifest["kd.top_k"]
+    for n, (split, arrays, c) in enumerate(todo, 1):
+        windows, ids = sets[split]
+        lo, hi = c * chunk, min((c + 1) * chunk, len(ids))
+        x, y = windows[ids[lo:hi]]
+        check_token_ids(x, y, windows.vocab, f"data.{split}_bin")
+        with torch.no_grad(), amp:
+            log_p_top, index, log_rest = teacher_topk(teacher(to_device(x, d["device"]))[0], T, k)
+        arrays["values"][lo:hi] = log_p_top.cpu().numpy().astype(arrays["values"].dtype)
+        if CACHE_KILL_AT is not None and CACHE_KILL_AT == str(n):
+            arrays["values"].flush()
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-write: values on disk, ids, rest and done byte not
+        arrays["index"][lo:hi] = index.cpu().numpy().astype(arrays["index"].dtype)
+        arrays["rest"][lo:hi] = log_rest.cpu().numpy().astype(arrays["rest"].dtype)
+        for part in ("values", "index", "rest"):
+            arrays[part].flush()
+        arrays["done"][c] = 1  # only after its data is on disk
+        arrays["done"].flush()
+        if bar is not None:
+            bar.update(1)
+        elif d["main"] and (time.perf_counter() - shown > 30 or n == len(todo)):
+            shown = time.perf_counter()
+            say(f"teacher cache: {n}/{len(todo)} chunks of {chunk} windows written by process 0 "
+                f"({n * chunk / (shown - start):.0f} windows/s)")
+    if bar is not None:
+        bar.close()
+    del teacher  # training from the cache holds no teacher
+    if d["world"] > 1:
+        dist.barrier()
+    done = {split: int(open_cache_arrays(path, split, manifest, "r")["done"].sum()) for split in CACHE_SPLITS}
+    manifest = dict(manifest, complete=all(done[s] == -(-manifest["windows"][s] // chunk) for s in CACHE_SPLITS),
+                    done_chunks=done)
+    assert manifest["complete"], done
+    if d["main"]:
+        atomic_write_text(os.path.join(path, "manifest.json"), json.dumps(manifest, indent=1) + "\n")
+    if d["world"] > 1:
+        dist.barrier()
+    say(f"teacher cache: {path} complete in {time.perf_counter() - start:.1f} s")
+    return manifest
+
+
+def prepare_teacher_cache(cfg, d, train_set, val_set, eval_ids, say):
+    """kd.teacher_cache: check the manifest against this run (C3), build whatever is missing (the build alone is
+    --cache_teacher), and return the readers of both splits. Training from it loads no teacher."""
+    path = cfg["kd.teacher_cache"]
+    want = cache_identity(cfg, train_set, val_set, eval_ids)
+    manifest = read_manifest(path) if d["main"] else None
+    manifest = all_gather_list([manifest], d["world"])[0]  # process 0's reading: the others never race its writes
+    key, source = teacher_source(cfg)
+    file_digest = None if source is None else \
+        teacher_file_digest(source, cfg["teacher.kwargs"] if key == "teacher.target" else None)
+    if manifest is not None:
+        check_manifest(manifest, want, key, file_digest, path)
+    if manifest is None or not manifest["complete"]:
+        if source is None:
+            raise ConfigError([("C3", "kd.teacher_checkpoint", f"null, and the teacher cache {path} is "
+                                f"{'incomplete' if manifest else 'absent'}: name the teacher that builds it")])
+        size, how = teacher_cache_size(cfg, len(train_set), len(eval_ids))
+        free = free_disk_bytes(path)
+        say(f"teacher cache: {'continuing' if manifest else 'building'} {path}: {how}; {free / 2 ** 30:,.1f} GiB free")
+        if size > free:
+            say(f"WARNING: the teacher cache needs {size / 2 ** 30:,.2f} GiB, more than the {free / 2 ** 30:,.2f} GiB free "
+                f"on the disk of {path}; free space or set kd.teacher_cache_dtype=fp16 / a smaller kd.top_k")
+        manifest = build_teacher_cache(cfg, d, path, manifest, want, {"train": (train_set, np.arange(len(train_set))),
+                                                                      "val": (val_set, np.asarray(eval_ids))}, file_digest, say)
+    return {"path": path, "manifest": manifest, "train": TeacherCacheWindows(train_set, path, manifest, "train"),
+            "val": TeacherCacheWindows(val_set, path, manifest, "val")}
+
+
+class TeacherCacheWindows(torch.utils.data.Dataset):
+    """A split's windows with the teacher's cached top-k: indexed by window indices (train: row = window),
+    one fetch returns a micro-batch (x, y, log_p_top fp32, index int64, log_rest fp32), read from the
+    memory-mapped files (opened lazily: each DataLoader worker maps them itself)."""
+
+    def __init__(self, windows, path, manifest, split):
+        self.windows, self.path, self.manifest, self.split, self.arrays = windows, path, manifest, split, None
+        open_cache_arrays(path, split, manifest, "r")  # sizes checked now, not in a worker
+
+    def __getstate__(self):
+        return dict(self.__dict__, arrays=None)
+
+    def __len__(self):
+        return len(self.windows)
+
+    def teacher(self, rows):
+        """(log_p_top, index, log_rest) of these rows, as kd_kl_topk takes them."""
+        if self.arrays is None:
+            self.arrays = open_cache_arrays(self.path, self.split, self.manifest, "r")
+        rows = np.asarray(rows, dtype=np.int64)
+        return (torch.from_numpy(self.arrays["values"][rows]).float(), torch.from_numpy(self.arrays["index"][rows]).long(),
+                torch.from_numpy(self.arrays["rest"][rows]).float())
+
+    def __getitem__(self, indices):
+        return (*self.windows[indices], *self.teacher(indices))
+
+
+# -----------------------------------------------------------------------------
 # Eval: token-weighted over a fixed set of val windows, from sums and counts (E3).
 def perplexity(mean_ce):
     """E3: exp of the mean token CE; inf past float range (not an OverflowError, not a clamped value)."""
@@ -1805,7 +2123,9 @@ def evaluate(run):
     val/agreement = share of those targets where student and teacher rank the same token first. Each
     process scores its share; sums and counts are gathered before any division."""
     d, cfg, val, teacher = run["dist"], run["cfg"], run["val_set"], run["teacher"]
-    mine = np.array_split(run["val_windows"], d["world"])[d["rank"]]
+    cache = run.get("teacher_cache")  # offline: the teacher's top-1 is its cached index[..., 0]
+    rows = np.array_split(np.arange(len(run["val_windows"])), d["world"])[d["rank"]]  # positions in the eval windows
+    mine = run["val_windows"][rows]
     size = cfg["train.eval_batch_size"]
     run["module"].eval()
     top1 = run.setdefault("teacher_top1", {})  # frozen teacher, fixed windows: its answers are computed once
@@ -1819,15 +2139,17 @@ def evaluate(run):
                 logits, _ = run["module"](x)
                 if teacher is not None and start not in top1:
                     top1[start] = teacher(x)[0].argmax(-1)
+                elif cache is not None and start not in top1:
+                    top1[start] = to_device(cache["val"].teacher(rows[start:start + size])[1][..., 0], d["device"])
             real = y != IGNORE
             ce_sum += token_cross_entropy(logits, y).item()  # a float64 sum on the host: no fp32 drift over many batches
             count += int(real.sum())
-            if teacher is not None:
+            if start in top1:
                 agree += int(((logits.argmax(-1) == top1[start]) & real).sum())
     sums = np.sum(all_gather_list([(ce_sum, count, agree)], d["world"]), axis=0)
     mean_ce = float(sums[0] / sums[1])
     metrics = {"val/loss": mean_ce, "val/ppl": perplexity(mean_ce)}
-    if teacher is not None:
+    if teacher is not None or cache is not None:
         metrics["val/agreement"] = float(sums[2] / sums[1])
     return metrics
 
@@ -1855,6 +2177,13 @@ def print_plan(run, resumed):
         log(run, f"teacher: {source} (frozen, sha256 {run['teacher_digest'][:12]}); "
                  f"loss = {cfg['kd.alpha']:g} CE + {cfg['kd.beta']:g} T^2 KL (T {cfg['kd.temperature']:g}, "
                  f"{'full vocabulary' if k is None else f'top-{k} + rest bucket'}) + {cfg['kd.gamma']:g} hidden")
+    if run["teacher_cache"] is not None:
+        m = run["teacher_cache"]["manifest"]
+        size, how = teacher_cache_size(cfg, m["windows"]["train"], m["windows"]["val"])
+        log(run, f"teacher: offline, its top-{m['kd.top_k']} from the cache {run['teacher_cache']['path']} (built from "
+                 f"{m['teacher']['source']}, sha256 {m['teacher']['tensor_digest'][:12]}; {how}); no teacher in memory; "
+                 f"loss = {cfg['kd.alpha']:g} CE + {cfg['kd.beta']:g} T^2 KL (T {cfg['kd.temperature']:g}, top-{m['kd.top_k']} "
+                 "+ rest bucket)")
     log(run, f"devices: {d['world']} process(es) on {d['device']}, precision {cfg['train.precision']}; "
              + (f"resuming at step {run['state']['global_step']}" if resumed else "starting at step 0"))
 
@@ -1862,6 +2191,7 @@ def print_plan(run, resumed):
 def make_task(run):
     """What the shared loop needs from distillation: batches, token counts, the loss, the eval."""
     cfg, d, train_set, teacher = run["cfg"], run["dist"], run["train_set"], run["teacher"]
+    cache = run.get("teacher_cache")  # offline: micro-batches carry the teacher's cached top-k, no teacher runs
     alpha, beta, gamma = cfg["kd.alpha"], cfg["kd.beta"], cfg["kd.gamma"]
     temperature, top_k = cfg["kd.temperature"], cfg["kd.top_k"]
     name = "data.train_bin" if cfg["data.train_bin"] else "data.builtin"
@@ -1870,28 +2200,31 @@ def make_task(run):
         # R4: the loader draws its base seed from its own generator when its iterator is made, not from the
         # global torch RNG: a resumed run makes one more iterator than an uninterrupted one, and a draw there
         # would move the dropout masks of every later step
-        loader = torch.utils.data.DataLoader(train_set, batch_size=None, sampler=index_lists,
-                                             num_workers=cfg["train.num_workers"], pin_memory=d["device"].type == "cuda",
+        loader = torch.utils.data.DataLoader(train_set if cache is None else cache["train"], batch_size=None,
+                                             sampler=index_lists, num_workers=cfg["train.num_workers"],
+                                             pin_memory=d["device"].type == "cuda",
                                              generator=torch.Generator().manual_seed(cfg["seed"]))
-        for x, y in loader:
-            check_token_ids(x, y, train_set.vocab, name)
-            yield to_device(x, d["device"]), to_device(y, d["device"])
+        for batch in loader:  # (x, y), or offline (x, y, log_p_top, index, log_rest)
+            check_token_ids(batch[0], batch[1], train_set.vocab, name)
+            yield tuple(to_device(t, d["device"]) for t in batch)
 
     def loss(model, batch):
-        x, y = batch
+        x, y, *cached = batch
         logits, projected = model(x, project=teacher is not None and gamma > 0)
         ce = token_cross_entropy(logits, y)
-        if teacher is None:
+        if teacher is None and cache is None:
             return ce, {}  # kd.enabled false: plain LM training (this is how a teacher is made)
         parts = {"ce": alpha * ce}
         if beta > 0 or gamma > 0:
             real = y != IGNORE
-            with torch.no_grad():
-                t_logits, t_hidden = teacher(x)
+            if not cached:
+                with torch.no_grad():
+                    t_logits, t_hidden = teacher(x)
             # Padding positions are masked with where(), not dropped with logits[real]: a boolean index
             # has a data-dependent size, a host-device sync on GPUs every micro-batch (G7).
             if beta > 0:  # T^2 keeps the KD gradient's scale independent of T
-                kl = kd_kl(logits, t_logits, temperature, top_k)
+                # offline: the same kd_kl_topk online top-k runs, on teacher_topk's numbers read from the cache
+                kl = kd_kl_topk(logits, *cached, temperature) if cached else kd_kl(logits, t_logits, temperature, top_k)
                 parts["kd"] = beta * temperature ** 2 * torch.where(real, kl, 0.0).sum()
             if gamma > 0:
                 parts["hidden"] = gamma * torch.where(real, hidden_loss(projected, t_hidden), 0.0).sum()
@@ -1900,23 +2233,30 @@ def make_task(run):
     return {"batches": batches, "count": train_set.count, "count_name": "tokens", "loss": loss, "evaluate": evaluate}
 
 
-def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
-    """Run (or continue) one distillation (or, kd.enabled false, teacher) training. Returns (outcome, run)."""
+def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_only=False):
+    """Run (or continue) one distillation (or, kd.enabled false, teacher) training. Returns (outcome, run).
+    cache_only (--cache_teacher): build kd.teacher_cache and return ("cached", ...) before the run dir is made."""
     d = setup_distributed(cfg)
     seed_everything(cfg["seed"], d["rank"])
     train_set, val_set = TokenWindows(cfg, "train"), TokenWindows(cfg, "val")
     plan = plan_schedule(cfg, len(train_set), d["world"])  # raises ConfigError before anything is written
-    teacher = build_teacher(cfg, d["device"]) if cfg["kd.enabled"] else None  # so does a bad teacher
+    offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None  # offline KD: no teacher in memory
+    teacher = build_teacher(cfg, d["device"]) if cfg["kd.enabled"] and not offline else None  # so does a bad teacher
     windows = eval_windows(cfg, len(val_set))
     if val_set.count(windows) == 0:
         raise ConfigError([("C3", "data.val_bin", "the eval windows hold no real target tokens (all padding?)")])
+    say = (lambda line: None) if quiet or not d["main"] else (lambda line: print(line, flush=True))
+    cache = prepare_teacher_cache(cfg, d, train_set, val_set, windows, say) if offline else None  # so does a bad cache
+    if cache_only:
+        return "cached", {"teacher_cache": cache, "dist": d}
     module = build_trainable(cfg, teacher).to(d["device"])  # a Hugging Face or user model's errors come here too
     # R4: every process its own stream for the training forward's randomness (the dropout of a user's or
     # Hugging Face model), the same on every run; build_trainable seeded the same init on every process.
     seed_everything(cfg["seed"], d["rank"])
     run = open_run(run_dir, cfg, d)
     run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, val_set=val_set,
-               val_windows=windows, teacher=teacher, teacher_digest=tensor_digest(teacher) if teacher is not None else None)
+               val_windows=windows, teacher=teacher, teacher_digest=tensor_digest(teacher) if teacher is not None else None,
+               teacher_cache=cache)
     model = module
     if d["world"] > 1:
         # DDP copies process 0's weights and buffers to every process at construction; the student's buffers
@@ -2116,7 +2456,12 @@ def dry_run(config_path, overrides, train_fn=None):
                   f"val/ppl {list(evals.values())[-1]['val/ppl']:.4g}")
             kd = tiny + DRY_RUN_TEACHER + ["kd.enabled=true", "kd.hf_teacher_dir=null", "teacher.target=null",
                                            f"kd.teacher_checkpoint={os.path.join(t_dir, 'checkpoints', 'best.pt')}"]
-        student, _ = resolve_config(config_path, kd + ["train.precision=fp32"])
+        offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None
+
+        def cached(settings, name):  # an offline config: the tiny runs build and read their own teacher cache
+            return settings + [f"kd.teacher_cache={os.path.join(tmp, name)}"] if offline else settings
+
+        student, _ = resolve_config(config_path, cached(kd + ["train.precision=fp32"], "cache_fp32"))
         a, b = os.path.join(tmp, "uninterrupted"), os.path.join(tmp, "interrupted")
         outcome, run = train_fn_together(student, a, "none", quiet=True)
         plan = run["plan"]
@@ -2140,9 +2485,13 @@ def dry_run(config_path, overrides, train_fn=None):
         check(export_matches_best(a, student, run["teacher"]),
               f"export/ reloads without the kit ({'from_pretrained' if isinstance(run['module'].lm, HFCausalLM) else 'a state dict'}) "
               "and gives best.pt's logits")
-        check(tensor_digest(run["teacher"]) == tensor_digest(build_teacher(student, torch.device("cpu")))
-              and not any(p.requires_grad for p in run["teacher"].parameters()) and not run["teacher"].training,
-              "teacher frozen: eval mode, no grad, tensors identical to its checkpoint after training")
+        if offline:
+            check(run["teacher"] is None and run["teacher_cache"]["manifest"]["complete"],
+                  "offline: the teacher's top-k cached, the student trained from it with no teacher in memory")
+        else:
+            check(tensor_digest(run["teacher"]) == tensor_digest(build_teacher(student, torch.device("cpu")))
+                  and not any(p.requires_grad for p in run["teacher"].parameters()) and not run["teacher"].training,
+                  "teacher frozen: eval mode, no grad, tensors identical to its checkpoint after training")
         outcome, _ = train_fn_together(student, b, "none", stop_after=5, quiet=True)
         check(outcome == "stopped", "stop at step 5 saves and exits (R8 path)")
         outcome, run = train_fn_together(student, b, "auto", quiet=True)
@@ -2151,9 +2500,15 @@ def dry_run(config_path, overrides, train_fn=None):
               "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
         outcome, _ = train_fn_together(student, b, "auto", quiet=True)
         check(outcome == "complete", "a finished run restarted says it is complete")
+        if not cfg["kd.enabled"]:  # the offline path too (kd.teacher_cache): build the tiny teacher's top-8, train from it
+            off, _ = resolve_config(config_path, kd + ["kd.gamma=0", "kd.top_k=8", f"kd.teacher_cache={os.path.join(tmp, 'cache')}"])
+            outcome, run = train_fn_together(off, os.path.join(tmp, "offline"), "none", quiet=True)
+            _, evals, _ = read_metrics(os.path.join(tmp, "offline"))
+            check(outcome == "finished" and run["teacher"] is None and all("val/agreement" in e for e in evals.values()),
+                  "offline: the teacher's top-8 cached once, the student trained from it with no teacher in memory")
         for precision in ("fp16", "bf16"):
             extra = ["kd.top_k=8"] if precision == "fp16" and not cfg["kd.enabled"] else []  # the top-k path too
-            low, _ = resolve_config(config_path, kd + extra + [f"train.precision={precision}"])
+            low, _ = resolve_config(config_path, cached(kd + extra + [f"train.precision={precision}"], f"cache_{precision}"))
             p_dir = os.path.join(tmp, precision)
             outcome, run = train_fn_together(low, p_dir, "none", quiet=True)
             trains, evals, _ = read_metrics(p_dir)
@@ -2296,6 +2651,8 @@ def parse_args(argv=None):
     parser.add_argument("--val_fraction", type=float, default=0.1, help="--tokenize: the last share of every file's "
                         "tokens that goes to val.bin (default 0.1)")
     parser.add_argument("--glob", default="*.txt", help="--tokenize: which files of a directory to read (default *.txt)")
+    parser.add_argument("--cache_teacher", action="store_true",
+                        help="only build kd.teacher_cache (the teacher's top-k over every train and eval window) and exit")
     parser.add_argument("--help_config", action="store_true",
                         help="print every config key with its default, type and meaning, and exit")
     args = parser.parse_args(argv)
@@ -2317,7 +2674,11 @@ def main(argv=None):
         cfg, notes = resolve_config(args.config, args.set)
         for rid, key, msg in notes:
             print(f"note {rid}: {key}: {msg}", file=sys.stderr)
-        outcome, run = train(cfg, args.run_dir or os.path.join("runs", cfg["run_name"]), args.resume)
+        if args.cache_teacher and not (cfg["kd.enabled"] and cfg["kd.teacher_cache"]):
+            raise ConfigError([("C3", "--cache_teacher", "needs kd.enabled=true and kd.teacher_cache set (the directory "
+                                "to build)")])
+        outcome, run = train(cfg, args.run_dir or os.path.join("runs", cfg["run_name"]), args.resume,
+                             cache_only=args.cache_teacher)
         if dist.is_initialized():
             # Every process leaves its last collective (the final save) before any closes its connections:
             # a peer that exits first would fail the slower one mid-collective. The exit itself is

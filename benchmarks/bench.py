@@ -58,12 +58,22 @@ UNCACHED_SETTINGS = LOOP_SETTINGS[:-1] + ["backbone.cache_features=false", "data
                                           "data.synthetic.num_val=64", "train.epochs=2"]
 PARAMS = {  # quick / full
     "quick": {"loop_repeats": 5, "real_repeats": 3, "uncached_repeats": 2, "step_blocks": 9, "cache_epochs": 3,
-              "cache_repeats": 1, "kd_repeats": 3, "curve_steps": 50_000, "curve_repeats": 3, "peer_repeats": 2},
+              "cache_repeats": 1, "kd_repeats": 3, "curve_steps": 50_000, "curve_repeats": 3, "peer_repeats": 2,
+              "offline_repeats": 2},
     "full": {"loop_repeats": 11, "real_repeats": 7, "uncached_repeats": 9, "step_blocks": 25, "cache_epochs": None,
-             "cache_repeats": 2, "kd_repeats": 10, "curve_steps": 200_000, "curve_repeats": 5, "peer_repeats": 5},
+             "cache_repeats": 2, "kd_repeats": 10, "curve_steps": 200_000, "curve_repeats": 5, "peer_repeats": 5,
+             "offline_repeats": 5},
 }
 LOOP_PARTS = ("loop", "loop_realistic", "loop_uncached")
-PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "dry_run", "peer"]
+PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "offline", "dry_run", "peer"]
+# Offline KD: configs/distill_demo.yaml as it is, except kd.gamma 0 on every side (the hidden-state term needs
+# the teacher's hidden states, which a cache does not hold) and fewer windows (the step does not depend on how
+# many there are; the cache build's rate is reported per token). The 32k case: the same models and loop on
+# generated token files with a 32,000-token vocabulary, batch 8.
+DEMO_CONFIG = os.path.join(REPO, "configs", "distill_demo.yaml")
+OFFLINE_SETTINGS = ["kd.gamma=0", "data.limit=640", "data.val_windows=64", "train.max_steps=null", "train.epochs=1",
+                    "train.log_every=1000", "train.eval_every=null", "train.save_every_steps=null"]
+OFFLINE_32K = ["train.batch_size=8", "data.limit=160"]
 STEP_BLOCK = 50  # optimizer steps per timed block of the hot-step comparison
 
 
@@ -488,6 +498,124 @@ def bench_topk(repeats, vocabs=(32_000, 128_000), rows=256, k=256, temperature=2
 
 
 # -----------------------------------------------------------------------------
+# Offline KD: train_distill.py's real train() builds each side (online full KD, online top-k, top-k from
+# kd.teacher_cache); the benchmark stops it where it calls fit() and times its optimizer_step().
+def token_files(directory, vocab, tokens=200_000, seed=0):
+    """Settings pointing train_distill.py at generated uint16 token files of this vocabulary."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    settings = []
+    for split, n in (("train", tokens), ("val", tokens // 10)):
+        path = os.path.join(directory, f"{split}.bin")
+        rng.integers(1, vocab, n, dtype=np.uint16).tofile(path)
+        settings.append(f"data.{split}_bin={path}")
+    return settings + [f"data.vocab_size={vocab}"]
+
+
+def capture_distill(td, settings, run_dir, config=DEMO_CONFIG, cache_only=False):
+    """(run, task) from the real train_distill.train(), captured where it calls fit(); or the cache build alone."""
+    cfg, _ = td.resolve_config(config, settings)
+    got, real_fit = {}, td.fit
+
+    def stop_at_fit(run, task):
+        got.update(run=run, task=task)
+        return "stopped"
+
+    td.fit = stop_at_fit
+    try:
+        with quiet_process():
+            outcome, run = td.train(cfg, run_dir, "none", quiet=True, cache_only=cache_only)
+    finally:
+        td.fit = real_fit
+    if cache_only:
+        return run["teacher_cache"]
+    run = got["run"]
+    run["snapshot"] = copy.deepcopy(run["module"].state_dict())
+    return run, got["task"]
+
+
+def held_bytes(run):
+    """Tensor bytes a run holds between steps: the trained weights and optimizer state, and online the teacher."""
+    tensors = list(run["module"].parameters()) + [t for state in run["optimizer"].state.values()
+                                                  for t in state.values() if torch.is_tensor(t)]
+    tensors += list(run["teacher"].parameters()) if run["teacher"] is not None else []
+    return sum(t.nbytes for t in tensors)
+
+
+def distill_steps(td, run, task, steps):
+    """`steps` optimizer steps of the real optimizer_step from step 0, micro-batches read by the task (the
+    offline side reads its cache there) inside the timing."""
+    def reset():
+        run["module"].load_state_dict(run["snapshot"])
+        run["optimizer"] = td.build_optimizer(run["cfg"], td.param_groups(run["module"]))
+        run["scheduler"] = td.build_schedule(run["optimizer"], run["cfg"], run["plan"])
+        run["state"]["global_step"] = 0
+
+    plan = run["plan"]
+    order = td.epoch_order(plan["num_samples"], plan["batch_size"], plan["grad_accum"], 1, run["cfg"]["seed"], 0)[:steps]
+
+    def go():
+        batches = task["batches"]([m for step in order for m in step])
+        start = time.perf_counter()
+        for step in order:
+            td.optimizer_step(run, task, [next(batches) for _ in step], sum(task["count"](m) for m in step))
+        return time.perf_counter() - start
+
+    return reset, go
+
+
+def bench_offline(repeats, tmp, cases=None, steps=None):
+    """Step time and peak tensor memory of offline top-k vs online top-k vs online full KD, plus the cache
+    build's time and bytes per token, for each case (the demo config and a 32k vocabulary)."""
+    import train_distill as td
+    cases = cases or {"demo": [], "32k": OFFLINE_32K + token_files(os.path.join(tmp, "tokens_32k"), 32_000)}
+    steps = steps or {"demo": 10, "32k": 3}
+    out = {}
+    for name, extra in cases.items():
+        root = os.path.join(tmp, f"offline_{name}")
+        settings = OFFLINE_SETTINGS + list(extra)
+        teacher_cfg, _ = td.resolve_config(DEMO_CONFIG, settings + ["kd.enabled=false", "train.max_steps=2",
+                                                                    "train.epochs=null", "data.val_windows=8"])
+        with quiet_process():  # a two-step teacher: the step's cost depends on the sizes, not on the weights
+            td.train(teacher_cfg, os.path.join(root, "teacher"), "none", quiet=True)
+        kd = settings + [f"kd.teacher_checkpoint={os.path.join(root, 'teacher', 'checkpoints', 'last.pt')}"]
+        cache_path = os.path.join(root, "cache")
+        start = time.perf_counter()
+        cache = capture_distill(td, kd + [f"kd.teacher_cache={cache_path}"], os.path.join(root, "unused"), cache_only=True)
+        build_s = time.perf_counter() - start
+        m = cache["manifest"]
+        cache_cfg, _ = td.resolve_config(DEMO_CONFIG, kd + [f"kd.teacher_cache={cache_path}"])
+        size, _how = td.teacher_cache_size(cache_cfg, m["windows"]["train"], m["windows"]["val"])
+        positions = (m["windows"]["train"] + m["windows"]["val"]) * m["data.seq_len"]
+        sides = {"offline_topk": kd + [f"kd.teacher_cache={cache_path}"], "online_topk": kd,
+                 "online_full": kd + ["kd.top_k=null"]}
+        runs = {side: capture_distill(td, s, os.path.join(root, side)) for side, s in sides.items()}
+        resets, timers = {}, {}
+        for side, (run, task) in runs.items():
+            resets[side], timers[side] = distill_steps(td, run, task, steps[name])
+        times = paired_times(timers, repeats, setup=lambda side: resets[side]())
+        row = {"build_s": build_s, "cache_bytes": size, "positions": positions, "bytes_per_token": size / positions,
+               "build_tokens_per_s": positions / build_s, "k": m["kd.top_k"], "vocab": m["data.vocab_size"],
+               "steps": steps[name], "batch": runs["online_full"][0]["plan"]["batch_size"],
+               "accum": runs["online_full"][0]["plan"]["grad_accum"], "seq_len": m["data.seq_len"]}
+        for side, (run, task) in runs.items():
+            resets[side]()
+            _, one_step = distill_steps(td, run, task, 1)
+            one_step()  # the optimizer state exists from here on: held, not part of the step's peak
+            transient = tensor_peak_bytes(one_step)
+            teacher = sum(p.nbytes for p in run["teacher"].parameters()) if run["teacher"] is not None else 0
+            row[side] = {"ms_per_step": 1e3 * best(times[side]) / steps[name], "held_mb": held_bytes(run) / 2**20,
+                         "step_peak_mb": transient / 2**20, "teacher_mb": teacher / 2**20}
+            row[side]["peak_mb"] = row[side]["held_mb"] + row[side]["step_peak_mb"]
+            close_run(run)
+        for side in ("offline_topk", "online_topk"):
+            row[f"{side}_step_ratio"] = row[side]["ms_per_step"] / row["online_full"]["ms_per_step"]
+            row[f"{side}_mem_ratio"] = row[side]["peak_mb"] / row["online_full"]["peak_mb"]
+        out[name] = row
+    return out
+
+
+# -----------------------------------------------------------------------------
 # The dry-run tool: optimizer steps of the real torch scheduler simulated per second.
 def bench_dry_run(steps, repeats):
     cfg, _ = tp.resolve_config(PROBE_CONFIG, ["train.epochs=null", f"train.max_steps={steps}"])
@@ -655,6 +783,22 @@ def build_rows(r):
                              f"peak tensor memory ({t['topk_mb']:.0f} vs {t['full_mb']:.0f} MB; one logits tensor "
                              f"{t['logits_mb']:.0f} MB)", f"{t['mem_ratio']:.2f}", "report",
                              "pays off" if t["mem_ratio"] < 1 else "does not pay off"))
+    for name, o in (r.get("offline") or {}).items():
+        label = (f"offline KD, {'configs/distill_demo.yaml (kd.gamma 0)' if name == 'demo' else 'vocab 32k, batch 8'}: "
+                 f"top-{o['k']} of vocab {o['vocab']:,}, batch {o['batch']} x accum {o['accum']} x {o['seq_len']} tokens")
+        sides = ", ".join(f"{s.replace('_', ' ')} {o[s]['ms_per_step']:.1f} ms" for s in ("offline_topk", "online_topk", "online_full"))
+        rows.append((label, f"optimizer_step() time incl. reading the batch, / online full KD ({sides}); online top-k / "
+                     f"full {o['online_topk_step_ratio']:.2f}", f"{o['offline_topk_step_ratio']:.2f}",
+                     "<= 0.5" if name == "demo" else "report",
+                     verdict(o["offline_topk_step_ratio"] <= 0.5) if name == "demo" else "-"))
+        mems = ", ".join(f"{s.replace('_', ' ')} {o[s]['peak_mb']:.1f} MB ({o[s]['held_mb']:.1f} held + {o[s]['step_peak_mb']:.1f} "
+                         "in the step)" for s in ("offline_topk", "online_topk", "online_full"))
+        rows.append((label, f"peak tensor memory (weights, optimizer state and the teacher held + the step's "
+                     f"transient peak), / online full KD ({mems}); online top-k / full {o['online_topk_mem_ratio']:.2f}",
+                     f"{o['offline_topk_mem_ratio']:.2f}", "report", "-"))
+        rows.append((label, f"cache build (--cache_teacher): {o['positions']:,} positions in {o['build_s']:.1f} s "
+                     f"(teacher load included), {o['cache_bytes'] / 2**20:.1f} MiB",
+                     f"{o['build_tokens_per_s']:,.0f} tokens/s, {o['bytes_per_token']:.0f} bytes/token", "report", "-"))
     if r.get("dry_run"):
         d = r["dry_run"]
         rows.append(("dry-run tool", f"lr_curve: {d['steps']} optimizer steps of the real scheduler",
@@ -693,6 +837,11 @@ def summary(r):
             "epochs": (r.get("cache") or {}).get("epochs"), "cache_speedup": (r.get("cache") or {}).get("speedup"),
             "topk_time_ratio_32k": t32.get("time_ratio"), "topk_mem_ratio_32k": t32.get("mem_ratio"),
             "topk_time_ratio_128k": t128.get("time_ratio"), "topk_mem_ratio_128k": t128.get("mem_ratio"),
+            "offline_step_ratio": ((r.get("offline") or {}).get("demo") or {}).get("offline_topk_step_ratio"),
+            "offline_mem_ratio": ((r.get("offline") or {}).get("demo") or {}).get("offline_topk_mem_ratio"),
+            "offline_step_ratio_32k": ((r.get("offline") or {}).get("32k") or {}).get("offline_topk_step_ratio"),
+            "offline_mem_ratio_32k": ((r.get("offline") or {}).get("32k") or {}).get("offline_topk_mem_ratio"),
+            "cache_bytes_per_token": ((r.get("offline") or {}).get("demo") or {}).get("bytes_per_token"),
             "dryrun_steps_per_s": (r.get("dry_run") or {}).get("steps_per_s"),
             "dryrun_tool_steps_per_s": (r.get("dry_run") or {}).get("tool_steps_per_s"),
             "peer_time_ratio": (r.get("peer") or {}).get("ratio"), "quick": r["quick"]}
@@ -768,6 +917,8 @@ def run_parts(want, p, results, tmp):
         run_part(results, "cache", lambda: bench_cache(p["cache_epochs"], p["cache_repeats"], tmp))
     if "topk" in want:
         run_part(results, "topk", lambda: bench_topk(p["kd_repeats"]))
+    if "offline" in want:
+        run_part(results, "offline", lambda: bench_offline(p["offline_repeats"], tmp))
     if "dry_run" in want:
         run_part(results, "dry_run", lambda: bench_dry_run(p["curve_steps"], p["curve_repeats"]))
 

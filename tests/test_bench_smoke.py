@@ -87,6 +87,23 @@ def test_topk_kd_measures_time_and_peak_memory_of_kd_kl():
     assert row["full_mb"] >= 2 * row["logits_mb"] and row["topk_mb"] > 0
 
 
+def test_offline_kd_bench_times_three_sides_of_the_real_distill_step(tmp_path):
+    out = bench.bench_offline(1, str(tmp_path), cases={"tiny": ["data.limit=16", "data.val_windows=4", "train.batch_size=4",
+                                                                "data.seq_len=16"]}, steps={"tiny": 1})
+    row = out["tiny"]
+    for side in ("offline_topk", "online_topk", "online_full"):
+        assert row[side]["ms_per_step"] > 0 and row[side]["step_peak_mb"] > 0
+    # offline holds no teacher: the online sides' held tensors include the teacher's weights, offline's do not
+    assert row["offline_topk"]["teacher_mb"] == 0 and row["online_topk"]["teacher_mb"] > 0
+    assert row["online_topk"]["held_mb"] == row["online_full"]["held_mb"]
+    assert row["online_topk"]["held_mb"] >= row["offline_topk"]["held_mb"] + row["online_topk"]["teacher_mb"]
+    assert row["positions"] == (16 + 4) * 16 and row["bytes_per_token"] == 32 * (4 + 2) + 4  # fp32 values, uint16 ids
+    assert row["offline_topk_step_ratio"] > 0 and row["offline_topk_mem_ratio"] > 0
+    summary = bench.summary({"offline": {"demo": row}, "quick": True})
+    assert summary["offline_step_ratio"] == row["offline_topk_step_ratio"]
+    assert summary["offline_mem_ratio"] == row["offline_topk_mem_ratio"]
+
+
 def test_dry_run_rate_and_scheduler_tool():
     out = bench.bench_dry_run(steps=300, repeats=1)
     assert out["steps_per_s"] > 0
@@ -106,6 +123,7 @@ def test_last_line_is_json_with_every_headline_key(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     for key in ("overhead_ratio", "syncs_per_step", "epochs", "cache_speedup", "topk_time_ratio_32k",
-                "topk_mem_ratio_32k", "dryrun_steps_per_s"):
+                "topk_mem_ratio_32k", "dryrun_steps_per_s", "offline_step_ratio", "offline_mem_ratio"):
         assert key in summary
     assert summary["dryrun_steps_per_s"] > 0 and summary["overhead_ratio"] is None  # not run: null, not made up
+    assert summary["offline_step_ratio"] is None
