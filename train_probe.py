@@ -695,14 +695,24 @@ def import_target(target):
                             f"from {os.getcwd()} or PYTHONPATH")]) from None
 
 
+@contextlib.contextmanager
+def seeded_init(seed):
+    """Module initialisation drawn from `seed` (the same weights on every process), with every global torch RNG
+    stream, CPU and CUDA, restored afterwards: each process keeps its own stream from seed_everything for the
+    dropout masks, instead of every process dropping the same features of its samples (R4)."""
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_backbone(cfg, in_channels):
     """Build, load and freeze: eval mode for every submodule (BatchNorm statistics never move, dropout is
     off), no grad, never in the optimizer. Bad kwargs and checkpoints are config errors (C3)."""
-    torch.manual_seed(cfg["seed"])
     target, kwargs = cfg["backbone.target"], cfg["backbone.kwargs"]
     factory, args = (EEGEncoder, (in_channels,)) if target is None else (import_target(target), ())
     try:
-        backbone = factory(*args, **kwargs)
+        with seeded_init(cfg["seed"]):
+            backbone = factory(*args, **kwargs)
     except TypeError as err:  # an unknown or missing keyword; the message names it
         raise ConfigError([("C3", "backbone.kwargs", f"{kwargs} rejected by {target or 'the built-in encoder'}: "
                             f"{err}")]) from None
@@ -962,8 +972,8 @@ def build_head(cfg, sample_features):
     if cfg["head.standardize"]:
         finite = sample_features[torch.isfinite(sample_features).all(1)]  # one bad window must not poison it
         mean, std = finite.mean(0), finite.std(0).clamp_min(1e-6)
-    torch.manual_seed(cfg["seed"])
-    return ProbeHead(dim, cfg["head.num_classes"], mean, std, cfg["head.dropout"])
+    with seeded_init(cfg["seed"]):
+        return ProbeHead(dim, cfg["head.num_classes"], mean, std, cfg["head.dropout"])
 
 
 # ==== shared: run dir, checkpoints, resume, loop (identical in train_probe.py and train_distill.py) ====
