@@ -591,7 +591,8 @@ def probe_memory(script, cfg, plan):
     def extraction(batch):
         x = torch.empty(batch, channels, length, device=meta)
         with torch.no_grad():
-            sizes, feats = leaf_outputs(backbone, lambda: script.extract_features(backbone, x, meta, dict(cfg, **{"train.precision": "fp32"})))
+            fp32 = dict(cfg, **{"train.precision": "fp32"})
+            sizes, feats = leaf_outputs(backbone, lambda: script.extract_features(backbone, x, meta, fp32))
         top = sorted(sizes)[-2:] or [0]
         return 4 * (x.numel() + sum(top)), feats.shape[1]
 

@@ -732,14 +732,24 @@ def import_target(target):
                             f"from {os.getcwd()} or PYTHONPATH")]) from None
 
 
+@contextlib.contextmanager
+def seeded_init(seed):
+    """Module initialisation drawn from `seed` (the same weights on every process), with every global torch RNG
+    stream, CPU and CUDA, restored afterwards: each process keeps its own stream from seed_everything for the
+    dropout masks, instead of every process dropping the same features of its samples (R4)."""
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_backbone(cfg, in_channels):
     """Build, load and freeze: eval mode for every submodule (BatchNorm statistics never move, dropout is
     off), no grad, never in the optimizer. Bad kwargs and checkpoints are config errors (C3)."""
-    torch.manual_seed(cfg["seed"])
     target, kwargs = cfg["backbone.target"], cfg["backbone.kwargs"]
     factory, args = (EEGEncoder, (in_channels,)) if target is None else (import_target(target), ())
     try:
-        backbone = factory(*args, **kwargs)
+        with seeded_init(cfg["seed"]):
+            backbone = factory(*args, **kwargs)
     except TypeError as err:  # an unknown or missing keyword; the message names it
         raise ConfigError([("C3", "backbone.kwargs", f"{kwargs} rejected by {target or 'the built-in encoder'}: "
                             f"{err}")]) from None
@@ -856,22 +866,27 @@ def pool_features(feats, pool):
     return feats[:, 0]  # cls
 
 
-def extract_features(backbone, x, device, cfg):
-    """[B, D] fp32 features of a batch of windows: the backbone's feature tensor, pooled by backbone.pool."""
+def backbone_output(backbone, x, device, cfg):
+    """The backbone's feature tensor (feature_tensor) for a batch of windows, in fp32, not yet pooled."""
     with torch.no_grad(), autocast(device, cfg["train.precision"]):
         out = backbone(to_device(x, device))
-    return pool_features(feature_tensor(out, cfg["backbone.output"]).float(), cfg["backbone.pool"])
+    return feature_tensor(out, cfg["backbone.output"]).float()
+
+
+def extract_features(backbone, x, device, cfg):
+    """[B, D] fp32 features of a batch of windows: the backbone's feature tensor, pooled by backbone.pool."""
+    return pool_features(backbone_output(backbone, x, device, cfg), cfg["backbone.pool"])
 
 
 def check_backbone(backbone, cfg, device, splits):
     """One batch of every split through the backbone before anything is written (C3): a model built for other
     channels, an output that is not [B, D] after backbone.pool, or splits with different feature sizes fail
-    here with one line, not at the first eval. Returns the feature size."""
-    dims = {}
+    here with one line, not at the first eval. Returns the feature size and the unpooled output's shape."""
+    dims, shapes = {}, {}
     for dataset in splits:
         x, _ = dataset[np.arange(min(2, len(dataset)))]
         try:
-            dims[dataset.split] = extract_features(backbone, x, device, cfg).shape[1]
+            raw = backbone_output(backbone, x, device, cfg)
         except ConfigError:
             raise
         except Exception as err:
@@ -879,10 +894,12 @@ def check_backbone(backbone, cfg, device, splits):
             raise ConfigError([("C3", "backbone.target" if cfg["backbone.target"] else "backbone.kwargs",
                                 f"the backbone fails on a data.{dataset.split}_x batch of shape {tuple(x.shape)}: "
                                 f"{type(err).__name__}: {first}; check backbone.kwargs against the data")]) from None
+        dims[dataset.split] = pool_features(raw, cfg["backbone.pool"]).shape[1]
+        shapes[dataset.split] = tuple(raw.shape[1:])
     if len(set(dims.values())) > 1:
         raise ConfigError([("C3", "backbone.pool", f"the splits give features of different sizes {dims} (windows of "
                             "different lengths, flattened?); use a pool that removes the time axis")])
-    return dims["train"]
+    return dims["train"], shapes["train"]
 
 
 def feature_cache_key(cfg, backbone, digest, split, n, device):
@@ -992,8 +1009,8 @@ def build_head(cfg, sample_features):
     if cfg["head.standardize"]:
         finite = sample_features[torch.isfinite(sample_features).all(1)]  # one bad window must not poison it
         mean, std = finite.mean(0), finite.std(0).clamp_min(1e-6)
-    torch.manual_seed(cfg["seed"])
-    return ProbeHead(dim, cfg["head.num_classes"], mean, std, cfg["head.dropout"])
+    with seeded_init(cfg["seed"]):
+        return ProbeHead(dim, cfg["head.num_classes"], mean, std, cfg["head.dropout"])
 
 
 # ==== shared: run dir, checkpoints, resume, loop (identical in train_probe.py and train_distill.py) ====
@@ -1557,6 +1574,10 @@ def print_plan(run, resumed, cached):
              f"x {plan['epochs']} epochs = {plan['total_steps']} optimizer steps (S2)")
     log(run, f"schedule: {cfg['schedule.type']}, warmup {plan['warmup_steps']} optimizer steps, LR {marks['initial']:.4g} "
              f"at step 1 -> peak {marks['peak']:.4g} at step {marks['peak_step']} -> {marks['final']:.4g} at step {plan['total_steps']}")
+    log(run, f"backbone: {cfg['backbone.target'] or 'built-in encoder'}, {sum(p.numel() for p in run['backbone'].parameters())} "
+             f"parameters, frozen in eval mode; output [B, {', '.join(map(str, run['backbone_output_shape']))}] -> "
+             f"backbone.pool {cfg['backbone.pool'] or 'none'} -> {run['module'].linear.in_features} features -> "
+             f"head (dropout {cfg['head.dropout']:g})")
     log(run, f"devices: {d['world']} process(es) on {d['device']}, precision {cfg['train.precision']}; "
              + (f"resuming at step {run['state']['global_step']}" if resumed else "starting at step 0"))
 
@@ -1595,9 +1616,9 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
         return "complete", run
     sets = {"train": train_set, "val": val_set, **({"test": test_set} if test_set else {})}
     backbone = build_backbone(cfg, train_set.shape[1]).to(d["device"])
-    dim = check_backbone(backbone, cfg, d["device"], sets.values())  # every split, before anything is written
+    dim, shape = check_backbone(backbone, cfg, d["device"], sets.values())  # every split, before anything is written
     run = open_run(run_dir, cfg, d)
-    run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set)
+    run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, backbone_output_shape=shape)
     digest = tensor_digest(backbone)
     cached = use_feature_cache(cfg, len(train_set), dim)
     evals = {k: s for k, s in sets.items() if k != "train"}

@@ -82,3 +82,19 @@ def test_r4_two_process_dropout_run_resumed_mid_epoch_saves_the_uninterrupted_rn
     assert out.returncode == 128 + signal.SIGKILL, out.stdout + out.stderr
     assert "at optimizer step 4" in out.stdout
     assert checkpoints_equal(os.path.join(first, "checkpoints", "last.pt"), os.path.join(copy, "checkpoints", "last.pt"))
+
+
+def test_r4_each_process_draws_its_own_dropout_masks(tmp_path, monkeypatch):
+    # seed_everything gives process r the torch seed seed + r. Building the backbone and the head (seeded alike on
+    # every process: one init) must not reset that stream, or every process would drop the same features of its
+    # samples. Two one-process runs, the second seeded as process 1 would be: same data, same init, so only the
+    # dropout masks can make their heads differ.
+    cfg, _ = tp.resolve_config(None, TINY + ["head.dropout=0.5"])
+    real = tp.seed_everything
+    heads = []
+    for rank in (0, 1):
+        monkeypatch.setattr(tp, "seed_everything", lambda seed, _rank, r=rank: real(seed, r))
+        _, run = tp.train(cfg, str(tmp_path / f"rank{rank}"), "none", quiet=True)
+        heads.append(run["module"])
+    assert torch.equal(heads[0].feature_mean, heads[1].feature_mean)  # the same features, the same data
+    assert not torch.equal(heads[0].linear.weight, heads[1].linear.weight)
