@@ -801,14 +801,15 @@ def open_run(run_dir, cfg, dist_info):
 
 def remove_stale_temp_files(run_dir, ckpt_dir):
     """R6: a kill during a save leaves checkpoints/.tmp-PID-*.pt or config.yaml.tmp-PID behind; remove
-    those whose writer is gone (a live writer's are left alone)."""
+    those whose writer is gone (a live writer's are left alone), and a *.prev.pt.tmp link (a second name
+    of a checkpoint that is still there)."""
     for directory in (run_dir, ckpt_dir):
         for name in os.listdir(directory):
             if name.startswith(".tmp-") and name.endswith(".pt"):
                 pid = name[len(".tmp-"):].partition("-")[0]
             else:
                 pid = name.rpartition(".tmp-")[2] if ".tmp-" in name else ""
-            if pid.isdigit() and not process_alive(int(pid)):
+            if name.endswith(".prev.pt.tmp") or (pid.isdigit() and not process_alive(int(pid))):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, name))
 
@@ -927,6 +928,8 @@ def atomic_save(obj, path):
             os.link(path, prev + ".tmp")
             save_fault("after_link")
             os.replace(prev + ".tmp", prev)
+            with contextlib.suppress(FileNotFoundError):  # rename is a no-op when both names are links to one file
+                os.unlink(prev + ".tmp")                  # (a kill after this rename, before the next one, leaves that)
             save_fault("after_prev")
         os.replace(tmp, path)
         save_fault("after_replace")
