@@ -1146,6 +1146,11 @@ def check_checkpoint(path, script, cfg, plan, opts):
                                  f"{position['step_in_epoch']} = step {where} of {per_epoch}-step epochs, but "
                                  f"global_step is {gs}: resume would repeat or skip data",
                                  "derive the data position from global_step", source=src))
+    if cfg is not None and isinstance(position, dict) and position.get("seed", cfg["seed"]) != cfg["seed"]:
+        found.append(finding("S7", "critical", f"seed {cfg['seed']}, but this checkpoint was trained with seed "
+                             f"{position['seed']}: the data order of the epoch in progress depends on it (R5); the "
+                             "script refuses to resume", f"restore seed: {position['seed']}, or start a new run "
+                             "(another run_name or --run_dir)", source=src))
     if cfg is not None and ckpt.get("task") not in (None, cfg["task"]):
         found.append(finding("R1", "critical", f"a '{ckpt.get('task')}' checkpoint, the config's task is "
                              f"'{cfg['task']}'",

@@ -557,6 +557,13 @@ def test_s7_schedule_keys_changed_since_the_checkpoint(runs):
     assert "written by 1 process(es)" in find(world, "S7", "checkpoint")["evidence"]
 
 
+def test_s7_a_changed_seed_is_flagged_like_the_script_refuses_it(runs):
+    code, report = checkpoint_report(runs, str(runs["clean"] / "checkpoints" / "last.pt"), "--set", "seed=7")
+    s7 = find(report, "S7", "checkpoint")
+    assert s7["severity"] == "critical" and "trained with seed 0" in s7["evidence"] and "restore seed: 0" in s7["fix"]
+    assert code == 1
+
+
 @NEEDS_DISTILL
 def test_e6_memory_estimate_counts_a_hugging_face_teacher_in_fp32(tmp_path):
     # The teacher is built from its config.json alone on the meta device: no weights file is needed or read.
