@@ -1115,6 +1115,8 @@ def install_stop_handlers(run):
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         run["stop_signal"] = signum
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # started under nohup: the run is meant to outlive the terminal
         signal.signal(sig, request_stop)
 
 

@@ -253,6 +253,34 @@ def test_r8_sighup_finishes_the_step_saves_and_the_same_command_resumes(tmp_path
     assert records(run_dir)[-1]["event"] == "stopped"
 
 
+def test_r8_sighup_under_nohup_is_still_ignored(tmp_path):
+    # `nohup python train_probe.py ... &`: SIGHUP is ignored on purpose, and the run must outlive the terminal.
+    base = sets(*TINY, "train.epochs=200", "train.save_every_steps=1000")
+    run_dir = str(tmp_path / "run")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+
+    def lines():
+        return sum(1 for _ in open(metrics)) if os.path.exists(metrics) else 0
+
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_probe.py"), *base, "--run_dir", run_dir],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        deadline = time.time() + 120
+        while lines() < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)
+        seen = lines()
+        while lines() < seen + 5 and proc.poll() is None and time.time() < deadline:  # 5 more steps, or an exit
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()  # still training
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_r8_a_closed_stdout_does_not_stop_training(tmp_path):
     read_end, write_end = os.pipe()
     os.close(read_end)  # `| head` that has already exited: every write to stdout fails with EPIPE
