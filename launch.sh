@@ -15,7 +15,8 @@
 # One device -> plain python; several -> torchrun (python -m torch.distributed.run) --standalone; several
 # nodes when NNODES > 1 (with NODE_RANK, MASTER_ADDR, MASTER_PORT) through torchrun's static rendezvous.
 # A lock per run dir makes a repeated launch harmless: a live run -> "already running (pid N)", exit 0;
-# a finished run -> "complete", exit 0; a crashed or killed run resumes (the scripts default to --resume auto).
+# a finished run -> "complete", exit 0 (relaunched with other values: exit 2, start a new run_name or --run_dir);
+# a crashed or killed run resumes (the scripts default to --resume auto).
 # Exit status: the training's (0 done, 1 aborted, 2 config error, 128+N stopped by signal N); launch.sh's
 # own errors: 2 bad input, 3 no device to run on.
 # Works on a machine with only python3: missing dependencies go into a local .venv.
