@@ -1473,7 +1473,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
             "evaluate": lambda run: evaluate(run, "val"), "final_eval": test_set is not None}
     if threading_main():
         install_stop_handlers(run)
-    if st["trained"]:  # E5: training ended but its final evaluation did not (it died there): run only that
+    if st["trained"]:  # R1: training ended but its final evaluation did not (it died there): run only that
         log(run, f"training ended at step {st['global_step']}, its final evaluation did not run; running it now")
         outcome = "finished"
     else:
@@ -1482,11 +1482,13 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
             raise TrainingAborted("the frozen backbone's tensors changed during training")
     if outcome in ("finished", "early_stopped"):
         if not st["finished"]:  # the test split, with best.pt; then the run is finished (saved, so a relaunch knows)
-            best_path, last_weights = os.path.join(run["ckpt_dir"], "best.pt"), host_copy(module.state_dict())
-            weights = "best.pt" if os.path.exists(best_path) else f"the last weights, step {st['global_step']}: no best.pt"
             if test_set is not None:
+                best_path, last_weights = os.path.join(run["ckpt_dir"], "best.pt"), host_copy(module.state_dict())
+                weights = "best.pt"
                 if os.path.exists(best_path):
                     module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+                else:  # the best metric was never finite
+                    weights = f"the last weights, step {st['global_step']}: no best.pt"
                 test = evaluate(run, "test")
                 write_metrics(run, {"step": st["best_step"] or st["global_step"], **test})
                 log(run, f"test ({weights}): " + " ".join(f"{k}={v:.5g}" for k, v in test.items()))
@@ -1563,7 +1565,7 @@ def dry_run(config_path, overrides, train_fn=None):
               "one class: a label-sorted file?); a full run warns in train.log if it happens there" if never else "best.pt written")
         if tiny["data.test_x"]:
             tested = [r for r in records if "test/loss" in r]
-            check(len(tested) == 1 and run["state"]["finished"], "test split evaluated once at the end, with best.pt (E5)")
+            check(len(tested) == 1 and run["state"]["finished"], "test split evaluated once at the end, with best.pt if there is one (E5)")
         outcome, _ = train_together(tiny, b, "none", stop_after=5, quiet=True)
         check(outcome == "stopped", "stop at step 5 saves and exits (R8 path)")
         outcome, run = train_together(tiny, b, "auto", quiet=True)

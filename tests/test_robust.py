@@ -73,11 +73,13 @@ def test_e5_a_best_metric_never_finite_ends_the_run_normally_with_a_warning(tmp_
 
 
 def test_e5_dry_run_on_a_label_sorted_val_file_passes(tmp_path):
-    # data.limit=26 keeps the first 26 val windows: all class 0 in a file sorted by label.
-    keys = npy_data(tmp_path, val_labels=np.r_[np.zeros(26), np.ones(4)])
+    # data.limit=26 keeps the first 26 val windows: all class 0 in a file sorted by label. The test split is then
+    # evaluated with the last weights (there is no best.pt).
+    keys = npy_data(tmp_path, test_channels=4, val_labels=np.r_[np.zeros(26), np.ones(4)])
     out = run_script("--dry_run", *sets(*TINY, *keys))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "no best.pt: val/auroc was never finite" in out.stdout and "dry run passed" in out.stdout
+    assert "test split evaluated once at the end" in out.stdout
 
 
 # ---------------------------------------------------------------------------------------------------
