@@ -1565,7 +1565,8 @@ def dry_run(config_path, overrides, train_fn=None):
               "one class: a label-sorted file?); a full run warns in train.log if it happens there" if never else "best.pt written")
         if tiny["data.test_x"]:
             tested = [r for r in records if "test/loss" in r]
-            check(len(tested) == 1 and run["state"]["finished"], "test split evaluated once at the end, with best.pt if there is one (E5)")
+            check(len(tested) == 1 and run["state"]["finished"],
+                  "test split evaluated once at the end, with best.pt if there is one (E5)")
         outcome, _ = train_together(tiny, b, "none", stop_after=5, quiet=True)
         check(outcome == "stopped", "stop at step 5 saves and exits (R8 path)")
         outcome, run = train_together(tiny, b, "auto", quiet=True)
