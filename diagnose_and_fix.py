@@ -606,17 +606,27 @@ def probe_memory(script, cfg, plan):
                 max(eval_act, train_act + 4 * plan["batch_size"] * (dim + cfg["head.num_classes"]))}
 
 
+def hf_teacher_on_meta(script, path):
+    """E6: a Hugging Face teacher built from its config.json alone on the meta device (no weights read, no
+    download); train_distill.py loads it in fp32, so its weights count 4 bytes per parameter."""
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    return script.HFTeacher(transformers.AutoModelForCausalLM.from_config(config))
+
+
 def distill_memory(script, cfg, plan):
-    """Distill: the frozen teacher's weights, the trained network's weights, gradients and optimizer
-    state, its activations for one micro-batch (leaf-module outputs of a meta-device forward), and the
-    logits: student and teacher [batch, seq, vocab] in the autocast dtype plus the fp32 copies the KD and
-    CE losses make (G6) and the logits' gradient. The larger of a training micro-batch and an eval batch."""
+    """Distill: the frozen teacher's weights (fp32, a Hugging Face teacher too), the trained network's weights,
+    gradients and optimizer state, its activations for one micro-batch (leaf-module outputs of a meta-device
+    forward), and the logits: student and teacher [batch, seq, vocab] in the autocast dtype plus the fp32
+    copies the KD and CE losses make (G6) and the logits' gradient. The larger of a training micro-batch and an eval batch."""
     vocab, seq = script.vocab_size(cfg), cfg["data.seq_len"]
     arch = ("n_layer", "n_head", "n_embd")
     with torch.device("meta"):
         teacher = None
         if cfg["kd.enabled"] and cfg["kd.hf_teacher_dir"] is None:
             teacher = script.GPT(vocab, seq, **{d: cfg[f"teacher.{d}"] for d in arch})
+        elif cfg["kd.enabled"]:
+            teacher = hf_teacher_on_meta(script, cfg["kd.hf_teacher_dir"])
         trainable = script.build_trainable(cfg, teacher)
     trained = sum(p.numel() for p in trainable.parameters())
     frozen = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
@@ -1188,6 +1198,11 @@ def check_checkpoint(path, script, cfg, plan, opts):
                                  f"{position['step_in_epoch']} = step {where} of {per_epoch}-step epochs, but "
                                  f"global_step is {gs}: resume would repeat or skip data",
                                  "derive the data position from global_step", source=src))
+    if cfg is not None and isinstance(position, dict) and position.get("seed", cfg["seed"]) != cfg["seed"]:
+        found.append(finding("S7", "critical", f"seed {cfg['seed']}, but this checkpoint was trained with seed "
+                             f"{position['seed']}: the data order of the epoch in progress depends on it (R5); the "
+                             "script refuses to resume", f"restore seed: {position['seed']}, or start a new run "
+                             "(another run_name or --run_dir)", source=src))
     if cfg is not None and ckpt.get("task") not in (None, cfg["task"]):
         found.append(finding("R1", "critical", f"a '{ckpt.get('task')}' checkpoint, the config's task is "
                              f"'{cfg['task']}'",

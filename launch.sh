@@ -15,25 +15,76 @@
 # One device -> plain python; several -> torchrun (python -m torch.distributed.run) --standalone; several
 # nodes when NNODES > 1 (with NODE_RANK, MASTER_ADDR, MASTER_PORT) through torchrun's static rendezvous.
 # A lock per run dir makes a repeated launch harmless: a live run -> "already running (pid N)", exit 0;
-# a finished run -> "complete", exit 0; a crashed or killed run resumes (the scripts default to --resume auto).
+# a finished run -> "complete", exit 0 (relaunched with other values: exit 2, start a new run_name or --run_dir);
+# a crashed or killed run resumes (the scripts default to --resume auto).
 # Exit status: the training's (0 done, 1 aborted, 2 config error, 128+N stopped by signal N); launch.sh's
 # own errors: 2 bad input, 3 no device to run on.
 # Works on a machine with only python3: missing dependencies go into a local .venv.
+# Environment (see docs/robustness.md):
+#   KIT_PYTHON      the interpreter to use, e.g. in a crontab line (cron's PATH is /usr/bin:/bin)
+#   KIT_VENV        where the bootstrap venv lives (default: .venv next to launch.sh)
+#   KIT_TORCH       the torch the bootstrap installs (default: requirements.txt's), e.g. 'torch==2.13.0'
+#   KIT_TORCH_INDEX the index it comes from (default: the CPU wheels when nvidia-smi is missing, else PyPI)
 set -euo pipefail
 KIT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${KIT_VENV:-$KIT_DIR/.venv}"
+
+die() {  # die CODE MESSAGE: one line on stderr, nothing started
+  local code=$1; shift
+  echo "launch.sh: $*" >&2
+  exit "$code"
+}
 
 ensure_python() {  # sets PY; $1 = extra packages the caller needs (e.g. pytest)
   # find_spec looks for the packages without importing them (importing torch alone takes a second)
   local need="import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in 'torch numpy yaml tqdm ${1:-}'.split()))"
-  if [ -x "$KIT_DIR/.venv/bin/python" ] && "$KIT_DIR/.venv/bin/python" -c "$need" 2>/dev/null; then
-    PY="$KIT_DIR/.venv/bin/python"; return
+  if [ -n "${KIT_PYTHON:-}" ]; then
+    "$KIT_PYTHON" -c "$need" 2>/dev/null \
+      || die 2 "KIT_PYTHON=$KIT_PYTHON cannot import torch, numpy, yaml and tqdm${1:+ and $1}; install them there, or unset KIT_PYTHON"
+    PY=$KIT_PYTHON; return
   fi
+  if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "$need" 2>/dev/null; then PY="$VENV/bin/python"; return; fi
   if python3 -c "$need" 2>/dev/null; then PY=python3; return; fi
-  echo "launch.sh: installing requirements into $KIT_DIR/.venv" >&2
-  # --system-site-packages: a torch already on the machine is reused instead of downloaded again
-  [ -x "$KIT_DIR/.venv/bin/python" ] || python3 -m venv --system-site-packages "$KIT_DIR/.venv"
-  "$KIT_DIR/.venv/bin/python" -m pip install --quiet -r "$KIT_DIR/requirements.txt" ${1:+$1}
-  PY="$KIT_DIR/.venv/bin/python"
+  # One bootstrap at a time: two cron ticks during a first install would break each other's half-made venv.
+  # fd 8 is closed again below, so the training process never holds this lock.
+  mkdir -p "$(dirname "$VENV")"
+  exec 8>"$VENV.lock"
+  if ! flock -n 8; then
+    echo "launch.sh: another launch is installing into $VENV; waiting for it" >&2
+    flock 8
+  fi
+  if ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "$need" 2>/dev/null; }; then
+    install_requirements "${1:-}"
+  fi
+  exec 8>&-
+  PY="$VENV/bin/python"
+}
+
+install_requirements() {  # into $VENV (the caller holds the install lock); $1 = extra packages
+  if ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -m pip --version >/dev/null 2>&1; }; then
+    # --clear: a venv left half-made by a killed install is rebuilt; --system-site-packages: a torch already
+    # on the machine is reused instead of downloaded again
+    echo "launch.sh: python3 lacks torch, numpy, pyyaml or tqdm${1:+ or $1}: creating $VENV for them" >&2
+    python3 -m venv --clear --system-site-packages "$VENV" || die 3 "python3 -m venv failed (on Debian/Ubuntu: apt install python3-venv)"
+  fi
+  if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)"; then
+    local spec index why
+    spec=${KIT_TORCH:-$(grep -E '^torch' "$KIT_DIR/requirements.txt" | head -n 1)}
+    if [ -n "${KIT_TORCH_INDEX+set}" ]; then
+      index=$KIT_TORCH_INDEX; why="KIT_TORCH_INDEX"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+      index=""; why="nvidia-smi found: the CUDA build, several GB"
+    else
+      index="https://download.pytorch.org/whl/cpu"; why="no nvidia-smi: the CPU build, a few hundred MB"
+    fi
+    echo "launch.sh: installing '$spec' from ${index:-PyPI} ($why) into $VENV, because no python3 here has torch;" \
+         "choose the build with KIT_TORCH='torch==2.13.0' and KIT_TORCH_INDEX=URL (empty: PyPI), see docs/robustness.md" >&2
+    "$VENV/bin/python" -m pip install --quiet ${index:+--index-url "$index"} "$spec" \
+      || die 3 "installing '$spec' failed; set KIT_TORCH / KIT_TORCH_INDEX, or KIT_PYTHON to a python that has torch"
+  fi
+  echo "launch.sh: installing requirements.txt${1:+ and $1} into $VENV" >&2
+  "$VENV/bin/python" -m pip install --quiet -r "$KIT_DIR/requirements.txt" ${1:+$1} \
+    || die 3 "installing requirements.txt into $VENV failed"
 }
 
 if [ "${1:-}" = "--tests" ]; then
@@ -42,12 +93,6 @@ if [ "${1:-}" = "--tests" ]; then
   cd "$KIT_DIR"
   exec "$PY" -m pytest -q "$@"
 fi
-
-die() {  # die CODE MESSAGE: one line on stderr, nothing started
-  local code=$1; shift
-  echo "launch.sh: $*" >&2
-  exit "$code"
-}
 
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }  # the header
 
@@ -112,7 +157,11 @@ if not isinstance(raw, dict):
 task = str(raw.get("task", "probe"))
 script = os.path.join(kit, f"train_{task}.py")
 if not os.path.isfile(script):
-    fail(f"task '{task}' in {config} has no script train_{task}.py")
+    import difflib, glob
+    tasks = sorted(os.path.basename(p)[len("train_"):-len(".py")] for p in glob.glob(os.path.join(kit, "train_*.py")))
+    close = difflib.get_close_matches(task, tasks, n=1, cutoff=0.5)
+    fail(f"task '{task}' in {config} has no script train_{task}.py; "
+         + (f"did you mean task: {close[0]} (train_{close[0]}.py)?" if close else f"the tasks are {', '.join(tasks)}"))
 spec = importlib.util.spec_from_file_location(f"train_{task}", script)
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
@@ -135,6 +184,11 @@ if not args.dry_run:
                           CKPT_WORLD=ckpt.get("world_size", ""), CKPT_STEP=ckpt.get("global_step", ""))
         except Exception:  # torn or unreadable: the script falls back to last.prev.pt itself (R6)
             fields["STATUS"] = "unreadable"
+        else:  # a finished run relaunched with other values: say how to start a new run, not "complete"
+            problem = mod.finished_run_problem(cfg, ckpt, fields["RUN_DIR"]) if ckpt.get("finished") else None
+            if problem:
+                print(problem, file=sys.stderr)
+                sys.exit(2)
 for key, value in fields.items():
     print(f"{key}={shlex.quote(str(value))}")
 PYTHON
@@ -193,7 +247,10 @@ case "$GPUS" in
     WHAT="idle GPU(s) $VISIBLE (memory used < $LIMIT MiB)${BUSY[0]+; busy: $(IFS=,; echo "${BUSY[*]}")}" ;;
   *)
     [[ "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]] || die 2 "--gpus $GPUS: expected auto, auto:N, cpu, cpu:N or a GPU list like 0,1"
-    VISIBLE=$GPUS; NPROC=$(($(tr -cd , <<< "$GPUS" | wc -c) + 1)); WHAT="GPU(s) $GPUS" ;;
+    VISIBLE=$GPUS; NPROC=$(($(tr -cd , <<< "$GPUS" | wc -c) + 1)); WHAT="GPU(s) $GPUS"
+    # Named GPUs that torch cannot see would silently train on the CPU (device auto): refuse instead.
+    SEEN=$(CUDA_VISIBLE_DEVICES="$GPUS" "$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+    [ "$SEEN" -ge "$NPROC" ] || die 3 "--gpus $GPUS: torch sees $SEEN CUDA device(s) there (a CPU-only torch, no driver, or no such GPU); use --gpus cpu (or cpu:N) to train on the CPU" ;;
 esac
 export CUDA_VISIBLE_DEVICES="$VISIBLE"  # cpu: empty, so the script's device "auto" is the CPU
 CORES=$(nproc 2>/dev/null || echo 1)

@@ -555,3 +555,24 @@ def test_s7_schedule_keys_changed_since_the_checkpoint(runs):
     assert find(allowed, "S7", "checkpoint")["severity"] == "warning"
     _, world = checkpoint_report(runs, path, "--world_size", "2")
     assert "written by 1 process(es)" in find(world, "S7", "checkpoint")["evidence"]
+
+
+def test_s7_a_changed_seed_is_flagged_like_the_script_refuses_it(runs):
+    code, report = checkpoint_report(runs, str(runs["clean"] / "checkpoints" / "last.pt"), "--set", "seed=7")
+    s7 = find(report, "S7", "checkpoint")
+    assert s7["severity"] == "critical" and "trained with seed 0" in s7["evidence"] and "restore seed: 0" in s7["fix"]
+    assert code == 1
+
+
+@NEEDS_DISTILL
+def test_e6_memory_estimate_counts_a_hugging_face_teacher_in_fp32(tmp_path):
+    # The teacher is built from its config.json alone on the meta device: no weights file is needed or read.
+    transformers = pytest.importorskip("transformers")
+    import train_distill as td
+    transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=2).save_pretrained(tmp_path)
+    assert os.listdir(tmp_path) == ["config.json"]
+    cfg, _ = td.resolve_config(None, ["kd.enabled=true", f"kd.hf_teacher_dir={tmp_path}"])
+    plan = td.plan_schedule(cfg, td.train_set_size(cfg))
+    parts = dx.distill_memory(td, cfg, plan)
+    real = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    assert parts["weights (frozen teacher)"] == 4 * sum(p.numel() for p in real.parameters()) > 0

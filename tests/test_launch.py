@@ -36,7 +36,7 @@ train: {epochs: 3, batch_size: 3, grad_accum: 2, log_every: 1, eval_batch_size: 
         save_every_minutes: 1.0e-9}  # R8: the time trigger, due after every step (agreed over processes under DDP)
 """
 # Variables a developer's shell may hold that would change what a launch does.
-SCRUB = ("KIT_FAULT_KILL_AT", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
+SCRUB = ("KIT_FAULT_KILL_AT", "KIT_FAULT_SAVE_KILL_AT", "KIT_PYTHON", "KIT_VENV", "KIT_TORCH", "KIT_TORCH_INDEX", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
          "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "KIT_GPU_IDLE_MB")
 
 
@@ -204,3 +204,125 @@ def test_gpus_auto_with_every_gpu_busy_fails_clearly(tmp_path):
     assert out.returncode == 3
     assert "no idle GPU" in out.stderr and "0: 30000 MiB" in out.stderr
     assert not os.path.exists(tmp_path / "runs" / "tiny" / "checkpoints")
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 14: robustness of the launcher.
+def test_c3_gpus_list_without_cuda_exits_3_with_one_line(tmp_path):
+    if tp.torch.cuda.is_available():
+        return  # the machine has the GPU it names
+    out = launch(write_config(tmp_path), "--gpus", "0", cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 3 and len(lines) == 1, out.stdout + out.stderr
+    assert "--gpus 0" in lines[0] and "--gpus cpu" in lines[0] and "GPU(s) 0" not in out.stdout
+    assert not os.path.exists(tmp_path / "runs" / "tiny" / "checkpoints")
+
+
+def test_c3_task_prob_through_launch_sh_suggests_probe(tmp_path):
+    out = launch(write_config(tmp_path, TINY_YAML.replace("task: probe", "task: prob")), "--gpus", "cpu", cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1
+    assert "did you mean task: probe (train_probe.py)?" in lines[0]
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_s7_finished_run_relaunched_with_other_values_says_how_to_start_a_new_run(tmp_path):
+    cfg = write_config(tmp_path)
+    run_dir = str(tmp_path / "run")
+    config, _ = tp.resolve_config(cfg)
+    assert tp.train(config, run_dir, "none", quiet=True)[0] == "finished"
+    out = launch(cfg, "--gpus", "cpu", "--", "--run_dir", run_dir, "--set", "optim.lr=0.02", cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stdout + out.stderr
+    assert "holds a finished run" in lines[0] and "optim.lr 0.01 -> 0.02" in lines[0]
+    assert "--set run_name=NEW" in lines[0] and "--run_dir NEW" in lines[0] and "allow_schedule_change" not in lines[0]
+    assert "complete" not in out.stdout
+
+
+def doc_crontab_line():
+    """The crontab line docs/robustness.md gives, without its five schedule fields."""
+    with open(os.path.join(ROOT, "docs", "robustness.md")) as f:
+        line = next(l for l in f if l.startswith("*/"))
+    return line.split(None, 5)[5].strip()
+
+
+def test_the_documented_crontab_line_works_with_crons_environment_from_another_directory(tmp_path):
+    # cron runs the line with /bin/sh, PATH=/usr/bin:/bin, no profile, in HOME; the line cds to the project,
+    # whose relative config path, data paths and runs/ resolve from there (docs/robustness.md).
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    (project / "configs" / "my_run.yaml").write_text(TINY_YAML)  # the config the documented line names
+    line = (doc_crontab_line().replace("/path/to/project", str(project)).replace("/path/to/kit", ROOT)
+            .replace("/path/to/python", sys.executable))
+    home = tmp_path / "home"
+    home.mkdir()
+    cron_env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "SHELL": "/bin/sh", "LOGNAME": "user"}
+    out = subprocess.run(["/bin/sh", "-c", line], cwd=str(home), env=cron_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_dir = project / "runs" / "tiny"
+    wait_for(lambda: (run_dir / "launch.lock").exists() and lock_is_free(str(run_dir / "launch.lock")),
+             "the cron-started run to finish")
+    assert "done: 15 optimizer steps" in (run_dir / "launch.log").read_text()
+    assert records(str(run_dir))[-1] == {"event": "finished", "step": 15}
+    assert not os.path.exists(home / "runs")
+    again = subprocess.run(["/bin/sh", "-c", line], cwd=str(home), env=cron_env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0
+    assert "is complete" in (project / "cron.log").read_text()
+
+
+FAKE_PYTHON3 = """#!/bin/sh
+# A python3 without the kit's packages: the check fails; -m venv makes a venv whose python is the fake below.
+case "$1" in
+  -c) exit 1 ;;
+  -m) if [ "$2" = venv ]; then
+        for dir in "$@"; do :; done
+        echo "venv $*" >> "$FAKE_LOG"; sleep 1
+        mkdir -p "$dir/bin" && cp "$FAKE_VENV_PYTHON" "$dir/bin/python" && exit 0
+      fi ;;
+esac
+exit 1
+"""
+FAKE_VENV_PYTHON = """#!/bin/sh
+# The venv's python: pip 'installs' by touching marker files, slowly, and logs every call.
+dir=$(dirname "$(dirname "$0")")
+case "$1" in
+  -c) case "$2" in *"find_spec('torch')"*) test -f "$dir/torch"; exit $? ;; *) test -f "$dir/all"; exit $? ;; esac ;;
+  -m) case "$2" in
+        pip) [ "$3" = --version ] && exit 0
+             echo "pip start $*" >> "$FAKE_LOG"; sleep 1
+             case "$*" in *requirements.txt*) touch "$dir/all" ;; *torch*) touch "$dir/torch" ;; esac
+             echo "pip end" >> "$FAKE_LOG"; exit 0 ;;
+        pytest) echo "pytest" >> "$FAKE_LOG"; exit 0 ;;
+      esac ;;
+esac
+exit 1
+"""
+
+
+def test_venv_bootstrap_is_locked_and_says_which_torch_it_installs(tmp_path):
+    # Two launches at once on a machine whose python3 lacks torch (two cron ticks during the first setup):
+    # one venv, one torch install, the build KIT_TORCH names from the CPU index (no nvidia-smi), said first.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("python3", FAKE_PYTHON3), ("venv_python", FAKE_VENV_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = launch_env({"PATH": f"{bin_dir}:/usr/bin:/bin", "KIT_VENV": str(tmp_path / "venv"), "FAKE_LOG": str(log),
+                      "FAKE_VENV_PYTHON": str(bin_dir / "venv_python"), "KIT_TORCH": "torch==2.13.0"})
+    procs = [subprocess.Popen([LAUNCH, "--tests"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    calls = log.read_text().splitlines()
+    assert sum(c.startswith("venv ") for c in calls) == 1, calls
+    assert "--system-site-packages" in calls[0]
+    pips = [c for c in calls if c.startswith("pip start")]
+    assert len(pips) == 2 and "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in pips[0]
+    assert "requirements.txt pytest" in pips[1]
+    assert [c.split()[1] for c in calls if c.startswith("pip")] == ["start", "end", "start", "end"]  # one at a time
+    assert calls.count("pytest") == 2
+    said = "".join(err for _, err in outs)
+    assert "installing 'torch==2.13.0' from https://download.pytorch.org/whl/cpu (no nvidia-smi" in said
+    assert "KIT_TORCH" in said and "KIT_TORCH_INDEX" in said
