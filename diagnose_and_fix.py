@@ -606,12 +606,12 @@ def probe_memory(script, cfg, plan):
                 max(eval_act, train_act + 4 * plan["batch_size"] * (dim + cfg["head.num_classes"]))}
 
 
-def hf_teacher_on_meta(script, path):
+def hf_teacher_on_meta(script, path, hidden):
     """E6: a Hugging Face teacher built from its config.json alone on the meta device (no weights read, no
     download); train_distill.py loads it in fp32, so its weights count 4 bytes per parameter."""
     import transformers
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    return script.HFTeacher(transformers.AutoModelForCausalLM.from_config(config))
+    return script.HFCausalLM(transformers.AutoModelForCausalLM.from_config(config), hidden)
 
 
 def distill_memory(script, cfg, plan):
@@ -621,21 +621,27 @@ def distill_memory(script, cfg, plan):
     copies the KD and CE losses make (G6) and the logits' gradient. The larger of a training micro-batch and an eval batch."""
     vocab, seq = script.vocab_size(cfg), cfg["data.seq_len"]
     arch = ("n_layer", "n_head", "n_embd")
+    offline = cfg["kd.enabled"] and cfg.get("kd.teacher_cache") is not None  # no teacher in memory: its top-k is read
     with torch.device("meta"):
         teacher = None
-        if cfg["kd.enabled"] and cfg["kd.hf_teacher_dir"] is None:
+        if not cfg["kd.enabled"] or offline:
+            pass
+        elif cfg["kd.hf_teacher_dir"] is not None:
+            teacher = hf_teacher_on_meta(script, cfg["kd.hf_teacher_dir"], cfg["kd.gamma"] > 0)
+        elif cfg.get("teacher.target") is not None:  # the user's callable, built on the meta device
+            factory = script.import_target(cfg["teacher.target"], "teacher.target")
+            teacher = script.TargetLM(factory(**cfg["teacher.kwargs"]), cfg["kd.gamma"] > 0)
+        else:
             teacher = script.GPT(vocab, seq, **{d: cfg[f"teacher.{d}"] for d in arch})
-        elif cfg["kd.enabled"]:
-            teacher = hf_teacher_on_meta(script, cfg["kd.hf_teacher_dir"])
         trainable = script.build_trainable(cfg, teacher)
     trained = sum(p.numel() for p in trainable.parameters())
     frozen = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
     act_bytes = 2 if cfg["train.precision"] in ("bf16", "fp16") else 4
-    models = 2 if cfg["kd.enabled"] else 1
+    models = 2 if cfg["kd.enabled"] and not offline else 1  # offline: the cached top-k, no teacher logits
 
     def batch_bytes(batch, grad):
         idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-        sizes, _ = leaf_outputs(trainable, lambda: trainable(idx, project=teacher is not None))
+        sizes, _ = leaf_outputs(trainable, lambda: trainable(idx, project=trainable.proj is not None))
         activations = act_bytes * (sum(sizes) if grad else sum(sorted(sizes)[-2:]))
         logits = batch * seq * vocab * (models * act_bytes + (2 * models + int(grad)) * 4)
         return activations + logits

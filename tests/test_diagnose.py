@@ -577,3 +577,22 @@ def test_e6_memory_estimate_counts_a_hugging_face_teacher_in_fp32(tmp_path):
     parts = dx.distill_memory(td, cfg, plan)
     real = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
     assert parts["weights (frozen teacher)"] == 4 * sum(p.numel() for p in real.parameters()) > 0
+
+
+@NEEDS_DISTILL
+def test_e6_memory_estimate_follows_the_teacher_the_run_loads_user_module_or_none_offline(tmp_path):
+    # teacher.target: the user's module, built on the meta device, counted in fp32; kd.teacher_cache: the run
+    # loads no teacher at all (its cached top-k is read), so no teacher weights and no teacher logits.
+    import train_distill as td
+    import zoo
+    base = ["kd.enabled=true", "data.seq_len=32", "kd.gamma=0"]
+    cfg, _ = td.resolve_config(None, base + ["teacher.target=zoo:tiny_causal_lm"])
+    plan = td.plan_schedule(cfg, td.train_set_size(cfg))
+    online = dx.distill_memory(td, cfg, plan)
+    assert online["weights (frozen teacher)"] == 4 * sum(p.numel() for p in zoo.tiny_causal_lm().parameters()) > 0
+    cfg, _ = td.resolve_config(None, base + ["teacher.target=zoo:tiny_causal_lm", "kd.top_k=8",
+                                             f"kd.teacher_cache={tmp_path / 'cache'}"])
+    offline = dx.distill_memory(td, cfg, plan)
+    assert offline["weights (frozen teacher)"] == 0
+    logits = [k for k in online if k.startswith("activations")][0]
+    assert offline[logits] < online[logits]
