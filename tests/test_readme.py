@@ -105,3 +105,27 @@ def test_catalogue_ids_in_the_readme_and_docs_link_to_failure_modes_md():
     bare = {os.path.relpath(p, ROOT): sorted(set(bare_ids(open(p).read()))) for p in doc_pages()}
     bare = {page: ids for page, ids in bare.items() if ids}
     assert not bare, f"row ids not linked to FAILURE_MODES.md: {bare}; run python tests/doc_links.py --write"
+
+
+def test_readme_inference_snippets_run_on_checkpoints_the_kit_wrote(tmp_path):
+    """Every ```python block of the README ("Using a trained model") runs as a user would paste it, from a
+    directory holding the runs it names (tiny ones, written by the scripts themselves)."""
+    import train_distill as td
+    import train_probe as tp
+    snippets = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
+    assert snippets, "the README shows no Python snippet"
+    old = os.getcwd()
+    os.chdir(tmp_path)  # the snippets name runs/<run_name>/ relative to where they run
+    try:
+        probe, _ = tp.resolve_config(os.path.join(ROOT, "configs", "probe_synthetic.yaml"),
+                                     ["train.epochs=1", "data.synthetic.num_train=256", "data.synthetic.num_val=32", "train.batch_size=16", "schedule.warmup=2"])
+        assert tp.train(probe, os.path.join("runs", "probe_synthetic"), "none", quiet=True)[0] == "finished"
+        teacher, _ = td.resolve_config(None, td.DRY_RUN_SETTINGS + td.DRY_RUN_TEACHER + ["train.epochs=1"])
+        assert td.train(teacher, os.path.join("runs", "distill_demo"), "none", quiet=True)[0] == "finished"
+    finally:
+        os.chdir(old)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    for code in snippets:
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert out.returncode == 0, f"README snippet failed:\n{code}\n{out.stderr}"
