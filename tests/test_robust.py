@@ -222,11 +222,12 @@ def test_r6_a_kill_at_any_point_of_a_save_keeps_the_last_good_checkpoint_and_lat
 
 
 def test_r6_training_killed_inside_a_save_resumes_bit_exact(tmp_path):
-    # saves: last 2, best 4, last 4 (the 3rd), ... (no feature cache: its files are atomic_save calls too)
+    # atomic_save calls: the features of the head's standardisation sample (<run_dir>/features/), last.pt at
+    # step 2, best.pt at 4, last.pt at 4 (the 4th, the first that rotates last.pt into last.prev.pt), ...
     base = sets(*TINY, "train.epochs=2", "train.save_every_steps=2", "backbone.cache_features=false")
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     assert run_script(*base, "--run_dir", whole).returncode == 0
-    died = run_script(*base, "--run_dir", killed, env={"KIT_FAULT_SAVE_KILL_AT": "after_link:3"})
+    died = run_script(*base, "--run_dir", killed, env={"KIT_FAULT_SAVE_KILL_AT": "after_link:4"})
     assert died.returncode == -signal.SIGKILL, died.stderr
     assert os.path.exists(os.path.join(killed, "checkpoints", "last.prev.pt.tmp"))
     resumed = run_script(*base, "--run_dir", killed)
