@@ -319,6 +319,24 @@ def test_g6_kd_loss_finite_and_correct_at_t4_with_low_precision_logits(dtype, to
     assert np.allclose(kl.numpy(), ref, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("top_k", [None, 8], ids=["full", "top8"])
+def test_g6_kd_log_softmax_runs_in_fp32_on_low_precision_logits(dtype, top_k):
+    """Ordinary logits (|x| ~ 3) handed over in fp16/bf16, as autocast makes them: the KL must match a float64
+    reference of the same (rounded) inputs to fp32 accuracy. Log-probabilities computed in the low
+    precision itself would be off by its rounding (bf16 keeps 3 significant digits): this catches a
+    log_softmax moved back before the .float()."""
+    gen = torch.Generator().manual_seed(3)
+    s = (torch.randn(64, VOCAB, generator=gen) * 3).to(dtype)
+    # the teacher's logits all distinct after rounding: a tie at the k-th place would make the top-k set ambiguous
+    levels = torch.linspace(-6, 6, VOCAB)
+    t = torch.stack([levels[torch.randperm(VOCAB, generator=gen)] for _ in range(64)]).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        kl = T.kd_kl(s, t, 2.0, top_k)
+    ref = coarsened_kl_reference(s.float(), t.float(), 2.0, top_k or VOCAB)
+    assert kl.dtype == torch.float32 and np.allclose(kl.numpy(), ref, rtol=2e-5, atol=1e-6)
+
+
 def test_g1_fp16_accumulation_short_last_group_and_scaler_skip_keep_schedule(data, teacher, tmp_path, monkeypatch):
     """fp16 + GradScaler, 3 + 2 micro-batches per epoch, one step forced to overflow: no "No inf checks
     were recorded", the scaler backs off, the step is counted, the scheduler still advances."""
