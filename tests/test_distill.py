@@ -432,3 +432,15 @@ def test_hf_teacher_from_a_local_directory(data, tmp_path):
     assert state["teacher"].width == 32 and state["module"].proj.out_features == 32
     assert T.tensor_digest(state["teacher"]) == state["teacher_digest"]
     assert all(math.isfinite(r["loss/kd"]) for r in T.read_metrics(str(tmp_path / "run"))[0].values())
+
+
+def test_e2_a_dominating_loss_component_is_warned_in_the_log_with_its_share_and_step(data, teacher, tmp_path):
+    """The script's own E2 check (not only diagnose_and_fix.py's): a CE term weighted 100x the KD term takes
+    well over train.max_loss_share of the loss, and train.log says so at the steps it logs; with the
+    threshold at 100% nothing is said."""
+    run(kd_settings(data, teacher, "kd.alpha=1.0", "kd.beta=0.01", "kd.gamma=0", "train.log_every=1"), tmp_path / "a")
+    lines = [l for l in open(tmp_path / "a" / "train.log") if "WARNING E2" in l]
+    assert lines and "at step 1 loss/ce is" in lines[0] and "train.max_loss_share 80%" in lines[0]
+    run(kd_settings(data, teacher, "kd.alpha=0.5", "kd.beta=0.5", "kd.gamma=0", "kd.temperature=1",
+                    "train.max_loss_share=1.0"), tmp_path / "b")
+    assert "WARNING E2" not in open(tmp_path / "b" / "train.log").read()
