@@ -444,3 +444,14 @@ def test_e2_a_dominating_loss_component_is_warned_in_the_log_with_its_share_and_
     run(kd_settings(data, teacher, "kd.alpha=0.5", "kd.beta=0.5", "kd.gamma=0", "kd.temperature=1",
                     "train.max_loss_share=1.0"), tmp_path / "b")
     assert "WARNING E2" not in open(tmp_path / "b" / "train.log").read()
+
+
+def test_e7_every_train_record_carries_samples_and_tokens_per_second(kd_run):
+    """Throughput is logged with every train record (E7), so a slow stretch is visible in metrics.jsonl and
+    diagnose_and_fix.py can flag it: windows per second and real target tokens per second, both positive."""
+    _, state, run_dir = kd_run
+    trains = T.read_metrics(run_dir)[0]
+    assert sorted(trains) == list(range(1, state["plan"]["total_steps"] + 1))
+    for record in trains.values():
+        assert record["samples_per_s"] > 0 and record["tokens_per_s"] > 0
+        assert record["tokens_per_s"] > record["samples_per_s"]  # a window holds many target tokens
