@@ -17,16 +17,7 @@ sys.path.insert(0, ROOT)
 import train_probe as tp  # noqa: E402
 from run_records import last_per_step, records  # noqa: E402
 
-# 38 windows, batch 4, grad_accum 3: 4 optimizer steps per epoch, 12 in all (as in test_probe.py).
-TINY = ["data.synthetic.num_train=38", "data.synthetic.num_val=24", "data.synthetic.channels=4",
-        "data.synthetic.length=128", "backbone.kwargs={width: 8, heads: 2}", "train.batch_size=4",
-        "train.grad_accum=3", "train.epochs=3", "train.log_every=1", "train.eval_batch_size=16",
-        "schedule.warmup=2", "optim.lr=0.01"]
-
-
-def config(*extra):
-    cfg, _ = tp.resolve_config(None, TINY + list(extra))
-    return cfg
+from test_probe import TINY, config  # noqa: E402  the probe tests' tiny run: 4 optimizer steps per epoch, 12 in all
 
 
 def sets(*overrides):
