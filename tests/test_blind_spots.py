@@ -91,3 +91,23 @@ def test_r5_epoch_order_changes_every_epoch_depends_only_on_seed_and_epoch_and_c
         steps = tp.epoch_order(n, batch, accum, 2, 5, epoch)
         shares = [int(i) for step in steps for micro in step for rank in range(2) for i in tp.rank_share(micro, rank, 2)]
         assert sorted(shares) == list(range(n))
+
+
+def test_s4_onecycle_keeps_the_configured_adam_beta1_unless_cycle_momentum_is_asked_for():
+    """OneCycleLR's cycle_momentum=True (torch's default) rewrites Adam's beta1 every step (0.9 -> 0.95 ... 0.85).
+    The kit passes schedule.cycle_momentum (default false): beta1 stays the configured value at every step."""
+    def beta1_per_step(*extra):
+        cfg, _ = tp.resolve_config(None, ["schedule.type=onecycle", "optim.name=adamw", "optim.betas=[0.9, 0.999]",
+                                          *extra])
+        plan = tp.plan_schedule(cfg, 64)
+        optimizer = tp.build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+        scheduler = tp.build_schedule(optimizer, cfg, plan)
+        seen = []
+        for _ in range(plan["total_steps"]):
+            seen.append(optimizer.param_groups[0]["betas"][0])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    assert set(beta1_per_step()) == {0.9}
+    assert len(set(beta1_per_step("schedule.cycle_momentum=true"))) > 2  # opted in: torch cycles it
