@@ -944,13 +944,18 @@ def check_token_ids(x, y, vocab, name):
         raise ConfigError([("C3", name, f"token id {top} >= data.vocab_size {vocab}; fix data.vocab_size or data.dtype")])
 
 
-def train_set_size(cfg):
-    """Training windows, cheaply: the token file's size, or the built-in corpus (built once, cached)."""
-    if cfg["data.train_bin"]:
-        n = (os.path.getsize(cfg["data.train_bin"]) // np.dtype(cfg["data.dtype"]).itemsize - 1) // cfg["data.seq_len"]
+def window_count(cfg, split):
+    """A split's windows, cheaply: the token file's size, or the built-in corpus (built once, cached)."""
+    if cfg[f"data.{split}_bin"]:
+        n = (os.path.getsize(cfg[f"data.{split}_bin"]) // np.dtype(cfg["data.dtype"]).itemsize - 1) // cfg["data.seq_len"]
     else:
-        n = (len(builtin_corpus("train", cfg["data.seq_len"], cfg["data.builtin.train_bytes"])) - 1) // cfg["data.seq_len"]
+        n = (len(builtin_corpus(split, cfg["data.seq_len"], cfg[f"data.builtin.{split}_bytes"])) - 1) // cfg["data.seq_len"]
     return n if cfg["data.limit"] is None else min(n, cfg["data.limit"])
+
+
+def train_set_size(cfg):
+    """Training windows (the tools size a schedule with this, as with train_probe.py's)."""
+    return window_count(cfg, "train")
 
 
 def eval_windows(cfg, num_windows):
@@ -1965,15 +1970,6 @@ CACHE_KILL_AT = os.environ.get("KIT_FAULT_CACHE_KILL_AT")  # tests only: "N" SIG
 CACHE_SPLITS = ("train", "val")
 
 
-def val_set_size(cfg):
-    """Validation windows, cheaply (train_set_size's twin)."""
-    if cfg["data.val_bin"]:
-        n = (os.path.getsize(cfg["data.val_bin"]) // np.dtype(cfg["data.dtype"]).itemsize - 1) // cfg["data.seq_len"]
-    else:
-        n = (len(builtin_corpus("val", cfg["data.seq_len"], cfg["data.builtin.val_bytes"])) - 1) // cfg["data.seq_len"]
-    return n if cfg["data.limit"] is None else min(n, cfg["data.limit"])
-
-
 def cache_dtypes(cfg):
     """(value dtype, id dtype) of the cache files."""
     values = np.dtype(np.float32 if cfg["kd.teacher_cache_dtype"] == "fp32" else np.float16)
@@ -1984,7 +1980,7 @@ def teacher_cache_size(cfg, train_windows=None, val_windows=None):
     """The cache's size on disk before it is built: positions x k x (value + id bytes) + positions x value
     bytes (the rest bucket). Returns (bytes, a line saying how)."""
     train_windows = train_set_size(cfg) if train_windows is None else train_windows
-    val_windows = len(eval_windows(cfg, val_set_size(cfg))) if val_windows is None else val_windows
+    val_windows = len(eval_windows(cfg, window_count(cfg, "val"))) if val_windows is None else val_windows
     values, ids = cache_dtypes(cfg)
     k, positions = min(cfg["kd.top_k"], vocab_size(cfg)), (train_windows + val_windows) * cfg["data.seq_len"]
     size = positions * (k * (values.itemsize + ids.itemsize) + values.itemsize)

@@ -77,7 +77,7 @@ def test_offline_task_loss_and_gradients_are_bit_identical_to_online_topk(data, 
     cpu = {"device": torch.device("cpu")}
     online = T.make_task({"cfg": cfg_on, "dist": cpu, "train_set": windows, "teacher": frozen})
     got = T.prepare_teacher_cache(cfg_off, {"main": True, "world": 1, "rank": 0, **cpu}, windows,
-                                  T.TokenWindows(cfg_off, "val"), T.eval_windows(cfg_off, T.val_set_size(cfg_off)), print)
+                                  T.TokenWindows(cfg_off, "val"), T.eval_windows(cfg_off, T.window_count(cfg_off, "val")), print)
     off = T.make_task({"cfg": cfg_off, "dist": cpu, "train_set": windows, "teacher": None, "teacher_cache": got})
     idx = np.arange(8)
     batch_on, batch_off = next(online["batches"]([idx])), next(off["batches"]([idx]))
@@ -265,7 +265,7 @@ def test_c3_cache_teacher_flag_needs_a_cache_path(data, teacher, tmp_path, capsy
 def test_cache_size_is_stated_before_the_build(data, teacher):
     cfg, _ = T.resolve_config(None, offline(data, teacher, "/nonexistent/c"))
     size, how = T.teacher_cache_size(cfg)
-    train, val = T.train_set_size(cfg), len(T.eval_windows(cfg, T.val_set_size(cfg)))
+    train, val = T.train_set_size(cfg), len(T.eval_windows(cfg, T.window_count(cfg, "val")))
     assert size == (train + val) * 16 * (8 * (4 + 2) + 4) and f"{(train + val) * 16:,} positions" in how
 
 
