@@ -26,6 +26,7 @@ import contextlib
 import difflib
 import functools
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -390,6 +391,22 @@ def config_reference(schema, script):
             lines.append("\n" + section)
         lines.append(f"  {key:<{widths[0]}}  {default:<{widths[1]}}  {kind:<{widths[2]}}  {doc}")
     return "\n".join(lines)
+
+def import_target(target, key):
+    """'package.module:callable' (a *.target key) -> the callable. The working directory is searched as well:
+    `python scripts/train_x.py` puts scripts/ on sys.path, not the directory the run starts from, where the
+    user's model code usually sits (python -m and the REPL search it too)."""
+    module_name, _, attr = target.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(1, os.getcwd())  # after the script's own directory, as python -m would have it
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError([("C3", key, f"cannot import {target} ({type(err).__name__}: {err}); the module must be "
+                            f"importable from {os.getcwd()} or PYTHONPATH")]) from None
+    return obj
 # ==== end shared: config ====
 
 
@@ -1125,22 +1142,6 @@ def hf_lm(model, cfg, key, who, hidden):
         raise ConfigError([("C3", "data.seq_len", f"{cfg['data.seq_len']} is longer than {who}'s position limit "
                             f"{limit} (config.{name} of {key}); set data.seq_len to at most {limit}")])
     return HFCausalLM(model, hidden)
-
-
-def import_target(target, key):
-    """'package.module:callable' -> the callable. The working directory is searched last, so a module
-    next to where the run starts imports without PYTHONPATH."""
-    import importlib
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    module_name, _, attr = target.partition(":")
-    try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError([("C3", key, f"cannot import {target} ({type(err).__name__}: {err})")]) from None
-    return obj
 
 
 def target_lm(cfg, arch, key, who, hidden):

@@ -365,6 +365,22 @@ def config_reference(schema, script):
             lines.append("\n" + section)
         lines.append(f"  {key:<{widths[0]}}  {default:<{widths[1]}}  {kind:<{widths[2]}}  {doc}")
     return "\n".join(lines)
+
+def import_target(target, key):
+    """'package.module:callable' (a *.target key) -> the callable. The working directory is searched as well:
+    `python scripts/train_x.py` puts scripts/ on sys.path, not the directory the run starts from, where the
+    user's model code usually sits (python -m and the REPL search it too)."""
+    module_name, _, attr = target.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(1, os.getcwd())  # after the script's own directory, as python -m would have it
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError([("C3", key, f"cannot import {target} ({type(err).__name__}: {err}); the module must be "
+                            f"importable from {os.getcwd()} or PYTHONPATH")]) from None
+    return obj
 # ==== end shared: config ====
 
 
@@ -749,20 +765,6 @@ class EEGEncoder(nn.Module):
         return torch.cat([tokens.mean(1), tokens.pow(2).mean(1).add(1e-6).log()], dim=1)
 
 
-def import_target(target):
-    """'package.module:callable' -> the callable. The working directory is searched as well: `python
-    scripts/train_probe.py` puts scripts/ on sys.path, not the directory the run starts from, where the
-    user's model code usually sits (python -m and the REPL search it too)."""
-    module_name, _, attr = target.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(1, os.getcwd())  # after the script's own directory, as python -m would have it
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError([("C3", "backbone.target", f"cannot import {target} ({err}); the module must be importable "
-                            f"from {os.getcwd()} or PYTHONPATH")]) from None
-
-
 @contextlib.contextmanager
 def seeded_init(seed):
     """Module initialisation drawn from `seed` (the same weights on every process), with every global torch RNG
@@ -777,7 +779,7 @@ def build_backbone(cfg, in_channels):
     """Build, load and freeze: eval mode for every submodule (BatchNorm statistics never move, dropout is
     off), no grad, never in the optimizer. Bad kwargs and checkpoints are config errors (C3)."""
     target, kwargs = cfg["backbone.target"], cfg["backbone.kwargs"]
-    factory, args = (EEGEncoder, (in_channels,)) if target is None else (import_target(target), ())
+    factory, args = (EEGEncoder, (in_channels,)) if target is None else (import_target(target, "backbone.target"), ())
     try:
         with seeded_init(cfg["seed"]):
             backbone = factory(*args, **kwargs)
