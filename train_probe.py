@@ -73,6 +73,7 @@ CONFIG = {
     "train.precision": ("fp32", ("fp32", "bf16", "fp16"), "autocast dtype; fp16 adds a GradScaler"),
     "train.device": ("auto", ("auto", "cpu", "cuda"), "auto = cuda when available"),
     "train.log_every": (10, "int", "optimizer steps between train records"),
+    "train.progress_every_s": (60.0, "float", "seconds between progress lines (step, elapsed, steps/s, ETA) when stderr is no terminal (nohup, cron, --detach); a terminal gets a tqdm bar instead"),
     "train.eval_every": (None, "int?", "optimizer steps between evals; null = once per epoch"),
     "train.save_every_steps": (None, "int?", "optimizer steps between last.pt saves; null = no step trigger"),
     "train.save_every_minutes": (5.0, "float?", "minutes of training between last.pt saves (R8: bounds what a SIGKILL "
@@ -319,6 +320,7 @@ def common_value_problems(cfg, task):
                 "train.eval_batch_size"):
         need(cfg[key] >= 1, key, "must be >= 1")
     need(cfg["train.num_workers"] >= 0, "train.num_workers", "must be >= 0")
+    need(cfg["train.progress_every_s"] >= 0, "train.progress_every_s", "must be >= 0 (seconds)")
     need(cfg["train.save_every_minutes"] is None or cfg["train.save_every_minutes"] > 0,
          "train.save_every_minutes", "must be > 0 or null")
     need(cfg["train.clip_grad_norm"] is None or cfg["train.clip_grad_norm"] > 0,
@@ -1519,9 +1521,7 @@ def fit(run, task):
     save_every = cfg["train.save_every_steps"]
     run["last_save"] = time.monotonic()  # the time trigger (train.save_every_minutes) counts from here
     unit = task["count_name"]
-    if d["main"] and sys.stderr.isatty():
-        from tqdm import tqdm
-        run["bar"] = tqdm(total=total, initial=st["global_step"], unit="step", dynamic_ncols=True)
+    start_progress(run)  # E7: a tqdm bar on a terminal, else timed progress lines
     window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
     outcome = "finished"
     while st["global_step"] < total and outcome == "finished":
@@ -1538,8 +1538,6 @@ def fit(run, task):
             window["targets"] += count
             st["bad_streak"] = 0 if out["finite"] else st["bad_streak"] + 1
             st["skipped_steps"] += not out["finite"]
-            if run["bar"] is not None:
-                run["bar"].update(1)
             if step % cfg["train.log_every"] == 0 or step == 1 or not out["finite"] or step == total:
                 elapsed = max(time.perf_counter() - window["time"], 1e-9)
                 record = {"step": step, "epoch": epoch + 1, "lr": out["lr"], "loss": out["loss"],
@@ -1554,12 +1552,14 @@ def fit(run, task):
                     run["bar"].set_postfix(loss=f"{out['loss']:.4g}", lr=f"{out['lr']:.3g}")
                 else:
                     log(run, f"step {step}/{total} epoch {epoch + 1} lr {out['lr']:.4g} loss {out['loss']:.5g} "
-                             f"grad_norm {out['grad_norm']:.3g} {record[f'{unit}_per_s']:.1f} {unit}/s")
+                             f"grad_norm {out['grad_norm']:.3g} {record[f'{unit}_per_s']:.1f} {unit}/s "
+                             + progress_text(run, step))
                 total_parts = sum(abs(v) for v in out["parts"].values())
                 for k, v in out["parts"].items():
                     if len(out["parts"]) > 1 and total_parts > 0 and abs(v) / total_parts > cfg["train.max_loss_share"]:
                         log(run, f"WARNING E2: at step {step} loss/{k} is {abs(v) / total_parts:.0%} of the loss "
                                  f"(over train.max_loss_share {cfg['train.max_loss_share']:.0%}); rebalance the weights")
+            show_progress(run, step)
             if not out["finite"]:
                 log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "
                          f"({st['bad_streak']} in a row, {st['skipped_steps']} in all)")
@@ -1585,9 +1585,7 @@ def fit(run, task):
                 break
             if out["save_due"] or (save_every and step % save_every == 0):
                 save_last(run)
-    if run["bar"] is not None:
-        run["bar"].close()
-        run["bar"] = None
+    end_progress(run)
     write_metrics(run, {"event": outcome, "step": st["global_step"]})
     return outcome
 def tensor_digest(module):
@@ -1639,6 +1637,51 @@ def exit_process(code):
         os._exit(code)
     sys.exit(code)
 # ==== end shared: run dir, checkpoints, resume, loop ====
+
+
+# ==== shared: progress and metric sinks (identical in train_probe.py and train_distill.py) ====
+# Optional views of a running job, chosen once at start-up: a tqdm bar on a terminal or timed progress
+# lines without one (E7). Everything here works on host numbers the step has already read (G7).
+def clock(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def start_progress(run):
+    """The bar when process 0 writes to a terminal; otherwise show_progress() writes a line every
+    train.progress_every_s, so `tail -f` of a nohup, cron or --detach log shows the run moving."""
+    now = time.monotonic()
+    run["progress"] = {"start": now, "first_step": run["state"]["global_step"], "last_line": now}
+    if run["dist"]["main"] and sys.stderr.isatty():
+        from tqdm import tqdm
+        run["bar"] = tqdm(total=run["plan"]["total_steps"], initial=run["state"]["global_step"], unit="step",
+                          dynamic_ncols=True)
+
+
+def progress_text(run, step):
+    """Elapsed time, steps/s and the ETA of the run, from this process's steps so far (a resumed run
+    measures its own); the line carrying it counts as the latest progress line."""
+    p, total = run["progress"], run["plan"]["total_steps"]
+    p["last_line"] = now = time.monotonic()
+    elapsed, done = now - p["start"], step - p["first_step"]
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = clock((total - step) / rate) if rate > 0 else "?"
+    return f"elapsed {clock(elapsed)} {rate:.3g} steps/s ETA {eta}"
+
+
+def show_progress(run, step):
+    if run["bar"] is not None:
+        run["bar"].update(1)
+    elif time.monotonic() - run["progress"]["last_line"] >= run["cfg"]["train.progress_every_s"]:
+        total = run["plan"]["total_steps"]
+        log(run, f"progress: step {step}/{total} ({step / total:.0%}) " + progress_text(run, step))
+
+
+def end_progress(run):
+    if run["bar"] is not None:
+        run["bar"].close()
+        run["bar"] = None
+# ==== end shared: progress and metric sinks ====
 
 
 # -----------------------------------------------------------------------------
