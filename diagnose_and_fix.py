@@ -258,6 +258,8 @@ def repair(script, tree, rid, key, message, attempt):
             return "C2", evidence, f"rename it to {close.group(1)}", [(key, REMOVE), (close.group(1), value)]
         why = f"{close.group(1)} is already set" if close else "no valid key is close; see the config reference"
         return "C2", evidence, f"remove it ({why})", [(key, REMOVE)]
+    if rid == "C6":  # windows prepared with other settings: only the user knows which side is right
+        return "C6", where, "prepare the data again with this config, or set the key to what the manifest says", []
     if key not in schema:  # a whole-file or --set problem: nothing to edit in the tree
         return rid, where, "see the message", []
     default, kind, _doc = schema[key]

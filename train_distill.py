@@ -53,7 +53,7 @@ TASK = "distill"
 # -----------------------------------------------------------------------------
 # Config: every key, its default, its type and what it means. A YAML file and --set override these;
 # any other key is an error (C2), every value is cast to its type or rejected (C1).
-# Types: str, int, float, bool, floats (list), dict (free-form), a tuple of choices; "?" allows null.
+# Types: str, int, float, bool, floats (list), strs (list), dict (free-form), a tuple of choices; "?" allows null.
 CONFIG = {
     "task": ("distill", "str", "which script runs this config (distill = train_distill.py)"),
     "run_name": ("distill", "str", "run directory is runs/<run_name>/ unless --run_dir is given"),
@@ -218,6 +218,10 @@ def cast_value(value, kind):
         if not isinstance(value, (list, tuple)):
             raise ValueError("a list of numbers such as [0.9, 0.999]")
         return [cast_value(v, "float") for v in value]
+    if kind == "strs":
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError("a list of names such as [FP1, FP2]")
+        return [cast_value(v, "str") for v in value]
     if kind == "dict":
         if value is None:
             return {}
