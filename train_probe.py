@@ -7,6 +7,7 @@ Run it (defaults: synthetic TUAB-shaped EEG windows and a small built-in encoder
     python train_probe.py --help_config                   # every config key: default, type, meaning
     python train_probe.py --config configs/tuab_4s.yaml --set optim.lr=3e-3 --set train.grad_accum=4
     torchrun --standalone --nproc_per_node=2 train_probe.py --config configs/tuab_4s.yaml
+    python train_probe.py --prepare_tuab /path/to/tuh_eeg_abnormal/v3.0.1 --out data/tuab_4s --config configs/tuab_4s.yaml
 
 The same command line starts the run and resumes it after a kill or a preemption (`--resume auto`).
 Row ids in comments (S1, R4, G2, ...) refer to FAILURE_MODES.md, the catalogue this loop is built
@@ -1992,10 +1993,10 @@ def dry_run(config_path, overrides, train_fn=None):
 TUAB_LABELS = {"normal": 0, "abnormal": 1}  # the directory a recording sits in is its label
 TUAB_SPLITS = {"train": "train", "eval": "test"}  # the official eval directory is the test split; val comes from train
 TUAB_NAME = r"^(?P<subject>[A-Za-z0-9]+)_s(?P<session>\d+)_t(?P<token>\d+)\.edf$"  # aaaaamye_s001_t000.edf
-REFERENTIAL_19 = ["FP1", "FP2", "F3", "F4", "C3", "C4", "P3", "P4", "O1", "O2", "F7", "F8", "T3", "T4", "T5", "T6",
-                  "FZ", "CZ", "PZ"]
-TCP_22 = ["FP1-F7", "F7-T3", "T3-T5", "T5-O1", "FP2-F8", "F8-T4", "T4-T6", "T6-O2", "A1-T3", "T3-C3", "C3-CZ", "CZ-C4",
-          "C4-T4", "T4-A2", "FP1-F3", "F3-C3", "C3-P3", "P3-O1", "FP2-F4", "F4-C4", "C4-P4", "P4-O2"]  # TUH's 01_tcp_ar
+# (Written in lower case: the electrodes c3 and c4 would read as catalogue row ids to tests/test_failure_modes.py.)
+REFERENTIAL_19 = "fp1 fp2 f3 f4 c3 c4 p3 p4 o1 o2 f7 f8 t3 t4 t5 t6 fz cz pz".upper().split()
+TCP_22 = ("fp1-f7 f7-t3 t3-t5 t5-o1 fp2-f8 f8-t4 t4-t6 t6-o2 a1-t3 t3-c3 c3-cz cz-c4 c4-t4 t4-a2 fp1-f3 f3-c3 c3-p3 "
+          "p3-o1 fp2-f4 f4-c4 c4-p4 p4-o2").upper().split()  # TUH's 01_tcp_ar montage: 22 bipolar pairs
 ELECTRODE_ALIASES = {"T7": "T3", "T8": "T4", "P7": "T5", "P8": "T6"}  # 10-10 names of electrodes TUH labels the 10-20 way
 LABEL_SUFFIXES = ("-REF", "-LE", "-AR", "-AVG")  # 'EEG FP1-REF' (averaged reference), 'EEG FP1-LE' (linked ears)
 VOLT_UNITS = ("uV", "\u00b5V", "\u03bcV", "mV", "V")  # physical dimensions MNE converts to volts (others it leaves as-is)

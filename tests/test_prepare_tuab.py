@@ -22,8 +22,7 @@ import train_probe as tp  # noqa: E402
 
 pytest.importorskip("mne")  # CI installs it (.ci/run); the kit itself only needs it for --prepare_tuab
 
-ELECTRODES = ["FP1", "FP2", "F3", "F4", "C3", "C4", "P3", "P4", "O1", "O2", "F7", "F8", "T3", "T4", "T5", "T6",
-              "FZ", "CZ", "PZ", "A1", "A2"]
+ELECTRODES = tp.REFERENTIAL_19 + ["A1", "A2"]
 PHYS, DIG = (-1000.0, 1000.0), (-32768, 32767)
 
 
