@@ -2185,8 +2185,6 @@ def recording_windows(path, settings):
             x = mne.filter.filter_data(x, rate, *settings["bandpass"], verbose="error")
         if settings["notch"]:
             x = mne.filter.notch_filter(x, rate, [settings["notch"]], verbose="error")
-    if not np.isfinite(x).all():
-        raise SkipRecording("non-finite values after reading and filtering")
     n, size = x.shape[1] // settings["window_samples"], settings["window_samples"]
     return np.ascontiguousarray(x[:, :n * size].reshape(len(x), n, size).transpose(1, 0, 2), dtype=np.float32)
 

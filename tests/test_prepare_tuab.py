@@ -26,7 +26,7 @@ ELECTRODES = tp.REFERENTIAL_19 + ["A1", "A2"]
 PHYS, DIG = (-1000.0, 1000.0), (-32768, 32767)
 
 
-def write_edf(path, labels, rates, seconds, signals=None, seed=0, dims="uV", truncate=0):
+def write_edf(path, labels, rates, seconds, signals=None, seed=0, dims="uV", truncate=0, reserved=""):
     """Plain EDF, 1-s records: labels, samples per second per channel, int16 digital values (random unless
     given), physical range PHYS. Returns the digital signals."""
     rng = np.random.default_rng(seed)
@@ -39,7 +39,7 @@ def write_edf(path, labels, rates, seconds, signals=None, seed=0, dims="uV", tru
         return str(value).ljust(width)[:width].encode("latin-1")
 
     head = field(0, 8) + field("X X X X", 80) + field("Startdate 01-JAN-2000 X X X", 80) + field("01.01.00", 8)
-    head += field("00.00.00", 8) + field(256 * (n + 1), 8) + field("", 44) + field(seconds, 8) + field(1, 8) + field(n, 4)
+    head += field("00.00.00", 8) + field(256 * (n + 1), 8) + field(reserved, 44) + field(seconds, 8) + field(1, 8) + field(n, 4)
     for values, width in ((labels, 16), ([""] * n, 80), (dims, 8), ([PHYS[0]] * n, 8), ([PHYS[1]] * n, 8),
                           ([DIG[0]] * n, 8), ([DIG[1]] * n, 8), ([""] * n, 80), (rates, 8), ([""] * n, 32)):
         head += b"".join(field(v, width) for v in values)
@@ -222,10 +222,54 @@ def test_c7_resampling_to_256_hz_filters_out_what_would_alias(tmp_path):
     assert spectrum[np.abs(freqs - 106) < 2].max() < 5
 
 
+def test_c7_filters_when_asked_remove_the_power_line_and_what_is_outside_the_band(tmp_path):
+    t = np.arange(256 * 8) / 256
+    wave = sum(300 * np.sin(2 * np.pi * f * t) for f in (10, 45, 60))
+    digital = np.round((wave - PHYS[0]) * (DIG[1] - DIG[0]) / (PHYS[1] - PHYS[0]) + DIG[0]).astype("<i2")
+    write_edf(tmp_path / "f.edf", labels(), [256] * 22, 8, signals=[digital] * 22)
+    freqs = np.fft.rfftfreq(1024, 1 / 256)
+
+    def amplitude(setting):
+        cfg, _ = tp.resolve_config(None, [setting], check_files=False)
+        x = tp.recording_windows(str(tmp_path / "f.edf"), tp.window_settings(cfg))
+        spectrum = np.abs(np.fft.rfft(x[1, 0])) / 512
+        return {f: spectrum[freqs == f][0] for f in (10, 45, 60)}
+
+    assert all(abs(a - 300) < 10 for a in amplitude("data.notch=null").values())
+    notched = amplitude("data.notch=60")
+    assert notched[60] < 30 and abs(notched[10] - 300) < 10 and abs(notched[45] - 300) < 10
+    banded = amplitude("data.bandpass=[1, 30]")
+    assert banded[45] < 15 and banded[60] < 15 and abs(banded[10] - 300) < 10
+
+
+def test_c7_a_duplicate_channel_a_unit_that_is_not_a_voltage_and_a_discontinuous_file_are_skipped(tmp_path):
+    cfg, _ = tp.resolve_config(None, [], check_files=False)
+    settings = tp.window_settings(cfg)
+    cases = {"twice": (labels() + ["EEG FP1-LE"], {}, "FP1 appear more than once"),
+             "unit": (labels(), {"dims": ["uV"] * 5 + [""] + ["uV"] * 16}, "not a voltage"),
+             "gaps": (labels(), {"reserved": "EDF+D"}, "discontinuous")}
+    for case, (chans, extra, reason) in cases.items():
+        write_edf(tmp_path / f"{case}.edf", chans, [256] * len(chans), 8, **extra)
+        with pytest.raises(tp.SkipRecording, match=reason):
+            tp.recording_windows(str(tmp_path / f"{case}.edf"), settings)
+
+
+def test_c7_ctrl_c_keeps_what_is_done_and_says_the_same_command_continues(tuab, tmp_path, capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tp, "run_parts", interrupted)
+    assert tp.main(["--prepare_tuab", str(tuab["src"]), "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the same command continues" in err[0]
+    assert (tmp_path / "out" / tp.INCOMPLETE).exists() and not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_c7_a_second_run_with_the_same_inputs_is_up_to_date_and_any_changed_input_is_not(tuab):
     out = tuab["out"]
     stamps = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
+    (out / ".parts").mkdir()  # what a kill after the manifest, before the parts were removed, leaves
     manifest, lines = prepare(tuab["src"], out)
+    assert not (out / ".parts").exists()
     assert lines == [f"prepare_tuab: {out} is up to date ({len(FILES) + 1} source files, same settings)"]
     assert {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)} == stamps and manifest == tuab["manifest"]
     cfg, _ = tp.resolve_config(None, [], check_files=False)
