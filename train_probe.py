@@ -18,6 +18,7 @@ import contextlib
 import difflib
 import hashlib
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -88,6 +89,12 @@ CONFIG = {
     "train.num_workers": (0, "int", "DataLoader worker processes (uncached path)"),
     "train.eval_batch_size": (256, "int", "samples per eval / feature-extraction batch"),
     "train.allow_schedule_change": (False, "bool", "resume even if schedule-shaping keys changed (S7)"),
+    # metric sinks (optional packages): each receives every metrics.jsonl record, process 0 only (E10)
+    "log.tensorboard": (False, "bool", "TensorBoard event files in <run_dir>/tb/ (needs the tensorboard package)"),
+    "log.wandb": (None, "str?", "a Weights & Biases project to log to (needs wandb; honours WANDB_MODE=offline, "
+                  "WANDB_DIR); null = off"),
+    "log.mlflow": (None, "str?", "an MLflow tracking URI (file:mlruns for a local store, http://host:5000; needs "
+                   "mlflow or mlflow-skinny); null = off"),
     # data: .npy files, X [N, C, T] float32 (memory-mapped), y [N] int; null train_x = synthetic
     "data.train_x": (None, "str?", "training windows .npy [N, C, T]"),
     "data.train_y": (None, "str?", "training labels .npy [N]"),
@@ -341,6 +348,7 @@ def common_value_problems(cfg, task):
         need(cfg[key] >= 1, key, "must be >= 1")
     need(cfg["train.num_workers"] >= 0, "train.num_workers", "must be >= 0")
     need(cfg["train.progress_every_s"] >= 0, "train.progress_every_s", "must be >= 0 (seconds)")
+    p += sink_problems(cfg)
     need(cfg["train.save_every_minutes"] is None or cfg["train.save_every_minutes"] > 0,
          "train.save_every_minutes", "must be > 0 or null")
     need(cfg["train.clip_grad_norm"] is None or cfg["train.clip_grad_norm"] > 0,
@@ -1159,6 +1167,8 @@ def write_metrics(run, record):
         clean["nonfinite"] = bad
     run["metrics_file"].write(json.dumps(clean) + "\n")
     run["metrics_file"].flush()
+    if run.get("sinks"):
+        send_to_sinks(run, record)  # E10: the same record to TensorBoard, W&B, MLflow when the config asks
 
 
 def write_resolved_config(run):
@@ -1704,6 +1714,166 @@ def end_progress(run):
     if run["bar"] is not None:
         run["bar"].close()
         run["bar"] = None
+
+
+# Metric sinks (E10): TensorBoard, Weights & Biases, MLflow, each optional and imported only when the config
+# turns it on. A sink receives every record metrics.jsonl receives (write_metrics), under the same names
+# with the optimizer step as its step, and the resolved config as hyperparameters; process 0 only. A sink
+# whose backend fails warns once and is off: training never stops for a dashboard.
+SINK_PACKAGES = {"log.tensorboard": "tensorboard", "log.wandb": "wandb", "log.mlflow": "mlflow"}
+
+
+def sink_problems(cfg):
+    """E10: a sink whose package this interpreter cannot import is a config error, found before anything is
+    written (the run, --dry_run and the tools all resolve the config first)."""
+    problems = []
+    for key, package in SINK_PACKAGES.items():
+        if cfg[key] and importlib.util.find_spec(package) is None:
+            off = "false" if key == "log.tensorboard" else "null"
+            problems.append(("E10", key, f"{cfg[key]!r} needs the {package} package, which {sys.executable} cannot "
+                             f"import; install it ({sys.executable} -m pip install {package}) or set {key}={off}"))
+    return problems
+
+
+def config_params(cfg):
+    """The resolved config as flat hyperparameters: numbers, strings and bools as they are, the rest as JSON."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in cfg.items()}
+
+
+def open_sinks(run):
+    """E10: open the sinks the config asks for, once, after resume() has set the step the run continues from.
+    A sink that cannot start warns and stays off. <run_dir>/sinks.json keeps the W&B and MLflow run ids:
+    a resume continues the same run."""
+    run["sinks"] = []
+    if not run["dist"]["main"]:  # E10: process 0 only, under torchrun as everywhere else in the kit
+        return
+    path = os.path.join(run["run_dir"], "sinks.json")
+    saved = {}
+    if os.path.exists(path):
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                saved = json.load(f)
+    for key, opener in (("log.tensorboard", open_tensorboard), ("log.wandb", open_wandb), ("log.mlflow", open_mlflow)):
+        if run["cfg"][key]:
+            try:
+                run["sinks"].append({"key": key, **opener(run, saved.get(key) or {})})
+            except Exception as err:  # an unreachable server, a bad project name: the run goes on without it
+                log(run, f"WARNING E10: {key} could not start ({type(err).__name__}: {err}); training goes on without it")
+    save_sink_state(run)
+
+
+def save_sink_state(run):
+    state = {s["key"]: s["state"] for s in run["sinks"] if "state" in s}
+    if state:
+        atomic_write_text(os.path.join(run["run_dir"], "sinks.json"), json.dumps(state) + "\n")
+
+
+def send_to_sinks(run, record):
+    """One metrics.jsonl record to every open sink: its finite numbers (metrics.jsonl's nulls are left out).
+    A sink with a "sent" map (MLflow: its store says what it holds) gets a metric only past the last step
+    it has: the steps a resumed run repeats after a kill come out bit-identical (R1-R5)."""
+    step = record["step"]
+    values = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))
+              and not isinstance(v, bool) and math.isfinite(v)}
+    for sink in list(run["sinks"]):
+        sent = sink.get("sent")
+        new = {k: v for k, v in values.items() if sent is None or step > sent.get(k, -1)}
+        if not new:
+            continue
+        try:
+            sink["send"](step, new)
+        except Exception as err:
+            sink_failed(run, sink, err)
+            continue
+        if sent is not None:
+            sent.update(dict.fromkeys(new, step))
+
+
+def sink_failed(run, sink, err):
+    run["sinks"].remove(sink)
+    log(run, f"WARNING E10: {sink['key']} failed at step {run['state']['global_step']} ({type(err).__name__}: {err}); "
+             "it is off for the rest of this run, training goes on (metrics.jsonl has every record)")
+    with contextlib.suppress(Exception):
+        sink["close"](False)
+
+
+def close_sinks(run, ok=True):
+    """Flush and close every sink (W&B and MLflow mark the run finished, or killed when it stopped early)."""
+    for sink in run.pop("sinks", None) or []:
+        try:
+            sink["close"](ok)
+        except Exception as err:
+            log(run, f"WARNING E10: {sink['key']} failed to close ({type(err).__name__}: {err})")
+
+
+def open_tensorboard(run, saved):
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+    # E10: purge_step drops the events a killed process wrote past the checkpoint this run continues from,
+    # so each tag shows every step once
+    writer = SummaryWriter(os.path.join(run["run_dir"], "tb"), purge_step=run["state"]["global_step"] + 1)
+    for summary in hparams(config_params(run["cfg"]), {}):
+        writer.file_writer.add_summary(summary)
+    writer.add_text("config", "    " + yaml.safe_dump(unflatten(run["cfg"]), sort_keys=False).replace("\n", "\n    "))
+    writer.flush()
+
+    def send(step, values):
+        for k, v in values.items():
+            writer.add_scalar(k, v, step)
+        writer.flush()  # what a kill leaves is on disk for purge_step to drop, and the curves are live
+
+    return {"send": send, "close": lambda ok: writer.close()}
+
+
+def open_wandb(run, saved):
+    import wandb
+    cfg = run["cfg"]
+    run_id = saved.get("id") or os.urandom(6).hex()  # E10: a resume continues the run it started
+    directory = os.environ.get("WANDB_DIR") or run["run_dir"]
+    os.makedirs(directory, exist_ok=True)  # W&B warns about a WANDB_DIR that does not exist yet
+    wb = wandb.init(project=cfg["log.wandb"], id=run_id, resume="allow", name=cfg["run_name"],
+                    config=unflatten(cfg), allow_val_change=True, dir=directory,
+                    settings=wandb.Settings(console="off", silent=True))  # train.log has the console
+    wb.define_metric("step")
+    wb.define_metric("*", step_metric="step")  # the optimizer step is the x axis (a test record's step is earlier)
+
+    def close(ok):
+        wb.finish(exit_code=0 if ok else 1)
+
+    # What a SIGKILLed process had handed to W&B but W&B had not yet stored is W&B's to keep or lose (its
+    # offline mode loses it): the kit cannot ask, so the resumed run sends what it computes, from the
+    # checkpoint's step on, to the same run id.
+    return {"send": lambda step, values: wb.log({"step": step, **values}), "close": close, "state": {"id": run_id}}
+
+
+def open_mlflow(run, saved):
+    cfg, uri = run["cfg"], run["cfg"]["log.mlflow"]
+    if uri.startswith("file:"):  # MLflow 3 refuses its file store unless asked; log.mlflow file:... asks
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+    client = MlflowClient(tracking_uri=uri)
+    if saved.get("uri") == uri:  # E10: a resume continues the run it started, without repeating a step it holds
+        run_id = saved["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        sent = {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in client.get_run(run_id).data.metrics}
+    else:
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"train_{cfg['task']}"
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+        run_id, sent = client.create_run(experiment_id, run_name=cfg["run_name"]).info.run_id, {}
+        params = [Param(k, str(v)) for k, v in config_params(cfg).items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
+            client.log_batch(run_id, params=params[start:start + 100])
+
+    def send(step, values):
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+
+    def close(ok):
+        client.set_terminated(run_id, "FINISHED" if ok else "KILLED")
+
+    return {"send": send, "close": close, "state": {"uri": uri, "run_id": run_id}, "sent": sent}
 # ==== end shared: progress and metric sinks ====
 
 
@@ -1847,6 +2017,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
         log(run, f"run already complete at step {st['global_step']} ({run['ckpt_dir']}/last.pt); nothing to do")
         return "complete", run
     write_resolved_config(run)
+    open_sinks(run)  # E10: after resume(), which set the step the sinks continue from
     print_plan(run, resumed, cached)
     labels = torch.from_numpy(train_set.labels)
 
@@ -1906,7 +2077,8 @@ DRY_RUN_SETTINGS = ["train.epochs=2", "train.max_steps=null", "train.batch_size=
                     "train.log_every=1", "train.eval_every=3", "train.save_every_steps=2", "train.patience=null",
                     "train.num_workers=0", "train.eval_batch_size=8", "schedule.warmup=2", "schedule.total_steps=null",
                     "expect.initial_lr=null", "expect.peak_lr=null", "expect.final_lr=null", "data.limit=26",
-                    "data.synthetic.num_train=26", "data.synthetic.num_val=16"]  # the test split too (E5)
+                    "data.synthetic.num_train=26", "data.synthetic.num_val=16",  # the test split too (E5)
+                    "log.tensorboard=false", "log.wandb=null", "log.mlflow=null"]  # the checks run, no dashboards fill
 
 
 def dry_run(config_path, overrides, train_fn=None):
@@ -2522,6 +2694,7 @@ def main(argv=None):
         for rid, key, msg in notes:
             print(f"note {rid}: {key}: {msg}", file=sys.stderr)
         outcome, run = train(cfg, args.run_dir or os.path.join("runs", cfg["run_name"]), args.resume)
+        close_sinks(run, ok=outcome != "stopped")
         if dist.is_initialized():
             # Every process leaves its last collective (the final save) before any closes its connections:
             # a peer that exits first would fail the slower one mid-collective. The exit itself is

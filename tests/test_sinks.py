@@ -1,11 +1,27 @@
-"""Seeing a run where users look: progress lines with an ETA (E7); metric sinks and an evaluate command to come."""
+"""Seeing a run where users look: progress lines with an ETA (E7), metric sinks (E10).
+
+One probe run with all three sinks on, killed mid-epoch and resumed, is shared by the sink tests: each
+reads its backend's files with that library's own reader and compares them with metrics.jsonl.
+"""
+import glob
+import importlib.util
+import io
+import json
+import math
 import os
 import re
+import signal
+import struct
+import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_probe as tp  # noqa: E402
+from run_records import records  # noqa: E402
 
 TINY = ["data.synthetic.num_train=38", "data.synthetic.num_val=24", "data.synthetic.channels=4",
         "data.synthetic.length=128", "backbone.kwargs={width: 8, heads: 2}", "train.batch_size=4",
@@ -14,14 +30,207 @@ STEP_LINE = re.compile(r" step (\d+)/12 epoch .* elapsed \d+:\d\d:\d\d [0-9.e+-]
 PROGRESS_LINE = re.compile(r" progress: step (\d+)/12 \(\d+%\) elapsed \d+:\d\d:\d\d [0-9.e+-]+ steps/s ETA (\d+:\d\d:\d\d|\?)$")
 
 
-def test_e7_without_a_terminal_every_log_line_has_an_eta_and_progress_lines_come_at_the_set_interval(tmp_path):
-    # progress_every_s 0: a progress line after every step; log_every 5 puts ETA-carrying step lines at 1, 5, 10, 12.
-    cfg, _ = tp.resolve_config(None, TINY + ["train.log_every=5", "train.progress_every_s=0"])
-    outcome, _ = tp.train(cfg, str(tmp_path / "run"), "none", quiet=True)
-    assert outcome == "finished"
-    lines = open(tmp_path / "run" / "train.log").read().splitlines()
+def npy_split(directory, split, n):
+    rng = np.random.default_rng(len(split))
+    np.save(directory / f"{split}_x.npy", rng.standard_normal((n, 4, 128)).astype(np.float32))
+    np.save(directory / f"{split}_y.npy", (np.arange(n) % 2).astype(np.int64))
+    return [f"data.{split}_x={directory}/{split}_x.npy", f"data.{split}_y={directory}/{split}_y.npy"]
+
+
+@pytest.fixture(scope="module")
+def sink_run(tmp_path_factory):
+    """12 optimizer steps (3 epochs of 4), every step logged, last.pt every 4 steps; SIGKILLed before step 7
+    (steps 5 and 6 already sent to every sink), then resumed to the end. Runs as a subprocess, so stdout is
+    no terminal (progress lines, every step with train.progress_every_s 0)."""
+    tmp = tmp_path_factory.mktemp("sinks")
+    data = npy_split(tmp, "train", 38) + npy_split(tmp, "val", 24) + npy_split(tmp, "test", 20)
+    settings = TINY + data + ["train.log_every=1", "train.save_every_steps=4", "train.progress_every_s=0",
+                              "log.tensorboard=true", "log.wandb=kit-tests", f"log.mlflow=file:{tmp}/mlruns"]
+    run_dir, wandb_dir = tmp / "run", tmp / "wandb"
+    os.makedirs(wandb_dir)
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, os.path.join(ROOT, "train_probe.py"), "--run_dir", str(run_dir)]
+    command += [a for s in settings for a in ("--set", s)]
+
+    def run(extra_env):
+        return subprocess.run(command, cwd=tmp, capture_output=True, text=True, env={**env, **extra_env}, timeout=400)
+
+    died = run({"KIT_FAULT_KILL_AT": "7:0"})
+    assert died.returncode == -signal.SIGKILL, died.stdout + died.stderr
+    resumed = run({})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return {"tmp": tmp, "run_dir": str(run_dir), "wandb_dir": str(wandb_dir), "mlruns": f"file:{tmp}/mlruns",
+            "settings": settings, "died": died, "resumed": resumed}
+
+
+def expected(run_dir):
+    """{(step, key): value} of metrics.jsonl, finite numbers only, the last record of a step winning, and
+    the steps the killed process logged past its checkpoint (sent to the sinks before the kill)."""
+    want, seen, repeated = {}, set(), set()
+    for r in records(run_dir):
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                if (r["step"], k) in seen:
+                    repeated.add((r["step"], k))
+                seen.add((r["step"], k))
+                want[(r["step"], k)] = float(v)
+    return want, repeated
+
+
+def assert_matches_jsonl(got, run_dir, exact_timing):
+    """got: [(step, key, value)] as a sink holds them. Each (step, key) once, the same set as metrics.jsonl,
+    the same values (throughput of the steps run twice differs between the two processes: W&B and MLflow
+    keep the first, TensorBoard the resumed one)."""
+    want, repeated = expected(run_dir)
+    pairs = [(s, k) for s, k, _ in got]
+    assert len(pairs) == len(set(pairs)), sorted(p for p in pairs if pairs.count(p) > 1)
+    assert set(pairs) == set(want)
+    assert {5, 6} <= {s for s, _ in repeated}, "the kill must come after steps 5 and 6 reached the sinks"
+    for step, key, value in got:
+        if key.endswith("_per_s") and (step, key) in repeated and not exact_timing:
+            continue
+        assert value == pytest.approx(want[(step, key)], rel=1e-6, abs=1e-12), (step, key)
+
+
+def test_e7_without_a_terminal_every_log_line_has_an_eta_and_progress_lines_come_at_the_set_interval(sink_run):
+    # progress_every_s 0: a progress line after every step; every step line carries elapsed, steps/s, ETA.
+    lines = sink_run["resumed"].stdout.splitlines()
     steps = [int(m.group(1)) for m in map(STEP_LINE.search, lines) if m]
     progress = [int(m.group(1)) for m in map(PROGRESS_LINE.search, lines) if m]
-    assert steps == [1, 5, 10, 12], lines
-    assert progress == list(range(1, 13)), lines
+    assert steps == list(range(5, 13)), lines
+    assert progress == list(range(5, 13)), lines
     assert tp.CONFIG["train.progress_every_s"][0] == 60.0
+
+
+def test_e10_tensorboard_holds_every_jsonl_record_once_across_a_sigkill_and_resume(sink_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    acc = EventAccumulator(os.path.join(sink_run["run_dir"], "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    got = [(e.step, tag, e.value) for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
+    assert_matches_jsonl(got, sink_run["run_dir"], exact_timing=True)  # purge_step: the resumed values count
+    # The marker every TensorBoard reader honours, not only this accumulator's out-of-order guess: the resumed
+    # writer opens with SessionLog START at the step after the checkpoint (4), dropping the killed run's 5 and 6.
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    starts = [e.step for path in sorted(glob.glob(os.path.join(sink_run["run_dir"], "tb", "events.*")))
+              for e in EventFileLoader(path).Load() if e.HasField("session_log") and e.session_log.status == 1]
+    assert sorted(starts) == [1, 5]
+    hparams = {}
+    for content in acc.PluginTagToContent("hparams").values():
+        info = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if info.HasField("session_start_info"):
+            hparams = info.session_start_info.hparams
+    assert hparams["optim.lr"].number_value == 0.01 and hparams["train.save_every_steps"].number_value == 4
+
+
+def wandb_records(path):
+    """The records of a W&B .wandb file, parsed with W&B's own protobuf classes (wandb 0.31 ships no Python
+    scanner: the file is LevelDB-log framed, 7-byte header, 32 KiB blocks of crc/length/type chunks)."""
+    from wandb.proto import wandb_internal_pb2
+    with open(path, "rb") as f:
+        data = f.read()
+    assert struct.unpack("<4sHB", data[:7])[:2] == (b":W&B", 0xBEE1)
+    pos, chunks = 7, []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (kind == 0 and length == 0):  # block trailer / padding
+            pos += left
+            continue
+        chunks.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            yield record
+
+
+def test_e10_wandb_offline_resumes_the_same_run_id_and_holds_every_jsonl_record_from_the_checkpoint_on(sink_run):
+    with open(os.path.join(sink_run["run_dir"], "sinks.json")) as f:
+        run_id = json.load(f)["log.wandb"]["id"]
+    files = sorted(glob.glob(os.path.join(sink_run["wandb_dir"], "wandb", "offline-run-*", "run-*.wandb")))
+    assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)  # the kill, the resume
+    rows, config = {}, {}
+    for path in files:
+        rows[path] = []
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                rows[path] += [(row["step"], k, v) for k, v in row.items() if not k.startswith("_") and k != "step"]
+            elif kind == "run":
+                assert record.run.run_id == run_id
+                config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+    # The resumed process sent every record from the checkpoint (step 4) on, and the final test record; what
+    # the killed one had handed to W&B is what W&B kept of it (its offline mode keeps nothing unflushed).
+    want, repeated = expected(sink_run["run_dir"])
+    resumed = rows[files[1]]
+    assert sorted((s, k) for s, k, _ in resumed) == sorted(p for p in want if p[0] > 4 or p[1].startswith("test/"))
+    for step, key, value in resumed + rows[files[0]]:
+        if not (key.endswith("_per_s") and (step, key) in repeated):
+            assert value == pytest.approx(want[(step, key)], rel=1e-12), (step, key)
+    assert config["optim"]["lr"] == 0.01 and config["log"]["wandb"] == "kit-tests"
+
+
+def test_e10_mlflow_file_store_resumes_the_same_run_and_holds_every_jsonl_record_once(sink_run):
+    from mlflow import MlflowClient
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=sink_run["mlruns"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.01"
+    got = [(m.step, key, m.value) for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key)]
+    assert_matches_jsonl(got, sink_run["run_dir"], exact_timing=False)
+
+
+def test_e10_a_missing_sink_package_is_a_config_error_naming_it_and_the_interpreter(tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    run_dir = tmp_path / "run"
+    assert tp.main(["--run_dir", str(run_dir), "--set", *TINY, "log.wandb=proj"]) == 2
+    err = capsys.readouterr().err
+    assert "log.wandb" in err and "wandb package" in err and sys.executable in err and "Traceback" not in err
+    assert not run_dir.exists()  # before anything is written
+    assert tp.main(["--dry_run", "--set", "log.wandb=proj"]) == 2  # the dry run refuses it too
+    assert "log.wandb" in capsys.readouterr().err
+
+
+def test_e10_sinks_open_on_process_0_only(tmp_path):
+    cfg, _ = tp.resolve_config(None, TINY + ["log.tensorboard=true"])
+    run = {"cfg": cfg, "dist": {"main": False}, "run_dir": str(tmp_path), "state": {"global_step": 0}}
+    tp.open_sinks(run)
+    assert run["sinks"] == [] and os.listdir(tmp_path) == []
+
+
+def test_e10_a_failing_backend_warns_once_and_is_off_while_the_others_go_on(tmp_path):
+    log_file, received = io.StringIO(), []
+
+    def broken(step, values):
+        raise ConnectionError("server gone")
+
+    run = {"dist": {"main": True}, "bar": None, "quiet": True, "log_file": log_file, "state": {"global_step": 3},
+           "sinks": [{"key": "log.mlflow", "send": broken, "close": lambda ok: None},
+                     {"key": "log.tensorboard", "send": lambda step, values: received.append((step, values)),
+                      "close": lambda ok: None}]}
+    for step in (3, 4):
+        tp.send_to_sinks(run, {"step": step, "loss": 0.5, "nonfinite": ["x"], "x": None})
+    assert [s["key"] for s in run["sinks"]] == ["log.tensorboard"]
+    assert received == [(3, {"loss": 0.5}), (4, {"loss": 0.5})]
+    warnings = [line for line in log_file.getvalue().splitlines() if "WARNING E10" in line]
+    assert len(warnings) == 1 and "log.mlflow failed at step 3" in warnings[0] and "server gone" in warnings[0]
+
+
+def test_e10_a_sink_that_cannot_start_warns_and_the_run_goes_on(tmp_path):
+    cfg, _ = tp.resolve_config(None, TINY + ["log.tensorboard=true"])
+    (tmp_path / "tb").write_text("a file where the event directory would go")
+    log_path = tmp_path / "train.log"
+    run = {"cfg": cfg, "dist": {"main": True}, "run_dir": str(tmp_path), "state": {"global_step": 0},
+           "bar": None, "quiet": True, "log_file": open(log_path, "w")}
+    tp.open_sinks(run)
+    run["log_file"].close()
+    assert run["sinks"] == []
+    assert "WARNING E10: log.tensorboard could not start" in log_path.read_text()
