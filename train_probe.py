@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -2170,7 +2171,7 @@ REFERENTIAL_19 = "fp1 fp2 f3 f4 c3 c4 p3 p4 o1 o2 f7 f8 t3 t4 t5 t6 fz cz pz".up
 TCP_22 = ("fp1-f7 f7-t3 t3-t5 t5-o1 fp2-f8 f8-t4 t4-t6 t6-o2 a1-t3 t3-c3 c3-cz cz-c4 c4-t4 t4-a2 fp1-f3 f3-c3 c3-p3 "
           "p3-o1 fp2-f4 f4-c4 c4-p4 p4-o2").upper().split()  # TUH's 01_tcp_ar montage: 22 bipolar pairs
 ELECTRODE_ALIASES = {"T7": "T3", "T8": "T4", "P7": "T5", "P8": "T6"}  # 10-10 names of electrodes TUH labels the 10-20 way
-LABEL_SUFFIXES = ("-REF", "-LE", "-AR", "-AVG")  # 'EEG FP1-REF' (averaged reference), 'EEG FP1-LE' (linked ears)
+LABEL_SUFFIXES = ("-REF", "-LE", "-AR", "-AVG")  # 'EEG FP1-REF' (01_tcp_ar files), 'EEG FP1-LE' (linked ears, 02_tcp_le)
 VOLT_UNITS = ("uV", "\u00b5V", "\u03bcV", "mV", "V")  # physical dimensions MNE converts to volts (others it leaves as-is)
 UNIT_SCALE = {"V": 1.0, "mV": 1e3, "uV": 1e6}  # MNE's volts -> data.units
 EDGES = ("non-overlapping windows from the recording's first sample; the last partial window (under one window of "
@@ -2289,7 +2290,6 @@ def edf_header(path):
         text = [fields[i * 16:(i + 1) * 16].strip().decode("latin-1") for i in range(count)]
         dims = [fields[96 * count + i * 8:96 * count + (i + 1) * 8].strip().decode("latin-1") for i in range(count)]
         samples = [int(fields[216 * count + i * 8:216 * count + (i + 1) * 8]) for i in range(count)]
-        from fractions import Fraction
         seconds = Fraction(duration)
     except (ValueError, ZeroDivisionError):
         raise SkipRecording("not a readable EDF file (its header does not parse)") from None
@@ -2308,7 +2308,6 @@ def recording_windows(path, settings):
     """One recording -> float32 windows [n, channels, window_samples]: the channels picked by name (a missing one
     skips the recording), converted to data.units, bipolar pairs subtracted, resampled to data.sample_rate with
     an anti-aliasing polyphase filter, optionally band-passed and notched, then cut by EDGES."""
-    from fractions import Fraction
     head = edf_header(path)
     found = {}
     for i, label in enumerate(head["labels"]):
@@ -2401,7 +2400,10 @@ def prepare_inputs(recordings, skipped, cfg):
 
 
 def part_path(parts_dir, rec, inputs):
-    key = json.dumps([rec["rel"], rec["size"], rec["mtime_ns"], inputs["settings"], inputs["code"], inputs["versions"]],
+    """.parts/KEY.npy: KEY from what this recording's windows depend on. Not data.val_fraction: a changed split
+    (after "the val split has no usable recording") reuses every part."""
+    settings = {k: v for k, v in inputs["settings"].items() if k != "val_fraction"}
+    key = json.dumps([rec["rel"], rec["size"], rec["mtime_ns"], settings, inputs["code"], inputs["versions"]],
                      sort_keys=True)
     return os.path.join(parts_dir, hashlib.sha256(key.encode()).hexdigest()[:24] + ".npy")
 

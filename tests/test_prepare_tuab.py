@@ -302,6 +302,17 @@ def test_c7_killed_preparations_at_two_workers_finish_with_the_bytes_of_an_unint
     assert contents(out) == contents(tuab["out"])
 
 
+def test_c7_an_empty_val_split_is_one_line_and_a_rerun_with_another_val_fraction_reuses_every_recording(tuab, tmp_path):
+    assert not any(in_val(s, 0.001) for s in TRAIN + VAL)
+    with pytest.raises(tp.ConfigError, match="the val split has no usable recording") as err:
+        prepare(tuab["src"], tmp_path / "out", "data.val_fraction=0.001")
+    assert err.value.problems[0][1] == "data.val_fraction"
+    assert (tmp_path / "out" / tp.INCOMPLETE).exists() and not (tmp_path / "out" / "manifest.json").exists()
+    _, lines = prepare(tuab["src"], tmp_path / "out")
+    assert f"{len(FILES)} done before, 0 to read" in lines[0]
+    assert contents(tmp_path / "out") == contents(tuab["out"])
+
+
 def test_c6_training_refuses_windows_prepared_with_other_settings(tuab, tmp_path, capsys):
     keys = data_keys(tuab["out"])
     tp.resolve_config(None, keys)  # the settings it was prepared with: accepted
