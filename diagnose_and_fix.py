@@ -641,16 +641,24 @@ def distill_memory(script, cfg, plan):
     act_bytes = 2 if cfg["train.precision"] in ("bf16", "fp16") else 4
     models = 2 if cfg["kd.enabled"] and not offline else 1  # offline: the cached top-k, no teacher logits
 
+    blocks = script.model_blocks(trainable.lm)
+    checkpointed = cfg.get("train.activation_checkpointing") and len(blocks)
+
     def batch_bytes(batch, grad):
         idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
         sizes, _ = leaf_outputs(trainable, lambda: trainable(idx, project=trainable.proj is not None))
         activations = act_bytes * (sum(sizes) if grad else sum(sorted(sizes)[-2:]))
+        if grad and checkpointed:  # each block keeps its input; one block's inside is rebuilt at a time
+            activations = act_bytes * (sum(sizes) // len(blocks) + len(blocks) * batch * seq * (trainable.lm.width or 0))
         logits = batch * seq * vocab * (models * act_bytes + (2 * models + int(grad)) * 4)
         return activations + logits
 
     state = 2 if cfg["optim.name"] == "adamw" else 1
+    world = plan["world_size"] if cfg.get("train.strategy") == "fsdp" else 1
+    sharded = f", sharded over {world} processes + one block gathered (D1)" if world > 1 else ""
+    gathered = 4 * max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0) if world > 1 else 0
     return {"weights (frozen teacher)": 4 * frozen,
-            "trained weights, gradients, optimizer state": 4 * trained * (2 + state),
+            f"trained weights, gradients, optimizer state{sharded}": 4 * trained * (2 + state) / world + gathered,
             f"activations + logits: larger of micro-batch {plan['batch_size']} / eval batch "
             f"{cfg['train.eval_batch_size']} x {seq} tokens x vocab {vocab}":
                 max(batch_bytes(plan["batch_size"], True), batch_bytes(cfg["train.eval_batch_size"], False))}
@@ -1169,7 +1177,11 @@ def check_checkpoint(path, script, cfg, plan, opts):
         found.append(finding("R2", "critical", f"global_step {gs} but the scheduler has stepped {sched['last_epoch']} "
                              "times: the LR after resume will not be the one this step should use",
                              "step the scheduler exactly once per optimizer step, skipped steps included", source=src))
-    counts = optimizer_step_counts(ckpt.get("optimizer"))
+    optimizer = ckpt.get("optimizer")
+    if ckpt.get("shards"):  # D2: a sharded checkpoint's optimizer state is in the DCP directory it names
+        steps = script.read_shards(os.path.join(os.path.dirname(path), ckpt["shards"]), "optimizer.state.")
+        optimizer = {"state": {k: {"step": v} for k, v in steps.items() if k.endswith(".step")}}
+    counts = optimizer_step_counts(optimizer)
     if len(counts) > 1:
         found.append(finding("R2", "critical", f"the optimizer's parameters disagree on their step count "
                              f"{sorted(counts)}",

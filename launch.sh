@@ -167,7 +167,8 @@ mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 sys.argv[0] = os.path.basename(script)  # argparse names the script in its messages
 args = mod.parse_args(["--config", config, *script_args])  # bad script options: argparse says so, exit 2
-fields = {"SCRIPT": script, "TASK": task, "RUN_DIR": "", "STATUS": "fresh", "CKPT_WORLD": "", "CKPT_STEP": ""}
+fields = {"SCRIPT": script, "TASK": task, "RUN_DIR": "", "STATUS": "fresh", "CKPT_WORLD": "", "CKPT_STEP": "",
+          "CKPT_BATCH": "", "BATCH": ""}
 if not args.dry_run:
     try:
         cfg, _ = mod.resolve_config(args.config, args.set)
@@ -175,13 +176,15 @@ if not args.dry_run:
         print(err, file=sys.stderr)
         sys.exit(2)
     fields["RUN_DIR"] = args.run_dir or os.path.join("runs", cfg["run_name"])
+    fields["BATCH"] = cfg["train.batch_size"]
     last = os.path.join(fields["RUN_DIR"], "checkpoints", "last.pt")
     if args.resume == "auto" and os.path.exists(last):
         import torch
         try:  # mmap: a multi-GB checkpoint is not read into memory to look at three fields
             ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
             fields.update(STATUS="finished" if ckpt.get("finished") else "partial",
-                          CKPT_WORLD=ckpt.get("world_size", ""), CKPT_STEP=ckpt.get("global_step", ""))
+                          CKPT_WORLD=ckpt.get("world_size", ""), CKPT_STEP=ckpt.get("global_step", ""),
+                          CKPT_BATCH=ckpt["schedule"]["train.batch_size"] * ckpt["world_size"])  # R5: global micro-batch
         except Exception:  # torn or unreadable: the script falls back to last.prev.pt itself (R6)
             fields["STATUS"] = "unreadable"
         else:  # a finished run relaunched with other values: say how to start a new run, not "complete"
@@ -264,8 +267,12 @@ if [ "$DRY" = 1 ] && [ "$NNODES" -gt 1 ]; then
   echo "launch.sh: the dry run runs on this node's $NPROC process(es) only (NNODES=$NNODES ignored for it)"
 fi
 WORLD=$((NODES * NPROC))
-if [ "$DRY" = 0 ] && [ "$STATUS" = partial ] && [ "$CKPT_WORLD" != "$WORLD" ]; then
-  die 2 "$RUN_DIR/checkpoints/last.pt (step $CKPT_STEP) was written by $CKPT_WORLD process(es), this launch has $WORLD; the data order and schedule depend on it: relaunch with $CKPT_WORLD process(es) (e.g. --gpus cpu:$CKPT_WORLD or $CKPT_WORLD GPUs), or pass -- --run_dir NEW to start afresh"
+# R5: another number of processes continues a run exactly when the global micro-batch (train.batch_size x
+# processes) is the same: the data order and the schedule depend on it alone.
+if [ "$DRY" = 0 ] && [ "$STATUS" = partial ] && [ "$CKPT_WORLD" != "$WORLD" ] && [ "$CKPT_BATCH" != "$((BATCH * WORLD))" ]; then
+  OTHER=""
+  [ $((CKPT_BATCH % WORLD)) = 0 ] && OTHER=", or keep $WORLD process(es) with -- --set train.batch_size=$((CKPT_BATCH / WORLD)) (the same $CKPT_BATCH windows a micro-batch)"
+  die 2 "$RUN_DIR/checkpoints/last.pt (step $CKPT_STEP) was written by $CKPT_WORLD process(es), this launch has $WORLD; the data order and schedule depend on it: relaunch with $CKPT_WORLD process(es) (e.g. --gpus cpu:$CKPT_WORLD or $CKPT_WORLD GPUs)$OTHER, or pass -- --run_dir NEW to start afresh"
 fi
 
 # ---------------------------------------------------------------------------------------------------

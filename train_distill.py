@@ -100,6 +100,11 @@ CONFIG = {
     "train.num_workers": (0, "int", "DataLoader worker processes"),
     "train.eval_batch_size": (32, "int", "windows per eval batch"),
     "train.allow_schedule_change": (False, "bool", "resume even if schedule-shaping keys changed (S7)"),
+    "train.strategy": ("ddp", ("ddp", "fsdp"), "several processes: ddp replicates the trained network; fsdp shards its "
+                       "weights, gradients and optimizer state over the processes (FSDP2) and saves DCP checkpoints (D1-D4)"),
+    "train.activation_checkpointing": (False, "bool", "recompute each block's activations in the backward instead of "
+                                       "keeping them (less memory, about a third more compute); the blocks are the "
+                                       "network's longest nn.ModuleList"),
     # metric sinks (optional packages): each receives every metrics.jsonl record, process 0 only (E10)
     "log.tensorboard": (False, "bool", "TensorBoard event files in <run_dir>/tb/ (needs the tensorboard package)"),
     "log.wandb": (None, "str?", "a Weights & Biases project to log to (needs wandb; honours WANDB_MODE=offline, "
@@ -1277,7 +1282,7 @@ def load_teacher_checkpoint(cfg, hidden=True):
             raise ConfigError([("C3", "teacher.n_layer", f"{path} holds a network with " + ", ".join(f"{k} {v}" for k, v in arch.items())
                                 + "; set teacher.n_layer/n_head/n_embd to those values")])
         lm = GPT(vocab_size(saved), saved["data.seq_len"], **arch)
-    lm.load_state_dict({k[len("lm."):]: v for k, v in ckpt["model"].items() if k.startswith("lm.")})
+    lm.load_state_dict({k[len("lm."):]: v for k, v in saved_weights(ckpt, path).items() if k.startswith("lm.")})
     return lm
 
 
@@ -1307,6 +1312,120 @@ def param_groups(module):
     params = [p for p in module.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2]},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+# -----------------------------------------------------------------------------
+# Beyond one device (train.strategy: fsdp, train.activation_checkpointing), with the engines PyTorch ships:
+# FSDP2's fully_shard and torch.distributed.checkpoint (DCP). Chosen once in train(); the loop and its
+# guarantees are the same for every strategy. The teacher stays replicated on every process: it has no
+# gradients and no optimizer state (4 bytes a parameter in fp32 against the student's 16 with AdamW), runs
+# under no_grad, and offline KD (kd.teacher_cache) keeps it out of training altogether; its tensor digest
+# is checked as under DDP.
+def model_blocks(module):
+    """The repeated blocks of a language model: its longest nn.ModuleList (the built-in GPT's blocks, a
+    Hugging Face model's layers or h, a user module's); empty when it has none."""
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
+    return max(lists, key=len) if lists else nn.ModuleList()
+
+
+def checkpoint_activations(module, key):
+    """train.activation_checkpointing: each block's forward runs again in the backward instead of keeping
+    its activations (torch.utils.checkpoint, non-reentrant, replaying the RNG state it first saw: the same
+    dropout masks, the same gradients)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    blocks = model_blocks(module)
+    if not len(blocks):
+        raise ConfigError([("C3", "train.activation_checkpointing", f"true, but {key} has no nn.ModuleList of "
+                            "blocks to checkpoint; set it to false")])
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block)
+
+
+def shard_model(module, precision):
+    """D1: every block its own FSDP unit (its weights gathered just before it runs and freed after), then
+    the root (embeddings, final norm, head, projection). The optimizer holds fp32 shards; forward and
+    backward run in train.precision (MixedPrecisionPolicy) and gradients are reduced in fp32 (G6)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # FSDP2 warns that a root returning a view (F.linear of a [B, T, C] input is one) would lose its gradient
+    # hook to an in-place op on it: the loss never writes into the logits or the projection
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in model_blocks(module):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    return module
+
+
+def sharded_grad_scaler(device):
+    """fp16 under FSDP: torch's ShardedGradScaler, whose inf check is reduced over the processes, so every
+    process skips the same overflowed step (G5, D1); each alone would skip on its own shard's overflow."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    # its one-element scale meets DTensor shards, which warn that they replicate it: that is what it is for
+    warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1")
+    return ShardedGradScaler(device.type)
+
+
+def single_process_group(device):
+    """fully_shard needs a process group even for one process (train.strategy fsdp without torchrun): one
+    held in memory, nothing listens on a port."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def save_shards(run, name):
+    """D2: every process writes its shards of the weights and the optimizer state into one DCP directory,
+    checkpoints/<name>-step<N>/, under a temporary name first and renamed once complete; the checkpoint file
+    written after it (last.pt, best.pt) names it. A kill at any point leaves the previous pair whole (R6)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    d = run["dist"]
+    final = f"{name}-step{run['state']['global_step']:08d}"
+    tmp = all_gather_list([os.path.join(run["ckpt_dir"], f".tmp-{os.getpid()}-{final}")], d["world"])[0]  # process 0's
+    model_state, optimizer_state = get_state_dict(run["module"], run["optimizer"])
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)  # returns once every shard is in
+    if d["main"]:
+        path = os.path.join(run["ckpt_dir"], final)
+        if os.path.isdir(path):  # the same step saved again (a stop right after a save): its file still names it,
+            shutil.rmtree(path)  # and the .prev file names the one before, which a kill here falls back to
+        os.replace(tmp, path)
+        dir_fd = os.open(run["ckpt_dir"], os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    return final
+
+
+def load_shards(run, directory):
+    """D3: a DCP checkpoint into this run's network and optimizer, sharded or not: DCP reads each process's
+    part of every tensor, whatever the number of processes that wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optimizer_state = get_state_dict(run["module"], run["optimizer"])
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(run["module"], run["optimizer"], model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def prune_shards(run):
+    """Process 0, after a checkpoint file is written: DCP directories that no checkpoint file names any more."""
+    keep = set()
+    for name in ("last.pt", "last.prev.pt", "best.pt", "best.prev.pt"):
+        with contextlib.suppress(Exception):  # absent or torn: it names nothing
+            keep.add(torch.load(os.path.join(run["ckpt_dir"], name), map_location="cpu", weights_only=True).get("shards"))
+    for name in os.listdir(run["ckpt_dir"]):
+        if re.fullmatch(r"(last|best)-step\d{8}", name) and name not in keep:
+            shutil.rmtree(os.path.join(run["ckpt_dir"], name), ignore_errors=True)
+
+
+SHARDED_CHECKPOINTS = {"save": save_shards, "load": load_shards, "prune": prune_shards}
+
+
+def saved_weights(ckpt, path):
+    """A checkpoint file's network as one state dict: its "model", or (D4) the whole tensors of the DCP
+    directory it names, gathered by this process alone (an export, a teacher, a check; never training)."""
+    if ckpt.get("shards"):
+        return read_shards(os.path.join(os.path.dirname(path), ckpt["shards"]))
+    return ckpt["model"]
 
 
 # -----------------------------------------------------------------------------
@@ -1398,7 +1517,7 @@ def open_run(run_dir, cfg, dist_info):
     """runs/<run_name>/: config.yaml, metrics.jsonl, train.log, checkpoints/. Logs append, never truncate."""
     run = {"cfg": cfg, "dist": dist_info, "quiet": False, "run_dir": run_dir, "ckpt_dir": os.path.join(run_dir, "checkpoints"),
            "stop_signal": None, "stop_after": None, "bar": None, "last_save": time.monotonic(),
-           "best_written": None, "best_pending": None,
+           "best_written": None, "best_pending": None, "sharded": None,
            "state": {"global_step": 0, "skipped_steps": 0, "bad_streak": 0, "best_value": None, "best_step": None,
                      "evals_since_best": 0, "last_eval": None, "trained": False, "finished": False}}
     # trained: the loop is over (last step or early stop); finished: the final evaluation is done as well
@@ -1411,18 +1530,21 @@ def open_run(run_dir, cfg, dist_info):
 
 
 def remove_stale_temp_files(run_dir, ckpt_dir):
-    """R6: a kill during a save leaves checkpoints/.tmp-PID-*.pt or config.yaml.tmp-PID behind; remove
-    those whose writer is gone (a live writer's are left alone), and a *.prev.pt.tmp link (a second name
-    of a checkpoint that is still there)."""
+    """R6: a kill during a save leaves checkpoints/.tmp-PID-*.pt (a DCP directory .tmp-PID-*, D2) or
+    config.yaml.tmp-PID behind; remove those whose writer is gone (a live writer's are left alone), and a
+    *.prev.pt.tmp link (a second name of a checkpoint that is still there)."""
     for directory in (run_dir, ckpt_dir):
         for name in os.listdir(directory):
-            if name.startswith(".tmp-") and name.endswith(".pt"):
+            if name.startswith(".tmp-"):
                 pid = name[len(".tmp-"):].partition("-")[0]
             else:
                 pid = name.rpartition(".tmp-")[2] if ".tmp-" in name else ""
             if name.endswith(".prev.pt.tmp") or (pid.isdigit() and not process_alive(int(pid))):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(directory, name))
+                path = os.path.join(directory, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(path)
 
 
 def process_alive(pid):
@@ -1554,16 +1676,20 @@ def atomic_save(obj, path):
             os.unlink(tmp)
 
 
-def checkpoint_state(run):
+def checkpoint_state(run, name="last"):
     """Everything the loop needs to continue exactly; loadable with weights_only=True (R7). A collective
-    under DDP (every process's RNG state is gathered); None on every process but 0, which writes."""
+    under DDP (every process's RNG state is gathered); None on every process but 0, which writes. Sharded
+    (train.strategy fsdp, D2): every process first writes its shards of the weights and optimizer state
+    into a DCP directory, which the checkpoint names ("shards") instead of holding them."""
     d, st = run["dist"], run["state"]
     rngs = all_gather_list([rng_state()], d["world"])
+    shards = run["sharded"]["save"](run, name) if run["sharded"] else None
     if not d["main"]:
         return None
     per_epoch = run["plan"]["steps_per_epoch"]
-    return {"format": 1, "task": run["cfg"]["task"], "model": run["module"].state_dict(),
-            "optimizer": run["optimizer"].state_dict(), "scheduler": run["scheduler"].state_dict(),
+    return {"format": 1, "task": run["cfg"]["task"], "shards": shards,
+            "model": None if shards else run["module"].state_dict(),
+            "optimizer": None if shards else run["optimizer"].state_dict(), "scheduler": run["scheduler"].state_dict(),
             "scaler": run["scaler"].state_dict() if run["scaler"] else None, "rng": rngs,
             "data_position": {"epoch": st["global_step"] // per_epoch, "step_in_epoch": st["global_step"] % per_epoch,
                               "seed": run["cfg"]["seed"]},
@@ -1594,19 +1720,24 @@ def save_last(run):
         atomic_save(run["best_pending"], os.path.join(run["ckpt_dir"], "best.pt"))
         run["best_pending"] = None
     atomic_save(ckpt, os.path.join(run["ckpt_dir"], "last.pt"))
+    if run["sharded"]:
+        run["sharded"]["prune"](run)
 
 
 def save_best(run):
     """best.pt at a better eval: written now when no best.pt was written in the last
     train.save_every_minutes, otherwise held as a host copy and written with the next last.pt (the time
-    trigger, a stop, the end), so evals on fast epochs do not each pay an fsynced write (R6)."""
-    ckpt = checkpoint_state(run)
+    trigger, a stop, the end), so evals on fast epochs do not each pay an fsynced write (R6). Sharded
+    (D2): its DCP directory is already written, so the file follows at once."""
+    ckpt = checkpoint_state(run, "best")
     if ckpt is None:
         return
     minutes, now = run["cfg"]["train.save_every_minutes"], time.monotonic()
-    if minutes is None or run["best_written"] is None or now - run["best_written"] >= 60 * minutes:
+    if run["sharded"] or minutes is None or run["best_written"] is None or now - run["best_written"] >= 60 * minutes:
         atomic_save(ckpt, os.path.join(run["ckpt_dir"], "best.pt"))
         run["best_written"], run["best_pending"] = now, None
+        if run["sharded"]:
+            run["sharded"]["prune"](run)
     else:
         run["best_pending"] = host_copy(ckpt)
 
@@ -1656,10 +1787,19 @@ def resume(run, mode):
             raise problem
         run["state"].update({k: ckpt[k] for k in run["state"] if k in ckpt})
         return True  # complete: the caller says so and does nothing
-    if ckpt["world_size"] != run["dist"]["world"]:
-        raise ConfigError([("S7", "--resume", f"{source} was written by {ckpt['world_size']} process(es), this run has "
-                            f"{run['dist']['world']}; the data order and schedule depend on it, relaunch with "
-                            f"{ckpt['world_size']} process(es) or start a new --run_dir")])
+    world, saved_world = run["dist"]["world"], ckpt["world_size"]
+    # R5: the data order and the schedule depend on the global micro-batch (train.batch_size x processes),
+    # not on how it is split: another number of processes with the same global micro-batch continues exactly
+    saved_batch = ckpt["schedule"]["train.batch_size"] * saved_world
+    if world != saved_world and world * cfg["train.batch_size"] != saved_batch:
+        other = f" or with train.batch_size={saved_batch // world} (the same {saved_batch} windows a micro-batch)" \
+            if saved_batch % world == 0 else ""
+        raise ConfigError([("S7", "--resume", f"{source} was written by {saved_world} process(es), this run has "
+                            f"{world}; the data order and schedule depend on it, relaunch with {saved_world} "
+                            f"process(es){other} or start a new --run_dir")])
+    if bool(ckpt.get("shards")) != bool(run["sharded"]):
+        raise ConfigError([("S7", "train.strategy", f"{source} was saved with train.strategy="
+                            f"{'fsdp' if ckpt.get('shards') else 'ddp'}; set it back, or start a new --run_dir")])
     saved_seed = ckpt["data_position"]["seed"]
     if saved_seed != cfg["seed"]:  # S7/R5: the permutation of the epoch in progress is a function of the seed
         raise ConfigError([("S7", "seed", f"{cfg['seed']}, but {source} was trained with seed {saved_seed} and the data "
@@ -1667,6 +1807,8 @@ def resume(run, mode):
                             "(--set run_name=NEW or --run_dir NEW)")])
     new_sig = schedule_signature(cfg, plan)
     changed = {k: (ckpt["schedule"].get(k), v) for k, v in new_sig.items() if ckpt["schedule"].get(k) != v}
+    if world != saved_world:
+        changed.pop("train.batch_size")  # the split of the same global micro-batch, checked above (R5)
     if changed and ckpt["global_step"] > plan["total_steps"]:
         raise ConfigError([("S7", "train.epochs", f"{source} is at optimizer step {ckpt['global_step']}, the new schedule "
                             f"has only {plan['total_steps']}; restore the run length or start a new --run_dir")])
@@ -1674,8 +1816,11 @@ def resume(run, mode):
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
         raise ConfigError([("S7", "train.allow_schedule_change", f"the schedule changed since {source}: {what}; "
                             "restore those values, or set train.allow_schedule_change=true to continue on the new curve")])
-    run["module"].load_state_dict(ckpt["model"])
-    run["optimizer"].load_state_dict(ckpt["optimizer"])
+    if ckpt.get("shards"):  # D3: DCP reads this process's part of every tensor, for any number of processes
+        run["sharded"]["load"](run, os.path.join(os.path.dirname(source), ckpt["shards"]))
+    else:
+        run["module"].load_state_dict(ckpt["model"])
+        run["optimizer"].load_state_dict(ckpt["optimizer"])
     if changed:  # S7, explicitly allowed: the new curve, advanced by real steps to the saved position (not last_epoch, R3)
         log(run, f"WARNING S7: schedule changed ({', '.join(changed)}); the LR follows the new curve from step {ckpt['global_step']}")
         for group in run["optimizer"].param_groups:  # as a fresh optimizer: the loaded mid-run LR and the old
@@ -1690,7 +1835,14 @@ def resume(run, mode):
         run["scheduler"].load_state_dict(ckpt["scheduler"])  # R3: state_dict round trip
     if run["scaler"] and ckpt["scaler"]:
         run["scaler"].load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"][run["dist"]["rank"]])  # R4
+    if world == saved_world:
+        set_rng_state(ckpt["rng"][run["dist"]["rank"]])  # R4
+    else:  # R4/R5: no saved stream belongs to this process; each its own again, from (seed, step)
+        seed_everything(cfg["seed"] + 7919 * ckpt["global_step"], run["dist"]["rank"])
+        log(run, f"note R5: continuing a {saved_world}-process checkpoint on {world} process(es) with the same global "
+                 f"micro-batch of {saved_batch}: the data order and the LR schedule are exact; each process's random "
+                 "stream restarts from (seed, step) and the sums over processes round differently, so the run "
+                 "equals an uninterrupted one to float round-off (bit for bit without dropout only by chance)")
     for key in run["state"]:
         run["state"][key] = ckpt.get(key, run["state"][key])  # R2: global_step; R5: the data position follows from it
     log(run, f"resumed from {source} at optimizer step {ckpt['global_step']} "
@@ -1737,7 +1889,10 @@ def total_grad_norm(grads):
     """G3: the value torch.nn.utils.clip_grad_norm_ returns. On the CPU torch has no foreach kernels and
     takes each gradient's norm, then the norm of those, after grouping the tensors by device and dtype on
     every call; the kit's gradients share one device, so this runs the same arithmetic without the
-    grouping (the same bits, about a quarter of the time on a small model). Elsewhere: torch's own."""
+    grouping (the same bits, about a quarter of the time on a small model). Elsewhere: torch's own.
+    D1: a sharded gradient (FSDP2's DTensor) counts every process's shard, never the local shard alone."""
+    if grads and hasattr(grads[0], "full_tensor"):
+        return torch.nn.utils.get_total_norm(grads).full_tensor()
     if grads and grads[0].device.type == "cpu":
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     return torch.nn.utils.get_total_norm(grads)
@@ -1749,6 +1904,15 @@ def clip_gradients(params, max_norm, norm, norm_on_host):
     loop has already paid for its one sync. (The margin covers float32 vs float64 rounding.)"""
     if max_norm is not None and norm_on_host + 1e-6 > max_norm * (1 - 1e-5):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
+def gradient_sync(model, world, now):
+    """G2/G7: gradients are reduced over the processes once per optimizer step, with its last micro-batch:
+    DDP's no_sync() before it; FSDP2 (train.strategy fsdp) keeps them unreduced until then."""
+    if world > 1 and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(now)
+        return NO_CONTEXT
+    return model.no_sync() if world > 1 and not now else NO_CONTEXT
 
 
 def optimizer_step(run, task, micro_batches, count):
@@ -1765,7 +1929,7 @@ def optimizer_step(run, task, micro_batches, count):
     for i, batch in enumerate(micro_batches):
         if KILL_AT is not None and KILL_AT == f"{step}:{i}":
             os.kill(os.getpid(), signal.SIGKILL)
-        with model.no_sync() if d["world"] > 1 and i < last else NO_CONTEXT:  # DDP all-reduces once per step
+        with gradient_sync(model, d["world"], i == last):  # gradients cross processes once per step
             with amp:
                 loss_sum, components = task["loss"](model, batch)
             loss = loss_sum.float() / share
@@ -1948,9 +2112,27 @@ def checkpoint_tensors_equal(path_a, path_b):
             for i, v in enumerate(obj):
                 yield from tensors(v, f"{prefix}.{i}")
 
-    ta = dict(tensors({k: a[k] for k in ("model", "optimizer", "scheduler")}))
-    tb = dict(tensors({k: b[k] for k in ("model", "optimizer", "scheduler")}))
+    def everything(ckpt, path):  # D2: a sharded checkpoint's weights and optimizer state are in its DCP directory
+        if ckpt.get("shards"):
+            return {"scheduler": ckpt["scheduler"], **read_shards(os.path.join(os.path.dirname(path), ckpt["shards"]), "")}
+        return {k: ckpt[k] for k in ("model", "optimizer", "scheduler")}
+
+    ta, tb = dict(tensors(everything(a, path_a))), dict(tensors(everything(b, path_b)))
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def read_shards(directory, prefix="model."):
+    """The tensors of a DCP checkpoint directory (D2) whose names start with `prefix`, each whole, in host
+    memory, read by this process alone: for an export or a comparison, never for training."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    meta = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=directory, no_dist=True)
+    return {k[len(prefix):]: v for k, v in state.items()}
 
 
 def exit_process(code):
@@ -2487,6 +2669,10 @@ def evaluate(run):
             count += int(real.sum())
             if start in top1:
                 agree += int(((logits.argmax(-1) == top1[start]) & real).sum())
+        if run["sharded"]:  # D1: each forward gathers the weights from every process, so all run as many
+            spare = val[run["val_windows"][:1]][0]
+            for _ in range(math.ceil(math.ceil(len(run["val_windows"]) / d["world"]) / size) - math.ceil(len(mine) / size)):
+                run["module"](to_device(spare, d["device"]))
     sums = np.sum(all_gather_list([(ce_sum, count, agree)], d["world"]), axis=0)
     mean_ce = float(sums[0] / sums[1])
     metrics = {"val/loss": mean_ce, "val/ppl": perplexity(mean_ce)}
@@ -2591,6 +2777,8 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     if cache_only:
         return "cached", {"teacher_cache": cache, "dist": d}
     module = build_trainable(cfg, teacher).to(d["device"])  # a Hugging Face or user model's errors come here too
+    if cfg["train.activation_checkpointing"]:
+        checkpoint_activations(module.lm, trained_key(cfg))
     # R4: every process its own stream for the training forward's randomness (the dropout of a user's or
     # Hugging Face model), the same on every run; build_trainable seeded the same init on every process.
     seed_everything(cfg["seed"], d["rank"])
@@ -2599,7 +2787,11 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
                val_windows=windows, teacher=teacher, teacher_digest=tensor_digest(teacher) if teacher is not None else None,
                teacher_cache=cache)
     model = module
-    if d["world"] > 1:
+    if cfg["train.strategy"] == "fsdp":  # D1: sharded weights, gradients and optimizer state; DCP checkpoints (D2)
+        single_process_group(d["device"])
+        model = shard_model(module, cfg["train.precision"])
+        run["sharded"] = SHARDED_CHECKPOINTS
+    elif d["world"] > 1:
         # DDP copies process 0's weights and buffers to every process at construction; the student's buffers
         # are fixed, so the default per-forward buffer broadcast only copies equal values. Unused parameters:
         # the projection with kd.gamma 0, and whatever a user module (student.target) leaves out of its forward.
@@ -2611,8 +2803,11 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     if not params:
         raise ConfigError([("C3", trained_key(cfg), "the network has no trainable parameters (all requires_grad=False)")])
     optimizer = build_optimizer(cfg, param_groups(module))
+    scaler = make_grad_scaler(d["device"], cfg["train.precision"])
+    if scaler and run["sharded"]:
+        scaler = sharded_grad_scaler(d["device"])
     run.update(module=module, model=model, params=params, optimizer=optimizer,
-               scheduler=build_schedule(optimizer, cfg, plan), scaler=make_grad_scaler(d["device"], cfg["train.precision"]))
+               scheduler=build_schedule(optimizer, cfg, plan), scaler=scaler)
     resumed = resume(run, resume_mode)
     if run["state"]["finished"]:
         log(run, f"run already complete at step {run['state']['global_step']} ({run['ckpt_dir']}/last.pt); nothing to do")
@@ -2656,7 +2851,7 @@ def export_best(run):
         log(run, "WARNING: no best.pt (no eval had a finite value); nothing exported")
         return None
     best = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)
-    state = {k[len("lm."):]: v for k, v in best["model"].items() if k.startswith("lm.")}
+    state = {k[len("lm."):]: v for k, v in saved_weights(best, best_path).items() if k.startswith("lm.")}  # D4
     lm, arch, out = run["module"].lm, trained_arch(cfg), os.path.join(run["run_dir"], "export")
     tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=".export-")
     os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide the export from the people it is for
@@ -2736,9 +2931,10 @@ def read_metrics(run_dir):
 def export_matches_best(run_dir, cfg, teacher):
     """True when run_dir/export/, loaded as its users load it, gives the same logits as best.pt's network
     loaded into this script's model, on a batch of val windows."""
-    best = torch.load(os.path.join(run_dir, "checkpoints", "best.pt"), map_location="cpu", weights_only=True)
+    path = os.path.join(run_dir, "checkpoints", "best.pt")
+    best = torch.load(path, map_location="cpu", weights_only=True)
     module = build_trainable(cfg, teacher)
-    module.load_state_dict(best["model"])
+    module.load_state_dict(saved_weights(best, path))
     x, _ = TokenWindows(cfg, "val")[np.arange(min(4, len(TokenWindows(cfg, "val"))))]
     with torch.no_grad():
         want = module.eval()(x)[0]
@@ -2746,9 +2942,13 @@ def export_matches_best(run_dir, cfg, teacher):
     return torch.equal(want, got)
 
 
-def optimizer_step_count(ckpt):
+def optimizer_step_count(ckpt, path=None):
     """Updates the optimizer applied (AdamW counts them per parameter); None for SGD, which does not count."""
-    steps = [s["step"] for s in ckpt["optimizer"]["state"].values() if "step" in s]
+    if ckpt.get("shards"):  # D2: in the DCP directory, as optimizer.state.<parameter>.step
+        steps = [v for k, v in read_shards(os.path.join(os.path.dirname(path), ckpt["shards"]), "optimizer.state.").items()
+                 if k.endswith(".step")]
+    else:
+        steps = [s["step"] for s in ckpt["optimizer"]["state"].values() if "step" in s]
     return int(steps[0]) if steps else (0 if ckpt["config"]["optim.name"] == "adamw" else None)
 
 
@@ -2771,7 +2971,9 @@ def dry_run(config_path, overrides, train_fn=None):
             dist.barrier()
         return outcome_and_run
 
-    say(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes" if d["world"] > 1 else ""))
+    say(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes" if d["world"] > 1 else "")
+        + (", sharded (train.strategy fsdp)" if cfg["train.strategy"] == "fsdp" else "")
+        + (", activation checkpointing" if cfg["train.activation_checkpointing"] else ""))
     try:
         plan = plan_schedule(cfg, train_set_size(cfg), d["world"])
         failures = check_lr_curve(lr_curve(cfg, plan), cfg, plan)
@@ -2819,9 +3021,10 @@ def dry_run(config_path, overrides, train_fn=None):
         check(sorted(evals) == [3, 6, plan["total_steps"]] and all(
             {"val/loss", "val/ppl", "val/agreement"} <= set(e) and _close(e["val/ppl"], math.exp(e["val/loss"]))
             for e in evals.values()), f"eval at steps {sorted(evals)}: val/loss, val/ppl = exp(val/loss), val/agreement (E3, E5)")
-        last = torch.load(os.path.join(a, "checkpoints", "last.pt"), map_location="cpu", weights_only=True)
+        last_path = os.path.join(a, "checkpoints", "last.pt")
+        last = torch.load(last_path, map_location="cpu", weights_only=True)
         check(last["global_step"] == last["scheduler"]["last_epoch"] == plan["total_steps"]
-              and optimizer_step_count(last) in (None, last["global_step"] - last["skipped_steps"]),
+              and optimizer_step_count(last, last_path) in (None, last["global_step"] - last["skipped_steps"]),
               "checkpoint loads with weights_only=True; global_step == scheduler steps == optimizer steps + skipped (R2, R7)")
         check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")), "best.pt written")
         check(export_matches_best(a, student, run["teacher"]),

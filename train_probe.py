@@ -1102,7 +1102,7 @@ def open_run(run_dir, cfg, dist_info):
     """runs/<run_name>/: config.yaml, metrics.jsonl, train.log, checkpoints/. Logs append, never truncate."""
     run = {"cfg": cfg, "dist": dist_info, "quiet": False, "run_dir": run_dir, "ckpt_dir": os.path.join(run_dir, "checkpoints"),
            "stop_signal": None, "stop_after": None, "bar": None, "last_save": time.monotonic(),
-           "best_written": None, "best_pending": None,
+           "best_written": None, "best_pending": None, "sharded": None,
            "state": {"global_step": 0, "skipped_steps": 0, "bad_streak": 0, "best_value": None, "best_step": None,
                      "evals_since_best": 0, "last_eval": None, "trained": False, "finished": False}}
     # trained: the loop is over (last step or early stop); finished: the final evaluation is done as well
@@ -1115,18 +1115,21 @@ def open_run(run_dir, cfg, dist_info):
 
 
 def remove_stale_temp_files(run_dir, ckpt_dir):
-    """R6: a kill during a save leaves checkpoints/.tmp-PID-*.pt or config.yaml.tmp-PID behind; remove
-    those whose writer is gone (a live writer's are left alone), and a *.prev.pt.tmp link (a second name
-    of a checkpoint that is still there)."""
+    """R6: a kill during a save leaves checkpoints/.tmp-PID-*.pt (a DCP directory .tmp-PID-*, D2) or
+    config.yaml.tmp-PID behind; remove those whose writer is gone (a live writer's are left alone), and a
+    *.prev.pt.tmp link (a second name of a checkpoint that is still there)."""
     for directory in (run_dir, ckpt_dir):
         for name in os.listdir(directory):
-            if name.startswith(".tmp-") and name.endswith(".pt"):
+            if name.startswith(".tmp-"):
                 pid = name[len(".tmp-"):].partition("-")[0]
             else:
                 pid = name.rpartition(".tmp-")[2] if ".tmp-" in name else ""
             if name.endswith(".prev.pt.tmp") or (pid.isdigit() and not process_alive(int(pid))):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(directory, name))
+                path = os.path.join(directory, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(path)
 
 
 def process_alive(pid):
@@ -1258,16 +1261,20 @@ def atomic_save(obj, path):
             os.unlink(tmp)
 
 
-def checkpoint_state(run):
+def checkpoint_state(run, name="last"):
     """Everything the loop needs to continue exactly; loadable with weights_only=True (R7). A collective
-    under DDP (every process's RNG state is gathered); None on every process but 0, which writes."""
+    under DDP (every process's RNG state is gathered); None on every process but 0, which writes. Sharded
+    (train.strategy fsdp, D2): every process first writes its shards of the weights and optimizer state
+    into a DCP directory, which the checkpoint names ("shards") instead of holding them."""
     d, st = run["dist"], run["state"]
     rngs = all_gather_list([rng_state()], d["world"])
+    shards = run["sharded"]["save"](run, name) if run["sharded"] else None
     if not d["main"]:
         return None
     per_epoch = run["plan"]["steps_per_epoch"]
-    return {"format": 1, "task": run["cfg"]["task"], "model": run["module"].state_dict(),
-            "optimizer": run["optimizer"].state_dict(), "scheduler": run["scheduler"].state_dict(),
+    return {"format": 1, "task": run["cfg"]["task"], "shards": shards,
+            "model": None if shards else run["module"].state_dict(),
+            "optimizer": None if shards else run["optimizer"].state_dict(), "scheduler": run["scheduler"].state_dict(),
             "scaler": run["scaler"].state_dict() if run["scaler"] else None, "rng": rngs,
             "data_position": {"epoch": st["global_step"] // per_epoch, "step_in_epoch": st["global_step"] % per_epoch,
                               "seed": run["cfg"]["seed"]},
@@ -1298,19 +1305,24 @@ def save_last(run):
         atomic_save(run["best_pending"], os.path.join(run["ckpt_dir"], "best.pt"))
         run["best_pending"] = None
     atomic_save(ckpt, os.path.join(run["ckpt_dir"], "last.pt"))
+    if run["sharded"]:
+        run["sharded"]["prune"](run)
 
 
 def save_best(run):
     """best.pt at a better eval: written now when no best.pt was written in the last
     train.save_every_minutes, otherwise held as a host copy and written with the next last.pt (the time
-    trigger, a stop, the end), so evals on fast epochs do not each pay an fsynced write (R6)."""
-    ckpt = checkpoint_state(run)
+    trigger, a stop, the end), so evals on fast epochs do not each pay an fsynced write (R6). Sharded
+    (D2): its DCP directory is already written, so the file follows at once."""
+    ckpt = checkpoint_state(run, "best")
     if ckpt is None:
         return
     minutes, now = run["cfg"]["train.save_every_minutes"], time.monotonic()
-    if minutes is None or run["best_written"] is None or now - run["best_written"] >= 60 * minutes:
+    if run["sharded"] or minutes is None or run["best_written"] is None or now - run["best_written"] >= 60 * minutes:
         atomic_save(ckpt, os.path.join(run["ckpt_dir"], "best.pt"))
         run["best_written"], run["best_pending"] = now, None
+        if run["sharded"]:
+            run["sharded"]["prune"](run)
     else:
         run["best_pending"] = host_copy(ckpt)
 
@@ -1360,10 +1372,19 @@ def resume(run, mode):
             raise problem
         run["state"].update({k: ckpt[k] for k in run["state"] if k in ckpt})
         return True  # complete: the caller says so and does nothing
-    if ckpt["world_size"] != run["dist"]["world"]:
-        raise ConfigError([("S7", "--resume", f"{source} was written by {ckpt['world_size']} process(es), this run has "
-                            f"{run['dist']['world']}; the data order and schedule depend on it, relaunch with "
-                            f"{ckpt['world_size']} process(es) or start a new --run_dir")])
+    world, saved_world = run["dist"]["world"], ckpt["world_size"]
+    # R5: the data order and the schedule depend on the global micro-batch (train.batch_size x processes),
+    # not on how it is split: another number of processes with the same global micro-batch continues exactly
+    saved_batch = ckpt["schedule"]["train.batch_size"] * saved_world
+    if world != saved_world and world * cfg["train.batch_size"] != saved_batch:
+        other = f" or with train.batch_size={saved_batch // world} (the same {saved_batch} windows a micro-batch)" \
+            if saved_batch % world == 0 else ""
+        raise ConfigError([("S7", "--resume", f"{source} was written by {saved_world} process(es), this run has "
+                            f"{world}; the data order and schedule depend on it, relaunch with {saved_world} "
+                            f"process(es){other} or start a new --run_dir")])
+    if bool(ckpt.get("shards")) != bool(run["sharded"]):
+        raise ConfigError([("S7", "train.strategy", f"{source} was saved with train.strategy="
+                            f"{'fsdp' if ckpt.get('shards') else 'ddp'}; set it back, or start a new --run_dir")])
     saved_seed = ckpt["data_position"]["seed"]
     if saved_seed != cfg["seed"]:  # S7/R5: the permutation of the epoch in progress is a function of the seed
         raise ConfigError([("S7", "seed", f"{cfg['seed']}, but {source} was trained with seed {saved_seed} and the data "
@@ -1371,6 +1392,8 @@ def resume(run, mode):
                             "(--set run_name=NEW or --run_dir NEW)")])
     new_sig = schedule_signature(cfg, plan)
     changed = {k: (ckpt["schedule"].get(k), v) for k, v in new_sig.items() if ckpt["schedule"].get(k) != v}
+    if world != saved_world:
+        changed.pop("train.batch_size")  # the split of the same global micro-batch, checked above (R5)
     if changed and ckpt["global_step"] > plan["total_steps"]:
         raise ConfigError([("S7", "train.epochs", f"{source} is at optimizer step {ckpt['global_step']}, the new schedule "
                             f"has only {plan['total_steps']}; restore the run length or start a new --run_dir")])
@@ -1378,8 +1401,11 @@ def resume(run, mode):
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
         raise ConfigError([("S7", "train.allow_schedule_change", f"the schedule changed since {source}: {what}; "
                             "restore those values, or set train.allow_schedule_change=true to continue on the new curve")])
-    run["module"].load_state_dict(ckpt["model"])
-    run["optimizer"].load_state_dict(ckpt["optimizer"])
+    if ckpt.get("shards"):  # D3: DCP reads this process's part of every tensor, for any number of processes
+        run["sharded"]["load"](run, os.path.join(os.path.dirname(source), ckpt["shards"]))
+    else:
+        run["module"].load_state_dict(ckpt["model"])
+        run["optimizer"].load_state_dict(ckpt["optimizer"])
     if changed:  # S7, explicitly allowed: the new curve, advanced by real steps to the saved position (not last_epoch, R3)
         log(run, f"WARNING S7: schedule changed ({', '.join(changed)}); the LR follows the new curve from step {ckpt['global_step']}")
         for group in run["optimizer"].param_groups:  # as a fresh optimizer: the loaded mid-run LR and the old
@@ -1394,7 +1420,14 @@ def resume(run, mode):
         run["scheduler"].load_state_dict(ckpt["scheduler"])  # R3: state_dict round trip
     if run["scaler"] and ckpt["scaler"]:
         run["scaler"].load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"][run["dist"]["rank"]])  # R4
+    if world == saved_world:
+        set_rng_state(ckpt["rng"][run["dist"]["rank"]])  # R4
+    else:  # R4/R5: no saved stream belongs to this process; each its own again, from (seed, step)
+        seed_everything(cfg["seed"] + 7919 * ckpt["global_step"], run["dist"]["rank"])
+        log(run, f"note R5: continuing a {saved_world}-process checkpoint on {world} process(es) with the same global "
+                 f"micro-batch of {saved_batch}: the data order and the LR schedule are exact; each process's random "
+                 "stream restarts from (seed, step) and the sums over processes round differently, so the run "
+                 "equals an uninterrupted one to float round-off (bit for bit without dropout only by chance)")
     for key in run["state"]:
         run["state"][key] = ckpt.get(key, run["state"][key])  # R2: global_step; R5: the data position follows from it
     log(run, f"resumed from {source} at optimizer step {ckpt['global_step']} "
@@ -1441,7 +1474,10 @@ def total_grad_norm(grads):
     """G3: the value torch.nn.utils.clip_grad_norm_ returns. On the CPU torch has no foreach kernels and
     takes each gradient's norm, then the norm of those, after grouping the tensors by device and dtype on
     every call; the kit's gradients share one device, so this runs the same arithmetic without the
-    grouping (the same bits, about a quarter of the time on a small model). Elsewhere: torch's own."""
+    grouping (the same bits, about a quarter of the time on a small model). Elsewhere: torch's own.
+    D1: a sharded gradient (FSDP2's DTensor) counts every process's shard, never the local shard alone."""
+    if grads and hasattr(grads[0], "full_tensor"):
+        return torch.nn.utils.get_total_norm(grads).full_tensor()
     if grads and grads[0].device.type == "cpu":
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     return torch.nn.utils.get_total_norm(grads)
@@ -1453,6 +1489,15 @@ def clip_gradients(params, max_norm, norm, norm_on_host):
     loop has already paid for its one sync. (The margin covers float32 vs float64 rounding.)"""
     if max_norm is not None and norm_on_host + 1e-6 > max_norm * (1 - 1e-5):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
+def gradient_sync(model, world, now):
+    """G2/G7: gradients are reduced over the processes once per optimizer step, with its last micro-batch:
+    DDP's no_sync() before it; FSDP2 (train.strategy fsdp) keeps them unreduced until then."""
+    if world > 1 and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(now)
+        return NO_CONTEXT
+    return model.no_sync() if world > 1 and not now else NO_CONTEXT
 
 
 def optimizer_step(run, task, micro_batches, count):
@@ -1469,7 +1514,7 @@ def optimizer_step(run, task, micro_batches, count):
     for i, batch in enumerate(micro_batches):
         if KILL_AT is not None and KILL_AT == f"{step}:{i}":
             os.kill(os.getpid(), signal.SIGKILL)
-        with model.no_sync() if d["world"] > 1 and i < last else NO_CONTEXT:  # DDP all-reduces once per step
+        with gradient_sync(model, d["world"], i == last):  # gradients cross processes once per step
             with amp:
                 loss_sum, components = task["loss"](model, batch)
             loss = loss_sum.float() / share
@@ -1652,9 +1697,27 @@ def checkpoint_tensors_equal(path_a, path_b):
             for i, v in enumerate(obj):
                 yield from tensors(v, f"{prefix}.{i}")
 
-    ta = dict(tensors({k: a[k] for k in ("model", "optimizer", "scheduler")}))
-    tb = dict(tensors({k: b[k] for k in ("model", "optimizer", "scheduler")}))
+    def everything(ckpt, path):  # D2: a sharded checkpoint's weights and optimizer state are in its DCP directory
+        if ckpt.get("shards"):
+            return {"scheduler": ckpt["scheduler"], **read_shards(os.path.join(os.path.dirname(path), ckpt["shards"]), "")}
+        return {k: ckpt[k] for k in ("model", "optimizer", "scheduler")}
+
+    ta, tb = dict(tensors(everything(a, path_a))), dict(tensors(everything(b, path_b)))
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def read_shards(directory, prefix="model."):
+    """The tensors of a DCP checkpoint directory (D2) whose names start with `prefix`, each whole, in host
+    memory, read by this process alone: for an export or a comparison, never for training."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    meta = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=directory, no_dist=True)
+    return {k[len(prefix):]: v for k, v in state.items()}
 
 
 def exit_process(code):

@@ -11,7 +11,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROW_ID = re.compile(r"(?<![\[\w#])([SRGEC][1-9][0-9]?)(?![\w\]])")
+ROW_ID = re.compile(r"(?<![\[\w#])([SRGECD][1-9][0-9]?)(?![\w\]])")
 KEEP = re.compile(r"(`[^`]*`|\[[^\]]*\]\([^)]*\))")  # inline code and existing links
 
 

@@ -14,8 +14,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATALOGUE = os.path.join(ROOT, "FAILURE_MODES.md")
 # A row id: a known prefix and a number, as a whole word ("E5" yes; "E402", "1E5", "test_e5" no).
-ROW_ID = re.compile(r"\b([SRGEC][1-9][0-9]?)\b")
-TEST_NAME_ID = re.compile(r"^[srgec][1-9][0-9]?$")  # one "_"-separated part of a test name: test_r4_r5_...
+ROW_ID = re.compile(r"\b([SRGECD][1-9][0-9]?)\b")
+TEST_NAME_ID = re.compile(r"^[srgecd][1-9][0-9]?$")  # one "_"-separated part of a test name: test_r4_r5_...
 TEST_REF = re.compile(r"`tests/(test_\w+\.py)::(test_\w+)(?:\[[^\]]*\])?`")
 FUNCTION_REF = re.compile(r"`(\w+)\(\)`")
 SKIP_DIRS = {".git", ".venv", "runs", "__pycache__", ".pytest_cache"}
@@ -48,7 +48,7 @@ def kit_tests():
 def rows():
     """{row id: its text} from the `### ID` headings of FAILURE_MODES.md."""
     text = open(CATALOGUE).read()
-    parts = re.split(r"^### ([SRGEC][1-9][0-9]?)\s*$", text, flags=re.M)
+    parts = re.split(r"^### ([SRGECD][1-9][0-9]?)\s*$", text, flags=re.M)
     return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
 
 
