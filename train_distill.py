@@ -2356,6 +2356,51 @@ def open_mlflow(run, saved):
 # ==== end shared: progress and metric sinks ====
 
 
+# ==== shared: evaluate command (identical in train_probe.py and train_distill.py) ====
+# --evaluate PATH --config CONFIG (E11): saved weights scored on the config's data by the run's own
+# evaluate(), without writing code. The script-specific part is evaluate_saved(), near the end of each file.
+def evaluation_weights(path):
+    """What --evaluate PATH names: ("export", dir) for an export directory, else ("checkpoint", file): a run
+    directory's best.pt (its last.pt when no eval was ever finite), or a checkpoint file itself."""
+    checkpoints = os.path.join(path, "checkpoints")
+    if os.path.isdir(checkpoints):
+        for name in ("best.pt", "last.pt"):
+            if os.path.isfile(os.path.join(checkpoints, name)):
+                return "checkpoint", os.path.join(checkpoints, name)
+        raise ConfigError([("C3", "--evaluate", f"{path} is a run directory without checkpoints/best.pt or last.pt")])
+    if os.path.isdir(path):
+        return "export", path
+    if os.path.isfile(path):
+        return "checkpoint", path
+    raise ConfigError([("C3", "--evaluate", f"{path} not found; give a checkpoint (.pt), a run directory or an "
+                        "export directory")])
+
+
+def read_checkpoint(path, task):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # R7
+    except Exception as err:  # a torn file, something that is not a checkpoint
+        raise ConfigError([("C3", "--evaluate", f"{path} is not a readable checkpoint ({type(err).__name__}: {err})")]) from None
+    if not isinstance(ckpt, dict) or ckpt.get("task") != task or "model" not in ckpt:
+        raise ConfigError([("C3", "--evaluate", f"{path} is not a {task} checkpoint of this kit (written by "
+                            f"{KIT_TASKS[task]})")])
+    return ckpt
+
+
+def report_evaluation(path, weights, metrics):
+    """A line per split for people, then one JSON line for scripts: always the last line of the output."""
+    splits = {}
+    for key, value in metrics.items():
+        split, _, name = key.partition("/")
+        splits.setdefault(split, []).append(f"{name} {value:.6g}")
+    print(f"evaluated {weights}")
+    for split, parts in splits.items():
+        print(f"  {split}: " + ", ".join(parts))
+    clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}  # strict JSON, as metrics.jsonl
+    print(json.dumps({"path": path, "weights": weights, **clean}), flush=True)
+# ==== end shared: evaluate command ====
+
+
 # -----------------------------------------------------------------------------
 # Offline KD (kd.teacher_cache): the teacher runs once over every training window and every eval window,
 # teacher_topk's numbers are stored, and training reads them with no teacher in memory. The directory:
@@ -2900,6 +2945,50 @@ def load_export(export_dir):
 
 
 # -----------------------------------------------------------------------------
+# --evaluate (E11): a checkpoint, a run directory (its best.pt) or an export scored on the config's val windows
+# by the same evaluate() the run used, so the numbers are the run's own: CE, perplexity, teacher agreement.
+class ExportedLM(nn.Module):
+    """An exported language model in the shape evaluate() calls: tokens -> (logits, hidden or None)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x):
+        return split_outputs(self.lm(x))
+
+
+def evaluate_saved(config_path, overrides, path):
+    """--evaluate PATH: val/loss (token CE), val/ppl and, with a teacher (or its cache), val/agreement."""
+    cfg, _ = resolve_config(config_path, overrides)
+    kind, source = evaluation_weights(path)
+    d = setup_distributed(cfg)
+    val_set = TokenWindows(cfg, "val")
+    windows = eval_windows(cfg, len(val_set))
+    offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None
+    teacher = build_teacher(cfg, d["device"]) if cfg["kd.enabled"] and not offline else None
+    say = print if d["main"] else (lambda line: None)
+    cache = prepare_teacher_cache(cfg, d, TokenWindows(cfg, "train"), val_set, windows, say) if offline else None
+    if kind == "export":
+        if not any(os.path.isfile(os.path.join(source, f)) for f in ("model.json", "config.json")):
+            raise ConfigError([("C3", "--evaluate", f"{source} holds no model.json or config.json: not an export of "
+                                "train_distill.py")])
+        module, weights = ExportedLM(load_export(source)), f"export {source}"
+    else:
+        ckpt = read_checkpoint(source, TASK)
+        module = build_trainable(ckpt["config"], teacher)  # the network as trained; the data and teacher of --config
+        # without a teacher here there is no KD projection to load (it only ever fed the hidden-state loss)
+        module.load_state_dict({k: v for k, v in ckpt["model"].items() if module.proj is not None or not k.startswith("proj.")})
+        weights = f"{source} (step {ckpt['global_step']})"
+    run = {"cfg": cfg, "dist": d, "module": module.to(d["device"]), "val_set": val_set, "val_windows": windows,
+           "teacher": teacher, "teacher_cache": cache}
+    metrics = evaluate(run)
+    if d["main"]:
+        report_evaluation(path, weights, metrics)
+    return 0
+
+
+# -----------------------------------------------------------------------------
 # --dry_run (E5, S10): every code path on tiny data in seconds, before a long run is launched: a tiny
 # teacher (kd.enabled false) unless the config names one, then the student in fp32 (train, eval, save,
 # stop, resume), fp16 (GradScaler) and bf16.
@@ -3189,6 +3278,8 @@ def parse_args(argv=None):
     parser.add_argument("--dry_run", action="store_true", help="check every code path on tiny data and exit")
     parser.add_argument("--resume", default="auto", help="auto (default): continue from the run dir's last.pt; none; or a path")
     parser.add_argument("--run_dir", help="default runs/<run_name>")
+    parser.add_argument("--evaluate", metavar="PATH", help="instead of training: score a checkpoint, a run directory "
+                        "(its best.pt) or an export directory on the --config's data; the last line is JSON")
     parser.add_argument("--tokenize", nargs="+", metavar="TEXT", help="instead of training: tokenize these text files "
                         "and directories into --out/train.bin and val.bin with --tokenizer, print the data: keys to use")
     parser.add_argument("--tokenizer", metavar="DIR", help="--tokenize: a local Hugging Face tokenizer or model directory")
@@ -3214,6 +3305,8 @@ def main(argv=None):
         if args.tokenize:
             tokenize_to_bins(args.tokenize, args.tokenizer, args.out, args.val_fraction, args.glob)
             return 0
+        if args.evaluate:
+            return evaluate_saved(args.config, args.set, args.evaluate)
         if args.dry_run:
             return dry_run(args.config, args.set)
         cfg, notes = resolve_config(args.config, args.set)

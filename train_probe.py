@@ -966,7 +966,8 @@ def check_backbone(backbone, cfg, device, splits):
     if len(set(dims.values())) > 1:
         raise ConfigError([("C3", "backbone.pool", f"the splits give features of different sizes {dims} (windows of "
                             "different lengths, flattened?); use a pool that removes the time axis")])
-    return dims["train"], shapes["train"]
+    first = next(iter(dims))  # train() lists the training split first
+    return dims[first], shapes[first]
 
 
 def feature_cache_key(cfg, backbone, digest, split, n, device):
@@ -1941,6 +1942,51 @@ def open_mlflow(run, saved):
 # ==== end shared: progress and metric sinks ====
 
 
+# ==== shared: evaluate command (identical in train_probe.py and train_distill.py) ====
+# --evaluate PATH --config CONFIG (E11): saved weights scored on the config's data by the run's own
+# evaluate(), without writing code. The script-specific part is evaluate_saved(), near the end of each file.
+def evaluation_weights(path):
+    """What --evaluate PATH names: ("export", dir) for an export directory, else ("checkpoint", file): a run
+    directory's best.pt (its last.pt when no eval was ever finite), or a checkpoint file itself."""
+    checkpoints = os.path.join(path, "checkpoints")
+    if os.path.isdir(checkpoints):
+        for name in ("best.pt", "last.pt"):
+            if os.path.isfile(os.path.join(checkpoints, name)):
+                return "checkpoint", os.path.join(checkpoints, name)
+        raise ConfigError([("C3", "--evaluate", f"{path} is a run directory without checkpoints/best.pt or last.pt")])
+    if os.path.isdir(path):
+        return "export", path
+    if os.path.isfile(path):
+        return "checkpoint", path
+    raise ConfigError([("C3", "--evaluate", f"{path} not found; give a checkpoint (.pt), a run directory or an "
+                        "export directory")])
+
+
+def read_checkpoint(path, task):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # R7
+    except Exception as err:  # a torn file, something that is not a checkpoint
+        raise ConfigError([("C3", "--evaluate", f"{path} is not a readable checkpoint ({type(err).__name__}: {err})")]) from None
+    if not isinstance(ckpt, dict) or ckpt.get("task") != task or "model" not in ckpt:
+        raise ConfigError([("C3", "--evaluate", f"{path} is not a {task} checkpoint of this kit (written by "
+                            f"{KIT_TASKS[task]})")])
+    return ckpt
+
+
+def report_evaluation(path, weights, metrics):
+    """A line per split for people, then one JSON line for scripts: always the last line of the output."""
+    splits = {}
+    for key, value in metrics.items():
+        split, _, name = key.partition("/")
+        splits.setdefault(split, []).append(f"{name} {value:.6g}")
+    print(f"evaluated {weights}")
+    for split, parts in splits.items():
+        print(f"  {split}: " + ", ".join(parts))
+    clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}  # strict JSON, as metrics.jsonl
+    print(json.dumps({"path": path, "weights": weights, **clean}), flush=True)
+# ==== end shared: evaluate command ====
+
+
 # -----------------------------------------------------------------------------
 # Metrics: rank-based AUROC (equal to scikit-learn's roc_auc_score, ties as midranks), balanced accuracy.
 def auroc(scores, labels):
@@ -2079,6 +2125,8 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     st = run["state"]
     if st["finished"]:
         log(run, f"run already complete at step {st['global_step']} ({run['ckpt_dir']}/last.pt); nothing to do")
+        if not os.path.isdir(os.path.join(run_dir, "export")):  # killed between the last save and the export
+            export_probe(run)
         return "complete", run
     write_resolved_config(run)
     open_sinks(run)  # E10: after resume(), which set the step the sinks continue from
@@ -2132,7 +2180,102 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
             save_last(run)
         log(run, f"done: {st['global_step']} optimizer steps, {st['skipped_steps']} skipped; last eval "
                  + " ".join(f"{k}={v:.4f}" for k, v in (st["last_eval"] or {}).items()) + f"; {best_text(run)}")
+        export_probe(run)
     return outcome, run
+
+
+# -----------------------------------------------------------------------------
+# Export and --evaluate (E11): the best head with the reference to its frozen backbone, loadable in one line
+# (model = train_probe.load_export("runs/<run>/export")), and saved weights scored on a config's data by the
+# same evaluate() the run used, so the numbers are the run's own.
+def model_config(cfg):
+    """The keys that rebuild the network and its features: the backbone (and its seeded init), the head, the precision."""
+    return {k: v for k, v in cfg.items() if k in ("seed", "train.precision") or k.startswith(("backbone.", "head."))}
+
+
+class ExportedProbe(nn.Module):
+    """Windows [B, C, T] -> logits [B, classes]: the frozen backbone, its features (backbone.output, .pool), the head."""
+
+    def __init__(self, backbone, head, cfg):
+        super().__init__()
+        self.backbone, self.head, self.cfg = backbone, head, cfg
+
+    def forward(self, x):
+        return self.head(extract_features(self.backbone, x, x.device, self.cfg))
+
+
+def head_from_state(cfg, state):
+    dim = state["linear.weight"].shape[1]
+    head = ProbeHead(dim, cfg["head.num_classes"], torch.zeros(dim), torch.ones(dim), cfg["head.dropout"])
+    head.load_state_dict(state)  # the standardisation buffers and the linear layer
+    return head
+
+
+def export_probe(run):
+    """best.pt's head (the last weights when no eval was finite) into <run_dir>/export/: head.pt, a plain state
+    dict, and probe.json with the backbone reference (backbone.target/kwargs/checkpoint, the seed of a built-in
+    encoder) and the in_channels. Written into a temporary directory and renamed: a kill leaves no half export."""
+    if not run["dist"]["main"]:
+        return None
+    best_path, out = os.path.join(run["ckpt_dir"], "best.pt"), os.path.join(run["run_dir"], "export")
+    best = torch.load(best_path, map_location="cpu", weights_only=True) if os.path.exists(best_path) else None
+    state = best["model"] if best else host_copy(run["module"].state_dict())
+    tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=".export-")
+    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide the export from the people it is for
+    try:
+        torch.save(state, os.path.join(tmp, "head.pt"))
+        meta = {"format": "probe_head", "file": "head.pt", "in_channels": run["train_set"].shape[1],
+                "step": best["global_step"] if best else run["state"]["global_step"], "config": model_config(run["cfg"]),
+                "load": f"import train_probe; model = train_probe.load_export({out!r})  # windows [B, C, T] -> logits"}
+        atomic_write_text(os.path.join(tmp, "probe.json"), json.dumps(meta, indent=2) + "\n")
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    log(run, f"exported the head of step {meta['step']} with its backbone reference to {out}")
+    return out
+
+
+def load_export(export_dir):
+    """An export as one module, windows [B, C, T] -> logits, in eval mode (the README's one line)."""
+    with open(os.path.join(export_dir, "probe.json")) as f:
+        meta = json.load(f)
+    cfg = {**{k: default for k, (default, _, _) in CONFIG.items()}, **meta["config"]}
+    state = torch.load(os.path.join(export_dir, meta["file"]), map_location="cpu", weights_only=True)
+    return ExportedProbe(build_backbone(cfg, meta["in_channels"]), head_from_state(cfg, state), cfg).eval()
+
+
+def evaluate_saved(config_path, overrides, path):
+    """--evaluate PATH: AUROC, balanced accuracy and loss on the config's val (and test) split."""
+    cfg, _ = resolve_config(config_path, overrides)
+    kind, source = evaluation_weights(path)
+    d = setup_distributed(cfg)
+    sets = {"val": WindowSet(cfg, "val"), **({"test": WindowSet(cfg, "test")} if cfg["data.test_x"] else {})}
+    if kind == "export":
+        if not os.path.isfile(os.path.join(source, "probe.json")):
+            raise ConfigError([("C3", "--evaluate", f"{source} holds no probe.json: not an export of train_probe.py")])
+        model = load_export(source)
+        model_cfg, backbone, head, weights = {**cfg, **model_config(model.cfg)}, model.backbone, model.head, f"export {source}"
+    else:
+        ckpt = read_checkpoint(source, TASK)
+        model_cfg = {**cfg, **model_config(ckpt["config"])}  # the network as trained, the data of --config
+        backbone, head = build_backbone(model_cfg, sets["val"].shape[1]), head_from_state(model_cfg, ckpt["model"])
+        weights = f"{source} (step {ckpt['global_step']})"
+    backbone = backbone.to(d["device"])
+    dim, _ = check_backbone(backbone, model_cfg, d["device"], sets.values())
+    if dim != head.linear.in_features:
+        raise ConfigError([("C3", "--evaluate", f"the backbone gives {dim} features, the head in {source} takes "
+                            f"{head.linear.in_features}; evaluate with the config the run trained with")])
+    run = {"cfg": model_cfg, "dist": d, "module": head.to(d["device"]), "backbone": backbone, "bar": None,
+           "quiet": True, "log_file": sys.stderr, "eval_sources": {k: (s, s.labels) for k, s in sets.items()}}
+    metrics = {}
+    for split in sets:
+        metrics.update(evaluate(run, split))
+    if d["main"]:
+        report_evaluation(path, weights, metrics)
+    return 0
 
 
 # -----------------------------------------------------------------------------
@@ -2722,6 +2865,8 @@ def parse_args(argv=None):
     parser.add_argument("--dry_run", action="store_true", help="check every code path on tiny data and exit")
     parser.add_argument("--resume", default="auto", help="auto (default): continue from the run dir's last.pt; none; or a path")
     parser.add_argument("--run_dir", help="default runs/<run_name>")
+    parser.add_argument("--evaluate", metavar="PATH", help="instead of training: score a checkpoint, a run directory "
+                        "(its best.pt) or an export directory on the --config's data; the last line is JSON")
     parser.add_argument("--help_config", action="store_true",
                         help="print every config key with its default, type and meaning, and exit")
     parser.add_argument("--prepare_tuab", metavar="SRC", help="instead of training: the TUAB v3.0.1 download SRC "
@@ -2753,6 +2898,8 @@ def main(argv=None):
                       file=sys.stderr)
                 return 130
             return 0
+        if args.evaluate:
+            return evaluate_saved(args.config, args.set, args.evaluate)
         if args.dry_run:
             return dry_run(args.config, args.set)
         cfg, notes = resolve_config(args.config, args.set)

@@ -1,7 +1,8 @@
-"""Seeing a run where users look: progress lines with an ETA (E7), metric sinks (E10).
+"""Seeing a run where users look: progress lines with an ETA (E7), metric sinks (E10), --evaluate (E11).
 
 One probe run with all three sinks on, killed mid-epoch and resumed, is shared by the sink tests: each
-reads its backend's files with that library's own reader and compares them with metrics.jsonl.
+reads its backend's files with that library's own reader and compares them with metrics.jsonl. The same
+run's best.pt and export are scored again with --evaluate.
 """
 import glob
 import importlib.util
@@ -17,9 +18,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import train_distill as td  # noqa: E402
 import train_probe as tp  # noqa: E402
 from run_records import records  # noqa: E402
 
@@ -234,3 +237,57 @@ def test_e10_a_sink_that_cannot_start_warns_and_the_run_goes_on(tmp_path):
     run["log_file"].close()
     assert run["sinks"] == []
     assert "WARNING E10: log.tensorboard could not start" in log_path.read_text()
+
+
+def evaluated(main, argv, capsys):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the last line is the JSON one
+
+
+def test_e11_probe_evaluate_of_the_run_dir_and_of_its_export_gives_the_runs_own_final_numbers(sink_run, capsys):
+    run_dir, settings = sink_run["run_dir"], sink_run["settings"]
+    recs = records(run_dir)
+    best_step = [r for r in recs if "test/auroc" in r][-1]["step"]  # the test record is written at best.pt's step
+    want = {k: v for r in recs if r.get("step") == best_step and ("val/loss" in r or "test/loss" in r)
+            for k, v in r.items() if k != "step"}
+    assert set(want) == {f"{s}/{m}" for s in ("val", "test") for m in ("auroc", "bacc", "loss")}
+    argv = [a for x in settings for a in ("--set", x)]
+    for path in (run_dir, os.path.join(run_dir, "export")):
+        got = evaluated(tp.main, ["--evaluate", path, *argv], capsys)
+        assert {k: got[k] for k in want} == want, path  # the same evaluate(), the same weights: the same bits
+    # The README's one line: the export loads as a module, windows -> logits, without the training code.
+    model = tp.load_export(os.path.join(run_dir, "export"))
+    x = np.load(sink_run["tmp"] / "val_x.npy")[:5]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+    assert logits.shape == (5, 2) and torch.isfinite(logits).all()
+
+
+DISTILL = ["data.seq_len=16", "data.limit=20", "data.val_windows=8", "data.builtin.train_bytes=40000",
+           "data.builtin.val_bytes=8000", "train.epochs=1", "train.batch_size=4", "train.grad_accum=1",
+           "train.eval_every=3", "train.save_every_minutes=null", "train.eval_batch_size=4", "schedule.warmup=2",
+           "student.n_layer=1", "student.n_head=2", "student.n_embd=16", "kd.enabled=true",
+           "teacher.target=zoo:tiny_causal_lm", "train.max_loss_share=1"]
+
+
+def test_e11_distill_evaluate_of_the_run_dir_and_of_its_export_gives_the_runs_own_val_numbers(tmp_path, capsys):
+    cfg, _ = td.resolve_config(None, DISTILL)
+    run_dir = str(tmp_path / "run")
+    outcome, _ = td.train(cfg, run_dir, "none", quiet=True)
+    assert outcome == "finished"
+    _, evals, _ = td.read_metrics(run_dir)
+    best_step = torch.load(os.path.join(run_dir, "checkpoints", "best.pt"), weights_only=True)["global_step"]
+    want = {k: v for k, v in evals[best_step].items() if k != "step"}
+    assert set(want) == {"val/loss", "val/ppl", "val/agreement"}
+    argv = [a for x in DISTILL for a in ("--set", x)]
+    for path in (run_dir, os.path.join(run_dir, "export")):
+        got = evaluated(td.main, ["--evaluate", path, *argv], capsys)
+        assert {k: got[k] for k in want} == want, path
+
+
+def test_e11_evaluate_refuses_a_path_that_is_nothing_it_can_score(tmp_path, capsys):
+    assert tp.main(["--evaluate", str(tmp_path / "missing"), "--set", *TINY]) == 2
+    assert "--evaluate" in capsys.readouterr().err
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert tp.main(["--evaluate", str(tmp_path / "run"), "--set", *TINY]) == 2
+    assert "without checkpoints/best.pt" in capsys.readouterr().err
