@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_launch import ROOT, launch, launch_env, write_config
+from test_launch import ROOT, launch, launch_env, two_nodes, write_config
 
 sys.path.insert(0, ROOT)
 import train_probe as tp  # noqa: E402
@@ -128,6 +128,24 @@ def test_r4_r5_two_process_run_killed_and_relaunched_through_launch_sh_is_bit_id
     assert a["global_step"] == b["global_step"] == 9 and b["finished"]
     assert a["last_eval"] == b["last_eval"] and a["best_step"] == b["best_step"]
     assert last_per_step(records(two_process_run), "loss") == last_per_step(records(run_dir), "loss")
+
+
+def test_d5_two_nodes_killed_and_relaunched_end_bit_identical_to_the_one_node_run(workdir, two_process_run, tmp_path):
+    """Two launch.sh invocations as node 0 and node 1 (one CPU process each, gloo, MASTER_ADDR=127.0.0.1).
+    Node 1's process is SIGKILLed in step 5: node 0's process, waiting in that step's all-reduce, fails at
+    once on the closed connection (gloo: "Connection reset by peer"; no timeout is involved) and its torchrun
+    ends. The same two commands then resume and end bit-identical to the one-node two-process run."""
+    path, cfg = workdir
+    run_dir = str(tmp_path / "nodes")
+    args = (cfg, "--gpus", "cpu", "--", "--run_dir", run_dir)
+    node0, node1 = two_nodes(*args, cwd=path, env=ONE_THREAD, node_env={1: {"KIT_FAULT_KILL_AT": "5:1"}})
+    assert node1.returncode == 128 + signal.SIGKILL, node1.stdout
+    assert node0.returncode != 0 and "Connection reset by peer" in node0.stdout, node0.stdout
+    assert ckpt(run_dir)["global_step"] == 4 and ckpt(run_dir)["world_size"] == 2
+    node0, node1 = two_nodes(*args, cwd=path, env=ONE_THREAD)
+    assert node0.returncode == node1.returncode == 0, node0.stdout + node1.stdout
+    assert tp.checkpoint_tensors_equal(os.path.join(two_process_run, "checkpoints", "last.pt"),
+                                       os.path.join(run_dir, "checkpoints", "last.pt"))
 
 
 def test_s7_resume_with_a_different_world_size_is_refused_with_exit_2(workdir, killed_two_process_run, tmp_path):

@@ -18,7 +18,7 @@ import torch
 
 import zoo
 from test_ddp import ONE_THREAD, ckpt, one_thread
-from test_launch import ROOT, launch, launch_env, write_config
+from test_launch import ROOT, launch, launch_env, two_nodes, write_config
 from run_records import last_per_step, records
 
 sys.path.insert(0, ROOT)
@@ -144,6 +144,18 @@ def test_d3_fsdp_run_continues_on_another_number_of_processes_with_the_same_glob
     assert last_per_step(a, "lr") == last_per_step(b, "lr")  # the schedule position is exact
     assert np.allclose(last_per_step(a, "loss"), last_per_step(b, "loss"), rtol=1e-5)
     assert np.allclose(last_per_step(a, "val/loss"), last_per_step(b, "val/loss"), rtol=1e-5)
+
+
+def test_d1_fsdp_on_two_nodes_is_bit_identical_to_one_node_with_two_processes(work, fsdp_run):
+    """Node 0 and node 1 (one process each) hold ranks 0 and 1 as one node's two processes do: the same
+    shards, the same collectives, the same bits."""
+    path, cfg, kd = work
+    run_dir = str(path / "two_nodes")
+    node0, node1 = two_nodes(cfg, "--gpus", "cpu", "--", *sets(kd + ["train.batch_size=2", "train.strategy=fsdp"]),
+                             "--run_dir", run_dir, cwd=path, env=ONE_THREAD)
+    assert node0.returncode == node1.returncode == 0, node0.stdout + node1.stdout
+    assert td.checkpoint_tensors_equal(os.path.join(fsdp_run, "checkpoints", "last.pt"),
+                                       os.path.join(run_dir, "checkpoints", "last.pt"))
 
 
 def test_d4_fsdp_export_is_one_state_dict_with_the_best_weights(fsdp_run):

@@ -55,6 +55,29 @@ def launch(*args, cwd, env=None, timeout=240):
                           timeout=timeout)
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*args, cwd, env=None, node_env=None, timeout=600):
+    """The same launch.sh command as node 0 and node 1 of a two-node job on this machine (NNODES=2,
+    MASTER_ADDR=127.0.0.1, one torchrun per node, static rendezvous): what two hosts sharing the run dir
+    run. node_env: extra variables for one node ({1: {...}}). Returns both CompletedProcess-like results."""
+    port, procs = str(free_port()), []
+    for rank in (0, 1):
+        nodes = {"NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([LAUNCH, *args], cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env=launch_env({**(env or {}), **nodes, **(node_env or {}).get(rank, {})})))
+    out = []
+    for proc in procs:
+        stdout, _ = proc.communicate(timeout=timeout)  # the bound: a node left waiting on a dead peer would hang here
+        out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, ""))
+    return out
+
+
 def lock_is_free(path):
     with open(path) as f:
         try:
