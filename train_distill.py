@@ -2381,7 +2381,7 @@ def read_checkpoint(path, task):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # R7
     except Exception as err:  # a torn file, something that is not a checkpoint
         raise ConfigError([("C3", "--evaluate", f"{path} is not a readable checkpoint ({type(err).__name__}: {err})")]) from None
-    if not isinstance(ckpt, dict) or ckpt.get("task") != task or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or ckpt.get("task") != task or not ("model" in ckpt or ckpt.get("shards")):
         raise ConfigError([("C3", "--evaluate", f"{path} is not a {task} checkpoint of this kit (written by "
                             f"{KIT_TASKS[task]})")])
     return ckpt
@@ -2978,10 +2978,11 @@ def evaluate_saved(config_path, overrides, path):
         ckpt = read_checkpoint(source, TASK)
         module = build_trainable(ckpt["config"], teacher)  # the network as trained; the data and teacher of --config
         # without a teacher here there is no KD projection to load (it only ever fed the hidden-state loss)
-        module.load_state_dict({k: v for k, v in ckpt["model"].items() if module.proj is not None or not k.startswith("proj.")})
+        state = saved_weights(ckpt, source)  # D4: a sharded run's checkpoint names its DCP directory
+        module.load_state_dict({k: v for k, v in state.items() if module.proj is not None or not k.startswith("proj.")})
         weights = f"{source} (step {ckpt['global_step']})"
     run = {"cfg": cfg, "dist": d, "module": module.to(d["device"]), "val_set": val_set, "val_windows": windows,
-           "teacher": teacher, "teacher_cache": cache}
+           "teacher": teacher, "teacher_cache": cache, "sharded": None}  # one whole copy of the weights on each process
     metrics = evaluate(run)
     if d["main"]:
         report_evaluation(path, weights, metrics)

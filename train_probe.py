@@ -1967,7 +1967,7 @@ def read_checkpoint(path, task):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # R7
     except Exception as err:  # a torn file, something that is not a checkpoint
         raise ConfigError([("C3", "--evaluate", f"{path} is not a readable checkpoint ({type(err).__name__}: {err})")]) from None
-    if not isinstance(ckpt, dict) or ckpt.get("task") != task or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or ckpt.get("task") != task or not ("model" in ckpt or ckpt.get("shards")):
         raise ConfigError([("C3", "--evaluate", f"{path} is not a {task} checkpoint of this kit (written by "
                             f"{KIT_TASKS[task]})")])
     return ckpt
