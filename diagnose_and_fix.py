@@ -702,9 +702,25 @@ def check_memory(script, cfg, plan, opts):
     return [finding("E6", severity, evidence + " (one spike from OOM above ~90%)", fix, changes=changes)]
 
 
-def check_teacher_cache(script, cfg):
+def check_run_inputs(script, cfg, opts):
+    """R10: what the training run refuses before its first step, found by the script's own run_inputs (its token
+    files, its teacher or teacher cache, the network it trains; nothing written), reported with the run's line."""
+    files = ("data.train_bin", "data.val_bin", "kd.teacher_checkpoint", "kd.hf_teacher_dir", "student.hf_dir")
+    if not hasattr(script, "run_inputs") or any(cfg.get(k) and not os.path.exists(cfg[k]) for k in files):
+        return []  # probe configs: their loader's checks are the run's; files not on this machine: settle() said so
+    d = {"rank": 0, "world": opts["world_size"], "device": torch.device("cpu"), "main": True}
+    try:
+        script.run_inputs(cfg, d, lambda line: None, build_cache=False)
+    except script.ConfigError as err:
+        return [finding(rid, "critical", f"{key}: {msg}", "the run stops with this line (config error, exit 2) "
+                        "before its first step; fix what it names") for rid, key, msg in err.problems]
+    return []
+
+
+def check_teacher_cache(script, cfg, usable=True):
     """E6 for the disk: kd.teacher_cache's size (positions x k x bytes, plus ids and the rest bucket) before it is
-    built, from the training script's own teacher_cache_size; a warning when it exceeds the free disk space."""
+    built, from the training script's own teacher_cache_size; a warning when it exceeds the free disk space.
+    usable: check_run_inputs found nothing against it (a complete cache built for another run is not "built")."""
     if not (cfg.get("kd.enabled") and cfg.get("kd.teacher_cache") and cfg.get("kd.top_k")):
         return []
     path = cfg["kd.teacher_cache"]
@@ -721,6 +737,7 @@ def check_teacher_cache(script, cfg):
         except (OSError, ValueError):
             pass
     free = script.free_disk_bytes(path)
+    complete = complete and usable
     evidence = f"kd.teacher_cache {path}: {how}; {free / 2**30:,.1f} GiB free there" + ("; already built" if complete else "")
     if size > free and not complete:
         return [finding("E6", "warning", evidence + f": the cache needs {size / 2**30:,.2f} GiB, more than is free",
@@ -1290,7 +1307,9 @@ def diagnose_tree(tree, name, opts, with_runs=True):
         findings += check_curve(script, cfg, plan, curve)
         findings += check_intervals(cfg, plan)
         findings += check_memory(script, cfg, plan, opts)
-        findings += check_teacher_cache(script, cfg)
+        refusals = check_run_inputs(script, cfg, opts)
+        findings += refusals
+        findings += check_teacher_cache(script, cfg, usable=not refusals)
     if cfg is not None:
         findings += check_precision(cfg)
         findings += check_kd_temperature(cfg)

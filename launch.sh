@@ -168,8 +168,12 @@ spec.loader.exec_module(mod)
 sys.argv[0] = os.path.basename(script)  # argparse names the script in its messages
 args = mod.parse_args(["--config", config, *script_args])  # bad script options: argparse says so, exit 2
 fields = {"SCRIPT": script, "TASK": task, "RUN_DIR": "", "STATUS": "fresh", "CKPT_WORLD": "", "CKPT_STEP": "",
-          "CKPT_BATCH": "", "BATCH": ""}
-if not args.dry_run:
+          "CKPT_BATCH": "", "BATCH": "", "NO_RUN_DIR": "0"}
+# R10: --cache_teacher builds kd.teacher_cache and makes no run dir: a finished run's last.pt and the run dir's lock are
+# not its business (the cache has its own lock); the script itself checks the config
+if getattr(args, "cache_teacher", False):
+    fields["NO_RUN_DIR"] = "1"
+elif not args.dry_run:
     try:
         cfg, _ = mod.resolve_config(args.config, args.set)
     except mod.ConfigError as err:
@@ -197,13 +201,14 @@ for key, value in fields.items():
 PYTHON
 ) || exit $?
 eval "$PREFLIGHT"
+[ "$DETACH" = 0 ] || [ "$NO_RUN_DIR" = 0 ] || die 2 "--detach with --cache_teacher: the cache build makes no run dir to hold launch.log; run it in the foreground (or under nohup)"
 
 # ---------------------------------------------------------------------------------------------------
 # 3. One lock per run dir (per node): a second launch while the first is alive does nothing. The lock is
 #    held by the training process itself (it inherits fd 9), so it lasts exactly as long as the run.
 NODE_TAG=""
 [ "$NNODES" -gt 1 ] && NODE_TAG=".node${NODE_RANK:-0}"
-if [ "$DRY" = 0 ] && [ "$SHOW" = 0 ]; then
+if [ "$DRY" = 0 ] && [ "$SHOW" = 0 ] && [ "$NO_RUN_DIR" = 0 ]; then
   mkdir -p "$RUN_DIR"
   LOCK="$RUN_DIR/launch$NODE_TAG.lock"
   exec 9<>"$LOCK"
@@ -329,5 +334,5 @@ if [ "$DETACH" = 1 ]; then
   echo "launch.sh: follow: tail -f $LOG; stop and save: kill $PID; rerun the same command to resume"
   exit 0
 fi
-if [ "$DRY" = 0 ]; then echo "$$" > "$LOCK"; fi
+if [ "$DRY" = 0 ] && [ "$NO_RUN_DIR" = 0 ]; then echo "$$" > "$LOCK"; fi
 exec "${CMD[@]}"

@@ -919,10 +919,13 @@ class TokenWindows(torch.utils.data.Dataset):
             self.pad = cfg["data.pad_token"]
             num_tokens = os.path.getsize(self.path) // self.dtype.itemsize
             self.tokens = None  # opened lazily: each DataLoader worker maps the file itself
-            head = np.memmap(self.path, dtype=self.dtype, mode="r")[:1 << 20]
-            if head.size and int(head.max()) >= self.vocab:
-                raise ConfigError([("C3", f"data.{split}_bin", f"{self.path} holds token id {int(head.max())} >= "
-                                    f"data.vocab_size {self.vocab}; fix data.vocab_size or data.dtype")])
+            # R10: every id of the file, before the run dir is made (not at the step that reads it)
+            bad = first_id_past(self.path, self.dtype.name, self.vocab, file_stat(self.path))
+            if bad is not None:
+                at, token = bad
+                raise ConfigError([("C3", f"data.{split}_bin", f"{self.path} holds token id {token} >= data.vocab_size "
+                                    f"{self.vocab} at token {at:,} (byte offset {at * self.dtype.itemsize:,}); fix "
+                                    "data.vocab_size or data.dtype, or that file")])
             self.source = f"{self.path} ({num_tokens} {self.dtype.name} tokens)"
         else:
             self.pad = BUILTIN_PAD
@@ -970,6 +973,29 @@ class TokenWindows(torch.utils.data.Dataset):
         w = self.windows(indices)
         y = np.where(self.real_targets(w), w[:, 1:], IGNORE)
         return torch.from_numpy(w[:, :-1].copy()), torch.from_numpy(y)
+
+
+TOKEN_SCAN_IDS = 1 << 24  # ids per block when a token file is scanned: 32-64 MiB of memory whatever the file's size
+
+
+def file_stat(path):
+    """(size, mtime_ns, ctime_ns): any write changes the times (os.utime can set mtime back, not ctime)."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+@functools.lru_cache(maxsize=16)
+def first_id_past(path, dtype, vocab, stat):
+    """(offset, id) of the first token id >= vocab in a token file, or None: a vectorised max over each block of
+    a memory map (about a second per GB), then the block's first bad offset. `stat` (file_stat) keys the memo:
+    the dry run opens the same files for each of its tiny runs, a rewritten file is read again."""
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    for start in range(0, len(tokens), TOKEN_SCAN_IDS):
+        block = tokens[start:start + TOKEN_SCAN_IDS]
+        if int(block.max()) >= vocab:
+            at = start + int(np.flatnonzero(block >= vocab)[0])
+            return at, int(tokens[at])
+    return None
 
 
 def check_token_ids(x, y, vocab, name):
@@ -1225,9 +1251,10 @@ def how_to_make_teacher(path):
     """What to run when the teacher checkpoint is missing: a kd.enabled=false run whose run dir holds it,
     named by its config in configs/ (beside the current directory or this script) when there is one."""
     parts = os.path.normpath(path).split(os.sep)
-    if len(parts) < 3 or parts[-2] != "checkpoints":
+    if len(parts) < 3 or parts[-2] != "checkpoints" or not parts[-3]:
         return "make the teacher with a kd.enabled=false run of this script, or fix the path"
-    run_dir, name = os.path.join(*parts[:-2]), parts[-3]
+    # C3: dirname, not os.path.join(*parts): an absolute path keeps its leading "/"
+    run_dir, name = os.path.dirname(os.path.dirname(os.path.normpath(path))), parts[-3]
     def here(p):  # a path to type in the current directory
         return p if os.path.isabs(p) or p.startswith(".") else os.path.join(".", p)
 
@@ -1455,14 +1482,29 @@ def kd_kl(student_logits, teacher_logits, temperature, top_k=None):
     return kd_kl_topk(student_logits, *teacher_topk(teacher_logits, temperature, top_k), temperature)
 
 
+def first_token(logits):
+    """E3: the token a model ranks first: the lowest id among its maximal logits (torch.argmax returns the first
+    maximal index). val/agreement's one tie rule, for the student, the online teacher and the cache's index[..., 0]."""
+    return logits.argmax(-1)
+
+
 def teacher_topk(teacher_logits, temperature, top_k):
     """What top-k KD needs of the teacher, in fp32 (G6): (log p of its k most likely tokens at temperature
     T [..., k], their ids [..., k], log p of all the other tokens together [...]; -inf when k >= vocab).
-    These are the numbers kd.teacher_cache stores."""
+    These are the numbers kd.teacher_cache stores. index[..., 0] is first_token(teacher_logits): topk orders
+    tied values as it likes (116 of 188 bf16 ties differed from argmax), so the first token of a tie is put
+    first (swapped with whichever tied token topk put there, or, when more than k tokens tie, in its place)."""
     with torch.autocast(teacher_logits.device.type, enabled=False):
-        log_p = F.log_softmax(teacher_logits.float() / temperature, -1)
+        logits = teacher_logits.float()
+        log_p = F.log_softmax(logits / temperature, -1)
         k = min(top_k, log_p.shape[-1])
-        log_p_top, index = log_p.topk(k, dim=-1)
+        _, index = logits.topk(k, dim=-1)  # ranked by logit, the order first_token uses (logits / T can round into ties)
+        first = first_token(logits).unsqueeze(-1)
+        hit = index == first
+        at = hit.int().argmax(-1, keepdim=True)  # where topk put the first token (0 when it is left out)
+        index = index.scatter(-1, at, torch.where(hit.any(-1, keepdim=True), index[..., :1], index.gather(-1, at)))
+        index = index.scatter(-1, torch.zeros_like(at), first)  # E3: a tie's first token first, whatever topk did
+        log_p_top = log_p.gather(-1, index)
         if k < log_p.shape[-1]:
             log_rest = log_p.scatter(-1, index, float("-inf")).logsumexp(-1)
         else:
@@ -2442,52 +2484,106 @@ def free_disk_bytes(path):
     return shutil.disk_usage(probe).free
 
 
-def teacher_source(cfg):
-    """(config key, path) of the configured teacher, or (None, None) (a complete cache needs none). For
-    teacher.target the path is its module's source file: the callable makes the weights from that code
-    and teacher.kwargs (which teacher_file_digest adds)."""
-    for key in ("kd.teacher_checkpoint", "kd.hf_teacher_dir"):
-        if cfg[key] is not None:
-            return key, cfg[key]
-    if cfg["teacher.target"] is not None:
-        factory = import_target(cfg["teacher.target"], "teacher.target")
-        return "teacher.target", os.path.abspath(sys.modules[factory.__module__].__file__)
-    return None, None
+def content_record(path, known=None):
+    """R9: a file keyed on its content: {"bytes", "mtime_ns", "ctime_ns", "sampled", "sha256"}, sha256 being that of
+    the whole file, read in blocks. `known` is the record a cache manifest kept of it: when the size, both times and
+    a hash of 64 sampled 64 KiB blocks all still match, its sha256 is taken as it is, so a multi-GB file is not read
+    whole at every start; any write changes the times (os.utime sets mtime back, never ctime), and a copy or a
+    touch with the same bytes is read again and accepted."""
+    size, mtime, ctime = file_stat(path)
+    block = 1 << 16
+    sampled = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for at in sorted({int(x) for x in np.linspace(0, max(size - block, 0), 64)}):
+            f.seek(at)
+            sampled.update(f.read(block))
+        sampled = sampled.hexdigest()
+        if known and [known.get(k) for k in ("bytes", "mtime_ns", "ctime_ns", "sampled")] == [size, mtime, ctime, sampled]:
+            return {**known, "path": os.path.abspath(path)}
+        f.seek(0)
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": os.path.abspath(path), "bytes": size, "mtime_ns": mtime, "ctime_ns": ctime, "sampled": sampled,
+            "sha256": digest.hexdigest()}
 
 
-def teacher_file_digest(path, kwargs=None):
-    """sha256 of the teacher's files (the checkpoint, or every file of a model directory, or a teacher.target's
-    module and its kwargs), read in blocks: a run matches the cache to its teacher without loading a weight."""
-    files = [path] if os.path.isfile(path) else sorted(os.path.join(top, f) for top, _, names in os.walk(path) for f in names)
-    digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode() if kwargs is not None else b"")
-    for name in files:
-        digest.update(os.path.relpath(name, path).encode())
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+def named_files(value, name):
+    """(name, path) of every string in a kwargs mapping (nested too) that names an existing file. Not directories:
+    a kwarg may name a whole download cache; what a user module reads from one shows in its tensor_digest."""
+    if isinstance(value, dict):
+        return [item for k in sorted(value) for item in named_files(value[k], f"{name}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [item for i, v in enumerate(value) for item in named_files(v, f"{name}.{i}")]
+    return [(name, value)] if isinstance(value, str) and value and os.path.isfile(value) else []
 
 
-def cache_identity(cfg, train_set, val_set, eval_ids):
-    """What the cached numbers depend on, besides the teacher: compared field by field with the manifest.
-    (manifest field, the config key a difference is reported under)."""
-    def data(windows):
+def teacher_identity(cfg, known=None):
+    """R9: the configured teacher as the content of what it is made from, without loading it; None when no
+    teacher is named (a complete cache needs none). {"key", "source", "files": {name: content_record},
+    "kwargs", "sha256": one digest over the files' sha256 and the kwargs, "user_code"}. The files: the
+    checkpoint, every file of a Hugging Face directory, and for a user module (teacher.target, or the network a
+    checkpoint holds) its module's source file and every file its kwargs name. Names, not paths,
+    key the files: a teacher moved with its bytes unchanged is the same teacher. `known`: the manifest's records.
+    A user module may also read what no key names (a fixed path, the seed build_teacher sets), so for
+    user_code the cache check loads it once and compares its tensor_digest as well (check_cache_teacher)."""
+    known = known or {}
+    key = next((k for k in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target") if cfg[k] is not None), None)
+    if key is None:
+        return None
+    files = {}
+
+    def add(name, path):
+        paths = [path] if os.path.isfile(path) else sorted(os.path.join(top, f) for top, _, names in os.walk(path) for f in names)
+        for p in paths:
+            part = name if p == path else f"{name}/{os.path.relpath(p, path)}"
+            files[part] = content_record(p, known.get(part))
+
+    arch = {"target": cfg["teacher.target"], "kwargs": cfg["teacher.kwargs"]} if key == "teacher.target" else None
+    if key == "kd.teacher_checkpoint":
+        add("checkpoint", cfg[key])
+        saved = trained_arch(read_teacher_checkpoint(cfg)["config"])
+        arch = saved if "target" in saved else None
+    elif key == "kd.hf_teacher_dir":
+        add("hf_dir", cfg[key])
+    if arch is not None:  # the user's module: its code and whatever its kwargs point at
+        source = getattr(sys.modules.get(getattr(import_target(arch["target"], key), "__module__", None)), "__file__", None)
+        if source:  # a callable of a compiled module has no source file to hash
+            add("module", os.path.abspath(source))
+        for name, path in named_files(arch["kwargs"], "kwargs"):
+            add(name, path)
+    kwargs = json.dumps(arch["kwargs"] if arch else None, sort_keys=True, default=str)
+    digest = hashlib.sha256(json.dumps([{n: r["sha256"] for n, r in sorted(files.items())}, kwargs]).encode())
+    return {"key": key, "source": cfg[key], "files": files, "kwargs": kwargs, "sha256": digest.hexdigest(),
+            "user_code": arch is not None}
+
+
+def cache_identity(cfg, train_set, val_set, eval_ids, known=None):
+    """What the cached numbers depend on, besides the teacher, compared field by field with the manifest
+    (MANIFEST_KEYS: the config key a difference is reported under), and the data files' content records.
+    R9: token files by their content (content_record), not by their path; `known`: the manifest's records."""
+    records = {}
+
+    def data(windows, split):
         if windows.path:
-            return {"file": os.path.abspath(windows.path), "bytes": os.path.getsize(windows.path), "dtype": windows.dtype.name}
+            records[split] = content_record(windows.path, (known or {}).get(split))
+            return {"sha256": records[split]["sha256"], "bytes": records[split]["bytes"], "dtype": windows.dtype.name}
         return {"builtin_sha256": hashlib.sha256(windows.tokens.tobytes()).hexdigest()}
 
     values, ids = cache_dtypes(cfg)
-    return {"data": {"train": data(train_set), "val": data(val_set)}, "data.vocab_size": vocab_size(cfg),
+    want = {"data": {"train": data(train_set, "train"), "val": data(val_set, "val")}, "data.vocab_size": vocab_size(cfg),
             "data.seq_len": cfg["data.seq_len"], "kd.top_k": min(cfg["kd.top_k"], vocab_size(cfg)),
             "kd.temperature": cfg["kd.temperature"], "kd.teacher_cache_dtype": cfg["kd.teacher_cache_dtype"],
             "train.precision": cfg["train.precision"],  # the teacher's forward runs under the run's autocast, as online
             "data.limit": len(train_set), "data.val_windows": hashlib.sha256(np.asarray(eval_ids, np.int64).tobytes()).hexdigest(),
             "value_dtype": values.name, "index_dtype": ids.name}
+    return want, records
 
 
 MANIFEST_KEYS = {"data": "data.train_bin", "data.vocab_size": "data.vocab_size", "data.seq_len": "data.seq_len",
                  "kd.top_k": "kd.top_k", "kd.temperature": "kd.temperature", "kd.teacher_cache_dtype": "kd.teacher_cache_dtype",
                  "train.precision": "train.precision", "data.limit": "data.limit", "data.val_windows": "data.val_windows"}
+MANIFEST_FORMAT = 2  # 2: files keyed on content (R9); 1 keyed token files on their path and size
 
 
 def read_manifest(path):
@@ -2497,25 +2593,63 @@ def read_manifest(path):
     try:
         with open(name) as f:
             manifest = json.load(f)
-        assert manifest.get("format") == 1 and "teacher" in manifest
-        return manifest
+        assert manifest.get("format") in (1, MANIFEST_FORMAT) and "teacher" in manifest
     except (ValueError, AssertionError, OSError):
         raise ConfigError([("C3", "kd.teacher_cache", f"{name} is not a teacher-cache manifest; delete {path} or point "
                             "kd.teacher_cache elsewhere")]) from None
+    if manifest["format"] != MANIFEST_FORMAT:
+        raise ConfigError([("R9", "kd.teacher_cache", f"{path} was built by an older train_distill.py, which keyed its "
+                            "token files on their names, not their content; delete it to rebuild it")])
+    return manifest
 
 
-def check_manifest(manifest, want, teacher_key, file_digest, path):
-    """C3: a cache built from another teacher, other data or other KD settings is refused with one line."""
+def check_manifest(manifest, want, path):
+    """C3/R9: a cache built from other data (other token bytes) or other KD settings is refused with one line."""
     fix = f"or point kd.teacher_cache at another directory (delete {path} to rebuild it)"
-    if file_digest is not None and manifest["teacher"]["file_sha256"] != file_digest:
-        raise ConfigError([("C3", teacher_key, f"the teacher cache {path} was built from another teacher (files sha256 "
-                            f"{manifest['teacher']['file_sha256'][:12]} from {manifest['teacher']['source']}, this teacher's "
-                            f"is {file_digest[:12]}); use that teacher {fix}")])
+    for split in CACHE_SPLITS:
+        was, now = manifest["data"][split], want["data"][split]
+        if was != now:
+            key = f"data.{split}_bin" if "sha256" in now else "data.train_bin"
+            what = (f"{was.get('dtype')} tokens with sha256 {str(was.get('sha256', was.get('builtin_sha256')))[:12]}, "
+                    f"this run's have {str(now.get('sha256', now.get('builtin_sha256')))[:12]}")
+            raise ConfigError([("R9", key, f"the teacher cache {path} was built from other {split} tokens ({what}: the "
+                                f"file was rewritten or replaced); restore that data {fix}")])
     for field, key in MANIFEST_KEYS.items():
         if manifest.get(field) != want[field]:
             was, now = (json.dumps(v)[:120] for v in (manifest.get(field), want[field]))
             raise ConfigError([("C3", key, f"the teacher cache {path} was built with {field} {was}, this run has {now}; "
                                 f"use the cache's value {fix}")])
+
+
+def check_cache_teacher(cfg, manifest, path, device):
+    """R9: the teacher the config names is the one the cache was built from, checked on every use of the cache:
+    the content of its files (teacher_identity: no teacher is loaded for a checkpoint of the built-in GPT or a
+    Hugging Face directory, whose tensors are those files), and for a user module, which may read what no key
+    names, the tensor_digest of the teacher actually loaded, once, here. Returns the identity (None: no teacher
+    named, the complete cache is taken as it is)."""
+    built = manifest["teacher"]
+    ident = teacher_identity(cfg, built.get("files"))
+    if ident is None:
+        return None
+    fix = f"use that teacher, or point kd.teacher_cache at another directory (delete {path} to rebuild it)"
+    if ident["sha256"] != built["sha256"]:
+        changed = sorted(set(ident["files"]) ^ set(built["files"]))
+        changed += [n for n in sorted(set(ident["files"]) & set(built["files"]))
+                     if ident["files"][n]["sha256"] != built["files"][n]["sha256"]]
+        what = ("its files differ: " + ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")) if changed else \
+            f"its kwargs differ: {built.get('kwargs')} then, {ident['kwargs']} now"
+        raise ConfigError([("R9", ident["key"], f"the teacher cache {path} was built from another teacher ({built['source']}, "
+                            f"sha256 {built['sha256'][:12]}; this one's is {ident['sha256'][:12]}: {what}); {fix}")])
+    if ident["user_code"]:
+        teacher = build_teacher(cfg, device)
+        digest = tensor_digest(teacher)
+        del teacher
+        if digest != built["tensor_digest"]:
+            raise ConfigError([("R9", ident["key"], f"the teacher cache {path} was built from another teacher: "
+                                f"{ident['source']} now loads tensors with digest {digest[:12]}, the cache's teacher had "
+                                f"{built['tensor_digest'][:12]} (its code and files are the same, so something else it reads "
+                                f"changed: the seed, a file no kwarg names, ...); {fix}")])
+    return ident
 
 
 def cache_files(path, split, manifest):
@@ -2549,7 +2683,35 @@ def create_cache(path, manifest):
     atomic_write_text(os.path.join(path, "manifest.json"), json.dumps(manifest, indent=1) + "\n")
 
 
-def build_teacher_cache(cfg, d, path, manifest, want, sets, file_digest, say):
+def lock_cache(path, say):
+    """R9: one builder per cache. An exclusive flock on DIR/.lock, held while a process builds; a second
+    process says which pid holds it and waits (then finds the cache complete and builds nothing). The kernel
+    drops the lock when its holder dies, so a killed build never blocks the next one. Returns the open file."""
+    import fcntl
+    os.makedirs(path, exist_ok=True)
+    f = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        say(f"teacher cache: {path} is being built by pid {f.read().strip() or 'unknown'} (it holds {f.name}); "
+            "waiting for it to finish")
+        fcntl.flock(f, fcntl.LOCK_EX)
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def unlock_cache(f):
+    if f is not None:
+        f.seek(0)
+        f.truncate()  # the pid goes: a finished cache's files are the same whoever built it
+        f.close()
+
+
+def build_teacher_cache(cfg, d, path, manifest, identity, sets, ident, say):
     """Run the teacher over every window not yet cached and store teacher_topk's numbers.
 
     Resumable: a chunk of windows is forwarded as one batch (the same batches whatever was done before or
@@ -2558,16 +2720,17 @@ def build_teacher_cache(cfg, d, path, manifest, want, sets, file_digest, say):
     torchrun each process writes a disjoint range of chunks into the same files; process 0 creates them
     and, after a barrier, marks the manifest complete."""
     teacher = build_teacher(cfg, d["device"])
-    digest, key = tensor_digest(teacher), teacher_source(cfg)
+    digest = tensor_digest(teacher)
     if manifest is None:
-        manifest = {"format": 1, "kind": "train_distill.py teacher top-k cache",
-                    "teacher": {"source": key[1], "file_sha256": file_digest, "tensor_digest": digest},
-                    **want, "windows": {"train": len(sets["train"][1]), "val": len(sets["val"][1])},
+        manifest = {"format": MANIFEST_FORMAT, "kind": "train_distill.py teacher top-k cache",
+                    "teacher": {"key": ident["key"], "source": ident["source"], "sha256": ident["sha256"],
+                                "files": ident["files"], "kwargs": ident["kwargs"], "tensor_digest": digest},
+                    **identity[0], "data_files": identity[1], "windows": {"train": len(sets["train"][1]), "val": len(sets["val"][1])},
                     "chunk": cfg["train.eval_batch_size"], "complete": False}
         if d["main"]:
             create_cache(path, manifest)
     elif manifest["teacher"]["tensor_digest"] != digest:
-        raise ConfigError([("C3", key[0], f"the teacher cache {path} was started with another teacher (tensor digest "
+        raise ConfigError([("R9", ident["key"], f"the teacher cache {path} was started with another teacher (tensor digest "
                             f"{manifest['teacher']['tensor_digest'][:12]}, this one {digest[:12]}); delete {path} to rebuild")])
     if d["world"] > 1:
         dist.barrier()
@@ -2622,30 +2785,55 @@ def build_teacher_cache(cfg, d, path, manifest, want, sets, file_digest, say):
     return manifest
 
 
-def prepare_teacher_cache(cfg, d, train_set, val_set, eval_ids, say):
-    """kd.teacher_cache: check the manifest against this run (C3), build whatever is missing (the build alone is
-    --cache_teacher), and return the readers of both splits. Training from it loads no teacher."""
+def prepare_teacher_cache(cfg, d, train_set, val_set, eval_ids, say, build=True):
+    """kd.teacher_cache: check the manifest and the teacher against this run (C3, R9), build whatever is missing
+    (the build alone is --cache_teacher), and return the readers of both splits. Training from it loads no
+    teacher (a user module's is loaded once, to check it: check_cache_teacher). build=False (--dry_run,
+    diagnose_and_fix.py): the same checks and refusals, nothing written, nothing built; returns None."""
     path = cfg["kd.teacher_cache"]
-    want = cache_identity(cfg, train_set, val_set, eval_ids)
-    manifest = read_manifest(path) if d["main"] else None
-    manifest = all_gather_list([manifest], d["world"])[0]  # process 0's reading: the others never race its writes
-    key, source = teacher_source(cfg)
-    file_digest = None if source is None else \
-        teacher_file_digest(source, cfg["teacher.kwargs"] if key == "teacher.target" else None)
-    if manifest is not None:
-        check_manifest(manifest, want, key, file_digest, path)
-    if manifest is None or not manifest["complete"]:
-        if source is None:
-            raise ConfigError([("C3", "kd.teacher_checkpoint", f"null, and the teacher cache {path} is "
-                                f"{'incomplete' if manifest else 'absent'}: name the teacher that builds it")])
-        size, how = teacher_cache_size(cfg, len(train_set), len(eval_ids))
-        free = free_disk_bytes(path)
-        say(f"teacher cache: {'continuing' if manifest else 'building'} {path}: {how}; {free / 2 ** 30:,.1f} GiB free")
-        if size > free:
-            say(f"WARNING: the teacher cache needs {size / 2 ** 30:,.2f} GiB, more than the {free / 2 ** 30:,.2f} GiB free "
-                f"on the disk of {path}; free space or set kd.teacher_cache_dtype=fp16 / a smaller kd.top_k")
-        manifest = build_teacher_cache(cfg, d, path, manifest, want, {"train": (train_set, np.arange(len(train_set))),
-                                                                      "val": (val_set, np.asarray(eval_ids))}, file_digest, say)
+
+    def current():  # process 0's reading when building: the others never race its writes
+        manifest = read_manifest(path) if d["main"] or not build else None
+        return all_gather_list([manifest], d["world"])[0] if build else manifest
+
+    def check(manifest):  # -> the teacher's identity, or None
+        if manifest is None:
+            return None
+        check_manifest(manifest, cache_identity(cfg, train_set, val_set, eval_ids, manifest.get("data_files"))[0], path)
+        return check_cache_teacher(cfg, manifest, path, torch.device("cpu"))
+
+    manifest = current()
+    ident = check(manifest)
+    if manifest is not None and manifest["complete"]:
+        say(f"teacher cache: {path} is complete and matches this run ({manifest['windows']['train']:,} train + "
+            f"{manifest['windows']['val']:,} eval windows, top-{manifest['kd.top_k']}); nothing to build")
+    elif not any(cfg[k] is not None for k in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target")):
+        raise ConfigError([("C3", "kd.teacher_checkpoint", f"null, and the teacher cache {path} is "
+                            f"{'incomplete' if manifest else 'absent'}: name the teacher that builds it")])
+    elif not build:
+        build_teacher(cfg, torch.device("cpu"))  # R10: what the build would refuse of the teacher it loads
+    else:
+        lock = lock_cache(path, say) if d["main"] else None  # R9: one builder; a second one waits, then builds nothing
+        try:
+            again = current()
+            if again != manifest:
+                manifest, ident = again, check(again)
+            if manifest is not None and manifest["complete"]:
+                say(f"teacher cache: {path} was completed by another process meanwhile; nothing to build")
+            else:
+                identity = cache_identity(cfg, train_set, val_set, eval_ids, manifest and manifest.get("data_files"))
+                size, how = teacher_cache_size(cfg, len(train_set), len(eval_ids))
+                free = free_disk_bytes(path)
+                say(f"teacher cache: {'continuing' if manifest else 'building'} {path}: {how}; {free / 2 ** 30:,.1f} GiB free")
+                if size > free:
+                    say(f"WARNING: the teacher cache needs {size / 2 ** 30:,.2f} GiB, more than the {free / 2 ** 30:,.2f} GiB "
+                        f"free on the disk of {path}; free space or set kd.teacher_cache_dtype=fp16 / a smaller kd.top_k")
+                sets = {"train": (train_set, np.arange(len(train_set))), "val": (val_set, np.asarray(eval_ids))}
+                manifest = build_teacher_cache(cfg, d, path, manifest, identity, sets, ident or teacher_identity(cfg), say)
+        finally:
+            unlock_cache(lock)
+    if not build:
+        return None
     return {"path": path, "manifest": manifest, "train": TeacherCacheWindows(train_set, path, manifest, "train"),
             "val": TeacherCacheWindows(val_set, path, manifest, "val")}
 
@@ -2706,14 +2894,14 @@ def evaluate(run):
             with autocast(d["device"], cfg["train.precision"]):
                 logits, _ = run["module"](x)
                 if teacher is not None and start not in top1:
-                    top1[start] = teacher(x)[0].argmax(-1)
-                elif cache is not None and start not in top1:
+                    top1[start] = first_token(teacher(x)[0])
+                elif cache is not None and start not in top1:  # E3: teacher_topk put first_token's id at index 0
                     top1[start] = to_device(cache["val"].teacher(rows[start:start + size])[1][..., 0], d["device"])
             real = y != IGNORE
             ce_sum += token_cross_entropy(logits, y).item()  # a float64 sum on the host: no fp32 drift over many batches
             count += int(real.sum())
             if start in top1:
-                agree += int(((logits.argmax(-1) == top1[start]) & real).sum())
+                agree += int(((first_token(logits) == top1[start]) & real).sum())
         if run["sharded"]:  # D1: each forward gathers the weights from every process, so all run as many
             spare = val[run["val_windows"][:1]][0]
             for _ in range(math.ceil(math.ceil(len(run["val_windows"]) / d["world"]) / size) - math.ceil(len(mine) / size)):
@@ -2805,25 +2993,42 @@ def make_task(run):
     return {"batches": batches, "count": train_set.count, "count_name": "tokens", "loss": loss, "evaluate": evaluate}
 
 
+def run_inputs(cfg, d, say, build_cache=True, cache_only=False):
+    """R10: everything train() reads and refuses before its run directory is made, in the order it runs: the
+    token files (every id inside the vocabulary), the schedule (S2, S3), the frozen teacher or the teacher cache
+    (its manifest, data and teacher: C3, R9), the eval windows and the trained network (a Hugging Face or user
+    model's vocabulary and positions). --dry_run and diagnose_and_fix.py call it with build_cache=False: the
+    same refusals with the same lines, and nothing written. cache_only (--cache_teacher): up to the cache."""
+    train_set, val_set = TokenWindows(cfg, "train"), TokenWindows(cfg, "val")
+    plan = plan_schedule(cfg, len(train_set), d["world"])
+    offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None  # offline KD: no teacher in memory
+    teacher = build_teacher(cfg, d["device"]) if cfg["kd.enabled"] and not offline else None
+    windows = eval_windows(cfg, len(val_set))
+    if val_set.count(windows) == 0:
+        raise ConfigError([("C3", "data.val_bin", "the eval windows hold no real target tokens (all padding?)")])
+    cache = prepare_teacher_cache(cfg, d, train_set, val_set, windows, say, build_cache) if offline else None
+    inputs = {"train_set": train_set, "val_set": val_set, "plan": plan, "windows": windows, "teacher": teacher,
+              "cache": cache, "module": None}
+    if not cache_only:
+        inputs["module"] = build_trainable(cfg, teacher).to(d["device"])  # a Hugging Face or user model's errors too
+        if cfg["train.activation_checkpointing"]:
+            checkpoint_activations(inputs["module"].lm, trained_key(cfg))
+        if not any(p.requires_grad for p in inputs["module"].parameters()):
+            raise ConfigError([("C3", trained_key(cfg), "the network has no trainable parameters (all requires_grad=False)")])
+    return inputs
+
+
 def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_only=False):
     """Run (or continue) one distillation (or, kd.enabled false, teacher) training. Returns (outcome, run).
     cache_only (--cache_teacher): build kd.teacher_cache and return ("cached", ...) before the run dir is made."""
     d = setup_distributed(cfg)
     seed_everything(cfg["seed"], d["rank"])
-    train_set, val_set = TokenWindows(cfg, "train"), TokenWindows(cfg, "val")
-    plan = plan_schedule(cfg, len(train_set), d["world"])  # raises ConfigError before anything is written
-    offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None  # offline KD: no teacher in memory
-    teacher = build_teacher(cfg, d["device"]) if cfg["kd.enabled"] and not offline else None  # so does a bad teacher
-    windows = eval_windows(cfg, len(val_set))
-    if val_set.count(windows) == 0:
-        raise ConfigError([("C3", "data.val_bin", "the eval windows hold no real target tokens (all padding?)")])
     say = (lambda line: None) if quiet or not d["main"] else (lambda line: print(line, flush=True))
-    cache = prepare_teacher_cache(cfg, d, train_set, val_set, windows, say) if offline else None  # so does a bad cache
+    inputs = run_inputs(cfg, d, say, cache_only=cache_only)  # every refusal before the run dir (R10)
     if cache_only:
-        return "cached", {"teacher_cache": cache, "dist": d}
-    module = build_trainable(cfg, teacher).to(d["device"])  # a Hugging Face or user model's errors come here too
-    if cfg["train.activation_checkpointing"]:
-        checkpoint_activations(module.lm, trained_key(cfg))
+        return "cached", {"teacher_cache": inputs["cache"], "dist": d}
+    train_set, val_set, plan, windows = inputs["train_set"], inputs["val_set"], inputs["plan"], inputs["windows"]
+    teacher, cache, module = inputs["teacher"], inputs["cache"], inputs["module"]
     # R4: every process its own stream for the training forward's randomness (the dropout of a user's or
     # Hugging Face model), the same on every run; build_trainable seeded the same init on every process.
     seed_everything(cfg["seed"], d["rank"])
@@ -2845,8 +3050,6 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
             or isinstance(module.lm, TargetLM))
     # the student and its projection: the frozen teacher is never in the optimizer
     params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError([("C3", trained_key(cfg), "the network has no trainable parameters (all requires_grad=False)")])
     optimizer = build_optimizer(cfg, param_groups(module))
     scaler = make_grad_scaler(d["device"], cfg["train.precision"])
     if scaler and run["sharded"]:
@@ -3064,6 +3267,14 @@ def dry_run(config_path, overrides, train_fn=None):
     say(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes" if d["world"] > 1 else "")
         + (", sharded (train.strategy fsdp)" if cfg["train.strategy"] == "fsdp" else "")
         + (", activation checkpointing" if cfg["train.activation_checkpointing"] else ""))
+    # R10: whatever the real run refuses before its first step (its token files, teacher or cache, network) is
+    # refused here first, by the same function with the same line (exit 2); nothing is written
+    inputs = run_inputs(cfg, d, lambda line: None, build_cache=False)
+    check(True, f"the config's own inputs pass what the run checks before step 1: {len(inputs['train_set'])} train "
+                f"windows, every token id < {inputs['train_set'].vocab}, "
+                + ("the teacher cache, " if cfg["kd.enabled"] and cfg["kd.teacher_cache"] else "")
+                + ("the teacher, " if inputs["teacher"] is not None else "") + "the trained network (R10)")
+    del inputs
     try:
         plan = plan_schedule(cfg, train_set_size(cfg), d["world"])
         failures = check_lr_curve(lr_curve(cfg, plan), cfg, plan)
