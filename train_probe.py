@@ -2821,6 +2821,16 @@ def prepare_tuab(src, out, cfg, workers=None, say=print):
     return manifest
 
 
+def next_step(cfg, out, config_path):
+    """The command that trains on what --prepare_tuab wrote: the config's own when it names these files."""
+    keys = [f"data.{split}_{kind}" for split in ("train", "val", "test") for kind in ("x", "y")]
+    written = {key: os.path.join(out, key[len("data."):] + ".npy") for key in keys}
+    if config_path and all(cfg[k] and os.path.abspath(cfg[k]) == os.path.abspath(v) for k, v in written.items()):
+        return f"next: ./launch.sh {config_path}"
+    return (f"next: ./launch.sh {config_path or 'CONFIG'} -- --set " + " ".join(f"{k}={v}" for k, v in written.items())
+            + (" (the config names other files)" if config_path else ""))
+
+
 def prepared_data_problems(cfg):
     """C6: windows --prepare_tuab made (a manifest.json beside them) must be what the config says: the same
     sample rate, window length, channels, units, filters and val share, the files as prepared, and a finished
@@ -2893,6 +2903,7 @@ def main(argv=None):
             cfg, _ = resolve_config(args.config, args.set, check_files=False)  # the files are about to be made
             try:
                 prepare_tuab(args.prepare_tuab, args.out, cfg, args.workers)
+                print(next_step(cfg, args.out, args.config))
             except KeyboardInterrupt:
                 print("prepare_tuab: interrupted; every finished recording is kept, the same command continues",
                       file=sys.stderr)

@@ -272,6 +272,15 @@ def test_c7_a_second_run_with_the_same_inputs_is_up_to_date_and_any_changed_inpu
     assert not (out / ".parts").exists()
     assert lines == [f"prepare_tuab: {out} is up to date ({len(FILES) + 1} source files, same settings)"]
     assert {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)} == stamps and manifest == tuab["manifest"]
+    config = out.parent / "tuab.yaml"  # the command line says what to run next: the config's own launch line
+    config.write_text("data: {" + ", ".join(f"{s}_{k}: {out}/{s}_{k}.npy" for s in ("train", "val", "test")
+                                            for k in "xy") + "}\n")
+    for args, said in ((["--config", str(config)], f"next: ./launch.sh {config}\n"),
+                       ([], f"next: ./launch.sh CONFIG -- --set data.train_x={out}/train_x.npy")):
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            assert tp.main(["--prepare_tuab", str(tuab["src"]), "--out", str(out), *args]) == 0
+        assert "is up to date" in stdout.getvalue() and said in stdout.getvalue()
     cfg, _ = tp.resolve_config(None, [], check_files=False)
     root, recordings, misnamed = tp.tuab_recordings(str(tuab["src"]))
     assert tp.up_to_date(str(out), tp.prepare_inputs(recordings, misnamed, cfg))
