@@ -2386,7 +2386,7 @@ SPLIT_RULE = ("test = the official eval directory; val = the train directory's s
               "sha256(subject id) read as a fraction of 2^64 is below data.val_fraction; train = the other subjects")
 PREP_OUTPUTS = [f"{split}_{kind}.npy" for split in ("train", "val", "test") for kind in ("x", "y")]
 INCOMPLETE = "INCOMPLETE"  # in --out while a preparation runs, and after one was killed: the data are not ready
-PREP_KILL_AT = os.environ.get("KIT_FAULT_PREP_KILL_AT")  # tests only: "parts:N" or "assemble:NAME" SIGKILLs there
+PREP_KILL_AT = os.environ.get("KIT_FAULT_PREP_KILL_AT")  # tests only: "file:NAME" or "assemble:NAME" SIGKILLs there
 
 
 class SkipRecording(Exception):
@@ -2570,18 +2570,26 @@ def prepare_recording(job):
     """One worker process, one recording: its windows as .parts/KEY.npy, or the reason it is skipped as
     .parts/KEY.skip.json. Both are written under a temporary name and renamed, so a kill leaves a finished
     part or none, and a later run redoes only the recordings without a part."""
-    path, part, settings = job
+    path, part, settings, parent = job
+    orphaned = parent is not None and os.getppid() != parent  # the run that queued this file was killed
+    if orphaned:  # stop, or this worker would go on through every file still buffered in the task queue
+        os._exit(0)
+    if parent is not None and PREP_KILL_AT == f"file:{os.path.basename(path)}":  # tests only: the run's process
+        os.kill(parent, signal.SIGKILL)                                          # and this worker die at once
+        os.kill(os.getpid(), signal.SIGKILL)
     try:
         windows = recording_windows(path, settings)
     except SkipRecording as skip:
         atomic_write_text(part[:-len(".npy")] + ".skip.json", json.dumps({"reason": str(skip)}))
-        return part
-    tmp = f"{part}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, windows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, part)
+    else:
+        tmp = f"{part}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.save(f, windows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, part)
+    if parent is not None and os.getppid() != parent:
+        os._exit(0)  # the part is kept; there is nobody to tell (and no traceback about the broken pipe)
     return part
 
 
@@ -2654,7 +2662,6 @@ def run_parts(jobs, workers, say):
     try:
         for _ in results:
             done += 1
-            prep_fault(f"parts:{done}")
             if bar is not None:
                 bar.update(1)
             elif time.monotonic() - said >= 60:
@@ -2756,10 +2763,11 @@ def prepare_tuab(src, out, cfg, workers=None, say=print):
                       "run the same command again to finish it\n")
     remove_stale_temp_files(out, parts_dir)
     parts = {r["rel"]: part_path(parts_dir, r, inputs) for r in recordings}
-    todo = [(r["path"], parts[r["rel"]], settings) for r in recordings
+    todo = [r for r in recordings
             if not os.path.exists(parts[r["rel"]]) and not os.path.exists(parts[r["rel"]][:-4] + ".skip.json")]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = max(1, min(workers or cores, len(todo) or 1))
+    todo = [(r["path"], parts[r["rel"]], window_settings(cfg), os.getpid() if workers > 1 else None) for r in todo]
     say(f"prepare_tuab: {len(recordings) + len(misnamed)} EDF files under {root}; {len(recordings) - len(todo)} done "
         f"before, {len(todo)} to read with {workers} worker process(es); {settings['sample_rate']:g} Hz, "
         f"{settings['window_seconds']:g} s windows, {len(settings['channels'])} channels, {settings['units']}")

@@ -293,18 +293,22 @@ def test_c7_a_second_run_with_the_same_inputs_is_up_to_date_and_any_changed_inpu
 
 
 def test_c7_killed_preparations_at_two_workers_finish_with_the_bytes_of_an_uninterrupted_one_worker_run(tuab, tmp_path):
-    """Killed while reading EDF, then again while writing train_x.npy, both runs with 2 worker processes; the
-    same command then finishes in this process (one worker) with the reference's bytes, manifest included."""
+    """Killed while reading EDF (the run's process and the worker on the 5th file, as a kill of the process group
+    would), then while writing train_x.npy, both runs with 2 worker processes; the same command then finishes in
+    this process (one worker) with the reference's bytes, manifest included. Every part the first run's workers
+    finished is used, whichever worker made it."""
     out = tmp_path / "killed"
     args = ["--prepare_tuab", str(tuab["src"]), "--out", str(out), "--workers", "2"]
-    first = run_script(*args, env={"KIT_FAULT_PREP_KILL_AT": "parts:4"})
+    fifth = sorted(name(*f[:3]) for f in FILES)[4]
+    first = run_script(*args, env={"KIT_FAULT_PREP_KILL_AT": f"file:{fifth}"})
     assert first.returncode == -9, first.stderr
     assert (out / tp.INCOMPLETE).exists() and not (out / "manifest.json").exists()
-    parts = [n for n in os.listdir(out / ".parts") if ".tmp-" not in n]
-    assert 4 <= len(parts) < len(FILES)
+    parts = [n for n in os.listdir(out / ".parts") if ".tmp-" not in n]  # (the orphaned worker stops within a
+    assert 4 <= len(parts)                                                  # file or so, as its parent goes)
     second = run_script(*args, env={"KIT_FAULT_PREP_KILL_AT": "assemble:train_x"})
     assert second.returncode == -9, second.stderr
-    assert "with 2 worker process(es)" in second.stdout and f"{len(FILES) - len(parts)} to read" in second.stdout
+    done, todo = map(int, re.search(r"(\d+) done before, (\d+) to read", second.stdout).groups())
+    assert done == len(parts) and done + todo == len(FILES)
     assert not (out / "train_x.npy").exists() and not (out / "manifest.json").exists()
     _, lines = prepare(tuab["src"], out)  # the same command, finished with one worker
     assert f"{len(FILES)} done before, 0 to read" in lines[0]
