@@ -291,3 +291,25 @@ def test_e11_evaluate_refuses_a_path_that_is_nothing_it_can_score(tmp_path, caps
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     assert tp.main(["--evaluate", str(tmp_path / "run"), "--set", *TINY]) == 2
     assert "without checkpoints/best.pt" in capsys.readouterr().err
+
+
+def test_g7_e10_sinks_add_no_host_read_to_the_step(tmp_path):
+    # The sinks get the host numbers write_metrics already has: with TensorBoard on and a record every step,
+    # fit() still reads the device once per optimizer step (bench.py counts every Tensor read, by caller).
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench
+    small = ["data.synthetic.num_train=40", "data.synthetic.num_val=16", "data.synthetic.length=256", "train.batch_size=8",
+             "schedule.warmup=2", "train.eval_batch_size=16", "train.epochs=2", "train.log_every=1", "log.tensorboard=true"]
+    run, task, _ = bench.capture_run(bench.LOOP_SETTINGS + small, str(tmp_path / "run"))
+    try:
+        assert [sink["key"] for sink in run["sinks"]] == ["log.tensorboard"]
+        syncs = bench.bench_syncs(run, task)
+    finally:
+        tp.close_sinks(run)
+        bench.close_run(run)
+    assert syncs["steps"] == 6 and syncs["per_step"] == 1, syncs["sites"]
+    assert syncs["sites"] == ["train_probe.py:optimizer_step .tolist()"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(run["run_dir"], "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 7))  # the sink did receive every step
