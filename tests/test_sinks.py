@@ -63,6 +63,7 @@ def sink_run(tmp_path_factory):
     assert died.returncode == -signal.SIGKILL, died.stdout + died.stderr
     resumed = run({})
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "WARNING" not in resumed.stdout and not resumed.stderr.strip(), resumed.stderr  # a healthy run is quiet
     return {"tmp": tmp, "run_dir": str(run_dir), "wandb_dir": str(wandb_dir), "mlruns": f"file:{tmp}/mlruns",
             "settings": settings, "died": died, "resumed": resumed}
 
