@@ -650,7 +650,8 @@ def distill_memory(script, cfg, plan):
         activations = act_bytes * (sum(sizes) if grad else sum(sorted(sizes)[-2:]))
         if grad and checkpointed:  # each block keeps its input; one block's inside is rebuilt at a time
             activations = act_bytes * (sum(sizes) // len(blocks) + len(blocks) * batch * seq * (trainable.lm.width or 0))
-        logits = batch * seq * vocab * (models * act_bytes + (2 * models + int(grad)) * 4)
+        positions = min(batch * seq, cfg.get("kd.chunk_tokens") or batch * seq)  # D6: one chunk's logits at a time
+        logits = positions * vocab * (models * act_bytes + (2 * models + int(grad)) * 4)
         return activations + logits
 
     state = 2 if cfg["optim.name"] == "adamw" else 1

@@ -151,6 +151,9 @@ CONFIG = {
                           "never downloads); or teacher.target: exactly one of the three with kd.enabled"),
     "kd.teacher_cache": (None, "str?", "offline KD: directory of the teacher's cached top-k (built first when absent or "
                          "incomplete, then training loads no teacher); needs kd.top_k, kd.gamma 0; null = online"),
+    "kd.chunk_tokens": (0, "int", "compute the head, CE and KD terms this many positions at a time from the last "
+                        "hidden states, recomputing each chunk in the backward, so no [batch, seq, vocab] tensor "
+                        "exists (D6); 0 = off. Built-in GPT and Hugging Face models"),
     "kd.teacher_cache_dtype": ("fp32", ("fp32", "fp16"), "teacher cache values: fp32 (exactly what online top-k "
                                "uses) or fp16 (half the disk, rounded)"),
 }
@@ -539,6 +542,7 @@ def resolve_config(path=None, overrides=(), check_files=True):
                 problems += hf_dir_problems(cfg, hf, "kd.teacher_checkpoint", "the teacher", False)
         except ConfigError as err:
             problems += err.problems
+    need(cfg["kd.chunk_tokens"] >= 0, "kd.chunk_tokens", f"{cfg['kd.chunk_tokens']!r} must be >= 0 (0 = off)")
     metrics = ("val/loss", "val/ppl") + (("val/agreement",) if cfg["kd.enabled"] else ())
     need(cfg["train.best_metric"] in metrics, "train.best_metric",
          f"{cfg['train.best_metric']!r} is not one of {', '.join(metrics)}")
@@ -1063,12 +1067,12 @@ class GPT(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, idx):
+    def forward(self, idx, logits=True):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
         hidden = self.ln_f(x)
-        return F.linear(hidden, self.wte.weight), hidden  # tied input/output embedding
+        return (F.linear(hidden, self.wte.weight) if logits else None), hidden  # tied input/output embedding
 
 
 class HFCausalLM(nn.Module):
@@ -1080,7 +1084,10 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.model, self.hidden, self.width = model, hidden, model.config.hidden_size
 
-    def forward(self, idx):
+    def forward(self, idx, logits=True):
+        if not logits:  # kd.chunk_tokens: the last hidden state only (the head runs in the loss, chunk by chunk)
+            out = self.model(input_ids=idx, use_cache=False, output_hidden_states=True, logits_to_keep=1, return_dict=True)
+            return None, out.hidden_states[-1]
         out = self.model(input_ids=idx, use_cache=False, output_hidden_states=self.hidden, return_dict=True)
         return out.logits, (out.hidden_states[-1] if self.hidden else None)
 
@@ -1121,9 +1128,12 @@ class Trainable(nn.Module):
         self.lm = lm
         self.proj = nn.Linear(lm.width, teacher_width) if teacher_width and lm.width else None
 
-    def forward(self, idx, project=False):
-        logits, hidden = self.lm(idx)
-        return logits, (self.proj(hidden) if project else None)
+    def forward(self, idx, project=False, logits=True):
+        """(logits, projected hidden state or None); logits=False (kd.chunk_tokens): (last hidden state,
+        projected or None), the logits left to the chunked loss."""
+        out, hidden = self.lm(idx) if logits else self.lm(idx, logits=False)
+        projected = self.proj(hidden) if project else None
+        return (out if logits else hidden), projected
 
 
 def trained_arch(cfg):
@@ -1535,6 +1545,65 @@ def hidden_loss(student_projected, teacher_hidden):
     with torch.autocast(student_projected.device.type, enabled=False):
         s, t = student_projected.float(), teacher_hidden.float()
         return (F.layer_norm(s, s.shape[-1:]) - F.layer_norm(t, t.shape[-1:])).pow(2).mean(-1)
+
+
+# -----------------------------------------------------------------------------
+# A loss that never holds the whole vocabulary (kd.chunk_tokens): the head, CE and KD terms computed a
+# chunk of positions at a time from the last hidden states, as Liger Kernel's fused distillation losses do,
+# with the kit's own loss functions on each chunk, so the numbers are the unchunked path's up to the order
+# of the sums. torch.utils.checkpoint keeps each chunk's input alone and recomputes its logits in the
+# backward: the peak holds chunk x vocab logits (student and teacher), never batch x seq x vocab.
+def linear_head(lm, key):
+    """(weight [V, D], bias or None) of a network whose logits are its last hidden state times a matrix: the
+    built-in GPT (tied embedding), a Hugging Face causal LM without logit scaling or soft-capping."""
+    if isinstance(lm, GPT):
+        return lm.wte.weight, None
+    if isinstance(lm, HFCausalLM):
+        config = lm.model.config.get_text_config()
+        scaled = [f"config.{n} {getattr(config, n)!r}" for n in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+                  if getattr(config, n, None) not in (None, 1, 1.0)]
+        head = lm.model.get_output_embeddings()
+        if isinstance(head, nn.Linear) and not scaled:
+            return head.weight, head.bias
+        why = f"its {scaled[0]} changes the logits after the head" if scaled else "its head is not a Linear"
+    else:
+        why = "a user module's logits are not known to be a linear map of a hidden state"
+    raise ConfigError([("D6", "kd.chunk_tokens", f"{key}: {why}; set kd.chunk_tokens=0")])
+
+
+def chunk_terms(hidden, weight, bias, targets, real, teacher, online, alpha, beta, temperature, top_k):
+    """CE and KD sums of one chunk of positions ([n, D] hidden states): the head, then the same
+    token_cross_entropy, kd_kl and kd_kl_topk the unchunked loss runs. teacher: online, its hidden states
+    [n, D'] and head (weight, bias); offline, the cached top-k of these positions (log p, ids, log p of the rest)."""
+    logits = F.linear(hidden, weight, bias)[None]
+    zero = logits.new_zeros((), dtype=torch.float32)
+    ce = token_cross_entropy(logits, targets[None]) if alpha > 0 else zero
+    if beta == 0:
+        return ce, zero
+    if online:
+        with torch.no_grad():
+            t_logits = F.linear(*teacher)[None]
+        kl = kd_kl(logits, t_logits, temperature, top_k)
+    else:
+        kl = kd_kl_topk(logits, *(t[None] for t in teacher), temperature)
+    return ce, torch.where(real[None], kl, 0.0).sum()
+
+
+def chunked_terms(hidden, head, targets, teacher, online, alpha, beta, temperature, top_k, chunk):
+    """(CE sum, KD sum) over every position of [B, T, D] hidden states, `chunk` positions at a time (D6)."""
+    from torch.utils.checkpoint import checkpoint
+    hidden, targets = hidden.flatten(0, 1), targets.flatten()
+    real = targets != IGNORE
+    per_position = (teacher[0].flatten(0, 1),) if online else tuple(t.flatten(0, 1) for t in teacher)
+    shared = tuple(teacher[1:]) if online else ()
+    ce = kd = 0.0
+    for start in range(0, hidden.shape[0], chunk):
+        part = slice(start, start + chunk)
+        c, k = checkpoint(chunk_terms, hidden[part], *head, targets[part], real[part],
+                          tuple(t[part] for t in per_position) + shared, online, alpha, beta, temperature, top_k,
+                          use_reentrant=False)
+        ce, kd = ce + c, kd + k
+    return ce, kd
 
 
 # ==== shared: run dir, checkpoints, resume, loop (identical in train_probe.py and train_distill.py) ====
@@ -2968,7 +3037,31 @@ def make_task(run):
             check_token_ids(batch[0], batch[1], train_set.vocab, name)
             yield tuple(to_device(t, d["device"]) for t in batch)
 
+    chunk, key = cfg["kd.chunk_tokens"], trained_key(cfg)
+
+    def chunked_loss(model, batch):  # D6: the same terms as loss() below, never a [batch, seq, vocab] tensor
+        x, y, *cached = batch
+        hidden, projected = model(x, project=teacher is not None and gamma > 0, logits=False)
+        head = linear_head(run["module"].lm, key)  # read after the forward: FSDP swaps the parameters it gathers
+        if teacher is None and cache is None:
+            return chunked_terms(hidden, head, y, (), False, 1.0, 0.0, temperature, top_k, chunk)[0], {}
+        t_hidden, online = None, False
+        if not cached and (beta > 0 or gamma > 0):
+            with torch.no_grad():
+                _, t_hidden = teacher(x, logits=False)
+            online = beta > 0
+        side = tuple(cached) if cached else (t_hidden, *linear_head(teacher, "the teacher")) if online else ()
+        ce, kd = chunked_terms(hidden, head, y, side, online, alpha, beta, temperature, top_k, chunk)
+        parts = {"ce": alpha * ce}
+        if beta > 0:
+            parts["kd"] = beta * temperature ** 2 * kd
+        if gamma > 0:
+            parts["hidden"] = gamma * torch.where(y != IGNORE, hidden_loss(projected, t_hidden), 0.0).sum()
+        return sum(parts.values()), parts
+
     def loss(model, batch):
+        if chunk:
+            return chunked_loss(model, batch)
         x, y, *cached = batch
         logits, projected = model(x, project=teacher is not None and gamma > 0)
         ce = token_cross_entropy(logits, y)
@@ -3013,6 +3106,10 @@ def run_inputs(cfg, d, say, build_cache=True, cache_only=False):
         inputs["module"] = build_trainable(cfg, teacher).to(d["device"])  # a Hugging Face or user model's errors too
         if cfg["train.activation_checkpointing"]:
             checkpoint_activations(inputs["module"].lm, trained_key(cfg))
+        if cfg["kd.chunk_tokens"]:  # D6: both networks' logits must be a linear map of their last hidden state
+            linear_head(inputs["module"].lm, trained_key(cfg))
+            if teacher is not None:
+                linear_head(teacher, "the teacher")
         if not any(p.requires_grad for p in inputs["module"].parameters()):
             raise ConfigError([("C3", trained_key(cfg), "the network has no trainable parameters (all requires_grad=False)")])
     return inputs
