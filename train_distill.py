@@ -1589,6 +1589,18 @@ def chunk_terms(hidden, weight, bias, targets, real, teacher, online, alpha, bet
     return ce, torch.where(real[None], kl, 0.0).sum()
 
 
+def chunked_scores(hidden, head, targets, chunk):
+    """Eval without gradient (D6): (summed token CE, or None without targets; the first-ranked ids [B, T]) of
+    [B, T, D] hidden states through the head, `chunk` positions at a time."""
+    flat, ce, ids = hidden.flatten(0, 1), 0.0, []
+    for start in range(0, flat.shape[0], chunk):
+        logits = F.linear(flat[start:start + chunk], *head)[None]
+        if targets is not None:
+            ce = ce + token_cross_entropy(logits, targets.flatten()[start:start + chunk][None])
+        ids.append(first_token(logits)[0])
+    return (ce if targets is not None else None), torch.cat(ids).view(hidden.shape[:2])
+
+
 def chunked_terms(hidden, head, targets, teacher, online, alpha, beta, temperature, top_k, chunk):
     """(CE sum, KD sum) over every position of [B, T, D] hidden states, `chunk` positions at a time (D6)."""
     from torch.utils.checkpoint import checkpoint
@@ -2954,6 +2966,7 @@ def evaluate(run):
     size = cfg["train.eval_batch_size"]
     run["module"].eval()
     top1 = run.setdefault("teacher_top1", {})  # frozen teacher, fixed windows: its answers are computed once
+    chunk = cfg["kd.chunk_tokens"] if isinstance(run["module"], Trainable) else 0  # D6: no [batch, seq, vocab] here either
     ce_sum, count, agree = 0.0, 0, 0
     with torch.no_grad():
         for start in range(0, len(mine), size):
@@ -2961,20 +2974,26 @@ def evaluate(run):
             check_token_ids(x, y, val.vocab, "data.val_bin")
             x, y = to_device(x, d["device"]), to_device(y, d["device"])
             with autocast(d["device"], cfg["train.precision"]):
-                logits, _ = run["module"](x)
+                if chunk:
+                    hidden, _ = run["module"](x, logits=False)
+                    ce, first = chunked_scores(hidden, linear_head(run["module"].lm, "the network"), y, chunk)
+                else:
+                    logits, _ = run["module"](x)
+                    ce, first = token_cross_entropy(logits, y), first_token(logits)
                 if teacher is not None and start not in top1:
-                    top1[start] = first_token(teacher(x)[0])
+                    top1[start] = (chunked_scores(teacher(x, logits=False)[1], linear_head(teacher, "the teacher"), None,
+                                                  chunk)[1] if chunk else first_token(teacher(x)[0]))
                 elif cache is not None and start not in top1:  # E3: teacher_topk put first_token's id at index 0
                     top1[start] = to_device(cache["val"].teacher(rows[start:start + size])[1][..., 0], d["device"])
             real = y != IGNORE
-            ce_sum += token_cross_entropy(logits, y).item()  # a float64 sum on the host: no fp32 drift over many batches
+            ce_sum += ce.item()  # a float64 sum on the host: no fp32 drift over many batches
             count += int(real.sum())
             if start in top1:
-                agree += int(((first_token(logits) == top1[start]) & real).sum())
+                agree += int(((first == top1[start]) & real).sum())
         if run["sharded"]:  # D1: each forward gathers the weights from every process, so all run as many
             spare = val[run["val_windows"][:1]][0]
             for _ in range(math.ceil(math.ceil(len(run["val_windows"]) / d["world"]) / size) - math.ceil(len(mine) / size)):
-                run["module"](to_device(spare, d["device"]))
+                run["module"](to_device(spare, d["device"]), logits=not chunk)
     sums = np.sum(all_gather_list([(ce_sum, count, agree)], d["world"]), axis=0)
     mean_ce = float(sums[0] / sums[1])
     metrics = {"val/loss": mean_ce, "val/ppl": perplexity(mean_ce)}

@@ -101,6 +101,8 @@ def test_d6_a_chunked_run_equals_the_unchunked_run(teacher, extra, tmp_path):
         results[chunk] = records(str(tmp_path / str(chunk)))
     for key in ("loss", "grad_norm", "val/loss"):  # a KL near 1e-3 is a difference of O(1) sums: atol for it
         assert np.allclose(last_per_step(results[0], key), last_per_step(results[7], key), rtol=1e-5, atol=1e-6), key
+    # the eval scores chunk by chunk too (D6): the same agreement with the teacher, token for token
+    assert last_per_step(results[0], "val/agreement") == last_per_step(results[7], "val/agreement")
 
 
 def test_d6_hugging_face_student_and_teacher_chunked_equal_unchunked(tmp_path):
