@@ -1241,6 +1241,18 @@ def check_checkpoint(path, script, cfg, plan, opts):
                              f"{position['seed']}: the data order of the epoch in progress depends on it (R5); the "
                              "script refuses to resume", f"restore seed: {position['seed']}, or start a new run "
                              "(another run_name or --run_dir)", source=src))
+    if cfg is not None and isinstance(ckpt.get("inputs"), dict) and hasattr(script, "config_inputs"):
+        try:  # S7/R11: what the probe's features depend on, as check_resume_inputs compares it (the settings,
+            changes = script.input_changes(ckpt["inputs"], script.config_inputs(cfg))  # build file, data)
+        except script.ConfigError:  # the target does not import: the config checks say so
+            changes = []
+        except OSError as err:
+            changes = [("data.train_x", f"unreadable ({err})")]
+        if changes:
+            found.append(finding("S7", "critical", "what the features depend on changed since this checkpoint: "
+                                 + "; ".join(f"{k}: {t}" for k, t in changes) + "; the script refuses to resume "
+                                 "(its head was trained on the old features)", "restore them, or start a new run "
+                                 "(another run_name or --run_dir)", source=src))
     if cfg is not None and ckpt.get("task") not in (None, cfg["task"]):
         found.append(finding("R1", "critical", f"a '{ckpt.get('task')}' checkpoint, the config's task is "
                              f"'{cfg['task']}'",

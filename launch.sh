@@ -15,8 +15,8 @@
 # One device -> plain python; several -> torchrun (python -m torch.distributed.run) --standalone; several
 # nodes when NNODES > 1 (with NODE_RANK, MASTER_ADDR, MASTER_PORT) through torchrun's static rendezvous.
 # A lock per run dir makes a repeated launch harmless: a live run -> "already running (pid N)", exit 0;
-# a finished run -> "complete", exit 0 (relaunched with other values: exit 2, start a new run_name or --run_dir);
-# a crashed or killed run resumes (the scripts default to --resume auto).
+# a finished run -> "complete", exit 0 (relaunched with other values: exit 2, start a new run_name or --run_dir;
+# its export missing: the script writes it); a crashed or killed run resumes (the scripts default to --resume auto).
 # Exit status: the training's (0 done, 1 aborted, 2 config error, 128+N stopped by signal N); launch.sh's
 # own errors: 2 bad input, 3 no device to run on.
 # Works on a machine with only python3: missing dependencies go into a local .venv.
@@ -168,7 +168,7 @@ spec.loader.exec_module(mod)
 sys.argv[0] = os.path.basename(script)  # argparse names the script in its messages
 args = mod.parse_args(["--config", config, *script_args])  # bad script options: argparse says so, exit 2
 fields = {"SCRIPT": script, "TASK": task, "RUN_DIR": "", "STATUS": "fresh", "CKPT_WORLD": "", "CKPT_STEP": "",
-          "CKPT_BATCH": "", "BATCH": "", "NO_RUN_DIR": "0"}
+          "CKPT_BATCH": "", "BATCH": "", "NO_RUN_DIR": "0", "PENDING": ""}
 # R10: --cache_teacher builds kd.teacher_cache and makes no run dir: a finished run's last.pt and the run dir's lock are
 # not its business (the cache has its own lock); the script itself checks the config
 if getattr(args, "cache_teacher", False):
@@ -196,6 +196,15 @@ elif not args.dry_run:
             if problem:
                 print(problem, file=sys.stderr)
                 sys.exit(2)
+            # R12: "complete" is the script's word: a missing export (distill) or a changed build file (probe)
+            # sends the launch on to the script, which finishes the run or refuses it.
+            try:
+                pending = mod.finished_run_pending(cfg, ckpt, fields["RUN_DIR"]) if ckpt.get("finished") else None
+            except mod.ConfigError as err:  # a backbone.target that does not import: the script would say the same
+                print(err, file=sys.stderr)
+                sys.exit(2)
+            if pending:
+                fields.update(STATUS="finishing", PENDING=pending)
 for key, value in fields.items():
     print(f"{key}={shlex.quote(str(value))}")
 PYTHON
@@ -220,6 +229,9 @@ if [ "$DRY" = 0 ] && [ "$SHOW" = 0 ] && [ "$NO_RUN_DIR" = 0 ]; then
   if [ "$STATUS" = finished ]; then
     echo "launch.sh: $RUN_DIR is complete (step $CKPT_STEP, $RUN_DIR/checkpoints/last.pt); nothing to do"
     exit 0
+  fi
+  if [ "$STATUS" = finishing ]; then
+    echo "launch.sh: $RUN_DIR finished training (step $CKPT_STEP) but $PENDING; running the script for it"
   fi
 fi
 

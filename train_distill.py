@@ -414,6 +414,26 @@ def config_reference(schema, script):
         lines.append(f"  {key:<{widths[0]}}  {default:<{widths[1]}}  {kind:<{widths[2]}}  {doc}")
     return "\n".join(lines)
 
+
+def write_stdout(text, bar=None):
+    """Text and a newline to stdout, flushed at once (a SIGKILL loses no line a pipe's buffer held), above a
+    tqdm bar when one is drawn. False when stdout is closed (`| head` has exited, the terminal is gone): stdout
+    then points at /dev/null, so what is still buffered fails neither a later write nor the exit (R8)."""
+    try:
+        if bar is not None:
+            bar.write(text, file=sys.stdout)
+        else:
+            sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        return True
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return False
+
+
 def import_target(target, key):
     """'package.module:callable' (a *.target key) -> the callable. The working directory is searched as well:
     `python scripts/train_x.py` puts scripts/ on sys.path, not the directory the run starts from, where the
@@ -1653,21 +1673,52 @@ def open_run(run_dir, cfg, dist_info):
 
 
 def remove_stale_temp_files(run_dir, ckpt_dir):
-    """R6: a kill during a save leaves checkpoints/.tmp-PID-*.pt (a DCP directory .tmp-PID-*, D2) or
-    config.yaml.tmp-PID behind; remove those whose writer is gone (a live writer's are left alone), and a
-    *.prev.pt.tmp link (a second name of a checkpoint that is still there)."""
-    for directory in (run_dir, ckpt_dir):
-        for name in os.listdir(directory):
-            if name.startswith(".tmp-"):
-                pid = name[len(".tmp-"):].partition("-")[0]
+    """R6/R12: what a kill leaves of the kit's writes goes when the run starts again. Temp files and directories
+    whose writer is gone (a live writer's are left alone): checkpoints/.tmp-PID-*.pt (a DCP directory
+    .tmp-PID-*, D2) and features/.tmp-PID-*.pt (atomic_save), config.yaml.tmp-PID (atomic_write_text),
+    .export-PID-*/ (an export being written); a *.prev.pt.tmp link (a second name of a checkpoint that is still
+    there); and export.prev/, an export moved aside for its replacement, once export/ is there again (until
+    then it is the complete export on disk)."""
+    for directory in (run_dir, ckpt_dir, os.path.join(run_dir, "features")):
+        for name in os.listdir(directory) if os.path.isdir(directory) else ():
+            if name.startswith((".tmp-", ".export-")):
+                pid = name.split("-")[1]
             else:
                 pid = name.rpartition(".tmp-")[2] if ".tmp-" in name else ""
             if name.endswith(".prev.pt.tmp") or (pid.isdigit() and not process_alive(int(pid))):
-                path = os.path.join(directory, name)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                    os.unlink(path)
+                remove_path(os.path.join(directory, name))
+    if os.path.isdir(os.path.join(run_dir, "export")):
+        remove_path(os.path.join(run_dir, "export.prev"))
+
+
+def remove_path(path):
+    """A file, a link or a whole directory; nothing when it is gone already."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def export_fault(point):
+    """Tests only (R12): KIT_FAULT_SAVE_KILL_AT=POINT dies at that point of publishing an export."""
+    if SAVE_KILL_AT == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def publish_directory(tmp, out):
+    """R12: the complete directory tmp becomes out. An existing out is renamed aside to out.prev first, never
+    deleted before the new one is in: a kill at any point leaves one complete export on disk (out, or out.prev
+    between the two renames, which the next start replaces: finished_run_pending)."""
+    export_fault("export_written")
+    aside = out + ".prev"
+    if os.path.isdir(out):
+        remove_path(aside)  # a leftover of an earlier kill; out itself is complete
+        os.replace(out, aside)
+        export_fault("export_aside")
+    os.replace(tmp, out)
+    export_fault("export_published")
+    remove_path(aside)
 
 
 def process_alive(pid):
@@ -1684,17 +1735,8 @@ def log(run, message):
     if not run["dist"]["main"]:
         return
     line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-    if run["bar"] is not None:
-        run["bar"].write(line)
-    elif not run["quiet"]:
-        try:
-            print(line, flush=True)
-        except OSError:  # stdout closed (`| head`, a dropped terminal): keep training, train.log keeps every line
-            run["quiet"] = True
-            with contextlib.suppress(OSError, ValueError):  # what is still buffered goes nowhere, not to an exit error
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                os.close(devnull)
+    if not run["quiet"] and not write_stdout(line, run["bar"]):
+        run["quiet"] = True  # R8: stdout closed (`| head`, a dropped terminal): keep training, train.log keeps every line
     run["log_file"].write(line + "\n")
     run["log_file"].flush()
 
@@ -1817,6 +1859,7 @@ def checkpoint_state(run, name="last"):
             "data_position": {"epoch": st["global_step"] // per_epoch, "step_in_epoch": st["global_step"] % per_epoch,
                               "seed": run["cfg"]["seed"]},
             "world_size": d["world"], "config": dict(run["cfg"]), "schedule": schedule_signature(run["cfg"], run["plan"]),
+            "inputs": run.get("inputs"),  # what the model's inputs depend on (the probe's features: R11), checked on resume
             "torch_version": str(torch.__version__), **st}
 
 
@@ -3139,7 +3182,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     cache_only (--cache_teacher): build kd.teacher_cache and return ("cached", ...) before the run dir is made."""
     d = setup_distributed(cfg)
     seed_everything(cfg["seed"], d["rank"])
-    say = (lambda line: None) if quiet or not d["main"] else (lambda line: print(line, flush=True))
+    say = (lambda line: None) if quiet or not d["main"] else write_stdout  # R8: the cache build's progress lines
     inputs = run_inputs(cfg, d, say, cache_only=cache_only)  # every refusal before the run dir (R10)
     if cache_only:
         return "cached", {"teacher_cache": inputs["cache"], "dist": d}
@@ -3175,7 +3218,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     resumed = resume(run, resume_mode)
     if run["state"]["finished"]:
         log(run, f"run already complete at step {run['state']['global_step']} ({run['ckpt_dir']}/last.pt); nothing to do")
-        if not os.path.isdir(os.path.join(run_dir, "export")):  # killed between the last save and the export
+        if finished_run_pending(cfg, None, run_dir):  # R12: killed between the last save and the export's publication
             export_best(run)
         return "complete", run
     write_resolved_config(run)
@@ -3207,7 +3250,8 @@ def export_best(run):
     (config.json + model.safetensors, plus the tokenizer files of student.hf_dir), loadable with
     AutoModelForCausalLM.from_pretrained; any other network as model.pt, a plain state dict
     (torch.load(..., weights_only=True)), with model.json saying how to build the module it loads into.
-    Written into a temporary directory and renamed, so a kill leaves no half export; process 0 only."""
+    Written into a temporary directory and published by publish_directory(), so a kill leaves no half export
+    and never no export at all (R12); process 0 only."""
     if not run["dist"]["main"]:
         return None
     cfg, best_path = run["cfg"], os.path.join(run["ckpt_dir"], "best.pt")
@@ -3217,7 +3261,7 @@ def export_best(run):
     best = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)
     state = {k[len("lm."):]: v for k, v in saved_weights(best, best_path).items() if k.startswith("lm.")}  # D4
     lm, arch, out = run["module"].lm, trained_arch(cfg), os.path.join(run["run_dir"], "export")
-    tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=".export-")
+    tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=f".export-{os.getpid()}-")  # R12: a kill's leftover names its writer
     os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide the export from the people it is for
     try:
         if isinstance(lm, HFCausalLM):
@@ -3236,15 +3280,21 @@ def export_best(run):
                     "seq_len": cfg["data.seq_len"],
                     "load": build + "; module.load_state_dict(torch.load('model.pt', weights_only=True))"}
             atomic_write_text(os.path.join(tmp, "model.json"), json.dumps(meta, indent=2) + "\n")
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_directory(tmp, out)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
     log(run, f"exported best.pt's network (step {best['global_step']}, {cfg['train.best_metric']} "
              f"{best['best_value']:.5g}) to {out}")
     return out
+
+
+def finished_run_pending(cfg, ckpt, run_dir):
+    """Why a finished run is not simply complete, in words, or None (launch.sh asks before saying "complete"):
+    its export is missing, killed before it was published (R12). The script's next start writes it."""
+    if os.path.isfile(os.path.join(run_dir, "checkpoints", "best.pt")) and not os.path.isdir(os.path.join(run_dir, "export")):
+        return f"{os.path.join(run_dir, 'export')} is missing; the script writes it from best.pt"
+    return None
 
 
 def load_export(export_dir):
@@ -3627,7 +3677,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.help_config:
-        print(config_reference(CONFIG, os.path.basename(__file__)))
+        write_stdout(config_reference(CONFIG, os.path.basename(__file__)))  # `--help_config | head`: no traceback
         return 0
     try:
         if args.tokenize:

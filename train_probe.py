@@ -397,6 +397,26 @@ def config_reference(schema, script):
         lines.append(f"  {key:<{widths[0]}}  {default:<{widths[1]}}  {kind:<{widths[2]}}  {doc}")
     return "\n".join(lines)
 
+
+def write_stdout(text, bar=None):
+    """Text and a newline to stdout, flushed at once (a SIGKILL loses no line a pipe's buffer held), above a
+    tqdm bar when one is drawn. False when stdout is closed (`| head` has exited, the terminal is gone): stdout
+    then points at /dev/null, so what is still buffered fails neither a later write nor the exit (R8)."""
+    try:
+        if bar is not None:
+            bar.write(text, file=sys.stdout)
+        else:
+            sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        return True
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return False
+
+
 def import_target(target, key):
     """'package.module:callable' (a *.target key) -> the callable. The working directory is searched as well:
     `python scripts/train_x.py` puts scripts/ on sys.path, not the directory the run starts from, where the
@@ -948,8 +968,9 @@ def extract_features(backbone, x, device, cfg):
 def check_backbone(backbone, cfg, device, splits):
     """One batch of every split through the backbone before anything is written (C3): a model built for other
     channels, an output that is not [B, D] after backbone.pool, or splits with different feature sizes fail
-    here with one line, not at the first eval. Returns the feature size and the unpooled output's shape."""
-    dims, shapes = {}, {}
+    here with one line, not at the first eval. Returns the unpooled output's shape and the first training
+    windows' pooled features (the feature size is their width; feature_inputs keeps them to compare on resume)."""
+    dims, shapes, samples = {}, {}, {}
     for dataset in splits:
         x, _ = dataset[np.arange(min(2, len(dataset)))]
         try:
@@ -961,31 +982,152 @@ def check_backbone(backbone, cfg, device, splits):
             raise ConfigError([("C3", "backbone.target" if cfg["backbone.target"] else "backbone.kwargs",
                                 f"the backbone fails on a data.{dataset.split}_x batch of shape {tuple(x.shape)}: "
                                 f"{type(err).__name__}: {first}; check backbone.kwargs against the data")]) from None
-        dims[dataset.split] = pool_features(raw, cfg["backbone.pool"]).shape[1]
+        samples[dataset.split] = pool_features(raw, cfg["backbone.pool"]).cpu()
+        dims[dataset.split] = samples[dataset.split].shape[1]
         shapes[dataset.split] = tuple(raw.shape[1:])
     if len(set(dims.values())) > 1:
         raise ConfigError([("C3", "backbone.pool", f"the splits give features of different sizes {dims} (windows of "
                             "different lengths, flattened?); use a pool that removes the time axis")])
     first = next(iter(dims))  # train() lists the training split first
-    return dims[first], shapes[first]
+    return shapes[first], samples[first]
 
 
-def feature_cache_key(cfg, backbone, digest, split, n, device):
-    """What a split's cached features depend on: the backbone's tensors (digest) and code, the windows (the
-    file's path, size and mtime; for synthetic data the config values) and how they were computed."""
-    def file_id(path):
+# -----------------------------------------------------------------------------
+# What the features depend on: one description (feature_inputs), compared on resume (S7, R11) and hashed into
+# the feature cache's file names (feature_cache_key, R11). Nothing stale is used silently.
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 16
+
+
+def file_fingerprint(path):
+    """A data file's content without reading all of it (a TUAB set is tens of GB): its size and the SHA-256 of
+    16 blocks of 64 KiB spread evenly over it, the first and the last included (the whole file when it is under
+    1 MiB). A rewrite in place almost always changes a sampled block; the feature cache key adds the mtime, which
+    a rewrite changes too, so an edit between the samples rebuilds the cache."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK:
+            digest.update(f.read())
+        else:
+            for i in range(FINGERPRINT_BLOCKS):
+                f.seek((size - FINGERPRINT_BLOCK) * i // (FINGERPRINT_BLOCKS - 1))
+                digest.update(f.read(FINGERPRINT_BLOCK))
+    return {"size": size, "sampled_sha256": digest.hexdigest()}
+
+
+def code_sha256(path):
+    """SHA-256 of a module's source file (the backbone's code), or None for a module without one."""
+    return file_sha256(path) if path and os.path.isfile(path) else None
+
+
+def build_file(cfg):
+    """R11: the user's build file, the module file of backbone.target ('mymod:build' -> mymod.py), hashed. Not
+    the file that defines the returned class (braindecode's deep4.py for a Deep4Net that mymod.py builds): an
+    edit of mymod.py changes the features just as well. Compared by content (the path is for messages: a moved
+    project is the same backbone). None for the built-in encoder."""
+    if cfg["backbone.target"] is None:
+        return None
+    import_target(cfg["backbone.target"], "backbone.target")
+    path = getattr(sys.modules[cfg["backbone.target"].partition(":")[0]], "__file__", None)
+    return {"path": path, "sha256": code_sha256(path)}
+
+
+def data_identity(cfg, split):
+    """A split's windows: the .npy file's content (file_fingerprint); for synthetic data the values that make them."""
+    if cfg["data.train_x"]:
+        return file_fingerprint(cfg[f"data.{split}_x"])
+    return {k: v for k, v in cfg.items() if k.startswith("data.synthetic.") or k == "seed"}
+
+
+def config_inputs(cfg):
+    """The part of feature_inputs known without building the backbone (already_complete and launch.sh use it)."""
+    return {"backbone.target": cfg["backbone.target"], "backbone.kwargs": cfg["backbone.kwargs"],
+            "backbone.output": cfg["backbone.output"], "backbone.pool": cfg["backbone.pool"],
+            "train.precision": cfg["train.precision"], "backbone build file": build_file(cfg),
+            "data.train_x content": data_identity(cfg, "train")}
+
+
+def feature_inputs(cfg, digest, sample):
+    """S7/R11: everything the training features depend on, saved in every checkpoint (run["inputs"]) and
+    compared by check_resume_inputs: the settings, the user's build file, the backbone's tensors (digest), the
+    feature size, the training data, and the first two training windows' features (they catch a change in code
+    no hash here sees: the library that defines the class, the built-in encoder's own code)."""
+    return {**config_inputs(cfg), "backbone digest": digest, "feature dim": int(sample.shape[1]),
+            "first features": sample.float()}
+
+
+def input_changes(saved, now):
+    """[(key, what changed)] between two feature_inputs; the first features compare within float tolerance
+    (the same backbone on another device type differs in the last bits)."""
+    changes = []
+    for key, value in now.items():
+        if key not in saved:
+            continue
+        old = saved[key]
+        if key == "first features":
+            scale = float(old.abs().max()) if torch.is_tensor(old) and old.numel() else 0.0
+            if torch.is_tensor(old) and old.shape == value.shape and \
+                    not torch.allclose(old, value, rtol=1e-3, atol=1e-3 * scale + 1e-6):
+                changes.append((key, "the backbone's features of the first training windows differ (its code changed?)"))
+        elif key == "backbone build file":
+            if (old or {}).get("sha256") != (value or {}).get("sha256"):
+                changes.append((key, f"{(value or old)['path']} changed"))
+        elif old != value:
+            what = {"data.train_x content": "the training windows changed",
+                    "backbone digest": "the backbone's tensors changed (backbone.checkpoint?)"}
+            changes.append((key, what.get(key, f"{old!r} -> {value!r}")))
+    return changes
+
+
+def read_checkpoint_quietly(run_dir, mode):
+    """The checkpoint a resume would start from (last.pt, else last.prev.pt), or None; resume() gives the
+    messages (R6)."""
+    if mode == "none":
+        return None
+    path = os.path.join(run_dir, "checkpoints", "last.pt") if mode == "auto" else mode
+    for candidate in (path, path[:-3] + ".prev.pt") if path.endswith("last.pt") else (path,):
         try:
-            stat = os.stat(path)
-            return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
-        except (OSError, TypeError):
-            return None
-    data = file_id(cfg[f"data.{split}_x"]) if cfg["data.train_x"] else \
-        {k: v for k, v in cfg.items() if k.startswith("data.synthetic.") or k == "seed"}
-    code = file_id(getattr(sys.modules.get(type(backbone).__module__), "__file__", None))
-    what = {"format": 1, "backbone": digest, "code": code, "target": cfg["backbone.target"], "split": split,
-            "windows": n, "data": data, "output": cfg["backbone.output"], "pool": cfg["backbone.pool"],
-            "precision": cfg["train.precision"], "batch": cfg["train.eval_batch_size"], "device": device.type,
-            "torch": str(torch.__version__)}
+            ckpt = torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception:
+            continue
+        if isinstance(ckpt, dict):
+            return ckpt
+    return None
+
+
+def check_resume_inputs(cfg, run_dir, mode, inputs):
+    """S7/R11: the head in a checkpoint was trained on the features these inputs give. A resume on other
+    features (another backbone.pool, kwargs, output, build file, weights, feature size or training data) is
+    refused here, one line, before the feature files or anything else in the run dir are written."""
+    ckpt = read_checkpoint_quietly(run_dir, mode)
+    if ckpt is None or ckpt.get("task") != cfg["task"]:
+        return  # nothing to resume, or resume() explains
+    if ckpt.get("finished"):
+        problem = finished_run_problem(cfg, ckpt, run_dir)
+        if problem:
+            raise problem
+    changes = input_changes(ckpt.get("inputs") or {}, inputs)
+    if changes:
+        fix = ("a finished run is never continued: start a new run with another run_name (--set run_name=NEW) or "
+               "--run_dir NEW" if ckpt.get("finished") else
+               "restore them, or start a new run (--set run_name=NEW or --run_dir NEW)")
+        raise ConfigError([("S7", changes[0][0], f"changed since the checkpoint in {run_dir} (step {ckpt.get('global_step')}), "
+                            f"whose head was trained on the features they give: "
+                            + "; ".join(f"{key}: {text}" for key, text in changes) + f"; {fix}; nothing was touched")])
+
+
+def feature_cache_key(cfg, inputs, split, n, device, class_file):
+    """R11: the one key of a split's cached features, the only way feature_cache() reuses a file. Everything the
+    resume check compares (feature_inputs: settings, build file, backbone digest, feature size), with the
+    split's own windows (the .npy file's size, mtime and sampled blocks; for synthetic data the values that
+    make them), the file that defines the backbone's class (a library upgrade) and how they are computed."""
+    data = data_identity(cfg, split)
+    if cfg["data.train_x"]:
+        data = dict(data, mtime_ns=os.stat(cfg[f"data.{split}_x"]).st_mtime_ns)
+    what = {"format": 2, **{k: v for k, v in inputs.items() if k not in ("first features", "data.train_x content")},
+            "backbone build file": (inputs["backbone build file"] or {}).get("sha256"),
+            "class file": code_sha256(class_file), "split": split, "windows": n, "data": data,
+            "batch": cfg["train.eval_batch_size"], "device": device.type, "torch": str(torch.__version__)}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -997,7 +1139,7 @@ def compute_features(run, backbone, dataset, n):
     bar, said = None, started
     if d["main"] and sys.stderr.isatty() and not run["quiet"]:
         from tqdm import tqdm
-        bar = tqdm(total=n, unit="window", desc=f"{dataset.split} features", dynamic_ncols=True, leave=False)
+        bar = run["bar"] = tqdm(total=n, unit="window", desc=f"{dataset.split} features", dynamic_ncols=True, leave=False)
     log(run, f"features: computing {n} {dataset.split} windows")
     chunks = []
     for start in range(0, n, size):
@@ -1010,16 +1152,19 @@ def compute_features(run, backbone, dataset, n):
             log(run, f"features: {start + len(x)}/{n} {dataset.split} windows ({(start + len(x)) / n:.0%})")
     if bar is not None:
         bar.close()
+        run["bar"] = None
     log(run, f"features: {n} {dataset.split} windows in {time.monotonic() - started:.1f} s")
     return torch.cat(chunks)
 
 
-def feature_cache(run, backbone, digest, dataset, limit=None):
+def feature_cache(run, backbone, dataset, limit=None):
     """All of a split's features in one pass: the backbone is frozen and the data unaugmented, so every
     later epoch would recompute exactly these numbers. Kept in <run_dir>/features/ under a name made of
-    what they depend on (feature_cache_key), so a resumed run loads them instead of computing them again."""
+    what they depend on (feature_cache_key, R11), so a resumed run loads them instead of computing them again,
+    and features of other inputs are never loaded."""
     n = min(len(dataset), limit or len(dataset))
-    key = feature_cache_key(run["cfg"], backbone, digest, dataset.split, n, run["dist"]["device"])
+    class_file = getattr(sys.modules.get(type(backbone).__module__), "__file__", None)
+    key = feature_cache_key(run["cfg"], run["inputs"], dataset.split, n, run["dist"]["device"], class_file)
     directory = os.path.join(run["run_dir"], "features")
     path = os.path.join(directory, f"{dataset.split}-{n}-{key}.pt")
     if os.path.exists(path):
@@ -1116,21 +1261,52 @@ def open_run(run_dir, cfg, dist_info):
 
 
 def remove_stale_temp_files(run_dir, ckpt_dir):
-    """R6: a kill during a save leaves checkpoints/.tmp-PID-*.pt (a DCP directory .tmp-PID-*, D2) or
-    config.yaml.tmp-PID behind; remove those whose writer is gone (a live writer's are left alone), and a
-    *.prev.pt.tmp link (a second name of a checkpoint that is still there)."""
-    for directory in (run_dir, ckpt_dir):
-        for name in os.listdir(directory):
-            if name.startswith(".tmp-"):
-                pid = name[len(".tmp-"):].partition("-")[0]
+    """R6/R12: what a kill leaves of the kit's writes goes when the run starts again. Temp files and directories
+    whose writer is gone (a live writer's are left alone): checkpoints/.tmp-PID-*.pt (a DCP directory
+    .tmp-PID-*, D2) and features/.tmp-PID-*.pt (atomic_save), config.yaml.tmp-PID (atomic_write_text),
+    .export-PID-*/ (an export being written); a *.prev.pt.tmp link (a second name of a checkpoint that is still
+    there); and export.prev/, an export moved aside for its replacement, once export/ is there again (until
+    then it is the complete export on disk)."""
+    for directory in (run_dir, ckpt_dir, os.path.join(run_dir, "features")):
+        for name in os.listdir(directory) if os.path.isdir(directory) else ():
+            if name.startswith((".tmp-", ".export-")):
+                pid = name.split("-")[1]
             else:
                 pid = name.rpartition(".tmp-")[2] if ".tmp-" in name else ""
             if name.endswith(".prev.pt.tmp") or (pid.isdigit() and not process_alive(int(pid))):
-                path = os.path.join(directory, name)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                    os.unlink(path)
+                remove_path(os.path.join(directory, name))
+    if os.path.isdir(os.path.join(run_dir, "export")):
+        remove_path(os.path.join(run_dir, "export.prev"))
+
+
+def remove_path(path):
+    """A file, a link or a whole directory; nothing when it is gone already."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def export_fault(point):
+    """Tests only (R12): KIT_FAULT_SAVE_KILL_AT=POINT dies at that point of publishing an export."""
+    if SAVE_KILL_AT == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def publish_directory(tmp, out):
+    """R12: the complete directory tmp becomes out. An existing out is renamed aside to out.prev first, never
+    deleted before the new one is in: a kill at any point leaves one complete export on disk (out, or out.prev
+    between the two renames, which the next start replaces: finished_run_pending)."""
+    export_fault("export_written")
+    aside = out + ".prev"
+    if os.path.isdir(out):
+        remove_path(aside)  # a leftover of an earlier kill; out itself is complete
+        os.replace(out, aside)
+        export_fault("export_aside")
+    os.replace(tmp, out)
+    export_fault("export_published")
+    remove_path(aside)
 
 
 def process_alive(pid):
@@ -1147,17 +1323,8 @@ def log(run, message):
     if not run["dist"]["main"]:
         return
     line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-    if run["bar"] is not None:
-        run["bar"].write(line)
-    elif not run["quiet"]:
-        try:
-            print(line, flush=True)
-        except OSError:  # stdout closed (`| head`, a dropped terminal): keep training, train.log keeps every line
-            run["quiet"] = True
-            with contextlib.suppress(OSError, ValueError):  # what is still buffered goes nowhere, not to an exit error
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                os.close(devnull)
+    if not run["quiet"] and not write_stdout(line, run["bar"]):
+        run["quiet"] = True  # R8: stdout closed (`| head`, a dropped terminal): keep training, train.log keeps every line
     run["log_file"].write(line + "\n")
     run["log_file"].flush()
 
@@ -1280,6 +1447,7 @@ def checkpoint_state(run, name="last"):
             "data_position": {"epoch": st["global_step"] // per_epoch, "step_in_epoch": st["global_step"] % per_epoch,
                               "seed": run["cfg"]["seed"]},
             "world_size": d["world"], "config": dict(run["cfg"]), "schedule": schedule_signature(run["cfg"], run["plan"]),
+            "inputs": run.get("inputs"),  # what the model's inputs depend on (the probe's features: R11), checked on resume
             "torch_version": str(torch.__version__), **st}
 
 
@@ -2076,12 +2244,24 @@ def already_complete(cfg, plan, run_dir, mode, d):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             if ckpt.get("finished") and ckpt.get("task") == cfg["task"] and ckpt.get("world_size") == d["world"] \
-                    and ckpt.get("schedule") == schedule_signature(cfg, plan):
+                    and ckpt.get("schedule") == schedule_signature(cfg, plan) \
+                    and finished_run_problem(cfg, ckpt, run_dir) is None and finished_run_pending(cfg, ckpt, run_dir) is None:
                 step = ckpt["global_step"]
-        except Exception:  # unreadable: resume() falls back to last.prev.pt and says so
+        except Exception:  # unreadable: resume() falls back to last.prev.pt and says so; a bad target: build_backbone
             pass
     steps = all_gather_list([step], d["world"])
     return step if len(set(steps)) == 1 else None
+
+
+def finished_run_pending(cfg, ckpt, run_dir):
+    """Why a finished run is not simply complete, in words, or None (already_complete and launch.sh ask before
+    saying "complete"): what its features depend on changed where the config does not show it (the build file,
+    the training data), and train() then refuses, naming it (S7/R11); or its export is missing, killed before
+    it was published (R12), and train() writes it."""
+    changes = input_changes(ckpt.get("inputs") or {}, config_inputs(cfg))
+    if not os.path.isdir(os.path.join(run_dir, "export")):
+        changes.append(("export", f"{os.path.join(run_dir, 'export')} is missing; the script writes it"))
+    return "; ".join(f"{key}: {text}" for key, text in changes) or None
 
 
 def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
@@ -2100,19 +2280,22 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
         return "complete", run
     sets = {"train": train_set, "val": val_set, **({"test": test_set} if test_set else {})}
     backbone = build_backbone(cfg, train_set.shape[1]).to(d["device"])
-    dim, shape = check_backbone(backbone, cfg, d["device"], sets.values())  # every split, before anything is written
-    run = open_run(run_dir, cfg, d)
-    run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, backbone_output_shape=shape)
+    shape, first = check_backbone(backbone, cfg, d["device"], sets.values())  # every split, before anything is written
     digest = tensor_digest(backbone)
-    cached = use_feature_cache(cfg, len(train_set), dim)
+    inputs = feature_inputs(cfg, digest, first)
+    check_resume_inputs(cfg, run_dir, resume_mode, inputs)  # S7/R11: before a feature file is replaced
+    run = open_run(run_dir, cfg, d)
+    run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, backbone_output_shape=shape,
+               inputs=inputs)
+    cached = use_feature_cache(cfg, len(train_set), inputs["feature dim"])
     evals = {k: s for k, s in sets.items() if k != "train"}
     if cached:
-        train_feats = feature_cache(run, backbone, digest, train_set)
-        run["eval_sources"] = {k: (feature_cache(run, backbone, digest, s), s.labels) for k, s in evals.items()}
+        train_feats = feature_cache(run, backbone, train_set)
+        run["eval_sources"] = {k: (feature_cache(run, backbone, s), s.labels) for k, s in evals.items()}
         sample = train_feats
     else:
         run["eval_sources"] = {k: (s, s.labels) for k, s in evals.items()}
-        sample = feature_cache(run, backbone, digest, train_set, limit=2048)  # for standardisation only
+        sample = feature_cache(run, backbone, train_set, limit=2048)  # for standardisation only
     module = build_head(cfg, sample).to(d["device"])
     # DDP copies process 0's weights and buffers to every process at construction; the head's buffers are
     # fixed, so the default per-forward buffer broadcast only copies equal values.
@@ -2214,13 +2397,14 @@ def head_from_state(cfg, state):
 def export_probe(run):
     """best.pt's head (the last weights when no eval was finite) into <run_dir>/export/: head.pt, a plain state
     dict, and probe.json with the backbone reference (backbone.target/kwargs/checkpoint, the seed of a built-in
-    encoder) and the in_channels. Written into a temporary directory and renamed: a kill leaves no half export."""
+    encoder) and the in_channels. Written into a temporary directory and published by publish_directory(): a kill
+    leaves no half export, and never none (R12)."""
     if not run["dist"]["main"]:
         return None
     best_path, out = os.path.join(run["ckpt_dir"], "best.pt"), os.path.join(run["run_dir"], "export")
     best = torch.load(best_path, map_location="cpu", weights_only=True) if os.path.exists(best_path) else None
     state = best["model"] if best else host_copy(run["module"].state_dict())
-    tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=".export-")
+    tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=f".export-{os.getpid()}-")  # R12: a kill's leftover names its writer
     os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide the export from the people it is for
     try:
         torch.save(state, os.path.join(tmp, "head.pt"))
@@ -2228,9 +2412,7 @@ def export_probe(run):
                 "step": best["global_step"] if best else run["state"]["global_step"], "config": model_config(run["cfg"]),
                 "load": f"import train_probe; model = train_probe.load_export({out!r})  # windows [B, C, T] -> logits"}
         atomic_write_text(os.path.join(tmp, "probe.json"), json.dumps(meta, indent=2) + "\n")
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_directory(tmp, out)  # R12: an existing export is replaced, never deleted first
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
@@ -2264,7 +2446,7 @@ def evaluate_saved(config_path, overrides, path):
         backbone, head = build_backbone(model_cfg, sets["val"].shape[1]), head_from_state(model_cfg, ckpt["model"])
         weights = f"{source} (step {ckpt['global_step']})"
     backbone = backbone.to(d["device"])
-    dim, _ = check_backbone(backbone, model_cfg, d["device"], sets.values())
+    dim = check_backbone(backbone, model_cfg, d["device"], sets.values())[1].shape[1]
     if dim != head.linear.in_features:
         raise ConfigError([("C3", "--evaluate", f"the backbone gives {dim} features, the head in {source} takes "
                             f"{head.linear.in_features}; evaluate with the config the run trained with")])
@@ -2900,7 +3082,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.help_config:
-        print(config_reference(CONFIG, os.path.basename(__file__)))
+        write_stdout(config_reference(CONFIG, os.path.basename(__file__)))  # `--help_config | head`: no traceback
         return 0
     try:
         if args.prepare_tuab:

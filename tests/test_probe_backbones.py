@@ -272,20 +272,32 @@ def test_feature_cache_is_kept_in_the_run_dir_and_a_resume_does_not_recompute_it
     assert outcome == "finished" and computed == []
     assert "train windows loaded from" in (run_dir / "train.log").read_text()
     # what the key depends on: the backbone's tensors, the data, how the features are pooled
-    key = tp.feature_cache_key(cfg, run["backbone"], "digest", "train", 38, torch.device("cpu"))
-    assert key != tp.feature_cache_key(cfg, run["backbone"], "other digest", "train", 38, torch.device("cpu"))
-    assert key != tp.feature_cache_key(dict(cfg, seed=1), run["backbone"], "digest", "train", 38, torch.device("cpu"))
-    assert key != tp.feature_cache_key(dict(cfg, **{"backbone.pool": "flatten"}), run["backbone"], "digest", "train",
-                                       38, torch.device("cpu"))
+    inputs, cpu = run["inputs"], torch.device("cpu")
+
+    def key(cfg=cfg, **changed):
+        return tp.feature_cache_key(cfg, {**inputs, **changed}, "train", 38, cpu, None)
+
+    assert key() == key() and key() != key(**{"backbone digest": "other"})
+    assert key() != key(dict(cfg, seed=1)) and key() != key(**{"backbone.pool": "flatten"})
+    assert key() != key(**{"backbone.kwargs": {"channels": 4, "f1": 8}})
 
 
-def test_feature_cache_key_follows_the_data_file(tmp_path):
+def test_r11_feature_cache_key_follows_the_data_file(tmp_path):
     cfg = tp.resolve_config(None, TINY + save_splits(tmp_path))[0]
-    backbone = tp.build_backbone(cfg, 4)
-    key = tp.feature_cache_key(cfg, backbone, "d", "train", 12, torch.device("cpu"))
-    assert key == tp.feature_cache_key(cfg, backbone, "d", "train", 12, torch.device("cpu"))
+    inputs, cpu = tp.config_inputs(cfg), torch.device("cpu")
+    key = tp.feature_cache_key(cfg, inputs, "train", 12, cpu, None)
+    assert key == tp.feature_cache_key(cfg, inputs, "train", 12, cpu, None)
     os.utime(tmp_path / "train_x.npy", ns=(1, 1))  # rewritten in place: same path and size, another mtime
-    assert key != tp.feature_cache_key(cfg, backbone, "d", "train", 12, torch.device("cpu"))
+    assert key != tp.feature_cache_key(cfg, inputs, "train", 12, cpu, None)
+    before = tp.file_fingerprint(tmp_path / "train_x.npy")
+    with open(tmp_path / "train_x.npy", "r+b") as f:  # one byte of the last window, the mtime put back
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    os.utime(tmp_path / "train_x.npy", ns=(1, 1))
+    assert tp.file_fingerprint(tmp_path / "train_x.npy") != before
+    assert key != tp.feature_cache_key(cfg, inputs, "train", 12, cpu, None)
 
 
 def test_a_finished_run_says_complete_before_building_the_backbone(tmp_path, monkeypatch):

@@ -1,0 +1,128 @@
+"""Issue 21: the probe never trains on stale features. What its features depend on (backbone.pool, kwargs,
+output, the user's build file, the backbone's tensors, the feature size, the training data) keys the feature
+cache (R11) and is compared when a run resumes (S7): a change is one line, exit 2, nothing overwritten.
+
+The backbone is a zoo model built by a user's own build file (`mymod_r11.py:build`, the way a braindecode
+Deep4Net is built by the user's `mymod.py`): the class lives in zoo.py, so only the build file's content can
+say that the features changed.
+"""
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+
+from test_probe import TINY, ckpt, sets
+from test_probe_backbones import TESTS, run_in
+import train_probe as tp
+
+BUILD_FILE = '''import zoo
+SCALE = 1.0  # the edit between the kill and the relaunch: another input scale, the same class and weights
+
+
+def build(channels, **kwargs):
+    net = zoo.token_transformer(channels, **kwargs)
+    net.register_forward_pre_hook(lambda module, args: (args[0] * SCALE,))
+    return net
+'''
+BASE = TINY + ["backbone.target=mymod_r11:build", "backbone.kwargs={channels: 4}", "backbone.pool=mean_tokens",
+               "backbone.cache_features=true", "train.save_every_steps=2"]
+
+
+def tree_bytes(run_dir):
+    """Every file of the run dir and its bytes."""
+    found = {}
+    for parent, _, names in os.walk(run_dir):
+        for name in names:
+            path = os.path.join(parent, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, run_dir)] = f.read()
+    return found
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """A user's project: zoo.py, the build file mymod_r11.py, and a run SIGKILLed at step 7 (last.pt at 6)."""
+    project = tmp_path_factory.mktemp("project")
+    shutil.copy(os.path.join(TESTS, "zoo.py"), project / "zoo.py")
+    (project / "mymod_r11.py").write_text(BUILD_FILE)
+    died = run_in(project, *sets(*BASE), "--run_dir", "runs/r", env={"KIT_FAULT_KILL_AT": "7:1"})
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    run_dir = project / "runs" / "r"
+    assert ckpt(str(run_dir))["global_step"] == 6 and len(os.listdir(run_dir / "features")) == 2
+    return project, run_dir
+
+
+def relaunch(capsys, monkeypatch, project, *extra):
+    """train_probe.main from the project directory, as `python train_probe.py --set ...` there: (code, stdout, stderr lines)."""
+    monkeypatch.chdir(project)
+    code = tp.main([*sets(*BASE, *extra), "--run_dir", "runs/r"])
+    out = capsys.readouterr()
+    return code, out.out, out.err.strip().splitlines()
+
+
+def test_r11_s7_a_killed_run_relaunched_on_other_features_exits_2_naming_the_key_and_touches_nothing(
+        killed, capsys, monkeypatch):
+    project, run_dir = killed
+    before = tree_bytes(run_dir)
+    for extra, key, says in [
+        (["backbone.pool=cls"], "backbone.pool", "'mean_tokens' -> 'cls'"),  # the same feature size, other features
+        (["backbone.kwargs={channels: 4, dim: 8}"], "backbone.kwargs", "{'channels': 4, 'dim': 8}"),  # 16 -> 8 features
+    ]:
+        code, out, err = relaunch(capsys, monkeypatch, project, *extra)
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"config error: {key}: changed since the checkpoint in runs/r (step 6)"), err[0]
+        assert says in err[0] and "nothing was touched" in err[0] and "resumed" not in out
+        assert tree_bytes(run_dir) == before  # feature files, checkpoints, logs: byte for byte
+    assert "feature dim: 16 -> 8" in relaunch(capsys, monkeypatch, project, "backbone.kwargs={channels: 4, dim: 8}")[2][0]
+    # The build file edited between the kill and the relaunch: the same class, weights and feature size.
+    (project / "mymod_r11.py").write_text(BUILD_FILE.replace("SCALE = 1.0", "SCALE = 2.0"))
+    try:
+        code, out, err = relaunch(capsys, monkeypatch, project)
+    finally:
+        (project / "mymod_r11.py").write_text(BUILD_FILE)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("config error: backbone build file: ") and "mymod_r11.py changed" in err[0]
+    assert tree_bytes(run_dir) == before
+
+
+def test_r11_a_finished_run_rerun_with_a_changed_kwarg_or_build_file_is_refused_not_complete(killed, capsys, monkeypatch):
+    project, run_dir = killed
+    code, out, err = relaunch(capsys, monkeypatch, project)  # the same settings: resumes and finishes
+    assert code == 0 and "resumed from" in out and "loaded from" in out, err
+    assert ckpt(str(run_dir))["finished"]
+    before = tree_bytes(run_dir)
+    code, out, err = relaunch(capsys, monkeypatch, project, "backbone.kwargs={channels: 4, heads: 4}")
+    assert code == 2 and len(err) == 1 and "holds a finished run" in err[0] and "backbone.kwargs" in err[0], err
+    assert "complete" not in out and "loaded from" not in out
+    (project / "mymod_r11.py").write_text(BUILD_FILE + "# an edit\n")
+    try:
+        assert tp.finished_run_pending(tp.resolve_config(None, BASE)[0], ckpt(str(run_dir)), "runs/r")  # launch.sh asks
+        code, out, err = relaunch(capsys, monkeypatch, project)
+    finally:
+        (project / "mymod_r11.py").write_text(BUILD_FILE)
+    assert code == 2 and len(err) == 1 and "mymod_r11.py changed" in err[0] and "never continued" in err[0], err
+    assert tree_bytes(run_dir) == before
+    code, out, err = relaunch(capsys, monkeypatch, project)
+    assert code == 0 and "run already complete at step 12" in out
+
+
+def test_r11_s7_diagnose_flags_a_checkpoint_whose_features_came_from_other_settings(killed, monkeypatch):
+    import contextlib
+    import io
+    import json
+    import diagnose_and_fix as dx
+    project, run_dir = killed
+    monkeypatch.chdir(project)
+
+    def report(*extra):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = dx.main([*[a for o in BASE + list(extra) for a in ("--set", o)], "--checkpoint",
+                            str(run_dir / "checkpoints" / "last.pt"), "--json"])
+        return code, [f for f in json.loads(out.getvalue())["findings"] if f["id"] == "S7" and f["source"] == "checkpoint"]
+
+    assert report()[1] == []
+    code, s7 = report("backbone.pool=cls")
+    assert code >= 1 and s7[0]["severity"] == "critical" and "backbone.pool: 'mean_tokens' -> 'cls'" in s7[0]["evidence"]
