@@ -59,13 +59,13 @@ UNCACHED_SETTINGS = LOOP_SETTINGS[:-1] + ["backbone.cache_features=false", "data
 PARAMS = {  # quick / full
     "quick": {"loop_repeats": 5, "real_repeats": 3, "uncached_repeats": 2, "step_blocks": 9, "cache_epochs": 3,
               "cache_repeats": 1, "kd_repeats": 3, "curve_steps": 50_000, "curve_repeats": 3, "peer_repeats": 2,
-              "offline_repeats": 2},
+              "offline_repeats": 2, "kd_chunk_repeats": 2},
     "full": {"loop_repeats": 11, "real_repeats": 7, "uncached_repeats": 9, "step_blocks": 25, "cache_epochs": None,
              "cache_repeats": 2, "kd_repeats": 10, "curve_steps": 200_000, "curve_repeats": 5, "peer_repeats": 5,
-             "offline_repeats": 5},
+             "offline_repeats": 5, "kd_chunk_repeats": 5},
 }
 LOOP_PARTS = ("loop", "loop_realistic", "loop_uncached")
-PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "offline", "dry_run", "peer"]
+PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "kd_chunk", "offline", "dry_run", "peer"]
 # Offline KD: configs/distill_demo.yaml as it is, except kd.gamma 0 on every side (the hidden-state term needs
 # the teacher's hidden states, which a cache does not hold) and fewer windows (the step does not depend on how
 # many there are; the cache build's rate is reported per token). The 32k case: the same models and loop on
@@ -498,6 +498,73 @@ def bench_topk(repeats, vocabs=(32_000, 128_000), rows=256, k=256, temperature=2
 
 
 # -----------------------------------------------------------------------------
+# Chunked KD loss (D6, kd.chunk_tokens): one loss step of make_task from the last hidden states, CE + full
+# KD with an online teacher, the head run on both sides; unchunked (the [batch, seq, vocab] logits of both
+# networks, as loss() computes them) vs td.chunked_terms (chunk x vocab at a time, recomputed in the backward).
+# 4 x 256 positions at vocab 131,072 (128k) and width 64: one logits tensor is 512 MiB, one chunk of 128
+# positions 64 MiB; the unchunked step peaks near 3 GiB, seconds per step on one core.
+KD_CHUNK = {"batch": 4, "seq": 256, "vocab": 131_072, "width": 64, "chunk": 128, "alpha": 0.5, "beta": 0.5,
+            "temperature": 2.0}
+
+
+def kd_chunk_inputs(td, batch, seq, vocab, width, seed=0, **_):
+    """The step's inputs: the student's hidden states and head weight (trained), the teacher's (frozen),
+    targets with some padding (IGNORE) so the masking runs too."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq, width, generator=gen).requires_grad_()
+    weight = (torch.randn(vocab, width, generator=gen) / width ** 0.5).requires_grad_()
+    t_hidden = torch.randn(batch, seq, width, generator=gen)
+    t_weight = torch.randn(vocab, width, generator=gen) / width ** 0.5
+    targets = torch.randint(vocab, (batch, seq), generator=gen)
+    targets[:, -seq // 8:] = td.IGNORE  # a padded tail
+    return hidden, weight, t_hidden, t_weight, targets
+
+
+def kd_chunk_step(td, inputs, chunk, alpha, beta, temperature, **_):
+    """fn() running one forward + backward of the loss (chunk 0: unchunked), dropping the gradients, returning the loss.
+    Both sides are make_task's loss() / chunked_loss() minus the network body, with the kit's functions."""
+    hidden, weight, t_hidden, t_weight, targets = inputs
+
+    def go():
+        if chunk:
+            ce, kd = td.chunked_terms(hidden, (weight, None), targets, (t_hidden, t_weight, None), True, alpha, beta,
+                                      temperature, None, chunk)
+        else:
+            logits = F.linear(hidden, weight)
+            with torch.no_grad():
+                t_logits = F.linear(t_hidden, t_weight)
+            ce = td.token_cross_entropy(logits, targets)
+            kd = torch.where(targets != td.IGNORE, td.kd_kl(logits, t_logits, temperature), 0.0).sum()
+        loss = alpha * ce + beta * temperature ** 2 * kd
+        loss.backward()
+        hidden.grad = weight.grad = None
+        return loss.detach()  # the smoke test checks both sides compute the same loss
+    return go
+
+
+def bench_kd_chunk(repeats, memory_runs=3, sizes=None):
+    """Peak memory and time of the loss step, chunked / unchunked.
+
+    Memory is the peak of torch's CPU allocator during the step above what it held before (tensor_peak_bytes:
+    the profiler's allocation records carry the allocator's running total). Chosen over a fresh process's
+    ru_maxrss: that is a lifetime high-water mark (whatever torch's import or the inputs' set-up touched
+    first hides a smaller step peak) and includes what malloc keeps cached after a free, while the allocator's
+    count is exactly the tensors the chunking is about, the same to the byte on every run whatever else the
+    machine does. Each side is measured `memory_runs` times and every run is reported: they must agree."""
+    import train_distill as td
+    s = dict(KD_CHUNK, **(sizes or {}))
+    inputs = kd_chunk_inputs(td, **s)
+    steps = {"unchunked": kd_chunk_step(td, inputs, **dict(s, chunk=0)), "chunked": kd_chunk_step(td, inputs, **s)}
+    mem = {name: [tensor_peak_bytes(step) / 2**20 for _ in range(memory_runs)] for name, step in steps.items()}
+    times = paired_times({name: (lambda step=step: timed(step)) for name, step in steps.items()}, repeats, warmup=1)
+    return {**s, "unchunked_mb": mem["unchunked"], "chunked_mb": mem["chunked"],
+            "logits_mb": s["batch"] * s["seq"] * s["vocab"] * 4 / 2**20,
+            "mem_ratio": statistics.median(mem["chunked"]) / statistics.median(mem["unchunked"]),
+            "unchunked_ms": 1e3 * best(times["unchunked"]), "chunked_ms": 1e3 * best(times["chunked"]),
+            "time_ratio": best_ratio(times, "chunked", "unchunked")}
+
+
+# -----------------------------------------------------------------------------
 # Offline KD: train_distill.py's real train() builds each side (online full KD, online top-k, top-k from
 # kd.teacher_cache); the benchmark stops it where it calls fit() and times its optimizer_step().
 def token_files(directory, vocab, tokens=200_000, seed=0):
@@ -783,6 +850,8 @@ def build_rows(r):
                              f"peak tensor memory ({t['topk_mb']:.0f} vs {t['full_mb']:.0f} MB; one logits tensor "
                              f"{t['logits_mb']:.0f} MB)", f"{t['mem_ratio']:.2f}", "report",
                              "pays off" if t["mem_ratio"] < 1 else "does not pay off"))
+    if r.get("kd_chunk"):
+        rows += kd_chunk_rows(r["kd_chunk"])
     for name, o in (r.get("offline") or {}).items():
         label = (f"offline KD, {'configs/distill_demo.yaml (kd.gamma 0)' if name == 'demo' else 'vocab 32k, batch 8'}: "
                  f"top-{o['k']} of vocab {o['vocab']:,}, batch {o['batch']} x accum {o['accum']} x {o['seq_len']} tokens")
@@ -819,6 +888,19 @@ def build_rows(r):
     return rows
 
 
+def kd_chunk_rows(c):
+    label = (f"chunked KD loss (D6), vocab {c['vocab'] // 1024}k, {c['batch']} x {c['seq']} positions, width {c['width']}, "
+             f"kd.chunk_tokens {c['chunk']}")
+    mb = lambda runs: "/".join(f"{v:.0f}" for v in runs)  # noqa: E731  every memory run, to show they agree
+    return [(label, f"peak tensor memory of the loss step (CE + full KD, student and teacher heads, forward + backward), "
+             f"chunked / unchunked ({mb(c['chunked_mb'])} vs {mb(c['unchunked_mb'])} MB over {len(c['chunked_mb'])} runs; "
+             f"one [batch, seq, vocab] logits tensor {c['logits_mb']:.0f} MB)", f"{c['mem_ratio']:.3f}", "<= 0.25",
+             "met" if c["mem_ratio"] <= 0.25 else "NOT met"),
+            (label, f"time of the same step, chunked / unchunked ({c['chunked_ms']:.0f} vs {c['unchunked_ms']:.0f} ms; "
+             "the chunked backward recomputes each chunk's logits)", f"{c['time_ratio']:.2f}", "<= 1.3",
+             "met" if c["time_ratio"] <= 1.3 else "NOT met")]
+
+
 def markdown_table(rows):
     lines = ["| benchmark | measurement | result | target | verdict |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
@@ -837,6 +919,8 @@ def summary(r):
             "epochs": (r.get("cache") or {}).get("epochs"), "cache_speedup": (r.get("cache") or {}).get("speedup"),
             "topk_time_ratio_32k": t32.get("time_ratio"), "topk_mem_ratio_32k": t32.get("mem_ratio"),
             "topk_time_ratio_128k": t128.get("time_ratio"), "topk_mem_ratio_128k": t128.get("mem_ratio"),
+            "kd_chunk_mem_ratio_128k": (r.get("kd_chunk") or {}).get("mem_ratio"),
+            "kd_chunk_time_ratio_128k": (r.get("kd_chunk") or {}).get("time_ratio"),
             "offline_step_ratio": ((r.get("offline") or {}).get("demo") or {}).get("offline_topk_step_ratio"),
             "offline_mem_ratio": ((r.get("offline") or {}).get("demo") or {}).get("offline_topk_mem_ratio"),
             "offline_step_ratio_32k": ((r.get("offline") or {}).get("32k") or {}).get("offline_topk_step_ratio"),
@@ -917,6 +1001,8 @@ def run_parts(want, p, results, tmp):
         run_part(results, "cache", lambda: bench_cache(p["cache_epochs"], p["cache_repeats"], tmp))
     if "topk" in want:
         run_part(results, "topk", lambda: bench_topk(p["kd_repeats"]))
+    if "kd_chunk" in want:
+        run_part(results, "kd_chunk", lambda: bench_kd_chunk(p["kd_chunk_repeats"]))
     if "offline" in want:
         run_part(results, "offline", lambda: bench_offline(p["offline_repeats"], tmp))
     if "dry_run" in want:

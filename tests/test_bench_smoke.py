@@ -87,6 +87,27 @@ def test_topk_kd_measures_time_and_peak_memory_of_kd_kl():
     assert row["full_mb"] >= 2 * row["logits_mb"] and row["topk_mb"] > 0
 
 
+def test_d6_chunked_kd_bench_reports_memory_and_time_ratios_of_the_same_loss():
+    import train_distill as td
+    sizes = {"batch": 2, "seq": 32, "vocab": 4096, "width": 8, "chunk": 8}
+    out = bench.bench_kd_chunk(repeats=1, memory_runs=2, sizes=sizes)
+    assert out["chunked_ms"] > 0 and out["unchunked_ms"] > 0 and out["time_ratio"] > 0
+    # the allocator's peak is deterministic: every run the same bytes
+    assert len(set(out["chunked_mb"])) == 1 and len(set(out["unchunked_mb"])) == 1
+    # unchunked holds at least the student's and the teacher's [batch, seq, vocab] logits; the chunk of 8 of 64
+    # positions far less: the benchmark measures kd.chunk_tokens, not the same path twice
+    assert out["unchunked_mb"][0] >= 2 * out["logits_mb"] and out["mem_ratio"] < 0.5
+    summary = bench.summary({"kd_chunk": out, "quick": True})
+    assert summary["kd_chunk_mem_ratio_128k"] == out["mem_ratio"] and summary["kd_chunk_time_ratio_128k"] == out["time_ratio"]
+    assert [row[3] for row in bench.build_rows({"kd_chunk": out})] == ["<= 0.25", "<= 1.3"]
+    # both sides are the same loss (chunked_terms vs token_cross_entropy + kd_kl on whole logits)
+    inputs = bench.kd_chunk_inputs(td, **sizes)
+    settings = dict(bench.KD_CHUNK, **sizes)
+    chunked = bench.kd_chunk_step(td, inputs, **settings)()
+    unchunked = bench.kd_chunk_step(td, inputs, **dict(settings, chunk=0))()
+    torch.testing.assert_close(chunked, unchunked)
+
+
 def test_offline_kd_bench_times_three_sides_of_the_real_distill_step(tmp_path):
     out = bench.bench_offline(1, str(tmp_path), cases={"tiny": ["data.limit=16", "data.val_windows=4", "train.batch_size=4",
                                                                 "data.seq_len=16"]}, steps={"tiny": 1})
@@ -123,7 +144,8 @@ def test_last_line_is_json_with_every_headline_key(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     for key in ("overhead_ratio", "syncs_per_step", "epochs", "cache_speedup", "topk_time_ratio_32k",
-                "topk_mem_ratio_32k", "dryrun_steps_per_s", "offline_step_ratio", "offline_mem_ratio"):
+                "topk_mem_ratio_32k", "dryrun_steps_per_s", "offline_step_ratio", "offline_mem_ratio",
+                "kd_chunk_mem_ratio_128k", "kd_chunk_time_ratio_128k"):
         assert key in summary
     assert summary["dryrun_steps_per_s"] > 0 and summary["overhead_ratio"] is None  # not run: null, not made up
-    assert summary["offline_step_ratio"] is None
+    assert summary["offline_step_ratio"] is None and summary["kd_chunk_mem_ratio_128k"] is None
