@@ -54,7 +54,8 @@ TASK = "distill"
 # -----------------------------------------------------------------------------
 # Config: every key, its default, its type and what it means. A YAML file and --set override these;
 # any other key is an error (C2), every value is cast to its type or rejected (C1).
-# Types: str, int, float, bool, floats (list), strs (list), dict (free-form), a tuple of choices; "?" allows null.
+# Types: str, int, float, bool, floats (list), strs (list), pairs (a list of [int, int]), dict (free-form), a tuple
+# of choices; "?" allows null.
 CONFIG = {
     "task": ("distill", "str", "which script runs this config (distill = train_distill.py)"),
     "run_name": ("distill", "str", "run directory is runs/<run_name>/ unless --run_dir is given"),
@@ -145,6 +146,19 @@ CONFIG = {
     "kd.gamma": (0.1, "float", "weight of the hidden-state loss through the learned projection"),
     "kd.temperature": (2.0, "float", "softmax temperature T of the KD term"),
     "kd.top_k": (None, "int?", "compare only the teacher's top-k tokens per position (+ one bucket for the rest); null = full KD"),
+    "kd.divergence": ("forward_kl", ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"), "D(teacher_T, student_T) of the KD term: forward_kl, reverse_kl (MiniLLM), "
+                      "jsd (GKD's generalized JSD), skew_kl (DistiLLM), tvd; scaled by T^2 (tvd: T)"),
+    "kd.jsd_beta": (0.5, "float", "jsd: GKD's beta, the teacher's weight in the mixture; 0 = forward KL, 1 = reverse KL"),
+    "kd.skew_alpha": (0.1, "float", "skew_kl: KL(p || a p + (1 - a) q) with a = this (DistiLLM); 0 = forward KL"),
+    "kd.on_policy_fraction": (0.0, "float", "GKD's lmbda: the share of micro-batches whose KD term is taken on the "
+                              "student's own continuations of a prompt, scored by the teacher; 0 = off"),
+    "kd.prompt_tokens": (None, "int?", "on-policy: the prompt is each window's first N tokens; null = data.seq_len // 2"),
+    "kd.max_new_tokens": (None, "int?", "on-policy: tokens the student generates after the prompt; null = the rest "
+                          "of the window (data.seq_len - kd.prompt_tokens)"),
+    "kd.sample_temperature": (1.0, "float", "on-policy: the student's sampling temperature"),
+    "kd.hidden_layers": (None, "pairs?", "kd.gamma's layer map [[student_layer, teacher_layer], ...], one learned "
+                         "projection per pair; layer 0 = embeddings, L = after block L, the last = the final hidden "
+                         "state; null = [[last, last]]"),
     "kd.teacher_checkpoint": (None, "str?", "checkpoint of a run of this script (best.pt or last.pt): a kd.enabled=false "
                               "run's network, or a student as the next teacher; its saved config rebuilds the network"),
     "kd.hf_teacher_dir": (None, "str?", "or: a local Hugging Face causal-LM directory with weights (needs transformers; "
@@ -237,6 +251,10 @@ def cast_value(value, kind):
         if not isinstance(value, (list, tuple)) or not value:
             raise ValueError("a list of names such as [FP1, FP2]")
         return [cast_value(v, "str") for v in value]
+    if kind == "pairs":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
+            raise ValueError("a list of pairs such as [[1, 2], [2, 4]]")
+        return [[cast_value(a, "int"), cast_value(b, "int")] for a, b in value]
     if kind == "dict":
         if value is None:
             return {}
@@ -512,6 +530,7 @@ def resolve_config(path=None, overrides=(), check_files=True):
     k = cfg["kd.top_k"]
     need(k is None or (k >= 1 and (vocab is None or k <= vocab)), "kd.top_k",
          f"{k!r} must be in 1..vocab size ({vocab}) or null (full KD)")
+    problems += objective_problems(cfg, notes)
     # the models: at most one student source, exactly one teacher source with KD (teacher.target is the
     # trained network when kd.enabled is false)
     for key in ("student.target", "teacher.target"):
@@ -569,6 +588,61 @@ def resolve_config(path=None, overrides=(), check_files=True):
     if problems:
         raise ConfigError(problems)
     return cfg, notes
+
+
+def on_policy_lengths(cfg):
+    """(prompt tokens, new tokens) of an on-policy sequence: the nulls resolved, computed here only."""
+    prompt = cfg["kd.prompt_tokens"] if cfg["kd.prompt_tokens"] is not None else max(1, cfg["data.seq_len"] // 2)
+    new = cfg["kd.max_new_tokens"] if cfg["kd.max_new_tokens"] is not None else cfg["data.seq_len"] - prompt
+    return prompt, new
+
+
+def objective_problems(cfg, notes):
+    """The distillation objective's keys (kd.divergence and its parameters, on-policy data, the layer map):
+    values and combinations that cannot work, as (row, key, message); notes for keys a run ignores."""
+    p, kind, k, cache = [], cfg["kd.divergence"], cfg["kd.top_k"], cfg["kd.teacher_cache"]
+
+    def need(ok, key, msg, row="C3"):
+        if not ok:
+            p.append((row, key, f"{cfg[key]!r} {msg}"))
+
+    need(0 <= cfg["kd.jsd_beta"] <= 1, "kd.jsd_beta", "must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
+    need(0 <= cfg["kd.skew_alpha"] < 1, "kd.skew_alpha", "must be in [0, 1) (0 = forward KL; 1 would compare p with itself)")
+    if cfg["kd.enabled"] and (k is not None or cache is not None) and not topk_allows(kind, cfg["kd.jsd_beta"]):
+        what = f"jsd with kd.jsd_beta {cfg['kd.jsd_beta']:g}" if kind == "jsd" else kind
+        source = "an offline kd.teacher_cache stores" if cache is not None else f"kd.top_k {k} keeps"
+        p.append(("E12", "kd.divergence", f"{what} weighs by the student's probabilities, but {source} only the teacher's "
+                  "top-k tokens: where the student puts its tail mass would go unscored; set kd.top_k=null (online full-"
+                  "vocabulary KD) or kd.divergence to forward_kl, skew_kl or tvd"
+                  + (" (or kd.jsd_beta=0)" if kind == "jsd" else "")))
+    fraction = cfg["kd.on_policy_fraction"]
+    need(0 <= fraction <= 1, "kd.on_policy_fraction", "must be in [0, 1] (the share of micro-batches generated by the student)")
+    need(cfg["kd.sample_temperature"] > 0, "kd.sample_temperature", "must be > 0")
+    for key in ("kd.prompt_tokens", "kd.max_new_tokens"):
+        need(cfg[key] is None or cfg[key] >= 1, key, "must be >= 1 or null")
+    prompt, new = on_policy_lengths(cfg)
+    if fraction > 0 and cfg["kd.enabled"]:
+        if cache is not None:  # --cache_teacher builds such a cache: it is refused here too
+            p.append(("C3", "kd.on_policy_fraction", f"{fraction!r}, but the offline kd.teacher_cache holds the teacher's "
+                      "numbers for the data's tokens only; it cannot score sequences the student has not generated yet: "
+                      "set kd.on_policy_fraction=0 or kd.teacher_cache=null (online KD)"))
+        need(cfg["kd.beta"] > 0, "kd.on_policy_fraction", "needs kd.beta > 0: an on-policy micro-batch trains the "
+                                                          "divergence only, and kd.beta 0 weighs it by nothing")
+        if min(prompt, new) >= 1 and prompt + new > cfg["data.seq_len"]:
+            p.append(("C3", "kd.max_new_tokens", f"{new}: prompt {prompt} + {new} new tokens exceed data.seq_len "
+                      f"{cfg['data.seq_len']}; the sequence must fit the window the models take: at most "
+                      f"{cfg['data.seq_len'] - prompt} new tokens"))
+        elif min(prompt, new) < 1 and cfg["kd.prompt_tokens"] is not None:
+            p.append(("C3", "kd.prompt_tokens", f"{prompt} leaves no room in data.seq_len {cfg['data.seq_len']} to generate"))
+    elif fraction > 0:
+        notes.append(("C3", "kd.on_policy_fraction", "is ignored: kd.enabled is false"))
+    layers = cfg["kd.hidden_layers"]
+    if layers is not None:
+        need(len(layers) >= 1 and all(s >= 0 and t >= 0 for s, t in layers), "kd.hidden_layers",
+             "must be pairs [student_layer, teacher_layer] of layers >= 0 (0 = embeddings), at least one")
+        if not (cfg["kd.enabled"] and cfg["kd.gamma"] > 0):  # each network's depth is checked when it is built
+            notes.append(("C3", "kd.hidden_layers", "is ignored: the hidden-state term is off (kd.gamma 0 or kd.enabled false)"))
+    return p
 
 
 def transformers_installed():
@@ -1558,6 +1632,92 @@ def xlogy_ratio(log_p, log_q):
     return torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), torch.zeros_like(log_p))
 
 
+# kd.divergence: D(p, q) between the teacher's p = softmax(teacher / T) and the student's q = softmax(student / T),
+# both at the same temperature (E13: a T on one side only is another objective, never a scaled one).
+DIVERGENCES = CONFIG["kd.divergence"][1]
+
+
+def divergence(log_p, log_q, kind, jsd_beta=0.5, skew_alpha=0.1):
+    """D(p, q) per position, summed over the last dimension of fp32 log-probabilities (the vocabulary, or the
+    k + 1 outcomes of top-k KD). The published formulas:
+      forward_kl  KL(p || q) = sum p (log p - log q)                    (Hinton et al.; mean-seeking)
+      reverse_kl  KL(q || p)                                            (MiniLLM; mode-seeking)
+      jsd         b KL(p || m) + (1 - b) KL(q || m), m = b p + (1 - b) q, b = kd.jsd_beta; b = 0 is forward KL
+                  and b = 1 reverse KL, exactly (GKD, eq. 1; TRL's GKDTrainer.generalized_jsd_loss)
+      skew_kl     KL(p || a p + (1 - a) q), a = kd.skew_alpha; a = 0 is forward KL (DistiLLM's skew KL)
+      tvd         (1/2) sum |p - q|                                      (total variation)
+    A zero probability contributes 0, not nan (xlogy_ratio)."""
+    if kind == "forward_kl" or (kind == "jsd" and jsd_beta == 0) or (kind == "skew_kl" and skew_alpha == 0):
+        return xlogy_ratio(log_p, log_q).sum(-1)
+    if kind == "reverse_kl" or (kind == "jsd" and jsd_beta == 1):
+        return xlogy_ratio(log_q, log_p).sum(-1)
+    if kind == "jsd":
+        log_m = torch.logaddexp(log_p + math.log(jsd_beta), log_q + math.log1p(-jsd_beta))
+        return jsd_beta * xlogy_ratio(log_p, log_m).sum(-1) + (1 - jsd_beta) * xlogy_ratio(log_q, log_m).sum(-1)
+    if kind == "skew_kl":
+        log_m = torch.logaddexp(log_p + math.log(skew_alpha), log_q + math.log1p(-skew_alpha))
+        return xlogy_ratio(log_p, log_m).sum(-1)
+    if kind == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise AssertionError(f"unknown divergence {kind}")
+
+
+def divergence_scale(kind, temperature):
+    """The factor that keeps the KD gradient's size independent of T. Every divergence here but tvd is
+    locally quadratic in the logit difference / T (an f-divergence with a smooth f): its gradient in the
+    student's logits shrinks as 1/T^2 at high T, so T^2 (Hinton et al.). tvd is |p - q|, linear in it: its
+    gradient shrinks as 1/T, so T."""
+    return temperature if kind == "tvd" else temperature ** 2
+
+
+def topk_allows(kind, jsd_beta):
+    """E12: whether kd.top_k (and an offline kd.teacher_cache, which is top-k) may coarsen this divergence to
+    the teacher's top-k tokens + one bucket. Every divergence here is an f-divergence, so the coarsened value
+    is a lower bound of the full one (data processing); the gap is what decides. For an expectation under the
+    teacher (forward KL, skew KL: p-weighted) it is the teacher's tail mass times a divergence of the tails,
+    and for tvd at most the teacher's tail mass: small when the top-k hold most of p. reverse KL and jsd
+    with b > 0 weigh by the student's q: its tail mass, which nothing keeps small, goes where the teacher's
+    per-token probabilities are unknown (only their sum is kept), so the mode-seeking penalty on it is lost."""
+    return kind in ("forward_kl", "skew_kl", "tvd") or (kind == "jsd" and jsd_beta == 0)
+
+
+def coarsen(log_q, log_p_top, index, log_rest):
+    """(log p, log q) over the k + 1 outcomes of top-k KD: the teacher's top-k tokens and one bucket for all
+    the others (each model's exact remaining mass, a logsumexp over the excluded logits); the bucket is left
+    out when empty (k = vocab), whose logsumexp of nothing would put nan into the gradient."""
+    log_q_top = log_q.gather(-1, index)
+    if index.shape[-1] == log_q.shape[-1]:
+        return log_p_top, log_q_top
+    rest_q = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
+    return torch.cat([log_p_top, log_rest.unsqueeze(-1)], -1), torch.cat([log_q_top, rest_q.unsqueeze(-1)], -1)
+
+
+def kd_divergence(student_logits, kind, temperature, teacher_logits=None, top_k=None, cached=None,
+                  jsd_beta=0.5, skew_alpha=0.1):
+    """kd.divergence per position, in fp32 whatever the autocast dtype (G6): from the teacher's logits (full,
+    or its top-k with top_k) or from its top-k numbers read from kd.teacher_cache (`cached`, as teacher_topk
+    returns them). forward_kl is kd_kl / kd_kl_topk themselves."""
+    if kind == "forward_kl":
+        return kd_kl_topk(student_logits, *cached, temperature) if cached else \
+            kd_kl(student_logits, teacher_logits, temperature, top_k)
+    with torch.autocast(student_logits.device.type, enabled=False):
+        log_q = F.log_softmax(student_logits.float() / temperature, -1)  # E13: the student at T ...
+        if cached is None and top_k is None:
+            log_p = F.log_softmax(teacher_logits.float() / temperature, -1)  # ... and the teacher at the same T
+        else:
+            assert topk_allows(kind, jsd_beta), kind  # E12: resolve_config refuses the combination
+            log_p, log_q = coarsen(log_q, *(cached or teacher_topk(teacher_logits, temperature, top_k)))
+        return divergence(log_p, log_q, kind, jsd_beta, skew_alpha)
+
+
+def hidden_term(projected, teacher_hidden):
+    """The hidden-state loss per position: hidden_loss of the last hidden states, or with kd.hidden_layers the
+    mean of hidden_loss over the layer pairs (so kd.gamma weighs the term alike whatever their number)."""
+    if torch.is_tensor(projected):
+        return hidden_loss(projected, teacher_hidden)
+    return sum(hidden_loss(s, t) for s, t in zip(projected, teacher_hidden)) / len(projected)
+
+
 def hidden_loss(student_projected, teacher_hidden):
     """Per-position mean squared difference of the layer-normalised hidden states, in fp32. The
     normalisation makes the term scale-free, O(1) whatever the teacher's activation scale (E2: the
@@ -2191,7 +2351,9 @@ def fit(run, task):
         local = [[rank_share(m, d["rank"], d["world"]) for m in step] for step in steps]
         batches = task["batches"]([m for step in local for m in step])
         for step_indices, step_local in zip(steps, local):
-            count = sum(task["count"](m) for m in step_indices)  # G2: targets in the whole global step
+            # G2: targets in the whole global step (a task whose targets depend on the step counts them itself)
+            count = task["step_count"](step_indices, st["global_step"] + 1) if "step_count" in task else \
+                sum(task["count"](m) for m in step_indices)
             out = optimizer_step(run, task, [next(batches) for _ in step_local], count)
             step = st["global_step"]
             window["samples"] += sum(len(m) for m in step_indices)
@@ -2204,6 +2366,7 @@ def fit(run, task):
                           "grad_norm": out["grad_norm"], "samples_per_s": window["samples"] / elapsed,
                           f"{unit}_per_s": window["targets"] / elapsed, "skipped_steps": st["skipped_steps"]}
                 record.update({f"loss/{k}": v for k, v in out["parts"].items()})
+                record.update(task["record"]() if "record" in task else {})  # the task's own costs (generation)
                 if run["scaler"]:
                     record["scale"] = run["scaler"].get_scale()
                 write_metrics(run, record)
@@ -3118,11 +3281,20 @@ def make_task(run):
         if beta > 0:
             parts["kd"] = beta * temperature ** 2 * kd
         if gamma > 0:
-            parts["hidden"] = gamma * torch.where(y != IGNORE, hidden_loss(projected, t_hidden), 0.0).sum()
+            parts["hidden"] = gamma * torch.where(y != IGNORE, hidden_term(projected, t_hidden), 0.0).sum()
         return sum(parts.values()), parts
 
+    def kd_term(logits, t_logits, cached, mask):
+        """kd.beta x scale x the divergence summed over the masked positions. Padding is masked with where(),
+        not dropped with logits[mask]: a boolean index has a data-dependent size, a host-device sync on GPUs
+        every micro-batch (G7). offline: the teacher's top-k numbers read from the cache, as online top-k."""
+        div = kd_divergence(logits, kind, temperature, t_logits, top_k, cached or None, jsd_beta, skew_alpha)
+        return beta * scale * torch.where(mask, div, 0.0).sum()
+
     def loss(model, batch):
-        if chunk:
+        if on_policy is not None and on_policy["draw_next"]():
+            return on_policy["loss"](model, batch)
+        if chunk:  # forward KL only (objective_problems refuses another divergence with kd.chunk_tokens)
             return chunked_loss(model, batch)
         x, y, *cached = batch
         logits, projected = model(x, project=teacher is not None and gamma > 0)
@@ -3132,20 +3304,127 @@ def make_task(run):
         parts = {"ce": alpha * ce}
         if beta > 0 or gamma > 0:
             real = y != IGNORE
+            t_logits = t_hidden = None
             if not cached:
                 with torch.no_grad():
                     t_logits, t_hidden = teacher(x)
-            # Padding positions are masked with where(), not dropped with logits[real]: a boolean index
-            # has a data-dependent size, a host-device sync on GPUs every micro-batch (G7).
-            if beta > 0:  # T^2 keeps the KD gradient's scale independent of T
-                # offline: the same kd_kl_topk online top-k runs, on teacher_topk's numbers read from the cache
-                kl = kd_kl_topk(logits, *cached, temperature) if cached else kd_kl(logits, t_logits, temperature, top_k)
-                parts["kd"] = beta * temperature ** 2 * torch.where(real, kl, 0.0).sum()
+            if beta > 0:  # divergence_scale: T^2 (tvd: T) keeps the KD gradient's scale independent of T
+                parts["kd"] = kd_term(logits, t_logits, cached, real)
             if gamma > 0:
-                parts["hidden"] = gamma * torch.where(real, hidden_loss(projected, t_hidden), 0.0).sum()
+                parts["hidden"] = gamma * torch.where(real, hidden_term(projected, t_hidden), 0.0).sum()
         return sum(parts.values()), parts
 
-    return {"batches": batches, "count": train_set.count, "count_name": "tokens", "loss": loss, "evaluate": evaluate}
+    kind, jsd_beta, skew_alpha = cfg["kd.divergence"], cfg["kd.jsd_beta"], cfg["kd.skew_alpha"]
+    scale = divergence_scale(kind, temperature)
+    task = {"batches": batches, "count": train_set.count, "count_name": "tokens", "loss": loss, "evaluate": evaluate}
+    # on-policy data (kd.on_policy_fraction), chosen once here: the section "On-policy data" below
+    on_policy = make_on_policy(run, kd_term) if cfg["kd.on_policy_fraction"] > 0 and teacher is not None else None
+    if on_policy is not None:
+        task.update(step_count=on_policy["step_count"], record=on_policy["record"])
+    return task
+
+
+# -----------------------------------------------------------------------------
+# On-policy data (kd.on_policy_fraction, GKD's lmbda): on that share of micro-batches the student continues
+# the first kd.prompt_tokens of each window with kd.max_new_tokens tokens of its own, sampled at
+# kd.sample_temperature; the teacher scores that same sequence, and the KD term is taken on the generated
+# tokens only (E14). Which micro-batches, and every sample, are drawn from generators seeded by the run's
+# seed and the data position (optimizer step, micro-batch, and for the samples the process): the draws are a
+# function of where the run is, like the data order (R5), so a resumed run draws exactly what an
+# uninterrupted one does (R4) without any generator state in the checkpoint, every process takes the same
+# micro-batches on-policy and samples its own share, and the global RNG (a user model's dropout) is untouched.
+def on_policy_draw(cfg, step, micro):
+    """Whether micro-batch `micro` of optimizer step `step` is on-policy: the same on every process."""
+    fraction = cfg["kd.on_policy_fraction"]
+    return fraction >= 1 or np.random.default_rng([cfg["seed"], step, micro, 0]).random() < fraction
+
+
+def on_policy_generator(cfg, step, micro, rank, device):
+    """The generator of one micro-batch's samples on one process."""
+    seed = int(np.random.SeedSequence([cfg["seed"], step, micro, rank, 1]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def prompt_rows(x, pad, prompt):
+    """Windows whose first `prompt` tokens hold no padding (a document that ends inside the prompt leaves
+    nothing to continue): the only ones whose continuations are scored and counted."""
+    return (x[:, :prompt] != pad).all(1) if pad is not None else torch.ones(len(x), dtype=torch.bool, device=x.device)
+
+
+def generate(lm, prompt, new_tokens, temperature, generator):
+    """The student's continuation of `prompt` [B, P]: `new_tokens` tokens sampled one at a time from its
+    next-token distribution at `temperature` (softmax in fp32), without gradients and in eval mode (the policy
+    is the network as it is evaluated, dropout off). Every token reruns the prefix: the kit's models keep no
+    KV cache, and the sequence is at most data.seq_len long. Returns [B, P + new_tokens]."""
+    mode, seq = lm.training, prompt
+    lm.eval()
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            probs = F.softmax(lm(seq)[0][:, -1].float() / temperature, -1)
+            seq = torch.cat([seq, torch.multinomial(probs, 1, generator=generator)], 1)
+    lm.train(mode)
+    return seq
+
+
+def on_policy_batch(lm, x, cfg, pad, generator):
+    """(inputs [B, P + N - 1], mask [B, P + N - 1]) of one on-policy micro-batch: the student's sequences
+    without their last token (the models predict each next token), and True exactly where the target is a
+    generated token of a window with a real prompt (E14: never a prompt position, never the data's mask)."""
+    prompt, new = on_policy_lengths(cfg)
+    seq = generate(lm, x[:, :prompt], new, cfg["kd.sample_temperature"], generator)
+    inputs = seq[:, :-1]
+    generated = torch.arange(inputs.shape[1], device=x.device) >= prompt - 1
+    return inputs, generated & prompt_rows(x, pad, prompt)[:, None]
+
+
+def make_on_policy(run, kd_term):
+    """The on-policy pieces make_task plugs in: which micro-batch is next (draw_next, called once per
+    micro-batch in the loop's order), its loss, the step's token count and the generation cost for the step
+    records."""
+    cfg, d, st, train_set, teacher = run["cfg"], run["dist"], run["state"], run["train_set"], run["teacher"]
+    prompt, new = on_policy_lengths(cfg)
+    where = {"step": None, "micro": -1, "on": False}
+    cost = {"on_policy/micro_batches": 0, "on_policy/tokens": 0, "on_policy/gen_s": 0.0}
+
+    def draw_next():
+        step = st["global_step"] + 1  # the step optimizer_step is computing; its micro-batches come in order
+        where["micro"] = where["micro"] + 1 if where["step"] == step else 0
+        where["step"], where["on"] = step, on_policy_draw(cfg, step, where["micro"])
+        return where["on"]
+
+    def loss(model, batch):
+        x = batch[0]
+        start = time.perf_counter()  # host time: on a GPU the kernels may still run (no sync added for it, G7)
+        generator = on_policy_generator(cfg, where["step"], where["micro"], d["rank"], d["device"])
+        inputs, mask = on_policy_batch(run["module"].lm, x, cfg, train_set.pad, generator)
+        cost["on_policy/gen_s"] += time.perf_counter() - start
+        cost["on_policy/micro_batches"] += 1
+        cost["on_policy/tokens"] += len(x) * new
+        logits, _ = model(inputs)  # the DDP model: its gradients are all-reduced like any micro-batch's
+        with torch.no_grad():
+            t_logits, _ = teacher(inputs)  # E14: the teacher scores the very sequence the student wrote
+        parts = {"kd": kd_term(logits, t_logits, None, mask)}
+        return parts["kd"], parts
+
+    def step_count(step_indices, step):
+        """G2: the step's targets: real target tokens of a data micro-batch, generated tokens of an on-policy
+        one (its windows with a real prompt x kd.max_new_tokens), from the data on the host."""
+        total = 0
+        for micro, indices in enumerate(step_indices):
+            if on_policy_draw(cfg, step, micro):
+                x, _ = train_set[indices]
+                total += int(prompt_rows(x, train_set.pad, prompt).sum()) * new
+            else:
+                total += train_set.count(indices)
+        return total
+
+    def record():
+        """Generation cost since the last record, on process 0 (each process generates its own share)."""
+        out = dict(cost)
+        cost.update({"on_policy/micro_batches": 0, "on_policy/tokens": 0, "on_policy/gen_s": 0.0})
+        return out
+
+    return {"draw_next": draw_next, "loss": loss, "step_count": step_count, "record": record}
 
 
 def run_inputs(cfg, d, say, build_cache=True, cache_only=False):
@@ -3450,6 +3729,9 @@ def dry_run(config_path, overrides, train_fn=None):
         check(False, "full schedule: " + "; ".join(f"{rid} {key}: {msg}" for rid, key, msg in err.problems))
     # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process
     tiny = list(overrides) + DRY_RUN_SETTINGS + [f"data.limit={26 * d['world']}"]
+    if 0 < cfg["kd.on_policy_fraction"]:  # on-policy: both kinds of micro-batch in the tiny runs, prompts that fit
+        tiny += ["kd.prompt_tokens=null", "kd.max_new_tokens=null"] + \
+            (["kd.on_policy_fraction=0.5"] if cfg["kd.on_policy_fraction"] < 0.5 else [])
     # Every process trains into process 0's temporary directory and reads the same files back afterwards
     # (processes on one node share its filesystem; launch.sh runs a multi-node job's dry run on one node).
     with tempfile.TemporaryDirectory(prefix="dry_run_") if d["main"] else contextlib.nullcontext() as tmp:
@@ -3483,6 +3765,12 @@ def dry_run(config_path, overrides, train_fn=None):
         check(len(logged) == plan["total_steps"] and np.array_equal(logged, lr_curve(student, plan)),
               "logged LR equals the schedule's own curve at every step (S1, S8)")
         check(not check_lr_curve(logged, student, plan), "tiny run's LR passes the S10 checks")
+        if student["kd.on_policy_fraction"] > 0:
+            on = sum(r.get("on_policy/micro_batches", 0) for r in trains.values())
+            check(0 < on and all("on_policy/gen_s" in r for r in trains.values()),
+                  f"on-policy: the student generated {on} of {plan['micro_batches_per_epoch'] * plan['epochs']} micro-batches "
+                  f"(kd.on_policy_fraction {student['kd.on_policy_fraction']:g}), scored by the teacher; generation cost "
+                  "in every step record")
         parts = sorted(k for k in trains[1] if k.startswith("loss/"))
         check(all(math.isfinite(trains[s]["loss"]) for s in trains) and parts, f"finite losses, components {parts} logged (E2)")
         check(sorted(evals) == [3, 6, plan["total_steps"]] and all(
@@ -3512,14 +3800,16 @@ def dry_run(config_path, overrides, train_fn=None):
               "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
         outcome, _ = train_fn_together(student, b, "auto", quiet=True)
         check(outcome == "complete", "a finished run restarted says it is complete")
-        if not cfg["kd.enabled"]:  # the offline path too (kd.teacher_cache): build the tiny teacher's top-8, train from it
+        # the top-k and offline paths too, where the objective allows them (E12; on-policy data needs a live teacher)
+        topk_too = not cfg["kd.enabled"] and topk_allows(cfg["kd.divergence"], cfg["kd.jsd_beta"])
+        if topk_too and cfg["kd.on_policy_fraction"] == 0:  # kd.teacher_cache: the tiny teacher's top-8, trained from
             off, _ = resolve_config(config_path, kd + ["kd.gamma=0", "kd.top_k=8", f"kd.teacher_cache={os.path.join(tmp, 'cache')}"])
             outcome, run = train_fn_together(off, os.path.join(tmp, "offline"), "none", quiet=True)
             _, evals, _ = read_metrics(os.path.join(tmp, "offline"))
             check(outcome == "finished" and run["teacher"] is None and all("val/agreement" in e for e in evals.values()),
                   "offline: the teacher's top-8 cached once, the student trained from it with no teacher in memory")
         for precision in ("fp16", "bf16"):
-            extra = ["kd.top_k=8"] if precision == "fp16" and not cfg["kd.enabled"] else []  # the top-k path too
+            extra = ["kd.top_k=8"] if precision == "fp16" and topk_too else []
             low, _ = resolve_config(config_path, cached(kd + extra + [f"train.precision={precision}"], f"cache_{precision}"))
             p_dir = os.path.join(tmp, precision)
             outcome, run = train_fn_together(low, p_dir, "none", quiet=True)

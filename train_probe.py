@@ -220,6 +220,10 @@ def cast_value(value, kind):
         if not isinstance(value, (list, tuple)) or not value:
             raise ValueError("a list of names such as [FP1, FP2]")
         return [cast_value(v, "str") for v in value]
+    if kind == "pairs":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
+            raise ValueError("a list of pairs such as [[1, 2], [2, 4]]")
+        return [[cast_value(a, "int"), cast_value(b, "int")] for a, b in value]
     if kind == "dict":
         if value is None:
             return {}
@@ -1779,7 +1783,9 @@ def fit(run, task):
         local = [[rank_share(m, d["rank"], d["world"]) for m in step] for step in steps]
         batches = task["batches"]([m for step in local for m in step])
         for step_indices, step_local in zip(steps, local):
-            count = sum(task["count"](m) for m in step_indices)  # G2: targets in the whole global step
+            # G2: targets in the whole global step (a task whose targets depend on the step counts them itself)
+            count = task["step_count"](step_indices, st["global_step"] + 1) if "step_count" in task else \
+                sum(task["count"](m) for m in step_indices)
             out = optimizer_step(run, task, [next(batches) for _ in step_local], count)
             step = st["global_step"]
             window["samples"] += sum(len(m) for m in step_indices)
@@ -1792,6 +1798,7 @@ def fit(run, task):
                           "grad_norm": out["grad_norm"], "samples_per_s": window["samples"] / elapsed,
                           f"{unit}_per_s": window["targets"] / elapsed, "skipped_steps": st["skipped_steps"]}
                 record.update({f"loss/{k}": v for k, v in out["parts"].items()})
+                record.update(task["record"]() if "record" in task else {})  # the task's own costs (generation)
                 if run["scaler"]:
                     record["scale"] = run["scaler"].get_scale()
                 write_metrics(run, record)

@@ -1,0 +1,294 @@
+"""train_distill.py's distillation objectives (issue 26): kd.divergence, on-policy data, layer maps.
+
+Each divergence against its published formula in float64 numpy, jsd against TRL's own
+GKDTrainer.generalized_jsd_loss, the top-k rule (E12), the temperature on both sides (E13), on-policy tokens
+scored by the teacher on the student's own sequence (E14) and resumed bit-exactly after a SIGKILL (R4), the
+layer map's projections and its one-line errors. Tiny token files and a teacher made by the script
+(tests/test_distill.py's fixtures).
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_distill as T  # noqa: E402
+from test_distill import VOCAB, ckpt, data, kd_settings, run, teacher  # noqa: E402,F401  (module fixtures)
+
+
+# ----------------------------------------------------------------------------- the published formulas
+def log_softmax64(logits, temperature):
+    z = logits.double().numpy() / temperature
+    return z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
+
+
+def kl64(log_a, log_b):
+    """KL(a || b) = sum a (log a - log b), 0 where a = 0."""
+    a = np.exp(log_a)
+    return np.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
+
+
+def reference(kind, log_p, log_q, beta=0.5, alpha=0.1):
+    """The formulas as the papers write them, on probabilities (not log space), float64."""
+    p, q = np.exp(log_p), np.exp(log_q)
+    if kind == "forward_kl":
+        return kl64(log_p, log_q)
+    if kind == "reverse_kl":
+        return kl64(log_q, log_p)
+    if kind == "jsd":  # GKD eq. 1 with TRL's endpoints: beta 0 = KL(p || q), beta 1 = KL(q || p)
+        if beta == 0:
+            return kl64(log_p, log_q)
+        if beta == 1:
+            return kl64(log_q, log_p)
+        log_m = np.log(beta * p + (1 - beta) * q)
+        return beta * kl64(log_p, log_m) + (1 - beta) * kl64(log_q, log_m)
+    if kind == "skew_kl":  # DistiLLM: KL(p || alpha p + (1 - alpha) q)
+        return kl64(log_p, np.log(alpha * p + (1 - alpha) * q))
+    if kind == "tvd":
+        return 0.5 * np.abs(p - q).sum(-1)
+    raise AssertionError(kind)
+
+
+def coarsened64(log_p, log_q, k):
+    """The k + 1 outcomes of top-k KD in float64: the teacher's top-k tokens and one bucket for the rest."""
+    order = np.argsort(-log_p, axis=-1, kind="stable")
+    top, rest = order[:, :k], order[:, k:]
+    lp, lq = np.take_along_axis(log_p, top, -1), np.take_along_axis(log_q, top, -1)
+    if rest.shape[1]:
+        lp = np.concatenate([lp, np.logaddexp.reduce(np.take_along_axis(log_p, rest, -1), axis=-1)[:, None]], -1)
+        lq = np.concatenate([lq, np.logaddexp.reduce(np.take_along_axis(log_q, rest, -1), axis=-1)[:, None]], -1)
+    return lp, lq
+
+
+def random_logits(seed, rows=48, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, VOCAB, generator=gen) * scale, torch.randn(rows, VOCAB, generator=gen) * scale
+
+
+CASES = [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"jsd_beta": 0.0}), ("jsd", {"jsd_beta": 0.5}),
+         ("jsd", {"jsd_beta": 0.9}), ("jsd", {"jsd_beta": 1.0}), ("skew_kl", {"skew_alpha": 0.1}),
+         ("skew_kl", {"skew_alpha": 0.5}), ("tvd", {})]
+CASE_IDS = [kind + "".join(f"_{v:g}" for v in extra.values()) for kind, extra in CASES]
+
+
+@pytest.mark.parametrize("kind,extra", CASES, ids=CASE_IDS)
+def test_e13_each_divergence_equals_its_published_formula_with_t_on_both_sides(kind, extra):
+    """Random logits at T = 1 and T = 2.5: kd_divergence equals the paper's formula on softmax(teacher / T) and
+    softmax(student / T). A temperature applied to one side only (E13) fails at T = 2.5."""
+    s, t = random_logits(0)
+    for temperature in (1.0, 2.5):
+        got = T.kd_divergence(s, kind, temperature, t, **extra)
+        want = reference(kind, log_softmax64(t, temperature), log_softmax64(s, temperature),
+                         extra.get("jsd_beta", 0.5), extra.get("skew_alpha", 0.1))
+        assert got.dtype == torch.float32 and np.allclose(got.numpy(), want, rtol=1e-4, atol=1e-6), temperature
+    assert float(T.kd_divergence(t, kind, 2.5, t, **extra).abs().max()) < 1e-6  # D(p, p) = 0
+
+
+def test_divergence_scale_is_t_squared_for_the_kls_and_jsd_and_t_for_tvd():
+    """The stated scaling, and why: at high T the gradient of each KL-type divergence in the student's logits
+    shrinks as 1/T^2, tvd's as 1/T, so scale x gradient stays the same size from T = 4 to T = 8."""
+    s, t = random_logits(1, rows=256, scale=1.0)
+    for kind, extra in CASES:
+        norms = []
+        for temperature in (4.0, 8.0):
+            student = s.clone().requires_grad_(True)
+            value = T.divergence_scale(kind, temperature) * T.kd_divergence(student, kind, temperature, t, **extra).sum()
+            norms.append(float(torch.autograd.grad(value, student)[0].norm()))
+        assert 0.8 < norms[1] / norms[0] < 1.25, (kind, extra, norms)
+    assert T.divergence_scale("tvd", 3.0) == 3.0 and T.divergence_scale("reverse_kl", 3.0) == 9.0
+
+
+@pytest.fixture(scope="module")
+def trl_jsd():
+    trl = pytest.importorskip("trl")  # installed here and by .ci/run; never a dependency of the kit
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+    assert trl.__version__
+    return GKDTrainer.generalized_jsd_loss
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 1.0])
+def test_jsd_equals_trl_gkd_generalized_jsd_loss(trl_jsd, beta):
+    """kd.divergence jsd with kd.jsd_beta = beta is TRL's generalized JSD, position by position and summed over
+    the real tokens of a padded batch, at T = 2 (TRL divides both logits by T and applies no T^2)."""
+    gen = torch.Generator().manual_seed(4)
+    s, t = torch.randn(3, 7, VOCAB, generator=gen) * 3, torch.randn(3, 7, VOCAB, generator=gen) * 3
+    labels = torch.randint(0, VOCAB, (3, 7), generator=gen)
+    labels[0, 5:] = labels[2, :2] = -100
+    ours = T.kd_divergence(s, "jsd", 2.0, t, jsd_beta=beta)
+    theirs = trl_jsd(s, t, beta=beta, temperature=2.0, reduction="none").sum(-1)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    real = labels != -100
+    summed = trl_jsd(s, t, labels=labels, beta=beta, temperature=2.0, reduction="sum")
+    assert torch.allclose(torch.where(real, ours, 0.0).sum(), summed, rtol=1e-5)
+
+
+ALLOWED = [case for case in CASES if T.topk_allows(case[0], case[1].get("jsd_beta", 0.5))]
+
+
+@pytest.mark.parametrize("kind,extra", ALLOWED, ids=[kind + "".join(f"_{v:g}" for v in e.values()) for kind, e in ALLOWED])
+def test_topk_divergence_is_the_coarsened_formula_and_equals_full_at_k_equal_vocab(kind, extra):
+    """Where top-k is allowed: the divergence of the k + 1 outcome distributions, online (the teacher's logits)
+    and offline (teacher_topk's numbers, as the cache stores them) alike; at k = vocab the full divergence,
+    values and gradients."""
+    s, t = random_logits(5)
+    log_p, log_q = log_softmax64(t, 2.0), log_softmax64(s, 2.0)
+    for k in (1, 5, VOCAB - 1):
+        got = T.kd_divergence(s, kind, 2.0, t, top_k=k, **extra)
+        want = reference(kind, *coarsened64(log_p, log_q, k), extra.get("jsd_beta", 0.5), extra.get("skew_alpha", 0.1))
+        assert np.allclose(got.numpy(), want, rtol=1e-4, atol=1e-6), k
+        offline = T.kd_divergence(s, kind, 2.0, cached=T.teacher_topk(t, 2.0, k), **extra)
+        assert torch.equal(got, offline)
+        assert bool((got <= T.kd_divergence(s, kind, 2.0, t, **extra) + 1e-6).all())  # a lower bound (data processing)
+    student = s.clone().requires_grad_(True)
+    full = torch.autograd.grad(T.kd_divergence(student, kind, 2.0, t, **extra).sum(), student)[0]
+    topk = torch.autograd.grad(T.kd_divergence(student, kind, 2.0, t, top_k=VOCAB, **extra).sum(), student)[0]
+    assert torch.allclose(full, topk, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_g6_every_divergence_runs_in_fp32_on_low_precision_logits(dtype):
+    """fp16/bf16 logits under CPU autocast (which runs log_softmax in fp16 itself): every divergence equals the
+    float64 formula on the same rounded inputs to fp32 accuracy, at T = 4."""
+    s, t = random_logits(6)
+    s, t = s.to(dtype), t.to(dtype)
+    for kind, extra in CASES:
+        with torch.autocast("cpu", dtype=dtype):
+            got = T.kd_divergence(s, kind, 4.0, t, **extra)
+        want = reference(kind, log_softmax64(t.float(), 4.0), log_softmax64(s.float(), 4.0),
+                         extra.get("jsd_beta", 0.5), extra.get("skew_alpha", 0.1))
+        assert got.dtype == torch.float32 and np.allclose(got.numpy(), want, rtol=2e-5, atol=1e-6), kind
+
+
+# ----------------------------------------------------------------------------- config refusals, one line each
+REFUSED = [(["kd.divergence=reverse_kl", "kd.top_k=8"], "kd.divergence", "E12"),
+           (["kd.divergence=jsd", "kd.jsd_beta=0.5", "kd.top_k=8"], "kd.divergence", "E12"),
+           (["kd.divergence=reverse_kl", "kd.top_k=8", "kd.gamma=0", "kd.teacher_cache=CACHE"], "kd.divergence", "E12"),
+           (["kd.top_k=null", "kd.gamma=0", "kd.on_policy_fraction=0.5", "kd.top_k=8", "kd.teacher_cache=CACHE"],
+            "kd.on_policy_fraction", "C3"),
+           (["kd.jsd_beta=1.5"], "kd.jsd_beta", "C3"), (["kd.skew_alpha=1"], "kd.skew_alpha", "C3"),
+           (["kd.on_policy_fraction=0.5", "kd.prompt_tokens=10", "kd.max_new_tokens=10"], "kd.max_new_tokens", "C3"),
+           (["kd.on_policy_fraction=0.5", "kd.beta=0"], "kd.on_policy_fraction", "C3"),
+           (["kd.hidden_layers=[[1, 2]]", "kd.gamma=0.5"], "kd.hidden_layers", "C3"),
+           (["kd.hidden_layers=[[2, 1]]", "kd.gamma=0.5"], "kd.hidden_layers", "C3"),
+           (["kd.hidden_layers=[[1]]"], "kd.hidden_layers", "C1")]
+
+
+@pytest.mark.parametrize("settings,key,row", REFUSED, ids=[f"{r[2]}_{r[1]}_{i}" for i, r in enumerate(REFUSED)])
+def test_e12_c3_objective_configs_are_refused_with_one_line(settings, key, row, data, teacher, tmp_path, capsys):
+    """Exit 2, one line naming the key, nothing written: top-k or an offline cache with a divergence that weighs
+    by the student (E12), on-policy data with a cache (--cache_teacher builds one: refused the same way),
+    impossible values, a layer map deeper than a network (the 1-layer teacher and student)."""
+    settings = [item.replace("CACHE", str(tmp_path / "cache")) for item in settings]
+    for extra in ([], ["--cache_teacher"]) if "kd.teacher_cache=" in " ".join(settings) else ([],):
+        argv = ["--run_dir", str(tmp_path / "run")] + extra
+        for item in kd_settings(data, teacher, *settings):
+            argv += ["--set", item]
+        assert T.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0], err
+        assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "cache")
+    if row != "C3":  # the catalogue row the refusal upholds
+        with pytest.raises(T.ConfigError) as err:
+            T.resolve_config(None, kd_settings(data, teacher, *settings))
+        assert [problem[0] for problem in err.value.problems] == [row]
+
+
+# ----------------------------------------------------------------------------- on-policy data
+def on_policy_run(cfg, frozen, step=0):
+    """What make_task reads of a run, for calling the on-policy loss directly."""
+    windows = T.TokenWindows(cfg, "train")
+    module = T.build_trainable(cfg, frozen)
+    run_ = {"cfg": cfg, "dist": {"device": torch.device("cpu"), "rank": 0, "world": 1}, "train_set": windows,
+            "teacher": frozen, "module": module, "state": {"global_step": step}}
+    return run_, T.make_task(run_), windows, module
+
+
+def test_e14_on_policy_loss_is_the_divergence_on_the_generated_tokens_the_teacher_scores(data, teacher):
+    """An on-policy micro-batch, against an independent computation: the student's samples redrawn from the same
+    generator, the teacher and the student run on that one sequence, the divergence (reverse KL, T^2) summed over
+    the generated targets of windows whose prompt holds no padding and nowhere else: not the prompt, not the
+    data's label mask (E14). The loop's token count is exactly those targets (G2)."""
+    cfg, _ = T.resolve_config(None, kd_settings(data, teacher, "kd.top_k=null", "kd.divergence=reverse_kl",
+                                                "kd.on_policy_fraction=1", "kd.sample_temperature=0.8"))
+    frozen = T.build_teacher(cfg, torch.device("cpu"))
+    run_, task, windows, module = on_policy_run(cfg, frozen, step=6)
+    prompt, new = T.on_policy_lengths(cfg)
+    indices = np.arange(len(windows))
+    x, y = windows[indices]
+    padded_prompt = (x[:, :prompt] == 0).any(1)
+    assert 0 < int(padded_prompt.sum()) < len(x)  # the row mask matters
+    total, parts = task["loss"](module, (x, y))
+    assert set(parts) == {"kd"}  # on-policy: the divergence only
+    gen = T.on_policy_generator(cfg, 7, 0, 0, torch.device("cpu"))
+    seq = x[:, :prompt]
+    with torch.no_grad():
+        for _ in range(new):
+            probs = F.softmax(module.lm(seq)[0][:, -1] / 0.8, -1)
+            seq = torch.cat([seq, torch.multinomial(probs, 1, generator=gen)], 1)
+        inputs = seq[:, :-1]
+        log_q = F.log_softmax(module.lm(inputs)[0] / 2, -1)
+        log_p = F.log_softmax(frozen(inputs)[0] / 2, -1)
+        reverse = (log_q.exp() * (log_q - log_p)).sum(-1)
+    scored = reverse[~padded_prompt][:, prompt - 1:]
+    assert torch.allclose(total.detach(), 0.5 * 4 * scored.sum(), rtol=1e-5)
+    assert task["step_count"]([indices], 7) == scored.numel() == int((~padded_prompt).sum()) * new
+    assert not torch.equal(seq[:, prompt:], x[:, prompt:prompt + new])  # the student's tokens, not the data's
+
+
+def test_on_policy_draws_are_the_same_on_every_process_and_each_process_samples_its_own():
+    """Which micro-batches are on-policy depends on (seed, step, micro-batch) only, so every DDP process takes the
+    same ones (their loss parts line up in the all-reduce); the samples also on the process, so each generates its
+    own share with its own stream. About the configured fraction of micro-batches is drawn."""
+    cfg, _ = T.resolve_config(None, ["kd.on_policy_fraction=0.3"])
+    draws = [T.on_policy_draw(cfg, step, micro) for step in range(1, 201) for micro in range(4)]
+    assert 0.25 < np.mean(draws) < 0.35
+    assert draws == [T.on_policy_draw(cfg, step, micro) for step in range(1, 201) for micro in range(4)]
+    cpu = torch.device("cpu")
+    a, b = (T.on_policy_generator(cfg, 3, 1, rank, cpu).initial_seed() for rank in (0, 1))
+    assert a != b and a == T.on_policy_generator(cfg, 3, 1, 0, cpu).initial_seed()
+    assert T.on_policy_generator(cfg, 3, 2, 0, cpu).initial_seed() != a
+
+
+def test_r4_on_policy_resume_is_bit_exact_after_sigkill(data, teacher, tmp_path):
+    """On-policy 0.5 with JSD: uninterrupted vs SIGKILLed inside step 5 and run again, as processes; the
+    checkpoints are bit-identical and every step's loss equal. Generation cost is in the step records."""
+    settings = kd_settings(data, teacher, "kd.top_k=null", "kd.divergence=jsd", "kd.on_policy_fraction=0.5",
+                           "kd.prompt_tokens=6", "kd.max_new_tokens=5")
+
+    def command(run_dir):
+        argv = [sys.executable, os.path.join(ROOT, "train_distill.py"), "--run_dir", str(run_dir)]
+        return argv + [a for item in settings for a in ("--set", item)]
+
+    env = {k: v for k, v in os.environ.items() if k != "KIT_FAULT_KILL_AT"}
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    clean = subprocess.run(command(uninterrupted), env=env, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    killed = subprocess.run(command(interrupted), env={**env, "KIT_FAULT_KILL_AT": "5:1"}, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert ckpt(interrupted)["global_step"] == 4
+    resumed = subprocess.run(command(interrupted), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert T.checkpoint_tensors_equal(os.path.join(uninterrupted, "checkpoints", "last.pt"),
+                                      os.path.join(interrupted, "checkpoints", "last.pt"))
+    a, b = T.read_metrics(str(uninterrupted))[0], T.read_metrics(str(interrupted))[0]
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert all(a[s]["loss"] == b[s]["loss"] and a[s]["loss/kd"] == b[s]["loss/kd"] for s in a)
+    on = [a[s]["on_policy/micro_batches"] for s in sorted(a)]
+    assert 0 < sum(on) < 15 and all(a[s]["on_policy/tokens"] % 5 == 0 and 5 * 2 * a[s]["on_policy/micro_batches"]
+                                    <= a[s]["on_policy/tokens"] <= 5 * 3 * a[s]["on_policy/micro_batches"] for s in a)
+    assert all(a[s]["on_policy/gen_s"] >= 0 and (a[s]["on_policy/gen_s"] > 0) == (a[s]["on_policy/micro_batches"] > 0)
+               for s in a)
+
+
+def test_e5_dry_run_covers_on_policy_data_and_a_divergence(capsys):
+    """The dry run of an on-policy JSD config trains, resumes bit-exactly and reports the generation it ran."""
+    assert T.main(["--dry_run", "--set", "kd.divergence=jsd", "kd.on_policy_fraction=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run passed" in out and "on-policy" in out
