@@ -520,7 +520,8 @@ def check_precision(cfg):
 
 def distill_keys(cfg):
     """The distillation keys these checks read, when the config has them (train_distill.py's CONFIG)."""
-    return {k: cfg[k] for k in ("kd.enabled", "kd.temperature", "kd.alpha", "kd.beta", "kd.gamma") if k in cfg}
+    return {k: cfg[k] for k in ("kd.enabled", "kd.temperature", "kd.alpha", "kd.beta", "kd.gamma", "kd.divergence",
+                                "kd.jsd_beta", "kd.on_policy_fraction", "kd.hidden_layers") if k in cfg}
 
 
 def check_kd_temperature(cfg):
@@ -556,7 +557,30 @@ def check_loss_weights(cfg):
     if kd.get("kd.enabled", True) and weights.get("kd.beta", 1) <= 0:
         return [finding("E2", "warning", f"distillation is enabled but kd.beta is 0 ({listing}): no KD term",
                         "set kd.beta > 0, or kd.enabled: false for plain LM training")]
-    return []
+    return check_objective_shares(kd)
+
+
+def check_objective_shares(kd):
+    """E2 per term with the objective keys: on-policy micro-batches train the divergence only, so CE and the
+    hidden-state term weigh on the other (1 - kd.on_policy_fraction) of them; at 1 their weights do nothing."""
+    fraction = kd.get("kd.on_policy_fraction", 0)
+    if not kd.get("kd.enabled", True) or not fraction:
+        return []
+    data_terms = [k for k in ("kd.alpha", "kd.gamma") if kd.get(k, 0) > 0]
+    divergence = kd.get("kd.divergence", "forward_kl")
+    if divergence == "jsd":
+        divergence += f" (beta {kd.get('kd.jsd_beta', 0.5):g})"
+    if fraction >= 1 and data_terms:
+        return [finding("E2", "warning", f"kd.on_policy_fraction is 1: every micro-batch is the student's own text, "
+                        f"trained on the {divergence} term only, so {' and '.join(data_terms)} weigh nothing",
+                        "lower kd.on_policy_fraction (GKD uses 0.5) or set " + " and ".join(f"{k}: 0" for k in data_terms),
+                        changes=[("kd.on_policy_fraction", 0.5)])]
+    layers = kd.get("kd.hidden_layers")
+    shares = [f"{divergence} x kd.beta {kd.get('kd.beta', 0):g} on every micro-batch",
+              f"CE x kd.alpha {kd.get('kd.alpha', 0):g} and the hidden-state term x kd.gamma {kd.get('kd.gamma', 0):g}"
+              + (f" ({len(layers)} layer pairs)" if layers else "") + f" on the data micro-batches ({1 - fraction:.0%})"]
+    return [finding("E2", "info", "terms per micro-batch: " + "; ".join(shares),
+                    "read the real loss/<name> shares in metrics.jsonl (--log) once the run has started")]
 
 
 # -----------------------------------------------------------------------------
@@ -636,7 +660,10 @@ def distill_memory(script, cfg, plan):
         else:
             teacher = script.GPT(vocab, seq, **{d: cfg[f"teacher.{d}"] for d in arch})
         trainable = script.build_trainable(cfg, teacher)
-    trained = sum(p.numel() for p in trainable.parameters())
+    # kd.hidden_layers: one projection per layer pair, trained like the network (counted on their own line)
+    projections = sum(p.numel() for p in trainable.proj.parameters()) \
+        if isinstance(trainable.proj, torch.nn.ModuleList) else 0
+    trained = sum(p.numel() for p in trainable.parameters()) - projections
     frozen = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
     act_bytes = 2 if cfg["train.precision"] in ("bf16", "fp16") else 4
     models = 2 if cfg["kd.enabled"] and not offline else 1  # offline: the cached top-k, no teacher logits
@@ -644,13 +671,13 @@ def distill_memory(script, cfg, plan):
     blocks = script.model_blocks(trainable.lm)
     checkpointed = cfg.get("train.activation_checkpointing") and len(blocks)
 
-    def batch_bytes(batch, grad):
-        idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    def batch_bytes(batch, grad, length=seq):
+        idx = torch.zeros(batch, length, dtype=torch.long, device="meta")
         sizes, _ = leaf_outputs(trainable, lambda: trainable(idx, project=trainable.proj is not None))
         activations = act_bytes * (sum(sizes) if grad else sum(sorted(sizes)[-2:]))
         if grad and checkpointed:  # each block keeps its input; one block's inside is rebuilt at a time
-            activations = act_bytes * (sum(sizes) // len(blocks) + len(blocks) * batch * seq * (trainable.lm.width or 0))
-        positions = min(batch * seq, cfg.get("kd.chunk_tokens") or batch * seq)  # D6: one chunk's logits at a time
+            activations = act_bytes * (sum(sizes) // len(blocks) + len(blocks) * batch * length * (trainable.lm.width or 0))
+        positions = min(batch * length, cfg.get("kd.chunk_tokens") or batch * length)  # D6: one chunk's logits at a time
         logits = positions * vocab * (models * act_bytes + (2 * models + int(grad)) * 4)
         return activations + logits
 
@@ -658,11 +685,26 @@ def distill_memory(script, cfg, plan):
     world = plan["world_size"] if cfg.get("train.strategy") == "fsdp" else 1
     sharded = f", sharded over {world} processes + one block gathered (D1)" if world > 1 else ""
     gathered = 4 * max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0) if world > 1 else 0
-    return {"weights (frozen teacher)": 4 * frozen,
-            f"trained weights, gradients, optimizer state{sharded}": 4 * trained * (2 + state) / world + gathered,
-            f"activations + logits: larger of micro-batch {plan['batch_size']} / eval batch "
-            f"{cfg['train.eval_batch_size']} x {seq} tokens x vocab {vocab}":
-                max(batch_bytes(plan["batch_size"], True), batch_bytes(cfg["train.eval_batch_size"], False))}
+    candidates = {f"micro-batch {plan['batch_size']}": batch_bytes(plan["batch_size"], True),
+                  f"eval batch {cfg['train.eval_batch_size']}": batch_bytes(cfg["train.eval_batch_size"], False)}
+    if cfg["kd.enabled"] and cfg.get("kd.on_policy_fraction", 0) > 0 and not offline:
+        # on-policy: the student's generation, no gradient, its longest prefix (prompt + new - 1 tokens): the
+        # student's logits and their fp32 softmax, and its largest activations; a peak of its own before the
+        # micro-batch's forward, so it competes with the others rather than adding to them
+        prompt, new = script.on_policy_lengths(cfg)
+        length = prompt + new - 1
+        idx = torch.zeros(plan["batch_size"], length, dtype=torch.long, device="meta")
+        sizes, _ = leaf_outputs(trainable, lambda: trainable(idx))
+        candidates[f"on-policy generation ({prompt} + {new} tokens)"] = \
+            act_bytes * sum(sorted(sizes)[-2:]) + plan["batch_size"] * length * vocab * (act_bytes + 2 * 4)
+    parts = {"weights (frozen teacher)": 4 * frozen,
+             f"trained weights, gradients, optimizer state{sharded}": 4 * trained * (2 + state) / world + gathered}
+    if projections:
+        parts[f"kd.hidden_layers' {len(trainable.proj)} projections, gradients, optimizer state"] = \
+            4 * projections * (2 + state)
+    parts[f"activations + logits: largest of {' / '.join(candidates)} x {seq} tokens x vocab {vocab}"] = \
+        max(candidates.values())
+    return parts
 
 
 def device_memory_bytes(cfg, opts):

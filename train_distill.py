@@ -1146,11 +1146,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """idx [B, T] -> (logits [B, T, vocab], last hidden state [B, T, width])."""
+    """idx [B, T] -> (logits [B, T, vocab], last hidden state [B, T, width]); with `layers` set (kd.hidden_layers)
+    the hidden states of those layers instead: 0 = the embeddings, i = after block i, n_layer = the last (ln_f's)."""
 
     def __init__(self, vocab, block_size, n_layer, n_head, n_embd):
         super().__init__()
-        self.width = n_embd
+        self.width, self.layers = n_embd, None
         self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(block_size, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
@@ -1163,10 +1164,15 @@ class GPT(nn.Module):
 
     def forward(self, idx, logits=True):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        states = [x]
         for block in self.blocks:
             x = block(x)
+            states.append(x)
         hidden = self.ln_f(x)
-        return (F.linear(hidden, self.wte.weight) if logits else None), hidden  # tied input/output embedding
+        out = F.linear(hidden, self.wte.weight) if logits else None  # tied input/output embedding
+        if self.layers is not None and logits:  # kd.hidden_layers (never with kd.chunk_tokens: objective_problems)
+            return out, [(states[i] if i < len(self.blocks) else hidden) for i in self.layers]
+        return out, hidden
 
 
 class HFCausalLM(nn.Module):
@@ -1176,13 +1182,16 @@ class HFCausalLM(nn.Module):
 
     def __init__(self, model, hidden):
         super().__init__()
-        self.model, self.hidden, self.width = model, hidden, model.config.hidden_size
+        self.model, self.hidden, self.width, self.layers = model, bool(hidden), model.config.hidden_size, None
+        self.depth = hf_config_value(model.config, ("num_hidden_layers", "n_layer"))[1]  # hidden_states has depth + 1
 
     def forward(self, idx, logits=True):
         if not logits:  # kd.chunk_tokens: the last hidden state only (the head runs in the loss, chunk by chunk)
             out = self.model(input_ids=idx, use_cache=False, output_hidden_states=True, logits_to_keep=1, return_dict=True)
             return None, out.hidden_states[-1]
         out = self.model(input_ids=idx, use_cache=False, output_hidden_states=self.hidden, return_dict=True)
+        if self.layers is not None:
+            return out.logits, [out.hidden_states[i] for i in self.layers]
         return out.logits, (out.hidden_states[-1] if self.hidden else None)
 
 
@@ -1194,11 +1203,28 @@ class TargetLM(nn.Module):
 
     def __init__(self, model, hidden):
         super().__init__()
-        self.model, self.hidden, self.width = model, hidden, None
+        self.model, self.hidden, self.width, self.layers, self.depth = model, bool(hidden), None, None, None
 
     def forward(self, idx):
-        logits, hidden = split_outputs(self.model(idx))
+        out = self.model(idx)
+        logits, hidden = split_outputs(out)
+        if self.layers is not None:
+            states = layer_states(out)
+            return logits, [states[i] for i in self.layers]
         return logits, (hidden if self.hidden else None)
+
+
+def layer_states(out):
+    """Every layer's hidden state, when a forward's output lists them (kd.hidden_layers): Hugging Face's
+    hidden_states (embeddings first), or a list/tuple of tensors as the second item of a tuple; else None."""
+    if isinstance(out, (tuple, list)):
+        states = out[1] if len(out) > 1 else None
+    elif torch.is_tensor(out):
+        states = None
+    else:
+        states = out.get("hidden_states") if isinstance(out, dict) else getattr(out, "hidden_states", None)
+    ok = isinstance(states, (tuple, list)) and states and all(torch.is_tensor(h) for h in states)
+    return list(states) if ok else None
 
 
 def split_outputs(out):
@@ -1206,7 +1232,8 @@ def split_outputs(out):
     if torch.is_tensor(out):
         return out, None
     if isinstance(out, (tuple, list)):
-        return out[0], (out[1] if len(out) > 1 and torch.is_tensor(out[1]) else None)
+        states = layer_states(out)
+        return out[0], (out[1] if len(out) > 1 and torch.is_tensor(out[1]) else states[-1] if states else None)
     get = out.get if isinstance(out, dict) else lambda name: getattr(out, name, None)
     states = get("hidden_states")
     return get("logits"), (states[-1] if isinstance(states, (tuple, list)) and states else states)
@@ -1215,18 +1242,26 @@ def split_outputs(out):
 class Trainable(nn.Module):
     """What the optimizer trains and the checkpoint's "model" holds: the language model and, with KD
     on and both widths known, the learned projection of its hidden states to the teacher's width
-    (kd.gamma's term). Keys: "lm.*" (a Hugging Face or user model's own keys under "lm.model.*"), "proj.*"."""
+    (kd.gamma's term); with kd.hidden_layers one projection per layer pair (`pairs`: their student and teacher
+    widths). Keys: "lm.*" (a Hugging Face or user model's own keys under "lm.model.*"), "proj.*" ("proj.0.*", ...)."""
 
-    def __init__(self, lm, teacher_width=None):
+    def __init__(self, lm, teacher_width=None, pairs=None):
         super().__init__()
         self.lm = lm
-        self.proj = nn.Linear(lm.width, teacher_width) if teacher_width and lm.width else None
+        if pairs:
+            self.proj = nn.ModuleList(nn.Linear(s, t) for s, t in pairs)
+        else:
+            self.proj = nn.Linear(lm.width, teacher_width) if teacher_width and lm.width else None
 
     def forward(self, idx, project=False, logits=True):
-        """(logits, projected hidden state or None); logits=False (kd.chunk_tokens): (last hidden state,
-        projected or None), the logits left to the chunked loss."""
+        """(logits, projected hidden state, or with kd.hidden_layers a list of them, or None); logits=False
+        (kd.chunk_tokens): (last hidden state, projected or None), the logits left to the chunked loss."""
         out, hidden = self.lm(idx) if logits else self.lm(idx, logits=False)
-        projected = self.proj(hidden) if project else None
+        projected = None
+        if project and isinstance(self.proj, nn.ModuleList):
+            projected = [proj(h) for proj, h in zip(self.proj, hidden)]
+        elif project:
+            projected = self.proj(hidden)
         return (out if logits else hidden), projected
 
 
@@ -1309,7 +1344,8 @@ def target_lm(cfg, arch, key, who, hidden):
     module.eval()
     try:
         with torch.no_grad():
-            logits, states = split_outputs(module(torch.zeros(1, seq_len, dtype=torch.long)))
+            out = module(torch.zeros(1, seq_len, dtype=torch.long))
+            (logits, states), every = split_outputs(out), layer_states(out)
     except Exception as err:  # a position table shorter than data.seq_len, a wrong input convention, ...
         raise ConfigError([("C3", key, f"{arch['target']} fails on token ids of shape [1, data.seq_len={seq_len}] "
                             f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})")]) from None
@@ -1318,6 +1354,8 @@ def target_lm(cfg, arch, key, who, hidden):
         shape = list(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
         raise ConfigError([("C3", key, f"{arch['target']} returns logits {shape} for token ids [1, {seq_len}], expected "
                             f"[1, {seq_len}, {vocab}] (data.vocab_size {vocab}); see docs/distill_models.md")])
+    if every is not None:  # every layer's state: kd.hidden_layers may pick among them
+        lm.depth, lm.widths = len(every) - 1, [h.shape[-1] for h in every]
     if torch.is_tensor(states) and states.dim() == 3 and tuple(states.shape[:2]) == (1, seq_len):
         lm.width = states.shape[-1]
     elif hidden:
@@ -1342,13 +1380,47 @@ def trained_key(cfg):
     return f"{role}.hf_dir" if "hf_dir" in arch else f"{role}.target" if "target" in arch else f"{role}.n_layer"
 
 
+def hidden_request(cfg, column):
+    """What a network returns besides its logits: False (no hidden-state term), True (its last hidden state), or
+    the layers of kd.hidden_layers' column (0 = the student's, 1 = the teacher's)."""
+    if not (cfg["kd.enabled"] and cfg["kd.gamma"] > 0):
+        return False
+    layers = cfg["kd.hidden_layers"]
+    return True if layers is None else tuple(pair[column] for pair in layers)
+
+
+def use_layers(lm, hidden, cfg, who):
+    """kd.hidden_layers: make `lm` return the hidden states of those layers, once it is known to have them:
+    a network shallower than the map, or one that returns its last hidden state only, is one line (C3)."""
+    if not isinstance(hidden, tuple):
+        return lm
+    depth = len(lm.blocks) if isinstance(lm, GPT) else lm.depth
+    if depth is None:
+        raise ConfigError([("C3", "kd.hidden_layers", f"{cfg['kd.hidden_layers']} needs the hidden state of every layer "
+                            f"of {who}, which returns its last one only; return (logits, [hidden state of each layer]) "
+                            "or an output with hidden_states, or set kd.hidden_layers=null")])
+    if max(hidden) > depth:
+        raise ConfigError([("C3", "kd.hidden_layers", f"{cfg['kd.hidden_layers']} names layer {max(hidden)} of {who}, "
+                            f"which has {depth} layers: 0 (the embeddings) to {depth} (the last)")])
+    lm.layers = hidden
+    return lm
+
+
+def layer_width(lm, layer):
+    widths = getattr(lm, "widths", None)
+    return widths[layer] if widths else lm.width
+
+
 def build_trainable(cfg, teacher):
     torch.manual_seed(cfg["seed"])  # the LM first: runs that differ only in loss weights start identical
     who = "the student" if cfg["kd.enabled"] else "the trained network"
-    hidden = teacher is not None and cfg["kd.gamma"] > 0
-    lm = build_lm(cfg, trained_arch(cfg), trained_key(cfg), who, hidden)
+    hidden = hidden_request(cfg, 0) if teacher is not None else False
+    lm = use_layers(build_lm(cfg, trained_arch(cfg), trained_key(cfg), who, hidden), hidden, cfg, who)
+    pairs = None
+    if isinstance(hidden, tuple):  # kd.hidden_layers with kd.gamma > 0: a projection per pair, none otherwise
+        pairs = [(layer_width(lm, s), layer_width(teacher, t)) for s, t in cfg["kd.hidden_layers"]]
     # train mode throughout (from_pretrained returns eval mode): the user's dropout is on while training
-    return Trainable(lm, teacher.width if teacher is not None else None).train()
+    return Trainable(lm, teacher.width if teacher is not None else None, pairs).train()
 
 
 def how_to_make_teacher(path):
@@ -1425,7 +1497,7 @@ def load_hf_teacher(cfg, hidden=True):
 def build_teacher(cfg, device, hidden=None):
     """Load and freeze: eval mode, no grad, never in the optimizer, checked unchanged after training.
     teacher(x) -> (logits, last hidden state, or None unless `hidden`; default: kd.gamma > 0)."""
-    hidden = cfg["kd.gamma"] > 0 if hidden is None else hidden
+    hidden = hidden_request(cfg, 1) if hidden is None else hidden
     if cfg["kd.hf_teacher_dir"]:
         teacher = load_hf_teacher(cfg, hidden)
     elif cfg["teacher.target"]:
@@ -1433,6 +1505,7 @@ def build_teacher(cfg, device, hidden=None):
         teacher = target_lm(cfg, trained_arch({**cfg, "kd.enabled": False}), "teacher.target", "the teacher", hidden)
     else:
         teacher = load_teacher_checkpoint(cfg, hidden)
+    use_layers(teacher, hidden, cfg, "the teacher")
     teacher.requires_grad_(False)
     return teacher.eval().to(device)
 

@@ -31,7 +31,7 @@ HAS_DISTILL = os.path.isfile(os.path.join(ROOT, "train_distill.py"))
 NEEDS_DISTILL = pytest.mark.skipif(not HAS_DISTILL, reason="train_distill.py is not in this checkout yet")
 # The catalogue rows whose diagnose column has C (FAILURE_MODES.md); each needs a broken config.
 CONFIG_ROWS = {"S2", "S3", "S4", "S5", "S6", "E4", "E6", "G5", "C1", "C2", "C3"}
-CONFIG_ROWS |= {"E2", "G6"} if HAS_DISTILL else set()
+CONFIG_ROWS |= {"E2", "G6", "E12"} if HAS_DISTILL else set()
 
 
 def diagnose(*argv):

@@ -292,3 +292,99 @@ def test_e5_dry_run_covers_on_policy_data_and_a_divergence(capsys):
     assert T.main(["--dry_run", "--set", "kd.divergence=jsd", "kd.on_policy_fraction=0.5"]) == 0
     out = capsys.readouterr().out
     assert "dry run passed" in out and "on-policy" in out
+
+
+# ----------------------------------------------------------------------------- layer maps
+def layer_norm_mse(s, t):
+    return (F.layer_norm(s, s.shape[-1:]) - F.layer_norm(t, t.shape[-1:])).pow(2).mean(-1)
+
+
+def gpt_states(gpt, x):
+    """Every layer's state of the built-in GPT, computed here: embeddings, after each block, the last through ln_f."""
+    h = gpt.wte(x) + gpt.wpe(torch.arange(x.shape[1]))
+    states = [h]
+    for block in gpt.blocks:
+        h = block(h)
+        states.append(h)
+    states[-1] = gpt.ln_f(h)
+    return states
+
+
+def test_layer_maps_give_one_projection_per_pair_for_builtin_hf_and_user_modules(data, teacher, tmp_path):
+    """kd.hidden_layers on the built-in GPT, a Hugging Face GPT-2 and a user module that lists its layers (widths
+    24/32/32): one projection per pair (student width at s -> teacher width at t), none at kd.gamma 0, and the
+    hidden part of the loss equal to gamma x the mean over pairs of the layer-normalised MSE between the projected
+    student state and the teacher state, computed here from the models' own layers. A user module returning its
+    last state only is one line naming the key."""
+    import zoo
+    hf = zoo.hf_gpt2(tmp_path / "gpt2", vocab=VOCAB, dropout=0.0)
+    students = {"builtin": ([], [[0, 1], [1, 0], [1, 1]]),
+                "hf": ([f"student.hf_dir={hf}"], [[2, 1], [1, 0]]),
+                "user": (["student.target=zoo:layered_causal_lm", f"student.kwargs={{vocab: {VOCAB}}}"], [[0, 1], [2, 1]])}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    for name, (student, pairs) in students.items():
+        cfg, _ = T.resolve_config(None, kd_settings(data, teacher, *student, "kd.top_k=null", "kd.gamma=0.7",
+                                                    f"kd.hidden_layers={pairs}"))
+        frozen = T.build_teacher(cfg, torch.device("cpu"))
+        windows = T.TokenWindows(cfg, "train")
+        task = T.make_task({"cfg": cfg, "dist": {"device": torch.device("cpu")}, "train_set": windows, "teacher": frozen})
+        module = T.build_trainable(cfg, frozen)
+        x, y = windows[np.arange(6)]
+        _, parts = task["loss"](module, (x, y))
+        with torch.no_grad():
+            lm = module.lm.model if name != "builtin" else module.lm
+            if name == "builtin":
+                states = gpt_states(lm, x)
+            elif name == "hf":
+                states = lm(input_ids=x, output_hidden_states=True).hidden_states
+            else:
+                states = lm(x)[1]
+            t_states = gpt_states(frozen, x)
+            per_pair = [layer_norm_mse(proj(states[s]), t_states[t]) for proj, (s, t) in zip(module.proj, pairs)]
+            want = 0.7 * torch.where(y != -100, sum(per_pair) / len(pairs), 0.0).sum()
+        assert isinstance(module.proj, torch.nn.ModuleList) and len(module.proj) == len(pairs), name
+        assert [(p.in_features, p.out_features) for p in module.proj] == \
+            [(states[s].shape[-1], 32) for s, _ in pairs], name
+        assert torch.allclose(parts["hidden"].detach(), want, rtol=1e-5), name
+        off, _ = T.resolve_config(None, kd_settings(data, teacher, *student, "kd.gamma=0", f"kd.hidden_layers={pairs}"))
+        assert not isinstance(T.build_trainable(off, T.build_teacher(off, torch.device("cpu"))).proj, torch.nn.ModuleList)
+    last_only, _ = T.resolve_config(None, kd_settings(data, teacher, "student.target=zoo:tiny_causal_lm",
+                                                      f"student.kwargs={{vocab: {VOCAB}}}", "kd.hidden_layers=[[1, 1]]"))
+    with pytest.raises(T.ConfigError) as err:
+        T.build_trainable(last_only, T.build_teacher(last_only, torch.device("cpu")))
+    assert len(err.value.problems) == 1 and err.value.problems[0][1] == "kd.hidden_layers"
+
+
+# ----------------------------------------------------------------------------- diagnose_and_fix.py
+def diagnose(tmp_path, settings):
+    import contextlib
+    import io
+    import json
+    import diagnose_and_fix as dx
+    config = tmp_path / "config.yaml"
+    config.write_text("task: distill\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = dx.main(["--config", str(config), "--json"] + [a for item in settings for a in ("--set", item)])
+    return code, json.loads(out.getvalue())["findings"]
+
+
+def test_e6_e2_diagnose_counts_generation_and_layer_map_projections_and_on_policy_term_shares(data, teacher, tmp_path):
+    """E6: the memory estimate lists kd.hidden_layers' projections (their parameters, as build_trainable makes
+    them) and weighs the on-policy generation against the micro-batch and the eval batch; E2: the terms each kind
+    of micro-batch trains (info), and a warning when kd.on_policy_fraction 1 leaves kd.alpha and kd.gamma nothing
+    to weigh. A healthy objective config raises no warning."""
+    objective = ["kd.top_k=null", "kd.divergence=jsd", "kd.on_policy_fraction=0.5", "kd.hidden_layers=[[0, 1], [1, 1]]"]
+    code, findings = diagnose(tmp_path, kd_settings(data, teacher, *objective))
+    assert code == 0 and not [f for f in findings if f["severity"] != "info"], findings
+    e6 = next(f["evidence"] for f in findings if f["id"] == "E6")
+    assert "kd.hidden_layers' 2 projections" in e6 and "on-policy generation (8 + 8 tokens)" in e6, e6
+    e2 = next(f["evidence"] for f in findings if f["id"] == "E2")
+    assert "jsd (beta 0.5)" in e2 and "(50%)" in e2 and "2 layer pairs" in e2, e2
+    cfg, _ = T.resolve_config(None, kd_settings(data, teacher, *objective))
+    module = T.build_trainable(cfg, T.build_teacher(cfg, torch.device("cpu")))
+    size = 4 * sum(p.numel() for p in module.proj.parameters()) * 4 / 2 ** 30  # weights, gradients, AdamW's 2 moments
+    assert f"optimizer state {size:.3g} +" in e6
+    code, findings = diagnose(tmp_path, kd_settings(data, teacher, *objective, "kd.on_policy_fraction=1"))
+    warned = [f for f in findings if f["severity"] == "warning"]
+    assert [f["id"] for f in warned] == ["E2"] and "kd.alpha and kd.gamma weigh nothing" in warned[0]["evidence"]

@@ -175,3 +175,26 @@ def tiny_tokenizer(path, texts, vocab_size=300):
     fast.save_pretrained(path)
     return str(path)
 # ============================================================================ end distillation models
+
+
+class LayeredCausalLM(nn.Module):
+    """A user module that returns every layer's hidden state, as Hugging Face models do with hidden_states:
+    token ids -> (logits, [embeddings (width 24), after the widening layer (32), after the GRU (32)]), so
+    kd.hidden_layers can map its layers 0..2, whose widths differ."""
+
+    def __init__(self, vocab=BYTES):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 24)
+        self.widen = nn.Linear(24, 32)
+        self.rnn = nn.GRU(32, 32, batch_first=True)
+        self.head = nn.Linear(32, vocab)
+
+    def forward(self, idx):
+        e = self.embed(idx)
+        w = torch.tanh(self.widen(e))
+        h, _ = self.rnn(w)
+        return self.head(h), [e, w, h]
+
+
+def layered_causal_lm(**kwargs):
+    return LayeredCausalLM(**kwargs)
