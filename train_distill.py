@@ -16,7 +16,9 @@ is made. A run with `kd.enabled: true` trains the student.* network against the 
 directory `kd.hf_teacher_dir`, or the user's module `teacher.target`). The student is the built-in GPT,
 a local Hugging Face model (`student.hf_dir`) or the user's module (`student.target`); a finished run
 exports its best one to runs/<run_name>/export/ (docs/distill_models.md). Loss per real target token:
-    kd.alpha * CE(labels) + kd.beta * T^2 * KL(teacher_T || student_T) + kd.gamma * hidden-state loss.
+    kd.alpha * CE(labels) + kd.beta * T^2 * KL(teacher_T || student_T) + kd.gamma * hidden-state loss,
+with another divergence (kd.divergence: reverse KL, GKD's JSD, skew KL, TVD), on-policy data (the student's
+own continuations, kd.on_policy_fraction) and a layer map for the hidden-state term (kd.hidden_layers).
 The same command line starts the run and resumes it after a kill or a preemption (`--resume auto`).
 Row ids in comments (S1, R4, G2, ...) refer to FAILURE_MODES.md, the catalogue this loop is built
 against. The blocks marked "shared" are byte-identical in train_probe.py (a test enforces it).
@@ -3302,17 +3304,31 @@ def print_plan(run, resumed):
         k = cfg["kd.top_k"]
         source = cfg["kd.teacher_checkpoint"] or cfg["kd.hf_teacher_dir"] or cfg["teacher.target"]
         log(run, f"teacher: {source} (frozen, sha256 {run['teacher_digest'][:12]}); "
-                 f"loss = {cfg['kd.alpha']:g} CE + {cfg['kd.beta']:g} T^2 KL (T {cfg['kd.temperature']:g}, "
-                 f"{'full vocabulary' if k is None else f'top-{k} + rest bucket'}) + {cfg['kd.gamma']:g} hidden")
+                 + objective_text(cfg, 'full vocabulary' if k is None else f'top-{k} + rest bucket'))
     if run["teacher_cache"] is not None:
         m = run["teacher_cache"]["manifest"]
         size, how = teacher_cache_size(cfg, m["windows"]["train"], m["windows"]["val"])
         log(run, f"teacher: offline, its top-{m['kd.top_k']} from the cache {run['teacher_cache']['path']} (built from "
                  f"{m['teacher']['source']}, sha256 {m['teacher']['tensor_digest'][:12]}; {how}); no teacher in memory; "
-                 f"loss = {cfg['kd.alpha']:g} CE + {cfg['kd.beta']:g} T^2 KL (T {cfg['kd.temperature']:g}, top-{m['kd.top_k']} "
-                 "+ rest bucket)")
+                 + objective_text(cfg, f"top-{m['kd.top_k']} + rest bucket"))
     log(run, f"devices: {d['world']} process(es) on {d['device']}, precision {cfg['train.precision']}; "
              + (f"resuming at step {run['state']['global_step']}" if resumed else "starting at step 0"))
+
+
+def objective_text(cfg, vocabulary):
+    """The loss as the run computes it, for the plan: its terms, the divergence, its scale, on-policy data."""
+    kind, T = cfg["kd.divergence"], cfg["kd.temperature"]
+    scale = "T" if divergence_scale(kind, 2.0) == 2.0 else "T^2"
+    name = {"jsd": f"JSD(beta {cfg['kd.jsd_beta']:g})", "skew_kl": f"skew KL(alpha {cfg['kd.skew_alpha']:g})",
+            "forward_kl": "KL", "reverse_kl": "reverse KL", "tvd": "TVD"}[kind]
+    layers = cfg["kd.hidden_layers"]
+    text = (f"loss = {cfg['kd.alpha']:g} CE + {cfg['kd.beta']:g} {scale} {name} (T {T:g}, {vocabulary}) + "
+            f"{cfg['kd.gamma']:g} hidden" + (f" over layer pairs {layers}" if layers and cfg["kd.gamma"] > 0 else ""))
+    if cfg["kd.on_policy_fraction"] > 0:
+        prompt, new = on_policy_lengths(cfg)
+        text += (f"; on-policy: {cfg['kd.on_policy_fraction']:g} of the micro-batches continue a {prompt}-token prompt "
+                 f"with {new} tokens the student samples at T {cfg['kd.sample_temperature']:g}, {name} only on those")
+    return text
 
 
 def make_task(run):
@@ -3802,6 +3818,10 @@ def dry_run(config_path, overrides, train_fn=None):
         check(False, "full schedule: " + "; ".join(f"{rid} {key}: {msg}" for rid, key, msg in err.problems))
     # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process
     tiny = list(overrides) + DRY_RUN_SETTINGS + [f"data.limit={26 * d['world']}"]
+    dry_teacher = list(DRY_RUN_TEACHER)
+    if cfg["kd.hidden_layers"]:  # the tiny built-in networks as deep as the layer map reaches
+        tiny.append(f"student.n_layer={max(1, *(s for s, _ in cfg['kd.hidden_layers']))}")
+        dry_teacher.append(f"teacher.n_layer={max(1, *(t for _, t in cfg['kd.hidden_layers']))}")
     if 0 < cfg["kd.on_policy_fraction"]:  # on-policy: both kinds of micro-batch in the tiny runs, prompts that fit
         tiny += ["kd.prompt_tokens=null", "kd.max_new_tokens=null"] + \
             (["kd.on_policy_fraction=0.5"] if cfg["kd.on_policy_fraction"] < 0.5 else [])
@@ -3813,14 +3833,14 @@ def dry_run(config_path, overrides, train_fn=None):
         if cfg["kd.enabled"]:  # the config's own teacher, checked against teacher.*
             kd = tiny
         else:
-            teacher_cfg, _ = resolve_config(config_path, tiny + DRY_RUN_TEACHER)
+            teacher_cfg, _ = resolve_config(config_path, tiny + dry_teacher)
             t_dir = os.path.join(tmp, "teacher")
             outcome, run = train_fn_together(teacher_cfg, t_dir, "none", quiet=True)
             _, evals, _ = read_metrics(t_dir)
             check(outcome == "finished" and evals and all(math.isfinite(e["val/ppl"]) for e in evals.values()),
                   f"teacher: plain LM training (kd.enabled false), {run['plan']['total_steps']} steps, "
                   f"val/ppl {list(evals.values())[-1]['val/ppl']:.4g}")
-            kd = tiny + DRY_RUN_TEACHER + ["kd.enabled=true", "kd.hf_teacher_dir=null", "teacher.target=null",
+            kd = tiny + dry_teacher + ["kd.enabled=true", "kd.hf_teacher_dir=null", "teacher.target=null",
                                            f"kd.teacher_checkpoint={os.path.join(t_dir, 'checkpoints', 'best.pt')}"]
         offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None
 
