@@ -3407,7 +3407,7 @@ def make_task(run):
     scale = divergence_scale(kind, temperature)
     task = {"batches": batches, "count": train_set.count, "count_name": "tokens", "loss": loss, "evaluate": evaluate}
     # on-policy data (kd.on_policy_fraction), chosen once here: the section "On-policy data" below
-    on_policy = make_on_policy(run, kd_term) if cfg["kd.on_policy_fraction"] > 0 and teacher is not None else None
+    on_policy = make_on_policy(run, kd_term) if on_policy_used(cfg) and teacher is not None else None
     if on_policy is not None:
         task.update(step_count=on_policy["step_count"], record=on_policy["record"])
     return task
@@ -3422,6 +3422,10 @@ def make_task(run):
 # function of where the run is, like the data order (R5), so a resumed run draws exactly what an
 # uninterrupted one does (R4) without any generator state in the checkpoint, every process takes the same
 # micro-batches on-policy and samples its own share, and the global RNG (a user model's dropout) is untouched.
+def on_policy_used(cfg):
+    return cfg["kd.enabled"] and cfg["kd.on_policy_fraction"] > 0
+
+
 def on_policy_draw(cfg, step, micro):
     """Whether micro-batch `micro` of optimizer step `step` is on-policy: the same on every process."""
     fraction = cfg["kd.on_policy_fraction"]
@@ -3571,9 +3575,10 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     elif d["world"] > 1:
         # DDP copies process 0's weights and buffers to every process at construction; the student's buffers
         # are fixed, so the default per-forward buffer broadcast only copies equal values. Unused parameters:
-        # the projection with kd.gamma 0, and whatever a user module (student.target) leaves out of its forward.
+        # the projection with kd.gamma 0 or in an on-policy micro-batch (the divergence only), and whatever a
+        # user module (student.target) leaves out of its forward.
         model = torch.nn.parallel.DistributedDataParallel(
-            module, find_unused_parameters=(module.proj is not None and cfg["kd.gamma"] == 0)
+            module, find_unused_parameters=(module.proj is not None and (cfg["kd.gamma"] == 0 or on_policy_used(cfg)))
             or isinstance(module.lm, TargetLM))
     # the student and its projection: the frozen teacher is never in the optimizer
     params = [p for p in module.parameters() if p.requires_grad]

@@ -388,3 +388,22 @@ def test_e6_e2_diagnose_counts_generation_and_layer_map_projections_and_on_polic
     code, findings = diagnose(tmp_path, kd_settings(data, teacher, *objective, "kd.on_policy_fraction=1"))
     warned = [f for f in findings if f["severity"] == "warning"]
     assert [f["id"] for f in warned] == ["E2"] and "kd.alpha and kd.gamma weigh nothing" in warned[0]["evidence"]
+
+
+def test_on_policy_under_two_processes_each_generates_its_own_share(data, teacher, tmp_path):
+    """torchrun, 2 processes, on-policy 0.5 with the hidden-state term on: the projection sits unused in an
+    on-policy micro-batch (DDP must be told), both processes take the same micro-batches on-policy (their loss
+    parts line up in the all-reduce, or the run fails), and process 0 generated for its half of each global
+    micro-batch only."""
+    settings = kd_settings(data, teacher, "kd.top_k=null", "kd.on_policy_fraction=0.5", "kd.prompt_tokens=6",
+                           "kd.max_new_tokens=5", "train.batch_size=2", "train.grad_accum=1", "train.epochs=1")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(ROOT, "train_distill.py"), "--run_dir", str(tmp_path / "two")]
+    env = {**{k: v for k, v in os.environ.items() if k != "KIT_FAULT_KILL_AT"}, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(argv + [a for item in settings for a in ("--set", item)], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    records = T.read_metrics(str(tmp_path / "two"))[0]
+    assert ckpt(tmp_path / "two")["world_size"] == 2 and len(records) == 5  # 20 windows / (2 x 2) per step
+    micro = sum(r["on_policy/micro_batches"] for r in records.values())
+    assert 0 < micro < 5 and sum(r["on_policy/tokens"] for r in records.values()) == micro * 2 * 5  # 2 of 4 windows
