@@ -177,7 +177,9 @@ REFUSED = [(["kd.divergence=reverse_kl", "kd.top_k=8"], "kd.divergence", "E12"),
            (["kd.on_policy_fraction=0.5", "kd.beta=0"], "kd.on_policy_fraction", "C3"),
            (["kd.hidden_layers=[[1, 2]]", "kd.gamma=0.5"], "kd.hidden_layers", "C3"),
            (["kd.hidden_layers=[[2, 1]]", "kd.gamma=0.5"], "kd.hidden_layers", "C3"),
-           (["kd.hidden_layers=[[1]]"], "kd.hidden_layers", "C1")]
+           (["kd.hidden_layers=[[1]]"], "kd.hidden_layers", "C1"),
+           (["kd.divergence=tvd", "kd.chunk_tokens=32"], "kd.chunk_tokens", "C3"),
+           (["kd.hidden_layers=[[1, 1]]", "kd.chunk_tokens=32"], "kd.chunk_tokens", "C3")]
 
 
 @pytest.mark.parametrize("settings,key,row", REFUSED, ids=[f"{r[2]}_{r[1]}_{i}" for i, r in enumerate(REFUSED)])
