@@ -150,6 +150,13 @@ def read_config_tree(path):
     if not isinstance(tree, dict):
         return None, [finding("C3", "critical", f"config {path} holds a {type(tree).__name__}, not a mapping of keys",
                               fix)]
+    script = training_script(config_task(tree))
+    if script is not None:  # read again as the script reads it: a key given twice (C2), text kept as written (C1)
+        try:
+            tree = script.read_yaml(path, script.CONFIG)
+        except script.ConfigError as err:
+            return None, [finding(rid, "critical", f"{key}: {message}",
+                                  "fix the file there; training refuses it at launch") for rid, key, message in err.problems]
     return tree, []
 
 
@@ -209,8 +216,10 @@ def apply_change(tree, key, value, schema):
     return old if present else REMOVE
 
 
-def apply_overrides(tree, overrides, schema, findings):
-    """--set key=value, parsed as the training script parses it (a YAML value, later ones win)."""
+def apply_overrides(tree, overrides, script, findings):
+    """--set key=value, parsed as the training script parses it (a YAML value, the text as typed for a
+    string-typed key, later ones win)."""
+    schema = script.CONFIG
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -218,10 +227,13 @@ def apply_overrides(tree, overrides, schema, findings):
             findings.append(finding("C3", "critical", f"--set '{item}' is not key=value",
                                     "write it as --set section.key=value, e.g. --set optim.lr=3.0e-4"))
             continue
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
+        if key in schema and schema[key][1] in ("str", "str?"):
+            value = script.literal_text(text)
+        else:
+            try:
+                value = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError:
+                value = text
         tree_set(tree, key, value, schema)
 
 
@@ -1348,8 +1360,8 @@ def diagnose_tree(tree, name, opts, with_runs=True):
             return report
         tree_set(tree, "task", close[0], {"task": None})
         script = training_script(close[0])
-    apply_overrides(tree, opts["overrides"], script.CONFIG, findings)
-    apply_overrides(as_read, opts["overrides"], script.CONFIG, [])  # what --fix starts from: file + --set
+    apply_overrides(tree, opts["overrides"], script, findings)
+    apply_overrides(as_read, opts["overrides"], script, [])  # what --fix starts from: file + --set
     report.update(script=script, tree=tree, original=as_read)
     cfg, plan = settle(script, tree, opts, findings)
     report.update(cfg=cfg, plan=plan, curve=None)
@@ -1810,8 +1822,8 @@ def plot_runs(views, path, out=None):
     text = ascii_panels(views)
     print(text, file=out, flush=True)
     if path != "-":
-        print(f"plot: {path} not written: matplotlib is not installed (pip install matplotlib); the ASCII panels "
-              "show the same", file=sys.stderr)
+        print(f"plot: {path} not written: matplotlib is not installed for {sys.executable} ({sys.executable} -m pip "
+              "install matplotlib); the ASCII panels show the same", file=sys.stderr)
     return "ascii", text.splitlines()[0].removeprefix("runs: ").split("   ")
 
 

@@ -19,7 +19,9 @@
 # its export missing: the script writes it); a crashed or killed run resumes (the scripts default to --resume auto).
 # Exit status: the training's (0 done, 1 aborted, 2 config error, 128+N stopped by signal N); launch.sh's
 # own errors: 2 bad input, 3 no device to run on.
-# Works on a machine with only python3: missing dependencies go into a local .venv.
+# The interpreter: KIT_PYTHON when set; else the python3 on PATH when it has torch, numpy, pyyaml and tqdm
+# (pytest too for --tests); else a local .venv, made on first use (so a machine with only python3 works).
+# The first line printed names it; --tests runs pytest with it and the tests' own launches use it too.
 # Environment (see docs/robustness.md):
 #   KIT_PYTHON      the interpreter to use, e.g. in a crontab line (cron's PATH is /usr/bin:/bin)
 #   KIT_VENV        where the bootstrap venv lives (default: .venv next to launch.sh)
@@ -35,16 +37,21 @@ die() {  # die CODE MESSAGE: one line on stderr, nothing started
   exit "$code"
 }
 
-ensure_python() {  # sets PY; $1 = extra packages the caller needs (e.g. pytest)
+ensure_python() {  # sets PY and PY_WHY; $1 = extra packages the caller needs (e.g. pytest)
   # find_spec looks for the packages without importing them (importing torch alone takes a second)
   local need="import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in 'torch numpy yaml tqdm ${1:-}'.split()))"
   if [ -n "${KIT_PYTHON:-}" ]; then
     "$KIT_PYTHON" -c "$need" 2>/dev/null \
       || die 2 "KIT_PYTHON=$KIT_PYTHON cannot import torch, numpy, yaml and tqdm${1:+ and $1}; install them there, or unset KIT_PYTHON"
-    PY=$KIT_PYTHON; return
+    PY=$KIT_PYTHON PY_WHY="KIT_PYTHON"; return
   fi
+  # C5: the user's python3 first: what they installed (transformers too) is what runs, and the README's cron
+  # advice (put the python3 that has torch on PATH) holds even after a .venv was made. .venv is the fallback.
+  if command -v python3 >/dev/null 2>&1 && python3 -c "$need" 2>/dev/null; then
+    PY=$(command -v python3) PY_WHY="the python3 on PATH"; return
+  fi
+  PY_WHY="python3 on PATH lacks torch, numpy, pyyaml or tqdm${1:+ or $1}: the kit's venv"
   if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "$need" 2>/dev/null; then PY="$VENV/bin/python"; return; fi
-  if python3 -c "$need" 2>/dev/null; then PY=python3; return; fi
   # One bootstrap at a time: two cron ticks during a first install would break each other's half-made venv.
   # fd 8 is closed again below, so the training process never holds this lock.
   mkdir -p "$(dirname "$VENV")"
@@ -87,10 +94,18 @@ install_requirements() {  # into $VENV (the caller holds the install lock); $1 =
     || die 3 "installing requirements.txt into $VENV failed"
 }
 
+describe_python() {  # the interpreter's real path and versions (a pyenv shim or a venv link names another file)
+  local text
+  text=$("$PY" -c 'import sys, importlib.metadata as m; print("%s (Python %s, torch %s)" % (sys.executable, sys.version.split()[0], m.version("torch")))' 2>/dev/null) || text=""
+  echo "${text:-$PY} [$PY_WHY]"
+}
+
 if [ "${1:-}" = "--tests" ]; then
   shift
   ensure_python pytest
+  echo "launch.sh: tests with $(describe_python)"
   cd "$KIT_DIR"
+  export KIT_PYTHON="$PY"  # the tests' own launches run on this interpreter too: one Python for the whole suite
   exec "$PY" -m pytest -q "$@"
 fi
 
@@ -142,6 +157,17 @@ import yaml
 kit, config, *script_args = sys.argv[1:]
 
 
+def kit_script(name):
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(kit, name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def yaml_error_text(err):  # where and why, in the scripts' own words (their shared config block)
+    return kit_script("train_probe.py").yaml_error_text(err)
+
+
 def fail(message):
     print(f"launch.sh: {message}", file=sys.stderr)
     sys.exit(2)
@@ -150,8 +176,10 @@ def fail(message):
 try:
     with open(config) as f:
         raw = yaml.safe_load(f) or {}
-except (OSError, yaml.YAMLError) as err:
-    fail(f"{config} is not a readable YAML file ({type(err).__name__}); fix the file")
+except OSError as err:
+    fail(f"{config} cannot be read ({err.strerror}); fix the path or its permissions")
+except yaml.YAMLError as err:
+    fail(f"{config} is not valid YAML ({yaml_error_text(err)}); fix the syntax there")
 if not isinstance(raw, dict):
     fail(f"{config} must be a YAML mapping of keys to values")
 task = str(raw.get("task", "probe"))
@@ -162,9 +190,7 @@ if not os.path.isfile(script):
     close = difflib.get_close_matches(task, tasks, n=1, cutoff=0.5)
     fail(f"task '{task}' in {config} has no script train_{task}.py; "
          + (f"did you mean task: {close[0]} (train_{close[0]}.py)?" if close else f"the tasks are {', '.join(tasks)}"))
-spec = importlib.util.spec_from_file_location(f"train_{task}", script)
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
+mod = kit_script(f"train_{task}.py")
 sys.argv[0] = os.path.basename(script)  # argparse names the script in its messages
 args = mod.parse_args(["--config", config, *script_args])  # bad script options: argparse says so, exit 2
 fields = {"SCRIPT": script, "TASK": task, "RUN_DIR": "", "STATUS": "fresh", "CKPT_WORLD": "", "CKPT_STEP": "",
@@ -329,6 +355,7 @@ else
   CMD=("$PY" -c 'import os; exec(os.environ["KIT_TORCHRUN"])' "${TORCHRUN_ARGS[@]}" "${SCRIPT_CMD[@]}")
   SHOWN="torchrun ${TORCHRUN_ARGS[*]} ${SCRIPT_CMD[*]}"
 fi
+echo "launch.sh: python $(describe_python)"
 echo "launch.sh: $TASK on $WHAT x $NODES node(s) = $WORLD process(es), OMP_NUM_THREADS=$OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES'"
 echo "launch.sh: $SHOWN"
 [ "$SHOW" = 0 ] || exit 0

@@ -335,7 +335,7 @@ def run(args):
     title = f"{os.path.basename(args.config)}: {cfg['schedule.type']}, {total} optimizer steps"
     png = write_png(os.path.join(out, "lr.png"), curve, plan, resume_at, title)
     print(f"wrote {os.path.join(out, 'lr.csv')}" + (f" and {os.path.join(out, 'lr.png')}" if png
-                                                   else " (lr.png skipped: matplotlib is not installed)"))
+                                                   else f" (lr.png skipped: matplotlib is not installed for {sys.executable})"))
     print_checks(plan, resume_at, failures, cfg, ran_curve=True)
     elapsed = time.perf_counter() - start
     if failures:

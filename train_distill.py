@@ -1,6 +1,6 @@
 """Knowledge distillation of a causal language model, with a training loop that cannot have the catalogue's bugs.
 
-Run it (defaults: byte-level text of Python's own standard library, no download):
+Run it (defaults: a built-in corpus of generated Python-like text, the same bytes everywhere, no download):
 
     python train_distill.py --dry_run                     # every code path in seconds, no config needed
     python train_distill.py --help_config                 # every config key: default, type, meaning
@@ -30,6 +30,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -38,11 +39,9 @@ import re
 import shutil
 import signal
 import sys
-import sysconfig
 import tempfile
 import time
 import warnings
-import zlib
 
 import numpy as np
 import torch
@@ -115,7 +114,7 @@ CONFIG = {
     "log.mlflow": (None, "str?", "an MLflow tracking URI (file:mlruns for a local store, http://host:5000; needs "
                    "mlflow or mlflow-skinny); null = off"),
     # data: nanoGPT-style token files (flat uint16/uint32 ids, memory-mapped) or the built-in corpus
-    "data.train_bin": (None, "str?", "training tokens .bin; null = the built-in corpus (Python's standard library sources)"),
+    "data.train_bin": (None, "str?", "training tokens .bin; null = the built-in corpus (generated Python-like text, the same bytes everywhere)"),
     "data.val_bin": (None, "str?", "validation tokens .bin (set both or neither)"),
     "data.dtype": ("uint16", ("uint16", "uint32"), "token id type of the .bin files"),
     "data.vocab_size": (None, "int?", "vocabulary size of the .bin files (required with them); the built-in corpus is bytes, 256"),
@@ -285,6 +284,75 @@ def closest_key(key, schema):
     return close[0] if close else None
 
 
+def yaml_error_text(err):
+    """Where and why a YAML file does not parse: 'line 3, column 7: mapping values are not allowed here'."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (getattr(err, "problem", None) or str(err).splitlines()[0])
+
+
+def read_yaml(path, schema):
+    """The config file as a nested dict, read as written. YAML keeps the last of two equal keys and drops the
+    first without a word (a second `optim:` block replaces the first): a key given twice is an error (C2).
+    YAML 1.1 rewrites plain text (run_name: 007 -> 7, 12:30 -> 750, yes -> True, 2024_01 -> 202401): a
+    string-typed key keeps the text written in the file, and one cut short by ' #' (a comment) is an error (C1)."""
+    with open(path) as f:
+        text = f.read()
+    lines = text.splitlines()
+    loader = yaml.SafeLoader(text)
+    problems = []
+
+    def build(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            first = {}
+            for key_node, _ in node.value:
+                name = loader.construct_object(key_node, deep=True)
+                if name in first and name != "<<":
+                    problems.append(("C2", f"{prefix}{name}", f"appears twice in {path}, at lines {first[name]} and "
+                                     f"{key_node.start_mark.line + 1}; YAML would keep the second and drop the first "
+                                     "silently: merge them into one"))
+                first.setdefault(name, key_node.start_mark.line + 1)
+            loader.flatten_mapping(node)  # `<<: *anchor` merges: explicit keys win over merged ones, as in YAML
+            return {name: build(value, f"{prefix}{name}.") for name, value in
+                    ((loader.construct_object(k, deep=True), v) for k, v in node.value)}
+        key = prefix[:-1]
+        plain = isinstance(node, yaml.ScalarNode) and node.style is None
+        if key in schema and schema[key][1] in ("str", "str?") and plain and not node.tag.endswith(":null"):
+            rest = lines[node.end_mark.line][node.end_mark.column:] if node.end_mark.line < len(lines) else ""
+            if re.match(r"\s+#\S", rest):
+                written = node.value + rest.rstrip()
+                problems.append(("C1", key, f"line {node.end_mark.line + 1} of {path}: YAML reads {written.strip()!r} "
+                                 f"as {node.value!r} (' #' starts a comment); quote the value: {key.rsplit('.', 1)[-1]}: "
+                                 f"\"{written.strip()}\""))
+            return node.value  # the text as written, not YAML 1.1's int, float, bool or date
+        return loader.construct_object(node, deep=True)
+
+    try:
+        root = loader.get_single_node()
+        tree = {} if root is None else build(root, "")
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: a date-like value that is no date (2024-13-01)
+        raise ConfigError([("C3", path, f"is not valid YAML ({yaml_error_text(err)}); fix the syntax there")]) from None
+    finally:
+        loader.dispose()
+    if problems:
+        raise ConfigError(problems)
+    return tree
+
+
+def literal_text(text):
+    """--set key=TEXT for a string-typed key: the text as typed (C1: run_name=007 stays '007'), unquoted
+    when it is a quoted YAML string; empty, null or ~ is null."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return text.strip()
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+        return None
+    if isinstance(node, yaml.ScalarNode):
+        return node.value if node.style else text.strip()
+    return yaml.safe_load(text)  # a list or mapping: cast_value says a string was expected
+
+
 def load_config(path, overrides, schema):
     """Read YAML + `--set key=value` overrides into a flat {dotted.key: typed value} dict.
 
@@ -295,13 +363,7 @@ def load_config(path, overrides, schema):
     if path:
         if not os.path.isfile(path):
             raise ConfigError([("C3", "--config", f"file {path} not found; give the path of a YAML config")])
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError([("C3", path, f"is not valid YAML{where}; fix the syntax there")]) from None
+        raw = read_yaml(path, schema)
         if not isinstance(raw, dict):
             raise ConfigError([("C3", path, "must be a YAML mapping of keys to values")])
     flat = _flatten(raw, schema)
@@ -312,10 +374,13 @@ def load_config(path, overrides, schema):
         if not sep or not key:
             problems.append(("C3", "--set", f"'{item}' is not key=value"))
             continue
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
+        if key in schema and schema[key][1] in ("str", "str?"):
+            value = literal_text(text)  # C1: run_name=007 stays '007'
+        else:
+            try:
+                value = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError:
+                value = text
         mapping = next((k for k in schema if schema[k][1] == "dict" and key.startswith(k + ".")), None)
         if key not in schema and mapping:  # backbone.kwargs.depth=4: one entry inside a free-form mapping
             base = flat.get(mapping, schema[mapping][0])  # the YAML's mapping, else the default (copied, never edited)
@@ -326,6 +391,15 @@ def load_config(path, overrides, schema):
             node[leaf] = value
         else:
             flat[key] = value
+    sections = {key.split(".")[0] for key in schema if "." in key}
+    for section in dict.fromkeys(key.split(".")[0] for key in flat if key not in schema and "." in key):
+        if section not in sections and section not in schema:  # C2: a mistyped section (trian:) is one line, not one per key
+            keys = [key for key in flat if key.startswith(section + ".")]
+            close = difflib.get_close_matches(section, sorted(sections), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else f"the sections are {', '.join(sorted(sections))}"
+            problems.append(("C2", section, f"unknown section ({len(keys)} key{'s' * (len(keys) > 1)}: "
+                             f"{', '.join(k[len(section) + 1:] for k in keys)}); {hint}"))
+            flat = {key: value for key, value in flat.items() if key not in keys}
     for key in flat:
         if key not in schema:
             close = closest_key(key, schema)
@@ -421,17 +495,22 @@ def config_reference(schema, script):
         return kind[:-1] + " or null" if kind.endswith("?") else kind
 
     rows = [(key, text(default), kind_text(kind), doc) for key, (default, kind, doc) in schema.items()]
-    widths = [max(len(row[i]) for row in rows if len(row[i]) <= 24) for i in range(3)]  # longer ones overflow
+    widths = [max(len(row[0]) for row in rows), max(len(row[1]) for row in rows),
+              max(len(row[2]) for row in rows if len(row[2]) <= 24)]  # a longer list of choices: the doc below it
     lines = [f"{script}: every config key, its default, its type and its meaning. A YAML file of nested keys",
              "(optim: {lr: 5.0e-4}) and --set key=value (--set optim.lr=5e-4 train.grad_accum=4) override the",
              "defaults; unknown keys are errors (C2), values are cast to their type or rejected (C1).",
              "Row ids (S1, R4, C2, ...) are explained in FAILURE_MODES.md."]
-    section = None
-    for key, default, kind, doc in rows:
-        if (key.partition(".")[0] if "." in key else "top level") != section:
-            section = key.partition(".")[0] if "." in key else "top level"
-            lines.append("\n" + section)
-        lines.append(f"  {key:<{widths[0]}}  {default:<{widths[1]}}  {kind:<{widths[2]}}  {doc}")
+    sections = {}  # each section once, in the order CONFIG first names it (its keys need not be adjacent there)
+    for row in rows:
+        sections.setdefault(row[0].partition(".")[0] if "." in row[0] else "top level", []).append(row)
+    for section, members in sections.items():
+        lines.append("\n" + section)
+        for key, default, kind, doc in members:
+            if len(kind) > widths[2]:
+                lines += [f"  {key:<{widths[0]}}  {default:<{widths[1]}}  {kind}", " " * (8 + sum(widths)) + doc]
+            else:
+                lines.append(f"  {key:<{widths[0]}}  {default:<{widths[1]}}  {kind:<{widths[2]}}  {doc}")
     return "\n".join(lines)
 
 
@@ -516,9 +595,8 @@ def resolve_config(path=None, overrides=(), check_files=True):
         for key in ("data.builtin.train_bytes", "data.builtin.val_bytes"):
             need(cfg[key] > cfg["data.seq_len"], key, f"{cfg[key]!r} must exceed data.seq_len")
         if check_files:
-            root, files = stdlib_sources()
-            need(bool(files), "data.train_bin", f"null selects the built-in corpus, but no standard-library .py files "
-                                                f"are under {root}; give .bin token files instead")
+            problem = builtin_corpus_problem()
+            need(problem is None, "data.train_bin", problem)
     for key in ("data.limit", "data.val_windows"):
         need(cfg[key] is None or cfg[key] >= 1, key, f"{cfg[key]!r} must be >= 1 or null")
     for role in ("teacher", "student"):
@@ -567,8 +645,9 @@ def resolve_config(path=None, overrides=(), check_files=True):
         if cfg[key] is None:
             continue
         if not transformers_installed():
-            problems.append(("C3", key, "needs the transformers package, which is not installed; pip install "
-                                        "transformers, or use a built-in model or a *.target module"))
+            problems.append(("C3", key, f"needs the transformers package, which is not installed for {sys.executable}; "
+                                        f"{sys.executable} -m pip install transformers, or use a built-in model or a "
+                                        "*.target module"))
         elif check_files:
             problems += hf_dir_problems(cfg, cfg[key], key, who, weights)
     if check_files and cfg["kd.enabled"] and cfg["kd.teacher_checkpoint"] and not problems:
@@ -960,46 +1039,127 @@ def all_gather_list(items, world):
 # last L), so every token is a target exactly once and a sample is just a window index: the shared
 # epoch_order() permutation over windows makes sampling deterministic and resumable (R5).
 IGNORE = -100  # F.cross_entropy's ignore_index: padding targets count in no loss and no token count (G2, E3)
-BUILTIN_PAD = 0  # NUL never occurs in Python source text, so byte 0 is free to mark padding
-BUILTIN_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+BUILTIN_PAD = 0  # NUL never occurs in the generated text, so byte 0 is free to mark padding
 
 
 def vocab_size(cfg):
     return cfg["data.vocab_size"] if cfg["data.train_bin"] else 256
 
 
-def stdlib_sources():
-    """The standard library's own .py files (its test suite and third-party packages left out), as
-    '/'-separated paths relative to its root, so the choice is the same on every OS."""
-    root = sysconfig.get_paths()["stdlib"]
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in BUILTIN_SKIP)
-        rel = os.path.relpath(dirpath, root)
-        found += [os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/") for f in filenames if f.endswith(".py")]
-    return root, sorted(found)
+# C4: the built-in corpus is generated, not read from the machine: the same bytes under every Python, OS and
+# version of any package (it used to be the running interpreter's stdlib sources, whose bytes change
+# between patch releases, and so did the demo's data, its table and every teacher trained on it). The
+# script stays one file: nothing to ship beside it. BUILTIN_CHECK pins the first documents' sha256, so a
+# Python whose generator ever gave other bytes stops with one line instead of training on other data.
+BUILTIN_VERBS = ("get", "set", "load", "save", "parse", "build", "find", "read", "write", "update", "check", "make",
+                 "count", "merge", "split", "join", "compute", "render", "apply", "resolve", "encode", "decode",
+                 "scan", "sort")
+BUILTIN_NOUNS = ("item", "name", "path", "value", "key", "node", "line", "token", "record", "buffer", "config",
+                 "entry", "size", "index", "offset", "result", "data", "field", "block", "state", "table", "user",
+                 "group", "event", "message", "header", "limit", "prefix", "score", "total", "width", "depth",
+                 "parent", "child", "source")
+BUILTIN_WORDS = ("the", "a", "each", "every", "given", "current", "next", "first", "last", "new", "old", "empty",
+                 "valid", "of", "in", "from", "to", "for", "with", "and", "or", "when", "if", "is", "are", "not",
+                 "only", "all", "one")
+BUILTIN_MODULES = ("os", "sys", "re", "json", "math", "time", "random", "itertools", "functools", "collections", "hashlib")
+BUILTIN_CALLS = ("len", "sorted", "list", "str", "int", "min", "max", "sum", "abs", "repr", "tuple", "set")
+BUILTIN_CHECK = "f7c8ea7dc17aaa9d8139502f276d9305d06c331074dc28dc45c84fb4af9b5160"  # sha256 of documents 0..99 joined
+
+
+def builtin_document(number):
+    """Document `number` of the built-in corpus: a Python-like module (docstrings, imports, functions,
+    classes, loops) whose names are reused within a function, so a model gains from looking back.
+    random.Random(int).random() is the one stream Python promises to keep across versions; nothing else
+    of the random module is used."""
+    r = random.Random(number).random
+
+    def pick(seq):
+        return seq[int(r() * len(seq))]
+
+    def sentence():
+        words = [pick(BUILTIN_WORDS if r() < 0.5 else BUILTIN_NOUNS) for _ in range(3 + int(r() * 8))]
+        return " ".join(words).capitalize() + "."
+
+    def atom(names):
+        x = r()
+        return pick(names) if x < 0.6 else str(int(r() * 100)) if x < 0.85 else f"{pick(BUILTIN_CALLS)}({pick(names)})"
+
+    def expr(names, depth=0):
+        if depth > 1 or r() < 0.5:
+            return atom(names)
+        return f"{expr(names, depth + 1)} {pick(('+', '-', '*', '//', '%'))} {expr(names, depth + 1)}"
+
+    def body(names, indent, depth):
+        lines, names, pad = [], list(names), "    " * indent
+        for _ in range(1 + int(r() * 4)):
+            x = r()
+            if x < 0.4 or depth > 1:
+                new = pick(BUILTIN_NOUNS)
+                lines.append(f"{pad}{new} = {expr(names)}")
+                names.append(new)
+            elif x < 0.6:
+                lines.append(f"{pad}if {pick(names)} {pick(('<', '<=', '>', '>=', '==', '!='))} {atom(names)}:")
+                lines += body(names, indent + 1, depth + 1)
+                if r() < 0.4:
+                    lines += [f"{pad}else:"] + body(names, indent + 1, depth + 1)
+            elif x < 0.8:
+                var = pick(BUILTIN_NOUNS)
+                lines.append(f"{pad}for {var} in {pick(names)}:")
+                lines += body(names + [var], indent + 1, depth + 1)
+            else:
+                lines.append(f"{pad}{pick(names)}.{pick(BUILTIN_VERBS)}({expr(names)})")
+        return lines
+
+    def function(indent, method):
+        pad = "    " * indent
+        args = sorted({pick(BUILTIN_NOUNS) for _ in range(1 + int(r() * 3))})
+        lines = [f"{pad}def {pick(BUILTIN_VERBS)}_{pick(BUILTIN_NOUNS)}({', '.join((['self'] if method else []) + args)}):",
+                 f'{pad}    """{sentence()}"""']
+        lines += body(args, indent + 1, 0)
+        return lines + [f"{pad}    return {expr(args + (['self'] if method else []))}"]
+
+    lines = [f'"""{sentence()} {sentence()}"""', ""]
+    lines += sorted({f"import {pick(BUILTIN_MODULES)}" for _ in range(1 + int(r() * 3))}) + [""]
+    for _ in range(int(r() * 3)):
+        lines.append(f"{pick(BUILTIN_NOUNS).upper()}_{pick(BUILTIN_NOUNS).upper()} = {int(r() * 1000)}")
+    for _ in range(2 + int(r() * 4)):
+        if r() < 0.3:
+            fields = sorted({pick(BUILTIN_NOUNS) for _ in range(1 + int(r() * 3))})
+            lines += ["", "", f"class {pick(BUILTIN_NOUNS).capitalize()}{pick(BUILTIN_NOUNS).capitalize()}:",
+                      f'    """{sentence()}"""', "", f"    def __init__(self, {', '.join(fields)}):"]
+            lines += [f"        self.{f} = {f}" for f in fields]
+            for _ in range(1 + int(r() * 3)):
+                lines += [""] + function(1, True)
+        else:
+            lines += ["", ""] + function(0, False)
+    return ("\n".join(lines) + "\n").encode("ascii")
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_corpus_problem():
+    """None when this Python generates the pinned bytes, else the C3 line saying it does not."""
+    got = hashlib.sha256(b"".join(builtin_document(n) for n in range(100))).hexdigest()
+    if got == BUILTIN_CHECK:
+        return None
+    return (f"null selects the built-in corpus, but this Python ({sys.executable}, {sys.version.split()[0]}) generates "
+            f"other bytes for it (sha256 {got[:12]}, expected {BUILTIN_CHECK[:12]}); give .bin token files instead")
 
 
 @functools.lru_cache(maxsize=8)
 def builtin_corpus(split, seq_len, max_bytes):
-    """Byte-level text of the standard library's sources: vocab 256, nothing to download.
+    """Byte-level text of the generated documents (builtin_document): vocab 256, nothing to download, the
+    same bytes on every machine (the run log prints their sha256).
 
-    A file goes to val when crc32(path) % 10 == 0 (a split that does not move when files come or go);
-    files are taken in crc32 order (a mix of modules) until max_bytes. Each file is padded with byte 0
-    to whole windows with at least one pad, so a window never mixes two files and a file's last window
-    has fewer real targets: the uneven token counts that token-weighted accumulation must handle (G2).
-    Deterministic for a given Python version (its stdlib is the corpus); the run log prints a digest.
+    Document n goes to val when n % 10 == 0, to train otherwise; documents are taken in order until
+    max_bytes. Each is padded with byte 0 to whole windows with at least one pad, so a window never mixes
+    two documents and a document's last window has fewer real targets: the uneven token counts that
+    token-weighted accumulation must handle (G2).
     """
-    root, files = stdlib_sources()
-    chosen = sorted((zlib.crc32(rel.encode()), rel) for rel in files
-                    if (zlib.crc32(rel.encode()) % 10 == 0) == (split == "val"))
+    numbers = itertools.count(0, 10) if split == "val" else (n for n in itertools.count(1) if n % 10)
     parts, size = [], 0
-    for _, rel in chosen:
-        with open(os.path.join(root, rel), "rb") as f:
-            text = f.read()
-        if not text or bytes([BUILTIN_PAD]) in text:
-            continue
-        text = text[:-1] if len(text) % seq_len == 0 else text  # room for one pad: a file's last target never reads the next file
+    for number in numbers:
+        text = builtin_document(number)
+        text = text[:-1] if len(text) % seq_len == 0 else text  # room for one pad: a document's last target never reads the next one
         padded = len(text) + (-len(text)) % seq_len
         if parts and size + padded > max_bytes:
             break
@@ -1031,12 +1191,13 @@ class TokenWindows(torch.utils.data.Dataset):
                                     f"{self.vocab} at token {at:,} (byte offset {at * self.dtype.itemsize:,}); fix "
                                     "data.vocab_size or data.dtype, or that file")])
             self.source = f"{self.path} ({num_tokens} {self.dtype.name} tokens)"
+            self.digest = None  # a token file's content is not hashed here
         else:
             self.pad = BUILTIN_PAD
             self.tokens = builtin_corpus(split, self.seq_len, cfg[f"data.builtin.{split}_bytes"])
             num_tokens = len(self.tokens)
-            digest = hashlib.sha256(self.tokens.tobytes()).hexdigest()[:12]
-            self.source = f"built-in corpus: Python {sys.version.split()[0]} stdlib sources, {num_tokens} bytes, sha256 {digest}"
+            self.digest = hashlib.sha256(self.tokens.tobytes()).hexdigest()
+            self.source = f"built-in corpus: generated Python-like text, {num_tokens} bytes, sha256 {self.digest[:12]}"
         self.num_windows = (num_tokens - 1) // self.seq_len
         if cfg["data.limit"] is not None:
             self.num_windows = min(self.num_windows, cfg["data.limit"])
@@ -1108,6 +1269,20 @@ def check_token_ids(x, y, vocab, name):
     top = max(int(x.max()), int(y.max())) if x.numel() else -1
     if top >= vocab:
         raise ConfigError([("C3", name, f"token id {top} >= data.vocab_size {vocab}; fix data.vocab_size or data.dtype")])
+
+
+def data_digest(train_set, val_set):
+    """C4: what a checkpoint records of the data it was trained on, compared on resume and when the checkpoint
+    becomes a teacher: the sha256 of the built-in corpus' bytes (None for token files)."""
+    if train_set.digest is None:
+        return None
+    return {"train": train_set.digest, "val": val_set.digest}
+
+
+def builtin_digest(cfg):
+    """data_digest() of the built-in corpus that cfg's data.* keys select, without a TokenWindows."""
+    return {split: hashlib.sha256(builtin_corpus(split, cfg["data.seq_len"], cfg[f"data.builtin.{split}_bytes"]).tobytes()).hexdigest()
+            for split in ("train", "val")}
 
 
 def window_count(cfg, split):
@@ -1463,6 +1638,12 @@ def read_teacher_checkpoint(cfg):
         raise ConfigError([("C3", key, f"{path} is not a train_distill.py checkpoint; make the teacher with "
                             "kd.enabled=false and point here at its checkpoints/best.pt")])
     saved = ckpt["config"]
+    if not saved.get("data.train_bin") and ckpt.get("data_digest") != builtin_digest(saved):
+        # C4: a teacher trained on the built-in corpus of another version of this script (before it was generated,
+        # it was the interpreter's stdlib sources): its outputs describe other text, nothing distils from it silently
+        raise ConfigError([("C3", key, f"{path} was trained on another built-in corpus than the one this script "
+                            "generates (older versions read the interpreter's standard library); train the teacher "
+                            "again into a new run dir (move the old one away first) and point here at its best.pt")])
     if set(trained_arch(saved)) == {"n_layer", "n_head", "n_embd"} and saved["data.seq_len"] < cfg["data.seq_len"]:
         raise ConfigError([("C3", "data.seq_len", f"{cfg['data.seq_len']} is longer than the teacher's position limit, "
                             f"its windows of {saved['data.seq_len']} tokens in {path}; set data.seq_len to at most "
@@ -1483,7 +1664,8 @@ def load_teacher_checkpoint(cfg, hidden=True):
                             f"{vocab_size(cfg)}; teacher and student must share one tokenizer")])
     if "hf_dir" in arch or "target" in arch:
         if "hf_dir" in arch and not transformers_installed():
-            raise ConfigError([("C3", key, f"{path} holds a Hugging Face network; it needs the transformers package")])
+            raise ConfigError([("C3", key, f"{path} holds a Hugging Face network; it needs the transformers package, which "
+                                f"is not installed for {sys.executable} ({sys.executable} -m pip install transformers)")])
         lm = build_lm(cfg, arch, key, "the teacher", hidden, weights=False)
     else:
         want = {dim: cfg[f"teacher.{dim}"] for dim in ("n_layer", "n_head", "n_embd")}
@@ -2099,7 +2281,7 @@ def checkpoint_state(run, name="last"):
                               "seed": run["cfg"]["seed"]},
             "world_size": d["world"], "config": dict(run["cfg"]), "schedule": schedule_signature(run["cfg"], run["plan"]),
             "inputs": run.get("inputs"),  # what the model's inputs depend on (the probe's features: R11), checked on resume
-            "torch_version": str(torch.__version__), **st}
+            "data_digest": run.get("data_digest"), "torch_version": str(torch.__version__), **st}
 
 
 def host_copy(obj):
@@ -2186,6 +2368,11 @@ def resume(run, mode):
         return False
     if ckpt.get("task") != cfg["task"]:
         raise ConfigError([("R1", "--resume", f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
+    if run.get("data_digest") is not None and ckpt.get("data_digest") != run["data_digest"]:
+        # S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run
+        raise ConfigError([("S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 "
+                            f"differs, or was not recorded by an older version); start a new run (--set run_name=NEW "
+                            "or --run_dir NEW), nothing was touched")])
     if ckpt.get("finished"):
         problem = finished_run_problem(cfg, ckpt, run["run_dir"])
         if problem:
@@ -3570,7 +3757,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     run = open_run(run_dir, cfg, d)
     run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, val_set=val_set,
                val_windows=windows, teacher=teacher, teacher_digest=tensor_digest(teacher) if teacher is not None else None,
-               teacher_cache=cache)
+               teacher_cache=cache, data_digest=data_digest(train_set, val_set))
     model = module
     if cfg["train.strategy"] == "fsdp":  # D1: sharded weights, gradients and optimizer state; DCP checkpoints (D2)
         single_process_group(d["device"])
@@ -3968,7 +4155,8 @@ def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern=
         problems.append(("C3", "--tokenizer", f"{tokenizer_dir} is not a directory; give a local Hugging Face "
                                               "tokenizer (or model) directory"))
     elif not transformers_installed():
-        problems.append(("C3", "--tokenizer", "needs the transformers package, which is not installed; pip install transformers"))
+        problems.append(("C3", "--tokenizer", f"needs the transformers package, which is not installed for {sys.executable}; "
+                                              f"{sys.executable} -m pip install transformers"))
     if not out_dir:
         problems.append(("C3", "--out", "missing: give the directory for train.bin, val.bin and data.yaml"))
     else:

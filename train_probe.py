@@ -252,6 +252,75 @@ def closest_key(key, schema):
     return close[0] if close else None
 
 
+def yaml_error_text(err):
+    """Where and why a YAML file does not parse: 'line 3, column 7: mapping values are not allowed here'."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (getattr(err, "problem", None) or str(err).splitlines()[0])
+
+
+def read_yaml(path, schema):
+    """The config file as a nested dict, read as written. YAML keeps the last of two equal keys and drops the
+    first without a word (a second `optim:` block replaces the first): a key given twice is an error (C2).
+    YAML 1.1 rewrites plain text (run_name: 007 -> 7, 12:30 -> 750, yes -> True, 2024_01 -> 202401): a
+    string-typed key keeps the text written in the file, and one cut short by ' #' (a comment) is an error (C1)."""
+    with open(path) as f:
+        text = f.read()
+    lines = text.splitlines()
+    loader = yaml.SafeLoader(text)
+    problems = []
+
+    def build(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            first = {}
+            for key_node, _ in node.value:
+                name = loader.construct_object(key_node, deep=True)
+                if name in first and name != "<<":
+                    problems.append(("C2", f"{prefix}{name}", f"appears twice in {path}, at lines {first[name]} and "
+                                     f"{key_node.start_mark.line + 1}; YAML would keep the second and drop the first "
+                                     "silently: merge them into one"))
+                first.setdefault(name, key_node.start_mark.line + 1)
+            loader.flatten_mapping(node)  # `<<: *anchor` merges: explicit keys win over merged ones, as in YAML
+            return {name: build(value, f"{prefix}{name}.") for name, value in
+                    ((loader.construct_object(k, deep=True), v) for k, v in node.value)}
+        key = prefix[:-1]
+        plain = isinstance(node, yaml.ScalarNode) and node.style is None
+        if key in schema and schema[key][1] in ("str", "str?") and plain and not node.tag.endswith(":null"):
+            rest = lines[node.end_mark.line][node.end_mark.column:] if node.end_mark.line < len(lines) else ""
+            if re.match(r"\s+#\S", rest):
+                written = node.value + rest.rstrip()
+                problems.append(("C1", key, f"line {node.end_mark.line + 1} of {path}: YAML reads {written.strip()!r} "
+                                 f"as {node.value!r} (' #' starts a comment); quote the value: {key.rsplit('.', 1)[-1]}: "
+                                 f"\"{written.strip()}\""))
+            return node.value  # the text as written, not YAML 1.1's int, float, bool or date
+        return loader.construct_object(node, deep=True)
+
+    try:
+        root = loader.get_single_node()
+        tree = {} if root is None else build(root, "")
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: a date-like value that is no date (2024-13-01)
+        raise ConfigError([("C3", path, f"is not valid YAML ({yaml_error_text(err)}); fix the syntax there")]) from None
+    finally:
+        loader.dispose()
+    if problems:
+        raise ConfigError(problems)
+    return tree
+
+
+def literal_text(text):
+    """--set key=TEXT for a string-typed key: the text as typed (C1: run_name=007 stays '007'), unquoted
+    when it is a quoted YAML string; empty, null or ~ is null."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return text.strip()
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+        return None
+    if isinstance(node, yaml.ScalarNode):
+        return node.value if node.style else text.strip()
+    return yaml.safe_load(text)  # a list or mapping: cast_value says a string was expected
+
+
 def load_config(path, overrides, schema):
     """Read YAML + `--set key=value` overrides into a flat {dotted.key: typed value} dict.
 
@@ -262,13 +331,7 @@ def load_config(path, overrides, schema):
     if path:
         if not os.path.isfile(path):
             raise ConfigError([("C3", "--config", f"file {path} not found; give the path of a YAML config")])
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError([("C3", path, f"is not valid YAML{where}; fix the syntax there")]) from None
+        raw = read_yaml(path, schema)
         if not isinstance(raw, dict):
             raise ConfigError([("C3", path, "must be a YAML mapping of keys to values")])
     flat = _flatten(raw, schema)
@@ -279,10 +342,13 @@ def load_config(path, overrides, schema):
         if not sep or not key:
             problems.append(("C3", "--set", f"'{item}' is not key=value"))
             continue
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
+        if key in schema and schema[key][1] in ("str", "str?"):
+            value = literal_text(text)  # C1: run_name=007 stays '007'
+        else:
+            try:
+                value = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError:
+                value = text
         mapping = next((k for k in schema if schema[k][1] == "dict" and key.startswith(k + ".")), None)
         if key not in schema and mapping:  # backbone.kwargs.depth=4: one entry inside a free-form mapping
             base = flat.get(mapping, schema[mapping][0])  # the YAML's mapping, else the default (copied, never edited)
@@ -293,6 +359,15 @@ def load_config(path, overrides, schema):
             node[leaf] = value
         else:
             flat[key] = value
+    sections = {key.split(".")[0] for key in schema if "." in key}
+    for section in dict.fromkeys(key.split(".")[0] for key in flat if key not in schema and "." in key):
+        if section not in sections and section not in schema:  # C2: a mistyped section (trian:) is one line, not one per key
+            keys = [key for key in flat if key.startswith(section + ".")]
+            close = difflib.get_close_matches(section, sorted(sections), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else f"the sections are {', '.join(sorted(sections))}"
+            problems.append(("C2", section, f"unknown section ({len(keys)} key{'s' * (len(keys) > 1)}: "
+                             f"{', '.join(k[len(section) + 1:] for k in keys)}); {hint}"))
+            flat = {key: value for key, value in flat.items() if key not in keys}
     for key in flat:
         if key not in schema:
             close = closest_key(key, schema)
@@ -388,17 +463,22 @@ def config_reference(schema, script):
         return kind[:-1] + " or null" if kind.endswith("?") else kind
 
     rows = [(key, text(default), kind_text(kind), doc) for key, (default, kind, doc) in schema.items()]
-    widths = [max(len(row[i]) for row in rows if len(row[i]) <= 24) for i in range(3)]  # longer ones overflow
+    widths = [max(len(row[0]) for row in rows), max(len(row[1]) for row in rows),
+              max(len(row[2]) for row in rows if len(row[2]) <= 24)]  # a longer list of choices: the doc below it
     lines = [f"{script}: every config key, its default, its type and its meaning. A YAML file of nested keys",
              "(optim: {lr: 5.0e-4}) and --set key=value (--set optim.lr=5e-4 train.grad_accum=4) override the",
              "defaults; unknown keys are errors (C2), values are cast to their type or rejected (C1).",
              "Row ids (S1, R4, C2, ...) are explained in FAILURE_MODES.md."]
-    section = None
-    for key, default, kind, doc in rows:
-        if (key.partition(".")[0] if "." in key else "top level") != section:
-            section = key.partition(".")[0] if "." in key else "top level"
-            lines.append("\n" + section)
-        lines.append(f"  {key:<{widths[0]}}  {default:<{widths[1]}}  {kind:<{widths[2]}}  {doc}")
+    sections = {}  # each section once, in the order CONFIG first names it (its keys need not be adjacent there)
+    for row in rows:
+        sections.setdefault(row[0].partition(".")[0] if "." in row[0] else "top level", []).append(row)
+    for section, members in sections.items():
+        lines.append("\n" + section)
+        for key, default, kind, doc in members:
+            if len(kind) > widths[2]:
+                lines += [f"  {key:<{widths[0]}}  {default:<{widths[1]}}  {kind}", " " * (8 + sum(widths)) + doc]
+            else:
+                lines.append(f"  {key:<{widths[0]}}  {default:<{widths[1]}}  {kind:<{widths[2]}}  {doc}")
     return "\n".join(lines)
 
 
@@ -1452,7 +1532,7 @@ def checkpoint_state(run, name="last"):
                               "seed": run["cfg"]["seed"]},
             "world_size": d["world"], "config": dict(run["cfg"]), "schedule": schedule_signature(run["cfg"], run["plan"]),
             "inputs": run.get("inputs"),  # what the model's inputs depend on (the probe's features: R11), checked on resume
-            "torch_version": str(torch.__version__), **st}
+            "data_digest": run.get("data_digest"), "torch_version": str(torch.__version__), **st}
 
 
 def host_copy(obj):
@@ -1539,6 +1619,11 @@ def resume(run, mode):
         return False
     if ckpt.get("task") != cfg["task"]:
         raise ConfigError([("R1", "--resume", f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
+    if run.get("data_digest") is not None and ckpt.get("data_digest") != run["data_digest"]:
+        # S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run
+        raise ConfigError([("S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 "
+                            f"differs, or was not recorded by an older version); start a new run (--set run_name=NEW "
+                            "or --run_dir NEW), nothing was touched")])
     if ckpt.get("finished"):
         problem = finished_run_problem(cfg, ckpt, run["run_dir"])
         if problem:

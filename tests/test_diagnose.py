@@ -568,7 +568,7 @@ def test_s7_a_changed_seed_is_flagged_like_the_script_refuses_it(runs):
 def test_e6_memory_estimate_counts_a_hugging_face_teacher_in_fp32(tmp_path):
     # The estimate builds the teacher from its config.json on the meta device (no weight is read); the
     # directory still holds weights, which a teacher must have (C3).
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason=f"transformers is not installed for {sys.executable}")
     import train_distill as td
     config = transformers.GPT2Config(vocab_size=256, n_positions=128, n_embd=32, n_layer=2, n_head=2)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)

@@ -405,8 +405,6 @@ def test_builtin_corpus_is_deterministic_split_and_padded():
     assert np.array_equal(train, T.builtin_corpus.__wrapped__("train", 32, 30000))  # rebuilt from disk: same bytes
     val = T.builtin_corpus("val", 32, 30000)
     assert (len(train) - 1) % 32 == 0 and train[-1] == T.BUILTIN_PAD and (train == T.BUILTIN_PAD).any()
-    _, files = T.stdlib_sources()
-    assert any(f.startswith("json/") for f in files) and not any(f.startswith("test/") for f in files)
     cfg, _ = T.resolve_config(None, ["data.seq_len=32", "data.builtin.train_bytes=30000"])
     windows = T.TokenWindows(cfg, "train")
     counts = [windows.count([i]) for i in range(len(windows))]
@@ -421,7 +419,7 @@ def test_e5_dry_run_without_config_passes(capsys):
 
 
 def test_hf_teacher_from_a_local_directory(data, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason=f"transformers is not installed for {sys.executable}")
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2,
                                      bos_token_id=1, eos_token_id=1)
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import train_distill as T  # noqa: E402
 
-needs_hf = pytest.mark.skipif(not T.transformers_installed(), reason="transformers is not installed")
+needs_hf = pytest.mark.skipif(not T.transformers_installed(), reason=f"transformers is not installed for {sys.executable}")
 CPU = torch.device("cpu")
 # 20 windows of the built-in corpus, batch 3, accumulation 2: 7 micro-batches, 4 optimizer steps per epoch,
 # 8 in all; last.pt every 2 steps, so a kill inside step 3 resumes from step 2, in the middle of epoch 1.
@@ -40,7 +40,7 @@ USER = "zoo:tiny_causal_lm"
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The zoo's HF directories; the GPT-2 one also holds a tokenizer's files (the export copies them)."""
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason=f"transformers is not installed for {sys.executable}")
     d = tmp_path_factory.mktemp("zoo")
     dirs = {"gpt2": zoo.hf_gpt2(d / "gpt2"), "llama": zoo.hf_llama(d / "llama"),
             "gpt2_vocab300": zoo.hf_gpt2(d / "gpt2_vocab300", vocab=300),

@@ -47,7 +47,9 @@ def write_config(tmp_path, text=TINY_YAML, name="tiny.yaml"):
 
 
 def launch_env(env=None):
-    return {**{k: v for k, v in os.environ.items() if k not in SCRUB}, **(env or {})}
+    """The environment of a launch made by a test: the tests' own interpreter (one Python for both halves of
+    every comparison, C5), unless the test passes KIT_PYTHON="" to exercise launch.sh's own choice."""
+    return {**{k: v for k, v in os.environ.items() if k not in SCRUB}, "KIT_PYTHON": sys.executable, **(env or {})}
 
 
 def launch(*args, cwd, env=None, timeout=240):
@@ -332,7 +334,7 @@ def test_venv_bootstrap_is_locked_and_says_which_torch_it_installs(tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "calls.log"
-    env = launch_env({"PATH": f"{bin_dir}:/usr/bin:/bin", "KIT_VENV": str(tmp_path / "venv"), "FAKE_LOG": str(log),
+    env = launch_env({"PATH": f"{bin_dir}:/usr/bin:/bin", "KIT_PYTHON": "", "KIT_VENV": str(tmp_path / "venv"), "FAKE_LOG": str(log),
                       "FAKE_VENV_PYTHON": str(bin_dir / "venv_python"), "KIT_TORCH": "torch==2.13.0"})
     procs = [subprocess.Popen([LAUNCH, "--tests"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -262,8 +262,8 @@ def test_without_matplotlib_the_same_panels_print_as_text_with_the_marks(runs, m
     log = runs / "skipped" / "metrics.jsonl"
     code, out, err, views, (kind, legend) = plot(monkeypatch, "--log", log, "--plot", png)
     assert kind == "ascii" and legend == ["* skipped (" + str(log) + ")"] and not png.exists()
-    assert err.strip().splitlines() == [f"plot: {png} not written: matplotlib is not installed (pip install "
-                                        "matplotlib); the ASCII panels show the same"]
+    assert err.strip().splitlines() == [f"plot: {png} not written: matplotlib is not installed for {sys.executable} "
+                                        f"({sys.executable} -m pip install matplotlib); the ASCII panels show the same"]
     for panel in dx.PLOT_PANELS:
         assert f"\n{panel}: " in out
     grad_panel = out.split("\ngrad_norm: ")[1].split("\nthroughput: ")[0]

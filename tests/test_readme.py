@@ -56,7 +56,13 @@ def test_every_config_key_has_a_doc_and_appears_in_help_config(script):
     out = subprocess.run([sys.executable, os.path.join(ROOT, script + ".py"), "--help_config"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and out.stderr == "", out.stderr
-    printed = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  ") and line.split()}
+    lines = out.stdout.splitlines()
+    printed = {}  # key -> its row; a long list of choices puts the meaning on the next line, which is joined here
+    for i, line in enumerate(lines):
+        if line.startswith("  ") and line.split() and line.split()[0] in schema:
+            more = lines[i + 1] if i + 1 < len(lines) else ""
+            printed[line.split()[0]] = line + ("  " + more.strip() if more.startswith("      ") and
+                                               more.split()[0] not in schema else "")
     missing = [key for key in schema if key not in printed]
     assert not missing, f"{script}.py --help_config does not print {missing}"
     for key, (default, kind, doc) in schema.items():  # each line: key, default (YAML), type, meaning
