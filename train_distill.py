@@ -3996,7 +3996,8 @@ def dry_run(config_path, overrides, train_fn=None):
 
     say(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes" if d["world"] > 1 else "")
         + (", sharded (train.strategy fsdp)" if cfg["train.strategy"] == "fsdp" else "")
-        + (", activation checkpointing" if cfg["train.activation_checkpointing"] else ""))
+        + (", activation checkpointing" if cfg["train.activation_checkpointing"] else "")
+        + (f", chunked loss ({cfg['kd.chunk_tokens']} positions)" if cfg["kd.chunk_tokens"] else ""))
     # R10: whatever the real run refuses before its first step (its token files, teacher or cache, network) is
     # refused here first, by the same function with the same line (exit 2); nothing is written
     inputs = run_inputs(cfg, d, lambda line: None, build_cache=False)
