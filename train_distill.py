@@ -144,7 +144,7 @@ CONFIG = {
     "kd.enabled": (False, "bool", "false: plain LM training of teacher.* (makes a teacher); true: distil student.* from it"),
     "kd.alpha": (0.5, "float", "weight of the cross-entropy on the labels"),
     "kd.beta": (0.5, "float", "weight of T^2 * KL(teacher_T || student_T)"),
-    "kd.gamma": (0.1, "float", "weight of the hidden-state loss through the learned projection"),
+    "kd.gamma": (0.1, "float", "weight of the hidden-state loss through the learned projection (0: neither is built)"),
     "kd.temperature": (2.0, "float", "softmax temperature T of the KD term"),
     "kd.top_k": (None, "int?", "compare only the teacher's top-k tokens per position (+ one bucket for the rest); null = full KD"),
     "kd.divergence": ("forward_kl", ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"), "D(teacher_T, student_T) of the KD term: forward_kl, reverse_kl (MiniLLM), "
@@ -1421,8 +1421,9 @@ def split_outputs(out):
 
 
 class Trainable(nn.Module):
-    """What the optimizer trains and the checkpoint's "model" holds: the language model and, with KD
-    on and both widths known, the learned projection of its hidden states to the teacher's width
+    """What the optimizer trains and the checkpoint's "model" holds: the language model and, when the
+    hidden-state term is on (kd.gamma > 0, G8) and both widths are known, the learned projection of its hidden
+    states to the teacher's width
     (kd.gamma's term); with kd.hidden_layers one projection per layer pair (`pairs`: their student and teacher
     widths). Keys: "lm.*" (a Hugging Face or user model's own keys under "lm.model.*"), "proj.*" ("proj.0.*", ...)."""
 
@@ -1600,8 +1601,43 @@ def build_trainable(cfg, teacher):
     pairs = None
     if isinstance(hidden, tuple):  # kd.hidden_layers with kd.gamma > 0: a projection per pair, none otherwise
         pairs = [(layer_width(lm, s), layer_width(teacher, t)) for s, t in cfg["kd.hidden_layers"]]
-    # train mode throughout (from_pretrained returns eval mode): the user's dropout is on while training
-    return Trainable(lm, teacher.width if teacher is not None else None, pairs).train()
+    # train mode throughout (from_pretrained returns eval mode): the user's dropout is on while training.
+    # G8: no projection at kd.gamma 0, so no parameter the loss never uses (DDP needs no unused-parameter
+    # search, the checkpoint holds none); it is made after the LM, so the LM's init is the same either way.
+    return Trainable(lm, teacher.width if teacher is not None and cfg["kd.gamma"] > 0 else None, pairs).train()
+
+def projection_resume_hooks(module, optimizer, cfg):
+    """G8: resuming across the projection's presence. A checkpoint written at kd.gamma 0 before the kit left
+    the projection out holds proj.weight and proj.bias, which no gradient ever reached (AdamW skips a
+    parameter without one), and their optimizer entries, the last of each group (param_groups' order:
+    the LM, then the projection): they are dropped, and the run continues exactly as it would have. A
+    checkpoint without a projection resumed at kd.gamma > 0 has none to give: one line says so."""
+    dropped = {}
+
+    def model_hook(_module, state, prefix, *_args):
+        names = [k for k in state if k.startswith(prefix + "proj.")]
+        if module.proj is None:
+            dropped.update({k[len(prefix):]: tuple(state.pop(k).shape) for k in names})
+        elif not names and any(k.startswith(prefix + "lm.") for k in state):
+            raise ConfigError([("G8", "kd.gamma", f"{cfg['kd.gamma']!r}, but the checkpoint being resumed was trained "
+                                "at kd.gamma 0 and holds no hidden-state projection; resume with kd.gamma=0, or "
+                                "start a new run (--set run_name=NEW)")])
+
+    def optimizer_hook(_optimizer, state):
+        shapes = sorted(dropped.values())
+        groups = state["param_groups"]
+        if not dropped or len(groups) != len(optimizer.param_groups):
+            return None
+        extra = [g["params"][-1] for g, mine in zip(groups, optimizer.param_groups) if len(g["params"]) == len(mine["params"]) + 1]
+        moments = sorted(tuple(state["state"][i]["exp_avg"].shape) for i in extra if "exp_avg" in state["state"].get(i, {}))
+        if len(extra) == len(dropped) and moments in ([], shapes):  # never stepped (no state), or the projection's shapes
+            for g, mine in zip(groups, optimizer.param_groups):
+                if len(g["params"]) == len(mine["params"]) + 1:
+                    state["state"].pop(g["params"].pop(), None)
+        return state
+
+    module.register_load_state_dict_pre_hook(model_hook)
+    optimizer.register_load_state_dict_pre_hook(optimizer_hook)
 
 
 def how_to_make_teacher(path):
@@ -1823,28 +1859,61 @@ def saved_weights(ckpt, path):
 # -----------------------------------------------------------------------------
 # Losses, each summed over real target tokens (the shared loop divides by the step's token count, G2)
 # and computed in fp32 whatever the autocast dtype (G6): CPU autocast even runs log_softmax in fp16.
+# The step computes each model's log-probabilities once (log_probs) and every term reads them; a term
+# whose weight is 0 is not computed at all (G8: make_task's loss picks the terms once).
+def log_probs(logits, temperature=1.0):
+    """log softmax(logits / T) over the vocabulary in fp32 (G6): the one full-vocabulary pass per model and
+    step. At T = 1 there is no division (x / 1 is x, bit for bit)."""
+    with torch.autocast(logits.device.type, enabled=False):
+        z = logits.float()
+        return F.log_softmax(z if temperature == 1 else z / temperature, -1)
+
+
 def token_cross_entropy(logits, targets):
     """Summed CE over the real targets (IGNORE excluded)."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def kd_kl(student_logits, teacher_logits, temperature, top_k=None):
-    """KL(teacher_T || student_T) per position of [..., V] logits, in fp32 (G6).
+def nll_sum(log_q, targets):
+    """token_cross_entropy from log-probabilities already computed at T = 1 (the KD term's, shared)."""
+    return F.nll_loss(log_q.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def teacher_terms(log_p):
+    """What a KL against the teacher's distribution needs, computed once without gradient: p, where p > 0,
+    and sum p log p per position (0 log 0 = 0, not nan, where the teacher's logit is -inf)."""
+    p = log_p.exp()
+    keep = p > 0
+    return p, keep, torch.where(keep, p * log_p, 0.0).sum(-1)
+
+
+def kl_from_log_probs(teacher, log_q):
+    """KL(p || q) per position = sum p log p - sum p log q, with `teacher` = teacher_terms(log p). The
+    student's part is one product and sum: its gradient wrt the logits is (q - p) / T through log_softmax's
+    backward. A p = 0 entry adds 0 even where log q is -inf (a vocabulary both models mask)."""
+    p, keep, p_log_p = teacher
+    return p_log_p - torch.where(keep, p * log_q, 0.0).sum(-1)
+
+
+def kd_kl(student_logits, teacher_logits, temperature, top_k=None, log_q=None):
+    """KL(teacher_T || student_T) per position of [..., V] logits, in fp32 (G6). log_q: the student's
+    log_probs at T when the step already has them (the CE term shares them at T = 1).
 
     top_k: the teacher's k most likely tokens are compared one by one and the rest of the vocabulary
     is one more outcome, "any other token", whose probability is each model's remaining mass
     (computed exactly, by logsumexp over the excluded logits, not as 1 - sum). That is the KL of the
     two distributions coarsened to k + 1 outcomes: a biased estimate of full KD (never above it, by
     the data-processing inequality, and blind to how the student spreads its tail mass), equal to it
-    at k = vocab, where the bucket is empty and left out. Online top-k is kd_kl_topk of teacher_topk:
-    the offline run (kd.teacher_cache) calls the same kd_kl_topk on those numbers read from disk.
+    at k = vocab, where the bucket is empty and left out. Online top-k is kl_topk of teacher_topk:
+    the offline run (kd.teacher_cache) calls the same kl_topk on those numbers read from disk.
     """
-    if top_k is None:
-        with torch.autocast(student_logits.device.type, enabled=False):
-            log_q = F.log_softmax(student_logits.float() / temperature, -1)
-            log_p = F.log_softmax(teacher_logits.float() / temperature, -1)
-            return xlogy_ratio(log_p, log_q).sum(-1)
-    return kd_kl_topk(student_logits, *teacher_topk(teacher_logits, temperature, top_k), temperature)
+    log_q = log_probs(student_logits, temperature) if log_q is None else log_q
+    with torch.no_grad():  # the teacher is frozen
+        if top_k is not None:
+            top = teacher_topk(teacher_logits, temperature, top_k)
+        else:
+            teacher = teacher_terms(log_probs(teacher_logits, temperature))
+    return kl_topk(log_q, *top) if top_k is not None else kl_from_log_probs(teacher, log_q)
 
 
 def first_token(logits):
@@ -1877,15 +1946,19 @@ def teacher_topk(teacher_logits, temperature, top_k):
         return log_p_top, index, log_rest
 
 
-def kd_kl_topk(student_logits, log_p_top, index, log_rest, temperature):
-    """The coarsened KL of kd_kl(top_k) from the teacher's top-k numbers (teacher_topk, or the cache), in fp32."""
-    with torch.autocast(student_logits.device.type, enabled=False):
-        log_q = F.log_softmax(student_logits.float() / temperature, -1)
-        kl = xlogy_ratio(log_p_top, log_q.gather(-1, index)).sum(-1)
-        if index.shape[-1] < log_q.shape[-1]:
-            rest_q = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
-            kl = kl + xlogy_ratio(log_rest, rest_q)
-        return kl
+def kl_topk(log_q, log_p_top, index, log_rest):
+    """The coarsened KL of kd_kl(top_k) from the student's log_probs and the teacher's top-k numbers
+    (teacher_topk, or the cache)."""
+    kl = xlogy_ratio(log_p_top, log_q.gather(-1, index)).sum(-1)
+    if index.shape[-1] < log_q.shape[-1]:
+        rest_q = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
+        kl = kl + xlogy_ratio(log_rest, rest_q)
+    return kl
+
+
+def kd_kl_topk(student_logits, log_p_top, index, log_rest, temperature, log_q=None):
+    """kl_topk from the student's logits (or its log_probs at T, log_q), in fp32."""
+    return kl_topk(log_probs(student_logits, temperature) if log_q is None else log_q, log_p_top, index, log_rest)
 
 
 def xlogy_ratio(log_p, log_q):
@@ -1954,15 +2027,16 @@ def coarsen(log_q, log_p_top, index, log_rest):
 
 
 def kd_divergence(student_logits, kind, temperature, teacher_logits=None, top_k=None, cached=None,
-                  jsd_beta=0.5, skew_alpha=0.1):
+                  jsd_beta=0.5, skew_alpha=0.1, log_q=None):
     """kd.divergence per position, in fp32 whatever the autocast dtype (G6): from the teacher's logits (full,
     or its top-k with top_k) or from its top-k numbers read from kd.teacher_cache (`cached`, as teacher_topk
-    returns them). forward_kl is kd_kl / kd_kl_topk themselves."""
+    returns them). forward_kl is kd_kl / kd_kl_topk themselves. log_q: the student's log_probs at T, when the
+    step has them already (G8: one log_softmax per model and step)."""
     if kind == "forward_kl":
-        return kd_kl_topk(student_logits, *cached, temperature) if cached else \
-            kd_kl(student_logits, teacher_logits, temperature, top_k)
+        return kd_kl_topk(student_logits, *cached, temperature, log_q=log_q) if cached else \
+            kd_kl(student_logits, teacher_logits, temperature, top_k, log_q=log_q)
     with torch.autocast(student_logits.device.type, enabled=False):
-        log_q = F.log_softmax(student_logits.float() / temperature, -1)  # E13: the student at T ...
+        log_q = log_probs(student_logits, temperature) if log_q is None else log_q  # E13: the student at T ...
         if cached is None and top_k is None:
             log_p = F.log_softmax(teacher_logits.float() / temperature, -1)  # ... and the teacher at the same T
         else:
@@ -3557,18 +3631,19 @@ def make_task(run):
             online = beta > 0
         side = tuple(cached) if cached else (t_hidden, *linear_head(teacher, "the teacher")) if online else ()
         ce, kd = chunked_terms(hidden, head, y, side, online, alpha, beta, temperature, top_k, chunk)
-        parts = {"ce": alpha * ce}
+        parts = {"ce": alpha * ce} if alpha > 0 else {}  # G8: chunk_terms computed no CE at kd.alpha 0
         if beta > 0:
             parts["kd"] = beta * temperature ** 2 * kd
         if gamma > 0:
             parts["hidden"] = gamma * torch.where(y != IGNORE, hidden_term(projected, t_hidden), 0.0).sum()
         return sum(parts.values()), parts
 
-    def kd_term(logits, t_logits, cached, mask):
+    def kd_term(logits, t_logits, cached, mask, log_q=None):
         """kd.beta x scale x the divergence summed over the masked positions. Padding is masked with where(),
         not dropped with logits[mask]: a boolean index has a data-dependent size, a host-device sync on GPUs
-        every micro-batch (G7). offline: the teacher's top-k numbers read from the cache, as online top-k."""
-        div = kd_divergence(logits, kind, temperature, t_logits, top_k, cached or None, jsd_beta, skew_alpha)
+        every micro-batch (G7). offline: the teacher's top-k numbers read from the cache, as online top-k.
+        log_q: the student's log_probs at T when the step has them already (G8)."""
+        div = kd_divergence(logits, kind, temperature, t_logits, top_k, cached or None, jsd_beta, skew_alpha, log_q)
         return beta * scale * torch.where(mask, div, 0.0).sum()
 
     def loss(model, batch):
@@ -3578,18 +3653,22 @@ def make_task(run):
             return chunked_loss(model, batch)
         x, y, *cached = batch
         logits, projected = model(x, project=teacher is not None and gamma > 0)
-        ce = token_cross_entropy(logits, y)
         if teacher is None and cache is None:
-            return ce, {}  # kd.enabled false: plain LM training (this is how a teacher is made)
-        parts = {"ce": alpha * ce}
+            return token_cross_entropy(logits, y), {}  # kd.enabled false: plain LM training (this is how a teacher is made)
+        # G8: a term whose weight is 0 is not computed (no CE at kd.alpha 0, no teacher hidden states and no
+        # projection at kd.gamma 0); the student's log-probabilities are computed once, and at T = 1 the CE
+        # term reads the KD term's (a log_softmax and nll_loss are what F.cross_entropy runs).
+        real, parts = y != IGNORE, {}
+        log_q = log_probs(logits, temperature) if beta > 0 else None
+        if alpha > 0:
+            parts["ce"] = alpha * (nll_sum(log_q, y) if log_q is not None and temperature == 1 else token_cross_entropy(logits, y))
         if beta > 0 or gamma > 0:
-            real = y != IGNORE
             t_logits = t_hidden = None
             if not cached:
                 with torch.no_grad():
                     t_logits, t_hidden = teacher(x)
             if beta > 0:  # divergence_scale: T^2 (tvd: T) keeps the KD gradient's scale independent of T
-                parts["kd"] = kd_term(logits, t_logits, cached, real)
+                parts["kd"] = kd_term(logits, t_logits, cached, real, log_q)
             if gamma > 0:
                 parts["hidden"] = gamma * torch.where(real, hidden_term(projected, t_hidden), 0.0).sum()
         return sum(parts.values()), parts
@@ -3766,10 +3845,11 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     elif d["world"] > 1:
         # DDP copies process 0's weights and buffers to every process at construction; the student's buffers
         # are fixed, so the default per-forward buffer broadcast only copies equal values. Unused parameters:
-        # the projection with kd.gamma 0 or in an on-policy micro-batch (the divergence only), and whatever a
-        # user module (student.target) leaves out of its forward.
+        # whatever a user module (student.target) leaves out of its forward, and the projection in an on-policy
+        # micro-batch (the divergence only); at kd.gamma 0 there is no projection (G8), so DDP skips its
+        # per-step search of the autograd graph for unused parameters.
         model = torch.nn.parallel.DistributedDataParallel(
-            module, find_unused_parameters=(module.proj is not None and (cfg["kd.gamma"] == 0 or on_policy_used(cfg)))
+            module, find_unused_parameters=(module.proj is not None and on_policy_used(cfg))
             or isinstance(module.lm, TargetLM))
     # the student and its projection: the frozen teacher is never in the optimizer
     params = [p for p in module.parameters() if p.requires_grad]
@@ -3777,6 +3857,8 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     scaler = make_grad_scaler(d["device"], cfg["train.precision"])
     if scaler and run["sharded"]:
         scaler = sharded_grad_scaler(d["device"])
+    if cfg["kd.enabled"] and teacher is not None:
+        projection_resume_hooks(module, optimizer, cfg)  # G8: checkpoints from before the projection left kd.gamma 0
     run.update(module=module, model=model, params=params, optimizer=optimizer,
                scheduler=build_schedule(optimizer, cfg, plan), scaler=scaler)
     resumed = resume(run, resume_mode)

@@ -277,10 +277,12 @@ def test_topk_kd_is_the_coarsened_kl_and_a_lower_bound_of_full_kd():
     assert float((T.kd_kl(s, t, 2.0, 5) - T.kd_kl(s, t, 2.0, None)).abs().max()) > 1e-3  # and really biased
 
 
-def test_distillation_loss_is_alpha_ce_plus_beta_t2_kl_plus_gamma_hidden_over_real_tokens(data, teacher):
-    """The task's loss against an independent formula (torch's kl_div, full vocabulary), real targets only."""
+@pytest.mark.parametrize("temp", [3, 1])
+def test_distillation_loss_is_alpha_ce_plus_beta_t2_kl_plus_gamma_hidden_over_real_tokens(data, teacher, temp):
+    """The task's loss against an independent formula (torch's kl_div, full vocabulary), real targets only;
+    at T = 1 the CE term reads the KD term's log-probabilities (G8), at T = 3 it has its own."""
     cfg, _ = T.resolve_config(None, kd_settings(data, teacher, "kd.top_k=null", "kd.alpha=0.3", "kd.beta=0.6",
-                                                "kd.gamma=0.7", "kd.temperature=3"))
+                                                "kd.gamma=0.7", f"kd.temperature={temp}"))
     frozen = T.build_teacher(cfg, torch.device("cpu"))
     windows = T.TokenWindows(cfg, "train")
     task = T.make_task({"cfg": cfg, "dist": {"device": torch.device("cpu")}, "train_set": windows, "teacher": frozen})
@@ -293,16 +295,103 @@ def test_distillation_loss_is_alpha_ce_plus_beta_t2_kl_plus_gamma_hidden_over_re
         logits, projected = module(x, project=True)
         t_logits, t_hidden = frozen(x)
         ce = F.cross_entropy(logits[real], y[real], reduction="sum")
-        kl = F.kl_div(F.log_softmax(logits[real] / 3, -1), F.log_softmax(t_logits[real] / 3, -1),
+        kl = F.kl_div(F.log_softmax(logits[real] / temp, -1), F.log_softmax(t_logits[real] / temp, -1),
                       log_target=True, reduction="sum")
         ln = torch.nn.LayerNorm(32, elementwise_affine=False)
         hidden = (ln(projected[real]) - ln(t_hidden[real])).pow(2).mean(-1).sum()
-    want = {"ce": 0.3 * ce, "kd": 0.6 * 9 * kl, "hidden": 0.7 * hidden}
+    want = {"ce": 0.3 * ce, "kd": 0.6 * temp ** 2 * kl, "hidden": 0.7 * hidden}
     assert set(parts) == set(want)
     for name, value in want.items():
         assert torch.allclose(parts[name].detach(), value, rtol=1e-5), name
     assert torch.allclose(total.detach(), sum(want.values()), rtol=1e-5)
     assert windows.count(np.arange(6)) == int(real.sum())  # the loop divides these sums by exactly this count
+
+
+def refuse(name):
+    def called(*args, **kwargs):
+        raise AssertionError(f"{name} computed although its weight is 0")
+    return called
+
+
+@pytest.mark.parametrize("top_k", [None, 8], ids=["full", "top8"])
+def test_g8_no_cross_entropy_hidden_states_or_projection_at_weight_0_and_the_loss_is_the_reference(
+        data, teacher, top_k, monkeypatch):
+    """kd.alpha 0, kd.gamma 0 (the recipe of a pure-KD run): no CE is computed, the teacher is asked for no
+    hidden states, the student has no projection parameters; the loss is still exactly beta T^2 KL over
+    the real targets, against torch's kl_div."""
+    cfg, _ = T.resolve_config(None, kd_settings(data, teacher, f"kd.top_k={'null' if top_k is None else top_k}",
+                                                "kd.alpha=0", "kd.beta=0.6", "kd.gamma=0", "kd.temperature=1"))
+    frozen = T.build_teacher(cfg, torch.device("cpu"))
+    module = T.build_trainable(cfg, frozen)
+    assert module.proj is None and not any(k.startswith("proj.") for k in module.state_dict())
+    assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in module.lm.parameters())
+    assert T.build_trainable({**cfg, "kd.gamma": 0.1}, frozen).proj is not None  # the term on: its projection back
+    windows = T.TokenWindows(cfg, "train")
+    task = T.make_task({"cfg": cfg, "dist": {"device": torch.device("cpu")}, "train_set": windows, "teacher": frozen})
+    for name in ("token_cross_entropy", "nll_sum", "hidden_loss"):
+        monkeypatch.setattr(T, name, refuse(name))
+    x, y = windows[np.arange(6)]
+    total, parts = task["loss"](module, (x, y))
+    assert set(parts) == {"kd"}
+    real = y != -100
+    with torch.no_grad():
+        s, t = module(x)[0][real], frozen(x)[0][real]
+        if top_k is None:
+            want = 0.6 * F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+        else:
+            want = 0.6 * coarsened_kl_reference(s, t, 1.0, top_k).sum()
+    assert math.isclose(float(total.detach()), float(want), rel_tol=1e-5)
+    total.backward()  # and it trains: every student parameter gets a gradient (none is left unused, for DDP)
+    assert all(p.grad is not None for p in module.parameters())
+
+
+def test_g8_ce_from_the_shared_log_probs_is_bit_identical_to_cross_entropy():
+    """At T = 1 the CE term reads the KD term's log-probabilities (nll_loss of log_softmax is what
+    F.cross_entropy computes): the same bits, not only close."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 16, VOCAB, generator=gen) * 3
+    y = torch.randint(0, VOCAB, (3, 16), generator=gen)
+    y[0, :5] = -100
+    assert torch.equal(T.nll_sum(T.log_probs(logits), y), T.token_cross_entropy(logits, y))
+
+
+def test_g8_kd_kl_where_both_models_mask_a_token_is_finite_with_finite_gradients():
+    """A vocabulary entry both models mask with -inf (a padded vocabulary) adds 0, not nan (0 * -inf)."""
+    gen = torch.Generator().manual_seed(5)
+    s = (torch.randn(8, VOCAB, generator=gen) * 3)
+    t = torch.randn(8, VOCAB, generator=gen) * 3
+    s[:, -4:], t[:, -4:] = float("-inf"), float("-inf")
+    s.requires_grad_(True)
+    kl = T.kd_kl(s, t, 2.0)
+    (grad,) = torch.autograd.grad(kl.sum(), s)
+    assert bool(torch.isfinite(kl).all()) and bool(torch.isfinite(grad).all())
+    ref = coarsened_kl_reference(s.detach()[:, :-4], t[:, :-4], 2.0, VOCAB - 4)
+    assert np.allclose(kl.detach().numpy(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_g8_checkpoint_with_the_old_unused_projection_resumes_exactly_and_the_reverse_is_one_line(
+        data, teacher, tmp_path, monkeypatch, capsys):
+    """A last.pt written at kd.gamma 0 by the kit before G8 (the projection built, never trained) resumes and
+    ends bit-identical to an uninterrupted run; a gamma-0 checkpoint resumed at kd.gamma > 0 is a config error."""
+    settings = kd_settings(data, teacher, "kd.gamma=0", "train.epochs=1")  # 4 steps
+    _, outcome, whole = run(settings, tmp_path / "whole")
+    assert outcome == "finished"
+    new_build = T.build_trainable
+    monkeypatch.setattr(T, "build_trainable", lambda cfg, frozen: T.Trainable(  # the kit before G8
+        new_build(cfg, frozen).lm, frozen.width if frozen is not None else None).train())
+    _, outcome, _ = run(settings, tmp_path / "old", stop_after=2)
+    assert outcome == "stopped" and "proj.weight" in ckpt(tmp_path / "old")["model"]
+    monkeypatch.setattr(T, "build_trainable", new_build)
+    _, outcome, resumed = run(settings, tmp_path / "old", resume="auto")
+    assert outcome == "finished" and resumed["module"].proj is None
+    assert T.checkpoint_tensors_equal(os.path.join(tmp_path, "whole", "checkpoints", "last.pt"),
+                                      os.path.join(tmp_path, "old", "checkpoints", "last.pt"))
+    _, outcome, _ = run(settings, tmp_path / "g0", stop_after=2)
+    argv = ["--run_dir", str(tmp_path / "g0")] + [a for item in settings + ["kd.gamma=0.2"] for a in ("--set", item)]
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kd.gamma" in err[-1] and "kd.gamma=0" in err[-1], err
+    assert ckpt(tmp_path / "g0")["global_step"] == 2  # nothing lost
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
