@@ -1880,19 +1880,20 @@ def nll_sum(log_q, targets):
 
 
 def teacher_terms(log_p):
-    """What a KL against the teacher's distribution needs, computed once without gradient: p, where p > 0,
-    and sum p log p per position (0 log 0 = 0, not nan, where the teacher's logit is -inf)."""
+    """What a KL against the teacher's distribution needs, computed once without gradient: (log p, p, where
+    p > 0)."""
     p = log_p.exp()
-    keep = p > 0
-    return p, keep, torch.where(keep, p * log_p, 0.0).sum(-1)
+    return log_p, p, p > 0
 
 
 def kl_from_log_probs(teacher, log_q):
-    """KL(p || q) per position = sum p log p - sum p log q, with `teacher` = teacher_terms(log p). The
-    student's part is one product and sum: its gradient wrt the logits is (q - p) / T through log_softmax's
-    backward. A p = 0 entry adds 0 even where log q is -inf (a vocabulary both models mask)."""
-    p, keep, p_log_p = teacher
-    return p_log_p - torch.where(keep, p * log_q, 0.0).sum(-1)
+    """KL(p || q) per position, sum of p (log p - log q), with `teacher` = teacher_terms(log p): the student's
+    side is a subtract, a product and a sum (its gradient wrt the logits is (q - p) / T through log_softmax's
+    backward). Differences term by term, not sum p log p - sum p log q: a small KL (a student close to its
+    teacher) keeps its digits. A p = 0 entry adds 0, not nan, even where log q is -inf (a vocabulary both
+    models mask)."""
+    log_p, p, keep = teacher
+    return torch.where(keep, p * (log_p - log_q), 0.0).sum(-1)
 
 
 def kd_kl(student_logits, teacher_logits, temperature, top_k=None, log_q=None):

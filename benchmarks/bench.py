@@ -57,15 +57,15 @@ REALISTIC_WINDOWS, REALISTIC_SETTINGS = 131_072, [
 UNCACHED_SETTINGS = LOOP_SETTINGS[:-1] + ["backbone.cache_features=false", "data.synthetic.num_train=1024",
                                           "data.synthetic.num_val=64", "train.epochs=2"]
 PARAMS = {  # quick / full
-    "quick": {"loop_repeats": 5, "real_repeats": 3, "uncached_repeats": 2, "step_blocks": 9, "cache_epochs": 3,
+    "quick": {"loop_repeats": 9, "real_repeats": 3, "uncached_repeats": 2, "step_blocks": 15, "cache_epochs": 3,
               "cache_repeats": 1, "kd_repeats": 3, "curve_steps": 50_000, "curve_repeats": 3, "peer_repeats": 2,
-              "offline_repeats": 2, "kd_chunk_repeats": 2},
-    "full": {"loop_repeats": 11, "real_repeats": 7, "uncached_repeats": 9, "step_blocks": 25, "cache_epochs": None,
+              "offline_repeats": 2, "kd_chunk_repeats": 2, "trl_repeats": 3, "trl_steps": 30},
+    "full": {"loop_repeats": 15, "real_repeats": 7, "uncached_repeats": 9, "step_blocks": 31, "cache_epochs": None,
              "cache_repeats": 2, "kd_repeats": 10, "curve_steps": 200_000, "curve_repeats": 5, "peer_repeats": 5,
-             "offline_repeats": 5, "kd_chunk_repeats": 5},
+             "offline_repeats": 5, "kd_chunk_repeats": 5, "trl_repeats": 5, "trl_steps": 60},
 }
 LOOP_PARTS = ("loop", "loop_realistic", "loop_uncached")
-PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "kd_chunk", "offline", "dry_run", "peer"]
+PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "kd_chunk", "offline", "dry_run", "peer", "trl"]
 # Offline KD: configs/distill_demo.yaml as it is, except kd.gamma 0 on every side (the hidden-state term needs
 # the teacher's hidden states, which a cache does not hold) and fewer windows (the step does not depend on how
 # many there are; the cache build's rate is reported per token). The 32k case: the same models and loop on
@@ -109,6 +109,24 @@ def best(seconds):
 def best_ratio(times, a, b):
     """best(a) / best(b)."""
     return best(times[a]) / best(times[b])
+
+
+def noise(seconds):
+    """How far one side's fastest repeat can be trusted: the second-fastest over the fastest, minus 1. Under
+    load the minimum of few repeats is itself noisy; when the two fastest agree, the minimum is close to
+    the undisturbed time. None with a single repeat (no estimate)."""
+    if len(seconds) < 2:
+        return None
+    first, second = sorted(seconds)[:2]
+    return second / first - 1
+
+
+def ratio_noise(times, a, b):
+    """The noise estimate of best_ratio(times, a, b): the two sides' noise() added (a ratio is off by at most
+    about the sum of its parts' relative errors). A ratio's distance from its target below this is not a
+    measurement, it is the machine."""
+    na, nb = noise(times[a]), noise(times[b])
+    return None if na is None or nb is None else na + nb
 
 
 @contextlib.contextmanager
@@ -299,7 +317,8 @@ def step_blocks(run, task, blocks):
     times = paired_times({"kit": kit, "bare": plain, "bare_noclip": lambda: plain(clip=False)}, blocks, warmup=2,
                          setup=setup)
     return {"kit_us": 1e6 * best(times["kit"]) / size, "bare_us": 1e6 * best(times["bare"]) / size,
-            "bare_noclip_us": 1e6 * best(times["bare_noclip"]) / size, "ratio": best_ratio(times, "kit", "bare")}
+            "bare_noclip_us": 1e6 * best(times["bare_noclip"]) / size, "ratio": best_ratio(times, "kit", "bare"),
+            "ratio_noise": ratio_noise(times, "kit", "bare"), "blocks": blocks}
 
 
 def bench_loop(name, captured, repeats, blocks):
@@ -322,6 +341,8 @@ def bench_loop(name, captured, repeats, blocks):
             "kit_ms_per_step": per_step["kit"], "bare_ms_per_step": per_step["bare"],
             "no_writes_ms_per_step": per_step["kit_no_writes"], "ratio": best_ratio(times, "kit", "bare"),
             "ratio_no_writes": best_ratio(times, "kit_no_writes", "bare"), "saves": len(saves), "same_weights": same,
+            "ratio_noise": ratio_noise(times, "kit", "bare"), "ratio_no_writes_noise": ratio_noise(times, "kit_no_writes", "bare"),
+            "repeats": repeats,
             "save_ms": 1e3 * statistics.median(saves) if saves else None,  # the last kit run's saves
             "eval_ms": 1e3 * statistics.median(eval_seconds) if eval_seconds else None,
             "step": step_blocks(run, task, blocks) if blocks else None}
@@ -598,6 +619,7 @@ def capture_distill(td, settings, run_dir, config=DEMO_CONFIG, cache_only=False)
         return run["teacher_cache"]
     run = got["run"]
     run["snapshot"] = copy.deepcopy(run["module"].state_dict())
+    run["state0"] = copy.deepcopy(run["state"])
     return run, got["task"]
 
 
@@ -679,6 +701,229 @@ def bench_offline(repeats, tmp, cases=None, steps=None):
             row[f"{side}_step_ratio"] = row[side]["ms_per_step"] / row["online_full"]["ms_per_step"]
             row[f"{side}_mem_ratio"] = row[side]["peak_mb"] / row["online_full"]["peak_mb"]
         out[name] = row
+    return out
+
+
+# -----------------------------------------------------------------------------
+# A distillation peer: TRL's GKDTrainer (never a dependency of the kit) on the same work as train_distill.py,
+# and a bare hand-written KD loop of the same recipe (the limit). The equal work, built here, nothing
+# downloaded: a GPT-2 student 2 x 128 and teacher 4 x 128 made locally (byte vocabulary, dropout 0), both
+# loaded by every side; byte windows of the built-in corpus, 16 x 64 tokens per optimizer step, in the kit's
+# order; AdamW with the kit's groups, its LR schedule object (the same LR at every step), clipping at 1.0;
+# fp32, one intra-op thread; forward KL at T = 1 over the real targets, summed and divided by their count.
+# GKD reads 65-token windows and shifts (its loss compares positions 0..63 with targets 1..64, as the kit's).
+TRL_SETTINGS = ["kd.enabled=true", "kd.teacher_checkpoint=null", "kd.alpha=0", "kd.beta=1", "kd.gamma=0",
+                "kd.temperature=1", "kd.top_k=null", "data.seq_len=64", "train.batch_size=16", "train.grad_accum=1",
+                "train.precision=fp32", "train.epochs=null", "data.val_windows=64", "train.log_every=10",
+                "train.eval_every=null", "train.save_every_steps=null", "train.clip_grad_norm=1.0"]
+TRL_TOPK = 16  # the offline side: the teacher's top-16 from kd.teacher_cache
+TRL_WARMUP = 10  # steps each side runs before its timed steps (allocator, autograd graph, the Trainer's first calls)
+
+
+def tiny_gpt2_pair(directory, seq_len=64, width=128):
+    """(student dir, teacher dir): GPT-2s with a byte vocabulary, 2 x 128 and 4 x 128, saved once; every side
+    loads these files. seq_len + 1 positions: GKD's inputs carry the last target too."""
+    import transformers
+    paths = []
+    # the teacher initialised wider (std 0.2): its predictions are peaked, the step-1 KL is O(1), not ~0
+    for name, layers, heads, std, seed in (("student", 2, 2, 0.02, 0), ("teacher", 4, 4, 0.2, 1)):
+        path = os.path.join(directory, name)
+        config = transformers.GPT2Config(vocab_size=256, n_positions=seq_len + 1, n_embd=width, n_layer=layers,
+                                         n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                         initializer_range=std, bos_token_id=None, eos_token_id=None)
+        torch.manual_seed(seed)
+        transformers.GPT2LMHeadModel(config).save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def byte_tokenizer():
+    """A 256-token byte tokenizer object for GKDTrainer's processing_class (it only reads pad_token_id here)."""
+    import transformers
+    from tokenizers import Tokenizer, models
+    vocab = {f"<{i}>": i for i in range(256)}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<0>")),
+                                                pad_token="<0>", eos_token="<0>")
+
+
+def reset_distill(td, run):
+    """Back to step 0: initial student, a fresh optimizer and schedule, no checkpoints."""
+    run["module"].load_state_dict(run["snapshot"])
+    run["optimizer"] = td.build_optimizer(run["cfg"], td.param_groups(run["module"]))
+    run["scheduler"] = td.build_schedule(run["optimizer"], run["cfg"], run["plan"])
+    run["state"] = copy.deepcopy(run["state0"])
+    run.update(best_written=None, best_pending=None, last_save=time.monotonic())
+    shutil.rmtree(run["ckpt_dir"], ignore_errors=True)
+    os.makedirs(run["ckpt_dir"])
+
+
+def kit_distill_side(td, run, task):
+    """The kit's real fit() from step 0 over the whole plan; the time after each optimizer step is stamped (the
+    final eval and save come after the last stamp). Returns (stamps, first-step loss, final state dict)."""
+    def go():
+        reset_distill(td, run)
+        stamps, losses, real = [], [], td.optimizer_step
+
+        def stamped(*args):
+            out = real(*args)
+            stamps.append(time.perf_counter())
+            losses.append(out["loss"])
+            return out
+
+        td.optimizer_step = stamped
+        try:
+            with quiet_process():
+                assert td.fit(run, task) == "finished"
+        finally:
+            td.optimizer_step = real
+        return stamps, losses[0], run["module"].lm.model.state_dict()
+    return go
+
+
+def bare_distill_side(td, run):
+    """The limit: the same models, windows in the same order, loss arithmetic, clipping, AdamW groups and
+    schedule, written as a bare loop (no guards, no logging, no checkpoints)."""
+    cfg, plan, train_set = run["cfg"], run["plan"], run["train_set"]
+    student, teacher = copy.deepcopy(run["module"].lm.model), run["teacher"].model
+    start = {k[len("lm.model."):]: v for k, v in run["snapshot"].items()}
+    order = td.epoch_order(plan["num_samples"], plan["batch_size"], 1, 1, cfg["seed"], 0)[:plan["total_steps"]]
+
+    def go():
+        student.load_state_dict(start)
+        optimizer = td.build_optimizer(cfg, td.param_groups(student))
+        scheduler = td.build_schedule(optimizer, cfg, plan)
+        stamps, losses = [], []
+        for (indices,) in order:
+            x, y = train_set[indices]
+            real = y != -100
+            logits = student(input_ids=x, use_cache=False).logits
+            with torch.no_grad():
+                log_p = F.log_softmax(teacher(input_ids=x, use_cache=False).logits, -1)
+                p = log_p.exp()
+                keep = p > 0
+                p_log_p = torch.where(keep, p * log_p, 0.0).sum(-1)
+            kl = p_log_p - torch.where(keep, p * F.log_softmax(logits, -1), 0.0).sum(-1)
+            loss = torch.where(real, kl, 0.0).sum() / int(real.sum())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["train.clip_grad_norm"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            stamps.append(time.perf_counter())
+            losses.append(loss.detach())
+        return stamps, float(losses[0]), student.state_dict()
+    return go
+
+
+def gkd_side(td, run, student_dir, teacher_dir, tmp):
+    """TRL's GKDTrainer (lmbda 0, beta 0, seq_kd False: forward KL on the given windows, no generation) over
+    the same windows in the same order, with the kit's optimizer and schedule objects built on its student."""
+    import datasets
+    import transformers
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    for name in ("transformers", "trl", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    transformers.utils.logging.set_verbosity_error()
+    cfg, plan, train_set = run["cfg"], run["plan"], run["train_set"]
+    order = td.epoch_order(plan["num_samples"], plan["batch_size"], 1, 1, cfg["seed"], 0)[:plan["total_steps"]]
+    windows = np.concatenate([train_set.windows(indices) for (indices,) in order])
+    y = torch.cat([train_set[indices][1] for (indices,) in order])
+    labels = torch.cat([torch.full((len(y), 1), -100), y], 1)  # labels[:, 1:] are the kit's targets
+    rows = datasets.Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": np.ones_like(windows).tolist(),
+                                       "labels": labels.tolist()})
+
+    def collate(items):
+        return {key: torch.tensor([item[key] for item in items]) for key in items[0]}
+
+    class InOrder(GKDTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    stamps, losses = [], []
+
+    class Stamp(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    tokenizer, counter = byte_tokenizer(), {"n": 0}
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_dir, local_files_only=True)
+
+    def go():
+        del stamps[:], losses[:]
+        counter["n"] += 1
+        student = transformers.AutoModelForCausalLM.from_pretrained(student_dir, local_files_only=True)
+        optimizer = td.build_optimizer(cfg, td.param_groups(student))
+        args = GKDConfig(output_dir=os.path.join(tmp, f"gkd_{counter['n']}"), per_device_train_batch_size=plan["batch_size"],
+                         gradient_accumulation_steps=1, max_steps=plan["total_steps"], logging_steps=cfg["train.log_every"],
+                         save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=cfg["seed"],
+                         max_grad_norm=cfg["train.clip_grad_norm"], lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
+                         max_length=cfg["data.seq_len"] + 1, dataloader_num_workers=0, remove_unused_columns=False,
+                         bf16=False, fp16=False)  # fp32 as the kit: TRL's configs default to bf16 autocast
+        trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=rows, data_collator=collate,
+                          processing_class=tokenizer, optimizers=(optimizer, td.build_schedule(optimizer, cfg, plan)),
+                          callbacks=[Stamp()])
+        compute_loss = trainer.compute_loss
+
+        def recorded(*args, **kwargs):
+            loss = compute_loss(*args, **kwargs)
+            losses.append(loss.detach())
+            return loss
+
+        trainer.compute_loss = recorded
+        with quiet_process(), contextlib.redirect_stdout(io.StringIO()):
+            trainer.train()
+        assert trainer.state.global_step == plan["total_steps"]
+        return list(stamps), float(losses[0]), student.state_dict()
+    return go
+
+
+def step_seconds(stamps, warmup=TRL_WARMUP):
+    """Median seconds per optimizer step over the steps after the warm-up (a descheduled step is an outlier)."""
+    return float(np.median(np.diff(stamps[warmup - 1:])))
+
+
+def bench_trl(repeats, tmp, steps=40, warmup=TRL_WARMUP, width=128):
+    """Seconds per optimizer step of the kit's online full KD, the kit's offline top-k, a bare KD loop and
+    TRL's GKDTrainer on the same work; rounds interleave the sides (order alternating), each side counts
+    its fastest round. Before timing, the first round checks the work is the same: equal step-1 losses
+    (kit, bare, GKD), and the kit and the bare loop end bit-identical."""
+    try:
+        import trl
+        import transformers
+    except ImportError:
+        return {"skipped": "trl is not installed (pip install trl; for this benchmark only)"}
+    import train_distill as td
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bars in the benchmark's output
+    student_dir, teacher_dir = tiny_gpt2_pair(os.path.join(tmp, "trl_models"), width=width)
+    base = TRL_SETTINGS + [f"train.max_steps={steps}", f"data.limit={16 * steps}", f"student.hf_dir={student_dir}"]
+    online = base + [f"kd.hf_teacher_dir={teacher_dir}"]
+    cache = os.path.join(tmp, "trl_cache")
+    offline = base + [f"kd.top_k={TRL_TOPK}", f"kd.teacher_cache={cache}"]
+    capture_distill(td, online + [f"kd.top_k={TRL_TOPK}", f"kd.teacher_cache={cache}"], os.path.join(tmp, "trl_unused"),
+                    cache_only=True)
+    runs = {"kit": capture_distill(td, online, os.path.join(tmp, "trl_kit")),
+            "kit_offline": capture_distill(td, offline, os.path.join(tmp, "trl_offline"))}
+    sides = {"kit": kit_distill_side(td, *runs["kit"]), "bare": bare_distill_side(td, runs["kit"][0]),
+             "gkd": gkd_side(td, runs["kit"][0], student_dir, teacher_dir, tmp),
+             "kit_offline": kit_distill_side(td, *runs["kit_offline"])}
+    first = {name: go() for name, go in sides.items()}  # the check (and everyone's warm-up round)
+    loss = {name: out[1] for name, out in first.items()}
+    same_bits = all(torch.equal(a, first["bare"][2][k]) for k, a in first["kit"][2].items())
+    equal = max(abs(loss[s] - loss["kit"]) for s in ("bare", "gkd")) <= 1e-5 * abs(loss["kit"])
+    times = {name: [] for name in sides}
+    for round_ in range(repeats):
+        for name in (list(sides) if round_ % 2 == 0 else list(sides)[::-1]):
+            times[name].append(step_seconds(sides[name]()[0], warmup))
+    for run, _task in runs.values():
+        close_run(run)
+    ms = {name: 1e3 * best(t) for name, t in times.items()}
+    out = {"trl_version": trl.__version__, "steps": steps, "warmup": warmup, "rounds": repeats, "ms_per_step": ms,
+           "noise": {name: noise(t) for name, t in times.items()}, "first_loss": loss, "equal_first_loss": equal,
+           "kit_bare_bit_identical": same_bits, "k": TRL_TOPK}
+    for key, a, b in (("trl_step_ratio", "kit", "gkd"), ("trl_offline_step_ratio", "kit_offline", "gkd"),
+                      ("distill_overhead_ratio", "kit", "bare")):
+        out[key], out[key + "_noise"] = ms[a] / ms[b], ratio_noise(times, a, b)
     return out
 
 
@@ -786,6 +1031,11 @@ def fmt(value, spec=".3g"):
     return "n/a" if value is None else format(value, spec)
 
 
+def pm(noise_estimate):
+    """A ratio's noise estimate as the table prints it beside the ratio."""
+    return "(noise n/a)" if noise_estimate is None else f"\u00b1 {100 * noise_estimate:.1f}%"
+
+
 def build_rows(r):
     """[(benchmark, measurement, result, target, verdict)] from the measured results."""
     rows = []
@@ -802,8 +1052,9 @@ def build_rows(r):
         cadence = " and ".join([f"every {loop['save_steps']} steps"] * bool(loop["save_steps"]) +
                                [f"every {loop['save_minutes']:g} minutes"] * bool(loop["save_minutes"]) + ["at the end"])
         rows.append((label, f"fit() / bare loop, whole run (a record every {loop['log_every']} steps, last.pt {cadence}, "
-                     f"best.pt at every better eval; evaluation time excluded)",
-                     f"{loop['ratio']:.3f} ({loop['kit_ms_per_step']:.3f} vs {loop['bare_ms_per_step']:.3f} ms/step)",
+                     f"best.pt at every better eval; evaluation time excluded); fastest of {loop['repeats']} alternating rounds",
+                     f"{loop['ratio']:.3f} {pm(loop['ratio_noise'])} ({loop['kit_ms_per_step']:.3f} vs "
+                     f"{loop['bare_ms_per_step']:.3f} ms/step)",
                      "<= 1.05", verdict(loop["ratio"] <= 1.05) if loop["same_weights"] else
                      "not comparable: the bare loop ended with other weights"))
         rows.append((label, f"the same with its {loop['saves']} checkpoint file writes made no-ops: the per-step part; "
@@ -811,7 +1062,7 @@ def build_rows(r):
                      f"{fmt(loop['save_ms'], '.1f')} ms (median); at one last.pt per {loop['steps_per_epoch']}-step epoch "
                      f"(the kit's default before train.save_every_minutes) the saves would add "
                      f"{fmt(loop['save_ms'] and loop['save_ms'] / loop['steps_per_epoch'] / loop['bare_ms_per_step'], '.2f')} "
-                     "to the ratio", f"{loop['ratio_no_writes']:.3f} "
+                     "to the ratio", f"{loop['ratio_no_writes']:.3f} {pm(loop['ratio_no_writes_noise'])} "
                      f"({loop['no_writes_ms_per_step']:.3f} ms/step)", "-", "-"))
         s = loop["step"]
         if s:
@@ -820,7 +1071,8 @@ def build_rows(r):
                          f"{s['bare_noclip_us']:.0f} us: torch's clip_grad_norm_ costs it {s['bare_us'] - s['bare_noclip_us']:.0f} us, "
                          "the kit's norm + guards + conditional clip (G3, G4, S9, G7) "
                          f"{s['kit_us'] - s['bare_noclip_us']:.0f} us",
-                         f"{s['ratio']:.3f} ({s['kit_us']:.0f} vs {s['bare_us']:.0f} us/step)", "-", "-"))
+                         f"{s['ratio']:.3f} {pm(s['ratio_noise'])} ({s['kit_us']:.0f} vs {s['bare_us']:.0f} us/step, "
+                         f"fastest of {s['blocks']} blocks)", "-", "-"))
     if r.get("syncs"):
         s = r["syncs"]
         rows.append(("host syncs (G7)", f"loop reads per optimizer step over {s['steps']} steps, logging and checkpoint "
@@ -883,6 +1135,7 @@ def build_rows(r):
     elif peer:
         rows.append((f"peer: PyTorch Lightning {peer['version']}", f"kit fit() / Lightning Trainer.fit, same probe task "
                      f"({peer['kit_s']:.2f} s vs {peer['lightning_s']:.2f} s)", f"{peer['ratio']:.2f}", "-", "-"))
+    rows += trl_rows(r.get("trl"), verdict)
     for name, reason in r.get("errors", {}).items():
         rows.append((name, "failed", "n/a", "-", reason))
     return rows
@@ -901,10 +1154,47 @@ def kd_chunk_rows(c):
              "met" if c["time_ratio"] <= 1.3 else "NOT met")]
 
 
+def trl_rows(t, verdict):
+    """The distillation peer's rows: the kit against TRL's GKDTrainer and against a bare loop, same work."""
+    if not t:
+        return []
+    label = "peer: TRL GKDTrainer (distillation)"
+    if "skipped" in t:
+        return [(label, "same distillation work", "skipped", "-", t["skipped"])]
+    ms, n = t["ms_per_step"], t["noise"]
+    work = (f"GPT-2 student 2 x 128 from teacher 4 x 128, 16 x 64 byte tokens per step, forward KL at T 1, AdamW, fp32, "
+            f"1 thread; median of steps {t['warmup'] + 1}-{t['steps']}, fastest of {t['rounds']} interleaved rounds")
+    check = (f"step-1 loss kit {t['first_loss']['kit']:.6f}, bare {t['first_loss']['bare']:.6f}, GKD {t['first_loss']['gkd']:.6f}"
+             f" ({'equal' if t['equal_first_loss'] else 'NOT equal'}); kit and bare end "
+             f"{'bit-identical' if t['kit_bare_bit_identical'] else 'with DIFFERENT weights'}")
+    comparable = t["equal_first_loss"] and t["kit_bare_bit_identical"]
+
+    def side(name):
+        return f"{ms[name]:.1f} ms {pm(n[name])}"
+
+    def judged(ok):
+        return verdict(ok) if comparable else "not comparable: " + check
+
+    return [
+        (label + f" {t['trl_version']}", f"kit online full KD (fit()) / GKDTrainer per optimizer step ({side('kit')} vs "
+         f"{side('gkd')}); {work}; {check}", f"{t['trl_step_ratio']:.3f} {pm(t['trl_step_ratio_noise'])}", "<= 0.9",
+         judged(t["trl_step_ratio"] <= 0.9)),
+        (label + f" {t['trl_version']}", f"kit offline top-{t['k']} (kd.teacher_cache, fit()) / GKDTrainer per optimizer step "
+         f"({side('kit_offline')} vs {side('gkd')})", f"{t['trl_offline_step_ratio']:.3f} "
+         f"{pm(t['trl_offline_step_ratio_noise'])}", "<= 0.5", judged(t["trl_offline_step_ratio"] <= 0.5)),
+        ("distill loop overhead", f"kit online full KD (fit()) / a bare KD loop of the same recipe ({side('kit')} vs "
+         f"{side('bare')})", f"{t['distill_overhead_ratio']:.3f} {pm(t['distill_overhead_ratio_noise'])}", "<= 1.05",
+         judged(t["distill_overhead_ratio"] <= 1.05))]
+
+
 def markdown_table(rows):
     lines = ["| benchmark | measurement | result | target | verdict |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+TRL_KEYS = ("trl_step_ratio", "trl_step_ratio_noise", "trl_offline_step_ratio", "trl_offline_step_ratio_noise",
+            "distill_overhead_ratio", "distill_overhead_ratio_noise", "equal_first_loss")
 
 
 def summary(r):
@@ -928,7 +1218,10 @@ def summary(r):
             "cache_bytes_per_token": ((r.get("offline") or {}).get("demo") or {}).get("bytes_per_token"),
             "dryrun_steps_per_s": (r.get("dry_run") or {}).get("steps_per_s"),
             "dryrun_tool_steps_per_s": (r.get("dry_run") or {}).get("tool_steps_per_s"),
-            "peer_time_ratio": (r.get("peer") or {}).get("ratio"), "quick": r["quick"]}
+            "peer_time_ratio": (r.get("peer") or {}).get("ratio"),
+            "overhead_ratio_noise": loop.get("ratio_noise"), "overhead_ratio_no_writes_noise": loop.get("ratio_no_writes_noise"),
+            "overhead_ratio_step_noise": (loop.get("step") or {}).get("ratio_noise"),
+            **{key: (r.get("trl") or {}).get(key) for key in TRL_KEYS}, "quick": r["quick"]}
 
 
 def write_results(path, r, rows, elapsed):
@@ -1007,6 +1300,8 @@ def run_parts(want, p, results, tmp):
         run_part(results, "offline", lambda: bench_offline(p["offline_repeats"], tmp))
     if "dry_run" in want:
         run_part(results, "dry_run", lambda: bench_dry_run(p["curve_steps"], p["curve_repeats"]))
+    if "trl" in want:
+        run_part(results, "trl", lambda: bench_trl(p["trl_repeats"], tmp, p["trl_steps"]))
 
 
 def main(argv=None):

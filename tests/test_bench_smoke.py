@@ -145,7 +145,32 @@ def test_last_line_is_json_with_every_headline_key(capsys):
     summary = json.loads(last)
     for key in ("overhead_ratio", "syncs_per_step", "epochs", "cache_speedup", "topk_time_ratio_32k",
                 "topk_mem_ratio_32k", "dryrun_steps_per_s", "offline_step_ratio", "offline_mem_ratio",
-                "kd_chunk_mem_ratio_128k", "kd_chunk_time_ratio_128k"):
+                "kd_chunk_mem_ratio_128k", "kd_chunk_time_ratio_128k",
+                "overhead_ratio_noise", "trl_step_ratio", "trl_offline_step_ratio", "distill_overhead_ratio"):
         assert key in summary
     assert summary["dryrun_steps_per_s"] > 0 and summary["overhead_ratio"] is None  # not run: null, not made up
     assert summary["offline_step_ratio"] is None and summary["kd_chunk_mem_ratio_128k"] is None
+
+
+def test_trl_peer_rows_run_all_four_sides_on_equal_work_and_reach_the_json_line(tmp_path):
+    """The distillation peer's plumbing at toy size (16-wide GPT-2s, 3 steps, no timed meaning): the kit's
+    fit(), the bare loop, TRL's GKDTrainer and the kit's offline run all train; the equal-work check holds
+    (the same step-1 loss on all three online sides, kit and bare loop bit-identical); the ratios reach the
+    table and the last JSON line."""
+    out = bench.bench_trl(1, str(tmp_path), steps=3, warmup=1, width=16)
+    assert out["equal_first_loss"] and out["kit_bare_bit_identical"], out["first_loss"]
+    assert out["first_loss"]["kit"] > 0.1  # a real KL to compare, not ~0 (the teacher is initialised wider)
+    for key in ("trl_step_ratio", "trl_offline_step_ratio", "distill_overhead_ratio"):
+        assert out[key] > 0 and out[key + "_noise"] is None  # one round: no noise estimate, and none made up
+    rows = bench.build_rows({"trl": out})
+    assert [r[3] for r in rows] == ["<= 0.9", "<= 0.5", "<= 1.05"] and all("not comparable" not in r[4] for r in rows)
+    summary = bench.summary({"trl": out, "quick": True})
+    assert summary["trl_step_ratio"] == out["trl_step_ratio"] and summary["distill_overhead_ratio"] == out["distill_overhead_ratio"]
+
+
+def test_trl_peer_without_trl_is_a_skipped_row_and_null_ratios(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ImportError: a machine without it
+    out = bench.bench_trl(1, str(tmp_path), steps=3)
+    assert "skipped" in out and "pip install trl" in out["skipped"]
+    assert bench.build_rows({"trl": out})[0][2] == "skipped"
+    assert bench.summary({"trl": out, "quick": True})["trl_step_ratio"] is None
