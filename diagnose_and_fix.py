@@ -23,6 +23,8 @@ steps by its row id (docs/plots.md): a PNG with matplotlib (optional), ASCII pan
 with `--plot -`.
 """
 import argparse
+import bisect
+import contextlib
 import copy
 import difflib
 import importlib
@@ -614,25 +616,27 @@ def leaf_outputs(module, run):
     return sizes, result
 
 
-def probe_memory(script, cfg, plan):
+def probe_memory(script, cfg, plan, device="meta"):
     """Probe: frozen backbone weights + trained head (weights, grads, AdamW state) + the larger of feature
     extraction (no grad: input + the two largest activations) and a head micro-batch. Built on the meta
-    device: no memory is allocated, no data read."""
+    device: no memory is allocated, no data read; device "cpu" (a backbone whose __init__ reads a tensor's
+    value, which meta tensors do not have): built for real and run on one sample, sizes scaled to the batch."""
     if cfg["data.train_x"] and os.path.exists(cfg["data.train_x"]):
         channels, length = np.load(cfg["data.train_x"], mmap_mode="r").shape[1:3]
     else:
         channels, length = cfg["data.synthetic.channels"], cfg["data.synthetic.length"]
-    meta = torch.device("meta")
-    with torch.device("meta"):
+    where = torch.device(device)
+    with where:
         backbone = script.build_backbone(dict(cfg, **{"backbone.checkpoint": None}), channels)
 
     def extraction(batch):
-        x = torch.empty(batch, channels, length, device=meta)
+        run = batch if device == "meta" else 1  # a real forward on one sample; activations grow with the batch
+        x = torch.zeros(run, channels, length, device=where)
         with torch.no_grad():
             fp32 = dict(cfg, **{"train.precision": "fp32"})
-            sizes, feats = leaf_outputs(backbone, lambda: script.extract_features(backbone, x, meta, fp32))
+            sizes, feats = leaf_outputs(backbone, lambda: script.extract_features(backbone, x, where, fp32))
         top = sorted(sizes)[-2:] or [0]
-        return 4 * (x.numel() + sum(top)), feats.shape[1]
+        return 4 * (x.numel() + sum(top)) * (batch // run), feats.shape[1]
 
     eval_act, dim = extraction(cfg["train.eval_batch_size"])
     train_act = extraction(plan["batch_size"])[0]
@@ -652,20 +656,22 @@ def hf_teacher_on_meta(script, path, hidden):
     return script.HFCausalLM(transformers.AutoModelForCausalLM.from_config(config), hidden)
 
 
-def distill_memory(script, cfg, plan):
+def distill_memory(script, cfg, plan, device="meta"):
     """Distill: the frozen teacher's weights (fp32, a Hugging Face teacher too), the trained network's weights,
     gradients and optimizer state, its activations for one micro-batch (leaf-module outputs of a meta-device
     forward), and the logits: student and teacher [batch, seq, vocab] in the autocast dtype plus the fp32
-    copies the KD and CE losses make (G6) and the logits' gradient. The larger of a training micro-batch and an eval batch."""
+    copies the KD and CE losses make (G6) and the logits' gradient. The larger of a training micro-batch and an eval batch.
+    device "cpu" (a model whose __init__ reads a tensor's value, as Hugging Face Llama/GPT-2 do, fails on the
+    meta device): built for real, its forward run on one window, activation sizes scaled to the batch."""
     vocab, seq = script.vocab_size(cfg), cfg["data.seq_len"]
     arch = ("n_layer", "n_head", "n_embd")
     offline = cfg["kd.enabled"] and cfg.get("kd.teacher_cache") is not None  # no teacher in memory: its top-k is read
-    with torch.device("meta"):
+    with torch.device(device):
         teacher = None
         if not cfg["kd.enabled"] or offline:
             pass
         elif cfg["kd.hf_teacher_dir"] is not None:
-            teacher = hf_teacher_on_meta(script, cfg["kd.hf_teacher_dir"], cfg["kd.gamma"] > 0)
+            teacher = hf_teacher_on_meta(script, cfg["kd.hf_teacher_dir"], cfg["kd.gamma"] > 0)  # or the CPU
         elif cfg.get("teacher.target") is not None:  # the user's callable, built on the meta device
             factory = script.import_target(cfg["teacher.target"], "teacher.target")
             teacher = script.TargetLM(factory(**cfg["teacher.kwargs"]), cfg["kd.gamma"] > 0)
@@ -684,8 +690,11 @@ def distill_memory(script, cfg, plan):
     checkpointed = cfg.get("train.activation_checkpointing") and len(blocks)
 
     def batch_bytes(batch, grad, length=seq):
-        idx = torch.zeros(batch, length, dtype=torch.long, device="meta")
-        sizes, _ = leaf_outputs(trainable, lambda: trainable(idx, project=trainable.proj is not None))
+        run = batch if device == "meta" else 1  # a real forward on one window; activations grow with the batch
+        idx = torch.zeros(run, length, dtype=torch.long, device=device)
+        with torch.no_grad() if device != "meta" else contextlib.nullcontext():
+            sizes, _ = leaf_outputs(trainable, lambda: trainable(idx, project=trainable.proj is not None))
+        sizes = [size * (batch // run) for size in sizes]
         activations = act_bytes * (sum(sizes) if grad else sum(sorted(sizes)[-2:]))
         if grad and checkpointed:  # each block keeps its input; one block's inside is rebuilt at a time
             activations = act_bytes * (sum(sizes) // len(blocks) + len(blocks) * batch * length * (trainable.lm.width or 0))
@@ -730,18 +739,26 @@ def device_memory_bytes(cfg, opts):
 
 
 def check_memory(script, cfg, plan, opts):
+    estimator = probe_memory if script.TASK == "probe" else distill_memory
+    built = "the models built on the meta device (no memory used)"
     try:
-        estimator = probe_memory if script.TASK == "probe" else distill_memory
         parts = estimator(script, cfg, plan)
-    except Exception as err:  # a custom backbone that cannot be built on the meta device, say
-        return [finding("E6", "info", f"no memory estimate: building the model on the meta device failed "
-                        f"({type(err).__name__}: {err})", "pass --device_memory and watch the first steps")]
+    except Exception as meta_err:  # a model whose __init__ calls .item() (HF Llama/GPT-2, some braindecode nets)
+        why = f"{type(meta_err).__name__}: {(str(meta_err).splitlines() or [''])[0][:120]}"
+        try:  # E6: then for real on the CPU, one sample through the forward
+            parts = estimator(script, cfg, plan, device="cpu")
+            built = f"the models built on the CPU, since the meta-device build failed ({why})"
+        except Exception as err:
+            return [finding("E6", "info", f"no memory estimate: building the model failed on the meta device ({why}) "
+                            f"and on the CPU ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]})",
+                            "fix the model's config first (the run would fail the same way); then watch the first "
+                            "steps' memory")]
     if parts is None:
         return [finding("E6", "info", f"no memory estimate for task {script.TASK}", "watch the first steps' memory")]
     total = sum(parts.values())
     listing = " + ".join(f"{name} {size / 2**30:.3g}" for name, size in parts.items() if size)
     capacity, where = device_memory_bytes(cfg, opts)
-    evidence = f"estimated {total / 2**30:.3g} GiB per process ({listing} GiB)"
+    evidence = f"estimated {total / 2**30:.3g} GiB per process ({listing} GiB; {built})"
     if capacity is None:
         return [finding("E6", "info", f"{evidence}; {where} to compare with",
                         "pass --device_memory GIB to check it against the target GPU")]
@@ -978,14 +995,21 @@ def check_log_lr(script, cfg, plan, curve, train, tol):
     return found
 
 
-def check_log_evals(evals):
-    """E1 (identical evals in a row) and E3 (perplexity vs loss)."""
+def lr_at(train, step):
+    """The LR of the last train record at or before `step` (None when no record says)."""
+    logged = [s for s in train if s <= step and finite(train[s].get("lr"))]
+    return train[max(logged)]["lr"] if logged else None
+
+
+def check_log_evals(rules, evals, train):
+    """E1 (identical evals in a row, by the scripts' own frozen_evals(): a converged model whose loss sits at
+    its floor with the LR above 0 is not frozen) and E3 (perplexity vs loss)."""
     found, steps = [], sorted(evals)
 
-    def same(a, b):
-        return a.keys() == b.keys() and all(x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x)
-                                                        and math.isnan(y)) for x, y in ((a[k], b[k]) for k in a))
-    repeats = np.array([same(evals[steps[i]], evals[steps[i - 1]]) for i in range(1, len(steps))], bool)
+    def frozen(i):
+        lr = lr_at(train, steps[i])
+        return rules.frozen_evals(evals[steps[i - 1]], evals[steps[i]], 1.0 if lr is None else lr) is not None
+    repeats = np.array([frozen(i) for i in range(1, len(steps))], bool)
     spans = runs_of(repeats)
     if spans:
         a, b = max(spans, key=lambda s: s[1] - s[0])
@@ -1099,49 +1123,56 @@ def check_loss_trend(train, steps):
                     at=[(losses[-q][0], losses[-1][0])])]
 
 
-def check_loss_components(cfg, train, steps):
-    """E2: one logged loss/<name> component above train.max_loss_share of their sum (median over records)."""
+def check_loss_components(rules, cfg, train, steps):
+    """E2: a logged loss/<name> term above train.max_loss_share of their sum, by the scripts' own
+    dominating_loss() (3 records in a row; the label CE not judged)."""
     names = sorted({k for s in steps for k in train[s] if k.startswith("loss/")})
     if len(names) < 2:
         return []
-    limit = cfg.get("train.max_loss_share", 0.8)
-    shares, share_steps = {k: [] for k in names}, []
-    for s in steps:
-        values = {k: abs(train[s][k]) for k in names if finite(train[s].get(k))}
-        total = sum(values.values())
-        if len(values) == len(names) and total > 0:
-            share_steps.append(s)
-            for k in names:
-                shares[k].append(values[k] / total)
-    if not share_steps:
-        return []
-    top = max(names, key=lambda k: np.median(shares[k]))
-    median = float(np.median(shares[top]))
-    if median <= limit:
-        return []
-    over = [s for s, v in zip(share_steps, shares[top]) if v > limit]
-    return [finding("E2", "warning", f"{top} is {median:.0%} of the summed loss components (median over "
-                    f"{len(share_steps)} records; above train.max_loss_share {limit:.0%} at steps {over[0]}-"
-                    f"{over[-1]})",
-                    f"lower the weight of {top} (or raise the others) until no term is above the share", source="log",
-                    at=[(share_steps[a], share_steps[b]) for a, b in runs_of([v > limit for v in shares[top]])])]
+    limit = cfg.get("train.max_loss_share", rules.CONFIG["train.max_loss_share"][0])
+    records = [(s, {k[len("loss/"):]: train[s][k] for k in names}) for s in steps
+               if all(finite(train[s].get(k)) for k in names)]
+    found = []
+    for name, (a, b, count, top) in rules.dominating_loss(records, limit).items():
+        above = [abs(p[name]) / max(sum(abs(v) for v in p.values()), 1e-300) > limit for _, p in records]
+        found.append(finding("E2", "warning", f"loss/{name} is above train.max_loss_share {limit:.0%} of the summed "
+                             f"loss components at {count} of {len(records)} records, steps {a}-{b} (up to {top:.0%})",
+                             f"lower the weight of loss/{name} (or raise the others) until no term is above the share",
+                             source="log", at=[(records[i][0], records[j][0]) for i, j in runs_of(above)]))
+    return found
 
 
-def check_throughput(train, steps):
-    """E7: samples_per_s (or another *_per_s) below half the run's median for 3+ records in a row. The first
-    record is left out: it includes the start-up."""
+THROUGHPUT_WINDOW = 5  # E7: records in the rolling median a drop is judged on
+
+
+def check_throughput(train, steps, evals=()):
+    """E7: samples_per_s (or another *_per_s) whose rolling median (5 records) stays below half the run's
+    median for 3+ records in a row. Left out, as saw-teeth of a healthy run and not slowdowns: the first
+    record (start-up), the first record of each epoch (a cached loader's epoch start) and each record whose
+    window holds an evaluation or a checkpoint save (the first after an eval)."""
     rate_key = "samples_per_s" if any("samples_per_s" in train[s] for s in steps) else \
         next((k for s in steps for k in train[s] if k.endswith("_per_s")), None)
-    rates = [(s, train[s][rate_key]) for s in steps[1:] if rate_key and finite(train[s].get(rate_key))]
-    if len(rates) < 6:
+    eval_steps = sorted(evals)
+    keep = []
+    for i, s in enumerate(steps[1:], 1):
+        prev = steps[i - 1]
+        new_epoch = train[s].get("epoch") is not None and train[s].get("epoch") != train[prev].get("epoch")
+        at = bisect.bisect_left(eval_steps, prev)
+        after_eval = at < len(eval_steps) and eval_steps[at] < s  # an eval at prev <= e < s ran inside the window
+        if rate_key and finite(train[s].get(rate_key)) and not new_epoch and not after_eval:
+            keep.append((s, train[s][rate_key]))
+    if len(keep) < 6:
         return []
-    median = float(np.median([r for _, r in rates]))
+    median = float(np.median([r for _, r in keep]))
+    half = THROUGHPUT_WINDOW // 2
+    rates = [(s, float(np.median([r for _, r in keep[max(0, i - half):i + half + 1]]))) for i, (s, _) in enumerate(keep)]
     low = [(a, b) for a, b in runs_of([r < 0.5 * median for _, r in rates]) if b - a + 1 >= 3]
     if not low:
         return []
     a, b = max(low, key=lambda x: x[1] - x[0])
     worst = min(r for _, r in rates[a:b + 1])
-    return [finding("E7", "warning", f"{rate_key} fell to {worst:.4g} ({worst / median:.0%} of the run's median "
+    return [finding("E7", "warning", f"{rate_key} (rolling median of {THROUGHPUT_WINDOW} records) fell to {worst:.4g} "
+                    f"({worst / median:.0%} of the run's median "
                     f"{median:.4g}) over steps {rates[a][0]}-{rates[b][0]} ({b - a + 1} records; {len(low)} such "
                     "drop(s))", "look for data-loading stalls, other jobs on the node, thermal throttling, or "
                     "evaluation/checkpointing inside the window", source="log",
@@ -1176,12 +1207,13 @@ def check_log(path, script, cfg, plan, curve):
     elif cfg is not None:
         found.append(finding("S9", "info", "the LR checks need the run's length; they were skipped",
                              "pass --num_samples (or fix the config findings above)", source="log"))
-    found += check_log_evals(evals)
+    rules = script or training_script("probe")  # E1/E2: the scripts' own rules (identical in both)
+    found += check_log_evals(rules, evals, train)
     steps = sorted(train)
     if steps:
         found += check_nonfinite(train, steps) + check_grad_norms(cfg or {}, train, steps)
-        found += check_loss_trend(train, steps) + check_loss_components(cfg or {}, train, steps)
-        found += check_throughput(train, steps)
+        found += check_loss_trend(train, steps) + check_loss_components(rules, cfg or {}, train, steps)
+        found += check_throughput(train, steps, evals)
     return found
 
 

@@ -4,18 +4,18 @@ Run it (defaults: a built-in corpus of generated Python-like text, the same byte
 
     python train_distill.py --dry_run                     # every code path in seconds, no config needed
     python train_distill.py --help_config                 # every config key: default, type, meaning
-    python train_distill.py --config configs/distill_demo.yaml --set kd.enabled=false --set run_name=distill_demo_teacher
+    python train_distill.py --config configs/distill_demo_teacher.yaml  # the teacher: kd.enabled false, plain LM
     python train_distill.py --config configs/distill_demo.yaml          # the student, distilled from that teacher
     python train_distill.py --config configs/distill_reference.yaml --set kd.teacher_checkpoint=runs/t/checkpoints/best.pt
     torchrun --standalone --nproc_per_node=2 train_distill.py --config configs/distill_reference.yaml
     python train_distill.py --tokenize my_texts/ --tokenizer TEACHER_HF_DIR --out data/mine   # text -> .bin files
 
-`kd.enabled: false` is plain language-model training of the teacher.* network: that is how a teacher
-is made. A run with `kd.enabled: true` trains the student.* network against the frozen teacher in
-`kd.teacher_checkpoint` (or, when the `transformers` package is installed, a local Hugging Face model
-directory `kd.hf_teacher_dir`, or the user's module `teacher.target`). The student is the built-in GPT,
-a local Hugging Face model (`student.hf_dir`) or the user's module (`student.target`); a finished run
-exports its best one to runs/<run_name>/export/ (docs/distill_models.md). Loss per real target token:
+A run trains the network the student.* keys name: the built-in GPT, a local Hugging Face model
+(`student.hf_dir`) or the user's module (`student.target`). With `kd.enabled: false` that is plain
+language-model training (how a teacher is made, your own HF model included); with `kd.enabled: true` it
+is distilled from the frozen teacher in `kd.teacher_checkpoint` (or, when the `transformers` package is
+installed, a local Hugging Face model directory `kd.hf_teacher_dir`, or the user's module `teacher.target`).
+A finished run exports its best network to runs/<run_name>/export/ (docs/distill_models.md). Loss per real target token:
     kd.alpha * CE(labels) + kd.beta * T^2 * KL(teacher_T || student_T) + kd.gamma * hidden-state loss,
 with another divergence (kd.divergence: reverse KL, GKD's JSD, skew KL, TVD), on-policy data (the student's
 own continuations, kd.on_policy_fraction) and a layer map for the hidden-state term (kd.hidden_layers).
@@ -98,7 +98,8 @@ CONFIG = {
     "train.max_bad_steps": (20, "int", "abort after this many consecutive non-finite steps (G4)"),
     "train.patience": (None, "int?", "early stopping: evals without improvement; null = off"),
     "train.best_metric": ("val/loss", "str", "metric that picks best.pt: val/loss, val/ppl (lower is better) or val/agreement"),
-    "train.max_loss_share": (0.8, "float", "warn when one loss component is above this share (E2)"),
+    "train.max_loss_share": (0.9, "float", "warn when a loss term other than the label CE is above this share of the "
+                             "loss for 3 logged steps in a row (E2; a 40x feature loss is ~95%)"),
     "train.num_workers": (0, "int", "DataLoader worker processes"),
     "train.eval_batch_size": (32, "int", "windows per eval batch"),
     "train.allow_schedule_change": (False, "bool", "resume even if schedule-shaping keys changed (S7)"),
@@ -124,11 +125,12 @@ CONFIG = {
     "data.val_windows": (512, "int?", "windows each eval scores, evenly spaced over the val split; null = all"),
     "data.builtin.train_bytes": (2_000_000, "int", "built-in corpus: bytes of training text (whole files, padded)"),
     "data.builtin.val_bytes": (200_000, "int", "built-in corpus: bytes of validation text"),
-    # models: GPT-style causal transformers; kd.enabled false trains teacher.*, true trains student.*
-    "teacher.n_layer": (4, "int", "teacher blocks (must match kd.teacher_checkpoint)"),
+    # models: GPT-style causal transformers. A run trains student.* (the built-in GPT, student.hf_dir or
+    # student.target); kd.enabled true distils it from the teacher, false trains it as a plain LM (a teacher-to-be)
+    "teacher.n_layer": (4, "int", "kd.enabled true: teacher blocks (must match kd.teacher_checkpoint)"),
     "teacher.n_head": (4, "int", "teacher attention heads"),
     "teacher.n_embd": (128, "int", "teacher width"),
-    "student.n_layer": (2, "int", "student blocks"),
+    "student.n_layer": (2, "int", "blocks of the trained network (the student; with kd.enabled false, the teacher-to-be)"),
     "student.n_head": (2, "int", "student attention heads"),
     "student.n_embd": (64, "int", "student width; a learned projection maps it to the teacher's width (kd.gamma)"),
     # models the user brings (docs/distill_models.md); null = the built-in GPT of the *.n_* keys above
@@ -137,11 +139,11 @@ CONFIG = {
     "student.target": (None, "str?", "or: 'package.module:callable' returning the student nn.Module: token ids [B, T] -> "
                        "logits [B, T, vocab], (logits, hidden [B, T, D]) or an output with .logits"),
     "student.kwargs": ({}, "dict", "keyword arguments for student.target's callable"),
-    "teacher.target": (None, "str?", "'package.module:callable' returning the teacher nn.Module (as student.target); "
-                       "kd.enabled true: the frozen teacher, false: the network this run trains"),
+    "teacher.target": (None, "str?", "kd.enabled true: 'package.module:callable' returning the frozen teacher nn.Module "
+                       "with its weights (as student.target)"),
     "teacher.kwargs": ({}, "dict", "keyword arguments for teacher.target's callable"),
     # distillation
-    "kd.enabled": (False, "bool", "false: plain LM training of teacher.* (makes a teacher); true: distil student.* from it"),
+    "kd.enabled": (False, "bool", "false: plain LM training of student.* (makes a teacher); true: distil student.* from the teacher"),
     "kd.alpha": (0.5, "float", "weight of the cross-entropy on the labels"),
     "kd.beta": (0.5, "float", "weight of T^2 * KL(teacher_T || student_T)"),
     "kd.gamma": (0.1, "float", "weight of the hidden-state loss through the learned projection (0: neither is built)"),
@@ -611,16 +613,15 @@ def resolve_config(path=None, overrides=(), check_files=True):
     need(k is None or (k >= 1 and (vocab is None or k <= vocab)), "kd.top_k",
          f"{k!r} must be in 1..vocab size ({vocab}) or null (full KD)")
     problems += objective_problems(cfg, notes)
-    # the models: at most one student source, exactly one teacher source with KD (teacher.target is the
-    # trained network when kd.enabled is false)
+    # the models: at most one source of the trained network (student.*), exactly one teacher source with KD
     for key in ("student.target", "teacher.target"):
         need(cfg[key] is None or re.fullmatch(r"[\w.]+:[\w.]+", cfg[key]) is not None, key,
              f"{cfg[key]!r} must look like 'package.module:callable'")
     need(cfg["student.hf_dir"] is None or cfg["student.target"] is None, "student.target",
          "and student.hf_dir are both set; set at most one (both null = the built-in GPT of student.n_*)")
-    for role in ("student", "teacher"):
-        if cfg[f"{role}.kwargs"] and cfg[f"{role}.target"] is None:
-            notes.append(("C3", f"{role}.kwargs", f"is ignored: {role}.target is null"))
+    for role in ("student", "teacher"):  # a key that would be ignored is an error: the user meant something by it
+        need(not cfg[f"{role}.kwargs"] or cfg[f"{role}.target"] is not None, f"{role}.kwargs",
+             f"is set but {role}.target is null, so nothing would use it; set {role}.target or remove {role}.kwargs")
     sources = [key for key in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target") if cfg[key] is not None]
     cache = cfg["kd.teacher_cache"]
     if cfg["kd.enabled"]:
@@ -636,10 +637,10 @@ def resolve_config(path=None, overrides=(), check_files=True):
                                                    "hidden states, which kd.teacher_cache does not store: set kd.gamma=0 "
                                                    "(or kd.teacher_cache=null for online KD)")
             need(not os.path.isfile(cache), "kd.teacher_cache", f"{cache} is a file; give a directory (made when absent)")
-    else:
-        for key in sources + (["kd.teacher_cache"] if cache is not None else []):
-            if key != "teacher.target":
-                notes.append(("C3", key, "is ignored: kd.enabled is false (this run trains the teacher.* network)"))
+    else:  # plain LM training of student.*: every teacher and KD key would be ignored, so one set is an error
+        for key in teacher_keys_set(cfg):
+            problems.append(("C3", key, f"is set ({cfg[key]!r}), but kd.enabled is false: this run trains student.* "
+                             "as a plain language model with no teacher; remove it, or set kd.enabled=true"))
     hf_dirs = [("student.hf_dir", "the student", False)] + ([("kd.hf_teacher_dir", "the teacher", True)] if cfg["kd.enabled"] else [])
     for key, who, weights in hf_dirs:
         if cfg[key] is None:
@@ -730,6 +731,13 @@ def objective_problems(cfg, notes):
     return p
 
 
+def teacher_keys_set(cfg):
+    """The teacher.* and kd.* keys (kd.enabled aside) a config sets to other than their defaults: only a
+    distillation (kd.enabled true) reads them."""
+    return [key for key in CONFIG if key.split(".")[0] in ("teacher", "kd") and key != "kd.enabled"
+            and cfg[key] != CONFIG[key][0]]
+
+
 def transformers_installed():
     import importlib.util
     return importlib.util.find_spec("transformers") is not None
@@ -759,6 +767,14 @@ def hf_dir_problems(cfg, path, key, who, need_weights):
     takes windows of data.seq_len tokens (an HF model indexes past its position table with an IndexError
     at step 1, or silently degrades past its RoPE length)."""
     config_file = os.path.join(path, "config.json")
+    if not os.path.exists(path):  # a mistyped path is that, not a directory without config.json
+        near = difflib.get_close_matches(os.path.basename(os.path.normpath(path)),
+                                         os.listdir(os.path.dirname(os.path.abspath(path)) or ".")
+                                         if os.path.isdir(os.path.dirname(os.path.abspath(path))) else [], n=1)
+        return [("C3", key, f"{path} does not exist" + (f" (did you mean {os.path.join(os.path.dirname(path), near[0])}?)"
+                                                       if near else "") + "; give a local Hugging Face model directory")]
+    if not os.path.isdir(path):
+        return [("C3", key, f"{path} is a file; give a local Hugging Face model directory (what save_pretrained writes)")]
     if not os.path.isfile(config_file):
         return [("C3", key, f"{path} is not a local Hugging Face model directory (no config.json in it)")]
     if need_weights and not hf_weights_present(path):
@@ -1448,15 +1464,15 @@ class Trainable(nn.Module):
 
 
 def trained_arch(cfg):
-    """The network a config trains, as plain data: the teacher-to-be when kd.enabled is false, else the
-    student. {"hf_dir": path} | {"target": "module:callable", "kwargs": {...}} | the built-in GPT's
+    """The network a config trains, as plain data: student.* whether it is distilled (kd.enabled true) or
+    trained as a plain LM (false: how a teacher is made), so "train a teacher" and "train a student" read
+    the same. {"hf_dir": path} | {"target": "module:callable", "kwargs": {...}} | the built-in GPT's
     {"n_layer", "n_head", "n_embd"}. A checkpoint's saved config rebuilds its network from this."""
-    role = "student" if cfg.get("kd.enabled") else "teacher"
-    if role == "student" and cfg.get("student.hf_dir"):
+    if cfg.get("student.hf_dir"):
         return {"hf_dir": cfg["student.hf_dir"]}
-    if cfg.get(f"{role}.target"):
-        return {"target": cfg[f"{role}.target"], "kwargs": dict(cfg.get(f"{role}.kwargs") or {})}
-    return {dim: cfg[f"{role}.{dim}"] for dim in ("n_layer", "n_head", "n_embd")}
+    if cfg.get("student.target"):
+        return {"target": cfg["student.target"], "kwargs": dict(cfg.get("student.kwargs") or {})}
+    return {dim: cfg[f"student.{dim}"] for dim in ("n_layer", "n_head", "n_embd")}
 
 
 def describe_arch(arch):
@@ -1558,8 +1574,8 @@ def build_lm(cfg, arch, key, who, hidden, weights=True):
 
 def trained_key(cfg):
     """The config key that names the trained network (for messages)."""
-    arch, role = trained_arch(cfg), "student" if cfg["kd.enabled"] else "teacher"
-    return f"{role}.hf_dir" if "hf_dir" in arch else f"{role}.target" if "target" in arch else f"{role}.n_layer"
+    arch = trained_arch(cfg)
+    return "student.hf_dir" if "hf_dir" in arch else "student.target" if "target" in arch else "student.n_layer"
 
 
 def hidden_request(cfg, column):
@@ -1689,7 +1705,7 @@ def read_teacher_checkpoint(cfg):
 
 def load_teacher_checkpoint(cfg, hidden=True):
     """A checkpoint of this script (kd.enabled false, or a student used as the next teacher): its saved
-    config says which network it holds (trained_arch); a built-in GPT must be the one teacher.* describes,
+    config says which network it holds (trained_arch: its student.*); a built-in GPT must be the one teacher.* describes,
     a Hugging Face network is rebuilt from its directory's config.json, a user module from its callable."""
     path, key = cfg["kd.teacher_checkpoint"], "kd.teacher_checkpoint"
     ckpt = read_teacher_checkpoint(cfg)
@@ -1726,7 +1742,8 @@ def build_teacher(cfg, device, hidden=None):
         teacher = load_hf_teacher(cfg, hidden)
     elif cfg["teacher.target"]:
         torch.manual_seed(cfg["seed"])  # a callable that initialises anything does so the same way every run
-        teacher = target_lm(cfg, trained_arch({**cfg, "kd.enabled": False}), "teacher.target", "the teacher", hidden)
+        arch = {"target": cfg["teacher.target"], "kwargs": dict(cfg["teacher.kwargs"])}
+        teacher = target_lm(cfg, arch, "teacher.target", "the teacher", hidden)
     else:
         teacher = load_teacher_checkpoint(cfg, hidden)
     use_layers(teacher, hidden, cfg, "the teacher")
@@ -2158,7 +2175,8 @@ def open_run(run_dir, cfg, dist_info):
            "stop_signal": None, "stop_after": None, "bar": None, "last_save": time.monotonic(),
            "best_written": None, "best_pending": None, "sharded": None,
            "state": {"global_step": 0, "skipped_steps": 0, "bad_streak": 0, "best_value": None, "best_step": None,
-                     "evals_since_best": 0, "last_eval": None, "trained": False, "finished": False}}
+                     "evals_since_best": 0, "last_eval": None, "last_eval_params": None, "warned_e2": [],
+                     "trained": False, "finished": False}}
     # trained: the loop is over (last step or early stop); finished: the final evaluation is done as well
     if dist_info["main"]:
         os.makedirs(run["ckpt_dir"], exist_ok=True)
@@ -2417,10 +2435,25 @@ def load_latest_checkpoint(run, path):
     return None, None
 
 
+def drop_stale_expectations(run):
+    """S5 at the start of the run: expect.* values this run's schedule does not produce (a --set optim.lr=...
+    on a config whose expect: block was written for its own LR) are dropped with a note, so the run's
+    config.yaml, and every check of it later, judges the schedule the run really follows. --dry_run and
+    diagnose_and_fix.py --config refuse such a config before any run."""
+    cfg = run["cfg"]
+    stale = [msg for rid, msg in check_lr_curve(run["expected_lr"], cfg, run["plan"]) if rid == "S5"]
+    if stale:
+        for key in ("expect.initial_lr", "expect.peak_lr", "expect.final_lr"):
+            cfg[key] = None
+        log(run, f"note S5: the config's expect: block does not hold for this run ({'; '.join(stale)}): the "
+                 "schedule changed (a --set?); expect.* dropped for this run, fix or remove them in the config")
+
+
 def resume(run, mode):
     """R1/R2/R3: the one place the loop position comes from a checkpoint; nothing later reassigns it."""
     cfg, plan = run["cfg"], run["plan"]
     run["expected_lr"] = lr_curve(cfg, plan)  # S9: the curve the optimizer's LR must follow, step by step
+    drop_stale_expectations(run)
     last = os.path.join(run["ckpt_dir"], "last.pt")
     if mode == "none":
         if os.path.exists(last) or os.path.exists(last[:-3] + ".prev.pt"):
@@ -2521,7 +2554,8 @@ def resume(run, mode):
 def finished_run_problem(cfg, ckpt, run_dir):
     """A finished run relaunched with other values: a ConfigError naming them and how to start a new run
     (a finished run is never continued), or None when nothing that shapes the run changed."""
-    ignored = ("run_name", "train.allow_schedule_change", "train.num_workers", "train.device")
+    ignored = ("run_name", "train.allow_schedule_change", "train.num_workers", "train.device",
+               "expect.initial_lr", "expect.peak_lr", "expect.final_lr")  # expectations shape nothing (S5)
     saved = ckpt.get("config") or {}
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items() if k in saved and k not in ignored and saved[k] != v]
     if not changed:
@@ -2651,16 +2685,74 @@ def optimizer_step(run, task, micro_batches, count):
             "parts": parts}
 
 
+LOSS_FLOOR = 1e-4  # E1: an eval loss below this is a saturated model's; its value can repeat to the last bit
+
+
+def same_metrics(a, b):
+    """Two evals' metrics equal to the last bit (NaN equal to NaN)."""
+    return a.keys() == b.keys() and all(x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x)
+                                                    and math.isnan(y)) for x, y in ((a[k], b[k]) for k in a))
+
+
+def frozen_evals(previous, metrics, lr, moved=None):
+    """E1, the one rule of the script's warning and diagnose_and_fix.py's log check: two evals in a row
+    with identical metrics mean the model stopped changing (LR 0, weights left out of the optimizer),
+    unless it converged: the LR is above 0 and the trained parameters moved between the two evals
+    (`moved`, which the script knows), or, judged from a log alone (moved None), the eval loss is at its
+    floor (a saturated classifier's val loss of 1.5e-7 repeats to the last bit while its weights still
+    move). Returns why the model looks frozen, or None."""
+    if previous is None or not same_metrics(previous, metrics):
+        return None
+    if lr <= 0:
+        return f"the LR is {lr:g}"
+    if moved is None:
+        floor = any(k.endswith("loss") and isinstance(v, float) and 0 <= v < LOSS_FLOOR for k, v in metrics.items())
+        return None if floor else "the model stopped changing (LR 0? frozen weights?)"
+    return None if moved else f"the trained parameters did not move at LR {lr:.4g} (frozen weights?)"
+
+
+def dominating_loss(records, limit, persist=3):
+    """E2, the one rule of the script's warning and diagnose_and_fix.py's log check. records: (step,
+    {name: value}) of the logged loss components in step order. A term dominates when it is above `limit`
+    of the components' summed magnitude in `persist` logged records in a row (one noisy record is not a
+    weighting). The label loss ("ce") is not judged: a distillation whose CE carries nearly all the loss
+    is a student that agrees with its teacher, the healthy end of every KD run (a KD weight too small to
+    teach is the config check's, from the weights). Returns {name: (first step, last step, records above,
+    largest share)} over the dominating terms' records above the limit; {} when none."""
+    shares = []
+    for step, parts in records:
+        total = sum(abs(v) for v in parts.values())
+        if len(parts) > 1 and total > 0 and all(math.isfinite(v) for v in parts.values()):
+            shares.append((step, {k: abs(v) / total for k, v in parts.items()}))
+    found = {}
+    for name in sorted({k for _, p in shares for k in p} - {"ce"}):
+        over = [(step, p[name]) for step, p in shares if p.get(name, 0.0) > limit]
+        streak = longest = 0
+        for _, p in shares:
+            streak = streak + 1 if p.get(name, 0.0) > limit else 0
+            longest = max(longest, streak)
+        if longest >= persist:
+            found[name] = (over[0][0], over[-1][0], len(over), max(v for _, v in over))
+    return found
+
+
+def param_fingerprint(params):
+    """One float64 sum per trained tensor: changes whenever an optimizer step moves a weight (E1)."""
+    return torch.stack([p.detach().double().sum() for p in params]).tolist()
+
+
 def after_eval(run, metrics):
     """Record an eval, warn on frozen metrics (E1), keep best.pt, count patience."""
     cfg, st = run["cfg"], run["state"]
     step = st["global_step"]
     write_metrics(run, {"step": step, **metrics})
     log(run, f"eval step {step}: " + " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
-    if st["last_eval"] is not None and st["last_eval"] == metrics:
-        log(run, f"WARNING E1: eval at step {step} is identical to the previous one ({metrics}); "
-                 "the model has stopped changing (LR 0? frozen weights?)")
-    st["last_eval"] = dict(metrics)
+    fingerprint = param_fingerprint(run["params"])
+    moved = None if st["last_eval_params"] is None else fingerprint != st["last_eval_params"]
+    frozen = frozen_evals(st["last_eval"], metrics, run["expected_lr"][step - 1], moved)
+    if frozen:  # E1: a converged model (LR > 0, weights still moving) repeats its metrics too, and is not warned
+        log(run, f"WARNING E1: eval at step {step} is identical to the previous one ({metrics}); {frozen}")
+    st["last_eval"], st["last_eval_params"] = dict(metrics), fingerprint
     name = cfg["train.best_metric"]
     value = metrics[name]
     lower = name.endswith("loss") or name.endswith("ppl")
@@ -2718,11 +2810,15 @@ def fit(run, task):
                     log(run, f"step {step}/{total} epoch {epoch + 1} lr {out['lr']:.4g} loss {out['loss']:.5g} "
                              f"grad_norm {out['grad_norm']:.3g} {record[f'{unit}_per_s']:.1f} {unit}/s "
                              + progress_text(run, step))
-                total_parts = sum(abs(v) for v in out["parts"].values())
-                for k, v in out["parts"].items():
-                    if len(out["parts"]) > 1 and total_parts > 0 and abs(v) / total_parts > cfg["train.max_loss_share"]:
-                        log(run, f"WARNING E2: at step {step} loss/{k} is {abs(v) / total_parts:.0%} of the loss "
-                                 f"(over train.max_loss_share {cfg['train.max_loss_share']:.0%}); rebalance the weights")
+                if out["parts"]:  # E2: said once per term, with the steps it covers so far
+                    run.setdefault("loss_parts", []).append((step, dict(out["parts"])))
+                    limit = cfg["train.max_loss_share"]
+                    for k, (a, b, n, top) in dominating_loss(run["loss_parts"], limit).items():
+                        if k not in st["warned_e2"]:
+                            st["warned_e2"].append(k)
+                            log(run, f"WARNING E2: loss/{k} is above train.max_loss_share {limit:.0%} of the loss at "
+                                     f"{n} logged steps in {a}-{b} (up to {top:.0%}); rebalance the weights (said "
+                                     "once; diagnose_and_fix.py --log gives the run's whole range)")
             show_progress(run, step)
             if not out["finite"]:
                 log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "
@@ -3564,8 +3660,9 @@ def print_plan(run, resumed):
     log(run, f"schedule: {cfg['schedule.type']}, warmup {plan['warmup_steps']} optimizer steps, LR {marks['initial']:.4g} "
              f"at step 1 -> peak {marks['peak']:.4g} at step {marks['peak_step']} -> {marks['final']:.4g} at step {plan['total_steps']}")
     params = sum(p.numel() for p in run["params"])
-    log(run, f"model: {'student' if cfg['kd.enabled'] else 'teacher (kd.enabled false: plain LM training)'} "
-             f"{describe_arch(trained_arch(cfg))}, {params} trainable parameters")
+    log(run, f"model: {describe_arch(trained_arch(cfg))} from {trained_key(cfg)}, {params} trainable parameters; "
+             + ("the student, distilled from the teacher below" if cfg["kd.enabled"] else
+                "kd.enabled false: plain LM training of it, no teacher (a teacher-to-be)"))
     if run["teacher"] is not None:
         k = cfg["kd.top_k"]
         source = cfg["kd.teacher_checkpoint"] or cfg["kd.hf_teacher_dir"] or cfg["teacher.target"]
@@ -4006,9 +4103,9 @@ def evaluate_saved(config_path, overrides, path):
 
 
 # -----------------------------------------------------------------------------
-# --dry_run (E5, S10): every code path on tiny data in seconds, before a long run is launched: a tiny
-# teacher (kd.enabled false) unless the config names one, then the student in fp32 (train, eval, save,
-# stop, resume), fp16 (GradScaler) and bf16.
+# --dry_run (E5, S10): every code path on tiny data in seconds, before a long run is launched: the
+# config's own run made tiny (KD from its teacher, or with kd.enabled false plain LM training of the same
+# network) in fp32 (train, eval, save, export, stop, resume), fp16 (GradScaler) and bf16.
 DRY_RUN_SETTINGS = ["train.epochs=2", "train.max_steps=null", "train.batch_size=4", "train.grad_accum=2",
                     "train.log_every=1", "train.eval_every=3", "train.save_every_steps=2", "train.patience=null",
                     "train.num_workers=0", "train.eval_batch_size=8", "schedule.warmup=2", "schedule.total_steps=null",
@@ -4016,7 +4113,6 @@ DRY_RUN_SETTINGS = ["train.epochs=2", "train.max_steps=null", "train.batch_size=
                     "data.val_windows=null", "data.seq_len=16", "data.builtin.train_bytes=40000",
                     "data.builtin.val_bytes=8000", "student.n_layer=1", "student.n_head=2", "student.n_embd=16",
                     "log.tensorboard=false", "log.wandb=null", "log.mlflow=null"]  # the checks run, no dashboards fill
-DRY_RUN_TEACHER = ["teacher.n_layer=1", "teacher.n_head=2", "teacher.n_embd=32"]
 
 
 def read_metrics(run_dir):
@@ -4098,10 +4194,8 @@ def dry_run(config_path, overrides, train_fn=None):
         check(False, "full schedule: " + "; ".join(f"{rid} {key}: {msg}" for rid, key, msg in err.problems))
     # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process
     tiny = list(overrides) + DRY_RUN_SETTINGS + [f"data.limit={26 * d['world']}"]
-    dry_teacher = list(DRY_RUN_TEACHER)
-    if cfg["kd.hidden_layers"]:  # the tiny built-in networks as deep as the layer map reaches
+    if cfg["kd.hidden_layers"]:  # the tiny built-in student as deep as the layer map reaches
         tiny.append(f"student.n_layer={max(1, *(s for s, _ in cfg['kd.hidden_layers']))}")
-        dry_teacher.append(f"teacher.n_layer={max(1, *(t for _, t in cfg['kd.hidden_layers']))}")
     if 0 < cfg["kd.on_policy_fraction"]:  # on-policy: both kinds of micro-batch in the tiny runs, prompts that fit
         tiny += ["kd.prompt_tokens=null", "kd.max_new_tokens=null"] + \
             (["kd.on_policy_fraction=0.5"] if cfg["kd.on_policy_fraction"] < 0.5 else [])
@@ -4110,18 +4204,12 @@ def dry_run(config_path, overrides, train_fn=None):
     with tempfile.TemporaryDirectory(prefix="dry_run_") if d["main"] else contextlib.nullcontext() as tmp:
         tmp = all_gather_list([tmp], d["world"])[0]
         start = time.perf_counter()
-        if cfg["kd.enabled"]:  # the config's own teacher, checked against teacher.*
-            kd = tiny
-        else:
-            teacher_cfg, _ = resolve_config(config_path, tiny + dry_teacher)
-            t_dir = os.path.join(tmp, "teacher")
-            outcome, run = train_fn_together(teacher_cfg, t_dir, "none", quiet=True)
-            _, evals, _ = read_metrics(t_dir)
-            check(outcome == "finished" and evals and all(math.isfinite(e["val/ppl"]) for e in evals.values()),
-                  f"teacher: plain LM training (kd.enabled false), {run['plan']['total_steps']} steps, "
-                  f"val/ppl {list(evals.values())[-1]['val/ppl']:.4g}")
-            kd = tiny + dry_teacher + ["kd.enabled=true", "kd.hf_teacher_dir=null", "teacher.target=null",
-                                           f"kd.teacher_checkpoint={os.path.join(t_dir, 'checkpoints', 'best.pt')}"]
+        # the config's own runs: KD against its own teacher, or (kd.enabled false) plain LM training of the
+        # same student.* network with no teacher, which is what the real run does
+        kd, who = tiny, "student" if cfg["kd.enabled"] else "plain LM"
+        if not cfg["kd.enabled"]:
+            say(f"  kd.enabled false: the tiny runs are plain LM training of the network student.* names "
+                f"({describe_arch(trained_arch(cfg))}), no teacher and no KD steps, as the real run")
         offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None
 
         def cached(settings, name):  # an offline config: the tiny runs build and read their own teacher cache
@@ -4132,7 +4220,7 @@ def dry_run(config_path, overrides, train_fn=None):
         outcome, run = train_fn_together(student, a, "none", quiet=True)
         plan = run["plan"]
         check(outcome == "finished" and run["state"]["global_step"] == plan["total_steps"],
-              f"student: {plan['total_steps']} optimizer steps over 2 epochs with a short last accumulation group (G1)")
+              f"{who}: {plan['total_steps']} optimizer steps over 2 epochs with a short last accumulation group (G1)")
         trains, evals, _ = read_metrics(a)
         logged = np.array([trains[s]["lr"] for s in sorted(trains)])
         check(len(logged) == plan["total_steps"] and np.array_equal(logged, lr_curve(student, plan)),
@@ -4145,10 +4233,12 @@ def dry_run(config_path, overrides, train_fn=None):
                   f"(kd.on_policy_fraction {student['kd.on_policy_fraction']:g}), scored by the teacher; generation cost "
                   "in every step record")
         parts = sorted(k for k in trains[1] if k.startswith("loss/"))
-        check(all(math.isfinite(trains[s]["loss"]) for s in trains) and parts, f"finite losses, components {parts} logged (E2)")
+        check(all(math.isfinite(trains[s]["loss"]) for s in trains) and bool(parts) == cfg["kd.enabled"],
+              f"finite losses, components {parts} logged (E2)" if parts else "finite losses (one term: the LM's CE)")
+        want = {"val/loss", "val/ppl"} | ({"val/agreement"} if cfg["kd.enabled"] else set())
         check(sorted(evals) == [3, 6, plan["total_steps"]] and all(
-            {"val/loss", "val/ppl", "val/agreement"} <= set(e) and _close(e["val/ppl"], math.exp(e["val/loss"]))
-            for e in evals.values()), f"eval at steps {sorted(evals)}: val/loss, val/ppl = exp(val/loss), val/agreement (E3, E5)")
+            want <= set(e) and _close(e["val/ppl"], math.exp(e["val/loss"])) for e in evals.values()),
+            f"eval at steps {sorted(evals)}: {', '.join(sorted(want))}; val/ppl = exp(val/loss) (E3, E5)")
         last_path = os.path.join(a, "checkpoints", "last.pt")
         last = torch.load(last_path, map_location="cpu", weights_only=True)
         check(last["global_step"] == last["scheduler"]["last_epoch"] == plan["total_steps"]
@@ -4161,7 +4251,7 @@ def dry_run(config_path, overrides, train_fn=None):
         if offline:
             check(run["teacher"] is None and run["teacher_cache"]["manifest"]["complete"],
                   "offline: the teacher's top-k cached, the student trained from it with no teacher in memory")
-        else:
+        elif cfg["kd.enabled"]:
             check(tensor_digest(run["teacher"]) == tensor_digest(build_teacher(student, torch.device("cpu")))
                   and not any(p.requires_grad for p in run["teacher"].parameters()) and not run["teacher"].training,
                   "teacher frozen: eval mode, no grad, tensors identical to its checkpoint after training")
@@ -4173,17 +4263,8 @@ def dry_run(config_path, overrides, train_fn=None):
               "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
         outcome, _ = train_fn_together(student, b, "auto", quiet=True)
         check(outcome == "complete", "a finished run restarted says it is complete")
-        # the top-k and offline paths too, where the objective allows them (E12; on-policy data needs a live teacher)
-        topk_too = not cfg["kd.enabled"] and topk_allows(cfg["kd.divergence"], cfg["kd.jsd_beta"])
-        if topk_too and cfg["kd.on_policy_fraction"] == 0:  # kd.teacher_cache: the tiny teacher's top-8, trained from
-            off, _ = resolve_config(config_path, kd + ["kd.gamma=0", "kd.top_k=8", f"kd.teacher_cache={os.path.join(tmp, 'cache')}"])
-            outcome, run = train_fn_together(off, os.path.join(tmp, "offline"), "none", quiet=True)
-            _, evals, _ = read_metrics(os.path.join(tmp, "offline"))
-            check(outcome == "finished" and run["teacher"] is None and all("val/agreement" in e for e in evals.values()),
-                  "offline: the teacher's top-8 cached once, the student trained from it with no teacher in memory")
         for precision in ("fp16", "bf16"):
-            extra = ["kd.top_k=8"] if precision == "fp16" and topk_too else []
-            low, _ = resolve_config(config_path, cached(kd + extra + [f"train.precision={precision}"], f"cache_{precision}"))
+            low, _ = resolve_config(config_path, cached(kd + [f"train.precision={precision}"], f"cache_{precision}"))
             p_dir = os.path.join(tmp, precision)
             outcome, run = train_fn_together(low, p_dir, "none", quiet=True)
             trains, evals, _ = read_metrics(p_dir)
@@ -4194,7 +4275,8 @@ def dry_run(config_path, overrides, train_fn=None):
                   and all(math.isfinite(e["val/loss"]) for e in evals.values())
                   and (precision != "fp16" or all("scale" in r for r in trains.values())),
                   f"{precision}: {plan['total_steps']} steps, {skipped} skipped by "
-                  f"{'the GradScaler' if precision == 'fp16' else 'the guard'}, KD in fp32, LR on schedule (G5, G6)")
+                  f"{'the GradScaler' if precision == 'fp16' else 'the guard'}, "
+                  f"{'KD' if cfg['kd.enabled'] else 'CE'} in fp32, LR on schedule (G5, G6)")
         say(f"  tiny runs took {time.perf_counter() - start:.1f} s")
         if d["world"] > 1:
             dist.barrier()  # every process has read the files before process 0 deletes the directory
@@ -4205,7 +4287,8 @@ def dry_run(config_path, overrides, train_fn=None):
 
 # -----------------------------------------------------------------------------
 # --tokenize: text files -> the .bin token files this script reads, with a local Hugging Face tokenizer
-# (docs/distill_models.md). Every file is one document, followed by the tokenizer's end-of-text token.
+# (docs/distill_models.md). Every file is one document, followed by the tokenizer's end-of-text token
+# (a tokenizer without one is warned about: then nothing separates the documents).
 def token_dtype(vocab):
     """The smallest id type data.dtype offers for ids 0..vocab-1: uint16 up to 65536 ids, else uint32."""
     return "uint16" if vocab <= 2 ** 16 else "uint32"
@@ -4270,6 +4353,10 @@ def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern=
         if model_vocab is not None:
             vocab, origin = model_vocab, f"the model's vocab_size ({config_file})"
     dtype, eos = token_dtype(vocab), tokenizer.eos_token_id
+    if eos is None and len(files) > 1:  # the files are still one stream: say what (nothing) separates them
+        say(f"WARNING C3: the tokenizer in {tokenizer_dir} has no end-of-text token (eos_token), so nothing "
+            f"separates the {len(files)} documents: each file's tokens follow the previous file's directly and a "
+            "window can span two documents; give the tokenizer an eos_token (tokenizer_config.json) to mark them")
     os.makedirs(out_dir, exist_ok=True)
     paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
     tmp = {split: f"{path}.tmp-{os.getpid()}" for split, path in paths.items()}

@@ -86,7 +86,8 @@ CONFIG = {
     "train.max_bad_steps": (20, "int", "abort after this many consecutive non-finite steps (G4)"),
     "train.patience": (None, "int?", "early stopping: evals without improvement; null = off"),
     "train.best_metric": ("val/auroc", "str", "metric that picks best.pt (loss/ppl: lower is better)"),
-    "train.max_loss_share": (0.8, "float", "warn when one loss component is above this share (E2)"),
+    "train.max_loss_share": (0.9, "float", "warn when a loss term other than the label CE is above this share of the "
+                             "loss for 3 logged steps in a row (E2; a 40x feature loss is ~95%)"),
     "train.num_workers": (0, "int", "DataLoader worker processes (uncached path)"),
     "train.eval_batch_size": (256, "int", "samples per eval / feature-extraction batch"),
     "train.allow_schedule_change": (False, "bool", "resume even if schedule-shaping keys changed (S7)"),
@@ -1334,7 +1335,8 @@ def open_run(run_dir, cfg, dist_info):
            "stop_signal": None, "stop_after": None, "bar": None, "last_save": time.monotonic(),
            "best_written": None, "best_pending": None, "sharded": None,
            "state": {"global_step": 0, "skipped_steps": 0, "bad_streak": 0, "best_value": None, "best_step": None,
-                     "evals_since_best": 0, "last_eval": None, "trained": False, "finished": False}}
+                     "evals_since_best": 0, "last_eval": None, "last_eval_params": None, "warned_e2": [],
+                     "trained": False, "finished": False}}
     # trained: the loop is over (last step or early stop); finished: the final evaluation is done as well
     if dist_info["main"]:
         os.makedirs(run["ckpt_dir"], exist_ok=True)
@@ -1593,10 +1595,25 @@ def load_latest_checkpoint(run, path):
     return None, None
 
 
+def drop_stale_expectations(run):
+    """S5 at the start of the run: expect.* values this run's schedule does not produce (a --set optim.lr=...
+    on a config whose expect: block was written for its own LR) are dropped with a note, so the run's
+    config.yaml, and every check of it later, judges the schedule the run really follows. --dry_run and
+    diagnose_and_fix.py --config refuse such a config before any run."""
+    cfg = run["cfg"]
+    stale = [msg for rid, msg in check_lr_curve(run["expected_lr"], cfg, run["plan"]) if rid == "S5"]
+    if stale:
+        for key in ("expect.initial_lr", "expect.peak_lr", "expect.final_lr"):
+            cfg[key] = None
+        log(run, f"note S5: the config's expect: block does not hold for this run ({'; '.join(stale)}): the "
+                 "schedule changed (a --set?); expect.* dropped for this run, fix or remove them in the config")
+
+
 def resume(run, mode):
     """R1/R2/R3: the one place the loop position comes from a checkpoint; nothing later reassigns it."""
     cfg, plan = run["cfg"], run["plan"]
     run["expected_lr"] = lr_curve(cfg, plan)  # S9: the curve the optimizer's LR must follow, step by step
+    drop_stale_expectations(run)
     last = os.path.join(run["ckpt_dir"], "last.pt")
     if mode == "none":
         if os.path.exists(last) or os.path.exists(last[:-3] + ".prev.pt"):
@@ -1697,7 +1714,8 @@ def resume(run, mode):
 def finished_run_problem(cfg, ckpt, run_dir):
     """A finished run relaunched with other values: a ConfigError naming them and how to start a new run
     (a finished run is never continued), or None when nothing that shapes the run changed."""
-    ignored = ("run_name", "train.allow_schedule_change", "train.num_workers", "train.device")
+    ignored = ("run_name", "train.allow_schedule_change", "train.num_workers", "train.device",
+               "expect.initial_lr", "expect.peak_lr", "expect.final_lr")  # expectations shape nothing (S5)
     saved = ckpt.get("config") or {}
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items() if k in saved and k not in ignored and saved[k] != v]
     if not changed:
@@ -1827,16 +1845,74 @@ def optimizer_step(run, task, micro_batches, count):
             "parts": parts}
 
 
+LOSS_FLOOR = 1e-4  # E1: an eval loss below this is a saturated model's; its value can repeat to the last bit
+
+
+def same_metrics(a, b):
+    """Two evals' metrics equal to the last bit (NaN equal to NaN)."""
+    return a.keys() == b.keys() and all(x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x)
+                                                    and math.isnan(y)) for x, y in ((a[k], b[k]) for k in a))
+
+
+def frozen_evals(previous, metrics, lr, moved=None):
+    """E1, the one rule of the script's warning and diagnose_and_fix.py's log check: two evals in a row
+    with identical metrics mean the model stopped changing (LR 0, weights left out of the optimizer),
+    unless it converged: the LR is above 0 and the trained parameters moved between the two evals
+    (`moved`, which the script knows), or, judged from a log alone (moved None), the eval loss is at its
+    floor (a saturated classifier's val loss of 1.5e-7 repeats to the last bit while its weights still
+    move). Returns why the model looks frozen, or None."""
+    if previous is None or not same_metrics(previous, metrics):
+        return None
+    if lr <= 0:
+        return f"the LR is {lr:g}"
+    if moved is None:
+        floor = any(k.endswith("loss") and isinstance(v, float) and 0 <= v < LOSS_FLOOR for k, v in metrics.items())
+        return None if floor else "the model stopped changing (LR 0? frozen weights?)"
+    return None if moved else f"the trained parameters did not move at LR {lr:.4g} (frozen weights?)"
+
+
+def dominating_loss(records, limit, persist=3):
+    """E2, the one rule of the script's warning and diagnose_and_fix.py's log check. records: (step,
+    {name: value}) of the logged loss components in step order. A term dominates when it is above `limit`
+    of the components' summed magnitude in `persist` logged records in a row (one noisy record is not a
+    weighting). The label loss ("ce") is not judged: a distillation whose CE carries nearly all the loss
+    is a student that agrees with its teacher, the healthy end of every KD run (a KD weight too small to
+    teach is the config check's, from the weights). Returns {name: (first step, last step, records above,
+    largest share)} over the dominating terms' records above the limit; {} when none."""
+    shares = []
+    for step, parts in records:
+        total = sum(abs(v) for v in parts.values())
+        if len(parts) > 1 and total > 0 and all(math.isfinite(v) for v in parts.values()):
+            shares.append((step, {k: abs(v) / total for k, v in parts.items()}))
+    found = {}
+    for name in sorted({k for _, p in shares for k in p} - {"ce"}):
+        over = [(step, p[name]) for step, p in shares if p.get(name, 0.0) > limit]
+        streak = longest = 0
+        for _, p in shares:
+            streak = streak + 1 if p.get(name, 0.0) > limit else 0
+            longest = max(longest, streak)
+        if longest >= persist:
+            found[name] = (over[0][0], over[-1][0], len(over), max(v for _, v in over))
+    return found
+
+
+def param_fingerprint(params):
+    """One float64 sum per trained tensor: changes whenever an optimizer step moves a weight (E1)."""
+    return torch.stack([p.detach().double().sum() for p in params]).tolist()
+
+
 def after_eval(run, metrics):
     """Record an eval, warn on frozen metrics (E1), keep best.pt, count patience."""
     cfg, st = run["cfg"], run["state"]
     step = st["global_step"]
     write_metrics(run, {"step": step, **metrics})
     log(run, f"eval step {step}: " + " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
-    if st["last_eval"] is not None and st["last_eval"] == metrics:
-        log(run, f"WARNING E1: eval at step {step} is identical to the previous one ({metrics}); "
-                 "the model has stopped changing (LR 0? frozen weights?)")
-    st["last_eval"] = dict(metrics)
+    fingerprint = param_fingerprint(run["params"])
+    moved = None if st["last_eval_params"] is None else fingerprint != st["last_eval_params"]
+    frozen = frozen_evals(st["last_eval"], metrics, run["expected_lr"][step - 1], moved)
+    if frozen:  # E1: a converged model (LR > 0, weights still moving) repeats its metrics too, and is not warned
+        log(run, f"WARNING E1: eval at step {step} is identical to the previous one ({metrics}); {frozen}")
+    st["last_eval"], st["last_eval_params"] = dict(metrics), fingerprint
     name = cfg["train.best_metric"]
     value = metrics[name]
     lower = name.endswith("loss") or name.endswith("ppl")
@@ -1894,11 +1970,15 @@ def fit(run, task):
                     log(run, f"step {step}/{total} epoch {epoch + 1} lr {out['lr']:.4g} loss {out['loss']:.5g} "
                              f"grad_norm {out['grad_norm']:.3g} {record[f'{unit}_per_s']:.1f} {unit}/s "
                              + progress_text(run, step))
-                total_parts = sum(abs(v) for v in out["parts"].values())
-                for k, v in out["parts"].items():
-                    if len(out["parts"]) > 1 and total_parts > 0 and abs(v) / total_parts > cfg["train.max_loss_share"]:
-                        log(run, f"WARNING E2: at step {step} loss/{k} is {abs(v) / total_parts:.0%} of the loss "
-                                 f"(over train.max_loss_share {cfg['train.max_loss_share']:.0%}); rebalance the weights")
+                if out["parts"]:  # E2: said once per term, with the steps it covers so far
+                    run.setdefault("loss_parts", []).append((step, dict(out["parts"])))
+                    limit = cfg["train.max_loss_share"]
+                    for k, (a, b, n, top) in dominating_loss(run["loss_parts"], limit).items():
+                        if k not in st["warned_e2"]:
+                            st["warned_e2"].append(k)
+                            log(run, f"WARNING E2: loss/{k} is above train.max_loss_share {limit:.0%} of the loss at "
+                                     f"{n} logged steps in {a}-{b} (up to {top:.0%}); rebalance the weights (said "
+                                     "once; diagnose_and_fix.py --log gives the run's whole range)")
             show_progress(run, step)
             if not out["finite"]:
                 log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "

@@ -71,6 +71,7 @@ PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "kd_chunk", "offline", "dry_run"
 # many there are; the cache build's rate is reported per token). The 32k case: the same models and loop on
 # generated token files with a 32,000-token vocabulary, batch 8.
 DEMO_CONFIG = os.path.join(REPO, "configs", "distill_demo.yaml")
+DEMO_TEACHER_CONFIG = os.path.join(REPO, "configs", "distill_demo_teacher.yaml")
 OFFLINE_SETTINGS = ["kd.gamma=0", "data.limit=640", "data.val_windows=64", "train.max_steps=null", "train.epochs=1",
                     "train.log_every=1000", "train.eval_every=null", "train.save_every_steps=null"]
 OFFLINE_32K = ["train.batch_size=8", "data.limit=160"]
@@ -663,8 +664,9 @@ def bench_offline(repeats, tmp, cases=None, steps=None):
     for name, extra in cases.items():
         root = os.path.join(tmp, f"offline_{name}")
         settings = OFFLINE_SETTINGS + list(extra)
-        teacher_cfg, _ = td.resolve_config(DEMO_CONFIG, settings + ["kd.enabled=false", "train.max_steps=2",
-                                                                    "train.epochs=null", "data.val_windows=8"])
+        plain = [s for s in settings if not s.startswith("kd.")]  # the teacher run (kd.enabled false) refuses kd.* keys
+        teacher_cfg, _ = td.resolve_config(DEMO_TEACHER_CONFIG, plain + ["train.max_steps=2", "train.epochs=null",
+                                                                         "data.val_windows=8"])
         with quiet_process():  # a two-step teacher: the step's cost depends on the sizes, not on the weights
             td.train(teacher_cfg, os.path.join(root, "teacher"), "none", quiet=True)
         kd = settings + [f"kd.teacher_checkpoint={os.path.join(root, 'teacher', 'checkpoints', 'last.pt')}"]

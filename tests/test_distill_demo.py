@@ -8,6 +8,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_distill as td  # noqa: E402
+from run_records import loud_findings  # noqa: E402
 
 TEACHER = os.path.join(ROOT, "configs", "distill_demo_teacher.yaml")
 STUDENT = os.path.join(ROOT, "configs", "distill_demo.yaml")
@@ -23,10 +24,12 @@ def test_demo_teacher_config_writes_the_checkpoint_the_student_config_reads():
     assert teacher["task"] == student["task"] == "distill" and not teacher["kd.enabled"] and student["kd.enabled"]
     made = os.path.join("runs", teacher["run_name"], "checkpoints", "best.pt")  # the run dir launch.sh uses
     assert os.path.normpath(student["kd.teacher_checkpoint"]) == os.path.normpath(made)
+    # the teacher is trained by the keys that name a student (student.*), and is the network teacher.* names
     assert td.trained_arch(teacher) == {d: student[f"teacher.{d}"] for d in ("n_layer", "n_head", "n_embd")}
-    # the same data, budget and schedule (the measured demo): only the run name and the kd.* keys differ
+    assert td.teacher_keys_set(teacher) == []
+    # the same data, budget and schedule (the measured demo): only the run name, the models and kd.* differ
     differ = {k for k in teacher if teacher[k] != student[k]}
-    assert differ <= {"run_name"} | {k for k in teacher if k.startswith("kd.")}, differ
+    assert differ <= {"run_name"} | {k for k in teacher if k.split(".")[0] in ("kd", "student")}, differ
 
 
 def test_c3_missing_teacher_checkpoint_says_which_config_makes_it(tmp_path):
@@ -49,3 +52,11 @@ def test_demo_pipeline_is_two_launch_lines(tmp_path):
     log = (tmp_path / "runs" / "distill_demo" / "train.log").read_text()
     assert "teacher: runs/distill_demo_teacher/checkpoints/best.pt (frozen" in log
     assert "done: 3 optimizer steps" in log
+    # the false-positive corpus: the shipped demo configs' healthy runs get no warning from the tools
+    old = os.getcwd()
+    os.chdir(tmp_path)  # the runs' config.yaml names the teacher checkpoint relative to where they ran
+    try:
+        for name in ("distill_demo_teacher", "distill_demo"):
+            assert loud_findings(os.path.join("runs", name)) == [], name
+    finally:
+        os.chdir(old)

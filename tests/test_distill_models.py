@@ -202,6 +202,26 @@ def test_hf_student_checkpoint_is_the_next_teacher(gpt2_student):
     assert torch.equal(t_logits, kit_logits(T.resolve_config(None, settings)[0], a, x))
 
 
+@needs_hf
+def test_c3_kd_disabled_trains_your_own_hf_model_as_the_teacher_and_exports_it_with_its_tokenizer(models, tmp_path):
+    """Training your own teacher: kd.enabled false trains the model student.hf_dir names (the same key as a
+    student's), says so in the log, and exports it for from_pretrained with the tokenizer's files; the
+    export is then a teacher (kd.hf_teacher_dir) as it is."""
+    cfg, outcome, run = train(TINY + [f"student.hf_dir={models['gpt2']}", "train.epochs=1"], tmp_path / "t")
+    assert outcome == "finished" and T.is_hf_model(run["module"].lm.model)
+    log = (tmp_path / "t" / "train.log").read_text()
+    assert f"model: Hugging Face model {models['gpt2']} (its weights) from student.hf_dir" in log
+    assert "kd.enabled false: plain LM training of it, no teacher" in log
+    export = tmp_path / "t" / "export"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(export))
+    x = val_batch(cfg)
+    with torch.no_grad():
+        assert torch.equal(T.load_export(str(export))(input_ids=x).logits, kit_logits(cfg, tmp_path / "t", x))
+    student, _ = T.resolve_config(None, TINY + KD + ["kd.gamma=0", f"kd.hf_teacher_dir={export}"])
+    with torch.no_grad():
+        assert torch.equal(T.build_teacher(student, CPU)(x)[0], kit_logits(cfg, tmp_path / "t", x))
+
+
 def test_export_of_user_module_student_is_a_state_dict_with_best_pt_logits(tmp_path):
     """student.target distilled from a teacher.target, both plain nn.Modules (TinyCausalLM)."""
     settings = TINY + KD + [f"teacher.target={USER}", "teacher.kwargs={dropout: 0.0}",
@@ -236,14 +256,16 @@ def test_e5_dry_run_passes_with_hf_teacher_and_student(pair, models, capsys):
     assert "FAIL" not in out and "bit-identical" in out and "from_pretrained" in out and "bf16" in out
 
 
-def test_e5_dry_run_passes_with_user_modules_as_teacher_and_student(capsys):
-    """kd.enabled false: the dry run trains teacher.target as the teacher, then distils student.target from
-    that checkpoint (rebuilt from its saved config)."""
-    argv = ["--dry_run", "--set", f"teacher.target={USER}", "--set", f"student.target={USER}",
-            "--set", "student.kwargs={width: 24}", "--set", "data.seq_len=32"]
+def test_e5_dry_run_of_a_kd_disabled_config_runs_the_plain_lm_steps_of_student_target(capsys):
+    """kd.enabled false: the dry run trains the config's own network (student.target) as a plain LM, as
+    the real run does, says so, and runs no KD student steps."""
+    argv = ["--dry_run", "--set", f"student.target={USER}", "--set", "student.kwargs={width: 24}",
+            "--set", "data.seq_len=32"]
     assert T.main(argv) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and "bit-identical" in out and "a state dict" in out
+    assert "no teacher and no KD steps" in out and f"{USER}(**{{'width': 24}})" in out
+    assert "student:" not in out and "teacher frozen" not in out and "components" not in out
 
 
 # ----------------------------------------------------------------------------- checks
@@ -264,6 +286,12 @@ BAD = [  # (settings added to TINY, @name = the zoo's directory, the key the one
     (["kd.enabled=true", f"teacher.target={USER}", "teacher.kwargs={vocab: 300}"], "teacher.target", "300"),
     (["kd.enabled=true", "teacher.target=zoo:no_such_model"], "teacher.target", "cannot import"),
     (["kd.enabled=true", "teacher.target=zoo.tiny_causal_lm"], "teacher.target", "package.module:callable"),
+    # kd.enabled false trains student.*: a teacher or KD key would be ignored, so it is refused (C3)
+    (["kd.hf_teacher_dir=@gpt2"], "kd.hf_teacher_dir", "kd.enabled is false"),
+    ([f"teacher.target={USER}", "student.hf_dir=@gpt2"], "teacher.target", "kd.enabled is false"),
+    (["teacher.n_layer=3"], "teacher.n_layer", "kd.enabled is false"),
+    (["student.kwargs={width: 24}"], "student.kwargs", "student.target is null"),
+    (["student.hf_dir=@gpt2x"], "student.hf_dir", "gpt2x does not exist (did you mean"),  # a mistyped path
 ]
 
 
@@ -290,7 +318,7 @@ def test_c3_model_config_errors_exit_2_with_one_line_before_anything_is_written(
 
 def test_c3_builtin_teacher_checkpoint_window_length_checked_in_dry_run(tmp_path, capsys):
     """A built-in GPT teacher's position limit is its saved data.seq_len: --dry_run says so in one line."""
-    _, outcome, _ = train(TINY + ["student.n_layer=1", "teacher.n_layer=1", "teacher.n_embd=32"], tmp_path / "t")
+    _, outcome, _ = train(TINY + ["student.n_layer=1", "student.n_embd=32", "student.n_head=4"], tmp_path / "t")
     assert outcome == "finished"
     argv = ["--dry_run", "--set", "kd.enabled=true", "--set", "data.seq_len=17", "--set", "teacher.n_layer=1",
             "--set", "teacher.n_embd=32", "--set", f"kd.teacher_checkpoint={tmp_path / 't' / 'checkpoints' / 'best.pt'}"]
@@ -386,6 +414,23 @@ def test_tokenize_writes_uint32_when_the_model_vocabulary_passes_65536(tmp_path)
     assert 0 < ids.max() < 60 and ids.size == (os.path.getsize(tmp_path / "d" / "train.bin")
                                                 + os.path.getsize(tmp_path / "d" / "val.bin")) // 4
     assert T.token_dtype(65536) == "uint16" and T.token_dtype(65537) == "uint32"
+
+
+@needs_hf
+def test_c3_tokenize_with_a_tokenizer_without_an_end_of_text_token_warns_that_nothing_separates_documents(
+        tmp_path, capsys):
+    import transformers
+    texts = write_texts(tmp_path / "text", np.random.default_rng(2))
+    tok_dir = zoo.tiny_tokenizer(tmp_path / "tok", list(texts.values()), vocab_size=60)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path / "no_eos")
+    assert T.main(["--tokenize", str(tmp_path / "text"), "--tokenizer", str(tmp_path / "no_eos"),
+                   "--out", str(tmp_path / "d")]) == 0
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
+    assert len(warning) == 1 and "no end-of-text token" in warning[0] and "nothing separates the" in warning[0]
+    assert T.main(["--tokenize", str(tmp_path / "text"), "--tokenizer", tok_dir, "--out", str(tmp_path / "e")]) == 0
+    assert "WARNING" not in capsys.readouterr().out  # <eos> between the documents: nothing to say
 
 
 @needs_hf

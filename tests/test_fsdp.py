@@ -19,14 +19,14 @@ import torch
 import zoo
 from test_ddp import ONE_THREAD, ckpt, one_thread
 from test_launch import ROOT, launch, launch_env, two_nodes, write_config
-from run_records import last_per_step, records
+from run_records import last_per_step, records, teacher_run
 
 sys.path.insert(0, ROOT)
 import train_distill as td  # noqa: E402
 
 # 26 windows, global micro-batch 4 (2 per process x 2, or 4 x 1), grad_accum 2: 7 micro-batches, 4 optimizer
 # steps an epoch; 6 steps in all; last.pt every 2 steps, evals at 3 and 6.
-TINY = [s for s in td.DRY_RUN_SETTINGS + td.DRY_RUN_TEACHER
+TINY = [s for s in td.DRY_RUN_SETTINGS + ["teacher.n_layer=1", "teacher.n_head=2", "teacher.n_embd=32"]
         if not s.startswith(("train.epochs", "train.max_steps", "train.batch_size", "data.val_windows"))]
 TINY += ["train.epochs=null", "train.max_steps=6", "data.val_windows=17", "train.max_loss_share=1"]
 
@@ -38,7 +38,7 @@ def sets(settings):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     path = tmp_path_factory.mktemp("fsdp")
-    teacher_cfg, _ = td.resolve_config(None, TINY + ["kd.enabled=false", "train.batch_size=4"])
+    teacher_cfg, _ = td.resolve_config(None, teacher_run(TINY) + ["train.batch_size=4"])
     with one_thread():
         assert td.train(teacher_cfg, str(path / "teacher"), "none", quiet=True)[0] == "finished"
     kd = TINY + ["kd.enabled=true", f"kd.teacher_checkpoint={path / 'teacher' / 'checkpoints' / 'best.pt'}"]
@@ -184,13 +184,13 @@ def test_d2_resume_under_another_strategy_is_refused_in_one_line(work, killed_fs
 @pytest.mark.parametrize("model", ["builtin", "hf_gpt2", "hf_llama"])
 def test_activation_checkpointing_changes_no_bit_of_training(model, tmp_path):
     """Recomputed blocks (with the RNG state they first saw: GPT-2's dropout masks) give the same steps."""
-    settings = TINY + ["kd.enabled=false", "train.batch_size=4", "train.max_steps=3", "train.eval_every=3"]
+    settings = teacher_run(TINY) + ["train.batch_size=4", "train.max_steps=3", "train.eval_every=3"]
     if model != "builtin":
         pytest.importorskip("transformers")
         build = zoo.hf_gpt2 if model == "hf_gpt2" else zoo.hf_llama
-        # kd.enabled false trains teacher.*: a callable returning the Hugging Face model
-        settings += [f"teacher.target=transformers:AutoModelForCausalLM.from_pretrained",
-                     f"teacher.kwargs={{pretrained_model_name_or_path: {build(tmp_path / model)}}}"]
+        # kd.enabled false trains student.*: a callable returning the Hugging Face model
+        settings += [f"student.target=transformers:AutoModelForCausalLM.from_pretrained",
+                     f"student.kwargs={{pretrained_model_name_or_path: {build(tmp_path / model)}}}"]
     results = {}
     for ac in ("false", "true"):
         cfg, _ = td.resolve_config(None, settings + [f"train.activation_checkpointing={ac}"])
@@ -206,7 +206,7 @@ def test_activation_checkpointing_changes_no_bit_of_training(model, tmp_path):
 
 
 def test_activation_checkpointing_on_a_model_without_blocks_is_one_config_error(tmp_path):
-    cfg, _ = td.resolve_config(None, TINY + ["kd.enabled=false", "train.batch_size=4", "teacher.target=zoo:tiny_causal_lm",
+    cfg, _ = td.resolve_config(None, teacher_run(TINY) + ["train.batch_size=4", "student.target=zoo:tiny_causal_lm",
                                              "train.activation_checkpointing=true"])
     with pytest.raises(td.ConfigError) as err:
         td.train(cfg, str(tmp_path / "run"), "none", quiet=True)

@@ -12,6 +12,7 @@ import torch
 
 from test_distill import LOOP, MODELS, ROOT, ckpt, data, kd_settings, run, teacher  # noqa: F401 (fixtures)
 import train_distill as T
+from run_records import teacher_run
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("KIT_FAULT_KILL_AT", "KIT_FAULT_CACHE_KILL_AT")}
 
@@ -208,7 +209,7 @@ def test_fp16_cache_is_half_the_value_bytes_and_close(data, teacher, cache, tmp_
 
 # ----------------------------------------------------------------------------- refusals (C3)
 def other_teacher(data, tmp_path):
-    cfg, _ = T.resolve_config(None, data + MODELS + LOOP + ["kd.enabled=false", "train.epochs=1", "seed=1"])
+    cfg, _ = T.resolve_config(None, teacher_run(data + MODELS + LOOP) + ["train.epochs=1", "seed=1"])
     assert T.train(cfg, str(tmp_path / "t2"), "none", quiet=True)[0] == "finished"
     return str(tmp_path / "t2" / "checkpoints" / "best.pt")
 

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import diagnose_and_fix as dx  # noqa: E402
 import train_probe as tp  # noqa: E402
+from run_records import teacher_run  # noqa: E402
 
 # 16 optimizer steps per epoch, 4 epochs: 64 steps, an eval every 8
 PROBE = ["data.synthetic.num_train=256", "data.synthetic.num_val=64", "data.synthetic.channels=4",
@@ -101,7 +102,7 @@ def distill_run(tmp_path_factory):
             "train.eval_every=4", "data.seq_len=32", "data.builtin.train_bytes=20000", "data.builtin.val_bytes=5000",
             "data.val_windows=8", "teacher.n_layer=1", "teacher.n_embd=32", "teacher.n_head=2", "student.n_layer=1",
             "student.n_embd=16", "student.n_head=2", "schedule.warmup=2"]
-    td.train(td.resolve_config(None, tiny + ["kd.enabled=false"])[0], str(base / "teacher"), "none", quiet=True)
+    td.train(td.resolve_config(None, teacher_run(tiny))[0], str(base / "teacher"), "none", quiet=True)
     student = tiny + ["kd.enabled=true", f"kd.teacher_checkpoint={base / 'teacher' / 'checkpoints' / 'last.pt'}",
                       "kd.alpha=0.01", "kd.beta=0.01", "kd.gamma=10"]
     td.train(td.resolve_config(None, student)[0], str(base / "student"), "none", quiet=True)

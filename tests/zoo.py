@@ -73,6 +73,18 @@ def conv_time(channels, **kwargs):
     return ConvTime(channels, **kwargs)
 
 
+class ItemInInit(ConvTime):
+    """ConvTime whose __init__ reads a tensor's value (as braindecode's EEGConformer/Labram and HF models
+    do): it cannot be built on the meta device, whose tensors hold no values."""
+
+    def __init__(self, channels, width=16, dropout=0.1):
+        super().__init__(channels, int(torch.tensor(width).item()), dropout)
+
+
+def item_in_init(channels, **kwargs):
+    return ItemInInit(channels, **kwargs)
+
+
 class DictEncoder(nn.Module):
     """Hugging Face style: {"last_hidden_state": [B, N, dim], "pooler_output": [B, dim]} as a plain dict, or
     as transformers' BaseModelOutputWithPooling (model_output=True)."""
