@@ -74,7 +74,8 @@ def parse_args(argv=None):
                         help="override config keys as the training script would: --set a=1 b=2 (repeatable)")
     parser.add_argument("--num_samples", type=int, help="training samples per epoch (after data.limit) when the "
                         "data is not on this machine")
-    parser.add_argument("--world_size", type=int, default=1, help="processes the run uses (default 1)")
+    parser.add_argument("--world_size", type=int, default=None, help="processes the run uses (default: the run's "
+                        "checkpoint says, --checkpoint or checkpoints/last.pt beside --log; else 1)")
     parser.add_argument("--device_memory", type=float, help="GiB of memory per device (default: the detected GPU)")
     parser.add_argument("--log", action="append", help="metrics.jsonl of a run, or a plain-text log with "
                         "step=/lr=/loss= fields; repeat it to diagnose (and --plot) several runs")
@@ -97,7 +98,7 @@ def parse_args(argv=None):
         raise UsageError("--output is only used with --fix")
     if args.num_samples is not None and args.num_samples < 1:
         raise UsageError(f"--num_samples {args.num_samples} must be >= 1")
-    if args.world_size < 1:
+    if args.world_size is not None and args.world_size < 1:
         raise UsageError(f"--world_size {args.world_size} must be >= 1")
     if args.device_memory is not None and not args.device_memory > 0:
         raise UsageError(f"--device_memory {args.device_memory} must be > 0 (GiB)")
@@ -1481,9 +1482,10 @@ def write_atomic(path, text):
 # -----------------------------------------------------------------------------
 # --plot: what the run(s) did, on one axis of optimizer steps, with the log findings marked where they are.
 PLOT_PANELS = ("loss", "val", "lr", "grad_norm", "throughput")
-PLOT_TITLES = {"loss": "train loss (loss/<name> components: broken lines), val/loss (o)",
+PLOT_TITLES = {"loss": "train loss, val/loss (o); with loss/<name> terms (broken lines): train CE beside val/loss, "
+                       "the weighted sum faint",
                "val": "val metrics (val/ppl = exp(val/loss) is left out)",
-               "lr": "learning rate: logged (thin) over the config's lr_curve (wide, light)",
+               "lr": "learning rate: logged (points, at the logged steps) over the config's lr_curve (wide, light)",
                "grad_norm": "gradient norm (before clipping), train.clip_grad_norm (dotted)",
                "throughput": "throughput"}
 FINDING_PANEL = {"S1": "lr", "S2": "lr", "S9": "lr", "E1": "val", "E3": "val", "G3": "grad_norm", "G4": "grad_norm",
@@ -1553,8 +1555,17 @@ def panel_series(train, evals, cfg, curve):
         return xs, [records[s][key] for s in xs]
 
     series = {panel: [] for panel in PLOT_PANELS}
-    series["loss"].append(("train loss", *column("loss", steps, train), "line"))
-    for key in sorted({k for s in steps for k in train[s] if k.startswith("loss/")}):
+    components = sorted({k for s in steps for k in train[s] if k.startswith("loss/")})
+    alpha = cfg.get("kd.alpha")
+    if components:  # like with like: val/loss is the label CE, the train loss a weighted sum of terms
+        series["loss"].append(("train loss (weighted sum)", *column("loss", steps, train), "sum"))
+        if "loss/ce" in components and alpha:
+            xs, ys = column("loss/ce", steps, train)
+            series["loss"].append(("train CE (loss/ce / kd.alpha)", xs,
+                                   [y / alpha if finite(y) else y for y in ys], "line"))
+    else:
+        series["loss"].append(("train loss", *column("loss", steps, train), "line"))
+    for key in components:
         series["loss"].append((key, *column(key, steps, train), "component"))
     series["loss"].append(("val/loss", *column("val/loss", eval_steps, evals), "points"))
     names = {k for s in eval_steps for k in evals[s]} - {"val/loss"}
@@ -1563,7 +1574,7 @@ def panel_series(train, evals, cfg, curve):
         series["val"].append((key, *column(key, eval_steps, evals), "points"))
     if curve is not None:  # the training script's own lr_curve for the run's saved config.yaml
         series["lr"].append(("configured LR", list(range(1, len(curve) + 1)), [float(v) for v in curve], "behind"))
-    series["lr"].append(("logged LR", *column("lr", steps, train), "line"))
+    series["lr"].append(("logged LR", *column("lr", steps, train), "logged"))  # points: nothing between logged steps
     series["grad_norm"].append(("grad norm", *column("grad_norm", steps, train), "line"))
     if cfg.get("train.clip_grad_norm") and steps:
         clip, last = cfg["train.clip_grad_norm"], max(steps[-1], len(curve) if curve is not None else 0)
@@ -1612,9 +1623,9 @@ def marks_summary(view):
     return f"{view['name']}: " + ("; ".join(parts) if parts else "nothing to mark")
 
 
-def draw_png(views, path):
-    """The picture: five panels sharing the step axis, the findings listed under them. Written atomically.
-    Returns the run legend's labels as drawn."""
+def build_figure(views):
+    """The picture as a matplotlib figure: five panels sharing the step axis, the findings listed under
+    them. Returns (figure, {panel: axes}, the run legend); draw_png writes it."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed (ssh, CI)
     import matplotlib.pyplot as plt
@@ -1632,13 +1643,15 @@ def draw_png(views, path):
     axes[PLOT_PANELS[-1]].set_xlabel("optimizer step", fontsize=9)
     styles, legends = ["--", ":", "-."], {panel: {} for panel in PLOT_PANELS}
     shapes = ["o", "s", "^", "D", "v"]
+    labelled = {p: 0 for p in PLOT_PANELS}  # over all runs: a second run's labels go below the first's
     for k, view in enumerate(views):
         color = RUN_COLORS[k % len(RUN_COLORS)]
         for panel, items in view["series"].items():
             ax, n_comp, n_val = axes[panel], 0, 0
             for label, xs, ys, style in items:
                 kw = {"line": dict(lw=1.2), "behind": dict(lw=6, alpha=0.22, solid_capstyle="butt"),
-                      "threshold": dict(lw=1.2, ls=":")}.get(style)
+                      "threshold": dict(lw=1.2, ls=":"), "sum": dict(lw=1.0, alpha=0.4),
+                      "logged": dict(ls="none", marker=".", ms=4)}.get(style)
                 if style == "component":
                     kw, n_comp = dict(lw=1.0, ls=styles[n_comp % len(styles)]), n_comp + 1
                 elif style == "points":
@@ -1646,7 +1659,6 @@ def draw_png(views, path):
                 ax.plot(xs, ys, color=color, **kw)
                 legends[panel].setdefault(label, Line2D([], [], color="0.35", **kw))
         trans = {p: blended_transform_factory(axes[p].transData, axes[p].transAxes) for p in PLOT_PANELS}
-        labelled = {p: 0 for p in PLOT_PANELS}
         for mark in view["markers"]:
             spans = mark["spans"]
             if mark["kind"] == "skipped":
@@ -1665,13 +1677,15 @@ def draw_png(views, path):
                 labelled["loss"] += 1
                 continue
             ax, shade = axes[mark["panel"]], SEVERITY_COLORS[mark["severity"]]
+            # E2 is about the loss terms drawn there: a band along the panel's foot, not a veil over them
+            foot = dict(ymin=0, ymax=0.06, alpha=0.5) if mark["label"] == "E2" else dict(alpha=0.13)
             for a, b in spans:
                 if a == b:
-                    ax.axvline(a, color=shade, lw=0.9, alpha=0.75)
+                    ax.axvline(a, color=shade, lw=0.9, **({"ymax": 0.06} if "ymax" in foot else {"alpha": 0.75}))
                 else:
-                    ax.axvspan(a - 0.5, b + 0.5, color=shade, alpha=0.13, lw=0)
+                    ax.axvspan(a - 0.5, b + 0.5, color=shade, lw=0, **foot)
             ax.text(spans[0][0], 0.96 - 0.13 * (labelled[mark["panel"]] % 6), mark["label"], transform=trans[mark["panel"]],
-                    fontsize=8, fontweight="bold", va="top", color=shade,
+                    fontsize=8, fontweight="bold", va="top", color=shade, gid=f"finding {mark['label']} {view['name']}",
                     bbox=dict(boxstyle="square,pad=0.1", fc="white", ec=color, lw=1, alpha=0.85))
             labelled[mark["panel"]] += 1
     top = loss_top(views)
@@ -1679,6 +1693,7 @@ def draw_png(views, path):
         axes["loss"].set_ylim(top=top)
         axes["loss"].set_title(PLOT_TITLES["loss"] + f"; y clipped at {top:.3g} (the first steps are higher)",
                                loc="left", fontsize=9)
+    axes["loss"].set_xlim(0, last_step(views) * 1.01 + 1)  # before the legends: the labels' places depend on it
     for panel, ax in axes.items():
         if not ax.lines:
             ax.text(0.5, 0.5, "not in the log", transform=ax.transAxes, ha="center", va="center", color="0.5")
@@ -1689,11 +1704,32 @@ def draw_png(views, path):
             if values and max(values) > 100 * min(values):  # spikes and the clip line both stay readable
                 ax.set_yscale("log")
         if legends[panel]:
-            ax.legend(legends[panel].values(), legends[panel].keys(), fontsize=7, loc="upper right", framealpha=0.8)
-    axes["loss"].set_xlim(0, last_step(views) * 1.01 + 1)
+            place_legend(fig, ax, legends[panel])
     legend = fig.legend([Line2D([], [], color=RUN_COLORS[k % len(RUN_COLORS)], lw=2.5) for k in range(len(views))],
                [f"{v['name']} ({v['log']})" for v in views], loc="upper center", ncol=min(len(views), 3),
                fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.985))
+    return fig, axes, legend
+
+
+def place_legend(fig, ax, entries):
+    """The panel's legend in the first corner where it hides none of the finding labels drawn there (an E7
+    label near the last steps sat under an upper-right legend)."""
+    labels = [t for t in ax.texts if (t.get_gid() or "").startswith("finding")]
+    renderer = fig.canvas.get_renderer()
+    for loc in ("upper right", "upper left", "lower right", "lower left", "center right", "center left"):
+        legend = ax.legend(entries.values(), entries.keys(), fontsize=7, loc=loc, framealpha=0.8)
+        box = legend.get_window_extent(renderer)
+        if not any(box.overlaps(t.get_window_extent(renderer)) for t in labels):
+            return legend
+    return ax.legend(entries.values(), entries.keys(), fontsize=7, loc="upper right", framealpha=0.8)
+
+
+def draw_png(views, path):
+    """build_figure's picture, with the findings listed under the panels, written atomically. Returns the
+    run legend's labels as drawn."""
+    import matplotlib.pyplot as plt
+    fig, _, legend = build_figure(views)
+    grid = fig.axes[0].get_subplotspec().get_gridspec()
     lines = []
     for v in views:
         lines += [f"{v['name']}: {f['severity'].upper()} {f['id']}: {f['evidence']}" for f in v["findings"]]
@@ -1794,20 +1830,20 @@ def ascii_marks(markers, panel, x_last, width=ASCII_WIDTH):
 def ascii_panels(views):
     """The terminal version of the PNG: the same panels, series and markers as text."""
     x_last = last_step(views)
-    order = {"behind": 0, "threshold": 1, "component": 2, "line": 3, "points": 4}
+    order = {"behind": 0, "threshold": 1, "component": 2, "sum": 3, "line": 3, "logged": 3, "points": 4}
     out = ["runs: " + "   ".join(f"{RUN_CHARS[k % len(RUN_CHARS)]} {v['name']} ({v['log']})"
                                    for k, v in enumerate(views))]
     for panel in PLOT_PANELS:
         pool, drawn, legend = iter("abcdefghijkmnpqrstuvwyz"), [], []
         for k, view in enumerate(views):
             for label, xs, ys, style in view["series"][panel]:
-                if style == "line":
+                if style in ("line", "logged") and not (style == "line" and label.startswith("train CE")):
                     char = RUN_CHARS[k % len(RUN_CHARS)]
                 elif style in ("behind", "threshold") and len(views) == 1:
                     char = "." if style == "behind" else "-"
                 else:
                     char = next(pool, "?")
-                drawn.append((order[style], char, xs, ys, style not in ("points",)))
+                drawn.append((order[style], char, xs, ys, style not in ("points", "logged")))
                 legend.append(f"{char} {label}" + (f" ({view['name']})" if len(views) > 1 else ""))
         drawn.sort(key=lambda d: d[0])
         values = [y for _, _, _, ys, _ in drawn for y in ys if finite(y) and y > 0]
@@ -1933,6 +1969,24 @@ def diagnose_run(args, opts):
     return name, report, findings + report["findings"]
 
 
+def run_world_size(args, log):
+    """--world_size, else the processes the run itself used: the world_size its checkpoint records (--checkpoint,
+    or checkpoints/last.pt beside the log), so a healthy two-process run is judged as one (S2, S9); else 1."""
+    if args.world_size is not None:
+        return args.world_size
+    candidates = [args.checkpoint] + ([os.path.join(os.path.dirname(os.path.abspath(log)), "checkpoints", "last.pt")]
+                                      if log else [])
+    for path in candidates:
+        if path and os.path.isfile(path):
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # the checkpoint check reports it; here it only cannot say the world size
+                continue
+            if isinstance(ckpt, dict) and isinstance(ckpt.get("world_size"), int) and ckpt["world_size"] >= 1:
+                return ckpt["world_size"]
+    return 1
+
+
 def main(argv=None):
     try:
         args = parse_args(argv)
@@ -1941,7 +1995,8 @@ def main(argv=None):
         return 2
     opts = {"overrides": args.set, "num_samples": args.num_samples, "world_size": args.world_size,
             "device_memory": args.device_memory, "log": None, "checkpoint": args.checkpoint}
-    results = [(log, *diagnose_run(args, dict(opts, log=log))) for log in args.log or [None]]
+    results = [(log, *diagnose_run(args, dict(opts, log=log, world_size=run_world_size(args, log))))
+               for log in args.log or [None]]
     fixed_line, fix_info = None, None
     if args.fix:  # parse_args allows --fix with one run only
         _, name, report, _ = results[0]

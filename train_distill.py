@@ -843,6 +843,16 @@ def plan_schedule(cfg, num_samples, world_size=1):
     return plan
 
 
+def run_length_text(cfg, plan):
+    """How the run's length follows (S2): from train.epochs, or set by train.max_steps (then the epochs are
+    whatever those steps cover, not a factor of the length)."""
+    total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
+    if cfg["train.max_steps"] is not None:
+        return (f"train.max_steps sets the length: {total} optimizer steps ({total / per_epoch:.3g} epochs of "
+                f"{per_epoch}) (S2)")
+    return f"x {plan['epochs']} epochs = {total} optimizer steps (S2)"
+
+
 def build_optimizer(cfg, param_groups):
     if cfg["optim.name"] == "adamw":
         return torch.optim.AdamW(param_groups, lr=cfg["optim.lr"], betas=tuple(cfg["optim.betas"]),
@@ -3656,7 +3666,7 @@ def print_plan(run, resumed):
     log(run, f"val: {va.source}; each eval scores {len(run['val_windows'])} of its {len(va)} windows")
     log(run, f"steps: ceil({n} / ({b} x {w} processes)) = {plan['micro_batches_per_epoch']} micro-batches per epoch; "
              f"ceil({plan['micro_batches_per_epoch']} / grad_accum {a}) = {plan['steps_per_epoch']} optimizer steps per epoch; "
-             f"x {plan['epochs']} epochs = {plan['total_steps']} optimizer steps (S2)")
+             + run_length_text(cfg, plan))
     log(run, f"schedule: {cfg['schedule.type']}, warmup {plan['warmup_steps']} optimizer steps, LR {marks['initial']:.4g} "
              f"at step 1 -> peak {marks['peak']:.4g} at step {marks['peak_step']} -> {marks['final']:.4g} at step {plan['total_steps']}")
     params = sum(p.numel() for p in run["params"])

@@ -29,6 +29,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from fractions import Fraction
 
@@ -597,6 +598,16 @@ def plan_schedule(cfg, num_samples, world_size=1):
     return plan
 
 
+def run_length_text(cfg, plan):
+    """How the run's length follows (S2): from train.epochs, or set by train.max_steps (then the epochs are
+    whatever those steps cover, not a factor of the length)."""
+    total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
+    if cfg["train.max_steps"] is not None:
+        return (f"train.max_steps sets the length: {total} optimizer steps ({total / per_epoch:.3g} epochs of "
+                f"{per_epoch}) (S2)")
+    return f"x {plan['epochs']} epochs = {total} optimizer steps (S2)"
+
+
 def build_optimizer(cfg, param_groups):
     if cfg["optim.name"] == "adamw":
         return torch.optim.AdamW(param_groups, lr=cfg["optim.lr"], betas=tuple(cfg["optim.betas"]),
@@ -981,6 +992,17 @@ POOL_CHOICES = ("mean_tokens ([B, N, D] -> mean over N), mean_time ([B, D, T] ->
                 "[B, N, D]) or flatten")
 
 
+def pool_choices(shape):
+    """The backbone.pool values that work for a feature shape, for the messages: 3-D outputs are tokens or a
+    time series; 4-D [B, F, T, 1] / [B, F, 1, T] (braindecode's ShallowFBCSPNet, Deep4Net, EEGNet) a time
+    series with a singleton axis, which mean_time averages; anything else only flattens."""
+    if len(shape) == 3:
+        return POOL_CHOICES
+    if len(shape) == 4 and 1 in shape[2:]:
+        return f"mean_time ([B, {', '.join(map(str, shape[1:]))}] -> mean over its time axis) or flatten"
+    return "flatten"
+
+
 def feature_tensor(out, output):
     """The features in a backbone's output, by one rule: a tensor is itself; a tuple or list gives its first
     element (Hugging Face's return_dict=False order); a dict or a ModelOutput (a dict whose None fields are
@@ -1024,13 +1046,16 @@ def pool_features(feats, pool):
     if pool is None:
         if feats.ndim != 2:
             raise ConfigError([("C3", "backbone.pool", f"is null but the backbone's features have shape "
-                                f"{tuple(feats.shape)}, not [B, D]; set backbone.pool to {POOL_CHOICES}")])
+                                f"{tuple(feats.shape)}, not [B, D]; set backbone.pool to {pool_choices(feats.shape)}")])
         return feats
     if pool == "flatten":
         return feats.flatten(1)
+    if pool == "mean_time" and feats.ndim == 4 and 1 in feats.shape[2:]:
+        return feats.flatten(2).mean(2)  # [B, F, T, 1] or [B, F, 1, T]: the singleton axis is not time
     if feats.ndim != 3:
         raise ConfigError([("C3", "backbone.pool", f"{pool} needs a 3-D output but the features have shape "
-                            f"{tuple(feats.shape)}; use flatten, or null for a [B, D] output")])
+                            f"{tuple(feats.shape)}; set backbone.pool to {pool_choices(feats.shape)}"
+                            + (", or null for a [B, D] output" if feats.ndim != 2 else " (or null: it is [B, D])"))])
     if pool == "mean_tokens":
         return feats.mean(1)
     if pool == "mean_time":
@@ -1050,6 +1075,17 @@ def extract_features(backbone, x, device, cfg):
     return pool_features(backbone_output(backbone, x, device, cfg), cfg["backbone.pool"])
 
 
+def model_code_frame(err):
+    """Where a model's own code (not torch's, not this script's) raised err or called what raised it: the
+    innermost such frame of the traceback as 'Class.forward (file.py:line)', or None."""
+    torch_dir, here, found = os.path.dirname(torch.__file__), os.path.abspath(__file__), None
+    for frame, line in traceback.walk_tb(err.__traceback__):
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(torch_dir + os.sep) and path != here:
+            found = f"{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)} ({os.path.basename(path)}:{line})"
+    return found
+
+
 def check_backbone(backbone, cfg, device, splits):
     """One batch of every split through the backbone before anything is written (C3): a model built for other
     channels, an output that is not [B, D] after backbone.pool, or splits with different feature sizes fail
@@ -1064,9 +1100,13 @@ def check_backbone(backbone, cfg, device, splits):
             raise
         except Exception as err:
             first = (str(err).strip().splitlines() or [""])[0]
+            inside = model_code_frame(err)
             raise ConfigError([("C3", "backbone.target" if cfg["backbone.target"] else "backbone.kwargs",
                                 f"the backbone fails on a data.{dataset.split}_x batch of shape {tuple(x.shape)}: "
-                                f"{type(err).__name__}: {first}; check backbone.kwargs against the data")]) from None
+                                f"{type(err).__name__}: {first}; "
+                                + (f"the error came from the model's own forward ({inside}): check the layers you "
+                                   "changed and backbone.kwargs against the data" if inside else
+                                   "check backbone.kwargs against the data"))]) from None
         samples[dataset.split] = pool_features(raw, cfg["backbone.pool"]).cpu()
         dims[dataset.split] = samples[dataset.split].shape[1]
         shapes[dataset.split] = tuple(raw.shape[1:])
@@ -2395,7 +2435,7 @@ def print_plan(run, resumed, cached):
              + f", shape {tuple(run['train_set'].shape[1:])}, feature cache {'on' if cached else 'off'}")
     log(run, f"steps: ceil({n} / ({b} x {w} processes)) = {plan['micro_batches_per_epoch']} micro-batches per epoch; "
              f"ceil({plan['micro_batches_per_epoch']} / grad_accum {a}) = {plan['steps_per_epoch']} optimizer steps per epoch; "
-             f"x {plan['epochs']} epochs = {plan['total_steps']} optimizer steps (S2)")
+             + run_length_text(cfg, plan))
     log(run, f"schedule: {cfg['schedule.type']}, warmup {plan['warmup_steps']} optimizer steps, LR {marks['initial']:.4g} "
              f"at step 1 -> peak {marks['peak']:.4g} at step {marks['peak_step']} -> {marks['final']:.4g} at step {plan['total_steps']}")
     log(run, f"backbone: {cfg['backbone.target'] or 'built-in encoder'}, {sum(p.numel() for p in run['backbone'].parameters())} "

@@ -52,6 +52,7 @@ def test_demo_pipeline_is_two_launch_lines(tmp_path):
     log = (tmp_path / "runs" / "distill_demo" / "train.log").read_text()
     assert "teacher: runs/distill_demo_teacher/checkpoints/best.pt (frozen" in log
     assert "done: 3 optimizer steps" in log
+    assert "train.max_steps sets the length: 3 optimizer steps (" in log and " epochs = " not in log
     # the false-positive corpus: the shipped demo configs' healthy runs get no warning from the tools
     old = os.getcwd()
     os.chdir(tmp_path)  # the runs' config.yaml names the teacher checkpoint relative to where they ran

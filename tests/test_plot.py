@@ -316,3 +316,68 @@ def test_loss_panel_top_is_clipped_only_when_the_first_steps_dwarf_the_rest():
     assert "[clipped at 2.29: the first steps are higher]" in dx.ascii_panels([{**view(7.0), "name": "a", "log": "a",
                                                                                 "markers": [], "findings": [],
                                                                                 "curve_note": None}])
+
+
+# ----------------------------------------------------------------------------- pictures that read right (issue 22)
+def views_of(monkeypatch, tmp_path, *logs):
+    code, _, _, views, _ = plot(monkeypatch, *[a for log in logs for a in ("--log", log)], "--plot", "-")  # no PNG: faster
+    return views
+
+
+def copy_run(src, dst):
+    dst.mkdir()
+    for name in ("metrics.jsonl", "config.yaml"):
+        (dst / name).write_text((src / name).read_text())
+    return dst / "metrics.jsonl"
+
+
+def test_e2_labels_of_two_runs_are_apart_and_its_band_leaves_the_loss_lines_visible(distill_run, monkeypatch,
+                                                                                    tmp_path):
+    other = copy_run(distill_run / "student", tmp_path / "student_b")
+    views = views_of(monkeypatch, tmp_path, distill_run / "student" / "metrics.jsonl", other)
+    fig, axes, _ = dx.build_figure(views)
+    try:
+        labels = [t for t in axes["loss"].texts if (t.get_gid() or "").startswith("finding E2")]
+        assert len(labels) == 2 and len({t.get_position() for t in labels}) == 2  # one per run, not on one spot
+        panel = axes["loss"].get_window_extent()
+        bands = [p.get_window_extent() for p in axes["loss"].patches]
+        assert bands and all(b.height <= 0.1 * panel.height for b in bands)  # a band at the foot, not a veil
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
+def test_e7_label_of_a_probe_is_not_under_the_throughput_legend(runs, monkeypatch, tmp_path):
+    log = copy_run(runs / "clean", tmp_path / "slow_end")
+    recs = read_jsonl(log)
+    for r in recs:  # a real slowdown over the last 12 steps: E7 is marked at the right end, under the legend's corner
+        if "samples_per_s" in r:
+            r["samples_per_s"] = 50.0 if r["step"] > 52 else 1000.0
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    [view] = views_of(monkeypatch, tmp_path, log)
+    fig, axes, _ = dx.build_figure([view])
+    try:
+        [label] = [t for t in axes["throughput"].texts if (t.get_gid() or "").startswith("finding E7")]
+        renderer = fig.canvas.get_renderer()
+        assert not axes["throughput"].get_legend().get_window_extent(renderer).overlaps(label.get_window_extent(renderer))
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
+def test_kd_train_ce_is_drawn_beside_val_ce_the_weighted_sum_labelled_and_logged_lr_drawn_as_points(
+        distill_run, monkeypatch, tmp_path):
+    log = distill_run / "student" / "metrics.jsonl"
+    [view] = views_of(monkeypatch, tmp_path, log)
+    recs = [r for r in read_jsonl(log) if "loss/ce" in r]
+    steps, ce = series(view, "loss", "train CE (loss/ce / kd.alpha)")
+    assert steps == [r["step"] for r in recs] and ce == pytest.approx([r["loss/ce"] / 0.01 for r in recs])  # kd.alpha 0.01
+    assert series(view, "loss", "train loss (weighted sum)")[1] == [r["loss"] for r in recs]
+    assert "train loss" not in [s[0] for s in view["series"]["loss"]]
+    fig, axes, _ = dx.build_figure([view])
+    try:
+        [logged] = [line for line in axes["lr"].lines if line.get_marker() == "."]
+        assert logged.get_linestyle() == "None"  # the logged LR: points at the logged steps, nothing in between
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)

@@ -150,6 +150,32 @@ def test_c3_a_3d_output_without_backbone_pool_exits_2_naming_the_shape(tmp_path,
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("layout,shape", [("ft1", "(2, 16, 32, 1)"), ("f1t", "(2, 16, 1, 32)")])
+def test_c3_a_4d_braindecode_style_output_is_offered_only_the_pools_that_work_and_mean_time_takes_its_time_axis(
+        tmp_path, capsys, layout, shape):
+    """[B, F, T, 1] (ShallowFBCSPNet, Deep4Net) and [B, F, 1, T] (EEGNet): the pool-null error offers mean_time
+    and flatten only (mean_tokens and cls do not apply to them), and mean_time averages the time axis."""
+    zoo_model = ["backbone.target=zoo:conv_map", f"backbone.kwargs={{channels: 4, layout: {layout}}}"]
+    code, lines = main_exit(capsys, *TINY, *zoo_model, run_dir=tmp_path / "run")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("config error: backbone.pool:") and shape in lines[0]
+    assert "mean_time" in lines[0] and "flatten" in lines[0] and "mean_tokens" not in lines[0] and "cls" not in lines[0]
+    cfg = tp.resolve_config(None, TINY + zoo_model + ["backbone.pool=mean_time"])[0]
+    backbone = tp.build_backbone(cfg, 4)
+    x = torch.randn(3, 4, 128)
+    with torch.no_grad():
+        want = backbone.net(x).mean(2)  # the [B, F, T] map before the singleton axis, averaged over T
+    assert torch.allclose(tp.extract_features(backbone, x, torch.device("cpu"), cfg), want)
+    assert not (tmp_path / "run").exists()
+
+
+def test_c3_a_backbone_that_raises_inside_its_own_forward_says_the_error_came_from_the_models_forward(tmp_path, capsys):
+    code, lines = main_exit(capsys, *TINY, "backbone.target=zoo:replaced_head", "backbone.kwargs={channels: 4}",
+                            run_dir=tmp_path / "run")
+    assert code == 2 and len(lines) == 1, lines
+    assert "the error came from the model's own forward (ReplacedHead.forward (zoo.py:" in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad backbone input: one line, exit 2, nothing written (every split goes through the backbone first)
 def save_splits(tmp_path, channels=(4, 4), label_shape=None, lengths=(128, 128)):

@@ -85,6 +85,38 @@ def item_in_init(channels, **kwargs):
     return ItemInInit(channels, **kwargs)
 
 
+class ConvMap(ConvTime):
+    """braindecode's 4-D feature maps: ShallowFBCSPNet/Deep4Net give [B, F, T, 1], EEGNet [B, F, 1, T]."""
+
+    def __init__(self, channels, layout="ft1", width=16, dropout=0.1):
+        super().__init__(channels, width, dropout)
+        self.layout = layout
+
+    def forward(self, x):
+        out = self.net(x)
+        return out.unsqueeze(-1) if self.layout == "ft1" else out.unsqueeze(2)
+
+
+def conv_map(channels, **kwargs):
+    return ConvMap(channels, **kwargs)
+
+
+class ReplacedHead(ConvTime):
+    """A model whose final layer was replaced by one that does not fit what feeds it (ATCNet after a user
+    swapped its classifier): it raises inside its own forward."""
+
+    def __init__(self, channels, width=16, dropout=0.1):
+        super().__init__(channels, width, dropout)
+        self.final = nn.Linear(width + 1, 4)
+
+    def forward(self, x):
+        return self.final(self.net(x).mean(2))
+
+
+def replaced_head(channels, **kwargs):
+    return ReplacedHead(channels, **kwargs)
+
+
 class DictEncoder(nn.Module):
     """Hugging Face style: {"last_hidden_state": [B, N, dim], "pooler_output": [B, dim]} as a plain dict, or
     as transformers' BaseModelOutputWithPooling (model_output=True)."""
