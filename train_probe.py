@@ -2013,7 +2013,9 @@ def fit(run, task):
                 if out["parts"]:  # E2: said once per term, with the steps it covers so far
                     run.setdefault("loss_parts", []).append((step, dict(out["parts"])))
                     limit = cfg["train.max_loss_share"]
-                    for k, (a, b, n, top) in dominating_loss(run["loss_parts"], limit).items():
+                    recent = dominating_loss(run["loss_parts"][-3:], limit)  # cheap: the whole history only to warn
+                    found = dominating_loss(run["loss_parts"], limit) if set(recent) - set(st["warned_e2"]) else {}
+                    for k, (a, b, n, top) in found.items():
                         if k not in st["warned_e2"]:
                             st["warned_e2"].append(k)
                             log(run, f"WARNING E2: loss/{k} is above train.max_loss_share {limit:.0%} of the loss at "

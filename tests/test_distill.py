@@ -17,7 +17,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_distill as T  # noqa: E402
-from run_records import records, teacher_run  # noqa: E402
+from run_records import loud_findings, records, teacher_run  # noqa: E402
 
 VOCAB, SEQ, PAD = 40, 16, 0
 MODELS = ["teacher.n_layer=1", "teacher.n_head=2", "teacher.n_embd=32",
@@ -127,6 +127,7 @@ def test_r4_resume_is_bit_exact_after_sigkill(data, teacher, tmp_path):
     a, b = T.read_metrics(str(uninterrupted))[0], T.read_metrics(str(interrupted))[0]
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert all(a[s]["loss"] == b[s]["loss"] and a[s]["lr"] == b[s]["lr"] for s in a)
+    assert loud_findings(str(interrupted)) == []  # the false-positive corpus: a killed and resumed KD run
 
 
 def test_g2_accumulation_with_short_last_group_and_unequal_token_counts_equals_one_big_batch(data, teacher, tmp_path):
