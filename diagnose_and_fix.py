@@ -1993,7 +1993,7 @@ def main(argv=None):
     except UsageError as err:
         print(f"diagnose_and_fix.py: {err}", file=sys.stderr)
         return 2
-    opts = {"overrides": args.set, "num_samples": args.num_samples, "world_size": args.world_size,
+    opts = {"overrides": args.set, "num_samples": args.num_samples, "world_size": run_world_size(args, None),
             "device_memory": args.device_memory, "log": None, "checkpoint": args.checkpoint}
     results = [(log, *diagnose_run(args, dict(opts, log=log, world_size=run_world_size(args, log))))
                for log in args.log or [None]]
