@@ -23,6 +23,7 @@ from test_distill import LOOP, MODELS, ROOT, VOCAB, data, kd_settings  # noqa: F
 from test_offline import CLEAN_ENV, build, command, file_hashes, offline
 import diagnose_and_fix as dx
 import train_distill as T
+from run_records import teacher_run
 
 CPU = {"main": True, "world": 1, "rank": 0, "device": torch.device("cpu")}
 
@@ -64,7 +65,7 @@ def build(**kwargs):
 def teacher(data, tmp_path_factory):
     """A kd.teacher_checkpoint of the built-in GPT, as a kd.enabled=false run saves it, untrained: what the cache
     holds of it does not matter here, only that it is this teacher's."""
-    cfg, _ = T.resolve_config(None, data + MODELS + LOOP + ["kd.enabled=false"])
+    cfg, _ = T.resolve_config(None, teacher_run(data + MODELS + LOOP))
     torch.manual_seed(0)
     lm = T.GPT(VOCAB, cfg["data.seq_len"], **T.trained_arch(cfg))
     path = tmp_path_factory.mktemp("teacher") / "best.pt"
@@ -197,8 +198,8 @@ def test_r9_checkpoint_holding_a_user_module_whose_code_changed_is_refused(data,
     """kd.teacher_checkpoint whose saved network is a user module: its module's source is part of the teacher
     (a forward that changes gives other outputs from the same tensors)."""
     target = user_module(tmp_path, monkeypatch, "lm_in_checkpoint")
-    cfg, _ = T.resolve_config(None, data + ["kd.enabled=false", f"teacher.target={target}"])
-    module = T.build_teacher({**cfg, "kd.enabled": True, "kd.gamma": 0.0}, torch.device("cpu"))
+    cfg, _ = T.resolve_config(None, data + ["kd.enabled=false", f"student.target={target}"])  # trains student.*
+    module = T.build_teacher({**cfg, "kd.enabled": True, "kd.gamma": 0.0, "teacher.target": target}, torch.device("cpu"))
     ckpt = tmp_path / "teacher.pt"
     torch.save({"task": "distill", "config": cfg, "model": {f"lm.{k}": v for k, v in module.state_dict().items()}}, ckpt)
     settings = offline(data, str(ckpt), tmp_path / "cache")
