@@ -14,8 +14,9 @@ TEACHER = os.path.join(ROOT, "configs", "distill_demo_teacher.yaml")
 STUDENT = os.path.join(ROOT, "configs", "distill_demo.yaml")
 LAUNCH = os.path.join(ROOT, "launch.sh")
 # A short version of both runs: the same configs, a few steps on a small slice of the built-in corpus.
-SHORT = ["train.max_steps=3", "train.eval_every=3", "train.batch_size=2", "train.grad_accum=1",
-         "data.val_windows=4", "data.builtin.train_bytes=20000", "data.builtin.val_bytes=5000"]
+SHORT = ["train.max_steps=10", "train.eval_every=5", "train.batch_size=2", "train.grad_accum=1",
+         "data.val_windows=4", "data.builtin.train_bytes=20000", "data.builtin.val_bytes=5000",
+         "train.log_every=1", "train.save_every_steps=null"]  # intervals within the run (E4), warmup 1 step (S3)
 
 
 def test_demo_teacher_config_writes_the_checkpoint_the_student_config_reads():
@@ -51,8 +52,8 @@ def test_demo_pipeline_is_two_launch_lines(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
     log = (tmp_path / "runs" / "distill_demo" / "train.log").read_text()
     assert "teacher: runs/distill_demo_teacher/checkpoints/best.pt (frozen" in log
-    assert "done: 3 optimizer steps" in log
-    assert "train.max_steps sets the length: 3 optimizer steps (" in log and " epochs = " not in log
+    assert "done: 10 optimizer steps" in log
+    assert "train.max_steps sets the length: 10 optimizer steps (" in log and " epochs = " not in log
     # the false-positive corpus: the shipped demo configs' healthy runs get no warning from the tools
     old = os.getcwd()
     os.chdir(tmp_path)  # the runs' config.yaml names the teacher checkpoint relative to where they ran
