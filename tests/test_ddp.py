@@ -207,9 +207,10 @@ def test_distill_two_process_kd_run_equals_one_process_with_twice_the_batch(tmp_
     ea, eb = [r for r in ra if "val/ppl" in r], [r for r in rb if "val/ppl" in r]
     assert [r["step"] for r in ea] == [r["step"] for r in eb] and ea
     assert all(abs(x["val/ppl"] - y["val/ppl"]) <= 1e-5 * x["val/ppl"] for x, y in zip(ea, eb))
-    # the false-positive corpus: healthy plain-LM, one-process and two-process KD runs get no warning
+    # the false-positive corpus: healthy plain-LM, one-process and two-process KD runs get no warning (but the
+    # config check's S3/E4, right about a 4-step run with a 2-step warmup and 3-step evals)
     for name in ("teacher", "one", "two"):
-        assert loud_findings(str(tmp_path / name)) == [], name
+        assert [f for f in loud_findings(str(tmp_path / name)) if f[0] not in ("S3", "E4")] == [], name
 
 
 @pytest.mark.parametrize("script, world", [("train_probe", "2"), ("train_distill", "2"), ("train_probe", "1")])
