@@ -125,7 +125,7 @@ def test_readme_inference_snippets_run_on_checkpoints_the_kit_wrote(tmp_path):
     os.chdir(tmp_path)  # the snippets name runs/<run_name>/ relative to where they run
     try:
         probe, _ = tp.resolve_config(os.path.join(ROOT, "configs", "probe_synthetic.yaml"),
-                                     ["train.epochs=1", "data.synthetic.num_train=256", "data.synthetic.num_val=32", "train.batch_size=16", "schedule.warmup=2",
+                                     ["train.epochs=4", "data.synthetic.num_train=256", "data.synthetic.num_val=32", "train.batch_size=16", "schedule.warmup=2",
                                       "train.log_every=1"])
         assert tp.train(probe, os.path.join("runs", "probe_synthetic"), "none", quiet=True)[0] == "finished"
         assert loud_findings(os.path.join("runs", "probe_synthetic")) == []  # the false-positive corpus (issue 22)
