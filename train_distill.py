@@ -734,8 +734,8 @@ def objective_problems(cfg, notes):
 def teacher_keys_set(cfg):
     """The teacher.* and kd.* keys (kd.enabled aside) a config sets to other than their defaults: only a
     distillation (kd.enabled true) reads them."""
-    return [key for key in CONFIG if key.split(".")[0] in ("teacher", "kd") and key != "kd.enabled"
-            and cfg[key] != CONFIG[key][0]]
+    return [key for key in CONFIG if key.split(".")[0] in ("teacher", "kd") and key not in ("kd.enabled", "kd.chunk_tokens")
+            and cfg[key] != CONFIG[key][0]]  # kd.chunk_tokens chunks a plain LM's CE too
 
 
 def transformers_installed():

@@ -16,6 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_distill as td  # noqa: E402
+from run_records import teacher_run  # noqa: E402
 
 # sha256 of the demo's two splits (configs/distill_demo*.yaml: 64-byte windows, 2,000,000 / 200,000 bytes), the
 # same under Python 3.9 to 3.13 (checked when the corpus was made); a change here changes the demo's table.
@@ -40,7 +41,7 @@ def test_c4_the_demo_corpus_is_the_same_bytes_on_every_machine():
 def stopped_teacher(tmp_path_factory):
     """A kd.enabled=false run on a slice of the corpus, stopped after 2 of its 4 steps: last.pt is partial."""
     run_dir = str(tmp_path_factory.mktemp("teacher") / "run")
-    cfg, _ = td.resolve_config(None, TINY + ["kd.enabled=false"])
+    cfg, _ = td.resolve_config(None, teacher_run(TINY))
     outcome, _ = td.train(cfg, run_dir, "none", stop_after=2, quiet=True)
     assert outcome == "stopped"
     return cfg, run_dir

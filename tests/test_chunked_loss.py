@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import zoo
 from test_ddp import one_thread
-from run_records import last_per_step, records
+from run_records import last_per_step, records, teacher_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -76,14 +76,14 @@ def test_d6_chunk_recomputes_its_logits_in_the_backward_instead_of_keeping_them(
     assert max(kept) >= 128 * 5000  # the unchunked path keeps the whole logits
 
 
-TINY = [s for s in td.DRY_RUN_SETTINGS + td.DRY_RUN_TEACHER if not s.startswith(("train.epochs", "train.max_steps"))]
+TINY = [s for s in td.DRY_RUN_SETTINGS + ["teacher.n_layer=1", "teacher.n_head=2", "teacher.n_embd=32"] if not s.startswith(("train.epochs", "train.max_steps"))]
 TINY += ["train.epochs=null", "train.max_steps=4", "train.eval_every=4", "train.max_loss_share=1"]
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     path = tmp_path_factory.mktemp("chunk")
-    cfg, _ = td.resolve_config(None, TINY + ["kd.enabled=false"])
+    cfg, _ = td.resolve_config(None, teacher_run(TINY))
     with one_thread():
         assert td.train(cfg, str(path / "teacher"), "none", quiet=True)[0] == "finished"
     return str(path / "teacher" / "checkpoints" / "best.pt")
@@ -92,7 +92,8 @@ def teacher(tmp_path_factory):
 @pytest.mark.parametrize("extra", [["kd.top_k=null"], ["kd.top_k=8", "kd.gamma=0", "kd.alpha=0"], ["kd.enabled=false"]],
                          ids=["full_kd_with_hidden", "top_k_beta_only", "plain_lm"])
 def test_d6_a_chunked_run_equals_the_unchunked_run(teacher, extra, tmp_path):
-    kd = TINY + ["kd.enabled=true", f"kd.teacher_checkpoint={teacher}", "kd.gamma=0.1"] + extra
+    kd = teacher_run(TINY) if extra == ["kd.enabled=false"] else \
+        TINY + ["kd.enabled=true", f"kd.teacher_checkpoint={teacher}", "kd.gamma=0.1"] + extra  # plain LM: student.*
     results = {}
     for chunk in (0, 7):
         cfg, _ = td.resolve_config(None, kd + [f"kd.chunk_tokens={chunk}"])
@@ -120,7 +121,7 @@ def test_d6_hugging_face_student_and_teacher_chunked_equal_unchunked(tmp_path):
 
 
 def test_d6_chunking_a_network_whose_head_is_unknown_is_one_config_error(tmp_path):
-    cfg, _ = td.resolve_config(None, TINY + ["kd.enabled=false", "teacher.target=zoo:tiny_causal_lm", "kd.chunk_tokens=8"])
+    cfg, _ = td.resolve_config(None, teacher_run(TINY) + ["student.target=zoo:tiny_causal_lm", "kd.chunk_tokens=8"])
     with pytest.raises(td.ConfigError) as err:
         td.train(cfg, str(tmp_path / "run"), "none", quiet=True)
     assert "kd.chunk_tokens" in str(err.value) and "D6" in str(err.value.problems[0][0])

@@ -16,6 +16,7 @@ import threading
 import pytest
 
 from test_probe import ROOT, TINY, ckpt, sets
+from run_records import teacher_run
 
 PROBE = os.path.join(ROOT, "train_probe.py")
 DISTILL = os.path.join(ROOT, "train_distill.py")
@@ -114,7 +115,7 @@ def test_r8_help_config_into_a_closed_pipe_ends_without_a_traceback(script):
 def lm_settings(tmp_path_factory):
     """train_distill.py's tiny plain LM run (kd.enabled false: no teacher) on test_distill's token files."""
     from test_distill import LOOP, MODELS, data
-    return data.__wrapped__(tmp_path_factory) + MODELS + LOOP + ["kd.enabled=false"]
+    return teacher_run(data.__wrapped__(tmp_path_factory) + MODELS + LOOP)
 
 
 def leftovers(run_dir):
