@@ -291,7 +291,9 @@ def test_r4_on_policy_resume_is_bit_exact_after_sigkill(data, teacher, tmp_path)
 
 def test_e5_dry_run_covers_on_policy_data_and_a_divergence(capsys):
     """The dry run of an on-policy JSD config trains, resumes bit-exactly and reports the generation it ran."""
-    assert T.main(["--dry_run", "--set", "kd.divergence=jsd", "kd.on_policy_fraction=0.5"]) == 0
+    # a KD config names its teacher (issue 22: kd.enabled false is plain LM training, with no KD keys)
+    assert T.main(["--dry_run", "--set", "kd.enabled=true", "teacher.target=zoo:tiny_causal_lm", "kd.gamma=0",
+                   "kd.divergence=jsd", "kd.on_policy_fraction=0.5"]) == 0
     out = capsys.readouterr().out
     assert "dry run passed" in out and "on-policy" in out
 
