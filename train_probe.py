@@ -1158,10 +1158,11 @@ def build_file(cfg):
 
 
 def data_identity(cfg, split):
-    """A split's windows: the .npy file's content (file_fingerprint); for synthetic data the values that make them."""
+    """A split's windows: the .npy file's content (file_fingerprint); for synthetic data the data.synthetic.*
+    values that make them, with the seed, which resume() checks itself (S7) and feature_cache_key adds."""
     if cfg["data.train_x"]:
         return file_fingerprint(cfg[f"data.{split}_x"])
-    return {k: v for k, v in cfg.items() if k.startswith("data.synthetic.") or k == "seed"}
+    return {k: v for k, v in cfg.items() if k.startswith("data.synthetic.")}
 
 
 def config_inputs(cfg):
@@ -1227,6 +1228,8 @@ def check_resume_inputs(cfg, run_dir, mode, inputs):
     ckpt = read_checkpoint_quietly(run_dir, mode)
     if ckpt is None or ckpt.get("task") != cfg["task"]:
         return  # nothing to resume, or resume() explains
+    if not ckpt.get("finished") and (ckpt.get("data_position") or {}).get("seed", cfg["seed"]) != cfg["seed"]:
+        return  # another seed: resume() refuses it by name (S7); the digest and the data would differ anyway
     if ckpt.get("finished"):
         problem = finished_run_problem(cfg, ckpt, run_dir)
         if problem:
@@ -1251,7 +1254,7 @@ def feature_cache_key(cfg, inputs, split, n, device, class_file):
         data = dict(data, mtime_ns=os.stat(cfg[f"data.{split}_x"]).st_mtime_ns)
     what = {"format": 2, **{k: v for k, v in inputs.items() if k not in ("first features", "data.train_x content")},
             "backbone build file": (inputs["backbone build file"] or {}).get("sha256"),
-            "class file": code_sha256(class_file), "split": split, "windows": n, "data": data,
+            "class file": code_sha256(class_file), "split": split, "windows": n, "data": data, "seed": cfg["seed"],
             "batch": cfg["train.eval_batch_size"], "device": device.type, "torch": str(torch.__version__)}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
