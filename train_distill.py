@@ -2144,21 +2144,51 @@ def chunked_scores(hidden, head, targets, chunk):
     return (ce if targets is not None else None), torch.cat(ids).view(hidden.shape[:2])
 
 
+class ChunkedLoss(torch.autograd.Function):
+    """D6: weight_ce x CE + weight_kd x KD over every position, a chunk at a time, each chunk's gradient taken
+    in the forward (autograd through the same chunk_terms) and kept, as Liger Kernel's fused linear losses do:
+    the backward only scales what was kept, so no chunk's logits outlive its own step or are recomputed.
+    Returns (total, CE sum, KD sum); only total is differentiable (the other two are for the log)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, teacher, online, weights, temperature, top_k, chunk):
+        flat, targets = hidden.detach().flatten(0, 1), targets.flatten()
+        real = targets != IGNORE
+        per_position = (teacher[0].flatten(0, 1),) if online else tuple(t.flatten(0, 1) for t in teacher)
+        shared = tuple(teacher[1:]) if online else ()
+        params = [p.detach() for p in (weight, bias) if p is not None]
+        grad_hidden, grad_params = torch.zeros_like(flat), [torch.zeros_like(p) for p in params]
+        ce = kd = torch.zeros((), dtype=torch.float32, device=flat.device)
+        for start in range(0, flat.shape[0], chunk):
+            part = slice(start, start + chunk)
+            with torch.enable_grad():
+                h, ps = flat[part].requires_grad_(), [p.requires_grad_() for p in params]
+                c, k = chunk_terms(h, ps[0], ps[1] if bias is not None else None, targets[part], real[part],
+                                   tuple(t[part] for t in per_position) + shared, online, *weights, temperature, top_k)
+                total = weights[0] * c + weights[1] * k
+                grads = torch.autograd.grad(total, [h, *ps]) if total.requires_grad else [None] * (1 + len(ps))
+            if grads[0] is not None:
+                grad_hidden[part] = grads[0]
+                for acc, g in zip(grad_params, grads[1:]):
+                    acc += g
+            ce, kd = ce + c.detach(), kd + k.detach()
+        ctx.save_for_backward(grad_hidden.view_as(hidden), *grad_params)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(ce, kd)
+        return weights[0] * ce + weights[1] * kd, ce, kd
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_kd):
+        grad_hidden, grad_weight, *grad_bias = ctx.saved_tensors
+        bias = grad_bias[0] * grad_total if ctx.has_bias else None
+        return grad_hidden * grad_total, grad_weight * grad_total, bias, None, None, None, None, None, None, None
+
+
 def chunked_terms(hidden, head, targets, teacher, online, alpha, beta, temperature, top_k, chunk):
-    """(CE sum, KD sum) over every position of [B, T, D] hidden states, `chunk` positions at a time (D6)."""
-    from torch.utils.checkpoint import checkpoint
-    hidden, targets = hidden.flatten(0, 1), targets.flatten()
-    real = targets != IGNORE
-    per_position = (teacher[0].flatten(0, 1),) if online else tuple(t.flatten(0, 1) for t in teacher)
-    shared = tuple(teacher[1:]) if online else ()
-    ce = kd = 0.0
-    for start in range(0, hidden.shape[0], chunk):
-        part = slice(start, start + chunk)
-        c, k = checkpoint(chunk_terms, hidden[part], *head, targets[part], real[part],
-                          tuple(t[part] for t in per_position) + shared, online, alpha, beta, temperature, top_k,
-                          use_reentrant=False)
-        ce, kd = ce + c, kd + k
-    return ce, kd
+    """(alpha x CE + beta x KD, CE sum, KD sum) over every position of [B, T, D] hidden states, `chunk`
+    positions at a time (D6); the first is what the backward runs through."""
+    return ChunkedLoss.apply(hidden, head[0], head[1], targets, tuple(teacher), online, (alpha, beta), temperature,
+                             top_k, chunk)
 
 
 # ==== shared: run dir, checkpoints, resume, loop (identical in train_probe.py and train_distill.py) ====
@@ -3740,13 +3770,14 @@ def make_task(run):
                 _, t_hidden = teacher(x, logits=False)
             online = beta > 0
         side = tuple(cached) if cached else (t_hidden, *linear_head(teacher, "the teacher")) if online else ()
-        ce, kd = chunked_terms(hidden, head, y, side, online, alpha, beta, temperature, top_k, chunk)
+        total, ce, kd = chunked_terms(hidden, head, y, side, online, alpha, beta * temperature ** 2, temperature, top_k, chunk)
         parts = {"ce": alpha * ce} if alpha > 0 else {}  # G8: chunk_terms computed no CE at kd.alpha 0
         if beta > 0:
             parts["kd"] = beta * temperature ** 2 * kd
         if gamma > 0:
             parts["hidden"] = gamma * torch.where(y != IGNORE, hidden_term(projected, t_hidden), 0.0).sum()
-        return sum(parts.values()), parts
+            total = total + parts["hidden"]
+        return total, parts
 
     def kd_term(logits, t_logits, cached, mask, log_q=None):
         """kd.beta x scale x the divergence summed over the masked positions. Padding is masked with where(),

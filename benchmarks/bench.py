@@ -391,10 +391,10 @@ def count_host_reads(record):
 
 def bench_syncs(run, task):
     """Host reads per optimizer step during a whole fit() (logging and checkpoint steps included,
-    evaluation excluded), split into the loop's own and torch internals."""
+    evaluation and E1's weight fingerprint at an eval excluded), split into the loop's own and torch internals."""
     reset_run(run)
     record = {"on": True, "depth": 0, "step": 0, "calls": []}
-    real_step, evaluate = tp.optimizer_step, task["evaluate"]
+    real_step, evaluate, fingerprint = tp.optimizer_step, task["evaluate"], tp.param_fingerprint
 
     def marked_step(r, t, micro, count):
         record["step"] = r["state"]["global_step"] + 1  # later reads (logging, saving) belong to this step
@@ -407,12 +407,19 @@ def bench_syncs(run, task):
         finally:
             record["on"] = True
 
-    tp.optimizer_step = marked_step
+    def unmarked_fingerprint(params):  # E1's read of the weights happens at an eval, like the eval itself
+        record["on"] = False
+        try:
+            return fingerprint(params)
+        finally:
+            record["on"] = True
+
+    tp.optimizer_step, tp.param_fingerprint = marked_step, unmarked_fingerprint
     try:
         with count_host_reads(record), quiet_process():
             tp.fit(run, dict(task, evaluate=unmarked_evaluate))
     finally:
-        tp.optimizer_step = real_step
+        tp.optimizer_step, tp.param_fingerprint = real_step, fingerprint
     steps = run["plan"]["total_steps"]
     torch_dir = os.path.dirname(torch.__file__)
     loop = [c for c in record["calls"] if not c[2].startswith(torch_dir)]
@@ -549,15 +556,15 @@ def kd_chunk_step(td, inputs, chunk, alpha, beta, temperature, **_):
 
     def go():
         if chunk:
-            ce, kd = td.chunked_terms(hidden, (weight, None), targets, (t_hidden, t_weight, None), True, alpha, beta,
-                                      temperature, None, chunk)
+            loss = td.chunked_terms(hidden, (weight, None), targets, (t_hidden, t_weight, None), True, alpha,
+                                    beta * temperature ** 2, temperature, None, chunk)[0]
         else:
             logits = F.linear(hidden, weight)
             with torch.no_grad():
                 t_logits = F.linear(t_hidden, t_weight)
             ce = td.token_cross_entropy(logits, targets)
             kd = torch.where(targets != td.IGNORE, td.kd_kl(logits, t_logits, temperature), 0.0).sum()
-        loss = alpha * ce + beta * temperature ** 2 * kd
+            loss = alpha * ce + beta * temperature ** 2 * kd
         loss.backward()
         hidden.grad = weight.grad = None
         return loss.detach()  # the smoke test checks both sides compute the same loss
