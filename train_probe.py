@@ -2106,6 +2106,18 @@ def read_shards(directory, prefix="model."):
     return {k[len(prefix):]: v for k, v in state.items()}
 
 
+def remove_refused_run_dir():
+    """C3: a run launch.sh made a new run dir for (its lock alone in it: KIT_NEW_RUN_DIR) and that was refused
+    before writing anything leaves no run dir behind, as the script run by itself leaves none."""
+    path = os.environ.get("KIT_NEW_RUN_DIR")
+    names = os.listdir(path) if path and os.path.isdir(path) else []
+    if names and all(name.startswith("launch") and name.endswith(".lock") for name in names):
+        with contextlib.suppress(OSError):  # another process of the same launch got there first
+            for name in names:
+                os.unlink(os.path.join(path, name))
+            os.rmdir(path)
+
+
 def exit_process(code):
     """End the process with `code`. Under torchrun the interpreter's own shutdown is skipped: gloo's worker
     threads can still be releasing the last collective's tensors, which are Python objects. A thread that
@@ -3332,6 +3344,7 @@ def main(argv=None):
             dist.barrier()
     except ConfigError as err:
         print(err, file=sys.stderr)
+        remove_refused_run_dir()
         return 2
     except TrainingAborted as err:
         print(f"training aborted: {err}", file=sys.stderr)

@@ -356,6 +356,25 @@ def test_r10_a_token_id_past_the_vocabulary_deep_in_a_file_stops_before_the_run_
     assert f"at token {offset:,} (byte offset {2 * offset:,})" in line and "deep.bin" in line
 
 
+def test_c3_r10_the_same_refusal_through_launch_sh_leaves_no_run_dir_behind(data, teacher, tmp_path):
+    """launch.sh makes runs/<name>/ for its lock before the script runs; the script's refusal (here the deep
+    bad token id, found before step 1) removes that directory again: nothing is left, as without launch.sh."""
+    deep, offset = deep_bad_token(data, tmp_path)
+    cfg, _ = T.resolve_config(None, kd_settings(deep, teacher, "run_name=bad"))
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(T.unflatten(cfg), sort_keys=False))
+    env = {k: v for k, v in CLEAN_ENV.items() if k not in ("KIT_PYTHON", "KIT_NEW_RUN_DIR", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    done = subprocess.run([os.path.join(ROOT, "launch.sh"), str(config), "--gpus", "cpu"], cwd=tmp_path,
+                          env={**env, "KIT_PYTHON": sys.executable}, capture_output=True, text=True)
+    assert done.returncode == 2 and f"at token {offset:,}" in done.stderr, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "runs" / "bad").exists()
+    (tmp_path / "runs" / "bad").mkdir(parents=True)  # a run dir that was there before is left alone
+    (tmp_path / "runs" / "bad" / "notes.txt").write_text("mine")
+    done = subprocess.run([os.path.join(ROOT, "launch.sh"), str(config), "--gpus", "cpu"], cwd=tmp_path,
+                          env={**env, "KIT_PYTHON": sys.executable}, capture_output=True, text=True)
+    assert done.returncode == 2 and (tmp_path / "runs" / "bad" / "notes.txt").read_text() == "mine"
+
+
 # ----------------------------------------------------------------------------- R10: --cache_teacher makes no run dir
 def test_r10_cache_teacher_after_a_finished_online_run_is_not_refused_and_launch_sh_makes_no_lock(data, teacher, tmp_path):
     settings = kd_settings(data, teacher, "kd.gamma=0", "run_name=kd")

@@ -36,7 +36,7 @@ train: {epochs: 3, batch_size: 3, grad_accum: 2, log_every: 1, eval_batch_size: 
         save_every_minutes: 1.0e-9}  # R8: the time trigger, due after every step (agreed over processes under DDP)
 """
 # Variables a developer's shell may hold that would change what a launch does.
-SCRUB = ("KIT_FAULT_KILL_AT", "KIT_FAULT_SAVE_KILL_AT", "KIT_PYTHON", "KIT_VENV", "KIT_TORCH", "KIT_TORCH_INDEX", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
+SCRUB = ("KIT_FAULT_KILL_AT", "KIT_NEW_RUN_DIR", "KIT_FAULT_SAVE_KILL_AT", "KIT_PYTHON", "KIT_VENV", "KIT_TORCH", "KIT_TORCH_INDEX", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
          "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "KIT_GPU_IDLE_MB")
 
 
