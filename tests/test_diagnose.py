@@ -597,3 +597,30 @@ def test_e6_memory_estimate_follows_the_teacher_the_run_loads_user_module_or_non
     assert offline["weights (frozen teacher)"] == 0
     logits = [k for k in online if k.startswith("activations")][0]
     assert offline[logits] < online[logits]
+
+
+def test_d1_d6_e6_memory_estimate_divides_sharded_state_and_counts_one_chunk_and_checkpointed_blocks():
+    """train.strategy fsdp on N processes: the trained state (weights, gradients, optimizer) / N plus one block
+    gathered; kd.chunk_tokens: one chunk's logits instead of the micro-batch's; activation checkpointing: each
+    block's input plus one block's inside, less than every block's activations."""
+    import train_distill as td
+    base = ["kd.enabled=true", "teacher.target=zoo:tiny_causal_lm", "data.seq_len=32", "kd.gamma=0",
+            "student.n_layer=4", "student.n_embd=64", "student.n_head=2", "train.batch_size=8",
+            "train.eval_batch_size=1"]  # the training micro-batch is the larger of the two
+
+    def estimate(*extra, world=1):
+        cfg, _ = td.resolve_config(None, base + list(extra))
+        parts = dx.distill_memory(td, cfg, td.plan_schedule(cfg, td.train_set_size(cfg), world))
+        state = [v for k, v in parts.items() if k.startswith("trained weights")][0]
+        return state, [v for k, v in parts.items() if k.startswith("activations")][0]
+
+    state, acts = estimate()
+    sharded, _ = estimate("train.strategy=fsdp", world=4)
+    block = 4 * sum(p.numel() for p in td.GPT(256, 32, 4, 2, 64).blocks[0].parameters())
+    assert sharded == state / 4 + block
+    assert estimate("train.strategy=fsdp", world=1)[0] == state  # one process: nothing to divide
+    _, chunked, = estimate("kd.chunk_tokens=16")
+    assert chunked < estimate("kd.chunk_tokens=64")[1] < acts  # one chunk's logits, not a whole batch's
+    _, checkpointed = estimate("train.activation_checkpointing=true")
+    assert checkpointed < acts
+
