@@ -2777,8 +2777,9 @@ def dominating_loss(records, limit, persist=3):
 
 
 def param_fingerprint(params):
-    """One float64 sum per trained tensor: changes whenever an optimizer step moves a weight (E1)."""
-    return torch.stack([p.detach().double().sum() for p in params]).tolist()
+    """One float64 sum per trained tensor: changes whenever an optimizer step moves a weight (E1). A sharded
+    weight (D1) sums this process's shard: the fingerprint is only ever compared with this process's own."""
+    return torch.stack([(p.to_local() if hasattr(p, "to_local") else p).detach().double().sum() for p in params]).tolist()
 
 
 def after_eval(run, metrics):
