@@ -248,7 +248,7 @@ def test_on_policy_draws_are_the_same_on_every_process_and_each_process_samples_
     """Which micro-batches are on-policy depends on (seed, step, micro-batch) only, so every DDP process takes the
     same ones (their loss parts line up in the all-reduce); the samples also on the process, so each generates its
     own share with its own stream. About the configured fraction of micro-batches is drawn."""
-    cfg, _ = T.resolve_config(None, ["kd.on_policy_fraction=0.3"])
+    cfg, _ = T.resolve_config(None, ["kd.enabled=true", "teacher.target=zoo:tiny_causal_lm", "kd.on_policy_fraction=0.3"])
     draws = [T.on_policy_draw(cfg, step, micro) for step in range(1, 201) for micro in range(4)]
     assert 0.25 < np.mean(draws) < 0.35
     assert draws == [T.on_policy_draw(cfg, step, micro) for step in range(1, 201) for micro in range(4)]
