@@ -6,6 +6,7 @@ with the same command ends bit-identical (R4/R5).
 """
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -141,14 +142,15 @@ def test_false_positive_corpus_healthy_one_and_two_process_probe_runs_get_no_war
 def test_d5_two_nodes_killed_and_relaunched_end_bit_identical_to_the_one_node_run(workdir, two_process_run, tmp_path):
     """Two launch.sh invocations as node 0 and node 1 (one CPU process each, gloo, MASTER_ADDR=127.0.0.1).
     Node 1's process is SIGKILLed in step 5: node 0's process, waiting in that step's all-reduce, fails at
-    once on the closed connection (gloo: "Connection reset by peer"; no timeout is involved) and its torchrun
+    once on the closed connection (gloo: "Connection reset/closed by peer"; no timeout is involved) and its torchrun
     ends. The same two commands then resume and end bit-identical to the one-node two-process run."""
     path, cfg = workdir
     run_dir = str(tmp_path / "nodes")
     args = (cfg, "--gpus", "cpu", "--", "--run_dir", run_dir)
     node0, node1 = two_nodes(*args, cwd=path, env=ONE_THREAD, node_env={1: {"KIT_FAULT_KILL_AT": "5:1"}})
     assert node1.returncode == 128 + signal.SIGKILL, node1.stdout
-    assert node0.returncode != 0 and "Connection reset by peer" in node0.stdout, node0.stdout
+    # gloo says "Connection reset by peer" or "Connection closed by peer", by when the peer's socket closed
+    assert node0.returncode != 0 and re.search(r"Connection (reset|closed) by peer", node0.stdout), node0.stdout
     assert ckpt(run_dir)["global_step"] == 4 and ckpt(run_dir)["world_size"] == 2
     node0, node1 = two_nodes(*args, cwd=path, env=ONE_THREAD)
     assert node0.returncode == node1.returncode == 0, node0.stdout + node1.stdout
