@@ -90,19 +90,26 @@ def teacher(tmp_path_factory):
     return str(path / "teacher" / "checkpoints" / "best.pt")
 
 
+def unchunked_and_chunked(settings, chunk, tmp_path):
+    """The same run at kd.chunk_tokens 0 and `chunk`: losses, gradient norms and evals equal to round-off
+    (a KL near 1e-3 is a difference of O(1) sums: atol for it). Returns both runs' records by chunk size."""
+    results = {}
+    for size in (0, chunk):
+        cfg, _ = td.resolve_config(None, settings + [f"kd.chunk_tokens={size}"])
+        with one_thread():
+            assert td.train(cfg, str(tmp_path / str(size)), "none", quiet=True)[0] == "finished"
+        results[size] = records(str(tmp_path / str(size)))
+    for key in ("loss", "grad_norm", "val/loss"):
+        assert np.allclose(last_per_step(results[0], key), last_per_step(results[chunk], key), rtol=1e-5, atol=1e-6), key
+    return results
+
+
 @pytest.mark.parametrize("extra", [["kd.top_k=null"], ["kd.top_k=8", "kd.gamma=0", "kd.alpha=0"], ["kd.enabled=false"]],
                          ids=["full_kd_with_hidden", "top_k_beta_only", "plain_lm"])
 def test_d6_a_chunked_run_equals_the_unchunked_run(teacher, extra, tmp_path):
     kd = teacher_run(TINY) if extra == ["kd.enabled=false"] else \
         TINY + ["kd.enabled=true", f"kd.teacher_checkpoint={teacher}", "kd.gamma=0.1"] + extra  # plain LM: student.*
-    results = {}
-    for chunk in (0, 7):
-        cfg, _ = td.resolve_config(None, kd + [f"kd.chunk_tokens={chunk}"])
-        with one_thread():
-            assert td.train(cfg, str(tmp_path / str(chunk)), "none", quiet=True)[0] == "finished"
-        results[chunk] = records(str(tmp_path / str(chunk)))
-    for key in ("loss", "grad_norm", "val/loss"):  # a KL near 1e-3 is a difference of O(1) sums: atol for it
-        assert np.allclose(last_per_step(results[0], key), last_per_step(results[7], key), rtol=1e-5, atol=1e-6), key
+    results = unchunked_and_chunked(kd, 7, tmp_path)
     # the eval scores chunk by chunk too (D6): the same agreement with the teacher, token for token
     assert last_per_step(results[0], "val/agreement") == last_per_step(results[7], "val/agreement")
 
@@ -111,14 +118,7 @@ def test_d6_hugging_face_student_and_teacher_chunked_equal_unchunked(tmp_path):
     pytest.importorskip("transformers")
     student, teacher = zoo.hf_gpt2(tmp_path / "s", dropout=0.0), zoo.hf_llama(tmp_path / "t")
     kd = TINY + ["kd.enabled=true", f"student.hf_dir={student}", f"kd.hf_teacher_dir={teacher}", "kd.gamma=0"]
-    results = {}
-    for chunk in (0, 5):
-        cfg, _ = td.resolve_config(None, kd + [f"kd.chunk_tokens={chunk}"])
-        with one_thread():
-            assert td.train(cfg, str(tmp_path / str(chunk)), "none", quiet=True)[0] == "finished"
-        results[chunk] = records(str(tmp_path / str(chunk)))
-    for key in ("loss", "grad_norm", "val/loss"):
-        assert np.allclose(last_per_step(results[0], key), last_per_step(results[5], key), rtol=1e-5, atol=1e-6), key
+    unchunked_and_chunked(kd, 5, tmp_path)
 
 
 def test_d6_chunking_a_network_whose_head_is_unknown_is_one_config_error(tmp_path):
