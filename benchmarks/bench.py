@@ -1,7 +1,7 @@
 """Benchmarks of the kit: loop overhead, host syncs, feature cache, top-k KD, the dry-run tool, a peer.
 
-    python benchmarks/bench.py --quick          # 1-2 minutes on 2 CPU cores (the limit is 10)
-    python benchmarks/bench.py                  # more repeats, the full 20-epoch cache run: 5-6 minutes
+    python benchmarks/bench.py --quick          # about 6 minutes on 2 idle CPU cores
+    python benchmarks/bench.py                  # more repeats, the full 20-epoch cache run: about 13 minutes
     python benchmarks/bench.py --write_results  # also rewrite benchmarks/results.md with this machine's numbers
 
 Every number comes from the kit's own code: the loop is train_probe.py's real `fit`/`optimizer_step`
@@ -59,10 +59,10 @@ UNCACHED_SETTINGS = LOOP_SETTINGS[:-1] + ["backbone.cache_features=false", "data
 PARAMS = {  # quick / full
     "quick": {"loop_repeats": 9, "real_repeats": 3, "uncached_repeats": 2, "step_blocks": 15, "cache_epochs": 3,
               "cache_repeats": 1, "kd_repeats": 3, "curve_steps": 50_000, "curve_repeats": 3, "peer_repeats": 2,
-              "offline_repeats": 2, "kd_chunk_repeats": 2, "trl_repeats": 3, "trl_steps": 30},
+              "offline_repeats": 2, "kd_chunk_repeats": 2, "trl_repeats": 5, "trl_steps": 40},
     "full": {"loop_repeats": 15, "real_repeats": 7, "uncached_repeats": 9, "step_blocks": 31, "cache_epochs": None,
              "cache_repeats": 2, "kd_repeats": 10, "curve_steps": 200_000, "curve_repeats": 5, "peer_repeats": 5,
-             "offline_repeats": 5, "kd_chunk_repeats": 5, "trl_repeats": 5, "trl_steps": 60},
+             "offline_repeats": 5, "kd_chunk_repeats": 5, "trl_repeats": 7, "trl_steps": 60},
 }
 LOOP_PARTS = ("loop", "loop_realistic", "loop_uncached")
 PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "kd_chunk", "offline", "dry_run", "peer", "trl"]
@@ -861,12 +861,14 @@ def gkd_side(td, run, student_dir, teacher_dir, tmp):
         counter["n"] += 1
         student = transformers.AutoModelForCausalLM.from_pretrained(student_dir, local_files_only=True)
         optimizer = td.build_optimizer(cfg, td.param_groups(student))
-        args = GKDConfig(output_dir=os.path.join(tmp, f"gkd_{counter['n']}"), per_device_train_batch_size=plan["batch_size"],
-                         gradient_accumulation_steps=1, max_steps=plan["total_steps"], logging_steps=cfg["train.log_every"],
-                         save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=cfg["seed"],
-                         max_grad_norm=cfg["train.clip_grad_norm"], lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
-                         max_length=cfg["data.seq_len"] + 1, dataloader_num_workers=0, remove_unused_columns=False,
-                         bf16=False, fp16=False)  # fp32 as the kit: TRL's configs default to bf16 autocast
+        with warnings.catch_warnings():  # transformers' FutureWarnings about TRL's own defaults, once per round
+            warnings.simplefilter("ignore", FutureWarning)
+            args = GKDConfig(output_dir=os.path.join(tmp, f"gkd_{counter['n']}"), per_device_train_batch_size=plan["batch_size"],
+                             gradient_accumulation_steps=1, max_steps=plan["total_steps"], logging_steps=cfg["train.log_every"],
+                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=cfg["seed"],
+                             max_grad_norm=cfg["train.clip_grad_norm"], lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
+                             max_length=cfg["data.seq_len"] + 1, dataloader_num_workers=0, remove_unused_columns=False,
+                             bf16=False, fp16=False)  # fp32 as the kit: TRL's configs default to bf16 autocast
         trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=rows, data_collator=collate,
                           processing_class=tokenizer, optimizers=(optimizer, td.build_schedule(optimizer, cfg, plan)),
                           callbacks=[Stamp()])
@@ -1322,7 +1324,7 @@ def run_parts(want, p, results, tmp):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and a 3-epoch cache run (under 10 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a 3-epoch cache run (about 6 minutes)")
     parser.add_argument("--write_results", action="store_true", help="rewrite benchmarks/results.md")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1; 0 = torch's default). The compared ops are small: "

@@ -17,6 +17,7 @@ LAUNCH = os.path.join(ROOT, "launch.sh")
 SHORT = ["train.max_steps=10", "train.eval_every=5", "train.batch_size=2", "train.grad_accum=1",
          "data.val_windows=4", "data.builtin.train_bytes=20000", "data.builtin.val_bytes=5000",
          "train.log_every=1", "train.save_every_steps=null"]  # intervals within the run (E4), warmup 1 step (S3)
+NO_KD = ["kd.alpha=1", "kd.beta=0", "kd.gamma=0", "run_name=distill_demo_no_kd"]  # as configs/distill_demo.yaml says
 
 
 def test_demo_teacher_config_writes_the_checkpoint_the_student_config_reads():
@@ -44,10 +45,11 @@ def test_c3_missing_teacher_checkpoint_says_which_config_makes_it(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing written
 
 
-def test_demo_pipeline_is_two_launch_lines(tmp_path):
+def test_demo_pipeline_is_two_launch_lines_and_its_e2_no_kd_baseline_is_quiet(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    for config in (TEACHER, STUDENT):
-        out = subprocess.run([LAUNCH, config, "--gpus", "cpu", "--", "--set", *SHORT], cwd=tmp_path, env=env,
+    # the two demo lines, then the labels-only baseline the docs compare against (configs/distill_demo.yaml, step 3)
+    for config, extra in ((TEACHER, []), (STUDENT, []), (STUDENT, NO_KD)):
+        out = subprocess.run([LAUNCH, config, "--gpus", "cpu", "--", "--set", *SHORT, *extra], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
     log = (tmp_path / "runs" / "distill_demo" / "train.log").read_text()
@@ -58,7 +60,7 @@ def test_demo_pipeline_is_two_launch_lines(tmp_path):
     old = os.getcwd()
     os.chdir(tmp_path)  # the runs' config.yaml names the teacher checkpoint relative to where they ran
     try:
-        for name in ("distill_demo_teacher", "distill_demo"):
+        for name in ("distill_demo_teacher", "distill_demo", "distill_demo_no_kd"):
             assert loud_findings(os.path.join("runs", name)) == [], name
     finally:
         os.chdir(old)
