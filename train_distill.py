@@ -369,7 +369,7 @@ def load_config(path, overrides, schema):
         if not isinstance(raw, dict):
             raise ConfigError([("C3", path, "must be a YAML mapping of keys to values")])
     flat = _flatten(raw, schema)
-    problems, notes = [], []
+    problems, notes, typed_on_set = [], [], set()
     for item in overrides or []:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -393,6 +393,7 @@ def load_config(path, overrides, schema):
             node[leaf] = value
         else:
             flat[key] = value
+            typed_on_set.add(key)
     sections = {key.split(".")[0] for key in schema if "." in key}
     for section in dict.fromkeys(key.split(".")[0] for key in flat if key not in schema and "." in key):
         if section not in sections and section not in schema:  # C2: a mistyped section (trian:) is one line, not one per key
@@ -415,7 +416,10 @@ def load_config(path, overrides, schema):
         except ValueError as err:
             problems.append(("C1", key, f"got {value!r}, expected {err}"))
             continue
-        if isinstance(value, str) and kind in ("float", "int", "float?", "int?") and cfg[key] is not None:
+        # C1: a file's `3e-4` is text to YAML 1.1 (and to other readers of the file); `--set optim.lr=1e-3` is
+        # a number the user typed, cast without a note
+        if (isinstance(value, str) and kind in ("float", "int", "float?", "int?") and cfg[key] is not None
+                and key not in typed_on_set):
             notes.append(("C1", key, f"the string {value!r} was read as the number {cfg[key]!r}"))
     if problems:
         raise ConfigError(problems)
@@ -2316,8 +2320,9 @@ def write_resolved_config(run):
 
 
 def atomic_write_text(path, text):
+    """Temp file, fsync, rename: a reader sees the old file or the new one, whole. `text` may be bytes."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

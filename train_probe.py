@@ -19,6 +19,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -337,7 +338,7 @@ def load_config(path, overrides, schema):
         if not isinstance(raw, dict):
             raise ConfigError([("C3", path, "must be a YAML mapping of keys to values")])
     flat = _flatten(raw, schema)
-    problems, notes = [], []
+    problems, notes, typed_on_set = [], [], set()
     for item in overrides or []:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -361,6 +362,7 @@ def load_config(path, overrides, schema):
             node[leaf] = value
         else:
             flat[key] = value
+            typed_on_set.add(key)
     sections = {key.split(".")[0] for key in schema if "." in key}
     for section in dict.fromkeys(key.split(".")[0] for key in flat if key not in schema and "." in key):
         if section not in sections and section not in schema:  # C2: a mistyped section (trian:) is one line, not one per key
@@ -383,7 +385,10 @@ def load_config(path, overrides, schema):
         except ValueError as err:
             problems.append(("C1", key, f"got {value!r}, expected {err}"))
             continue
-        if isinstance(value, str) and kind in ("float", "int", "float?", "int?") and cfg[key] is not None:
+        # C1: a file's `3e-4` is text to YAML 1.1 (and to other readers of the file); `--set optim.lr=1e-3` is
+        # a number the user typed, cast without a note
+        if (isinstance(value, str) and kind in ("float", "int", "float?", "int?") and cfg[key] is not None
+                and key not in typed_on_set):
             notes.append(("C1", key, f"the string {value!r} was read as the number {cfg[key]!r}"))
     if problems:
         raise ConfigError(problems)
@@ -1479,8 +1484,9 @@ def write_resolved_config(run):
 
 
 def atomic_write_text(path, text):
+    """Temp file, fsync, rename: a reader sees the old file or the new one, whole. `text` may be bytes."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -2994,12 +3000,7 @@ def prepare_recording(job):
     except SkipRecording as skip:
         atomic_write_text(part[:-len(".npy")] + ".skip.json", json.dumps({"reason": str(skip)}))
     else:
-        tmp = f"{part}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.save(f, windows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, part)
+        atomic_write_text(part, npy_bytes(windows))
     if parent is not None and os.getppid() != parent:
         os._exit(0)  # the part is kept; there is nobody to tell (and no traceback about the broken pipe)
     return part
@@ -3131,13 +3132,14 @@ def write_split(out, split, recs, parts, settings):
         os.fsync(f.fileno())
     os.replace(tmp, x_path)
     labels = np.concatenate([np.full(n, rec["label"], np.int64) for rec, n in zip(recs, counts)])
-    tmp = f"{y_path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, labels)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, y_path)
+    atomic_write_text(y_path, npy_bytes(labels))
     return table
+
+
+def npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def file_sha256(path):

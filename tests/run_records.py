@@ -2,6 +2,14 @@
 import json
 import os
 
+# A probe run small enough for seconds, large enough for several epochs, a short last micro-batch
+# (38 = 9 x 4 + 2) and a short last accumulation group (10 micro-batches, grad_accum 3 -> 3+3+3+1):
+# 4 optimizer steps per epoch, 12 in all.
+PROBE_TINY = ["data.synthetic.num_train=38", "data.synthetic.num_val=24", "data.synthetic.channels=4",
+              "data.synthetic.length=128", "backbone.kwargs={width: 8, heads: 2}", "train.batch_size=4",
+              "train.grad_accum=3", "train.epochs=3", "train.log_every=1", "train.eval_batch_size=16",
+              "schedule.warmup=2", "optim.lr=0.01"]
+
 
 def records(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:

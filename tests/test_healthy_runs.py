@@ -17,11 +17,7 @@ sys.path.insert(0, ROOT)
 import diagnose_and_fix as dx  # noqa: E402
 import train_distill as td  # noqa: E402
 import train_probe as tp  # noqa: E402
-
-TINY = ["data.synthetic.num_train=38", "data.synthetic.num_val=24", "data.synthetic.channels=4",
-        "data.synthetic.length=128", "backbone.kwargs={width: 8, heads: 2}", "train.batch_size=4",
-        "train.grad_accum=3", "train.epochs=3", "train.log_every=1", "train.eval_batch_size=16",
-        "schedule.warmup=2", "optim.lr=0.01"]
+from run_records import PROBE_TINY as TINY  # noqa: E402
 SHARE = tp.CONFIG["train.max_loss_share"][0]
 
 
