@@ -3,7 +3,6 @@
 Tiny nanoGPT-style token files with padding (so micro-batches hold different numbers of real target
 tokens), a 1-layer teacher made by the script itself (kd.enabled false), a 1-layer student.
 """
-import json
 import math
 import os
 import subprocess
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_distill as T  # noqa: E402
-from run_records import loud_findings, records, teacher_run  # noqa: E402
+from run_records import distill_killed_and_resumed, loud_findings, records, teacher_run  # noqa: E402
 
 VOCAB, SEQ, PAD = 40, 16, 0
 MODELS = ["teacher.n_layer=1", "teacher.n_head=2", "teacher.n_embd=32",
@@ -106,25 +105,8 @@ class CallCounter:
 
 # ----------------------------------------------------------------------------- the loop's rows
 def test_r4_resume_is_bit_exact_after_sigkill(data, teacher, tmp_path):
-    """The same command line, uninterrupted vs SIGKILLed inside step 5 and run again. All three runs are
-    processes with one environment: bit-exactness holds for a fixed thread count, which a test process
-    that other tests have touched need not keep."""
-    def command(run_dir):
-        argv = [sys.executable, os.path.join(ROOT, "train_distill.py"), "--run_dir", str(run_dir)]
-        return argv + [a for item in kd_settings(data, teacher) for a in ("--set", item)]
-
-    env = {k: v for k, v in os.environ.items() if k != "KIT_FAULT_KILL_AT"}
-    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    clean = subprocess.run(command(uninterrupted), env=env, capture_output=True, text=True)
-    assert clean.returncode == 0, clean.stderr
-    killed = subprocess.run(command(interrupted), env={**env, "KIT_FAULT_KILL_AT": "5:1"}, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr
-    assert ckpt(interrupted)["global_step"] == 4  # killed inside step 5, after the step-4 save
-    resumed = subprocess.run(command(interrupted), env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert T.checkpoint_tensors_equal(os.path.join(uninterrupted, "checkpoints", "last.pt"),
-                                      os.path.join(interrupted, "checkpoints", "last.pt"))
-    a, b = T.read_metrics(str(uninterrupted))[0], T.read_metrics(str(interrupted))[0]
+    """The same command line, uninterrupted vs SIGKILLed inside step 5 and run again, as processes."""
+    a, b, interrupted = distill_killed_and_resumed(kd_settings(data, teacher), tmp_path)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert all(a[s]["loss"] == b[s]["loss"] and a[s]["lr"] == b[s]["lr"] for s in a)
     assert loud_findings(str(interrupted)) == []  # the false-positive corpus: a killed and resumed KD run

@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_distill as T  # noqa: E402
+from run_records import distill_killed_and_resumed  # noqa: E402
 from test_distill import VOCAB, ckpt, data, kd_settings, run, teacher  # noqa: E402,F401  (module fixtures)
 
 
@@ -263,23 +264,7 @@ def test_r4_on_policy_resume_is_bit_exact_after_sigkill(data, teacher, tmp_path)
     checkpoints are bit-identical and every step's loss equal. Generation cost is in the step records."""
     settings = kd_settings(data, teacher, "kd.top_k=null", "kd.divergence=jsd", "kd.on_policy_fraction=0.5",
                            "kd.prompt_tokens=6", "kd.max_new_tokens=5")
-
-    def command(run_dir):
-        argv = [sys.executable, os.path.join(ROOT, "train_distill.py"), "--run_dir", str(run_dir)]
-        return argv + [a for item in settings for a in ("--set", item)]
-
-    env = {k: v for k, v in os.environ.items() if k != "KIT_FAULT_KILL_AT"}
-    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    clean = subprocess.run(command(uninterrupted), env=env, capture_output=True, text=True)
-    assert clean.returncode == 0, clean.stderr
-    killed = subprocess.run(command(interrupted), env={**env, "KIT_FAULT_KILL_AT": "5:1"}, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr
-    assert ckpt(interrupted)["global_step"] == 4
-    resumed = subprocess.run(command(interrupted), env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert T.checkpoint_tensors_equal(os.path.join(uninterrupted, "checkpoints", "last.pt"),
-                                      os.path.join(interrupted, "checkpoints", "last.pt"))
-    a, b = T.read_metrics(str(uninterrupted))[0], T.read_metrics(str(interrupted))[0]
+    a, b, _ = distill_killed_and_resumed(settings, tmp_path)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert all(a[s]["loss"] == b[s]["loss"] and a[s]["loss/kd"] == b[s]["loss/kd"] for s in a)
     on = [a[s]["on_policy/micro_batches"] for s in sorted(a)]
