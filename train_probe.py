@@ -1106,8 +1106,11 @@ def check_backbone(backbone, cfg, device, splits):
         except Exception as err:
             first = (str(err).strip().splitlines() or [""])[0]
             inside = model_code_frame(err)
+            # data.train_x names a file; with synthetic data (it is null) naming it would send the user to a key
+            # they never set
+            batch = f"data.{dataset.split}_x" if dataset.x_path else f"synthetic {dataset.split}"
             raise ConfigError([("C3", "backbone.target" if cfg["backbone.target"] else "backbone.kwargs",
-                                f"the backbone fails on a data.{dataset.split}_x batch of shape {tuple(x.shape)}: "
+                                f"the backbone fails on a {batch} batch of shape {tuple(x.shape)}: "
                                 f"{type(err).__name__}: {first}; "
                                 + (f"the error came from the model's own forward ({inside}): check the layers you "
                                    "changed and backbone.kwargs against the data" if inside else

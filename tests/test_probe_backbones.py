@@ -195,11 +195,16 @@ def test_c3_backbone_kwargs_the_callable_rejects_exit_2(tmp_path, capsys):
     assert "widht" in lines[0] and not (tmp_path / "run").exists()
 
 
-def test_c3_a_backbone_built_for_other_channels_fails_on_the_first_batch_exit_2(tmp_path, capsys):
-    code, lines = main_exit(capsys, *TINY, "backbone.target=zoo:conv_time", "backbone.kwargs={channels: 19}",
+@pytest.mark.parametrize("data", ["synthetic", "files"])
+def test_c3_a_backbone_built_for_other_channels_fails_on_the_first_batch_exit_2(tmp_path, capsys, data):
+    """The line names the batch's source: the data.train_x file, or synthetic data (data.train_x is null then,
+    and naming it would send the user to a key they never set)."""
+    files = save_splits(tmp_path) if data == "files" else []
+    code, lines = main_exit(capsys, *TINY, *files, "backbone.target=zoo:conv_time", "backbone.kwargs={channels: 19}",
                             "backbone.pool=mean_time", run_dir=tmp_path / "run")
     assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("config error: backbone.target:") and "data.train_x batch of shape (2, 4, 128)" in lines[0]
+    batch = "a data.train_x batch" if data == "files" else "a synthetic train batch"
+    assert lines[0].startswith("config error: backbone.target:") and f"{batch} of shape (2, 4, 128)" in lines[0], lines[0]
     assert not (tmp_path / "run").exists()
 
 
