@@ -1364,6 +1364,9 @@ def build_head(cfg, sample_features):
 
 # ==== shared: run dir, checkpoints, resume, loop (identical in train_probe.py and train_distill.py) ====
 KILL_AT = os.environ.get("KIT_FAULT_KILL_AT")  # tests only: "STEP:MICRO" SIGKILLs before that micro-batch
+# tests only: "STEP" holds before that step until a stop signal arrives (R8), so a test's signal lands
+# mid-run however busy the machine is (a tiny run can otherwise finish between the test's look and its kill)
+HOLD_AT = os.environ.get("KIT_FAULT_HOLD_AT")
 SAVE_KILL_AT = os.environ.get("KIT_FAULT_SAVE_KILL_AT")  # tests only: "POINT[:N]" SIGKILLs at POINT of the Nth atomic_save
 SAVES = [0]  # atomic_save calls in this process, for SAVE_KILL_AT
 
@@ -1842,6 +1845,8 @@ def optimizer_step(run, task, micro_batches, count):
     for i, batch in enumerate(micro_batches):
         if KILL_AT is not None and KILL_AT == f"{step}:{i}":
             os.kill(os.getpid(), signal.SIGKILL)
+        while HOLD_AT == str(step) and i == 0 and run["stop_signal"] is None:
+            signal.pause()  # returns once a handler has run; an ignored signal (nohup's SIGHUP) does not wake it
         with gradient_sync(model, d["world"], i == last):  # gradients cross processes once per step
             with amp:
                 loss_sum, components = task["loss"](model, batch)
