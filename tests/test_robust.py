@@ -231,10 +231,13 @@ def test_r6_training_killed_inside_a_save_resumes_bit_exact(tmp_path):
 def test_r8_sighup_finishes_the_step_saves_and_the_same_command_resumes(tmp_path):
     base = sets(*TINY, "train.epochs=200", "train.save_every_steps=1000")
     run_dir = str(tmp_path / "run")
-    # held before step 5 until the signal (KIT_FAULT_HOLD_AT): a busy machine let the tiny run finish first
+    # A terminal's child: SIGHUP at its default, whatever this test inherited (a suite started under nohup
+    # ignores SIGHUP, and so would this run, on purpose: the next test). Held before step 5 until the signal
+    # (KIT_FAULT_HOLD_AT): the 800-step run is under a second of training, shorter than a busy machine's pauses.
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_probe.py"), *base, "--run_dir", run_dir],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "KIT_FAULT_HOLD_AT": "5"})
+                            env={**os.environ, "KIT_FAULT_HOLD_AT": "5"},
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         metrics = os.path.join(run_dir, "metrics.jsonl")
