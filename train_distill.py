@@ -2678,7 +2678,7 @@ def optimizer_step(run, task, micro_batches, count):
     for i, batch in enumerate(micro_batches):
         if KILL_AT is not None and KILL_AT == f"{step}:{i}":
             os.kill(os.getpid(), signal.SIGKILL)
-        while HOLD_AT == str(step) and i == 0 and run["stop_signal"] is None:
+        while HOLD_AT is not None and HOLD_AT == str(step) and i == 0 and run["stop_signal"] is None:
             signal.pause()  # returns once a handler has run; an ignored signal (nohup's SIGHUP) does not wake it
         with gradient_sync(model, d["world"], i == last):  # gradients cross processes once per step
             with amp:
