@@ -87,6 +87,15 @@ def kd_run(data, teacher, tmp_path_factory):
     return cfg, state, str(run_dir)
 
 
+def loss_setup(cfg):
+    """What the loop builds for a distillation config: the frozen teacher, the trainable student, the task
+    (its loss) and the training windows."""
+    frozen = T.build_teacher(cfg, torch.device("cpu"))
+    windows = T.TokenWindows(cfg, "train")
+    task = T.make_task({"cfg": cfg, "dist": {"device": torch.device("cpu")}, "train_set": windows, "teacher": frozen})
+    return frozen, T.build_trainable(cfg, frozen), task, windows
+
+
 def ckpt(run_dir, name="last.pt"):
     return torch.load(os.path.join(run_dir, "checkpoints", name), map_location="cpu", weights_only=True)
 
@@ -267,10 +276,7 @@ def test_distillation_loss_is_alpha_ce_plus_beta_t2_kl_plus_gamma_hidden_over_re
     at T = 1 the CE term reads the KD term's log-probabilities (G8), at T = 3 it has its own."""
     cfg, _ = T.resolve_config(None, kd_settings(data, teacher, "kd.top_k=null", "kd.alpha=0.3", "kd.beta=0.6",
                                                 "kd.gamma=0.7", f"kd.temperature={temp}"))
-    frozen = T.build_teacher(cfg, torch.device("cpu"))
-    windows = T.TokenWindows(cfg, "train")
-    task = T.make_task({"cfg": cfg, "dist": {"device": torch.device("cpu")}, "train_set": windows, "teacher": frozen})
-    module = T.build_trainable(cfg, frozen)
+    frozen, module, task, windows = loss_setup(cfg)
     x, y = windows[np.arange(6)]
     total, parts = task["loss"](module, (x, y))
     real = y != -100
@@ -305,16 +311,13 @@ def test_g8_no_cross_entropy_hidden_states_or_projection_at_weight_0_and_the_los
     the real targets, against torch's kl_div."""
     cfg, _ = T.resolve_config(None, kd_settings(data, teacher, f"kd.top_k={'null' if top_k is None else top_k}",
                                                 "kd.alpha=0", "kd.beta=0.6", "kd.gamma=0", "kd.temperature=1"))
-    frozen = T.build_teacher(cfg, torch.device("cpu"))
-    module = T.build_trainable(cfg, frozen)
+    frozen, module, task, windows = loss_setup(cfg)
+    x, y = windows[np.arange(6)]
     assert module.proj is None and not any(k.startswith("proj.") for k in module.state_dict())
     assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in module.lm.parameters())
     assert T.build_trainable({**cfg, "kd.gamma": 0.1}, frozen).proj is not None  # the term on: its projection back
-    windows = T.TokenWindows(cfg, "train")
-    task = T.make_task({"cfg": cfg, "dist": {"device": torch.device("cpu")}, "train_set": windows, "teacher": frozen})
     for name in ("token_cross_entropy", "nll_sum", "hidden_loss"):
         monkeypatch.setattr(T, name, refuse(name))
-    x, y = windows[np.arange(6)]
     total, parts = task["loss"](module, (x, y))
     assert set(parts) == {"kd"}
     real = y != -100

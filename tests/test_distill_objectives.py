@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_distill as T  # noqa: E402
 from run_records import distill_killed_and_resumed  # noqa: E402
-from test_distill import VOCAB, ckpt, data, kd_settings, run, teacher  # noqa: E402,F401  (module fixtures)
+from test_distill import VOCAB, ckpt, data, kd_settings, run, loss_setup, teacher  # noqa: E402,F401  (module fixtures)
 
 
 # ----------------------------------------------------------------------------- the published formulas
@@ -314,10 +314,7 @@ def test_layer_maps_give_one_projection_per_pair_for_builtin_hf_and_user_modules
     for name, (student, pairs) in students.items():
         cfg, _ = T.resolve_config(None, kd_settings(data, teacher, *student, "kd.top_k=null", "kd.gamma=0.7",
                                                     f"kd.hidden_layers={pairs}"))
-        frozen = T.build_teacher(cfg, torch.device("cpu"))
-        windows = T.TokenWindows(cfg, "train")
-        task = T.make_task({"cfg": cfg, "dist": {"device": torch.device("cpu")}, "train_set": windows, "teacher": frozen})
-        module = T.build_trainable(cfg, frozen)
+        frozen, module, task, windows = loss_setup(cfg)
         x, y = windows[np.arange(6)]
         _, parts = task["loss"](module, (x, y))
         with torch.no_grad():
