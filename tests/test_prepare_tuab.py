@@ -1,4 +1,4 @@
-"""train_probe.py --prepare_tuab on a synthetic TUAB v3.0.1 tree written here (rows C6, C7): EDF files of several
+"""prepare_tuab.py on a synthetic TUAB v3.0.1 tree written here (rows C6, C7): EDF files of several
 subjects and sessions, 250/256/400 Hz, both TUH channel spellings, a truncated file, one missing a channel, one too
 short, one whose channels run at different rates, a subject with normal and abnormal recordings, a subject in both
 official splits. A minimal EDF writer below makes them (plain EDF: a 256-byte header, 256 bytes per signal, int16
@@ -18,9 +18,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import prepare_tuab as pt  # noqa: E402
 import train_probe as tp  # noqa: E402
 
-pytest.importorskip("mne")  # CI installs it (.ci/run); the kit itself only needs it for --prepare_tuab
+pytest.importorskip("mne")  # CI installs it (.ci/run); the kit itself only needs it for prepare_tuab.py
 
 ELECTRODES = tp.REFERENTIAL_19 + ["A1", "A2"]
 PHYS, DIG = (-1000.0, 1000.0), (-32768, 32767)
@@ -118,11 +119,11 @@ def write_tree(src):
 def prepare(src, out, *overrides, workers=1):
     cfg, _ = tp.resolve_config(None, list(overrides), check_files=False)
     lines = []
-    return tp.prepare_tuab(str(src), str(out), cfg, workers, say=lines.append), lines
+    return pt.prepare_tuab(str(src), str(out), cfg, workers, say=lines.append), lines
 
 
 def run_script(*args, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train_probe.py"), *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "prepare_tuab.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=300)
 
 
@@ -145,13 +146,13 @@ def tuab(tmp_path_factory):
 
 def test_c7_prepare_tuab_writes_the_configs_files_with_shapes_labels_and_a_subject_disjoint_split(tuab):
     out, manifest = tuab["out"], tuab["manifest"]
-    assert sorted(os.listdir(out)) == sorted(tp.PREP_OUTPUTS + ["manifest.json"])  # no INCOMPLETE, no .parts
+    assert sorted(os.listdir(out)) == sorted(pt.PREP_OUTPUTS + ["manifest.json"])  # no INCOMPLETE, no .parts
     expected = {"train": {}, "val": {}, "test": {}}
     for subject, session, token, split, label, rate, seconds, _, wrong in FILES:
         if wrong is None and not (subject == BOTH and split == "train"):
             where = "test" if split == "eval" else "val" if subject in VAL else "train"
             expected[where][f"{split}/{label}/01_tcp_ar/{name(subject, session, token)}"] = \
-                (seconds * 256 // 1024, tp.TUAB_LABELS[label])  # 256 Hz, 4 s windows, the partial last one dropped
+                (seconds * 256 // 1024, pt.TUAB_LABELS[label])  # 256 Hz, 4 s windows, the partial last one dropped
     for split, recs in expected.items():
         x, y = np.load(out / f"{split}_x.npy", mmap_mode="r"), np.load(out / f"{split}_y.npy")
         windows = [n for n, _ in sorted(recs.values())]
@@ -192,17 +193,17 @@ def test_c7_windows_hold_the_named_channels_in_config_order_in_microvolts_and_tc
                         dims=["mV" if e == "O2" else "uV" for e in order])
     row = {e: physical(d) * (1000 if e == "O2" else 1) for e, d in zip(order, digital)}  # in microvolts
     cfg, _ = tp.resolve_config(None, [], check_files=False)
-    x = tp.recording_windows(str(tmp_path / "a.edf"), tp.window_settings(cfg))
+    x = pt.recording_windows(str(tmp_path / "a.edf"), tp.window_settings(cfg))
     want = np.stack([row[e] for e in tp.REFERENTIAL_19])
     assert x.shape == (2, 19, 1024)
     np.testing.assert_allclose(x.transpose(1, 0, 2).reshape(19, -1), want, rtol=1e-6, atol=1e-4)
     cfg, _ = tp.resolve_config(None, ["data.montage=tcp", "data.units=mV"], check_files=False)
-    x = tp.recording_windows(str(tmp_path / "a.edf"), tp.window_settings(cfg))
+    x = pt.recording_windows(str(tmp_path / "a.edf"), tp.window_settings(cfg))
     want = np.stack([row[a] - row[b] for a, b in (pair.split("-") for pair in tp.TCP_22)]) / 1000
     assert x.shape == (2, 22, 1024)
     np.testing.assert_allclose(x.transpose(1, 0, 2).reshape(22, -1), want, rtol=1e-5, atol=1e-6)
     cfg, _ = tp.resolve_config(None, ["data.channels=[fp1, t7, P8-O2]"], check_files=False)  # 10-10 names: T7 = T3
-    x = tp.recording_windows(str(tmp_path / "a.edf"), tp.window_settings(cfg))
+    x = pt.recording_windows(str(tmp_path / "a.edf"), tp.window_settings(cfg))
     want = np.stack([row["FP1"], row["T3"], row["T6"] - row["O2"]])
     np.testing.assert_allclose(x.transpose(1, 0, 2).reshape(3, -1), want, rtol=1e-5, atol=1e-3)
 
@@ -215,7 +216,7 @@ def test_c7_resampling_to_256_hz_filters_out_what_would_alias(tmp_path):
     digital = np.round((wave - PHYS[0]) * (DIG[1] - DIG[0]) / (PHYS[1] - PHYS[0]) + DIG[0]).astype("<i2")
     write_edf(tmp_path / "r.edf", labels(), [400] * 22, 8, signals=[digital] * 22)
     cfg, _ = tp.resolve_config(None, [], check_files=False)
-    x = tp.recording_windows(str(tmp_path / "r.edf"), tp.window_settings(cfg))
+    x = pt.recording_windows(str(tmp_path / "r.edf"), tp.window_settings(cfg))
     spectrum = np.abs(np.fft.rfft(x[1, 0])) / 512  # the second window: away from the edge of the recording
     freqs = np.fft.rfftfreq(1024, 1 / 256)
     assert abs(spectrum[freqs == 10][0] - 500) < 10
@@ -231,7 +232,7 @@ def test_c7_filters_when_asked_remove_the_power_line_and_what_is_outside_the_ban
 
     def amplitude(setting):
         cfg, _ = tp.resolve_config(None, [setting], check_files=False)
-        x = tp.recording_windows(str(tmp_path / "f.edf"), tp.window_settings(cfg))
+        x = pt.recording_windows(str(tmp_path / "f.edf"), tp.window_settings(cfg))
         spectrum = np.abs(np.fft.rfft(x[1, 0])) / 512
         return {f: spectrum[freqs == f][0] for f in (10, 45, 60)}
 
@@ -250,15 +251,15 @@ def test_c7_a_duplicate_channel_a_unit_that_is_not_a_voltage_and_a_discontinuous
              "gaps": (labels(), {"reserved": "EDF+D"}, "discontinuous")}
     for case, (chans, extra, reason) in cases.items():
         write_edf(tmp_path / f"{case}.edf", chans, [256] * len(chans), 8, **extra)
-        with pytest.raises(tp.SkipRecording, match=reason):
-            tp.recording_windows(str(tmp_path / f"{case}.edf"), settings)
+        with pytest.raises(pt.SkipRecording, match=reason):
+            pt.recording_windows(str(tmp_path / f"{case}.edf"), settings)
 
 
 def test_c7_ctrl_c_keeps_what_is_done_and_says_the_same_command_continues(tuab, tmp_path, capsys, monkeypatch):
     def interrupted(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(tp, "run_parts", interrupted)
-    assert tp.main(["--prepare_tuab", str(tuab["src"]), "--out", str(tmp_path / "out")]) == 130
+    monkeypatch.setattr(pt, "run_parts", interrupted)
+    assert pt.main([str(tuab["src"]), "--out", str(tmp_path / "out")]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the same command continues" in err[0]
     assert (tmp_path / "out" / tp.INCOMPLETE).exists() and not (tmp_path / "out" / "manifest.json").exists()
@@ -279,17 +280,17 @@ def test_c7_a_second_run_with_the_same_inputs_is_up_to_date_and_any_changed_inpu
                        ([], f"next: ./launch.sh CONFIG -- --set data.train_x={out}/train_x.npy")):
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            assert tp.main(["--prepare_tuab", str(tuab["src"]), "--out", str(out), *args]) == 0
+            assert pt.main([str(tuab["src"]), "--out", str(out), *args]) == 0
         assert "is up to date" in stdout.getvalue() and said in stdout.getvalue()
     cfg, _ = tp.resolve_config(None, [], check_files=False)
-    root, recordings, misnamed = tp.tuab_recordings(str(tuab["src"]))
-    assert tp.up_to_date(str(out), tp.prepare_inputs(recordings, misnamed, cfg))
+    root, recordings, misnamed = pt.tuab_recordings(str(tuab["src"]))
+    assert pt.up_to_date(str(out), pt.prepare_inputs(recordings, misnamed, cfg))
     for change in ("data.notch=60", "data.val_fraction=0.3", "data.montage=tcp", "data.sample_rate=200"):
         changed, _ = tp.resolve_config(None, [change], check_files=False)
-        assert not tp.up_to_date(str(out), tp.prepare_inputs(recordings, misnamed, changed)), change
+        assert not pt.up_to_date(str(out), pt.prepare_inputs(recordings, misnamed, changed)), change
     touched = [{**recordings[0], "mtime_ns": recordings[0]["mtime_ns"] + 1}] + recordings[1:]
-    assert not tp.up_to_date(str(out), tp.prepare_inputs(touched, misnamed, cfg))
-    assert not tp.up_to_date(str(out), tp.prepare_inputs(recordings[1:], misnamed, cfg))
+    assert not pt.up_to_date(str(out), pt.prepare_inputs(touched, misnamed, cfg))
+    assert not pt.up_to_date(str(out), pt.prepare_inputs(recordings[1:], misnamed, cfg))
 
 
 def test_c7_killed_preparations_at_two_workers_finish_with_the_bytes_of_an_uninterrupted_one_worker_run(tuab, tmp_path):
@@ -298,7 +299,7 @@ def test_c7_killed_preparations_at_two_workers_finish_with_the_bytes_of_an_unint
     this process (one worker) with the reference's bytes, manifest included. Every part the first run's workers
     finished is used, whichever worker made it."""
     out = tmp_path / "killed"
-    args = ["--prepare_tuab", str(tuab["src"]), "--out", str(out), "--workers", "2"]
+    args = [str(tuab["src"]), "--out", str(out), "--workers", "2"]
     fifth = sorted(name(*f[:3]) for f in FILES)[4]
     first = run_script(*args, env={"KIT_FAULT_PREP_KILL_AT": f"file:{fifth}"})
     assert first.returncode == -9, first.stderr
@@ -352,7 +353,7 @@ def test_c6_training_refuses_windows_prepared_with_other_settings(tuab, tmp_path
     copy = tmp_path / "copy"
     shutil.copytree(tuab["out"], copy)
     (copy / tp.INCOMPLETE).write_text("")
-    with pytest.raises(tp.ConfigError, match="unfinished --prepare_tuab"):
+    with pytest.raises(tp.ConfigError, match="unfinished preparation"):
         tp.resolve_config(None, data_keys(copy))
     (copy / tp.INCOMPLETE).unlink()
     np.save(copy / "val_y.npy", np.zeros(3, np.int64))
@@ -371,7 +372,7 @@ def test_c7_train_probe_trains_on_the_prepared_directory(tuab, tmp_path):
 
 def test_c3_prepare_tuab_bad_input_is_one_line_exit_2_and_writes_nothing(tuab, tmp_path, capsys, monkeypatch):
     def fails(src, out, *more):
-        code = tp.main(["--prepare_tuab", str(src), "--out", str(out), *more])
+        code = pt.main([str(src), "--out", str(out), *more])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1, err
         return err[0]
