@@ -1179,13 +1179,14 @@ def config_inputs(cfg):
             "data.train_x content": data_identity(cfg, "train")}
 
 
-def feature_inputs(cfg, digest, sample):
+def feature_inputs(cfg, digest, sample, window_shape):
     """S7/R11: everything the training features depend on, saved in every checkpoint (run["inputs"]) and
     compared by check_resume_inputs: the settings, the user's build file, the backbone's tensors (digest), the
-    feature size, the training data, and the first two training windows' features (they catch a change in code
-    no hash here sees: the library that defines the class, the built-in encoder's own code)."""
-    return {**config_inputs(cfg), "backbone digest": digest, "feature dim": int(sample.shape[1]),
-            "first features": sample.float()}
+    training windows' [channels, samples] (E11: --evaluate scores no other), the feature size, the training
+    data, and the first two training windows' features (they catch a change in code no hash here sees: the
+    library that defines the class, the built-in encoder's own code)."""
+    return {**config_inputs(cfg), "backbone digest": digest, "window shape": [int(n) for n in window_shape],
+            "feature dim": int(sample.shape[1]), "first features": sample.float()}
 
 
 def input_changes(saved, now):
@@ -2524,7 +2525,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     backbone = build_backbone(cfg, train_set.shape[1]).to(d["device"])
     shape, first = check_backbone(backbone, cfg, d["device"], sets.values())  # every split, before anything is written
     digest = tensor_digest(backbone)
-    inputs = feature_inputs(cfg, digest, first)
+    inputs = feature_inputs(cfg, digest, first, train_set.shape[1:])
     check_resume_inputs(cfg, run_dir, resume_mode, inputs)  # S7/R11: before a feature file is replaced
     run = open_run(run_dir, cfg, d)
     run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, backbone_output_shape=shape,
@@ -2651,6 +2652,7 @@ def export_probe(run):
     try:
         torch.save(state, os.path.join(tmp, "head.pt"))
         meta = {"format": "probe_head", "file": "head.pt", "in_channels": run["train_set"].shape[1],
+                "window_shape": run["inputs"]["window shape"],  # E11: --evaluate refuses windows of another shape
                 "step": best["global_step"] if best else run["state"]["global_step"], "config": model_config(run["cfg"]),
                 "load": f"import train_probe; model = train_probe.load_export({out!r})  # windows [B, C, T] -> logits"}
         atomic_write_text(os.path.join(tmp, "probe.json"), json.dumps(meta, indent=2) + "\n")
@@ -2668,7 +2670,22 @@ def load_export(export_dir):
         meta = json.load(f)
     cfg = {**{k: default for k, (default, _, _) in CONFIG.items()}, **meta["config"]}
     state = torch.load(os.path.join(export_dir, meta["file"]), map_location="cpu", weights_only=True)
-    return ExportedProbe(build_backbone(cfg, meta["in_channels"]), head_from_state(cfg, state), cfg).eval()
+    model = ExportedProbe(build_backbone(cfg, meta["in_channels"]), head_from_state(cfg, state), cfg).eval()
+    model.window_shape = meta.get("window_shape") or [meta["in_channels"], None]  # an older export: the channels
+    return model
+
+
+def check_window_shape(trained, sets, weights):
+    """E11: the windows scored have the [channels, samples] the run trained on (None = not recorded). Other
+    channels through a channel-agnostic backbone, or other lengths through a pooled one, still give features
+    of the head's width, and numbers that mean nothing; the export and the checkpoint are checked alike."""
+    for s in sets.values():
+        if trained and any(want not in (None, got) for want, got in zip(trained, s.shape[1:])):
+            key = f"data.{s.split}_x" if s.x_path else f"data.synthetic.{'channels' if s.shape[1] != trained[0] else 'length'}"
+            raise ConfigError([("E11", key, f"{s.x_path or 'synthetic'} holds windows of {s.shape[1]} channels x "
+                                f"{s.shape[2]} samples, {weights} was trained on {trained[0]} x "
+                                f"{trained[1] or '?'}: its backbone and head cannot read them; evaluate windows "
+                                "with the training channels, in their order, and the training window length")])
 
 
 def evaluate_saved(config_path, overrides, path):
@@ -2682,11 +2699,15 @@ def evaluate_saved(config_path, overrides, path):
             raise ConfigError([("C3", "--evaluate", f"{source} holds no probe.json: not an export of train_probe.py")])
         model = load_export(source)
         model_cfg, backbone, head, weights = {**cfg, **model_config(model.cfg)}, model.backbone, model.head, f"export {source}"
+        trained = model.window_shape
     else:
         ckpt = read_checkpoint(source, TASK)
         model_cfg = {**cfg, **model_config(ckpt["config"])}  # the network as trained, the data of --config
-        backbone, head = build_backbone(model_cfg, sets["val"].shape[1]), head_from_state(model_cfg, ckpt["model"])
+        trained = (ckpt.get("inputs") or {}).get("window shape")  # None in a checkpoint older than E11's check
         weights = f"{source} (step {ckpt['global_step']})"
+        backbone = build_backbone(model_cfg, trained[0] if trained else sets["val"].shape[1])
+        head = head_from_state(model_cfg, ckpt["model"])
+    check_window_shape(trained, sets, weights)  # E11: one rule for the export and the checkpoint
     backbone = backbone.to(d["device"])
     dim = check_backbone(backbone, model_cfg, d["device"], sets.values())[1].shape[1]
     if dim != head.linear.in_features:

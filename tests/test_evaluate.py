@@ -1,0 +1,76 @@
+"""--evaluate (E11): what it refuses and what it writes, on the built-in encoder and on a user's backbone.
+
+Two tiny probe runs on .npy windows of 4 channels x 128 samples (the built-in encoder, and tests/zoo.py's
+BatchNorm/dropout conv_time pooled over time, which reads any window length) are shared by every test here.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_probe as tp  # noqa: E402
+
+SETTINGS = ["train.batch_size=4", "train.grad_accum=3", "train.epochs=3", "train.eval_batch_size=16",
+            "schedule.warmup=2", "optim.lr=0.01"]
+BACKBONES = {"builtin": ["backbone.kwargs={width: 8, heads: 2}"],
+             "zoo": ["backbone.target=zoo:conv_time", "backbone.kwargs={channels: 4, width: 8}",
+                     "backbone.pool=mean_time"]}
+
+
+def windows(path, n, channels=4, length=128, seed=0):
+    rng = np.random.default_rng(seed)
+    np.save(f"{path}_x.npy", rng.standard_normal((n, channels, length)).astype(np.float32))
+    np.save(f"{path}_y.npy", (np.arange(n) % 2).astype(np.int64))
+    return f"{path}_x.npy"
+
+
+@pytest.fixture(scope="module")
+def probe_runs(tmp_path_factory):
+    """{"builtin"/"zoo": (run dir, its --set values)}: finished runs with best.pt and export/."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    windows(tmp / "train", 38)
+    windows(tmp / "val", 24, seed=1)
+    data = [f"data.{s}_{k}={tmp}/{s}_{k}.npy" for s in ("train", "val") for k in ("x", "y")]
+    runs = {}
+    for name, backbone in BACKBONES.items():
+        cfg, _ = tp.resolve_config(None, SETTINGS + data + backbone)
+        outcome, _ = tp.train(cfg, str(tmp / name), "none", quiet=True)
+        assert outcome == "finished"
+        runs[name] = (tmp / name, SETTINGS + data + backbone)
+    return {"tmp": tmp, **runs}
+
+
+def sets(values):
+    return [a for v in values for a in ("--set", v)]
+
+
+def listing(directory):
+    return sorted(os.path.join(root, f) for root, _, files in os.walk(directory) for f in files)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_e11_probe_evaluate_refuses_windows_of_other_channels_or_length_than_the_run_trained_on(probe_runs, name,
+                                                                                                 capsys):
+    # A run on 4 x 128 windows scored on 2-channel or 64-sample windows: the built-in encoder is rebuilt for any
+    # channel count and both backbones pool any length, so the head got features of its width and printed an
+    # AUROC, exit 0. The checkpoint and the export are refused alike: one line naming data.val_x, exit 2.
+    run_dir, values = probe_runs[name]
+    tmp = probe_runs["tmp"]
+    other = {"channels": windows(tmp / "val2ch", 24, channels=2), "length": windows(tmp / "val64", 24, length=64)}
+    before = listing(run_dir)
+    for what, path in other.items():
+        if name == "zoo" and what == "channels":
+            continue  # its kwargs fix 4 channels: the backbone itself fails on 2, refused as before
+        for target in (str(run_dir), str(run_dir / "export"), str(run_dir / "checkpoints" / "best.pt")):
+            assert tp.main(["--evaluate", target, *sets(values + [f"data.val_x={path}"])]) == 2, (what, target)
+            out, err = capsys.readouterr()
+            assert out == "" and len(err.strip().splitlines()) == 1, err
+            assert err.startswith("config error: data.val_x: ") and "was trained on 4 x 128" in err, err
+    assert listing(run_dir) == before  # nothing written
+    # the run's own windows still evaluate
+    assert tp.main(["--evaluate", str(run_dir), *sets(values)]) == 0
+    assert "val/auroc" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
