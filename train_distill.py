@@ -8,7 +8,7 @@ Run it (defaults: a built-in corpus of generated Python-like text, the same byte
     python train_distill.py --config configs/distill_demo.yaml          # the student, distilled from that teacher
     python train_distill.py --config configs/distill_reference.yaml --set kd.teacher_checkpoint=runs/t/checkpoints/best.pt
     torchrun --standalone --nproc_per_node=2 train_distill.py --config configs/distill_reference.yaml
-    python train_distill.py --tokenize my_texts/ --tokenizer TEACHER_HF_DIR --out data/mine   # text -> .bin files
+    python prepare_text.py my_texts/ --tokenizer TEACHER_HF_DIR --out data/mine   # first, for your own text: .bin files
 
 A run trains the network the student.* keys name: the built-in GPT, a local Hugging Face model
 (`student.hf_dir`) or the user's module (`student.target`). With `kd.enabled: false` that is plain
@@ -794,7 +794,7 @@ def hf_dir_problems(cfg, path, key, who, need_weights):
     if vocab is not None and model_vocab is not None and model_vocab != vocab:
         problems.append(("C3", "data.vocab_size", f"{vocab}{' (the built-in corpus is bytes)' if not cfg['data.train_bin'] else ''}, "
                          f"but {who} in {path} predicts {model_vocab} tokens; tokenize the text with its tokenizer "
-                         "(python train_distill.py --tokenize) and set data.vocab_size to that size"))
+                         "(python prepare_text.py) and set data.vocab_size to that size"))
     name, limit = hf_config_value(config, HF_POSITION_KEYS)
     if limit is not None and seq_len > limit:
         problems.append(("C3", "data.seq_len", f"{seq_len} is longer than {who}'s position limit {limit} ({name} in "
@@ -4352,119 +4352,6 @@ def dry_run(config_path, overrides, train_fn=None):
 
 
 # -----------------------------------------------------------------------------
-# --tokenize: text files -> the .bin token files this script reads, with a local Hugging Face tokenizer
-# (docs/distill_models.md). Every file is one document, followed by the tokenizer's end-of-text token
-# (a tokenizer without one is warned about: then nothing separates the documents).
-def token_dtype(vocab):
-    """The smallest id type data.dtype offers for ids 0..vocab-1: uint16 up to 65536 ids, else uint32."""
-    return "uint16" if vocab <= 2 ** 16 else "uint32"
-
-
-def text_files(sources, pattern):
-    """Files named on the command line, and every file under a named directory whose name matches
-    `pattern` (hidden files and directories left out), in sorted order: the same .bin on every OS."""
-    import fnmatch
-    found = []
-    for source in sources:
-        if os.path.isfile(source):
-            found.append(source)
-        for dirpath, dirnames, filenames in os.walk(source) if os.path.isdir(source) else ():
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                      if fnmatch.fnmatch(f, pattern) and not f.startswith(".")]
-    return found
-
-
-def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern="*.txt", say=print):
-    """Tokenize text files into out_dir/train.bin and out_dir/val.bin (flat token ids, uint16 when the
-    vocabulary fits, else uint32) and write out_dir/data.yaml, the data: keys a config needs. The val split
-    is the last val_fraction of every file's tokens, so both splits see every source. The vocabulary size
-    is the model's vocab_size when tokenizer_dir is a model directory (config.json; embeddings are often
-    padded past the tokenizer's own size), else the tokenizer's size. Nothing is written on bad input."""
-    problems = []
-    if not 0 < val_fraction < 1:
-        problems.append(("C3", "--val_fraction", f"{val_fraction!r} must be between 0 and 1"))
-    if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
-        problems.append(("C3", "--tokenizer", f"{tokenizer_dir} is not a directory; give a local Hugging Face "
-                                              "tokenizer (or model) directory"))
-    elif not transformers_installed():
-        problems.append(("C3", "--tokenizer", f"needs the transformers package, which is not installed for {sys.executable}; "
-                                              f"{sys.executable} -m pip install transformers"))
-    if not out_dir:
-        problems.append(("C3", "--out", "missing: give the directory for train.bin, val.bin and data.yaml"))
-    else:
-        there = [name for name in ("train.bin", "val.bin") if os.path.exists(os.path.join(out_dir, name))]
-        if there:
-            problems.append(("C3", "--out", f"{out_dir} already holds {' and '.join(there)}; choose another --out "
-                                            "(nothing was overwritten)"))
-    files = text_files(sources, pattern)
-    if not files:
-        problems.append(("C3", "--tokenize", f"no text files in {' '.join(sources)} (directories: files matching {pattern}, see --glob)"))
-    if problems:
-        raise ConfigError(problems)
-    transformers = transformers_module()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    except Exception as err:  # whatever transformers raises for a directory without a usable tokenizer
-        raise ConfigError([("C3", "--tokenizer", f"{tokenizer_dir} holds no tokenizer transformers can load "
-                            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})")]) from None
-    vocab, origin = len(tokenizer), "the tokenizer's size"
-    config_file = os.path.join(tokenizer_dir, "config.json")
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            _, model_vocab = hf_config_value(json.load(f), ("vocab_size",))
-        if model_vocab is not None and model_vocab < vocab:
-            raise ConfigError([("C3", "--tokenizer", f"the tokenizer has {vocab} tokens but the model's vocab_size in "
-                                f"{config_file} is {model_vocab}; they must belong together")])
-        if model_vocab is not None:
-            vocab, origin = model_vocab, f"the model's vocab_size ({config_file})"
-    dtype, eos = token_dtype(vocab), tokenizer.eos_token_id
-    if eos is None and len(files) > 1:  # the files are still one stream: say what (nothing) separates them
-        say(f"WARNING C3: the tokenizer in {tokenizer_dir} has no end-of-text token (eos_token), so nothing "
-            f"separates the {len(files)} documents: each file's tokens follow the previous file's directly and a "
-            "window can span two documents; give the tokenizer an eos_token (tokenizer_config.json) to mark them")
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
-    tmp = {split: f"{path}.tmp-{os.getpid()}" for split, path in paths.items()}
-    counts = {"train": 0, "val": 0}
-    try:
-        with open(tmp["train"], "wb") as train_file, open(tmp["val"], "wb") as val_file:
-            for path in files:
-                try:
-                    with open(path, encoding="utf-8") as f:
-                        text = f.read()
-                except UnicodeDecodeError:
-                    raise ConfigError([("C3", "--tokenize", f"{path} is not UTF-8 text; convert it or leave it out")]) from None
-                ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + ([eos] if eos is not None else [])
-                ids = np.asarray(ids, dtype=np.int64)
-                if ids.size and int(ids.max()) >= vocab:
-                    raise ConfigError([("C3", "--tokenizer", f"{path} gives token id {int(ids.max())} >= vocabulary size {vocab}")])
-                cut = len(ids) - int(round(len(ids) * val_fraction))
-                ids[:cut].astype(dtype).tofile(train_file)
-                ids[cut:].astype(dtype).tofile(val_file)
-                counts["train"], counts["val"] = counts["train"] + cut, counts["val"] + len(ids) - cut
-        for split, n in counts.items():
-            if n < 2:
-                raise ConfigError([("C3", "--tokenize", f"the {split} split holds {n} tokens; give more text or change --val_fraction")])
-        for split in paths:
-            os.replace(tmp[split], paths[split])
-    finally:
-        for path in tmp.values():
-            if os.path.exists(path):
-                os.remove(path)
-    snippet = (f"# python train_distill.py --tokenize {' '.join(sources)} --tokenizer {tokenizer_dir} --out {out_dir}\n"
-               f"# {len(files)} files; {counts['train']} train and {counts['val']} val tokens; vocab_size is {origin}\n"
-               f"data:\n  train_bin: {paths['train']}\n  val_bin: {paths['val']}\n  dtype: {dtype}\n  vocab_size: {vocab}\n")
-    atomic_write_text(os.path.join(out_dir, "data.yaml"), snippet)
-    say(f"wrote {paths['train']} ({counts['train']} tokens) and {paths['val']} ({counts['val']} tokens), {dtype}, "
-        f"from {len(files)} files; the config needs (also in {os.path.join(out_dir, 'data.yaml')}):\n")
-    say("\n".join(snippet.splitlines()[2:]))
-    say(f"\nor on the command line: --set data.train_bin={paths['train']} --set data.val_bin={paths['val']} "
-        f"--set data.dtype={dtype} --set data.vocab_size={vocab}")
-    return {"paths": paths, "dtype": dtype, "vocab_size": vocab, "tokens": counts, "files": files}
-
-
-# -----------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (omit for the built-in defaults)")
@@ -4475,13 +4362,6 @@ def parse_args(argv=None):
     parser.add_argument("--run_dir", help="default runs/<run_name>")
     parser.add_argument("--evaluate", metavar="PATH", help="instead of training: score a checkpoint, a run directory "
                         "(its best.pt) or an export directory on the --config's data; the last line is JSON")
-    parser.add_argument("--tokenize", nargs="+", metavar="TEXT", help="instead of training: tokenize these text files "
-                        "and directories into --out/train.bin and val.bin with --tokenizer, print the data: keys to use")
-    parser.add_argument("--tokenizer", metavar="DIR", help="--tokenize: a local Hugging Face tokenizer or model directory")
-    parser.add_argument("--out", metavar="DIR", help="--tokenize: the directory for train.bin, val.bin and data.yaml")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="--tokenize: the last share of every file's "
-                        "tokens that goes to val.bin (default 0.1)")
-    parser.add_argument("--glob", default="*.txt", help="--tokenize: which files of a directory to read (default *.txt)")
     parser.add_argument("--cache_teacher", action="store_true",
                         help="only build kd.teacher_cache (the teacher's top-k over every train and eval window) and exit")
     parser.add_argument("--help_config", action="store_true",
@@ -4492,14 +4372,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg.split("=")[0] == "--tokenize" for arg in argv):  # C3: the preparation is its own tool now
+        print(ConfigError([("C3", "--tokenize", "moved to prepare_text.py, beside this script: python "
+                            "prepare_text.py TEXT... --tokenizer DIR --out DIR")]), file=sys.stderr)
+        return 2
     args = parse_args(argv)
     if args.help_config:
         write_stdout(config_reference(CONFIG, os.path.basename(__file__)))  # `--help_config | head`: no traceback
         return 0
     try:
-        if args.tokenize:
-            tokenize_to_bins(args.tokenize, args.tokenizer, args.out, args.val_fraction, args.glob)
-            return 0
         if args.evaluate:
             return evaluate_saved(args.config, args.set, args.evaluate)
         if args.dry_run:

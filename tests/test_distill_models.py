@@ -1,6 +1,6 @@
 """train_distill.py with the models users bring (issue 12): Hugging Face causal LMs and plain nn.Modules as
 teacher and as student, the export of the best student, the position and vocabulary checks, the RNG
-discipline with dropout (R4), and --tokenize.
+discipline with dropout (R4). (prepare_text.py, which makes token files from text: tests/test_prepare_text.py.)
 
 The models come from tests/zoo.py: a tiny HF GPT-2 (dropout 0.1, GPT-2's default) and a tiny HF Llama
 (RoPE), random weights saved locally (nothing is downloaded), vocabulary 256 so the built-in byte corpus
@@ -15,7 +15,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import zoo
 
@@ -358,94 +357,3 @@ def test_hf_student_trains_in_train_mode_and_config_json_alone_is_a_seeded_rando
     a, b, c = build("config_only", 0), build("config_only", 0), build("config_only", 1)
     assert all(m.training for m in a.modules())
     assert same(a.state_dict(), b.state_dict()) and not same(a.state_dict(), c.state_dict())
-
-
-# ----------------------------------------------------------------------------- --tokenize
-def write_texts(root, rng):
-    words = ["alpha", "beta", "gamma", "delta", "the", "fox", "jumps", "over", "lazy", "dog", "and", "runs"]
-    texts = {}
-    for name in ("a.txt", "b.txt", "sub/c.txt"):
-        text = " ".join(rng.choice(words, size=int(rng.integers(300, 500)))) + "\n"
-        os.makedirs(os.path.dirname(root / name), exist_ok=True)
-        (root / name).write_text(text)
-        texts[name] = text
-    (root / "notes.md").write_text("not read: --glob is *.txt")
-    return texts
-
-
-@needs_hf
-def test_tokenize_text_files_into_bins_then_distil_from_an_hf_teacher_end_to_end(tmp_path, capsys):
-    import transformers
-    texts = write_texts(tmp_path / "text", np.random.default_rng(0))
-    tok_dir = zoo.tiny_tokenizer(tmp_path / "tok", list(texts.values()), vocab_size=60)
-    out = tmp_path / "data"
-    assert T.main(["--tokenize", str(tmp_path / "text"), "--tokenizer", tok_dir, "--out", str(out)]) == 0
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
-    vocab = len(tokenizer)
-    data = yaml.safe_load((out / "data.yaml").read_text())["data"]
-    assert data == {"train_bin": str(out / "train.bin"), "val_bin": str(out / "val.bin"), "dtype": "uint16", "vocab_size": vocab}
-    assert f"vocab_size: {vocab}" in capsys.readouterr().out
-    train_ids, val_ids = [], []
-    for name in sorted(texts):  # a.txt, b.txt, sub/c.txt: sorted paths, each followed by <eos>
-        ids = tokenizer(texts[name], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        cut = len(ids) - round(len(ids) * 0.1)  # the last tenth of every file is validation
-        train_ids += ids[:cut]
-        val_ids += ids[cut:]
-    assert np.array_equal(np.fromfile(out / "train.bin", np.uint16), train_ids)
-    assert np.array_equal(np.fromfile(out / "val.bin", np.uint16), val_ids)
-    # end to end: the printed keys, an HF teacher with that tokenizer's vocabulary, the built-in student
-    teacher = zoo.hf_gpt2(tmp_path / "teacher", vocab=vocab)
-    settings = TINY + KD + [f"data.{k}={v}" for k, v in data.items()] + [
-        "data.seq_len=8", f"kd.hf_teacher_dir={teacher}", "student.n_layer=1", "student.n_embd=16"]
-    cfg, outcome, run = train(settings, tmp_path / "run")
-    assert outcome == "finished" and run["train_set"].vocab == vocab
-    assert all(math.isfinite(e["val/loss"]) for e in T.read_metrics(str(tmp_path / "run"))[1].values())
-
-
-@needs_hf
-def test_tokenize_writes_uint32_when_the_model_vocabulary_passes_65536(tmp_path):
-    texts = write_texts(tmp_path / "text", np.random.default_rng(1))
-    tok_dir = zoo.tiny_tokenizer(tmp_path / "tok", list(texts.values()), vocab_size=60)
-    (tmp_path / "tok" / "config.json").write_text(json.dumps({"vocab_size": 70000}))  # a model dir: padded embeddings
-    assert T.main(["--tokenize", str(tmp_path / "text" / "a.txt"), "--tokenizer", tok_dir, "--out", str(tmp_path / "d")]) == 0
-    data = yaml.safe_load((tmp_path / "d" / "data.yaml").read_text())["data"]
-    assert data["dtype"] == "uint32" and data["vocab_size"] == 70000
-    ids = np.concatenate([np.fromfile(tmp_path / "d" / f"{s}.bin", np.uint32) for s in ("train", "val")])
-    assert 0 < ids.max() < 60 and ids.size == (os.path.getsize(tmp_path / "d" / "train.bin")
-                                                + os.path.getsize(tmp_path / "d" / "val.bin")) // 4
-    assert T.token_dtype(65536) == "uint16" and T.token_dtype(65537) == "uint32"
-
-
-@needs_hf
-def test_c3_tokenize_with_a_tokenizer_without_an_end_of_text_token_warns_that_nothing_separates_documents(
-        tmp_path, capsys):
-    import transformers
-    texts = write_texts(tmp_path / "text", np.random.default_rng(2))
-    tok_dir = zoo.tiny_tokenizer(tmp_path / "tok", list(texts.values()), vocab_size=60)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
-    tokenizer.eos_token = None
-    tokenizer.save_pretrained(tmp_path / "no_eos")
-    assert T.main(["--tokenize", str(tmp_path / "text"), "--tokenizer", str(tmp_path / "no_eos"),
-                   "--out", str(tmp_path / "d")]) == 0
-    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
-    assert len(warning) == 1 and "no end-of-text token" in warning[0] and "nothing separates the" in warning[0]
-    assert T.main(["--tokenize", str(tmp_path / "text"), "--tokenizer", tok_dir, "--out", str(tmp_path / "e")]) == 0
-    assert "WARNING" not in capsys.readouterr().out  # <eos> between the documents: nothing to say
-
-
-@needs_hf
-def test_c3_tokenize_bad_input_exits_2_with_one_line_and_overwrites_nothing(tmp_path, capsys):
-    texts = write_texts(tmp_path / "text", np.random.default_rng(2))
-    tok_dir = zoo.tiny_tokenizer(tmp_path / "tok", list(texts.values()), vocab_size=60)
-    out = tmp_path / "d"
-    out.mkdir()
-    (out / "train.bin").write_bytes(b"keep")
-    cases = [(["--tokenize", str(tmp_path / "text"), "--tokenizer", tok_dir, "--out", str(out)], "--out"),
-             (["--tokenize", str(tmp_path / "nothing"), "--tokenizer", tok_dir, "--out", str(tmp_path / "e")], "--tokenize"),
-             (["--tokenize", str(tmp_path / "text"), "--tokenizer", str(tmp_path / "no_tok"), "--out", str(tmp_path / "e")],
-              "--tokenizer")]
-    for argv, key in cases:
-        assert T.main(argv) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"config error: {key}:"), lines
-    assert (out / "train.bin").read_bytes() == b"keep" and not (tmp_path / "e").exists()
