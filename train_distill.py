@@ -169,8 +169,8 @@ CONFIG = {
     "kd.teacher_cache": (None, "str?", "offline KD: directory of the teacher's cached top-k (built first when absent or "
                          "incomplete, then training loads no teacher); needs kd.top_k, kd.gamma 0; null = online"),
     "kd.chunk_tokens": (0, "int", "compute the head, CE and KD terms this many positions at a time from the last "
-                        "hidden states, recomputing each chunk in the backward, so no [batch, seq, vocab] tensor "
-                        "exists (D6); 0 = off. Built-in GPT and Hugging Face models"),
+                        "hidden states, each chunk's gradient taken in the forward (nothing recomputed), so no "
+                        "[batch, seq, vocab] tensor exists (D6); 0 = off. Built-in GPT and Hugging Face models"),
     "kd.teacher_cache_dtype": ("fp32", ("fp32", "fp16"), "teacher cache values: fp32 (exactly what online top-k "
                                "uses) or fp16 (half the disk, rounded)"),
 }
@@ -2098,8 +2098,9 @@ def hidden_loss(student_projected, teacher_hidden):
 # A loss that never holds the whole vocabulary (kd.chunk_tokens): the head, CE and KD terms computed a
 # chunk of positions at a time from the last hidden states, as Liger Kernel's fused distillation losses do,
 # with the kit's own loss functions on each chunk, so the numbers are the unchunked path's up to the order
-# of the sums. torch.utils.checkpoint keeps each chunk's input alone and recomputes its logits in the
-# backward: the peak holds chunk x vocab logits (student and teacher), never batch x seq x vocab.
+# of the sums. ChunkedLoss takes each chunk's gradient in the forward and keeps it, so a chunk's logits are
+# freed before the next chunk's and never recomputed: the peak holds chunk x vocab logits (student and
+# teacher), never batch x seq x vocab.
 def linear_head(lm, key):
     """(weight [V, D], bias or None) of a network whose logits are its last hidden state times a matrix: the
     built-in GPT (tied embedding), a Hugging Face causal LM without logit scaling or soft-capping."""

@@ -529,7 +529,8 @@ def bench_topk(repeats, vocabs=(32_000, 128_000), rows=256, k=256, temperature=2
 # -----------------------------------------------------------------------------
 # Chunked KD loss (D6, kd.chunk_tokens): one loss step of make_task from the last hidden states, CE + full
 # KD with an online teacher, the head run on both sides; unchunked (the [batch, seq, vocab] logits of both
-# networks, as loss() computes them) vs td.chunked_terms (chunk x vocab at a time, recomputed in the backward).
+# networks, as loss() computes them) vs td.chunked_terms (chunk x vocab at a time, each chunk's gradient taken
+# in its forward).
 # 4 x 256 positions at vocab 131,072 (128k) and width 64: one logits tensor is 512 MiB, one chunk of 128
 # positions 64 MiB; the unchunked step peaks near 3 GiB, seconds per step on one core.
 KD_CHUNK = {"batch": 4, "seq": 256, "vocab": 131_072, "width": 64, "chunk": 128, "alpha": 0.5, "beta": 0.5,

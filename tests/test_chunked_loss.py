@@ -1,5 +1,5 @@
 """kd.chunk_tokens (D6): the head, CE and KD terms computed a chunk of positions at a time from the last
-hidden states, each chunk's logits recomputed in the backward. Loss and gradients equal the unchunked path
+hidden states, each chunk's gradient taken in the forward (ChunkedLoss). Loss and gradients equal the unchunked path
 to float round-off (fp32) for full KD, top-k KD and offline (cached top-k) KD, with kd.alpha / kd.beta at 0
 or not, at chunk sizes that divide the token count and one that does not; then whole runs, built-in and
 Hugging Face, against their unchunked twins."""
