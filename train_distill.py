@@ -2000,9 +2000,6 @@ def xlogy_ratio(log_p, log_q):
 
 # kd.divergence: D(p, q) between the teacher's p = softmax(teacher / T) and the student's q = softmax(student / T),
 # both at the same temperature (E13: a T on one side only is another objective, never a scaled one).
-DIVERGENCES = CONFIG["kd.divergence"][1]
-
-
 def divergence(log_p, log_q, kind, jsd_beta=0.5, skew_alpha=0.1):
     """D(p, q) per position, summed over the last dimension of fp32 log-probabilities (the vocabulary, or the
     k + 1 outcomes of top-k KD). The published formulas:
