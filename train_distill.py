@@ -4145,7 +4145,14 @@ def evaluate_saved(config_path, overrides, path):
     offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None
     teacher = build_teacher(cfg, d["device"]) if cfg["kd.enabled"] and not offline else None
     say = print if d["main"] else (lambda line: None)
-    cache = prepare_teacher_cache(cfg, d, TokenWindows(cfg, "train"), val_set, windows, say) if offline else None
+    cache = None
+    manifest = read_manifest(cfg["kd.teacher_cache"]) if offline else None
+    if manifest is not None and manifest["complete"]:  # checked against this run as training checks it (R9)
+        cache = prepare_teacher_cache(cfg, d, TokenWindows(cfg, "train"), val_set, windows, say)
+    elif offline and d["main"]:  # E11: an evaluation builds nothing (a cache takes hours at real size)
+        print(f"note E11: kd.teacher_cache: {cfg['kd.teacher_cache']} is {'incomplete' if manifest else 'absent'} and "
+              "--evaluate builds no cache: scored without it, val/agreement left out (build it with --cache_teacher, "
+              "or set kd.teacher_cache=null to compare with the teacher itself)", file=sys.stderr)
     if kind == "export":
         if not any(os.path.isfile(os.path.join(source, f)) for f in ("model.json", "config.json")):
             raise ConfigError([("C3", "--evaluate", f"{source} holds no model.json or config.json: not an export of "
@@ -4153,10 +4160,11 @@ def evaluate_saved(config_path, overrides, path):
         module, weights = ExportedLM(load_export(source)), f"export {source}"
     else:
         ckpt = read_checkpoint(source, TASK)
-        module = build_trainable(ckpt["config"], teacher)  # the network as trained; the data and teacher of --config
-        # without a teacher here there is no KD projection to load (it only ever fed the hidden-state loss)
+        # E11: the network as trained, without the KD projection: it only ever fed the hidden-state loss, and a
+        # teacher of another width here would not fit it. The data and the teacher of --config.
+        module = build_trainable(ckpt["config"], None)
         state = saved_weights(ckpt, source)  # D4: a sharded run's checkpoint names its DCP directory
-        module.load_state_dict({k: v for k, v in state.items() if module.proj is not None or not k.startswith("proj.")})
+        module.load_state_dict({k: v for k, v in state.items() if not k.startswith("proj.")})
         weights = f"{source} (step {ckpt['global_step']})"
     run = {"cfg": cfg, "dist": d, "module": module.to(d["device"]), "val_set": val_set, "val_windows": windows,
            "teacher": teacher, "teacher_cache": cache, "sharded": None}  # one whole copy of the weights on each process

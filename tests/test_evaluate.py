@@ -74,3 +74,53 @@ def test_e11_probe_evaluate_refuses_windows_of_other_channels_or_length_than_the
     # the run's own windows still evaluate
     assert tp.main(["--evaluate", str(run_dir), *sets(values)]) == 0
     assert "val/auroc" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+DISTILL = ["data.seq_len=16", "data.limit=20", "data.val_windows=8", "data.builtin.train_bytes=40000",
+           "data.builtin.val_bytes=8000", "train.epochs=1", "train.batch_size=4", "train.grad_accum=1",
+           "train.eval_every=3", "train.save_every_minutes=null", "train.eval_batch_size=4", "schedule.warmup=2",
+           "student.n_layer=1", "student.n_head=2", "student.n_embd=16", "kd.enabled=true",
+           "teacher.target=zoo:tiny_causal_lm", "train.max_loss_share=1"]  # kd.gamma 0.1: a projection 16 -> 32
+
+
+@pytest.fixture(scope="module")
+def distill_run(tmp_path_factory):
+    """A finished KD run (a user module as the teacher, width 32) and its best eval's numbers."""
+    import torch
+    import train_distill as td
+    run_dir = tmp_path_factory.mktemp("distill") / "run"
+    cfg, _ = td.resolve_config(None, DISTILL)
+    outcome, _ = td.train(cfg, str(run_dir), "none", quiet=True)
+    assert outcome == "finished"
+    best = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    assert tuple(best["model"]["proj.weight"].shape) == (32, 16)
+    return run_dir, td.read_metrics(str(run_dir))[1][best["global_step"]]
+
+
+def test_e11_distill_evaluate_with_a_teacher_of_another_width_needs_no_projection(distill_run, capsys):
+    # The KD projection (student 16 -> teacher 32) only fed the hidden-state loss; a teacher of width 24 here
+    # crashed the load on proj.weight's size. The student's numbers are the run's own.
+    import train_distill as td
+    run_dir, want = distill_run
+    assert td.main(["--evaluate", str(run_dir), *sets(DISTILL + ["teacher.kwargs={width: 24}"])]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (got["val/loss"], got["val/ppl"]) == (want["val/loss"], want["val/ppl"])
+    assert "val/agreement" in got  # scored against the teacher of --set, as asked
+
+
+def test_e11_distill_evaluate_with_an_absent_teacher_cache_builds_nothing_and_scores_without_it(distill_run, tmp_path,
+                                                                                                 capsys):
+    # kd.teacher_cache naming a directory that does not exist: --evaluate built the whole cache (hours at real
+    # size) as a side effect. It builds nothing, says so in one line, and scores loss and ppl without it.
+    import train_distill as td
+    run_dir, want = distill_run
+    cache = tmp_path / "cache"
+    offline = DISTILL + [f"kd.teacher_cache={cache}", "kd.top_k=4", "kd.gamma=0"]
+    before = listing(run_dir)
+    assert td.main(["--evaluate", str(run_dir), *sets(offline)]) == 0
+    out, err = capsys.readouterr()
+    assert not os.path.exists(cache) and listing(run_dir) == before
+    notes = [line for line in err.splitlines() if line.strip()]
+    assert len(notes) == 1 and notes[0].startswith("note E11: kd.teacher_cache: ") and "builds no cache" in notes[0], err
+    got = json.loads(out.strip().splitlines()[-1])
+    assert (got["val/loss"], got["val/ppl"]) == (want["val/loss"], want["val/ppl"]) and "val/agreement" not in got
