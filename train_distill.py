@@ -3089,6 +3089,8 @@ def optimizer_step(run, task, micro_batches, count):
     cfg, d, st = run["cfg"], run["dist"], run["state"]
     model, optimizer, scheduler, scaler = run["model"], run["optimizer"], run["scheduler"], run["scaler"]
     step = st["global_step"] + 1
+    if count == 0:
+        return empty_step(run, step)
     if not run["module"].training:  # after an eval; a frozen backbone/teacher is not in here and stays in eval mode
         model.train()
     # G2: a micro-batch weighs by its share of the step's targets (a short last group included); the
@@ -3116,8 +3118,7 @@ def optimizer_step(run, task, micro_batches, count):
     # G7: all the host needs from this step in one read: the micro-batch losses, the loss parts and the
     # gradient norm (and, under DDP, every process's stop request).
     stats = torch.stack([*losses, *(v for part in parts.values() for v in part), norm.float()])
-    minutes = cfg["train.save_every_minutes"]
-    save_due = minutes is not None and time.monotonic() - run["last_save"] >= 60 * minutes
+    save_due = save_is_due(run)
     if d["world"] > 1:  # sums the losses, the parts, the stop requests and the due saves over processes, so
         # every process stops or saves at the same step; the gradient norm is the same on every process
         # after DDP's gradient all-reduce and is divided back below
@@ -3152,7 +3153,31 @@ def optimizer_step(run, task, micro_batches, count):
     scheduler.step()
     st["global_step"] = step
     return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop, "save_due": save_due,
-            "parts": parts}
+            "parts": parts, "empty": False}
+
+
+def save_is_due(run):
+    """R8: train.save_every_minutes has passed since the last save (on this process)."""
+    minutes = run["cfg"]["train.save_every_minutes"]
+    return minutes is not None and time.monotonic() - run["last_save"] >= 60 * minutes
+
+
+def empty_step(run, step):
+    """G2: a step whose micro-batches hold no target on any process (count 0: in train_distill.py, on-policy
+    micro-batches whose windows all have padding inside the prompt, E14) has no loss to divide by and no
+    gradient: no forward, no update. count is the whole global step's, so every process takes this path at the
+    same step (no collective is left waiting); the stop and save requests still cross the processes (R8). The
+    scheduler advances (S1) and fit() counts the step as skipped (R2: global_step - skipped_steps = updates)."""
+    flags = [float(run["stop_signal"] is not None), float(save_is_due(run))]
+    if run["dist"]["world"] > 1:
+        reduced = torch.tensor(flags, device=run["dist"]["device"])
+        dist.all_reduce(reduced)
+        flags = reduced.tolist()
+    lr = run["optimizer"].param_groups[0]["lr"]
+    run["scheduler"].step()
+    run["state"]["global_step"] = step
+    return {"loss": math.nan, "grad_norm": math.nan, "lr": lr, "finite": True, "stop": flags[0] > 0,
+            "save_due": flags[1] > 0, "parts": {}, "empty": True}
 
 
 LOSS_FLOOR = 1e-4  # E1: an eval loss below this is a saturated model's; its value can repeat to the last bit
@@ -3263,19 +3288,23 @@ def fit(run, task):
             window["samples"] += sum(len(m) for m in step_indices)
             window["targets"] += count
             st["bad_streak"] = 0 if out["finite"] else st["bad_streak"] + 1
-            st["skipped_steps"] += not out["finite"]
-            if step % cfg["train.log_every"] == 0 or step == 1 or not out["finite"] or step == total:
+            st["skipped_steps"] += not out["finite"] or out["empty"]  # G4, G2: steps without an update
+            if step % cfg["train.log_every"] == 0 or step == 1 or not out["finite"] or out["empty"] or step == total:
                 elapsed = max(time.perf_counter() - window["time"], 1e-9)
-                record = {"step": step, "epoch": epoch + 1, "lr": out["lr"], "loss": out["loss"],
-                          "grad_norm": out["grad_norm"], "samples_per_s": window["samples"] / elapsed,
-                          f"{unit}_per_s": window["targets"] / elapsed, "skipped_steps": st["skipped_steps"]}
+                record = {"step": step, "epoch": epoch + 1, "lr": out["lr"],
+                          "samples_per_s": window["samples"] / elapsed, f"{unit}_per_s": window["targets"] / elapsed,
+                          "skipped_steps": st["skipped_steps"],
+                          # G2: an empty step has no loss and no gradient (a null would read as G4's non-finite)
+                          **({} if out["empty"] else {"loss": out["loss"], "grad_norm": out["grad_norm"]})}
                 record.update({f"loss/{k}": v for k, v in out["parts"].items()})
                 record.update(task["record"]() if "record" in task else {})  # the task's own costs (generation)
                 if run["scaler"]:
                     record["scale"] = run["scaler"].get_scale()
                 write_metrics(run, record)
                 window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
-                if run["bar"] is not None:
+                if out["empty"]:
+                    pass  # said by the WARNING G2 below
+                elif run["bar"] is not None:
                     run["bar"].set_postfix(loss=f"{out['loss']:.4g}", lr=f"{out['lr']:.3g}")
                 else:
                     log(run, f"step {step}/{total} epoch {epoch + 1} lr {out['lr']:.4g} loss {out['loss']:.5g} "
@@ -3293,7 +3322,11 @@ def fit(run, task):
                                      f"{n} logged steps in {a}-{b} (up to {top:.0%}); rebalance the weights (said "
                                      "once; diagnose_and_fix.py --log gives the run's whole range)")
             show_progress(run, step)
-            if not out["finite"]:
+            if out["empty"]:
+                log(run, f"WARNING G2: step {step} skipped: none of its micro-batches holds a {unit[:-1]} to score"
+                         f"{task.get('empty_why', '')}; no update, the LR schedule moves on ({st['skipped_steps']} "
+                         "skipped in all)")
+            elif not out["finite"]:
                 log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "
                          f"({st['bad_streak']} in a row, {st['skipped_steps']} in all)")
             elif out["grad_norm"] > cfg["train.grad_norm_warn"]:
@@ -3841,7 +3874,9 @@ def make_task(run):
     # on-policy data (kd.on_policy_fraction), chosen once here: the section "On-policy data" below
     on_policy = make_on_policy(run, kd_term) if on_policy_used(cfg) and teacher is not None else None
     if on_policy is not None:
-        task.update(step_count=on_policy["step_count"], record=on_policy["record"])
+        task.update(step_count=on_policy["step_count"], record=on_policy["record"], empty_why=(
+            f" (every one on-policy, and every window's first {on_policy_lengths(cfg)[0]} tokens hold padding, so no "
+            "continuation is scored, E14; a kd.prompt_tokens shorter than the documents scores more)"))
     return task
 
 
@@ -4305,7 +4340,8 @@ def dry_run(config_path, overrides, train_fn=None):
                   f"(kd.on_policy_fraction {student['kd.on_policy_fraction']:g}), scored by the teacher; generation cost "
                   "in every step record")
         parts = sorted(k for k in trains[1] if k.startswith("loss/"))
-        check(all(math.isfinite(trains[s]["loss"]) for s in trains) and bool(parts) == cfg["kd.enabled"],
+        check(all(math.isfinite(r["loss"]) for r in trains.values() if "loss" in r)  # G2: an empty step has none
+              and bool(parts) == cfg["kd.enabled"],
               f"finite losses, components {parts} logged (E2)" if parts else "finite losses (one term: the LM's CE)")
         want = {"val/loss", "val/ppl"} | ({"val/agreement"} if cfg["kd.enabled"] else set())
         check(sorted(evals) == [3, 6, plan["total_steps"]] and all(
@@ -4341,7 +4377,7 @@ def dry_run(config_path, overrides, train_fn=None):
             outcome, run = train_fn_together(low, p_dir, "none", quiet=True)
             trains, evals, _ = read_metrics(p_dir)
             skipped = run["state"]["skipped_steps"]
-            finite = sum(1 for r in trains.values() if r["loss"] is not None and math.isfinite(r["loss"]))
+            finite = sum(1 for r in trains.values() if r.get("loss") is not None and math.isfinite(r["loss"]))
             lrs = np.array([trains[s]["lr"] for s in sorted(trains)])
             check(outcome == "finished" and finite + skipped == plan["total_steps"] and np.array_equal(lrs, lr_curve(low, plan))
                   and all(math.isfinite(e["val/loss"]) for e in evals.values())

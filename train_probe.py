@@ -1835,6 +1835,8 @@ def optimizer_step(run, task, micro_batches, count):
     cfg, d, st = run["cfg"], run["dist"], run["state"]
     model, optimizer, scheduler, scaler = run["model"], run["optimizer"], run["scheduler"], run["scaler"]
     step = st["global_step"] + 1
+    if count == 0:
+        return empty_step(run, step)
     if not run["module"].training:  # after an eval; a frozen backbone/teacher is not in here and stays in eval mode
         model.train()
     # G2: a micro-batch weighs by its share of the step's targets (a short last group included); the
@@ -1862,8 +1864,7 @@ def optimizer_step(run, task, micro_batches, count):
     # G7: all the host needs from this step in one read: the micro-batch losses, the loss parts and the
     # gradient norm (and, under DDP, every process's stop request).
     stats = torch.stack([*losses, *(v for part in parts.values() for v in part), norm.float()])
-    minutes = cfg["train.save_every_minutes"]
-    save_due = minutes is not None and time.monotonic() - run["last_save"] >= 60 * minutes
+    save_due = save_is_due(run)
     if d["world"] > 1:  # sums the losses, the parts, the stop requests and the due saves over processes, so
         # every process stops or saves at the same step; the gradient norm is the same on every process
         # after DDP's gradient all-reduce and is divided back below
@@ -1898,7 +1899,31 @@ def optimizer_step(run, task, micro_batches, count):
     scheduler.step()
     st["global_step"] = step
     return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop, "save_due": save_due,
-            "parts": parts}
+            "parts": parts, "empty": False}
+
+
+def save_is_due(run):
+    """R8: train.save_every_minutes has passed since the last save (on this process)."""
+    minutes = run["cfg"]["train.save_every_minutes"]
+    return minutes is not None and time.monotonic() - run["last_save"] >= 60 * minutes
+
+
+def empty_step(run, step):
+    """G2: a step whose micro-batches hold no target on any process (count 0: in train_distill.py, on-policy
+    micro-batches whose windows all have padding inside the prompt, E14) has no loss to divide by and no
+    gradient: no forward, no update. count is the whole global step's, so every process takes this path at the
+    same step (no collective is left waiting); the stop and save requests still cross the processes (R8). The
+    scheduler advances (S1) and fit() counts the step as skipped (R2: global_step - skipped_steps = updates)."""
+    flags = [float(run["stop_signal"] is not None), float(save_is_due(run))]
+    if run["dist"]["world"] > 1:
+        reduced = torch.tensor(flags, device=run["dist"]["device"])
+        dist.all_reduce(reduced)
+        flags = reduced.tolist()
+    lr = run["optimizer"].param_groups[0]["lr"]
+    run["scheduler"].step()
+    run["state"]["global_step"] = step
+    return {"loss": math.nan, "grad_norm": math.nan, "lr": lr, "finite": True, "stop": flags[0] > 0,
+            "save_due": flags[1] > 0, "parts": {}, "empty": True}
 
 
 LOSS_FLOOR = 1e-4  # E1: an eval loss below this is a saturated model's; its value can repeat to the last bit
@@ -2009,19 +2034,23 @@ def fit(run, task):
             window["samples"] += sum(len(m) for m in step_indices)
             window["targets"] += count
             st["bad_streak"] = 0 if out["finite"] else st["bad_streak"] + 1
-            st["skipped_steps"] += not out["finite"]
-            if step % cfg["train.log_every"] == 0 or step == 1 or not out["finite"] or step == total:
+            st["skipped_steps"] += not out["finite"] or out["empty"]  # G4, G2: steps without an update
+            if step % cfg["train.log_every"] == 0 or step == 1 or not out["finite"] or out["empty"] or step == total:
                 elapsed = max(time.perf_counter() - window["time"], 1e-9)
-                record = {"step": step, "epoch": epoch + 1, "lr": out["lr"], "loss": out["loss"],
-                          "grad_norm": out["grad_norm"], "samples_per_s": window["samples"] / elapsed,
-                          f"{unit}_per_s": window["targets"] / elapsed, "skipped_steps": st["skipped_steps"]}
+                record = {"step": step, "epoch": epoch + 1, "lr": out["lr"],
+                          "samples_per_s": window["samples"] / elapsed, f"{unit}_per_s": window["targets"] / elapsed,
+                          "skipped_steps": st["skipped_steps"],
+                          # G2: an empty step has no loss and no gradient (a null would read as G4's non-finite)
+                          **({} if out["empty"] else {"loss": out["loss"], "grad_norm": out["grad_norm"]})}
                 record.update({f"loss/{k}": v for k, v in out["parts"].items()})
                 record.update(task["record"]() if "record" in task else {})  # the task's own costs (generation)
                 if run["scaler"]:
                     record["scale"] = run["scaler"].get_scale()
                 write_metrics(run, record)
                 window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
-                if run["bar"] is not None:
+                if out["empty"]:
+                    pass  # said by the WARNING G2 below
+                elif run["bar"] is not None:
                     run["bar"].set_postfix(loss=f"{out['loss']:.4g}", lr=f"{out['lr']:.3g}")
                 else:
                     log(run, f"step {step}/{total} epoch {epoch + 1} lr {out['lr']:.4g} loss {out['loss']:.5g} "
@@ -2039,7 +2068,11 @@ def fit(run, task):
                                      f"{n} logged steps in {a}-{b} (up to {top:.0%}); rebalance the weights (said "
                                      "once; diagnose_and_fix.py --log gives the run's whole range)")
             show_progress(run, step)
-            if not out["finite"]:
+            if out["empty"]:
+                log(run, f"WARNING G2: step {step} skipped: none of its micro-batches holds a {unit[:-1]} to score"
+                         f"{task.get('empty_why', '')}; no update, the LR schedule moves on ({st['skipped_steps']} "
+                         "skipped in all)")
+            elif not out["finite"]:
                 log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "
                          f"({st['bad_streak']} in a row, {st['skipped_steps']} in all)")
             elif out["grad_norm"] > cfg["train.grad_norm_warn"]:

@@ -20,7 +20,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_distill as T  # noqa: E402
 from run_records import distill_killed_and_resumed  # noqa: E402
-from test_distill import VOCAB, ckpt, data, kd_settings, run, loss_setup, teacher  # noqa: E402,F401  (module fixtures)
+from test_distill import (PAD, VOCAB, ckpt, data, kd_settings, run, loss_setup,  # noqa: E402,F401  (module fixtures)
+                          teacher)
 
 
 # ----------------------------------------------------------------------------- the published formulas
@@ -272,6 +273,95 @@ def test_r4_on_policy_resume_is_bit_exact_after_sigkill(data, teacher, tmp_path)
                                     <= a[s]["on_policy/tokens"] <= 5 * 3 * a[s]["on_policy/micro_batches"] for s in a)
     assert all(a[s]["on_policy/gen_s"] >= 0 and (a[s]["on_policy/gen_s"] > 0) == (a[s]["on_policy/micro_batches"] > 0)
                for s in a)
+
+
+PROMPT = 12  # kd.prompt_tokens of the padded-prompt corpus: 2 of its 20 windows hold a real prompt that long
+
+
+def padded_prompt_data(data, path):
+    """data's settings on a training file of 20 one-window documents where padding sits inside the prompt of
+    all but windows 3 and 11 (documents of 2-10 tokens; those two of 14), as in a corpus of short documents
+    with a long kd.prompt_tokens: most on-policy micro-batches score nothing, and some steps nothing at all."""
+    from test_distill import write_tokens
+    rng = np.random.default_rng(1)
+    docs = [np.arange(14 if i in (3, 11) else int(rng.integers(2, 11))) % (VOCAB - 1) + 1 for i in range(20)]
+    write_tokens(path, docs)
+    return data + [f"data.train_bin={path}"]
+
+
+def empty_steps(cfg, windows, world=1):
+    """The steps whose micro-batches are all on-policy and hold no window with a real prompt, computed from the
+    data here: the steps with no scored token. Also whether some scored micro-batch leaves a process nothing."""
+    x, _ = windows[np.arange(len(windows))]
+    real = ~(x[:, :PROMPT] == PAD).any(1).numpy()
+    plan = T.plan_schedule(cfg, len(windows), world)
+    empty, lopsided, n = [], False, 0
+    for epoch in range(plan["epochs"]):
+        order = T.epoch_order(len(windows), cfg["train.batch_size"], cfg["train.grad_accum"], world, cfg["seed"], epoch)
+        for step in order:
+            n += 1
+            drawn = [T.on_policy_draw(cfg, n, m) for m in range(len(step))]
+            if all(drawn) and not any(real[m].any() for m in step):
+                empty.append(n)
+            lopsided |= any(d and real[m].any() and not all(real[T.rank_share(m, r, world)].any() for r in range(world))
+                            for d, m in zip(drawn, step))
+    return empty, lopsided
+
+
+def test_g2_a_step_with_no_scored_token_is_skipped_counted_and_resumes_bit_exact(data, teacher, tmp_path):
+    """Issue 31: on-policy KD on padded data where most prompts hold padding crashed with ZeroDivisionError
+    (a step of on-policy micro-batches with no scored token divided by a count of 0). Such a step is skipped
+    (no forward, no update, the LR schedule moves on), counted with the skipped steps (global_step - skipped =
+    the optimizer's updates, R2), logged without a loss (not a G4 NaN) with a WARNING G2 line; a run stopped at
+    such a step and resumed ends bit-identical to the uninterrupted one."""
+    settings = kd_settings(padded_prompt_data(data, tmp_path / "short.bin"), teacher, "kd.top_k=null", "kd.gamma=0",
+                           "kd.on_policy_fraction=0.5", f"kd.prompt_tokens={PROMPT}", "kd.max_new_tokens=3")
+    cfg, _ = T.resolve_config(None, settings)
+    empty, _ = empty_steps(cfg, T.TokenWindows(cfg, "train"))
+    assert empty == [5, 7], empty  # the corpus and the seed give two such steps of the 8
+    _, outcome, a = run(settings, tmp_path / "a")
+    assert outcome == "finished" and a["state"]["skipped_steps"] == 2
+    last = ckpt(str(tmp_path / "a"))
+    assert T.optimizer_step_count(last) == last["global_step"] - last["skipped_steps"] == 6
+    trains, _, _ = T.read_metrics(str(tmp_path / "a"))
+    assert sorted(trains) == list(range(1, 9)) and [s for s in trains if "loss" not in trains[s]] == empty
+    assert "nonfinite" not in trains[5] and trains[5]["skipped_steps"] == 1 and trains[7]["skipped_steps"] == 2
+    with open(tmp_path / "a" / "train.log") as f:
+        warned = [line for line in f if "WARNING" in line]
+    assert [line.split("WARNING ")[1][:18] for line in warned] == ["G2: step 5 skipped", "G2: step 7 skipped"]
+    assert "kd.prompt_tokens" in warned[0]
+    _, outcome, _ = run(settings, tmp_path / "b", stop_after=5)
+    assert outcome == "stopped" and ckpt(str(tmp_path / "b"))["global_step"] == 5
+    _, outcome, _ = run(settings, tmp_path / "b", resume="auto")
+    assert outcome == "finished"
+    a_last, b_last = (tmp_path / name / "checkpoints" / "last.pt" for name in "ab")
+    assert T.checkpoint_tensors_equal(a_last, b_last)
+    resumed, _, _ = T.read_metrics(str(tmp_path / "b"))
+    assert all(trains[s].get("loss") == resumed[s].get("loss") for s in trains)
+
+
+def test_g2_two_processes_skip_the_same_empty_steps_and_a_process_with_nothing_to_score_still_steps(data, teacher,
+                                                                                                     tmp_path):
+    """The same corpus on 2 processes (launch.sh --gpus cpu:2, gloo): count 0 is the whole global step's, so both
+    processes skip steps 5 and 7 together (no collective left waiting, no division by 0), and an on-policy
+    micro-batch whose real prompts all sit on one process leaves the other a loss of 0 over 0 tokens, which
+    it backpropagates like any micro-batch: the run finishes, its checkpoint counts 6 updates in 8 steps."""
+    from test_launch import launch, write_config
+    settings = kd_settings(padded_prompt_data(data, tmp_path / "short.bin"), teacher, "kd.top_k=null", "kd.gamma=0",
+                           "kd.on_policy_fraction=0.5", f"kd.prompt_tokens={PROMPT}", "kd.max_new_tokens=3",
+                           "train.grad_accum=1")
+    cfg, _ = T.resolve_config(None, settings)
+    assert empty_steps(cfg, T.TokenWindows(cfg, "train"), world=2) == ([5, 7], True)
+    config = write_config(tmp_path, "task: distill\n", name="distill.yaml")
+    sets = [a for item in settings for a in ("--set", item)]
+    out = launch(config, "--gpus", "cpu:2", "--", *sets, "--run_dir", str(tmp_path / "two"), cwd=tmp_path,
+                 env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    last = ckpt(str(tmp_path / "two"))
+    assert last["world_size"] == 2 and last["finished"] and last["skipped_steps"] == 2
+    assert T.optimizer_step_count(last) == 6
+    trains, _, _ = T.read_metrics(str(tmp_path / "two"))
+    assert [s for s in sorted(trains) if "loss" not in trains[s]] == [5, 7]
 
 
 def test_e5_dry_run_covers_on_policy_data_and_a_divergence(capsys):
