@@ -75,7 +75,7 @@ install_requirements() {  # into $VENV (the caller holds the install lock); $1 =
     python3 -m venv --clear --system-site-packages "$VENV" || die 3 "python3 -m venv failed (on Debian/Ubuntu: apt install python3-venv)"
   fi
   if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)"; then
-    local spec index why
+    local spec index why reach
     spec=${KIT_TORCH:-$(grep -E '^torch' "$KIT_DIR/requirements.txt" | head -n 1)}
     if [ -n "${KIT_TORCH_INDEX+set}" ]; then
       index=$KIT_TORCH_INDEX; why="KIT_TORCH_INDEX"
@@ -86,12 +86,31 @@ install_requirements() {  # into $VENV (the caller holds the install lock); $1 =
     fi
     echo "launch.sh: installing '$spec' from ${index:-PyPI} ($why) into $VENV, because no python3 here has torch;" \
          "choose the build with KIT_TORCH='torch==2.13.0' and KIT_TORCH_INDEX=URL (empty: PyPI), see docs/robustness.md" >&2
-    "$VENV/bin/python" -m pip install --quiet ${index:+--index-url "$index"} "$spec" \
-      || die 3 "installing '$spec' failed; set KIT_TORCH / KIT_TORCH_INDEX, or KIT_PYTHON to a python that has torch"
+    reach="KIT_TORCH_INDEX=URL of an index this machine reaches"
+    [ -z "$index" ] || reach="KIT_TORCH_INDEX= to install from PyPI (or $reach)"
+    pip_install "'$spec' from ${index:-PyPI}" \
+      "set $reach, KIT_TORCH=another build, or KIT_PYTHON to a python that has torch" \
+      ${index:+--index-url "$index"} "$spec"
   fi
   echo "launch.sh: installing requirements.txt${1:+ and $1} into $VENV" >&2
-  "$VENV/bin/python" -m pip install --quiet -r "$KIT_DIR/requirements.txt" ${1:+$1} \
-    || die 3 "installing requirements.txt into $VENV failed"
+  pip_install "requirements.txt${1:+ and $1}" \
+    "check the network (or pip's index settings), or set KIT_PYTHON to a python that has them" \
+    -r "$KIT_DIR/requirements.txt" ${1:+$1}
+}
+
+pip_install() {  # pip_install WHAT FIX PIP_ARGS...: into $VENV; on failure one line naming pip's error and the fix
+  # C5: an unreachable index (a firewall that drops packets) made pip wait its timeout on each of 5 retries:
+  # minutes of silence. Short waits, one retry (a user's PIP_DEFAULT_TIMEOUT / PIP_RETRIES still win); pip's
+  # own output goes to a log, so a failure is our one line, with pip's last error in it.
+  local what=$1 fix=$2 log="$VENV/pip-install.log"; shift 2
+  if ! "$VENV/bin/python" -m pip install --quiet --timeout "${PIP_DEFAULT_TIMEOUT:-${PIP_TIMEOUT:-15}}" \
+       --retries "${PIP_RETRIES:-1}" "$@" > "$log" 2>&1; then
+    local error silent=""
+    error=$(grep -E '^ERROR' "$log" | tail -n 1 | sed 's/^ERROR: //' || true)
+    grep -qE 'NewConnectionError|ConnectTimeoutError|Read timed out|name resolution' "$log" \
+      && silent="the index did not answer; "
+    die 3 "installing $what into $VENV failed (${silent}pip: ${error:-see its output}); $fix (pip's output: $log)"
+  fi
 }
 
 describe_python() {  # the interpreter's real path and versions (a pyenv shim or a venv link names another file)

@@ -351,3 +351,30 @@ def test_venv_bootstrap_is_locked_and_says_which_torch_it_installs(tmp_path):
     said = "".join(err for _, err in outs)
     assert "installing 'torch==2.13.0' from https://download.pytorch.org/whl/cpu (no nvidia-smi" in said
     assert "KIT_TORCH" in said and "KIT_TORCH_INDEX" in said
+
+
+def test_c5_an_unreachable_torch_index_fails_at_once_with_one_line_naming_kit_torch_index(tmp_path):
+    # A real venv without torch and real pip, pointed at a closed local port (no network needed): pip gives
+    # up after one retry, its own output goes to a log, and the user reads one line that says what to set.
+    # pip's configuration is left out (PIP_*, config files): a machine's local wheel directory would answer.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=240)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")  # a python3 without torch
+    (bin_dir / "python3").chmod(0o755)
+    index = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
+    env = {k: v for k, v in launch_env().items() if not k.startswith("PIP_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", KIT_PYTHON="", KIT_VENV=str(venv), KIT_TORCH="torch==2.13.0",
+               KIT_TORCH_INDEX=index, PIP_CONFIG_FILE=os.devnull)
+    out = subprocess.run([LAUNCH, "configs/probe_synthetic.yaml", "--show"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 3 and len(lines) == 2 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith(f"launch.sh: installing 'torch==2.13.0' from {index} (KIT_TORCH_INDEX)")
+    assert lines[1].startswith(f"launch.sh: installing 'torch==2.13.0' from {index} into {venv} failed (the index "
+                               "did not answer; pip: No matching distribution found for torch==2.13.0); set "
+                               "KIT_TORCH_INDEX= to install from PyPI"), lines[1]
+    log = venv / "pip-install.log"
+    assert f"(pip's output: {log})" in lines[1] and log.read_text().count("Retrying") <= 1  # pip's default: 5
+    assert out.stdout == ""
