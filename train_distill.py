@@ -3652,22 +3652,39 @@ def evaluation_weights(path):
             if os.path.isfile(os.path.join(checkpoints, name)):
                 return "checkpoint", os.path.join(checkpoints, name)
         raise ConfigError([("C3", "--evaluate", f"{path} is a run directory without checkpoints/best.pt or last.pt")])
+    if any(os.path.isfile(os.path.join(path, n)) for n in ("best.pt", "last.pt")):  # runs/x/checkpoints itself
+        raise ConfigError([("E11", "--evaluate", f"{path} is a directory of checkpoints; {evaluation_choices(path)}")])
     if os.path.isdir(path):
         return "export", path
     if os.path.isfile(path):
         return "checkpoint", path
-    raise ConfigError([("C3", "--evaluate", f"{path} not found; give a checkpoint (.pt), a run directory or an "
-                        "export directory")])
+    raise ConfigError([("C3", "--evaluate", f"{path} not found; {evaluation_choices(path)}")])
+
+
+def evaluation_choices(path):
+    """E11: the way out of every --evaluate refusal, with the paths of the run that `path` lies in, if any."""
+    up = [path, os.path.dirname(path.rstrip(os.sep)) or "."]
+    run = next((p for p in up + [os.path.dirname(up[1])] if os.path.isdir(os.path.join(p or ".", "checkpoints"))), None)
+    if run is None:
+        return "give a run directory (runs/<run_name>), a checkpoint (its checkpoints/best.pt) or its export/"
+    return (f"give the run directory {run}, a checkpoint such as {os.path.join(run, 'checkpoints', 'best.pt')} or "
+            f"the export {os.path.join(run, 'export')}")
 
 
 def read_checkpoint(path, task):
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive; a log or a text file is none
     try:
+        if not zipped:
+            raise ValueError("not a file torch.save wrote")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # R7
-    except Exception as err:  # a torn file, something that is not a checkpoint
-        raise ConfigError([("C3", "--evaluate", f"{path} is not a readable checkpoint ({type(err).__name__}: {err})")]) from None
+    except Exception as err:  # a torn file, something that is not a checkpoint: one line, not torch's advice (E11)
+        first = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError([("E11", "--evaluate", f"{path} is not a readable checkpoint ({first}); "
+                            f"{evaluation_choices(path)}")]) from None
     if not isinstance(ckpt, dict) or ckpt.get("task") != task or not ("model" in ckpt or ckpt.get("shards")):
         raise ConfigError([("C3", "--evaluate", f"{path} is not a {task} checkpoint of this kit (written by "
-                            f"{KIT_TASKS[task]})")])
+                            f"{KIT_TASKS[task]}); {evaluation_choices(path)}")])
     return ckpt
 
 
@@ -4190,8 +4207,8 @@ def evaluate_saved(config_path, overrides, path):
               "or set kd.teacher_cache=null to compare with the teacher itself)", file=sys.stderr)
     if kind == "export":
         if not any(os.path.isfile(os.path.join(source, f)) for f in ("model.json", "config.json")):
-            raise ConfigError([("C3", "--evaluate", f"{source} holds no model.json or config.json: not an export of "
-                                "train_distill.py")])
+            raise ConfigError([("C3", "--evaluate", f"{source} holds no model.json or config.json, so it is no export "
+                                f"of train_distill.py; {evaluation_choices(source)}")])
         module, weights = ExportedLM(load_export(source)), f"export {source}"
     else:
         ckpt = read_checkpoint(source, TASK)

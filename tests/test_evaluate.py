@@ -124,3 +124,23 @@ def test_e11_distill_evaluate_with_an_absent_teacher_cache_builds_nothing_and_sc
     assert len(notes) == 1 and notes[0].startswith("note E11: kd.teacher_cache: ") and "builds no cache" in notes[0], err
     got = json.loads(out.strip().splitlines()[-1])
     assert (got["val/loss"], got["val/ppl"]) == (want["val/loss"], want["val/ppl"]) and "val/agreement" not in got
+
+
+def one_line_pointing_at_what_evaluate_scores(err, run_dir):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: --evaluate: "), err
+    assert all(str(p) in lines[0] for p in (run_dir, run_dir / "checkpoints" / "best.pt", run_dir / "export")), err
+    return lines[0]
+
+
+def test_e11_evaluate_of_a_log_or_the_checkpoints_directory_says_in_one_line_what_it_scores(probe_runs, distill_run,
+                                                                                           capsys):
+    # train.log gave 7 lines of torch's weights_only advice; checkpoints/ said "holds no probe.json".
+    import train_distill as td
+    for main, (run_dir, values) in ((tp.main, probe_runs["builtin"]), (td.main, (distill_run[0], DISTILL))):
+        assert main(["--evaluate", str(run_dir / "train.log"), *sets(values)]) == 2
+        line = one_line_pointing_at_what_evaluate_scores(capsys.readouterr().err, run_dir)
+        assert "weights_only" not in line and "train.log is not a readable checkpoint" in line
+        assert main(["--evaluate", str(run_dir / "checkpoints"), *sets(values)]) == 2
+        line = one_line_pointing_at_what_evaluate_scores(capsys.readouterr().err, run_dir)
+        assert "is a directory of checkpoints" in line and "probe.json" not in line
