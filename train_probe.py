@@ -2519,8 +2519,12 @@ def print_plan(run, resumed, cached):
              + run_length_text(cfg, plan))
     log(run, f"schedule: {cfg['schedule.type']}, warmup {plan['warmup_steps']} optimizer steps, LR {marks['initial']:.4g} "
              f"at step 1 -> peak {marks['peak']:.4g} at step {marks['peak_step']} -> {marks['final']:.4g} at step {plan['total_steps']}")
+    # R11: where the weights came from; load_backbone_checkpoint() loads every tensor of the backbone or refuses
+    weights = (f"{len(run['backbone'].state_dict())} tensors loaded from {cfg['backbone.checkpoint']}"
+               if cfg["backbone.checkpoint"] else f"no backbone.checkpoint: seeded init (seed {cfg['seed']})")
     log(run, f"backbone: {cfg['backbone.target'] or 'built-in encoder'}, {sum(p.numel() for p in run['backbone'].parameters())} "
-             f"parameters, frozen in eval mode; output [B, {', '.join(map(str, run['backbone_output_shape']))}] -> "
+             f"parameters, {weights}, frozen in eval mode; "
+             f"output [B, {', '.join(map(str, run['backbone_output_shape']))}] -> "
              f"backbone.pool {cfg['backbone.pool'] or 'none'} -> {run['module'].linear.in_features} features -> "
              f"head (dropout {cfg['head.dropout']:g})")
     log(run, f"devices: {d['world']} process(es) on {d['device']}, precision {cfg['train.precision']}; "

@@ -251,6 +251,23 @@ def test_backbone_checkpoint_in_lightning_or_ddp_form_is_loaded(tmp_path, wrap):
     assert not net.training and not any(p.requires_grad for p in net.parameters())
 
 
+def test_r11_train_log_names_the_backbone_checkpoint_and_how_many_tensors_it_loaded(tmp_path):
+    # train.log said "N parameters" and never which weights: a run that silently fell back to the seeded init
+    # looked the same as one on the pretrained file. A Lightning file (BatchNorm buffers and a head beside the
+    # backbone): every one of the backbone's tensors, parameters and buffers, comes from it.
+    cfg, state = perturbed_eegnet_state()
+    path = tmp_path / "pretrained.ckpt"
+    lightning = {**{f"backbone.{k}": v for k, v in state.items()}, "head.weight": torch.zeros(2, 32)}
+    torch.save({"state_dict": lightning}, path)
+    for checkpoint, want in ((path, f"{len(state)} tensors loaded from {path}"), (None, "seeded init (seed 0)")):
+        run_dir = tmp_path / f"run_{checkpoint is None}"
+        extra = [f"backbone.checkpoint={checkpoint}"] if checkpoint else []
+        outcome, _ = tp.train(zoo_config("eegnet", "train.epochs=1", *extra), str(run_dir), "none", quiet=True)
+        assert outcome == "finished"
+        lines = [line for line in (run_dir / "train.log").read_text().splitlines() if " backbone: " in line]
+        assert len(lines) == 1 and want in lines[0], lines
+
+
 @pytest.mark.parametrize("content,row,words", [
     ("pickled", "backbone.checkpoint", ["weights_only=True", "argparse.Namespace", "weights_only=False", "torch.save"]),
     ("other_model", "backbone.checkpoint", ["does not fit the backbone", "missing"]),
