@@ -1007,12 +1007,14 @@ def lr_at(train, step):
 
 def check_log_evals(rules, evals, train):
     """E1 (identical evals in a row, by the scripts' own frozen_evals(): a converged model whose loss sits at
-    its floor with the LR above 0 is not frozen) and E3 (perplexity vs loss)."""
+    its floor with the LR above 0, or whose LR annealed to nothing against the log's peak, is not frozen) and E3
+    (perplexity vs loss)."""
     found, steps = [], sorted(evals)
+    peak = max((r["lr"] for r in train.values() if finite(r.get("lr"))), default=1.0)  # E1: the annealed tail is quiet
 
     def frozen(i):
         lr = lr_at(train, steps[i])
-        return rules.frozen_evals(evals[steps[i - 1]], evals[steps[i]], 1.0 if lr is None else lr) is not None
+        return rules.frozen_evals(evals[steps[i - 1]], evals[steps[i]], peak if lr is None else lr, peak) is not None
     repeats = np.array([frozen(i) for i in range(1, len(steps))], bool)
     spans = runs_of(repeats)
     if spans:

@@ -1927,6 +1927,7 @@ def empty_step(run, step):
 
 
 LOSS_FLOOR = 1e-4  # E1: an eval loss below this is a saturated model's; its value can repeat to the last bit
+ANNEALED = 1e-3  # E1: an LR under this fraction of the run's peak is an annealed tail (OneCycle ends at 4e-6 of it)
 
 
 def same_metrics(a, b):
@@ -1935,14 +1936,16 @@ def same_metrics(a, b):
                                                     and math.isnan(y)) for x, y in ((a[k], b[k]) for k in a))
 
 
-def frozen_evals(previous, metrics, lr, moved=None):
+def frozen_evals(previous, metrics, lr, peak, moved=None):
     """E1, the one rule of the script's warning and diagnose_and_fix.py's log check: two evals in a row
     with identical metrics mean the model stopped changing (LR 0, weights left out of the optimizer),
-    unless it converged: the LR is above 0 and the trained parameters moved between the two evals
-    (`moved`, which the script knows), or, judged from a log alone (moved None), the eval loss is at its
-    floor (a saturated classifier's val loss of 1.5e-7 repeats to the last bit while its weights still
-    move). Returns why the model looks frozen, or None."""
-    if previous is None or not same_metrics(previous, metrics):
+    unless it converged: the schedule annealed the LR to under ANNEALED of its peak (a OneCycle tail at 4e-9
+    moves no weight enough to show), or the LR is above 0 and the trained parameters moved between the two
+    evals (`moved`, which the script knows), or, judged from a log alone (moved None), the eval loss is at
+    its floor (a saturated classifier's val loss of 1.5e-7 repeats to the last bit while its weights still
+    move). `peak`: the run's largest LR (the schedule's in the script, the log's in the tool). Returns why
+    the model looks frozen, or None."""
+    if previous is None or not same_metrics(previous, metrics) or 0 <= lr < ANNEALED * peak:
         return None
     if lr <= 0:
         return f"the LR is {lr:g}"
@@ -1991,7 +1994,8 @@ def after_eval(run, metrics):
     log(run, f"eval step {step}: " + " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
     fingerprint = param_fingerprint(run["params"])
     moved = None if st["last_eval_params"] is None else fingerprint != st["last_eval_params"]
-    frozen = frozen_evals(st["last_eval"], metrics, run["expected_lr"][step - 1], moved)
+    lr, peak = run["expected_lr"][step - 1], float(run["expected_lr"].max())
+    frozen = frozen_evals(st["last_eval"], metrics, lr, peak, moved)
     if frozen:  # E1: a converged model (LR > 0, weights still moving) repeats its metrics too, and is not warned
         log(run, f"WARNING E1: eval at step {step} is identical to the previous one ({metrics}); {frozen}")
     st["last_eval"], st["last_eval_params"] = dict(metrics), fingerprint

@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 import diagnose_and_fix as dx  # noqa: E402
 import train_distill as td  # noqa: E402
 import train_probe as tp  # noqa: E402
-from run_records import PROBE_TINY as TINY  # noqa: E402
+from run_records import PROBE_TINY as TINY, loud_findings, records  # noqa: E402
 SHARE = tp.CONFIG["train.max_loss_share"][0]
 
 
@@ -80,13 +80,38 @@ def test_e2_diagnose_uses_the_scripts_rule_and_names_the_step_range(tmp_path):
 # ----------------------------------------------------------------------------- E1
 def test_e1_converged_model_is_not_frozen_but_lr_0_and_unmoved_weights_are():
     saturated = {"val/loss": 1.5e-7, "val/acc": 1.0, "val/auroc": 1.0}
-    assert tp.frozen_evals(saturated, dict(saturated), 1.4e-3) is None  # from the log: loss at its floor, LR > 0
-    assert tp.frozen_evals(saturated, dict(saturated), 1.4e-3, moved=True) is None
-    assert "did not move" in tp.frozen_evals(saturated, dict(saturated), 1.4e-3, moved=False)
-    assert "LR is 0" in tp.frozen_evals(saturated, dict(saturated), 0.0)
+    assert tp.frozen_evals(saturated, dict(saturated), 1.4e-3, 1.4e-3) is None  # from the log: loss at its floor, LR > 0
+    assert tp.frozen_evals(saturated, dict(saturated), 1.4e-3, 1.4e-3, moved=True) is None
+    assert "did not move" in tp.frozen_evals(saturated, dict(saturated), 1.4e-3, 1.4e-3, moved=False)
+    assert "LR is 0" in tp.frozen_evals(saturated, dict(saturated), 0.0, 0.0)
     stuck = {"val/loss": 0.6931, "val/acc": 0.5}
-    assert "stopped changing" in tp.frozen_evals(stuck, dict(stuck), 1e-3)
-    assert tp.frozen_evals(stuck, {**stuck, "val/acc": 0.51}, 1e-3) is None
+    assert "stopped changing" in tp.frozen_evals(stuck, dict(stuck), 1e-3, 1e-3)
+    assert tp.frozen_evals(stuck, {**stuck, "val/acc": 0.51}, 1e-3, 1e-3) is None
+
+
+def test_e1_evals_repeating_where_the_schedule_annealed_the_lr_to_nothing_are_not_frozen():
+    """Issue 31: a healthy OneCycle run's last evals, at LR 4e-9 of a 1e-3 peak, repeat to the last bit (the
+    steps move the weights less than they show, or not at all): not frozen, from the log or in the run. An LR
+    that is tiny from the start (1e-30, its own peak) or 0 throughout still is."""
+    converged = {"val/loss": 0.4127, "val/auroc": 0.93}
+    for moved in (None, False, True):
+        assert tp.frozen_evals(converged, dict(converged), 4e-9, 1e-3, moved) is None
+        assert td.frozen_evals(converged, dict(converged), 0.0, 1e-3, moved) is None  # cosine to 0: its last step
+    assert tp.frozen_evals(converged, dict(converged), 1e-30, 1e-30) is not None
+    assert tp.frozen_evals(converged, dict(converged), 2e-6, 1e-3, moved=False) is not None  # 1/500 of the peak
+
+
+def test_e1_a_healthy_onecycle_probe_whose_last_evals_repeat_at_an_annealed_lr_is_quiet(tmp_path):
+    """The false-positive corpus (issue 31): OneCycle from 1e-2 down to 4e-10 (final_div_factor 1e6), an eval
+    after every step. The last step moves no weight enough to show, so its eval repeats the one before to the
+    last bit: diagnose_and_fix.py --log said `2 evals in a row identical ... at steps 11-12` (and the run, at 120
+    steps where no weight moved at all, `the trained parameters did not move at LR 4e-10`)."""
+    settings = TINY + ["train.eval_every=1", "schedule.type=onecycle", "schedule.final_div_factor=1e6"]
+    run_dir = str(tmp_path / "run")
+    assert tp.train(tp.resolve_config(None, settings)[0], run_dir, "none", quiet=True)[0] == "finished"
+    evals = [r for r in records(run_dir) if "val/loss" in r]
+    assert evals[-1] == {**evals[-2], "step": evals[-1]["step"]}  # the case itself: identical last evals
+    assert loud_findings(run_dir) == []
 
 
 def test_e1_diagnose_of_a_converged_probe_log_reports_no_e1(tmp_path):
