@@ -385,7 +385,8 @@ def test_e1_frozen_evals_and_s10_flat_loss_from_a_real_run_at_lr_1e30(runs):
     code, report = diagnose("--log", str(runs["frozen"] / "metrics.jsonl"))
     e1 = find(report, "E1", "log")
     assert e1["severity"] == "critical"
-    assert "8 evals in a row identical" in e1["evidence"] and "steps 8-64" in e1["evidence"]
+    # the evals of steps 8-56; the one at 64, where OneCycle has annealed the LR to 4e-6 of its peak, is quiet
+    assert "7 evals in a row identical" in e1["evidence"] and "steps 8-56" in e1["evidence"]
     assert find(report, "S10", "log")["severity"] == "warning"
     _, clean = diagnose("--log", str(runs["clean"] / "metrics.jsonl"))
     assert not [f for f in clean["findings"] if f["id"] in ("E1", "S10")]
