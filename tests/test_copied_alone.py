@@ -1,0 +1,87 @@
+"""Each training script works when copied ALONE into an empty directory (the kit's promise, issue 32): there,
+with no other file of the kit importable (no PYTHONPATH; the directory holds the script and nothing else), the
+shipped configs made tiny run --dry_run, a short training that is SIGKILLed mid-run, and the same command
+resuming it to the end. A feature that needs another file of the kit (the preparation tools) names it in one
+line, exit 2 (C3)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_distill as td  # noqa: E402
+import train_probe as tp  # noqa: E402
+
+CONFIGS = os.path.join(ROOT, "configs")
+PROBE_TINY = ["data.synthetic.num_train=96", "data.synthetic.num_val=32", "data.synthetic.length=256",
+              "train.batch_size=8", "train.grad_accum=2", "train.epochs=2", "schedule.warmup=2", "train.log_every=1",
+              "train.save_every_steps=1", "train.eval_batch_size=32"]  # 12 optimizer steps
+# the demo's teacher and student both made 1 layer x 16 wide, 8 optimizer steps on 16-token windows
+DISTILL_TINY = ["train.max_steps=8", "data.seq_len=16", "data.val_windows=16", "data.builtin.train_bytes=20000",
+                "data.builtin.val_bytes=4000", "train.batch_size=4", "train.log_every=1", "train.eval_every=4",
+                "train.save_every_steps=1", "train.eval_batch_size=16", "student.n_layer=1", "student.n_embd=16",
+                "student.n_head=2"]
+TEACHER_TINY = ["teacher.n_layer=1", "teacher.n_embd=16", "teacher.n_head=2"]
+
+
+def copied_alone(tmp_path, script):
+    """An empty directory holding only a copy of the script."""
+    where = tmp_path / "elsewhere"
+    where.mkdir()
+    shutil.copy(os.path.join(ROOT, script), where / script)
+    return where
+
+
+def run(where, script, *args, kill_at=None):
+    """The copy run from its directory as a user would; kill_at "STEP:MICRO" SIGKILLs it there (tests' hook)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("KIT_FAULT_")}
+    env.update({"KIT_FAULT_KILL_AT": kill_at} if kill_at else {})
+    return subprocess.run([sys.executable, script, *args], cwd=where, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def killed_then_resumed(where, script, args, steps):
+    """The run SIGKILLed before step 5's first micro-batch (last.pt saved every step), then the same command:
+    it resumes from step 4 and ends at `steps` with its export written."""
+    killed = run(where, script, *args, kill_at="5:0")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    done = run(where, script, *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stdout and "at optimizer step 4" in done.stdout, done.stdout[-2000:]
+    assert f"done: {steps} optimizer steps" in done.stdout
+
+
+def test_train_probe_copied_alone_dry_runs_trains_and_resumes_after_a_kill(tmp_path):
+    where = copied_alone(tmp_path, "train_probe.py")
+    config = ["--config", os.path.join(CONFIGS, "probe_synthetic.yaml")]
+    dry = run(where, "train_probe.py", "--dry_run", *config)
+    assert dry.returncode == 0 and "dry run passed" in dry.stdout, dry.stdout[-2000:] + dry.stderr[-2000:]
+    killed_then_resumed(where, "train_probe.py", [*config, "--set", *PROBE_TINY], 12)
+    assert (where / "runs" / "probe_synthetic" / "export").is_dir()
+    assert sorted(os.listdir(where)) == ["runs", "train_probe.py"]  # the copy needed nothing else
+
+
+def test_train_distill_copied_alone_makes_the_demo_teacher_dry_runs_and_distils_resuming_after_a_kill(tmp_path):
+    where = copied_alone(tmp_path, "train_distill.py")
+    teacher = run(where, "train_distill.py", "--config", os.path.join(CONFIGS, "distill_demo_teacher.yaml"),
+                  "--set", *DISTILL_TINY)  # the short training: writes runs/distill_demo_teacher/, as the demo does
+    assert teacher.returncode == 0, teacher.stderr[-2000:]
+    student = ["--config", os.path.join(CONFIGS, "distill_demo.yaml"), "--set", *DISTILL_TINY, *TEACHER_TINY]
+    dry = run(where, "train_distill.py", "--dry_run", *student)  # KD from the teacher just made
+    assert dry.returncode == 0 and "dry run passed" in dry.stdout, dry.stdout[-2000:] + dry.stderr[-2000:]
+    killed_then_resumed(where, "train_distill.py", student, 8)
+    assert (where / "runs" / "distill_demo" / "export").is_dir()
+    assert sorted(os.listdir(where)) == ["runs", "train_distill.py"]
+
+
+@pytest.mark.parametrize("module, flag, tool", [(tp, "--prepare_tuab", "prepare_tuab.py"),
+                                                (td, "--tokenize", "prepare_text.py")])
+def test_c3_a_training_script_asked_for_a_preparation_names_the_tool_it_moved_to_in_one_line(
+        module, flag, tool, tmp_path, capsys):
+    assert module.main([flag, str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"config error: {flag}:") and f"python {tool}" in err[0], err
+    assert os.listdir(tmp_path) == []  # nothing written
