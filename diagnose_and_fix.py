@@ -797,7 +797,8 @@ def check_teacher_cache(script, cfg, usable=True):
     """E6 for the disk: kd.teacher_cache's size (positions x k x bytes, plus ids and the rest bucket) before it is
     built, from the training script's own teacher_cache_size; a warning when it exceeds the free disk space.
     usable: check_run_inputs found nothing against it (a complete cache built for another run is not "built")."""
-    if not (cfg.get("kd.enabled") and cfg.get("kd.teacher_cache") and cfg.get("kd.top_k")):
+    if not (cfg.get("kd.enabled") and cfg.get("kd.teacher_cache")
+            and (cfg.get("kd.top_k") or cfg.get("kd.teacher_cache_mode") == "sampled")):
         return []
     path = cfg["kd.teacher_cache"]
     manifest = os.path.join(path, "manifest.json")

@@ -173,6 +173,13 @@ CONFIG = {
                         "[batch, seq, vocab] tensor exists (D6); 0 = off. Built-in GPT and Hugging Face models"),
     "kd.teacher_cache_dtype": ("fp32", ("fp32", "fp16"), "teacher cache values: fp32 (exactly what online top-k "
                                "uses) or fp16 (half the disk, rounded)"),
+    "kd.teacher_cache_mode": ("topk", ("topk", "sampled"), "what kd.teacher_cache stores per position: topk (the "
+                              "teacher's top-k + rest bucket, biased) or sampled (kd.cache_samples tokens drawn from "
+                              "the teacher with importance weights: unbiased forward-KL gradient; kd.top_k null)"),
+    "kd.cache_samples": (12, "int", "sampled cache: draws per position (stored: the distinct ids, their weights and "
+                         "the teacher's top-1, in cache_samples + 1 slots)"),
+    "kd.cache_proposal_temperature": (None, "float?", "sampled cache: the draws come from softmax(teacher / this), "
+                                      "importance-weighted to the teacher at kd.temperature; null = kd.temperature"),
 }
 
 
@@ -635,8 +642,9 @@ def resolve_config(path=None, overrides=(), check_files=True):
              "kd.hf_teacher_dir and teacher.target (with a complete kd.teacher_cache, none is needed)"
              + (f"; now set: {', '.join(sources)}" if sources else ""))
         if cache is not None:  # offline KD: the cache holds the teacher's top-k log-probabilities and nothing else
-            need(k is not None, "kd.top_k", "null, but kd.teacher_cache stores the teacher's top-k: set kd.top_k "
-                                            "(e.g. 32), or kd.teacher_cache=null for full KD online")
+            need(k is not None or cfg["kd.teacher_cache_mode"] == "sampled", "kd.top_k",
+                 "null, but kd.teacher_cache stores the teacher's top-k: set kd.top_k (e.g. 32), kd.teacher_cache_mode="
+                 "sampled or kd.teacher_cache=null")
             need(cfg["kd.gamma"] == 0, "kd.gamma", f"{cfg['kd.gamma']!r}, but the hidden-state term needs the teacher's "
                                                    "hidden states, which kd.teacher_cache does not store: set kd.gamma=0 "
                                                    "(or kd.teacher_cache=null for online KD)")
@@ -694,8 +702,22 @@ def objective_problems(cfg, notes):
 
     need(0 <= cfg["kd.jsd_beta"] <= 1, "kd.jsd_beta", "must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
     need(0 <= cfg["kd.skew_alpha"] < 1, "kd.skew_alpha", "must be in [0, 1) (0 = forward KL; 1 would compare p with itself)")
-    if cfg["kd.enabled"] and (k is not None or cache is not None) and not topk_allows(kind, cfg["kd.jsd_beta"]):
-        what = f"jsd with kd.jsd_beta {cfg['kd.jsd_beta']:g}" if kind == "jsd" else kind
+    what = f"jsd with kd.jsd_beta {cfg['kd.jsd_beta']:g}" if kind == "jsd" else kind
+    sampled = cache is not None and cfg["kd.teacher_cache_mode"] == "sampled"
+    need(cfg["kd.cache_samples"] >= 1, "kd.cache_samples", "must be >= 1 (draws per position)")
+    need(cfg["kd.cache_proposal_temperature"] is None or cfg["kd.cache_proposal_temperature"] > 0,
+         "kd.cache_proposal_temperature", "must be > 0, or null (= kd.temperature)")
+    if cfg["kd.enabled"] and cfg["kd.teacher_cache_mode"] == "sampled":
+        need(cache is not None, "kd.teacher_cache_mode", "needs kd.teacher_cache, the directory the draws are stored "
+                                                         "in: set it, or kd.teacher_cache_mode=topk (the default)")
+        need(k is None, "kd.top_k", "set, but a sampled kd.teacher_cache stores kd.cache_samples draws per position, "
+                                    "not the top-k: set kd.top_k=null")
+    if cfg["kd.enabled"] and sampled and not is_forward_kl(kind, cfg["kd.jsd_beta"], cfg["kd.skew_alpha"]):
+        p.append(("E12", "kd.divergence", f"{what}, but a sampled kd.teacher_cache (kd.teacher_cache_mode sampled) "
+                  "gives an unbiased gradient of forward KL only: its loss is linear in the sampled weights, this "
+                  "divergence is not, so its estimate would be biased; set kd.divergence=forward_kl or "
+                  "kd.teacher_cache_mode=topk"))
+    elif cfg["kd.enabled"] and (k is not None or cache is not None) and not topk_allows(kind, cfg["kd.jsd_beta"]):
         source = "an offline kd.teacher_cache stores" if cache is not None else f"kd.top_k {k} keeps"
         p.append(("E12", "kd.divergence", f"{what} weighs by the student's probabilities, but {source} only the teacher's "
                   "top-k tokens: where the student puts its tail mass would go unscored; set kd.top_k=null (online full-"
@@ -1978,9 +2000,52 @@ def teacher_topk(teacher_logits, temperature, top_k):
         return log_p_top, index, log_rest
 
 
+def teacher_sampled(teacher_logits, temperature, samples, proposal_temperature, stream, first_row, seed=0):
+    """What a sampled teacher cache stores (kd.teacher_cache_mode sampled; Anshumann et al. 2025, "Sparse Logit
+    Sampling", random-sampling KD), in teacher_topk's layout so the loss is kl_topk unchanged: `samples` tokens
+    drawn with replacement per position from r = softmax(logits / proposal_temperature), each distinct id with
+    its importance weight w = (count / samples) p / r (p the teacher at T; w = count / samples when r = p), as
+    log w [..., slots], ids [..., slots], and a rest of -inf (no bucket). slots = samples + 1: slot 0 always holds
+    first_token (E3: val/agreement reads it; weight 0 when it was not drawn), then the other drawn ids by id;
+    empty slots weigh 0 (log w -inf). E[w] = p, and kl_topk = sum w (log w - log q) has the gradient
+    sum(w) q - w in the student's logits (times 1 / T), so its expectation is forward KL's, q - p.
+    The draws depend only on (seed, stream, row, position, draw) (cache_uniforms): the same bytes whatever
+    the chunking, the process count or an interrupted build. Rows are first_row, first_row + 1, ... ."""
+    with torch.autocast(teacher_logits.device.type, enabled=False):
+        logits = teacher_logits.float()
+        vocab, seq = logits.shape[-1], logits.shape[-2]
+        log_p = F.log_softmax(logits / temperature, -1)
+        proposal = proposal_temperature or temperature
+        log_r = log_p if proposal == temperature else F.log_softmax(logits / proposal, -1)
+        cdf = log_r.double().exp().cumsum(-1)  # float64 on purpose: the bins of a 100k vocabulary stay exact enough
+        rows = first_row + np.arange(logits.shape[0])
+        u = torch.from_numpy(cache_uniforms(seed, stream, rows[:, None] * seq + np.arange(seq), samples))
+        ids = torch.searchsorted(cdf, u.to(cdf.device) * cdf[..., -1:], right=True).clamp_(max=vocab - 1)
+        counts = torch.zeros_like(log_p).scatter_add_(-1, ids, torch.ones_like(ids, dtype=log_p.dtype))
+        tier = torch.where(counts > 0, 1, 0).scatter_(-1, first_token(logits).unsqueeze(-1), 2)
+        rank = tier * vocab + torch.arange(vocab - 1, -1, -1, device=logits.device)  # unique: a deterministic order
+        index = rank.topk(min(samples + 1, vocab), -1).indices
+        drawn, ratio = counts.gather(-1, index), 0 if log_r is log_p else (log_p - log_r).gather(-1, index)
+        log_w = torch.where(drawn > 0, drawn.log() - math.log(samples) + ratio, float("-inf"))  # no inf - inf = nan
+        return log_w, index, torch.full(log_p.shape[:-1], float("-inf"), device=log_p.device)
+
+
+def cache_uniforms(seed, stream, positions, samples):
+    """Uniforms in [0, 1) [*positions.shape, samples], each a hash (splitmix64) of (seed, stream, position,
+    draw) alone: counter-based, so no generator state to carry between chunks, processes or restarts."""
+    def mix(x):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+    key = mix(np.array([seed * 4 + stream], np.uint64))
+    counter = np.asarray(positions, np.uint64)[..., None] * np.uint64(samples) + np.arange(samples, dtype=np.uint64)
+    return (mix(mix(counter ^ key)) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
 def kl_topk(log_q, log_p_top, index, log_rest):
     """The coarsened KL of kd_kl(top_k) from the student's log_probs and the teacher's top-k numbers
-    (teacher_topk, or the cache)."""
+    (teacher_topk, or the cache); on a sampled cache's numbers (teacher_sampled), its unbiased estimator."""
     kl = xlogy_ratio(log_p_top, log_q.gather(-1, index)).sum(-1)
     if index.shape[-1] < log_q.shape[-1]:
         rest_q = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
@@ -2000,6 +2065,12 @@ def xlogy_ratio(log_p, log_q):
 
 # kd.divergence: D(p, q) between the teacher's p = softmax(teacher / T) and the student's q = softmax(student / T),
 # both at the same temperature (E13: a T on one side only is another objective, never a scaled one).
+def is_forward_kl(kind, jsd_beta, skew_alpha):
+    """Whether this divergence is forward KL exactly (jsd at b = 0 and skew_kl at a = 0 are): the only one
+    a sampled teacher cache estimates without bias (E12)."""
+    return kind == "forward_kl" or (kind == "jsd" and jsd_beta == 0) or (kind == "skew_kl" and skew_alpha == 0)
+
+
 def divergence(log_p, log_q, kind, jsd_beta=0.5, skew_alpha=0.1):
     """D(p, q) per position, summed over the last dimension of fp32 log-probabilities (the vocabulary, or the
     k + 1 outcomes of top-k KD). The published formulas:
@@ -2010,7 +2081,7 @@ def divergence(log_p, log_q, kind, jsd_beta=0.5, skew_alpha=0.1):
       skew_kl     KL(p || a p + (1 - a) q), a = kd.skew_alpha; a = 0 is forward KL (DistiLLM's skew KL)
       tvd         (1/2) sum |p - q|                                      (total variation)
     A zero probability contributes 0, not nan (xlogy_ratio)."""
-    if kind == "forward_kl" or (kind == "jsd" and jsd_beta == 0) or (kind == "skew_kl" and skew_alpha == 0):
+    if is_forward_kl(kind, jsd_beta, skew_alpha):
         return xlogy_ratio(log_p, log_q).sum(-1)
     if kind == "reverse_kl" or (kind == "jsd" and jsd_beta == 1):
         return xlogy_ratio(log_q, log_p).sum(-1)
@@ -2203,6 +2274,8 @@ def chunked_terms(hidden, head, targets, teacher, online, alpha, beta, temperatu
 #   <split>.rest         [windows, seq_len] log p of all the other tokens together (the values' dtype)
 #   <split>.done         [chunks] one byte per chunk of manifest["chunk"] windows: 1 = written and flushed
 # for split "train" (row = window index) and "val" (row = position in the eval windows).
+# kd.teacher_cache_mode sampled stores teacher_sampled's numbers in the same files: log weights of the drawn ids,
+# the ids, and a rest of -inf, with k = kd.cache_samples + 1 slots (cache_slots).
 CACHE_KILL_AT = os.environ.get("KIT_FAULT_CACHE_KILL_AT")  # tests only: "N" SIGKILLs the build inside its Nth chunk
 CACHE_SPLITS = ("train", "val")
 
@@ -2213,16 +2286,25 @@ def cache_dtypes(cfg):
     return values, np.dtype(np.uint16 if vocab_size(cfg) <= 2 ** 16 else np.int32)
 
 
+def cache_slots(settings, vocab):
+    """(slots per position, what they hold) of a cache with these settings (a config, or a manifest)."""
+    if settings["kd.teacher_cache_mode"] == "sampled":
+        n = settings["kd.cache_samples"]
+        return min(n + 1, vocab), f"{n} teacher-sampled tokens"
+    return min(settings["kd.top_k"], vocab), f"top-{min(settings['kd.top_k'], vocab)}"
+
+
 def teacher_cache_size(cfg, train_windows=None, val_windows=None):
     """The cache's size on disk before it is built: positions x k x (value + id bytes) + positions x value
     bytes (the rest bucket). Returns (bytes, a line saying how)."""
     train_windows = train_set_size(cfg) if train_windows is None else train_windows
     val_windows = len(eval_windows(cfg, window_count(cfg, "val"))) if val_windows is None else val_windows
     values, ids = cache_dtypes(cfg)
-    k, positions = min(cfg["kd.top_k"], vocab_size(cfg)), (train_windows + val_windows) * cfg["data.seq_len"]
+    (k, what), positions = cache_slots(cfg, vocab_size(cfg)), (train_windows + val_windows) * cfg["data.seq_len"]
     size = positions * (k * (values.itemsize + ids.itemsize) + values.itemsize)
     return size, (f"{positions:,} positions ({train_windows:,} train + {val_windows:,} eval windows x {cfg['data.seq_len']}) x "
-                  f"top-{k} x ({values.itemsize} B value + {ids.itemsize} B id) + {values.itemsize} B rest each = "
+                  f"{k} slots ({what}) x ({values.itemsize} B value + {ids.itemsize} B id) + {values.itemsize} B rest "
+                  "each = "
                   f"{size / 2 ** 20:,.1f} MiB ({size / positions:.0f} bytes per token)")
 
 
@@ -2322,7 +2404,8 @@ def cache_identity(cfg, train_set, val_set, eval_ids, known=None):
 
     values, ids = cache_dtypes(cfg)
     want = {"data": {"train": data(train_set, "train"), "val": data(val_set, "val")}, "data.vocab_size": vocab_size(cfg),
-            "data.seq_len": cfg["data.seq_len"], "kd.top_k": min(cfg["kd.top_k"], vocab_size(cfg)),
+            "data.seq_len": cfg["data.seq_len"], "kd.teacher_cache_mode": cfg["kd.teacher_cache_mode"],
+            **sampling_identity(cfg),
             "kd.temperature": cfg["kd.temperature"], "kd.teacher_cache_dtype": cfg["kd.teacher_cache_dtype"],
             "train.precision": cfg["train.precision"],  # the teacher's forward runs under the run's autocast, as online
             "data.limit": len(train_set), "data.val_windows": hashlib.sha256(np.asarray(eval_ids, np.int64).tobytes()).hexdigest(),
@@ -2330,9 +2413,18 @@ def cache_identity(cfg, train_set, val_set, eval_ids, known=None):
     return want, records
 
 
-MANIFEST_KEYS = {"data": "data.train_bin", "data.vocab_size": "data.vocab_size", "data.seq_len": "data.seq_len",
-                 "kd.top_k": "kd.top_k", "kd.temperature": "kd.temperature", "kd.teacher_cache_dtype": "kd.teacher_cache_dtype",
-                 "train.precision": "train.precision", "data.limit": "data.limit", "data.val_windows": "data.val_windows"}
+def sampling_identity(cfg):
+    """The manifest's kd.top_k, or a sampled cache's draws and proposal temperature (null resolved: the same draws)."""
+    if cfg["kd.teacher_cache_mode"] != "sampled":
+        return {"kd.top_k": min(cfg["kd.top_k"], vocab_size(cfg)), "kd.cache_samples": None,
+                "kd.cache_proposal_temperature": None}
+    return {"kd.top_k": None, "kd.cache_samples": cfg["kd.cache_samples"],
+            "kd.cache_proposal_temperature": cfg["kd.cache_proposal_temperature"] or cfg["kd.temperature"]}
+
+
+MANIFEST_KEYS = {"data": "data.train_bin", **{k: k for k in (  # the mode first: its mismatch is the one to name
+    "data.vocab_size", "data.seq_len", "kd.teacher_cache_mode", "kd.cache_samples", "kd.cache_proposal_temperature",
+    "kd.top_k", "kd.temperature", "kd.teacher_cache_dtype", "train.precision", "data.limit", "data.val_windows")}}
 MANIFEST_FORMAT = 2  # 2: files keyed on content (R9); 1 keyed token files on their path and size
 
 
@@ -2350,6 +2442,7 @@ def read_manifest(path):
     if manifest["format"] != MANIFEST_FORMAT:
         raise ConfigError([("R9", "kd.teacher_cache", f"{path} was built by an older train_distill.py, which keyed its "
                             "token files on their names, not their content; delete it to rebuild it")])
+    manifest.setdefault("kd.teacher_cache_mode", "topk")  # a cache from before the sampled mode is a top-k cache
     return manifest
 
 
@@ -2404,7 +2497,8 @@ def check_cache_teacher(cfg, manifest, path, device):
 
 def cache_files(path, split, manifest):
     """{part: (file, dtype, shape)} of one split."""
-    rows, seq, k = manifest["windows"][split], manifest["data.seq_len"], manifest["kd.top_k"]
+    rows, seq = manifest["windows"][split], manifest["data.seq_len"]
+    k = cache_slots(manifest, manifest["data.vocab_size"])[0]
     chunks = -(-rows // manifest["chunk"])
     values, ids = np.dtype(manifest["value_dtype"]), np.dtype(manifest["index_dtype"])
     return {"values": (os.path.join(path, f"{split}.values"), values, (rows, seq, k)),
@@ -2494,14 +2588,17 @@ def build_teacher_cache(cfg, d, path, manifest, identity, sets, ident, say):
         from tqdm import tqdm
         bar = tqdm(total=len(todo), unit="chunk", desc="teacher cache", dynamic_ncols=True)
     start, shown, amp = time.perf_counter(), time.perf_counter(), autocast(d["device"], cfg["train.precision"])
-    T, k = cfg["kd.temperature"], manifest["kd.top_k"]
+    T, k, sampled = cfg["kd.temperature"], manifest["kd.top_k"], manifest["kd.teacher_cache_mode"] == "sampled"
     for n, (split, arrays, c) in enumerate(todo, 1):
         windows, ids = sets[split]
         lo, hi = c * chunk, min((c + 1) * chunk, len(ids))
         x, y = windows[ids[lo:hi]]
         check_token_ids(x, y, windows.vocab, f"data.{split}_bin")
         with torch.no_grad(), amp:
-            log_p_top, index, log_rest = teacher_topk(teacher(to_device(x, d["device"]))[0], T, k)
+            logits = teacher(to_device(x, d["device"]))[0]
+            log_p_top, index, log_rest = teacher_topk(logits, T, k) if not sampled else teacher_sampled(
+                logits, T, manifest["kd.cache_samples"], manifest["kd.cache_proposal_temperature"],
+                CACHE_SPLITS.index(split), lo)
         arrays["values"][lo:hi] = log_p_top.cpu().numpy().astype(arrays["values"].dtype)
         if CACHE_KILL_AT is not None and CACHE_KILL_AT == str(n):
             arrays["values"].flush()
@@ -2556,7 +2653,8 @@ def prepare_teacher_cache(cfg, d, train_set, val_set, eval_ids, say, build=True)
     ident = check(manifest)
     if manifest is not None and manifest["complete"]:
         say(f"teacher cache: {path} is complete and matches this run ({manifest['windows']['train']:,} train + "
-            f"{manifest['windows']['val']:,} eval windows, top-{manifest['kd.top_k']}); nothing to build")
+            f"{manifest['windows']['val']:,} eval windows, {cache_slots(manifest, manifest['data.vocab_size'])[1]}); "
+            "nothing to build")
     elif not any(cfg[k] is not None for k in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target")):
         raise ConfigError([("C3", "kd.teacher_checkpoint", f"null, and the teacher cache {path} is "
                             f"{'incomplete' if manifest else 'absent'}: name the teacher that builds it")])
@@ -3788,9 +3886,10 @@ def print_plan(run, resumed):
     if run["teacher_cache"] is not None:
         m = run["teacher_cache"]["manifest"]
         size, how = teacher_cache_size(cfg, m["windows"]["train"], m["windows"]["val"])
-        log(run, f"teacher: offline, its top-{m['kd.top_k']} from the cache {run['teacher_cache']['path']} (built from "
+        what = cache_slots(m, m["data.vocab_size"])[1]
+        log(run, f"teacher: offline, its {what} from the cache {run['teacher_cache']['path']} (built from "
                  f"{m['teacher']['source']}, sha256 {m['teacher']['tensor_digest'][:12]}; {how}); no teacher in memory; "
-                 + objective_text(cfg, f"top-{m['kd.top_k']} + rest bucket"))
+                 + objective_text(cfg, what + (", importance-weighted" if "sampled" in what else " + rest bucket")))
     log(run, f"devices: {d['world']} process(es) on {d['device']}, precision {cfg['train.precision']}; "
              + (f"resuming at step {run['state']['global_step']}" if resumed else "starting at step 0"))
 
