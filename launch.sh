@@ -4,6 +4,11 @@
 #   ./launch.sh CONFIG [--gpus auto|auto:N|cpu|cpu:N|0,1,...] [--detach] [--dry_run] [--show] [-- script args]
 #   ./launch.sh --tests [pytest args]                 run the test suite
 #
+# It runs stage 2 of prepare -> train -> diagnose. Stage 1 runs once before it, with plain python (one process,
+# no devices): python prepare_tuab.py SRC --out DIR --config CONFIG (the TUAB download -> the windows a probe
+# config names) or python prepare_text.py TEXT... --tokenizer DIR --out DIR (text -> token files, data.yaml);
+# stage 3: python diagnose_and_fix.py --config CONFIG, or --log runs/NAME/metrics.jsonl.
+#
 #   --gpus auto     every idle GPU (nvidia-smi memory used < KIT_GPU_IDLE_MB, default 1000); auto:N = N of them
 #   --gpus cpu      one CPU process; cpu:N = N CPU processes (gloo)
 #   --gpus 0,2      exactly these GPUs

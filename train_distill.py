@@ -4515,6 +4515,11 @@ def dry_run(config_path, overrides, train_fn=None):
 
 # -----------------------------------------------------------------------------
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg.split("=")[0] == "--tokenize" for arg in argv):  # C3: the preparation is its own tool now
+        print(ConfigError([("C3", "--tokenize", "moved to prepare_text.py, beside this script: python "
+                            "prepare_text.py TEXT... --tokenizer DIR --out DIR")]), file=sys.stderr)
+        raise SystemExit(2)  # as argparse exits on a bad option (launch.sh's preflight calls parse_args too)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (omit for the built-in defaults)")
     parser.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
@@ -4534,11 +4539,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(arg.split("=")[0] == "--tokenize" for arg in argv):  # C3: the preparation is its own tool now
-        print(ConfigError([("C3", "--tokenize", "moved to prepare_text.py, beside this script: python "
-                            "prepare_text.py TEXT... --tokenizer DIR --out DIR")]), file=sys.stderr)
-        return 2
     args = parse_args(argv)
     if args.help_config:
         write_stdout(config_reference(CONFIG, os.path.basename(__file__)))  # `--help_config | head`: no traceback

@@ -2971,6 +2971,11 @@ def prepared_data_problems(cfg):
 
 # -----------------------------------------------------------------------------
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg.split("=")[0] == "--prepare_tuab" for arg in argv):  # C3: the preparation is its own tool now
+        print(ConfigError([("C3", "--prepare_tuab", "moved to prepare_tuab.py, beside this script: python "
+                            "prepare_tuab.py SRC --out DIR --config CONFIG")]), file=sys.stderr)
+        raise SystemExit(2)  # as argparse exits on a bad option (launch.sh's preflight calls parse_args too)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (omit for the built-in defaults)")
     parser.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
@@ -2989,11 +2994,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(arg.split("=")[0] == "--prepare_tuab" for arg in argv):  # C3: the preparation is its own tool now
-        print(ConfigError([("C3", "--prepare_tuab", "moved to prepare_tuab.py, beside this script: python "
-                            "prepare_tuab.py SRC --out DIR --config CONFIG")]), file=sys.stderr)
-        return 2
     args = parse_args(argv)
     if args.help_config:
         write_stdout(config_reference(CONFIG, os.path.basename(__file__)))  # `--help_config | head`: no traceback

@@ -77,11 +77,20 @@ def test_train_distill_copied_alone_makes_the_demo_teacher_dry_runs_and_distils_
     assert sorted(os.listdir(where)) == ["runs", "train_distill.py"]
 
 
-@pytest.mark.parametrize("module, flag, tool", [(tp, "--prepare_tuab", "prepare_tuab.py"),
-                                                (td, "--tokenize", "prepare_text.py")])
+@pytest.mark.parametrize("module, flag, tool, config", [(tp, "--prepare_tuab", "prepare_tuab.py", "probe_synthetic"),
+                                                        (td, "--tokenize", "prepare_text.py", "distill_demo")])
 def test_c3_a_training_script_asked_for_a_preparation_names_the_tool_it_moved_to_in_one_line(
-        module, flag, tool, tmp_path, capsys):
-    assert module.main([flag, str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
+        module, flag, tool, config, tmp_path, capsys):
+    """From the script and through launch.sh (whose preflight parses the script's options): one line, exit 2,
+    nothing written, no run dir."""
+    with pytest.raises(SystemExit) as exit_:  # an option the script no longer has, as argparse would exit
+        module.main([flag, str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"config error: {flag}:") and f"python {tool}" in err[0], err
-    assert os.listdir(tmp_path) == []  # nothing written
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KIT_FAULT_")}
+    out = subprocess.run([os.path.join(ROOT, "launch.sh"), os.path.join(CONFIGS, f"{config}.yaml"), "--gpus", "cpu",
+                          "--", flag, "src", "--out", "out"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**env, "KIT_PYTHON": sys.executable}, timeout=300)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == err, out.stderr
+    assert os.listdir(tmp_path) == []  # nothing written, no run dir
