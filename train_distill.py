@@ -3763,10 +3763,16 @@ def evaluation_weights(path):
     raise ConfigError([("C3", "--evaluate", f"{path} not found; {evaluation_choices(path)}")])
 
 
+def run_directory_of(path):
+    """The run directory `path` is or lies in (the run dir, its checkpoints/ or a file there, its export/), or None."""
+    parent = os.path.dirname(path.rstrip(os.sep)) or "."
+    candidates = [path, parent, os.path.dirname(parent) or "."]
+    return next((p for p in candidates if os.path.isdir(os.path.join(p, "checkpoints"))), None)
+
+
 def evaluation_choices(path):
     """E11: the way out of every --evaluate refusal, with the paths of the run that `path` lies in, if any."""
-    up = [path, os.path.dirname(path.rstrip(os.sep)) or "."]
-    run = next((p for p in up + [os.path.dirname(up[1])] if os.path.isdir(os.path.join(p or ".", "checkpoints"))), None)
+    run = run_directory_of(path)
     if run is None:
         return "give a run directory (runs/<run_name>), a checkpoint (its checkpoints/best.pt) or its export/"
     return (f"give the run directory {run}, a checkpoint such as {os.path.join(run, 'checkpoints', 'best.pt')} or "

@@ -2411,10 +2411,16 @@ def evaluation_weights(path):
     raise ConfigError([("C3", "--evaluate", f"{path} not found; {evaluation_choices(path)}")])
 
 
+def run_directory_of(path):
+    """The run directory `path` is or lies in (the run dir, its checkpoints/ or a file there, its export/), or None."""
+    parent = os.path.dirname(path.rstrip(os.sep)) or "."
+    candidates = [path, parent, os.path.dirname(parent) or "."]
+    return next((p for p in candidates if os.path.isdir(os.path.join(p, "checkpoints"))), None)
+
+
 def evaluation_choices(path):
     """E11: the way out of every --evaluate refusal, with the paths of the run that `path` lies in, if any."""
-    up = [path, os.path.dirname(path.rstrip(os.sep)) or "."]
-    run = next((p for p in up + [os.path.dirname(up[1])] if os.path.isdir(os.path.join(p or ".", "checkpoints"))), None)
+    run = run_directory_of(path)
     if run is None:
         return "give a run directory (runs/<run_name>), a checkpoint (its checkpoints/best.pt) or its export/"
     return (f"give the run directory {run}, a checkpoint such as {os.path.join(run, 'checkpoints', 'best.pt')} or "
@@ -2500,6 +2506,8 @@ def evaluate(run, split):
                  f"is undefined and reported as NaN, so it cannot pick best.pt (a label-sorted file cut by data.limit?)")
     probs = np.array([r[0] for r in rows])
     losses = np.array([r[1] for r in rows])
+    if "predictions" in run:  # --evaluate writes them per window (E11)
+        run["predictions"][split] = probs
     if probs.shape[1] == 2:
         roc = auroc(probs[:, 1], labels == 1)
     else:  # one-vs-rest, macro average over classes
@@ -2773,13 +2781,84 @@ def evaluate_saved(config_path, overrides, path):
         raise ConfigError([("C3", "--evaluate", f"the backbone gives {dim} features, the head in {source} takes "
                             f"{head.linear.in_features}; evaluate with the config the run trained with")])
     run = {"cfg": model_cfg, "dist": d, "module": head.to(d["device"]), "backbone": backbone, "bar": None,
-           "quiet": True, "log_file": sys.stderr, "eval_sources": {k: (s, s.labels) for k, s in sets.items()}}
+           "quiet": True, "log_file": sys.stderr, "eval_sources": {k: (s, s.labels) for k, s in sets.items()},
+           "predictions": {}}
     metrics = {}
     for split in sets:
         metrics.update(evaluate(run, split))
     if d["main"]:
+        write_predictions(evaluation_out_dir(path), {k: (s.labels, run["predictions"][k]) for k, s in sets.items()})
         report_evaluation(path, weights, metrics)
     return 0
+
+
+def evaluation_out_dir(path):
+    """Where --evaluate's per-window files go: <run dir>/evaluation/ for a path in a run (the run directory,
+    its checkpoints/*.pt, its export/), else evaluation/ in the directory named or holding the path."""
+    run = run_directory_of(path)
+    return os.path.join(run or (path if os.path.isdir(path) else os.path.dirname(path) or "."), "evaluation")
+
+
+def write_predictions(out, splits):
+    """E11: what braindecode and scikit-learn users look at beside the numbers: <split>_predictions.csv (index,
+    label, the argmax prediction, the score: P(last class), every class's probability with more than two) and,
+    when matplotlib is installed, <split>_roc.png and <split>_confusion.png. One line says where."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        for split, (labels, probs) in splits.items():
+            two = probs.shape[1] == 2
+            scores = ["score"] if two else [f"score_{c}" for c in range(probs.shape[1])]
+            header = ",".join(["index", "label", "prediction", *scores])
+            rows = [f"{i},{y},{p.argmax()}," + (f"{p[1]:.6g}" if two else ",".join(f"{v:.6g}" for v in p))
+                    for i, (y, p) in enumerate(zip(labels.tolist(), probs))]
+            atomic_write_text(os.path.join(out, f"{split}_predictions.csv"), "\n".join([header, *rows]) + "\n")
+        plotted = plot_evaluation(out, splits)
+    except OSError as err:
+        print(f"per-window predictions not written: {out}: {err.strerror or err}", flush=True)
+        return
+    names = ", ".join(f"{s}_predictions.csv" + (f", {s}_roc.png, {s}_confusion.png" if plotted else "") for s in splits)
+    print(f"per-window predictions: {out}/ ({names})" + ("" if plotted else "; ROC and confusion-matrix PNGs need "
+                                                          "matplotlib, which is not installed"), flush=True)
+
+
+def roc_curve_points(scores, positive):
+    """(false positive rate, true positive rate) at every distinct score, highest first, from (0, 0) to (1, 1)."""
+    order = np.argsort(-scores, kind="mergesort")
+    scores, positive = scores[order], positive[order]
+    last = np.r_[np.flatnonzero(scores[1:] != scores[:-1]), len(scores) - 1]  # the end of each tie group
+    tp, fp = np.cumsum(positive)[last], np.cumsum(~positive)[last]
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
+
+
+def plot_evaluation(out, splits):
+    """<split>_roc.png (one-vs-rest per class with more than two) and <split>_confusion.png; False without
+    matplotlib (never required). matplotlib's object API: no pyplot state, no display."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    for split, (labels, probs) in splits.items():
+        fig = Figure(figsize=(4.5, 4.5))
+        ax = fig.subplots()
+        for c in [probs.shape[1] - 1] if probs.shape[1] == 2 else range(probs.shape[1]):
+            fpr, tpr = roc_curve_points(probs[:, c], labels == c)
+            ax.plot(fpr, tpr, label=f"class {c}: AUROC {auroc(probs[:, c], labels == c):.4f}")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{split} ROC ({len(labels)} windows)")
+        ax.legend(loc="lower right")
+        fig.savefig(os.path.join(out, f"{split}_roc.png"), dpi=100, bbox_inches="tight")
+        n = probs.shape[1]
+        counts = np.zeros((n, n), np.int64)
+        np.add.at(counts, (labels, probs.argmax(1)), 1)
+        fig = Figure(figsize=(4, 4))
+        ax = fig.subplots()
+        ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(int(counts.max()), 1))
+        for (i, j), v in np.ndenumerate(counts):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > counts.max() / 2 else "black")
+        ax.set(xticks=range(n), yticks=range(n), xlabel="predicted class", ylabel="true class",
+               title=f"{split} confusion (bacc {balanced_accuracy(probs.argmax(1), labels):.4f})")
+        fig.savefig(os.path.join(out, f"{split}_confusion.png"), dpi=100, bbox_inches="tight")
+    return True
 
 
 # -----------------------------------------------------------------------------

@@ -144,3 +144,67 @@ def test_e11_evaluate_of_a_log_or_the_checkpoints_directory_says_in_one_line_wha
         assert main(["--evaluate", str(run_dir / "checkpoints"), *sets(values)]) == 2
         line = one_line_pointing_at_what_evaluate_scores(capsys.readouterr().err, run_dir)
         assert "is a directory of checkpoints" in line and "probe.json" not in line
+
+
+def read_csv(path):
+    with open(path) as f:
+        header, *rows = [line.rstrip("\n").split(",") for line in f]
+    return header, rows
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_e11_probe_evaluate_writes_per_window_predictions_a_roc_curve_and_a_confusion_matrix(probe_runs, name,
+                                                                                             capsys):
+    # What braindecode / scikit-learn users look at beside the numbers: the CSV's scores are the ones the AUROC
+    # and bacc of the JSON line came from, its labels the val file's, one row per window in file order.
+    pytest.importorskip("matplotlib")
+    run_dir, values = probe_runs[name]
+    out = run_dir / "evaluation"
+    for target in (run_dir, run_dir / "export"):
+        if out.exists():
+            for f in out.iterdir():
+                f.unlink()
+        assert tp.main(["--evaluate", str(target), *sets(values)]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        got = json.loads(lines[-1])
+        assert [line for line in lines if str(out) in line] == [
+            f"per-window predictions: {out}/ (val_predictions.csv, val_roc.png, val_confusion.png)"]
+        header, rows = read_csv(out / "val_predictions.csv")
+        assert header == ["index", "label", "prediction", "score"]
+        labels = np.load(probe_runs["tmp"] / "val_y.npy")
+        assert [int(r[0]) for r in rows] == list(range(len(labels))) and [int(r[1]) for r in rows] == labels.tolist()
+        scores, predicted = np.array([float(r[3]) for r in rows]), np.array([int(r[2]) for r in rows])
+        assert tp.auroc(scores, labels == 1) == pytest.approx(got["val/auroc"], abs=1e-6)
+        assert tp.balanced_accuracy(predicted, labels) == got["val/bacc"]
+        for png in ("val_roc.png", "val_confusion.png"):
+            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_e11_probe_evaluate_without_matplotlib_writes_the_csv_and_says_the_pngs_need_it(probe_runs, monkeypatch,
+                                                                                      capsys):
+    run_dir, values = probe_runs["builtin"]
+    out = run_dir / "evaluation"
+    if out.exists():
+        for f in out.iterdir():
+            f.unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert tp.main(["--evaluate", str(run_dir), *sets(values)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if str(out) in x]
+    assert line == [f"per-window predictions: {out}/ (val_predictions.csv); ROC and confusion-matrix PNGs need "
+                    "matplotlib, which is not installed"]
+    assert sorted(os.listdir(out)) == ["val_predictions.csv"]
+
+
+def test_e11_roc_curve_points_enclose_the_auroc_with_ties_and_more_than_two_classes_get_a_score_each(tmp_path):
+    rng = np.random.default_rng(3)
+    scores, labels = rng.integers(0, 6, 200) / 5.0, rng.random(200) < 0.4  # many ties
+    fpr, tpr = tp.roc_curve_points(scores, labels)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    area = float(np.sum((fpr[1:] - fpr[:-1]) * (tpr[1:] + tpr[:-1]) / 2))  # ties: the diagonal step, half credit
+    assert area == pytest.approx(tp.auroc(scores, labels), abs=1e-12)
+    probs = rng.dirichlet(np.ones(3), 5)
+    tp.write_predictions(str(tmp_path), {"test": (np.array([0, 1, 2, 2, 1]), probs)})
+    header, rows = read_csv(tmp_path / "test_predictions.csv")
+    assert header == ["index", "label", "prediction", "score_0", "score_1", "score_2"]
+    assert [int(r[2]) for r in rows] == probs.argmax(1).tolist()
