@@ -3,6 +3,7 @@
     python benchmarks/bench.py --quick          # about 6 minutes on 2 idle CPU cores
     python benchmarks/bench.py                  # more repeats, the full 20-epoch cache run: about 13 minutes
     python benchmarks/bench.py --write_results  # also rewrite benchmarks/results.md with this machine's numbers
+    python benchmarks/bench.py --calibration runs/a/checkpoints/best.pt ...  # val loss, ppl, next-token ECE
 
 Every number comes from the kit's own code: the loop is train_probe.py's real `fit`/`optimizer_step`
 on the run and task its real `train()` builds, the KD loss is train_distill.py's `kd_kl`, the dry run is
@@ -686,8 +687,16 @@ def bench_offline(repeats, tmp, cases=None, steps=None):
         cache_cfg, _ = td.resolve_config(DEMO_CONFIG, kd + [f"kd.teacher_cache={cache_path}"])
         size, _how = td.teacher_cache_size(cache_cfg, m["windows"]["train"], m["windows"]["val"])
         positions = (m["windows"]["train"] + m["windows"]["val"]) * m["data.seq_len"]
+        # a sampled cache of the same bytes: k - 1 draws in k slots (kd.teacher_cache_mode sampled)
+        draws = [f"kd.teacher_cache={os.path.join(root, 'cache_sampled')}", "kd.top_k=null",
+                 "kd.teacher_cache_mode=sampled", f"kd.cache_samples={m['kd.top_k'] - 1}"]
+        start = time.perf_counter()
+        sampled = capture_distill(td, kd + draws, os.path.join(root, "unused"), cache_only=True)["manifest"]
+        sampled_build_s = time.perf_counter() - start
+        sampled_size, _how = td.teacher_cache_size(td.resolve_config(DEMO_CONFIG, kd + draws)[0],
+                                                   sampled["windows"]["train"], sampled["windows"]["val"])
         sides = {"offline_topk": kd + [f"kd.teacher_cache={cache_path}"], "online_topk": kd,
-                 "online_full": kd + ["kd.top_k=null"]}
+                 "online_full": kd + ["kd.top_k=null"], "offline_sampled": kd + draws}
         runs = {side: capture_distill(td, s, os.path.join(root, side)) for side, s in sides.items()}
         resets, timers = {}, {}
         for side, (run, task) in runs.items():
@@ -695,6 +704,8 @@ def bench_offline(repeats, tmp, cases=None, steps=None):
         times = paired_times(timers, repeats, setup=lambda side: resets[side]())
         row = {"build_s": build_s, "cache_bytes": size, "positions": positions, "bytes_per_token": size / positions,
                "build_tokens_per_s": positions / build_s, "k": m["kd.top_k"], "vocab": m["data.vocab_size"],
+               "draws": sampled["kd.cache_samples"], "sampled_build_s": sampled_build_s,
+               "sampled_bytes_per_token": sampled_size / positions,
                "steps": steps[name], "batch": runs["online_full"][0]["plan"]["batch_size"],
                "accum": runs["online_full"][0]["plan"]["grad_accum"], "seq_len": m["data.seq_len"]}
         for side, (run, task) in runs.items():
@@ -707,11 +718,44 @@ def bench_offline(repeats, tmp, cases=None, steps=None):
                          "step_peak_mb": transient / 2**20, "teacher_mb": teacher / 2**20}
             row[side]["peak_mb"] = row[side]["held_mb"] + row[side]["step_peak_mb"]
             close_run(run)
-        for side in ("offline_topk", "online_topk"):
+        row["sampled_vs_topk_step_ratio"] = row["offline_sampled"]["ms_per_step"] / row["offline_topk"]["ms_per_step"]
+        for side in ("offline_topk", "online_topk", "offline_sampled"):
             row[f"{side}_step_ratio"] = row[side]["ms_per_step"] / row["online_full"]["ms_per_step"]
             row[f"{side}_mem_ratio"] = row[side]["peak_mb"] / row["online_full"]["peak_mb"]
         out[name] = row
     return out
+
+
+def next_token_calibration(td, checkpoint, bins=15, batch=64):
+    """val/loss, val/ppl and the expected calibration error of a train_distill.py checkpoint's next-token
+    probabilities over its own run's eval windows: positions binned by the top-1 probability (`bins` equal
+    widths), ECE = sum over bins of |accuracy - mean confidence| x the bin's share of positions (Guo et al.
+    2017). The network is loaded by the script's own checkpoint loader, as a next teacher would be."""
+    import yaml
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(td.unflatten(saved), f)
+    arch = [f"teacher.{dim}={saved[f'student.{dim}']}" for dim in ("n_layer", "n_head", "n_embd")]
+    cfg, _ = td.resolve_config(f.name, arch + ["kd.enabled=true", f"kd.teacher_checkpoint={checkpoint}", "kd.gamma=0",
+                                               "kd.teacher_cache=null", "kd.teacher_cache_mode=topk", "kd.top_k=null"])
+    os.unlink(f.name)
+    net, val = td.build_teacher(cfg, torch.device("cpu"), hidden=False), td.TokenWindows(cfg, "val")
+    rows = td.eval_windows(cfg, len(val))
+    ce, count = 0.0, 0
+    conf_sum, correct_sum = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, len(rows), batch):
+            x, y = val[rows[start:start + batch]]
+            log_p = torch.log_softmax(net(x)[0].float(), -1)
+            real = y != td.IGNORE
+            ce += float(-log_p.gather(-1, y.clamp(min=0)[..., None])[..., 0][real].double().sum())
+            count += int(real.sum())
+            conf, pred = log_p.exp().max(-1)
+            b = (conf[real].double() * bins).long().clamp(max=bins - 1)
+            conf_sum += torch.zeros(bins, dtype=torch.float64).index_add_(0, b, conf[real].double())
+            correct_sum += torch.zeros(bins, dtype=torch.float64).index_add_(0, b, (pred == y)[real].double())
+    ece = float((correct_sum - conf_sum).abs().sum() / count)
+    return {"val_loss": ce / count, "val_ppl": math.exp(ce / count), "ece": ece, "positions": count}
 
 
 # -----------------------------------------------------------------------------
@@ -1139,6 +1183,12 @@ def build_rows(r):
         rows.append((label, f"cache build (--cache_teacher): {o['positions']:,} positions in {o['build_s']:.1f} s "
                      f"(teacher load included), {o['cache_bytes'] / 2**20:.1f} MiB",
                      f"{o['build_tokens_per_s']:,.0f} tokens/s, {o['bytes_per_token']:.0f} bytes/token", "report", "-"))
+        if "offline_sampled" in o:
+            rows.append((label, f"sampled cache (kd.teacher_cache_mode sampled, {o['draws']} draws: "
+                         f"{o['sampled_bytes_per_token']:.0f} bytes/token, built in {o['sampled_build_s']:.1f} s): "
+                         f"optimizer_step() time / offline top-{o['k']}'s ({o['offline_sampled']['ms_per_step']:.1f} vs "
+                         f"{o['offline_topk']['ms_per_step']:.1f} ms)", f"{o['sampled_vs_topk_step_ratio']:.2f}",
+                         "report", "-"))
     if r.get("dry_run"):
         d = r["dry_run"]
         rows.append(("dry-run tool", f"lr_curve: {d['steps']} optimizer steps of the real scheduler",
@@ -1235,6 +1285,7 @@ def summary(r):
             "offline_step_ratio_32k": ((r.get("offline") or {}).get("32k") or {}).get("offline_topk_step_ratio"),
             "offline_mem_ratio_32k": ((r.get("offline") or {}).get("32k") or {}).get("offline_topk_mem_ratio"),
             "cache_bytes_per_token": ((r.get("offline") or {}).get("demo") or {}).get("bytes_per_token"),
+            "offline_sampled_vs_topk_step_ratio": ((r.get("offline") or {}).get("demo") or {}).get("sampled_vs_topk_step_ratio"),
             "dryrun_steps_per_s": (r.get("dry_run") or {}).get("steps_per_s"),
             "dryrun_tool_steps_per_s": (r.get("dry_run") or {}).get("tool_steps_per_s"),
             "peer_time_ratio": (r.get("peer") or {}).get("ratio"),
@@ -1331,7 +1382,14 @@ def main(argv=None):
                         help="torch intra-op threads (default 1; 0 = torch's default). The compared ops are small: "
                              "on a shared 2-core machine OpenMP barrier waits add milliseconds of noise to them")
     parser.add_argument("--only", action="append", choices=PARTS, help="run only these parts")
+    parser.add_argument("--calibration", nargs="+", metavar="CHECKPOINT",
+                        help="instead: val/loss, val/ppl and next-token ECE of train_distill.py checkpoints, one JSON line each")
     args = parser.parse_args(argv)
+    if args.calibration:
+        import train_distill as td
+        for path in args.calibration:
+            print(json.dumps({"checkpoint": path, **next_token_calibration(td, path)}))
+        return 0
     threads_before = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -108,12 +108,15 @@ def test_d6_chunked_kd_bench_reports_memory_and_time_ratios_of_the_same_loss():
     torch.testing.assert_close(chunked, unchunked)
 
 
-def test_offline_kd_bench_times_three_sides_of_the_real_distill_step(tmp_path):
+def test_offline_kd_bench_times_four_sides_of_the_real_distill_step(tmp_path, capsys):
+    import train_distill as td
     out = bench.bench_offline(1, str(tmp_path), cases={"tiny": ["data.limit=16", "data.val_windows=4", "train.batch_size=4",
                                                                 "data.seq_len=16"]}, steps={"tiny": 1})
     row = out["tiny"]
-    for side in ("offline_topk", "online_topk", "online_full"):
+    for side in ("offline_topk", "online_topk", "online_full", "offline_sampled"):
         assert row[side]["ms_per_step"] > 0 and row[side]["step_peak_mb"] > 0
+    assert row["draws"] == 31 and row["sampled_bytes_per_token"] == row["bytes_per_token"]  # equal bytes: k - 1 draws
+    assert row["offline_sampled"]["teacher_mb"] == 0 and row["sampled_vs_topk_step_ratio"] > 0
     # offline holds no teacher: the online sides' held tensors include the teacher's weights, offline's do not
     assert row["offline_topk"]["teacher_mb"] == 0 and row["online_topk"]["teacher_mb"] > 0
     assert row["online_topk"]["held_mb"] == row["online_full"]["held_mb"]
@@ -123,6 +126,14 @@ def test_offline_kd_bench_times_three_sides_of_the_real_distill_step(tmp_path):
     summary = bench.summary({"offline": {"demo": row}, "quick": True})
     assert summary["offline_step_ratio"] == row["offline_topk_step_ratio"]
     assert summary["offline_mem_ratio"] == row["offline_topk_mem_ratio"]
+    assert summary["offline_sampled_vs_topk_step_ratio"] == row["sampled_vs_topk_step_ratio"]
+    assert any("sampled cache" in r[1] for r in bench.build_rows({"offline": {"demo": row}}))
+    teacher_run = tmp_path / "offline_tiny" / "teacher"
+    calibration = bench.next_token_calibration(td, str(teacher_run / "checkpoints" / "last.pt"))
+    logged = [r for r in records(str(teacher_run)) if "val/loss" in r][-1]
+    assert abs(calibration["val_loss"] - logged["val/loss"]) < 1e-5 and 0 <= calibration["ece"] <= 1
+    assert bench.main(["--calibration", str(teacher_run / "checkpoints" / "last.pt")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ece"] == calibration["ece"]
 
 
 def test_dry_run_rate_and_scheduler_tool():
