@@ -1290,7 +1290,11 @@ def check_checkpoint(path, script, cfg, plan, opts):
                              "step the scheduler exactly once per optimizer step, skipped steps included", source=src))
     optimizer = ckpt.get("optimizer")
     if ckpt.get("shards"):  # D2: a sharded checkpoint's optimizer state is in the DCP directory it names
-        steps = script.read_shards(os.path.join(os.path.dirname(path), ckpt["shards"]), "optimizer.state.")
+        try:
+            steps = script.read_shards(script.shard_directory(ckpt, path), "optimizer.state.")
+        except script.ConfigError as err:  # D2: what the run refuses, with the same line
+            return found + [finding("D2", "critical", err.problems[0][2], "copy the directory beside the checkpoint, "
+                                    "or check the run's export/", source=src)]
         optimizer = {"state": {k: {"step": v} for k, v in steps.items() if k.endswith(".step")}}
     counts = optimizer_step_counts(optimizer)
     if len(counts) > 1:

@@ -1761,7 +1761,8 @@ def load_teacher_checkpoint(cfg, hidden=True):
             raise ConfigError([("C3", "teacher.n_layer", f"{path} holds a network with " + ", ".join(f"{k} {v}" for k, v in arch.items())
                                 + "; set teacher.n_layer/n_head/n_embd to those values")])
         lm = GPT(vocab_size(saved), saved["data.seq_len"], **arch)
-    lm.load_state_dict({k[len("lm."):]: v for k, v in saved_weights(ckpt, path).items() if k.startswith("lm.")})
+    lm.load_state_dict({k[len("lm."):]: v for k, v in saved_weights(ckpt, path, "kd.teacher_checkpoint").items()
+                        if k.startswith("lm.")})
     return lm
 
 
@@ -1901,11 +1902,11 @@ def prune_shards(run):
 SHARDED_CHECKPOINTS = {"save": save_shards, "load": load_shards, "prune": prune_shards}
 
 
-def saved_weights(ckpt, path):
+def saved_weights(ckpt, path, key="--checkpoint"):
     """A checkpoint file's network as one state dict: its "model", or (D4) the whole tensors of the DCP
     directory it names, gathered by this process alone (an export, a teacher, a check; never training)."""
     if ckpt.get("shards"):
-        return read_shards(os.path.join(os.path.dirname(path), ckpt["shards"]))
+        return read_shards(shard_directory(ckpt, path, key))
     return ckpt["model"]
 
 
@@ -2995,9 +2996,15 @@ def load_latest_checkpoint(run, path):
         if not os.path.exists(candidate):
             continue
         try:
-            return torch.load(candidate, map_location="cpu", weights_only=True), candidate  # R7
+            ckpt = torch.load(candidate, map_location="cpu", weights_only=True)  # R7
         except Exception as err:  # a torn file raises whatever the unpickler meets
             log(run, f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
+            continue
+        gone = missing_shards(ckpt, candidate) if isinstance(ckpt, dict) and ckpt.get("shards") else None
+        if gone:  # D2: the DCP directory it names is half of the checkpoint (deleted, or a kill before it was in)
+            log(run, f"WARNING R6: {gone}; trying the previous checkpoint")
+            continue
+        return ckpt, candidate
     return None, None
 
 
@@ -3083,7 +3090,7 @@ def resume(run, mode):
         raise ConfigError([("S7", "train.allow_schedule_change", f"the schedule changed since {source}: {what}; "
                             "restore those values, or set train.allow_schedule_change=true to continue on the new curve")])
     if ckpt.get("shards"):  # D3: DCP reads this process's part of every tensor, for any number of processes
-        run["sharded"]["load"](run, os.path.join(os.path.dirname(source), ckpt["shards"]))
+        run["sharded"]["load"](run, shard_directory(ckpt, source, "--resume"))
     else:
         run["module"].load_state_dict(ckpt["model"])
         run["optimizer"].load_state_dict(ckpt["optimizer"])
@@ -3488,11 +3495,31 @@ def checkpoint_tensors_equal(path_a, path_b):
 
     def everything(ckpt, path):  # D2: a sharded checkpoint's weights and optimizer state are in its DCP directory
         if ckpt.get("shards"):
-            return {"scheduler": ckpt["scheduler"], **read_shards(os.path.join(os.path.dirname(path), ckpt["shards"]), "")}
+            return {"scheduler": ckpt["scheduler"], **read_shards(shard_directory(ckpt, path), "")}
         return {k: ckpt[k] for k in ("model", "optimizer", "scheduler")}
 
     ta, tb = dict(tensors(everything(a, path_a))), dict(tensors(everything(b, path_b)))
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def missing_shards(ckpt, path):
+    """D2: why the DCP directory a sharded checkpoint file names (beside the file) cannot be read, or None."""
+    directory = os.path.join(os.path.dirname(path), ckpt["shards"])
+    if os.path.isfile(os.path.join(directory, ".metadata")):
+        return None
+    state = "incomplete (no .metadata)" if os.path.isdir(directory) else "missing"
+    return f"{path} is a sharded checkpoint (train.strategy fsdp): its weights are in the directory " \
+           f"{ckpt['shards']}/ beside it, which is {state}"
+
+
+def shard_directory(ckpt, path, key="--checkpoint"):
+    """D2: the DCP directory a sharded checkpoint file names. A file copied without it (a best.pt sent alone)
+    is one ConfigError naming the directory it needs, or the export/ that needs none."""
+    problem = missing_shards(ckpt, path)
+    if problem:
+        raise ConfigError([("D2", key, f"{problem}; copy {ckpt['shards']}/ from the run's checkpoints/ next to it, "
+                            "or use the run's export/ (one whole state dict, no shards)")])
+    return os.path.join(os.path.dirname(path), ckpt["shards"])
 
 
 def read_shards(directory, prefix="model."):
@@ -4324,7 +4351,7 @@ def evaluate_saved(config_path, overrides, path):
         # E11: the network as trained, without the KD projection: it only ever fed the hidden-state loss, and a
         # teacher of another width here would not fit it. The data and the teacher of --config.
         module = build_trainable(ckpt["config"], None)
-        state = saved_weights(ckpt, source)  # D4: a sharded run's checkpoint names its DCP directory
+        state = saved_weights(ckpt, source, "--evaluate")  # D4: a sharded run's checkpoint names its DCP directory
         module.load_state_dict({k: v for k, v in state.items() if not k.startswith("proj.")})
         weights = f"{source} (step {ckpt['global_step']})"
     run = {"cfg": cfg, "dist": d, "module": module.to(d["device"]), "val_set": val_set, "val_windows": windows,
@@ -4380,7 +4407,7 @@ def export_matches_best(run_dir, cfg, teacher):
 def optimizer_step_count(ckpt, path=None):
     """Updates the optimizer applied (AdamW counts them per parameter); None for SGD, which does not count."""
     if ckpt.get("shards"):  # D2: in the DCP directory, as optimizer.state.<parameter>.step
-        steps = [v for k, v in read_shards(os.path.join(os.path.dirname(path), ckpt["shards"]), "optimizer.state.").items()
+        steps = [v for k, v in read_shards(shard_directory(ckpt, path), "optimizer.state.").items()
                  if k.endswith(".step")]
     else:
         steps = [s["step"] for s in ckpt["optimizer"]["state"].values() if "step" in s]

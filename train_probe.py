@@ -1643,9 +1643,15 @@ def load_latest_checkpoint(run, path):
         if not os.path.exists(candidate):
             continue
         try:
-            return torch.load(candidate, map_location="cpu", weights_only=True), candidate  # R7
+            ckpt = torch.load(candidate, map_location="cpu", weights_only=True)  # R7
         except Exception as err:  # a torn file raises whatever the unpickler meets
             log(run, f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
+            continue
+        gone = missing_shards(ckpt, candidate) if isinstance(ckpt, dict) and ckpt.get("shards") else None
+        if gone:  # D2: the DCP directory it names is half of the checkpoint (deleted, or a kill before it was in)
+            log(run, f"WARNING R6: {gone}; trying the previous checkpoint")
+            continue
+        return ckpt, candidate
     return None, None
 
 
@@ -1731,7 +1737,7 @@ def resume(run, mode):
         raise ConfigError([("S7", "train.allow_schedule_change", f"the schedule changed since {source}: {what}; "
                             "restore those values, or set train.allow_schedule_change=true to continue on the new curve")])
     if ckpt.get("shards"):  # D3: DCP reads this process's part of every tensor, for any number of processes
-        run["sharded"]["load"](run, os.path.join(os.path.dirname(source), ckpt["shards"]))
+        run["sharded"]["load"](run, shard_directory(ckpt, source, "--resume"))
     else:
         run["module"].load_state_dict(ckpt["model"])
         run["optimizer"].load_state_dict(ckpt["optimizer"])
@@ -2136,11 +2142,31 @@ def checkpoint_tensors_equal(path_a, path_b):
 
     def everything(ckpt, path):  # D2: a sharded checkpoint's weights and optimizer state are in its DCP directory
         if ckpt.get("shards"):
-            return {"scheduler": ckpt["scheduler"], **read_shards(os.path.join(os.path.dirname(path), ckpt["shards"]), "")}
+            return {"scheduler": ckpt["scheduler"], **read_shards(shard_directory(ckpt, path), "")}
         return {k: ckpt[k] for k in ("model", "optimizer", "scheduler")}
 
     ta, tb = dict(tensors(everything(a, path_a))), dict(tensors(everything(b, path_b)))
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def missing_shards(ckpt, path):
+    """D2: why the DCP directory a sharded checkpoint file names (beside the file) cannot be read, or None."""
+    directory = os.path.join(os.path.dirname(path), ckpt["shards"])
+    if os.path.isfile(os.path.join(directory, ".metadata")):
+        return None
+    state = "incomplete (no .metadata)" if os.path.isdir(directory) else "missing"
+    return f"{path} is a sharded checkpoint (train.strategy fsdp): its weights are in the directory " \
+           f"{ckpt['shards']}/ beside it, which is {state}"
+
+
+def shard_directory(ckpt, path, key="--checkpoint"):
+    """D2: the DCP directory a sharded checkpoint file names. A file copied without it (a best.pt sent alone)
+    is one ConfigError naming the directory it needs, or the export/ that needs none."""
+    problem = missing_shards(ckpt, path)
+    if problem:
+        raise ConfigError([("D2", key, f"{problem}; copy {ckpt['shards']}/ from the run's checkpoints/ next to it, "
+                            "or use the run's export/ (one whole state dict, no shards)")])
+    return os.path.join(os.path.dirname(path), ckpt["shards"])
 
 
 def read_shards(directory, prefix="model."):

@@ -6,6 +6,7 @@ reference DDP equals, tests/test_ddp.py), one uninterrupted two-process FSDP run
 relaunched, and a chain that changes the number of processes twice (2 -> 1 -> 2) on the same global
 micro-batch. 17 eval windows split 9 + 8 over two processes: 2 eval batches of 8 on one, 1 on the other.
 """
+import json
 import os
 import shutil
 import signal
@@ -212,3 +213,49 @@ def test_activation_checkpointing_on_a_model_without_blocks_is_one_config_error(
         td.train(cfg, str(tmp_path / "run"), "none", quiet=True)
     assert "train.activation_checkpointing" in str(err.value) and "nn.ModuleList" in str(err.value)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_d2_a_sharded_best_pt_copied_alone_is_one_line_naming_its_directory(work, fsdp_run, tmp_path, capsys):
+    """Issue 31: an FSDP best.pt copied without its DCP directory, as a teacher, to --evaluate, to --dry_run and
+    to diagnose_and_fix.py (--checkpoint, and --config naming it as the teacher), was a 37-line FileNotFoundError
+    on .../.metadata. Now every one says the same line: a sharded checkpoint, the directory it needs, export/;
+    the run exits 2 and makes no run directory."""
+    import diagnose_and_fix as dx
+    path, cfg, kd = work
+    best = tmp_path / "sent" / "best.pt"
+    best.parent.mkdir()
+    shutil.copy(os.path.join(fsdp_run, "checkpoints", "best.pt"), best)
+    name = torch.load(best, weights_only=True)["shards"]
+    line = (f"{best} is a sharded checkpoint (train.strategy fsdp): its weights are in the directory {name}/ beside "
+            f"it, which is missing; copy {name}/ from the run's checkpoints/ next to it, or use the run's export/")
+    as_teacher = kd + ["train.batch_size=4", f"kd.teacher_checkpoint={best}", "teacher.n_embd=16"]  # the student's
+    for argv, key in [(["--evaluate", str(best)], "--evaluate"), (["--dry_run"], "kd.teacher_checkpoint"),
+                      (["--run_dir", str(tmp_path / "new")], "kd.teacher_checkpoint")]:
+        settings = kd + ["train.batch_size=4"] if key == "--evaluate" else as_teacher
+        assert td.main(["--config", cfg, *sets(settings), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"config error: {key}: {line}" in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "new")
+    for argv, source in [(["--checkpoint", str(best)], "checkpoint"), (["--config", cfg, *sets(as_teacher)], "config")]:
+        assert dx.main([*argv, "--json"]) >= 1
+        found = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["severity"] == "critical"]
+        assert [(f["id"], f["source"]) for f in found] == [("D2", source)] and line in found[0]["evidence"], found
+
+
+def test_r6_d2_a_last_pt_whose_shard_directory_is_missing_falls_back_to_last_prev_pt(work, fsdp_run, killed_fsdp_run,
+                                                                                    tmp_path):
+    """Issue 31: last.pt naming a DCP directory that is gone (deleted, not copied) was `AssertionError: metadata
+    is None` on every process; it is a torn checkpoint like any other (R6): the relaunch says so, continues from
+    last.prev.pt (step 2) and ends bit-identical to the uninterrupted run."""
+    path, cfg, kd = work
+    run_dir = str(tmp_path / "killed")
+    shutil.copytree(killed_fsdp_run, run_dir)
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", ckpt(run_dir)["shards"]))
+    out = launch(cfg, "--gpus", "cpu:2", "--", *sets(kd + ["train.batch_size=2", "train.strategy=fsdp"]),
+                 "--run_dir", run_dir, cwd=path, env=ONE_THREAD)
+    assert out.returncode == 0, out.stdout + out.stderr
+    log = open(os.path.join(run_dir, "train.log")).read()
+    assert f"WARNING R6: {run_dir}/checkpoints/last.pt is a sharded checkpoint (train.strategy fsdp): its weights " \
+           "are in the directory last-step00000004/ beside it, which is missing; trying the previous checkpoint" in log
+    assert td.checkpoint_tensors_equal(os.path.join(fsdp_run, "checkpoints", "last.pt"),
+                                       os.path.join(run_dir, "checkpoints", "last.pt"))
