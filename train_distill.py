@@ -2291,7 +2291,7 @@ def cache_slots(settings, vocab):
     """(slots per position, what they hold) of a cache with these settings (a config, or a manifest)."""
     if settings["kd.teacher_cache_mode"] == "sampled":
         n = settings["kd.cache_samples"]
-        return min(n + 1, vocab), f"{n} teacher-sampled tokens"
+        return min(n + 1, vocab), f"{n} sampled tokens"
     return min(settings["kd.top_k"], vocab), f"top-{min(settings['kd.top_k'], vocab)}"
 
 
@@ -4511,7 +4511,8 @@ def dry_run(config_path, overrides, train_fn=None):
               "and gives best.pt's logits")
         if offline:
             check(run["teacher"] is None and run["teacher_cache"]["manifest"]["complete"],
-                  "offline: the teacher's top-k cached, the student trained from it with no teacher in memory")
+                  f"offline: the teacher's {cache_slots(cfg, vocab_size(cfg))[1]} cached, the student trained from it "
+                  "with no teacher in memory")
         elif cfg["kd.enabled"]:
             check(tensor_digest(run["teacher"]) == tensor_digest(build_teacher(student, torch.device("cpu")))
                   and not any(p.requires_grad for p in run["teacher"].parameters()) and not run["teacher"].training,

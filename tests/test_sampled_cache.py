@@ -180,7 +180,7 @@ def test_r4_training_from_a_sampled_cache_resumes_bit_exact_after_sigkill(data, 
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     clean = subprocess.run(command(settings, run_dir=uninterrupted), env=CLEAN_ENV, capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
-    assert "6 teacher-sampled tokens" in open(uninterrupted / "train.log").read()
+    assert "6 sampled tokens" in open(uninterrupted / "train.log").read()
     killed = subprocess.run(command(settings, run_dir=interrupted), env={**CLEAN_ENV, "KIT_FAULT_KILL_AT": "5:1"},
                             capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
