@@ -1,6 +1,36 @@
-"""Reading a run's metrics.jsonl the way every reader must (tests share these)."""
+"""Reading a run's metrics.jsonl the way every reader must, and launching launch.sh (tests share these)."""
 import json
 import os
+import subprocess
+import sys
+
+KIT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Variables a developer's shell may hold that would change what a launch does.
+SCRUB = ("KIT_FAULT_KILL_AT", "KIT_FAULT_HOLD_AT", "KIT_FAULT_CACHE_KILL_AT", "KIT_FAULT_SAVE_KILL_AT",
+         "KIT_NEW_RUN_DIR", "KIT_PYTHON", "KIT_VENV", "KIT_TORCH",
+         "KIT_TORCH_INDEX", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+         "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "KIT_GPU_IDLE_MB")
+
+
+def launch_env(env=None):
+    """The environment of a launch made by a test: the tests' own interpreter (one Python for both halves of
+    every comparison, C5), unless the test passes KIT_PYTHON="" to exercise launch.sh's own choice (then with
+    stand-in pythons: a test never installs anything). A variable given as None is left out."""
+    merged = {**{k: v for k, v in os.environ.items() if k not in SCRUB}, "KIT_PYTHON": sys.executable, **(env or {})}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def launch(*args, cwd, env=None, timeout=240, kit=KIT):
+    """C5: every launch.sh a test runs goes through here or start_launch (tests/test_interpreter.py checks it),
+    so none falls back to the python3 on PATH, which may lack torch (a venv not activated) and make launch.sh
+    install it. kit: the checkout whose launch.sh runs (a fresh clone)."""
+    return subprocess.run([os.path.join(kit, "launch.sh"), *args], cwd=cwd, capture_output=True, text=True,
+                          env=launch_env(env), timeout=timeout)
+
+
+def start_launch(*args, cwd, env=None, kit=KIT, **popen):
+    """launch() without waiting: the Popen, with popen's stdout/stderr/text settings."""
+    return subprocess.Popen([os.path.join(kit, "launch.sh"), *args], cwd=cwd, env=launch_env(env), **popen)
 
 # A probe run small enough for seconds, large enough for several epochs, a short last micro-batch
 # (38 = 9 x 4 + 2) and a short last accumulation group (10 micro-batches, grad_accum 3 -> 3+3+3+1):

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -23,7 +22,7 @@ from test_distill import LOOP, MODELS, ROOT, VOCAB, data, kd_settings  # noqa: F
 from test_offline import CLEAN_ENV, build, command, file_hashes, offline
 import diagnose_and_fix as dx
 import train_distill as T
-from run_records import teacher_run
+from run_records import launch, teacher_run
 
 CPU = {"main": True, "world": 1, "rank": 0, "device": torch.device("cpu")}
 
@@ -363,15 +362,12 @@ def test_c3_r10_the_same_refusal_through_launch_sh_leaves_no_run_dir_behind(data
     cfg, _ = T.resolve_config(None, kd_settings(deep, teacher, "run_name=bad"))
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(T.unflatten(cfg), sort_keys=False))
-    env = {k: v for k, v in CLEAN_ENV.items() if k not in ("KIT_PYTHON", "KIT_NEW_RUN_DIR", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    done = subprocess.run([os.path.join(ROOT, "launch.sh"), str(config), "--gpus", "cpu"], cwd=tmp_path,
-                          env={**env, "KIT_PYTHON": sys.executable}, capture_output=True, text=True)
+    done = launch(str(config), "--gpus", "cpu", cwd=tmp_path)
     assert done.returncode == 2 and f"at token {offset:,}" in done.stderr, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "runs" / "bad").exists()
     (tmp_path / "runs" / "bad").mkdir(parents=True)  # a run dir that was there before is left alone
     (tmp_path / "runs" / "bad" / "notes.txt").write_text("mine")
-    done = subprocess.run([os.path.join(ROOT, "launch.sh"), str(config), "--gpus", "cpu"], cwd=tmp_path,
-                          env={**env, "KIT_PYTHON": sys.executable}, capture_output=True, text=True)
+    done = launch(str(config), "--gpus", "cpu", cwd=tmp_path)
     assert done.returncode == 2 and (tmp_path / "runs" / "bad" / "notes.txt").read_text() == "mine"
 
 
@@ -382,10 +378,8 @@ def test_r10_cache_teacher_after_a_finished_online_run_is_not_refused_and_launch
     assert T.train(cfg, str(tmp_path / "runs" / "kd"), "none", quiet=True)[0] == "finished"
     config = tmp_path / "kd.yaml"
     config.write_text(yaml.safe_dump(T.unflatten(cfg), sort_keys=False))
-    env = {k: v for k, v in CLEAN_ENV.items() if k not in ("KIT_PYTHON", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    done = subprocess.run([os.path.join(ROOT, "launch.sh"), str(config), "--gpus", "cpu", "--", "--cache_teacher",
-                           "--set", f"kd.teacher_cache={tmp_path / 'cache'}"], cwd=tmp_path, env={**env, "KIT_PYTHON": sys.executable},
-                          capture_output=True, text=True)
+    done = launch(str(config), "--gpus", "cpu", "--", "--cache_teacher", "--set",
+                  f"kd.teacher_cache={tmp_path / 'cache'}", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "holds a finished run" not in done.stderr and T.read_manifest(str(tmp_path / "cache"))["complete"]
     assert not (tmp_path / "runs" / "kd" / "launch.lock").exists()

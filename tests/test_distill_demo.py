@@ -8,11 +8,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_distill as td  # noqa: E402
-from run_records import loud_findings  # noqa: E402
+from run_records import launch, loud_findings  # noqa: E402
 
 TEACHER = os.path.join(ROOT, "configs", "distill_demo_teacher.yaml")
 STUDENT = os.path.join(ROOT, "configs", "distill_demo.yaml")
-LAUNCH = os.path.join(ROOT, "launch.sh")
 # A short version of both runs: the same configs, a few steps on a small slice of the built-in corpus.
 SHORT = ["train.max_steps=10", "train.eval_every=5", "train.batch_size=2", "train.grad_accum=1",
          "data.val_windows=4", "data.builtin.train_bytes=20000", "data.builtin.val_bytes=5000",
@@ -46,11 +45,9 @@ def test_c3_missing_teacher_checkpoint_says_which_config_makes_it(tmp_path):
 
 
 def test_demo_pipeline_is_two_launch_lines_and_its_e2_no_kd_baseline_is_quiet(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     # the two demo lines, then the labels-only baseline the docs compare against (configs/distill_demo.yaml, step 3)
     for config, extra in ((TEACHER, []), (STUDENT, []), (STUDENT, NO_KD)):
-        out = subprocess.run([LAUNCH, config, "--gpus", "cpu", "--", "--set", *SHORT, *extra], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
+        out = launch(config, "--gpus", "cpu", "--", "--set", *SHORT, *extra, cwd=tmp_path, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
     log = (tmp_path / "runs" / "distill_demo" / "train.log").read_text()
     assert "teacher: runs/distill_demo_teacher/checkpoints/best.pt (frozen" in log

@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from test_probe import ROOT, TINY, ckpt, sets
-from run_records import teacher_run
+from run_records import launch, teacher_run
 
 PROBE = os.path.join(ROOT, "train_probe.py")
 DISTILL = os.path.join(ROOT, "train_distill.py")
@@ -139,9 +139,7 @@ def test_r12_a_kill_at_any_point_of_an_export_leaves_one_and_the_next_start_fini
     assert not (run_dir / "export").exists() and leftovers(run_dir)[0].startswith(".export-")
     # launch.sh does not call that complete: the script writes the export, and the temp directory goes.
     (tmp_path / "lm.yaml").write_text("task: distill\n")
-    launched = subprocess.run([os.path.join(ROOT, "launch.sh"), str(tmp_path / "lm.yaml"), "--gpus", "cpu", "--",
-                               *command[2:]], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                              env={**clean, "KIT_PYTHON": sys.executable})
+    launched = launch(str(tmp_path / "lm.yaml"), "--gpus", "cpu", "--", *command[2:], cwd=ROOT)
     assert launched.returncode == 0, launched.stderr
     assert "nothing to do" not in launched.stdout.split("running the script")[0] and "export" in launched.stdout
     cfg = T.resolve_config(None, lm_settings)[0]

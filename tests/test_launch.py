@@ -14,10 +14,9 @@ import time
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCH = os.path.join(ROOT, "launch.sh")
 sys.path.insert(0, ROOT)
 import train_probe as tp  # noqa: E402
-from run_records import records  # noqa: E402
+from run_records import launch, launch_env, records, start_launch  # noqa: E402,F401 (others import launch_env here)
 
 # 27 windows in global micro-batches of 6 (3 per process x 2, or 6 x 1): 6, 6, 6, 6, 3 -> a short last
 # global micro-batch that splits 2 + 1 over two processes; grad_accum 2 -> steps of 2, 2, 1 micro-batches
@@ -35,26 +34,10 @@ backbone: {kwargs: {width: 8, heads: 2}}
 train: {epochs: 3, batch_size: 3, grad_accum: 2, log_every: 1, eval_batch_size: 8,
         save_every_minutes: 1.0e-9}  # R8: the time trigger, due after every step (agreed over processes under DDP)
 """
-# Variables a developer's shell may hold that would change what a launch does.
-SCRUB = ("KIT_FAULT_KILL_AT", "KIT_NEW_RUN_DIR", "KIT_FAULT_SAVE_KILL_AT", "KIT_PYTHON", "KIT_VENV", "KIT_TORCH", "KIT_TORCH_INDEX", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
-         "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "KIT_GPU_IDLE_MB")
-
-
 def write_config(tmp_path, text=TINY_YAML, name="tiny.yaml"):
     path = tmp_path / name
     path.write_text(text)
     return str(path)
-
-
-def launch_env(env=None):
-    """The environment of a launch made by a test: the tests' own interpreter (one Python for both halves of
-    every comparison, C5), unless the test passes KIT_PYTHON="" to exercise launch.sh's own choice."""
-    return {**{k: v for k, v in os.environ.items() if k not in SCRUB}, "KIT_PYTHON": sys.executable, **(env or {})}
-
-
-def launch(*args, cwd, env=None, timeout=240):
-    return subprocess.run([LAUNCH, *args], cwd=cwd, capture_output=True, text=True, env=launch_env(env),
-                          timeout=timeout)
 
 
 def free_port():
@@ -71,8 +54,8 @@ def two_nodes(*args, cwd, env=None, node_env=None, timeout=600):
     port, procs = str(free_port()), []
     for rank in (0, 1):
         nodes = {"NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([LAUNCH, *args], cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      env=launch_env({**(env or {}), **nodes, **(node_env or {}).get(rank, {})})))
+        procs.append(start_launch(*args, cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env={**(env or {}), **nodes, **(node_env or {}).get(rank, {})}))
     out = []
     for proc in procs:
         stdout, _ = proc.communicate(timeout=timeout)  # the bound: a node left waiting on a dead peer would hang here
@@ -120,7 +103,7 @@ def test_concurrent_launch_says_already_running_and_foreground_exit_status_is_th
     args = [cfg, "--gpus", "cpu:2", "--", "--run_dir", run_dir, "--set", "train.epochs=100000",
             "--set", "train.save_every_steps=1000000", "--set", "train.log_every=1000000"]
     output = open(tmp_path / "first.out", "w")  # a file, not a pipe nobody reads while it trains
-    first = subprocess.Popen([LAUNCH, *args], cwd=tmp_path, env=launch_env(), stdout=output, stderr=subprocess.STDOUT)
+    first = start_launch(*args, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
                  and any("step" in r for r in records(run_dir)), "the first launch to train")
@@ -334,10 +317,10 @@ def test_venv_bootstrap_is_locked_and_says_which_torch_it_installs(tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "calls.log"
-    env = launch_env({"PATH": f"{bin_dir}:/usr/bin:/bin", "KIT_PYTHON": "", "KIT_VENV": str(tmp_path / "venv"), "FAKE_LOG": str(log),
-                      "FAKE_VENV_PYTHON": str(bin_dir / "venv_python"), "KIT_TORCH": "torch==2.13.0"})
-    procs = [subprocess.Popen([LAUNCH, "--tests"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "KIT_PYTHON": "", "KIT_VENV": str(tmp_path / "venv"),
+           "FAKE_LOG": str(log), "FAKE_VENV_PYTHON": str(bin_dir / "venv_python"), "KIT_TORCH": "torch==2.13.0"}
+    procs = [start_launch("--tests", cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     calls = log.read_text().splitlines()
@@ -364,11 +347,10 @@ def test_c5_an_unreachable_torch_index_fails_at_once_with_one_line_naming_kit_to
     (bin_dir / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")  # a python3 without torch
     (bin_dir / "python3").chmod(0o755)
     index = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
-    env = {k: v for k, v in launch_env().items() if not k.startswith("PIP_")}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", KIT_PYTHON="", KIT_VENV=str(venv), KIT_TORCH="torch==2.13.0",
-               KIT_TORCH_INDEX=index, PIP_CONFIG_FILE=os.devnull)
-    out = subprocess.run([LAUNCH, "configs/probe_synthetic.yaml", "--show"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    env = {**{k: None for k in os.environ if k.startswith("PIP_")}, "PIP_CONFIG_FILE": os.devnull,
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "KIT_PYTHON": "", "KIT_VENV": str(venv),
+           "KIT_TORCH": "torch==2.13.0", "KIT_TORCH_INDEX": index}
+    out = launch("configs/probe_synthetic.yaml", "--show", cwd=ROOT, env=env, timeout=600)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 3 and len(lines) == 2 and "Traceback" not in out.stderr, out.stderr
     assert lines[0].startswith(f"launch.sh: installing 'torch==2.13.0' from {index} (KIT_TORCH_INDEX)")
