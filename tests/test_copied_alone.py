@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_distill as td  # noqa: E402
 import train_probe as tp  # noqa: E402
+from run_records import launch  # noqa: E402
 
 CONFIGS = os.path.join(ROOT, "configs")
 PROBE_TINY = ["data.synthetic.num_train=96", "data.synthetic.num_val=32", "data.synthetic.length=256",
@@ -88,9 +89,7 @@ def test_c3_a_training_script_asked_for_a_preparation_names_the_tool_it_moved_to
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"config error: {flag}:") and f"python {tool}" in err[0], err
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KIT_FAULT_")}
-    out = subprocess.run([os.path.join(ROOT, "launch.sh"), os.path.join(CONFIGS, f"{config}.yaml"), "--gpus", "cpu",
-                          "--", flag, "src", "--out", "out"], cwd=tmp_path, capture_output=True, text=True,
-                         env={**env, "KIT_PYTHON": sys.executable}, timeout=300)
+    out = launch(os.path.join(CONFIGS, f"{config}.yaml"), "--gpus", "cpu", "--", flag, "src", "--out", "out",
+                 cwd=tmp_path, timeout=300)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == err, out.stderr
     assert os.listdir(tmp_path) == []  # nothing written, no run dir
