@@ -232,10 +232,12 @@ def test_e14_on_policy_loss_is_the_divergence_on_the_generated_tokens_the_teache
     assert set(parts) == {"kd"}  # on-policy: the divergence only
     gen = T.on_policy_generator(cfg, 7, 0, 0, torch.device("cpu"))
     seq = x[:, :prompt]
-    with torch.no_grad():
+    with torch.no_grad():  # the whole prefix rerun for every token, each row's token by inverse-CDF sampling
         for _ in range(new):
-            probs = F.softmax(module.lm(seq)[0][:, -1] / 0.8, -1)
-            seq = torch.cat([seq, torch.multinomial(probs, 1, generator=gen)], 1)
+            probs = F.softmax(module.lm(seq)[0][:, -1] / 0.8, -1).double()
+            u = torch.rand(len(x), generator=gen, dtype=torch.float64)
+            token = (probs.cumsum(-1) <= (u * probs.sum(-1))[:, None]).sum(-1, keepdim=True)
+            seq = torch.cat([seq, token], 1)
         inputs = seq[:, :-1]
         log_q = F.log_softmax(module.lm(inputs)[0] / 2, -1)
         log_p = F.log_softmax(frozen(inputs)[0] / 2, -1)
@@ -260,11 +262,13 @@ def test_on_policy_draws_are_the_same_on_every_process_and_each_process_samples_
     assert T.on_policy_generator(cfg, 3, 2, 0, cpu).initial_seed() != a
 
 
-def test_r4_on_policy_resume_is_bit_exact_after_sigkill(data, teacher, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_r4_on_policy_resume_is_bit_exact_after_sigkill(strategy, data, teacher, tmp_path):
     """On-policy 0.5 with JSD: uninterrupted vs SIGKILLed inside step 5 and run again, as processes; the
-    checkpoints are bit-identical and every step's loss equal. Generation cost is in the step records."""
+    checkpoints are bit-identical and every step's loss equal. Generation cost is in the step records. Under
+    train.strategy fsdp too (D1: generation runs through the sharded root module, which gathers the weights)."""
     settings = kd_settings(data, teacher, "kd.top_k=null", "kd.divergence=jsd", "kd.on_policy_fraction=0.5",
-                           "kd.prompt_tokens=6", "kd.max_new_tokens=5")
+                           "kd.prompt_tokens=6", "kd.max_new_tokens=5", f"train.strategy={strategy}")
     a, b, _ = distill_killed_and_resumed(settings, tmp_path)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert all(a[s]["loss"] == b[s]["loss"] and a[s]["loss/kd"] == b[s]["loss/kd"] for s in a)
@@ -362,6 +366,115 @@ def test_g2_two_processes_skip_the_same_empty_steps_and_a_process_with_nothing_t
     assert T.optimizer_step_count(last) == 6
     trains, _, _ = T.read_metrics(str(tmp_path / "two"))
     assert [s for s in sorted(trains) if "loss" not in trains[s]] == [5, 7]
+
+
+FSDP_GENERATION = """
+import copy, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import train_distill as T
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+module = T.Trainable(T.GPT(64, 32, 2, 2, 16))
+reference = copy.deepcopy(module)
+T.shard_model(module, "fp32")
+prompt = torch.randint(1, 64, (3, 4), generator=torch.Generator().manual_seed(rank))
+eos = torch.arange(64) if rank == 0 else None  # every id ends a row on process 0: it stops after one token
+live = torch.tensor([True, True, rank == 1])
+with T.gathered_for_generation(module):
+    seq = T.generate(module, prompt, 20, 1.0, torch.Generator().manual_seed(rank), eos=eos, live=live)
+assert torch.equal(seq, T.generate(reference, prompt, 20, 1.0, torch.Generator().manual_seed(rank), eos=eos, live=live))
+from torch.distributed.tensor import DTensor
+assert all(isinstance(p, DTensor) for p in module.parameters())  # sharded again
+logits, _ = module(torch.randint(1, 64, (2, 8)))
+logits.sum().backward()  # and training goes on
+dist.barrier()
+print("generated", rank, int((seq[:, 4:] != 0).sum()))
+"""
+
+
+def test_d1_fsdp_generation_lets_each_process_stop_on_its_own_rows(tmp_path):
+    """Two FSDP processes generate: process 0's rows all end after one token, process 1's run 20. The prompt's
+    forward gathers every unit's weights on both processes and they stay gathered (gathered_for_generation), so
+    process 1's token steps need no partner: without it, each of its steps would wait for an all-gather that
+    process 0 never joins. The tokens equal the unsharded model's; the weights are sharded again after."""
+    script = tmp_path / "fsdp_generation.py"
+    script.write_text(FSDP_GENERATION)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), ROOT]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert sorted(line.split()[:2] for line in out.stdout.splitlines() if line.startswith("generated")) == \
+        [["generated", "0"], ["generated", "1"]]
+
+
+def generation_model(kind, tmp_path):
+    """A tiny student behind the kit's interface: the built-in GPT or a Hugging Face GPT-2 / Llama (tests/zoo.py)."""
+    torch.manual_seed(0)
+    if kind == "builtin":
+        return T.Trainable(T.GPT(256, 64, 2, 2, 32))
+    transformers = pytest.importorskip("transformers")
+    import zoo
+    path = (zoo.hf_gpt2 if kind == "hf_gpt2" else zoo.hf_llama)(tmp_path / kind)
+    return T.Trainable(T.HFCausalLM(transformers.AutoModelForCausalLM.from_pretrained(path).float(), False))
+
+
+def positions_seen(module):
+    """The number of positions of every forward the language model runs (a forward hook), in order."""
+    seen = []
+    module.lm.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["builtin", "hf_gpt2", "hf_llama"])
+def test_e14_kv_cache_generation_gives_the_tokens_of_the_whole_prefix_rerun(kind, tmp_path):
+    """generate() with the KV cache (the built-in GPT's own, a Hugging Face model's past_key_values) against the
+    same model rerunning the whole prefix for every token, fp32 on the CPU: greedy decoding gives the same tokens,
+    and so does sampling with the same generator. With the cache, each token after the prompt runs one position."""
+    module = generation_model(kind, tmp_path)
+    module.train()
+    prompt = torch.randint(1, 256, (6, 8), generator=torch.Generator().manual_seed(1))
+    seen = positions_seen(module)
+    for temperature in (0.0, 1.0):
+        del seen[:]
+        cached = T.generate(module, prompt, 40, temperature, torch.Generator().manual_seed(3))
+        assert seen == [(6, 8)] + [(6, 1)] * 39  # the prompt once, then one new position per token
+        rerun = T.generate(module, prompt, 40, temperature, torch.Generator().manual_seed(3), use_cache=False)
+        assert torch.equal(cached, rerun) and torch.equal(cached[:, :8], prompt), temperature
+    assert module.training  # generation ran in eval mode and gave the mode back
+    sampled = T.generate(module, prompt, 40, 1.0, torch.Generator().manual_seed(4))
+    assert not torch.equal(sampled, cached)  # another generator, other samples: the draws come from it
+
+
+def test_e14_a_row_ends_at_its_end_id_and_costs_nothing_after(tmp_path):
+    """kd.eos_token: a row's tokens after its first end id are the fill and it leaves the batch before the next
+    forward; a window without a real prompt runs the prompt's forward only. The rows still generating are drawn
+    as before (one number per row and step, ended or not): the cached and the rerun paths agree. In the on-policy
+    batch a target after the end is not scored."""
+    module = generation_model("builtin", tmp_path)
+    prompt = torch.randint(1, 256, (8, 8), generator=torch.Generator().manual_seed(2))
+    prompt[7, 3] = 0  # padding (id 0) inside the last window's prompt
+    live, eos = torch.tensor([True] * 7 + [False]), torch.arange(0, 256, 8)  # 1 id in 8 ends a row
+    seen = positions_seen(module)
+    seq = T.generate(module, prompt, 40, 1.0, torch.Generator().manual_seed(5), eos=eos, fill=0, live=live)
+    ends = [next((j for j in range(40) if int(seq[r, 8 + j]) in eos.tolist()), None) for r in range(7)]
+    assert sum(e is not None for e in ends) >= 4, ends  # rows do end
+    assert (seq[7, 8:] == 0).all()  # no real prompt: nothing generated
+    for r, e in enumerate(ends):
+        assert e is None or (seq[r, 9 + e:] == 0).all()
+    going = [sum(e is None or e >= t for e in ends) for t in range(1, 40)]
+    assert [rows for rows, _ in seen] == [8] + [n for n in going if n]  # the model saw only the rows still going
+    rerun = T.generate(module, prompt, 40, 1.0, torch.Generator().manual_seed(5), eos=eos, fill=0, live=live,
+                       use_cache=False)
+    assert torch.equal(seq, rerun)
+    cfg, _ = T.resolve_config(None, ["kd.enabled=true", "teacher.target=zoo:tiny_causal_lm", "data.seq_len=48",
+                                     "kd.on_policy_fraction=1", "kd.prompt_tokens=8", "kd.max_new_tokens=40"])
+    x = torch.cat([prompt, torch.zeros(8, 40, dtype=torch.long)], 1)
+    inputs, mask = T.on_policy_batch(module, x, cfg, 0, torch.Generator().manual_seed(5), eos)
+    assert torch.equal(inputs, seq[:, :-1])  # the same rows live (pad 0), the same fill, the same draws
+    scored = mask[:, 7:].sum(1).tolist()
+    assert scored == [40 if e is None else e + 1 for e in ends] + [0]  # up to and including the end id
 
 
 def test_e5_dry_run_covers_on_policy_data_and_a_divergence(capsys):
@@ -470,16 +583,34 @@ def test_on_policy_under_two_processes_each_generates_its_own_share(data, teache
     """torchrun, 2 processes, on-policy 0.5 with the hidden-state term on: the projection sits unused in an
     on-policy micro-batch (DDP must be told), both processes take the same micro-batches on-policy (their loss
     parts line up in the all-reduce, or the run fails), and process 0 generated for its half of each global
-    micro-batch only."""
+    micro-batch only; rows may end (kd.eos_token) at other steps on each process. train.strategy fsdp (D1) gives
+    DDP's run to round-off: generation runs through the sharded root (its hooks gather the weights)."""
     settings = kd_settings(data, teacher, "kd.top_k=null", "kd.on_policy_fraction=0.5", "kd.prompt_tokens=6",
-                           "kd.max_new_tokens=5", "train.batch_size=2", "train.grad_accum=1", "train.epochs=1")
+                           "kd.max_new_tokens=5", "train.batch_size=2", "train.grad_accum=1", "train.epochs=1",
+                           "kd.eos_token=7")
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            os.path.join(ROOT, "train_distill.py"), "--run_dir", str(tmp_path / "two")]
+            os.path.join(ROOT, "train_distill.py")]
     env = {**{k: v for k, v in os.environ.items() if k != "KIT_FAULT_KILL_AT"}, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(argv + [a for item in settings for a in ("--set", item)], env=env, capture_output=True,
-                         text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    records = T.read_metrics(str(tmp_path / "two"))[0]
-    assert ckpt(tmp_path / "two")["world_size"] == 2 and len(records) == 5  # 20 windows / (2 x 2) per step
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        out = subprocess.run(argv + ["--run_dir", str(tmp_path / strategy)] + [
+            a for item in settings + [f"train.strategy={strategy}"] for a in ("--set", item)],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        # (DDP's own find_unused_parameters note, printed when step 1 happens to use every parameter, is not D1's)
+        assert strategy == "ddp" or "Warning" not in out.stdout + out.stderr, out.stderr[-2000:]
+        runs[strategy] = T.read_metrics(str(tmp_path / strategy))
+    records, evals = runs["ddp"][:2]
+    assert ckpt(tmp_path / "ddp")["world_size"] == 2 and len(records) == 5  # 20 windows / (2 x 2) per step
     micro = sum(r["on_policy/micro_batches"] for r in records.values())
     assert 0 < micro < 5 and sum(r["on_policy/tokens"] for r in records.values()) == micro * 2 * 5  # 2 of 4 windows
+    fsdp, fsdp_evals = runs["fsdp"][:2]
+    for key in ("loss", "loss/kd", "grad_norm"):
+        assert np.allclose([r.get(key, 0) for r in records.values()], [r.get(key, 0) for r in fsdp.values()],
+                           rtol=1e-5), key
+    assert np.allclose([r["val/loss"] for r in evals.values()], [r["val/loss"] for r in fsdp_evals.values()], rtol=1e-5)
+    assert [r["on_policy/tokens"] for r in records.values()] == [r["on_policy/tokens"] for r in fsdp.values()]
+    sharded = ckpt(tmp_path / "fsdp")
+    weights = T.read_shards(os.path.join(tmp_path, "fsdp", "checkpoints", sharded["shards"]))
+    plain = ckpt(tmp_path / "ddp")["model"]
+    assert all(torch.allclose(weights[k], plain[k], rtol=1e-4, atol=1e-6) for k in plain)
