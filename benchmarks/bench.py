@@ -60,13 +60,15 @@ UNCACHED_SETTINGS = LOOP_SETTINGS[:-1] + ["backbone.cache_features=false", "data
 PARAMS = {  # quick / full
     "quick": {"loop_repeats": 9, "real_repeats": 3, "uncached_repeats": 2, "step_blocks": 15, "cache_epochs": 3,
               "cache_repeats": 1, "kd_repeats": 3, "curve_steps": 50_000, "curve_repeats": 3, "peer_repeats": 2,
-              "offline_repeats": 2, "kd_chunk_repeats": 2, "trl_repeats": 5, "trl_steps": 40},
+              "offline_repeats": 2, "kd_chunk_repeats": 2, "trl_repeats": 5, "trl_steps": 40, "onpolicy_repeats": 3,
+              "onpolicy_steps": 6, "v128k_repeats": 3, "v128k_steps": 8},
     "full": {"loop_repeats": 15, "real_repeats": 7, "uncached_repeats": 9, "step_blocks": 31, "cache_epochs": None,
              "cache_repeats": 2, "kd_repeats": 10, "curve_steps": 200_000, "curve_repeats": 5, "peer_repeats": 5,
-             "offline_repeats": 5, "kd_chunk_repeats": 5, "trl_repeats": 7, "trl_steps": 60},
+             "offline_repeats": 5, "kd_chunk_repeats": 5, "trl_repeats": 7, "trl_steps": 60, "onpolicy_repeats": 5,
+             "onpolicy_steps": 10, "v128k_repeats": 5, "v128k_steps": 12},
 }
 LOOP_PARTS = ("loop", "loop_realistic", "loop_uncached")
-PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "kd_chunk", "offline", "dry_run", "peer", "trl"]
+PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "kd_chunk", "offline", "dry_run", "peer", "trl", "onpolicy", "trl_128k"]
 # Offline KD: configs/distill_demo.yaml as it is, except kd.gamma 0 on every side (the hidden-state term needs
 # the teacher's hidden states, which a cache does not hold) and fewer windows (the step does not depend on how
 # many there are; the cache build's rate is reported per token). The 32k case: the same models and loop on
@@ -867,9 +869,11 @@ def bare_distill_side(td, run):
     return go
 
 
-def gkd_side(td, run, student_dir, teacher_dir, tmp):
-    """TRL's GKDTrainer (lmbda 0, beta 0, seq_kd False: forward KL on the given windows, no generation) over
-    the same windows in the same order, with the kit's optimizer and schedule objects built on its student."""
+def gkd_side(td, run, student_dir, teacher_dir, tmp, prompt=None, new_tokens=None):
+    """TRL's GKDTrainer (beta 0, seq_kd False: forward KL) over the same windows in the same order, with the
+    kit's optimizer and schedule objects built on its student: lmbda 0 (the given windows, no generation), or
+    with `prompt` lmbda 1 (the student continues each window's first `prompt` tokens with `new_tokens` of its
+    own, sampled at temperature 1 with model.generate). go(steps) runs `steps` optimizer steps (default: the plan)."""
     import datasets
     import transformers
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -882,8 +886,10 @@ def gkd_side(td, run, student_dir, teacher_dir, tmp):
     windows = np.concatenate([train_set.windows(indices) for (indices,) in order])
     y = torch.cat([train_set[indices][1] for (indices,) in order])
     labels = torch.cat([torch.full((len(y), 1), -100), y], 1)  # labels[:, 1:] are the kit's targets
-    rows = datasets.Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": np.ones_like(windows).tolist(),
-                                       "labels": labels.tolist()})
+    columns = {"input_ids": windows.tolist(), "attention_mask": np.ones_like(windows).tolist(), "labels": labels.tolist()}
+    if prompt:  # GKD's on-policy inputs: the prompt alone (every token real), generation replaces the rest
+        columns.update(prompts=windows[:, :prompt].tolist(), prompt_attention_mask=np.ones_like(windows[:, :prompt]).tolist())
+    rows = datasets.Dataset.from_dict(columns)
 
     def collate(items):
         return {key: torch.tensor([item[key] for item in items]) for key in items[0]}
@@ -901,19 +907,24 @@ def gkd_side(td, run, student_dir, teacher_dir, tmp):
     tokenizer, counter = byte_tokenizer(), {"n": 0}
     teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_dir, local_files_only=True)
 
-    def go():
+    def go(steps=None):
         del stamps[:], losses[:]
         counter["n"] += 1
+        steps = steps or plan["total_steps"]
         student = transformers.AutoModelForCausalLM.from_pretrained(student_dir, local_files_only=True)
         optimizer = td.build_optimizer(cfg, td.param_groups(student))
         with warnings.catch_warnings():  # transformers' FutureWarnings about TRL's own defaults, once per round
             warnings.simplefilter("ignore", FutureWarning)
             args = GKDConfig(output_dir=os.path.join(tmp, f"gkd_{counter['n']}"), per_device_train_batch_size=plan["batch_size"],
-                             gradient_accumulation_steps=1, max_steps=plan["total_steps"], logging_steps=cfg["train.log_every"],
+                             gradient_accumulation_steps=1, max_steps=steps, logging_steps=cfg["train.log_every"],
                              save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=cfg["seed"],
-                             max_grad_norm=cfg["train.clip_grad_norm"], lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
+                             max_grad_norm=cfg["train.clip_grad_norm"], lmbda=1.0 if prompt else 0.0, beta=0.0,
+                             seq_kd=False, temperature=1.0, max_new_tokens=new_tokens or 128,
                              max_length=cfg["data.seq_len"] + 1, dataloader_num_workers=0, remove_unused_columns=False,
-                             bf16=False, fp16=False)  # fp32 as the kit: TRL's configs default to bf16 autocast
+                             # fp32 as the kit: TRL's configs default to bf16 autocast. And no activation
+                             # checkpointing, as the kit's default: TRL's configs turn it on (recomputing every
+                             # forward in the backward, and generating without a KV cache)
+                             bf16=False, fp16=False, gradient_checkpointing=False)
         trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=rows, data_collator=collate,
                           processing_class=tokenizer, optimizers=(optimizer, td.build_schedule(optimizer, cfg, plan)),
                           callbacks=[Stamp()])
@@ -925,10 +936,20 @@ def gkd_side(td, run, student_dir, teacher_dir, tmp):
             return loss
 
         trainer.compute_loss = recorded
+        if prompt:  # the equal-work check: how many tokens GKD generated and scored
+            generate_outputs = trainer.generate_on_policy_outputs
+
+            def counted(*args, **kwargs):
+                ids, mask, labels = generate_outputs(*args, **kwargs)
+                go.generated.append((tuple(ids.shape), int((labels[:, 1:] != -100).sum())))
+                return ids, mask, labels
+
+            trainer.generate_on_policy_outputs = counted
         with quiet_process(), contextlib.redirect_stdout(io.StringIO()):
             trainer.train()
-        assert trainer.state.global_step == plan["total_steps"]
+        assert trainer.state.global_step == steps
         return list(stamps), float(losses[0]), student.state_dict()
+    go.generated = []
     return go
 
 
@@ -979,6 +1000,176 @@ def bench_trl(repeats, tmp, steps=40, warmup=TRL_WARMUP, width=128):
                       ("distill_overhead_ratio", "kit", "bare")):
         out[key], out[key + "_noise"] = ms[a] / ms[b], ratio_noise(times, a, b)
     return out
+
+
+# -----------------------------------------------------------------------------
+# On-policy distillation against GKDTrainer lmbda 1, and generation alone against model.generate: the TRL row's
+# GPT-2 pair (byte vocabulary) with 256 positions; generated byte files (ids 1..255: no padding, so every window's
+# prompt is real on both sides); each step the student continues 8 prompts of 64 tokens with 192 sampled tokens
+# (temperature 1, no end id) and is trained on forward KL over the generated tokens. The kit's same run at
+# kd.on_policy_fraction 0 gives the step without generation: the difference is what generation adds to a step.
+ONPOLICY = {"prompt": 64, "new": 192, "batch": 8}
+
+
+def onpolicy_settings(student_dir, teacher_dir, files, steps, prompt, new, batch, fraction):
+    return TRL_SETTINGS + files + [
+        f"data.seq_len={prompt + new}", f"train.batch_size={batch}", f"train.max_steps={steps}",
+        f"data.limit={batch * steps}", "data.val_windows=8", f"student.hf_dir={student_dir}",
+        f"kd.hf_teacher_dir={teacher_dir}", f"kd.on_policy_fraction={fraction}", f"kd.prompt_tokens={prompt}",
+        f"kd.max_new_tokens={new}", "kd.sample_temperature=1", "train.log_every=1"]  # each step's tokens on record
+
+
+def generation_sides(td, run, prompt, new, batch):
+    """Generation alone on the run's student and first windows: the kit's generate() (its KV cache and sampler,
+    the on-policy path) and transformers' model.generate (sampling, top_k 0, its KV cache)."""
+    import transformers
+    x, _ = run["train_set"][np.arange(batch)]
+    prompts, module, model = x[:, :prompt], run["module"], run["module"].lm.model
+    config = transformers.GenerationConfig(max_new_tokens=new, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                           pad_token_id=0)
+
+    def kit():
+        seed = torch.Generator().manual_seed(0)
+        return timed(lambda: td.generate(module, prompts, new, 1.0, seed))
+
+    def hf():
+        model.eval()
+        with torch.no_grad():
+            return timed(lambda: model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                                                generation_config=config))
+    return {"kit_generate": kit, "hf_generate": hf}
+
+
+def bench_onpolicy(repeats, tmp, steps=8, warmup=2, width=128, sizes=None):
+    """Seconds per optimizer step of the kit's on-policy run (kd.on_policy_fraction 1), the same run at 0, and
+    GKDTrainer lmbda 1 on the same models and prompts; and generation alone (kit generate() / model.generate).
+    Rounds interleave the sides; each counts its fastest round. Equal work: every side generated batch x new
+    tokens a step and scored them (counted on both)."""
+    try:
+        import trl
+        import transformers
+    except ImportError:
+        return {"skipped": "trl is not installed (pip install trl; for this benchmark only)"}
+    import train_distill as td
+    transformers.utils.logging.disable_progress_bar()
+    s = dict(ONPOLICY, **(sizes or {}))
+    prompt, new, batch = s["prompt"], s["new"], s["batch"]
+    student_dir, teacher_dir = tiny_gpt2_pair(os.path.join(tmp, "onpolicy_models"), seq_len=prompt + new, width=width)
+    files = token_files(os.path.join(tmp, "onpolicy_tokens"), 256, tokens=batch * steps * (prompt + new) * 2)
+    runs = {name: capture_distill(td, onpolicy_settings(student_dir, teacher_dir, files, steps, prompt, new, batch, f),
+                                  os.path.join(tmp, f"onpolicy_{name}"))
+            for name, f in (("kit", 1), ("kit_off", 0))}
+    gkd = gkd_side(td, runs["kit"][0], student_dir, teacher_dir, tmp, prompt=prompt, new_tokens=new)
+    sides = {"kit": kit_distill_side(td, *runs["kit"]), "kit_off": kit_distill_side(td, *runs["kit_off"]), "gkd": gkd}
+    gen = generation_sides(td, runs["kit"][0], prompt, new, batch)
+    for go in sides.values():
+        go()  # everyone's warm-up round
+    kit_tokens = [r["on_policy/tokens"] for r in td.read_metrics(runs["kit"][0]["run_dir"])[0].values()]
+    times = {name: [] for name in [*sides, *gen]}
+    for round_ in range(repeats):
+        for name in (list(times) if round_ % 2 == 0 else list(times)[::-1]):
+            if name in sides:
+                times[name].append(step_seconds(sides[name]()[0], warmup))
+            else:
+                times[name].append(gen[name]())
+    for run, _task in runs.values():
+        close_run(run)
+    ms = {name: 1e3 * best(t) for name, t in times.items()}
+    out = {"trl_version": trl.__version__, "steps": steps, "warmup": warmup, "rounds": repeats, "ms": ms, **s,
+           "noise": {name: noise(t) for name, t in times.items()}, "kit_generated_per_step": sorted(set(kit_tokens)),
+           "gkd_generated": sorted(set(gkd.generated))}
+    out["equal_work"] = (out["kit_generated_per_step"] == [batch * new]
+                         and out["gkd_generated"] == [((batch, prompt + new), batch * new)])
+    out["trl_onpolicy_step_ratio"] = ms["kit"] / ms["gkd"]
+    out["trl_onpolicy_step_ratio_noise"] = ratio_noise(times, "kit", "gkd")
+    # what generation adds to the kit's step, over model.generate's time for the same batch and lengths
+    out["onpolicy_extra_ms"] = ms["kit"] - ms["kit_off"]
+    out["onpolicy_extra_over_generate"] = out["onpolicy_extra_ms"] / ms["hf_generate"]
+    # its noise: the two step times' errors carried into their difference, plus model.generate's
+    nk, no, ng = noise(times["kit"]), noise(times["kit_off"]), noise(times["hf_generate"])
+    out["onpolicy_extra_over_generate_noise"] = None if None in (nk, no, ng) else \
+        (nk * ms["kit"] + no * ms["kit_off"]) / abs(out["onpolicy_extra_ms"]) + ng
+    out["generate_tokens_per_s_ratio"] = ms["hf_generate"] / ms["kit_generate"]
+    out["generate_tokens_per_s_ratio_noise"] = ratio_noise(times, "hf_generate", "kit_generate")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# A 128k vocabulary (Llama 3's 128,256 tokens) on tiny GPT-2s (width 64), so the head and the loss dominate the
+# step: the kit's full-vocabulary KD with kd.chunk_tokens (the logits never materialised) against GKDTrainer
+# (lmbda 0, beta 0: forward KL over the full [batch, seq, vocab] logits), the TRL row's recipe at batch 4 x 64.
+VOCAB_128K = {"vocab": 128_256, "batch": 4, "width": 64, "chunk": 64}
+
+
+def token_files_u32(directory, vocab, tokens, seed=0):
+    """Settings pointing train_distill.py at generated uint32 token files (a vocabulary past uint16's range)."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    settings = []
+    for split, n in (("train", tokens), ("val", max(tokens // 10, 2048))):
+        path = os.path.join(directory, f"{split}.bin")
+        rng.integers(1, vocab, n, dtype=np.uint32).tofile(path)
+        settings.append(f"data.{split}_bin={path}")
+    return settings + [f"data.vocab_size={vocab}", "data.dtype=uint32"]
+
+
+def tiny_gpt2_pair_vocab(directory, vocab, width, seq_len=64):
+    """tiny_gpt2_pair with another vocabulary: (student 2 x width, teacher 4 x width)."""
+    import transformers
+    paths = []
+    for name, layers, heads, std, seed in (("student", 2, 2, 0.02, 0), ("teacher", 4, 4, 0.2, 1)):
+        path = os.path.join(directory, name)
+        config = transformers.GPT2Config(vocab_size=vocab, n_positions=seq_len + 1, n_embd=width, n_layer=layers,
+                                         n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                         initializer_range=std, bos_token_id=None, eos_token_id=None)
+        torch.manual_seed(seed)
+        transformers.GPT2LMHeadModel(config).save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def bench_trl_128k(repeats, tmp, steps=8, warmup=2, sizes=None):
+    """Seconds per optimizer step and peak tensor memory of the kit's chunked full-vocabulary KD and GKDTrainer
+    at vocabulary 128,256, with the equal-work check of the TRL row (the same step-1 loss). Memory: the tensors
+    held between steps (weights, optimizer state, the teacher) plus the step's transient peak (tensor_peak_bytes)
+    on both sides; GKD's step peak is measured over a whole one-step train() (its optimizer state made there)."""
+    try:
+        import trl
+        import transformers
+    except ImportError:
+        return {"skipped": "trl is not installed (pip install trl; for this benchmark only)"}
+    import train_distill as td
+    transformers.utils.logging.disable_progress_bar()
+    s = dict(VOCAB_128K, **(sizes or {}))
+    student_dir, teacher_dir = tiny_gpt2_pair_vocab(os.path.join(tmp, "v128k_models"), s["vocab"], s["width"])
+    files = token_files_u32(os.path.join(tmp, "v128k_tokens"), s["vocab"], s["batch"] * steps * 65 * 2)
+    settings = TRL_SETTINGS + files + [f"train.batch_size={s['batch']}", f"train.max_steps={steps}",
+                                       f"data.limit={s['batch'] * steps}", "data.val_windows=4",
+                                       f"student.hf_dir={student_dir}", f"kd.hf_teacher_dir={teacher_dir}",
+                                       f"kd.chunk_tokens={s['chunk']}"]
+    run, task = capture_distill(td, settings, os.path.join(tmp, "v128k_kit"))
+    sides = {"kit": kit_distill_side(td, run, task), "gkd": gkd_side(td, run, student_dir, teacher_dir, tmp)}
+    first = {name: go() for name, go in sides.items()}  # the check (and the warm-up round)
+    loss = {name: out[1] for name, out in first.items()}
+    equal = abs(loss["gkd"] - loss["kit"]) <= 1e-5 * abs(loss["kit"])
+    times = {name: [] for name in sides}
+    for round_ in range(repeats):
+        for name in (list(sides) if round_ % 2 == 0 else list(sides)[::-1]):
+            times[name].append(step_seconds(sides[name]()[0], warmup))
+    # memory: the kit after one step (its optimizer state exists: held), then one more step measured
+    reset_distill(td, run)
+    _, one_step = distill_steps(td, run, task, 1)
+    one_step()
+    kit_mb = (held_bytes(run) + tensor_peak_bytes(one_step)) / 2**20
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_dir, local_files_only=True)
+    gkd_mb = (sum(p.nbytes for p in teacher.parameters()) + tensor_peak_bytes(lambda: sides["gkd"](1))) / 2**20
+    close_run(run)
+    ms = {name: 1e3 * best(t) for name, t in times.items()}
+    return {"trl_version": trl.__version__, "steps": steps, "warmup": warmup, "rounds": repeats, **s, "ms": ms,
+            "noise": {name: noise(t) for name, t in times.items()}, "first_loss": loss, "equal_first_loss": equal,
+            "kit_mb": kit_mb, "gkd_mb": gkd_mb, "logits_mb": s["batch"] * 64 * s["vocab"] * 4 / 2**20,
+            "trl_step_ratio_128k": ms["kit"] / ms["gkd"], "trl_step_ratio_128k_noise": ratio_noise(times, "kit", "gkd"),
+            "trl_mem_ratio_128k": kit_mb / gkd_mb}
 
 
 # -----------------------------------------------------------------------------
@@ -1205,6 +1396,8 @@ def build_rows(r):
         rows.append((f"peer: PyTorch Lightning {peer['version']}", f"kit fit() / Lightning Trainer.fit, same probe task "
                      f"({peer['kit_s']:.2f} s vs {peer['lightning_s']:.2f} s)", f"{peer['ratio']:.2f}", "-", "-"))
     rows += trl_rows(r.get("trl"))
+    rows += onpolicy_rows(r.get("onpolicy"))
+    rows += trl_128k_rows(r.get("trl_128k"))
     for name, reason in r.get("errors", {}).items():
         rows.append((name, "failed", "n/a", "-", reason))
     return rows
@@ -1256,6 +1449,71 @@ def trl_rows(t):
          judged("distill_overhead_ratio", 1.05))]
 
 
+def onpolicy_rows(o):
+    """On-policy KD against GKDTrainer lmbda 1, what generation adds to the kit's step, generation alone."""
+    if not o:
+        return []
+    label = "on-policy KD: TRL GKDTrainer lmbda 1"
+    if "skipped" in o:
+        return [(label, "same on-policy work", "skipped", "-", o["skipped"])]
+    ms, n = o["ms"], o["noise"]
+    work = (f"GPT-2 student 2 x 128 from teacher 4 x 128, {o['batch']} prompts of {o['prompt']} byte tokens + "
+            f"{o['new']} sampled (temperature 1) per step, forward KL on the generated tokens, fp32, 1 thread; median of "
+            f"steps {o['warmup'] + 1}-{o['steps']}, fastest of {o['rounds']} interleaved rounds")
+    check = (f"generated and scored per step: kit {o['kit_generated_per_step']}, GKD {o['gkd_generated']} "
+             f"({'equal' if o['equal_work'] else 'NOT equal'})")
+
+    def side(name):
+        return f"{ms[name]:.0f} ms {pm(n[name])}"
+
+    def judged(key, target):
+        return noisy_verdict(o[key], target, o[key + "_noise"]) if o["equal_work"] else "not comparable: " + check
+
+    return [
+        (label + f" ({o['trl_version']})", f"kit kd.on_policy_fraction 1 (fit()) / GKDTrainer per optimizer step "
+         f"({side('kit')} vs {side('gkd')}); {work}; {check}",
+         f"{o['trl_onpolicy_step_ratio']:.3f} {pm(o['trl_onpolicy_step_ratio_noise'])}", "<= 0.8",
+         judged("trl_onpolicy_step_ratio", 0.8)),
+        ("on-policy KD: what generation adds", f"kit step at kd.on_policy_fraction 1 minus the same run at 0 "
+         f"({side('kit')} - {side('kit_off')} = {o['onpolicy_extra_ms']:.0f} ms) / model.generate of the same "
+         f"{o['batch']} x {o['new']} tokens ({side('hf_generate')})",
+         f"{o['onpolicy_extra_over_generate']:.3f} {pm(o['onpolicy_extra_over_generate_noise'])}", "<= 1.5",
+         noisy_verdict(o["onpolicy_extra_over_generate"], 1.5, o["onpolicy_extra_over_generate_noise"])),
+        ("generation alone", f"kit generate() tokens/s / model.generate tokens/s, same student and prompts, "
+         f"{o['batch']} x {o['new']} tokens ({side('kit_generate')} vs {side('hf_generate')})",
+         f"{o['generate_tokens_per_s_ratio']:.3f} {pm(o['generate_tokens_per_s_ratio_noise'])}", "report", "-")]
+
+
+def trl_128k_rows(t):
+    """The kit's chunked full-vocabulary KD against GKDTrainer at a 128,256-token vocabulary."""
+    if not t:
+        return []
+    label = "vocab 128k: TRL GKDTrainer"
+    if "skipped" in t:
+        return [(label, "same distillation work", "skipped", "-", t["skipped"])]
+    ms, n = t["ms"], t["noise"]
+    work = (f"GPT-2 student 2 x {t['width']} from teacher 4 x {t['width']}, vocabulary {t['vocab']:,}, {t['batch']} x 64 "
+            f"tokens per step, forward KL at T 1, kit kd.chunk_tokens {t['chunk']}, fp32, 1 thread")
+    check = (f"step-1 loss kit {t['first_loss']['kit']:.6f}, GKD {t['first_loss']['gkd']:.6f} "
+             f"({'equal' if t['equal_first_loss'] else 'NOT equal'})")
+
+    def judged(ok_noise_key, ratio, target):
+        if not t["equal_first_loss"]:
+            return "not comparable: " + check
+        return noisy_verdict(ratio, target, t.get(ok_noise_key))
+
+    return [
+        (label + f" ({t['trl_version']})", f"kit full-vocabulary KD, chunked (fit()) / GKDTrainer per optimizer step "
+         f"({ms['kit']:.0f} ms {pm(n['kit'])} vs {ms['gkd']:.0f} ms {pm(n['gkd'])}); {work}; median of steps "
+         f"{t['warmup'] + 1}-{t['steps']}, fastest of {t['rounds']} interleaved rounds; {check}",
+         f"{t['trl_step_ratio_128k']:.3f} {pm(t['trl_step_ratio_128k_noise'])}", "<= 0.7",
+         judged("trl_step_ratio_128k_noise", t["trl_step_ratio_128k"], 0.7)),
+        (label + f" ({t['trl_version']})", f"peak tensor memory, held (weights, optimizer state, teacher) + the step's "
+         f"transient peak ({t['kit_mb']:.0f} vs {t['gkd_mb']:.0f} MB; one [batch, 64, vocab] logits tensor "
+         f"{t['logits_mb']:.0f} MB); the allocator's count, the same on every run", f"{t['trl_mem_ratio_128k']:.3f}",
+         "<= 0.3", judged(None, t["trl_mem_ratio_128k"], 0.3))]
+
+
 def markdown_table(rows):
     lines = ["| benchmark | measurement | result | target | verdict |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
@@ -1264,6 +1522,9 @@ def markdown_table(rows):
 
 TRL_KEYS = ("trl_step_ratio", "trl_step_ratio_noise", "trl_offline_step_ratio", "trl_offline_step_ratio_noise",
             "distill_overhead_ratio", "distill_overhead_ratio_noise", "equal_first_loss")
+ONPOLICY_KEYS = ("trl_onpolicy_step_ratio", "trl_onpolicy_step_ratio_noise", "onpolicy_extra_over_generate",
+                 "onpolicy_extra_over_generate_noise", "generate_tokens_per_s_ratio", "generate_tokens_per_s_ratio_noise")
+V128K_KEYS = ("trl_step_ratio_128k", "trl_step_ratio_128k_noise", "trl_mem_ratio_128k")
 
 
 def summary(r):
@@ -1291,7 +1552,9 @@ def summary(r):
             "peer_time_ratio": (r.get("peer") or {}).get("ratio"),
             "overhead_ratio_noise": loop.get("ratio_noise"), "overhead_ratio_no_writes_noise": loop.get("ratio_no_writes_noise"),
             "overhead_ratio_step_noise": (loop.get("step") or {}).get("ratio_noise"),
-            **{key: (r.get("trl") or {}).get(key) for key in TRL_KEYS}, "quick": r["quick"]}
+            **{key: (r.get("trl") or {}).get(key) for key in TRL_KEYS},
+            **{key: (r.get("onpolicy") or {}).get(key) for key in ONPOLICY_KEYS},
+            **{key: (r.get("trl_128k") or {}).get(key) for key in V128K_KEYS}, "quick": r["quick"]}
 
 
 def write_results(path, r, rows, elapsed):
@@ -1372,6 +1635,10 @@ def run_parts(want, p, results, tmp):
         run_part(results, "dry_run", lambda: bench_dry_run(p["curve_steps"], p["curve_repeats"]))
     if "trl" in want:
         run_part(results, "trl", lambda: bench_trl(p["trl_repeats"], tmp, p["trl_steps"]))
+    if "onpolicy" in want:
+        run_part(results, "onpolicy", lambda: bench_onpolicy(p["onpolicy_repeats"], tmp, p["onpolicy_steps"]))
+    if "trl_128k" in want:
+        run_part(results, "trl_128k", lambda: bench_trl_128k(p["v128k_repeats"], tmp, p["v128k_steps"]))
 
 
 def main(argv=None):

@@ -157,7 +157,8 @@ def test_last_line_is_json_with_every_headline_key(capsys):
     for key in ("overhead_ratio", "syncs_per_step", "epochs", "cache_speedup", "topk_time_ratio_32k",
                 "topk_mem_ratio_32k", "dryrun_steps_per_s", "offline_step_ratio", "offline_mem_ratio",
                 "kd_chunk_mem_ratio_128k", "kd_chunk_time_ratio_128k",
-                "overhead_ratio_noise", "trl_step_ratio", "trl_offline_step_ratio", "distill_overhead_ratio"):
+                "overhead_ratio_noise", "trl_step_ratio", "trl_offline_step_ratio", "distill_overhead_ratio",
+                *bench.ONPOLICY_KEYS, *bench.V128K_KEYS):
         assert key in summary
     assert summary["dryrun_steps_per_s"] > 0 and summary["overhead_ratio"] is None  # not run: null, not made up
     assert summary["offline_step_ratio"] is None and summary["kd_chunk_mem_ratio_128k"] is None
@@ -185,3 +186,35 @@ def test_trl_peer_without_trl_is_a_skipped_row_and_null_ratios(tmp_path, monkeyp
     assert "skipped" in out and "pip install trl" in out["skipped"]
     assert bench.build_rows({"trl": out})[0][2] == "skipped"
     assert bench.summary({"trl": out, "quick": True})["trl_step_ratio"] is None
+
+
+def test_onpolicy_rows_time_kit_gkd_and_generation_on_equal_work_and_reach_the_json_line(tmp_path):
+    """The on-policy rows' plumbing at toy size (16-wide GPT-2s, 2 prompts of 8 tokens + 8 sampled, 3 steps): the
+    kit's on-policy fit(), the same run at fraction 0, GKDTrainer lmbda 1, the kit's generate() and model.generate
+    all run; both trainers generated and scored batch x new tokens every step (the equal-work check); the ratios
+    reach the table with their targets and the JSON line, with no noise estimate made up from one round."""
+    out = bench.bench_onpolicy(1, str(tmp_path), steps=3, warmup=1, width=16, sizes={"prompt": 8, "new": 8, "batch": 2})
+    assert out["equal_work"], (out["kit_generated_per_step"], out["gkd_generated"])
+    assert out["kit_generated_per_step"] == [16] and out["gkd_generated"] == [((2, 16), 16)]
+    assert out["trl_onpolicy_step_ratio"] > 0 and out["generate_tokens_per_s_ratio"] > 0
+    assert out["onpolicy_extra_over_generate"] is not None
+    assert all(out[key] is None for key in bench.ONPOLICY_KEYS if key.endswith("_noise"))
+    rows = bench.build_rows({"onpolicy": out})
+    assert [r[3] for r in rows] == ["<= 0.8", "<= 1.5", "report"] and all("not comparable" not in r[4] for r in rows)
+    summary = bench.summary({"onpolicy": out, "quick": True})
+    assert all(summary[key] == out[key] for key in bench.ONPOLICY_KEYS)
+
+
+def test_128k_rows_check_equal_step_one_loss_and_measure_memory_from_the_allocator(tmp_path):
+    """The 128k rows at toy size (vocabulary 4,096, 16 wide): the kit's chunked KD and GKDTrainer give the same
+    step-1 loss (equal work), the chunked side's peak tensor memory is below GKD's (it never holds a [batch, seq,
+    vocab] logits tensor), and the ratios reach the table and the JSON line."""
+    out = bench.bench_trl_128k(1, str(tmp_path), steps=3, warmup=1,
+                               sizes={"vocab": 4096, "batch": 2, "width": 16, "chunk": 16})
+    assert out["equal_first_loss"] and out["first_loss"]["kit"] > 0.1, out["first_loss"]
+    assert 0 < out["trl_mem_ratio_128k"] < 1 and out["gkd_mb"] > 4 * out["logits_mb"]
+    assert out["trl_step_ratio_128k"] > 0 and out["trl_step_ratio_128k_noise"] is None
+    rows = bench.build_rows({"trl_128k": out})
+    assert [r[3] for r in rows] == ["<= 0.7", "<= 0.3"] and all("not comparable" not in r[4] for r in rows)
+    summary = bench.summary({"trl_128k": out, "quick": True})
+    assert all(summary[key] == out[key] for key in bench.V128K_KEYS)
