@@ -360,6 +360,12 @@ def settle(script, tree, opts, findings):
                     findings.append(finding("C3", "info", f"not on this machine: {listing}; the run is sized with "
                                             f"--num_samples {opts['num_samples']}",
                                             "make sure the files exist where the run starts"))
+                elif opts.get("log"):  # C8: a run directory copied elsewhere; judging its log needs no data
+                    sized = (f"; the run is sized as its checkpoint records ({opts['run_samples']} training samples "
+                             "per epoch)" if opts.get("run_samples") else "")
+                    findings.append(finding("C3", "info", f"not on this machine: {listing}; the log diagnosis does "
+                                            f"not need them{sized}", "nothing to fix to read the log; the files must "
+                                            "exist where the run starts again"))
                 else:
                     findings.append(finding("C3", "critical", f"not found: {listing}",
                                             "fix the paths, copy the files here, or pass --num_samples N to judge "
@@ -384,7 +390,7 @@ def settle(script, tree, opts, findings):
                        "number)", f"write {key}: {cfg[key]!r} as a number", [(key, cfg[key])])
             else:  # the loader's other notes, e.g. a key that this configuration ignores
                 report(rid, "info", key, f"{key}: {message}", "nothing to fix if that is intended", [])
-        num_samples = opts["num_samples"]
+        num_samples = opts["num_samples"] or (None if check_files or not opts.get("log") else opts.get("run_samples"))
         if num_samples is None:
             try:
                 num_samples = script.train_set_size(cfg)
@@ -677,7 +683,7 @@ def distill_memory(script, cfg, plan, device="meta"):
         elif cfg["kd.hf_teacher_dir"] is not None:
             teacher = hf_teacher_on_meta(script, cfg["kd.hf_teacher_dir"], cfg["kd.gamma"] > 0)  # or the CPU
         elif cfg.get("teacher.target") is not None:  # the user's callable, built on the meta device
-            factory = script.import_target(cfg["teacher.target"], "teacher.target")
+            factory = script.import_target(cfg["teacher.target"], "teacher.target", cfg.get("launch_dir"))
             teacher = script.TargetLM(factory(**cfg["teacher.kwargs"]), cfg["kd.gamma"] > 0)
         else:
             teacher = script.GPT(vocab, seq, **{d: cfg[f"teacher.{d}"] for d in arch})
@@ -1343,6 +1349,8 @@ def check_checkpoint(path, script, cfg, plan, opts):
             changes = script.input_changes(ckpt["inputs"], script.config_inputs(cfg))  # build file, data)
         except script.ConfigError:  # the target does not import: the config checks say so
             changes = []
+        except FileNotFoundError:  # C8: the data is not on this machine (a copied run dir); settle() says so once
+            changes = []
         except OSError as err:
             changes = [("data.train_x", f"unreadable ({err})")]
         if changes:
@@ -1984,17 +1992,24 @@ def run_world_size(args, log):
     or checkpoints/last.pt beside the log), so a healthy two-process run is judged as one (S2, S9); else 1."""
     if args.world_size is not None:
         return args.world_size
+    return run_record(args, log).get("world_size", 1)
+
+
+def run_record(args, log):
+    """What the run's own checkpoint (--checkpoint, or checkpoints/last.pt beside the log) says of its size:
+    {"world_size", "num_samples"} (C8: a run dir copied without its data keeps its LR checks); {} without one."""
     candidates = [args.checkpoint] + ([os.path.join(os.path.dirname(os.path.abspath(log)), "checkpoints", "last.pt")]
                                       if log else [])
     for path in candidates:
         if path and os.path.isfile(path):
             try:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception:  # the checkpoint check reports it; here it only cannot say the world size
+            except Exception:  # the checkpoint check reports it; here it only cannot say the run's size
                 continue
             if isinstance(ckpt, dict) and isinstance(ckpt.get("world_size"), int) and ckpt["world_size"] >= 1:
-                return ckpt["world_size"]
-    return 1
+                samples = (ckpt.get("schedule") or {}).get("num_samples")
+                return {"world_size": ckpt["world_size"], "num_samples": samples if isinstance(samples, int) else None}
+    return {}
 
 
 def main(argv=None):
@@ -2005,7 +2020,8 @@ def main(argv=None):
         return 2
     opts = {"overrides": args.set, "num_samples": args.num_samples, "world_size": run_world_size(args, None),
             "device_memory": args.device_memory, "log": None, "checkpoint": args.checkpoint}
-    results = [(log, *diagnose_run(args, dict(opts, log=log, world_size=run_world_size(args, log))))
+    results = [(log, *diagnose_run(args, dict(opts, log=log, world_size=run_world_size(args, log),
+                                              run_samples=run_record(args, log).get("num_samples"))))
                for log in args.log or [None]]
     fixed_line, fix_info = None, None
     if args.fix:  # parse_args allows --fix with one run only

@@ -61,6 +61,8 @@ TASK = "distill"
 CONFIG = {
     "task": ("distill", "str", "which script runs this config (distill = train_distill.py)"),
     "run_name": ("distill", "str", "run directory is runs/<run_name>/ unless --run_dir is given"),
+    "launch_dir": (None, "str?", "the directory the run was launched from, recorded by the run (null: the current "
+                   "one); a *.target module not importable from the current directory is looked for there (C8)"),
     "seed": (0, "int", "seeds data order and initialisation"),
     # optimizer
     "optim.name": ("adamw", ("adamw", "sgd"), "optimizer"),
@@ -184,6 +186,10 @@ CONFIG = {
     "kd.cache_proposal_temperature": (None, "float?", "sampled cache: the draws come from softmax(teacher / this), "
                                       "importance-weighted to the teacher at kd.temperature; null = kd.temperature"),
 }
+# C8: the keys that name files or directories; a relative one is read from the current directory at launch, and the
+# run records it as an absolute path (absolute_paths()), so the run reads the same files from anywhere later.
+PATH_KEYS = ("data.train_bin", "data.val_bin", "student.hf_dir", "kd.teacher_checkpoint", "kd.hf_teacher_dir",
+             "kd.teacher_cache")
 
 
 # ==== shared: config (identical in train_probe.py and train_distill.py) ====
@@ -365,8 +371,9 @@ def literal_text(text):
     return yaml.safe_load(text)  # a list or mapping: cast_value says a string was expected
 
 
-def load_config(path, overrides, schema):
-    """Read YAML + `--set key=value` overrides into a flat {dotted.key: typed value} dict.
+def load_config(path, overrides, schema, base=None):
+    """Read YAML + `--set key=value` overrides into a flat {dotted.key: typed value} dict. `base`: a resolved
+    config the file's keys and the overrides go on top of (--evaluate: the run's own, C8), else the defaults.
 
     Returns (cfg, notes): notes are non-fatal observations such as a string cast to a number (C1).
     Raises ConfigError listing every problem at once: unknown keys (C2), uncastable values (C1).
@@ -378,7 +385,7 @@ def load_config(path, overrides, schema):
         raw = read_yaml(path, schema)
         if not isinstance(raw, dict):
             raise ConfigError([("C3", path, "must be a YAML mapping of keys to values")])
-    flat = _flatten(raw, schema)
+    flat = {**(base or {}), **_flatten(raw, schema)}
     problems, notes, typed_on_set = [], [], set()
     for item in overrides or []:
         key, sep, text = item.partition("=")
@@ -549,27 +556,59 @@ def write_stdout(text, bar=None):
         return False
 
 
-def import_target(target, key):
+def absolute_paths(cfg, path_keys):
+    """C8: the config as a run records it (config.yaml, checkpoints, export): every path key resolved from the
+    current directory, as a relative path means at launch, and that directory as launch_dir unless the config
+    records one already. Whatever reads the run later (diagnose, --evaluate, load_export, a dry run) then reads
+    the same files and finds the same *.target module from any directory."""
+    out = {k: os.path.abspath(v) if k in path_keys and isinstance(v, str) else v for k, v in cfg.items()}
+    if "launch_dir" in out:
+        out["launch_dir"] = out["launch_dir"] or os.getcwd()
+    return out
+
+
+def import_target(target, key, launch_dir=None):
     """'package.module:callable' (a *.target key) -> the callable. The working directory is searched as well:
     `python scripts/train_x.py` puts scripts/ on sys.path, not the directory the run starts from, where the
-    user's model code usually sits (python -m and the REPL search it too)."""
+    user's model code usually sits (python -m and the REPL search it too). Then launch_dir, where the run
+    was launched (C8: its module is found when the run is evaluated or diagnosed from elsewhere)."""
     module_name, _, attr = target.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(1, os.getcwd())  # after the script's own directory, as python -m would have it
-    try:
+
+    def load():
         obj = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
+        return obj
+
+    try:
+        return load()
+    except ModuleNotFoundError as err:
+        if not (launch_dir and os.path.isdir(launch_dir) and launch_dir not in sys.path
+                and err.name == module_name.split(".")[0]):
+            error = err
+        else:
+            sys.path.append(launch_dir)  # C8: last, so nothing the current setup imports changes
+            importlib.invalidate_caches()
+            try:
+                return load()
+            except (ImportError, AttributeError) as again:
+                error = again
     except (ImportError, AttributeError) as err:
-        raise ConfigError([("C3", key, f"cannot import {target} ({type(err).__name__}: {err}); the module must be "
-                            f"importable from {os.getcwd()} or PYTHONPATH")]) from None
-    return obj
+        error = err
+    where = f"importable from {os.getcwd()} or PYTHONPATH"
+    if launch_dir and os.path.realpath(launch_dir) != os.path.realpath(os.getcwd()):
+        where += (f"; the run was launched from {launch_dir}" + ("" if os.path.isdir(launch_dir) else ", which is not "
+                  "on this machine") + ": add the directory that holds the module to PYTHONPATH")
+    raise ConfigError([("C3", key, f"cannot import {target} ({type(error).__name__}: {error}); the module must be "
+                        f"{where}")]) from None
 # ==== end shared: config ====
 
 
-def resolve_config(path=None, overrides=(), check_files=True):
+def resolve_config(path=None, overrides=(), check_files=True, base=None):
     """The distillation config: load, cast, validate. Tools import this so they judge what training runs."""
-    cfg, notes = load_config(path, overrides, CONFIG)
+    cfg, notes = load_config(path, overrides, CONFIG, base)
     problems = common_value_problems(cfg, TASK)
 
     def need(ok, key, msg, row="C3"):
@@ -684,7 +723,7 @@ def resolve_config(path=None, overrides=(), check_files=True):
          f"{cfg['train.best_metric']!r} is not one of {', '.join(metrics)}")
     if problems:
         raise ConfigError(problems)
-    return cfg, notes
+    return absolute_paths(cfg, PATH_KEYS), notes
 
 
 def on_policy_lengths(cfg):
@@ -1602,7 +1641,7 @@ def target_lm(cfg, arch, key, who, hidden):
     token ids in eval mode without gradients (no dropout, no RNG draw): logits of the vocabulary's size
     and, with kd.gamma > 0, hidden states; their width sizes the projection. A callable returning a
     Hugging Face model is driven as one (use_cache=False, hidden states on request, its position limit)."""
-    module = import_target(arch["target"], key)(**arch["kwargs"])
+    module = import_target(arch["target"], key, cfg["launch_dir"])(**arch["kwargs"])
     if not isinstance(module, nn.Module):
         raise ConfigError([("C3", key, f"{arch['target']} returned a {type(module).__name__}, not a torch.nn.Module")])
     module = module.float()
@@ -2434,7 +2473,8 @@ def teacher_identity(cfg, known=None):
     elif key == "kd.hf_teacher_dir":
         add("hf_dir", cfg[key])
     if arch is not None:  # the user's module: its code and whatever its kwargs point at
-        source = getattr(sys.modules.get(getattr(import_target(arch["target"], key), "__module__", None)), "__file__", None)
+        factory = import_target(arch["target"], key, cfg["launch_dir"])
+        source = getattr(sys.modules.get(getattr(factory, "__module__", None)), "__file__", None)
         if source:  # a callable of a compiled module has no source file to hash
             add("module", os.path.abspath(source))
         for name, path in named_files(arch["kwargs"], "kwargs"):
@@ -2889,10 +2929,14 @@ def write_metrics(run, record):
         send_to_sinks(run, record)  # E10: the same record to TensorBoard, W&B, MLflow when the config asks
 
 
+def config_text(cfg):
+    """config.yaml of a run and of its export: the resolved config, nested, every key (C8: paths absolute)."""
+    return yaml.safe_dump(unflatten(cfg), sort_keys=False)
+
+
 def write_resolved_config(run):
     if run["dist"]["main"]:
-        atomic_write_text(os.path.join(run["run_dir"], "config.yaml"),
-                          yaml.safe_dump(unflatten(run["cfg"]), sort_keys=False))
+        atomic_write_text(os.path.join(run["run_dir"], "config.yaml"), config_text(run["cfg"]))
 
 
 def atomic_write_text(path, text):
@@ -3181,9 +3225,9 @@ def resume(run, mode):
 def finished_run_problem(cfg, ckpt, run_dir):
     """A finished run relaunched with other values: a ConfigError naming them and how to start a new run
     (a finished run is never continued), or None when nothing that shapes the run changed."""
-    ignored = ("run_name", "train.allow_schedule_change", "train.num_workers", "train.device",
+    ignored = ("run_name", "train.allow_schedule_change", "train.num_workers", "train.device", "launch_dir",
                "expect.initial_lr", "expect.peak_lr", "expect.final_lr")  # expectations shape nothing (S5)
-    saved = ckpt.get("config") or {}
+    saved = absolute_paths(ckpt.get("config") or {}, PATH_KEYS)  # C8: a run saved before paths were recorded absolute
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items() if k in saved and k not in ignored and saved[k] != v]
     if not changed:
         return None
@@ -3877,6 +3921,32 @@ def read_checkpoint(path, task):
     return ckpt
 
 
+def evaluation_config(config_path, overrides, kind, source):
+    """C8/E11: the config --evaluate scores with: the run's own resolved config (a checkpoint's saved config, the
+    config.yaml an export carries), with the keys --config writes and --set on top, so the data and settings
+    are the run's unless the user names others. Without the run's config only --config says what to score; with
+    neither it refuses (the built-in defaults' data would be scored). Prints what it scores, and what differs."""
+    saved, where = None, None
+    if kind == "checkpoint":
+        saved, where = read_checkpoint(source, TASK)["config"], source
+    elif os.path.isfile(os.path.join(source, "config.yaml")):
+        where = os.path.join(source, "config.yaml")
+        saved = _flatten(read_yaml(where, CONFIG), CONFIG)
+    elif not config_path:
+        raise ConfigError([("C3", "--evaluate", f"{source} holds no config.yaml, the config of the run it comes from "
+                            "(an export written before exports kept it): give that run's, --config "
+                            "runs/<run_name>/config.yaml")])
+    cfg, _ = resolve_config(config_path, overrides, base=saved)
+    run_cfg = absolute_paths(saved, PATH_KEYS) if saved else {}  # a run saved before paths were recorded absolute
+    differ = [f"{k} {v!r} (the run's: {run_cfg[k]!r})" for k, v in cfg.items() if k in run_cfg and v != run_cfg[k]
+              and k not in ("launch_dir", "run_name")]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"scoring {scored_data(cfg)} with " + (f"the run's config ({where})" if saved else config_path)
+              + (f" + {config_path}" if saved and config_path else "") + (" + --set" if overrides else "")
+              + (f"; not the run's: {', '.join(differ)}" if differ else ""), flush=True)
+    return cfg
+
+
 def report_evaluation(path, weights, metrics):
     """A line per split for people, then one JSON line for scripts: always the last line of the output."""
     splits = {}
@@ -4394,9 +4464,10 @@ def export_best(run):
             build = (f"module = {arch['target']}(**kwargs)" if "target" in arch else
                      "from train_distill import GPT; module = GPT(vocab_size, seq_len, n_layer, n_head, n_embd)")
             meta = {"format": "state_dict", "file": "model.pt", "arch": arch, "vocab_size": vocab_size(cfg),
-                    "seq_len": cfg["data.seq_len"],
+                    "seq_len": cfg["data.seq_len"], "launch_dir": cfg["launch_dir"],  # C8: where arch's module is
                     "load": build + "; module.load_state_dict(torch.load('model.pt', weights_only=True))"}
             atomic_write_text(os.path.join(tmp, "model.json"), json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(os.path.join(tmp, "config.yaml"), config_text(cfg))  # C8: the run's config, for --evaluate
         publish_directory(tmp, out)
     finally:
         if os.path.isdir(tmp):
@@ -4423,7 +4494,7 @@ def load_export(export_dir):
         meta = json.load(f)
     arch = meta["arch"]
     if "target" in arch:
-        module = import_target(arch["target"], "export")(**arch["kwargs"])
+        module = import_target(arch["target"], "export", meta.get("launch_dir"))(**arch["kwargs"])
     else:
         module = GPT(meta["vocab_size"], meta["seq_len"], **arch)
     module.load_state_dict(torch.load(os.path.join(export_dir, meta["file"]), map_location="cpu", weights_only=True))
@@ -4444,10 +4515,17 @@ class ExportedLM(nn.Module):
         return split_outputs(self.lm(x))
 
 
+def scored_data(cfg):
+    """The windows an evaluation scores, in words (C8)."""
+    windows = "every window" if cfg["data.val_windows"] is None else f"{cfg['data.val_windows']} windows"
+    data = cfg["data.val_bin"] or f"the built-in corpus's val text ({cfg['data.builtin.val_bytes']} bytes)"
+    return f"{windows} of {cfg['data.seq_len']} tokens of {data}"
+
+
 def evaluate_saved(config_path, overrides, path):
     """--evaluate PATH: val/loss (token CE), val/ppl and, with a teacher (or its cache), val/agreement."""
-    cfg, _ = resolve_config(config_path, overrides)
     kind, source = evaluation_weights(path)
+    cfg = evaluation_config(config_path, overrides, kind, source)  # C8: the run's own config unless keys are named
     d = setup_distributed(cfg)
     val_set = TokenWindows(cfg, "val")
     windows = eval_windows(cfg, len(val_set))
@@ -4470,7 +4548,7 @@ def evaluate_saved(config_path, overrides, path):
     else:
         ckpt = read_checkpoint(source, TASK)
         # E11: the network as trained, without the KD projection: it only ever fed the hidden-state loss, and a
-        # teacher of another width here would not fit it. The data and the teacher of --config.
+        # teacher of another width here would not fit it. The data and the teacher: evaluation_config (C8).
         module = build_trainable(ckpt["config"], None)
         state = saved_weights(ckpt, source, "--evaluate")  # D4: a sharded run's checkpoint names its DCP directory
         module.load_state_dict({k: v for k, v in state.items() if not k.startswith("proj.")})

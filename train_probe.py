@@ -48,6 +48,8 @@ TASK = "probe"
 CONFIG = {
     "task": ("probe", "str", "which script runs this config (probe = train_probe.py)"),
     "run_name": ("probe", "str", "run directory is runs/<run_name>/ unless --run_dir is given"),
+    "launch_dir": (None, "str?", "the directory the run was launched from, recorded by the run (null: the current "
+                   "one); a *.target module not importable from the current directory is looked for there (C8)"),
     "seed": (0, "int", "seeds data order, synthetic data, initialisation"),
     # optimizer
     "optim.name": ("adamw", ("adamw", "sgd"), "optimizer"),
@@ -141,6 +143,10 @@ CONFIG = {
     "head.dropout": (0.0, "float", "dropout on the standardised features before the linear layer (a probe "
                      "regulariser; draws from the torch RNG, which resume restores, R4)"),
 }
+# C8: the keys that name files; a relative one is read from the current directory at launch, and the run records it
+# as an absolute path (absolute_paths()), so the run reads the same files from anywhere later.
+PATH_KEYS = ("data.train_x", "data.train_y", "data.val_x", "data.val_y", "data.test_x", "data.test_y",
+             "backbone.checkpoint")
 
 
 # ==== shared: config (identical in train_probe.py and train_distill.py) ====
@@ -322,8 +328,9 @@ def literal_text(text):
     return yaml.safe_load(text)  # a list or mapping: cast_value says a string was expected
 
 
-def load_config(path, overrides, schema):
-    """Read YAML + `--set key=value` overrides into a flat {dotted.key: typed value} dict.
+def load_config(path, overrides, schema, base=None):
+    """Read YAML + `--set key=value` overrides into a flat {dotted.key: typed value} dict. `base`: a resolved
+    config the file's keys and the overrides go on top of (--evaluate: the run's own, C8), else the defaults.
 
     Returns (cfg, notes): notes are non-fatal observations such as a string cast to a number (C1).
     Raises ConfigError listing every problem at once: unknown keys (C2), uncastable values (C1).
@@ -335,7 +342,7 @@ def load_config(path, overrides, schema):
         raw = read_yaml(path, schema)
         if not isinstance(raw, dict):
             raise ConfigError([("C3", path, "must be a YAML mapping of keys to values")])
-    flat = _flatten(raw, schema)
+    flat = {**(base or {}), **_flatten(raw, schema)}
     problems, notes, typed_on_set = [], [], set()
     for item in overrides or []:
         key, sep, text = item.partition("=")
@@ -506,27 +513,59 @@ def write_stdout(text, bar=None):
         return False
 
 
-def import_target(target, key):
+def absolute_paths(cfg, path_keys):
+    """C8: the config as a run records it (config.yaml, checkpoints, export): every path key resolved from the
+    current directory, as a relative path means at launch, and that directory as launch_dir unless the config
+    records one already. Whatever reads the run later (diagnose, --evaluate, load_export, a dry run) then reads
+    the same files and finds the same *.target module from any directory."""
+    out = {k: os.path.abspath(v) if k in path_keys and isinstance(v, str) else v for k, v in cfg.items()}
+    if "launch_dir" in out:
+        out["launch_dir"] = out["launch_dir"] or os.getcwd()
+    return out
+
+
+def import_target(target, key, launch_dir=None):
     """'package.module:callable' (a *.target key) -> the callable. The working directory is searched as well:
     `python scripts/train_x.py` puts scripts/ on sys.path, not the directory the run starts from, where the
-    user's model code usually sits (python -m and the REPL search it too)."""
+    user's model code usually sits (python -m and the REPL search it too). Then launch_dir, where the run
+    was launched (C8: its module is found when the run is evaluated or diagnosed from elsewhere)."""
     module_name, _, attr = target.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(1, os.getcwd())  # after the script's own directory, as python -m would have it
-    try:
+
+    def load():
         obj = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
+        return obj
+
+    try:
+        return load()
+    except ModuleNotFoundError as err:
+        if not (launch_dir and os.path.isdir(launch_dir) and launch_dir not in sys.path
+                and err.name == module_name.split(".")[0]):
+            error = err
+        else:
+            sys.path.append(launch_dir)  # C8: last, so nothing the current setup imports changes
+            importlib.invalidate_caches()
+            try:
+                return load()
+            except (ImportError, AttributeError) as again:
+                error = again
     except (ImportError, AttributeError) as err:
-        raise ConfigError([("C3", key, f"cannot import {target} ({type(err).__name__}: {err}); the module must be "
-                            f"importable from {os.getcwd()} or PYTHONPATH")]) from None
-    return obj
+        error = err
+    where = f"importable from {os.getcwd()} or PYTHONPATH"
+    if launch_dir and os.path.realpath(launch_dir) != os.path.realpath(os.getcwd()):
+        where += (f"; the run was launched from {launch_dir}" + ("" if os.path.isdir(launch_dir) else ", which is not "
+                  "on this machine") + ": add the directory that holds the module to PYTHONPATH")
+    raise ConfigError([("C3", key, f"cannot import {target} ({type(error).__name__}: {error}); the module must be "
+                        f"{where}")]) from None
 # ==== end shared: config ====
 
 
-def resolve_config(path=None, overrides=(), check_files=True):
+def resolve_config(path=None, overrides=(), check_files=True, base=None):
     """The probe's config: load, cast, validate. Tools import this so they judge what training runs."""
-    cfg, notes = load_config(path, overrides, CONFIG)
+    cfg, notes = load_config(path, overrides, CONFIG, base)
     problems = common_value_problems(cfg, TASK)
     if check_files:
         for key in ("data.train_x", "data.train_y", "data.val_x", "data.val_y", "data.test_x", "data.test_y"):
@@ -553,7 +592,7 @@ def resolve_config(path=None, overrides=(), check_files=True):
         problems += prepared_data_problems(cfg)  # C6: windows from prepare_tuab.py must be what data.* says
     if problems:
         raise ConfigError(problems)
-    return cfg, notes
+    return absolute_paths(cfg, PATH_KEYS), notes
 
 
 # ==== shared: schedule (identical in train_probe.py and train_distill.py) ====
@@ -932,7 +971,8 @@ def build_backbone(cfg, in_channels):
     """Build, load and freeze: eval mode for every submodule (BatchNorm statistics never move, dropout is
     off), no grad, never in the optimizer. Bad kwargs and checkpoints are config errors (C3)."""
     target, kwargs = cfg["backbone.target"], cfg["backbone.kwargs"]
-    factory, args = (EEGEncoder, (in_channels,)) if target is None else (import_target(target, "backbone.target"), ())
+    factory, args = (EEGEncoder, (in_channels,)) if target is None else \
+        (import_target(target, "backbone.target", cfg["launch_dir"]), ())
     try:
         with seeded_init(cfg["seed"]):
             backbone = factory(*args, **kwargs)
@@ -1158,7 +1198,7 @@ def build_file(cfg):
     project is the same backbone). None for the built-in encoder."""
     if cfg["backbone.target"] is None:
         return None
-    import_target(cfg["backbone.target"], "backbone.target")
+    import_target(cfg["backbone.target"], "backbone.target", cfg["launch_dir"])
     path = getattr(sys.modules[cfg["backbone.target"].partition(":")[0]], "__file__", None)
     return {"path": path, "sha256": code_sha256(path)}
 
@@ -1482,10 +1522,14 @@ def write_metrics(run, record):
         send_to_sinks(run, record)  # E10: the same record to TensorBoard, W&B, MLflow when the config asks
 
 
+def config_text(cfg):
+    """config.yaml of a run and of its export: the resolved config, nested, every key (C8: paths absolute)."""
+    return yaml.safe_dump(unflatten(cfg), sort_keys=False)
+
+
 def write_resolved_config(run):
     if run["dist"]["main"]:
-        atomic_write_text(os.path.join(run["run_dir"], "config.yaml"),
-                          yaml.safe_dump(unflatten(run["cfg"]), sort_keys=False))
+        atomic_write_text(os.path.join(run["run_dir"], "config.yaml"), config_text(run["cfg"]))
 
 
 def atomic_write_text(path, text):
@@ -1774,9 +1818,9 @@ def resume(run, mode):
 def finished_run_problem(cfg, ckpt, run_dir):
     """A finished run relaunched with other values: a ConfigError naming them and how to start a new run
     (a finished run is never continued), or None when nothing that shapes the run changed."""
-    ignored = ("run_name", "train.allow_schedule_change", "train.num_workers", "train.device",
+    ignored = ("run_name", "train.allow_schedule_change", "train.num_workers", "train.device", "launch_dir",
                "expect.initial_lr", "expect.peak_lr", "expect.final_lr")  # expectations shape nothing (S5)
-    saved = ckpt.get("config") or {}
+    saved = absolute_paths(ckpt.get("config") or {}, PATH_KEYS)  # C8: a run saved before paths were recorded absolute
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items() if k in saved and k not in ignored and saved[k] != v]
     if not changed:
         return None
@@ -2470,6 +2514,32 @@ def read_checkpoint(path, task):
     return ckpt
 
 
+def evaluation_config(config_path, overrides, kind, source):
+    """C8/E11: the config --evaluate scores with: the run's own resolved config (a checkpoint's saved config, the
+    config.yaml an export carries), with the keys --config writes and --set on top, so the data and settings
+    are the run's unless the user names others. Without the run's config only --config says what to score; with
+    neither it refuses (the built-in defaults' data would be scored). Prints what it scores, and what differs."""
+    saved, where = None, None
+    if kind == "checkpoint":
+        saved, where = read_checkpoint(source, TASK)["config"], source
+    elif os.path.isfile(os.path.join(source, "config.yaml")):
+        where = os.path.join(source, "config.yaml")
+        saved = _flatten(read_yaml(where, CONFIG), CONFIG)
+    elif not config_path:
+        raise ConfigError([("C3", "--evaluate", f"{source} holds no config.yaml, the config of the run it comes from "
+                            "(an export written before exports kept it): give that run's, --config "
+                            "runs/<run_name>/config.yaml")])
+    cfg, _ = resolve_config(config_path, overrides, base=saved)
+    run_cfg = absolute_paths(saved, PATH_KEYS) if saved else {}  # a run saved before paths were recorded absolute
+    differ = [f"{k} {v!r} (the run's: {run_cfg[k]!r})" for k, v in cfg.items() if k in run_cfg and v != run_cfg[k]
+              and k not in ("launch_dir", "run_name")]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"scoring {scored_data(cfg)} with " + (f"the run's config ({where})" if saved else config_path)
+              + (f" + {config_path}" if saved and config_path else "") + (" + --set" if overrides else "")
+              + (f"; not the run's: {', '.join(differ)}" if differ else ""), flush=True)
+    return cfg
+
+
 def report_evaluation(path, weights, metrics):
     """A line per split for people, then one JSON line for scripts: always the last line of the output."""
     splits = {}
@@ -2708,7 +2778,8 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
 # same evaluate() the run used, so the numbers are the run's own.
 def model_config(cfg):
     """The keys that rebuild the network and its features: the backbone (and its seeded init), the head, the precision."""
-    return {k: v for k, v in cfg.items() if k in ("seed", "train.precision") or k.startswith(("backbone.", "head."))}
+    return {k: v for k, v in cfg.items() if k in ("seed", "train.precision", "launch_dir")  # C8: where its module is
+            or k.startswith(("backbone.", "head."))}
 
 
 class ExportedProbe(nn.Module):
@@ -2731,8 +2802,9 @@ def head_from_state(cfg, state):
 
 def export_probe(run):
     """best.pt's head (the last weights when no eval was finite) into <run_dir>/export/: head.pt, a plain state
-    dict, and probe.json with the backbone reference (backbone.target/kwargs/checkpoint, the seed of a built-in
-    encoder) and the in_channels. Written into a temporary directory and published by publish_directory(): a kill
+    dict, probe.json with the backbone reference (backbone.target/kwargs/checkpoint as an absolute path, the
+    launch_dir its module is found from, the seed of a built-in encoder) and the in_channels, and the run's
+    config.yaml. Written into a temporary directory and published by publish_directory(): a kill
     leaves no half export, and never none (R12)."""
     if not run["dist"]["main"]:
         return None
@@ -2746,8 +2818,10 @@ def export_probe(run):
         meta = {"format": "probe_head", "file": "head.pt", "in_channels": run["train_set"].shape[1],
                 "window_shape": run["inputs"]["window shape"],  # E11: --evaluate refuses windows of another shape
                 "step": best["global_step"] if best else run["state"]["global_step"], "config": model_config(run["cfg"]),
-                "load": f"import train_probe; model = train_probe.load_export({out!r})  # windows [B, C, T] -> logits"}
+                "load": f"import train_probe; model = train_probe.load_export({os.path.abspath(out)!r})"
+                        "  # windows [B, C, T] -> logits"}
         atomic_write_text(os.path.join(tmp, "probe.json"), json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(os.path.join(tmp, "config.yaml"), config_text(run["cfg"]))  # C8: what --evaluate reads
         publish_directory(tmp, out)  # R12: an existing export is replaced, never deleted first
     finally:
         if os.path.isdir(tmp):
@@ -2761,6 +2835,10 @@ def load_export(export_dir):
     with open(os.path.join(export_dir, "probe.json")) as f:
         meta = json.load(f)
     cfg = {**{k: default for k, (default, _, _) in CONFIG.items()}, **meta["config"]}
+    weights = cfg["backbone.checkpoint"]
+    if weights and not os.path.isfile(weights):  # C8: the export refers to the backbone's weights, it holds no copy
+        raise ConfigError([("C3", "backbone.checkpoint", f"the export {export_dir} needs the backbone weights "
+                            f"{weights}, which are not there: put that file back (or a copy at that path)")])
     state = torch.load(os.path.join(export_dir, meta["file"]), map_location="cpu", weights_only=True)
     model = ExportedProbe(build_backbone(cfg, meta["in_channels"]), head_from_state(cfg, state), cfg).eval()
     model.window_shape = meta.get("window_shape") or [meta["in_channels"], None]  # an older export: the channels
@@ -2780,10 +2858,17 @@ def check_window_shape(trained, sets, weights):
                                 "with the training channels, in their order, and the training window length")])
 
 
+def scored_data(cfg):
+    """The windows an evaluation scores, in words (C8)."""
+    if cfg["data.val_x"] is None:
+        return f"the synthetic windows (data.synthetic.*, seed {cfg['seed']})"
+    return f"val {cfg['data.val_x']}" + (f", test {cfg['data.test_x']}" if cfg["data.test_x"] else "")
+
+
 def evaluate_saved(config_path, overrides, path):
-    """--evaluate PATH: AUROC, balanced accuracy and loss on the config's val (and test) split."""
-    cfg, _ = resolve_config(config_path, overrides)
+    """--evaluate PATH: AUROC, balanced accuracy and loss on the run's (or the config's) val and test splits."""
     kind, source = evaluation_weights(path)
+    cfg = evaluation_config(config_path, overrides, kind, source)  # C8: the run's own config unless keys are named
     d = setup_distributed(cfg)
     sets = {"val": WindowSet(cfg, "val"), **({"test": WindowSet(cfg, "test")} if cfg["data.test_x"] else {})}
     if kind == "export":
@@ -2795,7 +2880,7 @@ def evaluate_saved(config_path, overrides, path):
         trained = model.window_shape
     else:
         ckpt = read_checkpoint(source, TASK)
-        model_cfg = {**cfg, **model_config(ckpt["config"])}  # the network as trained, the data of --config
+        model_cfg = {**cfg, **model_config(ckpt["config"])}  # the network as trained; the data: evaluation_config
         trained = (ckpt.get("inputs") or {}).get("window shape")  # None in a checkpoint older than E11's check
         weights = f"{source} (step {ckpt['global_step']})"
         backbone = build_backbone(model_cfg, trained[0] if trained else sets["val"].shape[1])

@@ -24,7 +24,7 @@ def test_demo_teacher_config_writes_the_checkpoint_the_student_config_reads():
     student, _ = td.resolve_config(STUDENT, check_files=False)
     assert teacher["task"] == student["task"] == "distill" and not teacher["kd.enabled"] and student["kd.enabled"]
     made = os.path.join("runs", teacher["run_name"], "checkpoints", "best.pt")  # the run dir launch.sh uses
-    assert os.path.normpath(student["kd.teacher_checkpoint"]) == os.path.normpath(made)
+    assert student["kd.teacher_checkpoint"] == os.path.abspath(made)  # C8: resolved from here, recorded absolute
     # the teacher is trained by the keys that name a student (student.*), and is the network teacher.* names
     assert td.trained_arch(teacher) == {d: student[f"teacher.{d}"] for d in ("n_layer", "n_head", "n_embd")}
     assert td.teacher_keys_set(teacher) == []
@@ -50,14 +50,10 @@ def test_demo_pipeline_is_two_launch_lines_and_its_e2_no_kd_baseline_is_quiet(tm
         out = launch(config, "--gpus", "cpu", "--", "--set", *SHORT, *extra, cwd=tmp_path, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
     log = (tmp_path / "runs" / "distill_demo" / "train.log").read_text()
-    assert "teacher: runs/distill_demo_teacher/checkpoints/best.pt (frozen" in log
+    # C8: the run records the path the config gave relative to where it ran as an absolute one
+    assert f"teacher: {os.path.realpath(tmp_path)}/runs/distill_demo_teacher/checkpoints/best.pt (frozen" in log
     assert "done: 10 optimizer steps" in log
     assert "train.max_steps sets the length: 10 optimizer steps (" in log and " epochs = " not in log
     # the false-positive corpus: the shipped demo configs' healthy runs get no warning from the tools
-    old = os.getcwd()
-    os.chdir(tmp_path)  # the runs' config.yaml names the teacher checkpoint relative to where they ran
-    try:
-        for name in ("distill_demo_teacher", "distill_demo", "distill_demo_no_kd"):
-            assert loud_findings(os.path.join("runs", name)) == [], name
-    finally:
-        os.chdir(old)
+    for name in ("distill_demo_teacher", "distill_demo", "distill_demo_no_kd"):  # from here: their paths are absolute (C8)
+        assert loud_findings(os.path.join(tmp_path, "runs", name)) == [], name
