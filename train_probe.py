@@ -2518,7 +2518,8 @@ def evaluation_config(config_path, overrides, kind, source):
     """C8/E11: the config --evaluate scores with: the run's own resolved config (a checkpoint's saved config, the
     config.yaml an export carries), with the keys --config writes and --set on top, so the data and settings
     are the run's unless the user names others. Without the run's config only --config says what to score; with
-    neither it refuses (the built-in defaults' data would be scored). Prints what it scores, and what differs."""
+    neither it refuses (the built-in defaults' data would be scored). Returns (cfg, a line saying what it scores
+    with which config, and which keys are not the run's), the line printed once every check has passed."""
     saved, where = None, None
     if kind == "checkpoint":
         saved, where = read_checkpoint(source, TASK)["config"], source
@@ -2533,11 +2534,9 @@ def evaluation_config(config_path, overrides, kind, source):
     run_cfg = absolute_paths(saved, PATH_KEYS) if saved else {}  # a run saved before paths were recorded absolute
     differ = [f"{k} {v!r} (the run's: {run_cfg[k]!r})" for k, v in cfg.items() if k in run_cfg and v != run_cfg[k]
               and k not in ("launch_dir", "run_name")]
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"scoring {scored_data(cfg)} with " + (f"the run's config ({where})" if saved else config_path)
-              + (f" + {config_path}" if saved and config_path else "") + (" + --set" if overrides else "")
-              + (f"; not the run's: {', '.join(differ)}" if differ else ""), flush=True)
-    return cfg
+    return cfg, (f"scoring {scored_data(cfg)} with " + (f"the run's config ({where})" if saved else config_path)
+                 + (f" + {config_path}" if saved and config_path else "") + (" + --set" if overrides else "")
+                 + (f"; not the run's: {', '.join(differ)}" if differ else ""))
 
 
 def report_evaluation(path, weights, metrics):
@@ -2868,7 +2867,7 @@ def scored_data(cfg):
 def evaluate_saved(config_path, overrides, path):
     """--evaluate PATH: AUROC, balanced accuracy and loss on the run's (or the config's) val and test splits."""
     kind, source = evaluation_weights(path)
-    cfg = evaluation_config(config_path, overrides, kind, source)  # C8: the run's own config unless keys are named
+    cfg, scoring = evaluation_config(config_path, overrides, kind, source)  # C8: the run's own unless keys are named
     d = setup_distributed(cfg)
     sets = {"val": WindowSet(cfg, "val"), **({"test": WindowSet(cfg, "test")} if cfg["data.test_x"] else {})}
     if kind == "export":
@@ -2898,6 +2897,7 @@ def evaluate_saved(config_path, overrides, path):
     for split in sets:
         metrics.update(evaluate(run, split))
     if d["main"]:
+        print(scoring)  # C8: which data, with which config
         write_predictions(evaluation_out_dir(path), {k: (s.labels, run["predictions"][k]) for k, s in sets.items()})
         report_evaluation(path, weights, metrics)
     return 0
