@@ -115,8 +115,8 @@ CONFIG = {
     "log.tensorboard": (False, "bool", "TensorBoard event files in <run_dir>/tb/ (needs the tensorboard package)"),
     "log.wandb": (None, "str?", "a Weights & Biases project to log to (needs wandb; honours WANDB_MODE=offline, "
                   "WANDB_DIR); null = off"),
-    "log.mlflow": (None, "str?", "an MLflow tracking URI (file:mlruns for a local store, http://host:5000; needs "
-                   "mlflow or mlflow-skinny); null = off"),
+    "log.mlflow": (None, "str?", "an MLflow tracking URI: sqlite:///mlflow.db for a local store (no server; needs "
+                   "pip install mlflow), http://host:5000 for a server; metric names with '.' for '/'; null = off"),
     # data: nanoGPT-style token files (flat uint16/uint32 ids, memory-mapped) or the built-in corpus
     "data.train_bin": (None, "str?", "training tokens .bin; null = the built-in corpus (generated Python-like text, the same bytes everywhere)"),
     "data.val_bin": (None, "str?", "validation tokens .bin (set both or neither)"),
@@ -3722,6 +3722,13 @@ def sink_problems(cfg):
             off = "false" if key == "log.tensorboard" else "null"
             problems.append(("E10", key, f"{cfg[key]!r} needs the {package} package, which {sys.executable} cannot "
                              f"import; install it ({sys.executable} -m pip install {package}) or set {key}={off}"))
+    uri = cfg["log.mlflow"] or ""
+    missing = [p for p in ("sqlalchemy", "alembic") if importlib.util.find_spec(p) is None]
+    if uri.split(":")[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql") and missing and not problems:
+        # E10: mlflow-skinny has no database store without them, and would fail at start-up with a registry error
+        problems.append(("E10", "log.mlflow", f"{uri!r} is a database store, which needs {' and '.join(missing)} beside "
+                         f"mlflow; {sys.executable} cannot import {'them' if len(missing) > 1 else 'it'}: install mlflow "
+                         f"itself ({sys.executable} -m pip install mlflow; mlflow-skinny lacks them) or set log.mlflow=null"))
     return problems
 
 
@@ -3759,24 +3766,15 @@ def save_sink_state(run):
 
 
 def send_to_sinks(run, record):
-    """One metrics.jsonl record to every open sink: its finite numbers (metrics.jsonl's nulls are left out).
-    A sink with a "sent" map (MLflow: its store says what it holds) gets a metric only past the last step
-    it has: the steps a resumed run repeats after a kill come out bit-identical (R1-R5)."""
+    """One metrics.jsonl record to every open sink: its finite numbers (metrics.jsonl's nulls are left out)."""
     step = record["step"]
     values = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))
               and not isinstance(v, bool) and math.isfinite(v)}
     for sink in list(run["sinks"]):
-        sent = sink.get("sent")
-        new = {k: v for k, v in values.items() if sent is None or step > sent.get(k, -1)}
-        if not new:
-            continue
         try:
-            sink["send"](step, new)
+            sink["send"](step, values)
         except Exception as err:
             sink_failed(run, sink, err)
-            continue
-        if sent is not None:
-            sent.update(dict.fromkeys(new, step))
 
 
 def sink_failed(run, sink, err):
@@ -3836,10 +3834,20 @@ def open_wandb(run, saved):
     return {"send": lambda step, values: wb.log({"step": step, **values}), "close": close, "state": {"id": run_id}}
 
 
+def mlflow_name(name):
+    """E10: a metric's name in MLflow: "/" becomes ".", in every store alike. MLflow's file store keeps a metric
+    as a file under its name, so "loss" and "loss/ce" cannot both be held ("Not a directory"); TensorBoard and
+    W&B keep the "/" (their panels group by it)."""
+    return name.replace("/", ".")
+
+
 def open_mlflow(run, saved):
     cfg, uri = run["cfg"], run["cfg"]["log.mlflow"]
     if uri.startswith("file:"):  # MLflow 3 refuses its file store unless asked; log.mlflow file:... asks
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    import logging
+    for name in ("mlflow.store.db.utils", "alembic"):  # a database store's table creation: INFO lines on stderr
+        logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
     client = MlflowClient(tracking_uri=uri)
@@ -3857,13 +3865,18 @@ def open_mlflow(run, saved):
             client.log_batch(run_id, params=params[start:start + 100])
 
     def send(step, values):
+        """Only past the last step the store holds of a metric: the steps a resumed run repeats after a kill
+        are the killed process's, bit-identical to an uninterrupted run's (R1-R5)."""
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        new = [Metric(mlflow_name(k), v, now, step) for k, v in values.items() if step > sent.get(mlflow_name(k), -1)]
+        if new:
+            client.log_batch(run_id, metrics=new)
+            sent.update(dict.fromkeys((m.key for m in new), step))
 
     def close(ok):
         client.set_terminated(run_id, "FINISHED" if ok else "KILLED")
 
-    return {"send": send, "close": close, "state": {"uri": uri, "run_id": run_id}, "sent": sent}
+    return {"send": send, "close": close, "state": {"uri": uri, "run_id": run_id}}
 # ==== end shared: progress and metric sinks ====
 
 

@@ -48,7 +48,7 @@ def sink_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sinks")
     data = npy_split(tmp, "train", 38) + npy_split(tmp, "val", 24) + npy_split(tmp, "test", 20)
     settings = TINY + data + ["train.log_every=1", "train.save_every_steps=4", "train.progress_every_s=0",
-                              "log.tensorboard=true", "log.wandb=kit-tests", f"log.mlflow=file:{tmp}/mlruns"]
+                              "log.tensorboard=true", "log.wandb=kit-tests", f"log.mlflow=sqlite:///{tmp}/mlflow.db"]
     run_dir, wandb_dir = tmp / "run", tmp / "wandb"
     os.makedirs(wandb_dir)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
@@ -64,7 +64,7 @@ def sink_run(tmp_path_factory):
     resumed = run({})
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "WARNING" not in resumed.stdout and not resumed.stderr.strip(), resumed.stderr  # a healthy run is quiet
-    return {"tmp": tmp, "run_dir": str(run_dir), "wandb_dir": str(wandb_dir), "mlruns": f"file:{tmp}/mlruns",
+    return {"tmp": tmp, "run_dir": str(run_dir), "wandb_dir": str(wandb_dir), "mlflow": f"sqlite:///{tmp}/mlflow.db",
             "settings": settings, "died": died, "resumed": resumed}
 
 
@@ -82,11 +82,13 @@ def expected(run_dir):
     return want, repeated
 
 
-def assert_matches_jsonl(got, run_dir, exact_timing):
+def assert_matches_jsonl(got, run_dir, exact_timing, name=str):
     """got: [(step, key, value)] as a sink holds them. Each (step, key) once, the same set as metrics.jsonl,
     the same values (throughput of the steps run twice differs between the two processes: W&B and MLflow
-    keep the first, TensorBoard the resumed one)."""
+    keep the first, TensorBoard the resumed one). name: the sink's name of a metrics.jsonl key."""
     want, repeated = expected(run_dir)
+    want = {(s, name(k)): v for (s, k), v in want.items()}
+    repeated = {(s, name(k)) for s, k in repeated}
     pairs = [(s, k) for s, k, _ in got]
     assert len(pairs) == len(set(pairs)), sorted(p for p in pairs if pairs.count(p) > 1)
     assert set(pairs) == set(want)
@@ -178,17 +180,52 @@ def test_e10_wandb_offline_resumes_the_same_run_id_and_holds_every_jsonl_record_
     assert config["optim"]["lr"] == 0.01 and config["log"]["wandb"] == "kit-tests"
 
 
-def test_e10_mlflow_file_store_resumes_the_same_run_and_holds_every_jsonl_record_once(sink_run):
+def mlflow_metrics(uri):
+    """(the one MLflow run in the store at uri, [(step, name, value)] of its metrics), read by MLflow's client."""
     from mlflow import MlflowClient
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=sink_run["mlruns"])
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments)
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, [r.info.run_id for r in runs]
-    run = runs[0]
+    got = [(m.step, key, m.value) for key in runs[0].data.metrics for m in client.get_metric_history(runs[0].info.run_id, key)]
+    return runs[0], got
+
+
+def test_e10_mlflow_sqlite_store_resumes_the_same_run_and_holds_every_jsonl_record_once(sink_run):
+    """The README's store (sqlite:///, no server, the mlflow pip installs today): one run across the kill."""
+    run, got = mlflow_metrics(sink_run["mlflow"])
     assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.01"
-    got = [(m.step, key, m.value) for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key)]
-    assert_matches_jsonl(got, sink_run["run_dir"], exact_timing=False)
+    assert_matches_jsonl(got, sink_run["run_dir"], exact_timing=False, name=tp.mlflow_name)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "file"])
+def test_e10_mlflow_on_a_distillation_run_holds_the_loss_and_its_parts_in_every_store(store, tmp_path, monkeypatch):
+    """Issue 31: a KD run logs loss beside loss/ce and loss/kd; MLflow's file store keeps each metric as a file, so
+    loss/ce failed at step 1 (Not a directory) and the run ended KILLED. In MLflow every name has '.' for '/',
+    in every store: the run ends FINISHED with every record of metrics.jsonl, and no WARNING."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db" if store == "sqlite" else f"file:{tmp_path}/mlruns"
+    settings = [s for s in td.DRY_RUN_SETTINGS if not s.startswith(("log.mlflow", "train.epochs", "train.max_steps"))]
+    settings += ["kd.enabled=true", "teacher.target=zoo:tiny_causal_lm", "kd.gamma=0", "train.epochs=null",
+                 "train.max_steps=3", "train.eval_every=3", f"log.mlflow={uri}"]
+    assert td.main(["--run_dir", str(tmp_path / "run"), "--set", *settings]) == 0  # main closes the sinks
+    assert "WARNING" not in (tmp_path / "run" / "train.log").read_text()
+    run, got = mlflow_metrics(uri)
+    assert run.info.status == "FINISHED"
+    assert {"loss", "loss.ce", "loss.kd", "val.loss", "val.agreement"} <= {name for _, name, _ in got}
+    want, _ = expected(str(tmp_path / "run"))
+    assert sorted((s, k, v) for s, k, v in got) == sorted((s, td.mlflow_name(k), v) for (s, k), v in want.items())
+
+
+def test_e10_a_database_store_without_sqlalchemy_is_a_config_error_naming_the_install(tmp_path, monkeypatch, capsys):
+    """mlflow-skinny has no sqlite store without sqlalchemy and alembic (a registry error at start-up): the run,
+    and its dry run, refuse it first in one line that names the install."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    for argv in (["--run_dir", str(tmp_path / "run")], ["--dry_run"]):
+        assert tp.main([*argv, "--set", *TINY, f"log.mlflow=sqlite:///{tmp_path}/mlflow.db"]) == 2
+        err = capsys.readouterr().err
+        assert "log.mlflow" in err and "needs sqlalchemy beside mlflow" in err and "pip install mlflow" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_e10_a_missing_sink_package_is_a_config_error_naming_it_and_the_interpreter(tmp_path, monkeypatch, capsys):
