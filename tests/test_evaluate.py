@@ -208,3 +208,23 @@ def test_e11_roc_curve_points_enclose_the_auroc_with_ties_and_more_than_two_clas
     header, rows = read_csv(tmp_path / "test_predictions.csv")
     assert header == ["index", "label", "prediction", "score_0", "score_1", "score_2"]
     assert [int(r[2]) for r in rows] == probs.argmax(1).tolist()
+
+
+def test_e11_evaluate_with_other_data_settings_than_the_runs_names_each_key_that_differs(probe_runs, distill_run,
+                                                                                       capsys):
+    # Another data.seq_len or data.val_windows (or any data setting) gave other numbers with no word that they
+    # were not the run's settings. The first line names every key that differs, with the run's value; the
+    # run's own settings give no such words (a note on a healthy evaluation would be a false alarm).
+    import train_distill as td
+    run_dir, want = distill_run
+    for target in (run_dir, run_dir / "export"):
+        assert td.main(["--evaluate", str(target), "--set", "data.seq_len=8", "data.val_windows=4"]) == 0
+        first, *_, last = capsys.readouterr().out.strip().splitlines()
+        assert first.endswith("not the run's: data.seq_len 8 (the run's: 16), data.val_windows 4 (the run's: 8)"), first
+        assert json.loads(last)["val/loss"] != want["val/loss"]
+        assert td.main(["--evaluate", str(target)]) == 0
+        out = capsys.readouterr().out
+        assert "not the run's" not in out and json.loads(out.strip().splitlines()[-1])["val/loss"] == want["val/loss"]
+    probe_dir, _ = probe_runs["builtin"]
+    assert tp.main(["--evaluate", str(probe_dir), "--set", "data.limit=10"]) == 0
+    assert "not the run's: data.limit 10 (the run's: None)" in capsys.readouterr().out.splitlines()[0]
