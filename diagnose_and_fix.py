@@ -786,13 +786,18 @@ def check_memory(script, cfg, plan, opts):
 
 def check_run_inputs(script, cfg, opts):
     """R10: what the training run refuses before its first step, found by the script's own run_inputs (its token
-    files, its teacher or teacher cache, the network it trains; nothing written), reported with the run's line."""
-    files = ("data.train_bin", "data.val_bin", "kd.teacher_checkpoint", "kd.hf_teacher_dir", "student.hf_dir")
-    if not hasattr(script, "run_inputs") or any(cfg.get(k) and not os.path.exists(cfg[k]) for k in files):
-        return []  # probe configs: their loader's checks are the run's; files not on this machine: settle() said so
+    files, its teacher or teacher cache, the network it trains; nothing written) or the probe's data_sets,
+    reported with the run's line."""
+    files = ("data.train_bin", "data.val_bin", "kd.teacher_checkpoint", "kd.hf_teacher_dir", "student.hf_dir",
+             *(f"data.{split}_{part}" for split in ("train", "val", "test") for part in "xy"))
+    if any(cfg.get(k) and not os.path.exists(cfg[k]) for k in files):
+        return []  # files not on this machine: settle() said so
     d = {"rank": 0, "world": opts["world_size"], "device": torch.device("cpu"), "main": True}
     try:
-        script.run_inputs(cfg, d, lambda line: None, build_cache=False)
+        if hasattr(script, "run_inputs"):
+            script.run_inputs(cfg, d, lambda line: None, build_cache=False)
+        else:  # the probe: its data (shapes, labels, C9's NaN/inf), as train() reads it first
+            script.data_sets(cfg)
     except script.ConfigError as err:
         return [finding(rid, "critical", f"{key}: {msg}", "the run stops with this line (config error, exit 2) "
                         "before its first step; fix what it names") for rid, key, msg in err.problems]

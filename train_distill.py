@@ -1336,6 +1336,79 @@ class TokenWindows(torch.utils.data.Dataset):
         return torch.from_numpy(w[:, :-1].copy()), torch.from_numpy(y)
 
 
+# ==== shared: data file content (identical in train_probe.py and train_distill.py) ====
+# R9/R11: one rule for what a data file holds, used by resume, every cache, the dry run and diagnose_and_fix.py:
+# the SHA-256 of all its bytes (sampled blocks miss an edit between them). A TUAB-size file is read whole once per
+# content, not at every start: the digest is kept in a small record under CONTENT_CACHE, one per file (device,
+# inode), used while the file's size, mtime_ns, ctime_ns and 16 sampled blocks are the recorded ones. Any write
+# changes ctime (os.utime and touch -r set mtime back, never ctime), so such a record is of the file's bytes.
+CONTENT_CACHE = os.environ.get("KIT_CONTENT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kit-content")
+CONTENT_BLOCK = 1 << 24  # bytes read at a time: 16 MiB of memory whatever the file's size
+
+
+def float_npy_layout(path):
+    """(data offset, dtype, shape, Fortran order) of a .npy file of floats (its values can be NaN), else None."""
+    try:
+        array = np.load(path, mmap_mode="r") if path.endswith(".npy") else None
+    except Exception:  # not a .npy the loader maps (Python objects, a torn header): its reader says so
+        return None
+    if array is None or array.dtype.kind not in "fc":
+        return None
+    return array.offset, array.dtype, array.shape, not array.flags.c_contiguous
+
+
+def read_content(path):
+    """One pass over a file: {"sha256"} of its bytes and, for a .npy of floats, "nonfinite_row": the first row
+    (window) holding a NaN or an infinity, or None (C9: found in the same read as the digest)."""
+    layout, digest = float_npy_layout(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        if layout is None:
+            for block in iter(lambda: f.read(CONTENT_BLOCK), b""):
+                digest.update(block)
+            return {"sha256": digest.hexdigest()}
+        offset, dtype, shape, fortran = layout
+        digest.update(f.read(offset))
+        rows, count, done, bad = (shape or (1,))[0], int(np.prod(shape)), 0, None
+        per_row = count // max(rows, 1)
+        for block in iter(lambda: f.read(CONTENT_BLOCK // dtype.itemsize * dtype.itemsize), b""):
+            digest.update(block)
+            values = np.frombuffer(block, dtype, count=min(len(block) // dtype.itemsize, max(count - done, 0)))
+            at = done + np.flatnonzero(~np.isfinite(values))
+            if len(at):
+                row = int((at % rows).min() if fortran else at[0] // per_row)
+                bad = row if bad is None else min(bad, row)
+            done += len(values)
+    return {"sha256": digest.hexdigest(), "nonfinite_row": bad}
+
+
+def content_record(path):
+    """R9/R11: a data file by its content: {"path", "bytes", "sha256"} (+ "nonfinite_row" for a .npy of floats),
+    read whole only when no record under CONTENT_CACHE matches the file's identity, times and sampled blocks."""
+    st = os.stat(path)
+    stat = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    sampled = hashlib.sha256(str(st.st_size).encode())
+    with open(path, "rb") as f:
+        for at in sorted({int(x) for x in np.linspace(0, max(st.st_size - (1 << 16), 0), 16)}):
+            f.seek(at)
+            sampled.update(f.read(1 << 16))
+    memo = os.path.join(CONTENT_CACHE, hashlib.sha256(f"{st.st_dev}:{st.st_ino}".encode()).hexdigest()[:32] + ".json")
+    try:
+        with open(memo) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = None
+    if not isinstance(known, dict) or [known.get("stat"), known.get("sampled")] != [stat, sampled.hexdigest()]:
+        known = {"stat": stat, "sampled": sampled.hexdigest(), **read_content(path)}
+        try:
+            os.makedirs(CONTENT_CACHE, exist_ok=True)
+            atomic_write_text(memo, json.dumps(known))
+        except OSError:  # a read-only home: the next start reads the file whole again
+            pass
+    rest = {k: v for k, v in known.items() if k not in ("stat", "sampled")}
+    return {"path": os.path.abspath(path), "bytes": st.st_size, **rest}
+# ==== end shared: data file content ====
+
+
 TOKEN_SCAN_IDS = 1 << 24  # ids per block when a token file is scanned: 32-64 MiB of memory whatever the file's size
 
 
@@ -2410,30 +2483,6 @@ def free_disk_bytes(path):
     return shutil.disk_usage(probe).free
 
 
-def content_record(path, known=None):
-    """R9: a file keyed on its content: {"bytes", "mtime_ns", "ctime_ns", "sampled", "sha256"}, sha256 being that of
-    the whole file, read in blocks. `known` is the record a cache manifest kept of it: when the size, both times and
-    a hash of 64 sampled 64 KiB blocks all still match, its sha256 is taken as it is, so a multi-GB file is not read
-    whole at every start; any write changes the times (os.utime sets mtime back, never ctime), and a copy or a
-    touch with the same bytes is read again and accepted."""
-    size, mtime, ctime = file_stat(path)
-    block = 1 << 16
-    sampled = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        for at in sorted({int(x) for x in np.linspace(0, max(size - block, 0), 64)}):
-            f.seek(at)
-            sampled.update(f.read(block))
-        sampled = sampled.hexdigest()
-        if known and [known.get(k) for k in ("bytes", "mtime_ns", "ctime_ns", "sampled")] == [size, mtime, ctime, sampled]:
-            return {**known, "path": os.path.abspath(path)}
-        f.seek(0)
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"path": os.path.abspath(path), "bytes": size, "mtime_ns": mtime, "ctime_ns": ctime, "sampled": sampled,
-            "sha256": digest.hexdigest()}
-
-
 def named_files(value, name):
     """(name, path) of every string in a kwargs mapping (nested too) that names an existing file. Not directories:
     a kwarg may name a whole download cache; what a user module reads from one shows in its tensor_digest."""
@@ -2444,16 +2493,15 @@ def named_files(value, name):
     return [(name, value)] if isinstance(value, str) and value and os.path.isfile(value) else []
 
 
-def teacher_identity(cfg, known=None):
+def teacher_identity(cfg):
     """R9: the configured teacher as the content of what it is made from, without loading it; None when no
     teacher is named (a complete cache needs none). {"key", "source", "files": {name: content_record},
     "kwargs", "sha256": one digest over the files' sha256 and the kwargs, "user_code"}. The files: the
     checkpoint, every file of a Hugging Face directory, and for a user module (teacher.target, or the network a
     checkpoint holds) its module's source file and every file its kwargs name. Names, not paths,
-    key the files: a teacher moved with its bytes unchanged is the same teacher. `known`: the manifest's records.
+    key the files: a teacher moved with its bytes unchanged is the same teacher.
     A user module may also read what no key names (a fixed path, the seed build_teacher sets), so for
     user_code the cache check loads it once and compares its tensor_digest as well (check_cache_teacher)."""
-    known = known or {}
     key = next((k for k in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target") if cfg[k] is not None), None)
     if key is None:
         return None
@@ -2463,7 +2511,7 @@ def teacher_identity(cfg, known=None):
         paths = [path] if os.path.isfile(path) else sorted(os.path.join(top, f) for top, _, names in os.walk(path) for f in names)
         for p in paths:
             part = name if p == path else f"{name}/{os.path.relpath(p, path)}"
-            files[part] = content_record(p, known.get(part))
+            files[part] = content_record(p)
 
     arch = {"target": cfg["teacher.target"], "kwargs": cfg["teacher.kwargs"]} if key == "teacher.target" else None
     if key == "kd.teacher_checkpoint":
@@ -2485,15 +2533,15 @@ def teacher_identity(cfg, known=None):
             "user_code": arch is not None}
 
 
-def cache_identity(cfg, train_set, val_set, eval_ids, known=None):
+def cache_identity(cfg, train_set, val_set, eval_ids):
     """What the cached numbers depend on, besides the teacher, compared field by field with the manifest
     (MANIFEST_KEYS: the config key a difference is reported under), and the data files' content records.
-    R9: token files by their content (content_record), not by their path; `known`: the manifest's records."""
+    R9: token files by their content (content_record), not by their path."""
     records = {}
 
     def data(windows, split):
         if windows.path:
-            records[split] = content_record(windows.path, (known or {}).get(split))
+            records[split] = content_record(windows.path)
             return {"sha256": records[split]["sha256"], "bytes": records[split]["bytes"], "dtype": windows.dtype.name}
         return {"builtin_sha256": hashlib.sha256(windows.tokens.tobytes()).hexdigest()}
 
@@ -2566,7 +2614,7 @@ def check_cache_teacher(cfg, manifest, path, device):
     names, the tensor_digest of the teacher actually loaded, once, here. Returns the identity (None: no teacher
     named, the complete cache is taken as it is)."""
     built = manifest["teacher"]
-    ident = teacher_identity(cfg, built.get("files"))
+    ident = teacher_identity(cfg)
     if ident is None:
         return None
     fix = f"use that teacher, or point kd.teacher_cache at another directory (delete {path} to rebuild it)"
@@ -2741,7 +2789,7 @@ def prepare_teacher_cache(cfg, d, train_set, val_set, eval_ids, say, build=True)
     def check(manifest):  # -> the teacher's identity, or None
         if manifest is None:
             return None
-        check_manifest(manifest, cache_identity(cfg, train_set, val_set, eval_ids, manifest.get("data_files"))[0], path)
+        check_manifest(manifest, cache_identity(cfg, train_set, val_set, eval_ids)[0], path)
         return check_cache_teacher(cfg, manifest, path, torch.device("cpu"))
 
     manifest = current()
@@ -2764,7 +2812,7 @@ def prepare_teacher_cache(cfg, d, train_set, val_set, eval_ids, say, build=True)
             if manifest is not None and manifest["complete"]:
                 say(f"teacher cache: {path} was completed by another process meanwhile; nothing to build")
             else:
-                identity = cache_identity(cfg, train_set, val_set, eval_ids, manifest and manifest.get("data_files"))
+                identity = cache_identity(cfg, train_set, val_set, eval_ids)
                 size, how = teacher_cache_size(cfg, len(train_set), len(eval_ids))
                 free = free_disk_bytes(path)
                 say(f"teacher cache: {'continuing' if manifest else 'building'} {path}: {how}; {free / 2 ** 30:,.1f} GiB free")

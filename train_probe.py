@@ -857,6 +857,79 @@ def all_gather_list(items, world):
 # ==== end shared: devices, data order, precision ====
 
 
+# ==== shared: data file content (identical in train_probe.py and train_distill.py) ====
+# R9/R11: one rule for what a data file holds, used by resume, every cache, the dry run and diagnose_and_fix.py:
+# the SHA-256 of all its bytes (sampled blocks miss an edit between them). A TUAB-size file is read whole once per
+# content, not at every start: the digest is kept in a small record under CONTENT_CACHE, one per file (device,
+# inode), used while the file's size, mtime_ns, ctime_ns and 16 sampled blocks are the recorded ones. Any write
+# changes ctime (os.utime and touch -r set mtime back, never ctime), so such a record is of the file's bytes.
+CONTENT_CACHE = os.environ.get("KIT_CONTENT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kit-content")
+CONTENT_BLOCK = 1 << 24  # bytes read at a time: 16 MiB of memory whatever the file's size
+
+
+def float_npy_layout(path):
+    """(data offset, dtype, shape, Fortran order) of a .npy file of floats (its values can be NaN), else None."""
+    try:
+        array = np.load(path, mmap_mode="r") if path.endswith(".npy") else None
+    except Exception:  # not a .npy the loader maps (Python objects, a torn header): its reader says so
+        return None
+    if array is None or array.dtype.kind not in "fc":
+        return None
+    return array.offset, array.dtype, array.shape, not array.flags.c_contiguous
+
+
+def read_content(path):
+    """One pass over a file: {"sha256"} of its bytes and, for a .npy of floats, "nonfinite_row": the first row
+    (window) holding a NaN or an infinity, or None (C9: found in the same read as the digest)."""
+    layout, digest = float_npy_layout(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        if layout is None:
+            for block in iter(lambda: f.read(CONTENT_BLOCK), b""):
+                digest.update(block)
+            return {"sha256": digest.hexdigest()}
+        offset, dtype, shape, fortran = layout
+        digest.update(f.read(offset))
+        rows, count, done, bad = (shape or (1,))[0], int(np.prod(shape)), 0, None
+        per_row = count // max(rows, 1)
+        for block in iter(lambda: f.read(CONTENT_BLOCK // dtype.itemsize * dtype.itemsize), b""):
+            digest.update(block)
+            values = np.frombuffer(block, dtype, count=min(len(block) // dtype.itemsize, max(count - done, 0)))
+            at = done + np.flatnonzero(~np.isfinite(values))
+            if len(at):
+                row = int((at % rows).min() if fortran else at[0] // per_row)
+                bad = row if bad is None else min(bad, row)
+            done += len(values)
+    return {"sha256": digest.hexdigest(), "nonfinite_row": bad}
+
+
+def content_record(path):
+    """R9/R11: a data file by its content: {"path", "bytes", "sha256"} (+ "nonfinite_row" for a .npy of floats),
+    read whole only when no record under CONTENT_CACHE matches the file's identity, times and sampled blocks."""
+    st = os.stat(path)
+    stat = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    sampled = hashlib.sha256(str(st.st_size).encode())
+    with open(path, "rb") as f:
+        for at in sorted({int(x) for x in np.linspace(0, max(st.st_size - (1 << 16), 0), 16)}):
+            f.seek(at)
+            sampled.update(f.read(1 << 16))
+    memo = os.path.join(CONTENT_CACHE, hashlib.sha256(f"{st.st_dev}:{st.st_ino}".encode()).hexdigest()[:32] + ".json")
+    try:
+        with open(memo) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = None
+    if not isinstance(known, dict) or [known.get("stat"), known.get("sampled")] != [stat, sampled.hexdigest()]:
+        known = {"stat": stat, "sampled": sampled.hexdigest(), **read_content(path)}
+        try:
+            os.makedirs(CONTENT_CACHE, exist_ok=True)
+            atomic_write_text(memo, json.dumps(known))
+        except OSError:  # a read-only home: the next start reads the file whole again
+            pass
+    rest = {k: v for k, v in known.items() if k not in ("stat", "sampled")}
+    return {"path": os.path.abspath(path), "bytes": st.st_size, **rest}
+# ==== end shared: data file content ====
+
+
 # -----------------------------------------------------------------------------
 # Data: .npy windows (memory-mapped, multi-GB sets never load into RAM) or synthetic EEG made on the fly.
 def synthetic_window(seed, split, index, label, cfg):
@@ -884,7 +957,7 @@ class WindowSet(torch.utils.data.Dataset):
         self.x_path, self.y_path = (cfg[f"data.{split}_x"], cfg[f"data.{split}_y"]) if cfg["data.train_x"] else (None, None)
         if self.x_path:
             x = np.load(self.x_path, mmap_mode="r")
-            self.labels = np.asarray(np.load(self.y_path, mmap_mode="r")).astype(np.int64)
+            self.labels = class_ids(self.y_path, f"data.{split}_y")
             self.shape = x.shape
             if self.labels.ndim != 1:
                 raise ConfigError([("C3", f"data.{split}_y", f"{self.y_path} has shape {self.labels.shape}; labels must "
@@ -903,6 +976,12 @@ class WindowSet(torch.utils.data.Dataset):
         if cfg["data.limit"] is not None:
             self.labels = self.labels[:cfg["data.limit"]]
             self.shape = (len(self.labels), *self.shape[1:])
+        if self.x_path:  # C9: read once per content with its digest (content_record), not found as NaN steps
+            bad = content_record(self.x_path).get("nonfinite_row")
+            if bad is not None and bad < len(self.labels):
+                raise ConfigError([("C9", f"data.{split}_x", f"{self.x_path} holds NaN or inf in window {bad} (the "
+                                    "first such window); a window with a non-finite value cannot train or be scored: "
+                                    "repair or drop it (np.isfinite(x).all(axis=(1, 2)) finds them all)")])
         self.x = None  # opened lazily: each DataLoader worker maps the file itself
 
     def __len__(self):
@@ -921,6 +1000,22 @@ class WindowSet(torch.utils.data.Dataset):
         return torch.from_numpy(x), torch.from_numpy(self.labels[indices])
 
 
+def class_ids(path, key):
+    """C3: a labels file as int64 class ids. Strings ('abnormal'), Python objects or fractional / non-finite
+    numbers are refused in one line naming the file and the fix, not a ValueError from astype."""
+    try:
+        y = np.asarray(np.load(path, mmap_mode="r"))
+    except ValueError:  # Python objects (a list of strings saved as is): np.load cannot map them
+        y = np.array([], object)
+    whole = y.dtype.kind in "biu" or (y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all())
+    if whole:
+        return y.astype(np.int64)
+    shown = f" ({', '.join(map(repr, np.unique(y)[:3].tolist()))}, ...)" if y.dtype.kind in "USf" else ""
+    raise ConfigError([("C3", key, f"{path} holds labels of dtype {y.dtype}{shown}; labels must be integer class ids "
+                        "0..head.num_classes-1: map them and save again, e.g. np.save(path, (y == 'abnormal')"
+                        ".astype(np.int64))")])
+
+
 def check_channels(train_set, *others):
     """Every split must have the training windows' channels: the backbone and the head are built for them (C3)."""
     for other in others:
@@ -928,6 +1023,14 @@ def check_channels(train_set, *others):
             raise ConfigError([("C3", f"data.{other.split}_x", f"{other.x_path or 'synthetic'} has {other.shape[1]} "
                                 f"channels, data.train_x has {train_set.shape[1]}; every split needs the same channels "
                                 "in the same order")])
+
+
+def data_sets(cfg):
+    """R10: every split the run reads, with its refusals (shapes, labels, channels, C9's NaN/inf), before anything is
+    written: train() starts with it, --dry_run and diagnose_and_fix.py call it on the real config (the same line)."""
+    sets = {split: WindowSet(cfg, split) for split in ("train", "val", "test") if split != "test" or cfg["data.test_x"]}
+    check_channels(*sets.values())
+    return sets
 
 
 def npy_length(path):
@@ -1166,26 +1269,6 @@ def check_backbone(backbone, cfg, device, splits):
 # -----------------------------------------------------------------------------
 # What the features depend on: one description (feature_inputs), compared on resume (S7, R11) and hashed into
 # the feature cache's file names (feature_cache_key, R11). Nothing stale is used silently.
-FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 16
-
-
-def file_fingerprint(path):
-    """A data file's content without reading all of it (a TUAB set is tens of GB): its size and the SHA-256 of
-    16 blocks of 64 KiB spread evenly over it, the first and the last included (the whole file when it is under
-    1 MiB). A rewrite in place almost always changes a sampled block; the feature cache key adds the mtime, which
-    a rewrite changes too, so an edit between the samples rebuilds the cache."""
-    size = os.path.getsize(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK:
-            digest.update(f.read())
-        else:
-            for i in range(FINGERPRINT_BLOCKS):
-                f.seek((size - FINGERPRINT_BLOCK) * i // (FINGERPRINT_BLOCKS - 1))
-                digest.update(f.read(FINGERPRINT_BLOCK))
-    return {"size": size, "sampled_sha256": digest.hexdigest()}
-
-
 def code_sha256(path):
     """SHA-256 of a module's source file (the backbone's code), or None for a module without one."""
     return file_sha256(path) if path and os.path.isfile(path) else None
@@ -1203,11 +1286,13 @@ def build_file(cfg):
     return {"path": path, "sha256": code_sha256(path)}
 
 
-def data_identity(cfg, split):
-    """A split's windows: the .npy file's content (file_fingerprint); for synthetic data the data.synthetic.*
-    values that make them, with the seed, which resume() checks itself (S7) and feature_cache_key adds."""
+def data_identity(cfg, split, part="x"):
+    """A split's windows (part "x") or labels ("y"): the .npy file's bytes and sha256 (content_record, R11: not
+    its path or times); for synthetic data the data.synthetic.* values that make them, with the seed, which
+    resume() checks itself (S7) and feature_cache_key adds."""
     if cfg["data.train_x"]:
-        return file_fingerprint(cfg[f"data.{split}_x"])
+        record = content_record(cfg[f"data.{split}_{part}"])
+        return {"bytes": record["bytes"], "sha256": record["sha256"]}
     return {k: v for k, v in cfg.items() if k.startswith("data.synthetic.")}
 
 
@@ -1216,7 +1301,8 @@ def config_inputs(cfg):
     return {"backbone.target": cfg["backbone.target"], "backbone.kwargs": cfg["backbone.kwargs"],
             "backbone.output": cfg["backbone.output"], "backbone.pool": cfg["backbone.pool"],
             "train.precision": cfg["train.precision"], "backbone build file": build_file(cfg),
-            "data.train_x content": data_identity(cfg, "train")}
+            "data.train_x content": data_identity(cfg, "train"),
+            "data.train_y content": data_identity(cfg, "train", "y")}
 
 
 def feature_inputs(cfg, digest, sample, window_shape):
@@ -1245,8 +1331,9 @@ def input_changes(saved, now):
         elif key == "backbone build file":
             if (old or {}).get("sha256") != (value or {}).get("sha256"):
                 changes.append((key, f"{(value or old)['path']} changed"))
-        elif old != value:
-            what = {"data.train_x content": "the training windows changed",
+        elif old != value and not (key.endswith(" content") and "sampled_sha256" in old
+                                   and old["size"] == value.get("bytes")):  # a record made before R11 hashed whole files
+            what = {"data.train_x content": "the training windows changed", "data.train_y content": "the labels changed",
                     "backbone digest": "the backbone's tensors changed (backbone.checkpoint?)"}
             changes.append((key, what.get(key, f"{old!r} -> {value!r}")))
     return changes
@@ -1294,12 +1381,10 @@ def check_resume_inputs(cfg, run_dir, mode, inputs):
 def feature_cache_key(cfg, inputs, split, n, device, class_file):
     """R11: the one key of a split's cached features, the only way feature_cache() reuses a file. Everything the
     resume check compares (feature_inputs: settings, build file, backbone digest, feature size), with the
-    split's own windows (the .npy file's size, mtime and sampled blocks; for synthetic data the values that
+    split's own windows (the .npy file's content, data_identity; for synthetic data the values that
     make them), the file that defines the backbone's class (a library upgrade) and how they are computed."""
     data = data_identity(cfg, split)
-    if cfg["data.train_x"]:
-        data = dict(data, mtime_ns=os.stat(cfg[f"data.{split}_x"]).st_mtime_ns)
-    what = {"format": 2, **{k: v for k, v in inputs.items() if k not in ("first features", "data.train_x content")},
+    what = {"format": 3, **{k: v for k, v in inputs.items() if not k.startswith(("first features", "data.train_"))},
             "backbone build file": (inputs["backbone build file"] or {}).get("sha256"),
             "class file": code_sha256(class_file), "split": split, "windows": n, "data": data, "seed": cfg["seed"],
             "batch": cfg["train.eval_batch_size"], "device": device.type, "torch": str(torch.__version__)}
@@ -2685,9 +2770,8 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     """Run (or continue) one probe training. Returns (outcome, run)."""
     d = setup_distributed(cfg)
     seed_everything(cfg["seed"], d["rank"])
-    train_set, val_set = WindowSet(cfg, "train"), WindowSet(cfg, "val")
-    test_set = WindowSet(cfg, "test") if cfg["data.test_x"] else None
-    check_channels(train_set, val_set, test_set)
+    sets = data_sets(cfg)
+    train_set, test_set = sets["train"], sets.get("test")
     plan = plan_schedule(cfg, len(train_set), d["world"])  # raises ConfigError before anything is written
     done = already_complete(cfg, plan, run_dir, resume_mode, d)
     if done is not None:
@@ -2695,7 +2779,6 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
         run.update(quiet=quiet, plan=plan)
         log(run, f"run already complete at step {done} ({run['ckpt_dir']}/last.pt); nothing to do")
         return "complete", run
-    sets = {"train": train_set, "val": val_set, **({"test": test_set} if test_set else {})}
     backbone = build_backbone(cfg, train_set.shape[1]).to(d["device"])
     shape, first = check_backbone(backbone, cfg, d["device"], sets.values())  # every split, before anything is written
     digest = tensor_digest(backbone)
@@ -3000,6 +3083,7 @@ def dry_run(config_path, overrides, train_fn=None):
     Returns the exit code: 0 only when every check held."""
     train_fn = train_fn or train
     cfg, _ = resolve_config(config_path, overrides)
+    data_sets(cfg)  # R10/C9: the real data's refusals, the run's line and exit 2 (the tiny runs read 26 windows)
     d = setup_distributed(cfg)  # under torchrun the tiny runs use every process: the DDP paths are checked too
     say = print if d["main"] else (lambda *args, **kwargs: None)
     results = []

@@ -148,18 +148,24 @@ def test_r9_token_file_copied_elsewhere_with_the_same_bytes_reuses_the_cache(dat
     assert code == 0 and "is complete and matches this run" in out and not err, err
 
 
-def test_r9_content_record_reads_a_file_whole_only_when_its_size_or_times_changed(tmp_path):
+def test_r9_content_record_reads_a_file_whole_only_when_its_size_or_times_changed(tmp_path, monkeypatch):
+    """The one content rule of both scripts: a file is read whole once per content; its record (CONTENT_CACHE)
+    is used while size, mtime, ctime and sampled blocks hold. An in-place edit with the mtime put back is read."""
+    monkeypatch.setattr(T, "CONTENT_CACHE", str(tmp_path / "records"))
     path = tmp_path / "t.bin"
-    np.arange(300_000, dtype=np.uint16).tofile(path)
+    np.arange(1 << 20, dtype=np.uint16).tofile(path)  # 2 MiB: 16 sampled blocks of 64 KiB leave gaps
     first = T.content_record(str(path))
-    known = dict(first, sha256="recorded")  # a stale sha256 is kept while size, times and sampled blocks match
-    assert T.content_record(str(path), known)["sha256"] == "recorded"
+    [memo] = (tmp_path / "records").iterdir()
+    memo.write_text(memo.read_text().replace(first["sha256"], "recorded"))
+    assert T.content_record(str(path))["sha256"] == "recorded"  # not read again: the record is taken
+    times = os.stat(path)
     tokens = np.memmap(path, dtype=np.uint16, mode="r+")
-    tokens[:] = tokens[::-1].copy()
+    tokens[50_000:50_010] = 7  # bytes 100,000-100,020: between the first two sampled blocks
     tokens.flush()
     del tokens
-    again = T.content_record(str(path), known)
-    assert again["sha256"] != first["sha256"] and again["sha256"] != "recorded"
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    again = T.content_record(str(path))
+    assert again["sha256"] not in (first["sha256"], "recorded")
 
 
 # ----------------------------------------------------------------------------- R9: the teacher actually loaded

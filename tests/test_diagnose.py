@@ -3,8 +3,8 @@
 Config side: every configs/broken/*.yaml is caught with the id and severity its header names, every good
 config in configs/ is clean, and --fix output diagnoses clean and loads in the training script.
 Log and checkpoint side: logs and checkpoints of REAL short runs of the training scripts, with the fault
-made by the run itself (a NaN window, an outlier window, fp16 overflow, an LR of 1e-30, a cosine schedule
-that cannot decay, a dominating distillation term) or by a documented edit of the real log/checkpoint.
+made by the run itself (a window whose loss overflows, an outlier window, fp16 overflow, an LR of 1e-30, a cosine
+schedule that cannot decay, a dominating distillation term) or by a documented edit of the real log/checkpoint.
 """
 import contextlib
 import copy
@@ -228,8 +228,9 @@ TINY_DISTILL = ["train.epochs=null", "train.max_steps=6", "train.batch_size=4", 
 
 
 def npy_data(directory, scale=1.0, nan_window=None, outlier_window=None):
-    """128 windows [4, 64] of Gaussian noise, class 1 shifted by 0.3; optionally one NaN window and one
-    window multiplied by -1000 (its logits then point the wrong way: a gradient spike)."""
+    """128 windows [4, 64] of Gaussian noise, class 1 shifted by 0.3; optionally one window of 3e38 (finite, so
+    not refused as a NaN would be (C9), but its loss overflows: the run's non-finite steps) and one window
+    multiplied by -1000 (its logits then point the wrong way: a gradient spike)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((128, 4, 64)).astype(np.float32)
     y = (rng.random(128) < 0.5).astype(np.int64)
@@ -237,7 +238,7 @@ def npy_data(directory, scale=1.0, nan_window=None, outlier_window=None):
     val_x, val_y = x[:32].copy(), y[:32].copy()
     x *= scale
     if nan_window is not None:
-        x[nan_window] = np.nan
+        x[nan_window] = 3e38
     if outlier_window is not None:
         x[outlier_window] *= -1000
     os.makedirs(directory, exist_ok=True)
@@ -265,7 +266,7 @@ def runs(tmp_path_factory):
         "frozen": ("train_probe.py", TINY_PROBE + ["optim.lr=1e-30"]),
         # S1: cosine with final_lr_ratio 1 cannot decay: the LR the run logs is flat where the type should move
         "flat": ("train_probe.py", TINY_PROBE + ["schedule.type=cosine", "schedule.final_lr_ratio=1.0"]),
-        # G4 + G3: a NaN window (its steps are skipped) and a -1000x outlier window (gradient-norm spikes)
+        # G4 + G3: a window whose loss overflows (its steps are skipped) and a -1000x outlier (gradient spikes)
         "faulty": ("train_probe.py", NPY_PROBE + npy_data(base / "faulty_data", nan_window=5, outlier_window=77)),
         # G5: fp16 with raw 200x features: GradScaler overflows and skips steps while it backs off
         "fp16": ("train_probe.py", NPY_PROBE + npy_data(base / "fp16_data", scale=200.0)
@@ -395,7 +396,7 @@ def test_e1_frozen_evals_and_s10_flat_loss_from_a_real_run_at_lr_1e30(runs):
 def test_g4_nan_window_skips_and_g3_outlier_spikes_from_a_real_run(runs):
     records = read_jsonl(runs["faulty"] / "metrics.jsonl")
     skipped = [r["step"] for r in records if "nonfinite" in r and "loss" in r["nonfinite"]]
-    assert len(skipped) >= 2  # one per epoch: the NaN window is in one batch of each
+    assert len(skipped) >= 2  # one per epoch: the overflowing window is in one batch of each
     _, report = diagnose("--log", str(runs["faulty"] / "metrics.jsonl"))
     g4 = find(report, "G4", "log")
     assert g4["severity"] == "critical"  # more than 1% of the steps lost

@@ -1,20 +1,26 @@
-"""Issue 21: the probe never trains on stale features. What its features depend on (backbone.pool, kwargs,
-output, the user's build file, the backbone's tensors, the feature size, the training data) keys the feature
-cache (R11) and is compared when a run resumes (S7): a change is one line, exit 2, nothing overwritten.
+"""Issues 21 and 31: the probe never trains on stale features or on data it cannot learn from. What its features
+depend on (backbone.pool, kwargs, output, the user's build file, the backbone's tensors, the feature size, the
+training data) keys the feature cache (R11) and is compared when a run resumes (S7): a change is one line,
+exit 2, nothing overwritten. A data file is known by the SHA-256 of all its bytes (content_record), and a
+NaN/inf window (C9) or labels that are not class ids (C3) are refused by the run, the dry run and
+diagnose_and_fix.py with one and the same line.
 
 The backbone is a zoo model built by a user's own build file (`mymod_r11.py:build`, the way a braindecode
 Deep4Net is built by the user's `mymod.py`): the class lives in zoo.py, so only the build file's content can
 say that the features changed.
 """
+import json
 import os
 import shutil
 import signal
 
+import numpy as np
 import pytest
 import torch
 
 from test_probe import TINY, ckpt, sets
-from test_probe_backbones import TESTS, run_in
+from test_probe_backbones import TESTS, run_in, save_splits
+import diagnose_and_fix as dx
 import train_probe as tp
 
 BUILD_FILE = '''import zoo
@@ -126,3 +132,75 @@ def test_r11_s7_diagnose_flags_a_checkpoint_whose_features_came_from_other_setti
     assert report()[1] == []
     code, s7 = report("backbone.pool=cls")
     assert code >= 1 and s7[0]["severity"] == "critical" and "backbone.pool: 'mean_tokens' -> 'cls'" in s7[0]["evidence"]
+
+
+# ----------------------------------------------------------------------------- issue 31: data content, C9, C3
+def test_r11_an_edit_between_sampled_blocks_with_the_mtime_put_back_is_refused_and_its_features_not_reused(
+        tmp_path, capsys):
+    """The user's trial: 96 windows of 19 x 1024 (7.5 MB) through her own encoder (zoo EEGNet), the run stopped
+    at step 6; windows 40-43 multiplied by 100 in place through a memory map, the mtime put back as `touch -r`
+    does. 16 sampled 64 KiB blocks missed the edit: the relaunch resumed, and a new run loaded the old features."""
+    rng = np.random.default_rng(0)
+    files = []
+    for split, n in (("train", 96), ("val", 16)):
+        np.save(tmp_path / f"{split}_x.npy", rng.standard_normal((n, 19, 1024)).astype(np.float32))
+        np.save(tmp_path / f"{split}_y.npy", (np.arange(n) % 2).astype(np.int64))
+        files += [f"data.{split}_{k}={tmp_path}/{split}_{k}.npy" for k in "xy"]
+    settings = TINY + files + ["backbone.target=zoo:eegnet", "backbone.kwargs={channels: 19}",
+                               "backbone.cache_features=true", "train.batch_size=16"]
+    run_dir = str(tmp_path / "run")
+    cfg = tp.resolve_config(None, settings)[0]
+    assert tp.train(cfg, run_dir, "none", stop_after=2, quiet=True)[0] == "stopped"
+    before = tree_bytes(run_dir)
+    path = tmp_path / "train_x.npy"
+    times = os.stat(path)
+    x = np.load(path, mmap_mode="r+")
+    x[40:44] *= 100
+    x.flush()
+    del x
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    code = tp.main([*sets(*settings), "--run_dir", run_dir])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("config error: data.train_x content: changed since the checkpoint") and \
+        "the training windows changed" in err[0]
+    assert tree_bytes(run_dir) == before
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"))  # started again from scratch in the same directory
+    tp.train(cfg, run_dir, "none", stop_after=2, quiet=True)
+    log = open(os.path.join(run_dir, "train.log")).read().split("features: computing 96 train windows")
+    assert len(log) == 3 and "train windows loaded from" not in log[2]  # computed again, never the old file
+
+
+CASES = {  # what is written into a split's file -> the key and the words of the refusal
+    "nan_val": ("val_x", lambda x: x.__setitem__((5, 2, 7), np.nan), "data.val_x", "NaN or inf in window 5"),
+    "inf_train": ("train_x", lambda x: x.__setitem__((3, 0, 0), np.inf), "data.train_x", "NaN or inf in window 3"),
+    "string_labels": ("train_y", None, "data.train_y", "labels of dtype <U8 ('abnormal', 'normal', ...)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_c9_c3_a_nan_window_or_string_labels_are_one_line_from_the_run_the_dry_run_and_diagnose(case, tmp_path, capsys):
+    """Issue 31: one NaN in val_x gave val/loss=nan and an AUROC computed anyway (exit 0); one in a training
+    window 30 G4 skipped steps that never named it; string labels a ValueError traceback. Found in the read
+    that hashes the file (C9), named by file and window, exit 2, nothing written; the same line from --dry_run
+    and diagnose_and_fix.py --config."""
+    name, edit, key, says = CASES[case]
+    settings = TINY + save_splits(tmp_path)
+    if edit:
+        x = np.load(tmp_path / f"{name}.npy")
+        edit(x)
+        np.save(tmp_path / f"{name}.npy", x)
+    else:
+        np.save(tmp_path / f"{name}.npy", np.array(["normal", "abnormal"] * 6))
+    lines = []
+    for extra in ([], ["--dry_run"]):
+        code = tp.main([*sets(*settings), "--run_dir", str(tmp_path / "run"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"config error: {key}: "), err
+        lines.append(err[0])
+    assert lines[0] == lines[1] and says in lines[0] and not (tmp_path / "run").exists()
+    capsys.readouterr()
+    (tmp_path / "probe.yaml").write_text("task: probe\n")
+    dx.main(["--config", str(tmp_path / "probe.yaml"), *sets(*settings), "--json"])
+    found = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["severity"] == "critical"]
+    assert [f"config error: {f['evidence']}" for f in found] == lines[:1]
