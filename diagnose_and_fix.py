@@ -1268,6 +1268,20 @@ def load_checkpoint(path):
                           "temp file + fsync + rename", source="checkpoint")]
 
 
+def prev_shards_note(path, script):
+    """R6, D2: for a sharded last.pt whose directory is gone, whether the run's fallback (last.prev.pt and the
+    directory it names) is whole."""
+    prev = path[:-3] + ".prev.pt" if path.endswith("last.pt") else None
+    if prev is None or not os.path.exists(prev):
+        return ""
+    try:
+        ckpt = torch.load(prev, map_location="cpu", weights_only=True)
+        whole = not (ckpt.get("shards") and script.missing_shards(ckpt, prev))
+    except Exception:
+        whole = False
+    return f"; {os.path.basename(prev)} is {'whole, and resume falls back to it (R6)' if whole else 'not whole either'}"
+
+
 def optimizer_step_counts(optimizer_state):
     steps = set()
     for state in (optimizer_state or {}).get("state", {}).values():
@@ -1304,8 +1318,8 @@ def check_checkpoint(path, script, cfg, plan, opts):
         try:
             steps = script.read_shards(script.shard_directory(ckpt, path), "optimizer.state.")
         except script.ConfigError as err:  # D2: what the run refuses, with the same line
-            return found + [finding("D2", "critical", err.problems[0][2], "copy the directory beside the checkpoint, "
-                                    "or check the run's export/", source=src)]
+            return found + [finding("D2", "critical", err.problems[0][2] + prev_shards_note(path, script),
+                                    "copy the directory beside the checkpoint, or check the run's export/", source=src)]
         optimizer = {"state": {k: {"step": v} for k, v in steps.items() if k.endswith(".step")}}
     counts = optimizer_step_counts(optimizer)
     if len(counts) > 1:

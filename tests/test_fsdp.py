@@ -245,12 +245,21 @@ def test_d2_a_sharded_best_pt_copied_alone_is_one_line_naming_its_directory(work
 def test_r6_d2_a_last_pt_whose_shard_directory_is_missing_falls_back_to_last_prev_pt(work, fsdp_run, killed_fsdp_run,
                                                                                     tmp_path):
     """Issue 31: last.pt naming a DCP directory that is gone (deleted, not copied) was `AssertionError: metadata
-    is None` on every process; it is a torn checkpoint like any other (R6): the relaunch says so, continues from
-    last.prev.pt (step 2) and ends bit-identical to the uninterrupted run."""
+    is None` on every process; it is a torn checkpoint like any other (R6): diagnose_and_fix.py says so, the
+    relaunch too, continues from last.prev.pt (step 2) and ends bit-identical to the uninterrupted run."""
     path, cfg, kd = work
     run_dir = str(tmp_path / "killed")
     shutil.copytree(killed_fsdp_run, run_dir)
     shutil.rmtree(os.path.join(run_dir, "checkpoints", ckpt(run_dir)["shards"]))
+    import contextlib
+    import io
+    import diagnose_and_fix as dx
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):  # diagnose says what the relaunch will do
+        dx.main(["--checkpoint", os.path.join(run_dir, "checkpoints", "last.pt"), "--json"])
+    found = [f for f in json.loads(report.getvalue())["findings"] if f["severity"] == "critical"]
+    assert [f["id"] for f in found] == ["D2"]
+    assert "last.prev.pt is whole, and resume falls back to it" in found[0]["evidence"]
     out = launch(cfg, "--gpus", "cpu:2", "--", *sets(kd + ["train.batch_size=2", "train.strategy=fsdp"]),
                  "--run_dir", run_dir, cwd=path, env=ONE_THREAD)
     assert out.returncode == 0, out.stdout + out.stderr
