@@ -178,6 +178,16 @@ def test_g4_nan_batch_is_skipped_counted_logged_and_run_continues(tmp_path):
     assert "WARNING G4" in open(os.path.join(run_dir, "train.log")).read()
 
 
+def test_g4_s1_non_finite_first_steps_say_g4_alone_without_torchs_scheduler_advice(tmp_path):
+    """Issue 31: a skipped first step printed torch's `lr_scheduler.step()` before `optimizer.step()` advice
+    (the schedule advances on skipped steps on purpose, S1). Half the windows overflow: steps 1-2 are skipped,
+    the run stops on G4, and its one line is all stderr holds."""
+    out = run_script(*sets(*TINY, *nan_dataset(tmp_path, slice(0, 20)), "train.max_bad_steps=2"),
+                     "--run_dir", str(tmp_path / "run"))
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
+    assert "G4: 2 non-finite steps in a row up to step 2" in out.stderr
+
+
 def test_g4_consecutive_bad_steps_abort_with_saved_state(tmp_path):
     run_dir = str(tmp_path / "run")
     out = run_script(*sets(*TINY, *nan_dataset(tmp_path), "train.max_bad_steps=1"), "--run_dir", run_dir)
