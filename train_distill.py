@@ -4275,7 +4275,8 @@ def keep_rows(past, rows):
     return tuple(keep_rows(p, rows) if isinstance(p, (tuple, list)) else p[rows] for p in past)
 
 
-def generate(module, prompt, new_tokens, temperature, generator, eos=None, fill=0, live=None, use_cache=True):
+def generate(module, prompt, new_tokens, temperature, generator, eos=None, fill=0, live=None, use_cache=True,
+             grad_free=torch.inference_mode):
     """The student's continuation of `prompt` [B, P]: `new_tokens` tokens, each drawn by sample_tokens from its
     next-token distribution, without gradients and in eval mode (the policy is the network as it is evaluated,
     dropout off). `module` is the Trainable, called as itself (under FSDP its hooks gather the weights). The
@@ -4283,7 +4284,9 @@ def generate(module, prompt, new_tokens, temperature, generator, eos=None, fill=
     module, or use_cache=False, reruns the whole prefix). Rows outside `live` [B] (default all) run the prompt's
     forward only; a row that draws an id in `eos` has ended. Neither is computed any further, and the rest of
     it is `fill`. Every step draws one uniform number per row, ended or not, so a row's tokens are a function of
-    the generator and its own prefix. Returns [B, P + new_tokens]."""
+    the generator and its own prefix. Runs under `grad_free`: inference mode (no autograd bookkeeping at all,
+    about a tenth off each token's forward), or no_grad where the weights themselves change inside (FSDP's
+    gathering, D1). Returns [B, P + new_tokens], a normal tensor (written in place, created outside)."""
     cached = use_cache and module.lm.kv_cache
     b, p = prompt.shape
     seq = torch.cat([prompt, prompt.new_full((b, new_tokens), fill)], 1)
@@ -4294,7 +4297,7 @@ def generate(module, prompt, new_tokens, temperature, generator, eos=None, fill=
         return [t[index] for t in tensors] + [keep_rows(past, index) if cached and past else past]
 
     module.eval()
-    with torch.no_grad():
+    with grad_free():
         for t in range(new_tokens):
             if going is not None and not bool(going.all()):  # rows that just ended leave before the next forward
                 rows, x, past = keep(going, rows, x)
@@ -4329,7 +4332,7 @@ def end_ids(cfg, lm, device):
     return torch.tensor(ids if isinstance(ids, (list, tuple)) else [ids], dtype=torch.long, device=device)
 
 
-def on_policy_batch(module, x, cfg, pad, generator, eos=None):
+def on_policy_batch(module, x, cfg, pad, generator, eos=None, grad_free=torch.inference_mode):
     """(inputs [B, P + N - 1], mask [B, P + N - 1]) of one on-policy micro-batch: the student's sequences
     without their last token (the models predict each next token), and True exactly where the target is a
     generated token of a window with a real prompt, up to and including an end id (E14: never a prompt position,
@@ -4337,7 +4340,8 @@ def on_policy_batch(module, x, cfg, pad, generator, eos=None):
     prompt, new = on_policy_lengths(cfg)
     real = prompt_rows(x, pad, prompt)
     fill = pad if pad is not None else int(eos[0]) if eos is not None else 0
-    seq = generate(module, x[:, :prompt], new, cfg["kd.sample_temperature"], generator, eos, fill, live=real)
+    seq = generate(module, x[:, :prompt], new, cfg["kd.sample_temperature"], generator, eos, fill, live=real,
+                   grad_free=grad_free)
     inputs = seq[:, :-1]
     generated = (torch.arange(inputs.shape[1], device=x.device) >= prompt - 1) & real[:, None]
     if eos is not None:  # a target after the row's end id was never generated
@@ -4366,7 +4370,10 @@ def make_on_policy(run, kd_term):
         x = batch[0]
         start = time.perf_counter()  # host time: on a GPU the kernels may still run (no sync added for it, G7)
         generator = on_policy_generator(cfg, where["step"], where["micro"], d["rank"], d["device"])
-        with run["sharded"]["generation"](run["module"]) if run.get("sharded") else contextlib.nullcontext():
+        if run.get("sharded"):  # D1: the root module's hooks gather the weights, kept for the whole generation
+            with run["sharded"]["generation"](run["module"]):
+                inputs, mask = on_policy_batch(run["module"], x, cfg, train_set.pad, generator, eos, torch.no_grad)
+        else:
             inputs, mask = on_policy_batch(run["module"], x, cfg, train_set.pad, generator, eos)
         cost["on_policy/gen_s"] += time.perf_counter() - start
         cost["on_policy/micro_batches"] += 1

@@ -1098,7 +1098,7 @@ def bench_onpolicy(repeats, tmp, steps=8, warmup=2, width=128, sizes=None):
 # A 128k vocabulary (Llama 3's 128,256 tokens) on tiny GPT-2s (width 64), so the head and the loss dominate the
 # step: the kit's full-vocabulary KD with kd.chunk_tokens (the logits never materialised) against GKDTrainer
 # (lmbda 0, beta 0: forward KL over the full [batch, seq, vocab] logits), the TRL row's recipe at batch 4 x 64.
-VOCAB_128K = {"vocab": 128_256, "batch": 4, "width": 64, "chunk": 64}
+VOCAB_128K = {"vocab": 128_256, "batch": 4, "width": 64, "chunk": 32}
 
 
 def token_files_u32(directory, vocab, tokens, seed=0):

@@ -383,7 +383,8 @@ prompt = torch.randint(1, 64, (3, 4), generator=torch.Generator().manual_seed(ra
 eos = torch.arange(64) if rank == 0 else None  # every id ends a row on process 0: it stops after one token
 live = torch.tensor([True, True, rank == 1])
 with T.gathered_for_generation(module):
-    seq = T.generate(module, prompt, 20, 1.0, torch.Generator().manual_seed(rank), eos=eos, live=live)
+    seq = T.generate(module, prompt, 20, 1.0, torch.Generator().manual_seed(rank), eos=eos, live=live,
+                     grad_free=torch.no_grad)  # as make_on_policy under FSDP
 assert torch.equal(seq, T.generate(reference, prompt, 20, 1.0, torch.Generator().manual_seed(rank), eos=eos, live=live))
 from torch.distributed.tensor import DTensor
 assert all(isinstance(p, DTensor) for p in module.parameters())  # sharded again
