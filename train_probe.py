@@ -3024,7 +3024,8 @@ def write_predictions(out, splits):
             two = probs.shape[1] == 2
             scores = ["score"] if two else [f"score_{c}" for c in range(probs.shape[1])]
             header = ",".join(["index", "label", "prediction", *scores])
-            rows = [f"{i},{y},{p.argmax()}," + (f"{p[1]:.6g}" if two else ",".join(f"{v:.6g}" for v in p))
+            # 9 digits: the float32 probabilities exactly, so the CSV's AUROC is the printed one to the last bit
+            rows = [f"{i},{y},{p.argmax()}," + (f"{p[1]:.9g}" if two else ",".join(f"{v:.9g}" for v in p))
                     for i, (y, p) in enumerate(zip(labels.tolist(), probs))]
             atomic_write_text(os.path.join(out, f"{split}_predictions.csv"), "\n".join([header, *rows]) + "\n")
         plotted = plot_evaluation(out, splits)
