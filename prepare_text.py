@@ -1,23 +1,30 @@
-"""Text files -> the .bin token files train_distill.py reads, with a local Hugging Face tokenizer.
+"""Text files or chat/instruction JSONL -> the .bin token files train_distill.py reads, with a local HF tokenizer.
 
     python prepare_text.py my_texts/ more.txt --tokenizer /models/teacher --out data/mine
+    python prepare_text.py chat.jsonl --tokenizer /models/teacher --out data/chat   # [--chat_template FILE]
     ./launch.sh configs/mine.yaml          # its data: keys are the ones OUT/data.yaml holds
 
 It runs once, before any training (as nanoGPT's data/*/prepare.py files do), and writes OUT/train.bin and
-OUT/val.bin (flat token ids) and OUT/data.yaml, the data: keys a config needs (docs/distill_models.md).
-train_distill.py never imports this file: copied alone, it trains on token files made here or by your own
-tokenizer script. Every file is one document, followed by the tokenizer's end-of-text token (a tokenizer
-without one is warned about: then nothing separates the documents). Nothing is written on bad input.
+OUT/val.bin (token ids), OUT/manifest.json (what they are: tokenizer, template, format, counts; every run checks
+it, C10) and OUT/data.yaml, the data: keys a config needs (docs/distill_models.md). train_distill.py never imports
+this file: copied alone, it trains on token files made here or by your own tokenizer script.
+Text files: every file is one document, followed by the tokenizer's end-of-text token (a tokenizer without one
+is warned about: then nothing separates the documents). JSONL (or Parquet, with pyarrow) in TRL's dataset
+formats: {"text"}, {"messages": [{"role", "content"}, ...]}, {"prompt", "completion"} (strings or message lists)
+and prompt-only {"prompt"}; each row is an example of its own, with a loss mask (OUT/*.mask.bin: the completion,
+or every assistant turn) and its bounds (OUT/*.starts.npy). Nothing is written on bad input.
 """
 import argparse
 import fnmatch
+import hashlib
 import json
 import os
 import sys
 
 import numpy as np
 
-from train_distill import ConfigError, atomic_write_text, hf_config_value, transformers_installed, transformers_module
+from train_distill import (ConfigError, atomic_write_text, hf_config_value, tokenizer_digest, transformers_installed,
+                           transformers_module)
 
 
 def token_dtype(vocab):
@@ -125,31 +132,292 @@ def write_bins(files, tokenizer, vocab, paths, val_fraction):
     return counts
 
 
-def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern="*.txt", say=print):
+# -----------------------------------------------------------------------------
+# Examples: JSONL (or Parquet) rows in TRL's dataset formats, each an example with its own loss mask (C10)
+ROLES = ("system", "user", "assistant", "tool")
+EXAMPLE_SUFFIXES = (".jsonl", ".parquet")
+
+
+def row_error(path, number, key, msg):
+    """C10: one line naming the file, the line (a Parquet file: the row) and the key."""
+    return ConfigError([("C10", f"{path}:{number}: {key}", msg)])
+
+
+def read_rows(path):
+    """(line number, row) of a JSONL file (blank lines skipped), or (row number, row) of a Parquet file."""
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as parquet
+        except ImportError:
+            raise ConfigError([("C10", "SOURCES", f"{path} is Parquet, which needs the pyarrow package, not "
+                                f"installed for {sys.executable}; {sys.executable} -m pip install pyarrow, or give "
+                                "JSONL")]) from None
+        yield from enumerate(parquet.read_table(path).to_pylist(), 1)
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except ValueError as err:
+                        raise row_error(path, number, "JSON", f"not valid JSON ({err}); JSONL is one JSON object "
+                                        "per line") from None
+                    yield number, row
+    except UnicodeDecodeError:
+        raise ConfigError([("C10", "SOURCES", f"{path} is not UTF-8 text; convert it or leave it out")]) from None
+
+
+def row_format(path, number, row):
+    """(kind, conversational) of a row in TRL's formats: kind text, messages, prompt_completion or prompt."""
+    if not isinstance(row, dict):
+        raise row_error(path, number, "row", f"is a JSON {type(row).__name__}, not an object")
+    if "messages" in row:
+        return "messages", True
+    if "prompt" in row:
+        return ("prompt_completion" if "completion" in row else "prompt"), isinstance(row["prompt"], list)
+    if "text" in row:
+        return "text", False
+    raise row_error(path, number, "keys", f"{sorted(row)} hold none of TRL's dataset formats: give \"text\", "
+                    "\"messages\", \"prompt\" and \"completion\", or \"prompt\" alone")
+
+
+def format_name(fmt):
+    return f"{fmt[0]} ({'conversational' if fmt[1] else 'standard'})"
+
+
+def check_messages(where, key, messages, need_assistant):
+    """C10: a list of {"role", "content"} messages with known roles and no empty assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise row_error(*where, key, "must be a non-empty list of {\"role\", \"content\"} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise row_error(*where, f"{key}[{i}]", "must be a {\"role\", \"content\"} object")
+        if message["role"] not in ROLES:
+            raise row_error(*where, f"{key}[{i}].role", f"{message['role']!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise row_error(*where, f"{key}[{i}].content", "must be a string")
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise row_error(*where, f"{key}[{i}].content", "an empty assistant turn: there is nothing to train on; "
+                            "fill it or leave the row out")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise row_error(*where, key, "holds no assistant turn: there is nothing to train on")
+
+
+def check_row(where, fmt, row):
+    """C10: the row's values have the types its format needs."""
+    kind, conversational = fmt
+    if conversational:
+        if kind == "messages":
+            return check_messages(where, "messages", row["messages"], True)
+        check_messages(where, "prompt", row["prompt"], False)
+        if kind == "prompt_completion":
+            check_messages(where, "completion", row["completion"], True)
+        return None
+    for key in ("text", "prompt", "completion"):
+        if key in row and kind != "text" or key == kind:
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise row_error(*where, key, f"must be a non-empty string, not {row[key]!r:.40}")
+    return None
+
+
+def render(tokenizer, messages, where, generation_prompt):
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # a Jinja template's raise_exception, or a template error
+        raise row_error(*where, "chat_template", f"the chat template fails on this row ({type(err).__name__}: "
+                        f"{(str(err).splitlines() or [''])[0][:160]})") from None
+
+
+def token_ids(tokenizer, text, special):
+    return list(tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"])
+
+
+def prefix_length(tokenizer, text, full_text, full, where, what):
+    """C10: the tokens of `text`, which must begin the whole example, as text and as tokens (a template, or a
+    tokenizer merging across the boundary, may render otherwise): else the loss mask would be off."""
+    ids = token_ids(tokenizer, text, False) if full_text is not None else text
+    if (full_text is not None and not full_text.startswith(text)) or full[:len(ids)] != ids:
+        raise row_error(*where, "chat_template" if full_text is not None else "prompt",
+                        f"{what} is not a prefix of the whole example's {'rendering' if full_text else 'tokens'} "
+                        "(as text or as tokens), so the loss mask would be wrong; give a template whose rendering of "
+                        "a conversation's beginning begins the whole one (--chat_template FILE)"
+                        if full_text is not None else "the prompt's tokens are not a prefix of the prompt + "
+                        "completion's tokens (the tokenizer merges across the boundary); end the prompt with a space "
+                        "or newline")
+    return len(ids)
+
+
+def encode_row(tokenizer, fmt, row, where):
+    """(ids, mask) of one row: mask 1 on the tokens trained (the completion, every assistant turn, all of a
+    text; none of a prompt-only row). Standard rows tokenize with the tokenizer's special tokens, then <eos>,
+    as TRL does; conversational rows are the chat template's text, tokenized without adding any."""
+    kind, conversational = fmt
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not conversational:
+        if kind == "text":
+            ids = token_ids(tokenizer, row["text"], True)
+            ids += eos if ids[-1:] != eos else []
+            return ids, [1] * len(ids)
+        prompt = token_ids(tokenizer, row["prompt"], True)
+        if kind == "prompt":
+            return prompt, [0] * len(prompt)
+        full = token_ids(tokenizer, row["prompt"] + row["completion"], True)
+        full += eos if full[-1:] != eos else []
+        cut = prefix_length(tokenizer, prompt, None, full, where, "prompt")
+        return full, [0] * cut + [1] * (len(full) - cut)
+    messages = row["messages"] if kind == "messages" else row["prompt"] + row.get("completion", [])
+    full_text = render(tokenizer, messages, where, kind == "prompt")
+    full, spans = token_ids(tokenizer, full_text, False), []
+    if kind == "prompt_completion":
+        spans = [(row["prompt"], messages, "the prompt's rendering")]
+    elif kind == "messages":
+        spans = [(messages[:k], messages[:k + 1], f"the rendering of messages[:{k}] (up to assistant turn {k})")
+                 for k, m in enumerate(messages) if m["role"] == "assistant"]
+    mask = [0] * len(full)
+    for before, through, what in spans:
+        start = prefix_length(tokenizer, render(tokenizer, before, where, True), full_text, full, where, what)
+        end = prefix_length(tokenizer, render(tokenizer, through, where, False), full_text, full, where, what)
+        mask[start:end] = [1] * (end - start)
+    return full, mask
+
+
+def file_examples(path, tokenizer, vocab, tokenizer_dir):
+    """(format, [(ids, mask)]) of one JSONL or Parquet file: one format per file, every row checked (C10)."""
+    fmt, examples = None, []
+    for number, row in read_rows(path):
+        where, this = (path, number), row_format(path, number, row)
+        if fmt is not None and this != fmt:
+            raise row_error(path, number, "format", f"{format_name(this)}, but the rows above are {format_name(fmt)};"
+                            " mixed formats in one file: give each format its own file")
+        fmt = this
+        if fmt[1] and not tokenizer.chat_template:
+            raise ConfigError([("C10", "--chat_template", f"{path} is conversational, but the tokenizer in "
+                                f"{tokenizer_dir} has no chat template; give one: --chat_template FILE (Jinja)")])
+        check_row(where, fmt, row)
+        ids, mask = encode_row(tokenizer, fmt, row, where)
+        if not ids:
+            raise row_error(path, number, fmt[0], "gives no tokens")
+        if max(ids) >= vocab:
+            raise row_error(path, number, "--tokenizer", f"gives token id {max(ids)} >= vocabulary size {vocab}")
+        examples.append((np.asarray(ids, np.int64), np.asarray(mask, np.uint8)))
+    if fmt is None:
+        raise ConfigError([("C10", "SOURCES", f"{path} holds no rows")])
+    return fmt, examples
+
+
+def in_val(i, val_fraction):
+    """Example i goes to val.bin when it crosses a multiple of 1 / val_fraction: val_fraction of the examples,
+    spread evenly over the files, the same on every machine."""
+    return int((i + 1) * val_fraction) > int(i * val_fraction)
+
+
+def write_examples(examples, vocab, out_dir, val_fraction, prompts_only=False):
+    """OUT/{split}.bin (ids), {split}.mask.bin (uint8 loss mask per token) and {split}.starts.npy (int64, each
+    example's first token and the end), under temporary names renamed only when all are whole. Returns the
+    manifest's account of each split."""
+    parts = {"train": [], "val": []}
+    for i, example in enumerate(examples):
+        parts["val" if in_val(i, val_fraction) else "train"].append(example)
+    splits, final = {}, {}
+    for split, chosen in parts.items():
+        if not chosen or not (prompts_only or any(int(mask[1:].sum()) for _, mask in chosen)):
+            raise ConfigError([("C10", "SOURCES", f"the {split} split holds {len(chosen)} examples and no token to "
+                                "train on; give more rows or change --val_fraction")])
+        lengths = np.array([len(ids) for ids, _ in chosen])
+        names = {"file": f"{split}.bin", "mask": f"{split}.mask.bin", "starts": f"{split}.starts.npy"}
+        arrays = {"file": np.concatenate([ids for ids, _ in chosen]).astype(token_dtype(vocab)),
+                  "mask": np.concatenate([mask for _, mask in chosen]),
+                  "starts": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)}
+        for key, name in names.items():
+            final[os.path.join(out_dir, name)] = arrays[key]
+        splits[split] = {**names, "examples": len(chosen), "tokens": int(lengths.sum()),
+                         "loss_tokens": int(sum(int(mask[1:].sum()) for _, mask in chosen)),
+                         "longest": int(lengths.max()), "bytes": arrays["file"].nbytes}
+    tmp = {path: f"{path}.tmp-{os.getpid()}" for path in final}
+    try:
+        for path, array in final.items():
+            with open(tmp[path], "wb") as f:
+                np.save(f, array) if path.endswith(".npy") else array.tofile(f)
+        for path in final:
+            os.replace(tmp[path], path)
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+    return splits
+
+
+def chat_template_source(tokenizer, template_file):
+    """--chat_template FILE into the tokenizer; returns the manifest's record of the template (None: none)."""
+    if template_file is not None:
+        if not os.path.isfile(template_file):
+            raise ConfigError([("C10", "--chat_template", f"{template_file} is not a file; give a Jinja chat "
+                                "template")])
+        with open(template_file, encoding="utf-8") as f:
+            tokenizer.chat_template = f.read()
+    if not tokenizer.chat_template:
+        return None
+    return {"sha256": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest(),
+            "source": os.path.abspath(template_file) if template_file else "the tokenizer's own"}
+
+
+def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern="*.txt", say=print,
+                     chat_template=None):
     """Tokenize text files into out_dir/train.bin and out_dir/val.bin (flat token ids, uint16 when the
-    vocabulary fits, else uint32) and write out_dir/data.yaml, the data: keys a config needs. The val split
-    is the last val_fraction of every file's tokens, so both splits see every source."""
+    vocabulary fits, else uint32), or JSONL/Parquet examples into those, their masks and bounds (C10); write
+    out_dir/manifest.json and out_dir/data.yaml, the data: keys a config needs. Text: the val split is the last
+    val_fraction of every file's tokens, so both splits see every source; examples: every 1/val_fraction-th."""
     files = input_problems(sources, tokenizer_dir, out_dir, val_fraction, pattern)
+    structured = [f for f in files if f.endswith(EXAMPLE_SUFFIXES)]
+    if structured and len(structured) != len(files):
+        text = next(f for f in files if f not in structured)
+        raise ConfigError([("C10", "SOURCES", f"mixes text files ({text}) and examples ({structured[0]}); prepare "
+                            "them into two --out directories")])
     tokenizer, vocab, origin = load_tokenizer(tokenizer_dir)
+    template = chat_template_source(tokenizer, chat_template)
     dtype = token_dtype(vocab)
-    if tokenizer.eos_token_id is None and len(files) > 1:  # the files are still one stream: say what separates them
-        say(f"WARNING C3: the tokenizer in {tokenizer_dir} has no end-of-text token (eos_token), so nothing "
-            f"separates the {len(files)} documents: each file's tokens follow the previous file's directly and a "
-            "window can span two documents; give the tokenizer an eos_token (tokenizer_config.json) to mark them")
-    os.makedirs(out_dir, exist_ok=True)
+    manifest = {"made_by": "prepare_text.py", "version": 1, "vocab_size": vocab, "dtype": dtype,
+                "tokenizer": {"dir": os.path.abspath(tokenizer_dir), "sha256": tokenizer_digest(tokenizer)},
+                "chat_template": template}
+    if structured:
+        formats, examples = {}, []
+        for path in files:
+            fmt, mine = file_examples(path, tokenizer, vocab, tokenizer_dir)
+            formats[path], examples = format_name(fmt), examples + mine
+        os.makedirs(out_dir, exist_ok=True)
+        splits = write_examples(examples, vocab, out_dir, val_fraction,
+                                all(f.startswith("prompt (") for f in formats.values()))
+        manifest.update(formats=formats, splits=splits, truncated=0)
+        counts = {split: s["tokens"] for split, s in splits.items()}
+        what = (f"{splits['train']['examples']} train and {splits['val']['examples']} val examples "
+                f"({', '.join(sorted(set(formats.values())))}); the longest is "
+                f"{max(s['longest'] for s in splits.values())} tokens (data.seq_len must be at least that - 1, or "
+                "set data.too_long)")
+    else:
+        if tokenizer.eos_token_id is None and len(files) > 1:  # the files are still one stream: say what separates
+            say(f"WARNING C3: the tokenizer in {tokenizer_dir} has no end-of-text token (eos_token), so nothing "
+                f"separates the {len(files)} documents: each file's tokens follow the previous file's directly and a "
+                "window can span two documents; give the tokenizer an eos_token (tokenizer_config.json) to mark them")
+        os.makedirs(out_dir, exist_ok=True)
+        counts = write_bins(files, tokenizer, vocab, {s: os.path.join(out_dir, f"{s}.bin") for s in ("train", "val")},
+                            val_fraction)
+        manifest.update(formats={f: "plain text" for f in files}, splits={
+            s: {"file": f"{s}.bin", "tokens": n, "bytes": n * np.dtype(dtype).itemsize} for s, n in counts.items()})
+        what = f"{len(files)} files"
+    atomic_write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
-    counts = write_bins(files, tokenizer, vocab, paths, val_fraction)
     snippet = (f"# python prepare_text.py {' '.join(sources)} --tokenizer {tokenizer_dir} --out {out_dir}\n"
-               f"# {len(files)} files; {counts['train']} train and {counts['val']} val tokens; vocab_size is {origin}\n"
+               f"# {what}; {counts['train']} train and {counts['val']} val tokens; vocab_size is {origin}\n"
                f"data:\n  train_bin: {paths['train']}\n  val_bin: {paths['val']}\n  dtype: {dtype}\n"
                f"  vocab_size: {vocab}\n")
     atomic_write_text(os.path.join(out_dir, "data.yaml"), snippet)
     say(f"wrote {paths['train']} ({counts['train']} tokens) and {paths['val']} ({counts['val']} tokens), {dtype}, "
-        f"from {len(files)} files; the config needs (also in {os.path.join(out_dir, 'data.yaml')}):\n")
+        f"from {what}; the config needs (also in {os.path.join(out_dir, 'data.yaml')}):\n")
     say("\n".join(snippet.splitlines()[2:]))
     say(f"\nor on the command line: --set data.train_bin={paths['train']} --set data.val_bin={paths['val']} "
         f"--set data.dtype={dtype} --set data.vocab_size={vocab}")
-    return {"paths": paths, "dtype": dtype, "vocab_size": vocab, "tokens": counts, "files": files}
+    return {"paths": paths, "dtype": dtype, "vocab_size": vocab, "tokens": counts, "files": files, "manifest": manifest}
 
 
 def parse_args(argv=None):
@@ -159,14 +427,18 @@ def parse_args(argv=None):
     parser.add_argument("--out", metavar="DIR", help="the directory for train.bin, val.bin and data.yaml")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="the last share of every file's tokens "
                         "that goes to val.bin (default 0.1)")
-    parser.add_argument("--glob", default="*.txt", help="which files of a directory to read (default *.txt)")
+    parser.add_argument("--glob", default="*.txt", help="which files of a directory to read (default *.txt; "
+                        "*.jsonl for examples)")
+    parser.add_argument("--chat_template", metavar="FILE", help="a Jinja chat template for conversational rows, "
+                        "when the tokenizer has none (or to replace its own)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        tokenize_to_bins(args.sources, args.tokenizer, args.out, args.val_fraction, args.glob)
+        tokenize_to_bins(args.sources, args.tokenizer, args.out, args.val_fraction, args.glob,
+                         chat_template=args.chat_template)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

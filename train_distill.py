@@ -816,6 +816,13 @@ def transformers_installed():
 HF_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")  # the names HF configs give the position limit
 
 
+def tokenizer_digest(tokenizer):
+    """C10: sha256 of a tokenizer's id -> token map (its added tokens too): what the token ids mean, whatever else
+    its files hold. prepare_text.py records it in manifest.json; runs compare it with the models' tokenizers."""
+    pairs = sorted(tokenizer.get_vocab().items(), key=lambda pair: pair[1])
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()
+
+
 def hf_config_value(config, names):
     """(name, value) of the first of `names` a Hugging Face config (a dict or a config object) sets, looking
     into a nested text_config too; (None, None) when it sets none."""

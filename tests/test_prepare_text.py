@@ -116,3 +116,134 @@ def test_c3_tokenize_bad_input_exits_2_with_one_line_and_overwrites_nothing(tmp_
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"config error: {key}:"), lines
     assert (out / "train.bin").read_bytes() == b"keep" and not (tmp_path / "e").exists()
+
+
+# ----------------------------------------------------------------------------- examples in TRL's formats (C10)
+WORDS = "alpha beta gamma delta the fox jumps over lazy dog and runs sort list please explain".split()
+
+
+def words(rng, n):
+    return " ".join(rng.choice(WORDS, size=n))
+
+
+def chat_rows(rng, n):
+    return [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": words(rng, 5)},
+                          {"role": "assistant", "content": words(rng, 6)}, {"role": "user", "content": words(rng, 3)},
+                          {"role": "assistant", "content": words(rng, 4)}]} for _ in range(n)]
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    return str(path)
+
+
+def prepared_examples(out, split):
+    """[(ids, mask)] of one prepared split, cut at its bounds."""
+    manifest = json.loads((out / "manifest.json").read_text())["splits"][split]
+    ids = np.fromfile(out / manifest["file"], np.uint16)
+    mask = np.fromfile(out / manifest["mask"], np.uint8)
+    starts = np.load(out / manifest["starts"])
+    return [(ids[a:b], mask[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+
+
+@needs_hf
+def test_c10_each_trl_format_gives_ids_a_loss_mask_on_the_completion_or_assistant_turns_and_a_manifest(tmp_path):
+    import transformers
+    rng = np.random.default_rng(0)
+    tok_dir = zoo.chat_tokenizer(tmp_path / "tok", [words(rng, 50) for _ in range(20)])
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    chats = chat_rows(rng, 20)
+    pcs = [{"prompt": words(rng, 4) + " ", "completion": words(rng, 5)} for _ in range(20)]
+    conv_pcs = [{"prompt": [{"role": "user", "content": words(rng, 4)}],
+                 "completion": [{"role": "assistant", "content": words(rng, 3)}]} for _ in range(20)]
+    texts, prompts = [{"text": words(rng, 7)} for _ in range(20)], [{"prompt": words(rng, 4)} for _ in range(20)]
+    sources = {name: write_jsonl(tmp_path / "src" / f"{name}.jsonl", rows) for name, rows in
+               [("chat", chats), ("pc", pcs), ("conv_pc", conv_pcs), ("text", texts), ("prompt", prompts)]}
+    for name, rows in [("chat", chats), ("pc", pcs), ("conv_pc", conv_pcs), ("text", texts), ("prompt", prompts)]:
+        out = tmp_path / name
+        assert P.main([sources[name], "--tokenizer", tok_dir, "--out", str(out), "--val_fraction", "0.25"]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["tokenizer"]["sha256"] == T.tokenizer_digest(tok) and manifest["truncated"] == 0
+        assert manifest["splits"]["train"]["examples"] == 15 and manifest["splits"]["val"]["examples"] == 5
+        val_rows = [r for i, r in enumerate(rows) if P.in_val(i, 0.25)]
+        assert [i for i in range(20) if P.in_val(i, 0.25)] == [3, 7, 11, 15, 19]  # spread evenly, not the tail
+        for (ids, mask), row in zip(prepared_examples(out, "val"), val_rows):
+            trained = tok.decode(ids[mask == 1])
+            if name == "chat":  # every assistant turn with its end token, nothing of the system or user turns
+                want = " ".join(f"{m['content']} <|im_end|>" for m in row["messages"] if m["role"] == "assistant")
+                assert tok.decode(ids) == tok.decode(tok(tok.apply_chat_template(row["messages"], tokenize=False),
+                                                         add_special_tokens=False)["input_ids"])
+            elif name == "conv_pc":
+                want = f"{row['completion'][0]['content']} <|im_end|>"
+            elif name == "pc":
+                want = f"{row['completion']} <eos>"
+            elif name == "text":
+                want = f"{row['text']} <eos>"
+            else:  # prompt-only: nothing trained, the prompt whole
+                want = ""
+                assert tok.decode(ids) == row["prompt"]
+            assert trained == want, (name, trained, want)
+    assert json.loads((tmp_path / "chat" / "manifest.json").read_text())["chat_template"]["sha256"] == \
+        __import__("hashlib").sha256(zoo.CHATML.encode()).hexdigest()
+    pytest.importorskip("pyarrow")  # Parquet: the same rows give the same bytes
+    import pyarrow
+    import pyarrow.parquet
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(chats), tmp_path / "chat.parquet")
+    assert P.main([str(tmp_path / "chat.parquet"), "--tokenizer", tok_dir, "--out", str(tmp_path / "pq"),
+                   "--val_fraction", "0.25"]) == 0
+    for name in ("train.bin", "train.mask.bin", "val.starts.npy"):
+        assert (tmp_path / "pq" / name).read_bytes() == (tmp_path / "chat" / name).read_bytes()
+
+
+BAD_TEMPLATE = ("{% for m in messages %}{% if loop.last %}[last]{% endif %}{{ m['role'] }}: {{ m['content'] }}\n"
+                "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+@needs_hf
+def test_c10_bad_examples_are_one_line_naming_the_file_line_and_key_exit_2_and_write_nothing(tmp_path, capsys,
+                                                                                            monkeypatch):
+    rng = np.random.default_rng(1)
+    texts = [words(rng, 50) for _ in range(20)]
+    tok_dir = zoo.chat_tokenizer(tmp_path / "tok", texts)
+    bare = zoo.chat_tokenizer(tmp_path / "bare", texts, template=None)
+    (tmp_path / "bad.jinja").write_text(BAD_TEMPLATE)
+    good = chat_rows(rng, 3)
+    msg = lambda role, content: {"role": role, "content": content}  # noqa: E731
+    cases = [  # (rows, extra argv, the line's start, a word the reason holds)
+        (good[:1] + ['{"messages": [}'], [], "bad.jsonl:2: JSON", "not valid JSON"),
+        (good[:2] + [{"question": "x", "answer": "y"}], [], "bad.jsonl:3: keys", "none of TRL's dataset formats"),
+        (good[:1] + [{"prompt": "a ", "completion": "b"}], [], "bad.jsonl:2: format", "mixed formats"),
+        ([{"messages": [msg("user", "hi"), msg("bot", "x")]}], [], "bad.jsonl:1: messages[1].role", "'bot'"),
+        ([{"messages": [msg("user", "hi"), msg("assistant", " ")]}], [], "bad.jsonl:1: messages[1].content",
+         "empty assistant turn"),
+        ([{"messages": [msg("user", "hi")]}], [], "bad.jsonl:1: messages", "no assistant turn"),
+        ([{"prompt": "hi", "completion": ""}], [], "bad.jsonl:1: completion", "non-empty string"),
+        (good, ["--tokenizer", bare], "--chat_template", "no chat template"),
+        (good, ["--chat_template", str(tmp_path / "bad.jinja")], "bad.jsonl:1: chat_template", "not a prefix"),
+    ]
+    for i, (rows, extra, start, reason) in enumerate(cases):
+        src = write_jsonl(tmp_path / f"c{i}" / "bad.jsonl", rows)
+        argv = [src, "--tokenizer", tok_dir, "--out", str(tmp_path / f"o{i}")] + extra
+        argv = argv[:1] + argv[3:] if "--tokenizer" in extra else argv  # the case's own tokenizer
+        assert P.main(argv) == 2, start
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"config error: {os.path.dirname(src)}/{start}"
+                                                       if ":" in start else f"config error: {start}:"), lines
+        assert reason in lines[0], lines
+        assert not (tmp_path / f"o{i}").exists() or not os.listdir(tmp_path / f"o{i}")
+    # token ids past the vocabulary: a tokenizer whose model says fewer tokens than its ids reach
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    monkeypatch.setattr(P, "load_tokenizer", lambda d: (tok, 3, "a test's"))
+    src = write_jsonl(tmp_path / "v" / "ok.jsonl", good)
+    assert P.main([src, "--tokenizer", tok_dir, "--out", str(tmp_path / "ov")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"config error: {src}:1: --tokenizer: gives token id") and ">= vocabulary size 3" in line
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # Parquet without pyarrow: one line, not a traceback
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    assert P.main([str(tmp_path / "x.parquet"), "--tokenizer", tok_dir, "--out", str(tmp_path / "op")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("config error: SOURCES:") and "needs the pyarrow package" in line and "\n" not in line

@@ -218,6 +218,24 @@ def tiny_tokenizer(path, texts, vocab_size=300):
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
     fast.save_pretrained(path)
     return str(path)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_tokenizer(path, texts, vocab_size=120, template=CHATML):
+    """tiny_tokenizer with ChatML's <|im_start|> and <|im_end|> as special tokens and `template` as its chat
+    template (None: a tokenizer without one), saved into `path`."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = ["<unk>", "<eos>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
+                                                additional_special_tokens=special[2:])
+    fast.chat_template = template
+    fast.save_pretrained(path)
+    return str(path)
 # ============================================================================ end distillation models
 
 
