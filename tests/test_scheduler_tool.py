@@ -288,3 +288,39 @@ def test_lr_csv_equals_lr_logged_by_a_killed_and_resumed_run(capsys, tmp_path):
     logged = logged_lr(tmp_path / "run" / "metrics.jsonl")
     assert sorted(logged) == list(range(1, 37))
     assert [logged[s] for s in range(1, 37)] == curve.tolist()
+
+
+class StopAfterTheScheduleCheck(Exception):
+    pass
+
+
+@pytest.mark.parametrize("task", ["probe", "distill"])
+def test_s2_max_steps_alone_replaces_the_default_epochs_with_a_note(capsys, tmp_path, task):
+    """train.max_steps named, train.epochs nowhere: the run is those steps (the Hugging Face Trainer's rule),
+    and one note says the default epochs stepped aside; the script, its dry run and this tool agree. Both named
+    (in the file or by --set): today's refusal, exactly one of them."""
+    script = tool.load_script(task)
+    cfg, notes = script.resolve_config(None, ["train.max_steps=30"])
+    assert (cfg["train.epochs"], cfg["train.max_steps"]) == (None, 30)
+    note = (f"train.epochs: null instead of its default {script.CONFIG['train.epochs'][0]}: train.max_steps 30 sets "
+            "the run's length")
+    assert [f"{key}: {msg}" for rid, key, msg in notes if rid == "S2"] == [note]
+    config = tmp_path / "run.yaml"
+    config.write_text(f"task: {task}\n")
+    code, out, _ = run_tool(capsys, config, "--set", "train.max_steps=30", "--out", tmp_path / "sched")
+    assert code == 0 and f"note S2: {note}\n" in out and "train.max_steps = 30 optimizer steps" in out, out
+
+    def stop(*args, **kwargs):  # the dry run's tiny runs are other tests' business
+        raise StopAfterTheScheduleCheck
+    with pytest.raises(StopAfterTheScheduleCheck):
+        script.dry_run(str(config), ["train.max_steps=30"], train_fn=stop)
+    assert "ok   full schedule: 30 optimizer steps" in capsys.readouterr().out
+    config.write_text(f"task: {task}\ntrain: {{epochs: 2}}\n")
+    for path, settings in ((None, ["train.epochs=2", "train.max_steps=30"]), (str(config), ["train.max_steps=30"])):
+        with pytest.raises(script.ConfigError) as err:
+            script.resolve_config(path, settings)
+        assert [(rid, key) for rid, key, _ in err.value.problems] == [("C3", "train.epochs")]
+        assert "set exactly one of them" in str(err.value)
+    code, out, err = run_tool(capsys, config, "--set", "train.max_steps=30")
+    assert code == 2 and err.strip().splitlines() == ["config error: train.epochs: 2 and train.max_steps: set exactly "
+                                                      "one of them (the other null)"], err
