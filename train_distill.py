@@ -1301,7 +1301,7 @@ class TokenWindows(torch.utils.data.Dataset):
                                     f"{self.vocab} at token {at:,} (byte offset {at * self.dtype.itemsize:,}); fix "
                                     "data.vocab_size or data.dtype, or that file")])
             self.source = f"{self.path} ({num_tokens} {self.dtype.name} tokens)"
-            self.digest = None  # a token file's content is not hashed here
+            self.digest = content_record(self.path)["sha256"]  # C4/R11: resume compares the bytes, not the name
         else:
             self.pad = BUILTIN_PAD
             self.tokens = builtin_corpus(split, self.seq_len, cfg[f"data.builtin.{split}_bytes"])
@@ -1456,9 +1456,8 @@ def check_token_ids(x, y, vocab, name):
 
 def data_digest(train_set, val_set):
     """C4: what a checkpoint records of the data it was trained on, compared on resume and when the checkpoint
-    becomes a teacher: the sha256 of the built-in corpus' bytes (None for token files)."""
-    if train_set.digest is None:
-        return None
+    becomes a teacher: the sha256 of the train and val bytes (the built-in corpus, or the token files by
+    content_record)."""
     return {"train": train_set.digest, "val": val_set.digest}
 
 
@@ -3209,7 +3208,8 @@ def resume(run, mode):
         return False
     if ckpt.get("task") != cfg["task"]:
         raise ConfigError([("R1", "--resume", f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
-    if run.get("data_digest") is not None and ckpt.get("data_digest") != run["data_digest"]:
+    older = ckpt.get("data_digest") is None and cfg.get("data.train_bin")  # token files were not hashed before R11
+    if run.get("data_digest") is not None and ckpt.get("data_digest") != run["data_digest"] and not older:
         # S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run
         raise ConfigError([("S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 "
                             f"differs, or was not recorded by an older version); start a new run (--set run_name=NEW "

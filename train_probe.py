@@ -1833,7 +1833,8 @@ def resume(run, mode):
         return False
     if ckpt.get("task") != cfg["task"]:
         raise ConfigError([("R1", "--resume", f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
-    if run.get("data_digest") is not None and ckpt.get("data_digest") != run["data_digest"]:
+    older = ckpt.get("data_digest") is None and cfg.get("data.train_bin")  # token files were not hashed before R11
+    if run.get("data_digest") is not None and ckpt.get("data_digest") != run["data_digest"] and not older:
         # S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run
         raise ConfigError([("S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 "
                             f"differs, or was not recorded by an older version); start a new run (--set run_name=NEW "

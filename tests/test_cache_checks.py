@@ -168,6 +168,28 @@ def test_r9_content_record_reads_a_file_whole_only_when_its_size_or_times_change
     assert again["sha256"] not in (first["sha256"], "recorded")
 
 
+def test_s7_c4_a_distillation_resumed_on_a_token_file_edited_in_place_with_its_mtime_put_back_is_refused(data, tmp_path):
+    """The same content rule on resume (issue 31): a checkpoint records its token files' sha256, so a train.bin
+    edited in place after the kill (mtime put back) is refused, where the run used to continue on it."""
+    files = []
+    for setting in data[:2]:
+        key, path = setting.split("=", 1)
+        (tmp_path / os.path.basename(path)).write_bytes(open(path, "rb").read())
+        files.append(f"{key}={tmp_path / os.path.basename(path)}")
+    settings = teacher_run(files + data[2:] + MODELS + LOOP)
+    run_dir = str(tmp_path / "run")
+    assert T.train(T.resolve_config(None, settings)[0], run_dir, "none", stop_after=2, quiet=True)[0] == "stopped"
+    path = tmp_path / "train.bin"
+    times = os.stat(path)
+    tokens = np.memmap(path, dtype=np.uint16, mode="r+")
+    tokens[100:110] = tokens[100:110][::-1].copy()
+    tokens.flush()
+    del tokens
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    code, _, lines = run_main(settings, "--run_dir", run_dir)
+    assert code == 2 and len(lines) == 1 and "was trained on other data than this run reads" in lines[0], lines
+
+
 # ----------------------------------------------------------------------------- R9: the teacher actually loaded
 def test_r9_teacher_target_whose_kwargs_weights_file_is_overwritten_is_refused(data, tmp_path, monkeypatch):
     target = user_module(tmp_path, monkeypatch, "lm_kwargs_file")
