@@ -1650,6 +1650,29 @@ def loss_top(views):
     return 1.15 * max(late) if early and late and max(early) > 2 * max(late) else None
 
 
+def loss_bottom(views, top):
+    """The loss panel's bottom: 5% of the shown range under the lowest value, never under 0 when no value is
+    negative (matplotlib's margin, sized by the clipped start-up values too, put a positive loss at -0.27)."""
+    values = [y for v in views for _, _, ys, _ in v["series"]["loss"] for y in ys if finite(y)]
+    if not values:
+        return None
+    low = min(values)
+    bottom = low - 0.05 * ((top if top is not None else max(values)) - low)
+    return bottom if low < 0 else max(0.0, bottom)
+
+
+def fitted_title(fig, ax, text):
+    """The panel's title in the largest font from 9 down to 7 points that fits inside the figure (the loss
+    panel's, with its clipping note, ran off the right edge at 9); past that, two lines rather than a cut."""
+    renderer = fig.canvas.get_renderer()
+    for size in (9, 8.5, 8, 7.5, 7):
+        title = ax.set_title(text, loc="left", fontsize=size)
+        if title.get_window_extent(renderer).x1 <= fig.bbox.x1:
+            return title
+    head, _, tail = text.rpartition("; ")
+    return ax.set_title(f"{head};\n{tail}" if head else text, loc="left", fontsize=7)
+
+
 def spans_text(spans):
     shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans[:4])
     return shown + (f" (+{len(spans) - 4} more)" if len(spans) > 4 else "")
@@ -1726,10 +1749,9 @@ def build_figure(views):
                     bbox=dict(boxstyle="square,pad=0.1", fc="white", ec=color, lw=1, alpha=0.85))
             labelled[mark["panel"]] += 1
     top = loss_top(views)
+    axes["loss"].set_ylim(loss_bottom(views, top), top)  # None: that side as matplotlib scales it
     if top is not None:
-        axes["loss"].set_ylim(top=top)
-        axes["loss"].set_title(PLOT_TITLES["loss"] + f"; y clipped at {top:.3g} (the first steps are higher)",
-                               loc="left", fontsize=9)
+        fitted_title(fig, axes["loss"], PLOT_TITLES["loss"] + f"; y clipped at {top:.3g} (the first steps are higher)")
     axes["loss"].set_xlim(0, last_step(views) * 1.01 + 1)  # before the legends: the labels' places depend on it
     for panel, ax in axes.items():
         if not ax.lines:

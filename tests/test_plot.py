@@ -319,6 +319,35 @@ def test_loss_panel_top_is_clipped_only_when_the_first_steps_dwarf_the_rest():
                                                                                 "curve_note": None}])
 
 
+@pytest.mark.parametrize("curve", ["clipped start-up", "unclipped"])
+def test_loss_panel_never_goes_under_zero_for_a_positive_loss_and_every_title_fits(curve):
+    """A positive loss ending near 0 after a start-up of 6 (the top clipped) or a steady fall from 0.5: the axis
+    starts at >= 0 (matplotlib's margin put it at -0.27 and -0.01) just under the lowest value, and every
+    title, the loss panel's with its clipping note too, lies inside the figure and clear of the run legend."""
+    pytest.importorskip("matplotlib")
+    if curve == "clipped start-up":
+        loss = lambda s: 6.0 if s <= 5 else 0.02 + 0.3 / s  # noqa: E731
+    else:
+        loss = lambda s: 0.5 - 0.0049 * s  # noqa: E731
+    train = {s: {"step": s, "loss": loss(s)} for s in range(1, 101)}
+    view = {"series": dx.panel_series(train, {}, {}, None), "name": "a", "log": "a", "markers": [], "findings": [],
+            "curve_note": None}
+    fig, axes, legend = dx.build_figure([view])
+    try:
+        bottom, top = axes["loss"].get_ylim()
+        lowest = min(loss(s) for s in train)
+        assert 0 <= bottom < lowest and top > max(loss(s) for s in range(11, 101))
+        assert ("y clipped at" in axes["loss"].get_title(loc="left")) == (curve == "clipped start-up")
+        renderer = fig.canvas.get_renderer()
+        for panel, ax in axes.items():
+            box = ax._left_title.get_window_extent(renderer)  # the title, set with loc="left"
+            assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, panel
+            assert not box.overlaps(legend.get_window_extent(renderer)), panel
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- pictures that read right (issue 22)
 def views_of(monkeypatch, tmp_path, *logs):
     code, _, _, views, _ = plot(monkeypatch, *[a for log in logs for a in ("--log", log)], "--plot", "-")  # no PNG: faster
