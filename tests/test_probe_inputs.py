@@ -171,6 +171,14 @@ def test_r11_an_edit_between_sampled_blocks_with_the_mtime_put_back_is_refused_a
     assert len(log) == 3 and "train windows loaded from" not in log[2]  # computed again, never the old file
 
 
+def test_r11_a_checkpoint_recorded_before_whole_file_hashes_is_compared_on_its_size():
+    """A run saved by the sampled-block version (size + sampled_sha256) still resumes on a file of its size: its
+    record cannot be compared with a whole-file hash, and refusing it would lose the run."""
+    old = {"data.train_x content": {"size": 100, "sampled_sha256": "ab"}}
+    assert tp.input_changes(old, {"data.train_x content": {"bytes": 100, "sha256": "cd"}}) == []
+    assert tp.input_changes(old, {"data.train_x content": {"bytes": 101, "sha256": "cd"}})
+
+
 CASES = {  # what is written into a split's file -> the key and the words of the refusal
     "nan_val": ("val_x", lambda x: x.__setitem__((5, 2, 7), np.nan), "data.val_x", "NaN or inf in window 5"),
     "inf_train": ("train_x", lambda x: x.__setitem__((3, 0, 0), np.inf), "data.train_x", "NaN or inf in window 3"),
