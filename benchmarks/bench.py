@@ -757,7 +757,8 @@ def next_token_calibration(td, checkpoint, bins=15, batch=64):
             conf_sum += torch.zeros(bins, dtype=torch.float64).index_add_(0, b, conf[real].double())
             correct_sum += torch.zeros(bins, dtype=torch.float64).index_add_(0, b, (pred == y)[real].double())
     ece = float((correct_sum - conf_sum).abs().sum() / count)
-    return {"val_loss": ce / count, "val_ppl": math.exp(ce / count), "ece": ece, "positions": count}
+    return {"val_loss": ce / count, "val_ppl": math.exp(ce / count), "ece": ece, "positions": count,
+            "confidence": float(conf_sum.sum() / count), "accuracy": float(correct_sum.sum() / count)}
 
 
 # -----------------------------------------------------------------------------
