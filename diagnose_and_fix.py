@@ -1643,9 +1643,13 @@ def loss_top(views):
     """The loss panel's top when the first steps would flatten the rest: a start-up loss several times the
     later ones leaves every later difference (val/loss of runs compared side by side) a few pixels. Clipped
     to 1.15x the largest value after the first 10% of the steps when the earlier ones exceed twice that;
-    else None (no clipping)."""
-    cut = 0.1 * last_step(views)
-    values = [(x < cut, y) for v in views for _, xs, ys, _ in v["series"]["loss"] for x, y in zip(xs, ys) if finite(y)]
+    else None (no clipping). Each run's 10% is of its own logged steps: a short (killed) run beside a long one,
+    or a configured LR curve longer than the log, would otherwise count as start-up and vanish above the top."""
+    values = []
+    for v in views:
+        curves = [(xs, ys) for _, xs, ys, _ in v["series"]["loss"]]
+        cut = 0.1 * max([1] + [max(xs) for xs, _ in curves if xs])
+        values += [(x < cut, y) for xs, ys in curves for x, y in zip(xs, ys) if finite(y)]
     early, late = [y for e, y in values if e], [y for e, y in values if not e]
     return 1.15 * max(late) if early and late and max(early) > 2 * max(late) else None
 

@@ -411,3 +411,17 @@ def test_kd_train_ce_is_drawn_beside_val_ce_the_weighted_sum_labelled_and_logged
     finally:
         import matplotlib.pyplot as plt
         plt.close(fig)
+
+
+def test_loss_panel_top_keeps_every_run_visible_when_runs_differ_in_length():
+    """A run killed at step 100 beside one of 1000 steps (or its configured LR curve of 1800): the 10% of start-up
+    steps is each run's own, so the short run's loss, still high, stays under the top instead of vanishing above
+    it (the top was 1.15 x the long run's last loss, clipping all of the short one)."""
+    def view(last, loss, configured=None):
+        train = {s: {"step": s, "loss": loss(s), "lr": 1e-3} for s in range(1, last + 1)}
+        return {"series": dx.panel_series(train, {}, {}, configured)}
+    long_run = view(1000, lambda s: 5.0 if s <= 20 else 0.05)
+    short_run = view(100, lambda s: 5.0 if s <= 5 else 0.6, configured=np.full(1800, 1e-3))
+    top = dx.loss_top([long_run, short_run])
+    assert top == pytest.approx(1.15 * 0.6)
+    assert dx.loss_top([short_run]) == pytest.approx(1.15 * 0.6)
