@@ -73,7 +73,7 @@ CONFIG = {
     # training loop
     "train.epochs": (20, "int?", "passes over the training set (null when train.max_steps is set)"),
     "train.max_steps": (None, "int?", "optimizer steps instead of epochs (null when train.epochs is set); given "
-                        "alone, it replaces the default epochs (note S2)"),
+                        "alone or by --set over a file's epochs, it replaces them (note S2)"),
     "train.batch_size": (64, "int", "samples per micro-batch, per process"),
     "train.grad_accum": (1, "int", "micro-batches per optimizer step"),
     "train.clip_grad_norm": (1.0, "float?", "max total gradient norm; null = no clipping (norm still logged)"),
@@ -383,12 +383,16 @@ def load_config(path, overrides, schema, base=None):
             close = closest_key(key, schema)
             hint = f"; did you mean {close}?" if close else "; --help_config lists every key"
             problems.append(("C2", key, f"unknown key{hint}"))
-    # S2: train.max_steps named (in the file or by --set) and train.epochs nowhere means those steps, as the
-    # Hugging Face Trainer's max_steps does: the default epochs step aside, said in a note. Both named: refused.
-    if flat.get("train.max_steps") is not None and "train.epochs" not in flat and "train.epochs" in schema:
-        flat["train.epochs"] = None
-        notes.append(("S2", "train.epochs", f"null instead of its default {schema['train.epochs'][0]}: train.max_steps "
-                      f"{flat['train.max_steps']} sets the run's length"))
+    # S2: train.max_steps named and train.epochs not named as late (nowhere, or in the file under a --set
+    # max_steps) means those steps, as the Hugging Face Trainer's max_steps does: the earlier epochs step aside,
+    # said in a note; so does a file's max_steps under a --set epochs. Both named at one level: refused (C3).
+    for key, other in (("train.max_steps", "train.epochs"), ("train.epochs", "train.max_steps")):
+        later = key in typed_on_set and other not in typed_on_set and flat.get(other) is not None
+        unnamed = key == "train.max_steps" and other not in flat
+        if other in schema and flat.get(key) is not None and (later or unnamed):
+            was = f"the config file's {flat[other]}" if other in flat else f"its default {schema[other][0]}"
+            flat[other] = None
+            notes.append(("S2", other, f"null instead of {was}: {key} {flat[key]} sets the run's length"))
     cfg = {}
     for key, (default, kind, _doc) in schema.items():
         value = flat.get(key, default)

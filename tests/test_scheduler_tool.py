@@ -297,8 +297,9 @@ class StopAfterTheScheduleCheck(Exception):
 @pytest.mark.parametrize("task", ["probe", "distill"])
 def test_s2_max_steps_alone_replaces_the_default_epochs_with_a_note(capsys, tmp_path, task):
     """train.max_steps named, train.epochs nowhere: the run is those steps (the Hugging Face Trainer's rule),
-    and one note says the default epochs stepped aside; the script, its dry run and this tool agree. Both named
-    (in the file or by --set): today's refusal, exactly one of them."""
+    and one note says the default epochs stepped aside; the script, its dry run and this tool agree. A --set of
+    either replaces the other named in the file (the later word), with the note; both named at one level (both in
+    the file, or both by --set): today's refusal, exactly one of them."""
     script = tool.load_script(task)
     cfg, notes = script.resolve_config(None, ["train.max_steps=30"])
     assert (cfg["train.epochs"], cfg["train.max_steps"]) == (None, 30)
@@ -316,11 +317,25 @@ def test_s2_max_steps_alone_replaces_the_default_epochs_with_a_note(capsys, tmp_
         script.dry_run(str(config), ["train.max_steps=30"], train_fn=stop)
     assert "ok   full schedule: 30 optimizer steps" in capsys.readouterr().out
     config.write_text(f"task: {task}\ntrain: {{epochs: 2}}\n")
-    for path, settings in ((None, ["train.epochs=2", "train.max_steps=30"]), (str(config), ["train.max_steps=30"])):
+    # --set names the later value: it replaces the file's, whichever of the two the file names
+    for settings, want, note in ((["train.max_steps=30"], (None, 30), "train.epochs: null instead of the config "
+                                  "file's 2: train.max_steps 30 sets the run's length"),
+                                 (["train.epochs=3"], (3, None), None)):
+        cfg, notes = script.resolve_config(str(config), settings)
+        assert (cfg["train.epochs"], cfg["train.max_steps"]) == want
+        assert [f"{key}: {msg}" for rid, key, msg in notes if rid == "S2"] == ([note] if note else [])
+    steps = tmp_path / "steps.yaml"
+    steps.write_text(f"task: {task}\ntrain: {{epochs: null, max_steps: 30}}\n")
+    cfg, notes = script.resolve_config(str(steps), ["train.epochs=3"])
+    assert (cfg["train.epochs"], cfg["train.max_steps"]) == (3, None)
+    assert [f"{key}: {msg}" for rid, key, msg in notes if rid == "S2"] == [
+        "train.max_steps: null instead of the config file's 30: train.epochs 3 sets the run's length"]
+    config.write_text(f"task: {task}\ntrain: {{epochs: 2, max_steps: 30}}\n")  # both named at one level: refused
+    for path, settings in ((None, ["train.epochs=2", "train.max_steps=30"]), (str(config), [])):
         with pytest.raises(script.ConfigError) as err:
             script.resolve_config(path, settings)
         assert [(rid, key) for rid, key, _ in err.value.problems] == [("C3", "train.epochs")]
         assert "set exactly one of them" in str(err.value)
-    code, out, err = run_tool(capsys, config, "--set", "train.max_steps=30")
+    code, out, err = run_tool(capsys, config)
     assert code == 2 and err.strip().splitlines() == ["config error: train.epochs: 2 and train.max_steps: set exactly "
                                                       "one of them (the other null)"], err
