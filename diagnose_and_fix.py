@@ -719,15 +719,21 @@ def distill_memory(script, cfg, plan, device="meta"):
     candidates = {f"micro-batch {plan['batch_size']}": batch_bytes(plan["batch_size"], True),
                   f"eval batch {cfg['train.eval_batch_size']}": batch_bytes(cfg["train.eval_batch_size"], False)}
     if cfg["kd.enabled"] and cfg.get("kd.on_policy_fraction", 0) > 0 and not offline:
-        # on-policy: the student's generation, no gradient, its longest prefix (prompt + new - 1 tokens): the
-        # student's logits and their fp32 softmax, and its largest activations; a peak of its own before the
-        # micro-batch's forward, so it competes with the others rather than adding to them
+        # on-policy: the student's generation, no gradient, a peak of its own before the micro-batch's forward
+        # (it competes with the others rather than adding to them). With a KV cache (the built-in GPT, Hugging
+        # Face models): the prompt's forward, the keys and values of every block for the whole sequence (prompt
+        # + new - 1 tokens), one position's logits with their fp32 softmax and fp64 sums; a user's module reruns
+        # the longest prefix instead. Under FSDP the whole student is gathered for it (D1)
         prompt, new = script.on_policy_lengths(cfg)
-        length = prompt + new - 1
-        idx = torch.zeros(plan["batch_size"], length, dtype=torch.long, device="meta")
+        length, batch, cached = prompt + new - 1, plan["batch_size"], getattr(trainable.lm, "kv_cache", False)
+        idx = torch.zeros(batch, prompt if cached else length, dtype=torch.long, device="meta")
         sizes, _ = leaf_outputs(trainable, lambda: trainable(idx))
-        candidates[f"on-policy generation ({prompt} + {new} tokens)"] = \
-            act_bytes * sum(sorted(sizes)[-2:]) + plan["batch_size"] * length * vocab * (act_bytes + 2 * 4)
+        cache = 2 * len(blocks) * batch * length * (trainable.lm.width or 0) * act_bytes if cached else 0
+        logits = batch * (1 if cached else length) * vocab * (act_bytes + 4 + 8)
+        whole = act_bytes * trained if world > 1 else 0
+        what = ", KV cache" * bool(cached) + ", the whole student gathered (D1)" * bool(whole)
+        candidates[f"on-policy generation ({prompt} + {new} tokens{what})"] = \
+            act_bytes * sum(sorted(sizes)[-2:]) + cache + logits + whole
     parts = {"weights (frozen teacher)": 4 * frozen,
              f"trained weights, gradients, optimizer state{sharded}": 4 * trained * (2 + state) / world + gathered}
     if projections:

@@ -568,7 +568,7 @@ def test_e6_e2_diagnose_counts_generation_and_layer_map_projections_and_on_polic
     code, findings = diagnose(tmp_path, kd_settings(data, teacher, *objective))
     assert code == 0 and not [f for f in findings if f["severity"] != "info"], findings
     e6 = next(f["evidence"] for f in findings if f["id"] == "E6")
-    assert "kd.hidden_layers' 2 projections" in e6 and "on-policy generation (8 + 8 tokens)" in e6, e6
+    assert "kd.hidden_layers' 2 projections" in e6 and "on-policy generation (8 + 8 tokens, KV cache)" in e6, e6
     e2 = next(f["evidence"] for f in findings if f["id"] == "E2")
     assert "jsd (beta 0.5)" in e2 and "(50%)" in e2 and "2 layer pairs" in e2, e2
     cfg, _ = T.resolve_config(None, kd_settings(data, teacher, *objective))
