@@ -2787,7 +2787,9 @@ def finished_run_pending(cfg, ckpt, run_dir):
 
 
 def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
-    """Run (or continue) one probe training. Returns (outcome, run)."""
+    """Run (or continue) one probe training: the data and its schedule, the backbone, features and head
+    (build_probe_run), resume, the loop (fit), then the test split and the export (finish_probe).
+    Returns (outcome, run)."""
     d = setup_distributed(cfg)
     seed_everything(cfg["seed"], d["rank"])
     sets = data_sets(cfg)
@@ -2799,6 +2801,36 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
         run.update(quiet=quiet, plan=plan)
         log(run, f"run already complete at step {done} ({run['ckpt_dir']}/last.pt); nothing to do")
         return "complete", run
+    run, digest, train_feats = build_probe_run(cfg, run_dir, resume_mode, d, plan, sets, stop_after, quiet)
+    resumed = resume(run, resume_mode)
+    st = run["state"]
+    if st["finished"]:
+        log(run, f"run already complete at step {st['global_step']} ({run['ckpt_dir']}/last.pt); nothing to do")
+        if not os.path.isdir(os.path.join(run_dir, "export")):  # killed between the last save and the export
+            export_probe(run)
+        return "complete", run
+    write_resolved_config(run)
+    open_sinks(run)  # E10: after resume(), which set the step the sinks continue from
+    print_plan(run, resumed, train_feats is not None)
+    task = probe_task(run, train_feats, test_set)
+    if threading_main():
+        install_stop_handlers(run)
+    if st["trained"]:  # R1: training ended but its final evaluation did not (it died there): run only that
+        log(run, f"training ended at step {st['global_step']}, its final evaluation did not run; running it now")
+        outcome = "finished"
+    else:
+        outcome = fit(run, task)
+        if tensor_digest(run["backbone"]) != digest:
+            raise TrainingAborted("the frozen backbone's tensors changed during training")
+    if outcome in ("finished", "early_stopped"):
+        finish_probe(run, test_set)
+    return outcome, run
+
+
+def build_probe_run(cfg, run_dir, resume_mode, d, plan, sets, stop_after, quiet):
+    """The frozen backbone (checked on every split), the feature cache when it fits, the head, its optimizer and
+    schedule, in the run dict. Returns (run, the backbone's digest, the cached train features or None)."""
+    train_set = sets["train"]
     backbone = build_backbone(cfg, train_set.shape[1]).to(d["device"])
     shape, first = check_backbone(backbone, cfg, d["device"], sets.values())  # every split, before anything is written
     digest = tensor_digest(backbone)
@@ -2809,6 +2841,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
                inputs=inputs)
     cached = use_feature_cache(cfg, len(train_set), inputs["feature dim"])
     evals = {k: s for k, s in sets.items() if k != "train"}
+    train_feats = None
     if cached:
         train_feats = feature_cache(run, backbone, train_set)
         run["eval_sources"] = {k: (feature_cache(run, backbone, s), s.labels) for k, s in evals.items()}
@@ -2823,21 +2856,19 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     params = list(module.parameters())  # only the head: the frozen backbone is never in the optimizer
     optimizer = build_optimizer(cfg, params)
     run.update(backbone=backbone, module=module, model=model, params=params, optimizer=optimizer,
-               scheduler=build_schedule(optimizer, cfg, plan), scaler=make_grad_scaler(d["device"], cfg["train.precision"]))
-    resumed = resume(run, resume_mode)
-    st = run["state"]
-    if st["finished"]:
-        log(run, f"run already complete at step {st['global_step']} ({run['ckpt_dir']}/last.pt); nothing to do")
-        if not os.path.isdir(os.path.join(run_dir, "export")):  # killed between the last save and the export
-            export_probe(run)
-        return "complete", run
-    write_resolved_config(run)
-    open_sinks(run)  # E10: after resume(), which set the step the sinks continue from
-    print_plan(run, resumed, cached)
+               scheduler=build_schedule(optimizer, cfg, plan),
+               scaler=make_grad_scaler(d["device"], cfg["train.precision"]))
+    return run, digest, train_feats
+
+
+def probe_task(run, train_feats, test_set):
+    """What fit() needs from the probe: its batches (cached features, or windows through the frozen backbone),
+    its loss and its evaluation."""
+    cfg, d, train_set, backbone = run["cfg"], run["dist"], run["train_set"], run["backbone"]
     labels = torch.from_numpy(train_set.labels)
 
     def batches(index_lists):
-        if cached:
+        if train_feats is not None:
             for idx in index_lists:
                 idx = torch.from_numpy(idx)
                 yield to_device(train_feats[idx], d["device"]), to_device(labels[idx], d["device"])
@@ -2846,7 +2877,8 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
             # workers, and a resumed run creates one iterator more than an uninterrupted one, which would shift
             # every later dropout mask. The workers draw nothing (the windows are deterministic): one seed serves.
             loader = torch.utils.data.DataLoader(train_set, batch_size=None, sampler=index_lists,
-                                                 num_workers=cfg["train.num_workers"], pin_memory=d["device"].type == "cuda",
+                                                 num_workers=cfg["train.num_workers"],
+                                                 pin_memory=d["device"].type == "cuda",
                                                  generator=torch.Generator().manual_seed(cfg["seed"]))
             for x, y in loader:
                 yield extract_features(backbone, x, d["device"], cfg), to_device(y, d["device"])
@@ -2855,36 +2887,31 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
         feats, y = batch
         return F.cross_entropy(model(feats).float(), y, reduction="sum"), {}
 
-    task = {"batches": batches, "count": len, "count_name": "samples", "loss": loss,
+    return {"batches": batches, "count": len, "count_name": "samples", "loss": loss,
             "evaluate": lambda run: evaluate(run, "val"), "final_eval": test_set is not None}
-    if threading_main():
-        install_stop_handlers(run)
-    if st["trained"]:  # R1: training ended but its final evaluation did not (it died there): run only that
-        log(run, f"training ended at step {st['global_step']}, its final evaluation did not run; running it now")
-        outcome = "finished"
-    else:
-        outcome = fit(run, task)
-        if tensor_digest(backbone) != digest:
-            raise TrainingAborted("the frozen backbone's tensors changed during training")
-    if outcome in ("finished", "early_stopped"):
-        if not st["finished"]:  # the test split, with best.pt; then the run is finished (saved, so a relaunch knows)
-            if test_set is not None:
-                best_path, last_weights = os.path.join(run["ckpt_dir"], "best.pt"), host_copy(module.state_dict())
-                weights = "best.pt"
-                if os.path.exists(best_path):
-                    module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
-                else:  # the best metric was never finite
-                    weights = f"the last weights, step {st['global_step']}: no best.pt"
-                test = evaluate(run, "test")
-                write_metrics(run, {"step": st["best_step"] or st["global_step"], **test})
-                log(run, f"test ({weights}): " + " ".join(f"{k}={v:.5g}" for k, v in test.items()))
-                module.load_state_dict(last_weights)  # last.pt keeps the last step's weights
-            st["finished"] = True
-            save_last(run)
-        log(run, f"done: {st['global_step']} optimizer steps, {st['skipped_steps']} skipped; last eval "
-                 + " ".join(f"{k}={v:.4f}" for k, v in (st["last_eval"] or {}).items()) + f"; {best_text(run)}")
-        export_probe(run)
-    return outcome, run
+
+
+def finish_probe(run, test_set):
+    """After the loop: the test split scored with best.pt, the run marked finished (saved, so a relaunch knows),
+    the summary line and the export."""
+    st, module = run["state"], run["module"]
+    if not st["finished"]:
+        if test_set is not None:
+            best_path, last_weights = os.path.join(run["ckpt_dir"], "best.pt"), host_copy(module.state_dict())
+            weights = "best.pt"
+            if os.path.exists(best_path):
+                module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+            else:  # the best metric was never finite
+                weights = f"the last weights, step {st['global_step']}: no best.pt"
+            test = evaluate(run, "test")
+            write_metrics(run, {"step": st["best_step"] or st["global_step"], **test})
+            log(run, f"test ({weights}): " + " ".join(f"{k}={v:.5g}" for k, v in test.items()))
+            module.load_state_dict(last_weights)  # last.pt keeps the last step's weights
+        st["finished"] = True
+        save_last(run)
+    log(run, f"done: {st['global_step']} optimizer steps, {st['skipped_steps']} skipped; last eval "
+             + " ".join(f"{k}={v:.4f}" for k, v in (st["last_eval"] or {}).items()) + f"; {best_text(run)}")
+    export_probe(run)
 
 
 # -----------------------------------------------------------------------------
