@@ -3549,7 +3549,6 @@ def fit(run, task):
     eval_every = cfg["train.eval_every"] or per_epoch  # E4: checked against the run length by the tools
     save_every = cfg["train.save_every_steps"]
     run["last_save"] = time.monotonic()  # the time trigger (train.save_every_minutes) counts from here
-    unit = task["count_name"]
     start_progress(run)  # E7: a tqdm bar on a terminal, else timed progress lines
     window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
     outcome = "finished"
@@ -3570,47 +3569,9 @@ def fit(run, task):
             st["bad_streak"] = 0 if out["finite"] else st["bad_streak"] + 1
             st["skipped_steps"] += not out["finite"] or out["empty"]  # G4, G2: steps without an update
             if step % cfg["train.log_every"] == 0 or step == 1 or not out["finite"] or out["empty"] or step == total:
-                elapsed = max(time.perf_counter() - window["time"], 1e-9)
-                record = {"step": step, "epoch": epoch + 1, "lr": out["lr"],
-                          "samples_per_s": window["samples"] / elapsed, f"{unit}_per_s": window["targets"] / elapsed,
-                          "skipped_steps": st["skipped_steps"],
-                          # G2: an empty step has no loss and no gradient (a null would read as G4's non-finite)
-                          **({} if out["empty"] else {"loss": out["loss"], "grad_norm": out["grad_norm"]})}
-                record.update({f"loss/{k}": v for k, v in out["parts"].items()})
-                record.update(task["record"]() if "record" in task else {})  # the task's own costs (generation)
-                if run["scaler"]:
-                    record["scale"] = run["scaler"].get_scale()
-                write_metrics(run, record)
-                window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
-                if out["empty"]:
-                    pass  # said by the WARNING G2 below
-                elif run["bar"] is not None:
-                    run["bar"].set_postfix(loss=f"{out['loss']:.4g}", lr=f"{out['lr']:.3g}")
-                else:
-                    log(run, f"step {step}/{total} epoch {epoch + 1} lr {out['lr']:.4g} loss {out['loss']:.5g} "
-                             f"grad_norm {out['grad_norm']:.3g} {record[f'{unit}_per_s']:.1f} {unit}/s "
-                             + progress_text(run, step))
-                if out["parts"]:  # E2: said once per term, with the steps it covers so far
-                    run.setdefault("loss_parts", []).append((step, dict(out["parts"])))
-                    limit = cfg["train.max_loss_share"]
-                    recent = dominating_loss(run["loss_parts"][-3:], limit)  # cheap: the whole history only to warn
-                    found = dominating_loss(run["loss_parts"], limit) if set(recent) - set(st["warned_e2"]) else {}
-                    for k, (a, b, n, top) in found.items():
-                        if k not in st["warned_e2"]:
-                            st["warned_e2"].append(k)
-                            log(run, f"WARNING E2: loss/{k} is above train.max_loss_share {limit:.0%} of the loss at "
-                                     f"{n} logged steps in {a}-{b} (up to {top:.0%}); rebalance the weights (said "
-                                     "once; diagnose_and_fix.py --log gives the run's whole range)")
+                log_step(run, task, out, epoch, window)
             show_progress(run, step)
-            if out["empty"]:
-                log(run, f"WARNING G2: step {step} skipped: none of its micro-batches holds a {unit[:-1]} to score"
-                         f"{task.get('empty_why', '')}; no update, the LR schedule moves on ({st['skipped_steps']} "
-                         "skipped in all)")
-            elif not out["finite"]:
-                log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "
-                         f"({st['bad_streak']} in a row, {st['skipped_steps']} in all)")
-            elif out["grad_norm"] > cfg["train.grad_norm_warn"]:
-                log(run, f"WARNING G3: step {step} gradient norm {out['grad_norm']:.4g} > {cfg['train.grad_norm_warn']:g}")
+            warn_step(run, task, out)
             if st["bad_streak"] >= cfg["train.max_bad_steps"]:
                 save_last(run)
                 raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state saved "
@@ -3634,6 +3595,66 @@ def fit(run, task):
     end_progress(run)
     write_metrics(run, {"event": outcome, "step": st["global_step"]})
     return outcome
+
+
+def log_step(run, task, out, epoch, window):
+    """One logged step: its metrics record (rates over the window since the last one, which restarts here),
+    the progress bar or line, and E2's check of the loss parts."""
+    st, unit, step = run["state"], task["count_name"], run["state"]["global_step"]
+    elapsed = max(time.perf_counter() - window["time"], 1e-9)
+    record = {"step": step, "epoch": epoch + 1, "lr": out["lr"],
+              "samples_per_s": window["samples"] / elapsed, f"{unit}_per_s": window["targets"] / elapsed,
+              "skipped_steps": st["skipped_steps"],
+              # G2: an empty step has no loss and no gradient (a null would read as G4's non-finite)
+              **({} if out["empty"] else {"loss": out["loss"], "grad_norm": out["grad_norm"]})}
+    record.update({f"loss/{k}": v for k, v in out["parts"].items()})
+    record.update(task["record"]() if "record" in task else {})  # the task's own costs (generation)
+    if run["scaler"]:
+        record["scale"] = run["scaler"].get_scale()
+    write_metrics(run, record)
+    window.update(time=time.perf_counter(), samples=0, targets=0)
+    if out["empty"]:
+        pass  # said by fit's WARNING G2
+    elif run["bar"] is not None:
+        run["bar"].set_postfix(loss=f"{out['loss']:.4g}", lr=f"{out['lr']:.3g}")
+    else:
+        log(run, f"step {step}/{run['plan']['total_steps']} epoch {epoch + 1} lr {out['lr']:.4g} "
+                 f"loss {out['loss']:.5g} grad_norm {out['grad_norm']:.3g} {record[f'{unit}_per_s']:.1f} {unit}/s "
+                 + progress_text(run, step))
+    if out["parts"]:
+        warn_dominating_loss(run, step, out["parts"])
+
+
+def warn_dominating_loss(run, step, parts):
+    """E2: said once per term, with the steps it covers so far."""
+    st = run["state"]
+    run.setdefault("loss_parts", []).append((step, dict(parts)))
+    limit = run["cfg"]["train.max_loss_share"]
+    recent = dominating_loss(run["loss_parts"][-3:], limit)  # cheap: the whole history only to warn
+    found = dominating_loss(run["loss_parts"], limit) if set(recent) - set(st["warned_e2"]) else {}
+    for k, (a, b, n, top) in found.items():
+        if k not in st["warned_e2"]:
+            st["warned_e2"].append(k)
+            log(run, f"WARNING E2: loss/{k} is above train.max_loss_share {limit:.0%} of the loss at "
+                     f"{n} logged steps in {a}-{b} (up to {top:.0%}); rebalance the weights (said "
+                     "once; diagnose_and_fix.py --log gives the run's whole range)")
+
+
+def warn_step(run, task, out):
+    """G2, G4, G3: a step without an update (nothing to score, or non-finite) or with a large gradient, said."""
+    cfg, st, unit = run["cfg"], run["state"], task["count_name"]
+    step = st["global_step"]
+    if out["empty"]:
+        log(run, f"WARNING G2: step {step} skipped: none of its micro-batches holds a {unit[:-1]} to score"
+                 f"{task.get('empty_why', '')}; no update, the LR schedule moves on ({st['skipped_steps']} "
+                 "skipped in all)")
+    elif not out["finite"]:
+        log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "
+                 f"({st['bad_streak']} in a row, {st['skipped_steps']} in all)")
+    elif out["grad_norm"] > cfg["train.grad_norm_warn"]:
+        log(run, f"WARNING G3: step {step} gradient norm {out['grad_norm']:.4g} > {cfg['train.grad_norm_warn']:g}")
+
+
 def tensor_digest(module):
     """SHA-256 of every parameter and buffer (persistent or not): name, dtype, shape and bytes. 0-dim and
     integer tensors (BatchNorm's num_batches_tracked) included, so a frozen network that moved in any bit,
