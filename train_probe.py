@@ -1849,6 +1849,21 @@ def resume(run, mode):
             raise problem
         run["state"].update({k: ckpt[k] for k in run["state"] if k in ckpt})
         return True  # complete: the caller says so and does nothing
+    changed = resume_changes(run, ckpt, source)
+    load_resume_state(run, ckpt, source, changed)
+    for key in run["state"]:
+        run["state"][key] = ckpt.get(key, run["state"][key])  # R2: global_step; R5: the data position follows from it
+    log(run, f"resumed from {source} at optimizer step {ckpt['global_step']} "
+             f"(epoch {ckpt['data_position']['epoch'] + 1}, step {ckpt['data_position']['step_in_epoch']} of it)")
+    write_metrics(run, {"event": "resume", "step": ckpt["global_step"], "from": source})
+    return True
+
+
+def resume_changes(run, ckpt, source):
+    """R5/S7: whether this run may continue ckpt (the same global micro-batch, strategy, seed and schedule, or
+    a schedule change explicitly allowed): a ConfigError naming what differs, else {key: (saved, new)} of the
+    allowed schedule changes."""
+    cfg, plan = run["cfg"], run["plan"]
     world, saved_world = run["dist"]["world"], ckpt["world_size"]
     # R5: the data order and the schedule depend on the global micro-batch (train.batch_size x processes),
     # not on how it is split: another number of processes with the same global micro-batch continues exactly
@@ -1878,6 +1893,14 @@ def resume(run, mode):
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
         raise ConfigError([("S7", "train.allow_schedule_change", f"the schedule changed since {source}: {what}; "
                             "restore those values, or set train.allow_schedule_change=true to continue on the new curve")])
+    return changed
+
+
+def load_resume_state(run, ckpt, source, changed):
+    """The weights, optimizer, LR schedule (the new curve when it changed), grad scaler and RNG streams of ckpt."""
+    cfg, plan = run["cfg"], run["plan"]
+    world, saved_world = run["dist"]["world"], ckpt["world_size"]
+    saved_batch = ckpt["schedule"]["train.batch_size"] * saved_world
     if ckpt.get("shards"):  # D3: DCP reads this process's part of every tensor, for any number of processes
         run["sharded"]["load"](run, shard_directory(ckpt, source, "--resume"))
     else:
@@ -1905,12 +1928,6 @@ def resume(run, mode):
                  f"micro-batch of {saved_batch}: the data order and the LR schedule are exact; each process's random "
                  "stream restarts from (seed, step) and the sums over processes round differently, so the run "
                  "equals an uninterrupted one to float round-off (bit for bit without dropout only by chance)")
-    for key in run["state"]:
-        run["state"][key] = ckpt.get(key, run["state"][key])  # R2: global_step; R5: the data position follows from it
-    log(run, f"resumed from {source} at optimizer step {ckpt['global_step']} "
-             f"(epoch {ckpt['data_position']['epoch'] + 1}, step {ckpt['data_position']['step_in_epoch']} of it)")
-    write_metrics(run, {"event": "resume", "step": ckpt["global_step"], "from": source})
-    return True
 
 
 def finished_run_problem(cfg, ckpt, run_dir):
