@@ -4767,6 +4767,39 @@ def dry_run(config_path, overrides, train_fn=None):
         + (", sharded (train.strategy fsdp)" if cfg["train.strategy"] == "fsdp" else "")
         + (", activation checkpointing" if cfg["train.activation_checkpointing"] else "")
         + (f", chunked loss ({cfg['kd.chunk_tokens']} positions)" if cfg["kd.chunk_tokens"] else ""))
+    check_real_config(cfg, d, check)
+    tiny = dry_run_settings(cfg, overrides, d)
+    # Every process trains into process 0's temporary directory and reads the same files back afterwards
+    # (processes on one node share its filesystem; launch.sh runs a multi-node job's dry run on one node).
+    with tempfile.TemporaryDirectory(prefix="dry_run_") if d["main"] else contextlib.nullcontext() as tmp:
+        tmp = all_gather_list([tmp], d["world"])[0]
+        start = time.perf_counter()
+        # the config's own runs: KD against its own teacher, or (kd.enabled false) plain LM training of the
+        # same student.* network with no teacher, which is what the real run does
+        if not cfg["kd.enabled"]:
+            say(f"  kd.enabled false: the tiny runs are plain LM training of the network student.* names "
+                f"({describe_arch(trained_arch(cfg))}), no teacher and no KD steps, as the real run")
+        offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None
+
+        def cached(settings, name):  # an offline config: the tiny runs build and read their own teacher cache
+            return settings + [f"kd.teacher_cache={os.path.join(tmp, name)}"] if offline else settings
+
+        student, _ = resolve_config(config_path, cached(tiny + ["train.precision=fp32"], "cache_fp32"))
+        plan = check_tiny_run(cfg, student, os.path.join(tmp, "uninterrupted"), offline, train_fn_together, check)
+        check_stop_and_resume(student, tmp, train_fn_together, check)
+        for precision in ("fp16", "bf16"):
+            low, _ = resolve_config(config_path, cached(tiny + [f"train.precision={precision}"], f"cache_{precision}"))
+            check_precision_run(cfg, low, plan, os.path.join(tmp, precision), train_fn_together, check)
+        say(f"  tiny runs took {time.perf_counter() - start:.1f} s")
+        if d["world"] > 1:
+            dist.barrier()  # every process has read the files before process 0 deletes the directory
+    ok = all(results)
+    say("dry run passed" if ok else "dry run FAILED", flush=True)
+    return 0 if ok else 1
+
+
+def check_real_config(cfg, d, check):
+    """The real config's own inputs and its full schedule, before any tiny run."""
     # R10: whatever the real run refuses before its first step (its token files, teacher or cache, network) is
     # refused here first, by the same function with the same line (exit 2); nothing is written
     inputs = run_inputs(cfg, d, lambda line: None, build_cache=False)
@@ -4782,6 +4815,10 @@ def dry_run(config_path, overrides, train_fn=None):
                             + "".join(f"\n       {rid}: {msg}" for rid, msg in failures))
     except ConfigError as err:
         check(False, "full schedule: " + "; ".join(f"{rid} {key}: {msg}" for rid, key, msg in err.problems))
+
+
+def dry_run_settings(cfg, overrides, d):
+    """The overrides that shrink the real config to the tiny runs'."""
     # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process
     tiny = list(overrides) + DRY_RUN_SETTINGS + [f"data.limit={26 * d['world']}"]
     if cfg["kd.hidden_layers"]:  # the tiny built-in student as deep as the layer map reaches
@@ -4789,92 +4826,84 @@ def dry_run(config_path, overrides, train_fn=None):
     if 0 < cfg["kd.on_policy_fraction"]:  # on-policy: both kinds of micro-batch in the tiny runs, prompts that fit
         tiny += ["kd.prompt_tokens=null", "kd.max_new_tokens=null"] + \
             (["kd.on_policy_fraction=0.5"] if cfg["kd.on_policy_fraction"] < 0.5 else [])
-    # Every process trains into process 0's temporary directory and reads the same files back afterwards
-    # (processes on one node share its filesystem; launch.sh runs a multi-node job's dry run on one node).
-    with tempfile.TemporaryDirectory(prefix="dry_run_") if d["main"] else contextlib.nullcontext() as tmp:
-        tmp = all_gather_list([tmp], d["world"])[0]
-        start = time.perf_counter()
-        # the config's own runs: KD against its own teacher, or (kd.enabled false) plain LM training of the
-        # same student.* network with no teacher, which is what the real run does
-        kd, who = tiny, "student" if cfg["kd.enabled"] else "plain LM"
-        if not cfg["kd.enabled"]:
-            say(f"  kd.enabled false: the tiny runs are plain LM training of the network student.* names "
-                f"({describe_arch(trained_arch(cfg))}), no teacher and no KD steps, as the real run")
-        offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None
+    return tiny
 
-        def cached(settings, name):  # an offline config: the tiny runs build and read their own teacher cache
-            return settings + [f"kd.teacher_cache={os.path.join(tmp, name)}"] if offline else settings
 
-        student, _ = resolve_config(config_path, cached(kd + ["train.precision=fp32"], "cache_fp32"))
-        a, b = os.path.join(tmp, "uninterrupted"), os.path.join(tmp, "interrupted")
-        outcome, run = train_fn_together(student, a, "none", quiet=True)
-        plan = run["plan"]
-        check(outcome == "finished" and run["state"]["global_step"] == plan["total_steps"],
-              f"{who}: {plan['total_steps']} optimizer steps over 2 epochs with a short last accumulation group (G1)")
-        trains, evals, _ = read_metrics(a)
-        logged = np.array([trains[s]["lr"] for s in sorted(trains)])
-        check(len(logged) == plan["total_steps"] and np.array_equal(logged, lr_curve(student, plan)),
-              "logged LR equals the schedule's own curve at every step (S1, S8)")
-        check(not check_lr_curve(logged, student, plan), "tiny run's LR passes the S10 checks")
-        if student["kd.on_policy_fraction"] > 0:
-            on = sum(r.get("on_policy/micro_batches", 0) for r in trains.values())
-            check(0 < on and all("on_policy/gen_s" in r for r in trains.values()),
-                  f"on-policy: the student generated {on} of {plan['micro_batches_per_epoch'] * plan['epochs']} micro-batches "
-                  f"(kd.on_policy_fraction {student['kd.on_policy_fraction']:g}), scored by the teacher; generation cost "
-                  "in every step record")
-        parts = sorted(k for k in trains[1] if k.startswith("loss/"))
-        check(all(math.isfinite(r["loss"]) for r in trains.values() if "loss" in r)  # G2: an empty step has none
-              and bool(parts) == cfg["kd.enabled"],
-              f"finite losses, components {parts} logged (E2)" if parts else "finite losses (one term: the LM's CE)")
-        want = {"val/loss", "val/ppl"} | ({"val/agreement"} if cfg["kd.enabled"] else set())
-        check(sorted(evals) == [3, 6, plan["total_steps"]] and all(
-            want <= set(e) and _close(e["val/ppl"], math.exp(e["val/loss"])) for e in evals.values()),
-            f"eval at steps {sorted(evals)}: {', '.join(sorted(want))}; val/ppl = exp(val/loss) (E3, E5)")
-        last_path = os.path.join(a, "checkpoints", "last.pt")
-        last = torch.load(last_path, map_location="cpu", weights_only=True)
-        check(last["global_step"] == last["scheduler"]["last_epoch"] == plan["total_steps"]
-              and optimizer_step_count(last, last_path) in (None, last["global_step"] - last["skipped_steps"]),
-              "checkpoint loads with weights_only=True; global_step == scheduler steps == optimizer steps + skipped (R2, R7)")
-        check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")), "best.pt written")
-        check(export_matches_best(a, student, run["teacher"]),
-              f"export/ reloads without the kit ({'from_pretrained' if isinstance(run['module'].lm, HFCausalLM) else 'a state dict'}) "
-              "and gives best.pt's logits")
-        if offline:
-            check(run["teacher"] is None and run["teacher_cache"]["manifest"]["complete"],
-                  f"offline: the teacher's {cache_slots(cfg, vocab_size(cfg))[1]} cached, the student trained from it "
-                  "with no teacher in memory")
-        elif cfg["kd.enabled"]:
-            check(tensor_digest(run["teacher"]) == tensor_digest(build_teacher(student, torch.device("cpu")))
-                  and not any(p.requires_grad for p in run["teacher"].parameters()) and not run["teacher"].training,
-                  "teacher frozen: eval mode, no grad, tensors identical to its checkpoint after training")
-        outcome, _ = train_fn_together(student, b, "none", stop_after=5, quiet=True)
-        check(outcome == "stopped", "stop at step 5 saves and exits (R8 path)")
-        outcome, run = train_fn_together(student, b, "auto", quiet=True)
-        check(outcome == "finished" and checkpoint_tensors_equal(os.path.join(a, "checkpoints", "last.pt"),
-                                                                 os.path.join(b, "checkpoints", "last.pt")),
-              "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
-        outcome, _ = train_fn_together(student, b, "auto", quiet=True)
-        check(outcome == "complete", "a finished run restarted says it is complete")
-        for precision in ("fp16", "bf16"):
-            low, _ = resolve_config(config_path, cached(kd + [f"train.precision={precision}"], f"cache_{precision}"))
-            p_dir = os.path.join(tmp, precision)
-            outcome, run = train_fn_together(low, p_dir, "none", quiet=True)
-            trains, evals, _ = read_metrics(p_dir)
-            skipped = run["state"]["skipped_steps"]
-            finite = sum(1 for r in trains.values() if r.get("loss") is not None and math.isfinite(r["loss"]))
-            lrs = np.array([trains[s]["lr"] for s in sorted(trains)])
-            check(outcome == "finished" and finite + skipped == plan["total_steps"] and np.array_equal(lrs, lr_curve(low, plan))
-                  and all(math.isfinite(e["val/loss"]) for e in evals.values())
-                  and (precision != "fp16" or all("scale" in r for r in trains.values())),
-                  f"{precision}: {plan['total_steps']} steps, {skipped} skipped by "
-                  f"{'the GradScaler' if precision == 'fp16' else 'the guard'}, "
-                  f"{'KD' if cfg['kd.enabled'] else 'CE'} in fp32, LR on schedule (G5, G6)")
-        say(f"  tiny runs took {time.perf_counter() - start:.1f} s")
-        if d["world"] > 1:
-            dist.barrier()  # every process has read the files before process 0 deletes the directory
-    ok = all(results)
-    say("dry run passed" if ok else "dry run FAILED", flush=True)
-    return 0 if ok else 1
+def check_tiny_run(cfg, student, a, offline, train_fn_together, check):
+    """One uninterrupted tiny run in fp32 (into directory a): its steps, LR, losses, evals, checkpoints, export
+    and teacher. Returns its plan."""
+    who = "student" if cfg["kd.enabled"] else "plain LM"
+    outcome, run = train_fn_together(student, a, "none", quiet=True)
+    plan = run["plan"]
+    check(outcome == "finished" and run["state"]["global_step"] == plan["total_steps"],
+          f"{who}: {plan['total_steps']} optimizer steps over 2 epochs with a short last accumulation group (G1)")
+    trains, evals, _ = read_metrics(a)
+    logged = np.array([trains[s]["lr"] for s in sorted(trains)])
+    check(len(logged) == plan["total_steps"] and np.array_equal(logged, lr_curve(student, plan)),
+          "logged LR equals the schedule's own curve at every step (S1, S8)")
+    check(not check_lr_curve(logged, student, plan), "tiny run's LR passes the S10 checks")
+    if student["kd.on_policy_fraction"] > 0:
+        on = sum(r.get("on_policy/micro_batches", 0) for r in trains.values())
+        check(0 < on and all("on_policy/gen_s" in r for r in trains.values()),
+              f"on-policy: the student generated {on} of {plan['micro_batches_per_epoch'] * plan['epochs']} micro-batches "
+              f"(kd.on_policy_fraction {student['kd.on_policy_fraction']:g}), scored by the teacher; generation cost "
+              "in every step record")
+    parts = sorted(k for k in trains[1] if k.startswith("loss/"))
+    check(all(math.isfinite(r["loss"]) for r in trains.values() if "loss" in r)  # G2: an empty step has none
+          and bool(parts) == cfg["kd.enabled"],
+          f"finite losses, components {parts} logged (E2)" if parts else "finite losses (one term: the LM's CE)")
+    want = {"val/loss", "val/ppl"} | ({"val/agreement"} if cfg["kd.enabled"] else set())
+    check(sorted(evals) == [3, 6, plan["total_steps"]] and all(
+        want <= set(e) and _close(e["val/ppl"], math.exp(e["val/loss"])) for e in evals.values()),
+        f"eval at steps {sorted(evals)}: {', '.join(sorted(want))}; val/ppl = exp(val/loss) (E3, E5)")
+    last_path = os.path.join(a, "checkpoints", "last.pt")
+    last = torch.load(last_path, map_location="cpu", weights_only=True)
+    check(last["global_step"] == last["scheduler"]["last_epoch"] == plan["total_steps"]
+          and optimizer_step_count(last, last_path) in (None, last["global_step"] - last["skipped_steps"]),
+          "checkpoint loads with weights_only=True; global_step == scheduler steps == optimizer steps + skipped (R2, R7)")
+    check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")), "best.pt written")
+    check(export_matches_best(a, student, run["teacher"]),
+          f"export/ reloads without the kit ({'from_pretrained' if isinstance(run['module'].lm, HFCausalLM) else 'a state dict'}) "
+          "and gives best.pt's logits")
+    if offline:
+        check(run["teacher"] is None and run["teacher_cache"]["manifest"]["complete"],
+              f"offline: the teacher's {cache_slots(cfg, vocab_size(cfg))[1]} cached, the student trained from it "
+              "with no teacher in memory")
+    elif cfg["kd.enabled"]:
+        check(tensor_digest(run["teacher"]) == tensor_digest(build_teacher(student, torch.device("cpu")))
+              and not any(p.requires_grad for p in run["teacher"].parameters()) and not run["teacher"].training,
+              "teacher frozen: eval mode, no grad, tensors identical to its checkpoint after training")
+    return plan
+
+
+def check_stop_and_resume(student, tmp, train_fn_together, check):
+    """R1-R5, R8: a tiny run stopped at step 5 and resumed ends bit-identical to the uninterrupted one; a finished
+    run restarted says so."""
+    a, b = os.path.join(tmp, "uninterrupted"), os.path.join(tmp, "interrupted")
+    outcome, _ = train_fn_together(student, b, "none", stop_after=5, quiet=True)
+    check(outcome == "stopped", "stop at step 5 saves and exits (R8 path)")
+    outcome, run = train_fn_together(student, b, "auto", quiet=True)
+    check(outcome == "finished" and checkpoint_tensors_equal(os.path.join(a, "checkpoints", "last.pt"),
+                                                             os.path.join(b, "checkpoints", "last.pt")),
+          "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
+    outcome, _ = train_fn_together(student, b, "auto", quiet=True)
+    check(outcome == "complete", "a finished run restarted says it is complete")
+
+
+def check_precision_run(cfg, low, plan, p_dir, train_fn_together, check):
+    """G5, G6: the tiny run in fp16 or bf16 (low's train.precision): every step finite or skipped, LR on schedule."""
+    precision = low["train.precision"]
+    outcome, run = train_fn_together(low, p_dir, "none", quiet=True)
+    trains, evals, _ = read_metrics(p_dir)
+    skipped = run["state"]["skipped_steps"]
+    finite = sum(1 for r in trains.values() if r.get("loss") is not None and math.isfinite(r["loss"]))
+    lrs = np.array([trains[s]["lr"] for s in sorted(trains)])
+    check(outcome == "finished" and finite + skipped == plan["total_steps"] and np.array_equal(lrs, lr_curve(low, plan))
+          and all(math.isfinite(e["val/loss"]) for e in evals.values())
+          and (precision != "fp16" or all("scale" in r for r in trains.values())),
+          f"{precision}: {plan['total_steps']} steps, {skipped} skipped by "
+          f"{'the GradScaler' if precision == 'fp16' else 'the guard'}, "
+          f"{'KD' if cfg['kd.enabled'] else 'CE'} in fp32, LR on schedule (G5, G6)")
 
 
 # -----------------------------------------------------------------------------
