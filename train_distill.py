@@ -617,18 +617,37 @@ def import_target(target, key, launch_dir=None):
 # ==== end shared: config ====
 
 
+def problem_check(problems):
+    """require(ok, key, msg, row="C3"): adds the problem (row, key, msg) to problems unless ok."""
+    def require(ok, key, msg, row="C3"):
+        if not ok:
+            problems.append((row, key, msg))
+    return require
+
+
 def resolve_config(path=None, overrides=(), check_files=True, base=None):
     """The distillation config: load, cast, validate. Tools import this so they judge what training runs."""
     cfg, notes = load_config(path, overrides, CONFIG, base)
     problems = common_value_problems(cfg, TASK)
+    require = problem_check(problems)
+    data_problems(cfg, problems, check_files)
+    network_and_kd_value_problems(cfg, problems, notes)
+    model_source_problems(cfg, problems, check_files)
+    require(cfg["kd.chunk_tokens"] >= 0, "kd.chunk_tokens", f"{cfg['kd.chunk_tokens']!r} must be >= 0 (0 = off)")
+    metrics = ("val/loss", "val/ppl") + (("val/agreement",) if cfg["kd.enabled"] else ())
+    require(cfg["train.best_metric"] in metrics, "train.best_metric",
+            f"{cfg['train.best_metric']!r} is not one of {', '.join(metrics)}")
+    if problems:
+        raise ConfigError(problems)
+    return absolute_paths(cfg, PATH_KEYS), notes
 
-    def need(ok, key, msg, row="C3"):
-        if not ok:
-            problems.append((row, key, msg))
 
+def data_problems(cfg, problems, check_files):
+    """C3: the token files (or the built-in corpus) and their sizes, added to problems."""
+    require = problem_check(problems)
     bins = cfg["data.train_bin"] is not None
-    need(bins == (cfg["data.val_bin"] is not None), "data.val_bin",
-         "set data.train_bin and data.val_bin both (token files) or neither (the built-in corpus)")
+    require(bins == (cfg["data.val_bin"] is not None), "data.val_bin",
+            "set data.train_bin and data.val_bin both (token files) or neither (the built-in corpus)")
     if check_files:
         for key in ("data.train_bin", "data.val_bin"):
             check_file(cfg, key, problems, (".bin",))
@@ -636,72 +655,85 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
         teacher = cfg["kd.teacher_checkpoint"]
         if teacher is not None and not os.path.exists(teacher):
             problems.append(("C3", "kd.teacher_checkpoint", f"file {teacher} not found; {how_to_make_teacher(teacher)}"))
-    need(cfg["data.seq_len"] >= 1, "data.seq_len", f"{cfg['data.seq_len']!r} must be >= 1")
+    require(cfg["data.seq_len"] >= 1, "data.seq_len", f"{cfg['data.seq_len']!r} must be >= 1")
     vocab = vocab_size(cfg)
     if bins:
         limit = 2 ** (16 if cfg["data.dtype"] == "uint16" else 32)
-        need(vocab is not None, "data.vocab_size", "null, but .bin token files need their vocabulary size "
-                                                   "(e.g. 50257 for GPT-2 ids); set it")
-        need(vocab is None or 2 <= vocab <= limit, "data.vocab_size",
-             f"{vocab!r} must be in 2..{limit} for {cfg['data.dtype']} token ids")
+        require(vocab is not None, "data.vocab_size", "null, but .bin token files need their vocabulary size "
+                                                      "(e.g. 50257 for GPT-2 ids); set it")
+        require(vocab is None or 2 <= vocab <= limit, "data.vocab_size",
+                f"{vocab!r} must be in 2..{limit} for {cfg['data.dtype']} token ids")
         pad = cfg["data.pad_token"]
-        need(pad is None or vocab is None or 0 <= pad < vocab, "data.pad_token", f"{pad!r} must be an id in 0..vocab_size-1 or null")
+        require(pad is None or vocab is None or 0 <= pad < vocab, "data.pad_token", f"{pad!r} must be an id in 0..vocab_size-1 or null")
         if check_files and not problems:
             for key in ("data.train_bin", "data.val_bin"):
                 size, item = os.path.getsize(cfg[key]), np.dtype(cfg["data.dtype"]).itemsize
-                need(size % item == 0, key, f"{cfg[key]} has {size} bytes, not a whole number of {cfg['data.dtype']} "
-                                            "ids; check data.dtype")
-                need(size // item > cfg["data.seq_len"], key, f"{cfg[key]} holds {size // item} tokens, fewer than one "
-                                                              f"window of data.seq_len + 1 = {cfg['data.seq_len'] + 1}")
+                require(size % item == 0, key, f"{cfg[key]} has {size} bytes, not a whole number of {cfg['data.dtype']} "
+                                               "ids; check data.dtype")
+                require(size // item > cfg["data.seq_len"], key, f"{cfg[key]} holds {size // item} tokens, fewer than one "
+                                                                 f"window of data.seq_len + 1 = {cfg['data.seq_len'] + 1}")
     else:
-        need(cfg["data.vocab_size"] in (None, 256), "data.vocab_size",
-             f"{cfg['data.vocab_size']!r}, but the built-in corpus is bytes (256); set it to null")
-        need(cfg["data.pad_token"] is None, "data.pad_token",
-             "is for .bin files; the built-in corpus pads with byte 0 itself; set it to null")
+        require(cfg["data.vocab_size"] in (None, 256), "data.vocab_size",
+                f"{cfg['data.vocab_size']!r}, but the built-in corpus is bytes (256); set it to null")
+        require(cfg["data.pad_token"] is None, "data.pad_token",
+                "is for .bin files; the built-in corpus pads with byte 0 itself; set it to null")
         for key in ("data.builtin.train_bytes", "data.builtin.val_bytes"):
-            need(cfg[key] > cfg["data.seq_len"], key, f"{cfg[key]!r} must exceed data.seq_len")
+            require(cfg[key] > cfg["data.seq_len"], key, f"{cfg[key]!r} must exceed data.seq_len")
         if check_files:
             problem = builtin_corpus_problem()
-            need(problem is None, "data.train_bin", problem)
+            require(problem is None, "data.train_bin", problem)
     for key in ("data.limit", "data.val_windows"):
-        need(cfg[key] is None or cfg[key] >= 1, key, f"{cfg[key]!r} must be >= 1 or null")
+        require(cfg[key] is None or cfg[key] >= 1, key, f"{cfg[key]!r} must be >= 1 or null")
+
+
+def network_and_kd_value_problems(cfg, problems, notes):
+    """C3: the built-in networks' shapes, the KD weights, temperature, top-k and objective, added to problems."""
+    require = problem_check(problems)
+    vocab = vocab_size(cfg)
     for role in ("teacher", "student"):
         for dim in ("n_layer", "n_head", "n_embd"):
-            need(cfg[f"{role}.{dim}"] >= 1, f"{role}.{dim}", f"{cfg[f'{role}.{dim}']!r} must be >= 1")
-        need(cfg[f"{role}.n_embd"] % max(cfg[f"{role}.n_head"], 1) == 0, f"{role}.n_embd",
-             f"{cfg[f'{role}.n_embd']} is not divisible by {role}.n_head {cfg[f'{role}.n_head']}")
-    need(cfg["kd.temperature"] > 0, "kd.temperature", f"{cfg['kd.temperature']!r} must be > 0")
+            require(cfg[f"{role}.{dim}"] >= 1, f"{role}.{dim}", f"{cfg[f'{role}.{dim}']!r} must be >= 1")
+        require(cfg[f"{role}.n_embd"] % max(cfg[f"{role}.n_head"], 1) == 0, f"{role}.n_embd",
+                f"{cfg[f'{role}.n_embd']} is not divisible by {role}.n_head {cfg[f'{role}.n_head']}")
+    require(cfg["kd.temperature"] > 0, "kd.temperature", f"{cfg['kd.temperature']!r} must be > 0")
     for key in ("kd.alpha", "kd.beta", "kd.gamma"):
-        need(cfg[key] >= 0, key, f"{cfg[key]!r} must be >= 0")
+        require(cfg[key] >= 0, key, f"{cfg[key]!r} must be >= 0")
     k = cfg["kd.top_k"]
-    need(k is None or (k >= 1 and (vocab is None or k <= vocab)), "kd.top_k",
-         f"{k!r} must be in 1..vocab size ({vocab}) or null (full KD)")
+    require(k is None or (k >= 1 and (vocab is None or k <= vocab)), "kd.top_k",
+            f"{k!r} must be in 1..vocab size ({vocab}) or null (full KD)")
     problems += objective_problems(cfg, notes)
+
+
+def model_source_problems(cfg, problems, check_files):
+    """C3: where the trained network and the teacher come from (one source each; an offline cache; Hugging Face
+    directories; the teacher checkpoint's window length), added to problems."""
+    require = problem_check(problems)
+    k = cfg["kd.top_k"]
     # the models: at most one source of the trained network (student.*), exactly one teacher source with KD
     for key in ("student.target", "teacher.target"):
-        need(cfg[key] is None or re.fullmatch(r"[\w.]+:[\w.]+", cfg[key]) is not None, key,
-             f"{cfg[key]!r} must look like 'package.module:callable'")
-    need(cfg["student.hf_dir"] is None or cfg["student.target"] is None, "student.target",
-         "and student.hf_dir are both set; set at most one (both null = the built-in GPT of student.n_*)")
+        require(cfg[key] is None or re.fullmatch(r"[\w.]+:[\w.]+", cfg[key]) is not None, key,
+                f"{cfg[key]!r} must look like 'package.module:callable'")
+    require(cfg["student.hf_dir"] is None or cfg["student.target"] is None, "student.target",
+            "and student.hf_dir are both set; set at most one (both null = the built-in GPT of student.n_*)")
     for role in ("student", "teacher"):  # a key that would be ignored is an error: the user meant something by it
-        need(not cfg[f"{role}.kwargs"] or cfg[f"{role}.target"] is not None, f"{role}.kwargs",
-             f"is set but {role}.target is null, so nothing would use it; set {role}.target or remove {role}.kwargs")
+        require(not cfg[f"{role}.kwargs"] or cfg[f"{role}.target"] is not None, f"{role}.kwargs",
+                f"is set but {role}.target is null, so nothing would use it; set {role}.target or remove {role}.kwargs")
     sources = [key for key in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target") if cfg[key] is not None]
     cache = cfg["kd.teacher_cache"]
     if cfg["kd.enabled"]:
-        need(cfg["kd.alpha"] + cfg["kd.beta"] + cfg["kd.gamma"] > 0, "kd.alpha", "kd.alpha, kd.beta and kd.gamma are all 0")
-        need(len(sources) == 1 or (cache is not None and not sources), "kd.teacher_checkpoint",
-             "kd.enabled is true: set exactly one of kd.teacher_checkpoint (a checkpoint of this script), "
-             "kd.hf_teacher_dir and teacher.target (with a complete kd.teacher_cache, none is needed)"
-             + (f"; now set: {', '.join(sources)}" if sources else ""))
+        require(cfg["kd.alpha"] + cfg["kd.beta"] + cfg["kd.gamma"] > 0, "kd.alpha", "kd.alpha, kd.beta and kd.gamma are all 0")
+        require(len(sources) == 1 or (cache is not None and not sources), "kd.teacher_checkpoint",
+                "kd.enabled is true: set exactly one of kd.teacher_checkpoint (a checkpoint of this script), "
+                "kd.hf_teacher_dir and teacher.target (with a complete kd.teacher_cache, none is needed)"
+                + (f"; now set: {', '.join(sources)}" if sources else ""))
         if cache is not None:  # offline KD: the cache holds the teacher's top-k log-probabilities and nothing else
-            need(k is not None or cfg["kd.teacher_cache_mode"] == "sampled", "kd.top_k",
-                 "null, but kd.teacher_cache stores the teacher's top-k: set kd.top_k (e.g. 32), kd.teacher_cache_mode="
-                 "sampled or kd.teacher_cache=null")
-            need(cfg["kd.gamma"] == 0, "kd.gamma", f"{cfg['kd.gamma']!r}, but the hidden-state term needs the teacher's "
-                                                   "hidden states, which kd.teacher_cache does not store: set kd.gamma=0 "
-                                                   "(or kd.teacher_cache=null for online KD)")
-            need(not os.path.isfile(cache), "kd.teacher_cache", f"{cache} is a file; give a directory (made when absent)")
+            require(k is not None or cfg["kd.teacher_cache_mode"] == "sampled", "kd.top_k",
+                    "null, but kd.teacher_cache stores the teacher's top-k: set kd.top_k (e.g. 32), kd.teacher_cache_mode="
+                    "sampled or kd.teacher_cache=null")
+            require(cfg["kd.gamma"] == 0, "kd.gamma", f"{cfg['kd.gamma']!r}, but the hidden-state term needs the teacher's "
+                                                      "hidden states, which kd.teacher_cache does not store: set kd.gamma=0 "
+                                                      "(or kd.teacher_cache=null for online KD)")
+            require(not os.path.isfile(cache), "kd.teacher_cache", f"{cache} is a file; give a directory (made when absent)")
     else:  # plain LM training of student.*: every teacher and KD key would be ignored, so one set is an error
         for key in teacher_keys_set(cfg):
             problems.append(("C3", key, f"is set ({cfg[key]!r}), but kd.enabled is false: this run trains student.* "
@@ -728,13 +760,6 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
                 problems += hf_dir_problems(cfg, hf, "kd.teacher_checkpoint", "the teacher", False)
         except ConfigError as err:
             problems += err.problems
-    need(cfg["kd.chunk_tokens"] >= 0, "kd.chunk_tokens", f"{cfg['kd.chunk_tokens']!r} must be >= 0 (0 = off)")
-    metrics = ("val/loss", "val/ppl") + (("val/agreement",) if cfg["kd.enabled"] else ())
-    need(cfg["train.best_metric"] in metrics, "train.best_metric",
-         f"{cfg['train.best_metric']!r} is not one of {', '.join(metrics)}")
-    if problems:
-        raise ConfigError(problems)
-    return absolute_paths(cfg, PATH_KEYS), notes
 
 
 def on_policy_lengths(cfg):
