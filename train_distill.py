@@ -4217,10 +4217,23 @@ def objective_text(cfg, vocabulary):
 
 def make_task(run):
     """What the shared loop needs from distillation: batches, token counts, the loss, the eval."""
-    cfg, d, train_set, teacher = run["cfg"], run["dist"], run["train_set"], run["teacher"]
+    cfg, train_set, teacher = run["cfg"], run["train_set"], run["teacher"]
+    kd_term = make_kd_term(cfg)
+    # on-policy data (kd.on_policy_fraction), chosen once here: the section "On-policy data" below
+    on_policy = make_on_policy(run, kd_term) if on_policy_used(cfg) and teacher is not None else None
+    task = {"batches": make_batches(run), "count": train_set.count, "count_name": "tokens",
+            "loss": make_loss(run, kd_term, on_policy), "evaluate": evaluate}
+    if on_policy is not None:
+        task.update(step_count=on_policy["step_count"], record=on_policy["record"], empty_why=(
+            f" (every one on-policy, and every window's first {on_policy_lengths(cfg)[0]} tokens hold padding, so no "
+            "continuation is scored, E14; a kd.prompt_tokens shorter than the documents scores more)"))
+    return task
+
+
+def make_batches(run):
+    """The training micro-batches: (x, y) token windows, or offline (x, y, log_p_top, index, log_rest)."""
+    cfg, d, train_set = run["cfg"], run["dist"], run["train_set"]
     cache = run.get("teacher_cache")  # offline: micro-batches carry the teacher's cached top-k, no teacher runs
-    alpha, beta, gamma = cfg["kd.alpha"], cfg["kd.beta"], cfg["kd.gamma"]
-    temperature, top_k = cfg["kd.temperature"], cfg["kd.top_k"]
     name = "data.train_bin" if cfg["data.train_bin"] else "data.builtin"
 
     def batches(index_lists):
@@ -4235,6 +4248,32 @@ def make_task(run):
             check_token_ids(batch[0], batch[1], train_set.vocab, name)
             yield tuple(to_device(t, d["device"]) for t in batch)
 
+    return batches
+
+
+def make_kd_term(cfg):
+    """kd_term(logits, t_logits, cached, mask, log_q=None): the KD term of a micro-batch (below)."""
+    beta, temperature, top_k = cfg["kd.beta"], cfg["kd.temperature"], cfg["kd.top_k"]
+    kind, jsd_beta, skew_alpha = cfg["kd.divergence"], cfg["kd.jsd_beta"], cfg["kd.skew_alpha"]
+    scale = divergence_scale(kind, temperature)
+
+    def kd_term(logits, t_logits, cached, mask, log_q=None):
+        """kd.beta x scale x the divergence summed over the masked positions. Padding is masked with where(),
+        not dropped with logits[mask]: a boolean index has a data-dependent size, a host-device sync on GPUs
+        every micro-batch (G7). offline: the teacher's top-k numbers read from the cache, as online top-k.
+        log_q: the student's log_probs at T when the step has them already (G8)."""
+        div = kd_divergence(logits, kind, temperature, t_logits, top_k, cached or None, jsd_beta, skew_alpha, log_q)
+        return beta * scale * torch.where(mask, div, 0.0).sum()
+
+    return kd_term
+
+
+def make_chunked_loss(run):
+    """D6: chunked_loss(model, batch), the loss with kd.chunk_tokens set (below)."""
+    cfg, teacher = run["cfg"], run["teacher"]
+    cache = run.get("teacher_cache")
+    alpha, beta, gamma = cfg["kd.alpha"], cfg["kd.beta"], cfg["kd.gamma"]
+    temperature, top_k = cfg["kd.temperature"], cfg["kd.top_k"]
     chunk, key = cfg["kd.chunk_tokens"], trained_key(cfg)
 
     def chunked_loss(model, batch):  # D6: the same terms as loss() below, never a [batch, seq, vocab] tensor
@@ -4258,13 +4297,17 @@ def make_task(run):
             total = total + parts["hidden"]
         return total, parts
 
-    def kd_term(logits, t_logits, cached, mask, log_q=None):
-        """kd.beta x scale x the divergence summed over the masked positions. Padding is masked with where(),
-        not dropped with logits[mask]: a boolean index has a data-dependent size, a host-device sync on GPUs
-        every micro-batch (G7). offline: the teacher's top-k numbers read from the cache, as online top-k.
-        log_q: the student's log_probs at T when the step has them already (G8)."""
-        div = kd_divergence(logits, kind, temperature, t_logits, top_k, cached or None, jsd_beta, skew_alpha, log_q)
-        return beta * scale * torch.where(mask, div, 0.0).sum()
+    return chunked_loss
+
+
+def make_loss(run, kd_term, on_policy):
+    """loss(model, batch) -> (sum over the micro-batch, {part: value}): an on-policy micro-batch's, the chunked
+    loss, plain LM training's CE (kd.enabled false), or CE + KD + hidden-state terms, each at its weight."""
+    cfg, teacher = run["cfg"], run["teacher"]
+    cache = run.get("teacher_cache")
+    alpha, beta, gamma, temperature = cfg["kd.alpha"], cfg["kd.beta"], cfg["kd.gamma"], cfg["kd.temperature"]
+    chunk = cfg["kd.chunk_tokens"]
+    chunked_loss = make_chunked_loss(run) if chunk else None
 
     def loss(model, batch):
         if on_policy is not None and on_policy["draw_next"]():
@@ -4293,16 +4336,7 @@ def make_task(run):
                 parts["hidden"] = gamma * torch.where(real, hidden_term(projected, t_hidden), 0.0).sum()
         return sum(parts.values()), parts
 
-    kind, jsd_beta, skew_alpha = cfg["kd.divergence"], cfg["kd.jsd_beta"], cfg["kd.skew_alpha"]
-    scale = divergence_scale(kind, temperature)
-    task = {"batches": batches, "count": train_set.count, "count_name": "tokens", "loss": loss, "evaluate": evaluate}
-    # on-policy data (kd.on_policy_fraction), chosen once here: the section "On-policy data" below
-    on_policy = make_on_policy(run, kd_term) if on_policy_used(cfg) and teacher is not None else None
-    if on_policy is not None:
-        task.update(step_count=on_policy["step_count"], record=on_policy["record"], empty_why=(
-            f" (every one on-policy, and every window's first {on_policy_lengths(cfg)[0]} tokens hold padding, so no "
-            "continuation is scored, E14; a kd.prompt_tokens shorter than the documents scores more)"))
-    return task
+    return loss
 
 
 # -----------------------------------------------------------------------------
