@@ -1298,6 +1298,8 @@ def optimizer_step_counts(optimizer_state):
 
 
 def check_checkpoint(path, script, cfg, plan, opts):
+    """What a resume from this checkpoint would find: its step counters (R2), RNG (R4) and data position (R1),
+    and whether the config, the features' inputs and --world_size match it (S7)."""
     ckpt, found = load_checkpoint(path)
     if ckpt is None:
         return found
@@ -1311,14 +1313,7 @@ def check_checkpoint(path, script, cfg, plan, opts):
     found.append(finding("R6", "info", f"{path} loads with weights_only=True: step {gs}, {skipped} skipped, "
                          f"finished {bool(ckpt.get('finished'))}, task {ckpt.get('task')}, torch "
                          f"{ckpt.get('torch_version')}", "nothing to fix", source=src))
-    sched = ckpt.get("scheduler") or {}
-    if "last_epoch" not in sched:
-        found.append(finding("R2", "critical", "no scheduler state_dict (last_epoch) in the checkpoint",
-                             "save scheduler.state_dict() and load it on resume (R3)", source=src))
-    elif int(sched["last_epoch"]) != gs:
-        found.append(finding("R2", "critical", f"global_step {gs} but the scheduler has stepped {sched['last_epoch']} "
-                             "times: the LR after resume will not be the one this step should use",
-                             "step the scheduler exactly once per optimizer step, skipped steps included", source=src))
+    found += scheduler_step_problems(ckpt, gs)
     optimizer = ckpt.get("optimizer")
     if ckpt.get("shards"):  # D2: a sharded checkpoint's optimizer state is in the DCP directory it names
         try:
@@ -1327,6 +1322,29 @@ def check_checkpoint(path, script, cfg, plan, opts):
             return found + [finding("D2", "critical", err.problems[0][2] + prev_shards_note(path, script),
                                     "copy the directory beside the checkpoint, or check the run's export/", source=src)]
         optimizer = {"state": {k: {"step": v} for k, v in steps.items() if k.endswith(".step")}}
+    found += optimizer_step_problems(ckpt, optimizer, gs, skipped)
+    found += rng_and_position_problems(ckpt, script, gs)
+    found += resume_match_problems(ckpt, script, cfg, plan, opts)
+    return found
+
+
+def scheduler_step_problems(ckpt, gs):
+    """R2: the scheduler stepped once per optimizer step, skipped ones included."""
+    found, src = [], "checkpoint"
+    sched = ckpt.get("scheduler") or {}
+    if "last_epoch" not in sched:
+        found.append(finding("R2", "critical", "no scheduler state_dict (last_epoch) in the checkpoint",
+                             "save scheduler.state_dict() and load it on resume (R3)", source=src))
+    elif int(sched["last_epoch"]) != gs:
+        found.append(finding("R2", "critical", f"global_step {gs} but the scheduler has stepped {sched['last_epoch']} "
+                             "times: the LR after resume will not be the one this step should use",
+                             "step the scheduler exactly once per optimizer step, skipped steps included", source=src))
+    return found
+
+
+def optimizer_step_problems(ckpt, optimizer, gs, skipped):
+    """R2: the optimizer's own step count is global_step - skipped_steps, the same for every parameter."""
+    found, src = [], "checkpoint"
     counts = optimizer_step_counts(optimizer)
     if len(counts) > 1:
         found.append(finding("R2", "critical", f"the optimizer's parameters disagree on their step count "
@@ -1340,6 +1358,12 @@ def check_checkpoint(path, script, cfg, plan, opts):
             and (ckpt.get("config") or {}).get("optim.name") != "sgd":
         found.append(finding("R2", "critical", f"global_step {gs} with {skipped} skipped, but the optimizer has no "
                              "state: it never stepped", "save optimizer.state_dict() after real steps", source=src))
+    return found
+
+
+def rng_and_position_problems(ckpt, script, gs):
+    """R4: an RNG state per process; R1: the data position that global_step implies."""
+    found, src = [], "checkpoint"
     rng = ckpt.get("rng")
     parts = ("torch", "numpy", "python")
     if not isinstance(rng, list) or not rng or not all(isinstance(r, dict) and all(p in r for p in parts) for r in rng):
@@ -1364,6 +1388,15 @@ def check_checkpoint(path, script, cfg, plan, opts):
                                  f"{position['step_in_epoch']} = step {where} of {per_epoch}-step epochs, but "
                                  f"global_step is {gs}: resume would repeat or skip data",
                                  "derive the data position from global_step", source=src))
+    return found
+
+
+def resume_match_problems(ckpt, script, cfg, plan, opts):
+    """S7/R1: what the script compares before it resumes: the seed, the features' inputs, the task, the number
+    of processes and the schedule."""
+    found, src = [], "checkpoint"
+    gs, position = int(ckpt["global_step"]), ckpt.get("data_position")
+    sig = ckpt.get("schedule") or {}
     if cfg is not None and isinstance(position, dict) and position.get("seed", cfg["seed"]) != cfg["seed"]:
         found.append(finding("S7", "critical", f"seed {cfg['seed']}, but this checkpoint was trained with seed "
                              f"{position['seed']}: the data order of the epoch in progress depends on it (R5); the "
