@@ -1733,7 +1733,6 @@ def build_figure(views):
     matplotlib.use("Agg")  # no display needed (ssh, CI)
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    from matplotlib.transforms import blended_transform_factory
     fig = plt.figure(figsize=PLOT_INCHES, dpi=PLOT_DPI)
     grid = fig.add_gridspec(len(PLOT_PANELS) + 1, 1, height_ratios=(3, 1.6, 2, 2, 1.4, 1.3), left=0.075,
                             right=0.985, top=0.94, bottom=0.01, hspace=0.22)
@@ -1744,53 +1743,76 @@ def build_figure(views):
         axes[panel].tick_params(labelsize=8, labelbottom=panel == PLOT_PANELS[-1])
         axes[panel].grid(alpha=0.25)
     axes[PLOT_PANELS[-1]].set_xlabel("optimizer step", fontsize=9)
-    styles, legends = ["--", ":", "-."], {panel: {} for panel in PLOT_PANELS}
-    shapes = ["o", "s", "^", "D", "v"]
+    legends = {panel: {} for panel in PLOT_PANELS}
     labelled = {p: 0 for p in PLOT_PANELS}  # over all runs: a second run's labels go below the first's
     for k, view in enumerate(views):
         color = RUN_COLORS[k % len(RUN_COLORS)]
-        for panel, items in view["series"].items():
-            ax, n_comp, n_val = axes[panel], 0, 0
-            for label, xs, ys, style in items:
-                kw = {"line": dict(lw=1.2), "behind": dict(lw=6, alpha=0.22, solid_capstyle="butt"),
-                      "threshold": dict(lw=1.2, ls=":"), "sum": dict(lw=1.0, alpha=0.4),
-                      "logged": dict(ls="none", marker=".", ms=4)}.get(style)
-                if style == "component":
-                    kw, n_comp = dict(lw=1.0, ls=styles[n_comp % len(styles)]), n_comp + 1
-                elif style == "points":
-                    kw, n_val = dict(lw=0.7, marker=shapes[n_val % len(shapes)], ms=4), n_val + 1
-                ax.plot(xs, ys, color=color, **kw)
-                legends[panel].setdefault(label, Line2D([], [], color="0.35", **kw))
-        trans = {p: blended_transform_factory(axes[p].transData, axes[p].transAxes) for p in PLOT_PANELS}
-        for mark in view["markers"]:
-            spans = mark["spans"]
-            if mark["kind"] == "skipped":
-                for p in ("loss", "grad_norm"):
-                    axes[p].plot([a for a, _ in spans], [0.04] * len(spans), "x", color="#d62728", ms=6, mew=1.5,
-                                 transform=trans[p], clip_on=False)
-                    legends[p].setdefault("skipped step", Line2D([], [], color="#d62728", marker="x", ls=""))
-                continue
-            if mark["kind"] != "finding":  # resume / stop / early stop: a line across every panel
-                ls = {"resume": "--", "stopped": ":", "early_stopped": "-"}[mark["kind"]]
-                for p in PLOT_PANELS:
-                    axes[p].axvline(spans[0][0], color="black", ls=ls, lw=1.1, alpha=0.8)
-                axes["loss"].text(spans[0][0], 0.97 - 0.1 * labelled["loss"], f" {mark['label']} ({view['name']})"
-                                  if len(views) > 1 else f" {mark['label']}", transform=trans["loss"], fontsize=8,
-                                  va="top", color=color)
-                labelled["loss"] += 1
-                continue
-            ax, shade = axes[mark["panel"]], SEVERITY_COLORS[mark["severity"]]
-            # E2 is about the loss terms drawn there: a band along the panel's foot, not a veil over them
-            foot = dict(ymin=0, ymax=0.06, alpha=0.5) if mark["label"] == "E2" else dict(alpha=0.13)
-            for a, b in spans:
-                if a == b:
-                    ax.axvline(a, color=shade, lw=0.9, **({"ymax": 0.06} if "ymax" in foot else {"alpha": 0.75}))
-                else:
-                    ax.axvspan(a - 0.5, b + 0.5, color=shade, lw=0, **foot)
-            ax.text(spans[0][0], 0.96 - 0.13 * (labelled[mark["panel"]] % 6), mark["label"], transform=trans[mark["panel"]],
-                    fontsize=8, fontweight="bold", va="top", color=shade, gid=f"finding {mark['label']} {view['name']}",
-                    bbox=dict(boxstyle="square,pad=0.1", fc="white", ec=color, lw=1, alpha=0.85))
-            labelled[mark["panel"]] += 1
+        draw_series(axes, view, color, legends)
+        draw_markers(axes, view, color, legends, labelled, len(views))
+    finish_panels(fig, axes, legends, views)
+    legend = fig.legend([Line2D([], [], color=RUN_COLORS[k % len(RUN_COLORS)], lw=2.5) for k in range(len(views))],
+               [f"{v['name']} ({v['log']})" for v in views], loc="upper center", ncol=min(len(views), 3),
+               fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.985))
+    return fig, axes, legend
+
+
+def draw_series(axes, view, color, legends):
+    """One run's logged series on their panels, in the run's colour; each style once in the panel's legend."""
+    from matplotlib.lines import Line2D
+    styles, shapes = ["--", ":", "-."], ["o", "s", "^", "D", "v"]
+    for panel, items in view["series"].items():
+        ax, n_comp, n_val = axes[panel], 0, 0
+        for label, xs, ys, style in items:
+            kw = {"line": dict(lw=1.2), "behind": dict(lw=6, alpha=0.22, solid_capstyle="butt"),
+                  "threshold": dict(lw=1.2, ls=":"), "sum": dict(lw=1.0, alpha=0.4),
+                  "logged": dict(ls="none", marker=".", ms=4)}.get(style)
+            if style == "component":
+                kw, n_comp = dict(lw=1.0, ls=styles[n_comp % len(styles)]), n_comp + 1
+            elif style == "points":
+                kw, n_val = dict(lw=0.7, marker=shapes[n_val % len(shapes)], ms=4), n_val + 1
+            ax.plot(xs, ys, color=color, **kw)
+            legends[panel].setdefault(label, Line2D([], [], color="0.35", **kw))
+
+
+def draw_markers(axes, view, color, legends, labelled, n_views):
+    """One run's skipped steps, resume/stop lines and findings (shaded spans labelled with the row id)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import blended_transform_factory
+    trans = {p: blended_transform_factory(axes[p].transData, axes[p].transAxes) for p in PLOT_PANELS}
+    for mark in view["markers"]:
+        spans = mark["spans"]
+        if mark["kind"] == "skipped":
+            for p in ("loss", "grad_norm"):
+                axes[p].plot([a for a, _ in spans], [0.04] * len(spans), "x", color="#d62728", ms=6, mew=1.5,
+                             transform=trans[p], clip_on=False)
+                legends[p].setdefault("skipped step", Line2D([], [], color="#d62728", marker="x", ls=""))
+            continue
+        if mark["kind"] != "finding":  # resume / stop / early stop: a line across every panel
+            ls = {"resume": "--", "stopped": ":", "early_stopped": "-"}[mark["kind"]]
+            for p in PLOT_PANELS:
+                axes[p].axvline(spans[0][0], color="black", ls=ls, lw=1.1, alpha=0.8)
+            axes["loss"].text(spans[0][0], 0.97 - 0.1 * labelled["loss"], f" {mark['label']} ({view['name']})"
+                              if n_views > 1 else f" {mark['label']}", transform=trans["loss"], fontsize=8,
+                              va="top", color=color)
+            labelled["loss"] += 1
+            continue
+        ax, shade = axes[mark["panel"]], SEVERITY_COLORS[mark["severity"]]
+        # E2 is about the loss terms drawn there: a band along the panel's foot, not a veil over them
+        foot = dict(ymin=0, ymax=0.06, alpha=0.5) if mark["label"] == "E2" else dict(alpha=0.13)
+        for a, b in spans:
+            if a == b:
+                ax.axvline(a, color=shade, lw=0.9, **({"ymax": 0.06} if "ymax" in foot else {"alpha": 0.75}))
+            else:
+                ax.axvspan(a - 0.5, b + 0.5, color=shade, lw=0, **foot)
+        ax.text(spans[0][0], 0.96 - 0.13 * (labelled[mark["panel"]] % 6), mark["label"], transform=trans[mark["panel"]],
+                fontsize=8, fontweight="bold", va="top", color=shade, gid=f"finding {mark['label']} {view['name']}",
+                bbox=dict(boxstyle="square,pad=0.1", fc="white", ec=color, lw=1, alpha=0.85))
+        labelled[mark["panel"]] += 1
+
+
+def finish_panels(fig, axes, legends, views):
+    """The loss panel's clip and the shared step range, empty panels said, log scale for spiky gradient norms,
+    each panel's legend."""
     top = loss_top(views)
     axes["loss"].set_ylim(loss_bottom(views, top), top)  # None: that side as matplotlib scales it
     if top is not None:
@@ -1807,10 +1829,6 @@ def build_figure(views):
                 ax.set_yscale("log")
         if legends[panel]:
             place_legend(fig, ax, legends[panel])
-    legend = fig.legend([Line2D([], [], color=RUN_COLORS[k % len(RUN_COLORS)], lw=2.5) for k in range(len(views))],
-               [f"{v['name']} ({v['log']})" for v in views], loc="upper center", ncol=min(len(views), 3),
-               fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.985))
-    return fig, axes, legend
 
 
 def place_legend(fig, ax, entries):
