@@ -162,7 +162,8 @@ CONFIG = {
     "kd.prompt_tokens": (None, "int?", "on-policy: the prompt is each window's first N tokens; null = data.seq_len // 2"),
     "kd.max_new_tokens": (None, "int?", "on-policy: tokens the student generates after the prompt; null = the rest "
                           "of the window (data.seq_len - kd.prompt_tokens)"),
-    "kd.sample_temperature": (1.0, "float", "on-policy: the student's sampling temperature; 0 = greedy (the first-ranked token)"),
+    "kd.sample_temperature": (1.0, "float", "on-policy: the student's sampling temperature; 0 = greedy (the "
+                                            "first-ranked token)"),
     "kd.eos_token": (None, "int?", "on-policy: the id that ends a generated sequence (nothing after it is generated or "
                                    "scored); null = a Hugging Face student's eos_token_id, none for other students"),
     "kd.hidden_layers": (None, "pairs?", "kd.gamma's layer map [[student_layer, teacher_layer], ...], one learned "

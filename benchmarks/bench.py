@@ -887,9 +887,10 @@ def gkd_side(td, run, student_dir, teacher_dir, tmp, prompt=None, new_tokens=Non
     windows = np.concatenate([train_set.windows(indices) for (indices,) in order])
     y = torch.cat([train_set[indices][1] for (indices,) in order])
     labels = torch.cat([torch.full((len(y), 1), -100), y], 1)  # labels[:, 1:] are the kit's targets
-    columns = {"input_ids": windows.tolist(), "attention_mask": np.ones_like(windows).tolist(), "labels": labels.tolist()}
+    ones = np.ones_like(windows)
+    columns = {"input_ids": windows.tolist(), "attention_mask": ones.tolist(), "labels": labels.tolist()}
     if prompt:  # GKD's on-policy inputs: the prompt alone (every token real), generation replaces the rest
-        columns.update(prompts=windows[:, :prompt].tolist(), prompt_attention_mask=np.ones_like(windows[:, :prompt]).tolist())
+        columns.update(prompts=windows[:, :prompt].tolist(), prompt_attention_mask=ones[:, :prompt].tolist())
     rows = datasets.Dataset.from_dict(columns)
 
     def collate(items):
@@ -937,21 +938,26 @@ def gkd_side(td, run, student_dir, teacher_dir, tmp, prompt=None, new_tokens=Non
             return loss
 
         trainer.compute_loss = recorded
-        if prompt:  # the equal-work check: how many tokens GKD generated and scored
-            generate_outputs = trainer.generate_on_policy_outputs
-
-            def counted(*args, **kwargs):
-                ids, mask, labels = generate_outputs(*args, **kwargs)
-                go.generated.append((tuple(ids.shape), int((labels[:, 1:] != -100).sum())))
-                return ids, mask, labels
-
-            trainer.generate_on_policy_outputs = counted
+        if prompt:
+            count_generation(trainer, go.generated)
         with quiet_process(), contextlib.redirect_stdout(io.StringIO()):
             trainer.train()
         assert trainer.state.global_step == steps
         return list(stamps), float(losses[0]), student.state_dict()
     go.generated = []
     return go
+
+
+def count_generation(trainer, generated):
+    """The equal-work check of the on-policy row: each GKD generation's (shape, scored tokens) into `generated`."""
+    generate_outputs = trainer.generate_on_policy_outputs
+
+    def counted(*args, **kwargs):
+        ids, mask, labels = generate_outputs(*args, **kwargs)
+        generated.append((tuple(ids.shape), int((labels[:, 1:] != -100).sum())))
+        return ids, mask, labels
+
+    trainer.generate_on_policy_outputs = counted
 
 
 def step_seconds(stamps, warmup=TRL_WARMUP):
@@ -1459,8 +1465,8 @@ def onpolicy_rows(o):
         return [(label, "same on-policy work", "skipped", "-", o["skipped"])]
     ms, n = o["ms"], o["noise"]
     work = (f"GPT-2 student 2 x 128 from teacher 4 x 128, {o['batch']} prompts of {o['prompt']} byte tokens + "
-            f"{o['new']} sampled (temperature 1) per step, forward KL on the generated tokens, fp32, 1 thread; median of "
-            f"steps {o['warmup'] + 1}-{o['steps']}, fastest of {o['rounds']} interleaved rounds")
+            f"{o['new']} sampled (temperature 1) per step, forward KL on the generated tokens, fp32, 1 thread; "
+            f"median of steps {o['warmup'] + 1}-{o['steps']}, fastest of {o['rounds']} interleaved rounds")
     check = (f"generated and scored per step: kit {o['kit_generated_per_step']}, GKD {o['gkd_generated']} "
              f"({'equal' if o['equal_work'] else 'NOT equal'})")
 
@@ -1493,8 +1499,8 @@ def trl_128k_rows(t):
     if "skipped" in t:
         return [(label, "same distillation work", "skipped", "-", t["skipped"])]
     ms, n = t["ms"], t["noise"]
-    work = (f"GPT-2 student 2 x {t['width']} from teacher 4 x {t['width']}, vocabulary {t['vocab']:,}, {t['batch']} x 64 "
-            f"tokens per step, forward KL at T 1, kit kd.chunk_tokens {t['chunk']}, fp32, 1 thread")
+    work = (f"GPT-2 student 2 x {t['width']} from teacher 4 x {t['width']}, vocabulary {t['vocab']:,}, "
+            f"{t['batch']} x 64 tokens per step, forward KL at T 1, kit kd.chunk_tokens {t['chunk']}, fp32, 1 thread")
     check = (f"step-1 loss kit {t['first_loss']['kit']:.6f}, GKD {t['first_loss']['gkd']:.6f} "
              f"({'equal' if t['equal_first_loss'] else 'NOT equal'})")
 
@@ -1524,7 +1530,8 @@ def markdown_table(rows):
 TRL_KEYS = ("trl_step_ratio", "trl_step_ratio_noise", "trl_offline_step_ratio", "trl_offline_step_ratio_noise",
             "distill_overhead_ratio", "distill_overhead_ratio_noise", "equal_first_loss")
 ONPOLICY_KEYS = ("trl_onpolicy_step_ratio", "trl_onpolicy_step_ratio_noise", "onpolicy_extra_over_generate",
-                 "onpolicy_extra_over_generate_noise", "generate_tokens_per_s_ratio", "generate_tokens_per_s_ratio_noise")
+                 "onpolicy_extra_over_generate_noise", "generate_tokens_per_s_ratio",
+                 "generate_tokens_per_s_ratio_noise")
 V128K_KEYS = ("trl_step_ratio_128k", "trl_step_ratio_128k_noise", "trl_mem_ratio_128k")
 
 
