@@ -125,6 +125,9 @@ CONFIG = {
     "data.vocab_size": (None, "int?", "vocabulary size of the .bin files (required with them); the built-in corpus is bytes, 256"),
     "data.seq_len": (128, "int", "tokens per window; a sample is window i = tokens[i*seq_len : i*seq_len + seq_len + 1]"),
     "data.pad_token": (None, "int?", ".bin files only: id marking padding; a target equal to it or following it is ignored"),
+    "data.too_long": ("refuse", ("refuse", "truncate", "drop"), "examples prepared by prepare_text.py (chat, "
+                      "prompt/completion) longer than data.seq_len + 1 tokens: refuse the config, truncate them "
+                      "to it, or drop them (C10)"),
     "data.limit": (None, "int?", "use only the first N windows of each split (debugging, --dry_run)"),
     "data.val_windows": (512, "int?", "windows each eval scores, evenly spaced over the val split; null = all"),
     "data.builtin.train_bytes": (2_000_000, "int", "built-in corpus: bytes of training text (whole files, padded)"),
@@ -667,6 +670,7 @@ def data_problems(cfg, problems, check_files):
         pad = cfg["data.pad_token"]
         require(pad is None or vocab is None or 0 <= pad < vocab, "data.pad_token", f"{pad!r} must be an id in 0..vocab_size-1 or null")
         if check_files and not problems:
+            problems += prepared_text_problems(cfg)
             for key in ("data.train_bin", "data.val_bin"):
                 size, item = os.path.getsize(cfg[key]), np.dtype(cfg["data.dtype"]).itemsize
                 require(size % item == 0, key, f"{cfg[key]} has {size} bytes, not a whole number of {cfg['data.dtype']} "
@@ -1332,13 +1336,20 @@ class TokenWindows(torch.utils.data.Dataset):
                                     "data.vocab_size or data.dtype, or that file")])
             self.source = f"{self.path} ({num_tokens} {self.dtype.name} tokens)"
             self.digest = content_record(self.path)["sha256"]  # C4/R11: resume compares the bytes, not the name
+            self.examples = example_bounds(cfg, split)
+            if self.examples is not None:  # C10: one example a row, padded; its loss mask says which targets count
+                self.pad, self.mask = None, None
+                long, how = self.examples["long"], {"truncate": "truncated to it", "drop": "dropped"}
+                self.source += (f", {len(self.examples['starts'])} examples" + (
+                    f" ({long} longer than data.seq_len + 1 tokens, {how[cfg['data.too_long']]}: data.too_long)"
+                    if long else ""))
         else:
-            self.pad = BUILTIN_PAD
+            self.pad, self.examples = BUILTIN_PAD, None
             self.tokens = builtin_corpus(split, self.seq_len, cfg[f"data.builtin.{split}_bytes"])
             num_tokens = len(self.tokens)
             self.digest = hashlib.sha256(self.tokens.tobytes()).hexdigest()
             self.source = f"built-in corpus: generated Python-like text, {num_tokens} bytes, sha256 {self.digest[:12]}"
-        self.num_windows = (num_tokens - 1) // self.seq_len
+        self.num_windows = (num_tokens - 1) // self.seq_len if self.examples is None else len(self.examples["starts"])
         if cfg["data.limit"] is not None:
             self.num_windows = min(self.num_windows, cfg["data.limit"])
         self.offsets = np.arange(self.seq_len + 1)
@@ -1346,7 +1357,7 @@ class TokenWindows(torch.utils.data.Dataset):
     def __getstate__(self):  # a worker started by spawn maps the file itself, it is never pickled whole
         state = dict(self.__dict__)
         if self.path:
-            state["tokens"] = None
+            state["tokens"] = state["mask"] = None
         return state
 
     def stream(self):
@@ -1359,7 +1370,23 @@ class TokenWindows(torch.utils.data.Dataset):
 
     def windows(self, indices):
         indices = np.asarray(indices, dtype=np.int64)
+        if self.examples is not None:
+            return self.rows(indices)[0]
         return np.asarray(self.stream()[indices[:, None] * self.seq_len + self.offsets], dtype=np.int64)
+
+    def rows(self, indices):
+        """(ids [n, L + 1], real targets [n, L]) of windows, or of examples: each from its start, cut at
+        data.seq_len + 1 tokens, padded after its end, its targets those its loss mask holds (C10)."""
+        if self.examples is None:
+            w = self.windows(indices)
+            return w, self.real_targets(w)
+        if self.mask is None:
+            self.mask = np.memmap(self.examples["mask"], dtype=np.uint8, mode="r")
+        w, real = np.zeros((len(indices), self.seq_len + 1), np.int64), np.zeros((len(indices), self.seq_len + 1), bool)
+        for row, i in enumerate(indices):
+            a, b = self.examples["starts"][i], self.examples["ends"][i]
+            w[row, :b - a], real[row, :b - a] = self.stream()[a:b], self.mask[a:b]
+        return w, real[:, 1:]
 
     def real_targets(self, w):
         """True where window w's target is a real token: not padding, and not read right after padding."""
@@ -1370,13 +1397,13 @@ class TokenWindows(torch.utils.data.Dataset):
     def count(self, indices):
         """G2: real target tokens in these windows, from the data on the host: every process computes
         the global count of a step itself, without communication."""
-        if self.pad is None:
+        if self.pad is None and self.examples is None:
             return len(indices) * self.seq_len
-        return int(self.real_targets(self.windows(indices)).sum())
+        return int(self.rows(indices)[1].sum())
 
     def __getitem__(self, indices):
-        w = self.windows(indices)
-        y = np.where(self.real_targets(w), w[:, 1:], IGNORE)
+        w, real = self.rows(indices)
+        y = np.where(real, w[:, 1:], IGNORE)
         return torch.from_numpy(w[:, :-1].copy()), torch.from_numpy(y)
 
 
@@ -1453,6 +1480,91 @@ def content_record(path):
 # ==== end shared: data file content ====
 
 
+# -----------------------------------------------------------------------------
+# Examples prepared by prepare_text.py (C10): beside the token file, manifest.json says what made it (tokenizer
+# and chat template digests) and, for chat and prompt/completion data, names each split's loss mask
+# (*.mask.bin, one byte per token) and example bounds (*.starts.npy). Every run, dry run and diagnose checks it.
+def prepared_text(path):
+    """(manifest, its record of the token file `path`) when prepare_text.py made it, else (None, None)."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(manifest, dict) or manifest.get("made_by") != "prepare_text.py":
+        return None, None
+    return manifest, next((r for r in manifest.get("splits", {}).values() if r.get("file") == os.path.basename(path)),
+                          None)
+
+
+def example_bounds(cfg, split):
+    """C10: a prepared split's examples as the run reads them (data.too_long applied: long ones cut to
+    data.seq_len + 1 tokens, or dropped): {starts, ends, long (how many were longer), mask path}; None: windows."""
+    path = cfg[f"data.{split}_bin"]
+    record = prepared_text(path)[1]
+    if not record or "starts" not in record:
+        return None
+    bounds = np.load(os.path.join(os.path.dirname(os.path.abspath(path)), record["starts"]))
+    starts, ends, room = bounds[:-1], bounds[1:], cfg["data.seq_len"] + 1
+    long = ends - starts > room
+    keep = ~long if cfg["data.too_long"] == "drop" else np.ones(len(starts), bool)
+    return {"starts": starts[keep], "ends": np.minimum(ends[keep], starts[keep] + room), "long": int(long.sum()),
+            "mask": os.path.join(os.path.dirname(os.path.abspath(path)), record["mask"])}
+
+
+@functools.lru_cache(maxsize=8)
+def directory_tokenizer_digest(path, stat):
+    """tokenizer_digest() of the tokenizer saved in a model directory, None when it holds none (or it does not
+    load). `stat` (its tokenizer files' file_stat) keys the memo."""
+    if not stat:
+        return None
+    try:
+        return tokenizer_digest(transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True))
+    except Exception:  # a directory whose tokenizer files do not load: nothing to compare (its model errors are C3's)
+        return None
+
+
+def prepared_text_problems(cfg):
+    """C10: token files prepare_text.py made must be what the config says: the same vocabulary and id type,
+    unchanged since, examples that fit data.seq_len (or data.too_long), and the models' tokenizer. resolve_config()
+    calls it, so the run, --dry_run and diagnose_and_fix.py refuse alike."""
+    problems, models = [], [k for k in ("student.hf_dir", "kd.hf_teacher_dir") if cfg[k] and os.path.isdir(cfg[k])]
+    seen = set()
+    for key in ("data.train_bin", "data.val_bin"):
+        manifest, record = prepared_text(cfg[key])
+        if record is None:
+            continue
+        made = f"{os.path.dirname(cfg[key]) or '.'}/manifest.json"
+        again = f"python prepare_text.py SOURCES --tokenizer DIR --out {os.path.dirname(cfg[key]) or '.'}"
+        for name in ("vocab_size", "dtype"):
+            if cfg[f"data.{name}"] != manifest.get(name):
+                problems.append(("C10", f"data.{name}", f"{cfg[f'data.{name}']!r}, but {made} says "
+                                 f"{manifest.get(name)!r}; set data.{name}: {manifest.get(name)}"))
+        if os.path.getsize(cfg[key]) != record.get("bytes"):
+            problems.append(("C10", key, f"{cfg[key]} is {os.path.getsize(cfg[key])} bytes, {made} says "
+                             f"{record.get('bytes')}: it changed after it was prepared; prepare again: {again}"))
+        longest = record.get("longest", 0)
+        if longest > cfg["data.seq_len"] + 1 and cfg["data.too_long"] == "refuse" and "data.seq_len" not in seen:
+            seen.add("data.seq_len")  # one line for both splits: the longest of the two
+            longest = max(r.get("longest", 0) for r in manifest.get("splits", {}).values())
+            problems.append(("C10", "data.seq_len", f"{cfg['data.seq_len']}, but the longest example {made} holds is "
+                             f"{longest} tokens; set data.seq_len to at least {longest - 1}, or data.too_long to "
+                             "truncate or drop the longer examples"))
+        if "starts" in record and record.get("loss_tokens") == 0:
+            problems.append(("C10", key, f"{cfg[key]} holds prompts only (no completion, nothing to train or score "
+                             "on); prepare prompt/completion or messages rows (prompt-only training comes later)"))
+        for model in models if key == "data.train_bin" else ():
+            stat = tuple(file_stat(os.path.join(cfg[model], n)) for n in TOKENIZER_FILES
+                         if os.path.isfile(os.path.join(cfg[model], n)))
+            digest = directory_tokenizer_digest(cfg[model], stat)
+            if digest is not None and digest != manifest.get("tokenizer", {}).get("sha256"):
+                problems.append(("C10", model, f"{cfg[model]}'s tokenizer is not the one {made} was prepared with "
+                                 f"({manifest.get('tokenizer', {}).get('dir')}): its ids mean other tokens; prepare "
+                                 f"the data with this model's tokenizer: python prepare_text.py SOURCES --tokenizer "
+                                 f"{cfg[model]} --out DIR"))
+    return problems
+
+
 TOKEN_SCAN_IDS = 1 << 24  # ids per block when a token file is scanned: 32-64 MiB of memory whatever the file's size
 
 
@@ -1498,8 +1610,11 @@ def builtin_digest(cfg):
 
 
 def window_count(cfg, split):
-    """A split's windows, cheaply: the token file's size, or the built-in corpus (built once, cached)."""
-    if cfg[f"data.{split}_bin"]:
+    """A split's windows, cheaply: the token file's size, its examples, or the built-in corpus (built once, cached)."""
+    examples = example_bounds(cfg, split) if cfg[f"data.{split}_bin"] else None
+    if examples is not None:
+        n = len(examples["starts"])
+    elif cfg[f"data.{split}_bin"]:
         n = (os.path.getsize(cfg[f"data.{split}_bin"]) // np.dtype(cfg["data.dtype"]).itemsize - 1) // cfg["data.seq_len"]
     else:
         n = (len(builtin_corpus(split, cfg["data.seq_len"], cfg[f"data.builtin.{split}_bytes"])) - 1) // cfg["data.seq_len"]
@@ -4173,7 +4288,8 @@ def print_plan(run, resumed):
     marks = schedule_landmarks(cfg, plan)
     b, a, w, n = plan["batch_size"], plan["grad_accum"], plan["world_size"], plan["num_samples"]
     tr, va = run["train_set"], run["val_set"]
-    log(run, f"data: {tr.source}; {n} train windows of {tr.seq_len} tokens, vocab {tr.vocab}")
+    log(run, f"data: {tr.source}; {n} train {'windows' if tr.examples is None else 'examples, each a window'} of "
+             f"{tr.seq_len} tokens, vocab {tr.vocab}")
     log(run, f"val: {va.source}; each eval scores {len(run['val_windows'])} of its {len(va)} windows")
     log(run, f"steps: ceil({n} / ({b} x {w} processes)) = {plan['micro_batches_per_epoch']} micro-batches per epoch; "
              f"ceil({plan['micro_batches_per_epoch']} / grad_accum {a}) = {plan['steps_per_epoch']} optimizer steps per epoch; "
@@ -4881,6 +4997,8 @@ def dry_run_settings(cfg, overrides, d):
     """The overrides that shrink the real config to the tiny runs'."""
     # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process
     tiny = list(overrides) + DRY_RUN_SETTINGS + [f"data.limit={26 * d['world']}"]
+    if cfg["data.train_bin"] and example_bounds(cfg, "train") is not None:  # C10: examples whole, as the run has them
+        tiny.append(f"data.seq_len={cfg['data.seq_len']}")
     if cfg["kd.hidden_layers"]:  # the tiny built-in student as deep as the layer map reaches
         tiny.append(f"student.n_layer={max(1, *(s for s, _ in cfg['kd.hidden_layers']))}")
     if 0 < cfg["kd.on_policy_fraction"]:  # on-policy: both kinds of micro-batch in the tiny runs, prompts that fit

@@ -128,8 +128,9 @@ def words(rng, n):
 
 def chat_rows(rng, n):
     return [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": words(rng, 5)},
-                          {"role": "assistant", "content": words(rng, 6)}, {"role": "user", "content": words(rng, 3)},
-                          {"role": "assistant", "content": words(rng, 4)}]} for _ in range(n)]
+                          {"role": "assistant", "content": words(rng, 6)},
+                          {"role": "user", "content": words(rng, int(rng.integers(1, 12)))},
+                          {"role": "assistant", "content": words(rng, int(rng.integers(2, 12)))}]} for _ in range(n)]
 
 
 def write_jsonl(path, rows):
@@ -145,7 +146,7 @@ def prepared_examples(out, split):
     ids = np.fromfile(out / manifest["file"], np.uint16)
     mask = np.fromfile(out / manifest["mask"], np.uint8)
     starts = np.load(out / manifest["starts"])
-    return [(ids[a:b], mask[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+    return [(ids[a:b].astype(np.int64), mask[a:b]) for a, b in zip(starts[:-1], starts[1:])]
 
 
 @needs_hf
@@ -247,3 +248,114 @@ def test_c10_bad_examples_are_one_line_naming_the_file_line_and_key_exit_2_and_w
     assert P.main([str(tmp_path / "x.parquet"), "--tokenizer", tok_dir, "--out", str(tmp_path / "op")]) == 2
     line = capsys.readouterr().err.strip()
     assert line.startswith("config error: SOURCES:") and "needs the pyarrow package" in line and "\n" not in line
+
+
+# ----------------------------------------------------------------------------- training on examples (C10)
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    """A tiny chat dataset prepared with a ChatML tokenizer, and an HF teacher of that vocabulary."""
+    if not T.transformers_installed():
+        pytest.skip(f"transformers is not installed for {sys.executable}")
+    root = tmp_path_factory.mktemp("chat")
+    rng = np.random.default_rng(3)
+    tok_dir = zoo.chat_tokenizer(root / "tok", [words(rng, 50) for _ in range(20)])
+    src = write_jsonl(root / "src" / "chat.jsonl", chat_rows(rng, 40))
+    assert P.main([src, "--tokenizer", tok_dir, "--out", str(root / "data")]) == 0
+    data = yaml.safe_load((root / "data" / "data.yaml").read_text())["data"]
+    teacher = zoo.hf_gpt2(root / "teacher", vocab=data["vocab_size"], positions=128)
+    return {"root": root, "tok": tok_dir, "data": data, "teacher": teacher, "src": src,
+            "manifest": json.loads((root / "data" / "manifest.json").read_text())}
+
+
+def chat_settings(chat, *extra, seq_len=None):
+    longest = max(split["longest"] for split in chat["manifest"]["splits"].values())
+    return (TINY + [f"data.{k}={v}" for k, v in chat["data"].items()]
+            + [f"data.seq_len={seq_len or longest - 1}", f"kd.hf_teacher_dir={chat['teacher']}", "data.limit=null"]
+            + list(extra))
+
+
+def test_c10_examples_are_rows_of_their_own_whose_targets_are_the_loss_mask_and_a_run_trains_on_them(chat_data,
+                                                                                                     tmp_path):
+    cfg, _ = T.resolve_config(None, chat_settings(chat_data))
+    train = T.TokenWindows(cfg, "train")
+    out, split = chat_data["root"] / "data", chat_data["manifest"]["splits"]["train"]
+    assert len(train) == split["examples"] == T.window_count(cfg, "train") and train.pad is None
+    examples = prepared_examples(out, "train")
+    x, y = train[np.arange(len(train))]
+    for row, (ids, mask) in enumerate(examples):  # G2's mechanism: a target outside the mask is IGNORE
+        n = len(ids)
+        assert x[row, :n].tolist() == ids[:x.shape[1]].tolist() and (x[row, n:] == 0).all()
+        assert y[row, :n - 1].tolist() == np.where(mask[1:] == 1, ids[1:], T.IGNORE).tolist()
+        assert (y[row, n - 1:] == T.IGNORE).all()
+    assert train.count(np.arange(len(train))) == split["loss_tokens"] == int((y != T.IGNORE).sum())
+    outcome, run = T.train(cfg, str(tmp_path / "run"), "none", quiet=True)
+    assert outcome == "finished" and all(math.isfinite(e["val/loss"])
+                                         for e in T.read_metrics(str(tmp_path / "run"))[1].values())
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"{split['examples']} examples; {split['examples']} train examples, each a window" in log
+    settings = [a for s in chat_settings(chat_data) for a in ("--set", s)]
+    assert T.main(settings + ["--run_dir", str(tmp_path / "dry"), "--dry_run"]) == 0  # its tiny runs on whole examples
+
+
+def dry_run_and_diagnose_lines(settings, tmp_path, capsys):
+    """The one line (or None) of the run, the dry run and diagnose_and_fix.py on these settings."""
+    import diagnose_and_fix as dx
+    lines = []
+    for extra in ([], ["--dry_run"]):
+        code = T.main([a for s in settings for a in ("--set", s)] + ["--run_dir", str(tmp_path / "r"), *extra])
+        cap = capsys.readouterr()
+        err = cap.err.strip().splitlines()
+        lines.append(err[0] if code == 2 and len(err) == 1 else (code, extra, err))
+    (tmp_path / "c.yaml").write_text("task: distill\n")
+    dx.main(["--config", str(tmp_path / "c.yaml"), "--json"] + [a for s in settings for a in ("--set", s)])
+    found = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["severity"] == "critical"]
+    return lines + [f"config error: {f['evidence']}" for f in found], not (tmp_path / "r").exists()
+
+
+def test_c10_a_seq_len_below_the_longest_example_is_refused_unless_data_too_long_truncates_or_drops(
+        chat_data, tmp_path, capsys):
+    split = chat_data["manifest"]["splits"]["train"]
+    longest = max(s["longest"] for s in chat_data["manifest"]["splits"].values())
+    lengths = np.diff(np.load(chat_data["root"] / "data" / "train.starts.npy"))
+    seq_len = int(np.median(lengths))  # about half the examples are longer than seq_len + 1 tokens
+    long = int((lengths > seq_len + 1).sum())
+    lines, nothing = dry_run_and_diagnose_lines(chat_settings(chat_data, seq_len=seq_len), tmp_path, capsys)
+    assert len(lines) == 3 and len(set(lines)) == 1 and nothing, lines
+    assert lines[0].startswith("config error: data.seq_len:") and f"holds is {longest} tokens" in lines[0]
+    assert "data.too_long" in lines[0]
+    for how, kept in (("truncate", len(lengths)), ("drop", len(lengths) - long)):
+        cfg, _ = T.resolve_config(None, chat_settings(chat_data, f"data.too_long={how}", seq_len=seq_len))
+        train = T.TokenWindows(cfg, "train")
+        assert len(train) == kept == T.window_count(cfg, "train") and 0 < long < len(lengths)
+        assert f"{long} longer than data.seq_len + 1 tokens" in train.source
+        x, y = train[np.arange(len(train))]
+        assert x.shape == (kept, seq_len)
+        if how == "drop":  # the examples left are whole
+            assert int((y != T.IGNORE).sum()) == sum(
+                int(m[1:].sum()) for ids, m in prepared_examples(chat_data["root"] / "data", "train")
+                if len(ids) <= seq_len + 1)
+
+
+def test_c10_prepared_data_must_match_the_config_and_the_models_tokenizer(chat_data, tmp_path, capsys):
+    import transformers
+    rng = np.random.default_rng(9)
+    teacher = zoo.hf_gpt2(tmp_path / "teacher", vocab=chat_data["data"]["vocab_size"], positions=128)
+    transformers.AutoTokenizer.from_pretrained(chat_data["tok"]).save_pretrained(teacher)
+    settings = chat_settings(chat_data) + [f"kd.hf_teacher_dir={teacher}"]
+    T.resolve_config(None, settings)  # the teacher's own tokenizer: accepted
+    other = zoo.chat_tokenizer(tmp_path / "other", [words(rng, 50)[::-1] + " zebra" for _ in range(20)])
+    transformers.AutoTokenizer.from_pretrained(other).save_pretrained(teacher)
+    lines, nothing = dry_run_and_diagnose_lines(settings, tmp_path, capsys)
+    assert len(set(lines)) == 1 and len(lines) == 3 and nothing, lines
+    assert lines[0].startswith("config error: kd.hf_teacher_dir:") and "tokenizer is not the one" in lines[0]
+    with pytest.raises(T.ConfigError) as err:  # the id type and a file changed after its preparation
+        T.resolve_config(None, chat_settings(chat_data, "data.dtype=uint32"))
+    assert [p[1] for p in err.value.problems] == ["data.dtype", "data.dtype"]
+    copy = tmp_path / "copy"
+    import shutil
+    shutil.copytree(chat_data["root"] / "data", copy)
+    with open(copy / "val.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(T.ConfigError) as err:
+        T.resolve_config(None, chat_settings(chat_data, f"data.val_bin={copy / 'val.bin'}"))
+    assert [p[1] for p in err.value.problems] == ["data.val_bin"] and "changed after" in err.value.problems[0][2]
