@@ -4327,6 +4327,8 @@ def objective_text(cfg, vocabulary):
             f"{cfg['kd.gamma']:g} hidden" + (f" over layer pairs {layers}" if layers and cfg["kd.gamma"] > 0 else ""))
     if cfg["kd.on_policy_fraction"] > 0:
         prompt, new = on_policy_lengths(cfg)
+        if cfg["data.train_bin"] and example_bounds(cfg, "train") is not None:  # C10: the data's own prompts
+            prompt = "the example's (up to the assistant's last reply)"
         text += (f"; on-policy: {cfg['kd.on_policy_fraction']:g} of the micro-batches continue a {prompt}-token prompt "
                  f"with {new} tokens the student samples at T {cfg['kd.sample_temperature']:g}, {name} only on those")
     return text
@@ -4564,12 +4566,13 @@ def end_ids(cfg, lm, device):
     return torch.tensor(ids if isinstance(ids, (list, tuple)) else [ids], dtype=torch.long, device=device)
 
 
-def on_policy_batch(module, x, cfg, pad, generator, eos=None, grad_free=torch.inference_mode):
+def on_policy_batch(module, x, cfg, pad, generator, eos=None, grad_free=torch.inference_mode, lengths=None):
     """(inputs [B, P + N - 1], mask [B, P + N - 1]) of one on-policy micro-batch: the student's sequences
     without their last token (the models predict each next token), and True exactly where the target is a
     generated token of a window with a real prompt, up to and including an end id (E14: never a prompt position,
-    never the data's mask, never what follows the end). Windows without a real prompt run the prompt's forward only."""
-    prompt, new = on_policy_lengths(cfg)
+    never the data's mask, never what follows the end). Windows without a real prompt run the prompt's forward only.
+    lengths: (prompt, new tokens) of these rows; default on_policy_lengths()."""
+    prompt, new = lengths or on_policy_lengths(cfg)
     real = prompt_rows(x, pad, prompt)
     fill = pad if pad is not None else int(eos[0]) if eos is not None else 0
     seq = generate(module, x[:, :prompt], new, cfg["kd.sample_temperature"], generator, eos, fill, live=real,
@@ -4580,6 +4583,32 @@ def on_policy_batch(module, x, cfg, pad, generator, eos=None, grad_free=torch.in
         ended = torch.isin(seq[:, prompt:], eos).long()
         generated[:, prompt - 1:] &= (ended.cumsum(1) - ended) == 0
     return inputs, generated
+
+
+def example_prompts(y, cfg):
+    """C10: (prompt lengths, new tokens, rows with a prompt) [B] of example rows, from their targets y on the
+    host: the prompt is the example up to where its last trained run starts, the assistant's last reply (so it
+    ends with the template's generation prompt); an example trained whole (text) takes kd.prompt_tokens. The
+    student generates kd.max_new_tokens (null: up to data.seq_len + 1 tokens in all)."""
+    real = (y != IGNORE).cpu().numpy()
+    starts = real & ~np.pad(real, ((0, 0), (1, 0)))[:, :-1]
+    last = real.shape[1] - 1 - np.argmax(starts[:, ::-1], axis=1)
+    prompt = np.where(last == 0, min(on_policy_lengths(cfg)[0], real.shape[1]), last + 1)
+    new = np.minimum(cfg["kd.max_new_tokens"] or real.shape[1], real.shape[1] + 1 - prompt)
+    return prompt, new, real.any(1)
+
+
+def example_on_policy_batch(module, x, y, cfg, generator, eos, grad_free=torch.inference_mode):
+    """on_policy_batch() of example rows, each continuing its own prompt (example_prompts): rows with prompts
+    of one length generate together; [B, data.seq_len] inputs and mask, a row without a prompt all False."""
+    prompt, new, live = example_prompts(y, cfg)
+    inputs, mask = torch.zeros_like(x), torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    for length in np.unique(prompt[live]):
+        rows = torch.as_tensor(np.flatnonzero(live & (prompt == length)), device=x.device)
+        part, generated = on_policy_batch(module, x[rows], cfg, None, generator, eos, grad_free,
+                                          (int(length), int(new[rows[0].item()])))
+        inputs[rows, :part.shape[1]], mask[rows, :part.shape[1]] = part, generated
+    return inputs, mask
 
 
 def make_on_policy(run, kd_term):
@@ -4598,18 +4627,23 @@ def make_on_policy(run, kd_term):
         where["step"], where["on"] = step, on_policy_draw(cfg, step, where["micro"])
         return where["on"]
 
+    def sequences(x, y, generator, grad_free):  # C10: examples continue their own prompts, windows their first tokens
+        if train_set.examples is not None:
+            return example_on_policy_batch(run["module"], x, y, cfg, generator, eos, grad_free)
+        return on_policy_batch(run["module"], x, cfg, train_set.pad, generator, eos, grad_free)
+
     def loss(model, batch):
         x = batch[0]
         start = time.perf_counter()  # host time: on a GPU the kernels may still run (no sync added for it, G7)
         generator = on_policy_generator(cfg, where["step"], where["micro"], d["rank"], d["device"])
         if run.get("sharded"):  # D1: the root module's hooks gather the weights, kept for the whole generation
             with run["sharded"]["generation"](run["module"]):
-                inputs, mask = on_policy_batch(run["module"], x, cfg, train_set.pad, generator, eos, torch.no_grad)
+                inputs, mask = sequences(x, batch[1], generator, torch.no_grad)
         else:
-            inputs, mask = on_policy_batch(run["module"], x, cfg, train_set.pad, generator, eos)
+            inputs, mask = sequences(x, batch[1], generator, torch.inference_mode)
         cost["on_policy/gen_s"] += time.perf_counter() - start
         cost["on_policy/micro_batches"] += 1
-        cost["on_policy/tokens"] += len(x) * new
+        cost["on_policy/tokens"] += len(x) * new if train_set.examples is None else int(mask.sum())
         logits, _ = model(inputs)  # the DDP model: its gradients are all-reduced like any micro-batch's
         with torch.no_grad():
             t_logits, _ = teacher(inputs)  # E14: the teacher scores the very sequence the student wrote
@@ -4622,8 +4656,12 @@ def make_on_policy(run, kd_term):
         total = 0
         for micro, indices in enumerate(step_indices):
             if on_policy_draw(cfg, step, micro):
-                x, _ = train_set[indices]
-                total += int(prompt_rows(x, train_set.pad, prompt).sum()) * new
+                x, y = train_set[indices]
+                if train_set.examples is not None:  # C10: each example row with a prompt, its own new tokens
+                    _, news, live = example_prompts(y, cfg)
+                    total += int(news[live].sum())
+                else:
+                    total += int(prompt_rows(x, train_set.pad, prompt).sum()) * new
             else:
                 total += train_set.count(indices)
         return total

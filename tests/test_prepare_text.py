@@ -359,3 +359,33 @@ def test_c10_prepared_data_must_match_the_config_and_the_models_tokenizer(chat_d
     with pytest.raises(T.ConfigError) as err:
         T.resolve_config(None, chat_settings(chat_data, f"data.val_bin={copy / 'val.bin'}"))
     assert [p[1] for p in err.value.problems] == ["data.val_bin"] and "changed after" in err.value.problems[0][2]
+
+
+def test_c10_e14_on_policy_examples_continue_their_own_prompt_up_to_the_assistants_last_reply_and_resume_bit_exactly(
+        chat_data, tmp_path):
+    import torch
+    import transformers
+    from run_records import distill_killed_and_resumed
+    tok = transformers.AutoTokenizer.from_pretrained(chat_data["tok"])
+    settings = chat_settings(chat_data, "kd.on_policy_fraction=0.5", "kd.max_new_tokens=6")
+    cfg, _ = T.resolve_config(None, settings)
+    train = T.TokenWindows(cfg, "train")
+    x, y = train[np.arange(len(train))]
+    prompt, new, live = T.example_prompts(y, cfg)
+    rows = [json.loads(line) for line in open(chat_data["src"])]
+    rows = [r for i, r in enumerate(rows) if not P.in_val(i, 0.1)]
+    assert live.all() and len(rows) == len(train) and (new == 6).all()
+    for row, messages in enumerate(r["messages"] for r in rows):  # the history, then the generation prompt
+        text = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        assert x[row, :prompt[row]].tolist() == tok(text, add_special_tokens=False)["input_ids"]
+    module = T.build_trainable(cfg, None)
+    inputs, mask = T.example_on_policy_batch(module, x, y, cfg, torch.Generator().manual_seed(0), None)
+    positions = torch.arange(x.shape[1])
+    for row in range(len(x)):  # E14: the KD term only on the generated tokens, after each row's own prompt
+        p = int(prompt[row])
+        assert torch.equal(inputs[row, :p], x[row, :p])
+        assert torch.equal(mask[row], (positions >= p - 1) & (positions < p + 5))
+    # a run half on-policy, SIGKILLed and resumed, ends bit-identical to an uninterrupted one (R4)
+    clean, resumed, _ = distill_killed_and_resumed(settings, tmp_path)
+    assert any(r.get("on_policy/micro_batches") for r in clean.values())
+    assert all(clean[s]["loss"] == resumed[s]["loss"] for s in clean if s in resumed)
