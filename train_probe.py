@@ -1385,8 +1385,9 @@ def check_resume_inputs(cfg, run_dir, mode, inputs):
                "--run_dir NEW" if ckpt.get("finished") else
                "restore them, or start a new run (--set run_name=NEW or --run_dir NEW)")
         raise ConfigError([("S7", changes[0][0], f"changed since the checkpoint in {run_dir} (step {ckpt.get('global_step')}), "
-                            f"whose head was trained on the features they give: "
-                            + "; ".join(f"{key}: {text}" for key, text in changes) + f"; {fix}; nothing was touched")])
+                            f"whose head was trained on the features they give: "  # the first key heads the line
+                            + "; ".join([changes[0][1]] + [f"{key}: {text}" for key, text in changes[1:]])
+                            + f"; {fix}; nothing was touched")])
 
 
 def feature_cache_key(cfg, inputs, split, n, device, class_file):
@@ -3164,12 +3165,15 @@ DRY_RUN_SETTINGS = ["train.epochs=2", "train.max_steps=null", "train.batch_size=
                     "log.tensorboard=false", "log.wandb=null", "log.mlflow=null"]  # the checks run, no dashboards fill
 
 
-def dry_run(config_path, overrides, train_fn=None):
+def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="auto"):
     """Check the full schedule of the real config, then train/eval/save/stop/resume a tiny copy of it.
     Returns the exit code: 0 only when every check held."""
     train_fn = train_fn or train
     cfg, _ = resolve_config(config_path, overrides)
     data_sets(cfg)  # R10/C9: the real data's refusals, the run's line and exit 2 (the tiny runs read 26 windows)
+    # S7/R11: a run dir whose checkpoint the real run would refuse to continue (its training data edited, other
+    # features' settings) is refused here with the run's line, before the real run is launched on it
+    check_resume_inputs(cfg, run_dir or os.path.join("runs", cfg["run_name"]), resume_mode, config_inputs(cfg))
     d = setup_distributed(cfg)  # under torchrun the tiny runs use every process: the DDP paths are checked too
     say = print if d["main"] else (lambda *args, **kwargs: None)
     results = []
@@ -3375,7 +3379,7 @@ def main(argv=None):
         if args.evaluate:
             return evaluate_saved(args.config, args.set, args.evaluate)
         if args.dry_run:
-            return dry_run(args.config, args.set)
+            return dry_run(args.config, args.set, run_dir=args.run_dir, resume_mode=args.resume)
         cfg, notes = resolve_config(args.config, args.set)
         for rid, key, msg in notes:
             print(f"note {rid}: {key}: {msg}", file=sys.stderr)
