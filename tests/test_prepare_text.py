@@ -389,3 +389,39 @@ def test_c10_e14_on_policy_examples_continue_their_own_prompt_up_to_the_assistan
     clean, resumed, _ = distill_killed_and_resumed(settings, tmp_path)
     assert any(r.get("on_policy/micro_batches") for r in clean.values())
     assert all(clean[s]["loss"] == resumed[s]["loss"] for s in clean if s in resumed)
+
+
+def test_c10_g2_examples_are_token_weighted_over_the_global_batch_and_ce_is_taken_on_the_mask_alone(chat_data,
+                                                                                                   tmp_path):
+    """3 + 2 micro-batches of 2 examples against 2 batches of 6 and 4 (test_distill.py's G2 test on chat data):
+    the same update; and step 1's CE term is alpha x the CE summed over the assistant tokens (the mask read from
+    the prepared files) / their count."""
+    import torch
+    import torch.nn.functional as F
+    common = chat_settings(chat_data, "data.limit=10", "train.epochs=1", "optim.name=sgd", "optim.momentum=0",
+                           "optim.weight_decay=0", "optim.lr=0.5", "schedule.type=constant", "schedule.warmup=0",
+                           "train.clip_grad_norm=null", "train.eval_every=null", "train.max_steps=null")
+    runs = {}
+    for name, extra in (("small", ["train.batch_size=2", "train.grad_accum=3"]),
+                        ("big", ["train.batch_size=6", "train.grad_accum=1"])):
+        cfg, _ = T.resolve_config(None, common + extra)
+        outcome, runs[name] = T.train(cfg, str(tmp_path / name), "none", quiet=True)
+        assert outcome == "finished"
+    for (name, p), q in zip(runs["small"]["module"].state_dict().items(), runs["big"]["module"].state_dict().values()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
+    cfg = runs["small"]["cfg"]
+    steps = T.epoch_order(10, 2, 3, 1, cfg["seed"], 0)
+    examples = prepared_examples(chat_data["root"] / "data", "train")
+    chosen = [examples[i] for i in np.concatenate(steps[0])]
+    x = torch.zeros(len(chosen), cfg["data.seq_len"], dtype=torch.long)
+    y = torch.full_like(x, T.IGNORE)
+    for row, (ids, mask) in enumerate(chosen):
+        x[row, :len(ids) - 1] = torch.from_numpy(ids[:-1])
+        y[row, :len(ids) - 1] = torch.from_numpy(np.where(mask[1:] == 1, ids[1:], T.IGNORE))
+    with torch.no_grad():
+        logits, _ = T.build_trainable(cfg, runs["small"]["teacher"])(x)
+    ce = F.cross_entropy(logits.double().flatten(0, 1), y.flatten(), ignore_index=T.IGNORE, reduction="sum")
+    trained = sum(int(mask[1:].sum()) for _, mask in chosen)
+    assert trained < sum(len(ids) - 1 for ids, _ in chosen) / 2  # most targets are system, user and template
+    first = T.read_metrics(str(tmp_path / "small"))[0][1]
+    assert math.isclose(first["loss/ce"], 0.5 * float(ce) / trained, rel_tol=1e-5)
