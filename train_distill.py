@@ -4644,11 +4644,15 @@ def make_on_policy(run, kd_term):
         cost["on_policy/gen_s"] += time.perf_counter() - start
         cost["on_policy/micro_batches"] += 1
         cost["on_policy/tokens"] += len(x) * new if train_set.examples is None else int(mask.sum())
-        logits, _ = model(inputs)  # the DDP model: its gradients are all-reduced like any micro-batch's
+        # the DDP model: its gradients are all-reduced like any micro-batch's
+        logits, projected = model(inputs, project=run["module"].proj is not None)
         with torch.no_grad():
             t_logits, _ = teacher(inputs)  # E14: the teacher scores the very sequence the student wrote
         parts = {"kd": kd_term(logits, t_logits, None, mask)}
-        return parts["kd"], parts
+        # the projection scores nothing here: a zero term keeps it in the graph, so DDP needs no search for unused
+        # parameters (torch warns when a step finds none) and it gets a gradient as in a data micro-batch
+        projected = [projected] if torch.is_tensor(projected) else projected or []
+        return parts["kd"] + 0.0 * sum(p.float().sum() for p in projected), parts
 
     def step_count(step_indices, step):
         """G2: the step's targets: real target tokens of a data micro-batch, generated tokens of an on-policy
@@ -4730,12 +4734,11 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     elif d["world"] > 1:
         # DDP copies process 0's weights and buffers to every process at construction; the student's buffers
         # are fixed, so the default per-forward buffer broadcast only copies equal values. Unused parameters:
-        # whatever a user module (student.target) leaves out of its forward, and the projection in an on-policy
-        # micro-batch (the divergence only); at kd.gamma 0 there is no projection (G8), so DDP skips its
-        # per-step search of the autograd graph for unused parameters.
+        # whatever a user module (student.target) leaves out of its forward; the projection takes part in every
+        # micro-batch (an on-policy one adds it at weight 0), so DDP skips its per-step search of the autograd
+        # graph for unused parameters.
         model = torch.nn.parallel.DistributedDataParallel(
-            module, find_unused_parameters=(module.proj is not None and on_policy_used(cfg))
-            or isinstance(module.lm, TargetLM))
+            module, find_unused_parameters=isinstance(module.lm, TargetLM))
     # the student and its projection: the frozen teacher is never in the optimizer
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, param_groups(module))

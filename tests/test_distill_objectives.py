@@ -580,9 +580,9 @@ def test_e6_e2_diagnose_counts_generation_and_layer_map_projections_and_on_polic
     assert [f["id"] for f in warned] == ["E2"] and "kd.alpha and kd.gamma weigh nothing" in warned[0]["evidence"]
 
 
-def test_on_policy_under_two_processes_each_generates_its_own_share(data, teacher, tmp_path):
-    """torchrun, 2 processes, on-policy 0.5 with the hidden-state term on: the projection sits unused in an
-    on-policy micro-batch (DDP must be told), both processes take the same micro-batches on-policy (their loss
+def test_g8_on_policy_under_two_processes_each_generates_its_own_share(data, teacher, tmp_path):
+    """torchrun, 2 processes, on-policy 0.5 with the hidden-state term on: the projection, unused by an
+    on-policy micro-batch's loss, takes part at weight 0 (DDP searches for no unused parameter, torch warns nothing), both processes take the same micro-batches on-policy (their loss
     parts line up in the all-reduce, or the run fails), and process 0 generated for its half of each global
     micro-batch only; rows may end (kd.eos_token) at other steps on each process. train.strategy fsdp (D1) gives
     DDP's run to round-off: generation runs through the sharded root (its hooks gather the weights)."""
@@ -598,8 +598,8 @@ def test_on_policy_under_two_processes_each_generates_its_own_share(data, teache
             a for item in settings + [f"train.strategy={strategy}"] for a in ("--set", item)],
             env=env, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-        # (DDP's own find_unused_parameters note, printed when step 1 happens to use every parameter, is not D1's)
-        assert strategy == "ddp" or "Warning" not in out.stdout + out.stderr, out.stderr[-2000:]
+        # a healthy run warns nothing: not even torch's find_unused_parameters advice, wrong for this run
+        assert "Warning" not in out.stdout + out.stderr, out.stderr[-2000:]
         runs[strategy] = T.read_metrics(str(tmp_path / strategy))
     records, evals = runs["ddp"][:2]
     assert ckpt(tmp_path / "ddp")["world_size"] == 2 and len(records) == 5  # 20 windows / (2 x 2) per step
