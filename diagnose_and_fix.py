@@ -1084,6 +1084,16 @@ def check_nonfinite(train, steps):
                              + ("; the log ends in a non-finite streak" if tail else ""),
                              "find the bad batches (data with NaN/inf, too high LR); the guard skips them but they "
                              "are lost steps", source="log", at=[(s, s) for s in nonfinite]))
+    # G2: a step with no token to score (train_distill.py's empty_step()) is recorded with skipped_steps and no
+    # loss or gradient; the run said WARNING G2 at each, so the log's diagnosis says it too
+    empty = [s for s in steps if "skipped_steps" in train[s] and "loss" not in train[s] and "grad_norm" not in train[s]]
+    if empty:
+        found.append(finding("G2", "warning", f"{len(empty)} of {last} steps ({len(empty) / last:.1%}) had no token "
+                             f"to score and were skipped, no update (steps {', '.join(map(str, empty[:8]))}"
+                             + (", ..." if len(empty) > 8 else "") + "; the run said WARNING G2 at each)",
+                             "on-policy KD (E14) whose windows hold padding inside their first kd.prompt_tokens: a "
+                             "shorter kd.prompt_tokens, or data with fewer padded windows", source="log",
+                             at=[(s, s) for s in empty]))
     share = len(overflow) / last
     if share > 0.05 and len(overflow) >= 3:
         early = sum(s <= 20 for s in overflow)

@@ -6,6 +6,9 @@ scored by the teacher on the student's own sequence (E14) and resumed bit-exactl
 layer map's projections and its one-line errors. Tiny token files and a teacher made by the script
 (tests/test_distill.py's fixtures).
 """
+import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
@@ -334,6 +337,13 @@ def test_g2_a_step_with_no_scored_token_is_skipped_counted_and_resumes_bit_exact
         warned = [line for line in f if "WARNING" in line]
     assert [line.split("WARNING ")[1][:18] for line in warned] == ["G2: step 5 skipped", "G2: step 7 skipped"]
     assert "kd.prompt_tokens" in warned[0]
+    # diagnose --log says what the run warned (it found 0 warnings in a run that skipped a third of its steps)
+    import diagnose_and_fix as dx
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        dx.main(["--log", str(tmp_path / "a" / "metrics.jsonl"), "--json"])
+    g2 = [f for f in json.loads(out.getvalue())["findings"] if f["id"] in ("G2", "G4")]
+    assert [(f["id"], f["severity"]) for f in g2] == [("G2", "warning")] and "(steps 5, 7;" in g2[0]["evidence"], g2
     _, outcome, _ = run(settings, tmp_path / "b", stop_after=5)
     assert outcome == "stopped" and ckpt(str(tmp_path / "b"))["global_step"] == 5
     _, outcome, _ = run(settings, tmp_path / "b", resume="auto")
