@@ -241,16 +241,12 @@ elif not args.dry_run:
                           CKPT_BATCH=ckpt["schedule"]["train.batch_size"] * ckpt["world_size"])  # R5: global micro-batch
         except Exception:  # torn or unreadable: the script falls back to last.prev.pt itself (R6)
             fields["STATUS"] = "unreadable"
-        else:  # a finished run relaunched with other values: say how to start a new run, not "complete"
-            problem = mod.finished_run_problem(cfg, ckpt, fields["RUN_DIR"]) if ckpt.get("finished") else None
-            if problem:
-                print(problem, file=sys.stderr)
-                sys.exit(2)
+        else:  # a finished run relaunched with other values: say how to start a new run, not "complete".
             # R12: "complete" is the script's word: a missing export (distill) or a changed build file (probe)
             # sends the launch on to the script, which finishes the run or refuses it.
             try:
-                pending = mod.finished_run_pending(cfg, ckpt, fields["RUN_DIR"]) if ckpt.get("finished") else None
-            except mod.ConfigError as err:  # a backbone.target that does not import: the script would say the same
+                pending = mod.finished_run_verdict(cfg, ckpt, fields["RUN_DIR"]) if ckpt.get("finished") else None
+            except mod.ConfigError as err:  # other values, or a backbone.target that does not import: as the script
                 print(err, file=sys.stderr)
                 sys.exit(2)
             if pending:

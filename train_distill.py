@@ -3460,6 +3460,22 @@ def finished_run_problem(cfg, ckpt, run_dir):
                          "run with another run_name (--set run_name=NEW) or --run_dir NEW")])
 
 
+def finished_run_verdict(cfg, ckpt, run_dir):
+    """Whether a finished checkpoint's run is simply complete: the one answer for the probe's early exit
+    (already_complete) and for launch.sh. Raises finished_run_problem's ConfigError when the run was relaunched
+    with other values (a finished run is never continued); returns finished_run_pending's words when the script
+    still has something to write or to refuse (R12, S7); None: complete (log_run_complete)."""
+    problem = finished_run_problem(cfg, ckpt, run_dir)
+    if problem:
+        raise problem
+    return finished_run_pending(cfg, ckpt, run_dir)
+
+
+def log_run_complete(run, step):
+    """The one line a finished run started again writes (R12); nothing is trained."""
+    log(run, f"run already complete at step {step} ({run['ckpt_dir']}/last.pt); nothing to do")
+
+
 def best_text(run):
     """The best eval for the closing lines; a metric that was never finite (a one-class AUROC) is said so."""
     st, name = run["state"], run["cfg"]["train.best_metric"]
@@ -4751,7 +4767,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
                scheduler=build_schedule(optimizer, cfg, plan), scaler=scaler)
     resumed = resume(run, resume_mode)
     if run["state"]["finished"]:
-        log(run, f"run already complete at step {run['state']['global_step']} ({run['ckpt_dir']}/last.pt); nothing to do")
+        log_run_complete(run, run["state"]["global_step"])
         if finished_run_pending(cfg, None, run_dir):  # R12: killed between the last save and the export's publication
             export_best(run)
         return "complete", run

@@ -1945,6 +1945,22 @@ def finished_run_problem(cfg, ckpt, run_dir):
                          "run with another run_name (--set run_name=NEW) or --run_dir NEW")])
 
 
+def finished_run_verdict(cfg, ckpt, run_dir):
+    """Whether a finished checkpoint's run is simply complete: the one answer for the probe's early exit
+    (already_complete) and for launch.sh. Raises finished_run_problem's ConfigError when the run was relaunched
+    with other values (a finished run is never continued); returns finished_run_pending's words when the script
+    still has something to write or to refuse (R12, S7); None: complete (log_run_complete)."""
+    problem = finished_run_problem(cfg, ckpt, run_dir)
+    if problem:
+        raise problem
+    return finished_run_pending(cfg, ckpt, run_dir)
+
+
+def log_run_complete(run, step):
+    """The one line a finished run started again writes (R12); nothing is trained."""
+    log(run, f"run already complete at step {step} ({run['ckpt_dir']}/last.pt); nothing to do")
+
+
 def best_text(run):
     """The best eval for the closing lines; a metric that was never finite (a one-class AUROC) is said so."""
     st, name = run["state"], run["cfg"]["train.best_metric"]
@@ -2806,10 +2822,10 @@ def already_complete(cfg, plan, run_dir, mode, d):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             if ckpt.get("finished") and ckpt.get("task") == cfg["task"] and ckpt.get("world_size") == d["world"] \
                     and ckpt.get("schedule") == schedule_signature(cfg, plan) \
-                    and finished_run_problem(cfg, ckpt, run_dir) is None and finished_run_pending(cfg, ckpt, run_dir) is None:
+                    and finished_run_verdict(cfg, ckpt, run_dir) is None:
                 step = ckpt["global_step"]
-        except Exception:  # unreadable: resume() falls back to last.prev.pt and says so; a bad target: build_backbone
-            pass
+        except Exception:  # unreadable: resume() falls back to last.prev.pt and says so; a bad target: build_backbone;
+            pass  # a relaunch with other values: resume() refuses it (finished_run_problem)
     steps = all_gather_list([step], d["world"])
     return step if len(set(steps)) == 1 else None
 
@@ -2838,13 +2854,13 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     if done is not None:
         run = open_run(run_dir, cfg, d)
         run.update(quiet=quiet, plan=plan)
-        log(run, f"run already complete at step {done} ({run['ckpt_dir']}/last.pt); nothing to do")
+        log_run_complete(run, done)
         return "complete", run
     run, digest, train_feats = build_probe_run(cfg, run_dir, resume_mode, d, plan, sets, stop_after, quiet)
     resumed = resume(run, resume_mode)
     st = run["state"]
     if st["finished"]:
-        log(run, f"run already complete at step {st['global_step']} ({run['ckpt_dir']}/last.pt); nothing to do")
+        log_run_complete(run, st["global_step"])
         if not os.path.isdir(os.path.join(run_dir, "export")):  # killed between the last save and the export
             export_probe(run)
         return "complete", run
