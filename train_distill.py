@@ -3015,12 +3015,22 @@ class TeacherCacheWindows(torch.utils.data.Dataset):
 
 
 # ==== shared: run dir, checkpoints, resume, loop (identical in train_probe.py and train_distill.py) ====
-KILL_AT = os.environ.get("KIT_FAULT_KILL_AT")  # tests only: "STEP:MICRO" SIGKILLs before that micro-batch
-# tests only: "STEP" holds before that step until a stop signal arrives (R8), so a test's signal lands
+# Tests only, read once at import (KIT_FAULT_*): the loop asks one pre-resolved flag, STEP_FAULTS, per micro-batch.
+KILL_AT = os.environ.get("KIT_FAULT_KILL_AT")  # "STEP:MICRO" SIGKILLs before that micro-batch
+# "STEP" holds before that step until a stop signal arrives (R8), so a test's signal lands
 # mid-run however busy the machine is (a tiny run can otherwise finish between the test's look and its kill)
 HOLD_AT = os.environ.get("KIT_FAULT_HOLD_AT")
-SAVE_KILL_AT = os.environ.get("KIT_FAULT_SAVE_KILL_AT")  # tests only: "POINT[:N]" SIGKILLs at POINT of the Nth atomic_save
+STEP_FAULTS = KILL_AT is not None or HOLD_AT is not None
+SAVE_KILL_AT = os.environ.get("KIT_FAULT_SAVE_KILL_AT")  # "POINT[:N]" SIGKILLs at POINT of the Nth atomic_save
 SAVES = [0]  # atomic_save calls in this process, for SAVE_KILL_AT
+
+
+def step_fault(run, step, micro):
+    """Tests only (R1, R8): KIT_FAULT_KILL_AT dies before this micro-batch, KIT_FAULT_HOLD_AT waits for a signal."""
+    if KILL_AT == f"{step}:{micro}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    while HOLD_AT == str(step) and micro == 0 and run["stop_signal"] is None:
+        signal.pause()  # returns once a handler has run; an ignored signal (nohup's SIGHUP) does not wake it
 
 
 def save_fault(point):
@@ -3541,10 +3551,8 @@ def optimizer_step(run, task, micro_batches, count):
     share = count / d["world"]
     losses, parts, amp, last = [], {}, autocast(d["device"], cfg["train.precision"]), len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
-        if KILL_AT is not None and KILL_AT == f"{step}:{i}":
-            os.kill(os.getpid(), signal.SIGKILL)
-        while HOLD_AT is not None and HOLD_AT == str(step) and i == 0 and run["stop_signal"] is None:
-            signal.pause()  # returns once a handler has run; an ignored signal (nohup's SIGHUP) does not wake it
+        if STEP_FAULTS:
+            step_fault(run, step, i)
         with gradient_sync(model, d["world"], i == last):  # gradients cross processes once per step
             with amp:
                 loss_sum, components = task["loss"](model, batch)
