@@ -3698,8 +3698,8 @@ def param_fingerprint(params):
     return torch.stack([(p.to_local() if hasattr(p, "to_local") else p).detach().double().sum() for p in params]).tolist()
 
 
-def after_eval(run, metrics):
-    """Record an eval, warn on frozen metrics (E1), keep best.pt, count patience."""
+def record_eval(run, metrics):
+    """Record an eval, warn on frozen metrics (E1), keep best.pt, count the evals since the best."""
     cfg, st = run["cfg"], run["state"]
     step = st["global_step"]
     write_metrics(run, {"step": step, **metrics})
@@ -3720,8 +3720,12 @@ def after_eval(run, metrics):
         save_best(run)
     else:
         st["evals_since_best"] += 1
-    patience = cfg["train.patience"]
-    return patience is not None and st["evals_since_best"] >= patience
+
+
+def patience_exhausted(run):
+    """Early stop: train.patience evals in a row without a better train.best_metric."""
+    patience = run["cfg"]["train.patience"]
+    return patience is not None and run["state"]["evals_since_best"] >= patience
 
 
 def fit(run, task):
@@ -3759,7 +3763,8 @@ def fit(run, task):
                 raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state saved "
                                       f"in {run['ckpt_dir']}/last.pt. Check the data and lower optim.lr")
             if step % eval_every == 0 or step == total:
-                if after_eval(run, task["evaluate"](run)):
+                record_eval(run, task["evaluate"](run))
+                if patience_exhausted(run):
                     log(run, f"early stop at step {step}: no better {cfg['train.best_metric']} for "
                              f"{cfg['train.patience']} evals ({best_text(run)})")
                     outcome = "early_stopped"

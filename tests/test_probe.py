@@ -223,14 +223,14 @@ def test_s9_an_lr_written_by_a_chained_scheduler_path_aborts(tmp_path, monkeypat
 
 
 def test_s9_a_plateau_rule_writing_the_lr_after_eval_aborts(tmp_path, monkeypatch):
-    real_after_eval = tp.after_eval
+    real_record_eval = tp.record_eval
 
     def reduce_on_plateau(run, metrics):
         for group in run["optimizer"].param_groups:
             group["lr"] *= 0.5
-        return real_after_eval(run, metrics)
+        return real_record_eval(run, metrics)
 
-    monkeypatch.setattr(tp, "after_eval", reduce_on_plateau)
+    monkeypatch.setattr(tp, "record_eval", reduce_on_plateau)
     with pytest.raises(tp.TrainingAborted, match="S9: at step 3 "):
         tp.train(config("schedule.type=onecycle", "train.eval_every=2"), str(tmp_path / "run"), "none", quiet=True)
 
