@@ -465,47 +465,47 @@ def common_value_problems(cfg, task):
     """Values that would only fail hours later (C3), shared by both scripts."""
     p = []
 
-    def need(ok, key, msg, row="C3"):
+    def require(ok, key, msg, row="C3"):
         if not ok:
             p.append((row, key, f"{cfg.get(key)!r} {msg}"))
 
     if cfg["task"] in KIT_TASKS:
-        need(cfg["task"] == task, "task", f"is not '{task}'; run this config with {KIT_TASKS[cfg['task']]}")
+        require(cfg["task"] == task, "task", f"is not '{task}'; run this config with {KIT_TASKS[cfg['task']]}")
     else:
         close = difflib.get_close_matches(cfg["task"], list(KIT_TASKS), n=1, cutoff=0.5)
-        need(False, "task", "is not a task of this kit (" + ", ".join(f"{t} = {s}" for t, s in KIT_TASKS.items())
-             + ")" + (f"; did you mean {close[0]} ({KIT_TASKS[close[0]]})?" if close else ""))
-    need(cfg["seed"] >= 0, "seed", "must be >= 0")
-    need(cfg["optim.lr"] > 0, "optim.lr", "must be > 0")
-    need(cfg["optim.weight_decay"] >= 0, "optim.weight_decay", "must be >= 0")
-    need(len(cfg["optim.betas"]) == 2 and all(0 <= b < 1 for b in cfg["optim.betas"]),
-         "optim.betas", "must be two numbers in [0, 1)")
-    need(cfg["optim.momentum"] >= 0, "optim.momentum", "must be >= 0")
-    need(cfg["schedule.warmup"] >= 0, "schedule.warmup", "must be >= 0 (a fraction < 1 or optimizer steps)", "S3")
-    need(cfg["schedule.warmup"] < 1 or cfg["schedule.warmup"] == int(cfg["schedule.warmup"]),
-         "schedule.warmup", "must be a fraction < 1 or a whole number of optimizer steps", "S3")
-    need(cfg["schedule.div_factor"] >= 1, "schedule.div_factor", "must be >= 1")
-    need(cfg["schedule.final_div_factor"] >= 1, "schedule.final_div_factor", "must be >= 1")
-    need(0 <= cfg["schedule.final_lr_ratio"] <= 1, "schedule.final_lr_ratio", "must be in [0, 1]")
-    need(0 < cfg["schedule.decay"] < 1, "schedule.decay", "must be in (0, 1)")
-    need((cfg["train.epochs"] is None) != (cfg["train.max_steps"] is None), "train.epochs",
-         "and train.max_steps: set exactly one of them (the other null)")
+        require(False, "task", "is not a task of this kit (" + ", ".join(f"{t} = {s}" for t, s in KIT_TASKS.items())
+                + ")" + (f"; did you mean {close[0]} ({KIT_TASKS[close[0]]})?" if close else ""))
+    require(cfg["seed"] >= 0, "seed", "must be >= 0")
+    require(cfg["optim.lr"] > 0, "optim.lr", "must be > 0")
+    require(cfg["optim.weight_decay"] >= 0, "optim.weight_decay", "must be >= 0")
+    require(len(cfg["optim.betas"]) == 2 and all(0 <= b < 1 for b in cfg["optim.betas"]),
+            "optim.betas", "must be two numbers in [0, 1)")
+    require(cfg["optim.momentum"] >= 0, "optim.momentum", "must be >= 0")
+    require(cfg["schedule.warmup"] >= 0, "schedule.warmup", "must be >= 0 (a fraction < 1 or optimizer steps)", "S3")
+    require(cfg["schedule.warmup"] < 1 or cfg["schedule.warmup"] == int(cfg["schedule.warmup"]),
+            "schedule.warmup", "must be a fraction < 1 or a whole number of optimizer steps", "S3")
+    require(cfg["schedule.div_factor"] >= 1, "schedule.div_factor", "must be >= 1")
+    require(cfg["schedule.final_div_factor"] >= 1, "schedule.final_div_factor", "must be >= 1")
+    require(0 <= cfg["schedule.final_lr_ratio"] <= 1, "schedule.final_lr_ratio", "must be in [0, 1]")
+    require(0 < cfg["schedule.decay"] < 1, "schedule.decay", "must be in (0, 1)")
+    require((cfg["train.epochs"] is None) != (cfg["train.max_steps"] is None), "train.epochs",
+            "and train.max_steps: set exactly one of them (the other null)")
     for key in ("train.epochs", "train.max_steps", "train.eval_every", "train.save_every_steps",
                 "train.patience", "schedule.total_steps"):
-        need(cfg[key] is None or cfg[key] >= 1, key, "must be >= 1 or null")
+        require(cfg[key] is None or cfg[key] >= 1, key, "must be >= 1 or null")
     for key in ("train.batch_size", "train.grad_accum", "train.log_every", "train.max_bad_steps",
                 "train.eval_batch_size"):
-        need(cfg[key] >= 1, key, "must be >= 1")
-    need(cfg["train.num_workers"] >= 0, "train.num_workers", "must be >= 0")
-    need(cfg["train.progress_every_s"] >= 0, "train.progress_every_s", "must be >= 0 (seconds)")
+        require(cfg[key] >= 1, key, "must be >= 1")
+    require(cfg["train.num_workers"] >= 0, "train.num_workers", "must be >= 0")
+    require(cfg["train.progress_every_s"] >= 0, "train.progress_every_s", "must be >= 0 (seconds)")
     p += sink_problems(cfg)
-    need(cfg["train.save_every_minutes"] is None or cfg["train.save_every_minutes"] > 0,
-         "train.save_every_minutes", "must be > 0 or null")
-    need(cfg["train.clip_grad_norm"] is None or cfg["train.clip_grad_norm"] > 0,
-         "train.clip_grad_norm", "must be > 0 or null")
-    need(0 < cfg["train.max_loss_share"] <= 1, "train.max_loss_share", "must be in (0, 1]")
+    require(cfg["train.save_every_minutes"] is None or cfg["train.save_every_minutes"] > 0,
+            "train.save_every_minutes", "must be > 0 or null")
+    require(cfg["train.clip_grad_norm"] is None or cfg["train.clip_grad_norm"] > 0,
+            "train.clip_grad_norm", "must be > 0 or null")
+    require(0 < cfg["train.max_loss_share"] <= 1, "train.max_loss_share", "must be in (0, 1]")
     for key in ("expect.initial_lr", "expect.peak_lr", "expect.final_lr"):
-        need(cfg[key] is None or cfg[key] >= 0, key, "must be >= 0 or null")
+        require(cfg[key] is None or cfg[key] >= 0, key, "must be >= 0 or null")
     if cfg["train.device"] == "cuda" and not torch.cuda.is_available():
         p.append(("C3", "train.device", "'cuda' but no CUDA device is visible; use auto or cpu"))
     return p
@@ -779,22 +779,22 @@ def objective_problems(cfg, notes):
     values and combinations that cannot work, as (row, key, message); notes for keys a run ignores."""
     p, kind, k, cache = [], cfg["kd.divergence"], cfg["kd.top_k"], cfg["kd.teacher_cache"]
 
-    def need(ok, key, msg, row="C3"):
+    def require(ok, key, msg, row="C3"):
         if not ok:
             p.append((row, key, f"{cfg[key]!r} {msg}"))
 
-    need(0 <= cfg["kd.jsd_beta"] <= 1, "kd.jsd_beta", "must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
-    need(0 <= cfg["kd.skew_alpha"] < 1, "kd.skew_alpha", "must be in [0, 1) (0 = forward KL; 1 would compare p with itself)")
+    require(0 <= cfg["kd.jsd_beta"] <= 1, "kd.jsd_beta", "must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
+    require(0 <= cfg["kd.skew_alpha"] < 1, "kd.skew_alpha", "must be in [0, 1) (0 = forward KL; 1 would compare p with itself)")
     what = f"jsd with kd.jsd_beta {cfg['kd.jsd_beta']:g}" if kind == "jsd" else kind
     sampled = cache is not None and cfg["kd.teacher_cache_mode"] == "sampled"
-    need(cfg["kd.cache_samples"] >= 1, "kd.cache_samples", "must be >= 1 (draws per position)")
-    need(cfg["kd.cache_proposal_temperature"] is None or cfg["kd.cache_proposal_temperature"] > 0,
-         "kd.cache_proposal_temperature", "must be > 0, or null (= kd.temperature)")
+    require(cfg["kd.cache_samples"] >= 1, "kd.cache_samples", "must be >= 1 (draws per position)")
+    require(cfg["kd.cache_proposal_temperature"] is None or cfg["kd.cache_proposal_temperature"] > 0,
+            "kd.cache_proposal_temperature", "must be > 0, or null (= kd.temperature)")
     if cfg["kd.enabled"] and cfg["kd.teacher_cache_mode"] == "sampled":
-        need(cache is not None, "kd.teacher_cache_mode", "needs kd.teacher_cache, the directory the draws are stored "
-                                                         "in: set it, or kd.teacher_cache_mode=topk (the default)")
-        need(k is None, "kd.top_k", "set, but a sampled kd.teacher_cache stores kd.cache_samples draws per position, "
-                                    "not the top-k: set kd.top_k=null")
+        require(cache is not None, "kd.teacher_cache_mode", "needs kd.teacher_cache, the directory the draws are stored "
+                                                            "in: set it, or kd.teacher_cache_mode=topk (the default)")
+        require(k is None, "kd.top_k", "set, but a sampled kd.teacher_cache stores kd.cache_samples draws per position, "
+                                       "not the top-k: set kd.top_k=null")
     if cfg["kd.enabled"] and sampled and not is_forward_kl(kind, cfg["kd.jsd_beta"], cfg["kd.skew_alpha"]):
         p.append(("E12", "kd.divergence", f"{what}, but a sampled kd.teacher_cache (kd.teacher_cache_mode sampled) "
                   "gives an unbiased gradient of forward KL only: its loss is linear in the sampled weights, this "
@@ -811,20 +811,20 @@ def objective_problems(cfg, notes):
         p.append(("C3", "kd.chunk_tokens", f"{cfg['kd.chunk_tokens']!r}: the chunked loss computes forward KL on the last "
                   f"hidden state only, not {what}; set kd.chunk_tokens=0"))
     fraction = cfg["kd.on_policy_fraction"]
-    need(0 <= fraction <= 1, "kd.on_policy_fraction", "must be in [0, 1] (the share of micro-batches generated by the student)")
-    need(cfg["kd.sample_temperature"] >= 0, "kd.sample_temperature", "must be >= 0 (0 = greedy)")
+    require(0 <= fraction <= 1, "kd.on_policy_fraction", "must be in [0, 1] (the share of micro-batches generated by the student)")
+    require(cfg["kd.sample_temperature"] >= 0, "kd.sample_temperature", "must be >= 0 (0 = greedy)")
     eos, vocab = cfg["kd.eos_token"], vocab_size(cfg) or math.inf  # a missing data.vocab_size is refused on its own
-    need(eos is None or 0 <= eos < vocab, "kd.eos_token", f"must be a token id below data.vocab_size {vocab} or null")
+    require(eos is None or 0 <= eos < vocab, "kd.eos_token", f"must be a token id below data.vocab_size {vocab} or null")
     for key in ("kd.prompt_tokens", "kd.max_new_tokens"):
-        need(cfg[key] is None or cfg[key] >= 1, key, "must be >= 1 or null")
+        require(cfg[key] is None or cfg[key] >= 1, key, "must be >= 1 or null")
     prompt, new = on_policy_lengths(cfg)
     if fraction > 0 and cfg["kd.enabled"]:
         if cache is not None:  # --cache_teacher builds such a cache: it is refused here too
             p.append(("C3", "kd.on_policy_fraction", f"{fraction!r}, but the offline kd.teacher_cache holds the teacher's "
                       "numbers for the data's tokens only; it cannot score sequences the student has not generated yet: "
                       "set kd.on_policy_fraction=0 or kd.teacher_cache=null (online KD)"))
-        need(cfg["kd.beta"] > 0, "kd.on_policy_fraction", "needs kd.beta > 0: an on-policy micro-batch trains the "
-                                                          "divergence only, and kd.beta 0 weighs it by nothing")
+        require(cfg["kd.beta"] > 0, "kd.on_policy_fraction", "needs kd.beta > 0: an on-policy micro-batch trains the "
+                                                             "divergence only, and kd.beta 0 weighs it by nothing")
         if min(prompt, new) >= 1 and prompt + new > cfg["data.seq_len"]:
             p.append(("C3", "kd.max_new_tokens", f"{new}: prompt {prompt} + {new} new tokens exceed data.seq_len "
                       f"{cfg['data.seq_len']}; the sequence must fit the window the models take: at most "
@@ -835,8 +835,8 @@ def objective_problems(cfg, notes):
         notes.append(("C3", "kd.on_policy_fraction", "is ignored: kd.enabled is false"))
     layers = cfg["kd.hidden_layers"]
     if layers is not None:
-        need(len(layers) >= 1 and all(s >= 0 and t >= 0 for s, t in layers), "kd.hidden_layers",
-             "must be pairs [student_layer, teacher_layer] of layers >= 0 (0 = embeddings), at least one")
+        require(len(layers) >= 1 and all(s >= 0 and t >= 0 for s, t in layers), "kd.hidden_layers",
+                "must be pairs [student_layer, teacher_layer] of layers >= 0 (0 = embeddings), at least one")
         if not (cfg["kd.enabled"] and cfg["kd.gamma"] > 0):  # each network's depth is checked when it is built
             notes.append(("C3", "kd.hidden_layers", "is ignored: the hidden-state term is off (kd.gamma 0 or kd.enabled false)"))
     return p
@@ -1071,7 +1071,8 @@ def lr_curve(cfg, plan, resume_at=None):
     return curve
 
 
-def _close(a, b, rel=1e-6):
+def nearly_equal(a, b, rel=1e-6):
+    """Equal up to float round-off: an LR computed two ways (the schedule's landmarks, the curve)."""
     return abs(a - b) <= rel * max(abs(a), abs(b)) + 1e-15
 
 
@@ -1079,15 +1080,15 @@ def check_lr_curve(curve, cfg, plan, longest_flat=2):
     """S10/S5 sanity checks on a per-step LR curve: [(row id, message)], empty when it is sane."""
     marks, failures = schedule_landmarks(cfg, plan), []
     total = len(curve)
-    if not _close(curve[0], marks["initial"]):
+    if not nearly_equal(curve[0], marks["initial"]):
         failures.append(("S10", f"step 1 LR is {curve[0]:.6g}, the configured initial LR is {marks['initial']:.6g}"))
     if plan["warmup_steps"] >= 2 or cfg["schedule.type"] == "onecycle":
         ramp = curve[:marks["peak_step"]]
         if not (np.all(np.diff(ramp) >= 0) and ramp[-1] > ramp[0]):
             failures.append(("S10", f"the LR does not rise through warmup (steps 1-{marks['peak_step']})"))
-    if not _close(float(curve.max()), marks["peak"]):
+    if not nearly_equal(float(curve.max()), marks["peak"]):
         failures.append(("S10", f"the peak LR is {curve.max():.6g}, optim.lr is {marks['peak']:.6g}"))
-    if not _close(curve[-1], marks["final"]):
+    if not nearly_equal(curve[-1], marks["final"]):
         failures.append(("S10", f"the last step's LR is {curve[-1]:.6g}, the schedule's floor is {marks['final']:.6g}"))
     zero = np.flatnonzero(curve[:-1] <= 0)
     if zero.size:
@@ -1105,7 +1106,7 @@ def check_lr_curve(curve, cfg, plan, longest_flat=2):
                                 "where the schedule should move"))
     for name, actual in (("initial", curve[0]), ("peak", float(curve.max())), ("final", curve[-1])):
         want = cfg[f"expect.{name}_lr"]
-        if want is not None and not _close(want, actual, rel=1e-3):
+        if want is not None and not nearly_equal(want, actual, rel=1e-3):
             failures.append(("S5", f"expect.{name}_lr is {want:.6g} but torch's {cfg['schedule.type']} schedule "
                                    f"gives {actual:.6g}"))
     return failures
@@ -3854,7 +3855,8 @@ def tensor_digest(module):
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
-def threading_main():
+def in_main_thread():
+    """Signal handlers can only be installed from the main thread (a test or tool may call train() elsewhere)."""
     import threading
     return threading.current_thread() is threading.main_thread()
 
@@ -4788,7 +4790,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     open_sinks(run)  # E10: after resume(), which set the step the sinks continue from
     print_plan(run, resumed)
     task = make_task(run)
-    if threading_main():
+    if in_main_thread():
         install_stop_handlers(run)
     outcome = fit(run, task)
     if teacher is not None and tensor_digest(teacher) != run["teacher_digest"]:
@@ -4996,12 +4998,12 @@ def dry_run(config_path, overrides, train_fn=None):
     train_fn = train_fn or train
     cfg, _ = resolve_config(config_path, overrides)
     d = setup_distributed(cfg)  # under torchrun the tiny runs use every process: the DDP paths are checked too
-    say = print if d["main"] else (lambda *args, **kwargs: None)
+    print_main = print if d["main"] else (lambda *args, **kwargs: None)
     results = []
 
     def check(ok, what):
         results.append(bool(ok))
-        say(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
+        print_main(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
 
     def train_fn_together(*args, **kwargs):  # returns once process 0 has written every file of that run
         outcome_and_run = train_fn(*args, **kwargs)
@@ -5009,7 +5011,7 @@ def dry_run(config_path, overrides, train_fn=None):
             dist.barrier()
         return outcome_and_run
 
-    say(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes" if d["world"] > 1 else "")
+    print_main(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes" if d["world"] > 1 else "")
         + (", sharded (train.strategy fsdp)" if cfg["train.strategy"] == "fsdp" else "")
         + (", activation checkpointing" if cfg["train.activation_checkpointing"] else "")
         + (f", chunked loss ({cfg['kd.chunk_tokens']} positions)" if cfg["kd.chunk_tokens"] else ""))
@@ -5023,7 +5025,7 @@ def dry_run(config_path, overrides, train_fn=None):
         # the config's own runs: KD against its own teacher, or (kd.enabled false) plain LM training of the
         # same student.* network with no teacher, which is what the real run does
         if not cfg["kd.enabled"]:
-            say(f"  kd.enabled false: the tiny runs are plain LM training of the network student.* names "
+            print_main(f"  kd.enabled false: the tiny runs are plain LM training of the network student.* names "
                 f"({describe_arch(trained_arch(cfg))}), no teacher and no KD steps, as the real run")
         offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None
 
@@ -5036,11 +5038,11 @@ def dry_run(config_path, overrides, train_fn=None):
         for precision in ("fp16", "bf16"):
             low, _ = resolve_config(config_path, cached(tiny + [f"train.precision={precision}"], f"cache_{precision}"))
             check_precision_run(cfg, low, plan, os.path.join(tmp, precision), train_fn_together, check)
-        say(f"  tiny runs took {time.perf_counter() - start:.1f} s")
+        print_main(f"  tiny runs took {time.perf_counter() - start:.1f} s")
         if d["world"] > 1:
             dist.barrier()  # every process has read the files before process 0 deletes the directory
     ok = all(results)
-    say("dry run passed" if ok else "dry run FAILED", flush=True)
+    print_main("dry run passed" if ok else "dry run FAILED", flush=True)
     return 0 if ok else 1
 
 
@@ -5102,7 +5104,7 @@ def check_tiny_run(cfg, student, a, offline, train_fn_together, check):
           f"finite losses, components {parts} logged (E2)" if parts else "finite losses (one term: the LM's CE)")
     want = {"val/loss", "val/ppl"} | ({"val/agreement"} if cfg["kd.enabled"] else set())
     check(sorted(evals) == [3, 6, plan["total_steps"]] and all(
-        want <= set(e) and _close(e["val/ppl"], math.exp(e["val/loss"])) for e in evals.values()),
+        want <= set(e) and nearly_equal(e["val/ppl"], math.exp(e["val/loss"])) for e in evals.values()),
         f"eval at steps {sorted(evals)}: {', '.join(sorted(want))}; val/ppl = exp(val/loss) (E3, E5)")
     last_path = os.path.join(a, "checkpoints", "last.pt")
     last = torch.load(last_path, map_location="cpu", weights_only=True)

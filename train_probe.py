@@ -418,47 +418,47 @@ def common_value_problems(cfg, task):
     """Values that would only fail hours later (C3), shared by both scripts."""
     p = []
 
-    def need(ok, key, msg, row="C3"):
+    def require(ok, key, msg, row="C3"):
         if not ok:
             p.append((row, key, f"{cfg.get(key)!r} {msg}"))
 
     if cfg["task"] in KIT_TASKS:
-        need(cfg["task"] == task, "task", f"is not '{task}'; run this config with {KIT_TASKS[cfg['task']]}")
+        require(cfg["task"] == task, "task", f"is not '{task}'; run this config with {KIT_TASKS[cfg['task']]}")
     else:
         close = difflib.get_close_matches(cfg["task"], list(KIT_TASKS), n=1, cutoff=0.5)
-        need(False, "task", "is not a task of this kit (" + ", ".join(f"{t} = {s}" for t, s in KIT_TASKS.items())
-             + ")" + (f"; did you mean {close[0]} ({KIT_TASKS[close[0]]})?" if close else ""))
-    need(cfg["seed"] >= 0, "seed", "must be >= 0")
-    need(cfg["optim.lr"] > 0, "optim.lr", "must be > 0")
-    need(cfg["optim.weight_decay"] >= 0, "optim.weight_decay", "must be >= 0")
-    need(len(cfg["optim.betas"]) == 2 and all(0 <= b < 1 for b in cfg["optim.betas"]),
-         "optim.betas", "must be two numbers in [0, 1)")
-    need(cfg["optim.momentum"] >= 0, "optim.momentum", "must be >= 0")
-    need(cfg["schedule.warmup"] >= 0, "schedule.warmup", "must be >= 0 (a fraction < 1 or optimizer steps)", "S3")
-    need(cfg["schedule.warmup"] < 1 or cfg["schedule.warmup"] == int(cfg["schedule.warmup"]),
-         "schedule.warmup", "must be a fraction < 1 or a whole number of optimizer steps", "S3")
-    need(cfg["schedule.div_factor"] >= 1, "schedule.div_factor", "must be >= 1")
-    need(cfg["schedule.final_div_factor"] >= 1, "schedule.final_div_factor", "must be >= 1")
-    need(0 <= cfg["schedule.final_lr_ratio"] <= 1, "schedule.final_lr_ratio", "must be in [0, 1]")
-    need(0 < cfg["schedule.decay"] < 1, "schedule.decay", "must be in (0, 1)")
-    need((cfg["train.epochs"] is None) != (cfg["train.max_steps"] is None), "train.epochs",
-         "and train.max_steps: set exactly one of them (the other null)")
+        require(False, "task", "is not a task of this kit (" + ", ".join(f"{t} = {s}" for t, s in KIT_TASKS.items())
+                + ")" + (f"; did you mean {close[0]} ({KIT_TASKS[close[0]]})?" if close else ""))
+    require(cfg["seed"] >= 0, "seed", "must be >= 0")
+    require(cfg["optim.lr"] > 0, "optim.lr", "must be > 0")
+    require(cfg["optim.weight_decay"] >= 0, "optim.weight_decay", "must be >= 0")
+    require(len(cfg["optim.betas"]) == 2 and all(0 <= b < 1 for b in cfg["optim.betas"]),
+            "optim.betas", "must be two numbers in [0, 1)")
+    require(cfg["optim.momentum"] >= 0, "optim.momentum", "must be >= 0")
+    require(cfg["schedule.warmup"] >= 0, "schedule.warmup", "must be >= 0 (a fraction < 1 or optimizer steps)", "S3")
+    require(cfg["schedule.warmup"] < 1 or cfg["schedule.warmup"] == int(cfg["schedule.warmup"]),
+            "schedule.warmup", "must be a fraction < 1 or a whole number of optimizer steps", "S3")
+    require(cfg["schedule.div_factor"] >= 1, "schedule.div_factor", "must be >= 1")
+    require(cfg["schedule.final_div_factor"] >= 1, "schedule.final_div_factor", "must be >= 1")
+    require(0 <= cfg["schedule.final_lr_ratio"] <= 1, "schedule.final_lr_ratio", "must be in [0, 1]")
+    require(0 < cfg["schedule.decay"] < 1, "schedule.decay", "must be in (0, 1)")
+    require((cfg["train.epochs"] is None) != (cfg["train.max_steps"] is None), "train.epochs",
+            "and train.max_steps: set exactly one of them (the other null)")
     for key in ("train.epochs", "train.max_steps", "train.eval_every", "train.save_every_steps",
                 "train.patience", "schedule.total_steps"):
-        need(cfg[key] is None or cfg[key] >= 1, key, "must be >= 1 or null")
+        require(cfg[key] is None or cfg[key] >= 1, key, "must be >= 1 or null")
     for key in ("train.batch_size", "train.grad_accum", "train.log_every", "train.max_bad_steps",
                 "train.eval_batch_size"):
-        need(cfg[key] >= 1, key, "must be >= 1")
-    need(cfg["train.num_workers"] >= 0, "train.num_workers", "must be >= 0")
-    need(cfg["train.progress_every_s"] >= 0, "train.progress_every_s", "must be >= 0 (seconds)")
+        require(cfg[key] >= 1, key, "must be >= 1")
+    require(cfg["train.num_workers"] >= 0, "train.num_workers", "must be >= 0")
+    require(cfg["train.progress_every_s"] >= 0, "train.progress_every_s", "must be >= 0 (seconds)")
     p += sink_problems(cfg)
-    need(cfg["train.save_every_minutes"] is None or cfg["train.save_every_minutes"] > 0,
-         "train.save_every_minutes", "must be > 0 or null")
-    need(cfg["train.clip_grad_norm"] is None or cfg["train.clip_grad_norm"] > 0,
-         "train.clip_grad_norm", "must be > 0 or null")
-    need(0 < cfg["train.max_loss_share"] <= 1, "train.max_loss_share", "must be in (0, 1]")
+    require(cfg["train.save_every_minutes"] is None or cfg["train.save_every_minutes"] > 0,
+            "train.save_every_minutes", "must be > 0 or null")
+    require(cfg["train.clip_grad_norm"] is None or cfg["train.clip_grad_norm"] > 0,
+            "train.clip_grad_norm", "must be > 0 or null")
+    require(0 < cfg["train.max_loss_share"] <= 1, "train.max_loss_share", "must be in (0, 1]")
     for key in ("expect.initial_lr", "expect.peak_lr", "expect.final_lr"):
-        need(cfg[key] is None or cfg[key] >= 0, key, "must be >= 0 or null")
+        require(cfg[key] is None or cfg[key] >= 0, key, "must be >= 0 or null")
     if cfg["train.device"] == "cuda" and not torch.cuda.is_available():
         p.append(("C3", "train.device", "'cuda' but no CUDA device is visible; use auto or cpu"))
     return p
@@ -761,7 +761,8 @@ def lr_curve(cfg, plan, resume_at=None):
     return curve
 
 
-def _close(a, b, rel=1e-6):
+def nearly_equal(a, b, rel=1e-6):
+    """Equal up to float round-off: an LR computed two ways (the schedule's landmarks, the curve)."""
     return abs(a - b) <= rel * max(abs(a), abs(b)) + 1e-15
 
 
@@ -769,15 +770,15 @@ def check_lr_curve(curve, cfg, plan, longest_flat=2):
     """S10/S5 sanity checks on a per-step LR curve: [(row id, message)], empty when it is sane."""
     marks, failures = schedule_landmarks(cfg, plan), []
     total = len(curve)
-    if not _close(curve[0], marks["initial"]):
+    if not nearly_equal(curve[0], marks["initial"]):
         failures.append(("S10", f"step 1 LR is {curve[0]:.6g}, the configured initial LR is {marks['initial']:.6g}"))
     if plan["warmup_steps"] >= 2 or cfg["schedule.type"] == "onecycle":
         ramp = curve[:marks["peak_step"]]
         if not (np.all(np.diff(ramp) >= 0) and ramp[-1] > ramp[0]):
             failures.append(("S10", f"the LR does not rise through warmup (steps 1-{marks['peak_step']})"))
-    if not _close(float(curve.max()), marks["peak"]):
+    if not nearly_equal(float(curve.max()), marks["peak"]):
         failures.append(("S10", f"the peak LR is {curve.max():.6g}, optim.lr is {marks['peak']:.6g}"))
-    if not _close(curve[-1], marks["final"]):
+    if not nearly_equal(curve[-1], marks["final"]):
         failures.append(("S10", f"the last step's LR is {curve[-1]:.6g}, the schedule's floor is {marks['final']:.6g}"))
     zero = np.flatnonzero(curve[:-1] <= 0)
     if zero.size:
@@ -795,7 +796,7 @@ def check_lr_curve(curve, cfg, plan, longest_flat=2):
                                 "where the schedule should move"))
     for name, actual in (("initial", curve[0]), ("peak", float(curve.max())), ("final", curve[-1])):
         want = cfg[f"expect.{name}_lr"]
-        if want is not None and not _close(want, actual, rel=1e-3):
+        if want is not None and not nearly_equal(want, actual, rel=1e-3):
             failures.append(("S5", f"expect.{name}_lr is {want:.6g} but torch's {cfg['schedule.type']} schedule "
                                    f"gives {actual:.6g}"))
     return failures
@@ -2339,7 +2340,8 @@ def tensor_digest(module):
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
-def threading_main():
+def in_main_thread():
+    """Signal handlers can only be installed from the main thread (a test or tool may call train() elsewhere)."""
     import threading
     return threading.current_thread() is threading.main_thread()
 
@@ -2881,7 +2883,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     open_sinks(run)  # E10: after resume(), which set the step the sinks continue from
     print_plan(run, resumed, train_feats is not None)
     task = probe_task(run, train_feats, test_set)
-    if threading_main():
+    if in_main_thread():
         install_stop_handlers(run)
     if st["trained"]:  # R1: training ended but its final evaluation did not (it died there): run only that
         log(run, f"training ended at step {st['global_step']}, its final evaluation did not run; running it now")
@@ -3204,12 +3206,12 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
     # features' settings) is refused here with the run's line, before the real run is launched on it
     check_resume_inputs(cfg, run_dir or os.path.join("runs", cfg["run_name"]), resume_mode, config_inputs(cfg))
     d = setup_distributed(cfg)  # under torchrun the tiny runs use every process: the DDP paths are checked too
-    say = print if d["main"] else (lambda *args, **kwargs: None)
+    print_main = print if d["main"] else (lambda *args, **kwargs: None)
     results = []
 
     def check(ok, what):
         results.append(ok)
-        say(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
+        print_main(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
 
     def train_together(*args, **kwargs):  # returns once process 0 has written every file of that run
         outcome_and_run = train_fn(*args, **kwargs)
@@ -3217,7 +3219,7 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
             dist.barrier()
         return outcome_and_run
 
-    say(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes" if d["world"] > 1 else ""))
+    print_main(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes" if d["world"] > 1 else ""))
     try:
         plan = plan_schedule(cfg, train_set_size(cfg), d["world"])
         failures = check_lr_curve(lr_curve(cfg, plan), cfg, plan)
@@ -3264,11 +3266,11 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
               "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
         outcome, _ = train_together(tiny, b, "auto", quiet=True)
         check(outcome == "complete", "a finished run restarted says it is complete")
-        say(f"  tiny runs took {time.perf_counter() - start:.1f} s")
+        print_main(f"  tiny runs took {time.perf_counter() - start:.1f} s")
         if d["world"] > 1:
             dist.barrier()  # every process has read the files before process 0 deletes the directory
     ok = all(results)
-    say("dry run passed" if ok else "dry run FAILED", flush=True)
+    print_main("dry run passed" if ok else "dry run FAILED", flush=True)
     return 0 if ok else 1
 
 
