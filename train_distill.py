@@ -850,7 +850,6 @@ def teacher_keys_set(cfg):
 
 
 def transformers_installed():
-    import importlib.util
     return importlib.util.find_spec("transformers") is not None
 
 
@@ -1963,6 +1962,7 @@ def build_trainable(cfg, teacher):
     # G8: no projection at kd.gamma 0, so no parameter the loss never uses (DDP needs no unused-parameter
     # search, the checkpoint holds none); it is made after the LM, so the LM's init is the same either way.
     return Trainable(lm, teacher.width if teacher is not None and cfg["kd.gamma"] > 0 else None, pairs).train()
+
 
 def projection_resume_hooks(module, optimizer, cfg):
     """G8: resuming across the projection's presence. A checkpoint written at kd.gamma 0 before the kit left
@@ -3855,10 +3855,12 @@ def tensor_digest(module):
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
+
 def in_main_thread():
     """Signal handlers can only be installed from the main thread (a test or tool may call train() elsewhere)."""
     import threading
     return threading.current_thread() is threading.main_thread()
+
 
 def checkpoint_tensors_equal(path_a, path_b):
     a = torch.load(path_a, map_location="cpu", weights_only=True)

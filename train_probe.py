@@ -2340,10 +2340,12 @@ def tensor_digest(module):
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
+
 def in_main_thread():
     """Signal handlers can only be installed from the main thread (a test or tool may call train() elsewhere)."""
     import threading
     return threading.current_thread() is threading.main_thread()
+
 
 def checkpoint_tensors_equal(path_a, path_b):
     a = torch.load(path_a, map_location="cpu", weights_only=True)
@@ -3340,7 +3342,6 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
-
 
 
 def prepared_data_problems(cfg):
