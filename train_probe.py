@@ -2028,8 +2028,8 @@ def optimizer_step(run, task, micro_batches, count):
     cfg, d, st = run["cfg"], run["dist"], run["state"]
     model, optimizer, scheduler, scaler = run["model"], run["optimizer"], run["scheduler"], run["scaler"]
     step = st["global_step"] + 1
-    if count == 0:
-        return empty_step(run, step)
+    if count == 0:  # G2: no target in the whole step; only distillation has such steps (its task's empty_step)
+        return task["empty_step"](run, step)
     if not run["module"].training:  # after an eval; a frozen backbone/teacher is not in here and stays in eval mode
         model.train()
     # G2: a micro-batch weighs by its share of the step's targets (a short last group included); the
@@ -2104,24 +2104,6 @@ def save_is_due(run):
     """R8: train.save_every_minutes has passed since the last save (on this process)."""
     minutes = run["cfg"]["train.save_every_minutes"]
     return minutes is not None and time.monotonic() - run["last_save"] >= 60 * minutes
-
-
-def empty_step(run, step):
-    """G2: a step whose micro-batches hold no target on any process (count 0: in train_distill.py, on-policy
-    micro-batches whose windows all have padding inside the prompt, E14) has no loss to divide by and no
-    gradient: no forward, no update. count is the whole global step's, so every process takes this path at the
-    same step (no collective is left waiting); the stop and save requests still cross the processes (R8). The
-    scheduler advances (S1) and fit() counts the step as skipped (R2: global_step - skipped_steps = updates)."""
-    flags = [float(run["stop_signal"] is not None), float(save_is_due(run))]
-    if run["dist"]["world"] > 1:
-        reduced = torch.tensor(flags, device=run["dist"]["device"])
-        dist.all_reduce(reduced)
-        flags = reduced.tolist()
-    lr = run["optimizer"].param_groups[0]["lr"]
-    advance_schedule(run["scheduler"])
-    run["state"]["global_step"] = step
-    return {"loss": math.nan, "grad_norm": math.nan, "lr": lr, "finite": True, "stop": flags[0] > 0,
-            "save_due": flags[1] > 0, "parts": {}, "empty": True}
 
 
 LOSS_FLOOR = 1e-4  # E1: an eval loss below this is a saturated model's; its value can repeat to the last bit
