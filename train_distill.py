@@ -3387,7 +3387,7 @@ def resume(run, mode):
 
 
 def resume_changes(run, ckpt, source):
-    """R5/S7: whether this run may continue ckpt (the same global micro-batch, strategy, seed and schedule, or
+    """R5/S7: whether this run may continue ckpt (the same global micro-batch, seed and schedule, or
     a schedule change explicitly allowed): a ConfigError naming what differs, else {key: (saved, new)} of the
     allowed schedule changes."""
     cfg, plan = run["cfg"], run["plan"]
@@ -3401,9 +3401,8 @@ def resume_changes(run, ckpt, source):
         raise ConfigError([("S7", "--resume", f"{source} was written by {saved_world} process(es), this run has "
                             f"{world}; the data order and schedule depend on it, relaunch with {saved_world} "
                             f"process(es){other} or start a new --run_dir")])
-    if bool(ckpt.get("shards")) != bool(run["sharded"]):
-        raise ConfigError([("S7", "train.strategy", f"{source} was saved with train.strategy="
-                            f"{'fsdp' if ckpt.get('shards') else 'ddp'}; set it back, or start a new --run_dir")])
+    if "check_strategy" in run:  # a task with strategies (distillation: sharded or not) checks its own
+        run["check_strategy"](run, ckpt, source)
     saved_seed = ckpt["data_position"]["seed"]
     if saved_seed != cfg["seed"]:  # S7/R5: the permutation of the epoch in progress is a function of the seed
         raise ConfigError([("S7", "seed", f"{cfg['seed']}, but {source} was trained with seed {saved_seed} and the data "
@@ -4741,6 +4740,13 @@ def run_inputs(cfg, d, say, build_cache=True, cache_only=False):
     return inputs
 
 
+def check_strategy(run, ckpt, source):
+    """S7, D2: a checkpoint continues only under the train.strategy that wrote it (shards, or whole tensors)."""
+    if bool(ckpt.get("shards")) != bool(run["sharded"]):
+        raise ConfigError([("S7", "train.strategy", f"{source} was saved with train.strategy="
+                            f"{'fsdp' if ckpt.get('shards') else 'ddp'}; set it back, or start a new --run_dir")])
+
+
 def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_only=False):
     """Run (or continue) one distillation (or, kd.enabled false, teacher) training. Returns (outcome, run).
     cache_only (--cache_teacher): build kd.teacher_cache and return ("cached", ...) before the run dir is made."""
@@ -4758,7 +4764,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     run = open_run(run_dir, cfg, d)
     run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, val_set=val_set,
                val_windows=windows, teacher=teacher, teacher_digest=tensor_digest(teacher) if teacher is not None else None,
-               teacher_cache=cache, data_digest=data_digest(train_set, val_set))
+               teacher_cache=cache, data_digest=data_digest(train_set, val_set), check_strategy=check_strategy)
     model = module
     if cfg["train.strategy"] == "fsdp":  # D1: sharded weights, gradients and optimizer state; DCP checkpoints (D2)
         single_process_group(d["device"])

@@ -1872,7 +1872,7 @@ def resume(run, mode):
 
 
 def resume_changes(run, ckpt, source):
-    """R5/S7: whether this run may continue ckpt (the same global micro-batch, strategy, seed and schedule, or
+    """R5/S7: whether this run may continue ckpt (the same global micro-batch, seed and schedule, or
     a schedule change explicitly allowed): a ConfigError naming what differs, else {key: (saved, new)} of the
     allowed schedule changes."""
     cfg, plan = run["cfg"], run["plan"]
@@ -1886,9 +1886,8 @@ def resume_changes(run, ckpt, source):
         raise ConfigError([("S7", "--resume", f"{source} was written by {saved_world} process(es), this run has "
                             f"{world}; the data order and schedule depend on it, relaunch with {saved_world} "
                             f"process(es){other} or start a new --run_dir")])
-    if bool(ckpt.get("shards")) != bool(run["sharded"]):
-        raise ConfigError([("S7", "train.strategy", f"{source} was saved with train.strategy="
-                            f"{'fsdp' if ckpt.get('shards') else 'ddp'}; set it back, or start a new --run_dir")])
+    if "check_strategy" in run:  # a task with strategies (distillation: sharded or not) checks its own
+        run["check_strategy"](run, ckpt, source)
     saved_seed = ckpt["data_position"]["seed"]
     if saved_seed != cfg["seed"]:  # S7/R5: the permutation of the epoch in progress is a function of the seed
         raise ConfigError([("S7", "seed", f"{cfg['seed']}, but {source} was trained with seed {saved_seed} and the data "
