@@ -355,21 +355,7 @@ def settle(script, tree, opts, findings):
             missing = [(key, message.split(";")[0][5:].removesuffix(" not found"))
                        for _, key, message in err.problems if is_missing_file(message)]
             if missing and check_files:  # one finding for all of them; without a size the run cannot be judged
-                listing = ", ".join(f"{key} ({what})" for key, what in missing)
-                if opts["num_samples"]:
-                    findings.append(finding("C3", "info", f"not on this machine: {listing}; the run is sized with "
-                                            f"--num_samples {opts['num_samples']}",
-                                            "make sure the files exist where the run starts"))
-                elif opts.get("log"):  # C8: a run directory copied elsewhere; judging its log needs no data
-                    sized = (f"; the run is sized as its checkpoint records ({opts['run_samples']} training samples "
-                             "per epoch)" if opts.get("run_samples") else "")
-                    findings.append(finding("C3", "info", f"not on this machine: {listing}; the log diagnosis does "
-                                            f"not need them{sized}", "nothing to fix to read the log; the files must "
-                                            "exist where the run starts again"))
-                else:
-                    findings.append(finding("C3", "critical", f"not found: {listing}",
-                                            "fix the paths, copy the files here, or pass --num_samples N to judge "
-                                            "the config without its data"))
+                findings.append(missing_files_finding(missing, opts))
                 check_files, progress = False, True
             for rid, key, message in err.problems:
                 if is_missing_file(message):
@@ -415,6 +401,24 @@ def settle(script, tree, opts, findings):
             if not progress:
                 return cfg, None
     return None, None
+
+
+def missing_files_finding(missing, opts):
+    """C3: one finding for every file the config names that is not on this machine ([(key, path)]): info when the
+    run can still be judged (--num_samples, or a log whose run is sized by its checkpoint), else critical."""
+    listing = ", ".join(f"{key} ({what})" for key, what in missing)
+    if opts["num_samples"]:
+        return finding("C3", "info", f"not on this machine: {listing}; the run is sized with "
+                       f"--num_samples {opts['num_samples']}", "make sure the files exist where the run starts")
+    if opts.get("log"):  # C8: a run directory copied elsewhere; judging its log needs no data
+        sized = (f"; the run is sized as its checkpoint records ({opts['run_samples']} training samples "
+                 "per epoch)" if opts.get("run_samples") else "")
+        return finding("C3", "info", f"not on this machine: {listing}; the log diagnosis does "
+                       f"not need them{sized}", "nothing to fix to read the log; the files must "
+                       "exist where the run starts again")
+    return finding("C3", "critical", f"not found: {listing}",
+                   "fix the paths, copy the files here, or pass --num_samples N to judge "
+                   "the config without its data")
 
 
 # -----------------------------------------------------------------------------
