@@ -159,7 +159,8 @@ def read_config_tree(path):
             tree = script.read_yaml(path, script.CONFIG)
         except script.ConfigError as err:
             return None, [finding(rid, "critical", f"{key}: {message}",
-                                  "fix the file there; training refuses it at launch") for rid, key, message in err.problems]
+                                  "fix the file there; training refuses it at launch")
+                          for rid, key, message in err.problems]
     return tree, []
 
 
@@ -512,7 +513,8 @@ def check_intervals(cfg, plan):
             "train.save_every_steps is null"
         found.append(finding("E4", "info", f"no periodic checkpoint before the end: train.save_every_minutes is null "
                              f"and {source}; SIGTERM still saves (R8), a SIGKILL or crash loses the run",
-                             "set train.save_every_minutes (default 5) or a train.save_every_steps below the run length"))
+                             "set train.save_every_minutes (default 5) or a train.save_every_steps below the run "
+                             "length"))
     if cfg["train.log_every"] > total:
         new = max(1, total // 20)
         found.append(finding("E4", "warning", f"train.log_every {cfg['train.log_every']} is longer than the "
@@ -601,12 +603,14 @@ def check_objective_shares(kd):
     if fraction >= 1 and data_terms:
         return [finding("E2", "warning", f"kd.on_policy_fraction is 1: every micro-batch is the student's own text, "
                         f"trained on the {divergence} term only, so {' and '.join(data_terms)} weigh nothing",
-                        "lower kd.on_policy_fraction (GKD uses 0.5) or set " + " and ".join(f"{k}: 0" for k in data_terms),
+                        "lower kd.on_policy_fraction (GKD uses 0.5) or set "
+                        + " and ".join(f"{k}: 0" for k in data_terms),
                         changes=[("kd.on_policy_fraction", 0.5)])]
     layers = kd.get("kd.hidden_layers")
     shares = [f"{divergence} x kd.beta {kd.get('kd.beta', 0):g} on every micro-batch",
               f"CE x kd.alpha {kd.get('kd.alpha', 0):g} and the hidden-state term x kd.gamma {kd.get('kd.gamma', 0):g}"
-              + (f" ({len(layers)} layer pairs)" if layers else "") + f" on the data micro-batches ({1 - fraction:.0%})"]
+              + (f" ({len(layers)} layer pairs)" if layers else "")
+              + f" on the data micro-batches ({1 - fraction:.0%})"]
     return [finding("E2", "info", "terms per micro-batch: " + "; ".join(shares),
                     "read the real loss/<name> shares in metrics.jsonl (--log) once the run has started")]
 
@@ -674,7 +678,8 @@ def distill_memory(script, cfg, plan, device="meta"):
     """Distill: the frozen teacher's weights (fp32, a Hugging Face teacher too), the trained network's weights,
     gradients and optimizer state, its activations for one micro-batch (leaf-module outputs of a meta-device
     forward), and the logits: student and teacher [batch, seq, vocab] in the autocast dtype plus the fp32
-    copies the KD and CE losses make (G6) and the logits' gradient. The larger of a training micro-batch and an eval batch.
+    copies the KD and CE losses make (G6) and the logits' gradient. The larger of a training micro-batch and an
+    eval batch.
     device "cpu" (a model whose __init__ reads a tensor's value, as Hugging Face Llama/GPT-2 do, fails on the
     meta device): built for real, its forward run on one window, activation sizes scaled to the batch."""
     vocab, seq = script.vocab_size(cfg), cfg["data.seq_len"]
@@ -711,8 +716,10 @@ def distill_memory(script, cfg, plan, device="meta"):
         sizes = [size * (batch // run) for size in sizes]
         activations = act_bytes * (sum(sizes) if grad else sum(sorted(sizes)[-2:]))
         if grad and checkpointed:  # each block keeps its input; one block's inside is rebuilt at a time
-            activations = act_bytes * (sum(sizes) // len(blocks) + len(blocks) * batch * length * (trainable.lm.width or 0))
-        positions = min(batch * length, cfg.get("kd.chunk_tokens") or batch * length)  # D6: one chunk's logits at a time
+            activations = act_bytes * (sum(sizes) // len(blocks)
+                                       + len(blocks) * batch * length * (trainable.lm.width or 0))
+        # D6: one chunk's logits at a time
+        positions = min(batch * length, cfg.get("kd.chunk_tokens") or batch * length)
         logits = positions * vocab * (models * act_bytes + (2 * models + int(grad)) * 4)
         return activations + logits
 
@@ -826,7 +833,8 @@ def check_teacher_cache(script, cfg, usable=True):
     try:
         size, how = script.teacher_cache_size(cfg)
     except Exception as err:  # data files this machine lacks: C3 already says so
-        return [finding("E6", "info", f"no teacher-cache size: {type(err).__name__}: {err}", "fix the data paths first")]
+        return [finding("E6", "info", f"no teacher-cache size: {type(err).__name__}: {err}",
+                        "fix the data paths first")]
     complete = False
     if os.path.exists(manifest):
         try:
@@ -836,7 +844,8 @@ def check_teacher_cache(script, cfg, usable=True):
             pass
     free = script.free_disk_bytes(path)
     complete = complete and usable
-    evidence = f"kd.teacher_cache {path}: {how}; {free / 2**30:,.1f} GiB free there" + ("; already built" if complete else "")
+    evidence = (f"kd.teacher_cache {path}: {how}; {free / 2**30:,.1f} GiB free there"
+                + ("; already built" if complete else ""))
     if size > free and not complete:
         return [finding("E6", "warning", evidence + f": the cache needs {size / 2**30:,.2f} GiB, more than is free",
                         "free disk space, put kd.teacher_cache on a larger disk, or halve it with "
@@ -1203,7 +1212,8 @@ def check_throughput(train, steps, evals=()):
         return []
     median = float(np.median([r for _, r in keep]))
     half = THROUGHPUT_WINDOW // 2
-    rates = [(s, float(np.median([r for _, r in keep[max(0, i - half):i + half + 1]]))) for i, (s, _) in enumerate(keep)]
+    rates = [(s, float(np.median([r for _, r in keep[max(0, i - half):i + half + 1]])))
+             for i, (s, _) in enumerate(keep)]
     low = [(a, b) for a, b in runs_of([r < 0.5 * median for _, r in rates]) if b - a + 1 >= 3]
     if not low:
         return []
@@ -1622,14 +1632,16 @@ def check_plot_inputs(logs, out):
 def plot_markers(findings, train, events):
     """What --plot marks on a run, in drawing order: every log finding that names its steps (row id, severity,
     panel, the finding's own step spans), then resumes, stops, early stops and skipped (non-finite) steps."""
-    marks = [{"label": f["id"], "kind": "finding", "severity": f["severity"], "panel": FINDING_PANEL.get(f["id"], "loss"),
+    marks = [{"label": f["id"], "kind": "finding", "severity": f["severity"],
+              "panel": FINDING_PANEL.get(f["id"], "loss"),
               "spans": list(f["at"])} for f in findings if f["source"] == "log" and f["at"]]
     for event, step in events:
         if event in EVENT_LABELS:
             marks.append({"label": EVENT_LABELS[event], "kind": event, "severity": "info", "panel": None,
                           "spans": [(step, step)]})
     # G4/G5: the kit logs every step whose loss or gradient norm was not finite, and skips it
-    skipped = [s for s in sorted(train) if not (finite(train[s].get("loss", 0.0)) and finite(train[s].get("grad_norm", 0.0)))]
+    skipped = [s for s in sorted(train) if not (finite(train[s].get("loss", 0.0))
+                                                and finite(train[s].get("grad_norm", 0.0)))]
     if skipped:
         marks.append({"label": "skipped", "kind": "skipped", "severity": "info", "panel": None,
                       "spans": [(s, s) for s in skipped]})
@@ -1933,7 +1945,8 @@ def ascii_chart(series, x_last, log_y=False, top=None, width=ASCII_WIDTH, height
             for r in rows:
                 grid[height - 1 - r][c] = char
     shown = (lambda v: f"{10 ** v:.3g}") if log_y else (lambda v: f"{v:.3g}")
-    labels = {0: shown(hi), height - 1: shown(lo), (height - 1) // 2: shown(hi - (hi - lo) * ((height - 1) // 2) / (height - 1))}
+    labels = {0: shown(hi), height - 1: shown(lo),
+              (height - 1) // 2: shown(hi - (hi - lo) * ((height - 1) // 2) / (height - 1))}
     return [f"{labels.get(i, ''):>9} |{''.join(r)}" for i, r in enumerate(grid)]
 
 
