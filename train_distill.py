@@ -345,8 +345,8 @@ def read_yaml(path, schema):
             if re.match(r"\s+#\S", rest):
                 written = node.value + rest.rstrip()
                 problems.append(("C1", key, f"line {node.end_mark.line + 1} of {path}: YAML reads {written.strip()!r} "
-                                 f"as {node.value!r} (' #' starts a comment); quote the value: {key.rsplit('.', 1)[-1]}: "
-                                 f"\"{written.strip()}\""))
+                                 f"as {node.value!r} (' #' starts a comment); quote the value: "
+                                 f"{key.rsplit('.', 1)[-1]}: \"{written.strip()}\""))
             return node.value  # the text as written, not YAML 1.1's int, float, bool or date
         return loader.construct_object(node, deep=True)
 
@@ -418,7 +418,7 @@ def load_config(path, overrides, schema, base=None):
             typed_on_set.add(key)
     sections = {key.split(".")[0] for key in schema if "." in key}
     for section in dict.fromkeys(key.split(".")[0] for key in flat if key not in schema and "." in key):
-        if section not in sections and section not in schema:  # C2: a mistyped section (trian:) is one line, not one per key
+        if section not in sections and section not in schema:  # C2: one line per mistyped section (trian:)
             keys = [key for key in flat if key.startswith(section + ".")]
             close = difflib.get_close_matches(section, sorted(sections), n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}?" if close else f"the sections are {', '.join(sorted(sections))}"
@@ -1016,7 +1016,8 @@ def build_schedule(optimizer, cfg, plan):
         elif kind == "constant":
             phases.append(sched.ConstantLR(optimizer, factor=1.0, total_iters=0))
         else:
-            raise ConfigError([("S6", "schedule.type", f"{kind!r} is not one of onecycle, cosine, linear, wsd, constant")])
+            raise ConfigError([("S6", "schedule.type",
+                                f"{kind!r} is not one of onecycle, cosine, linear, wsd, constant")])
         if len(phases) == 1:
             return phases[0]
         return sched.SequentialLR(optimizer, phases, milestones=milestones)
@@ -3048,7 +3049,8 @@ class TrainingAborted(Exception):
 
 def open_run(run_dir, cfg, dist_info):
     """runs/<run_name>/: config.yaml, metrics.jsonl, train.log, checkpoints/. Logs append, never truncate."""
-    run = {"cfg": cfg, "dist": dist_info, "quiet": False, "run_dir": run_dir, "ckpt_dir": os.path.join(run_dir, "checkpoints"),
+    run = {"cfg": cfg, "dist": dist_info, "quiet": False, "run_dir": run_dir,
+           "ckpt_dir": os.path.join(run_dir, "checkpoints"),
            "stop_signal": None, "stop_after": None, "bar": None, "last_save": time.monotonic(),
            "best_written": None, "best_pending": None, "sharded": None,
            "state": {"global_step": 0, "skipped_steps": 0, "bad_streak": 0, "best_value": None, "best_step": None,
@@ -3127,7 +3129,8 @@ def log(run, message):
         return
     line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
     if not run["quiet"] and not write_stdout(line, run["bar"]):
-        run["quiet"] = True  # R8: stdout closed (`| head`, a dropped terminal): keep training, train.log keeps every line
+        # R8: stdout closed (`| head`, a dropped terminal): keep training, train.log keeps every line
+        run["quiet"] = True
     run["log_file"].write(line + "\n")
     run["log_file"].flush()
 
@@ -3174,7 +3177,8 @@ def rng_state():
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": gauss_next}}
+            "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
 
 
 def set_rng_state(state):
@@ -3182,7 +3186,8 @@ def set_rng_state(state):
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
 
@@ -3254,8 +3259,10 @@ def checkpoint_state(run, name="last"):
             "scaler": run["scaler"].state_dict() if run["scaler"] else None, "rng": rngs,
             "data_position": {"epoch": st["global_step"] // per_epoch, "step_in_epoch": st["global_step"] % per_epoch,
                               "seed": run["cfg"]["seed"]},
-            "world_size": d["world"], "config": dict(run["cfg"]), "schedule": schedule_signature(run["cfg"], run["plan"]),
-            "inputs": run.get("inputs"),  # what the model's inputs depend on (the probe's features: R11), checked on resume
+            "world_size": d["world"], "config": dict(run["cfg"]),
+            "schedule": schedule_signature(run["cfg"], run["plan"]),
+            # what the model's inputs depend on (the probe's features: R11), checked on resume
+            "inputs": run.get("inputs"),
             "data_digest": run.get("data_digest"), "torch_version": str(torch.__version__), **st}
 
 
@@ -3313,7 +3320,8 @@ def load_latest_checkpoint(run, path):
         try:
             ckpt = torch.load(candidate, map_location="cpu", weights_only=True)  # R7
         except Exception as err:  # a torn file raises whatever the unpickler meets
-            log(run, f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
+            log(run,
+                f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
             continue
         gone = missing_shards(ckpt, candidate) if isinstance(ckpt, dict) and ckpt.get("shards") else None
         if gone:  # D2: the DCP directory it names is half of the checkpoint (deleted, or a kill before it was in)
@@ -3346,7 +3354,8 @@ def resume(run, mode):
     if mode == "none":
         if os.path.exists(last) or os.path.exists(last[:-3] + ".prev.pt"):
             raise ConfigError([("R1", "--resume", f"none, but {run['run_dir']} already holds checkpoints; use "
-                                "--resume auto to continue, or another --run_dir to start afresh (nothing was touched)")])
+                                "--resume auto to continue, or another --run_dir to start afresh (nothing was "
+                                "touched)")])
         return False
     path = last if mode == "auto" else mode
     if mode != "auto" and not os.path.exists(path):
@@ -3357,13 +3366,15 @@ def resume(run, mode):
     seen = all_gather_list([ckpt["global_step"] if ckpt else None], run["dist"]["world"])
     if len(set(seen)) > 1:
         raise ConfigError([("R1", "--run_dir", f"the processes found different checkpoints in {run['run_dir']} "
-                            f"(global step by rank: {seen}); every node must see the same run dir (shared filesystem)")])
+                            f"(global step by rank: {seen}); every node must see the same run dir (shared "
+                            "filesystem)")])
     if ckpt is None:
         if mode != "auto" or os.path.exists(last):
             raise ConfigError([("R6", "--resume", f"no readable checkpoint at {path} or its .prev.pt")])
         return False
     if ckpt.get("task") != cfg["task"]:
-        raise ConfigError([("R1", "--resume", f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
+        raise ConfigError([("R1", "--resume",
+                            f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
     older = ckpt.get("data_digest") is None and cfg.get("data.train_bin")  # token files were not hashed before R11
     if run.get("data_digest") is not None and ckpt.get("data_digest") != run["data_digest"] and not older:
         # S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run
@@ -3405,20 +3416,23 @@ def resume_changes(run, ckpt, source):
         run["check_strategy"](run, ckpt, source)
     saved_seed = ckpt["data_position"]["seed"]
     if saved_seed != cfg["seed"]:  # S7/R5: the permutation of the epoch in progress is a function of the seed
-        raise ConfigError([("S7", "seed", f"{cfg['seed']}, but {source} was trained with seed {saved_seed} and the data "
-                            f"order of the epoch in progress depends on it; restore seed={saved_seed}, or start a new run "
-                            "(--set run_name=NEW or --run_dir NEW)")])
+        raise ConfigError([("S7", "seed",
+                            f"{cfg['seed']}, but {source} was trained with seed {saved_seed} and the data "
+                            f"order of the epoch in progress depends on it; restore seed={saved_seed}, or start a new "
+                            "run (--set run_name=NEW or --run_dir NEW)")])
     new_sig = schedule_signature(cfg, plan)
     changed = {k: (ckpt["schedule"].get(k), v) for k, v in new_sig.items() if ckpt["schedule"].get(k) != v}
     if world != saved_world:
         changed.pop("train.batch_size")  # the split of the same global micro-batch, checked above (R5)
     if changed and ckpt["global_step"] > plan["total_steps"]:
-        raise ConfigError([("S7", "train.epochs", f"{source} is at optimizer step {ckpt['global_step']}, the new schedule "
+        raise ConfigError([("S7", "train.epochs",
+                            f"{source} is at optimizer step {ckpt['global_step']}, the new schedule "
                             f"has only {plan['total_steps']}; restore the run length or start a new --run_dir")])
     if changed and not cfg["train.allow_schedule_change"]:
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
         raise ConfigError([("S7", "train.allow_schedule_change", f"the schedule changed since {source}: {what}; "
-                            "restore those values, or set train.allow_schedule_change=true to continue on the new curve")])
+                            "restore those values, or set train.allow_schedule_change=true to continue on the new "
+                            "curve")])
     return changed
 
 
@@ -3432,8 +3446,11 @@ def load_resume_state(run, ckpt, source, changed):
     else:
         run["module"].load_state_dict(ckpt["model"])
         run["optimizer"].load_state_dict(ckpt["optimizer"])
-    if changed:  # S7, explicitly allowed: the new curve, advanced by real steps to the saved position (not last_epoch, R3)
-        log(run, f"WARNING S7: schedule changed ({', '.join(changed)}); the LR follows the new curve from step {ckpt['global_step']}")
+    # S7, explicitly allowed: the new curve, advanced by real steps to the saved position (not last_epoch, R3)
+    if changed:
+        log(run,
+            f"WARNING S7: schedule changed ({', '.join(changed)}); the LR follows the new curve from step "
+            f"{ckpt['global_step']}")
         for group in run["optimizer"].param_groups:  # as a fresh optimizer: the loaded mid-run LR and the old
             group.pop("initial_lr", None)            # initial_lr must not seed the new curve (chained schedulers)
             group["lr"] = cfg["optim.lr"]
@@ -3462,7 +3479,8 @@ def finished_run_problem(cfg, ckpt, run_dir):
     ignored = ("run_name", "train.allow_schedule_change", "train.num_workers", "train.device", "launch_dir",
                "expect.initial_lr", "expect.peak_lr", "expect.final_lr")  # expectations shape nothing (S5)
     saved = absolute_paths(ckpt.get("config") or {}, PATH_KEYS)  # C8: a run saved before paths were recorded absolute
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items() if k in saved and k not in ignored and saved[k] != v]
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items()
+               if k in saved and k not in ignored and saved[k] != v]
     if not changed:
         return None
     return ConfigError([("S7", "run_name", f"{run_dir} holds a finished run (step {ckpt.get('global_step')}) and these "
@@ -3677,7 +3695,8 @@ def dominating_loss(records, limit, persist=3):
 def param_fingerprint(params):
     """One float64 sum per trained tensor: changes whenever an optimizer step moves a weight (E1). A sharded
     weight (D1) sums this process's shard: the fingerprint is only ever compared with this process's own."""
-    return torch.stack([(p.to_local() if hasattr(p, "to_local") else p).detach().double().sum() for p in params]).tolist()
+    return torch.stack([(p.to_local() if hasattr(p, "to_local") else p).detach().double().sum()
+                        for p in params]).tolist()
 
 
 def record_eval(run, metrics):
@@ -3742,8 +3761,8 @@ def fit(run, task):
             warn_step(run, task, out)
             if st["bad_streak"] >= cfg["train.max_bad_steps"]:
                 save_last(run)
-                raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state saved "
-                                      f"in {run['ckpt_dir']}/last.pt. Check the data and lower optim.lr")
+                raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state "
+                                      f"saved in {run['ckpt_dir']}/last.pt. Check the data and lower optim.lr")
             if step % eval_every == 0 or step == total:
                 record_eval(run, task["evaluate"](run))
                 if patience_exhausted(run):
@@ -3992,9 +4011,11 @@ def sink_problems(cfg):
     missing = [p for p in ("sqlalchemy", "alembic") if importlib.util.find_spec(p) is None]
     if uri.split(":")[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql") and missing and not problems:
         # E10: mlflow-skinny has no database store without them, and would fail at start-up with a registry error
-        problems.append(("E10", "log.mlflow", f"{uri!r} is a database store, which needs {' and '.join(missing)} beside "
-                         f"mlflow; {sys.executable} cannot import {'them' if len(missing) > 1 else 'it'}: install mlflow "
-                         f"itself ({sys.executable} -m pip install mlflow; mlflow-skinny lacks them) or set log.mlflow=null"))
+        problems.append(("E10", "log.mlflow",
+                         f"{uri!r} is a database store, which needs {' and '.join(missing)} beside "
+                         f"mlflow; {sys.executable} cannot import {'them' if len(missing) > 1 else 'it'}: install "
+                         f"mlflow itself ({sys.executable} -m pip install mlflow; mlflow-skinny lacks them) or set "
+                         "log.mlflow=null"))
     return problems
 
 
@@ -4021,7 +4042,8 @@ def open_sinks(run):
             try:
                 run["sinks"].append({"key": key, **opener(run, saved.get(key) or {})})
             except Exception as err:  # an unreachable server, a bad project name: the run goes on without it
-                log(run, f"WARNING E10: {key} could not start ({type(err).__name__}: {err}); training goes on without it")
+                log(run,
+                    f"WARNING E10: {key} could not start ({type(err).__name__}: {err}); training goes on without it")
     save_sink_state(run)
 
 
@@ -4120,7 +4142,8 @@ def open_mlflow(run, saved):
     if saved.get("uri") == uri:  # E10: a resume continues the run it started, without repeating a step it holds
         run_id = saved["run_id"]
         client.update_run(run_id, status="RUNNING")
-        sent = {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in client.get_run(run_id).data.metrics}
+        sent = {k: max(m.step for m in client.get_metric_history(run_id, k))
+                for k in client.get_run(run_id).data.metrics}
     else:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"train_{cfg['task']}"
         experiment = client.get_experiment_by_name(name)

@@ -81,7 +81,9 @@ CONFIG = {
     "train.precision": ("fp32", ("fp32", "bf16", "fp16"), "autocast dtype; fp16 adds a GradScaler"),
     "train.device": ("auto", ("auto", "cpu", "cuda"), "auto = cuda when available"),
     "train.log_every": (10, "int", "optimizer steps between train records"),
-    "train.progress_every_s": (60.0, "float", "seconds between progress lines (step, elapsed, steps/s, ETA) when stderr is no terminal (nohup, cron, --detach); a terminal gets a tqdm bar instead"),
+    "train.progress_every_s": (60.0, "float",
+                               "seconds between progress lines (step, elapsed, steps/s, ETA) when stderr is no "
+                               "terminal (nohup, cron, --detach); a terminal gets a tqdm bar instead"),
     "train.eval_every": (None, "int?", "optimizer steps between evals; null = once per epoch"),
     "train.save_every_steps": (None, "int?", "optimizer steps between last.pt saves; null = no step trigger"),
     "train.save_every_minutes": (5.0, "float?", "minutes of training between last.pt saves (R8: bounds what a SIGKILL "
@@ -298,8 +300,8 @@ def read_yaml(path, schema):
             if re.match(r"\s+#\S", rest):
                 written = node.value + rest.rstrip()
                 problems.append(("C1", key, f"line {node.end_mark.line + 1} of {path}: YAML reads {written.strip()!r} "
-                                 f"as {node.value!r} (' #' starts a comment); quote the value: {key.rsplit('.', 1)[-1]}: "
-                                 f"\"{written.strip()}\""))
+                                 f"as {node.value!r} (' #' starts a comment); quote the value: "
+                                 f"{key.rsplit('.', 1)[-1]}: \"{written.strip()}\""))
             return node.value  # the text as written, not YAML 1.1's int, float, bool or date
         return loader.construct_object(node, deep=True)
 
@@ -371,7 +373,7 @@ def load_config(path, overrides, schema, base=None):
             typed_on_set.add(key)
     sections = {key.split(".")[0] for key in schema if "." in key}
     for section in dict.fromkeys(key.split(".")[0] for key in flat if key not in schema and "." in key):
-        if section not in sections and section not in schema:  # C2: a mistyped section (trian:) is one line, not one per key
+        if section not in sections and section not in schema:  # C2: one line per mistyped section (trian:)
             keys = [key for key in flat if key.startswith(section + ".")]
             close = difflib.get_close_matches(section, sorted(sections), n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}?" if close else f"the sections are {', '.join(sorted(sections))}"
@@ -591,9 +593,11 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
         if cfg[key] < (2 if key == "head.num_classes" else 1):
             problems.append(("C3", key, f"{cfg[key]!r} is too small"))
     if cfg["train.best_metric"] not in ("val/auroc", "val/bacc", "val/loss"):
-        problems.append(("C3", "train.best_metric", f"{cfg['train.best_metric']!r} is not one of val/auroc, val/bacc, val/loss"))
+        problems.append(("C3", "train.best_metric",
+                         f"{cfg['train.best_metric']!r} is not one of val/auroc, val/bacc, val/loss"))
     if cfg["data.limit"] is not None and cfg["data.limit"] < 1:
-        problems.append(("C3", "data.limit", f"{cfg['data.limit']!r} keeps no windows; use >= 1, or null for every window"))
+        problems.append(("C3", "data.limit",
+                         f"{cfg['data.limit']!r} keeps no windows; use >= 1, or null for every window"))
     if cfg["backbone.target"] is not None and ":" not in cfg["backbone.target"]:
         problems.append(("C3", "backbone.target", "must look like 'package.module:callable'"))
     if not 0 <= cfg["head.dropout"] < 1:
@@ -707,7 +711,8 @@ def build_schedule(optimizer, cfg, plan):
         elif kind == "constant":
             phases.append(sched.ConstantLR(optimizer, factor=1.0, total_iters=0))
         else:
-            raise ConfigError([("S6", "schedule.type", f"{kind!r} is not one of onecycle, cosine, linear, wsd, constant")])
+            raise ConfigError([("S6", "schedule.type",
+                                f"{kind!r} is not one of onecycle, cosine, linear, wsd, constant")])
         if len(phases) == 1:
             return phases[0]
         return sched.SequentialLR(optimizer, phases, milestones=milestones)
@@ -966,13 +971,15 @@ class WindowSet(torch.utils.data.Dataset):
 
     def __init__(self, cfg, split):
         self.cfg, self.split = cfg, split
-        self.x_path, self.y_path = (cfg[f"data.{split}_x"], cfg[f"data.{split}_y"]) if cfg["data.train_x"] else (None, None)
+        self.x_path, self.y_path = (cfg[f"data.{split}_x"],
+                                    cfg[f"data.{split}_y"]) if cfg["data.train_x"] else (None, None)
         if self.x_path:
             x = np.load(self.x_path, mmap_mode="r")
             self.labels = class_ids(self.y_path, f"data.{split}_y")
             self.shape = x.shape
             if self.labels.ndim != 1:
-                raise ConfigError([("C3", f"data.{split}_y", f"{self.y_path} has shape {self.labels.shape}; labels must "
+                raise ConfigError([("C3", f"data.{split}_y",
+                                    f"{self.y_path} has shape {self.labels.shape}; labels must "
                                     "be one class id per window, shape [N] (save y.reshape(-1) instead)")])
             if x.ndim != 3 or len(self.labels) != x.shape[0]:
                 raise ConfigError([("C3", f"data.{split}_x", f"{self.x_path} has shape {x.shape} and its labels "
@@ -1095,7 +1102,8 @@ def build_backbone(cfg, in_channels):
         raise ConfigError([("C3", "backbone.kwargs", f"{kwargs} rejected by {target or 'the built-in encoder'}: "
                             f"{err}")]) from None
     if not isinstance(backbone, nn.Module):
-        raise ConfigError([("C3", "backbone.target", f"{target} returned a {type(backbone).__name__}, not an nn.Module")])
+        raise ConfigError([("C3", "backbone.target",
+                            f"{target} returned a {type(backbone).__name__}, not an nn.Module")])
     if cfg["backbone.checkpoint"]:
         load_backbone_checkpoint(backbone, cfg["backbone.checkpoint"])
     backbone.requires_grad_(False)
@@ -1116,13 +1124,16 @@ def load_backbone_checkpoint(backbone, path):
             raise ConfigError([("R7", key, f"{path} holds pickled Python objects, which torch.load(weights_only=True) "
                                 f"refuses ({detail.split(' was not')[0]}); if you trust the file, convert it once: "
                                 f"python -c \"import torch; c = torch.load('{path}', weights_only=False); torch.save("
-                                "c.get('state_dict', c) if isinstance(c, dict) else c.state_dict(), 'backbone_weights.pt')\" "
+                                "c.get('state_dict', c) if isinstance(c, dict) else c.state_dict(), "
+                                "'backbone_weights.pt')\" "
                                 "and set backbone.checkpoint to backbone_weights.pt")]) from None
         raise ConfigError([("C3", key, f"{path} is not a readable torch checkpoint ({detail})")]) from None
     if isinstance(state, dict) and not all(torch.is_tensor(v) for v in state.values()):
-        inner = next((state[k] for k in ("state_dict", "model_state_dict", "model") if isinstance(state.get(k), dict)), None)
+        inner = next((state[k] for k in ("state_dict", "model_state_dict", "model")
+                      if isinstance(state.get(k), dict)), None)
         if inner is None:
-            raise ConfigError([("C3", key, f"{path} is a dict with keys {sorted(map(str, state))[:8]} and no state dict "
+            raise ConfigError([("C3", key,
+                                f"{path} is a dict with keys {sorted(map(str, state))[:8]} and no state dict "
                                 "(name -> tensor) under state_dict, model_state_dict or model")])
         state = inner
     if not isinstance(state, dict) or not state:
@@ -1138,7 +1149,8 @@ def load_backbone_checkpoint(backbone, path):
         missing, extra = sorted(want - set(state)), sorted(set(state) - want)
         raise ConfigError([("C3", key, f"{path} does not fit the backbone: {len(missing)} of its {len(want)} tensors "
                             f"missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}), and no name "
-                            "prefix such as 'model.' or 'backbone.' fixes it; check backbone.target and backbone.kwargs")])
+                            "prefix such as 'model.' or 'backbone.' fixes it; check backbone.target and "
+                            "backbone.kwargs")])
     try:
         backbone.load_state_dict(found)
     except RuntimeError as err:  # a shape mismatch: "size mismatch for conv.weight: copying a param with shape ..."
@@ -1167,7 +1179,8 @@ def feature_tensor(out, output):
     not keys) gives last_hidden_state, else its only tensor. backbone.output names another key or index."""
     if torch.is_tensor(out):
         if output is not None:
-            raise ConfigError([("C3", "backbone.output", f"is {output!r} but the backbone returns one tensor; set it to null")])
+            raise ConfigError([("C3", "backbone.output",
+                                f"is {output!r} but the backbone returns one tensor; set it to null")])
         return out
     if isinstance(out, dict):
         tensors = {k: v for k, v in out.items() if torch.is_tensor(v)}
@@ -1186,7 +1199,8 @@ def feature_tensor(out, output):
     elif isinstance(out, (tuple, list)):
         index = 0 if output is None else int(output) if str(output).lstrip("-").isdigit() else None
         if index is None or not -len(out) <= index < len(out):
-            raise ConfigError([("C3", "backbone.output", f"is {output!r} but the backbone returns a {type(out).__name__} "
+            raise ConfigError([("C3", "backbone.output",
+                                f"is {output!r} but the backbone returns a {type(out).__name__} "
                                 f"of {len(out)} items; give an index from 0 to {len(out) - 1}")])
         pick, where = out[index], f"item {index} of {len(out)}"
     else:
@@ -1339,13 +1353,16 @@ def input_changes(saved, now):
             scale = float(old.abs().max()) if torch.is_tensor(old) and old.numel() else 0.0
             if torch.is_tensor(old) and old.shape == value.shape and \
                     not torch.allclose(old, value, rtol=1e-3, atol=1e-3 * scale + 1e-6):
-                changes.append((key, "the backbone's features of the first training windows differ (its code changed?)"))
+                changes.append((key,
+                                "the backbone's features of the first training windows differ (its code changed?)"))
         elif key == "backbone build file":
             if (old or {}).get("sha256") != (value or {}).get("sha256"):
                 changes.append((key, f"{(value or old)['path']} changed"))
         elif old != value and not (key.endswith(" content") and "sampled_sha256" in old
-                                   and old["size"] == value.get("bytes")):  # a record made before R11 hashed whole files
-            what = {"data.train_x content": "the training windows changed", "data.train_y content": "the labels changed",
+                                   # a record made before R11 hashed whole files
+                                   and old["size"] == value.get("bytes")):
+            what = {"data.train_x content": "the training windows changed",
+                    "data.train_y content": "the labels changed",
                     "backbone digest": "the backbone's tensors changed (backbone.checkpoint?)"}
             changes.append((key, what.get(key, f"{old!r} -> {value!r}")))
     return changes
@@ -1385,7 +1402,8 @@ def check_resume_inputs(cfg, run_dir, mode, inputs):
         fix = ("a finished run is never continued: start a new run with another run_name (--set run_name=NEW) or "
                "--run_dir NEW" if ckpt.get("finished") else
                "restore them, or start a new run (--set run_name=NEW or --run_dir NEW)")
-        raise ConfigError([("S7", changes[0][0], f"changed since the checkpoint in {run_dir} (step {ckpt.get('global_step')}), "
+        raise ConfigError([("S7", changes[0][0],
+                            f"changed since the checkpoint in {run_dir} (step {ckpt.get('global_step')}), "
                             f"whose head was trained on the features they give: "  # the first key heads the line
                             + "; ".join([changes[0][1]] + [f"{key}: {text}" for key, text in changes[1:]])
                             + f"; {fix}; nothing was touched")])
@@ -1412,7 +1430,8 @@ def compute_features(run, backbone, dataset, n):
     bar, said = None, started
     if d["main"] and sys.stderr.isatty() and not run["quiet"]:
         from tqdm import tqdm
-        bar = run["bar"] = tqdm(total=n, unit="window", desc=f"{dataset.split} features", dynamic_ncols=True, leave=False)
+        bar = run["bar"] = tqdm(total=n, unit="window", desc=f"{dataset.split} features", dynamic_ncols=True,
+                                leave=False)
     log(run, f"features: computing {n} {dataset.split} windows")
     chunks = []
     for start in range(0, n, size):
@@ -1533,7 +1552,8 @@ class TrainingAborted(Exception):
 
 def open_run(run_dir, cfg, dist_info):
     """runs/<run_name>/: config.yaml, metrics.jsonl, train.log, checkpoints/. Logs append, never truncate."""
-    run = {"cfg": cfg, "dist": dist_info, "quiet": False, "run_dir": run_dir, "ckpt_dir": os.path.join(run_dir, "checkpoints"),
+    run = {"cfg": cfg, "dist": dist_info, "quiet": False, "run_dir": run_dir,
+           "ckpt_dir": os.path.join(run_dir, "checkpoints"),
            "stop_signal": None, "stop_after": None, "bar": None, "last_save": time.monotonic(),
            "best_written": None, "best_pending": None, "sharded": None,
            "state": {"global_step": 0, "skipped_steps": 0, "bad_streak": 0, "best_value": None, "best_step": None,
@@ -1612,7 +1632,8 @@ def log(run, message):
         return
     line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
     if not run["quiet"] and not write_stdout(line, run["bar"]):
-        run["quiet"] = True  # R8: stdout closed (`| head`, a dropped terminal): keep training, train.log keeps every line
+        # R8: stdout closed (`| head`, a dropped terminal): keep training, train.log keeps every line
+        run["quiet"] = True
     run["log_file"].write(line + "\n")
     run["log_file"].flush()
 
@@ -1659,7 +1680,8 @@ def rng_state():
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": gauss_next}}
+            "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
 
 
 def set_rng_state(state):
@@ -1667,7 +1689,8 @@ def set_rng_state(state):
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
 
@@ -1739,8 +1762,10 @@ def checkpoint_state(run, name="last"):
             "scaler": run["scaler"].state_dict() if run["scaler"] else None, "rng": rngs,
             "data_position": {"epoch": st["global_step"] // per_epoch, "step_in_epoch": st["global_step"] % per_epoch,
                               "seed": run["cfg"]["seed"]},
-            "world_size": d["world"], "config": dict(run["cfg"]), "schedule": schedule_signature(run["cfg"], run["plan"]),
-            "inputs": run.get("inputs"),  # what the model's inputs depend on (the probe's features: R11), checked on resume
+            "world_size": d["world"], "config": dict(run["cfg"]),
+            "schedule": schedule_signature(run["cfg"], run["plan"]),
+            # what the model's inputs depend on (the probe's features: R11), checked on resume
+            "inputs": run.get("inputs"),
             "data_digest": run.get("data_digest"), "torch_version": str(torch.__version__), **st}
 
 
@@ -1798,7 +1823,8 @@ def load_latest_checkpoint(run, path):
         try:
             ckpt = torch.load(candidate, map_location="cpu", weights_only=True)  # R7
         except Exception as err:  # a torn file raises whatever the unpickler meets
-            log(run, f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
+            log(run,
+                f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
             continue
         gone = missing_shards(ckpt, candidate) if isinstance(ckpt, dict) and ckpt.get("shards") else None
         if gone:  # D2: the DCP directory it names is half of the checkpoint (deleted, or a kill before it was in)
@@ -1831,7 +1857,8 @@ def resume(run, mode):
     if mode == "none":
         if os.path.exists(last) or os.path.exists(last[:-3] + ".prev.pt"):
             raise ConfigError([("R1", "--resume", f"none, but {run['run_dir']} already holds checkpoints; use "
-                                "--resume auto to continue, or another --run_dir to start afresh (nothing was touched)")])
+                                "--resume auto to continue, or another --run_dir to start afresh (nothing was "
+                                "touched)")])
         return False
     path = last if mode == "auto" else mode
     if mode != "auto" and not os.path.exists(path):
@@ -1842,13 +1869,15 @@ def resume(run, mode):
     seen = all_gather_list([ckpt["global_step"] if ckpt else None], run["dist"]["world"])
     if len(set(seen)) > 1:
         raise ConfigError([("R1", "--run_dir", f"the processes found different checkpoints in {run['run_dir']} "
-                            f"(global step by rank: {seen}); every node must see the same run dir (shared filesystem)")])
+                            f"(global step by rank: {seen}); every node must see the same run dir (shared "
+                            "filesystem)")])
     if ckpt is None:
         if mode != "auto" or os.path.exists(last):
             raise ConfigError([("R6", "--resume", f"no readable checkpoint at {path} or its .prev.pt")])
         return False
     if ckpt.get("task") != cfg["task"]:
-        raise ConfigError([("R1", "--resume", f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
+        raise ConfigError([("R1", "--resume",
+                            f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
     older = ckpt.get("data_digest") is None and cfg.get("data.train_bin")  # token files were not hashed before R11
     if run.get("data_digest") is not None and ckpt.get("data_digest") != run["data_digest"] and not older:
         # S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run
@@ -1890,20 +1919,23 @@ def resume_changes(run, ckpt, source):
         run["check_strategy"](run, ckpt, source)
     saved_seed = ckpt["data_position"]["seed"]
     if saved_seed != cfg["seed"]:  # S7/R5: the permutation of the epoch in progress is a function of the seed
-        raise ConfigError([("S7", "seed", f"{cfg['seed']}, but {source} was trained with seed {saved_seed} and the data "
-                            f"order of the epoch in progress depends on it; restore seed={saved_seed}, or start a new run "
-                            "(--set run_name=NEW or --run_dir NEW)")])
+        raise ConfigError([("S7", "seed",
+                            f"{cfg['seed']}, but {source} was trained with seed {saved_seed} and the data "
+                            f"order of the epoch in progress depends on it; restore seed={saved_seed}, or start a new "
+                            "run (--set run_name=NEW or --run_dir NEW)")])
     new_sig = schedule_signature(cfg, plan)
     changed = {k: (ckpt["schedule"].get(k), v) for k, v in new_sig.items() if ckpt["schedule"].get(k) != v}
     if world != saved_world:
         changed.pop("train.batch_size")  # the split of the same global micro-batch, checked above (R5)
     if changed and ckpt["global_step"] > plan["total_steps"]:
-        raise ConfigError([("S7", "train.epochs", f"{source} is at optimizer step {ckpt['global_step']}, the new schedule "
+        raise ConfigError([("S7", "train.epochs",
+                            f"{source} is at optimizer step {ckpt['global_step']}, the new schedule "
                             f"has only {plan['total_steps']}; restore the run length or start a new --run_dir")])
     if changed and not cfg["train.allow_schedule_change"]:
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
         raise ConfigError([("S7", "train.allow_schedule_change", f"the schedule changed since {source}: {what}; "
-                            "restore those values, or set train.allow_schedule_change=true to continue on the new curve")])
+                            "restore those values, or set train.allow_schedule_change=true to continue on the new "
+                            "curve")])
     return changed
 
 
@@ -1917,8 +1949,11 @@ def load_resume_state(run, ckpt, source, changed):
     else:
         run["module"].load_state_dict(ckpt["model"])
         run["optimizer"].load_state_dict(ckpt["optimizer"])
-    if changed:  # S7, explicitly allowed: the new curve, advanced by real steps to the saved position (not last_epoch, R3)
-        log(run, f"WARNING S7: schedule changed ({', '.join(changed)}); the LR follows the new curve from step {ckpt['global_step']}")
+    # S7, explicitly allowed: the new curve, advanced by real steps to the saved position (not last_epoch, R3)
+    if changed:
+        log(run,
+            f"WARNING S7: schedule changed ({', '.join(changed)}); the LR follows the new curve from step "
+            f"{ckpt['global_step']}")
         for group in run["optimizer"].param_groups:  # as a fresh optimizer: the loaded mid-run LR and the old
             group.pop("initial_lr", None)            # initial_lr must not seed the new curve (chained schedulers)
             group["lr"] = cfg["optim.lr"]
@@ -1947,7 +1982,8 @@ def finished_run_problem(cfg, ckpt, run_dir):
     ignored = ("run_name", "train.allow_schedule_change", "train.num_workers", "train.device", "launch_dir",
                "expect.initial_lr", "expect.peak_lr", "expect.final_lr")  # expectations shape nothing (S5)
     saved = absolute_paths(ckpt.get("config") or {}, PATH_KEYS)  # C8: a run saved before paths were recorded absolute
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items() if k in saved and k not in ignored and saved[k] != v]
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items()
+               if k in saved and k not in ignored and saved[k] != v]
     if not changed:
         return None
     return ConfigError([("S7", "run_name", f"{run_dir} holds a finished run (step {ckpt.get('global_step')}) and these "
@@ -2162,7 +2198,8 @@ def dominating_loss(records, limit, persist=3):
 def param_fingerprint(params):
     """One float64 sum per trained tensor: changes whenever an optimizer step moves a weight (E1). A sharded
     weight (D1) sums this process's shard: the fingerprint is only ever compared with this process's own."""
-    return torch.stack([(p.to_local() if hasattr(p, "to_local") else p).detach().double().sum() for p in params]).tolist()
+    return torch.stack([(p.to_local() if hasattr(p, "to_local") else p).detach().double().sum()
+                        for p in params]).tolist()
 
 
 def record_eval(run, metrics):
@@ -2227,8 +2264,8 @@ def fit(run, task):
             warn_step(run, task, out)
             if st["bad_streak"] >= cfg["train.max_bad_steps"]:
                 save_last(run)
-                raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state saved "
-                                      f"in {run['ckpt_dir']}/last.pt. Check the data and lower optim.lr")
+                raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state "
+                                      f"saved in {run['ckpt_dir']}/last.pt. Check the data and lower optim.lr")
             if step % eval_every == 0 or step == total:
                 record_eval(run, task["evaluate"](run))
                 if patience_exhausted(run):
@@ -2477,9 +2514,11 @@ def sink_problems(cfg):
     missing = [p for p in ("sqlalchemy", "alembic") if importlib.util.find_spec(p) is None]
     if uri.split(":")[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql") and missing and not problems:
         # E10: mlflow-skinny has no database store without them, and would fail at start-up with a registry error
-        problems.append(("E10", "log.mlflow", f"{uri!r} is a database store, which needs {' and '.join(missing)} beside "
-                         f"mlflow; {sys.executable} cannot import {'them' if len(missing) > 1 else 'it'}: install mlflow "
-                         f"itself ({sys.executable} -m pip install mlflow; mlflow-skinny lacks them) or set log.mlflow=null"))
+        problems.append(("E10", "log.mlflow",
+                         f"{uri!r} is a database store, which needs {' and '.join(missing)} beside "
+                         f"mlflow; {sys.executable} cannot import {'them' if len(missing) > 1 else 'it'}: install "
+                         f"mlflow itself ({sys.executable} -m pip install mlflow; mlflow-skinny lacks them) or set "
+                         "log.mlflow=null"))
     return problems
 
 
@@ -2506,7 +2545,8 @@ def open_sinks(run):
             try:
                 run["sinks"].append({"key": key, **opener(run, saved.get(key) or {})})
             except Exception as err:  # an unreachable server, a bad project name: the run goes on without it
-                log(run, f"WARNING E10: {key} could not start ({type(err).__name__}: {err}); training goes on without it")
+                log(run,
+                    f"WARNING E10: {key} could not start ({type(err).__name__}: {err}); training goes on without it")
     save_sink_state(run)
 
 
@@ -2605,7 +2645,8 @@ def open_mlflow(run, saved):
     if saved.get("uri") == uri:  # E10: a resume continues the run it started, without repeating a step it holds
         run_id = saved["run_id"]
         client.update_run(run_id, status="RUNNING")
-        sent = {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in client.get_run(run_id).data.metrics}
+        sent = {k: max(m.step for m in client.get_metric_history(run_id, k))
+                for k in client.get_run(run_id).data.metrics}
     else:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"train_{cfg['task']}"
         experiment = client.get_experiment_by_name(name)
@@ -2768,8 +2809,9 @@ def evaluate(run, split):
     present = np.unique(labels)
     if len(present) < 2 and split not in run.setdefault("one_class_warned", set()):
         run["one_class_warned"].add(split)
-        log(run, f"WARNING: the {split} split holds only class {present.tolist()} ({len(labels)} windows): {split}/auroc "
-                 f"is undefined and reported as NaN, so it cannot pick best.pt (a label-sorted file cut by data.limit?)")
+        log(run, f"WARNING: the {split} split holds only class {present.tolist()} ({len(labels)} windows): "
+                 f"{split}/auroc is undefined and reported as NaN, so it cannot pick best.pt (a label-sorted file "
+                 "cut by data.limit?)")
     probs = np.array([r[0] for r in rows])
     losses = np.array([r[1] for r in rows])
     if "predictions" in run:  # --evaluate writes them per window (E11)
@@ -2793,15 +2835,16 @@ def print_plan(run, resumed, cached):
              + (f", {len(run['eval_sources']['test'][1])} test windows" if "test" in run["eval_sources"] else "")
              + f", shape {tuple(run['train_set'].shape[1:])}, feature cache {'on' if cached else 'off'}")
     log(run, f"steps: ceil({n} / ({b} x {w} processes)) = {plan['micro_batches_per_epoch']} micro-batches per epoch; "
-             f"ceil({plan['micro_batches_per_epoch']} / grad_accum {a}) = {plan['steps_per_epoch']} optimizer steps per epoch; "
-             + run_length_text(cfg, plan))
-    log(run, f"schedule: {cfg['schedule.type']}, warmup {plan['warmup_steps']} optimizer steps, LR {marks['initial']:.4g} "
-             f"at step 1 -> peak {marks['peak']:.4g} at step {marks['peak_step']} -> {marks['final']:.4g} at step {plan['total_steps']}")
+             f"ceil({plan['micro_batches_per_epoch']} / grad_accum {a}) = {plan['steps_per_epoch']} optimizer "
+             "steps per epoch; " + run_length_text(cfg, plan))
+    log(run, f"schedule: {cfg['schedule.type']}, warmup {plan['warmup_steps']} optimizer steps, "
+             f"LR {marks['initial']:.4g} at step 1 -> peak {marks['peak']:.4g} at step {marks['peak_step']} -> "
+             f"{marks['final']:.4g} at step {plan['total_steps']}")
     # R11: where the weights came from; load_backbone_checkpoint() loads every tensor of the backbone or refuses
     weights = (f"{len(run['backbone'].state_dict())} tensors loaded from {cfg['backbone.checkpoint']}"
                if cfg["backbone.checkpoint"] else f"no backbone.checkpoint: seeded init (seed {cfg['seed']})")
-    log(run, f"backbone: {cfg['backbone.target'] or 'built-in encoder'}, {sum(p.numel() for p in run['backbone'].parameters())} "
-             f"parameters, {weights}, frozen in eval mode; "
+    log(run, f"backbone: {cfg['backbone.target'] or 'built-in encoder'}, "
+             f"{sum(p.numel() for p in run['backbone'].parameters())} parameters, {weights}, frozen in eval mode; "
              f"output [B, {', '.join(map(str, run['backbone_output_shape']))}] -> "
              f"backbone.pool {cfg['backbone.pool'] or 'none'} -> {run['module'].linear.in_features} features -> "
              f"head (dropout {cfg['head.dropout']:g})")
@@ -2972,13 +3015,15 @@ def finish_probe(run, test_set):
 # (model = train_probe.load_export("runs/<run>/export")), and saved weights scored on a config's data by the
 # same evaluate() the run used, so the numbers are the run's own.
 def model_config(cfg):
-    """The keys that rebuild the network and its features: the backbone (and its seeded init), the head, the precision."""
+    """The keys that rebuild the network and its features: the backbone (and its seeded init), the head, the
+    precision."""
     return {k: v for k, v in cfg.items() if k in ("seed", "train.precision", "launch_dir")  # C8: where its module is
             or k.startswith(("backbone.", "head."))}
 
 
 class ExportedProbe(nn.Module):
-    """Windows [B, C, T] -> logits [B, classes]: the frozen backbone, its features (backbone.output, .pool), the head."""
+    """Windows [B, C, T] -> logits [B, classes]: the frozen backbone, its features (backbone.output, .pool), the
+    head."""
 
     def __init__(self, backbone, head, cfg):
         super().__init__()
@@ -3006,13 +3051,15 @@ def export_probe(run):
     best_path, out = os.path.join(run["ckpt_dir"], "best.pt"), os.path.join(run["run_dir"], "export")
     best = torch.load(best_path, map_location="cpu", weights_only=True) if os.path.exists(best_path) else None
     state = best["model"] if best else host_copy(run["module"].state_dict())
-    tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=f".export-{os.getpid()}-")  # R12: a kill's leftover names its writer
+    # R12: a kill's leftover names its writer
+    tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=f".export-{os.getpid()}-")
     os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide the export from the people it is for
     try:
         torch.save(state, os.path.join(tmp, "head.pt"))
         meta = {"format": "probe_head", "file": "head.pt", "in_channels": run["train_set"].shape[1],
                 "window_shape": run["inputs"]["window shape"],  # E11: --evaluate refuses windows of another shape
-                "step": best["global_step"] if best else run["state"]["global_step"], "config": model_config(run["cfg"]),
+                "step": best["global_step"] if best else run["state"]["global_step"],
+                "config": model_config(run["cfg"]),
                 "load": f"import train_probe; model = train_probe.load_export({os.path.abspath(out)!r})"
                         "  # windows [B, C, T] -> logits"}
         atomic_write_text(os.path.join(tmp, "probe.json"), json.dumps(meta, indent=2) + "\n")
@@ -3046,7 +3093,8 @@ def check_window_shape(trained, sets, weights):
     of the head's width, and numbers that mean nothing; the export and the checkpoint are checked alike."""
     for s in sets.values():
         if trained and any(want not in (None, got) for want, got in zip(trained, s.shape[1:])):
-            key = f"data.{s.split}_x" if s.x_path else f"data.synthetic.{'channels' if s.shape[1] != trained[0] else 'length'}"
+            key = f"data.{s.split}_x" if s.x_path else \
+                f"data.synthetic.{'channels' if s.shape[1] != trained[0] else 'length'}"
             raise ConfigError([("E11", key, f"{s.x_path or 'synthetic'} holds windows of {s.shape[1]} channels x "
                                 f"{s.shape[2]} samples, {weights} was trained on {trained[0]} x "
                                 f"{trained[1] or '?'}: its backbone and head cannot read them; evaluate windows "
@@ -3071,7 +3119,8 @@ def evaluate_saved(config_path, overrides, path):
             raise ConfigError([("C3", "--evaluate", f"{source} holds no probe.json, so it is no export of "
                                 f"train_probe.py; {evaluation_choices(source)}")])
         model = load_export(source)
-        model_cfg, backbone, head, weights = {**cfg, **model_config(model.cfg)}, model.backbone, model.head, f"export {source}"
+        model_cfg = {**cfg, **model_config(model.cfg)}
+        backbone, head, weights = model.backbone, model.head, f"export {source}"
         trained = model.window_shape
     else:
         ckpt = read_checkpoint(source, TASK)
@@ -3202,7 +3251,8 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
             dist.barrier()
         return outcome_and_run
 
-    print_main(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes" if d["world"] > 1 else ""))
+    print_main(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes"
+                                                                         if d["world"] > 1 else ""))
     try:
         plan = plan_schedule(cfg, train_set_size(cfg), d["world"])
         failures = check_lr_curve(lr_curve(cfg, plan), cfg, plan)
@@ -3236,7 +3286,8 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
         never = run["state"]["best_value"] is None  # a one-class val split in the first 26 windows: warned, no best
         check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")) or never,
               f"no best.pt: {tiny['train.best_metric']} was never finite in the tiny run (its first val windows hold "
-              "one class: a label-sorted file?); a full run warns in train.log if it happens there" if never else "best.pt written")
+              "one class: a label-sorted file?); a full run warns in train.log if it happens there"
+              if never else "best.pt written")
         if tiny["data.test_x"]:
             tested = [r for r in records if "test/loss" in r]
             check(len(tested) == 1 and run["state"]["finished"],
@@ -3266,7 +3317,8 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
 REFERENTIAL_19 = "fp1 fp2 f3 f4 c3 c4 p3 p4 o1 o2 f7 f8 t3 t4 t5 t6 fz cz pz".upper().split()
 TCP_22 = ("fp1-f7 f7-t3 t3-t5 t5-o1 fp2-f8 f8-t4 t4-t6 t6-o2 a1-t3 t3-c3 c3-cz cz-c4 c4-t4 t4-a2 fp1-f3 f3-c3 c3-p3 "
           "p3-o1 fp2-f4 f4-c4 c4-p4 p4-o2").upper().split()  # TUH's 01_tcp_ar montage: 22 bipolar pairs
-ELECTRODE_ALIASES = {"T7": "T3", "T8": "T4", "P7": "T5", "P8": "T6"}  # 10-10 names of electrodes TUH labels the 10-20 way
+# 10-10 names of electrodes TUH labels the 10-20 way
+ELECTRODE_ALIASES = {"T7": "T3", "T8": "T4", "P7": "T5", "P8": "T6"}
 INCOMPLETE = "INCOMPLETE"  # in --out while a preparation runs, and after one was killed: the data are not ready
 
 
@@ -3349,12 +3401,13 @@ def prepared_data_problems(cfg):
         for name, value in want.items():
             if name != "window_samples" and made.get(name) != value:
                 problems.append(("C6", f"data.{name}", f"{value!r} but {directory}/manifest.json says the windows were "
-                                 f"prepared with {made.get(name)!r}; set data.{name} to that, or prepare again with this "
-                                 f"config: {again}"))
+                                 f"prepared with {made.get(name)!r}; set data.{name} to that, or prepare again with "
+                                 f"this config: {again}"))
         for key in mine:
             meta = manifest.get("outputs", {}).get(os.path.basename(cfg[key]))
             if meta and os.path.getsize(cfg[key]) != meta["bytes"]:
-                problems.append(("C6", key, f"{cfg[key]} is {os.path.getsize(cfg[key])} bytes, {directory}/manifest.json "
+                problems.append(("C6", key,
+                                 f"{cfg[key]} is {os.path.getsize(cfg[key])} bytes, {directory}/manifest.json "
                                  f"says {meta['bytes']}: it changed after it was prepared; prepare again: {again}"))
     return problems
 
@@ -3372,7 +3425,8 @@ def parse_args(argv=None):
                         help="override config keys: --set optim.lr=3e-4 train.grad_accum=4 (repeatable; "
                              "backbone.kwargs.depth=4 sets one entry of a mapping)")
     parser.add_argument("--dry_run", action="store_true", help="check every code path on tiny data and exit")
-    parser.add_argument("--resume", default="auto", help="auto (default): continue from the run dir's last.pt; none; or a path")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (default): continue from the run dir's last.pt; none; or a path")
     parser.add_argument("--run_dir", help="default runs/<run_name>")
     parser.add_argument("--evaluate", metavar="PATH", help="instead of training: score a checkpoint, a run directory "
                         "(its best.pt) or an export directory on the --config's data; the last line is JSON")
