@@ -356,7 +356,9 @@ def settle(script, tree, opts, findings):
             missing = [(key, message.split(";")[0][5:].removesuffix(" not found"))
                        for _, key, message in err.problems if is_missing_file(message)]
             if missing and check_files:  # one finding for all of them; without a size the run cannot be judged
-                findings.append(missing_files_finding(missing, opts))
+                made = next((m.split("; ", 1)[1].removesuffix(", or fix the path") + "; or " for _, _, m in
+                             err.problems if is_missing_file(m) and "make the data first" in m), "")
+                findings.append(missing_files_finding(missing, opts, made))
                 check_files, progress = False, True
             for rid, key, message in err.problems:
                 if is_missing_file(message):
@@ -404,9 +406,10 @@ def settle(script, tree, opts, findings):
     return None, None
 
 
-def missing_files_finding(missing, opts):
+def missing_files_finding(missing, opts, made=""):
     """C3: one finding for every file the config names that is not on this machine ([(key, path)]): info when the
-    run can still be judged (--num_samples, or a log whose run is sized by its checkpoint), else critical."""
+    run can still be judged (--num_samples, or a log whose run is sized by its checkpoint), else critical; made:
+    the run's own words on a data directory that does not exist (the tool that makes it), put first in the fix."""
     listing = ", ".join(f"{key} ({what})" for key, what in missing)
     if opts["num_samples"]:
         return finding("C3", "info", f"not on this machine: {listing}; the run is sized with "
@@ -418,7 +421,7 @@ def missing_files_finding(missing, opts):
                        f"not need them{sized}", "nothing to fix to read the log; the files must "
                        "exist where the run starts again")
     return finding("C3", "critical", f"not found: {listing}",
-                   "fix the paths, copy the files here, or pass --num_samples N to judge "
+                   f"{made}fix the paths, copy the files here, or pass --num_samples N to judge "
                    "the config without its data")
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import yaml
 
 TASK = "probe"
+PREPARE_TOOL = "python prepare_tuab.py TUAB_DIR"  # makes the data.* windows (C3: named when they are missing)
 
 # -----------------------------------------------------------------------------
 # Config: every key, its default, its type and what it means. A YAML file and --set override these;
@@ -472,7 +473,11 @@ def check_file(cfg, key, problems, suffixes):
     if path is not None and not os.path.exists(path):
         # Not "set it to null": for a data key null means synthetic data, never what a missing file meant.
         where = "" if os.path.isabs(path) else f" (a relative path is read from the current directory, {os.getcwd()})"
-        problems.append(("C3", key, f"file {path} not found{where}; fix the path"))
+        folder = os.path.dirname(path)  # C3: no such directory at all: the data was never made here (stage 1)
+        fix = (f"its directory {folder} does not exist: make the data first (the README's stage 1, {PREPARE_TOOL} "
+               f"--out {folder}), or fix the path" if key.startswith("data.") and folder and not os.path.isdir(folder)
+               else "fix the path")
+        problems.append(("C3", key, f"file {path} not found{where}; {fix}"))
     elif path is not None and suffixes and not path.endswith(suffixes):
         problems.append(("C3", key, f"{path} should end with {' or '.join(suffixes)}"))
 

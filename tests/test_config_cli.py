@@ -1,6 +1,8 @@
 """--set as the usage line promises: several pairs after one flag, repeated flags, and dotted keys into a
 free-form mapping (backbone.kwargs.depth=4), in both training scripts and both tools; anything else dotted
 is still an unknown key (C2)."""
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -86,3 +88,31 @@ def test_c2_an_unknown_dotted_key_is_still_an_error(tmp_path):
     assert lines[0].startswith("config error: backbone.kwargz.depth: unknown key")
     assert lines[1].startswith("config error: optim.lrr: unknown key; did you mean optim.lr?")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script,keys,tool", [
+    (tp, ["data.train_x=X/train_x.npy", "data.train_y=X/train_y.npy", "data.val_x=X/val_x.npy",
+          "data.val_y=X/val_y.npy"], "prepare_tuab.py"),
+    (td, ["data.train_bin=X/train.bin", "data.val_bin=X/val.bin", "data.vocab_size=256"], "prepare_text.py")],
+    ids=["train_probe", "train_distill"])
+def test_c3_a_data_directory_that_does_not_exist_names_the_tool_that_makes_it(script, keys, tool, tmp_path, capsys):
+    """Stage 2 before stage 1 (the README's tuab_4s.yaml before prepare_tuab.py): every data file was 'not found;
+    fix the path'. A missing directory says to make the data first, with the tool; the run, its dry run and
+    diagnose say it; a file missing from a directory that exists is still 'fix the path'."""
+    missing = [k.replace("X/", f"{tmp_path}/never_made/") for k in keys]
+    with pytest.raises(script.ConfigError) as err:
+        script.resolve_config(None, missing)
+    first = err.value.problems[0][2]
+    assert f"its directory {tmp_path}/never_made does not exist: make the data first" in first and tool in first
+    assert script.main(["--dry_run", *[a for k in missing for a in ("--set", k)]]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == f"config error: {err.value.problems[0][1]}: {first}"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"task": script.TASK}))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        diagnose_and_fix.main(["--config", str(config), "--json", *[a for k in missing for a in ("--set", k)]])
+    c3 = [f for f in json.loads(out.getvalue())["findings"] if f["id"] == "C3" and f["severity"] == "critical"]
+    assert len(c3) == 1 and tool in c3[0]["fix"] and "make the data first" in c3[0]["fix"], c3
+    with pytest.raises(script.ConfigError) as err:
+        script.resolve_config(None, [k.replace("X/", f"{tmp_path}/") for k in keys])
+    assert err.value.problems[0][2].endswith("; fix the path")
