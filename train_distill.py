@@ -6,7 +6,8 @@ Run it (defaults: a built-in corpus of generated Python-like text, the same byte
     python train_distill.py --help_config                 # every config key: default, type, meaning
     python train_distill.py --config configs/distill_demo_teacher.yaml  # the teacher: kd.enabled false, plain LM
     python train_distill.py --config configs/distill_demo.yaml          # the student, distilled from that teacher
-    python train_distill.py --config configs/distill_reference.yaml --set kd.teacher_checkpoint=runs/t/checkpoints/best.pt
+    python train_distill.py --config configs/distill_reference.yaml \
+        --set kd.teacher_checkpoint=runs/t/checkpoints/best.pt
     torchrun --standalone --nproc_per_node=2 train_distill.py --config configs/distill_reference.yaml
     python prepare_text.py my_texts/ --tokenizer TEACHER_HF_DIR --out data/mine   # first, for your own text: .bin files
 
@@ -68,7 +69,8 @@ CONFIG = {
     # optimizer
     "optim.name": ("adamw", ("adamw", "sgd"), "optimizer"),
     "optim.lr": (1e-3, "float", "peak learning rate"),
-    "optim.weight_decay": (0.1, "float", "decoupled weight decay (AdamW) / L2 (SGD), on weight matrices and embeddings only"),
+    "optim.weight_decay": (0.1, "float",
+                           "decoupled weight decay (AdamW) / L2 (SGD), on weight matrices and embeddings only"),
     "optim.betas": ([0.9, 0.95], "floats", "AdamW betas"),
     "optim.momentum": (0.9, "float", "SGD momentum"),
     # learning-rate schedule, stepped once per optimizer step (S1)
@@ -95,21 +97,25 @@ CONFIG = {
     "train.precision": ("fp32", ("fp32", "bf16", "fp16"), "autocast dtype; fp16 adds a GradScaler"),
     "train.device": ("auto", ("auto", "cpu", "cuda"), "auto = cuda when available"),
     "train.log_every": (10, "int", "optimizer steps between train records"),
-    "train.progress_every_s": (60.0, "float", "seconds between progress lines (step, elapsed, steps/s, ETA) when stderr is no terminal (nohup, cron, --detach); a terminal gets a tqdm bar instead"),
+    "train.progress_every_s": (60.0, "float",
+                               "seconds between progress lines (step, elapsed, steps/s, ETA) when stderr is no "
+                               "terminal (nohup, cron, --detach); a terminal gets a tqdm bar instead"),
     "train.eval_every": (None, "int?", "optimizer steps between evals; null = once per epoch"),
     "train.save_every_steps": (None, "int?", "optimizer steps between last.pt saves; null = no step trigger"),
     "train.save_every_minutes": (5.0, "float?", "minutes of training between last.pt saves (R8: bounds what a SIGKILL "
                                  "loses); null = no time trigger. The end, a stop signal and a G4 abort always save"),
     "train.max_bad_steps": (20, "int", "abort after this many consecutive non-finite steps (G4)"),
     "train.patience": (None, "int?", "early stopping: evals without improvement; null = off"),
-    "train.best_metric": ("val/loss", "str", "metric that picks best.pt: val/loss, val/ppl (lower is better) or val/agreement"),
+    "train.best_metric": ("val/loss", "str",
+                          "metric that picks best.pt: val/loss, val/ppl (lower is better) or val/agreement"),
     "train.max_loss_share": (0.9, "float", "warn when a loss term other than the label CE is above this share of the "
                              "loss for 3 logged steps in a row (E2; a 40x feature loss is ~95%)"),
     "train.num_workers": (0, "int", "DataLoader worker processes"),
     "train.eval_batch_size": (32, "int", "windows per eval batch"),
     "train.allow_schedule_change": (False, "bool", "resume even if schedule-shaping keys changed (S7)"),
-    "train.strategy": ("ddp", ("ddp", "fsdp"), "several processes: ddp replicates the trained network; fsdp shards its "
-                       "weights, gradients and optimizer state over the processes (FSDP2) and saves DCP checkpoints (D1-D4)"),
+    "train.strategy": ("ddp", ("ddp", "fsdp"), "several processes: ddp replicates the trained network; fsdp shards "
+                       "its weights, gradients and optimizer state over the processes (FSDP2) and saves DCP "
+                       "checkpoints (D1-D4)"),
     "train.activation_checkpointing": (False, "bool", "recompute each block's activations in the backward instead of "
                                        "keeping them (less memory, about a third more compute); the blocks are the "
                                        "network's longest nn.ModuleList"),
@@ -120,12 +126,16 @@ CONFIG = {
     "log.mlflow": (None, "str?", "an MLflow tracking URI: sqlite:///mlflow.db for a local store (no server; needs "
                    "pip install mlflow), http://host:5000 for a server; metric names with '.' for '/'; null = off"),
     # data: nanoGPT-style token files (flat uint16/uint32 ids, memory-mapped) or the built-in corpus
-    "data.train_bin": (None, "str?", "training tokens .bin; null = the built-in corpus (generated Python-like text, the same bytes everywhere)"),
+    "data.train_bin": (None, "str?", "training tokens .bin; null = the built-in corpus (generated Python-like "
+                       "text, the same bytes everywhere)"),
     "data.val_bin": (None, "str?", "validation tokens .bin (set both or neither)"),
     "data.dtype": ("uint16", ("uint16", "uint32"), "token id type of the .bin files"),
-    "data.vocab_size": (None, "int?", "vocabulary size of the .bin files (required with them); the built-in corpus is bytes, 256"),
-    "data.seq_len": (128, "int", "tokens per window; a sample is window i = tokens[i*seq_len : i*seq_len + seq_len + 1]"),
-    "data.pad_token": (None, "int?", ".bin files only: id marking padding; a target equal to it or following it is ignored"),
+    "data.vocab_size": (None, "int?",
+                        "vocabulary size of the .bin files (required with them); the built-in corpus is bytes, 256"),
+    "data.seq_len": (128, "int",
+                     "tokens per window; a sample is window i = tokens[i*seq_len : i*seq_len + seq_len + 1]"),
+    "data.pad_token": (None, "int?",
+                       ".bin files only: id marking padding; a target equal to it or following it is ignored"),
     "data.too_long": ("refuse", ("refuse", "truncate", "drop"), "examples prepared by prepare_text.py (chat, "
                       "prompt/completion) longer than data.seq_len + 1 tokens: refuse the config, truncate them "
                       "to it, or drop them (C10)"),
@@ -138,32 +148,40 @@ CONFIG = {
     "teacher.n_layer": (4, "int", "kd.enabled true: teacher blocks (must match kd.teacher_checkpoint)"),
     "teacher.n_head": (4, "int", "teacher attention heads"),
     "teacher.n_embd": (128, "int", "teacher width"),
-    "student.n_layer": (2, "int", "blocks of the trained network (the student; with kd.enabled false, the teacher-to-be)"),
+    "student.n_layer": (2, "int",
+                        "blocks of the trained network (the student; with kd.enabled false, the teacher-to-be)"),
     "student.n_head": (2, "int", "student attention heads"),
     "student.n_embd": (64, "int", "student width; a learned projection maps it to the teacher's width (kd.gamma)"),
     # models the user brings (docs/distill_models.md); null = the built-in GPT of the *.n_* keys above
     "student.hf_dir": (None, "str?", "a local Hugging Face causal-LM directory trained as the student: its weights, or "
                        "config.json alone for a random init seeded by seed (needs transformers; never downloads)"),
-    "student.target": (None, "str?", "or: 'package.module:callable' returning the student nn.Module: token ids [B, T] -> "
+    "student.target": (None, "str?",
+                       "or: 'package.module:callable' returning the student nn.Module: token ids [B, T] -> "
                        "logits [B, T, vocab], (logits, hidden [B, T, D]) or an output with .logits"),
     "student.kwargs": ({}, "dict", "keyword arguments for student.target's callable"),
-    "teacher.target": (None, "str?", "kd.enabled true: 'package.module:callable' returning the frozen teacher nn.Module "
+    "teacher.target": (None, "str?",
+                       "kd.enabled true: 'package.module:callable' returning the frozen teacher nn.Module "
                        "with its weights (as student.target)"),
     "teacher.kwargs": ({}, "dict", "keyword arguments for teacher.target's callable"),
     # distillation
-    "kd.enabled": (False, "bool", "false: plain LM training of student.* (makes a teacher); true: distil student.* from the teacher"),
+    "kd.enabled": (False, "bool",
+                   "false: plain LM training of student.* (makes a teacher); true: distil student.* from the teacher"),
     "kd.alpha": (0.5, "float", "weight of the cross-entropy on the labels"),
     "kd.beta": (0.5, "float", "weight of T^2 * KL(teacher_T || student_T)"),
     "kd.gamma": (0.1, "float", "weight of the hidden-state loss through the learned projection (0: neither is built)"),
     "kd.temperature": (2.0, "float", "softmax temperature T of the KD term"),
-    "kd.top_k": (None, "int?", "compare only the teacher's top-k tokens per position (+ one bucket for the rest); null = full KD"),
-    "kd.divergence": ("forward_kl", ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"), "D(teacher_T, student_T) of the KD term: forward_kl, reverse_kl (MiniLLM), "
+    "kd.top_k": (None, "int?",
+                 "compare only the teacher's top-k tokens per position (+ one bucket for the rest); null = full KD"),
+    "kd.divergence": ("forward_kl", ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"),
+                      "D(teacher_T, student_T) of the KD term: forward_kl, reverse_kl (MiniLLM), "
                       "jsd (GKD's generalized JSD), skew_kl (DistiLLM), tvd; scaled by T^2 (tvd: T)"),
-    "kd.jsd_beta": (0.5, "float", "jsd: GKD's beta, the teacher's weight in the mixture; 0 = forward KL, 1 = reverse KL"),
+    "kd.jsd_beta": (0.5, "float",
+                    "jsd: GKD's beta, the teacher's weight in the mixture; 0 = forward KL, 1 = reverse KL"),
     "kd.skew_alpha": (0.1, "float", "skew_kl: KL(p || a p + (1 - a) q) with a = this (DistiLLM); 0 = forward KL"),
     "kd.on_policy_fraction": (0.0, "float", "GKD's lmbda: the share of micro-batches whose KD term is taken on the "
                               "student's own continuations of a prompt, scored by the teacher; 0 = off"),
-    "kd.prompt_tokens": (None, "int?", "on-policy: the prompt is each window's first N tokens; null = data.seq_len // 2"),
+    "kd.prompt_tokens": (None, "int?",
+                         "on-policy: the prompt is each window's first N tokens; null = data.seq_len // 2"),
     "kd.max_new_tokens": (None, "int?", "on-policy: tokens the student generates after the prompt; null = the rest "
                           "of the window (data.seq_len - kd.prompt_tokens)"),
     "kd.sample_temperature": (1.0, "float", "on-policy: the student's sampling temperature; 0 = greedy (the "
@@ -173,11 +191,14 @@ CONFIG = {
     "kd.hidden_layers": (None, "pairs?", "kd.gamma's layer map [[student_layer, teacher_layer], ...], one learned "
                          "projection per pair; layer 0 = embeddings, L = after block L, the last = the final hidden "
                          "state; null = [[last, last]]"),
-    "kd.teacher_checkpoint": (None, "str?", "checkpoint of a run of this script (best.pt or last.pt): a kd.enabled=false "
+    "kd.teacher_checkpoint": (None, "str?",
+                              "checkpoint of a run of this script (best.pt or last.pt): a kd.enabled=false "
                               "run's network, or a student as the next teacher; its saved config rebuilds the network"),
-    "kd.hf_teacher_dir": (None, "str?", "or: a local Hugging Face causal-LM directory with weights (needs transformers; "
+    "kd.hf_teacher_dir": (None, "str?",
+                          "or: a local Hugging Face causal-LM directory with weights (needs transformers; "
                           "never downloads); or teacher.target: exactly one of the three with kd.enabled"),
-    "kd.teacher_cache": (None, "str?", "offline KD: directory of the teacher's cached top-k (built first when absent or "
+    "kd.teacher_cache": (None, "str?",
+                         "offline KD: directory of the teacher's cached top-k (built first when absent or "
                          "incomplete, then training loads no teacher); needs kd.top_k, kd.gamma 0; null = online"),
     "kd.chunk_tokens": (0, "int", "compute the head, CE and KD terms this many positions at a time from the last "
                         "hidden states, each chunk's gradient taken in the forward (nothing recomputed), so no "
@@ -663,7 +684,8 @@ def data_problems(cfg, problems, check_files):
     if check_files and cfg["kd.enabled"]:  # a teacher run (kd.enabled false) may name the file it is about to make
         teacher = cfg["kd.teacher_checkpoint"]
         if teacher is not None and not os.path.exists(teacher):
-            problems.append(("C3", "kd.teacher_checkpoint", f"file {teacher} not found; {how_to_make_teacher(teacher)}"))
+            problems.append(("C3", "kd.teacher_checkpoint",
+                             f"file {teacher} not found; {how_to_make_teacher(teacher)}"))
     require(cfg["data.seq_len"] >= 1, "data.seq_len", f"{cfg['data.seq_len']!r} must be >= 1")
     vocab = vocab_size(cfg)
     if bins:
@@ -673,15 +695,19 @@ def data_problems(cfg, problems, check_files):
         require(vocab is None or 2 <= vocab <= limit, "data.vocab_size",
                 f"{vocab!r} must be in 2..{limit} for {cfg['data.dtype']} token ids")
         pad = cfg["data.pad_token"]
-        require(pad is None or vocab is None or 0 <= pad < vocab, "data.pad_token", f"{pad!r} must be an id in 0..vocab_size-1 or null")
+        require(pad is None or vocab is None or 0 <= pad < vocab, "data.pad_token",
+                f"{pad!r} must be an id in 0..vocab_size-1 or null")
         if check_files and not problems:
             problems += prepared_text_problems(cfg)
             for key in ("data.train_bin", "data.val_bin"):
                 size, item = os.path.getsize(cfg[key]), np.dtype(cfg["data.dtype"]).itemsize
-                require(size % item == 0, key, f"{cfg[key]} has {size} bytes, not a whole number of {cfg['data.dtype']} "
+                require(size % item == 0, key,
+                        f"{cfg[key]} has {size} bytes, not a whole number of {cfg['data.dtype']} "
                                                "ids; check data.dtype")
-                require(size // item > cfg["data.seq_len"], key, f"{cfg[key]} holds {size // item} tokens, fewer than one "
-                                                                 f"window of data.seq_len + 1 = {cfg['data.seq_len'] + 1}")
+                require(size // item > cfg["data.seq_len"], key,
+                        f"{cfg[key]} holds {size // item} tokens, fewer than one "
+                                                                 "window of data.seq_len + 1 = "
+                                                                 f"{cfg['data.seq_len'] + 1}")
     else:
         require(cfg["data.vocab_size"] in (None, 256), "data.vocab_size",
                 f"{cfg['data.vocab_size']!r}, but the built-in corpus is bytes (256); set it to null")
@@ -731,24 +757,28 @@ def model_source_problems(cfg, problems, check_files):
     sources = [key for key in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target") if cfg[key] is not None]
     cache = cfg["kd.teacher_cache"]
     if cfg["kd.enabled"]:
-        require(cfg["kd.alpha"] + cfg["kd.beta"] + cfg["kd.gamma"] > 0, "kd.alpha", "kd.alpha, kd.beta and kd.gamma are all 0")
+        require(cfg["kd.alpha"] + cfg["kd.beta"] + cfg["kd.gamma"] > 0, "kd.alpha",
+                "kd.alpha, kd.beta and kd.gamma are all 0")
         require(len(sources) == 1 or (cache is not None and not sources), "kd.teacher_checkpoint",
                 "kd.enabled is true: set exactly one of kd.teacher_checkpoint (a checkpoint of this script), "
                 "kd.hf_teacher_dir and teacher.target (with a complete kd.teacher_cache, none is needed)"
                 + (f"; now set: {', '.join(sources)}" if sources else ""))
         if cache is not None:  # offline KD: the cache holds the teacher's top-k log-probabilities and nothing else
             require(k is not None or cfg["kd.teacher_cache_mode"] == "sampled", "kd.top_k",
-                    "null, but kd.teacher_cache stores the teacher's top-k: set kd.top_k (e.g. 32), kd.teacher_cache_mode="
-                    "sampled or kd.teacher_cache=null")
-            require(cfg["kd.gamma"] == 0, "kd.gamma", f"{cfg['kd.gamma']!r}, but the hidden-state term needs the teacher's "
-                                                      "hidden states, which kd.teacher_cache does not store: set kd.gamma=0 "
-                                                      "(or kd.teacher_cache=null for online KD)")
-            require(not os.path.isfile(cache), "kd.teacher_cache", f"{cache} is a file; give a directory (made when absent)")
+                    "null, but kd.teacher_cache stores the teacher's top-k: set kd.top_k (e.g. 32), "
+                    "kd.teacher_cache_mode=sampled or kd.teacher_cache=null")
+            require(cfg["kd.gamma"] == 0, "kd.gamma",
+                    f"{cfg['kd.gamma']!r}, but the hidden-state term needs the teacher's "
+                                                      "hidden states, which kd.teacher_cache does not store: set "
+                                                      "kd.gamma=0 (or kd.teacher_cache=null for online KD)")
+            require(not os.path.isfile(cache), "kd.teacher_cache",
+                    f"{cache} is a file; give a directory (made when absent)")
     else:  # plain LM training of student.*: every teacher and KD key would be ignored, so one set is an error
         for key in teacher_keys_set(cfg):
             problems.append(("C3", key, f"is set ({cfg[key]!r}), but kd.enabled is false: this run trains student.* "
                              "as a plain language model with no teacher; remove it, or set kd.enabled=true"))
-    hf_dirs = [("student.hf_dir", "the student", False)] + ([("kd.hf_teacher_dir", "the teacher", True)] if cfg["kd.enabled"] else [])
+    hf_dirs = [("student.hf_dir", "the student", False)] + ([("kd.hf_teacher_dir", "the teacher", True)]
+                                                            if cfg["kd.enabled"] else [])
     for key, who, weights in hf_dirs:
         if cfg[key] is None:
             continue
@@ -789,16 +819,19 @@ def objective_problems(cfg, notes):
             p.append((row, key, f"{cfg[key]!r} {msg}"))
 
     require(0 <= cfg["kd.jsd_beta"] <= 1, "kd.jsd_beta", "must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
-    require(0 <= cfg["kd.skew_alpha"] < 1, "kd.skew_alpha", "must be in [0, 1) (0 = forward KL; 1 would compare p with itself)")
+    require(0 <= cfg["kd.skew_alpha"] < 1, "kd.skew_alpha",
+            "must be in [0, 1) (0 = forward KL; 1 would compare p with itself)")
     what = f"jsd with kd.jsd_beta {cfg['kd.jsd_beta']:g}" if kind == "jsd" else kind
     sampled = cache is not None and cfg["kd.teacher_cache_mode"] == "sampled"
     require(cfg["kd.cache_samples"] >= 1, "kd.cache_samples", "must be >= 1 (draws per position)")
     require(cfg["kd.cache_proposal_temperature"] is None or cfg["kd.cache_proposal_temperature"] > 0,
             "kd.cache_proposal_temperature", "must be > 0, or null (= kd.temperature)")
     if cfg["kd.enabled"] and cfg["kd.teacher_cache_mode"] == "sampled":
-        require(cache is not None, "kd.teacher_cache_mode", "needs kd.teacher_cache, the directory the draws are stored "
+        require(cache is not None, "kd.teacher_cache_mode",
+                "needs kd.teacher_cache, the directory the draws are stored "
                                                             "in: set it, or kd.teacher_cache_mode=topk (the default)")
-        require(k is None, "kd.top_k", "set, but a sampled kd.teacher_cache stores kd.cache_samples draws per position, "
+        require(k is None, "kd.top_k",
+                "set, but a sampled kd.teacher_cache stores kd.cache_samples draws per position, "
                                        "not the top-k: set kd.top_k=null")
     if cfg["kd.enabled"] and sampled and not is_forward_kl(kind, cfg["kd.jsd_beta"], cfg["kd.skew_alpha"]):
         p.append(("E12", "kd.divergence", f"{what}, but a sampled kd.teacher_cache (kd.teacher_cache_mode sampled) "
@@ -807,27 +840,33 @@ def objective_problems(cfg, notes):
                   "kd.teacher_cache_mode=topk"))
     elif cfg["kd.enabled"] and (k is not None or cache is not None) and not topk_allows(kind, cfg["kd.jsd_beta"]):
         source = "an offline kd.teacher_cache stores" if cache is not None else f"kd.top_k {k} keeps"
-        p.append(("E12", "kd.divergence", f"{what} weighs by the student's probabilities, but {source} only the teacher's "
-                  "top-k tokens: where the student puts its tail mass would go unscored; set kd.top_k=null (online full-"
-                  "vocabulary KD) or kd.divergence to forward_kl, skew_kl or tvd"
+        p.append(("E12", "kd.divergence",
+                  f"{what} weighs by the student's probabilities, but {source} only the teacher's "
+                  "top-k tokens: where the student puts its tail mass would go unscored; set kd.top_k=null (online "
+                  "full-vocabulary KD) or kd.divergence to forward_kl, skew_kl or tvd"
                   + (" (or kd.jsd_beta=0)" if kind == "jsd" else "")))
-    if cfg["kd.enabled"] and cfg["kd.chunk_tokens"] and (kind != "forward_kl" or (cfg["kd.hidden_layers"] and cfg["kd.gamma"] > 0)):
+    if cfg["kd.enabled"] and cfg["kd.chunk_tokens"] and (kind != "forward_kl"
+                                                         or (cfg["kd.hidden_layers"] and cfg["kd.gamma"] > 0)):
         what = f"kd.divergence {kind}" if kind != "forward_kl" else "kd.hidden_layers"
-        p.append(("C3", "kd.chunk_tokens", f"{cfg['kd.chunk_tokens']!r}: the chunked loss computes forward KL on the last "
+        p.append(("C3", "kd.chunk_tokens",
+                  f"{cfg['kd.chunk_tokens']!r}: the chunked loss computes forward KL on the last "
                   f"hidden state only, not {what}; set kd.chunk_tokens=0"))
     fraction = cfg["kd.on_policy_fraction"]
-    require(0 <= fraction <= 1, "kd.on_policy_fraction", "must be in [0, 1] (the share of micro-batches generated by the student)")
+    require(0 <= fraction <= 1, "kd.on_policy_fraction",
+            "must be in [0, 1] (the share of micro-batches generated by the student)")
     require(cfg["kd.sample_temperature"] >= 0, "kd.sample_temperature", "must be >= 0 (0 = greedy)")
     eos, vocab = cfg["kd.eos_token"], vocab_size(cfg) or math.inf  # a missing data.vocab_size is refused on its own
-    require(eos is None or 0 <= eos < vocab, "kd.eos_token", f"must be a token id below data.vocab_size {vocab} or null")
+    require(eos is None or 0 <= eos < vocab, "kd.eos_token",
+            f"must be a token id below data.vocab_size {vocab} or null")
     for key in ("kd.prompt_tokens", "kd.max_new_tokens"):
         require(cfg[key] is None or cfg[key] >= 1, key, "must be >= 1 or null")
     prompt, new = on_policy_lengths(cfg)
     if fraction > 0 and cfg["kd.enabled"]:
         if cache is not None:  # --cache_teacher builds such a cache: it is refused here too
-            p.append(("C3", "kd.on_policy_fraction", f"{fraction!r}, but the offline kd.teacher_cache holds the teacher's "
-                      "numbers for the data's tokens only; it cannot score sequences the student has not generated yet: "
-                      "set kd.on_policy_fraction=0 or kd.teacher_cache=null (online KD)"))
+            p.append(("C3", "kd.on_policy_fraction",
+                      f"{fraction!r}, but the offline kd.teacher_cache holds the teacher's "
+                      "numbers for the data's tokens only; it cannot score sequences the student has not generated "
+                      "yet: set kd.on_policy_fraction=0 or kd.teacher_cache=null (online KD)"))
         require(cfg["kd.beta"] > 0, "kd.on_policy_fraction", "needs kd.beta > 0: an on-policy micro-batch trains the "
                                                              "divergence only, and kd.beta 0 weighs it by nothing")
         if min(prompt, new) >= 1 and prompt + new > cfg["data.seq_len"]:
@@ -835,7 +874,8 @@ def objective_problems(cfg, notes):
                       f"{cfg['data.seq_len']}; the sequence must fit the window the models take: at most "
                       f"{cfg['data.seq_len'] - prompt} new tokens"))
         elif min(prompt, new) < 1 and cfg["kd.prompt_tokens"] is not None:
-            p.append(("C3", "kd.prompt_tokens", f"{prompt} leaves no room in data.seq_len {cfg['data.seq_len']} to generate"))
+            p.append(("C3", "kd.prompt_tokens",
+                      f"{prompt} leaves no room in data.seq_len {cfg['data.seq_len']} to generate"))
     elif fraction > 0:
         notes.append(("C3", "kd.on_policy_fraction", "is ignored: kd.enabled is false"))
     layers = cfg["kd.hidden_layers"]
@@ -843,14 +883,16 @@ def objective_problems(cfg, notes):
         require(len(layers) >= 1 and all(s >= 0 and t >= 0 for s, t in layers), "kd.hidden_layers",
                 "must be pairs [student_layer, teacher_layer] of layers >= 0 (0 = embeddings), at least one")
         if not (cfg["kd.enabled"] and cfg["kd.gamma"] > 0):  # each network's depth is checked when it is built
-            notes.append(("C3", "kd.hidden_layers", "is ignored: the hidden-state term is off (kd.gamma 0 or kd.enabled false)"))
+            notes.append(("C3", "kd.hidden_layers",
+                          "is ignored: the hidden-state term is off (kd.gamma 0 or kd.enabled false)"))
     return p
 
 
 def teacher_keys_set(cfg):
     """The teacher.* and kd.* keys (kd.enabled aside) a config sets to other than their defaults: only a
     distillation (kd.enabled true) reads them."""
-    return [key for key in CONFIG if key.split(".")[0] in ("teacher", "kd") and key not in ("kd.enabled", "kd.chunk_tokens")
+    return [key for key in CONFIG if key.split(".")[0] in ("teacher", "kd") and key not in ("kd.enabled",
+                                                                                            "kd.chunk_tokens")
             and cfg[key] != CONFIG[key][0]]  # kd.chunk_tokens chunks a plain LM's CE too
 
 
@@ -880,7 +922,8 @@ def hf_config_value(config, names):
 
 
 def hf_weights_present(path):
-    return any(f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin")) for f in os.listdir(path))
+    return any(f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin"))
+               for f in os.listdir(path))
 
 
 def hf_dir_problems(cfg, path, key, who, need_weights):
@@ -893,10 +936,13 @@ def hf_dir_problems(cfg, path, key, who, need_weights):
         near = difflib.get_close_matches(os.path.basename(os.path.normpath(path)),
                                          os.listdir(os.path.dirname(os.path.abspath(path)) or ".")
                                          if os.path.isdir(os.path.dirname(os.path.abspath(path))) else [], n=1)
-        return [("C3", key, f"{path} does not exist" + (f" (did you mean {os.path.join(os.path.dirname(path), near[0])}?)"
-                                                       if near else "") + "; give a local Hugging Face model directory")]
+        return [("C3", key, f"{path} does not exist"
+                 + (f" (did you mean {os.path.join(os.path.dirname(path), near[0])}?)"
+                                                       if near else "")
+                                                       + "; give a local Hugging Face model directory")]
     if not os.path.isdir(path):
-        return [("C3", key, f"{path} is a file; give a local Hugging Face model directory (what save_pretrained writes)")]
+        return [("C3", key,
+                 f"{path} is a file; give a local Hugging Face model directory (what save_pretrained writes)")]
     if not os.path.isfile(config_file):
         return [("C3", key, f"{path} is not a local Hugging Face model directory (no config.json in it)")]
     if need_weights and not hf_weights_present(path):
@@ -910,7 +956,8 @@ def hf_dir_problems(cfg, path, key, who, need_weights):
     problems, vocab, seq_len = [], vocab_size(cfg), cfg["data.seq_len"]
     _, model_vocab = hf_config_value(config, ("vocab_size",))
     if vocab is not None and model_vocab is not None and model_vocab != vocab:
-        problems.append(("C3", "data.vocab_size", f"{vocab}{' (the built-in corpus is bytes)' if not cfg['data.train_bin'] else ''}, "
+        problems.append(("C3", "data.vocab_size",
+                         f"{vocab}{' (the built-in corpus is bytes)' if not cfg['data.train_bin'] else ''}, "
                          f"but {who} in {path} predicts {model_vocab} tokens; tokenize the text with its tokenizer "
                          "(python prepare_text.py) and set data.vocab_size to that size"))
     name, limit = hf_config_value(config, HF_POSITION_KEYS)
@@ -1211,7 +1258,8 @@ BUILTIN_NOUNS = ("item", "name", "path", "value", "key", "node", "line", "token"
 BUILTIN_WORDS = ("the", "a", "each", "every", "given", "current", "next", "first", "last", "new", "old", "empty",
                  "valid", "of", "in", "from", "to", "for", "with", "and", "or", "when", "if", "is", "are", "not",
                  "only", "all", "one")
-BUILTIN_MODULES = ("os", "sys", "re", "json", "math", "time", "random", "itertools", "functools", "collections", "hashlib")
+BUILTIN_MODULES = ("os", "sys", "re", "json", "math", "time", "random", "itertools", "functools",
+                   "collections", "hashlib")
 BUILTIN_CALLS = ("len", "sorted", "list", "str", "int", "min", "max", "sum", "abs", "repr", "tuple", "set")
 BUILTIN_CHECK = "f7c8ea7dc17aaa9d8139502f276d9305d06c331074dc28dc45c84fb4af9b5160"  # sha256 of documents 0..99 joined
 
@@ -1263,7 +1311,8 @@ def builtin_document(number):
     def function(indent, method):
         pad = "    " * indent
         args = sorted({pick(BUILTIN_NOUNS) for _ in range(1 + int(r() * 3))})
-        lines = [f"{pad}def {pick(BUILTIN_VERBS)}_{pick(BUILTIN_NOUNS)}({', '.join((['self'] if method else []) + args)}):",
+        lines = [f"{pad}def {pick(BUILTIN_VERBS)}_{pick(BUILTIN_NOUNS)}("
+                 f"{', '.join((['self'] if method else []) + args)}):",
                  f'{pad}    """{sentence()}"""']
         lines += body(args, indent + 1, 0)
         return lines + [f"{pad}    return {expr(args + (['self'] if method else []))}"]
@@ -1309,7 +1358,8 @@ def builtin_corpus(split, seq_len, max_bytes):
     parts, size = [], 0
     for number in numbers:
         text = builtin_document(number)
-        text = text[:-1] if len(text) % seq_len == 0 else text  # room for one pad: a document's last target never reads the next one
+        # room for one pad: a document's last target never reads the next one
+        text = text[:-1] if len(text) % seq_len == 0 else text
         padded = len(text) + (-len(text)) % seq_len
         if parts and size + padded > max_bytes:
             break
@@ -1599,7 +1649,8 @@ def check_token_ids(x, y, vocab, name):
     index error from deep inside the embedding. Host tensors: no device sync."""
     top = max(int(x.max()), int(y.max())) if x.numel() else -1
     if top >= vocab:
-        raise ConfigError([("C3", name, f"token id {top} >= data.vocab_size {vocab}; fix data.vocab_size or data.dtype")])
+        raise ConfigError([("C3", name,
+                            f"token id {top} >= data.vocab_size {vocab}; fix data.vocab_size or data.dtype")])
 
 
 def data_digest(train_set, val_set):
@@ -1611,7 +1662,8 @@ def data_digest(train_set, val_set):
 
 def builtin_digest(cfg):
     """data_digest() of the built-in corpus that cfg's data.* keys select, without a TokenWindows."""
-    return {split: hashlib.sha256(builtin_corpus(split, cfg["data.seq_len"], cfg[f"data.builtin.{split}_bytes"]).tobytes()).hexdigest()
+    return {split: hashlib.sha256(builtin_corpus(split, cfg["data.seq_len"],
+                                                 cfg[f"data.builtin.{split}_bytes"]).tobytes()).hexdigest()
             for split in ("train", "val")}
 
 
@@ -1621,9 +1673,11 @@ def window_count(cfg, split):
     if examples is not None:
         n = len(examples["starts"])
     elif cfg[f"data.{split}_bin"]:
-        n = (os.path.getsize(cfg[f"data.{split}_bin"]) // np.dtype(cfg["data.dtype"]).itemsize - 1) // cfg["data.seq_len"]
+        n = ((os.path.getsize(cfg[f"data.{split}_bin"]) // np.dtype(cfg["data.dtype"]).itemsize - 1)
+             // cfg["data.seq_len"])
     else:
-        n = (len(builtin_corpus(split, cfg["data.seq_len"], cfg[f"data.builtin.{split}_bytes"])) - 1) // cfg["data.seq_len"]
+        n = (len(builtin_corpus(split, cfg["data.seq_len"],
+                                cfg[f"data.builtin.{split}_bytes"])) - 1) // cfg["data.seq_len"]
     return n if cfg["data.limit"] is None else min(n, cfg["data.limit"])
 
 
@@ -1725,7 +1779,8 @@ class HFCausalLM(nn.Module):
             out = self.model(input_ids=idx, **{name: past or None}, use_cache=True, logits_to_keep=1, return_dict=True)
             return out.logits[:, -1], out[name]
         if not logits:  # kd.chunk_tokens: the last hidden state only (the head runs in the loss, chunk by chunk)
-            out = self.model(input_ids=idx, use_cache=False, output_hidden_states=True, logits_to_keep=1, return_dict=True)
+            out = self.model(input_ids=idx, use_cache=False, output_hidden_states=True, logits_to_keep=1,
+                             return_dict=True)
             return None, out.hidden_states[-1]
         out = self.model(input_ids=idx, use_cache=False, output_hidden_states=self.hidden, return_dict=True)
         if self.layers is not None:
@@ -1897,14 +1952,16 @@ def target_lm(cfg, arch, key, who, hidden):
     module.train(mode)
     if not torch.is_tensor(logits) or tuple(logits.shape) != (1, seq_len, vocab):
         shape = list(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
-        raise ConfigError([("C3", key, f"{arch['target']} returns logits {shape} for token ids [1, {seq_len}], expected "
+        raise ConfigError([("C3", key,
+                            f"{arch['target']} returns logits {shape} for token ids [1, {seq_len}], expected "
                             f"[1, {seq_len}, {vocab}] (data.vocab_size {vocab}); see docs/distill_models.md")])
     if every is not None:  # every layer's state: kd.hidden_layers may pick among them
         lm.depth, lm.widths = len(every) - 1, [h.shape[-1] for h in every]
     if torch.is_tensor(states) and states.dim() == 3 and tuple(states.shape[:2]) == (1, seq_len):
         lm.width = states.shape[-1]
     elif hidden:
-        raise ConfigError([("C3", "kd.gamma", f"{cfg['kd.gamma']!r} needs hidden states from {who}, but {arch['target']} "
+        raise ConfigError([("C3", "kd.gamma",
+                            f"{cfg['kd.gamma']!r} needs hidden states from {who}, but {arch['target']} "
                             "returns none [B, T, D]; return (logits, hidden) from its forward, or set kd.gamma=0")])
     return lm
 
@@ -1941,7 +1998,8 @@ def use_layers(lm, hidden, cfg, who):
         return lm
     depth = len(lm.blocks) if isinstance(lm, GPT) else lm.depth
     if depth is None:
-        raise ConfigError([("C3", "kd.hidden_layers", f"{cfg['kd.hidden_layers']} needs the hidden state of every layer "
+        raise ConfigError([("C3", "kd.hidden_layers",
+                            f"{cfg['kd.hidden_layers']} needs the hidden state of every layer "
                             f"of {who}, which returns its last one only; return (logits, [hidden state of each layer]) "
                             "or an output with hidden_states, or set kd.hidden_layers=null")])
     if max(hidden) > depth:
@@ -1992,9 +2050,12 @@ def projection_resume_hooks(module, optimizer, cfg):
         groups = state["param_groups"]
         if not dropped or len(groups) != len(optimizer.param_groups):
             return None
-        extra = [g["params"][-1] for g, mine in zip(groups, optimizer.param_groups) if len(g["params"]) == len(mine["params"]) + 1]
-        moments = sorted(tuple(state["state"][i]["exp_avg"].shape) for i in extra if "exp_avg" in state["state"].get(i, {}))
-        if len(extra) == len(dropped) and moments in ([], shapes):  # never stepped (no state), or the projection's shapes
+        extra = [g["params"][-1] for g, mine in zip(groups, optimizer.param_groups)
+                 if len(g["params"]) == len(mine["params"]) + 1]
+        moments = sorted(tuple(state["state"][i]["exp_avg"].shape) for i in extra
+                         if "exp_avg" in state["state"].get(i, {}))
+        # never stepped (no state), or the projection's shapes
+        if len(extra) == len(dropped) and moments in ([], shapes):
             for g, mine in zip(groups, optimizer.param_groups):
                 if len(g["params"]) == len(mine["params"]) + 1:
                     state["state"].pop(g["params"].pop(), None)
@@ -2033,7 +2094,9 @@ def read_teacher_checkpoint(cfg):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # whatever the unpickler meets in a torn or foreign file
-        raise ConfigError([("C3", key, f"{path} does not load ({type(err).__name__}); give a train_distill.py checkpoint")]) from None
+        raise ConfigError([("C3", key,
+                            f"{path} does not load ({type(err).__name__}); give a train_distill.py "
+                            "checkpoint")]) from None
     if not isinstance(ckpt, dict) or ckpt.get("task") != TASK or not isinstance(ckpt.get("config"), dict):
         raise ConfigError([("C3", key, f"{path} is not a train_distill.py checkpoint; make the teacher with "
                             "kd.enabled=false and point here at its checkpoints/best.pt")])
@@ -2053,8 +2116,9 @@ def read_teacher_checkpoint(cfg):
 
 def load_teacher_checkpoint(cfg, hidden=True):
     """A checkpoint of this script (kd.enabled false, or a student used as the next teacher): its saved
-    config says which network it holds (trained_arch: its student.*); a built-in GPT must be the one teacher.* describes,
-    a Hugging Face network is rebuilt from its directory's config.json, a user module from its callable."""
+    config says which network it holds (trained_arch: its student.*); a built-in GPT must be the one teacher.*
+    describes, a Hugging Face network is rebuilt from its directory's config.json, a user module from its
+    callable."""
     path, key = cfg["kd.teacher_checkpoint"], "kd.teacher_checkpoint"
     ckpt = read_teacher_checkpoint(cfg)
     saved = ckpt["config"]
@@ -2064,13 +2128,16 @@ def load_teacher_checkpoint(cfg, hidden=True):
                             f"{vocab_size(cfg)}; teacher and student must share one tokenizer")])
     if "hf_dir" in arch or "target" in arch:
         if "hf_dir" in arch and not transformers_installed():
-            raise ConfigError([("C3", key, f"{path} holds a Hugging Face network; it needs the transformers package, which "
-                                f"is not installed for {sys.executable} ({sys.executable} -m pip install transformers)")])
+            raise ConfigError([("C3", key,
+                                f"{path} holds a Hugging Face network; it needs the transformers package, which "
+                                f"is not installed for {sys.executable} ({sys.executable} -m pip install "
+                                "transformers)")])
         lm = build_lm(cfg, arch, key, "the teacher", hidden, weights=False)
     else:
         want = {dim: cfg[f"teacher.{dim}"] for dim in ("n_layer", "n_head", "n_embd")}
         if arch != want:
-            raise ConfigError([("C3", "teacher.n_layer", f"{path} holds a network with " + ", ".join(f"{k} {v}" for k, v in arch.items())
+            raise ConfigError([("C3", "teacher.n_layer", f"{path} holds a network with "
+                                + ", ".join(f"{k} {v}" for k, v in arch.items())
                                 + "; set teacher.n_layer/n_head/n_embd to those values")])
         lm = GPT(vocab_size(saved), saved["data.seq_len"], **arch)
     lm.load_state_dict({k[len("lm."):]: v for k, v in saved_weights(ckpt, path, "kd.teacher_checkpoint").items()
@@ -2164,7 +2231,8 @@ def single_process_group(device):
     """fully_shard needs a process group even for one process (train.strategy fsdp without torchrun): one
     held in memory, nothing listens on a port."""
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
 
 
 def save_shards(run, name):
@@ -2197,7 +2265,8 @@ def load_shards(run, directory):
     model_state, optimizer_state = get_state_dict(run["module"], run["optimizer"])
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=directory)
-    set_state_dict(run["module"], run["optimizer"], model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(run["module"], run["optimizer"], model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
 
 
 def prune_shards(run):
@@ -2205,7 +2274,8 @@ def prune_shards(run):
     keep = set()
     for name in ("last.pt", "last.prev.pt", "best.pt", "best.prev.pt"):
         with contextlib.suppress(Exception):  # absent or torn: it names nothing
-            keep.add(torch.load(os.path.join(run["ckpt_dir"], name), map_location="cpu", weights_only=True).get("shards"))
+            keep.add(torch.load(os.path.join(run["ckpt_dir"], name), map_location="cpu",
+                                weights_only=True).get("shards"))
     for name in os.listdir(run["ckpt_dir"]):
         if re.fullmatch(r"(last|best)-step\d{8}", name) and name not in keep:
             shutil.rmtree(os.path.join(run["ckpt_dir"], name), ignore_errors=True)
@@ -2318,7 +2388,8 @@ def teacher_topk(teacher_logits, temperature, top_k):
         logits = teacher_logits.float()
         log_p = F.log_softmax(logits / temperature, -1)
         k = min(top_k, log_p.shape[-1])
-        _, index = logits.topk(k, dim=-1)  # ranked by logit, the order first_token uses (logits / T can round into ties)
+        # ranked by logit, the order first_token uses (logits / T can round into ties)
+        _, index = logits.topk(k, dim=-1)
         first = first_token(logits).unsqueeze(-1)
         hit = index == first
         at = hit.int().argmax(-1, keepdim=True)  # where topk put the first token (0 when it is left out)
@@ -2508,7 +2579,8 @@ def linear_head(lm, key):
         return lm.wte.weight, None
     if isinstance(lm, HFCausalLM):
         config = lm.model.config.get_text_config()
-        scaled = [f"config.{n} {getattr(config, n)!r}" for n in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+        scaled = [f"config.{n} {getattr(config, n)!r}" for n in ("final_logit_softcapping", "logit_scale",
+                                                                 "logits_scaling")
                   if getattr(config, n, None) not in (None, 1, 1.0)]
         head = lm.model.get_output_embeddings()
         if isinstance(head, nn.Linear) and not scaled:
@@ -2634,10 +2706,10 @@ def teacher_cache_size(cfg, train_windows=None, val_windows=None):
     values, ids = cache_dtypes(cfg)
     (k, what), positions = cache_slots(cfg, vocab_size(cfg)), (train_windows + val_windows) * cfg["data.seq_len"]
     size = positions * (k * (values.itemsize + ids.itemsize) + values.itemsize)
-    return size, (f"{positions:,} positions ({train_windows:,} train + {val_windows:,} eval windows x {cfg['data.seq_len']}) x "
+    return size, (f"{positions:,} positions ({train_windows:,} train + {val_windows:,} eval windows x "
+                  f"{cfg['data.seq_len']}) x "
                   f"{k} slots ({what}) x ({values.itemsize} B value + {ids.itemsize} B id) + {values.itemsize} B rest "
-                  "each = "
-                  f"{size / 2 ** 20:,.1f} MiB ({size / positions:.0f} bytes per token)")
+                  f"each = {size / 2 ** 20:,.1f} MiB ({size / positions:.0f} bytes per token)")
 
 
 def free_disk_bytes(path):
@@ -2667,13 +2739,15 @@ def teacher_identity(cfg):
     key the files: a teacher moved with its bytes unchanged is the same teacher.
     A user module may also read what no key names (a fixed path, the seed build_teacher sets), so for
     user_code the cache check loads it once and compares its tensor_digest as well (check_cache_teacher)."""
-    key = next((k for k in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target") if cfg[k] is not None), None)
+    key = next((k for k in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target")
+                if cfg[k] is not None), None)
     if key is None:
         return None
     files = {}
 
     def add(name, path):
-        paths = [path] if os.path.isfile(path) else sorted(os.path.join(top, f) for top, _, names in os.walk(path) for f in names)
+        paths = [path] if os.path.isfile(path) else sorted(os.path.join(top, f)
+                                                           for top, _, names in os.walk(path) for f in names)
         for p in paths:
             part = name if p == path else f"{name}/{os.path.relpath(p, path)}"
             files[part] = content_record(p)
@@ -2711,12 +2785,14 @@ def cache_identity(cfg, train_set, val_set, eval_ids):
         return {"builtin_sha256": hashlib.sha256(windows.tokens.tobytes()).hexdigest()}
 
     values, ids = cache_dtypes(cfg)
-    want = {"data": {"train": data(train_set, "train"), "val": data(val_set, "val")}, "data.vocab_size": vocab_size(cfg),
+    want = {"data": {"train": data(train_set, "train"), "val": data(val_set, "val")},
+            "data.vocab_size": vocab_size(cfg),
             "data.seq_len": cfg["data.seq_len"], "kd.teacher_cache_mode": cfg["kd.teacher_cache_mode"],
             **sampling_identity(cfg),
             "kd.temperature": cfg["kd.temperature"], "kd.teacher_cache_dtype": cfg["kd.teacher_cache_dtype"],
             "train.precision": cfg["train.precision"],  # the teacher's forward runs under the run's autocast, as online
-            "data.limit": len(train_set), "data.val_windows": hashlib.sha256(np.asarray(eval_ids, np.int64).tobytes()).hexdigest(),
+            "data.limit": len(train_set),
+            "data.val_windows": hashlib.sha256(np.asarray(eval_ids, np.int64).tobytes()).hexdigest(),
             "value_dtype": values.name, "index_dtype": ids.name}
     return want, records
 
@@ -2768,7 +2844,8 @@ def check_manifest(manifest, want, path):
     for field, key in MANIFEST_KEYS.items():
         if manifest.get(field) != want[field]:
             was, now = (json.dumps(v)[:120] for v in (manifest.get(field), want[field]))
-            raise ConfigError([("C3", key, f"the teacher cache {path} was built with {field} {was}, this run has {now}; "
+            raise ConfigError([("C3", key,
+                                f"the teacher cache {path} was built with {field} {was}, this run has {now}; "
                                 f"use the cache's value {fix}")])
 
 
@@ -2789,7 +2866,8 @@ def check_cache_teacher(cfg, manifest, path, device):
                      if ident["files"][n]["sha256"] != built["files"][n]["sha256"]]
         what = ("its files differ: " + ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")) if changed else \
             f"its kwargs differ: {built.get('kwargs')} then, {ident['kwargs']} now"
-        raise ConfigError([("R9", ident["key"], f"the teacher cache {path} was built from another teacher ({built['source']}, "
+        raise ConfigError([("R9", ident["key"],
+                            f"the teacher cache {path} was built from another teacher ({built['source']}, "
                             f"sha256 {built['sha256'][:12]}; this one's is {ident['sha256'][:12]}: {what}); {fix}")])
     if ident["user_code"]:
         teacher = build_teacher(cfg, device)
@@ -2797,9 +2875,10 @@ def check_cache_teacher(cfg, manifest, path, device):
         del teacher
         if digest != built["tensor_digest"]:
             raise ConfigError([("R9", ident["key"], f"the teacher cache {path} was built from another teacher: "
-                                f"{ident['source']} now loads tensors with digest {digest[:12]}, the cache's teacher had "
-                                f"{built['tensor_digest'][:12]} (its code and files are the same, so something else it reads "
-                                f"changed: the seed, a file no kwarg names, ...); {fix}")])
+                                f"{ident['source']} now loads tensors with digest {digest[:12]}, the cache's teacher "
+                                "had "
+                                f"{built['tensor_digest'][:12]} (its code and files are the same, so something else it "
+                                f"reads changed: the seed, a file no kwarg names, ...); {fix}")])
     return ident
 
 
@@ -2819,8 +2898,10 @@ def open_cache_arrays(path, split, manifest, mode):
     arrays = {}
     for part, (name, dtype, shape) in cache_files(path, split, manifest).items():
         if mode == "r" and os.path.getsize(name) != dtype.itemsize * math.prod(shape):
-            raise ConfigError([("C3", "kd.teacher_cache", f"{name} has {os.path.getsize(name)} bytes, the manifest says "
-                                f"{dtype.itemsize * math.prod(shape)}; the cache is damaged: delete {path} to rebuild it")])
+            raise ConfigError([("C3", "kd.teacher_cache",
+                                f"{name} has {os.path.getsize(name)} bytes, the manifest says "
+                                f"{dtype.itemsize * math.prod(shape)}; the cache is damaged: delete {path} to rebuild "
+                                "it")])
         arrays[part] = np.memmap(name, dtype=dtype, mode=mode, shape=shape)
     return arrays
 
@@ -2877,13 +2958,16 @@ def build_teacher_cache(cfg, d, path, manifest, identity, sets, ident, say):
         manifest = {"format": MANIFEST_FORMAT, "kind": "train_distill.py teacher top-k cache",
                     "teacher": {"key": ident["key"], "source": ident["source"], "sha256": ident["sha256"],
                                 "files": ident["files"], "kwargs": ident["kwargs"], "tensor_digest": digest},
-                    **identity[0], "data_files": identity[1], "windows": {"train": len(sets["train"][1]), "val": len(sets["val"][1])},
+                    **identity[0], "data_files": identity[1], "windows": {"train": len(sets["train"][1]),
+                                                                          "val": len(sets["val"][1])},
                     "chunk": cfg["train.eval_batch_size"], "complete": False}
         if d["main"]:
             create_cache(path, manifest)
     elif manifest["teacher"]["tensor_digest"] != digest:
-        raise ConfigError([("R9", ident["key"], f"the teacher cache {path} was started with another teacher (tensor digest "
-                            f"{manifest['teacher']['tensor_digest'][:12]}, this one {digest[:12]}); delete {path} to rebuild")])
+        raise ConfigError([("R9", ident["key"],
+                            f"the teacher cache {path} was started with another teacher (tensor digest "
+                            f"{manifest['teacher']['tensor_digest'][:12]}, this one {digest[:12]}); delete {path} to "
+                            "rebuild")])
     if d["world"] > 1:
         dist.barrier()
     chunk, todo = manifest["chunk"], []
@@ -2980,12 +3064,16 @@ def prepare_teacher_cache(cfg, d, train_set, val_set, eval_ids, say, build=True)
                 identity = cache_identity(cfg, train_set, val_set, eval_ids)
                 size, how = teacher_cache_size(cfg, len(train_set), len(eval_ids))
                 free = free_disk_bytes(path)
-                say(f"teacher cache: {'continuing' if manifest else 'building'} {path}: {how}; {free / 2 ** 30:,.1f} GiB free")
+                say(f"teacher cache: {'continuing' if manifest else 'building'} {path}: {how}; {free / 2 ** 30:,.1f} "
+                    "GiB free")
                 if size > free:
-                    say(f"WARNING: the teacher cache needs {size / 2 ** 30:,.2f} GiB, more than the {free / 2 ** 30:,.2f} GiB "
-                        f"free on the disk of {path}; free space or set kd.teacher_cache_dtype=fp16 / a smaller kd.top_k")
+                    say(f"WARNING: the teacher cache needs {size / 2 ** 30:,.2f} GiB, more than the "
+                        f"{free / 2 ** 30:,.2f} GiB "
+                        f"free on the disk of {path}; free space or set kd.teacher_cache_dtype=fp16 / a smaller "
+                        "kd.top_k")
                 sets = {"train": (train_set, np.arange(len(train_set))), "val": (val_set, np.asarray(eval_ids))}
-                manifest = build_teacher_cache(cfg, d, path, manifest, identity, sets, ident or teacher_identity(cfg), say)
+                manifest = build_teacher_cache(cfg, d, path, manifest, identity, sets,
+                                               ident or teacher_identity(cfg), say)
         finally:
             unlock_cache(lock)
     if not build:
@@ -3014,7 +3102,8 @@ class TeacherCacheWindows(torch.utils.data.Dataset):
         if self.arrays is None:
             self.arrays = open_cache_arrays(self.path, self.split, self.manifest, "r")
         rows = np.asarray(rows, dtype=np.int64)
-        return (torch.from_numpy(self.arrays["values"][rows]).float(), torch.from_numpy(self.arrays["index"][rows]).long(),
+        return (torch.from_numpy(self.arrays["values"][rows]).float(),
+                torch.from_numpy(self.arrays["index"][rows]).long(),
                 torch.from_numpy(self.arrays["rest"][rows]).float())
 
     def __getitem__(self, indices):
@@ -4287,7 +4376,8 @@ def evaluate(run):
     size = cfg["train.eval_batch_size"]
     run["module"].eval()
     top1 = run.setdefault("teacher_top1", {})  # frozen teacher, fixed windows: its answers are computed once
-    chunk = cfg["kd.chunk_tokens"] if isinstance(run["module"], Trainable) else 0  # D6: no [batch, seq, vocab] here either
+    # D6: no [batch, seq, vocab] here either
+    chunk = cfg["kd.chunk_tokens"] if isinstance(run["module"], Trainable) else 0
     ce_sum, count, agree = 0.0, 0, 0
     with torch.no_grad():
         for start in range(0, len(mine), size):
@@ -4302,7 +4392,8 @@ def evaluate(run):
                     logits, _ = run["module"](x)
                     ce, first = token_cross_entropy(logits, y), first_token(logits)
                 if teacher is not None and start not in top1:
-                    top1[start] = (chunked_scores(teacher(x, logits=False)[1], linear_head(teacher, "the teacher"), None,
+                    top1[start] = (chunked_scores(teacher(x, logits=False)[1],
+                                                  linear_head(teacher, "the teacher"), None,
                                                   chunk)[1] if chunk else first_token(teacher(x)[0]))
                 elif cache is not None and start not in top1:  # E3: teacher_topk put first_token's id at index 0
                     top1[start] = to_device(cache["val"].teacher(rows[start:start + size])[1][..., 0], d["device"])
@@ -4313,7 +4404,8 @@ def evaluate(run):
                 agree += int(((first == top1[start]) & real).sum())
         if run["sharded"]:  # D1: each forward gathers the weights from every process, so all run as many
             spare = val[run["val_windows"][:1]][0]
-            for _ in range(math.ceil(math.ceil(len(run["val_windows"]) / d["world"]) / size) - math.ceil(len(mine) / size)):
+            batches = math.ceil(math.ceil(len(run["val_windows"]) / d["world"]) / size)
+            for _ in range(batches - math.ceil(len(mine) / size)):
                 run["module"](to_device(spare, d["device"]), logits=not chunk)
     sums = np.sum(all_gather_list([(ce_sum, count, agree)], d["world"]), axis=0)
     mean_ce = float(sums[0] / sums[1])
@@ -4334,10 +4426,11 @@ def print_plan(run, resumed):
              f"{tr.seq_len} tokens, vocab {tr.vocab}")
     log(run, f"val: {va.source}; each eval scores {len(run['val_windows'])} of its {len(va)} windows")
     log(run, f"steps: ceil({n} / ({b} x {w} processes)) = {plan['micro_batches_per_epoch']} micro-batches per epoch; "
-             f"ceil({plan['micro_batches_per_epoch']} / grad_accum {a}) = {plan['steps_per_epoch']} optimizer steps per epoch; "
-             + run_length_text(cfg, plan))
-    log(run, f"schedule: {cfg['schedule.type']}, warmup {plan['warmup_steps']} optimizer steps, LR {marks['initial']:.4g} "
-             f"at step 1 -> peak {marks['peak']:.4g} at step {marks['peak_step']} -> {marks['final']:.4g} at step {plan['total_steps']}")
+             f"ceil({plan['micro_batches_per_epoch']} / grad_accum {a}) = {plan['steps_per_epoch']} optimizer "
+             "steps per epoch; " + run_length_text(cfg, plan))
+    log(run, f"schedule: {cfg['schedule.type']}, warmup {plan['warmup_steps']} optimizer steps, "
+             f"LR {marks['initial']:.4g} at step 1 -> peak {marks['peak']:.4g} at step {marks['peak_step']} -> "
+             f"{marks['final']:.4g} at step {plan['total_steps']}")
     params = sum(p.numel() for p in run["params"])
     log(run, f"model: {describe_arch(trained_arch(cfg))} from {trained_key(cfg)}, {params} trainable parameters; "
              + ("the student, distilled from the teacher below" if cfg["kd.enabled"] else
@@ -4352,7 +4445,8 @@ def print_plan(run, resumed):
         size, how = teacher_cache_size(cfg, m["windows"]["train"], m["windows"]["val"])
         what = cache_slots(m, m["data.vocab_size"])[1]
         log(run, f"teacher: offline, its {what} from the cache {run['teacher_cache']['path']} (built from "
-                 f"{m['teacher']['source']}, sha256 {m['teacher']['tensor_digest'][:12]}; {how}); no teacher in memory; "
+                 f"{m['teacher']['source']}, sha256 {m['teacher']['tensor_digest'][:12]}; {how}); no teacher in "
+                 "memory; "
                  + objective_text(cfg, what + (", importance-weighted" if "sampled" in what else " + rest bucket")))
     log(run, f"devices: {d['world']} process(es) on {d['device']}, precision {cfg['train.precision']}; "
              + (f"resuming at step {run['state']['global_step']}" if resumed else "starting at step 0"))
@@ -4467,7 +4561,8 @@ def make_chunked_loss(run):
                 _, t_hidden = teacher(x, logits=False)
             online = beta > 0
         side = tuple(cached) if cached else (t_hidden, *linear_head(teacher, "the teacher")) if online else ()
-        total, ce, kd = chunked_terms(hidden, head, y, side, online, alpha, beta * temperature ** 2, temperature, top_k, chunk)
+        total, ce, kd = chunked_terms(hidden, head, y, side, online, alpha, beta * temperature ** 2, temperature,
+                                      top_k, chunk)
         parts = {"ce": alpha * ce} if alpha > 0 else {}  # G8: chunk_terms computed no CE at kd.alpha 0
         if beta > 0:
             parts["kd"] = beta * temperature ** 2 * kd
@@ -4496,14 +4591,16 @@ def make_loss(run, kd_term, on_policy):
         x, y, *cached = batch
         logits, projected = model(x, project=teacher is not None and gamma > 0)
         if teacher is None and cache is None:
-            return token_cross_entropy(logits, y), {}  # kd.enabled false: plain LM training (this is how a teacher is made)
+            # kd.enabled false: plain LM training (this is how a teacher is made)
+            return token_cross_entropy(logits, y), {}
         # G8: a term whose weight is 0 is not computed (no CE at kd.alpha 0, no teacher hidden states and no
         # projection at kd.gamma 0); the student's log-probabilities are computed once, and at T = 1 the CE
         # term reads the KD term's (a log_softmax and nll_loss are what F.cross_entropy runs).
         real, parts = y != IGNORE, {}
         log_q = log_probs(logits, temperature) if beta > 0 else None
         if alpha > 0:
-            parts["ce"] = alpha * (nll_sum(log_q, y) if log_q is not None and temperature == 1 else token_cross_entropy(logits, y))
+            parts["ce"] = alpha * (nll_sum(log_q, y) if log_q is not None
+                                   and temperature == 1 else token_cross_entropy(logits, y))
         if beta > 0 or gamma > 0:
             t_logits = t_hidden = None
             if not cached:
@@ -4764,7 +4861,8 @@ def run_inputs(cfg, d, say, build_cache=True, cache_only=False):
             if teacher is not None:
                 linear_head(teacher, "the teacher")
         if not any(p.requires_grad for p in inputs["module"].parameters()):
-            raise ConfigError([("C3", trained_key(cfg), "the network has no trainable parameters (all requires_grad=False)")])
+            raise ConfigError([("C3", trained_key(cfg),
+                                "the network has no trainable parameters (all requires_grad=False)")])
     return inputs
 
 
@@ -4791,7 +4889,8 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     seed_everything(cfg["seed"], d["rank"])
     run = open_run(run_dir, cfg, d)
     run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, val_set=val_set,
-               val_windows=windows, teacher=teacher, teacher_digest=tensor_digest(teacher) if teacher is not None else None,
+               val_windows=windows, teacher=teacher, teacher_digest=tensor_digest(teacher)
+               if teacher is not None else None,
                teacher_cache=cache, data_digest=data_digest(train_set, val_set), check_strategy=check_strategy)
     model = module
     if cfg["train.strategy"] == "fsdp":  # D1: sharded weights, gradients and optimizer state; DCP checkpoints (D2)
@@ -4862,7 +4961,8 @@ def export_best(run):
     best = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)
     state = {k[len("lm."):]: v for k, v in saved_weights(best, best_path).items() if k.startswith("lm.")}  # D4
     lm, arch, out = run["module"].lm, trained_arch(cfg), os.path.join(run["run_dir"], "export")
-    tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=f".export-{os.getpid()}-")  # R12: a kill's leftover names its writer
+    # R12: a kill's leftover names its writer
+    tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=f".export-{os.getpid()}-")
     os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide the export from the people it is for
     try:
         if isinstance(lm, HFCausalLM):
@@ -4894,7 +4994,8 @@ def export_best(run):
 def finished_run_pending(cfg, ckpt, run_dir):
     """Why a finished run is not simply complete, in words, or None (launch.sh asks before saying "complete"):
     its export is missing, killed before it was published (R12). The script's next start writes it."""
-    if os.path.isfile(os.path.join(run_dir, "checkpoints", "best.pt")) and not os.path.isdir(os.path.join(run_dir, "export")):
+    if os.path.isfile(os.path.join(run_dir, "checkpoints",
+                                   "best.pt")) and not os.path.isdir(os.path.join(run_dir, "export")):
         return f"{os.path.join(run_dir, 'export')} is missing; the script writes it from best.pt"
     return None
 
@@ -5047,7 +5148,8 @@ def dry_run(config_path, overrides, train_fn=None):
             dist.barrier()
         return outcome_and_run
 
-    print_main(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes" if d["world"] > 1 else "")
+    print_main(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes"
+                                                                         if d["world"] > 1 else "")
         + (", sharded (train.strategy fsdp)" if cfg["train.strategy"] == "fsdp" else "")
         + (", activation checkpointing" if cfg["train.activation_checkpointing"] else "")
         + (f", chunked loss ({cfg['kd.chunk_tokens']} positions)" if cfg["kd.chunk_tokens"] else ""))
@@ -5131,7 +5233,8 @@ def check_tiny_run(cfg, student, a, offline, train_fn_together, check):
     if student["kd.on_policy_fraction"] > 0:
         on = sum(r.get("on_policy/micro_batches", 0) for r in trains.values())
         check(0 < on and all("on_policy/gen_s" in r for r in trains.values()),
-              f"on-policy: the student generated {on} of {plan['micro_batches_per_epoch'] * plan['epochs']} micro-batches "
+              f"on-policy: the student generated {on} of {plan['micro_batches_per_epoch'] * plan['epochs']} "
+              "micro-batches "
               f"(kd.on_policy_fraction {student['kd.on_policy_fraction']:g}), scored by the teacher; generation cost "
               "in every step record")
     parts = sorted(k for k in trains[1] if k.startswith("loss/"))
@@ -5146,10 +5249,12 @@ def check_tiny_run(cfg, student, a, offline, train_fn_together, check):
     last = torch.load(last_path, map_location="cpu", weights_only=True)
     check(last["global_step"] == last["scheduler"]["last_epoch"] == plan["total_steps"]
           and optimizer_step_count(last, last_path) in (None, last["global_step"] - last["skipped_steps"]),
-          "checkpoint loads with weights_only=True; global_step == scheduler steps == optimizer steps + skipped (R2, R7)")
+          "checkpoint loads with weights_only=True; global_step == scheduler steps == optimizer steps + skipped (R2, "
+          "R7)")
     check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")), "best.pt written")
     check(export_matches_best(a, student, run["teacher"]),
-          f"export/ reloads without the kit ({'from_pretrained' if isinstance(run['module'].lm, HFCausalLM) else 'a state dict'}) "
+          "export/ reloads without the kit "
+          f"({'from_pretrained' if isinstance(run['module'].lm, HFCausalLM) else 'a state dict'}) "
           "and gives best.pt's logits")
     if offline:
         check(run["teacher"] is None and run["teacher_cache"]["manifest"]["complete"],
@@ -5204,12 +5309,14 @@ def parse_args(argv=None):
     parser.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config keys: --set optim.lr=3e-4 train.grad_accum=4 (repeatable)")
     parser.add_argument("--dry_run", action="store_true", help="check every code path on tiny data and exit")
-    parser.add_argument("--resume", default="auto", help="auto (default): continue from the run dir's last.pt; none; or a path")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (default): continue from the run dir's last.pt; none; or a path")
     parser.add_argument("--run_dir", help="default runs/<run_name>")
     parser.add_argument("--evaluate", metavar="PATH", help="instead of training: score a checkpoint, a run directory "
                         "(its best.pt) or an export directory on the --config's data; the last line is JSON")
     parser.add_argument("--cache_teacher", action="store_true",
-                        help="only build kd.teacher_cache (the teacher's top-k over every train and eval window) and exit")
+                        help="only build kd.teacher_cache (the teacher's top-k over every train and eval window) and "
+                        "exit")
     parser.add_argument("--help_config", action="store_true",
                         help="print every config key with its default, type and meaning, and exit")
     args = parser.parse_args(argv)
@@ -5231,7 +5338,8 @@ def main(argv=None):
         for rid, key, msg in notes:
             print(f"note {rid}: {key}: {msg}", file=sys.stderr)
         if args.cache_teacher and not (cfg["kd.enabled"] and cfg["kd.teacher_cache"]):
-            raise ConfigError([("C3", "--cache_teacher", "needs kd.enabled=true and kd.teacher_cache set (the directory "
+            raise ConfigError([("C3", "--cache_teacher",
+                                "needs kd.enabled=true and kd.teacher_cache set (the directory "
                                 "to build)")])
         outcome, run = train(cfg, args.run_dir or os.path.join("runs", cfg["run_name"]), args.resume,
                              cache_only=args.cache_teacher)
