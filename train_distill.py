@@ -3143,6 +3143,15 @@ class TrainingAborted(Exception):
 
 def open_run(run_dir, cfg, dist_info):
     """runs/<run_name>/: config.yaml, metrics.jsonl, train.log, checkpoints/. Logs append, never truncate."""
+    # The run dict, every key once. Here: cfg (the resolved config); dist (setup_distributed); quiet (no stdout);
+    # run_dir, ckpt_dir; stop_signal (R8: the signal that asked to stop); stop_after (tests: stop at that step);
+    # bar (tqdm, E7); last_save, best_written, best_pending (R8: the save triggers, best.pt written late);
+    # sharded (D1: the FSDP save/load/prune hooks, or None); state (what last.pt saves, below); log_file and
+    # metrics_file (process 0). train() adds: plan (plan_schedule), train_set, module (the trained network), model
+    # (module, or its DDP/FSDP wrapper), params, optimizer, scheduler, scaler; the probe backbone,
+    # backbone_output_shape, inputs (R11), eval_sources; distillation val_set, val_windows, teacher,
+    # teacher_digest, teacher_cache, data_digest (S7), check_strategy. Later: expected_lr (resume, S9),
+    # progress (E7), sinks (E10), loss_parts (E2's history), one_class_warned / teacher_top1 (each script's eval).
     run = {"cfg": cfg, "dist": dist_info, "quiet": False, "run_dir": run_dir,
            "ckpt_dir": os.path.join(run_dir, "checkpoints"),
            "stop_signal": None, "stop_after": None, "bar": None, "last_save": time.monotonic(),
@@ -3825,6 +3834,11 @@ def patience_exhausted(run):
 
 def fit(run, task):
     """The loop, in the order it runs: batches -> optimizer step -> log -> eval -> save -> stop?"""
+    # task, what the loop needs from its script (probe_task, make_task build it): batches(index lists) ->
+    # micro-batches; count(indices) -> targets in them and count_name ("samples", "tokens"); loss(model, batch) ->
+    # (sum, {part: value}); evaluate(run) -> metrics; final_eval (probe: a test split still to score). Optional
+    # (distillation): step_count (G2: targets of a step that depend on it), record (generation costs), empty_why,
+    # empty_step (G2: a step with no target).
     cfg, plan, d, st = run["cfg"], run["plan"], run["dist"], run["state"]
     total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
     eval_every = cfg["train.eval_every"] or per_epoch  # E4: checked against the run length by the tools
