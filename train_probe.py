@@ -1888,6 +1888,11 @@ def resume(run, mode):
     if ckpt is None:
         if mode != "auto" or os.path.exists(last):
             raise ConfigError([("R6", "--resume", f"no readable checkpoint at {path} or its .prev.pt")])
+        metrics = os.path.join(run["run_dir"], "metrics.jsonl")
+        if run["dist"]["main"] and os.path.getsize(metrics) > 0:  # R8: an attempt killed before its first save
+            log(run, f"note R8: {run['run_dir']} holds an earlier attempt's log but no checkpoint (it stopped before "
+                     "its first save: train.save_every_minutes / train.save_every_steps bound what a kill loses); "
+                     "starting again at step 0, metrics.jsonl continues")
         return False
     if ckpt.get("task") != cfg["task"]:
         raise ConfigError([("R1", "--resume",

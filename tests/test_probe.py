@@ -1,6 +1,7 @@
 """train_probe.py against the failure catalogue: each test names the row it pins."""
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -434,3 +435,18 @@ def test_early_stopping_counts_patience_in_evals(tmp_path):
                             str(tmp_path / "run"), "none", quiet=True)
     assert outcome == "early_stopped" and run["state"]["global_step"] == 3
     assert ckpt(str(tmp_path / "run"))["finished"]
+
+
+def test_r8_a_relaunch_after_a_kill_before_the_first_save_says_it_starts_again_at_step_0(tmp_path):
+    """A run killed 15 s in, before train.save_every_minutes' first save: its relaunch started at step 0 with
+    'starting at step 0' alone, as if nothing had run (the README says a killed run resumes). It says the earlier
+    attempt left a log but no checkpoint; a fresh run says nothing of the kind."""
+    cfg, _ = tp.resolve_config(None, TINY + ["train.epochs=1"])
+    run_dir = str(tmp_path / "run")
+    assert tp.train(cfg, run_dir, "auto", quiet=True)[0] == "finished"
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"))  # what the killed attempt leaves: its log, no checkpoint
+    assert tp.train(cfg, run_dir, "auto", quiet=True)[0] == "finished"
+    with open(os.path.join(run_dir, "train.log")) as f:
+        notes = [line for line in f if "note R8" in line]
+    assert len(notes) == 1 and "no checkpoint (it stopped before its first save" in notes[0], notes
+    assert "starting again at step 0" in notes[0]
