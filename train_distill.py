@@ -2916,7 +2916,7 @@ def create_cache(path, manifest):
     atomic_write_text(os.path.join(path, "manifest.json"), json.dumps(manifest, indent=1) + "\n")
 
 
-def lock_cache(path, say):
+def lock_cache(path, print_progress):
     """R9: one builder per cache. An exclusive flock on DIR/.lock, held while a process builds; a second
     process says which pid holds it and waits (then finds the cache complete and builds nothing). The kernel
     drops the lock when its holder dies, so a killed build never blocks the next one. Returns the open file."""
@@ -2927,8 +2927,8 @@ def lock_cache(path, say):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        say(f"teacher cache: {path} is being built by pid {f.read().strip() or 'unknown'} (it holds {f.name}); "
-            "waiting for it to finish")
+        print_progress(f"teacher cache: {path} is being built by pid {f.read().strip() or 'unknown'} (it holds "
+                       f"{f.name}); waiting for it to finish")
         fcntl.flock(f, fcntl.LOCK_EX)
     f.seek(0)
     f.truncate()
@@ -2944,7 +2944,7 @@ def unlock_cache(f):
         f.close()
 
 
-def build_teacher_cache(cfg, d, path, manifest, identity, sets, ident, say):
+def build_teacher_cache(cfg, d, path, manifest, identity, sets, ident, print_progress):
     """Run the teacher over every window not yet cached and store teacher_topk's numbers.
 
     Resumable: a chunk of windows is forwarded as one batch (the same batches whatever was done before or
@@ -3005,8 +3005,8 @@ def build_teacher_cache(cfg, d, path, manifest, identity, sets, ident, say):
             bar.update(1)
         elif d["main"] and (time.perf_counter() - shown > 30 or n == len(todo)):
             shown = time.perf_counter()
-            say(f"teacher cache: {n}/{len(todo)} chunks of {chunk} windows written by process 0 "
-                f"({n * chunk / (shown - start):.0f} windows/s)")
+            print_progress(f"teacher cache: {n}/{len(todo)} chunks of {chunk} windows written by process 0 "
+                           f"({n * chunk / (shown - start):.0f} windows/s)")
     if bar is not None:
         bar.close()
     del teacher  # training from the cache holds no teacher
@@ -3020,11 +3020,11 @@ def build_teacher_cache(cfg, d, path, manifest, identity, sets, ident, say):
         atomic_write_text(os.path.join(path, "manifest.json"), json.dumps(manifest, indent=1) + "\n")
     if d["world"] > 1:
         dist.barrier()
-    say(f"teacher cache: {path} complete in {time.perf_counter() - start:.1f} s")
+    print_progress(f"teacher cache: {path} complete in {time.perf_counter() - start:.1f} s")
     return manifest
 
 
-def prepare_teacher_cache(cfg, d, train_set, val_set, eval_ids, say, build=True):
+def prepare_teacher_cache(cfg, d, train_set, val_set, eval_ids, print_progress, build=True):
     """kd.teacher_cache: check the manifest and the teacher against this run (C3, R9), build whatever is missing
     (the build alone is --cache_teacher), and return the readers of both splits. Training from it loads no
     teacher (a user module's is loaded once, to check it: check_cache_teacher). build=False (--dry_run,
@@ -3044,36 +3044,38 @@ def prepare_teacher_cache(cfg, d, train_set, val_set, eval_ids, say, build=True)
     manifest = current()
     ident = check(manifest)
     if manifest is not None and manifest["complete"]:
-        say(f"teacher cache: {path} is complete and matches this run ({manifest['windows']['train']:,} train + "
-            f"{manifest['windows']['val']:,} eval windows, {cache_slots(manifest, manifest['data.vocab_size'])[1]}); "
-            "nothing to build")
+        print_progress(f"teacher cache: {path} is complete and matches this run ({manifest['windows']['train']:,} "
+                       f"train + {manifest['windows']['val']:,} eval windows, "
+                       f"{cache_slots(manifest, manifest['data.vocab_size'])[1]}); "
+                       "nothing to build")
     elif not any(cfg[k] is not None for k in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target")):
         raise ConfigError([("C3", "kd.teacher_checkpoint", f"null, and the teacher cache {path} is "
                             f"{'incomplete' if manifest else 'absent'}: name the teacher that builds it")])
     elif not build:
         build_teacher(cfg, torch.device("cpu"))  # R10: what the build would refuse of the teacher it loads
     else:
-        lock = lock_cache(path, say) if d["main"] else None  # R9: one builder; a second one waits, then builds nothing
+        # R9: one builder; a second one waits, then builds nothing
+        lock = lock_cache(path, print_progress) if d["main"] else None
         try:
             again = current()
             if again != manifest:
                 manifest, ident = again, check(again)
             if manifest is not None and manifest["complete"]:
-                say(f"teacher cache: {path} was completed by another process meanwhile; nothing to build")
+                print_progress(f"teacher cache: {path} was completed by another process meanwhile; nothing to build")
             else:
                 identity = cache_identity(cfg, train_set, val_set, eval_ids)
                 size, how = teacher_cache_size(cfg, len(train_set), len(eval_ids))
                 free = free_disk_bytes(path)
-                say(f"teacher cache: {'continuing' if manifest else 'building'} {path}: {how}; {free / 2 ** 30:,.1f} "
-                    "GiB free")
+                print_progress(f"teacher cache: {'continuing' if manifest else 'building'} {path}: {how}; "
+                               f"{free / 2 ** 30:,.1f} GiB free")
                 if size > free:
-                    say(f"WARNING: the teacher cache needs {size / 2 ** 30:,.2f} GiB, more than the "
-                        f"{free / 2 ** 30:,.2f} GiB "
-                        f"free on the disk of {path}; free space or set kd.teacher_cache_dtype=fp16 / a smaller "
-                        "kd.top_k")
+                    print_progress(f"WARNING: the teacher cache needs {size / 2 ** 30:,.2f} GiB, more than the "
+                                   f"{free / 2 ** 30:,.2f} GiB "
+                                   f"free on the disk of {path}; free space or set kd.teacher_cache_dtype=fp16 / a "
+                                   "smaller kd.top_k")
                 sets = {"train": (train_set, np.arange(len(train_set))), "val": (val_set, np.asarray(eval_ids))}
                 manifest = build_teacher_cache(cfg, d, path, manifest, identity, sets,
-                                               ident or teacher_identity(cfg), say)
+                                               ident or teacher_identity(cfg), print_progress)
         finally:
             unlock_cache(lock)
     if not build:
@@ -4855,7 +4857,7 @@ def make_on_policy(run, kd_term):
     return {"draw_next": draw_next, "loss": loss, "step_count": step_count, "record": record}
 
 
-def run_inputs(cfg, d, say, build_cache=True, cache_only=False):
+def run_inputs(cfg, d, print_progress, build_cache=True, cache_only=False):
     """R10: everything train() reads and refuses before its run directory is made, in the order it runs: the
     token files (every id inside the vocabulary), the schedule (S2, S3), the frozen teacher or the teacher cache
     (its manifest, data and teacher: C3, R9), the eval windows and the trained network (a Hugging Face or user
@@ -4868,7 +4870,7 @@ def run_inputs(cfg, d, say, build_cache=True, cache_only=False):
     windows = eval_windows(cfg, len(val_set))
     if val_set.count(windows) == 0:
         raise ConfigError([("C3", "data.val_bin", "the eval windows hold no real target tokens (all padding?)")])
-    cache = prepare_teacher_cache(cfg, d, train_set, val_set, windows, say, build_cache) if offline else None
+    cache = prepare_teacher_cache(cfg, d, train_set, val_set, windows, print_progress, build_cache) if offline else None
     inputs = {"train_set": train_set, "val_set": val_set, "plan": plan, "windows": windows, "teacher": teacher,
               "cache": cache, "module": None}
     if not cache_only:
@@ -4897,8 +4899,9 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     cache_only (--cache_teacher): build kd.teacher_cache and return ("cached", ...) before the run dir is made."""
     d = setup_distributed(cfg)
     seed_everything(cfg["seed"], d["rank"])
-    say = (lambda line: None) if quiet or not d["main"] else write_stdout  # R8: the cache build's progress lines
-    inputs = run_inputs(cfg, d, say, cache_only=cache_only)  # every refusal before the run dir (R10)
+    # R8: the cache build's progress lines
+    print_progress = (lambda line: None) if quiet or not d["main"] else write_stdout
+    inputs = run_inputs(cfg, d, print_progress, cache_only=cache_only)  # every refusal before the run dir (R10)
     if cache_only:
         return "cached", {"teacher_cache": inputs["cache"], "dist": d}
     train_set, val_set, plan, windows = inputs["train_set"], inputs["val_set"], inputs["plan"], inputs["windows"]
@@ -5065,11 +5068,11 @@ def evaluate_saved(config_path, overrides, path):
     windows = eval_windows(cfg, len(val_set))
     offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None
     teacher = build_teacher(cfg, d["device"]) if cfg["kd.enabled"] and not offline else None
-    say = print if d["main"] else (lambda line: None)
+    print_progress = print if d["main"] else (lambda line: None)
     cache = None
     manifest = read_manifest(cfg["kd.teacher_cache"]) if offline else None
     if manifest is not None and manifest["complete"]:  # checked against this run as training checks it (R9)
-        cache = prepare_teacher_cache(cfg, d, TokenWindows(cfg, "train"), val_set, windows, say)
+        cache = prepare_teacher_cache(cfg, d, TokenWindows(cfg, "train"), val_set, windows, print_progress)
     elif offline and d["main"]:  # E11: an evaluation builds nothing (a cache takes hours at real size)
         print(f"note E11: kd.teacher_cache: {cfg['kd.teacher_cache']} is {'incomplete' if manifest else 'absent'} and "
               "--evaluate builds no cache: scored without it, val/agreement left out (build it with --cache_teacher, "
