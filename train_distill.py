@@ -1396,7 +1396,9 @@ class TokenWindows(torch.utils.data.Dataset):
             if self.examples is not None:  # C10: one example a row, padded; its loss mask says which targets count
                 self.pad, self.mask = None, None
                 long, how = self.examples["long"], {"truncate": "truncated to it", "drop": "dropped"}
-                self.source += (f", {len(self.examples['starts'])} examples" + (
+                rows = self.examples["ends"] - self.examples["starts"]  # padding waste: packing comes later
+                waste = 1 - rows.sum() / max(1, len(rows) * (self.seq_len + 1))
+                self.source += (f", {len(rows)} examples, {waste:.0%} of their rows padding" + (
                     f" ({long} longer than data.seq_len + 1 tokens, {how[cfg['data.too_long']]}: data.too_long)"
                     if long else ""))
         else:
