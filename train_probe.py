@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import yaml
 
 TASK = "probe"
+TRAINING_ONLY_FILES = ("data.train_x", "data.train_y")  # E11: --evaluate reads neither
 PREPARE_TOOL = "python prepare_tuab.py TUAB_DIR"  # makes the data.* windows (C3: named when they are missing)
 
 # -----------------------------------------------------------------------------
@@ -2766,7 +2767,13 @@ def evaluation_config(config_path, overrides, kind, source):
         raise ConfigError([("C3", "--evaluate", f"{source} holds no config.yaml, the config of the run it comes from "
                             "(an export written before exports kept it): give that run's, --config "
                             "runs/<run_name>/config.yaml")])
-    cfg, _ = resolve_config(config_path, overrides, base=saved)
+    try:
+        cfg, _ = resolve_config(config_path, overrides, base=saved)
+    except ConfigError as err:  # E11: the training files an evaluation never reads need not be on this machine
+        needed = [p for p in err.problems if not (p[1] in TRAINING_ONLY_FILES and p[2].startswith("file "))]
+        if needed:
+            raise ConfigError(needed) from None
+        cfg, _ = resolve_config(config_path, overrides, check_files=False, base=saved)
     run_cfg = absolute_paths(saved, PATH_KEYS) if saved else {}  # a run saved before paths were recorded absolute
     differ = [f"{k} {v!r} (the run's: {run_cfg[k]!r})" for k, v in cfg.items() if k in run_cfg and v != run_cfg[k]
               and k not in ("launch_dir", "run_name")]

@@ -228,3 +228,24 @@ def test_e11_evaluate_with_other_data_settings_than_the_runs_names_each_key_that
     probe_dir, _ = probe_runs["builtin"]
     assert tp.main(["--evaluate", str(probe_dir), "--set", "data.limit=10"]) == 0
     assert "not the run's: data.limit 10 (the run's: None)" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_e11_probe_evaluate_needs_no_training_file(probe_runs, capsys):
+    """A run dir and its val windows on a laptop, the training windows left on the cluster: --evaluate refused
+    with 'data.train_x: file ... not found', a file it never reads. It scores the val split, the run's numbers;
+    a missing val file is still refused in one line."""
+    run_dir, values = probe_runs["builtin"]
+    assert tp.main(["--evaluate", str(run_dir), *sets(values)]) == 0
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    train_x = probe_runs["tmp"] / "train_x.npy"
+    os.rename(train_x, str(train_x) + ".away")
+    try:
+        for target in (run_dir, run_dir / "export"):
+            assert tp.main(["--evaluate", str(target), *sets(values)]) == 0, capsys.readouterr().err
+            got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            assert got["val/auroc"] == expected["val/auroc"] and got["val/loss"] == expected["val/loss"]
+        assert tp.main(["--evaluate", str(run_dir), *sets(values), "--set", "data.val_x=/nonexistent/val_x.npy"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("config error: data.val_x: file /nonexistent/val_x.npy not found")
+    finally:
+        os.rename(str(train_x) + ".away", train_x)
