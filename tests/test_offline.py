@@ -296,16 +296,22 @@ def test_e6_diagnose_states_the_cache_size_and_warns_when_the_disk_is_too_small(
     assert not (tmp_path / "c").exists()
 
 
+def build_in_one_and_two_processes(one, two, cwd):
+    """--cache_teacher with settings `one` in one process and `two` in two under torchrun, at the same thread
+    count; both must exit 0."""
+    env = {**CLEAN_ENV, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command(one, "--cache_teacher"), env=env, capture_output=True, text=True, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    argv = command(two, "--cache_teacher")
+    done = subprocess.run([argv[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv[1:]],
+                          env=env, capture_output=True, text=True, cwd=cwd)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_torchrun_processes_write_their_shares_into_the_same_files(data, teacher, tmp_path):
     """Two processes under torchrun build the cache (disjoint ranges of chunks each, process 0 the manifest):
     the same bytes as one process's build, at the same thread count."""
-    env = {**CLEAN_ENV, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(command(offline(data, teacher, tmp_path / "one"), "--cache_teacher"), env=env,
-                         capture_output=True, text=True, cwd=tmp_path)
-    assert one.returncode == 0, one.stderr
-    argv = command(offline(data, teacher, tmp_path / "two"), "--cache_teacher")
-    two = subprocess.run([argv[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv[1:]],
-                         env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert two.returncode == 0, two.stdout + two.stderr
+    build_in_one_and_two_processes(offline(data, teacher, tmp_path / "one"), offline(data, teacher, tmp_path / "two"),
+                                   tmp_path)
     manifest = json.load(open(tmp_path / "two" / "manifest.json"))
     assert manifest["complete"] and file_hashes(tmp_path / "one") == file_hashes(tmp_path / "two")

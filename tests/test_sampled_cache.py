@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from test_distill import ckpt, data, kd_settings, teacher  # noqa: F401 (fixtures)
-from test_offline import CLEAN_ENV, build, command, file_hashes, offline
+from test_offline import CLEAN_ENV, build, build_in_one_and_two_processes, command, file_hashes, offline
 from test_cache_checks import diagnose, refused, run_main
 import train_distill as T
 
@@ -106,14 +106,8 @@ def test_sampled_cache_build_killed_mid_chunk_resumes_to_the_same_bytes(data, te
 
 
 def test_sampled_cache_is_the_same_bytes_from_one_and_two_torchrun_processes(data, teacher, tmp_path):
-    env = {**CLEAN_ENV, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(command(sampled(data, teacher, tmp_path / "one"), "--cache_teacher"), env=env,
-                         capture_output=True, text=True, cwd=tmp_path)
-    assert one.returncode == 0, one.stderr
-    argv = command(sampled(data, teacher, tmp_path / "two"), "--cache_teacher")
-    two = subprocess.run([argv[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv[1:]],
-                         env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert two.returncode == 0, two.stdout + two.stderr
+    build_in_one_and_two_processes(sampled(data, teacher, tmp_path / "one"), sampled(data, teacher, tmp_path / "two"),
+                                   tmp_path)
     assert file_hashes(tmp_path / "one") == file_hashes(tmp_path / "two")
 
 
