@@ -198,12 +198,13 @@ def cast_value(value, kind):
                 return choice
         raise ValueError("one of " + ", ".join(str(c).lower() for c in kind))
     if kind in ("float", "int"):
+        wanted = "a whole number" if kind == "int" else "a number"  # C1: batch_size 'lots' wants a whole one
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError("a number")
+            raise ValueError(wanted)
         try:
             number = float(value)
         except ValueError:
-            raise ValueError("a number") from None
+            raise ValueError(wanted) from None
         if not math.isfinite(number):
             raise ValueError("a finite number")
         if kind == "int":

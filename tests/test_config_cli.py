@@ -116,3 +116,12 @@ def test_c3_a_data_directory_that_does_not_exist_names_the_tool_that_makes_it(sc
     with pytest.raises(script.ConfigError) as err:
         script.resolve_config(None, [k.replace("X/", f"{tmp_path}/") for k in keys])
     assert err.value.problems[0][2].endswith("; fix the path")
+
+
+@pytest.mark.parametrize("script", [tp, td], ids=["train_probe", "train_distill"])
+def test_c1_a_word_for_an_integer_key_says_a_whole_number_is_expected(script):
+    """`train.batch_size: lots` said 'expected a number', and 2.5 then says 'a whole number': one word for it."""
+    for key, kind in (("train.batch_size", "a whole number"), ("optim.lr", "a number")):
+        with pytest.raises(script.ConfigError) as err:
+            script.resolve_config(None, [f"{key}=lots"])
+        assert str(err.value) == f"config error: {key}: got 'lots', expected {kind}"
