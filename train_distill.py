@@ -1610,6 +1610,11 @@ def prepared_text_problems(cfg):
             problems.append(("C10", "data.seq_len", f"{cfg['data.seq_len']}, but the longest example {made} holds is "
                              f"{longest} tokens; set data.seq_len to at least {longest - 1}, or data.too_long to "
                              "truncate or drop the longer examples"))
+        formats = set(manifest.get("formats", {}).values())
+        if "starts" in record and cfg["kd.prompt_tokens"] is not None and key == "data.train_bin" and not any(
+                f.startswith("text") for f in formats):  # a key that would be ignored is an error
+            problems.append(("C10", "kd.prompt_tokens", f"is set, but the examples of {cfg[key]} ({', '.join(formats)})"
+                             " carry their own prompts, which on-policy continues; remove it"))
         if "starts" in record and record.get("loss_tokens") == 0:
             problems.append(("C10", key, f"{cfg[key]} holds prompts only (no completion, nothing to train or score "
                              "on); prepare prompt/completion or messages rows (prompt-only training comes later)"))

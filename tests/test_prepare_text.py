@@ -353,6 +353,9 @@ def test_c10_prepared_data_must_match_the_config_and_the_models_tokenizer(chat_d
     with pytest.raises(T.ConfigError) as err:  # the id type and a file changed after its preparation
         T.resolve_config(None, chat_settings(chat_data, "data.dtype=uint32"))
     assert [p[1] for p in err.value.problems] == ["data.dtype", "data.dtype"]
+    with pytest.raises(T.ConfigError) as err:  # on-policy continues each example's own prompt: the key is ignored
+        T.resolve_config(None, chat_settings(chat_data, "kd.on_policy_fraction=0.5", "kd.prompt_tokens=4"))
+    assert [p[1] for p in err.value.problems] == ["kd.prompt_tokens"]
     copy = tmp_path / "copy"
     import shutil
     shutil.copytree(chat_data["root"] / "data", copy)
