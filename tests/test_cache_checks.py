@@ -122,6 +122,15 @@ def refused(settings, key, tmp_path, word="teacher cache"):
     return lines[0]
 
 
+def refused_alike(settings, key, tmp_path, word):
+    """R10: the run, --dry_run and diagnose_and_fix.py refuse these settings with the same one line naming `key`."""
+    line = refused(settings, key, tmp_path, word)
+    code, _, lines = run_main(settings, "--dry_run")
+    assert code == 2 and lines == [line], (key, lines)
+    found = [f for f in diagnose(settings, tmp_path) if f["severity"] == "critical"]
+    assert any(f["evidence"] == line.removeprefix("config error: ") for f in found), (key, line, found)
+
+
 # ----------------------------------------------------------------------------- R9: token files keyed on content
 def test_r9_token_file_rewritten_in_place_is_refused(data, teacher, tmp_path):
     """The issue's case: after the cache is built, train.bin's tokens are reversed in place (same path, same
@@ -368,11 +377,7 @@ def test_r10_every_refusal_before_the_first_step_is_a_dry_run_and_a_diagnose_ref
         (kd_settings(data, teacher, "train.device=cuda"), "train.device", "cuda"),
     ]
     for settings, key, word in cases:
-        line = refused(settings, key, tmp_path, word)
-        code, _, lines = run_main(settings, "--dry_run")
-        assert code == 2 and lines == [line], (key, lines)
-        found = [f for f in diagnose(settings, tmp_path) if f["severity"] == "critical"]
-        assert any(f["evidence"] == line.removeprefix("config error: ") for f in found), (key, line, found)
+        refused_alike(settings, key, tmp_path, word)
         assert not any("already built" in f["evidence"] for f in diagnose(settings, tmp_path) if "E6" == f["id"])
 
 
