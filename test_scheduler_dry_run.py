@@ -151,7 +151,8 @@ def print_derivation(cfg, plan, source, warmup_known=True):
     print("derivation (S2: one accumulation rule, shared by the schedule and the loop)")
     print(f"  samples          {n}  ({source})")
     print(f"  micro-batches    ceil({n} / (batch_size {b} x world_size {w})) = {micro} per epoch")
-    print(f"  optimizer steps  ceil({micro} / grad_accum {a}) = {per_epoch} per epoch (a short last group steps once, G1)")
+    print(f"  optimizer steps  ceil({micro} / grad_accum {a}) = {per_epoch} per epoch (a short last group steps once, "
+          "G1)")
     if cfg["train.max_steps"] is not None:
         print(f"  total            train.max_steps = {total} optimizer steps ({plan['epochs']} epoch(s) started)")
     else:
@@ -161,7 +162,8 @@ def print_derivation(cfg, plan, source, warmup_known=True):
         print(f"  warmup           schedule.warmup {warm:g}: not usable, see the failed check")
         return
     how = f"schedule.warmup {warm:g} x {total}, rounded" if warm < 1 else "schedule.warmup, given in optimizer steps,"
-    print(f"  warmup           {how} = {plan['warmup_steps']} optimizer steps ({plan['warmup_steps'] / total:.1%} of the run)")
+    print(f"  warmup           {how} = {plan['warmup_steps']} optimizer steps ({plan['warmup_steps'] / total:.1%} of "
+          "the run)")
 
 
 # -----------------------------------------------------------------------------
@@ -196,8 +198,10 @@ def print_checks(plan, resume_at, failures, cfg, ran_curve):
     for rid, msg in failures:
         by_row.setdefault(rid, []).append(msg)
     total = plan["total_steps"] if plan else "?"
-    passes = [("S2", "step counts derived from the data, none hand-typed" + (f" ({total} optimizer steps)" if plan else "")),
-              ("S3", (f"warmup {plan['warmup_steps']} optimizer steps" if plan else "warmup") + " shorter than the run")]
+    passes = [("S2", "step counts derived from the data, none hand-typed"
+               + (f" ({total} optimizer steps)" if plan else "")),
+              ("S3", (f"warmup {plan['warmup_steps']} optimizer steps" if plan else "warmup")
+               + " shorter than the run")]
     if ran_curve or "S7" in by_row:
         passes.append(("S7", f"the scheduler steps through all {total} optimizer steps without passing its total"))
     if ran_curve:
@@ -303,7 +307,8 @@ def run(args):
         total = plan["total_steps"]
         resume_at = total // 2 if args.resume_at is None else args.resume_at
         if not 1 <= resume_at < total:
-            raise BadInput(f"--resume_at: {resume_at} must be between 1 and {total - 1} (the run has {total} optimizer steps)")
+            raise BadInput(f"--resume_at: {resume_at} must be between 1 and {total - 1} (the run has {total} optimizer "
+                           "steps)")
     out = args.out or os.path.join("runs", cfg["run_name"], "schedule")
     if os.path.exists(out) and not os.path.isdir(out):
         raise BadInput(f"--out: {out} exists and is not a directory; give a directory for lr.csv")
@@ -335,7 +340,8 @@ def run(args):
     title = f"{os.path.basename(args.config)}: {cfg['schedule.type']}, {total} optimizer steps"
     png = write_png(os.path.join(out, "lr.png"), curve, plan, resume_at, title)
     print(f"wrote {os.path.join(out, 'lr.csv')}" + (f" and {os.path.join(out, 'lr.png')}" if png
-                                                   else f" (lr.png skipped: matplotlib is not installed for {sys.executable})"))
+                                                   else " (lr.png skipped: matplotlib is not installed for "
+                                                   f"{sys.executable})"))
     print_checks(plan, resume_at, failures, cfg, ran_curve=True)
     elapsed = time.perf_counter() - start
     if failures:
