@@ -2790,7 +2790,11 @@ def cache_identity(cfg, train_set, val_set, eval_ids):
     def data(windows, split):
         if windows.path:
             records[split] = content_record(windows.path)
-            return {"sha256": records[split]["sha256"], "bytes": records[split]["bytes"], "dtype": windows.dtype.name}
+            rows = {} if windows.examples is None else {  # C10: the rows are the examples, so their bounds count too
+                "examples_sha256": hashlib.sha256(np.stack([windows.examples["starts"], windows.examples["ends"]])
+                                                  .astype(np.int64).tobytes()).hexdigest()}
+            return {"sha256": records[split]["sha256"], "bytes": records[split]["bytes"], "dtype": windows.dtype.name,
+                    **rows}
         return {"builtin_sha256": hashlib.sha256(windows.tokens.tobytes()).hexdigest()}
 
     values, ids = cache_dtypes(cfg)

@@ -430,3 +430,15 @@ def test_c10_g2_examples_are_token_weighted_over_the_global_batch_and_ce_is_take
     assert trained < sum(len(ids) - 1 for ids, _ in chosen) / 2  # most targets are system, user and template
     first = T.read_metrics(str(tmp_path / "small"))[0][1]
     assert math.isclose(first["loss/ce"], 0.5 * float(ce) / trained, rel_tol=1e-5)
+
+
+def test_c10_r9_the_teacher_cache_is_keyed_on_the_example_bounds_not_only_the_token_file(chat_data):
+    """An offline cache stores one row per example: the same token file cut into other examples (another
+    preparation, or a starts file edited alone) gives other rows, so the cache's identity must differ."""
+    cfg, _ = T.resolve_config(None, chat_settings(chat_data, "kd.top_k=8"))
+    train, val = T.TokenWindows(cfg, "train"), T.TokenWindows(cfg, "val")
+    want, _ = T.cache_identity(cfg, train, val, np.arange(len(val)))
+    train.examples = {**train.examples, "ends": train.examples["ends"] - 1}  # the same bytes, other example bounds
+    other, _ = T.cache_identity(cfg, train, val, np.arange(len(val)))
+    assert other["data"]["train"]["sha256"] == want["data"]["train"]["sha256"]
+    assert other["data"]["train"] != want["data"]["train"] and other["data"]["val"] == want["data"]["val"]
