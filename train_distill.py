@@ -3463,6 +3463,17 @@ def drop_stale_expectations(run):
                  "schedule changed (a --set?); expect.* dropped for this run, fix or remove them in the config")
 
 
+def other_data_problem(cfg, ckpt, digest, source):
+    """S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run:
+    the ConfigError resume() raises, and the dry run of train_distill.py before it (same line), else None."""
+    older = ckpt.get("data_digest") is None and cfg.get("data.train_bin")  # token files were not hashed before R11
+    if digest is None or ckpt.get("data_digest") == digest or older:
+        return None
+    return ConfigError([("S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 "
+                         f"differs, or was not recorded by an older version); start a new run (--set run_name=NEW "
+                         "or --run_dir NEW), nothing was touched")])
+
+
 def resume(run, mode):
     """R1/R2/R3: the one place the loop position comes from a checkpoint; nothing later reassigns it."""
     cfg, plan = run["cfg"], run["plan"]
@@ -3498,12 +3509,9 @@ def resume(run, mode):
     if ckpt.get("task") != cfg["task"]:
         raise ConfigError([("R1", "--resume",
                             f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
-    older = ckpt.get("data_digest") is None and cfg.get("data.train_bin")  # token files were not hashed before R11
-    if run.get("data_digest") is not None and ckpt.get("data_digest") != run["data_digest"] and not older:
-        # S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run
-        raise ConfigError([("S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 "
-                            f"differs, or was not recorded by an older version); start a new run (--set run_name=NEW "
-                            "or --run_dir NEW), nothing was touched")])
+    problem = other_data_problem(cfg, ckpt, run.get("data_digest"), source)
+    if problem:
+        raise problem
     if ckpt.get("finished"):
         problem = finished_run_problem(cfg, ckpt, run["run_dir"])
         if problem:
@@ -5170,7 +5178,7 @@ def optimizer_step_count(ckpt, path=None):
     return int(steps[0]) if steps else (0 if ckpt["config"]["optim.name"] == "adamw" else None)
 
 
-def dry_run(config_path, overrides, train_fn=None):
+def dry_run(config_path, overrides, train_fn=None, run_dir=None):
     """Check the full schedule of the real config, then train/eval/save/stop/resume tiny copies of it in
     fp32, fp16 and bf16. Returns the exit code: 0 only when every check held."""
     train_fn = train_fn or train
@@ -5194,7 +5202,7 @@ def dry_run(config_path, overrides, train_fn=None):
         + (", sharded (train.strategy fsdp)" if cfg["train.strategy"] == "fsdp" else "")
         + (", activation checkpointing" if cfg["train.activation_checkpointing"] else "")
         + (f", chunked loss ({cfg['kd.chunk_tokens']} positions)" if cfg["kd.chunk_tokens"] else ""))
-    check_real_config(cfg, d, check)
+    check_real_config(cfg, d, check, run_dir or os.path.join("runs", cfg["run_name"]))
     tiny = dry_run_settings(cfg, overrides, d)
     # Every process trains into process 0's temporary directory and reads the same files back afterwards
     # (processes on one node share its filesystem; launch.sh runs a multi-node job's dry run on one node).
@@ -5225,11 +5233,21 @@ def dry_run(config_path, overrides, train_fn=None):
     return 0 if ok else 1
 
 
-def check_real_config(cfg, d, check):
+def check_real_config(cfg, d, check, run_dir):
     """The real config's own inputs and its full schedule, before any tiny run."""
     # R10: whatever the real run refuses before its first step (its token files, teacher or cache, network) is
     # refused here first, by the same function with the same line (exit 2); nothing is written
     inputs = run_inputs(cfg, d, lambda line: None, build_cache=False)
+    for name in ("last.pt", "last.prev.pt"):  # S7/C4: the run dir's checkpoint, trained on other bytes: the
+        try:  # relaunch would refuse to continue it; refused here with its line (it passed, then the run refused)
+            ckpt = torch.load(os.path.join(run_dir, "checkpoints", name), map_location="cpu", weights_only=True)
+        except Exception:
+            continue
+        problem = other_data_problem(cfg, ckpt, data_digest(inputs["train_set"], inputs["val_set"]),
+                                     os.path.join(run_dir, "checkpoints", name))
+        if problem:
+            raise problem
+        break
     check(True, f"the config's own inputs pass what the run checks before step 1: {len(inputs['train_set'])} train "
                 f"windows, every token id < {inputs['train_set'].vocab}, "
                 + ("the teacher cache, " if cfg["kd.enabled"] and cfg["kd.teacher_cache"] else "")
@@ -5374,7 +5392,7 @@ def main(argv=None):
         if args.evaluate:
             return evaluate_saved(args.config, args.set, args.evaluate)
         if args.dry_run:
-            return dry_run(args.config, args.set)
+            return dry_run(args.config, args.set, run_dir=args.run_dir)
         cfg, notes = resolve_config(args.config, args.set)
         for rid, key, msg in notes:
             print(f"note {rid}: {key}: {msg}", file=sys.stderr)

@@ -1864,6 +1864,17 @@ def drop_stale_expectations(run):
                  "schedule changed (a --set?); expect.* dropped for this run, fix or remove them in the config")
 
 
+def other_data_problem(cfg, ckpt, digest, source):
+    """S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run:
+    the ConfigError resume() raises, and the dry run of train_distill.py before it (same line), else None."""
+    older = ckpt.get("data_digest") is None and cfg.get("data.train_bin")  # token files were not hashed before R11
+    if digest is None or ckpt.get("data_digest") == digest or older:
+        return None
+    return ConfigError([("S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 "
+                         f"differs, or was not recorded by an older version); start a new run (--set run_name=NEW "
+                         "or --run_dir NEW), nothing was touched")])
+
+
 def resume(run, mode):
     """R1/R2/R3: the one place the loop position comes from a checkpoint; nothing later reassigns it."""
     cfg, plan = run["cfg"], run["plan"]
@@ -1899,12 +1910,9 @@ def resume(run, mode):
     if ckpt.get("task") != cfg["task"]:
         raise ConfigError([("R1", "--resume",
                             f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
-    older = ckpt.get("data_digest") is None and cfg.get("data.train_bin")  # token files were not hashed before R11
-    if run.get("data_digest") is not None and ckpt.get("data_digest") != run["data_digest"] and not older:
-        # S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run
-        raise ConfigError([("S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 "
-                            f"differs, or was not recorded by an older version); start a new run (--set run_name=NEW "
-                            "or --run_dir NEW), nothing was touched")])
+    problem = other_data_problem(cfg, ckpt, run.get("data_digest"), source)
+    if problem:
+        raise problem
     if ckpt.get("finished"):
         problem = finished_run_problem(cfg, ckpt, run["run_dir"])
         if problem:

@@ -197,6 +197,8 @@ def test_s7_c4_a_distillation_resumed_on_a_token_file_edited_in_place_with_its_m
     os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
     code, _, lines = run_main(settings, "--run_dir", run_dir)
     assert code == 2 and len(lines) == 1 and "was trained on other data than this run reads" in lines[0], lines
+    # its dry run refuses the same relaunch with the same line (it passed, then the launch refused)
+    assert run_main(settings, "--run_dir", run_dir, "--dry_run")[::2] == (2, lines)
 
 
 # ----------------------------------------------------------------------------- R9: the teacher actually loaded
