@@ -104,6 +104,12 @@ def parse_args(argv=None):
         raise UsageError(f"--device_memory {args.device_memory} must be > 0 (GiB)")
     if not (args.config or args.log or args.checkpoint):
         raise UsageError("give --config, --log or --checkpoint (see --help)")
+    what = {"--config": "the config (a run's config.yaml)", "--log": "the run's metrics.jsonl",
+            "--checkpoint": "a checkpoint (runs/<run>/checkpoints/last.pt or best.pt)"}
+    given = [("--config", args.config), ("--checkpoint", args.checkpoint)] + [("--log", p) for p in args.log or []]
+    for flag, path in given:
+        if path and not os.path.exists(path):  # C3: a missing input is bad input, one line and exit 2, not a finding
+            raise UsageError(f"{flag} {path}: no such file; give the path of {what[flag]}")
     if args.log and len(args.log) > 1 and (args.fix or args.checkpoint):
         raise UsageError("--fix and --checkpoint take one run: give a single --log with them")
     if args.plot is not None:

@@ -335,6 +335,18 @@ def test_s1_lr_frozen_by_a_documented_log_edit_is_flagged_with_its_step_range(ru
     assert ("S9", "critical") not in flagged(report, "log")  # the frozen window is one finding, not two
 
 
+def test_c3_a_missing_input_file_is_one_line_and_exit_2_not_a_finding(tmp_path, capsys):
+    """A --config, --log or --checkpoint that does not exist is bad input to the tool (one line naming the flag,
+    the path and what to give, exit 2), not a critical finding among others with exit 1."""
+    config = os.path.join(ROOT, "configs", "probe_synthetic.yaml")
+    for argv, flag in ((["--log", str(tmp_path / "metrics.jsonl")], "--log"), (["--config", str(tmp_path / "x.yaml")],
+                       "--config"), (["--config", config, "--checkpoint", str(tmp_path / "last.pt")], "--checkpoint")):
+        assert dx.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1 and f"{flag} {tmp_path}/" in err, err
+        assert "no such file; give the path of" in err
+
+
 def test_s1_constant_lr_from_a_real_run_whose_cosine_cannot_decay(runs):
     code, report = diagnose("--log", str(runs["flat"] / "metrics.jsonl"))
     assert find(report, "S1", "log")["severity"] == "critical"
