@@ -3125,7 +3125,7 @@ class TeacherCacheWindows(torch.utils.data.Dataset):
         return (*self.windows[indices], *self.teacher(indices))
 
 
-# ==== shared: run dir, checkpoints, resume, loop (identical in train_probe.py and train_distill.py) ====
+# ==== shared: run dir, checkpoints, resume (identical in train_probe.py and train_distill.py) ====
 # Tests only, read once at import (KIT_FAULT_*): the loop asks one pre-resolved flag, STEP_FAULTS, per micro-batch.
 KILL_AT = os.environ.get("KIT_FAULT_KILL_AT")  # "STEP:MICRO" SIGKILLs before that micro-batch
 # "STEP" holds before that step until a stop signal arrives (R8), so a test's signal lands
@@ -3656,329 +3656,6 @@ def install_stop_handlers(run):
         signal.signal(sig, request_stop)
 
 
-def total_grad_norm(grads):
-    """G3: the value torch.nn.utils.clip_grad_norm_ returns. On the CPU torch has no foreach kernels and
-    takes each gradient's norm, then the norm of those, after grouping the tensors by device and dtype on
-    every call; the kit's gradients share one device, so this runs the same arithmetic without the
-    grouping (the same bits, about a quarter of the time on a small model). Elsewhere: torch's own.
-    D1: a sharded gradient (FSDP2's DTensor) counts every process's shard, never the local shard alone."""
-    if grads and hasattr(grads[0], "full_tensor"):
-        return torch.nn.utils.get_total_norm(grads).full_tensor()
-    if grads and grads[0].device.type == "cpu":
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    return torch.nn.utils.get_total_norm(grads)
-
-
-def clip_gradients(params, max_norm, norm, norm_on_host):
-    """G3: clip_grad_norm_'s second half, given the norm of its first. Below max_norm its factor clamps to
-    exactly 1.0 and the multiply changes no bit: torch multiplies anyway only to avoid a host sync, and the
-    loop has already paid for its one sync. (The margin covers float32 vs float64 rounding.)"""
-    if max_norm is not None and norm_on_host + 1e-6 > max_norm * (1 - 1e-5):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-
-
-def gradient_sync(model, world, now):
-    """G2/G7: gradients are reduced over the processes once per optimizer step, with its last micro-batch:
-    DDP's no_sync() before it; FSDP2 (train.strategy fsdp) keeps them unreduced until then."""
-    if world > 1 and hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(now)
-        return NO_CONTEXT
-    return model.no_sync() if world > 1 and not now else NO_CONTEXT
-
-
-def optimizer_step(run, task, micro_batches, count):
-    """Micro-batches -> gradients -> one optimizer step -> one scheduler step. Returns host floats."""
-    cfg, d, st = run["cfg"], run["dist"], run["state"]
-    model, optimizer, scheduler, scaler = run["model"], run["optimizer"], run["scheduler"], run["scaler"]
-    step = st["global_step"] + 1
-    if count == 0:  # G2: no target in the whole step; only distillation has such steps (its task's empty_step)
-        return task["empty_step"](run, step)
-    if not run["module"].training:  # after an eval; a frozen backbone/teacher is not in here and stays in eval mode
-        model.train()
-    # G2: a micro-batch weighs by its share of the step's targets (a short last group included); the
-    # x world undoes DDP's mean over processes, so the step equals one big batch of the same targets.
-    share = count / d["world"]
-    losses, parts, amp, last = [], {}, autocast(d["device"], cfg["train.precision"]), len(micro_batches) - 1
-    for i, batch in enumerate(micro_batches):
-        if STEP_FAULTS:
-            step_fault(run, step, i)
-        with gradient_sync(model, d["world"], i == last):  # gradients cross processes once per step
-            with amp:
-                loss_sum, components = task["loss"](model, batch)
-            loss = loss_sum.float() / share
-            (scaler.scale(loss) if scaler else loss).backward()
-        losses.append(loss.detach())
-        for name, value in components.items():
-            parts.setdefault(name, []).append(value.detach().float())
-    if scaler:
-        scaler.unscale_(optimizer)  # G5: unscale before clipping, public API only
-    # G3: the total norm clip_grad_norm_ would compute, read back with the loss below; the clip itself
-    # follows once the host knows whether it changes anything.
-    norm = total_grad_norm([p.grad for p in run["params"] if p.grad is not None])
-    # G7: all the host needs from this step in one read: the micro-batch losses, the loss parts and the
-    # gradient norm (and, under DDP, every process's stop request).
-    stats = torch.stack([*losses, *(v for part in parts.values() for v in part), norm.float()])
-    save_due = save_is_due(run)
-    if d["world"] > 1:  # sums the losses, the parts, the stop requests and the due saves over processes, so
-        # every process stops or saves at the same step; the gradient norm is the same on every process
-        # after DDP's gradient all-reduce and is divided back below
-        flags = [float(run["stop_signal"] is not None), float(save_due)]
-        stats = torch.cat([stats, torch.tensor(flags, device=stats.device)])
-        dist.all_reduce(stats)
-    values = stats.tolist()
-    loss, at = math.fsum(values[:len(losses)]) / d["world"], len(losses)
-    for name, part in parts.items():
-        parts[name], at = math.fsum(values[at:at + len(part)]) / count, at + len(part)
-    grad_norm, stop = values[at] / d["world"], run["stop_signal"] is not None
-    if d["world"] > 1:
-        stop, save_due = values[-2] > 0, values[-1] > 0
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    lrs = [group["lr"] for group in optimizer.param_groups]  # S8: the LR this step uses, from the optimizer
-    expected = run["expected_lr"][step - 1]
-    if any(lr != expected for lr in lrs):  # S9: the scheduler is the only owner of the LR
-        raise TrainingAborted(f"S9: at step {step} the optimizer's LR is {lrs[0]:.6g} but the configured schedule "
-                              f"gives {expected:.6g}; something else writes the LR (a plateau rule, a manual "
-                              "write): remove it, the scheduler must be its only owner")
-    if finite:
-        clip_gradients(run["params"], cfg["train.clip_grad_norm"], norm, grad_norm)  # G3
-    if scaler:
-        scaler.step(optimizer)  # skips the update by itself on inf/nan; always after a backward (G1)
-        scaler.update()
-    elif finite:
-        optimizer.step()  # G4: a non-finite loss or gradient never reaches the weights
-    optimizer.zero_grad(set_to_none=True)
-    advance_schedule(scheduler)
-    st["global_step"] = step
-    return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop, "save_due": save_due,
-            "parts": parts, "empty": False}
-
-
-def advance_schedule(scheduler):
-    """S1: the schedule advances once per optimizer step, skipped steps (G2, G4, fp16 overflow) included: the LR
-    stays a function of the data position, global_step == the scheduler's step count, and the dry-run curve is
-    exactly the one training uses. Skips are counted and logged instead; torch's "lr_scheduler.step() before
-    optimizer.step()" warning, which a skipped first step gives, is about a loop that never updates: not this."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-        scheduler.step()
-
-
-def save_is_due(run):
-    """R8: train.save_every_minutes has passed since the last save (on this process)."""
-    minutes = run["cfg"]["train.save_every_minutes"]
-    return minutes is not None and time.monotonic() - run["last_save"] >= 60 * minutes
-
-
-LOSS_FLOOR = 1e-4  # E1: an eval loss below this is a saturated model's; its value can repeat to the last bit
-ANNEALED = 1e-3  # E1: an LR under this fraction of the run's peak is an annealed tail (OneCycle ends at 4e-6 of it)
-
-
-def same_metrics(a, b):
-    """Two evals' metrics equal to the last bit (NaN equal to NaN)."""
-    return a.keys() == b.keys() and all(x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x)
-                                                    and math.isnan(y)) for x, y in ((a[k], b[k]) for k in a))
-
-
-def frozen_evals(previous, metrics, lr, peak, moved=None):
-    """E1, the one rule of the script's warning and diagnose_and_fix.py's log check: two evals in a row
-    with identical metrics mean the model stopped changing (LR 0, weights left out of the optimizer),
-    unless it converged: the schedule annealed the LR to under ANNEALED of its peak (a OneCycle tail at 4e-9
-    moves no weight enough to show), or the LR is above 0 and the trained parameters moved between the two
-    evals (`moved`, which the script knows), or, judged from a log alone (moved None), the eval loss is at
-    its floor (a saturated classifier's val loss of 1.5e-7 repeats to the last bit while its weights still
-    move). `peak`: the run's largest LR (the schedule's in the script, the log's in the tool). Returns why
-    the model looks frozen, or None."""
-    if previous is None or not same_metrics(previous, metrics) or 0 <= lr < ANNEALED * peak:
-        return None
-    if lr <= 0:
-        return f"the LR is {lr:g}"
-    if moved is None:
-        floor = any(k.endswith("loss") and isinstance(v, float) and 0 <= v < LOSS_FLOOR for k, v in metrics.items())
-        return None if floor else "the model stopped changing (LR 0? frozen weights?)"
-    return None if moved else f"the trained parameters did not move at LR {lr:.4g} (frozen weights?)"
-
-
-def dominating_loss(records, limit, persist=3):
-    """E2, the one rule of the script's warning and diagnose_and_fix.py's log check. records: (step,
-    {name: value}) of the logged loss components in step order. A term dominates when it is above `limit`
-    of the components' summed magnitude in `persist` logged records in a row (one noisy record is not a
-    weighting). The label loss ("ce") is not judged: a distillation whose CE carries nearly all the loss
-    is a student that agrees with its teacher, the healthy end of every KD run (a KD weight too small to
-    teach is the config check's, from the weights). Returns {name: (first step, last step, records above,
-    largest share)} over the dominating terms' records above the limit; {} when none."""
-    shares = []
-    for step, parts in records:
-        total = sum(abs(v) for v in parts.values())
-        if len(parts) > 1 and total > 0 and all(math.isfinite(v) for v in parts.values()):
-            shares.append((step, {k: abs(v) / total for k, v in parts.items()}))
-    found = {}
-    for name in sorted({k for _, p in shares for k in p} - {"ce"}):
-        over = [(step, p[name]) for step, p in shares if p.get(name, 0.0) > limit]
-        streak = longest = 0
-        for _, p in shares:
-            streak = streak + 1 if p.get(name, 0.0) > limit else 0
-            longest = max(longest, streak)
-        if longest >= persist:
-            found[name] = (over[0][0], over[-1][0], len(over), max(v for _, v in over))
-    return found
-
-
-def param_fingerprint(params):
-    """One float64 sum per trained tensor: changes whenever an optimizer step moves a weight (E1). A sharded
-    weight (D1) sums this process's shard: the fingerprint is only ever compared with this process's own."""
-    return torch.stack([(p.to_local() if hasattr(p, "to_local") else p).detach().double().sum()
-                        for p in params]).tolist()
-
-
-def record_eval(run, metrics):
-    """Record an eval, warn on frozen metrics (E1), keep best.pt, count the evals since the best."""
-    cfg, st = run["cfg"], run["state"]
-    step = st["global_step"]
-    write_metrics(run, {"step": step, **metrics})
-    log(run, f"eval step {step}: " + " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
-    fingerprint = param_fingerprint(run["params"])
-    moved = None if st["last_eval_params"] is None else fingerprint != st["last_eval_params"]
-    lr, peak = run["expected_lr"][step - 1], float(run["expected_lr"].max())
-    frozen = frozen_evals(st["last_eval"], metrics, lr, peak, moved)
-    if frozen:  # E1: a converged model (LR > 0, weights still moving) repeats its metrics too, and is not warned
-        log(run, f"WARNING E1: eval at step {step} is identical to the previous one ({metrics}); {frozen}")
-    st["last_eval"], st["last_eval_params"] = dict(metrics), fingerprint
-    name = cfg["train.best_metric"]
-    value = metrics[name]
-    lower = name.endswith("loss") or name.endswith("ppl")
-    best = st["best_value"]
-    if math.isfinite(value) and (best is None or (value < best if lower else value > best)):
-        st["best_value"], st["best_step"], st["evals_since_best"] = value, step, 0
-        save_best(run)
-    else:
-        st["evals_since_best"] += 1
-
-
-def patience_exhausted(run):
-    """Early stop: train.patience evals in a row without a better train.best_metric."""
-    patience = run["cfg"]["train.patience"]
-    return patience is not None and run["state"]["evals_since_best"] >= patience
-
-
-def fit(run, task):
-    """The loop, in the order it runs: batches -> optimizer step -> log -> eval -> save -> stop?"""
-    # task, what the loop needs from its script (probe_task, make_task build it): batches(index lists) ->
-    # micro-batches; count(indices) -> targets in them and count_name ("samples", "tokens"); loss(model, batch) ->
-    # (sum, {part: value}); evaluate(run) -> metrics; final_eval (probe: a test split still to score). Optional
-    # (distillation): step_count (G2: targets of a step that depend on it), record (generation costs), empty_why,
-    # empty_step (G2: a step with no target).
-    cfg, plan, d, st = run["cfg"], run["plan"], run["dist"], run["state"]
-    total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
-    eval_every = cfg["train.eval_every"] or per_epoch  # E4: checked against the run length by the tools
-    save_every = cfg["train.save_every_steps"]
-    run["last_save"] = time.monotonic()  # the time trigger (train.save_every_minutes) counts from here
-    start_progress(run)  # E7: a tqdm bar on a terminal, else timed progress lines
-    window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
-    outcome = "finished"
-    while st["global_step"] < total and outcome == "finished":
-        epoch, first = divmod(st["global_step"], per_epoch)
-        steps = epoch_order(plan["num_samples"], plan["batch_size"], plan["grad_accum"], d["world"], cfg["seed"], epoch)
-        steps = steps[first:first + total - st["global_step"]]  # R5: continue at the next unseen step
-        local = [[rank_share(m, d["rank"], d["world"]) for m in step] for step in steps]
-        batches = task["batches"]([m for step in local for m in step])
-        for step_indices, step_local in zip(steps, local):
-            # G2: targets in the whole global step (a task whose targets depend on the step counts them itself)
-            count = task["step_count"](step_indices, st["global_step"] + 1) if "step_count" in task else \
-                sum(task["count"](m) for m in step_indices)
-            out = optimizer_step(run, task, [next(batches) for _ in step_local], count)
-            step = st["global_step"]
-            window["samples"] += sum(len(m) for m in step_indices)
-            window["targets"] += count
-            st["bad_streak"] = 0 if out["finite"] else st["bad_streak"] + 1
-            st["skipped_steps"] += not out["finite"] or out["empty"]  # G4, G2: steps without an update
-            if step % cfg["train.log_every"] == 0 or step == 1 or not out["finite"] or out["empty"] or step == total:
-                log_step(run, task, out, epoch, window)
-            show_progress(run, step)
-            warn_step(run, task, out)
-            if st["bad_streak"] >= cfg["train.max_bad_steps"]:
-                save_last(run)
-                raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state "
-                                      f"saved in {run['ckpt_dir']}/last.pt. Check the data and lower optim.lr")
-            if step % eval_every == 0 or step == total:
-                record_eval(run, task["evaluate"](run))
-                if patience_exhausted(run):
-                    log(run, f"early stop at step {step}: no better {cfg['train.best_metric']} for "
-                             f"{cfg['train.patience']} evals ({best_text(run)})")
-                    outcome = "early_stopped"
-            if outcome == "early_stopped" or step == total:
-                st["trained"] = True
-                st["finished"] = not task.get("final_eval")  # a final evaluation still to run keeps the run open
-                save_last(run)
-                break
-            if out["stop"] or step == run["stop_after"]:
-                save_last(run)
-                outcome = "stopped"
-                break
-            if out["save_due"] or (save_every and step % save_every == 0):
-                save_last(run)
-    end_progress(run)
-    write_metrics(run, {"event": outcome, "step": st["global_step"]})
-    return outcome
-
-
-def log_step(run, task, out, epoch, window):
-    """One logged step: its metrics record (rates over the window since the last one, which restarts here),
-    the progress bar or line, and E2's check of the loss parts."""
-    st, unit, step = run["state"], task["count_name"], run["state"]["global_step"]
-    elapsed = max(time.perf_counter() - window["time"], 1e-9)
-    record = {"step": step, "epoch": epoch + 1, "lr": out["lr"],
-              "samples_per_s": window["samples"] / elapsed, f"{unit}_per_s": window["targets"] / elapsed,
-              "skipped_steps": st["skipped_steps"],
-              # G2: an empty step has no loss and no gradient (a null would read as G4's non-finite)
-              **({} if out["empty"] else {"loss": out["loss"], "grad_norm": out["grad_norm"]})}
-    record.update({f"loss/{k}": v for k, v in out["parts"].items()})
-    record.update(task["record"]() if "record" in task else {})  # the task's own costs (generation)
-    if run["scaler"]:
-        record["scale"] = run["scaler"].get_scale()
-    write_metrics(run, record)
-    window.update(time=time.perf_counter(), samples=0, targets=0)
-    if out["empty"]:
-        pass  # said by fit's WARNING G2
-    elif run["bar"] is not None:
-        run["bar"].set_postfix(loss=f"{out['loss']:.4g}", lr=f"{out['lr']:.3g}")
-    else:
-        log(run, f"step {step}/{run['plan']['total_steps']} epoch {epoch + 1} lr {out['lr']:.4g} "
-                 f"loss {out['loss']:.5g} grad_norm {out['grad_norm']:.3g} {record[f'{unit}_per_s']:.1f} {unit}/s "
-                 + progress_text(run, step))
-    if out["parts"]:
-        warn_dominating_loss(run, step, out["parts"])
-
-
-def warn_dominating_loss(run, step, parts):
-    """E2: said once per term, with the steps it covers so far."""
-    st = run["state"]
-    run.setdefault("loss_parts", []).append((step, dict(parts)))
-    limit = run["cfg"]["train.max_loss_share"]
-    recent = dominating_loss(run["loss_parts"][-3:], limit)  # cheap: the whole history only to warn
-    found = dominating_loss(run["loss_parts"], limit) if set(recent) - set(st["warned_e2"]) else {}
-    for k, (a, b, n, top) in found.items():
-        if k not in st["warned_e2"]:
-            st["warned_e2"].append(k)
-            log(run, f"WARNING E2: loss/{k} is above train.max_loss_share {limit:.0%} of the loss at "
-                     f"{n} logged steps in {a}-{b} (up to {top:.0%}); rebalance the weights (said "
-                     "once; diagnose_and_fix.py --log gives the run's whole range)")
-
-
-def warn_step(run, task, out):
-    """G2, G4, G3: a step without an update (nothing to score, or non-finite) or with a large gradient, said."""
-    cfg, st, unit = run["cfg"], run["state"], task["count_name"]
-    step = st["global_step"]
-    if out["empty"]:
-        log(run, f"WARNING G2: step {step} skipped: none of its micro-batches holds a {unit[:-1]} to score"
-                 f"{task.get('empty_why', '')}; no update, the LR schedule moves on ({st['skipped_steps']} "
-                 "skipped in all)")
-    elif not out["finite"]:
-        log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "
-                 f"({st['bad_streak']} in a row, {st['skipped_steps']} in all)")
-    elif out["grad_norm"] > cfg["train.grad_norm_warn"]:
-        log(run, f"WARNING G3: step {step} gradient norm {out['grad_norm']:.4g} > {cfg['train.grad_norm_warn']:g}")
-
-
 def tensor_digest(module):
     """SHA-256 of every parameter and buffer (persistent or not): name, dtype, shape and bytes. 0-dim and
     integer tensors (BatchNorm's num_batches_tracked) included, so a frozen network that moved in any bit,
@@ -4080,7 +3757,7 @@ def exit_process(code):
                 stream.flush()
         os._exit(code)
     sys.exit(code)
-# ==== end shared: run dir, checkpoints, resume, loop ====
+# ==== end shared: run dir, checkpoints, resume ====
 
 
 # ==== shared: progress and metric sinks (identical in train_probe.py and train_distill.py) ====
@@ -4405,65 +4082,6 @@ def report_evaluation(path, weights, metrics):
 
 
 # -----------------------------------------------------------------------------
-# Eval: token-weighted over a fixed set of val windows, from sums and counts (E3).
-def perplexity(mean_ce):
-    """E3: exp of the mean token CE; inf past float range (not an OverflowError, not a clamped value)."""
-    if math.isnan(mean_ce):
-        return float("nan")
-    return math.exp(mean_ce) if mean_ce < 709.0 else float("inf")
-
-
-def evaluate(run):
-    """val/loss = summed token CE / real target tokens over the eval windows, val/ppl = exp(val/loss),
-    val/agreement = share of those targets where student and teacher rank the same token first. Each
-    process scores its share; sums and counts are gathered before any division."""
-    d, cfg, val, teacher = run["dist"], run["cfg"], run["val_set"], run["teacher"]
-    cache = run.get("teacher_cache")  # offline: the teacher's top-1 is its cached index[..., 0]
-    rows = np.array_split(np.arange(len(run["val_windows"])), d["world"])[d["rank"]]  # positions in the eval windows
-    mine = run["val_windows"][rows]
-    size = cfg["train.eval_batch_size"]
-    run["module"].eval()
-    top1 = run.setdefault("teacher_top1", {})  # frozen teacher, fixed windows: its answers are computed once
-    # D6: no [batch, seq, vocab] here either
-    chunk = cfg["kd.chunk_tokens"] if isinstance(run["module"], Trainable) else 0
-    ce_sum, count, agree = 0.0, 0, 0
-    with torch.no_grad():
-        for start in range(0, len(mine), size):
-            x, y = val[mine[start:start + size]]
-            check_token_ids(x, y, val.vocab, "data.val_bin")
-            x, y = to_device(x, d["device"]), to_device(y, d["device"])
-            with autocast(d["device"], cfg["train.precision"]):
-                if chunk:
-                    hidden, _ = run["module"](x, logits=False)
-                    ce, first = chunked_scores(hidden, linear_head(run["module"].lm, "the network"), y, chunk)
-                else:
-                    logits, _ = run["module"](x)
-                    ce, first = token_cross_entropy(logits, y), first_token(logits)
-                if teacher is not None and start not in top1:
-                    top1[start] = (chunked_scores(teacher(x, logits=False)[1],
-                                                  linear_head(teacher, "the teacher"), None,
-                                                  chunk)[1] if chunk else first_token(teacher(x)[0]))
-                elif cache is not None and start not in top1:  # E3: teacher_topk put first_token's id at index 0
-                    top1[start] = to_device(cache["val"].teacher(rows[start:start + size])[1][..., 0], d["device"])
-            real = y != IGNORE
-            ce_sum += ce.item()  # a float64 sum on the host: no fp32 drift over many batches
-            count += int(real.sum())
-            if start in top1:
-                agree += int(((first == top1[start]) & real).sum())
-        if run["sharded"]:  # D1: each forward gathers the weights from every process, so all run as many
-            spare = val[run["val_windows"][:1]][0]
-            batches = math.ceil(math.ceil(len(run["val_windows"]) / d["world"]) / size)
-            for _ in range(batches - math.ceil(len(mine) / size)):
-                run["module"](to_device(spare, d["device"]), logits=not chunk)
-    sums = np.sum(all_gather_list([(ce_sum, count, agree)], d["world"]), axis=0)
-    mean_ce = float(sums[0] / sums[1])
-    metrics = {"val/loss": mean_ce, "val/ppl": perplexity(mean_ce)}
-    if teacher is not None or cache is not None:
-        metrics["val/agreement"] = float(sums[2] / sums[1])
-    return metrics
-
-
-# -----------------------------------------------------------------------------
 # The run: data -> teacher (frozen) -> student + projection, optimizer, schedule -> resume -> fit.
 def print_plan(run, resumed):
     cfg, plan, d = run["cfg"], run["plan"], run["dist"]
@@ -4516,151 +4134,6 @@ def objective_text(cfg, vocabulary):
         text += (f"; on-policy: {cfg['kd.on_policy_fraction']:g} of the micro-batches continue a {prompt}-token prompt "
                  f"with {new} tokens the student samples at T {cfg['kd.sample_temperature']:g}, {name} only on those")
     return text
-
-
-def make_task(run):
-    """What the shared loop needs from distillation: batches, token counts, the loss, the eval."""
-    cfg, train_set, teacher = run["cfg"], run["train_set"], run["teacher"]
-    kd_term = make_kd_term(cfg)
-    # on-policy data (kd.on_policy_fraction), chosen once here: the section "On-policy data" below
-    on_policy = make_on_policy(run, kd_term) if on_policy_used(cfg) and teacher is not None else None
-    task = {"batches": make_batches(run), "count": train_set.count, "count_name": "tokens",
-            "loss": make_loss(run, kd_term, on_policy), "evaluate": evaluate, "empty_step": empty_step}
-    if on_policy is not None:
-        task.update(step_count=on_policy["step_count"], record=on_policy["record"], empty_why=(
-            f" (every one on-policy, and every window's first {on_policy_lengths(cfg)[0]} tokens hold padding, so no "
-            "continuation is scored, E14; a kd.prompt_tokens shorter than the documents scores more)"))
-    return task
-
-
-def empty_step(run, step):
-    """G2: a step whose micro-batches hold no target on any process (count 0: in train_distill.py, on-policy
-    micro-batches whose windows all have padding inside the prompt, E14) has no loss to divide by and no
-    gradient: no forward, no update. count is the whole global step's, so every process takes this path at the
-    same step (no collective is left waiting); the stop and save requests still cross the processes (R8). The
-    scheduler advances (S1) and fit() counts the step as skipped (R2: global_step - skipped_steps = updates)."""
-    flags = [float(run["stop_signal"] is not None), float(save_is_due(run))]
-    if run["dist"]["world"] > 1:
-        reduced = torch.tensor(flags, device=run["dist"]["device"])
-        dist.all_reduce(reduced)
-        flags = reduced.tolist()
-    lr = run["optimizer"].param_groups[0]["lr"]
-    advance_schedule(run["scheduler"])
-    run["state"]["global_step"] = step
-    return {"loss": math.nan, "grad_norm": math.nan, "lr": lr, "finite": True, "stop": flags[0] > 0,
-            "save_due": flags[1] > 0, "parts": {}, "empty": True}
-
-
-def make_batches(run):
-    """The training micro-batches: (x, y) token windows, or offline (x, y, log_p_top, index, log_rest)."""
-    cfg, d, train_set = run["cfg"], run["dist"], run["train_set"]
-    cache = run.get("teacher_cache")  # offline: micro-batches carry the teacher's cached top-k, no teacher runs
-    name = "data.train_bin" if cfg["data.train_bin"] else "data.builtin"
-
-    def batches(index_lists):
-        # R4: the loader draws its base seed from its own generator when its iterator is made, not from the
-        # global torch RNG: a resumed run makes one more iterator than an uninterrupted one, and a draw there
-        # would move the dropout masks of every later step
-        loader = torch.utils.data.DataLoader(train_set if cache is None else cache["train"], batch_size=None,
-                                             sampler=index_lists, num_workers=cfg["train.num_workers"],
-                                             pin_memory=d["device"].type == "cuda",
-                                             generator=torch.Generator().manual_seed(cfg["seed"]))
-        for batch in loader:  # (x, y), or offline (x, y, log_p_top, index, log_rest)
-            check_token_ids(batch[0], batch[1], train_set.vocab, name)
-            yield tuple(to_device(t, d["device"]) for t in batch)
-
-    return batches
-
-
-def make_kd_term(cfg):
-    """kd_term(logits, t_logits, cached, mask, log_q=None): the KD term of a micro-batch (below)."""
-    beta, temperature, top_k = cfg["kd.beta"], cfg["kd.temperature"], cfg["kd.top_k"]
-    kind, jsd_beta, skew_alpha = cfg["kd.divergence"], cfg["kd.jsd_beta"], cfg["kd.skew_alpha"]
-    scale = divergence_scale(kind, temperature)
-
-    def kd_term(logits, t_logits, cached, mask, log_q=None):
-        """kd.beta x scale x the divergence summed over the masked positions. Padding is masked with where(),
-        not dropped with logits[mask]: a boolean index has a data-dependent size, a host-device sync on GPUs
-        every micro-batch (G7). offline: the teacher's top-k numbers read from the cache, as online top-k.
-        log_q: the student's log_probs at T when the step has them already (G8)."""
-        div = kd_divergence(logits, kind, temperature, t_logits, top_k, cached or None, jsd_beta, skew_alpha, log_q)
-        return beta * scale * torch.where(mask, div, 0.0).sum()
-
-    return kd_term
-
-
-def make_chunked_loss(run):
-    """D6: chunked_loss(model, batch), the loss with kd.chunk_tokens set (below)."""
-    cfg, teacher = run["cfg"], run["teacher"]
-    cache = run.get("teacher_cache")
-    alpha, beta, gamma = cfg["kd.alpha"], cfg["kd.beta"], cfg["kd.gamma"]
-    temperature, top_k = cfg["kd.temperature"], cfg["kd.top_k"]
-    chunk, key = cfg["kd.chunk_tokens"], trained_key(cfg)
-
-    def chunked_loss(model, batch):  # D6: the same terms as loss() below, never a [batch, seq, vocab] tensor
-        x, y, *cached = batch
-        hidden, projected = model(x, project=teacher is not None and gamma > 0, logits=False)
-        head = linear_head(run["module"].lm, key)  # read after the forward: FSDP swaps the parameters it gathers
-        if teacher is None and cache is None:
-            return chunked_terms(hidden, head, y, (), False, 1.0, 0.0, temperature, top_k, chunk)[0], {}
-        t_hidden, online = None, False
-        if not cached and (beta > 0 or gamma > 0):
-            with torch.no_grad():
-                _, t_hidden = teacher(x, logits=False)
-            online = beta > 0
-        side = tuple(cached) if cached else (t_hidden, *linear_head(teacher, "the teacher")) if online else ()
-        total, ce, kd = chunked_terms(hidden, head, y, side, online, alpha, beta * temperature ** 2, temperature,
-                                      top_k, chunk)
-        parts = {"ce": alpha * ce} if alpha > 0 else {}  # G8: chunk_terms computed no CE at kd.alpha 0
-        if beta > 0:
-            parts["kd"] = beta * temperature ** 2 * kd
-        if gamma > 0:
-            parts["hidden"] = gamma * torch.where(y != IGNORE, hidden_term(projected, t_hidden), 0.0).sum()
-            total = total + parts["hidden"]
-        return total, parts
-
-    return chunked_loss
-
-
-def make_loss(run, kd_term, on_policy):
-    """loss(model, batch) -> (sum over the micro-batch, {part: value}): an on-policy micro-batch's, the chunked
-    loss, plain LM training's CE (kd.enabled false), or CE + KD + hidden-state terms, each at its weight."""
-    cfg, teacher = run["cfg"], run["teacher"]
-    cache = run.get("teacher_cache")
-    alpha, beta, gamma, temperature = cfg["kd.alpha"], cfg["kd.beta"], cfg["kd.gamma"], cfg["kd.temperature"]
-    chunk = cfg["kd.chunk_tokens"]
-    chunked_loss = make_chunked_loss(run) if chunk else None
-
-    def loss(model, batch):
-        if on_policy is not None and on_policy["draw_next"]():
-            return on_policy["loss"](model, batch)
-        if chunk:  # forward KL only (objective_problems refuses another divergence with kd.chunk_tokens)
-            return chunked_loss(model, batch)
-        x, y, *cached = batch
-        logits, projected = model(x, project=teacher is not None and gamma > 0)
-        if teacher is None and cache is None:
-            # kd.enabled false: plain LM training (this is how a teacher is made)
-            return token_cross_entropy(logits, y), {}
-        # G8: a term whose weight is 0 is not computed (no CE at kd.alpha 0, no teacher hidden states and no
-        # projection at kd.gamma 0); the student's log-probabilities are computed once, and at T = 1 the CE
-        # term reads the KD term's (a log_softmax and nll_loss are what F.cross_entropy runs).
-        real, parts = y != IGNORE, {}
-        log_q = log_probs(logits, temperature) if beta > 0 else None
-        if alpha > 0:
-            parts["ce"] = alpha * (nll_sum(log_q, y) if log_q is not None
-                                   and temperature == 1 else token_cross_entropy(logits, y))
-        if beta > 0 or gamma > 0:
-            t_logits = t_hidden = None
-            if not cached:
-                with torch.no_grad():
-                    t_logits, t_hidden = teacher(x)
-            if beta > 0:  # divergence_scale: T^2 (tvd: T) keeps the KD gradient's scale independent of T
-                parts["kd"] = kd_term(logits, t_logits, cached, real, log_q)
-            if gamma > 0:
-                parts["hidden"] = gamma * torch.where(real, hidden_term(projected, t_hidden), 0.0).sum()
-        return sum(parts.values()), parts
-
-    return loss
 
 
 # -----------------------------------------------------------------------------
@@ -4921,6 +4394,8 @@ def check_strategy(run, ckpt, source):
                             f"{'fsdp' if ckpt.get('shards') else 'ddp'}; set it back, or start a new --run_dir")])
 
 
+# ---- The training loop, in the order it runs: train -> fit -> optimizer_step -> the loss -> evaluate. What it
+# calls only when an option is on (FSDP, chunked loss, sinks, generation, the offline cache) was chosen before train().
 def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_only=False):
     """Run (or continue) one distillation (or, kd.enabled false, teacher) training. Returns (outcome, run).
     cache_only (--cache_teacher): build kd.teacher_cache and return ("cached", ...) before the run dir is made."""
@@ -4985,6 +4460,537 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
                  + " ".join(f"{k}={v:.4f}" for k, v in (st["last_eval"] or {}).items()) + f"; {best_text(run)}")
         export_best(run)
     return outcome, run
+
+
+# ==== shared: training loop (identical in train_probe.py and train_distill.py) ====
+def fit(run, task):
+    """The loop, in the order it runs: batches -> optimizer step -> log -> eval -> save -> stop?"""
+    # task, what the loop needs from its script (probe_task, make_task build it): batches(index lists) ->
+    # micro-batches; count(indices) -> targets in them and count_name ("samples", "tokens"); loss(model, batch) ->
+    # (sum, {part: value}); evaluate(run) -> metrics; final_eval (probe: a test split still to score). Optional
+    # (distillation): step_count (G2: targets of a step that depend on it), record (generation costs), empty_why,
+    # empty_step (G2: a step with no target).
+    cfg, plan, d, st = run["cfg"], run["plan"], run["dist"], run["state"]
+    total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
+    eval_every = cfg["train.eval_every"] or per_epoch  # E4: checked against the run length by the tools
+    save_every = cfg["train.save_every_steps"]
+    run["last_save"] = time.monotonic()  # the time trigger (train.save_every_minutes) counts from here
+    start_progress(run)  # E7: a tqdm bar on a terminal, else timed progress lines
+    window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
+    outcome = "finished"
+    while st["global_step"] < total and outcome == "finished":
+        epoch, first = divmod(st["global_step"], per_epoch)
+        steps = epoch_order(plan["num_samples"], plan["batch_size"], plan["grad_accum"], d["world"], cfg["seed"], epoch)
+        steps = steps[first:first + total - st["global_step"]]  # R5: continue at the next unseen step
+        local = [[rank_share(m, d["rank"], d["world"]) for m in step] for step in steps]
+        batches = task["batches"]([m for step in local for m in step])
+        for step_indices, step_local in zip(steps, local):
+            # G2: targets in the whole global step (a task whose targets depend on the step counts them itself)
+            count = task["step_count"](step_indices, st["global_step"] + 1) if "step_count" in task else \
+                sum(task["count"](m) for m in step_indices)
+            out = optimizer_step(run, task, [next(batches) for _ in step_local], count)
+            step = st["global_step"]
+            window["samples"] += sum(len(m) for m in step_indices)
+            window["targets"] += count
+            st["bad_streak"] = 0 if out["finite"] else st["bad_streak"] + 1
+            st["skipped_steps"] += not out["finite"] or out["empty"]  # G4, G2: steps without an update
+            if step % cfg["train.log_every"] == 0 or step == 1 or not out["finite"] or out["empty"] or step == total:
+                log_step(run, task, out, epoch, window)
+            show_progress(run, step)
+            warn_step(run, task, out)
+            if st["bad_streak"] >= cfg["train.max_bad_steps"]:
+                save_last(run)
+                raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state "
+                                      f"saved in {run['ckpt_dir']}/last.pt. Check the data and lower optim.lr")
+            if step % eval_every == 0 or step == total:
+                record_eval(run, task["evaluate"](run))
+                if patience_exhausted(run):
+                    log(run, f"early stop at step {step}: no better {cfg['train.best_metric']} for "
+                             f"{cfg['train.patience']} evals ({best_text(run)})")
+                    outcome = "early_stopped"
+            if outcome == "early_stopped" or step == total:
+                st["trained"] = True
+                st["finished"] = not task.get("final_eval")  # a final evaluation still to run keeps the run open
+                save_last(run)
+                break
+            if out["stop"] or step == run["stop_after"]:
+                save_last(run)
+                outcome = "stopped"
+                break
+            if out["save_due"] or (save_every and step % save_every == 0):
+                save_last(run)
+    end_progress(run)
+    write_metrics(run, {"event": outcome, "step": st["global_step"]})
+    return outcome
+
+
+def log_step(run, task, out, epoch, window):
+    """One logged step: its metrics record (rates over the window since the last one, which restarts here),
+    the progress bar or line, and E2's check of the loss parts."""
+    st, unit, step = run["state"], task["count_name"], run["state"]["global_step"]
+    elapsed = max(time.perf_counter() - window["time"], 1e-9)
+    record = {"step": step, "epoch": epoch + 1, "lr": out["lr"],
+              "samples_per_s": window["samples"] / elapsed, f"{unit}_per_s": window["targets"] / elapsed,
+              "skipped_steps": st["skipped_steps"],
+              # G2: an empty step has no loss and no gradient (a null would read as G4's non-finite)
+              **({} if out["empty"] else {"loss": out["loss"], "grad_norm": out["grad_norm"]})}
+    record.update({f"loss/{k}": v for k, v in out["parts"].items()})
+    record.update(task["record"]() if "record" in task else {})  # the task's own costs (generation)
+    if run["scaler"]:
+        record["scale"] = run["scaler"].get_scale()
+    write_metrics(run, record)
+    window.update(time=time.perf_counter(), samples=0, targets=0)
+    if out["empty"]:
+        pass  # said by fit's WARNING G2
+    elif run["bar"] is not None:
+        run["bar"].set_postfix(loss=f"{out['loss']:.4g}", lr=f"{out['lr']:.3g}")
+    else:
+        log(run, f"step {step}/{run['plan']['total_steps']} epoch {epoch + 1} lr {out['lr']:.4g} "
+                 f"loss {out['loss']:.5g} grad_norm {out['grad_norm']:.3g} {record[f'{unit}_per_s']:.1f} {unit}/s "
+                 + progress_text(run, step))
+    if out["parts"]:
+        warn_dominating_loss(run, step, out["parts"])
+
+
+def warn_dominating_loss(run, step, parts):
+    """E2: said once per term, with the steps it covers so far."""
+    st = run["state"]
+    run.setdefault("loss_parts", []).append((step, dict(parts)))
+    limit = run["cfg"]["train.max_loss_share"]
+    recent = dominating_loss(run["loss_parts"][-3:], limit)  # cheap: the whole history only to warn
+    found = dominating_loss(run["loss_parts"], limit) if set(recent) - set(st["warned_e2"]) else {}
+    for k, (a, b, n, top) in found.items():
+        if k not in st["warned_e2"]:
+            st["warned_e2"].append(k)
+            log(run, f"WARNING E2: loss/{k} is above train.max_loss_share {limit:.0%} of the loss at "
+                     f"{n} logged steps in {a}-{b} (up to {top:.0%}); rebalance the weights (said "
+                     "once; diagnose_and_fix.py --log gives the run's whole range)")
+
+
+def warn_step(run, task, out):
+    """G2, G4, G3: a step without an update (nothing to score, or non-finite) or with a large gradient, said."""
+    cfg, st, unit = run["cfg"], run["state"], task["count_name"]
+    step = st["global_step"]
+    if out["empty"]:
+        log(run, f"WARNING G2: step {step} skipped: none of its micro-batches holds a {unit[:-1]} to score"
+                 f"{task.get('empty_why', '')}; no update, the LR schedule moves on ({st['skipped_steps']} "
+                 "skipped in all)")
+    elif not out["finite"]:
+        log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "
+                 f"({st['bad_streak']} in a row, {st['skipped_steps']} in all)")
+    elif out["grad_norm"] > cfg["train.grad_norm_warn"]:
+        log(run, f"WARNING G3: step {step} gradient norm {out['grad_norm']:.4g} > {cfg['train.grad_norm_warn']:g}")
+
+
+def optimizer_step(run, task, micro_batches, count):
+    """Micro-batches -> gradients -> one optimizer step -> one scheduler step. Returns host floats."""
+    cfg, d, st = run["cfg"], run["dist"], run["state"]
+    model, optimizer, scheduler, scaler = run["model"], run["optimizer"], run["scheduler"], run["scaler"]
+    step = st["global_step"] + 1
+    if count == 0:  # G2: no target in the whole step; only distillation has such steps (its task's empty_step)
+        return task["empty_step"](run, step)
+    if not run["module"].training:  # after an eval; a frozen backbone/teacher is not in here and stays in eval mode
+        model.train()
+    # G2: a micro-batch weighs by its share of the step's targets (a short last group included); the
+    # x world undoes DDP's mean over processes, so the step equals one big batch of the same targets.
+    share = count / d["world"]
+    losses, parts, amp, last = [], {}, autocast(d["device"], cfg["train.precision"]), len(micro_batches) - 1
+    for i, batch in enumerate(micro_batches):
+        if STEP_FAULTS:
+            step_fault(run, step, i)
+        with gradient_sync(model, d["world"], i == last):  # gradients cross processes once per step
+            with amp:
+                loss_sum, components = task["loss"](model, batch)
+            loss = loss_sum.float() / share
+            (scaler.scale(loss) if scaler else loss).backward()
+        losses.append(loss.detach())
+        for name, value in components.items():
+            parts.setdefault(name, []).append(value.detach().float())
+    if scaler:
+        scaler.unscale_(optimizer)  # G5: unscale before clipping, public API only
+    # G3: the total norm clip_grad_norm_ would compute, read back with the loss below; the clip itself
+    # follows once the host knows whether it changes anything.
+    norm = total_grad_norm([p.grad for p in run["params"] if p.grad is not None])
+    # G7: all the host needs from this step in one read: the micro-batch losses, the loss parts and the
+    # gradient norm (and, under DDP, every process's stop request).
+    stats = torch.stack([*losses, *(v for part in parts.values() for v in part), norm.float()])
+    save_due = save_is_due(run)
+    if d["world"] > 1:  # sums the losses, the parts, the stop requests and the due saves over processes, so
+        # every process stops or saves at the same step; the gradient norm is the same on every process
+        # after DDP's gradient all-reduce and is divided back below
+        flags = [float(run["stop_signal"] is not None), float(save_due)]
+        stats = torch.cat([stats, torch.tensor(flags, device=stats.device)])
+        dist.all_reduce(stats)
+    values = stats.tolist()
+    loss, at = math.fsum(values[:len(losses)]) / d["world"], len(losses)
+    for name, part in parts.items():
+        parts[name], at = math.fsum(values[at:at + len(part)]) / count, at + len(part)
+    grad_norm, stop = values[at] / d["world"], run["stop_signal"] is not None
+    if d["world"] > 1:
+        stop, save_due = values[-2] > 0, values[-1] > 0
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    lrs = [group["lr"] for group in optimizer.param_groups]  # S8: the LR this step uses, from the optimizer
+    expected = run["expected_lr"][step - 1]
+    if any(lr != expected for lr in lrs):  # S9: the scheduler is the only owner of the LR
+        raise TrainingAborted(f"S9: at step {step} the optimizer's LR is {lrs[0]:.6g} but the configured schedule "
+                              f"gives {expected:.6g}; something else writes the LR (a plateau rule, a manual "
+                              "write): remove it, the scheduler must be its only owner")
+    if finite:
+        clip_gradients(run["params"], cfg["train.clip_grad_norm"], norm, grad_norm)  # G3
+    if scaler:
+        scaler.step(optimizer)  # skips the update by itself on inf/nan; always after a backward (G1)
+        scaler.update()
+    elif finite:
+        optimizer.step()  # G4: a non-finite loss or gradient never reaches the weights
+    optimizer.zero_grad(set_to_none=True)
+    advance_schedule(scheduler)
+    st["global_step"] = step
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop, "save_due": save_due,
+            "parts": parts, "empty": False}
+
+
+def advance_schedule(scheduler):
+    """S1: the schedule advances once per optimizer step, skipped steps (G2, G4, fp16 overflow) included: the LR
+    stays a function of the data position, global_step == the scheduler's step count, and the dry-run curve is
+    exactly the one training uses. Skips are counted and logged instead; torch's "lr_scheduler.step() before
+    optimizer.step()" warning, which a skipped first step gives, is about a loop that never updates: not this."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()
+
+
+def save_is_due(run):
+    """R8: train.save_every_minutes has passed since the last save (on this process)."""
+    minutes = run["cfg"]["train.save_every_minutes"]
+    return minutes is not None and time.monotonic() - run["last_save"] >= 60 * minutes
+# ==== end shared: training loop ====
+
+
+def empty_step(run, step):
+    """G2: a step whose micro-batches hold no target on any process (count 0: in train_distill.py, on-policy
+    micro-batches whose windows all have padding inside the prompt, E14) has no loss to divide by and no
+    gradient: no forward, no update. count is the whole global step's, so every process takes this path at the
+    same step (no collective is left waiting); the stop and save requests still cross the processes (R8). The
+    scheduler advances (S1) and fit() counts the step as skipped (R2: global_step - skipped_steps = updates)."""
+    flags = [float(run["stop_signal"] is not None), float(save_is_due(run))]
+    if run["dist"]["world"] > 1:
+        reduced = torch.tensor(flags, device=run["dist"]["device"])
+        dist.all_reduce(reduced)
+        flags = reduced.tolist()
+    lr = run["optimizer"].param_groups[0]["lr"]
+    advance_schedule(run["scheduler"])
+    run["state"]["global_step"] = step
+    return {"loss": math.nan, "grad_norm": math.nan, "lr": lr, "finite": True, "stop": flags[0] > 0,
+            "save_due": flags[1] > 0, "parts": {}, "empty": True}
+
+
+def make_loss(run, kd_term, on_policy):
+    """loss(model, batch) -> (sum over the micro-batch, {part: value}): an on-policy micro-batch's, the chunked
+    loss, plain LM training's CE (kd.enabled false), or CE + KD + hidden-state terms, each at its weight."""
+    cfg, teacher = run["cfg"], run["teacher"]
+    cache = run.get("teacher_cache")
+    alpha, beta, gamma, temperature = cfg["kd.alpha"], cfg["kd.beta"], cfg["kd.gamma"], cfg["kd.temperature"]
+    chunk = cfg["kd.chunk_tokens"]
+    chunked_loss = make_chunked_loss(run) if chunk else None
+
+    def loss(model, batch):
+        if on_policy is not None and on_policy["draw_next"]():
+            return on_policy["loss"](model, batch)
+        if chunk:  # forward KL only (objective_problems refuses another divergence with kd.chunk_tokens)
+            return chunked_loss(model, batch)
+        x, y, *cached = batch
+        logits, projected = model(x, project=teacher is not None and gamma > 0)
+        if teacher is None and cache is None:
+            # kd.enabled false: plain LM training (this is how a teacher is made)
+            return token_cross_entropy(logits, y), {}
+        # G8: a term whose weight is 0 is not computed (no CE at kd.alpha 0, no teacher hidden states and no
+        # projection at kd.gamma 0); the student's log-probabilities are computed once, and at T = 1 the CE
+        # term reads the KD term's (a log_softmax and nll_loss are what F.cross_entropy runs).
+        real, parts = y != IGNORE, {}
+        log_q = log_probs(logits, temperature) if beta > 0 else None
+        if alpha > 0:
+            parts["ce"] = alpha * (nll_sum(log_q, y) if log_q is not None
+                                   and temperature == 1 else token_cross_entropy(logits, y))
+        if beta > 0 or gamma > 0:
+            t_logits = t_hidden = None
+            if not cached:
+                with torch.no_grad():
+                    t_logits, t_hidden = teacher(x)
+            if beta > 0:  # divergence_scale: T^2 (tvd: T) keeps the KD gradient's scale independent of T
+                parts["kd"] = kd_term(logits, t_logits, cached, real, log_q)
+            if gamma > 0:
+                parts["hidden"] = gamma * torch.where(real, hidden_term(projected, t_hidden), 0.0).sum()
+        return sum(parts.values()), parts
+
+    return loss
+
+
+def evaluate(run):
+    """val/loss = summed token CE / real target tokens over the eval windows, val/ppl = exp(val/loss),
+    val/agreement = share of those targets where student and teacher rank the same token first. Each
+    process scores its share; sums and counts are gathered before any division."""
+    d, cfg, val, teacher = run["dist"], run["cfg"], run["val_set"], run["teacher"]
+    cache = run.get("teacher_cache")  # offline: the teacher's top-1 is its cached index[..., 0]
+    rows = np.array_split(np.arange(len(run["val_windows"])), d["world"])[d["rank"]]  # positions in the eval windows
+    mine = run["val_windows"][rows]
+    size = cfg["train.eval_batch_size"]
+    run["module"].eval()
+    top1 = run.setdefault("teacher_top1", {})  # frozen teacher, fixed windows: its answers are computed once
+    # D6: no [batch, seq, vocab] here either
+    chunk = cfg["kd.chunk_tokens"] if isinstance(run["module"], Trainable) else 0
+    ce_sum, count, agree = 0.0, 0, 0
+    with torch.no_grad():
+        for start in range(0, len(mine), size):
+            x, y = val[mine[start:start + size]]
+            check_token_ids(x, y, val.vocab, "data.val_bin")
+            x, y = to_device(x, d["device"]), to_device(y, d["device"])
+            with autocast(d["device"], cfg["train.precision"]):
+                if chunk:
+                    hidden, _ = run["module"](x, logits=False)
+                    ce, first = chunked_scores(hidden, linear_head(run["module"].lm, "the network"), y, chunk)
+                else:
+                    logits, _ = run["module"](x)
+                    ce, first = token_cross_entropy(logits, y), first_token(logits)
+                if teacher is not None and start not in top1:
+                    top1[start] = (chunked_scores(teacher(x, logits=False)[1],
+                                                  linear_head(teacher, "the teacher"), None,
+                                                  chunk)[1] if chunk else first_token(teacher(x)[0]))
+                elif cache is not None and start not in top1:  # E3: teacher_topk put first_token's id at index 0
+                    top1[start] = to_device(cache["val"].teacher(rows[start:start + size])[1][..., 0], d["device"])
+            real = y != IGNORE
+            ce_sum += ce.item()  # a float64 sum on the host: no fp32 drift over many batches
+            count += int(real.sum())
+            if start in top1:
+                agree += int(((first == top1[start]) & real).sum())
+        if run["sharded"]:  # D1: each forward gathers the weights from every process, so all run as many
+            spare = val[run["val_windows"][:1]][0]
+            batches = math.ceil(math.ceil(len(run["val_windows"]) / d["world"]) / size)
+            for _ in range(batches - math.ceil(len(mine) / size)):
+                run["module"](to_device(spare, d["device"]), logits=not chunk)
+    sums = np.sum(all_gather_list([(ce_sum, count, agree)], d["world"]), axis=0)
+    mean_ce = float(sums[0] / sums[1])
+    metrics = {"val/loss": mean_ce, "val/ppl": perplexity(mean_ce)}
+    if teacher is not None or cache is not None:
+        metrics["val/agreement"] = float(sums[2] / sums[1])
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# Eval: token-weighted over a fixed set of val windows, from sums and counts (E3).
+def perplexity(mean_ce):
+    """E3: exp of the mean token CE; inf past float range (not an OverflowError, not a clamped value)."""
+    if math.isnan(mean_ce):
+        return float("nan")
+    return math.exp(mean_ce) if mean_ce < 709.0 else float("inf")
+
+
+def make_task(run):
+    """What the shared loop needs from distillation: batches, token counts, the loss, the eval."""
+    cfg, train_set, teacher = run["cfg"], run["train_set"], run["teacher"]
+    kd_term = make_kd_term(cfg)
+    # on-policy data (kd.on_policy_fraction), chosen once here: the section "On-policy data" below
+    on_policy = make_on_policy(run, kd_term) if on_policy_used(cfg) and teacher is not None else None
+    task = {"batches": make_batches(run), "count": train_set.count, "count_name": "tokens",
+            "loss": make_loss(run, kd_term, on_policy), "evaluate": evaluate, "empty_step": empty_step}
+    if on_policy is not None:
+        task.update(step_count=on_policy["step_count"], record=on_policy["record"], empty_why=(
+            f" (every one on-policy, and every window's first {on_policy_lengths(cfg)[0]} tokens hold padding, so no "
+            "continuation is scored, E14; a kd.prompt_tokens shorter than the documents scores more)"))
+    return task
+
+
+def make_batches(run):
+    """The training micro-batches: (x, y) token windows, or offline (x, y, log_p_top, index, log_rest)."""
+    cfg, d, train_set = run["cfg"], run["dist"], run["train_set"]
+    cache = run.get("teacher_cache")  # offline: micro-batches carry the teacher's cached top-k, no teacher runs
+    name = "data.train_bin" if cfg["data.train_bin"] else "data.builtin"
+
+    def batches(index_lists):
+        # R4: the loader draws its base seed from its own generator when its iterator is made, not from the
+        # global torch RNG: a resumed run makes one more iterator than an uninterrupted one, and a draw there
+        # would move the dropout masks of every later step
+        loader = torch.utils.data.DataLoader(train_set if cache is None else cache["train"], batch_size=None,
+                                             sampler=index_lists, num_workers=cfg["train.num_workers"],
+                                             pin_memory=d["device"].type == "cuda",
+                                             generator=torch.Generator().manual_seed(cfg["seed"]))
+        for batch in loader:  # (x, y), or offline (x, y, log_p_top, index, log_rest)
+            check_token_ids(batch[0], batch[1], train_set.vocab, name)
+            yield tuple(to_device(t, d["device"]) for t in batch)
+
+    return batches
+
+
+def make_kd_term(cfg):
+    """kd_term(logits, t_logits, cached, mask, log_q=None): the KD term of a micro-batch (below)."""
+    beta, temperature, top_k = cfg["kd.beta"], cfg["kd.temperature"], cfg["kd.top_k"]
+    kind, jsd_beta, skew_alpha = cfg["kd.divergence"], cfg["kd.jsd_beta"], cfg["kd.skew_alpha"]
+    scale = divergence_scale(kind, temperature)
+
+    def kd_term(logits, t_logits, cached, mask, log_q=None):
+        """kd.beta x scale x the divergence summed over the masked positions. Padding is masked with where(),
+        not dropped with logits[mask]: a boolean index has a data-dependent size, a host-device sync on GPUs
+        every micro-batch (G7). offline: the teacher's top-k numbers read from the cache, as online top-k.
+        log_q: the student's log_probs at T when the step has them already (G8)."""
+        div = kd_divergence(logits, kind, temperature, t_logits, top_k, cached or None, jsd_beta, skew_alpha, log_q)
+        return beta * scale * torch.where(mask, div, 0.0).sum()
+
+    return kd_term
+
+
+def make_chunked_loss(run):
+    """D6: chunked_loss(model, batch), the loss with kd.chunk_tokens set (below)."""
+    cfg, teacher = run["cfg"], run["teacher"]
+    cache = run.get("teacher_cache")
+    alpha, beta, gamma = cfg["kd.alpha"], cfg["kd.beta"], cfg["kd.gamma"]
+    temperature, top_k = cfg["kd.temperature"], cfg["kd.top_k"]
+    chunk, key = cfg["kd.chunk_tokens"], trained_key(cfg)
+
+    def chunked_loss(model, batch):  # D6: the same terms as loss() below, never a [batch, seq, vocab] tensor
+        x, y, *cached = batch
+        hidden, projected = model(x, project=teacher is not None and gamma > 0, logits=False)
+        head = linear_head(run["module"].lm, key)  # read after the forward: FSDP swaps the parameters it gathers
+        if teacher is None and cache is None:
+            return chunked_terms(hidden, head, y, (), False, 1.0, 0.0, temperature, top_k, chunk)[0], {}
+        t_hidden, online = None, False
+        if not cached and (beta > 0 or gamma > 0):
+            with torch.no_grad():
+                _, t_hidden = teacher(x, logits=False)
+            online = beta > 0
+        side = tuple(cached) if cached else (t_hidden, *linear_head(teacher, "the teacher")) if online else ()
+        total, ce, kd = chunked_terms(hidden, head, y, side, online, alpha, beta * temperature ** 2, temperature,
+                                      top_k, chunk)
+        parts = {"ce": alpha * ce} if alpha > 0 else {}  # G8: chunk_terms computed no CE at kd.alpha 0
+        if beta > 0:
+            parts["kd"] = beta * temperature ** 2 * kd
+        if gamma > 0:
+            parts["hidden"] = gamma * torch.where(y != IGNORE, hidden_term(projected, t_hidden), 0.0).sum()
+            total = total + parts["hidden"]
+        return total, parts
+
+    return chunked_loss
+
+
+# ==== shared: loop checks (identical in train_probe.py and train_distill.py) ====
+def total_grad_norm(grads):
+    """G3: the value torch.nn.utils.clip_grad_norm_ returns. On the CPU torch has no foreach kernels and
+    takes each gradient's norm, then the norm of those, after grouping the tensors by device and dtype on
+    every call; the kit's gradients share one device, so this runs the same arithmetic without the
+    grouping (the same bits, about a quarter of the time on a small model). Elsewhere: torch's own.
+    D1: a sharded gradient (FSDP2's DTensor) counts every process's shard, never the local shard alone."""
+    if grads and hasattr(grads[0], "full_tensor"):
+        return torch.nn.utils.get_total_norm(grads).full_tensor()
+    if grads and grads[0].device.type == "cpu":
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def clip_gradients(params, max_norm, norm, norm_on_host):
+    """G3: clip_grad_norm_'s second half, given the norm of its first. Below max_norm its factor clamps to
+    exactly 1.0 and the multiply changes no bit: torch multiplies anyway only to avoid a host sync, and the
+    loop has already paid for its one sync. (The margin covers float32 vs float64 rounding.)"""
+    if max_norm is not None and norm_on_host + 1e-6 > max_norm * (1 - 1e-5):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
+def gradient_sync(model, world, now):
+    """G2/G7: gradients are reduced over the processes once per optimizer step, with its last micro-batch:
+    DDP's no_sync() before it; FSDP2 (train.strategy fsdp) keeps them unreduced until then."""
+    if world > 1 and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(now)
+        return NO_CONTEXT
+    return model.no_sync() if world > 1 and not now else NO_CONTEXT
+
+
+LOSS_FLOOR = 1e-4  # E1: an eval loss below this is a saturated model's; its value can repeat to the last bit
+ANNEALED = 1e-3  # E1: an LR under this fraction of the run's peak is an annealed tail (OneCycle ends at 4e-6 of it)
+
+
+def same_metrics(a, b):
+    """Two evals' metrics equal to the last bit (NaN equal to NaN)."""
+    return a.keys() == b.keys() and all(x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x)
+                                                    and math.isnan(y)) for x, y in ((a[k], b[k]) for k in a))
+
+
+def frozen_evals(previous, metrics, lr, peak, moved=None):
+    """E1, the one rule of the script's warning and diagnose_and_fix.py's log check: two evals in a row
+    with identical metrics mean the model stopped changing (LR 0, weights left out of the optimizer),
+    unless it converged: the schedule annealed the LR to under ANNEALED of its peak (a OneCycle tail at 4e-9
+    moves no weight enough to show), or the LR is above 0 and the trained parameters moved between the two
+    evals (`moved`, which the script knows), or, judged from a log alone (moved None), the eval loss is at
+    its floor (a saturated classifier's val loss of 1.5e-7 repeats to the last bit while its weights still
+    move). `peak`: the run's largest LR (the schedule's in the script, the log's in the tool). Returns why
+    the model looks frozen, or None."""
+    if previous is None or not same_metrics(previous, metrics) or 0 <= lr < ANNEALED * peak:
+        return None
+    if lr <= 0:
+        return f"the LR is {lr:g}"
+    if moved is None:
+        floor = any(k.endswith("loss") and isinstance(v, float) and 0 <= v < LOSS_FLOOR for k, v in metrics.items())
+        return None if floor else "the model stopped changing (LR 0? frozen weights?)"
+    return None if moved else f"the trained parameters did not move at LR {lr:.4g} (frozen weights?)"
+
+
+def dominating_loss(records, limit, persist=3):
+    """E2, the one rule of the script's warning and diagnose_and_fix.py's log check. records: (step,
+    {name: value}) of the logged loss components in step order. A term dominates when it is above `limit`
+    of the components' summed magnitude in `persist` logged records in a row (one noisy record is not a
+    weighting). The label loss ("ce") is not judged: a distillation whose CE carries nearly all the loss
+    is a student that agrees with its teacher, the healthy end of every KD run (a KD weight too small to
+    teach is the config check's, from the weights). Returns {name: (first step, last step, records above,
+    largest share)} over the dominating terms' records above the limit; {} when none."""
+    shares = []
+    for step, parts in records:
+        total = sum(abs(v) for v in parts.values())
+        if len(parts) > 1 and total > 0 and all(math.isfinite(v) for v in parts.values()):
+            shares.append((step, {k: abs(v) / total for k, v in parts.items()}))
+    found = {}
+    for name in sorted({k for _, p in shares for k in p} - {"ce"}):
+        over = [(step, p[name]) for step, p in shares if p.get(name, 0.0) > limit]
+        streak = longest = 0
+        for _, p in shares:
+            streak = streak + 1 if p.get(name, 0.0) > limit else 0
+            longest = max(longest, streak)
+        if longest >= persist:
+            found[name] = (over[0][0], over[-1][0], len(over), max(v for _, v in over))
+    return found
+
+
+def param_fingerprint(params):
+    """One float64 sum per trained tensor: changes whenever an optimizer step moves a weight (E1). A sharded
+    weight (D1) sums this process's shard: the fingerprint is only ever compared with this process's own."""
+    return torch.stack([(p.to_local() if hasattr(p, "to_local") else p).detach().double().sum()
+                        for p in params]).tolist()
+
+
+def record_eval(run, metrics):
+    """Record an eval, warn on frozen metrics (E1), keep best.pt, count the evals since the best."""
+    cfg, st = run["cfg"], run["state"]
+    step = st["global_step"]
+    write_metrics(run, {"step": step, **metrics})
+    log(run, f"eval step {step}: " + " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
+    fingerprint = param_fingerprint(run["params"])
+    moved = None if st["last_eval_params"] is None else fingerprint != st["last_eval_params"]
+    lr, peak = run["expected_lr"][step - 1], float(run["expected_lr"].max())
+    frozen = frozen_evals(st["last_eval"], metrics, lr, peak, moved)
+    if frozen:  # E1: a converged model (LR > 0, weights still moving) repeats its metrics too, and is not warned
+        log(run, f"WARNING E1: eval at step {step} is identical to the previous one ({metrics}); {frozen}")
+    st["last_eval"], st["last_eval_params"] = dict(metrics), fingerprint
+    name = cfg["train.best_metric"]
+    value = metrics[name]
+    lower = name.endswith("loss") or name.endswith("ppl")
+    best = st["best_value"]
+    if math.isfinite(value) and (best is None or (value < best if lower else value > best)):
+        st["best_value"], st["best_step"], st["evals_since_best"] = value, step, 0
+        save_best(run)
+    else:
+        st["evals_since_best"] += 1
+
+
+def patience_exhausted(run):
+    """Early stop: train.patience evals in a row without a better train.best_metric."""
+    patience = run["cfg"]["train.patience"]
+    return patience is not None and run["state"]["evals_since_best"] >= patience
+# ==== end shared: loop checks ====
 
 
 # -----------------------------------------------------------------------------

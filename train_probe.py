@@ -1526,7 +1526,7 @@ def build_head(cfg, sample_features):
         return ProbeHead(dim, cfg["head.num_classes"], mean, std, cfg["head.dropout"])
 
 
-# ==== shared: run dir, checkpoints, resume, loop (identical in train_probe.py and train_distill.py) ====
+# ==== shared: run dir, checkpoints, resume (identical in train_probe.py and train_distill.py) ====
 # Tests only, read once at import (KIT_FAULT_*): the loop asks one pre-resolved flag, STEP_FAULTS, per micro-batch.
 KILL_AT = os.environ.get("KIT_FAULT_KILL_AT")  # "STEP:MICRO" SIGKILLs before that micro-batch
 # "STEP" holds before that step until a stop signal arrives (R8), so a test's signal lands
@@ -2057,329 +2057,6 @@ def install_stop_handlers(run):
         signal.signal(sig, request_stop)
 
 
-def total_grad_norm(grads):
-    """G3: the value torch.nn.utils.clip_grad_norm_ returns. On the CPU torch has no foreach kernels and
-    takes each gradient's norm, then the norm of those, after grouping the tensors by device and dtype on
-    every call; the kit's gradients share one device, so this runs the same arithmetic without the
-    grouping (the same bits, about a quarter of the time on a small model). Elsewhere: torch's own.
-    D1: a sharded gradient (FSDP2's DTensor) counts every process's shard, never the local shard alone."""
-    if grads and hasattr(grads[0], "full_tensor"):
-        return torch.nn.utils.get_total_norm(grads).full_tensor()
-    if grads and grads[0].device.type == "cpu":
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    return torch.nn.utils.get_total_norm(grads)
-
-
-def clip_gradients(params, max_norm, norm, norm_on_host):
-    """G3: clip_grad_norm_'s second half, given the norm of its first. Below max_norm its factor clamps to
-    exactly 1.0 and the multiply changes no bit: torch multiplies anyway only to avoid a host sync, and the
-    loop has already paid for its one sync. (The margin covers float32 vs float64 rounding.)"""
-    if max_norm is not None and norm_on_host + 1e-6 > max_norm * (1 - 1e-5):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-
-
-def gradient_sync(model, world, now):
-    """G2/G7: gradients are reduced over the processes once per optimizer step, with its last micro-batch:
-    DDP's no_sync() before it; FSDP2 (train.strategy fsdp) keeps them unreduced until then."""
-    if world > 1 and hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(now)
-        return NO_CONTEXT
-    return model.no_sync() if world > 1 and not now else NO_CONTEXT
-
-
-def optimizer_step(run, task, micro_batches, count):
-    """Micro-batches -> gradients -> one optimizer step -> one scheduler step. Returns host floats."""
-    cfg, d, st = run["cfg"], run["dist"], run["state"]
-    model, optimizer, scheduler, scaler = run["model"], run["optimizer"], run["scheduler"], run["scaler"]
-    step = st["global_step"] + 1
-    if count == 0:  # G2: no target in the whole step; only distillation has such steps (its task's empty_step)
-        return task["empty_step"](run, step)
-    if not run["module"].training:  # after an eval; a frozen backbone/teacher is not in here and stays in eval mode
-        model.train()
-    # G2: a micro-batch weighs by its share of the step's targets (a short last group included); the
-    # x world undoes DDP's mean over processes, so the step equals one big batch of the same targets.
-    share = count / d["world"]
-    losses, parts, amp, last = [], {}, autocast(d["device"], cfg["train.precision"]), len(micro_batches) - 1
-    for i, batch in enumerate(micro_batches):
-        if STEP_FAULTS:
-            step_fault(run, step, i)
-        with gradient_sync(model, d["world"], i == last):  # gradients cross processes once per step
-            with amp:
-                loss_sum, components = task["loss"](model, batch)
-            loss = loss_sum.float() / share
-            (scaler.scale(loss) if scaler else loss).backward()
-        losses.append(loss.detach())
-        for name, value in components.items():
-            parts.setdefault(name, []).append(value.detach().float())
-    if scaler:
-        scaler.unscale_(optimizer)  # G5: unscale before clipping, public API only
-    # G3: the total norm clip_grad_norm_ would compute, read back with the loss below; the clip itself
-    # follows once the host knows whether it changes anything.
-    norm = total_grad_norm([p.grad for p in run["params"] if p.grad is not None])
-    # G7: all the host needs from this step in one read: the micro-batch losses, the loss parts and the
-    # gradient norm (and, under DDP, every process's stop request).
-    stats = torch.stack([*losses, *(v for part in parts.values() for v in part), norm.float()])
-    save_due = save_is_due(run)
-    if d["world"] > 1:  # sums the losses, the parts, the stop requests and the due saves over processes, so
-        # every process stops or saves at the same step; the gradient norm is the same on every process
-        # after DDP's gradient all-reduce and is divided back below
-        flags = [float(run["stop_signal"] is not None), float(save_due)]
-        stats = torch.cat([stats, torch.tensor(flags, device=stats.device)])
-        dist.all_reduce(stats)
-    values = stats.tolist()
-    loss, at = math.fsum(values[:len(losses)]) / d["world"], len(losses)
-    for name, part in parts.items():
-        parts[name], at = math.fsum(values[at:at + len(part)]) / count, at + len(part)
-    grad_norm, stop = values[at] / d["world"], run["stop_signal"] is not None
-    if d["world"] > 1:
-        stop, save_due = values[-2] > 0, values[-1] > 0
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    lrs = [group["lr"] for group in optimizer.param_groups]  # S8: the LR this step uses, from the optimizer
-    expected = run["expected_lr"][step - 1]
-    if any(lr != expected for lr in lrs):  # S9: the scheduler is the only owner of the LR
-        raise TrainingAborted(f"S9: at step {step} the optimizer's LR is {lrs[0]:.6g} but the configured schedule "
-                              f"gives {expected:.6g}; something else writes the LR (a plateau rule, a manual "
-                              "write): remove it, the scheduler must be its only owner")
-    if finite:
-        clip_gradients(run["params"], cfg["train.clip_grad_norm"], norm, grad_norm)  # G3
-    if scaler:
-        scaler.step(optimizer)  # skips the update by itself on inf/nan; always after a backward (G1)
-        scaler.update()
-    elif finite:
-        optimizer.step()  # G4: a non-finite loss or gradient never reaches the weights
-    optimizer.zero_grad(set_to_none=True)
-    advance_schedule(scheduler)
-    st["global_step"] = step
-    return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop, "save_due": save_due,
-            "parts": parts, "empty": False}
-
-
-def advance_schedule(scheduler):
-    """S1: the schedule advances once per optimizer step, skipped steps (G2, G4, fp16 overflow) included: the LR
-    stays a function of the data position, global_step == the scheduler's step count, and the dry-run curve is
-    exactly the one training uses. Skips are counted and logged instead; torch's "lr_scheduler.step() before
-    optimizer.step()" warning, which a skipped first step gives, is about a loop that never updates: not this."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-        scheduler.step()
-
-
-def save_is_due(run):
-    """R8: train.save_every_minutes has passed since the last save (on this process)."""
-    minutes = run["cfg"]["train.save_every_minutes"]
-    return minutes is not None and time.monotonic() - run["last_save"] >= 60 * minutes
-
-
-LOSS_FLOOR = 1e-4  # E1: an eval loss below this is a saturated model's; its value can repeat to the last bit
-ANNEALED = 1e-3  # E1: an LR under this fraction of the run's peak is an annealed tail (OneCycle ends at 4e-6 of it)
-
-
-def same_metrics(a, b):
-    """Two evals' metrics equal to the last bit (NaN equal to NaN)."""
-    return a.keys() == b.keys() and all(x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x)
-                                                    and math.isnan(y)) for x, y in ((a[k], b[k]) for k in a))
-
-
-def frozen_evals(previous, metrics, lr, peak, moved=None):
-    """E1, the one rule of the script's warning and diagnose_and_fix.py's log check: two evals in a row
-    with identical metrics mean the model stopped changing (LR 0, weights left out of the optimizer),
-    unless it converged: the schedule annealed the LR to under ANNEALED of its peak (a OneCycle tail at 4e-9
-    moves no weight enough to show), or the LR is above 0 and the trained parameters moved between the two
-    evals (`moved`, which the script knows), or, judged from a log alone (moved None), the eval loss is at
-    its floor (a saturated classifier's val loss of 1.5e-7 repeats to the last bit while its weights still
-    move). `peak`: the run's largest LR (the schedule's in the script, the log's in the tool). Returns why
-    the model looks frozen, or None."""
-    if previous is None or not same_metrics(previous, metrics) or 0 <= lr < ANNEALED * peak:
-        return None
-    if lr <= 0:
-        return f"the LR is {lr:g}"
-    if moved is None:
-        floor = any(k.endswith("loss") and isinstance(v, float) and 0 <= v < LOSS_FLOOR for k, v in metrics.items())
-        return None if floor else "the model stopped changing (LR 0? frozen weights?)"
-    return None if moved else f"the trained parameters did not move at LR {lr:.4g} (frozen weights?)"
-
-
-def dominating_loss(records, limit, persist=3):
-    """E2, the one rule of the script's warning and diagnose_and_fix.py's log check. records: (step,
-    {name: value}) of the logged loss components in step order. A term dominates when it is above `limit`
-    of the components' summed magnitude in `persist` logged records in a row (one noisy record is not a
-    weighting). The label loss ("ce") is not judged: a distillation whose CE carries nearly all the loss
-    is a student that agrees with its teacher, the healthy end of every KD run (a KD weight too small to
-    teach is the config check's, from the weights). Returns {name: (first step, last step, records above,
-    largest share)} over the dominating terms' records above the limit; {} when none."""
-    shares = []
-    for step, parts in records:
-        total = sum(abs(v) for v in parts.values())
-        if len(parts) > 1 and total > 0 and all(math.isfinite(v) for v in parts.values()):
-            shares.append((step, {k: abs(v) / total for k, v in parts.items()}))
-    found = {}
-    for name in sorted({k for _, p in shares for k in p} - {"ce"}):
-        over = [(step, p[name]) for step, p in shares if p.get(name, 0.0) > limit]
-        streak = longest = 0
-        for _, p in shares:
-            streak = streak + 1 if p.get(name, 0.0) > limit else 0
-            longest = max(longest, streak)
-        if longest >= persist:
-            found[name] = (over[0][0], over[-1][0], len(over), max(v for _, v in over))
-    return found
-
-
-def param_fingerprint(params):
-    """One float64 sum per trained tensor: changes whenever an optimizer step moves a weight (E1). A sharded
-    weight (D1) sums this process's shard: the fingerprint is only ever compared with this process's own."""
-    return torch.stack([(p.to_local() if hasattr(p, "to_local") else p).detach().double().sum()
-                        for p in params]).tolist()
-
-
-def record_eval(run, metrics):
-    """Record an eval, warn on frozen metrics (E1), keep best.pt, count the evals since the best."""
-    cfg, st = run["cfg"], run["state"]
-    step = st["global_step"]
-    write_metrics(run, {"step": step, **metrics})
-    log(run, f"eval step {step}: " + " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
-    fingerprint = param_fingerprint(run["params"])
-    moved = None if st["last_eval_params"] is None else fingerprint != st["last_eval_params"]
-    lr, peak = run["expected_lr"][step - 1], float(run["expected_lr"].max())
-    frozen = frozen_evals(st["last_eval"], metrics, lr, peak, moved)
-    if frozen:  # E1: a converged model (LR > 0, weights still moving) repeats its metrics too, and is not warned
-        log(run, f"WARNING E1: eval at step {step} is identical to the previous one ({metrics}); {frozen}")
-    st["last_eval"], st["last_eval_params"] = dict(metrics), fingerprint
-    name = cfg["train.best_metric"]
-    value = metrics[name]
-    lower = name.endswith("loss") or name.endswith("ppl")
-    best = st["best_value"]
-    if math.isfinite(value) and (best is None or (value < best if lower else value > best)):
-        st["best_value"], st["best_step"], st["evals_since_best"] = value, step, 0
-        save_best(run)
-    else:
-        st["evals_since_best"] += 1
-
-
-def patience_exhausted(run):
-    """Early stop: train.patience evals in a row without a better train.best_metric."""
-    patience = run["cfg"]["train.patience"]
-    return patience is not None and run["state"]["evals_since_best"] >= patience
-
-
-def fit(run, task):
-    """The loop, in the order it runs: batches -> optimizer step -> log -> eval -> save -> stop?"""
-    # task, what the loop needs from its script (probe_task, make_task build it): batches(index lists) ->
-    # micro-batches; count(indices) -> targets in them and count_name ("samples", "tokens"); loss(model, batch) ->
-    # (sum, {part: value}); evaluate(run) -> metrics; final_eval (probe: a test split still to score). Optional
-    # (distillation): step_count (G2: targets of a step that depend on it), record (generation costs), empty_why,
-    # empty_step (G2: a step with no target).
-    cfg, plan, d, st = run["cfg"], run["plan"], run["dist"], run["state"]
-    total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
-    eval_every = cfg["train.eval_every"] or per_epoch  # E4: checked against the run length by the tools
-    save_every = cfg["train.save_every_steps"]
-    run["last_save"] = time.monotonic()  # the time trigger (train.save_every_minutes) counts from here
-    start_progress(run)  # E7: a tqdm bar on a terminal, else timed progress lines
-    window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
-    outcome = "finished"
-    while st["global_step"] < total and outcome == "finished":
-        epoch, first = divmod(st["global_step"], per_epoch)
-        steps = epoch_order(plan["num_samples"], plan["batch_size"], plan["grad_accum"], d["world"], cfg["seed"], epoch)
-        steps = steps[first:first + total - st["global_step"]]  # R5: continue at the next unseen step
-        local = [[rank_share(m, d["rank"], d["world"]) for m in step] for step in steps]
-        batches = task["batches"]([m for step in local for m in step])
-        for step_indices, step_local in zip(steps, local):
-            # G2: targets in the whole global step (a task whose targets depend on the step counts them itself)
-            count = task["step_count"](step_indices, st["global_step"] + 1) if "step_count" in task else \
-                sum(task["count"](m) for m in step_indices)
-            out = optimizer_step(run, task, [next(batches) for _ in step_local], count)
-            step = st["global_step"]
-            window["samples"] += sum(len(m) for m in step_indices)
-            window["targets"] += count
-            st["bad_streak"] = 0 if out["finite"] else st["bad_streak"] + 1
-            st["skipped_steps"] += not out["finite"] or out["empty"]  # G4, G2: steps without an update
-            if step % cfg["train.log_every"] == 0 or step == 1 or not out["finite"] or out["empty"] or step == total:
-                log_step(run, task, out, epoch, window)
-            show_progress(run, step)
-            warn_step(run, task, out)
-            if st["bad_streak"] >= cfg["train.max_bad_steps"]:
-                save_last(run)
-                raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state "
-                                      f"saved in {run['ckpt_dir']}/last.pt. Check the data and lower optim.lr")
-            if step % eval_every == 0 or step == total:
-                record_eval(run, task["evaluate"](run))
-                if patience_exhausted(run):
-                    log(run, f"early stop at step {step}: no better {cfg['train.best_metric']} for "
-                             f"{cfg['train.patience']} evals ({best_text(run)})")
-                    outcome = "early_stopped"
-            if outcome == "early_stopped" or step == total:
-                st["trained"] = True
-                st["finished"] = not task.get("final_eval")  # a final evaluation still to run keeps the run open
-                save_last(run)
-                break
-            if out["stop"] or step == run["stop_after"]:
-                save_last(run)
-                outcome = "stopped"
-                break
-            if out["save_due"] or (save_every and step % save_every == 0):
-                save_last(run)
-    end_progress(run)
-    write_metrics(run, {"event": outcome, "step": st["global_step"]})
-    return outcome
-
-
-def log_step(run, task, out, epoch, window):
-    """One logged step: its metrics record (rates over the window since the last one, which restarts here),
-    the progress bar or line, and E2's check of the loss parts."""
-    st, unit, step = run["state"], task["count_name"], run["state"]["global_step"]
-    elapsed = max(time.perf_counter() - window["time"], 1e-9)
-    record = {"step": step, "epoch": epoch + 1, "lr": out["lr"],
-              "samples_per_s": window["samples"] / elapsed, f"{unit}_per_s": window["targets"] / elapsed,
-              "skipped_steps": st["skipped_steps"],
-              # G2: an empty step has no loss and no gradient (a null would read as G4's non-finite)
-              **({} if out["empty"] else {"loss": out["loss"], "grad_norm": out["grad_norm"]})}
-    record.update({f"loss/{k}": v for k, v in out["parts"].items()})
-    record.update(task["record"]() if "record" in task else {})  # the task's own costs (generation)
-    if run["scaler"]:
-        record["scale"] = run["scaler"].get_scale()
-    write_metrics(run, record)
-    window.update(time=time.perf_counter(), samples=0, targets=0)
-    if out["empty"]:
-        pass  # said by fit's WARNING G2
-    elif run["bar"] is not None:
-        run["bar"].set_postfix(loss=f"{out['loss']:.4g}", lr=f"{out['lr']:.3g}")
-    else:
-        log(run, f"step {step}/{run['plan']['total_steps']} epoch {epoch + 1} lr {out['lr']:.4g} "
-                 f"loss {out['loss']:.5g} grad_norm {out['grad_norm']:.3g} {record[f'{unit}_per_s']:.1f} {unit}/s "
-                 + progress_text(run, step))
-    if out["parts"]:
-        warn_dominating_loss(run, step, out["parts"])
-
-
-def warn_dominating_loss(run, step, parts):
-    """E2: said once per term, with the steps it covers so far."""
-    st = run["state"]
-    run.setdefault("loss_parts", []).append((step, dict(parts)))
-    limit = run["cfg"]["train.max_loss_share"]
-    recent = dominating_loss(run["loss_parts"][-3:], limit)  # cheap: the whole history only to warn
-    found = dominating_loss(run["loss_parts"], limit) if set(recent) - set(st["warned_e2"]) else {}
-    for k, (a, b, n, top) in found.items():
-        if k not in st["warned_e2"]:
-            st["warned_e2"].append(k)
-            log(run, f"WARNING E2: loss/{k} is above train.max_loss_share {limit:.0%} of the loss at "
-                     f"{n} logged steps in {a}-{b} (up to {top:.0%}); rebalance the weights (said "
-                     "once; diagnose_and_fix.py --log gives the run's whole range)")
-
-
-def warn_step(run, task, out):
-    """G2, G4, G3: a step without an update (nothing to score, or non-finite) or with a large gradient, said."""
-    cfg, st, unit = run["cfg"], run["state"], task["count_name"]
-    step = st["global_step"]
-    if out["empty"]:
-        log(run, f"WARNING G2: step {step} skipped: none of its micro-batches holds a {unit[:-1]} to score"
-                 f"{task.get('empty_why', '')}; no update, the LR schedule moves on ({st['skipped_steps']} "
-                 "skipped in all)")
-    elif not out["finite"]:
-        log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "
-                 f"({st['bad_streak']} in a row, {st['skipped_steps']} in all)")
-    elif out["grad_norm"] > cfg["train.grad_norm_warn"]:
-        log(run, f"WARNING G3: step {step} gradient norm {out['grad_norm']:.4g} > {cfg['train.grad_norm_warn']:g}")
-
-
 def tensor_digest(module):
     """SHA-256 of every parameter and buffer (persistent or not): name, dtype, shape and bytes. 0-dim and
     integer tensors (BatchNorm's num_batches_tracked) included, so a frozen network that moved in any bit,
@@ -2481,7 +2158,7 @@ def exit_process(code):
                 stream.flush()
         os._exit(code)
     sys.exit(code)
-# ==== end shared: run dir, checkpoints, resume, loop ====
+# ==== end shared: run dir, checkpoints, resume ====
 
 
 # ==== shared: progress and metric sinks (identical in train_probe.py and train_distill.py) ====
@@ -2806,65 +2483,6 @@ def report_evaluation(path, weights, metrics):
 
 
 # -----------------------------------------------------------------------------
-# Metrics: rank-based AUROC (equal to scikit-learn's roc_auc_score, ties as midranks), balanced accuracy.
-def auroc(scores, labels):
-    """P(score of a positive > score of a negative), ties counting one half, via midranks."""
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranked = scores[order]
-    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
-    ends = np.r_[starts[1:], len(ranked)]
-    midranks = (starts + ends + 1) / 2.0  # 1-based average rank of each tie group
-    ranks = np.empty(len(scores))
-    ranks[order] = np.repeat(midranks, ends - starts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def balanced_accuracy(predictions, labels):
-    classes = np.unique(labels)
-    return float(np.mean([(predictions[labels == c] == c).mean() for c in classes]))
-
-
-def evaluate(run, split):
-    """Loss, AUROC and balanced accuracy over a whole split; each process scores its share and the
-    predictions from every process are gathered before any metric (not a mean of per-process AUROCs)."""
-    d, cfg = run["dist"], run["cfg"]
-    source, labels = run["eval_sources"][split]
-    mine = np.array_split(np.arange(len(labels)), d["world"])[d["rank"]]
-    run["module"].eval()
-    rows = []
-    with torch.no_grad():
-        for start in range(0, len(mine), cfg["train.eval_batch_size"]):
-            idx = mine[start:start + cfg["train.eval_batch_size"]]
-            feats = source[torch.from_numpy(idx)] if torch.is_tensor(source) else \
-                extract_features(run["backbone"], source[idx][0], d["device"], cfg)
-            logits = run["module"](feats.to(d["device"])).float()
-            y = torch.from_numpy(labels[idx]).to(d["device"])
-            loss = F.cross_entropy(logits, y, reduction="none")
-            rows.extend(zip(logits.softmax(1).cpu().tolist(), loss.cpu().tolist()))
-    rows = all_gather_list(rows, d["world"])
-    present = np.unique(labels)
-    if len(present) < 2 and split not in run.setdefault("one_class_warned", set()):
-        run["one_class_warned"].add(split)
-        log(run, f"WARNING: the {split} split holds only class {present.tolist()} ({len(labels)} windows): "
-                 f"{split}/auroc is undefined and reported as NaN, so it cannot pick best.pt (a label-sorted file "
-                 "cut by data.limit?)")
-    probs = np.array([r[0] for r in rows])
-    losses = np.array([r[1] for r in rows])
-    if "predictions" in run:  # --evaluate writes them per window (E11)
-        run["predictions"][split] = probs
-    if probs.shape[1] == 2:
-        roc = auroc(probs[:, 1], labels == 1)
-    else:  # one-vs-rest, macro average over classes
-        roc = float(np.nanmean([auroc(probs[:, c], labels == c) for c in range(probs.shape[1])]))
-    return {f"{split}/auroc": roc, f"{split}/bacc": balanced_accuracy(probs.argmax(1), labels),
-            f"{split}/loss": float(losses.mean())}
-
-
-# -----------------------------------------------------------------------------
 # The run: data -> frozen backbone -> feature cache -> head, optimizer, schedule -> resume -> fit.
 def print_plan(run, resumed, cached):
     cfg, plan, d = run["cfg"], run["plan"], run["dist"]
@@ -2920,47 +2538,6 @@ def finished_run_pending(cfg, ckpt, run_dir):
     if not os.path.isdir(os.path.join(run_dir, "export")):
         changes.append(("export", f"{os.path.join(run_dir, 'export')} is missing; the script writes it"))
     return "; ".join(f"{key}: {text}" for key, text in changes) or None
-
-
-def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
-    """Run (or continue) one probe training: the data and its schedule, the backbone, features and head
-    (build_probe_run), resume, the loop (fit), then the test split and the export (finish_probe).
-    Returns (outcome, run)."""
-    d = setup_distributed(cfg)
-    seed_everything(cfg["seed"], d["rank"])
-    sets = data_sets(cfg)
-    train_set, test_set = sets["train"], sets.get("test")
-    plan = plan_schedule(cfg, len(train_set), d["world"])  # raises ConfigError before anything is written
-    done = already_complete(cfg, plan, run_dir, resume_mode, d)
-    if done is not None:
-        run = open_run(run_dir, cfg, d)
-        run.update(quiet=quiet, plan=plan)
-        log_run_complete(run, done)
-        return "complete", run
-    run, digest, train_feats = build_probe_run(cfg, run_dir, resume_mode, d, plan, sets, stop_after, quiet)
-    resumed = resume(run, resume_mode)
-    st = run["state"]
-    if st["finished"]:
-        log_run_complete(run, st["global_step"])
-        if not os.path.isdir(os.path.join(run_dir, "export")):  # killed between the last save and the export
-            export_probe(run)
-        return "complete", run
-    write_resolved_config(run)
-    open_sinks(run)  # E10: after resume(), which set the step the sinks continue from
-    print_plan(run, resumed, train_feats is not None)
-    task = probe_task(run, train_feats, test_set)
-    if in_main_thread():
-        install_stop_handlers(run)
-    if st["trained"]:  # R1: training ended but its final evaluation did not (it died there): run only that
-        log(run, f"training ended at step {st['global_step']}, its final evaluation did not run; running it now")
-        outcome = "finished"
-    else:
-        outcome = fit(run, task)
-        if tensor_digest(run["backbone"]) != digest:
-            raise TrainingAborted("the frozen backbone's tensors changed during training")
-    if outcome in ("finished", "early_stopped"):
-        finish_probe(run, test_set)
-    return outcome, run
 
 
 def build_probe_run(cfg, run_dir, resume_mode, d, plan, sets, stop_after, quiet):
@@ -3048,6 +2625,435 @@ def finish_probe(run, test_set):
     log(run, f"done: {st['global_step']} optimizer steps, {st['skipped_steps']} skipped; last eval "
              + " ".join(f"{k}={v:.4f}" for k, v in (st["last_eval"] or {}).items()) + f"; {best_text(run)}")
     export_probe(run)
+
+
+# ---- The training loop, in the order it runs: train -> fit -> optimizer_step -> evaluate. What it
+# calls only when an option is on (the feature cache, metric sinks) was chosen before train().
+def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
+    """Run (or continue) one probe training: the data and its schedule, the backbone, features and head
+    (build_probe_run), resume, the loop (fit), then the test split and the export (finish_probe).
+    Returns (outcome, run)."""
+    d = setup_distributed(cfg)
+    seed_everything(cfg["seed"], d["rank"])
+    sets = data_sets(cfg)
+    train_set, test_set = sets["train"], sets.get("test")
+    plan = plan_schedule(cfg, len(train_set), d["world"])  # raises ConfigError before anything is written
+    done = already_complete(cfg, plan, run_dir, resume_mode, d)
+    if done is not None:
+        run = open_run(run_dir, cfg, d)
+        run.update(quiet=quiet, plan=plan)
+        log_run_complete(run, done)
+        return "complete", run
+    run, digest, train_feats = build_probe_run(cfg, run_dir, resume_mode, d, plan, sets, stop_after, quiet)
+    resumed = resume(run, resume_mode)
+    st = run["state"]
+    if st["finished"]:
+        log_run_complete(run, st["global_step"])
+        if not os.path.isdir(os.path.join(run_dir, "export")):  # killed between the last save and the export
+            export_probe(run)
+        return "complete", run
+    write_resolved_config(run)
+    open_sinks(run)  # E10: after resume(), which set the step the sinks continue from
+    print_plan(run, resumed, train_feats is not None)
+    task = probe_task(run, train_feats, test_set)
+    if in_main_thread():
+        install_stop_handlers(run)
+    if st["trained"]:  # R1: training ended but its final evaluation did not (it died there): run only that
+        log(run, f"training ended at step {st['global_step']}, its final evaluation did not run; running it now")
+        outcome = "finished"
+    else:
+        outcome = fit(run, task)
+        if tensor_digest(run["backbone"]) != digest:
+            raise TrainingAborted("the frozen backbone's tensors changed during training")
+    if outcome in ("finished", "early_stopped"):
+        finish_probe(run, test_set)
+    return outcome, run
+
+
+# ==== shared: training loop (identical in train_probe.py and train_distill.py) ====
+def fit(run, task):
+    """The loop, in the order it runs: batches -> optimizer step -> log -> eval -> save -> stop?"""
+    # task, what the loop needs from its script (probe_task, make_task build it): batches(index lists) ->
+    # micro-batches; count(indices) -> targets in them and count_name ("samples", "tokens"); loss(model, batch) ->
+    # (sum, {part: value}); evaluate(run) -> metrics; final_eval (probe: a test split still to score). Optional
+    # (distillation): step_count (G2: targets of a step that depend on it), record (generation costs), empty_why,
+    # empty_step (G2: a step with no target).
+    cfg, plan, d, st = run["cfg"], run["plan"], run["dist"], run["state"]
+    total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
+    eval_every = cfg["train.eval_every"] or per_epoch  # E4: checked against the run length by the tools
+    save_every = cfg["train.save_every_steps"]
+    run["last_save"] = time.monotonic()  # the time trigger (train.save_every_minutes) counts from here
+    start_progress(run)  # E7: a tqdm bar on a terminal, else timed progress lines
+    window = {"time": time.perf_counter(), "samples": 0, "targets": 0}
+    outcome = "finished"
+    while st["global_step"] < total and outcome == "finished":
+        epoch, first = divmod(st["global_step"], per_epoch)
+        steps = epoch_order(plan["num_samples"], plan["batch_size"], plan["grad_accum"], d["world"], cfg["seed"], epoch)
+        steps = steps[first:first + total - st["global_step"]]  # R5: continue at the next unseen step
+        local = [[rank_share(m, d["rank"], d["world"]) for m in step] for step in steps]
+        batches = task["batches"]([m for step in local for m in step])
+        for step_indices, step_local in zip(steps, local):
+            # G2: targets in the whole global step (a task whose targets depend on the step counts them itself)
+            count = task["step_count"](step_indices, st["global_step"] + 1) if "step_count" in task else \
+                sum(task["count"](m) for m in step_indices)
+            out = optimizer_step(run, task, [next(batches) for _ in step_local], count)
+            step = st["global_step"]
+            window["samples"] += sum(len(m) for m in step_indices)
+            window["targets"] += count
+            st["bad_streak"] = 0 if out["finite"] else st["bad_streak"] + 1
+            st["skipped_steps"] += not out["finite"] or out["empty"]  # G4, G2: steps without an update
+            if step % cfg["train.log_every"] == 0 or step == 1 or not out["finite"] or out["empty"] or step == total:
+                log_step(run, task, out, epoch, window)
+            show_progress(run, step)
+            warn_step(run, task, out)
+            if st["bad_streak"] >= cfg["train.max_bad_steps"]:
+                save_last(run)
+                raise TrainingAborted(f"G4: {st['bad_streak']} non-finite steps in a row up to step {step}; state "
+                                      f"saved in {run['ckpt_dir']}/last.pt. Check the data and lower optim.lr")
+            if step % eval_every == 0 or step == total:
+                record_eval(run, task["evaluate"](run))
+                if patience_exhausted(run):
+                    log(run, f"early stop at step {step}: no better {cfg['train.best_metric']} for "
+                             f"{cfg['train.patience']} evals ({best_text(run)})")
+                    outcome = "early_stopped"
+            if outcome == "early_stopped" or step == total:
+                st["trained"] = True
+                st["finished"] = not task.get("final_eval")  # a final evaluation still to run keeps the run open
+                save_last(run)
+                break
+            if out["stop"] or step == run["stop_after"]:
+                save_last(run)
+                outcome = "stopped"
+                break
+            if out["save_due"] or (save_every and step % save_every == 0):
+                save_last(run)
+    end_progress(run)
+    write_metrics(run, {"event": outcome, "step": st["global_step"]})
+    return outcome
+
+
+def log_step(run, task, out, epoch, window):
+    """One logged step: its metrics record (rates over the window since the last one, which restarts here),
+    the progress bar or line, and E2's check of the loss parts."""
+    st, unit, step = run["state"], task["count_name"], run["state"]["global_step"]
+    elapsed = max(time.perf_counter() - window["time"], 1e-9)
+    record = {"step": step, "epoch": epoch + 1, "lr": out["lr"],
+              "samples_per_s": window["samples"] / elapsed, f"{unit}_per_s": window["targets"] / elapsed,
+              "skipped_steps": st["skipped_steps"],
+              # G2: an empty step has no loss and no gradient (a null would read as G4's non-finite)
+              **({} if out["empty"] else {"loss": out["loss"], "grad_norm": out["grad_norm"]})}
+    record.update({f"loss/{k}": v for k, v in out["parts"].items()})
+    record.update(task["record"]() if "record" in task else {})  # the task's own costs (generation)
+    if run["scaler"]:
+        record["scale"] = run["scaler"].get_scale()
+    write_metrics(run, record)
+    window.update(time=time.perf_counter(), samples=0, targets=0)
+    if out["empty"]:
+        pass  # said by fit's WARNING G2
+    elif run["bar"] is not None:
+        run["bar"].set_postfix(loss=f"{out['loss']:.4g}", lr=f"{out['lr']:.3g}")
+    else:
+        log(run, f"step {step}/{run['plan']['total_steps']} epoch {epoch + 1} lr {out['lr']:.4g} "
+                 f"loss {out['loss']:.5g} grad_norm {out['grad_norm']:.3g} {record[f'{unit}_per_s']:.1f} {unit}/s "
+                 + progress_text(run, step))
+    if out["parts"]:
+        warn_dominating_loss(run, step, out["parts"])
+
+
+def warn_dominating_loss(run, step, parts):
+    """E2: said once per term, with the steps it covers so far."""
+    st = run["state"]
+    run.setdefault("loss_parts", []).append((step, dict(parts)))
+    limit = run["cfg"]["train.max_loss_share"]
+    recent = dominating_loss(run["loss_parts"][-3:], limit)  # cheap: the whole history only to warn
+    found = dominating_loss(run["loss_parts"], limit) if set(recent) - set(st["warned_e2"]) else {}
+    for k, (a, b, n, top) in found.items():
+        if k not in st["warned_e2"]:
+            st["warned_e2"].append(k)
+            log(run, f"WARNING E2: loss/{k} is above train.max_loss_share {limit:.0%} of the loss at "
+                     f"{n} logged steps in {a}-{b} (up to {top:.0%}); rebalance the weights (said "
+                     "once; diagnose_and_fix.py --log gives the run's whole range)")
+
+
+def warn_step(run, task, out):
+    """G2, G4, G3: a step without an update (nothing to score, or non-finite) or with a large gradient, said."""
+    cfg, st, unit = run["cfg"], run["state"], task["count_name"]
+    step = st["global_step"]
+    if out["empty"]:
+        log(run, f"WARNING G2: step {step} skipped: none of its micro-batches holds a {unit[:-1]} to score"
+                 f"{task.get('empty_why', '')}; no update, the LR schedule moves on ({st['skipped_steps']} "
+                 "skipped in all)")
+    elif not out["finite"]:
+        log(run, f"WARNING G4: step {step} skipped: loss {out['loss']}, grad_norm {out['grad_norm']} "
+                 f"({st['bad_streak']} in a row, {st['skipped_steps']} in all)")
+    elif out["grad_norm"] > cfg["train.grad_norm_warn"]:
+        log(run, f"WARNING G3: step {step} gradient norm {out['grad_norm']:.4g} > {cfg['train.grad_norm_warn']:g}")
+
+
+def optimizer_step(run, task, micro_batches, count):
+    """Micro-batches -> gradients -> one optimizer step -> one scheduler step. Returns host floats."""
+    cfg, d, st = run["cfg"], run["dist"], run["state"]
+    model, optimizer, scheduler, scaler = run["model"], run["optimizer"], run["scheduler"], run["scaler"]
+    step = st["global_step"] + 1
+    if count == 0:  # G2: no target in the whole step; only distillation has such steps (its task's empty_step)
+        return task["empty_step"](run, step)
+    if not run["module"].training:  # after an eval; a frozen backbone/teacher is not in here and stays in eval mode
+        model.train()
+    # G2: a micro-batch weighs by its share of the step's targets (a short last group included); the
+    # x world undoes DDP's mean over processes, so the step equals one big batch of the same targets.
+    share = count / d["world"]
+    losses, parts, amp, last = [], {}, autocast(d["device"], cfg["train.precision"]), len(micro_batches) - 1
+    for i, batch in enumerate(micro_batches):
+        if STEP_FAULTS:
+            step_fault(run, step, i)
+        with gradient_sync(model, d["world"], i == last):  # gradients cross processes once per step
+            with amp:
+                loss_sum, components = task["loss"](model, batch)
+            loss = loss_sum.float() / share
+            (scaler.scale(loss) if scaler else loss).backward()
+        losses.append(loss.detach())
+        for name, value in components.items():
+            parts.setdefault(name, []).append(value.detach().float())
+    if scaler:
+        scaler.unscale_(optimizer)  # G5: unscale before clipping, public API only
+    # G3: the total norm clip_grad_norm_ would compute, read back with the loss below; the clip itself
+    # follows once the host knows whether it changes anything.
+    norm = total_grad_norm([p.grad for p in run["params"] if p.grad is not None])
+    # G7: all the host needs from this step in one read: the micro-batch losses, the loss parts and the
+    # gradient norm (and, under DDP, every process's stop request).
+    stats = torch.stack([*losses, *(v for part in parts.values() for v in part), norm.float()])
+    save_due = save_is_due(run)
+    if d["world"] > 1:  # sums the losses, the parts, the stop requests and the due saves over processes, so
+        # every process stops or saves at the same step; the gradient norm is the same on every process
+        # after DDP's gradient all-reduce and is divided back below
+        flags = [float(run["stop_signal"] is not None), float(save_due)]
+        stats = torch.cat([stats, torch.tensor(flags, device=stats.device)])
+        dist.all_reduce(stats)
+    values = stats.tolist()
+    loss, at = math.fsum(values[:len(losses)]) / d["world"], len(losses)
+    for name, part in parts.items():
+        parts[name], at = math.fsum(values[at:at + len(part)]) / count, at + len(part)
+    grad_norm, stop = values[at] / d["world"], run["stop_signal"] is not None
+    if d["world"] > 1:
+        stop, save_due = values[-2] > 0, values[-1] > 0
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    lrs = [group["lr"] for group in optimizer.param_groups]  # S8: the LR this step uses, from the optimizer
+    expected = run["expected_lr"][step - 1]
+    if any(lr != expected for lr in lrs):  # S9: the scheduler is the only owner of the LR
+        raise TrainingAborted(f"S9: at step {step} the optimizer's LR is {lrs[0]:.6g} but the configured schedule "
+                              f"gives {expected:.6g}; something else writes the LR (a plateau rule, a manual "
+                              "write): remove it, the scheduler must be its only owner")
+    if finite:
+        clip_gradients(run["params"], cfg["train.clip_grad_norm"], norm, grad_norm)  # G3
+    if scaler:
+        scaler.step(optimizer)  # skips the update by itself on inf/nan; always after a backward (G1)
+        scaler.update()
+    elif finite:
+        optimizer.step()  # G4: a non-finite loss or gradient never reaches the weights
+    optimizer.zero_grad(set_to_none=True)
+    advance_schedule(scheduler)
+    st["global_step"] = step
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop, "save_due": save_due,
+            "parts": parts, "empty": False}
+
+
+def advance_schedule(scheduler):
+    """S1: the schedule advances once per optimizer step, skipped steps (G2, G4, fp16 overflow) included: the LR
+    stays a function of the data position, global_step == the scheduler's step count, and the dry-run curve is
+    exactly the one training uses. Skips are counted and logged instead; torch's "lr_scheduler.step() before
+    optimizer.step()" warning, which a skipped first step gives, is about a loop that never updates: not this."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()
+
+
+def save_is_due(run):
+    """R8: train.save_every_minutes has passed since the last save (on this process)."""
+    minutes = run["cfg"]["train.save_every_minutes"]
+    return minutes is not None and time.monotonic() - run["last_save"] >= 60 * minutes
+# ==== end shared: training loop ====
+
+
+def evaluate(run, split):
+    """Loss, AUROC and balanced accuracy over a whole split; each process scores its share and the
+    predictions from every process are gathered before any metric (not a mean of per-process AUROCs)."""
+    d, cfg = run["dist"], run["cfg"]
+    source, labels = run["eval_sources"][split]
+    mine = np.array_split(np.arange(len(labels)), d["world"])[d["rank"]]
+    run["module"].eval()
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(mine), cfg["train.eval_batch_size"]):
+            idx = mine[start:start + cfg["train.eval_batch_size"]]
+            feats = source[torch.from_numpy(idx)] if torch.is_tensor(source) else \
+                extract_features(run["backbone"], source[idx][0], d["device"], cfg)
+            logits = run["module"](feats.to(d["device"])).float()
+            y = torch.from_numpy(labels[idx]).to(d["device"])
+            loss = F.cross_entropy(logits, y, reduction="none")
+            rows.extend(zip(logits.softmax(1).cpu().tolist(), loss.cpu().tolist()))
+    rows = all_gather_list(rows, d["world"])
+    present = np.unique(labels)
+    if len(present) < 2 and split not in run.setdefault("one_class_warned", set()):
+        run["one_class_warned"].add(split)
+        log(run, f"WARNING: the {split} split holds only class {present.tolist()} ({len(labels)} windows): "
+                 f"{split}/auroc is undefined and reported as NaN, so it cannot pick best.pt (a label-sorted file "
+                 "cut by data.limit?)")
+    probs = np.array([r[0] for r in rows])
+    losses = np.array([r[1] for r in rows])
+    if "predictions" in run:  # --evaluate writes them per window (E11)
+        run["predictions"][split] = probs
+    if probs.shape[1] == 2:
+        roc = auroc(probs[:, 1], labels == 1)
+    else:  # one-vs-rest, macro average over classes
+        roc = float(np.nanmean([auroc(probs[:, c], labels == c) for c in range(probs.shape[1])]))
+    return {f"{split}/auroc": roc, f"{split}/bacc": balanced_accuracy(probs.argmax(1), labels),
+            f"{split}/loss": float(losses.mean())}
+
+
+# -----------------------------------------------------------------------------
+# Metrics: rank-based AUROC (equal to scikit-learn's roc_auc_score, ties as midranks), balanced accuracy.
+def auroc(scores, labels):
+    """P(score of a positive > score of a negative), ties counting one half, via midranks."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranked = scores[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    ends = np.r_[starts[1:], len(ranked)]
+    midranks = (starts + ends + 1) / 2.0  # 1-based average rank of each tie group
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(midranks, ends - starts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def balanced_accuracy(predictions, labels):
+    classes = np.unique(labels)
+    return float(np.mean([(predictions[labels == c] == c).mean() for c in classes]))
+
+
+# ==== shared: loop checks (identical in train_probe.py and train_distill.py) ====
+def total_grad_norm(grads):
+    """G3: the value torch.nn.utils.clip_grad_norm_ returns. On the CPU torch has no foreach kernels and
+    takes each gradient's norm, then the norm of those, after grouping the tensors by device and dtype on
+    every call; the kit's gradients share one device, so this runs the same arithmetic without the
+    grouping (the same bits, about a quarter of the time on a small model). Elsewhere: torch's own.
+    D1: a sharded gradient (FSDP2's DTensor) counts every process's shard, never the local shard alone."""
+    if grads and hasattr(grads[0], "full_tensor"):
+        return torch.nn.utils.get_total_norm(grads).full_tensor()
+    if grads and grads[0].device.type == "cpu":
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def clip_gradients(params, max_norm, norm, norm_on_host):
+    """G3: clip_grad_norm_'s second half, given the norm of its first. Below max_norm its factor clamps to
+    exactly 1.0 and the multiply changes no bit: torch multiplies anyway only to avoid a host sync, and the
+    loop has already paid for its one sync. (The margin covers float32 vs float64 rounding.)"""
+    if max_norm is not None and norm_on_host + 1e-6 > max_norm * (1 - 1e-5):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
+def gradient_sync(model, world, now):
+    """G2/G7: gradients are reduced over the processes once per optimizer step, with its last micro-batch:
+    DDP's no_sync() before it; FSDP2 (train.strategy fsdp) keeps them unreduced until then."""
+    if world > 1 and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(now)
+        return NO_CONTEXT
+    return model.no_sync() if world > 1 and not now else NO_CONTEXT
+
+
+LOSS_FLOOR = 1e-4  # E1: an eval loss below this is a saturated model's; its value can repeat to the last bit
+ANNEALED = 1e-3  # E1: an LR under this fraction of the run's peak is an annealed tail (OneCycle ends at 4e-6 of it)
+
+
+def same_metrics(a, b):
+    """Two evals' metrics equal to the last bit (NaN equal to NaN)."""
+    return a.keys() == b.keys() and all(x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x)
+                                                    and math.isnan(y)) for x, y in ((a[k], b[k]) for k in a))
+
+
+def frozen_evals(previous, metrics, lr, peak, moved=None):
+    """E1, the one rule of the script's warning and diagnose_and_fix.py's log check: two evals in a row
+    with identical metrics mean the model stopped changing (LR 0, weights left out of the optimizer),
+    unless it converged: the schedule annealed the LR to under ANNEALED of its peak (a OneCycle tail at 4e-9
+    moves no weight enough to show), or the LR is above 0 and the trained parameters moved between the two
+    evals (`moved`, which the script knows), or, judged from a log alone (moved None), the eval loss is at
+    its floor (a saturated classifier's val loss of 1.5e-7 repeats to the last bit while its weights still
+    move). `peak`: the run's largest LR (the schedule's in the script, the log's in the tool). Returns why
+    the model looks frozen, or None."""
+    if previous is None or not same_metrics(previous, metrics) or 0 <= lr < ANNEALED * peak:
+        return None
+    if lr <= 0:
+        return f"the LR is {lr:g}"
+    if moved is None:
+        floor = any(k.endswith("loss") and isinstance(v, float) and 0 <= v < LOSS_FLOOR for k, v in metrics.items())
+        return None if floor else "the model stopped changing (LR 0? frozen weights?)"
+    return None if moved else f"the trained parameters did not move at LR {lr:.4g} (frozen weights?)"
+
+
+def dominating_loss(records, limit, persist=3):
+    """E2, the one rule of the script's warning and diagnose_and_fix.py's log check. records: (step,
+    {name: value}) of the logged loss components in step order. A term dominates when it is above `limit`
+    of the components' summed magnitude in `persist` logged records in a row (one noisy record is not a
+    weighting). The label loss ("ce") is not judged: a distillation whose CE carries nearly all the loss
+    is a student that agrees with its teacher, the healthy end of every KD run (a KD weight too small to
+    teach is the config check's, from the weights). Returns {name: (first step, last step, records above,
+    largest share)} over the dominating terms' records above the limit; {} when none."""
+    shares = []
+    for step, parts in records:
+        total = sum(abs(v) for v in parts.values())
+        if len(parts) > 1 and total > 0 and all(math.isfinite(v) for v in parts.values()):
+            shares.append((step, {k: abs(v) / total for k, v in parts.items()}))
+    found = {}
+    for name in sorted({k for _, p in shares for k in p} - {"ce"}):
+        over = [(step, p[name]) for step, p in shares if p.get(name, 0.0) > limit]
+        streak = longest = 0
+        for _, p in shares:
+            streak = streak + 1 if p.get(name, 0.0) > limit else 0
+            longest = max(longest, streak)
+        if longest >= persist:
+            found[name] = (over[0][0], over[-1][0], len(over), max(v for _, v in over))
+    return found
+
+
+def param_fingerprint(params):
+    """One float64 sum per trained tensor: changes whenever an optimizer step moves a weight (E1). A sharded
+    weight (D1) sums this process's shard: the fingerprint is only ever compared with this process's own."""
+    return torch.stack([(p.to_local() if hasattr(p, "to_local") else p).detach().double().sum()
+                        for p in params]).tolist()
+
+
+def record_eval(run, metrics):
+    """Record an eval, warn on frozen metrics (E1), keep best.pt, count the evals since the best."""
+    cfg, st = run["cfg"], run["state"]
+    step = st["global_step"]
+    write_metrics(run, {"step": step, **metrics})
+    log(run, f"eval step {step}: " + " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
+    fingerprint = param_fingerprint(run["params"])
+    moved = None if st["last_eval_params"] is None else fingerprint != st["last_eval_params"]
+    lr, peak = run["expected_lr"][step - 1], float(run["expected_lr"].max())
+    frozen = frozen_evals(st["last_eval"], metrics, lr, peak, moved)
+    if frozen:  # E1: a converged model (LR > 0, weights still moving) repeats its metrics too, and is not warned
+        log(run, f"WARNING E1: eval at step {step} is identical to the previous one ({metrics}); {frozen}")
+    st["last_eval"], st["last_eval_params"] = dict(metrics), fingerprint
+    name = cfg["train.best_metric"]
+    value = metrics[name]
+    lower = name.endswith("loss") or name.endswith("ppl")
+    best = st["best_value"]
+    if math.isfinite(value) and (best is None or (value < best if lower else value > best)):
+        st["best_value"], st["best_step"], st["evals_since_best"] = value, step, 0
+        save_best(run)
+    else:
+        st["evals_since_best"] += 1
+
+
+def patience_exhausted(run):
+    """Early stop: train.patience evals in a row without a better train.best_metric."""
+    patience = run["cfg"]["train.patience"]
+    return patience is not None and run["state"]["evals_since_best"] >= patience
+# ==== end shared: loop checks ====
 
 
 # -----------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import pytest
 
 from shared_blocks import ROOT, SCRIPTS, blocks
 
-EXPECTED = {"config", "schedule", "devices, data order, precision", "data file content",
-            "run dir, checkpoints, resume, loop", "progress and metric sinks", "evaluate command"}
+EXPECTED = {"config", "schedule", "devices, data order, precision", "data file content", "training loop", "loop checks",
+            "run dir, checkpoints, resume", "progress and metric sinks", "evaluate command"}
 
 
 def test_both_scripts_carry_every_shared_block():
