@@ -228,7 +228,7 @@ def test_export_of_user_module_student_is_a_state_dict_with_best_pt_logits(tmp_p
     cfg, outcome, run = train(settings, tmp_path)
     assert outcome == "finished" and run["module"].proj.in_features == 24 and run["module"].proj.out_features == 32
     export = tmp_path / "export"
-    assert sorted(os.listdir(export)) == ["model.json", "model.pt"]
+    assert sorted(os.listdir(export)) == ["config.yaml", "model.json", "model.pt"]  # C8: the run's config travels
     module = zoo.tiny_causal_lm(width=24)  # what a user of the export does, from model.json's "load" line
     module.load_state_dict(torch.load(export / "model.pt", weights_only=True))
     x = val_batch(cfg)
