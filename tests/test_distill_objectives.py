@@ -401,7 +401,8 @@ assert all(isinstance(p, DTensor) for p in module.parameters())  # sharded again
 logits, _ = module(torch.randint(1, 64, (2, 8)))
 logits.sum().backward()  # and training goes on
 dist.barrier()
-print("generated", rank, int((seq[:, 4:] != 0).sum()))
+# one write of the whole line: two processes share this stdout pipe, and a print's pieces interleave
+os.write(1, f"generated {rank} {int((seq[:, 4:] != 0).sum())}\\n".encode())
 """
 
 
