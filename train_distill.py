@@ -4643,17 +4643,22 @@ def optimizer_step(run, task, micro_batches, count):
     elif finite:
         optimizer.step()  # G4: a non-finite loss or gradient never reaches the weights
     optimizer.zero_grad(set_to_none=True)
-    advance_schedule(scheduler)
+    advance_schedule(scheduler, step)
     st["global_step"] = step
     return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop, "save_due": save_due,
             "parts": parts, "empty": False}
 
 
-def advance_schedule(scheduler):
+def advance_schedule(scheduler, step):
     """S1: the schedule advances once per optimizer step, skipped steps (G2, G4, fp16 overflow) included: the LR
     stays a function of the data position, global_step == the scheduler's step count, and the dry-run curve is
     exactly the one training uses. Skips are counted and logged instead; torch's "lr_scheduler.step() before
-    optimizer.step()" warning, which a skipped first step gives, is about a loop that never updates: not this."""
+    optimizer.step()" warning, which a skipped first step gives, is about a loop that never updates: not this.
+    torch warns at a fresh scheduler's first step only, so the filter is set there alone: entering
+    catch_warnings every step cost ~5 us and reset the interpreter's warning caches (the loop overhead)."""
+    if step > 1:
+        scheduler.step()
+        return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         scheduler.step()
@@ -4678,7 +4683,7 @@ def empty_step(run, step):
         dist.all_reduce(reduced)
         flags = reduced.tolist()
     lr = run["optimizer"].param_groups[0]["lr"]
-    advance_schedule(run["scheduler"])
+    advance_schedule(run["scheduler"], step)
     run["state"]["global_step"] = step
     return {"loss": math.nan, "grad_norm": math.nan, "lr": lr, "finite": True, "stop": flags[0] > 0,
             "save_due": flags[1] > 0, "parts": {}, "empty": True}
