@@ -2,11 +2,13 @@
 with no other file of the kit importable (no PYTHONPATH; the directory holds the script and nothing else), the
 shipped configs made tiny run --dry_run, a short training that is SIGKILLed mid-run, and the same command
 resuming it to the end. A feature that needs another file of the kit (the preparation tools) names it in one
-line, exit 2 (C3)."""
+line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py), which works
+when copied together with the script."""
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -93,3 +95,49 @@ def test_c3_a_training_script_asked_for_a_preparation_names_the_tool_it_moved_to
                  cwd=tmp_path, timeout=300)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == err, out.stderr
     assert os.listdir(tmp_path) == []  # nothing written, no run dir
+
+
+def companion_line(key, name, script):
+    return f"config error: {key}: needs {name}.py beside {script} (copy it from the kit), or leave {key} unset"
+
+
+@pytest.mark.parametrize("script, config, setting, name", [
+    ("train_probe.py", "probe_synthetic", "log.tensorboard=true", "metric_sinks"),
+    ("train_distill.py", "distill_demo", "log.wandb=proj", "metric_sinks")])
+def test_c3_a_script_copied_alone_asked_for_a_companion_feature_names_the_file_in_one_line(
+        script, config, setting, name, tmp_path):
+    """A feature whose code is a companion file of the kit (issue 32): the run, its --dry_run and diagnose (copied
+    beside it) each name the file in the same one line; the run and the dry run exit 2 and write nothing."""
+    where = copied_alone(tmp_path, script)
+    line = companion_line(setting.split("=")[0], name, script)
+    args = ["--config", os.path.join(CONFIGS, f"{config}.yaml"), "--set", setting]
+    for extra in ([], ["--dry_run"]):
+        out = run(where, script, *extra, *args)
+        assert out.returncode == 2 and out.stderr.strip().splitlines() == [line], (extra, out.stderr[-2000:])
+    assert sorted(os.listdir(where)) == [script]  # nothing written, no run dir
+    shutil.copy(os.path.join(ROOT, "diagnose_and_fix.py"), where)
+    out = run(where, "diagnose_and_fix.py", *args)
+    assert out.returncode == 1 and f"CRITICAL C3   [config] {line[len('config error: '):]}" in out.stdout, out.stdout
+
+
+def test_e10_train_probe_copied_with_metric_sinks_py_writes_tensorboard_events(tmp_path):
+    """The script and its companion copied together: the feature works there."""
+    where = copied_alone(tmp_path, "train_probe.py")
+    shutil.copy(os.path.join(ROOT, "metric_sinks.py"), where)
+    config = ["--config", os.path.join(CONFIGS, "probe_synthetic.yaml"), "--set", *PROBE_TINY, "train.epochs=1",
+              "log.tensorboard=true"]
+    out = run(where, "train_probe.py", *config)
+    assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    events = os.listdir(where / "runs" / "probe_synthetic" / "tb")
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents"), events
+
+
+def test_c3_each_script_loads_a_companion_from_its_own_directory_once_with_itself_as_kit(monkeypatch):
+    """Never from sys.path: a user's module of the same name (here already imported) is not the kit's file;
+    each script keeps its own copy (both scripts share this process), whose `kit` is that script."""
+    monkeypatch.setitem(sys.modules, "metric_sinks", types.ModuleType("metric_sinks"))
+    monkeypatch.setattr(tp, "COMPANIONS", {})
+    probe_sinks, distill_sinks = tp.companion("metric_sinks", "log.tensorboard"), td.companion("metric_sinks", "x")
+    assert probe_sinks.kit is tp and distill_sinks.kit is td and probe_sinks is not distill_sinks
+    assert probe_sinks.__file__ == os.path.join(ROOT, "metric_sinks.py") and hasattr(probe_sinks, "open_sinks")
+    assert tp.companion("metric_sinks", "log.wandb") is probe_sinks  # loaded once
