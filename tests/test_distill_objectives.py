@@ -388,11 +388,12 @@ rank = dist.get_rank()
 torch.manual_seed(0)
 module = T.Trainable(T.GPT(64, 32, 2, 2, 16))
 reference = copy.deepcopy(module)
-T.shard_model(module, "fp32")
+fsdp = T.companion("fsdp_sharding", "train.strategy")
+fsdp.shard_model(module, "fp32")
 prompt = torch.randint(1, 64, (3, 4), generator=torch.Generator().manual_seed(rank))
 eos = torch.arange(64) if rank == 0 else None  # every id ends a row on process 0: it stops after one token
 live = torch.tensor([True, True, rank == 1])
-with T.gathered_for_generation(module):
+with fsdp.gathered_for_generation(module):
     seq = T.generate(module, prompt, 20, 1.0, torch.Generator().manual_seed(rank), eos=eos, live=live,
                      grad_free=torch.no_grad)  # as make_on_policy under FSDP
 assert torch.equal(seq, T.generate(reference, prompt, 20, 1.0, torch.Generator().manual_seed(rank), eos=eos, live=live))
@@ -623,6 +624,6 @@ def test_g8_on_policy_under_two_processes_each_generates_its_own_share(data, tea
     assert np.allclose([r["val/loss"] for r in evals.values()], [r["val/loss"] for r in fsdp_evals.values()], rtol=1e-5)
     assert [r["on_policy/tokens"] for r in records.values()] == [r["on_policy/tokens"] for r in fsdp.values()]
     sharded = ckpt(tmp_path / "fsdp")
-    weights = T.read_shards(os.path.join(tmp_path, "fsdp", "checkpoints", sharded["shards"]))
+    weights = T.shard_reader().read_shards(os.path.join(tmp_path, "fsdp", "checkpoints", sharded["shards"]))
     plain = ckpt(tmp_path / "ddp")["model"]
     assert all(torch.allclose(weights[k], plain[k], rtol=1e-4, atol=1e-6) for k in plain)

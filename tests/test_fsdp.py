@@ -32,6 +32,11 @@ TINY = [s for s in td.DRY_RUN_SETTINGS + ["teacher.n_layer=1", "teacher.n_head=2
 TINY += ["train.epochs=null", "train.max_steps=6", "data.val_windows=17", "train.max_loss_share=1"]
 
 
+def sharding():
+    """fsdp_sharding.py as train_distill.py loads it beside itself (the FSDP and DCP code is that companion's)."""
+    return td.companion("fsdp_sharding", "train.strategy")
+
+
 def sets(settings):
     return [a for s in settings for a in ("--set", s)]
 
@@ -93,7 +98,7 @@ def test_d1_fsdp_on_two_processes_equals_the_unsharded_run_to_round_off(fsdp_run
     assert last_per_step(a, "val/agreement") == last_per_step(b, "val/agreement")
     last = ckpt(fsdp_run)
     assert last["finished"] and last["world_size"] == 2 and last["model"] is None and last["optimizer"] is None
-    sharded = td.read_shards(os.path.join(fsdp_run, "checkpoints", last["shards"]))
+    sharded = sharding().read_shards(os.path.join(fsdp_run, "checkpoints", last["shards"]))
     plain = ckpt(unsharded)["model"]
     assert sharded.keys() == plain.keys()
     for name in plain:
@@ -161,7 +166,7 @@ def test_d1_fsdp_on_two_nodes_is_bit_identical_to_one_node_with_two_processes(wo
 
 def test_d4_fsdp_export_is_one_state_dict_with_the_best_weights(fsdp_run):
     best = torch.load(os.path.join(fsdp_run, "checkpoints", "best.pt"), map_location="cpu", weights_only=True)
-    weights = td.read_shards(os.path.join(fsdp_run, "checkpoints", best["shards"]))
+    weights = sharding().read_shards(os.path.join(fsdp_run, "checkpoints", best["shards"]))
     module = td.load_export(os.path.join(fsdp_run, "export"))
     exported = module.state_dict()
     assert exported.keys() == {k[len("lm."):] for k in weights if k.startswith("lm.")}
