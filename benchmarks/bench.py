@@ -36,6 +36,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE]
+sys.path.append(os.path.join(REPO, "tests"))  # zoo.py: the tiny models and chat tokenizer the tests build
 sys.modules.setdefault("bench", sys.modules[__name__])  # backbone.target "bench:wide_backbone" finds this module
 
 import train_probe as tp  # noqa: E402
@@ -61,14 +62,15 @@ PARAMS = {  # quick / full
     "quick": {"loop_repeats": 9, "real_repeats": 3, "uncached_repeats": 2, "step_blocks": 15, "cache_epochs": 3,
               "cache_repeats": 1, "kd_repeats": 3, "curve_steps": 50_000, "curve_repeats": 3, "peer_repeats": 2,
               "offline_repeats": 2, "kd_chunk_repeats": 2, "trl_repeats": 5, "trl_steps": 40, "onpolicy_repeats": 3,
-              "onpolicy_steps": 6, "v128k_repeats": 3, "v128k_steps": 8},
+              "onpolicy_steps": 6, "v128k_repeats": 3, "v128k_steps": 8, "chat_repeats": 5, "chat_steps": 40},
     "full": {"loop_repeats": 15, "real_repeats": 7, "uncached_repeats": 9, "step_blocks": 31, "cache_epochs": None,
              "cache_repeats": 2, "kd_repeats": 10, "curve_steps": 200_000, "curve_repeats": 5, "peer_repeats": 5,
              "offline_repeats": 5, "kd_chunk_repeats": 5, "trl_repeats": 7, "trl_steps": 60, "onpolicy_repeats": 5,
-             "onpolicy_steps": 10, "v128k_repeats": 5, "v128k_steps": 12},
+             "onpolicy_steps": 10, "v128k_repeats": 5, "v128k_steps": 12, "chat_repeats": 7, "chat_steps": 60},
 }
 LOOP_PARTS = ("loop", "loop_realistic", "loop_uncached")
-PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "kd_chunk", "offline", "dry_run", "peer", "trl", "onpolicy", "trl_128k"]
+PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "kd_chunk", "offline", "dry_run", "peer", "trl", "onpolicy", "trl_128k",
+         "trl_chat"]
 # Offline KD: configs/distill_demo.yaml as it is, except kd.gamma 0 on every side (the hidden-state term needs
 # the teacher's hidden states, which a cache does not hold) and fewer windows (the step does not depend on how
 # many there are; the cache build's rate is reported per token). The 32k case: the same models and loop on
@@ -1180,6 +1182,171 @@ def bench_trl_128k(repeats, tmp, steps=8, warmup=2, sizes=None):
 
 
 # -----------------------------------------------------------------------------
+# The TRL peer on chat data (C10, E13): a ChatML tokenizer and Llama-style student (2 x width) and teacher
+# (4 x width, initialised wider: a peaked teacher) from tests/zoo.py; generated single-turn conversations ({"messages"}:
+# an optional system turn, a user turn, the assistant's reply, of varied lengths so rows pad) prepared by
+# prepare_text.py for the kit, read raw by GKDTrainer's own collator (DataCollatorForChatML: it renders and
+# masks them itself). Same rows in the kit's order, batch 4, JSD at T 1, HF Trainer's own AdamW (weight decay 0,
+# the kit's betas and eps), constant LR, clipping at 1.0, fp32. The collator trains the LAST assistant turn of a
+# conversation, the kit every assistant turn: on single-turn rows the two masks are the same (checked).
+CHAT = {"batch": 4, "width": 128, "beta": 0.5}  # beta: the timed row's JSD (tests/test_trl_chat.py: 0, 0.5, 1)
+CHAT_WORDS = "alpha beta gamma delta the fox jumps over lazy dog and runs sort list please explain why".split()
+
+
+def chat_conversations(n, seed=0):
+    """n single-turn conversations of varied lengths (a third with a system turn)."""
+    rng = np.random.default_rng(seed)
+
+    def say(low, high):
+        return " ".join(rng.choice(CHAT_WORDS, size=int(rng.integers(low, high))))
+
+    rows = []
+    for i in range(n):
+        turns = [{"role": "system", "content": say(1, 4)}] if i % 3 == 0 else []
+        turns += [{"role": "user", "content": say(2, 14)}, {"role": "assistant", "content": say(2, 14)}]
+        rows.append({"messages": turns})
+    return rows
+
+
+def chat_equal_work(directory, rows=90, width=32, val_fraction=0.1):
+    """The chat pair and data: {"tokenizer", "student", "teacher" (directories), "prepared" (prepare_text.py's --out),
+    "data" (its data.* settings), "seq_len", "train_rows" (the raw rows of the train split in prepare_text.py's
+    order, which is the kit's example index)}."""
+    import prepare_text
+    import zoo  # tests/zoo.py: the ChatML tokenizer and Llama builders the tests use
+    import yaml
+    conversations = chat_conversations(rows)
+    tokenizer = zoo.chat_tokenizer(os.path.join(directory, "tokenizer"), [" ".join(CHAT_WORDS)] * 20)
+    source = os.path.join(directory, "chat.jsonl")
+    with open(source, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in conversations)
+    out = os.path.join(directory, "prepared")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert prepare_text.main([source, "--tokenizer", tokenizer, "--out", out,
+                                  "--val_fraction", str(val_fraction)]) == 0
+    with open(os.path.join(out, "data.yaml")) as f:
+        data = yaml.safe_load(f)["data"]
+    with open(os.path.join(out, "manifest.json")) as f:
+        longest = max(split["longest"] for split in json.load(f)["splits"].values())
+    shape = dict(hidden_size=width, intermediate_size=2 * width)
+    student = zoo.hf_llama(os.path.join(directory, "student"), vocab=data["vocab_size"], positions=longest, **shape)
+    teacher = zoo.hf_llama(os.path.join(directory, "teacher"), vocab=data["vocab_size"], positions=longest, seed=1,
+                           num_hidden_layers=4, initializer_range=0.2, **shape)
+    return {"tokenizer": tokenizer, "student": student, "teacher": teacher, "seq_len": longest - 1, "prepared": out,
+            "data": [f"data.{k}={v}" for k, v in data.items()],
+            "train_rows": [r for i, r in enumerate(conversations) if not prepare_text.in_val(i, val_fraction)]}
+
+
+def chat_settings(work, steps, beta, batch=CHAT["batch"]):
+    """The kit's side of the chat comparison: GKD's objective (JSD with TRL's beta, T 1: GKDTrainer's
+    compute_loss takes the divergence at T 1 whatever GKDConfig.temperature says), constant LR, no weight decay
+    (HF Trainer picks the decayed weights by name, the kit by dimension: the same ones for Llama, not always)."""
+    return TRL_SETTINGS + work["data"] + [
+        f"data.seq_len={work['seq_len']}", "data.limit=null", "data.val_windows=8", f"train.batch_size={batch}",
+        f"train.max_steps={steps}", "train.log_every=1", "kd.divergence=jsd", f"kd.jsd_beta={beta}",
+        "optim.weight_decay=0", "schedule.type=constant", "schedule.warmup=0", "train.save_every_minutes=null",
+        f"student.hf_dir={work['student']}", f"kd.hf_teacher_dir={work['teacher']}"]
+
+
+def gkd_chat_side(td, run, work, tmp, beta):
+    """TRL's GKDTrainer (lmbda 0, seq_kd False) on the raw chat rows, in the kit's order: its own collator
+    tokenizes, masks and pads them (left), HF Trainer builds its own AdamW (the kit's lr, betas, weight decay;
+    eps 1e-8, torch's default, which the kit uses) and constant schedule. go(steps) -> (stamps after each
+    optimizer step, step-1 loss, the student's final state dict)."""
+    import datasets
+    import transformers
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    for name in ("transformers", "trl", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    transformers.utils.logging.set_verbosity_error()
+    cfg, plan = run["cfg"], run["plan"]
+    order = td.epoch_order(plan["num_samples"], plan["batch_size"], 1, 1, cfg["seed"], 0)
+    assert plan["grad_accum"] == 1 and len(order) >= plan["total_steps"], "the comparison runs within one epoch"
+    rows = datasets.Dataset.from_list([work["train_rows"][i] for (indices,) in order[:plan["total_steps"]]
+                                       for i in indices])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(work["tokenizer"], local_files_only=True)
+    tokenizer.pad_token = tokenizer.eos_token  # the collator needs a pad id; its (left) padding is attention-masked
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(work["teacher"], local_files_only=True)
+
+    class InOrder(GKDTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    stamps, losses, counter = [], [], {"n": 0}
+
+    class Stamp(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    def go(steps=None):
+        del stamps[:], losses[:]
+        counter["n"] += 1
+        steps = steps or plan["total_steps"]
+        student = transformers.AutoModelForCausalLM.from_pretrained(work["student"], local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            args = GKDConfig(
+                output_dir=os.path.join(tmp, f"gkd_chat_{counter['n']}"), max_steps=steps,
+                per_device_train_batch_size=plan["batch_size"], gradient_accumulation_steps=1,
+                logging_steps=cfg["train.log_every"],
+                save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=cfg["seed"],
+                dataloader_num_workers=0, lmbda=0.0, beta=beta, seq_kd=False, temperature=cfg["kd.temperature"],
+                max_length=cfg["data.seq_len"] + 1, bf16=False, fp16=False, gradient_checkpointing=False,
+                optim="adamw_torch", learning_rate=cfg["optim.lr"], weight_decay=cfg["optim.weight_decay"],
+                adam_beta1=cfg["optim.betas"][0], adam_beta2=cfg["optim.betas"][1], adam_epsilon=1e-8,
+                lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=cfg["train.clip_grad_norm"])
+        trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                          processing_class=tokenizer, callbacks=[Stamp()])  # no data_collator: TRL's own
+        compute_loss = trainer.compute_loss
+
+        def recorded(*args, **kwargs):
+            loss = compute_loss(*args, **kwargs)
+            losses.append(loss.detach())
+            return loss
+
+        trainer.compute_loss = recorded
+        with quiet_process(), contextlib.redirect_stdout(io.StringIO()):
+            trainer.train()
+        assert trainer.state.global_step == steps
+        return list(stamps), float(losses[0]), student.state_dict()
+    return go
+
+
+def bench_trl_chat(repeats, tmp, steps=40, warmup=TRL_WARMUP, sizes=None):
+    """Seconds per optimizer step of the kit's fit() on prepared chat data and GKDTrainer on the same raw rows
+    (its collator tokenizing them each step, as a TRL user runs it), with the equal-work check first: the same
+    step-1 loss, and the largest weight difference after the whole plan. Rounds interleave the sides."""
+    try:
+        import trl
+        import datasets  # noqa: F401  GKDTrainer's dataset
+        import transformers
+    except ImportError:
+        return {"skipped": "trl is not installed (pip install trl; for this benchmark only)"}
+    import train_distill as td
+    transformers.utils.logging.disable_progress_bar()
+    s = dict(CHAT, **(sizes or {}))
+    rows = math.ceil(steps * s["batch"] / 0.9) + s["batch"]  # the train split (9 rows in 10) holds the plan
+    work = chat_equal_work(os.path.join(tmp, "chat_work"), rows=rows, width=s["width"])
+    run, task = capture_distill(td, chat_settings(work, steps, s["beta"], s["batch"]), os.path.join(tmp, "chat_kit"))
+    sides = {"kit": kit_distill_side(td, run, task), "gkd": gkd_chat_side(td, run, work, tmp, s["beta"])}
+    first = {name: go() for name, go in sides.items()}  # the check (and everyone's warm-up round)
+    loss = {name: out[1] for name, out in first.items()}
+    weight_diff = max(float((a - first["gkd"][2][k]).abs().max()) for k, a in first["kit"][2].items())
+    times = {name: [] for name in sides}
+    for round_ in range(repeats):
+        for name in (list(sides) if round_ % 2 == 0 else list(sides)[::-1]):
+            times[name].append(step_seconds(sides[name]()[0], warmup))
+    close_run(run)
+    ms = {name: 1e3 * best(t) for name, t in times.items()}
+    return {"trl_version": trl.__version__, "steps": steps, "warmup": warmup, "rounds": repeats, **s, "rows": rows,
+            "seq_len": work["seq_len"], "ms": ms, "noise": {name: noise(t) for name, t in times.items()},
+            "first_loss": loss, "equal_first_loss": abs(loss["gkd"] - loss["kit"]) <= 1e-5,
+            "max_weight_diff": weight_diff, "trl_chat_step_ratio": ms["kit"] / ms["gkd"],
+            "trl_chat_step_ratio_noise": ratio_noise(times, "kit", "gkd")}
+
+
+# -----------------------------------------------------------------------------
 # The dry-run tool: optimizer steps of the real torch scheduler simulated per second.
 def bench_dry_run(steps, repeats):
     cfg, _ = tp.resolve_config(PROBE_CONFIG, ["train.epochs=null", f"train.max_steps={steps}"])
@@ -1405,6 +1572,7 @@ def build_rows(r):
     rows += trl_rows(r.get("trl"))
     rows += onpolicy_rows(r.get("onpolicy"))
     rows += trl_128k_rows(r.get("trl_128k"))
+    rows += trl_chat_rows(r.get("trl_chat"))
     for name, reason in r.get("errors", {}).items():
         rows.append((name, "failed", "n/a", "-", reason))
     return rows
@@ -1521,6 +1689,28 @@ def trl_128k_rows(t):
          "<= 0.3", judged(None, t["trl_mem_ratio_128k"], 0.3))]
 
 
+def trl_chat_rows(t):
+    """The kit on prepared chat data against GKDTrainer on the same raw rows."""
+    if not t:
+        return []
+    label = "chat data: TRL GKDTrainer"
+    if "skipped" in t:
+        return [(label, "same chat distillation work", "skipped", "-", t["skipped"])]
+    ms, n = t["ms"], t["noise"]
+    work = (f"Llama-style student 2 x {t['width']} from teacher 4 x {t['width']}, ChatML, {t['rows']} single-turn "
+            f"conversations (prepare_text.py for the kit; GKD's own collator renders, masks and left-pads them each "
+            f"step), {t['batch']} per step, JSD beta {t['beta']:g} at T 1, AdamW (weight decay 0), constant LR, "
+            f"fp32, 1 thread; median of steps {t['warmup'] + 1}-{t['steps']}, fastest of {t['rounds']} interleaved "
+            "rounds")
+    check = (f"step-1 loss kit {t['first_loss']['kit']:.7f}, GKD {t['first_loss']['gkd']:.7f} "
+             f"({'equal' if t['equal_first_loss'] else 'NOT equal'}); largest weight difference after "
+             f"{t['steps']} steps {t['max_weight_diff']:.1e}")
+    verdict = "-" if t["equal_first_loss"] else "not comparable: " + check
+    return [(label + f" ({t['trl_version']})", f"kit fit() on prepared chat examples / GKDTrainer per optimizer step "
+             f"({ms['kit']:.1f} ms {pm(n['kit'])} vs {ms['gkd']:.1f} ms {pm(n['gkd'])}); {work}; {check}",
+             f"{t['trl_chat_step_ratio']:.3f} {pm(t['trl_chat_step_ratio_noise'])}", "report", verdict)]
+
+
 def markdown_table(rows):
     lines = ["| benchmark | measurement | result | target | verdict |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
@@ -1533,6 +1723,7 @@ ONPOLICY_KEYS = ("trl_onpolicy_step_ratio", "trl_onpolicy_step_ratio_noise", "on
                  "onpolicy_extra_over_generate_noise", "generate_tokens_per_s_ratio",
                  "generate_tokens_per_s_ratio_noise")
 V128K_KEYS = ("trl_step_ratio_128k", "trl_step_ratio_128k_noise", "trl_mem_ratio_128k")
+CHAT_KEYS = ("trl_chat_step_ratio", "trl_chat_step_ratio_noise")
 
 
 def summary(r):
@@ -1562,7 +1753,8 @@ def summary(r):
             "overhead_ratio_step_noise": (loop.get("step") or {}).get("ratio_noise"),
             **{key: (r.get("trl") or {}).get(key) for key in TRL_KEYS},
             **{key: (r.get("onpolicy") or {}).get(key) for key in ONPOLICY_KEYS},
-            **{key: (r.get("trl_128k") or {}).get(key) for key in V128K_KEYS}, "quick": r["quick"]}
+            **{key: (r.get("trl_128k") or {}).get(key) for key in V128K_KEYS},
+            **{key: (r.get("trl_chat") or {}).get(key) for key in CHAT_KEYS}, "quick": r["quick"]}
 
 
 def write_results(path, r, rows, elapsed):
@@ -1647,6 +1839,8 @@ def run_parts(want, p, results, tmp):
         run_part(results, "onpolicy", lambda: bench_onpolicy(p["onpolicy_repeats"], tmp, p["onpolicy_steps"]))
     if "trl_128k" in want:
         run_part(results, "trl_128k", lambda: bench_trl_128k(p["v128k_repeats"], tmp, p["v128k_steps"]))
+    if "trl_chat" in want:
+        run_part(results, "trl_chat", lambda: bench_trl_chat(p["chat_repeats"], tmp, p["chat_steps"]))
 
 
 def main(argv=None):

@@ -158,7 +158,7 @@ def test_last_line_is_json_with_every_headline_key(capsys):
                 "topk_mem_ratio_32k", "dryrun_steps_per_s", "offline_step_ratio", "offline_mem_ratio",
                 "kd_chunk_mem_ratio_128k", "kd_chunk_time_ratio_128k",
                 "overhead_ratio_noise", "trl_step_ratio", "trl_offline_step_ratio", "distill_overhead_ratio",
-                *bench.ONPOLICY_KEYS, *bench.V128K_KEYS):
+                *bench.ONPOLICY_KEYS, *bench.V128K_KEYS, *bench.CHAT_KEYS):
         assert key in summary
     assert summary["dryrun_steps_per_s"] > 0 and summary["overhead_ratio"] is None  # not run: null, not made up
     assert summary["offline_step_ratio"] is None and summary["kd_chunk_mem_ratio_128k"] is None
@@ -218,3 +218,24 @@ def test_128k_rows_check_equal_step_one_loss_and_measure_memory_from_the_allocat
     assert [r[3] for r in rows] == ["<= 0.7", "<= 0.3"] and all("not comparable" not in r[4] for r in rows)
     summary = bench.summary({"trl_128k": out, "quick": True})
     assert all(summary[key] == out[key] for key in bench.V128K_KEYS)
+
+
+def test_c10_chat_row_times_the_kit_and_gkdtrainer_on_the_same_chat_rows_after_the_equal_loss_check(tmp_path):
+    """The chat row's plumbing at toy size (3 steps of 4 conversations, one round): the kit's fit() on the
+    prepared examples and GKDTrainer on the raw rows (its own collator) give the same step-1 loss and nearly the
+    same weights (tests/test_trl_chat.py checks 20 steps at three betas); the ratio reaches the table and the
+    JSON line, with no noise estimate made up from one round."""
+    pytest.importorskip("trl")
+    out = bench.bench_trl_chat(1, str(tmp_path), steps=3, warmup=1, sizes={"width": 32})
+    assert out["equal_first_loss"] and out["first_loss"]["kit"] > 0.05, out["first_loss"]
+    assert out["max_weight_diff"] < 1e-4 and out["rows"] == 18 and out["trl_chat_step_ratio"] > 0
+    assert out["trl_chat_step_ratio_noise"] is None
+    rows = bench.build_rows({"trl_chat": out})
+    assert [r[3] for r in rows] == ["report"] and "not comparable" not in rows[0][4] and "(equal)" in rows[0][1]
+    summary = bench.summary({"trl_chat": out, "quick": True})
+    assert all(summary[key] == out[key] for key in bench.CHAT_KEYS)
+    with pytest.MonkeyPatch.context() as patch:  # a machine without trl: a skipped row and null ratios
+        patch.setitem(sys.modules, "trl", None)
+        skipped = bench.bench_trl_chat(1, str(tmp_path / "none"), steps=3)
+    assert "pip install trl" in skipped["skipped"] and bench.build_rows({"trl_chat": skipped})[0][2] == "skipped"
+    assert bench.summary({"trl_chat": skipped, "quick": True})["trl_chat_step_ratio"] is None

@@ -159,12 +159,14 @@ def hf_gpt2(path, vocab=BYTES, positions=64, seed=0, dropout=0.1):
     return str(path)
 
 
-def hf_llama(path, vocab=BYTES, positions=64, seed=0):
-    """A tiny Hugging Face Llama (RoPE, RMSNorm, grouped-query attention, untied head) saved into `path`."""
+def hf_llama(path, vocab=BYTES, positions=64, seed=0, **overrides):
+    """A tiny Hugging Face Llama (RoPE, RMSNorm, grouped-query attention, untied head) saved into `path`;
+    `overrides` replace LlamaConfig values (num_hidden_layers, initializer_range, ...)."""
     import transformers
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=positions,
-                                      bos_token_id=1, eos_token_id=2)
+    config = transformers.LlamaConfig(**{**dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                max_position_embeddings=positions, bos_token_id=1, eos_token_id=2),
+                                         **overrides})
     torch.manual_seed(seed)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
