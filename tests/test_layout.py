@@ -1,7 +1,8 @@
 """Each script readable in one sitting (issue 32's layout): the training loop is one contiguous section in run
 order, no function is longer than a screen or two, no line wider than 120 characters, and the preparation
-tools stay small. The whole-file line budgets (train_probe.py 2,400, train_distill.py 3,000,
-diagnose_and_fix.py 1,800) are not reached yet and are not asserted here."""
+tools stay small. diagnose_and_fix.py's whole-file budget (1,800 lines, reached once --plot's code became its
+companion file diagnose_plot.py) holds from now on; the training scripts' (train_probe.py 2,400, train_distill.py
+3,000) are not reached yet and are not asserted here."""
 import ast
 import os
 
@@ -9,7 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ["train_probe.py", "train_distill.py", "diagnose_and_fix.py", "prepare_tuab.py", "prepare_text.py",
-           "test_scheduler_dry_run.py", "metric_sinks.py", "fsdp_sharding.py"]  # the tools, and the companion files beside the scripts
+           "test_scheduler_dry_run.py", "metric_sinks.py", "fsdp_sharding.py",
+           "diagnose_plot.py"]  # the tools, and the companion files beside the scripts
 LOOP = ("train", "fit", "optimizer_step", "evaluate")
 
 
@@ -41,3 +43,8 @@ def test_the_loop_is_one_section_in_run_order_of_at_most_450_lines(name):
 def test_each_preparation_tool_is_at_most_800_lines(name):
     text, _ = parsed(name)
     assert len(text.splitlines()) <= 800
+
+
+def test_diagnose_and_fix_is_at_most_1800_lines():
+    text, _ = parsed("diagnose_and_fix.py")
+    assert len(text.splitlines()) <= 1800

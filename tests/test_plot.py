@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -24,11 +25,13 @@ import diagnose_and_fix as dx  # noqa: E402
 import train_probe as tp  # noqa: E402
 from run_records import teacher_run  # noqa: E402
 
+drawing = dx.plotting()  # --plot's code: diagnose_plot.py, the tool's companion file
+
 # 16 optimizer steps per epoch, 4 epochs: 64 steps, an eval every 8
 PROBE = ["data.synthetic.num_train=256", "data.synthetic.num_val=64", "data.synthetic.channels=4",
          "data.synthetic.length=128", "backbone.kwargs={width: 8, heads: 2}", "train.epochs=4",
          "train.batch_size=16", "train.log_every=1", "train.eval_every=8", "optim.lr=3e-3"]
-PNG_SIZE = (int(dx.PLOT_INCHES[0] * dx.PLOT_DPI), int(dx.PLOT_INCHES[1] * dx.PLOT_DPI))
+PNG_SIZE = (int(drawing.PLOT_INCHES[0] * drawing.PLOT_DPI), int(drawing.PLOT_INCHES[1] * drawing.PLOT_DPI))
 KILL_STEP, SAVED_STEP = 25, 20
 
 
@@ -128,13 +131,13 @@ def log_findings(log):
 def plot(monkeypatch, *argv):
     """--plot in-process; returns (exit code, stdout, stderr, the views drawn, what plot_runs returned)."""
     drawn = {}
-    real = dx.plot_runs
+    real = drawing.plot_runs
 
     def spy(views, path, out=None):
         drawn["views"] = views
         drawn["result"] = real(views, path, out)
         return drawn["result"]
-    monkeypatch.setattr(dx, "plot_runs", spy)
+    monkeypatch.setattr(drawing, "plot_runs", spy)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = dx.main([str(a) for a in argv])
@@ -266,7 +269,7 @@ def test_without_matplotlib_the_same_panels_print_as_text_with_the_marks(runs, m
     assert kind == "ascii" and legend == ["* skipped (" + str(log) + ")"] and not png.exists()
     assert err.strip().splitlines() == [f"plot: {png} not written: matplotlib is not installed for {sys.executable} "
                                         f"({sys.executable} -m pip install matplotlib); the ASCII panels show the same"]
-    for panel in dx.PLOT_PANELS:
+    for panel in drawing.PLOT_PANELS:
         assert f"\n{panel}: " in out
     grad_panel = out.split("\ngrad_norm: ")[1].split("\nthroughput: ")[0]
     marks = [line for line in grad_panel.splitlines() if line.strip().startswith("marks")]
@@ -307,16 +310,33 @@ def test_c3_bad_plot_input_is_one_line_exit_2_and_nothing_written(runs, monkeypa
     assert sorted(os.listdir(tmp_path)) == before
 
 
+def test_c3_plot_without_its_companion_file_is_one_line_exit_2(tmp_path):
+    """diagnose_and_fix.py copied without diagnose_plot.py (--plot's code): the same one line as the training
+    scripts give for a missing companion, exit 2, nothing written; without --plot it runs as before."""
+    shutil.copy(os.path.join(ROOT, "diagnose_and_fix.py"), tmp_path)
+    (tmp_path / "train.log").write_text("step=1 lr=0.1 loss=2.0\nstep=2 lr=0.1 loss=1.9\n")
+
+    def tool(*args):
+        return subprocess.run([sys.executable, "diagnose_and_fix.py", "--log", "train.log", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    out = tool("--plot", "run.png")
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.strip().splitlines() == [
+        "diagnose_and_fix.py: --plot needs diagnose_plot.py beside diagnose_and_fix.py (copy it from the kit), or "
+        "leave --plot unset"], out.stderr
+    assert sorted(os.listdir(tmp_path)) == ["diagnose_and_fix.py", "train.log"]
+    assert tool().returncode == 0
+
+
 def test_loss_panel_top_is_clipped_only_when_the_first_steps_dwarf_the_rest():
     """A start-up loss of 7 over a later 2 would leave later differences a few pixels: the top is 1.15 x 2."""
     def view(first):
         train = {s: {"step": s, "loss": first if s <= 5 else 2.0 - s / 1000} for s in range(1, 101)}
-        return {"series": dx.panel_series(train, {}, {}, None)}
-    assert dx.loss_top([view(7.0)]) == pytest.approx(1.15 * 1.99)
-    assert dx.loss_top([view(3.0)]) is None
-    assert "[clipped at 2.29: the first steps are higher]" in dx.ascii_panels([{**view(7.0), "name": "a", "log": "a",
-                                                                                "markers": [], "findings": [],
-                                                                                "curve_note": None}])
+        return {"series": drawing.panel_series(train, {}, {}, None)}
+    assert drawing.loss_top([view(7.0)]) == pytest.approx(1.15 * 1.99)
+    assert drawing.loss_top([view(3.0)]) is None
+    text = drawing.ascii_panels([{**view(7.0), "name": "a", "log": "a", "markers": [], "findings": [],
+                                  "curve_note": None}])
+    assert "[clipped at 2.29: the first steps are higher]" in text
 
 
 @pytest.mark.parametrize("curve", ["clipped start-up", "unclipped"])
@@ -330,9 +350,9 @@ def test_loss_panel_never_goes_under_zero_for_a_positive_loss_and_every_title_fi
     else:
         loss = lambda s: 0.5 - 0.0049 * s  # noqa: E731
     train = {s: {"step": s, "loss": loss(s)} for s in range(1, 101)}
-    view = {"series": dx.panel_series(train, {}, {}, None), "name": "a", "log": "a", "markers": [], "findings": [],
+    view = {"series": drawing.panel_series(train, {}, {}, None), "name": "a", "log": "a", "markers": [], "findings": [],
             "curve_note": None}
-    fig, axes, legend = dx.build_figure([view])
+    fig, axes, legend = drawing.build_figure([view])
     try:
         bottom, top = axes["loss"].get_ylim()
         lowest = min(loss(s) for s in train)
@@ -365,7 +385,7 @@ def test_e2_labels_of_two_runs_are_apart_and_its_band_leaves_the_loss_lines_visi
                                                                                     tmp_path):
     other = copy_run(distill_run / "student", tmp_path / "student_b")
     views = views_of(monkeypatch, tmp_path, distill_run / "student" / "metrics.jsonl", other)
-    fig, axes, _ = dx.build_figure(views)
+    fig, axes, _ = drawing.build_figure(views)
     try:
         labels = [t for t in axes["loss"].texts if (t.get_gid() or "").startswith("finding E2")]
         assert len(labels) == 2 and len({t.get_position() for t in labels}) == 2  # one per run, not on one spot
@@ -385,7 +405,7 @@ def test_e7_label_of_a_probe_is_not_under_the_throughput_legend(runs, monkeypatc
             r["samples_per_s"] = 50.0 if r["step"] > 52 else 1000.0
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
     [view] = views_of(monkeypatch, tmp_path, log)
-    fig, axes, _ = dx.build_figure([view])
+    fig, axes, _ = drawing.build_figure([view])
     try:
         [label] = [t for t in axes["throughput"].texts if (t.get_gid() or "").startswith("finding E7")]
         renderer = fig.canvas.get_renderer()
@@ -404,7 +424,7 @@ def test_kd_train_ce_is_drawn_beside_val_ce_the_weighted_sum_labelled_and_logged
     assert steps == [r["step"] for r in recs] and ce == pytest.approx([r["loss/ce"] / 0.01 for r in recs])  # kd.alpha 0.01
     assert series(view, "loss", "train loss (weighted sum)")[1] == [r["loss"] for r in recs]
     assert "train loss" not in [s[0] for s in view["series"]["loss"]]
-    fig, axes, _ = dx.build_figure([view])
+    fig, axes, _ = drawing.build_figure([view])
     try:
         [logged] = [line for line in axes["lr"].lines if line.get_marker() == "."]
         assert logged.get_linestyle() == "None"  # the logged LR: points at the logged steps, nothing in between
@@ -419,9 +439,9 @@ def test_loss_panel_top_keeps_every_run_visible_when_runs_differ_in_length():
     it (the top was 1.15 x the long run's last loss, clipping all of the short one)."""
     def view(last, loss, configured=None):
         train = {s: {"step": s, "loss": loss(s), "lr": 1e-3} for s in range(1, last + 1)}
-        return {"series": dx.panel_series(train, {}, {}, configured)}
+        return {"series": drawing.panel_series(train, {}, {}, configured)}
     long_run = view(1000, lambda s: 5.0 if s <= 20 else 0.05)
     short_run = view(100, lambda s: 5.0 if s <= 5 else 0.6, configured=np.full(1800, 1e-3))
-    top = dx.loss_top([long_run, short_run])
+    top = drawing.loss_top([long_run, short_run])
     assert top == pytest.approx(1.15 * 0.6)
-    assert dx.loss_top([short_run]) == pytest.approx(1.15 * 0.6)
+    assert drawing.loss_top([short_run]) == pytest.approx(1.15 * 0.6)
