@@ -534,8 +534,8 @@ def bench_topk(repeats, vocabs=(32_000, 128_000), rows=256, k=256, temperature=2
 # -----------------------------------------------------------------------------
 # Chunked KD loss (D6, kd.chunk_tokens): one loss step of make_task from the last hidden states, CE + full
 # KD with an online teacher, the head run on both sides; unchunked (the [batch, seq, vocab] logits of both
-# networks, as loss() computes them) vs td.chunked_terms (chunk x vocab at a time, each chunk's gradient taken
-# in its forward).
+# networks, as loss() computes them) vs chunked_terms (chunked_loss.py: chunk x vocab at a time, each chunk's
+# gradient taken in its forward).
 # 4 x 256 positions at vocab 131,072 (128k) and width 64: one logits tensor is 512 MiB, one chunk of 128
 # positions 64 MiB; the unchunked step peaks near 3 GiB, seconds per step on one core.
 KD_CHUNK = {"batch": 4, "seq": 256, "vocab": 131_072, "width": 64, "chunk": 128, "alpha": 0.5, "beta": 0.5,
@@ -559,11 +559,12 @@ def kd_chunk_step(td, inputs, chunk, alpha, beta, temperature, **_):
     """fn() running one forward + backward of the loss (chunk 0: unchunked), dropping the gradients, returning the loss.
     Both sides are make_task's loss() / chunked_loss() minus the network body, with the kit's functions."""
     hidden, weight, t_hidden, t_weight, targets = inputs
+    chunked_terms = td.companion("chunked_loss", "kd.chunk_tokens").chunked_terms  # chunked_loss.py, beside it
 
     def go():
         if chunk:
-            loss = td.chunked_terms(hidden, (weight, None), targets, (t_hidden, t_weight, None), True, alpha,
-                                    beta * temperature ** 2, temperature, None, chunk)[0]
+            loss = chunked_terms(hidden, (weight, None), targets, (t_hidden, t_weight, None), True, alpha,
+                                 beta * temperature ** 2, temperature, None, chunk)[0]
         else:
             logits = F.linear(hidden, weight)
             with torch.no_grad():

@@ -20,6 +20,11 @@ sys.path.insert(0, ROOT)
 import train_distill as td  # noqa: E402
 
 
+def chunked():
+    """chunked_loss.py as train_distill.py loads it beside itself (the chunked loss is that companion's)."""
+    return td.companion("chunked_loss", "kd.chunk_tokens")
+
+
 def unchunked(hidden, weight, y, t_hidden, t_weight, alpha, beta, temperature, top_k, cached):
     """The loss the kit computes without chunking: logits [B, T, V], then the same terms (make_task's loss)."""
     logits = F.linear(hidden, weight)
@@ -48,7 +53,7 @@ def test_d6_chunked_loss_and_gradients_equal_the_unchunked_path(mode, alpha, bet
     want_grads = torch.autograd.grad(want, (hidden, weight))
     side, online = (cached, False) if cached is not None else ((t_hidden, t_weight, None), True)
     for chunk in (7, 11, 1000):  # 7 does not divide the 33 positions, 11 does, 1000 is one chunk
-        got, ce, kd = td.chunked_terms(hidden, (weight, None), y, side, online, alpha, beta, temperature, top_k, chunk)
+        got, ce, kd = chunked().chunked_terms(hidden, (weight, None), y, side, online, alpha, beta, temperature, top_k, chunk)
         assert torch.allclose(alpha * ce + beta * kd, got.detach())  # the logged parts add up to the loss
         grads = torch.autograd.grad(got, (hidden, weight))
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (chunk, got.item(), want.item())
@@ -69,7 +74,7 @@ def test_d6_the_loss_never_holds_more_than_one_chunk_of_logits():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ce = td.chunked_terms(hidden, (weight, None), y, (), False, 1.0, 0.0, 1.0, None, 16)[0]
+        ce = chunked().chunked_terms(hidden, (weight, None), y, (), False, 1.0, 0.0, 1.0, None, 16)[0]
     assert max(kept) <= 16 * 5000 and ce.requires_grad  # one chunk of 16 positions, not 128 x 5000
     kept.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

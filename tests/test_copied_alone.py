@@ -2,8 +2,8 @@
 with no other file of the kit importable (no PYTHONPATH; the directory holds the script and nothing else), the
 shipped configs made tiny run --dry_run, a short training that is SIGKILLed mid-run, and the same command
 resuming it to the end. A feature that needs another file of the kit (the preparation tools) names it in one
-line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py, fsdp_sharding.py), which works
-when copied together with the script."""
+line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py, fsdp_sharding.py,
+chunked_loss.py), which works when copied together with the script."""
 import os
 import shutil
 import subprocess
@@ -105,7 +105,8 @@ def companion_line(key, name, script):
     ("train_probe.py", "probe_synthetic", "log.tensorboard=true", "metric_sinks"),
     ("train_distill.py", "distill_demo", "log.wandb=proj", "metric_sinks"),
     ("train_distill.py", "distill_demo", "train.strategy=fsdp", "fsdp_sharding"),
-    ("train_distill.py", "distill_demo", "train.activation_checkpointing=true", "fsdp_sharding")])
+    ("train_distill.py", "distill_demo", "train.activation_checkpointing=true", "fsdp_sharding"),
+    ("train_distill.py", "distill_demo", "kd.chunk_tokens=8", "chunked_loss")])
 def test_c3_a_script_copied_alone_asked_for_a_companion_feature_names_the_file_in_one_line(
         script, config, setting, name, tmp_path):
     """A feature whose code is a companion file of the kit (issue 32): the run, its --dry_run and diagnose (copied
@@ -144,6 +145,16 @@ def test_d1_train_distill_copied_with_fsdp_sharding_py_trains_sharded_and_checkp
     assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     ckpt_dir = where / "runs" / "distill_demo_teacher" / "checkpoints"
     assert td.torch.load(ckpt_dir / "last.pt", weights_only=True)["shards"] in os.listdir(ckpt_dir)
+
+
+def test_d6_train_distill_copied_with_chunked_loss_py_trains_chunked(tmp_path):
+    """The script and its companion copied together: kd.chunk_tokens runs there."""
+    where = copied_alone(tmp_path, "train_distill.py")
+    shutil.copy(os.path.join(ROOT, "chunked_loss.py"), where)
+    out = run(where, "train_distill.py", "--config", os.path.join(CONFIGS, "distill_demo_teacher.yaml"), "--set",
+              *DISTILL_TINY, "train.max_steps=2", "train.eval_every=2", "kd.chunk_tokens=8")
+    assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "done: 2 optimizer steps" in out.stdout
 
 
 def test_c3_each_script_loads_a_companion_from_its_own_directory_once_with_itself_as_kit(monkeypatch):
