@@ -558,7 +558,7 @@ def check_precision(cfg):
 def distill_keys(cfg):
     """The distillation keys these checks read, when the config has them (train_distill.py's CONFIG)."""
     return {k: cfg[k] for k in ("kd.enabled", "kd.temperature", "kd.alpha", "kd.beta", "kd.gamma", "kd.divergence",
-                                "kd.jsd_beta", "kd.on_policy_fraction", "kd.hidden_layers") if k in cfg}
+                                "kd.jsd_beta", "kd.on_policy_fraction", "kd.seq_kd", "kd.hidden_layers") if k in cfg}
 
 
 def check_kd_temperature(cfg):
@@ -591,7 +591,7 @@ def check_loss_weights(cfg):
                             "dominate the gradient before the losses' own scales are even counted",
                             f"lower {big} to {new:g} ({LOSS_WEIGHT_RATIO / 2:g}x {small}), then read the real "
                             "loss/<name> shares in metrics.jsonl (--log) and rebalance", changes=[(big, new)])]
-    if kd.get("kd.enabled", True) and weights.get("kd.beta", 1) <= 0:
+    if kd.get("kd.enabled", True) and weights.get("kd.beta", 1) <= 0 and not kd.get("kd.seq_kd"):  # seq_kd: Kim & Rush
         # a labels-only baseline beside a KD run (docs/train_distill.md): the teacher only reports val/agreement
         # and runs no forward in the steps, so this is a deliberate run, not a loud finding
         return [finding("E2", "info", f"kd.beta is 0 ({listing}): no KD term, a baseline without distillation; the "
@@ -620,7 +620,8 @@ def check_objective_shares(kd):
     shares = [f"{divergence} x kd.beta {kd.get('kd.beta', 0):g} on every micro-batch",
               f"CE x kd.alpha {kd.get('kd.alpha', 0):g} and the hidden-state term x kd.gamma {kd.get('kd.gamma', 0):g}"
               + (f" ({len(layers)} layer pairs)" if layers else "")
-              + f" on the data micro-batches ({1 - fraction:.0%})"]
+              + f" on the {'teacher-written (kd.seq_kd)' if kd.get('kd.seq_kd') else 'data'} micro-batches "
+              f"({1 - fraction:.0%})"]
     return [finding("E2", "info", "terms per micro-batch: " + "; ".join(shares),
                     "read the real loss/<name> shares in metrics.jsonl (--log) once the run has started")]
 
@@ -684,6 +685,34 @@ def hf_teacher_on_meta(script, path, hidden):
     return script.HFCausalLM(transformers.AutoModelForCausalLM.from_config(config), hidden)
 
 
+def generation_lengths(script, cfg):
+    """E6: (longest prompt, new tokens after it) of a generated micro-batch: kd.prompt_tokens and kd.max_new_tokens
+    of windows; on prepared examples (C10) the data's own prompts, each example's as the run takes it
+    (example_prompts over every train example), and the longest sequence they make."""
+    prompt, new = script.on_policy_lengths(cfg)
+    if not cfg["data.train_bin"] or script.example_bounds(cfg, "train") is None:
+        return prompt, new
+    train, prompt, total = script.TokenWindows(cfg, "train"), 0, 0
+    for rows in np.array_split(np.arange(len(train)), max(1, len(train) // 1024)):
+        prompts, news, live = script.example_prompts(train[rows][1], cfg)
+        if live.any():
+            prompt, total = max(prompt, int(prompts[live].max())), max(total, int((prompts + news)[live].max()))
+    return prompt, total - prompt
+
+
+def generation_bytes(script, module, batch, prompt, new, vocab, act_bytes):
+    """E6: one generation's peak for `module` (a Trainable: the student, or the teacher writing for kd.seq_kd).
+    With a KV cache (the built-in GPT, Hugging Face models): the prompt's forward, the keys and values of every
+    block for the whole sequence (prompt + new - 1 tokens), one position's logits with their fp32 softmax and
+    fp64 sums; a user's module reruns the longest prefix instead."""
+    length, cached = prompt + new - 1, getattr(module.lm, "kv_cache", False)
+    idx = torch.zeros(batch, prompt if cached else length, dtype=torch.long, device="meta")
+    sizes, _ = leaf_outputs(module, lambda: module(idx))
+    blocks = len(script.model_blocks(module.lm))
+    cache = 2 * blocks * batch * length * (module.lm.width or 0) * act_bytes if cached else 0
+    return act_bytes * sum(sorted(sizes)[-2:]) + cache + batch * (1 if cached else length) * vocab * (act_bytes + 4 + 8)
+
+
 def distill_memory(script, cfg, plan, device="meta"):
     """Distill: the frozen teacher's weights (fp32, a Hugging Face teacher too), the trained network's weights,
     gradients and optimizer state, its activations for one micro-batch (leaf-module outputs of a meta-device
@@ -739,22 +768,20 @@ def distill_memory(script, cfg, plan, device="meta"):
     gathered = 4 * max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0) if world > 1 else 0
     candidates = {f"micro-batch {plan['batch_size']}": batch_bytes(plan["batch_size"], True),
                   f"eval batch {cfg['train.eval_batch_size']}": batch_bytes(cfg["train.eval_batch_size"], False)}
-    if cfg["kd.enabled"] and cfg.get("kd.on_policy_fraction", 0) > 0 and not offline:
-        # on-policy: the student's generation, no gradient, a peak of its own before the micro-batch's forward
-        # (it competes with the others rather than adding to them). With a KV cache (the built-in GPT, Hugging
-        # Face models): the prompt's forward, the keys and values of every block for the whole sequence (prompt
-        # + new - 1 tokens), one position's logits with their fp32 softmax and fp64 sums; a user's module reruns
-        # the longest prefix instead. Under FSDP the whole student is gathered for it (D1)
-        prompt, new = script.on_policy_lengths(cfg)
-        length, batch, cached = prompt + new - 1, plan["batch_size"], getattr(trainable.lm, "kv_cache", False)
-        idx = torch.zeros(batch, prompt if cached else length, dtype=torch.long, device="meta")
-        sizes, _ = leaf_outputs(trainable, lambda: trainable(idx))
-        cache = 2 * len(blocks) * batch * length * (trainable.lm.width or 0) * act_bytes if cached else 0
-        logits = batch * (1 if cached else length) * vocab * (act_bytes + 4 + 8)
+    if script.on_policy_used(cfg) and not offline:
+        # on-policy (and kd.seq_kd: the teacher writes): generation, no gradient, a peak of its own before the
+        # micro-batch's forward (it competes with the others rather than adding to them); under FSDP the whole
+        # student is gathered for it (D1), the teacher is never sharded
+        prompt, new = generation_lengths(script, cfg)
         whole = act_bytes * trained if world > 1 else 0
-        what = ", KV cache" * bool(cached) + ", the whole student gathered (D1)" * bool(whole)
-        candidates[f"on-policy generation ({prompt} + {new} tokens{what})"] = \
-            act_bytes * sum(sorted(sizes)[-2:]) + cache + logits + whole
+        writers = [("on-policy", trainable, whole)] * (cfg["kd.on_policy_fraction"] > 0)
+        if cfg.get("kd.seq_kd") and cfg["kd.on_policy_fraction"] < 1:
+            writers.append(("seq_kd teacher", script.Trainable(teacher), 0))
+        for name, module, gathered in writers:
+            what = ", KV cache" * bool(getattr(module.lm, "kv_cache", False)) + \
+                ", the whole student gathered (D1)" * bool(gathered)
+            candidates[f"{name} generation ({prompt} + {new} tokens{what})"] = \
+                generation_bytes(script, module, plan["batch_size"], prompt, new, vocab, act_bytes) + gathered
     parts = {"weights (frozen teacher)": 4 * frozen,
              f"trained weights, gradients, optimizer state{sharded}": 4 * trained * (2 + state) / world + gathered}
     if projections:

@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_distill as T  # noqa: E402
 from run_records import distill_killed_and_resumed  # noqa: E402
-from test_distill import (PAD, VOCAB, ckpt, data, kd_settings, run, loss_setup,  # noqa: E402,F401  (module fixtures)
+from test_distill import (LOOP, MODELS, PAD, VOCAB, ckpt, data, kd_settings, run, loss_setup,  # noqa: E402,F401
                           teacher)
 
 
@@ -249,6 +249,87 @@ def test_e14_on_policy_loss_is_the_divergence_on_the_generated_tokens_the_teache
     assert torch.allclose(total.detach(), 0.5 * 4 * scored.sum(), rtol=1e-5)
     assert task["step_count"]([indices], 7) == scored.numel() == int((~padded_prompt).sum()) * new
     assert not torch.equal(seq[:, prompt:], x[:, prompt:prompt + new])  # the student's tokens, not the data's
+
+
+def counting_teacher_settings(data, *extra):
+    """A distillation from zoo.CountingLM (a user module, no KV cache): its greedy continuation of token t is
+    t + 1, t + 2, ... (mod the vocabulary), so the tokens it writes are known."""
+    return data + MODELS[3:] + LOOP + ["kd.enabled=true", "teacher.target=zoo:counting_lm",
+                                       f"teacher.kwargs={{vocab: {VOCAB}}}", "kd.top_k=null", "kd.gamma=0",
+                                       "kd.alpha=0.5", "kd.beta=0.5", "kd.temperature=2", *extra]
+
+
+def test_e14_seq_kd_micro_batches_train_on_the_teachers_continuation_as_labels_and_the_others_are_on_policy(data):
+    """kd.seq_kd as GKD's training_step: a micro-batch is on-policy (the student writes) where on_policy_draw says
+    so, else the teacher writes its completion; none keeps the data's. With a teacher whose greedy continuation is
+    known (kd.sample_temperature 0): the sequence is each window's prompt then the teacher's tokens, the labels
+    exactly those tokens (IGNORE on the prompt and on windows whose prompt holds padding), and the micro-batch's
+    loss is the data loss on them, kd.alpha CE on the teacher's tokens + kd.beta T^2 KL there; the step counts
+    those tokens (G2). The teacher stays frozen and in eval mode."""
+    cfg, _ = T.resolve_config(None, counting_teacher_settings(
+        data, "kd.seq_kd=true", "kd.on_policy_fraction=0.5", "kd.sample_temperature=0", "kd.prompt_tokens=6",
+        "kd.max_new_tokens=5"))
+    frozen = T.build_teacher(cfg, torch.device("cpu"))
+    run_, task, windows, module = on_policy_run(cfg, frozen)
+    pieces = T.make_on_policy(run_, T.make_kd_term(cfg))
+    writers = []
+    for step in range(40):
+        run_["state"]["global_step"] = step
+        writers += [(pieces["draw_next"](), T.on_policy_draw(cfg, step + 1, micro)) for micro in range(2)]
+    assert all(who == ("student" if on else "teacher") for who, on in writers)
+    assert {who for who, _ in writers} == {"student", "teacher"}
+    step = next(s for s in range(1, 100) if not T.on_policy_draw(cfg, s, 0))  # micro-batch 0: the teacher's
+    indices = np.arange(len(windows))
+    x, y = windows[indices]
+    prompt, new = 6, 5
+    real = ~(x[:, :prompt] == PAD).any(1)
+    assert 0 < int(real.sum()) < len(x)
+    seq = torch.cat([x[:, :prompt], (x[:, prompt - 1:prompt] + torch.arange(1, new + 1)) % VOCAB], 1)
+    want = torch.full((len(x), prompt + new - 1), T.IGNORE)
+    want[real, prompt - 1:] = seq[real, prompt:]
+    run_["state"]["global_step"] = step - 1
+    assert pieces["draw_next"]() == "teacher"
+    inputs, targets = pieces["generated"]((x, y))
+    assert torch.equal(targets, want) and torch.equal(inputs[real], seq[real, :-1])
+    total, parts = task["loss"](module, (x, y))
+    assert set(parts) == {"ce", "kd"}  # the data loss's terms, on the teacher's tokens
+    mask = want != T.IGNORE
+    with torch.no_grad():
+        logits = module.lm(seq[:, :-1])[0]
+        ce = F.cross_entropy(logits[mask], want[mask], reduction="sum")
+        log_q, log_p = F.log_softmax(logits / 2, -1), F.log_softmax(frozen(seq[:, :-1])[0] / 2, -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)[mask].sum()
+    assert torch.allclose(parts["ce"].detach(), 0.5 * ce, rtol=1e-5)
+    assert torch.allclose(parts["kd"].detach(), 0.5 * 4 * kl, rtol=1e-5)
+    assert task["step_count"]([indices], step) == int(mask.sum()) == int(real.sum()) * new
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_e14_seq_kd_labels_are_those_trl_gkd_makes_when_its_teacher_generates(tmp_path):
+    """TRL's GKDTrainer with seq_kd has the teacher write the completion (generate_on_policy_outputs with the
+    student's end ids): its labels are the generated tokens up to and including the first end id, -100 on the
+    prompt and after the end, shifted one to the left in compute_loss. The kit's labels for the same Hugging Face
+    teacher, greedy, are exactly those."""
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    import transformers
+    import zoo
+    model = transformers.AutoModelForCausalLM.from_pretrained(zoo.hf_gpt2(tmp_path / "teacher")).eval()
+    cfg, _ = T.resolve_config(None, ["kd.enabled=true", "teacher.target=zoo:tiny_causal_lm", "data.seq_len=32",
+                                     "kd.seq_kd=true", "kd.sample_temperature=0", "kd.prompt_tokens=8",
+                                     "kd.max_new_tokens=16"])
+    prompt = torch.randint(1, 256, (8, 8), generator=torch.Generator().manual_seed(0))
+    eos = [176, 181, 143, 112]  # tokens this greedy teacher turns to after a few repeats, in 4 of the 8 rows
+    config = transformers.GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        _, _, labels = gkd.GKDTrainer.generate_on_policy_outputs(
+            model, {"prompts": prompt, "prompt_attention_mask": torch.ones_like(prompt)}, config)
+    writer = T.Trainable(T.HFCausalLM(model, False)).eval()
+    x = torch.cat([prompt, torch.zeros(8, 24, dtype=torch.long)], 1)
+    _, targets = T.on_policy_batch(writer, x, cfg, None, torch.Generator().manual_seed(0), torch.tensor(eos))
+    width = labels.shape[1] - 1
+    ended = (labels[:, 8:] == T.IGNORE).any(1)
+    assert 0 < int(ended.sum()) < 8  # rows end at an end id, others run to kd.max_new_tokens
+    assert torch.equal(targets[:, :width], labels[:, 1:]) and (targets[:, width:] == T.IGNORE).all()
 
 
 def test_on_policy_draws_are_the_same_on_every_process_and_each_process_samples_its_own():
@@ -484,19 +565,23 @@ def test_e14_a_row_ends_at_its_end_id_and_costs_nothing_after(tmp_path):
     cfg, _ = T.resolve_config(None, ["kd.enabled=true", "teacher.target=zoo:tiny_causal_lm", "data.seq_len=48",
                                      "kd.on_policy_fraction=1", "kd.prompt_tokens=8", "kd.max_new_tokens=40"])
     x = torch.cat([prompt, torch.zeros(8, 40, dtype=torch.long)], 1)
-    inputs, mask = T.on_policy_batch(module, x, cfg, 0, torch.Generator().manual_seed(5), eos)
+    inputs, targets = T.on_policy_batch(module, x, cfg, 0, torch.Generator().manual_seed(5), eos)
     assert torch.equal(inputs, seq[:, :-1])  # the same rows live (pad 0), the same fill, the same draws
+    mask = targets != T.IGNORE
+    assert torch.equal(targets[mask], seq[:, 1:][mask])  # the labels are the generated tokens (TRL's)
     scored = mask[:, 7:].sum(1).tolist()
     assert scored == [40 if e is None else e + 1 for e in ends] + [0]  # up to and including the end id
 
 
 def test_e5_dry_run_covers_on_policy_data_and_a_divergence(capsys):
-    """The dry run of an on-policy JSD config trains, resumes bit-exactly and reports the generation it ran."""
+    """The dry run of an on-policy JSD config trains, resumes bit-exactly and reports the generation it ran: the
+    student's micro-batches and, with kd.seq_kd, the teacher's (GKD's order: no micro-batch keeps the data's)."""
     # a KD config names its teacher (issue 22: kd.enabled false is plain LM training, with no KD keys)
     assert T.main(["--dry_run", "--set", "kd.enabled=true", "teacher.target=zoo:tiny_causal_lm", "kd.gamma=0",
-                   "kd.divergence=jsd", "kd.on_policy_fraction=0.5"]) == 0
+                   "kd.divergence=jsd", "kd.on_policy_fraction=0.5", "kd.seq_kd=true"]) == 0
     out = capsys.readouterr().out
-    assert "dry run passed" in out and "on-policy" in out
+    assert "dry run passed" in out and "on-policy: the student generated" in out
+    assert "seq_kd: the teacher wrote the completions of" in out
 
 
 # ----------------------------------------------------------------------------- layer maps

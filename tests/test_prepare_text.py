@@ -384,7 +384,8 @@ def test_c10_e14_on_policy_examples_continue_their_own_prompt_up_to_the_assistan
         text = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         assert x[row, :prompt[row]].tolist() == tok(text, add_special_tokens=False)["input_ids"]
     module = T.build_trainable(cfg, None)
-    inputs, mask = T.example_on_policy_batch(module, x, y, cfg, torch.Generator().manual_seed(0), None)
+    inputs, targets = T.example_on_policy_batch(module, x, y, cfg, torch.Generator().manual_seed(0), None)
+    mask = targets != T.IGNORE
     positions = torch.arange(x.shape[1])
     for row in range(len(x)):  # E14: the KD term only on the generated tokens, after each row's own prompt
         p = int(prompt[row])
@@ -442,3 +443,76 @@ def test_c10_r9_the_teacher_cache_is_keyed_on_the_example_bounds_not_only_the_to
     other, _ = T.cache_identity(cfg, train, val, np.arange(len(val)))
     assert other["data"]["train"]["sha256"] == want["data"]["train"]["sha256"]
     assert other["data"]["train"] != want["data"]["train"] and other["data"]["val"] == want["data"]["val"]
+
+
+@pytest.fixture(scope="module")
+def prompt_data(chat_data):
+    """The chat rows' conversations up to the assistant's last reply, as prompt-only {"prompt"} rows, prepared
+    with the same tokenizer (train and val prompt-only)."""
+    rows = [json.loads(line) for line in open(chat_data["src"])]
+    src = write_jsonl(chat_data["root"] / "src_prompts" / "prompts.jsonl",
+                      [{"prompt": r["messages"][:-1]} for r in rows])
+    out = chat_data["root"] / "prompts"
+    assert P.main([src, "--tokenizer", chat_data["tok"], "--out", str(out)]) == 0
+    return out
+
+
+def test_c10_e14_prompt_only_data_trains_only_when_every_micro_batch_generates_and_val_needs_completions(
+        chat_data, prompt_data, tmp_path, capsys):
+    """Prompt-only rows: refused for training unless every micro-batch generates its completion (one line naming
+    kd.on_policy_fraction and kd.seq_kd), refused as val data (eval scores the val data's completions), and
+    kd.seq_kd with an offline teacher cache (no teacher to write) refused; the run, --dry_run and diagnose with the
+    same line, nothing written. Accepted, each row's prompt is the whole example (example_prompts)."""
+    prompts = chat_settings(chat_data, f"data.train_bin={prompt_data / 'train.bin'}", "kd.max_new_tokens=6")
+    cases = [(prompts + ["kd.on_policy_fraction=0.5"], "data.train_bin", ("kd.on_policy_fraction=1", "kd.seq_kd=true")),
+             (prompts + ["kd.seq_kd=true", f"data.val_bin={prompt_data / 'val.bin'}"], "data.val_bin",
+              ("with completions",)),
+             (chat_settings(chat_data, "kd.seq_kd=true", "kd.top_k=8", "kd.gamma=0",
+                            f"kd.teacher_cache={tmp_path / 'cache'}"), "kd.seq_kd", ("kd.teacher_cache=null",))]
+    for settings, key, words in cases:
+        lines, nothing = dry_run_and_diagnose_lines(settings, tmp_path, capsys)
+        assert len(lines) == 3 and len(set(lines)) == 1 and nothing, lines
+        assert lines[0].startswith(f"config error: {key}:") and all(w in lines[0] for w in words), lines[0]
+        assert not (tmp_path / "cache").exists()
+    for writes in ("kd.seq_kd=true", "kd.on_policy_fraction=1"):
+        cfg, _ = T.resolve_config(None, prompts + [writes])
+    train = T.TokenWindows(cfg, "train")
+    x, y = train[np.arange(len(train))]
+    prompt, new, live = T.example_prompts(y, cfg)
+    lengths = np.diff(np.load(prompt_data / "train.starts.npy"))
+    assert live.all() and (prompt == lengths).all() and (new == 6).all()
+    assert ((y == T.IGNORE) | (y == T.GENERATE)).all() and int((y == T.GENERATE).sum()) == len(train)
+
+
+def test_c10_e14_r4_seq_kd_on_prompt_only_chat_data_with_on_policy_resumes_bit_exactly(chat_data, prompt_data,
+                                                                                         tmp_path):
+    """kd.seq_kd with kd.on_policy_fraction 0.5 on prompt-only chat data (val with completions): every micro-batch
+    is written by the student or by the teacher, none by the data (GKD's order), CE (kd.alpha) on the teacher's
+    tokens; SIGKILLed and resumed, it ends bit-identical to an uninterrupted run (R4: which writer and every
+    sample are drawn from the data position, no generator state to save)."""
+    from run_records import distill_killed_and_resumed
+    settings = chat_settings(chat_data, f"data.train_bin={prompt_data / 'train.bin'}", "kd.max_new_tokens=6",
+                             "kd.seq_kd=true", "kd.on_policy_fraction=0.5")
+    clean, resumed, _ = distill_killed_and_resumed(settings, tmp_path)
+    assert all(clean[s]["loss"] == resumed[s]["loss"] for s in clean if s in resumed)
+    cfg, _ = T.resolve_config(None, settings)
+    plan = T.plan_schedule(cfg, T.window_count(cfg, "train"))
+    student, teacher = (sum(r[f"{k}/micro_batches"] for r in clean.values()) for k in ("on_policy", "seq_kd"))
+    assert student > 0 and teacher > 0 and student + teacher == plan["micro_batches_per_epoch"] * plan["epochs"]
+    assert any("loss/ce" in r for r in clean.values())  # seq_kd micro-batches: CE on the teacher's tokens
+
+
+def test_e6_diagnose_counts_generation_from_the_longest_example_prompt_and_the_teachers_with_seq_kd(chat_data,
+                                                                                                     tmp_path, capsys):
+    """E6 on chat data: the generation peak is sized by the data's own prompts (the longest example prompt, up to
+    the assistant's last reply) and kd.max_new_tokens, not kd.prompt_tokens' windows; with kd.seq_kd the
+    teacher's generation (its KV cache, its width) is a peak of its own too."""
+    import diagnose_and_fix as dx
+    longest = max(len(m) - 1 - int(np.argmax(np.diff(np.r_[0, m])[::-1] == 1))
+                  for _, m in prepared_examples(chat_data["root"] / "data", "train"))
+    (tmp_path / "c.yaml").write_text("task: distill\n")
+    settings = chat_settings(chat_data, "kd.seq_kd=true", "kd.on_policy_fraction=0.5", "kd.max_new_tokens=6")
+    dx.main(["--config", str(tmp_path / "c.yaml"), "--json"] + [a for s in settings for a in ("--set", s)])
+    e6 = next(f["evidence"] for f in json.loads(capsys.readouterr().out)["findings"] if f["id"] == "E6")
+    assert f"on-policy generation ({longest} + 6 tokens, KV cache)" in e6, e6
+    assert f"seq_kd teacher generation ({longest} + 6 tokens, KV cache)" in e6, e6

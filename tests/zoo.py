@@ -209,6 +209,23 @@ def tiny_causal_lm(**kwargs):
     return TinyCausalLM(**kwargs)
 
 
+class CountingLM(nn.Module):
+    """A user teacher whose greedy continuation is known: after token t it ranks (t + 1) % vocab first, by a
+    margin `scale`, whatever came before; (logits, hidden) with the one-hot input as its hidden state."""
+
+    def __init__(self, vocab=BYTES, scale=4.0):
+        super().__init__()
+        self.vocab, self.scale = vocab, nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, idx):
+        return self.scale * nn.functional.one_hot((idx + 1) % self.vocab, self.vocab).float(), \
+            nn.functional.one_hot(idx, self.vocab).float()
+
+
+def counting_lm(**kwargs):
+    return CountingLM(**kwargs)
+
+
 def tiny_tokenizer(path, texts, vocab_size=300):
     """A word-level BPE tokenizer trained on `texts` with the tokenizers package, wrapped as a transformers
     PreTrainedTokenizerFast and saved into `path` (an <eos> token separates documents)."""
