@@ -682,10 +682,12 @@ def test_g8_on_policy_under_two_processes_each_generates_its_own_share(data, tea
     on-policy micro-batch's loss, takes part at weight 0 (DDP searches for no unused parameter, torch warns nothing), both processes take the same micro-batches on-policy (their loss
     parts line up in the all-reduce, or the run fails), and process 0 generated for its half of each global
     micro-batch only; rows may end (kd.eos_token) at other steps on each process. train.strategy fsdp (D1) gives
-    DDP's run to round-off: generation runs through the sharded root (its hooks gather the weights)."""
+    DDP's run to round-off: generation runs through the sharded root (its hooks gather the weights). With kd.seq_kd
+    (E14) the other micro-batches are the teacher's, each process writing its own share with the unsharded teacher
+    (no collective), trained as data ones (CE and the hidden term too)."""
     settings = kd_settings(data, teacher, "kd.top_k=null", "kd.on_policy_fraction=0.5", "kd.prompt_tokens=6",
                            "kd.max_new_tokens=5", "train.batch_size=2", "train.grad_accum=1", "train.epochs=1",
-                           "kd.eos_token=7")
+                           "kd.eos_token=7", "kd.seq_kd=true")
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             os.path.join(ROOT, "train_distill.py")]
     env = {**{k: v for k, v in os.environ.items() if k != "KIT_FAULT_KILL_AT"}, "OMP_NUM_THREADS": "1"}
@@ -702,8 +704,9 @@ def test_g8_on_policy_under_two_processes_each_generates_its_own_share(data, tea
     assert ckpt(tmp_path / "ddp")["world_size"] == 2 and len(records) == 5  # 20 windows / (2 x 2) per step
     micro = sum(r["on_policy/micro_batches"] for r in records.values())
     assert 0 < micro < 5 and sum(r["on_policy/tokens"] for r in records.values()) == micro * 2 * 5  # 2 of 4 windows
+    assert sum(r["seq_kd/micro_batches"] for r in records.values()) == 5 - micro  # no micro-batch keeps the data's
     fsdp, fsdp_evals = runs["fsdp"][:2]
-    for key in ("loss", "loss/kd", "grad_norm"):
+    for key in ("loss", "loss/kd", "loss/ce", "loss/hidden", "grad_norm"):
         assert np.allclose([r.get(key, 0) for r in records.values()], [r.get(key, 0) for r in fsdp.values()],
                            rtol=1e-5), key
     assert np.allclose([r["val/loss"] for r in evals.values()], [r["val/loss"] for r in fsdp_evals.values()], rtol=1e-5)
@@ -711,4 +714,6 @@ def test_g8_on_policy_under_two_processes_each_generates_its_own_share(data, tea
     sharded = ckpt(tmp_path / "fsdp")
     weights = T.shard_reader().read_shards(os.path.join(tmp_path, "fsdp", "checkpoints", sharded["shards"]))
     plain = ckpt(tmp_path / "ddp")["model"]
-    assert all(torch.allclose(weights[k], plain[k], rtol=1e-4, atol=1e-6) for k in plain)
+    # AdamW divides by the gradient's own scale: where a gradient is near 0 its round-off moves the weight by more
+    # (seen: 1.1e-6 on a bias of 0.005 after 5 steps, the losses equal to 1e-5 at every step)
+    assert all(torch.allclose(weights[k], plain[k], rtol=1e-4, atol=5e-6) for k in plain)
