@@ -3813,8 +3813,8 @@ def objective_text(cfg, vocabulary):
         text += (f"; on-policy: {cfg['kd.on_policy_fraction']:g} of the micro-batches continue a {prompt}-token prompt "
                  f"with {new} tokens the student samples at T {cfg['kd.sample_temperature']:g}, {name} only on those")
     if cfg["kd.seq_kd"] and cfg["kd.on_policy_fraction"] < 1:  # E14
-        text += (f"; seq_kd: the {'other' if cfg['kd.on_policy_fraction'] else 'every'} micro-batch's labels are "
-                 f"{new} tokens the teacher samples after a {prompt}-token prompt")
+        text += (f"; seq_kd: the labels of the {'other' if cfg['kd.on_policy_fraction'] else 'all'} micro-batches "
+                 f"are {new} tokens the teacher samples after a {prompt}-token prompt")
     return text
 
 
