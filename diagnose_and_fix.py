@@ -860,15 +860,16 @@ def check_run_inputs(script, cfg, opts):
 
 def check_teacher_cache(script, cfg, usable=True):
     """E6 for the disk: kd.teacher_cache's size (positions x k x bytes, plus ids and the rest bucket) before it is
-    built, from the training script's own teacher_cache_size; a warning when it exceeds the free disk space.
+    built, from the training script's own teacher_cache_size (teacher_cache.py); a warning when it exceeds the free
+    disk space.
     usable: check_run_inputs found nothing against it (a complete cache built for another run is not "built")."""
     if not (cfg.get("kd.enabled") and cfg.get("kd.teacher_cache")
             and (cfg.get("kd.top_k") or cfg.get("kd.teacher_cache_mode") == "sampled")):
         return []
-    path = cfg["kd.teacher_cache"]
+    path, code = cfg["kd.teacher_cache"], script.caching(cfg)
     manifest = os.path.join(path, "manifest.json")
     try:
-        size, how = script.teacher_cache_size(cfg)
+        size, how = code.teacher_cache_size(cfg)
     except Exception as err:  # data files this machine lacks: C3 already says so
         return [finding("E6", "info", f"no teacher-cache size: {type(err).__name__}: {err}",
                         "fix the data paths first")]
@@ -879,7 +880,7 @@ def check_teacher_cache(script, cfg, usable=True):
                 complete = bool(json.load(f).get("complete"))
         except (OSError, ValueError):
             pass
-    free = script.free_disk_bytes(path)
+    free = code.free_disk_bytes(path)
     complete = complete and usable
     evidence = (f"kd.teacher_cache {path}: {how}; {free / 2**30:,.1f} GiB free there"
                 + ("; already built" if complete else ""))

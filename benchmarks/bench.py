@@ -690,7 +690,7 @@ def bench_offline(repeats, tmp, cases=None, steps=None):
         build_s = time.perf_counter() - start
         m = cache["manifest"]
         cache_cfg, _ = td.resolve_config(DEMO_CONFIG, kd + [f"kd.teacher_cache={cache_path}"])
-        size, _how = td.teacher_cache_size(cache_cfg, m["windows"]["train"], m["windows"]["val"])
+        size, _how = td.caching(cache_cfg).teacher_cache_size(cache_cfg, m["windows"]["train"], m["windows"]["val"])
         positions = (m["windows"]["train"] + m["windows"]["val"]) * m["data.seq_len"]
         # a sampled cache of the same bytes: k - 1 draws in k slots (kd.teacher_cache_mode sampled)
         draws = [f"kd.teacher_cache={os.path.join(root, 'cache_sampled')}", "kd.top_k=null",
@@ -698,8 +698,9 @@ def bench_offline(repeats, tmp, cases=None, steps=None):
         start = time.perf_counter()
         sampled = capture_distill(td, kd + draws, os.path.join(root, "unused"), cache_only=True)["manifest"]
         sampled_build_s = time.perf_counter() - start
-        sampled_size, _how = td.teacher_cache_size(td.resolve_config(DEMO_CONFIG, kd + draws)[0],
-                                                   sampled["windows"]["train"], sampled["windows"]["val"])
+        sampled_cfg = td.resolve_config(DEMO_CONFIG, kd + draws)[0]
+        sampled_size, _how = td.caching(sampled_cfg).teacher_cache_size(sampled_cfg, sampled["windows"]["train"],
+                                                                        sampled["windows"]["val"])
         sides = {"offline_topk": kd + [f"kd.teacher_cache={cache_path}"], "online_topk": kd,
                  "online_full": kd + ["kd.top_k=null"], "offline_sampled": kd + draws}
         runs = {side: capture_distill(td, s, os.path.join(root, side)) for side, s in sides.items()}

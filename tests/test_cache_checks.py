@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from test_distill import LOOP, MODELS, ROOT, VOCAB, data, kd_settings  # noqa: F401 (fixtures)
-from test_offline import CLEAN_ENV, build, command, file_hashes, offline
+from test_offline import CLEAN_ENV, build, cache_code, command, file_hashes, offline
 import diagnose_and_fix as dx
 import train_distill as T
 from run_records import launch, teacher_run
@@ -416,7 +416,7 @@ def test_r10_cache_teacher_after_a_finished_online_run_is_not_refused_and_launch
     done = launch(str(config), "--gpus", "cpu", "--", "--cache_teacher", "--set",
                   f"kd.teacher_cache={tmp_path / 'cache'}", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "holds a finished run" not in done.stderr and T.read_manifest(str(tmp_path / "cache"))["complete"]
+    assert "holds a finished run" not in done.stderr and cache_code().read_manifest(str(tmp_path / "cache"))["complete"]
     assert not (tmp_path / "runs" / "kd" / "launch.lock").exists()
 
 

@@ -3,7 +3,7 @@ with no other file of the kit importable (no PYTHONPATH; the directory holds the
 shipped configs made tiny run --dry_run, a short training that is SIGKILLed mid-run, and the same command
 resuming it to the end. A feature that needs another file of the kit (the preparation tools) names it in one
 line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py, fsdp_sharding.py,
-chunked_loss.py), which works when copied together with the script."""
+chunked_loss.py, teacher_cache.py), which works when copied together with the script."""
 import os
 import shutil
 import subprocess
@@ -106,7 +106,8 @@ def companion_line(key, name, script):
     ("train_distill.py", "distill_demo", "log.wandb=proj", "metric_sinks"),
     ("train_distill.py", "distill_demo", "train.strategy=fsdp", "fsdp_sharding"),
     ("train_distill.py", "distill_demo", "train.activation_checkpointing=true", "fsdp_sharding"),
-    ("train_distill.py", "distill_demo", "kd.chunk_tokens=8", "chunked_loss")])
+    ("train_distill.py", "distill_demo", "kd.chunk_tokens=8", "chunked_loss"),
+    ("train_distill.py", "distill_demo", "kd.teacher_cache=cache", "teacher_cache")])
 def test_c3_a_script_copied_alone_asked_for_a_companion_feature_names_the_file_in_one_line(
         script, config, setting, name, tmp_path):
     """A feature whose code is a companion file of the kit (issue 32): the run, its --dry_run and diagnose (copied
@@ -154,6 +155,25 @@ def test_d6_train_distill_copied_with_chunked_loss_py_trains_chunked(tmp_path):
     out = run(where, "train_distill.py", "--config", os.path.join(CONFIGS, "distill_demo_teacher.yaml"), "--set",
               *DISTILL_TINY, "train.max_steps=2", "train.eval_every=2", "kd.chunk_tokens=8")
     assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "done: 2 optimizer steps" in out.stdout
+
+
+def test_r9_train_distill_copied_with_teacher_cache_py_builds_the_cache_and_distils_offline(tmp_path):
+    """The script and its companion copied together: a tiny teacher, --cache_teacher builds its cache there, and
+    the offline student trains from it with no teacher in memory."""
+    where = copied_alone(tmp_path, "train_distill.py")
+    shutil.copy(os.path.join(ROOT, "teacher_cache.py"), where)
+    short = [*DISTILL_TINY, "train.max_steps=2", "train.eval_every=2"]
+    teacher = run(where, "train_distill.py", "--config", os.path.join(CONFIGS, "distill_demo_teacher.yaml"), "--set",
+                  *short)
+    assert teacher.returncode == 0, teacher.stderr[-2000:]
+    student = ["--config", os.path.join(CONFIGS, "distill_demo.yaml"), "--set", *short, *TEACHER_TINY,
+               "kd.gamma=0", "kd.top_k=4", "kd.teacher_cache=cache"]
+    built, cache = run(where, "train_distill.py", "--cache_teacher", *student), where / "cache"
+    assert built.returncode == 0 and f"teacher cache: {cache} complete in" in built.stdout, built.stdout[-2000:]
+    out = run(where, "train_distill.py", *student)
+    assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"teacher: offline, its top-4 from the cache {cache}" in out.stdout and "nothing to build" in out.stdout
     assert "done: 2 optimizer steps" in out.stdout
 
 

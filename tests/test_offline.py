@@ -3,6 +3,7 @@ teacher in memory. The same tiny token files, teacher and loop as tests/test_dis
 import hashlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -15,6 +16,11 @@ import train_distill as T
 from run_records import teacher_run
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("KIT_FAULT_KILL_AT", "KIT_FAULT_CACHE_KILL_AT")}
+
+
+def cache_code():
+    """teacher_cache.py as train_distill.py loads it beside itself (the offline cache's code is that companion's)."""
+    return T.companion("teacher_cache", "kd.teacher_cache")
 
 
 def offline(data, teacher, cache, *extra):
@@ -77,7 +83,7 @@ def test_offline_task_loss_and_gradients_are_bit_identical_to_online_topk(data, 
     frozen = T.build_teacher(cfg_on, torch.device("cpu"))
     cpu = {"device": torch.device("cpu")}
     online = T.make_task({"cfg": cfg_on, "dist": cpu, "train_set": windows, "teacher": frozen})
-    got = T.prepare_teacher_cache(cfg_off, {"main": True, "world": 1, "rank": 0, **cpu}, windows,
+    got = cache_code().prepare_teacher_cache(cfg_off, {"main": True, "world": 1, "rank": 0, **cpu}, windows,
                                   T.TokenWindows(cfg_off, "val"), T.eval_windows(cfg_off, T.window_count(cfg_off, "val")), print)
     off = T.make_task({"cfg": cfg_off, "dist": cpu, "train_set": windows, "teacher": None, "teacher_cache": got})
     idx = np.arange(8)
@@ -183,13 +189,13 @@ def test_cache_build_killed_mid_chunk_resumes_to_the_same_bytes(data, teacher, c
 def test_cache_holds_teacher_topk_of_every_train_and_eval_window(data, teacher, cache):
     cfg, _ = T.resolve_config(None, offline(data, teacher, cache))
     frozen = T.build_teacher(cfg, torch.device("cpu"))
-    manifest = T.read_manifest(cache)
+    manifest = cache_code().read_manifest(cache)
     train, val = T.TokenWindows(cfg, "train"), T.TokenWindows(cfg, "val")
     ids = T.eval_windows(cfg, len(val))
     assert manifest["windows"] == {"train": len(train), "val": len(ids)} and manifest["complete"]
     assert manifest["teacher"]["tensor_digest"] == T.tensor_digest(frozen)
     for split, windows, rows in (("train", train, np.arange(len(train))), ("val", val, ids)):
-        reader = T.TeacherCacheWindows(windows, cache, manifest, split)
+        reader = cache_code().TeacherCacheWindows(windows, cache, manifest, split)
         with torch.no_grad():
             want = T.teacher_topk(frozen(windows[rows][0])[0], 2.0, 8)
         got = reader.teacher(np.arange(len(rows)))
@@ -197,13 +203,25 @@ def test_cache_holds_teacher_topk_of_every_train_and_eval_window(data, teacher, 
             assert torch.allclose(a, b.to(a.dtype), rtol=1e-6, atol=1e-6), split
 
 
+def test_a_cache_reader_pickles_as_a_spawned_dataloader_worker_gets_it(data, teacher, cache):
+    """Its class lives in teacher_cache.py, loaded by path (never importable by name): a pickled reader is rebuilt
+    through the script's cache_reader, its arrays unopened (the worker maps them itself), the same numbers."""
+    cfg, _ = T.resolve_config(None, offline(data, teacher, cache))
+    reader = cache_code().TeacherCacheWindows(T.TokenWindows(cfg, "train"), cache, cache_code().read_manifest(cache),
+                                              "train")
+    want = reader.teacher(np.arange(3))
+    copy = pickle.loads(pickle.dumps(reader))
+    assert type(copy) is type(reader) and copy.arrays is None and reader.arrays is not None
+    assert all(torch.equal(a, b) for a, b in zip(copy.teacher(np.arange(3)), want))
+
+
 def test_fp16_cache_is_half_the_value_bytes_and_close(data, teacher, cache, tmp_path):
     _, half = build(offline(data, teacher, tmp_path / "c16", "kd.teacher_cache_dtype=fp16"))
-    full = T.read_manifest(cache)
+    full = cache_code().read_manifest(cache)
     assert half["manifest"]["value_dtype"] == "float16"
     assert os.path.getsize(tmp_path / "c16" / "train.values") * 2 == os.path.getsize(os.path.join(cache, "train.values"))
     a = half["train"].teacher(np.arange(4))
-    b = T.TeacherCacheWindows(half["train"].windows, cache, full, "train").teacher(np.arange(4))
+    b = cache_code().TeacherCacheWindows(half["train"].windows, cache, full, "train").teacher(np.arange(4))
     assert torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0], rtol=2e-3, atol=2e-3)
 
 
@@ -265,7 +283,7 @@ def test_c3_cache_teacher_flag_needs_a_cache_path(data, teacher, tmp_path, capsy
 
 def test_cache_size_is_stated_before_the_build(data, teacher):
     cfg, _ = T.resolve_config(None, offline(data, teacher, "/nonexistent/c"))
-    size, how = T.teacher_cache_size(cfg)
+    size, how = cache_code().teacher_cache_size(cfg)
     train, val = T.train_set_size(cfg), len(T.eval_windows(cfg, T.window_count(cfg, "val")))
     assert size == (train + val) * 16 * (8 * (4 + 2) + 4) and f"{(train + val) * 16:,} positions" in how
 
@@ -287,10 +305,10 @@ def test_e6_diagnose_states_the_cache_size_and_warns_when_the_disk_is_too_small(
         report = json.loads(out.getvalue())
         return [f for f in report["findings"] if f["id"] == "E6" and "kd.teacher_cache" in f["evidence"]]
 
-    size, how = T.teacher_cache_size(cfg)
+    size, how = cache_code().teacher_cache_size(cfg)
     found = diagnose()
     assert len(found) == 1 and found[0]["severity"] == "info" and how in found[0]["evidence"]
-    monkeypatch.setattr(T, "free_disk_bytes", lambda path: size - 1)
+    monkeypatch.setattr(cache_code(), "free_disk_bytes", lambda path: size - 1)
     found = diagnose()
     assert len(found) == 1 and found[0]["severity"] == "warning" and "more than is free" in found[0]["evidence"]
     assert not (tmp_path / "c").exists()

@@ -438,9 +438,9 @@ def test_c10_r9_the_teacher_cache_is_keyed_on_the_example_bounds_not_only_the_to
     preparation, or a starts file edited alone) gives other rows, so the cache's identity must differ."""
     cfg, _ = T.resolve_config(None, chat_settings(chat_data, "kd.top_k=8"))
     train, val = T.TokenWindows(cfg, "train"), T.TokenWindows(cfg, "val")
-    want, _ = T.cache_identity(cfg, train, val, np.arange(len(val)))
+    want, _ = T.companion("teacher_cache", "kd.teacher_cache").cache_identity(cfg, train, val, np.arange(len(val)))
     train.examples = {**train.examples, "ends": train.examples["ends"] - 1}  # the same bytes, other example bounds
-    other, _ = T.cache_identity(cfg, train, val, np.arange(len(val)))
+    other, _ = T.companion("teacher_cache", "kd.teacher_cache").cache_identity(cfg, train, val, np.arange(len(val)))
     assert other["data"]["train"]["sha256"] == want["data"]["train"]["sha256"]
     assert other["data"]["train"] != want["data"]["train"] and other["data"]["val"] == want["data"]["val"]
 

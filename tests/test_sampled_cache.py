@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from test_distill import ckpt, data, kd_settings, teacher  # noqa: F401 (fixtures)
-from test_offline import CLEAN_ENV, build, build_in_one_and_two_processes, command, file_hashes, offline
+from test_offline import CLEAN_ENV, build, build_in_one_and_two_processes, cache_code, command, file_hashes, offline
 from test_cache_checks import refused, refused_alike
 import train_distill as T
 
@@ -54,7 +54,7 @@ def test_e12_sampled_cache_gradient_is_unbiased_for_forward_kl_and_topk_is_not(p
     student = torch.randn(1, 8, 256, generator=gen) * 1.5
     full = kd_grad(student, teacher_logits=t_logits)
     copies = 1024
-    grads = torch.cat([kd_grad(student.expand(copies, -1, -1), T.teacher_sampled(
+    grads = torch.cat([kd_grad(student.expand(copies, -1, -1), cache_code().teacher_sampled(
         t_logits.expand(copies, -1, -1), 2.0, 15, proposal, 0, 0, seed=s)) for s in range(4)])
     assert torch.isfinite(grads).all()
 
@@ -70,7 +70,7 @@ def test_sampled_cache_numbers_are_weights_of_drawn_tokens_with_the_teacher_top1
     """The stored numbers: slot 0 = first_token (E3, what val/agreement reads), weights = count / draws with
     proposal = T (they sum to 1 and only drawn ids weigh), rest -inf, one slot more than the draws."""
     t_logits = torch.randn(2, 5, 50, generator=torch.Generator().manual_seed(1))
-    log_w, index, rest = T.teacher_sampled(t_logits, 2.0, 7, None, 0, 0)
+    log_w, index, rest = cache_code().teacher_sampled(t_logits, 2.0, 7, None, 0, 0)
     assert index.shape == (2, 5, 8) and torch.equal(index[..., 0], T.first_token(t_logits))
     assert torch.allclose(log_w.exp().sum(-1), torch.ones(2, 5)) and torch.isinf(rest).all()
     counts = (log_w.exp() * 7).round()
@@ -85,12 +85,12 @@ def test_sampled_draws_depend_on_the_position_not_on_the_chunking():
     """Rows 0-5 in one call equal rows 0-2 and 3-5 in two calls (first_row 0 and 3): a chunk size, a process
     count or a resumed build cannot move a draw. Another seed or stream (split) draws otherwise."""
     t_logits = torch.randn(6, 4, 64, generator=torch.Generator().manual_seed(2))
-    whole = T.teacher_sampled(t_logits, 2.0, 5, None, 0, 0)
-    parts = [T.teacher_sampled(t_logits[a:b], 2.0, 5, None, 0, a) for a, b in ((0, 3), (3, 6))]
+    whole = cache_code().teacher_sampled(t_logits, 2.0, 5, None, 0, 0)
+    parts = [cache_code().teacher_sampled(t_logits[a:b], 2.0, 5, None, 0, a) for a, b in ((0, 3), (3, 6))]
     for i in range(3):
         assert torch.equal(whole[i], torch.cat([p[i] for p in parts]))
-    assert not torch.equal(whole[1], T.teacher_sampled(t_logits, 2.0, 5, None, 1, 0)[1])
-    assert not torch.equal(whole[1], T.teacher_sampled(t_logits, 2.0, 5, None, 0, 0, seed=1)[1])
+    assert not torch.equal(whole[1], cache_code().teacher_sampled(t_logits, 2.0, 5, None, 1, 0)[1])
+    assert not torch.equal(whole[1], cache_code().teacher_sampled(t_logits, 2.0, 5, None, 0, 0, seed=1)[1])
 
 
 def test_sampled_cache_build_killed_mid_chunk_resumes_to_the_same_bytes(data, teacher, cache, tmp_path):
@@ -113,14 +113,14 @@ def test_sampled_cache_is_the_same_bytes_from_one_and_two_torchrun_processes(dat
 
 def test_sampled_cache_holds_teacher_sampled_of_every_window_and_its_settings(data, teacher, cache):
     cfg, _ = T.resolve_config(None, sampled(data, teacher, cache))
-    manifest, frozen = T.read_manifest(cache), T.build_teacher(cfg, torch.device("cpu"))
+    manifest, frozen = cache_code().read_manifest(cache), T.build_teacher(cfg, torch.device("cpu"))
     assert (manifest["kd.teacher_cache_mode"], manifest["kd.cache_samples"], manifest["kd.top_k"]) == ("sampled", 6, None)
     assert manifest["kd.cache_proposal_temperature"] == 2.0  # null resolved: kd.temperature
     val = T.TokenWindows(cfg, "val")
     rows = T.eval_windows(cfg, len(val))
     with torch.no_grad():
-        want = T.teacher_sampled(frozen(val[rows][0])[0], 2.0, 6, 2.0, 1, 0)
-    got = T.TeacherCacheWindows(val, cache, manifest, "val").teacher(np.arange(len(rows)))
+        want = cache_code().teacher_sampled(frozen(val[rows][0])[0], 2.0, 6, 2.0, 1, 0)
+    got = cache_code().TeacherCacheWindows(val, cache, manifest, "val").teacher(np.arange(len(rows)))
     assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0], atol=1e-6)
 
 
@@ -188,6 +188,6 @@ def test_sampled_cache_of_a_teacher_with_masked_tokens_has_no_nan_and_a_finite_g
     t_logits = torch.randn(2, 3, 20, generator=torch.Generator().manual_seed(3))
     t_logits[..., :6] = float("-inf")
     for proposal in (None, 1.0):
-        numbers = T.teacher_sampled(t_logits, 2.0, 18, proposal, 0, 0)
+        numbers = cache_code().teacher_sampled(t_logits, 2.0, 18, proposal, 0, 0)
         assert not torch.isnan(numbers[0]).any() and (numbers[1][numbers[0] > float("-inf")] >= 6).all()
         assert torch.isfinite(kd_grad(torch.randn(2, 3, 20), numbers)).all()
