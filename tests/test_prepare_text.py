@@ -492,7 +492,7 @@ def test_c10_e14_r4_seq_kd_on_prompt_only_chat_data_with_on_policy_resumes_bit_e
     sample are drawn from the data position, no generator state to save)."""
     from run_records import distill_killed_and_resumed
     settings = chat_settings(chat_data, f"data.train_bin={prompt_data / 'train.bin'}", "kd.max_new_tokens=6",
-                             "kd.seq_kd=true", "kd.on_policy_fraction=0.5")
+                             "kd.seq_kd=true", "kd.on_policy_fraction=0.5", "data.limit=16")  # 6 steps
     clean, resumed, _ = distill_killed_and_resumed(settings, tmp_path)
     assert all(clean[s]["loss"] == resumed[s]["loss"] for s in clean if s in resumed)
     cfg, _ = T.resolve_config(None, settings)
