@@ -125,15 +125,15 @@ def make_chunked_loss(run):
     chunk, key = cfg["kd.chunk_tokens"], kit.trained_key(cfg)
 
     def chunked_loss(model, batch):  # D6: the same terms as make_loss()'s loss(), never a [batch, seq, vocab] tensor
-        x, y, *cached = batch
-        hidden, projected = model(x, project=teacher is not None and gamma > 0, logits=False)
+        x, y, pos, cached = kit.batch_parts(batch, run["train_set"].packed)  # C10: packed rows carry positions
+        hidden, projected = model(x, project=teacher is not None and gamma > 0, logits=False, positions=pos)
         head = linear_head(run["module"].lm, key)  # read after the forward: FSDP swaps the parameters it gathers
         if teacher is None and cache is None:
             return chunked_terms(hidden, head, y, (), False, 1.0, 0.0, temperature, top_k, chunk)[0], {}
         t_hidden, online = None, False
         if not cached and (beta > 0 or gamma > 0):
             with torch.no_grad():
-                _, t_hidden = teacher(x, logits=False)
+                _, t_hidden = teacher(x, logits=False, positions=pos)
             online = beta > 0
         side = tuple(cached) if cached else (t_hidden, *linear_head(teacher, "the teacher")) if online else ()
         total, ce, kd = chunked_terms(hidden, head, y, side, online, alpha, beta * temperature ** 2, temperature,

@@ -185,9 +185,12 @@ def cache_identity(cfg, train_set, val_set, eval_ids):
     def data(windows, split):
         if windows.path:
             records[split] = kit.content_record(windows.path)
-            rows = {} if windows.examples is None else {  # C10: the rows are the examples, so their bounds count too
-                "examples_sha256": hashlib.sha256(np.stack([windows.examples["starts"], windows.examples["ends"]])
-                                                  .astype(np.int64).tobytes()).hexdigest()}
+            ex = windows.examples  # C10: the rows are made of the examples, so their bounds count too, and packed
+            rows = {} if ex is None else {  # (data.packing) the rows' layout: a cache of padded rows is not theirs
+                "examples_sha256": hashlib.sha256(np.stack([ex["starts"], ex["ends"]]).astype(np.int64).tobytes())
+                .hexdigest(), **({"rows_sha256": hashlib.sha256(np.concatenate([ex["order"], ex["row_bounds"]])
+                                                                .astype(np.int64).tobytes()).hexdigest()}
+                                 if windows.packed else {})}
             return {"sha256": records[split]["sha256"], "bytes": records[split]["bytes"], "dtype": windows.dtype.name,
                     **rows}
         return {"builtin_sha256": hashlib.sha256(windows.tokens.tobytes()).hexdigest()}
@@ -243,6 +246,12 @@ def check_manifest(manifest, want, path):
     fix = f"or point kd.teacher_cache at another directory (delete {path} to rebuild it)"
     for split in CACHE_SPLITS:
         was, now = manifest["data"][split], want["data"][split]
+        layout = [was.get("rows_sha256"), now.get("rows_sha256")]
+        if was != now and dict(was, rows_sha256=0) == dict(now, rows_sha256=0):  # C10: same tokens, other rows
+            what = {False: "one example a row (data.packing false)", True: "packed rows (data.packing true)"}
+            raise kit.ConfigError([("C10", "data.packing", f"the teacher cache {path} holds the teacher on "
+                                    f"{what[bool(layout[0])]}, this run trains on {what[bool(layout[1])]}"
+                                    f"{' of another layout' if all(layout) else ''}; set data.packing back {fix}")])
         if was != now:
             key = f"data.{split}_bin" if "sha256" in now else "data.train_bin"
             what = (f"{was.get('dtype')} tokens with sha256 {str(was.get('sha256', was.get('builtin_sha256')))[:12]}, "
@@ -393,10 +402,11 @@ def build_teacher_cache(cfg, d, path, manifest, identity, sets, ident, print_pro
     for n, (split, arrays, c) in enumerate(todo, 1):
         windows, ids = sets[split]
         lo, hi = c * chunk, min((c + 1) * chunk, len(ids))
-        x, y = windows[ids[lo:hi]]
+        x, y, pos, _ = kit.batch_parts(windows[ids[lo:hi]], windows.packed)
         kit.check_token_ids(x, y, windows.vocab, f"data.{split}_bin")
-        with torch.no_grad(), amp:
-            logits = teacher(kit.to_device(x, d["device"]))[0]
+        with torch.no_grad(), amp:  # C10: packed rows' teacher numbers, keyed on their layout (cache_identity)
+            pos = None if pos is None else kit.to_device(pos, d["device"])
+            logits = teacher(kit.to_device(x, d["device"]), positions=pos)[0]
             log_p_top, index, log_rest = kit.teacher_topk(logits, T, k) if not sampled else teacher_sampled(
                 logits, T, manifest["kd.cache_samples"], manifest["kd.cache_proposal_temperature"],
                 CACHE_SPLITS.index(split), lo)

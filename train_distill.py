@@ -140,6 +140,10 @@ CONFIG = {
     "data.too_long": ("refuse", ("refuse", "truncate", "drop"), "examples prepared by prepare_text.py (chat, "
                       "prompt/completion) longer than data.seq_len + 1 tokens: refuse the config, truncate them "
                       "to it, or drop them (C10)"),
+    "data.packing": (False, "bool", "examples prepared by prepare_text.py: pack several to a row of data.seq_len + 1 "
+                     "tokens (first-fit in data order, fixed at start), none attending across examples (a "
+                     "block-diagonal mask and per-example positions; built-in GPT and Hugging Face models); false = "
+                     "one example a row, padded (C10)"),
     "data.limit": (None, "int?", "use only the first N windows of each split (debugging, --dry_run)"),
     "data.val_windows": (512, "int?", "windows each eval scores, evenly spaced over the val split; null = all"),
     "data.builtin.train_bytes": (2_000_000, "int", "built-in corpus: bytes of training text (whole files, padded)"),
@@ -731,12 +735,16 @@ def data_problems(cfg, problems, check_files):
                 f"{pad!r} must be an id in 0..vocab_size-1 or null")
         if check_files and not problems:
             problems += prepared_text_problems(cfg)
+            require(not cfg["data.packing"] or example_bounds(cfg, "train") is not None, "data.packing",
+                    f"true, but {cfg['data.train_bin']} holds no examples prepared by prepare_text.py (a token stream's"
+                    " windows are full already); set data.packing false", "C10")
             for key in ("data.train_bin", "data.val_bin"):
                 size, item = os.path.getsize(cfg[key]), np.dtype(cfg["data.dtype"]).itemsize
                 require(size % item == 0, key,
                         f"{cfg[key]} has {size} bytes, not a whole number of {cfg['data.dtype']} "
                                                "ids; check data.dtype")
-                require(size // item > cfg["data.seq_len"], key,
+                # C10: a split of examples (rows of their own, padded) may hold fewer tokens than one row
+                require(size // item > cfg["data.seq_len"] or example_bounds(cfg, key[5:-4]) is not None, key,
                         f"{cfg[key]} holds {size // item} tokens, fewer than one "
                                                                  "window of data.seq_len + 1 = "
                                                                  f"{cfg['data.seq_len'] + 1}")
@@ -745,6 +753,8 @@ def data_problems(cfg, problems, check_files):
                 f"{cfg['data.vocab_size']!r}, but the built-in corpus is bytes (256); set it to null")
         require(cfg["data.pad_token"] is None, "data.pad_token",
                 "is for .bin files; the built-in corpus pads with byte 0 itself; set it to null")
+        require(not cfg["data.packing"], "data.packing", "true, but the built-in corpus holds no examples (its "
+                "windows are full already); set data.packing false", "C10")
         for key in ("data.builtin.train_bytes", "data.builtin.val_bytes"):
             require(cfg[key] > cfg["data.seq_len"], key, f"{cfg[key]!r} must exceed data.seq_len")
         if check_files:
@@ -752,6 +762,9 @@ def data_problems(cfg, problems, check_files):
             require(problem is None, "data.train_bin", problem)
     for key in ("data.limit", "data.val_windows"):
         require(cfg[key] is None or cfg[key] >= 1, key, f"{cfg[key]!r} must be >= 1 or null")
+    require(not (cfg["data.packing"] and on_policy_used(cfg)), "data.packing", "true, but micro-batches are generated "
+            "(kd.on_policy_fraction > 0 or kd.seq_kd): each example continues its own prompt, one example a row; set "
+            "data.packing false", "C10")
 
 
 def network_and_kd_value_problems(cfg, problems, notes):
@@ -1442,12 +1455,13 @@ class TokenWindows(torch.utils.data.Dataset):
             self.source = f"{self.path} ({num_tokens} {self.dtype.name} tokens)"
             self.digest = content_record(self.path)["sha256"]  # C4/R11: resume compares the bytes, not the name
             self.examples = example_bounds(cfg, split)
-            if self.examples is not None:  # C10: one example a row, padded; its loss mask says which targets count
+            if self.examples is not None:  # C10: examples a row, padded; their loss mask says which targets count
                 self.pad, self.mask = None, None
                 long, how = self.examples["long"], {"truncate": "truncated to it", "drop": "dropped"}
-                rows = self.examples["ends"] - self.examples["starts"]  # padding waste: packing comes later
-                waste = 1 - rows.sum() / max(1, len(rows) * (self.seq_len + 1))
-                self.source += (f", {len(rows)} examples, {waste:.0%} of their rows padding" + (
+                lengths, rows = self.examples["ends"] - self.examples["starts"], len(self.examples["row_bounds"]) - 1
+                self.source += (f", {len(lengths)} examples in {rows} rows"
+                                f"{' (data.packing)' if cfg['data.packing'] else ''}, "
+                                f"{padding_share(lengths, rows, self.seq_len):.0%} of the rows padding" + (
                     f" ({long} longer than data.seq_len + 1 tokens, {how[cfg['data.too_long']]}: data.too_long)"
                     if long else ""))
         else:
@@ -1456,7 +1470,9 @@ class TokenWindows(torch.utils.data.Dataset):
             num_tokens = len(self.tokens)
             self.digest = hashlib.sha256(self.tokens.tobytes()).hexdigest()
             self.source = f"built-in corpus: generated Python-like text, {num_tokens} bytes, sha256 {self.digest[:12]}"
-        self.num_windows = (num_tokens - 1) // self.seq_len if self.examples is None else len(self.examples["starts"])
+        self.packed = self.examples is not None and cfg["data.packing"]
+        self.num_windows = ((num_tokens - 1) // self.seq_len if self.examples is None
+                            else len(self.examples["row_bounds"]) - 1)
         if cfg["data.limit"] is not None:
             self.num_windows = min(self.num_windows, cfg["data.limit"])
         self.offsets = np.arange(self.seq_len + 1)
@@ -1482,18 +1498,24 @@ class TokenWindows(torch.utils.data.Dataset):
         return np.asarray(self.stream()[indices[:, None] * self.seq_len + self.offsets], dtype=np.int64)
 
     def rows(self, indices):
-        """(ids [n, L + 1], real targets [n, L]) of windows, or of examples: each from its start, cut at
-        data.seq_len + 1 tokens, padded after its end, its targets those its loss mask holds (C10)."""
+        """(ids [n, L + 1], real targets [n, L], positions [n, L + 1]) of windows (positions None), or of rows of
+        examples (C10): each example cut at data.seq_len + 1 tokens, after the one before it in its row (one a row
+        unless data.packing), padding after the last; its targets those its loss mask holds, never its first
+        token (the one before it ends another example); its positions 0, 1, ... (padding's 0)."""
         if self.examples is None:
             w = self.windows(indices)
-            return w, self.real_targets(w)
+            return w, self.real_targets(w), None
         if self.mask is None:
             self.mask = np.memmap(self.examples["mask"], dtype=np.uint8, mode="r")
         w, real = np.zeros((len(indices), self.seq_len + 1), np.int64), np.zeros((len(indices), self.seq_len + 1), bool)
-        for row, i in enumerate(indices):
-            a, b = self.examples["starts"][i], self.examples["ends"][i]
-            w[row, :b - a], real[row, :b - a] = self.stream()[a:b], self.mask[a:b]
-        return w, real[:, 1:]
+        pos, ex = np.zeros_like(w), self.examples
+        for row, r in enumerate(indices):
+            at = 0
+            for i in ex["order"][ex["row_bounds"][r]:ex["row_bounds"][r + 1]]:
+                a, b = ex["starts"][i], ex["ends"][i]
+                w[row, at:at + b - a], real[row, at:at + b - a] = self.stream()[a:b], self.mask[a:b]
+                real[row, at], pos[row, at:at + b - a], at = False, np.arange(b - a), at + b - a
+        return w, real[:, 1:], pos
 
     def real_targets(self, w):
         """True where window w's target is a real token: not padding, and not read right after padding."""
@@ -1509,12 +1531,26 @@ class TokenWindows(torch.utils.data.Dataset):
         return int(self.rows(indices)[1].sum())
 
     def __getitem__(self, indices):
-        w, real = self.rows(indices)
+        """(x, y), and packed (C10) the positions of x as a third tensor (batch_parts() reads either)."""
+        w, real, pos = self.rows(indices)
         y = np.where(real, w[:, 1:], IGNORE)
         if self.examples is not None and self.examples["prompts_only"]:  # C10: where the completion would start
             n = self.examples["ends"][indices] - self.examples["starts"][indices]  # (example_prompts reads it, E14)
             y[np.flatnonzero(n <= self.seq_len), n[n <= self.seq_len] - 1] = GENERATE
-        return torch.from_numpy(w[:, :-1].copy()), torch.from_numpy(y)
+        packed = (torch.from_numpy(pos[:, :-1].copy()),) if self.packed else ()
+        return torch.from_numpy(w[:, :-1].copy()), torch.from_numpy(y), *packed
+
+
+def padding_share(lengths, rows, seq_len):
+    """C10: the share of the rows' data.seq_len + 1 tokens that no example fills (padding waste)."""
+    return 1 - lengths.sum() / max(1, rows * (seq_len + 1))
+
+
+def batch_parts(batch, packed):
+    """(x, y, positions or None, the teacher's cached numbers or ()) of a micro-batch: TokenWindows's (x, y), packed
+    (x, y, positions), either followed by TeacherCacheWindows's cached numbers."""
+    x, y, *rest = batch
+    return (x, y, rest[0], tuple(rest[1:])) if packed else (x, y, None, tuple(rest))
 
 
 # ==== shared: data file content (identical in train_probe.py and train_distill.py) ====
@@ -1614,13 +1650,38 @@ def example_bounds(cfg, split):
     record = prepared_text(path)[1]
     if not record or "starts" not in record:
         return None
-    bounds = np.load(os.path.join(os.path.dirname(os.path.abspath(path)), record["starts"]))
-    starts, ends, room = bounds[:-1], bounds[1:], cfg["data.seq_len"] + 1
+    name = os.path.join(os.path.dirname(os.path.abspath(path)), record["starts"])
+    rows = example_rows(name, file_stat(name), cfg["data.seq_len"] + 1, cfg["data.too_long"], cfg["data.packing"])
+    return dict(rows, mask=os.path.join(os.path.dirname(os.path.abspath(path)), record["mask"]),
+                prompts_only=record.get("loss_tokens") == 0)
+
+
+@functools.lru_cache(maxsize=4)
+def example_rows(name, stat, room, too_long, packing):
+    """example_bounds() of the bounds file `name` (`stat` keys the memo: the layout is computed once a run, the same
+    on every process and on resume): starts, ends, long, and the rows: row r holds the examples
+    order[row_bounds[r]:row_bounds[r + 1]], one each, or packed (C10) first-fit in data order, each example into
+    the first row with room for it (a tree of the rows' free room finds it in log(rows) steps)."""
+    bounds = np.load(name)
+    starts, ends = bounds[:-1], bounds[1:]
     long = ends - starts > room
-    keep = ~long if cfg["data.too_long"] == "drop" else np.ones(len(starts), bool)
-    return {"starts": starts[keep], "ends": np.minimum(ends[keep], starts[keep] + room), "long": int(long.sum()),
-            "mask": os.path.join(os.path.dirname(os.path.abspath(path)), record["mask"]),
-            "prompts_only": record.get("loss_tokens") == 0}
+    keep = ~long if too_long == "drop" else np.ones(len(starts), bool)
+    starts, ends = starts[keep], np.minimum(ends[keep], starts[keep] + room)
+    row_of = np.arange(len(starts))
+    if packing:
+        leaves = 1 << max(1, len(starts)).bit_length()
+        free = [room] * (2 * leaves)  # the most room left in any row below each node of the tree
+        for i, n in enumerate((ends - starts).tolist()):
+            node = 1
+            while node < leaves:
+                node = 2 * node + (free[2 * node] < n)
+            row_of[i], free[node] = node - leaves, free[node] - n
+            while node > 1 and free[node // 2] != max(free[node], free[node ^ 1]):
+                node //= 2
+                free[node] = max(free[2 * node], free[2 * node + 1])
+    order = np.argsort(row_of, kind="stable")  # a row's examples in data order
+    return {"starts": starts, "ends": ends, "long": int(long.sum()), "order": order,
+            "row_bounds": np.searchsorted(row_of[order], np.arange(row_of.max(initial=-1) + 2))}
 
 
 @functools.lru_cache(maxsize=8)
@@ -1737,7 +1798,7 @@ def window_count(cfg, split):
     """A split's windows, cheaply: the token file's size, its examples, or the built-in corpus (built once, cached)."""
     examples = example_bounds(cfg, split) if cfg[f"data.{split}_bin"] else None
     if examples is not None:
-        n = len(examples["starts"])
+        n = len(examples["row_bounds"]) - 1
     elif cfg[f"data.{split}_bin"]:
         n = ((os.path.getsize(cfg[f"data.{split}_bin"]) // np.dtype(cfg["data.dtype"]).itemsize - 1)
              // cfg["data.seq_len"])
@@ -1771,15 +1832,16 @@ class Block(nn.Module):
         self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def forward(self, x, kv=None):
+    def forward(self, x, kv=None, mask=None):
         """x [B, T, C] -> x; with kv (generation: () at the prompt, else this block's cached keys and values of the
-        earlier positions, and then x holds one new position) -> (x, the keys and values up to x's last position)."""
+        earlier positions, and then x holds one new position) -> (x, the keys and values up to x's last position).
+        mask: packed rows' block-diagonal causal mask (C10), else causal."""
         b, t, c = x.shape
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.qkv(self.ln1(x)).split(c, 2))
         if kv:
             k, v = torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2)
         # a single new position sees every cached one: no mask (is_causal would align it with the first key)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t > 1 and mask is None)
         x = x + self.out(y.transpose(1, 2).reshape(b, t, c))
         x = x + self.mlp(self.ln2(x))
         return x if kv is None else (x, (k, v))
@@ -1789,7 +1851,8 @@ class GPT(nn.Module):
     """idx [B, T] -> (logits [B, T, vocab], last hidden state [B, T, width]); with `layers` set (kd.hidden_layers)
     the hidden states of those layers instead: 0 = the embeddings, i = after block i, n_layer = the last (ln_f's).
     With `past` (generation, see generate()): () or the cache it returned -> (logits of idx's last position
-    [B, vocab], the cache: every block's keys and values)."""
+    [B, vocab], the cache: every block's keys and values). positions [B, T] (packed rows, C10): each token's place
+    in its example, which it alone attends to (block_causal_mask)."""
     kv_cache = True
 
     def __init__(self, vocab, block_size, n_layer, n_head, n_embd):
@@ -1805,13 +1868,14 @@ class GPT(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, idx, logits=True, past=None):
+    def forward(self, idx, logits=True, past=None, positions=None):
         start = past[0][0].shape[2] if past else 0  # generation: the new positions follow the cached ones
-        x = self.wte(idx) + self.wpe(torch.arange(start, start + idx.shape[1], device=idx.device))
-        states, cache = [x], []
+        where = torch.arange(start, start + idx.shape[1], device=idx.device) if positions is None else positions
+        x = self.wte(idx) + self.wpe(where)
+        states, cache, mask = [x], [], None if positions is None else block_causal_mask(positions)
         for i, block in enumerate(self.blocks):
             if past is None:
-                x = block(x)
+                x = block(x, mask=mask)
             else:
                 x, kv = block(x, past[i] if past else ())
                 cache.append(kv)
@@ -1823,6 +1887,13 @@ class GPT(nn.Module):
         if self.layers is not None and logits:  # kd.hidden_layers (never with kd.chunk_tokens: objective_problems)
             return out, [(states[i] if i < len(self.blocks) else hidden) for i in self.layers]
         return out, hidden
+
+
+def block_causal_mask(positions):
+    """C10: [B, 1, T, T], True where token i of a packed row attends to token j: j <= i in i's own example, which
+    starts positions[i] tokens before i."""
+    i = torch.arange(positions.shape[1], device=positions.device)
+    return ((i[None, None, :] <= i[None, :, None]) & (i[None, None, :] >= (i - positions)[:, :, None]))[:, None]
 
 
 class HFCausalLM(nn.Module):
@@ -1839,19 +1910,28 @@ class HFCausalLM(nn.Module):
         # the KV cache's argument and output: `cache` in current transformers, `past_key_values` before (now deprecated)
         self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def forward(self, idx, logits=True, past=None):
+    def forward(self, idx, logits=True, past=None, positions=None):
+        packed = {} if positions is None else {"position_ids": positions, "attention_mask": self.packed_mask(positions)}
         if past is not None:
             name = self.cache_name
             out = self.model(input_ids=idx, **{name: past or None}, use_cache=True, logits_to_keep=1, return_dict=True)
             return out.logits[:, -1], out[name]
         if not logits:  # kd.chunk_tokens: the last hidden state only (the head runs in the loss, chunk by chunk)
             out = self.model(input_ids=idx, use_cache=False, output_hidden_states=True, logits_to_keep=1,
-                             return_dict=True)
+                             return_dict=True, **packed)
             return None, out.hidden_states[-1]
-        out = self.model(input_ids=idx, use_cache=False, output_hidden_states=self.hidden, return_dict=True)
+        out = self.model(input_ids=idx, use_cache=False, output_hidden_states=self.hidden, return_dict=True, **packed)
         if self.layers is not None:
             return out.logits, [out.hidden_states[i] for i in self.layers]
         return out.logits, (out.hidden_states[-1] if self.hidden else None)
+
+    def packed_mask(self, positions):
+        """C10: block_causal_mask as the model's attention takes a 4D mask as it is: sdpa a boolean one, eager adds
+        it to the scores (packing_check refuses any other implementation)."""
+        mask = block_causal_mask(positions)
+        if self.model.config._attn_implementation == "sdpa":
+            return mask
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
 
 
 class TargetLM(nn.Module):
@@ -1866,7 +1946,7 @@ class TargetLM(nn.Module):
         super().__init__()
         self.model, self.hidden, self.width, self.layers, self.depth = model, bool(hidden), None, None, None
 
-    def forward(self, idx):
+    def forward(self, idx, positions=None):  # positions: never given, packing_check refuses data.packing (C10)
         out = self.model(idx)
         logits, hidden = split_outputs(out)
         if self.layers is not None:
@@ -1915,14 +1995,14 @@ class Trainable(nn.Module):
         else:
             self.proj = nn.Linear(lm.width, teacher_width) if teacher_width and lm.width else None
 
-    def forward(self, idx, project=False, logits=True, past=None):
+    def forward(self, idx, project=False, logits=True, past=None, positions=None):
         """(logits, projected hidden state, or with kd.hidden_layers a list of them, or None); logits=False
         (kd.chunk_tokens): (last hidden state, projected or None), the logits left to the chunked loss; past
         (generation): the language model's (last logits, cache). Generation comes through here, not through .lm,
         so that FSDP's hooks on this root module gather the weights (D1)."""
         if past is not None:
             return self.lm(idx, past=past)
-        out, hidden = self.lm(idx) if logits else self.lm(idx, logits=False)
+        out, hidden = self.lm(idx, positions=positions) if logits else self.lm(idx, logits=False, positions=positions)
         projected = None
         if project and isinstance(self.proj, nn.ModuleList):
             projected = [proj(h) for proj, h in zip(self.proj, hidden)]
@@ -2084,7 +2164,8 @@ def build_trainable(cfg, teacher):
     torch.manual_seed(cfg["seed"])  # the LM first: runs that differ only in loss weights start identical
     who = "the student" if cfg["kd.enabled"] else "the trained network"
     hidden = hidden_request(cfg, 0) if teacher is not None else False
-    lm = use_layers(build_lm(cfg, trained_arch(cfg), trained_key(cfg), who, hidden), hidden, cfg, who)
+    lm = build_lm(cfg, trained_arch(cfg), trained_key(cfg), who, hidden)
+    lm = use_layers(packing_check(lm, cfg, trained_key(cfg), who), hidden, cfg, who)
     pairs = None
     if isinstance(hidden, tuple):  # kd.hidden_layers with kd.gamma > 0: a projection per pair, none otherwise
         pairs = [(layer_width(lm, s), layer_width(teacher, t)) for s, t in cfg["kd.hidden_layers"]]
@@ -2228,9 +2309,41 @@ def build_teacher(cfg, device, hidden=None):
         teacher = target_lm(cfg, arch, "teacher.target", "the teacher", hidden)
     else:
         teacher = load_teacher_checkpoint(cfg, hidden)
-    use_layers(teacher, hidden, cfg, "the teacher")
+    use_layers(packing_check(teacher, cfg, teacher_key(cfg), "the teacher"), hidden, cfg, "the teacher")
     teacher.requires_grad_(False)
     return teacher.eval().to(device)
+
+
+def teacher_key(cfg):
+    return next(k for k in ("kd.hf_teacher_dir", "teacher.target", "kd.teacher_checkpoint") if cfg[k])
+
+
+def packing_check(lm, cfg, key, who):
+    """C10, data.packing: the built-in GPT keeps a packed row's examples apart itself; a Hugging Face model is
+    checked to: its attention must take the 4D mask (eager, sdpa) and, on a probe row of two examples, the second's
+    logits must be those it has alone (a model that adds its own mask or ignores ours fails it). A user module
+    (ids -> logits) cannot be told where examples start: refused."""
+    if not cfg["data.packing"] or isinstance(lm, GPT):
+        return lm
+    fix = "set data.packing false (one example a row, padded)"
+    if isinstance(lm, TargetLM):
+        raise ConfigError([("C10", "data.packing", f"true, but {who} ({key}) is a user module (token ids -> logits) "
+                            f"that cannot be told where a packed row's examples start; {fix}")])
+    how = lm.model.config._attn_implementation
+    if how not in ("eager", "sdpa"):
+        raise ConfigError([("C10", "data.packing", f"true, but {who} ({key}) uses attention {how!r}, which takes no "
+                            f"block-diagonal mask (eager and sdpa do); {fix}")])
+    n = min(8, cfg["data.seq_len"])
+    row, training = torch.arange(1, n + 1) % vocab_size(cfg), lm.training
+    positions = torch.cat([torch.arange(n // 2), torch.arange(n - n // 2)])
+    with torch.no_grad():
+        packed, alone = lm.eval()(row[None], positions=positions[None])[0][0, n // 2:], lm(row[None, n // 2:])[0][0]
+    lm.train(training)
+    if not torch.allclose(packed, alone, rtol=1e-3, atol=1e-4 * float(alone.abs().max())):
+        raise ConfigError([("C10", "data.packing", f"true, but {who} ({key}) lets a packed row's examples attend to "
+                            f"each other (given the 4D mask and position_ids, the logits of a row's second example "
+                            f"are not those it has alone); {fix}")])
+    return lm
 
 
 def param_groups(module):
@@ -3293,7 +3406,8 @@ def print_plan(run, resumed):
     marks = schedule_landmarks(cfg, plan)
     b, a, w, n = plan["batch_size"], plan["grad_accum"], plan["world_size"], plan["num_samples"]
     tr, va = run["train_set"], run["val_set"]
-    log(run, f"data: {tr.source}; {n} train {'windows' if tr.examples is None else 'examples, each a window'} of "
+    what = "windows" if tr.examples is None else "rows of packed examples" if tr.packed else "examples, each a window"
+    log(run, f"data: {tr.source}; {n} train {what} of "
              f"{tr.seq_len} tokens, vocab {tr.vocab}")
     log(run, f"val: {va.source}; each eval scores {len(run['val_windows'])} of its {len(va)} windows")
     log(run, f"steps: ceil({n} / ({b} x {w} processes)) = {plan['micro_batches_per_epoch']} micro-batches per epoch; "
@@ -3923,7 +4037,7 @@ def make_loss(run, kd_term, on_policy):
     cfg, teacher = run["cfg"], run["teacher"]
     cache = run.get("teacher_cache")
     alpha, beta, gamma, temperature = cfg["kd.alpha"], cfg["kd.beta"], cfg["kd.gamma"], cfg["kd.temperature"]
-    chunk = cfg["kd.chunk_tokens"]
+    chunk, packed = cfg["kd.chunk_tokens"], run["train_set"].packed
     chunked_loss = chunking(cfg).make_chunked_loss(run) if chunk else None
 
     def loss(model, batch):
@@ -3934,8 +4048,8 @@ def make_loss(run, kd_term, on_policy):
             batch = on_policy["generated"](batch)
         if chunk:  # forward KL only (objective_problems refuses another divergence with kd.chunk_tokens)
             return chunked_loss(model, batch)
-        x, y, *cached = batch
-        logits, projected = model(x, project=teacher is not None and gamma > 0)
+        x, y, pos, cached = batch_parts(batch, packed)
+        logits, projected = model(x, project=teacher is not None and gamma > 0, positions=pos)
         if teacher is None and cache is None:
             # kd.enabled false: plain LM training (this is how a teacher is made)
             return token_cross_entropy(logits, y), {}
@@ -3951,7 +4065,7 @@ def make_loss(run, kd_term, on_policy):
             t_logits = t_hidden = None
             if not cached:
                 with torch.no_grad():
-                    t_logits, t_hidden = teacher(x)
+                    t_logits, t_hidden = teacher(x, positions=pos)  # C10: the same rows, the same mask
             if beta > 0:  # divergence_scale: T^2 (tvd: T) keeps the KD gradient's scale independent of T
                 parts["kd"] = kd_term(logits, t_logits, cached, real, log_q)
             if gamma > 0:
@@ -3978,21 +4092,22 @@ def evaluate(run):
     ce_sum, count, agree = 0.0, 0, 0
     with torch.no_grad():
         for start in range(0, len(mine), size):
-            x, y = val[mine[start:start + size]]
+            x, y, pos, _ = batch_parts(val[mine[start:start + size]], val.packed)
             check_token_ids(x, y, val.vocab, "data.val_bin")
             x, y = to_device(x, d["device"]), to_device(y, d["device"])
+            pos = None if pos is None else to_device(pos, d["device"])
             with autocast(d["device"], cfg["train.precision"]):
                 if chunk:
-                    hidden, _ = run["module"](x, logits=False)
+                    hidden, _ = run["module"](x, logits=False, positions=pos)
                     ce, first = chunks.chunked_scores(hidden, chunks.linear_head(run["module"].lm, "the network"), y,
                                                       chunk)
                 else:
-                    logits, _ = run["module"](x)
+                    logits, _ = run["module"](x, positions=pos)
                     ce, first = token_cross_entropy(logits, y), first_token(logits)
                 if teacher is not None and start not in top1:
-                    top1[start] = (chunks.chunked_scores(teacher(x, logits=False)[1],
-                                                         chunks.linear_head(teacher, "the teacher"), None,
-                                                         chunk)[1] if chunk else first_token(teacher(x)[0]))
+                    top1[start] = (chunks.chunked_scores(teacher(x, logits=False, positions=pos)[1],
+                                                         chunks.linear_head(teacher, "the teacher"), None, chunk)[1]
+                                   if chunk else first_token(teacher(x, positions=pos)[0]))
                 elif cache is not None and start not in top1:  # E3: teacher_topk put first_token's id at index 0
                     top1[start] = to_device(cache["val"].teacher(rows[start:start + size])[1][..., 0], d["device"])
             real = y != IGNORE
@@ -4001,10 +4116,11 @@ def evaluate(run):
             if start in top1:
                 agree += int(((first == top1[start]) & real).sum())
         if run["sharded"]:  # D1: each forward gathers the weights from every process, so all run as many
-            spare = val[run["val_windows"][:1]][0]
+            spare = batch_parts(val[run["val_windows"][:1]], val.packed)
+            spare = [None if t is None else to_device(t, d["device"]) for t in spare[::2]]
             batches = math.ceil(math.ceil(len(run["val_windows"]) / d["world"]) / size)
             for _ in range(batches - math.ceil(len(mine) / size)):
-                run["module"](to_device(spare, d["device"]), logits=not chunk)
+                run["module"](spare[0], logits=not chunk, positions=spare[1])
     sums = np.sum(all_gather_list([(ce_sum, count, agree)], d["world"]), axis=0)
     mean_ce = float(sums[0] / sums[1])
     metrics = {"val/loss": mean_ce, "val/ppl": perplexity(mean_ce)}

@@ -293,8 +293,8 @@ def test_c10_examples_are_rows_of_their_own_whose_targets_are_the_loss_mask_and_
                                          for e in T.read_metrics(str(tmp_path / "run"))[1].values())
     log = (tmp_path / "run" / "train.log").read_text()
     waste = 1 - split["tokens"] / (split["examples"] * (cfg["data.seq_len"] + 1))
-    assert f"{split['examples']} examples, {waste:.0%} of their rows padding; {split['examples']} train examples, " \
-        "each a window" in log
+    assert f"{split['examples']} examples in {split['examples']} rows, {waste:.0%} of the rows padding; " \
+        f"{split['examples']} train examples, each a window" in log
     settings = [a for s in chat_settings(chat_data) for a in ("--set", s)]
     assert T.main(settings + ["--run_dir", str(tmp_path / "dry"), "--dry_run"]) == 0  # its tiny runs on whole examples
 
