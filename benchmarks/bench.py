@@ -62,15 +62,17 @@ PARAMS = {  # quick / full
     "quick": {"loop_repeats": 9, "real_repeats": 3, "uncached_repeats": 2, "step_blocks": 15, "cache_epochs": 3,
               "cache_repeats": 1, "kd_repeats": 3, "curve_steps": 50_000, "curve_repeats": 3, "peer_repeats": 2,
               "offline_repeats": 2, "kd_chunk_repeats": 2, "trl_repeats": 5, "trl_steps": 40, "onpolicy_repeats": 3,
-              "onpolicy_steps": 6, "v128k_repeats": 3, "v128k_steps": 8, "chat_repeats": 5, "chat_steps": 40},
+              "onpolicy_steps": 6, "v128k_repeats": 3, "v128k_steps": 8, "chat_repeats": 5, "chat_steps": 40,
+              "packing_repeats": 2},
     "full": {"loop_repeats": 15, "real_repeats": 7, "uncached_repeats": 9, "step_blocks": 31, "cache_epochs": None,
              "cache_repeats": 2, "kd_repeats": 10, "curve_steps": 200_000, "curve_repeats": 5, "peer_repeats": 5,
              "offline_repeats": 5, "kd_chunk_repeats": 5, "trl_repeats": 7, "trl_steps": 60, "onpolicy_repeats": 5,
-             "onpolicy_steps": 10, "v128k_repeats": 5, "v128k_steps": 12, "chat_repeats": 7, "chat_steps": 60},
+             "onpolicy_steps": 10, "v128k_repeats": 5, "v128k_steps": 12, "chat_repeats": 7, "chat_steps": 60,
+             "packing_repeats": 3},
 }
 LOOP_PARTS = ("loop", "loop_realistic", "loop_uncached")
 PARTS = [*LOOP_PARTS, "syncs", "cache", "topk", "kd_chunk", "offline", "dry_run", "peer", "trl", "onpolicy", "trl_128k",
-         "trl_chat"]
+         "trl_chat", "packing"]
 # Offline KD: configs/distill_demo.yaml as it is, except kd.gamma 0 on every side (the hidden-state term needs
 # the teacher's hidden states, which a cache does not hold) and fewer windows (the step does not depend on how
 # many there are; the cache build's rate is reported per token). The 32k case: the same models and loop on
@@ -1350,6 +1352,114 @@ def bench_trl_chat(repeats, tmp, steps=40, warmup=TRL_WARMUP, sizes=None):
 
 # -----------------------------------------------------------------------------
 # The dry-run tool: optimizer steps of the real torch scheduler simulated per second.
+# -----------------------------------------------------------------------------
+# Padding and packing (data.packing, C10): chat examples of a long-tailed length distribution (turns of
+# log-normal length, 1-4 exchanges, a system turn in a third: most examples short, a few long, as chat datasets
+# are) prepared by prepare_text.py, trained one example a row (padded to data.seq_len + 1) and packed first-fit;
+# the same examples, models (zoo's Llamas, sdpa attention), batch of rows and steps over one epoch.
+PACKING = {"conversations": 330, "seq_len": 511, "batch": 8, "width": 64}
+
+
+def packing_conversations(n, seed=0):
+    """n conversations: each turn log-normal words (median 12, clipped to 1-150), 1-4 user/assistant exchanges."""
+    rng = np.random.default_rng(seed)
+
+    def say():
+        return " ".join(rng.choice(CHAT_WORDS, size=int(np.clip(rng.lognormal(np.log(12), 0.9), 1, 150))))
+
+    rows = []
+    for i in range(n):
+        turns = [{"role": "system", "content": say()}] if i % 3 == 0 else []
+        for _ in range(min(4, int(rng.geometric(0.5)))):
+            turns += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
+        rows.append({"messages": turns})
+    return rows
+
+
+def bench_packing(repeats, tmp, sizes=None):
+    """Padding waste (the share of the rows' tokens no example fills) and seconds per trained token of the kit's
+    optimizer_step over one epoch, one example a row vs data.packing; rounds interleave the sides, each counts
+    its fastest. Equal work: both sides train the same examples' same tokens (counted on both)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return {"skipped": "transformers is not installed (the chat data's tokenizer and the Llama pair need it)"}
+    import prepare_text
+    import train_distill as td
+    import yaml
+    import zoo
+    s = dict(PACKING, **(sizes or {}))
+    directory = os.path.join(tmp, "packing")
+    tokenizer = zoo.chat_tokenizer(os.path.join(directory, "tokenizer"), [" ".join(CHAT_WORDS)] * 20)
+    source = os.path.join(directory, "chat.jsonl")
+    with open(source, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in packing_conversations(s["conversations"]))
+    out = os.path.join(directory, "prepared")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert prepare_text.main([source, "--tokenizer", tokenizer, "--out", out]) == 0
+    with open(os.path.join(out, "data.yaml")) as f:
+        data = [f"data.{k}={v}" for k, v in yaml.safe_load(f)["data"].items()]
+    vocab = int(next(d for d in data if d.startswith("data.vocab_size=")).split("=")[1])
+    shape = dict(hidden_size=s["width"], intermediate_size=2 * s["width"], positions=s["seq_len"] + 1)
+    student = zoo.hf_llama(os.path.join(directory, "student"), vocab=vocab, **shape)
+    teacher = zoo.hf_llama(os.path.join(directory, "teacher"), vocab=vocab, seed=1, num_hidden_layers=4, **shape)
+    settings = TRL_SETTINGS + data + [
+        f"data.seq_len={s['seq_len']}", "data.too_long=truncate", "data.limit=null", "data.val_windows=8",
+        f"train.batch_size={s['batch']}", "train.max_steps=null", "train.epochs=1", "schedule.warmup=0",
+        "train.save_every_minutes=null", f"student.hf_dir={student}", f"kd.hf_teacher_dir={teacher}"]
+    sides, out = {}, {**s, "rows": {}, "waste": {}, "trained_tokens": {}, "steps": {}}
+    for name in ("padded", "packed"):
+        run, task = capture_distill(td, settings + [f"data.packing={name == 'packed'}"],
+                                    os.path.join(directory, name))
+        train, plan = run["train_set"], run["plan"]
+        lengths = train.examples["ends"] - train.examples["starts"]
+        out["rows"][name], out["steps"][name] = len(train), plan["steps_per_epoch"]
+        out["waste"][name] = td.padding_share(lengths, len(train), s["seq_len"])
+        out["trained_tokens"][name] = train.count(np.arange(len(train)))
+        out.update(examples=len(lengths), length_median=float(np.median(lengths)), length_p90=float(
+            np.percentile(lengths, 90)), length_max=int(lengths.max()), truncated=train.examples["long"])
+        sides[name] = (run, *distill_steps(td, run, task, plan["steps_per_epoch"]))
+    times = {name: [] for name in sides}
+    for round_ in range(repeats + 1):  # the first round warms both up
+        for name in (list(sides) if round_ % 2 == 0 else list(sides)[::-1]):
+            sides[name][1]()
+            seconds = sides[name][2]()
+            if round_:
+                times[name].append(seconds)
+    for run, *_ in sides.values():
+        close_run(run)
+    out["equal_work"] = out["trained_tokens"]["padded"] == out["trained_tokens"]["packed"]
+    out["ms_per_1k_tokens"] = {name: 1e6 * best(t) / out["trained_tokens"][name] for name, t in times.items()}
+    out["noise"] = {name: noise(t) for name, t in times.items()}
+    out["packed_time_per_token_ratio"] = best(times["packed"]) / best(times["padded"])
+    out["packed_time_per_token_ratio_noise"] = ratio_noise(times, "packed", "padded")
+    return out
+
+
+def packing_rows(o):
+    """Padding waste and step time per trained token, one example a row vs data.packing."""
+    if not o:
+        return []
+    label = "padding vs packing (data.packing)"
+    if "skipped" in o:
+        return [(label, "same chat examples", "skipped", "-", o["skipped"])]
+    work = (f"{o['examples']} chat examples (median {o['length_median']:.0f}, p90 {o['length_p90']:.0f}, longest "
+            f"{o['length_max']} tokens, {o['truncated']} truncated), rows of {o['seq_len'] + 1} tokens, batch "
+            f"{o['batch']} rows; Llama student 2 x {o['width']} from teacher 4 x {o['width']}, sdpa, forward KL, fp32, "
+            f"1 thread; one epoch of optimizer_step ({o['steps']['padded']} vs {o['steps']['packed']} steps)")
+    check = (f"trained tokens padded {o['trained_tokens']['padded']}, packed {o['trained_tokens']['packed']} "
+             f"({'equal' if o['equal_work'] else 'NOT equal'})")
+    ms, n = o["ms_per_1k_tokens"], o["noise"]
+    return [
+        (label, f"share of the rows' tokens that are padding: one example a row ({o['rows']['padded']} rows) vs "
+         f"packed first-fit ({o['rows']['packed']} rows); {work}",
+         f"{o['waste']['padded']:.1%} vs {o['waste']['packed']:.1%}", "report", "-"),
+        (label, f"time per trained token, packed / padded ({ms['packed']:.2f} {pm(n['packed'])} vs "
+         f"{ms['padded']:.2f} {pm(n['padded'])} ms per 1k trained tokens); {check}",
+         f"{o['packed_time_per_token_ratio']:.3f} {pm(o['packed_time_per_token_ratio_noise'])}", "report",
+         "-" if o["equal_work"] else "not comparable: " + check)]
+
+
 def bench_dry_run(steps, repeats):
     cfg, _ = tp.resolve_config(PROBE_CONFIG, ["train.epochs=null", f"train.max_steps={steps}"])
     plan = tp.plan_schedule(cfg, tp.train_set_size(cfg))
@@ -1574,6 +1684,7 @@ def build_rows(r):
     rows += trl_rows(r.get("trl"))
     rows += onpolicy_rows(r.get("onpolicy"))
     rows += trl_128k_rows(r.get("trl_128k"))
+    rows += packing_rows(r.get("packing"))
     rows += trl_chat_rows(r.get("trl_chat"))
     for name, reason in r.get("errors", {}).items():
         rows.append((name, "failed", "n/a", "-", reason))
@@ -1726,6 +1837,7 @@ ONPOLICY_KEYS = ("trl_onpolicy_step_ratio", "trl_onpolicy_step_ratio_noise", "on
                  "generate_tokens_per_s_ratio_noise")
 V128K_KEYS = ("trl_step_ratio_128k", "trl_step_ratio_128k_noise", "trl_mem_ratio_128k")
 CHAT_KEYS = ("trl_chat_step_ratio", "trl_chat_step_ratio_noise")
+PACKING_KEYS = ("waste", "packed_time_per_token_ratio", "packed_time_per_token_ratio_noise")
 
 
 def summary(r):
@@ -1756,7 +1868,8 @@ def summary(r):
             **{key: (r.get("trl") or {}).get(key) for key in TRL_KEYS},
             **{key: (r.get("onpolicy") or {}).get(key) for key in ONPOLICY_KEYS},
             **{key: (r.get("trl_128k") or {}).get(key) for key in V128K_KEYS},
-            **{key: (r.get("trl_chat") or {}).get(key) for key in CHAT_KEYS}, "quick": r["quick"]}
+            **{key: (r.get("trl_chat") or {}).get(key) for key in CHAT_KEYS},
+            **{f"packing_{key}": (r.get("packing") or {}).get(key) for key in PACKING_KEYS}, "quick": r["quick"]}
 
 
 def write_results(path, r, rows, elapsed):
@@ -1841,6 +1954,8 @@ def run_parts(want, p, results, tmp):
         run_part(results, "onpolicy", lambda: bench_onpolicy(p["onpolicy_repeats"], tmp, p["onpolicy_steps"]))
     if "trl_128k" in want:
         run_part(results, "trl_128k", lambda: bench_trl_128k(p["v128k_repeats"], tmp, p["v128k_steps"]))
+    if "packing" in want:
+        run_part(results, "packing", lambda: bench_packing(p["packing_repeats"], tmp))
     if "trl_chat" in want:
         run_part(results, "trl_chat", lambda: bench_trl_chat(p["chat_repeats"], tmp, p["chat_steps"]))
 

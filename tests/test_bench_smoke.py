@@ -239,3 +239,18 @@ def test_c10_chat_row_times_the_kit_and_gkdtrainer_on_the_same_chat_rows_after_t
         skipped = bench.bench_trl_chat(1, str(tmp_path / "none"), steps=3)
     assert "pip install trl" in skipped["skipped"] and bench.build_rows({"trl_chat": skipped})[0][2] == "skipped"
     assert bench.summary({"trl_chat": skipped, "quick": True})["trl_chat_step_ratio"] is None
+
+
+def test_c10_packing_row_measures_padding_waste_and_time_per_trained_token_on_equal_work(tmp_path):
+    """The packing row's plumbing at toy size (40 conversations, rows of 128 tokens, one round): both sides train
+    the same tokens of the same examples, packing leaves less of the rows to padding in fewer rows, and the waste
+    and the ratio reach the table and the JSON line."""
+    pytest.importorskip("transformers")
+    out = bench.bench_packing(1, str(tmp_path), sizes={"conversations": 40, "seq_len": 127, "width": 16})
+    assert out["equal_work"] and out["trained_tokens"]["packed"] > 0
+    assert out["rows"]["packed"] < out["rows"]["padded"] and out["waste"]["packed"] < out["waste"]["padded"]
+    assert out["steps"]["packed"] < out["steps"]["padded"] and out["packed_time_per_token_ratio"] > 0
+    rows = bench.build_rows({"packing": out})
+    assert [r[3] for r in rows] == ["report", "report"] and "(equal)" in rows[1][1]
+    summary = bench.summary({"packing": out, "quick": True})
+    assert summary["packing_waste"] == out["waste"] and summary["packing_packed_time_per_token_ratio"] > 0
