@@ -142,7 +142,8 @@ def test_c10_no_attention_across_packed_examples_in_hugging_face_models(kind, at
 
 def test_c10_g2_a_packed_global_batch_has_the_padded_ones_loss_update_and_eval(chat_data, packing_teacher,
                                                                                 tmp_path):
-    """Every example in each optimizer step: 3 micro-batches of padded rows against 2 of packed rows, the
+    """Every example in each optimizer step: 3 micro-batches of padded rows against 2 of packed rows (and packed
+    with kd.chunk_tokens, the chunked loss, D6), the
     student the built-in GPT, the teacher zoo's Hugging Face GPT-2 (CE, KD and hidden-state terms): the same step-1
     loss and terms, the same parameters after 2 steps and the same evals, to float32 round-off (G2: token-weighted over
     the global batch, whatever the rows)."""
@@ -150,23 +151,25 @@ def test_c10_g2_a_packed_global_batch_has_the_padded_ones_loss_update_and_eval(c
                       "optim.momentum=0", "optim.weight_decay=0", "optim.lr=0.5", "schedule.type=constant",
                       "schedule.warmup=0", "train.clip_grad_norm=null", "train.eval_every=1", "data.val_windows=null")
     runs, rows = {}, {}
-    for name in ("padded", "packed"):
-        cfg, _ = T.resolve_config(None, common + [f"data.packing={name == 'packed'}"])
+    for name, extra in (("padded", []), ("packed", []), ("chunked", ["kd.chunk_tokens=16"])):
+        packed = [f"data.packing={name != 'padded'}"] + extra  # chunked: packed, the loss 16 positions at a time
+        cfg, _ = T.resolve_config(None, common + packed)
         rows[name], accum = T.window_count(cfg, "train"), 3 if name == "padded" else 2
-        cfg, _ = T.resolve_config(None, common + [f"data.packing={name == 'packed'}", f"train.grad_accum={accum}",
-                                                  f"train.batch_size={-(-rows[name] // accum)}"])
+        cfg, _ = T.resolve_config(None, common + packed + [f"train.grad_accum={accum}",
+                                                           f"train.batch_size={-(-rows[name] // accum)}"])
         outcome, run = T.train(cfg, str(tmp_path / name), "none", quiet=True)
         assert outcome == "finished" and run["state"]["global_step"] == 2
         runs[name] = (run["module"].state_dict(), *T.read_metrics(str(tmp_path / name))[:2])
     assert rows["packed"] < rows["padded"] / 2
-    (padded, steps, evals), (packed, steps_p, evals_p) = runs["padded"], runs["packed"]
-    for key in ("loss", "loss/ce", "loss/kd", "loss/hidden", "grad_norm"):
-        assert math.isclose(steps[1][key], steps_p[1][key], rel_tol=1e-5), key
-    for name, p in padded.items():
-        assert torch.allclose(p, packed[name], rtol=1e-5, atol=1e-6), name
-    for s in (1, 2):
-        assert math.isclose(evals[s]["val/loss"], evals_p[s]["val/loss"], rel_tol=1e-5)
-        assert evals[s]["val/agreement"] == evals_p[s]["val/agreement"]
+    (padded, steps, evals) = runs["padded"]
+    for packed, steps_p, evals_p in (runs["packed"], runs["chunked"]):
+        for key in ("loss", "loss/ce", "loss/kd", "loss/hidden", "grad_norm"):
+            assert math.isclose(steps[1][key], steps_p[1][key], rel_tol=1e-5), key
+        for name, p in padded.items():
+            assert torch.allclose(p, packed[name], rtol=1e-5, atol=1e-6), name
+        for s in (1, 2):
+            assert math.isclose(evals[s]["val/loss"], evals_p[s]["val/loss"], rel_tol=1e-5)
+            assert evals[s]["val/agreement"] == evals_p[s]["val/agreement"]
 
 
 def test_c10_r4_a_packed_run_resumes_bit_exactly_after_sigkill(chat_data, packing_teacher, tmp_path):
