@@ -3,6 +3,7 @@ across examples (a block-diagonal causal mask and per-example positions, for the
 models), the loss token-weighted over the global batch as with one example a row (G2)."""
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -138,6 +139,10 @@ def test_c10_no_attention_across_packed_examples_in_hugging_face_models(kind, at
     with pytest.raises(T.ConfigError) as err:  # the probe refuses a model that lets the examples see each other
         T.packing_check(lm, cfg, "student.hf_dir", "the student")
     assert err.value.problems[0][:2] == ("C10", "data.packing") and "attend to each other" in err.value.problems[0][2]
+    model.config._attn_implementation = "flash_attention_2"  # position_ids alone: no mask to give it, refused
+    with pytest.raises(T.ConfigError) as err:
+        T.packing_check(lm, cfg, "student.hf_dir", "the student")
+    assert "'flash_attention_2', which takes no block-diagonal mask" in err.value.problems[0][2]
 
 
 def test_c10_g2_a_packed_global_batch_has_the_padded_ones_loss_update_and_eval(chat_data, packing_teacher,
@@ -203,10 +208,15 @@ def test_c10_r9_the_teacher_cache_of_packed_rows_is_their_teachers_and_keyed_on_
     (["kd.on_policy_fraction=0.5"], "each example continues its own prompt"),
     (["kd.seq_kd=true"], "(kd.on_policy_fraction > 0 or kd.seq_kd)"),
     (["student.target=zoo:tiny_causal_lm"], "is a user module (token ids -> logits)"),
-    (None, "the built-in corpus holds no examples")])
+    (None, "the built-in corpus holds no examples"),
+    ("stream", "holds no examples prepared by prepare_text.py")])
 def test_c10_packing_what_cannot_keep_examples_apart_is_one_line_exit_2_from_run_dry_run_and_diagnose(
         extra, why, chat_data, packing_teacher, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(HERE)  # student.target's zoo module
+    if extra == "stream":  # the same token files without their manifest: a token stream, cut into windows
+        for split in ("train", "val"):
+            shutil.copy(chat_data["data"][f"{split}_bin"], tmp_path / f"{split}.bin")
+        extra = [f"data.{split}_bin={tmp_path / split}.bin" for split in ("train", "val")]
     chosen = settings(chat_data, packing_teacher, "data.packing=true", *extra) if extra else ["data.packing=true"]
     if extra and "student.target=zoo:tiny_causal_lm" in extra:
         chosen += [f"student.kwargs={{vocab: {chat_data['data']['vocab_size']}}}", "kd.gamma=0"]
