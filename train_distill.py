@@ -4676,9 +4676,13 @@ def check_precision_run(cfg, low, plan, p_dir, train_fn_together, check):
     outcome, run = train_fn_together(low, p_dir, "none", quiet=True)
     trains, evals, _ = read_metrics(p_dir)
     skipped = run["state"]["skipped_steps"]
-    finite = sum(1 for r in trains.values() if r.get("loss") is not None and math.isfinite(r["loss"]))
+    # G5: a step the GradScaler skips (overflowed gradients) logs its finite loss: it counts once, as skipped
+    skips = np.diff([0] + [trains[s].get("skipped_steps", 0) for s in sorted(trains)])
+    sound = sum(1 for r, skip in zip((trains[s] for s in sorted(trains)), skips)
+                if skip or (r.get("loss") is not None and math.isfinite(r["loss"])))
     lrs = np.array([trains[s]["lr"] for s in sorted(trains)])
-    check(outcome == "finished" and finite + skipped == plan["total_steps"] and np.array_equal(lrs, lr_curve(low, plan))
+    check(outcome == "finished" and sound == len(trains) == plan["total_steps"] and skips.sum() == skipped
+          and np.array_equal(lrs, lr_curve(low, plan))
           and all(math.isfinite(e["val/loss"]) for e in evals.values())
           and (precision != "fp16" or all("scale" in r for r in trains.values())),
           f"{precision}: {plan['total_steps']} steps, {skipped} skipped by "

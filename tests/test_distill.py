@@ -431,6 +431,23 @@ def test_g1_fp16_accumulation_short_last_group_and_scaler_skip_keep_schedule(dat
     assert all(math.isfinite(trains[s]["loss"]) for s in trains if s != 2)
 
 
+def test_g5_e5_dry_run_counts_a_step_the_gradscaler_skips_once(data, tmp_path, monkeypatch):
+    """A step the GradScaler skips (gradients overflowed) logs a finite loss: the dry run's fp16 check counted it
+    as finite and as skipped and FAILed a healthy config (a new user's Hugging Face Llama overflowed at the
+    default scale). A huge initial scale makes the first steps overflow here."""
+    monkeypatch.setattr(T, "make_grad_scaler", lambda device, precision: torch.amp.GradScaler(
+        device.type, init_scale=2.0 ** 127) if precision == "fp16" else None)
+    cfg, _ = T.resolve_config(None, teacher_run(data + MODELS + LOOP) + ["train.precision=fp16"])
+    plan = T.plan_schedule(cfg, T.train_set_size(cfg), 1)
+    results = []
+    T.check_precision_run(cfg, cfg, plan, str(tmp_path), T.train, lambda ok, what: results.append((ok, what)))
+    trains = T.read_metrics(str(tmp_path))[0]
+    skipped = [s for s in trains if trains[s]["skipped_steps"] > trains.get(s - 1, {}).get("skipped_steps", 0)]
+    assert skipped and all(math.isfinite(trains[s]["loss"]) for s in skipped)  # overflowed grads, finite losses
+    assert results == [(True, f"fp16: {plan['total_steps']} steps, {len(skipped)} skipped by the GradScaler, CE "
+                                "in fp32, LR on schedule (G5, G6)")]
+
+
 def test_e3_val_ppl_is_exp_of_token_weighted_ce(kd_run):
     cfg, state, run_dir = kd_run
     last_eval = T.read_metrics(run_dir)[1][8]
