@@ -15,6 +15,7 @@ and prompt-only {"prompt"}; each row is an example of its own, with a loss mask 
 or every assistant turn) and its bounds (OUT/*.starts.npy). Nothing is written on bad input.
 """
 import argparse
+import difflib
 import fnmatch
 import hashlib
 import json
@@ -172,6 +173,7 @@ def row_format(path, number, row):
     """(kind, conversational) of a row in TRL's formats: kind text, messages, prompt_completion or prompt."""
     if not isinstance(row, dict):
         raise row_error(path, number, "row", f"is a JSON {type(row).__name__}, not an object")
+    misspelt_key((path, number), "", row, ("text", "messages", "prompt", "completion"))
     if "messages" in row:
         return "messages", True
     if "prompt" in row:
@@ -180,6 +182,15 @@ def row_format(path, number, row):
         return "text", False
     raise row_error(path, number, "keys", f"{sorted(row)} hold none of TRL's dataset formats: give \"text\", "
                     "\"messages\", \"prompt\" and \"completion\", or \"prompt\" alone")
+
+
+def misspelt_key(where, prefix, row, known):
+    """C10: a key one typo from a known key the row lacks ("complection") is refused: ignored as an extra column,
+    it would turn prompt/completion rows into prompt-only ones. Other extra columns (an id, a source) stay ignored."""
+    for key in row:
+        close = [] if key in known else difflib.get_close_matches(key, [k for k in known if k not in row], 1, 0.85)
+        if close:
+            raise row_error(*where, prefix + key, f"unknown key; did you mean {close[0]!r}?")
 
 
 def format_name(fmt):
@@ -191,6 +202,8 @@ def check_messages(where, key, messages, need_assistant):
     if not isinstance(messages, list) or not messages:
         raise row_error(*where, key, "must be a non-empty list of {\"role\", \"content\"} messages")
     for i, message in enumerate(messages):
+        if isinstance(message, dict):
+            misspelt_key(where, f"{key}[{i}].", message, ("role", "content"))
         if not isinstance(message, dict) or not {"role", "content"} <= set(message):
             raise row_error(*where, f"{key}[{i}]", "must be a {\"role\", \"content\"} object")
         if message["role"] not in ROLES:

@@ -221,6 +221,9 @@ def test_c10_bad_examples_are_one_line_naming_the_file_line_and_key_exit_2_and_w
          "empty assistant turn"),
         ([{"messages": [msg("user", "hi")]}], [], "bad.jsonl:1: messages", "no assistant turn"),
         ([{"prompt": "hi", "completion": ""}], [], "bad.jsonl:1: completion", "non-empty string"),
+        ([{"prompt": "a ", "complection": "b"}], [], "bad.jsonl:1: complection", "did you mean 'completion'"),
+        ([{"messages": [{"role": "user", "contnet": "hi"}, msg("assistant", "x")]}], [],
+         "bad.jsonl:1: messages[0].contnet", "did you mean 'content'"),
         (good, ["--tokenizer", bare], "--chat_template", "no chat template"),
         (good, ["--chat_template", str(tmp_path / "bad.jinja")], "bad.jsonl:1: chat_template", "not a prefix"),
     ]
