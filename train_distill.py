@@ -1708,10 +1708,15 @@ def prepared_text_problems(cfg):
             continue
         made = f"{os.path.dirname(cfg[key]) or '.'}/manifest.json"
         again = f"python prepare_text.py SOURCES --tokenizer DIR --out {os.path.dirname(cfg[key]) or '.'}"
-        for name in ("vocab_size", "dtype"):
-            if cfg[f"data.{name}"] != manifest.get(name):
-                problems.append(("C10", f"data.{name}", f"{cfg[f'data.{name}']!r}, but {made} says "
-                                 f"{manifest.get(name)!r}; set data.{name}: {manifest.get(name)}"))
+        if cfg["data.dtype"] != manifest.get("dtype"):
+            problems.append(("C10", "data.dtype", f"{cfg['data.dtype']!r}, but {made} says {manifest.get('dtype')!r}; "
+                             f"set data.dtype: {manifest.get('dtype')}"))
+        # C10: every prepared id is below the manifest's vocab_size; a larger data.vocab_size is a model whose
+        # embeddings are padded past its tokenizer (data prepared with --tokenizer a tokenizer directory): fine
+        if (cfg["data.vocab_size"] or 0) < manifest.get("vocab_size", 0):
+            problems.append(("C10", "data.vocab_size", f"{cfg['data.vocab_size']!r}, but {made} says "
+                             f"{manifest.get('vocab_size')!r}; set data.vocab_size to the models' vocab_size (at "
+                             f"least {manifest.get('vocab_size')})"))
         if os.path.getsize(cfg[key]) != record.get("bytes"):
             problems.append(("C10", key, f"{cfg[key]} is {os.path.getsize(cfg[key])} bytes, {made} says "
                              f"{record.get('bytes')}: it changed after it was prepared; prepare again: {again}"))

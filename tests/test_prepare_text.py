@@ -356,6 +356,14 @@ def test_c10_prepared_data_must_match_the_config_and_the_models_tokenizer(chat_d
     with pytest.raises(T.ConfigError) as err:  # the id type and a file changed after its preparation
         T.resolve_config(None, chat_settings(chat_data, "data.dtype=uint32"))
     assert [p[1] for p in err.value.problems] == ["data.dtype", "data.dtype"]
+    # prepared with a tokenizer directory (vocab_size: the tokenizer's), a teacher whose embeddings are padded past
+    # it: data.vocab_size is the models' size; a new user was sent between 'set 200' and 'set 208' (C10)
+    vocab = chat_data["data"]["vocab_size"]
+    padded = zoo.hf_gpt2(tmp_path / "padded", vocab=vocab + 8, positions=128)
+    T.resolve_config(None, chat_settings(chat_data, f"data.vocab_size={vocab + 8}", f"kd.hf_teacher_dir={padded}"))
+    with pytest.raises(T.ConfigError) as err:  # below the prepared ids' range
+        T.resolve_config(None, chat_settings(chat_data, f"data.vocab_size={vocab - 1}"))
+    assert [p[1] for p in err.value.problems][:2] == ["data.vocab_size"] * 2
     with pytest.raises(T.ConfigError) as err:  # on-policy continues each example's own prompt: the key is ignored
         T.resolve_config(None, chat_settings(chat_data, "kd.on_policy_fraction=0.5", "kd.prompt_tokens=4"))
     assert [p[1] for p in err.value.problems] == ["kd.prompt_tokens"]
