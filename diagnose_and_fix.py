@@ -283,6 +283,8 @@ def repair(script, tree, rid, key, message, attempt):
         return "C2", evidence, f"remove it ({why})", [(key, REMOVE)]
     if rid == "C6":  # windows prepared with other settings: only the user knows which side is right
         return "C6", where, "prepare the data again with this config, or set the key to what the manifest says", []
+    if rid == "C10":  # the prepared data's manifest decides: the loader's line ends with its fix, never a default
+        return "C10", where, message.rsplit("; ", 1)[-1], []
     if key not in schema:  # a whole-file or --set problem: nothing to edit in the tree
         return rid, where, "see the message", []
     default, kind, _doc = schema[key]

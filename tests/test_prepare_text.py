@@ -328,6 +328,12 @@ def test_c10_a_seq_len_below_the_longest_example_is_refused_unless_data_too_long
     assert len(lines) == 3 and len(set(lines)) == 1 and nothing, lines
     assert lines[0].startswith("config error: data.seq_len:") and f"holds is {longest} tokens" in lines[0]
     assert "data.too_long" in lines[0]
+    import diagnose_and_fix as dx  # its fix is the line's own, not data.seq_len's default (128 said a new user's)
+    dx.main(["--config", str(tmp_path / "c.yaml"), "--json"]
+            + [a for s in chat_settings(chat_data, seq_len=seq_len) for a in ("--set", s)])
+    fixes = [f["fix"] for f in json.loads(capsys.readouterr().out)["findings"] if f["id"] == "C10"]
+    assert fixes == [f"set data.seq_len to at least {longest - 1}, or data.too_long to truncate or drop the longer "
+                     "examples"], fixes
     for how, kept in (("truncate", len(lengths)), ("drop", len(lengths) - long)):
         cfg, _ = T.resolve_config(None, chat_settings(chat_data, f"data.too_long={how}", seq_len=seq_len))
         train = T.TokenWindows(cfg, "train")
