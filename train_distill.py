@@ -3452,14 +3452,17 @@ def objective_text(cfg, vocabulary):
     text = (f"loss = {cfg['kd.alpha']:g} CE + {cfg['kd.beta']:g} {scale} {name} (T {T:g}, {vocabulary}) + "
             f"{cfg['kd.gamma']:g} hidden" + (f" over layer pairs {layers}" if layers and cfg["kd.gamma"] > 0 else ""))
     prompt, new = on_policy_lengths(cfg)
+    prompt, new = f"a {prompt}-token prompt", f"{new} tokens"
     if cfg["data.train_bin"] and example_bounds(cfg, "train") is not None:  # C10: the data's own prompts
-        prompt = "the example's (up to the assistant's last reply)"
+        prompt = "the example's own prompt (up to the assistant's last reply)"
+        limit = cfg["kd.max_new_tokens"]  # example_prompts(): null is up to data.seq_len + 1 tokens in all
+        new = f"{limit} tokens" if limit is not None else f"tokens (up to {cfg['data.seq_len'] + 1} in all)"
     if cfg["kd.on_policy_fraction"] > 0:
-        text += (f"; on-policy: {cfg['kd.on_policy_fraction']:g} of the micro-batches continue a {prompt}-token prompt "
-                 f"with {new} tokens the student samples at T {cfg['kd.sample_temperature']:g}, {name} only on those")
+        text += (f"; on-policy: {cfg['kd.on_policy_fraction']:g} of the micro-batches continue {prompt} with {new} "
+                 f"the student samples at T {cfg['kd.sample_temperature']:g}, {name} only on those")
     if cfg["kd.seq_kd"] and cfg["kd.on_policy_fraction"] < 1:  # E14
         text += (f"; seq_kd: the labels of the {'other' if cfg['kd.on_policy_fraction'] else 'all'} micro-batches "
-                 f"are {new} tokens the teacher samples after a {prompt}-token prompt")
+                 f"are {new} the teacher samples after {prompt}")
     return text
 
 

@@ -391,6 +391,11 @@ def test_c10_e14_on_policy_examples_continue_their_own_prompt_up_to_the_assistan
     tok = transformers.AutoTokenizer.from_pretrained(chat_data["tok"])
     settings = chat_settings(chat_data, "kd.on_policy_fraction=0.5", "kd.max_new_tokens=6")
     cfg, _ = T.resolve_config(None, settings)
+    said = T.objective_text(cfg, "full vocabulary")  # the run's teacher line (it said 'continue a the example's ...')
+    assert ("on-policy: 0.5 of the micro-batches continue the example's own prompt (up to the assistant's last reply) "
+            "with 6 tokens the student samples at T 1") in said, said
+    longest = f"tokens (up to {cfg['data.seq_len'] + 1} in all) the student"
+    assert longest in T.objective_text(T.resolve_config(None, settings + ["kd.max_new_tokens=null"])[0], "")
     train = T.TokenWindows(cfg, "train")
     x, y = train[np.arange(len(train))]
     prompt, new, live = T.example_prompts(y, cfg)
