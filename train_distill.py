@@ -3461,7 +3461,7 @@ def objective_text(cfg, vocabulary):
         text += (f"; on-policy: {cfg['kd.on_policy_fraction']:g} of the micro-batches continue {prompt} with {new} "
                  f"the student samples at T {cfg['kd.sample_temperature']:g}, {name} only on those")
     if cfg["kd.seq_kd"] and cfg["kd.on_policy_fraction"] < 1:  # E14
-        text += (f"; seq_kd: the labels of the {'other' if cfg['kd.on_policy_fraction'] else 'all'} micro-batches "
+        text += (f"; seq_kd: the labels of {'the other' if cfg['kd.on_policy_fraction'] else 'all the'} micro-batches "
                  f"are {new} the teacher samples after {prompt}")
     return text
 

@@ -396,6 +396,8 @@ def test_c10_e14_on_policy_examples_continue_their_own_prompt_up_to_the_assistan
             "with 6 tokens the student samples at T 1") in said, said
     longest = f"tokens (up to {cfg['data.seq_len'] + 1} in all) the student"
     assert longest in T.objective_text(T.resolve_config(None, settings + ["kd.max_new_tokens=null"])[0], "")
+    said = T.objective_text(T.resolve_config(None, chat_settings(chat_data, "kd.seq_kd=true"))[0], "")
+    assert "seq_kd: the labels of all the micro-batches are tokens (up to" in said, said
     train = T.TokenWindows(cfg, "train")
     x, y = train[np.arange(len(train))]
     prompt, new, live = T.example_prompts(y, cfg)
