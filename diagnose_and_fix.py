@@ -1526,9 +1526,11 @@ def diagnose_tree(tree, name, opts, with_runs=True):
     script = training_script(task)
     if script is None:
         close = difflib.get_close_matches(str(task), known_tasks(), n=1, cutoff=0.5)
+        copy_it = f"copy train_{task}.py beside diagnose_and_fix.py (its checks are the script's)"  # C3: copied alone
         findings.append(finding("C3", "critical", f"task: {task!r} has no training script train_{task}.py (tasks here: "
-                                f"{', '.join(known_tasks())})", f"set task to {close[0]}" if close else
-                                "set task to one of the tasks listed", changes=[("task", close[0])] if close else []))
+                                f"{', '.join(known_tasks()) or 'none'})", f"set task to {close[0]}" if close else
+                                f"set task to one of the tasks listed, or {copy_it}" if known_tasks() else copy_it,
+                                changes=[("task", close[0])] if close else []))
         if not close:
             return report
         tree_set(tree, "task", close[0], {"task": None})

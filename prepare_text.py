@@ -14,7 +14,6 @@ formats: {"text"}, {"messages": [{"role", "content"}, ...]}, {"prompt", "complet
 and prompt-only {"prompt"}; each row is an example of its own, with a loss mask (OUT/*.mask.bin: the completion,
 or every assistant turn) and its bounds (OUT/*.starts.npy). Nothing is written on bad input.
 """
-import argparse
 import difflib
 import fnmatch
 import hashlib
@@ -24,8 +23,15 @@ import sys
 
 import numpy as np
 
-from train_distill import (ConfigError, atomic_write_text, hf_config_value, tokenizer_digest, transformers_installed,
-                           transformers_module)
+try:
+    from train_distill import (ConfigError, atomic_write_text, hf_config_value, one_line_parser, tokenizer_digest,
+                               transformers_installed, transformers_module)
+except ModuleNotFoundError as missing:  # C3: the tool runs the script's own checks; copied alone: one line
+    if missing.name != "train_distill":
+        raise
+    print("prepare_text.py: needs train_distill.py beside it (copy it from the kit): the token files are written "
+          "and checked with the training script's own functions", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def token_dtype(vocab):
@@ -53,8 +59,8 @@ def input_problems(sources, tokenizer_dir, out_dir, val_fraction, pattern):
     if not 0 < val_fraction < 1:
         problems.append(("C3", "--val_fraction", f"{val_fraction!r} must be between 0 and 1"))
     if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
-        problems.append(("C3", "--tokenizer", f"{tokenizer_dir} is not a directory; give a local Hugging Face "
-                                              "tokenizer (or model) directory"))
+        what = f"{tokenizer_dir} is not a directory" if tokenizer_dir else "missing"
+        problems.append(("C3", "--tokenizer", f"{what}; give a local Hugging Face tokenizer (or model) directory"))
     elif not transformers_installed():
         problems.append(("C3", "--tokenizer", f"needs the transformers package, which is not installed for "
                                               f"{sys.executable}; {sys.executable} -m pip install transformers"))
@@ -434,7 +440,7 @@ def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern=
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = one_line_parser(__doc__)
     parser.add_argument("sources", nargs="+", metavar="SOURCES", help="text files and directories to tokenize")
     parser.add_argument("--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer or model directory")
     parser.add_argument("--out", metavar="DIR", help="the directory for train.bin, val.bin and data.yaml")

@@ -12,7 +12,6 @@ each one from its own physical dimension to volts. A recording's windows are a f
 window_settings() alone, the split a function of the subject id and data.val_fraction alone, so the outputs are
 the same bytes at any worker count and after any kill; the same command continues a killed preparation.
 """
-import argparse
 import contextlib
 import hashlib
 import importlib.util
@@ -30,8 +29,16 @@ from fractions import Fraction
 
 import numpy as np
 
-from train_probe import (ELECTRODE_ALIASES, INCOMPLETE, ConfigError, atomic_write_text, file_sha256, read_manifest,
-                         remove_stale_temp_files, resolve_config, window_channels, window_settings)
+try:
+    from train_probe import (ELECTRODE_ALIASES, INCOMPLETE, ConfigError, atomic_write_text, file_sha256,
+                             one_line_parser, read_manifest, remove_stale_temp_files, resolve_config, window_channels,
+                             window_settings)
+except ModuleNotFoundError as missing:  # C3: the tool runs the script's own config checks; copied alone: one line
+    if missing.name != "train_probe":
+        raise
+    print("prepare_tuab.py: needs train_probe.py beside it (copy it from the kit): the windows are made and checked "
+          "with the training script's own config", file=sys.stderr)
+    raise SystemExit(2)
 
 TUAB_LABELS = {"normal": 0, "abnormal": 1}  # the directory a recording sits in is its label
 TUAB_SPLITS = {"train": "train", "eval": "test"}  # the official eval directory is the test split; val comes from train
@@ -465,9 +472,10 @@ def next_step(cfg, out, config_path):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = one_line_parser(__doc__)
     parser.add_argument("src", metavar="SRC", help="the TUAB v3.0.1 download (the directory that holds edf/)")
-    parser.add_argument("--out", metavar="DIR", help="the directory for the windows and manifest.json (data/tuab_4s)")
+    parser.add_argument("--out", metavar="DIR", help="required: the directory for the windows and manifest.json, "
+                        "e.g. data/tuab_4s")
     parser.add_argument("--config", help="the YAML config whose data.* keys say what the windows are (omit for the "
                         "built-in defaults)")
     parser.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",

@@ -236,6 +236,14 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"config error: {key}: {msg}" for _, key, msg in problems))
 
 
+def one_line_parser(doc):
+    """The command line of a script or tool: a wrong or missing option is one line and exit 2 (C3), not
+    argparse's usage block."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: {message}; see --help\n")
+    return parser
+
+
 def _flatten(tree, schema, prefix=""):
     flat = {}
     for name, value in tree.items():
@@ -4705,7 +4713,7 @@ def parse_args(argv=None):
         print(ConfigError([("C3", "--tokenize", "moved to prepare_text.py, beside this script: python "
                             "prepare_text.py TEXT... --tokenizer DIR --out DIR")]), file=sys.stderr)
         raise SystemExit(2)  # as argparse exits on a bad option (launch.sh's preflight calls parse_args too)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = one_line_parser(__doc__)
     parser.add_argument("--config", help="YAML config (omit for the built-in defaults)")
     parser.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config keys: --set optim.lr=3e-4 train.grad_accum=4 (repeatable)")

@@ -125,3 +125,19 @@ def test_c1_a_word_for_an_integer_key_says_a_whole_number_is_expected(script):
         with pytest.raises(script.ConfigError) as err:
             script.resolve_config(None, [f"{key}=lots"])
         assert str(err.value) == f"config error: {key}: got 'lots', expected {kind}"
+
+
+@pytest.mark.parametrize("tool", ["train_probe", "train_distill", "prepare_tuab", "prepare_text", "diagnose_and_fix",
+                                  "test_scheduler_dry_run"])
+def test_c3_a_wrong_or_missing_option_is_one_line_and_exit_2_in_every_script_and_tool(tool, capsys):
+    """A new user's mistyped flag (issue 32): one line naming the option and --help, exit 2, not argparse's usage
+    block; the same for an option without its value."""
+    module = __import__(tool)
+    for argv in (["--bogus", "x"], ["--set"]):
+        try:
+            code = module.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "usage:" not in err[0], (argv, err)
+        assert argv[0] in err[0] or "--set" in err[0] or "required" in err[0], err

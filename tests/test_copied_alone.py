@@ -97,6 +97,28 @@ def test_c3_a_training_script_asked_for_a_preparation_names_the_tool_it_moved_to
     assert os.listdir(tmp_path) == []  # nothing written, no run dir
 
 
+@pytest.mark.parametrize("tool, script, args", [
+    ("prepare_tuab.py", "train_probe.py", ["src", "--out", "out"]),
+    ("prepare_text.py", "train_distill.py", ["a.txt", "--tokenizer", "tok", "--out", "out"])])
+def test_c3_a_tool_copied_without_the_training_script_it_runs_names_the_script_in_one_line(tool, script, args,
+                                                                                          tmp_path):
+    """A preparation tool imports its training script (its config and checks): copied alone, it says which file to
+    copy in one line, exit 2 (its --help too), nothing written; diagnose copied alone names the script in its fix."""
+    where = copied_alone(tmp_path, tool)
+    line = f"{tool}: needs {script} beside it (copy it from the kit)"
+    for argv in (args, ["--help"]):
+        out = run(where, tool, *argv)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, (argv, out.stderr[-2000:])
+        assert out.stderr.startswith(line) and not out.stdout, out.stderr
+    assert sorted(os.listdir(where)) == [tool]
+    shutil.copy(os.path.join(ROOT, script), where)
+    assert run(where, tool, "--help").returncode == 0
+    shutil.copy(os.path.join(ROOT, "diagnose_and_fix.py"), tmp_path)  # a directory without the training scripts
+    config = "probe_synthetic" if script == "train_probe.py" else "distill_demo"
+    out = run(tmp_path, "diagnose_and_fix.py", "--config", os.path.join(CONFIGS, f"{config}.yaml"))
+    assert out.returncode == 1 and f"fix: copy {script} beside diagnose_and_fix.py" in out.stdout, out.stdout
+
+
 def companion_line(key, name, script):
     return f"config error: {key}: needs {name}.py beside {script} (copy it from the kit), or leave {key} unset"
 

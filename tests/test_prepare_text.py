@@ -110,11 +110,12 @@ def test_c3_tokenize_bad_input_exits_2_with_one_line_and_overwrites_nothing(tmp_
     cases = [([str(tmp_path / "text"), "--tokenizer", tok_dir, "--out", str(out)], "--out"),
              ([str(tmp_path / "nothing"), "--tokenizer", tok_dir, "--out", str(tmp_path / "e")], "SOURCES"),
              ([str(tmp_path / "text"), "--tokenizer", str(tmp_path / "no_tok"), "--out", str(tmp_path / "e")],
-              "--tokenizer")]
+              "--tokenizer"),
+             ([str(tmp_path / "text"), "--out", str(tmp_path / "e")], "--tokenizer: missing")]  # not "None is not.."
     for argv, key in cases:
         assert P.main(argv) == 2
         lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"config error: {key}:"), lines
+        assert len(lines) == 1 and lines[0].startswith(f"config error: {key}"), lines
     assert (out / "train.bin").read_bytes() == b"keep" and not (tmp_path / "e").exists()
 
 
