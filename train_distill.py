@@ -4710,8 +4710,8 @@ def check_precision_run(cfg, low, plan, p_dir, train_fn_together, check):
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(arg.split("=")[0] == "--tokenize" for arg in argv):  # C3: the preparation is its own tool now
-        print(ConfigError([("C3", "--tokenize", "moved to prepare_text.py, beside this script: python "
-                            "prepare_text.py TEXT... --tokenizer DIR --out DIR")]), file=sys.stderr)
+        print(ConfigError([("C3", "--tokenize", "moved to the kit's prepare_text.py (copy it beside this script): "
+                            "python prepare_text.py TEXT... --tokenizer DIR --out DIR")]), file=sys.stderr)
         raise SystemExit(2)  # as argparse exits on a bad option (launch.sh's preflight calls parse_args too)
     parser = one_line_parser(__doc__)
     parser.add_argument("--config", help="YAML config (omit for the built-in defaults)")

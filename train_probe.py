@@ -3323,8 +3323,8 @@ def prepared_data_problems(cfg):
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(arg.split("=")[0] == "--prepare_tuab" for arg in argv):  # C3: the preparation is its own tool now
-        print(ConfigError([("C3", "--prepare_tuab", "moved to prepare_tuab.py, beside this script: python "
-                            "prepare_tuab.py SRC --out DIR --config CONFIG")]), file=sys.stderr)
+        print(ConfigError([("C3", "--prepare_tuab", "moved to the kit's prepare_tuab.py (copy it beside this script): "
+                            "python prepare_tuab.py SRC --out DIR --config CONFIG")]), file=sys.stderr)
         raise SystemExit(2)  # as argparse exits on a bad option (launch.sh's preflight calls parse_args too)
     parser = one_line_parser(__doc__)
     parser.add_argument("--config", help="YAML config (omit for the built-in defaults)")

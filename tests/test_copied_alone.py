@@ -91,6 +91,7 @@ def test_c3_a_training_script_asked_for_a_preparation_names_the_tool_it_moved_to
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"config error: {flag}:") and f"python {tool}" in err[0], err
+    assert f"the kit's {tool} (copy it beside this script)" in err[0]  # a copied script has no tool beside it
     out = launch(os.path.join(CONFIGS, f"{config}.yaml"), "--gpus", "cpu", "--", flag, "src", "--out", "out",
                  cwd=tmp_path, timeout=300)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == err, out.stderr
