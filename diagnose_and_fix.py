@@ -84,8 +84,8 @@ def parse_args(argv=None):
     parser.add_argument("--fix", action="store_true", help="write a corrected config to --output")
     parser.add_argument("--output", help="where --fix writes (the input is overwritten only when named here)")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON instead of text")
-    parser.add_argument("--plot", metavar="OUT", help="draw the --log run(s) with their findings marked: OUT.png "
-                        "(or .svg/.pdf) with matplotlib; '-' (or matplotlib missing) prints ASCII panels instead")
+    parser.add_argument("--plot", metavar="OUT", help="draw the --log run(s), findings marked (with diagnose_plot.py "
+                        "beside this tool): OUT.png/.svg/.pdf with matplotlib; '-' (or no matplotlib): ASCII panels")
 
     def one_line_error(message):
         raise UsageError(message)

@@ -325,6 +325,7 @@ def test_c3_plot_without_its_companion_file_is_one_line_exit_2(tmp_path):
         "leave --plot unset"], out.stderr
     assert sorted(os.listdir(tmp_path)) == ["diagnose_and_fix.py", "train.log"]
     assert tool().returncode == 0
+    assert "diagnose_plot.py" in tool("--help").stdout  # the file --plot needs, named where the option is
 
 
 def test_loss_panel_top_is_clipped_only_when_the_first_steps_dwarf_the_rest():
