@@ -615,9 +615,10 @@ def check_objective_shares(kd):
     if fraction >= 1 and data_terms:
         return [finding("E2", "warning", f"kd.on_policy_fraction is 1: every micro-batch is the student's own text, "
                         f"trained on the {divergence} term only, so {' and '.join(data_terms)} weigh nothing",
-                        "lower kd.on_policy_fraction (GKD uses 0.5) or set "
-                        + " and ".join(f"{k}: 0" for k in data_terms),
-                        changes=[("kd.on_policy_fraction", 0.5)])]
+                        # the change that holds for any data: prompt-only rows need kd.on_policy_fraction 1 (C10)
+                        "set " + " and ".join(f"{k}: 0" for k in data_terms) + " (GKD's loss at lmbda 1), or, on data "
+                        "with completions, lower kd.on_policy_fraction (GKD uses 0.5)",
+                        changes=[(k, 0.0) for k in data_terms])]
     layers = kd.get("kd.hidden_layers")
     shares = [f"{divergence} x kd.beta {kd.get('kd.beta', 0):g} on every micro-batch",
               f"CE x kd.alpha {kd.get('kd.alpha', 0):g} and the hidden-state term x kd.gamma {kd.get('kd.gamma', 0):g}"
