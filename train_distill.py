@@ -4418,8 +4418,11 @@ class ExportedLM(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, x):
-        return split_outputs(self.lm(x))
+    def forward(self, x, positions=None):  # C10: a packed val set's positions, as evaluate() gives the run's model
+        if positions is None:
+            return split_outputs(self.lm(x))
+        lm = self.lm if isinstance(self.lm, GPT) else HFCausalLM(self.lm, False)  # its block-diagonal mask
+        return lm(x, positions=positions)
 
 
 def scored_data(cfg):

@@ -121,6 +121,20 @@ def test_c10_no_attention_across_packed_examples_in_the_built_in_gpt():
     assert_examples_apart(T.GPT(100, 16, 2, 2, 16), 100)
 
 
+@pytest.mark.parametrize("kind", ["builtin", "gpt2"])
+def test_c10_e11_an_export_scores_packed_rows_with_each_example_apart_as_the_run_does(kind, tmp_path):
+    """--evaluate EXPORT: evaluate() gives the export the rows' positions (None unpacked), and ExportedLM passes them
+    to the built-in GPT, or to a Hugging Face model with the block-diagonal mask (it took tokens alone: every
+    export's --evaluate was a TypeError, packed or not, the README's command included)."""
+    torch.manual_seed(0)
+    if kind == "builtin":
+        lm = T.GPT(100, 16, 2, 2, 16)
+    else:
+        transformers = pytest.importorskip("transformers")
+        lm = transformers.AutoModelForCausalLM.from_pretrained(zoo.hf_gpt2(tmp_path / kind, vocab=100)).float()
+    assert_examples_apart(T.ExportedLM(lm), 100)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_c10_no_attention_across_packed_examples_in_hugging_face_models(kind, attention, tmp_path):
