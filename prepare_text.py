@@ -2,12 +2,14 @@
 
     python prepare_text.py my_texts/ more.txt --tokenizer /models/teacher --out data/mine
     python prepare_text.py chat.jsonl --tokenizer /models/teacher --out data/chat   # [--chat_template FILE]
+    python prepare_text.py --demo_chat --out data/chat_demo   # the chat demo's generated conversations + tokenizer
     ./launch.sh configs/mine.yaml          # its data: keys are the ones OUT/data.yaml holds
 
 It runs once, before any training (as nanoGPT's data/*/prepare.py files do), and writes OUT/train.bin and
 OUT/val.bin (token ids), OUT/manifest.json (what they are: tokenizer, template, format, counts; every run checks
-it, C10) and OUT/data.yaml, the data: keys a config needs (docs/distill_models.md). train_distill.py never imports
-this file: copied alone, it trains on token files made here or by your own tokenizer script.
+it, C10), OUT/tokenizer (the tokenizer and chat template used, which a run's export carries) and OUT/data.yaml,
+the data: keys a config needs (docs/distill_models.md). train_distill.py never imports this file: copied alone,
+it trains on token files made here or by your own tokenizer script.
 Text files: every file is one document, followed by the tokenizer's end-of-text token (a tokenizer without one
 is warned about: then nothing separates the documents). JSONL (or Parquet, with pyarrow) in TRL's dataset
 formats: {"text"}, {"messages": [{"role", "content"}, ...]}, {"prompt", "completion"} (strings or message lists)
@@ -19,13 +21,15 @@ import fnmatch
 import hashlib
 import json
 import os
+import random
+import shutil
 import sys
 
 import numpy as np
 
 try:
-    from train_distill import (ConfigError, atomic_write_text, hf_config_value, one_line_parser, tokenizer_digest,
-                               transformers_installed, transformers_module)
+    from train_distill import (ConfigError, atomic_write_text, file_digests, hf_config_value, one_line_parser,
+                               tokenizer_digest, transformers_installed, transformers_module)
 except ModuleNotFoundError as missing:  # C3: the tool runs the script's own checks; copied alone: one line
     if missing.name != "train_distill":
         raise
@@ -67,12 +71,14 @@ def input_problems(sources, tokenizer_dir, out_dir, val_fraction, pattern):
     if not out_dir:
         problems.append(("C3", "--out", "missing: give the directory for train.bin, val.bin and data.yaml"))
     else:
-        there = [name for name in ("train.bin", "val.bin") if os.path.exists(os.path.join(out_dir, name))]
+        there = [name for name in ("train.bin", "val.bin", "tokenizer") if os.path.exists(os.path.join(out_dir, name))]
         if there:
             problems.append(("C3", "--out", f"{out_dir} already holds {' and '.join(there)}; choose another --out "
                                             "(nothing was overwritten)"))
     files = text_files(sources, pattern)
-    if not files:
+    if not sources:
+        problems.append(("C3", "SOURCES", "missing: give text or JSONL files or directories (or --demo_chat)"))
+    elif not files:
         problems.append(("C3", "SOURCES", f"no text files in {' '.join(sources)} (directories: files matching "
                                           f"{pattern}, see --glob)"))
     if problems:
@@ -381,6 +387,18 @@ def chat_template_source(tokenizer, template_file):
             "source": os.path.abspath(template_file) if template_file else "the tokenizer's own"}
 
 
+def save_tokenizer(tokenizer, out_dir):
+    """C10: the tokenizer, with the chat template the data was rendered with, into OUT/tokenizer (renamed in whole);
+    returns the manifest's record of it, each file's sha256: every run checks them, and its export carries them."""
+    tmp, final = os.path.join(out_dir, f".tokenizer.tmp-{os.getpid()}"), os.path.join(out_dir, "tokenizer")
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"dir": "tokenizer", "files": file_digests(final)}
+
+
 def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern="*.txt", say=print,
                      chat_template=None):
     """Tokenize text files into out_dir/train.bin and out_dir/val.bin (flat token ids, uint16 when the
@@ -424,6 +442,7 @@ def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern=
         manifest.update(formats={f: "plain text" for f in files}, splits={
             s: {"file": f"{s}.bin", "tokens": n, "bytes": n * np.dtype(dtype).itemsize} for s, n in counts.items()})
         what = f"{len(files)} files"
+    manifest["tokenizer"]["saved"] = save_tokenizer(tokenizer, out_dir)
     atomic_write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
     snippet = (f"# python prepare_text.py {' '.join(sources)} --tokenizer {tokenizer_dir} --out {out_dir}\n"
@@ -439,9 +458,92 @@ def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern=
     return {"paths": paths, "dtype": dtype, "vocab_size": vocab, "tokens": counts, "files": files, "manifest": manifest}
 
 
+# -----------------------------------------------------------------------------
+# The chat demo's data (--demo_chat): generated conversations and a word-level ChatML tokenizer, built here with
+# transformers' tokenizers (nothing downloaded), the same on every machine. configs/distill_chat_teacher.yaml and
+# configs/distill_chat.yaml (its models: configs/chat_models/*/config.json, whose vocab_size is DEMO_VOCAB's
+# size) train on what it prepares, the loss on the assistant's turns (C10).
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+DEMO_SYSTEM = "You are a helpful assistant."
+DEMO_OBJECTS = ("apple", "bird", "cat", "dog", "egg", "fish", "hat", "ink", "jam", "kite", "lamp", "moon", "owl",
+                "pen", "rose", "sun")
+DEMO_VOCAB = tuple(dict.fromkeys(
+    ("<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant")
+    + ("You", "are", "a", "helpful", ".", "What", "is", "plus", "?", "Uppercase", "Reverse", "How", "many", "words",
+       ":")
+    + tuple(str(n) for n in range(19)) + DEMO_OBJECTS + tuple(w.upper() for w in DEMO_OBJECTS)))
+DEMO_CHAT_ROWS = 4000
+
+
+def demo_turn(r):
+    """(question, answer) of one task a tiny model learns in minutes: a sum, upper-casing, reversing or counting
+    one to four words. r: random.Random(n).random, the one stream Python keeps across versions."""
+    def pick(seq):
+        return seq[int(r() * len(seq))]
+
+    task, words = int(r() * 4), [pick(DEMO_OBJECTS) for _ in range(1 + int(r() * 4))]
+    if task == 0:
+        a, b = int(r() * 10), int(r() * 10)
+        return f"What is {a} plus {b}?", str(a + b)
+    if task == 1:
+        return f"Uppercase: {' '.join(words)}", " ".join(w.upper() for w in words)
+    if task == 2:
+        return f"Reverse: {' '.join(words)}", " ".join(reversed(words))
+    return f"How many words: {' '.join(words)}?", str(len(words))
+
+
+def demo_conversation(number):
+    """Conversation `number`: a system turn half the time, then one to three question/answer turns."""
+    r = random.Random(number).random
+    messages = [{"role": "system", "content": DEMO_SYSTEM}] if r() < 0.5 else []
+    for _ in range(1 + int(r() * 3)):
+        question, answer = demo_turn(r)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages}
+
+
+def write_demo_chat(out_dir, rows):
+    """OUT/source/chat.jsonl (`rows` generated conversations) and OUT/source/tokenizer (word-level, every word of
+    DEMO_VOCAB one token, ChatML template, <|im_end|> its eos: what chat models use); returns their paths."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    source = os.path.join(out_dir, "source")
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(DEMO_VOCAB)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers_module().PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHATML
+    fast.save_pretrained(os.path.join(source, "tokenizer"))
+    atomic_write_text(os.path.join(source, "chat.jsonl"),
+                      "".join(json.dumps(demo_conversation(n)) + "\n" for n in range(rows)))
+    return os.path.join(source, "chat.jsonl"), os.path.join(source, "tokenizer")
+
+
+def prepare_demo_chat(out_dir, rows, val_fraction, given):
+    """--demo_chat N: the demo's sources written into OUT/source, then prepared into OUT as any chat JSONL is.
+    C3: its command line is checked before anything is written."""
+    if given:
+        raise ConfigError([("C3", "--demo_chat", f"writes its own SOURCES and tokenizer; leave out {given}")])
+    if rows < 20:
+        raise ConfigError([("C3", "--demo_chat", f"{rows} conversations; give at least 20 (default {DEMO_CHAT_ROWS})")])
+    if not transformers_installed():
+        raise ConfigError([("C3", "--demo_chat", f"needs the transformers package, which is not installed for "
+                                                 f"{sys.executable}; {sys.executable} -m pip install transformers")])
+    if not 0 < val_fraction < 1:
+        raise ConfigError([("C3", "--val_fraction", f"{val_fraction!r} must be between 0 and 1")])
+    there = [n for n in ("source", "train.bin", "val.bin", "tokenizer")
+             if out_dir and os.path.exists(os.path.join(out_dir, n))]
+    if not out_dir or there:
+        raise ConfigError([("C3", "--out", f"{out_dir} already holds {' and '.join(there)}; choose another --out "
+                            "(nothing was overwritten)" if there else "missing: give the directory to prepare into")])
+    source, tokenizer = write_demo_chat(out_dir, rows)
+    return tokenize_to_bins([source], tokenizer, out_dir, val_fraction)
+
+
 def parse_args(argv=None):
     parser = one_line_parser(__doc__)
-    parser.add_argument("sources", nargs="+", metavar="SOURCES", help="text files and directories to tokenize")
+    parser.add_argument("sources", nargs="*", metavar="SOURCES", help="text files and directories to tokenize")
     parser.add_argument("--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer or model directory")
     parser.add_argument("--out", metavar="DIR", help="the directory for train.bin, val.bin and data.yaml")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="the last share of every file's tokens "
@@ -450,14 +552,22 @@ def parse_args(argv=None):
                         "*.jsonl for examples)")
     parser.add_argument("--chat_template", metavar="FILE", help="a Jinja chat template for conversational rows, "
                         "when the tokenizer has none (or to replace its own)")
+    parser.add_argument("--demo_chat", type=int, nargs="?", const=DEMO_CHAT_ROWS, metavar="N", help="write N "
+                        f"(default {DEMO_CHAT_ROWS}) generated conversations and a ChatML tokenizer into OUT/source, "
+                        "then prepare them: the chat demo's data (configs/distill_chat*.yaml)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        tokenize_to_bins(args.sources, args.tokenizer, args.out, args.val_fraction, args.glob,
-                         chat_template=args.chat_template)
+        if args.demo_chat is not None:
+            given = [n for n, v in (("SOURCES", args.sources), ("--tokenizer", args.tokenizer),
+                                    ("--chat_template", args.chat_template)) if v]
+            prepare_demo_chat(args.out, args.demo_chat, args.val_fraction, " and ".join(given))
+        else:
+            tokenize_to_bins(args.sources, args.tokenizer, args.out, args.val_fraction, args.glob,
+                             chat_template=args.chat_template)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

@@ -1692,6 +1692,38 @@ def example_rows(name, stat, room, too_long, packing):
             "row_bounds": np.searchsorted(row_of[order], np.arange(row_of.max(initial=-1) + 2))}
 
 
+def file_digests(path, names=None):
+    """{name: sha256 of its bytes} of the files `names` in directory `path` that exist (default: every file)."""
+    names = sorted(os.listdir(path)) if names is None else names
+    found = {}
+    for name in names:
+        if os.path.isfile(os.path.join(path, name)):
+            with open(os.path.join(path, name), "rb") as f:
+                found[name] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+def data_tokenizer(cfg):
+    """C10: (directory, {file: sha256}) of the tokenizer prepare_text.py saved beside the training data (with
+    the chat template the data was rendered with: what an export carries); (None, None) when there is none."""
+    manifest, record = prepared_text(cfg["data.train_bin"]) if cfg["data.train_bin"] else (None, None)
+    saved = manifest.get("tokenizer", {}).get("saved") if record is not None else None
+    if not isinstance(saved, dict):
+        return None, None
+    return os.path.join(os.path.dirname(os.path.abspath(cfg["data.train_bin"])), saved["dir"]), saved["files"]
+
+
+def data_tokenizer_problem(cfg):
+    """C10: the saved tokenizer is, byte for byte, the one the manifest records (keyed on content, never on the
+    directory's name); else one line: the ids were made by another tokenizer than the export would carry."""
+    where, want = data_tokenizer(cfg)
+    if where is None or (os.path.isdir(where) and file_digests(where) == want):
+        return []
+    return [("C10", "data.train_bin", f"{where} is not the tokenizer {os.path.dirname(where)}/manifest.json records "
+             "(missing, or its files changed after the data was prepared), so the ids and the chat template an export "
+             "carries may not match; prepare again: python prepare_text.py SOURCES --tokenizer DIR --out NEW_DIR")]
+
+
 @functools.lru_cache(maxsize=8)
 def directory_tokenizer_digest(path, stat):
     """tokenizer_digest() of the tokenizer saved in a model directory, None when it holds none (or it does not
@@ -1709,6 +1741,7 @@ def prepared_text_problems(cfg):
     unchanged since, examples that fit data.seq_len (or data.too_long), and the models' tokenizer. resolve_config()
     calls it, so the run, --dry_run and diagnose_and_fix.py refuse alike."""
     problems, models = [], [k for k in ("student.hf_dir", "kd.hf_teacher_dir") if cfg[k] and os.path.isdir(cfg[k])]
+    problems += data_tokenizer_problem(cfg)
     seen = set()
     for key in ("data.train_bin", "data.val_bin"):
         manifest, record = prepared_text(cfg[key])
@@ -4360,9 +4393,6 @@ def export_best(run):
         if isinstance(lm, HFCausalLM):
             transformers_module()  # its progress bars off, for a model a *.target callable built too
             lm.model.save_pretrained(tmp, state_dict={k[len("model."):]: v for k, v in state.items()})
-            for name in TOKENIZER_FILES if "hf_dir" in arch else ():
-                if os.path.isfile(os.path.join(arch["hf_dir"], name)):
-                    shutil.copy2(os.path.join(arch["hf_dir"], name), os.path.join(tmp, name))
         else:
             if isinstance(lm, TargetLM):
                 state = {k[len("model."):]: v for k, v in state.items()}
@@ -4374,6 +4404,7 @@ def export_best(run):
                     "load": build + "; module.load_state_dict(torch.load('model.pt', weights_only=True))"}
             atomic_write_text(os.path.join(tmp, "model.json"), json.dumps(meta, indent=2) + "\n")
         atomic_write_text(os.path.join(tmp, "config.yaml"), config_text(cfg))  # C8: the run's config, for --evaluate
+        export_tokenizer(run, arch, tmp)
         publish_directory(tmp, out)
     finally:
         if os.path.isdir(tmp):
@@ -4381,6 +4412,26 @@ def export_best(run):
     log(run, f"exported best.pt's network (step {best['global_step']}, {cfg['train.best_metric']} "
              f"{best['best_value']:.5g}) to {out}")
     return out
+
+
+def export_tokenizer(run, arch, tmp):
+    """C10: the export carries the tokenizer the data was prepared with, its chat template included (prepare_text.py
+    saved it beside the data; checked byte for byte against the manifest, here again as it is copied), so
+    AutoTokenizer loads from the export what AutoModelForCausalLM does; without one, a Hugging Face student's own
+    (student.hf_dir's tokenizer files). Any kind of student: the built-in GPT's export carries it too."""
+    where, want = data_tokenizer(run["cfg"])
+    names = None if where is not None else TOKENIZER_FILES
+    where = where if where is not None else arch.get("hf_dir")
+    if where is None or not os.path.isdir(where):
+        return
+    copied = file_digests(where, names)
+    for name in copied:
+        shutil.copy2(os.path.join(where, name), os.path.join(tmp, name))
+    if want is not None and file_digests(tmp, list(copied)) != want:  # changed during the run: carry none of it
+        for name in copied:
+            os.remove(os.path.join(tmp, name))
+        log(run, f"WARNING C10: {where} changed during the run, it is not the tokenizer the data was prepared with; "
+                 "the export carries no tokenizer")
 
 
 def finished_run_pending(cfg, ckpt, run_dir):

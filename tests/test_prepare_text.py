@@ -168,6 +168,9 @@ def test_c10_each_trl_format_gives_ids_a_loss_mask_on_the_completion_or_assistan
         assert P.main([sources[name], "--tokenizer", tok_dir, "--out", str(out), "--val_fraction", "0.25"]) == 0
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["tokenizer"]["sha256"] == T.tokenizer_digest(tok) and manifest["truncated"] == 0
+        saved = transformers.AutoTokenizer.from_pretrained(out / "tokenizer")  # the copy a run's export carries
+        assert T.tokenizer_digest(saved) == manifest["tokenizer"]["sha256"] and saved.chat_template == zoo.CHATML
+        assert manifest["tokenizer"]["saved"] == {"dir": "tokenizer", "files": T.file_digests(out / "tokenizer")}
         assert manifest["splits"]["train"]["examples"] == 15 and manifest["splits"]["val"]["examples"] == 5
         val_rows = [r for i, r in enumerate(rows) if P.in_val(i, 0.25)]
         assert [i for i in range(20) if P.in_val(i, 0.25)] == [3, 7, 11, 15, 19]  # spread evenly, not the tail
@@ -301,6 +304,11 @@ def test_c10_examples_are_rows_of_their_own_whose_targets_are_the_loss_mask_and_
         f"{split['examples']} train examples, each a window" in log
     settings = [a for s in chat_settings(chat_data) for a in ("--set", s)]
     assert T.main(settings + ["--run_dir", str(tmp_path / "dry"), "--dry_run"]) == 0  # its tiny runs on whole examples
+    # C10: the built-in GPT's export carries the tokenizer and chat template the data was prepared with
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "run" / "export", local_files_only=True)
+    assert T.tokenizer_digest(tok) == chat_data["manifest"]["tokenizer"]["sha256"] and tok.chat_template == zoo.CHATML
+    assert isinstance(T.load_export(str(tmp_path / "run" / "export")), T.GPT)
 
 
 def dry_run_and_diagnose_lines(settings, tmp_path, capsys):
@@ -382,6 +390,29 @@ def test_c10_prepared_data_must_match_the_config_and_the_models_tokenizer(chat_d
     with pytest.raises(T.ConfigError) as err:
         T.resolve_config(None, chat_settings(chat_data, f"data.val_bin={copy / 'val.bin'}"))
     assert [p[1] for p in err.value.problems] == ["data.val_bin"] and "changed after" in err.value.problems[0][2]
+
+
+def test_c10_a_saved_tokenizer_changed_after_preparation_is_refused_in_one_line_and_never_exported(chat_data, tmp_path,
+                                                                                                   capsys):
+    import shutil
+    copy = tmp_path / "data"
+    shutil.copytree(chat_data["root"] / "data", copy)
+    settings = chat_settings(chat_data, f"data.train_bin={copy / 'train.bin'}", f"data.val_bin={copy / 'val.bin'}")
+    cfg, _ = T.resolve_config(None, settings)  # as prepared: accepted
+    template = copy / "tokenizer" / "chat_template.jinja"
+    # the same id -> token map, another chat template: what a check of the name or of the ids alone would let through
+    template.write_text(template.read_text().replace("<|im_start|>assistant", "<|im_start|>bot"))
+    lines, nothing = dry_run_and_diagnose_lines(settings, tmp_path, capsys)
+    assert len(lines) == 3 and len(set(lines)) == 1 and nothing, lines
+    assert lines[0].startswith(f"config error: data.train_bin: {copy / 'tokenizer'} is not the tokenizer ")
+    assert "prepare again" in lines[0]
+    # changed during a run (after the start's check): the export carries no tokenizer, and says so
+    out = tmp_path / "export"
+    out.mkdir()
+    run = {"cfg": cfg, "dist": {"main": True}, "quiet": True, "log_file": open(tmp_path / "log", "w"), "bar": None}
+    T.export_tokenizer(run, {"n_layer": 1}, str(out))
+    run["log_file"].close()
+    assert os.listdir(out) == [] and "WARNING C10" in (tmp_path / "log").read_text()
 
 
 def test_c10_e14_on_policy_examples_continue_their_own_prompt_up_to_the_assistants_last_reply_and_resume_bit_exactly(
