@@ -422,9 +422,15 @@ def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern=
         for path in files:
             fmt, mine = file_examples(path, tokenizer, vocab, tokenizer_dir)
             formats[path], examples = format_name(fmt), examples + mine
+        prompts = [path for path, name in formats.items() if name.startswith("prompt (")]
+        if prompts and len(prompts) != len(formats):  # C10: a run reads one or the other (a glob took both)
+            other = next(path for path in formats if path not in prompts)
+            raise ConfigError([("C10", "SOURCES", f"mixes prompt-only rows ({prompts[0]}) and rows with completions "
+                                f"({other}): a run either trains the prompt-only rows on nothing (data micro-batches) "
+                                "or never reads the completions (kd.on_policy_fraction 1, kd.seq_kd); prepare them "
+                                "into two --out directories")])
         os.makedirs(out_dir, exist_ok=True)
-        splits = write_examples(examples, vocab, out_dir, val_fraction,
-                                all(f.startswith("prompt (") for f in formats.values()))
+        splits = write_examples(examples, vocab, out_dir, val_fraction, bool(prompts))
         manifest.update(formats=formats, splits=splits, truncated=0)
         counts = {split: s["tokens"] for split, s in splits.items()}
         what = (f"{splits['train']['examples']} train and {splits['val']['examples']} val examples "

@@ -241,6 +241,13 @@ def test_c10_bad_examples_are_one_line_naming_the_file_line_and_key_exit_2_and_w
                                                        if ":" in start else f"config error: {start}:"), lines
         assert reason in lines[0], lines
         assert not (tmp_path / f"o{i}").exists() or not os.listdir(tmp_path / f"o{i}")
+    # prompt-only rows beside rows with completions (a --glob took both files): one line, nothing written
+    both = [write_jsonl(tmp_path / "m" / "chat.jsonl", good), write_jsonl(tmp_path / "m" / "prompts.jsonl",
+                                                                       [{"prompt": "hi"}] * 3)]
+    assert P.main(both + ["--tokenizer", tok_dir, "--out", str(tmp_path / "om")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: SOURCES: mixes prompt-only rows ({both[1]})")
+    assert not (tmp_path / "om").exists()
     # token ids past the vocabulary: a tokenizer whose model says fewer tokens than its ids reach
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
