@@ -4558,7 +4558,8 @@ def export_matches_best(run_dir, cfg, teacher):
     best = torch.load(path, map_location="cpu", weights_only=True)
     module = build_trainable(cfg, teacher)
     module.load_state_dict(saved_weights(best, path))
-    x, _ = TokenWindows(cfg, "val")[np.arange(min(4, len(TokenWindows(cfg, "val"))))]
+    # packed (C10), a row's positions come third: the same causal rows through both networks compare the weights
+    x = TokenWindows(cfg, "val")[np.arange(min(4, len(TokenWindows(cfg, "val"))))][0]
     with torch.no_grad():
         want = module.eval()(x)[0]
         got, _ = split_outputs(load_export(os.path.join(run_dir, "export"))(x))

@@ -200,6 +200,15 @@ def test_c10_r4_a_packed_run_resumes_bit_exactly_after_sigkill(chat_data, packin
     assert "rows of packed examples" in open(os.path.join(run_dir, "train.log")).read()
 
 
+def test_c10_e5_the_dry_runs_export_check_takes_packed_rows(chat_data, packing_teacher, tmp_path):
+    """--dry_run of a data.packing config was a ValueError traceback after 'best.pt written': its export check
+    unpacked the val rows as (x, y), and packed rows carry their positions too."""
+    cfg, _ = T.resolve_config(None, settings(chat_data, packing_teacher, "data.packing=true", "train.max_steps=3",
+                                             "train.epochs=null"))
+    assert T.train(cfg, str(tmp_path), "none", quiet=True)[0] == "finished"
+    assert T.export_matches_best(str(tmp_path), cfg, T.build_teacher(cfg, torch.device("cpu")))
+
+
 def test_c10_r9_the_teacher_cache_of_packed_rows_is_their_teachers_and_keyed_on_their_layout(
         chat_data, packing_teacher, tmp_path, capsys):
     """Offline KD on packed rows: the teacher ran on the packed rows with their mask, so step 1 equals online
