@@ -344,10 +344,15 @@ fi
 #    two things (it runs as python -c, so ps shows the torchrun arguments): a preemption notice (SIGUSR1) is forwarded to the workers like SIGTERM (R8), and the exit
 #    status is the first failed worker's (2 config error, 128+N signal), not torchrun's blanket 1.
 export KIT_TORCHRUN='
+import logging
 import sys
 from torch.distributed import run
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+# C3: torchrun logs the first failure and the teardown of the other workers; launch.sh says the first itself
+NOISE = ("failed (exitcode", "Sending process", "Closing process")
+logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+    lambda record: not str(record.msg).startswith(NOISE))
 argv = sys.argv[1:]
 if "--signals_to_handle" in {o for a in run.get_args_parser()._actions for o in a.option_strings}:
     argv.insert(0, "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
@@ -356,7 +361,8 @@ try:
 except ChildFailedError as err:
     rank, failure = err.get_first_failure()
     code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
-    print(f"launch.sh: process {rank} exited with status {code} (the first to fail)", file=sys.stderr)
+    if code != 2:  # C3: a config error: the processes said it, in their one line
+        print(f"launch.sh: process {rank} exited with status {code} (the first to fail)", file=sys.stderr)
     sys.exit(code)
 except SignalException as err:
     sys.exit(128 + int(err.sigval))

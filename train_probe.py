@@ -3365,7 +3365,7 @@ def main(argv=None):
             # exit_process()'s job (the gloo threads versus Py_Finalize).
             dist.barrier()
     except ConfigError as err:
-        print(err, file=sys.stderr)
+        sys.stderr.write(f"{err}\n")  # one write: under torchrun every process says it, whole lines (C3)
         remove_refused_run_dir()
         return 2
     except TrainingAborted as err:

@@ -360,3 +360,14 @@ def test_c5_an_unreachable_torch_index_fails_at_once_with_one_line_naming_kit_to
     log = venv / "pip-install.log"
     assert f"(pip's output: {log})" in lines[1] and log.read_text().count("Retrying") <= 1  # pip's default: 5
     assert out.stdout == ""
+
+
+def test_c3_a_config_error_under_several_processes_is_its_one_line_and_no_launcher_noise(tmp_path):
+    """Each process resolves the config (the schedule needs the world size) and refuses it with the same line;
+    torchrun's 'failed (exitcode: 2) ... of binary' and 'Sending process N closing signal' log lines and launch.sh's
+    first-failure line no longer surround it."""
+    out = launch(write_config(tmp_path), "--gpus", "cpu:2", "--", "--set", "schedule.warmup=0.05", cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    line = "config error: schedule.warmup: onecycle needs at least 2 warmup steps, got 0"
+    assert out.returncode == 2 and set(lines) == {line} and len(lines) <= 2, out.stderr  # one line per process
+    assert not os.path.exists(tmp_path / "runs" / "tiny")
