@@ -41,7 +41,7 @@ import yaml
 
 TASK = "probe"
 TRAINING_ONLY_FILES = ("data.train_x", "data.train_y")  # E11: --evaluate reads neither
-PREPARE_TOOL = "python prepare_tuab.py TUAB_DIR"  # makes the data.* windows (C3: named when they are missing)
+PREPARE_TOOL = "python prepare_tuab.py TUAB_DIR --config CONFIG"  # makes the data.* windows (C3: named when missing)
 
 # -----------------------------------------------------------------------------
 # Config: every key, its default, its type and what it means. A YAML file and --set override these;

@@ -92,7 +92,7 @@ def test_c2_an_unknown_dotted_key_is_still_an_error(tmp_path):
 
 @pytest.mark.parametrize("script,keys,tool", [
     (tp, ["data.train_x=X/train_x.npy", "data.train_y=X/train_y.npy", "data.val_x=X/val_x.npy",
-          "data.val_y=X/val_y.npy"], "prepare_tuab.py"),
+          "data.val_y=X/val_y.npy"], "prepare_tuab.py TUAB_DIR --config CONFIG"),  # the windows the config says
     (td, ["data.train_bin=X/train.bin", "data.val_bin=X/val.bin", "data.vocab_size=256"], "prepare_text.py")],
     ids=["train_probe", "train_distill"])
 def test_c3_a_data_directory_that_does_not_exist_names_the_tool_that_makes_it(script, keys, tool, tmp_path, capsys):
