@@ -613,8 +613,9 @@ def check_objective_shares(kd):
     if divergence == "jsd":
         divergence += f" (beta {kd.get('kd.jsd_beta', 0.5):g})"
     if fraction >= 1 and data_terms:
+        idle = " and ".join(data_terms) + (" weigh" if data_terms[1:] else " weighs")
         return [finding("E2", "warning", f"kd.on_policy_fraction is 1: every micro-batch is the student's own text, "
-                        f"trained on the {divergence} term only, so {' and '.join(data_terms)} weigh nothing",
+                        f"trained on the {divergence} term only, so {idle} nothing",
                         # the change that holds for any data: prompt-only rows need kd.on_policy_fraction 1 (C10)
                         "set " + " and ".join(f"{k}: 0" for k in data_terms) + " (GKD's loss at lmbda 1), or, on data "
                         "with completions, lower kd.on_policy_fraction (GKD uses 0.5)",

@@ -678,6 +678,8 @@ def test_e6_e2_diagnose_counts_generation_and_layer_map_projections_and_on_polic
     # --fix zeroes the idle weights: lowering kd.on_policy_fraction made prompt-only data a refused config (C10)
     changes = [(c["key"], c["value"]) for c in warned[0]["changes"]]
     assert changes == [("kd.alpha", 0.0), ("kd.gamma", 0.0)], warned[0]
+    code, findings = diagnose(tmp_path, kd_settings(data, teacher, *objective, "kd.on_policy_fraction=1", "kd.gamma=0"))
+    assert "so kd.alpha weighs nothing" in next(f["evidence"] for f in findings if f["severity"] == "warning")
 
 
 def test_g8_on_policy_under_two_processes_each_generates_its_own_share(data, teacher, tmp_path):
