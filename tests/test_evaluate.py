@@ -230,6 +230,17 @@ def test_e11_evaluate_with_other_data_settings_than_the_runs_names_each_key_that
     assert "not the run's: data.limit 10 (the run's: None)" in capsys.readouterr().out.splitlines()[0]
 
 
+def test_c8_e11_distill_evaluate_states_the_rows_it_scored_counted_on_the_val_split(distill_run, capsys):
+    # data.val_windows is an upper bound: the line said "scoring 512 windows" of a val split holding 40 examples.
+    # data.limit 20 leaves 20 val rows; the run's data.val_windows 8 scores 8 of them, 50 scores all 20.
+    import train_distill as td
+    run_dir, _ = distill_run
+    for extra, words in (([], "scoring 8 of 20 rows of 16 tokens"), (["--set", "data.val_windows=50"],
+                                                                      "scoring every one of 20 rows of 16 tokens")):
+        assert td.main(["--evaluate", str(run_dir), *extra]) == 0
+        assert words in capsys.readouterr().out
+
+
 def test_e11_probe_evaluate_needs_no_training_file(probe_runs, capsys):
     """A run dir and its val windows on a laptop, the training windows left on the cluster: --evaluate refused
     with 'data.train_x: file ... not found', a file it never reads. It scores the val split, the run's numbers;
