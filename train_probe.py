@@ -2707,20 +2707,22 @@ def optimizer_step(run, task, micro_batches, count):
     elif finite:
         optimizer.step()  # G4: a non-finite loss or gradient never reaches the weights
     optimizer.zero_grad(set_to_none=True)
-    advance_schedule(scheduler, step)
+    advance_schedule(scheduler)
     st["global_step"] = step
     return {"loss": loss, "grad_norm": grad_norm, "lr": lrs[0], "finite": finite, "stop": stop, "save_due": save_due,
             "parts": parts, "empty": False}
 
 
-def advance_schedule(scheduler, step):
+def advance_schedule(scheduler):
     """S1: the schedule advances once per optimizer step, skipped steps (G2, G4, fp16 overflow) included: the LR
     stays a function of the data position, global_step == the scheduler's step count, and the dry-run curve is
     exactly the one training uses. Skips are counted and logged instead; torch's "lr_scheduler.step() before
-    optimizer.step()" warning, which a skipped first step gives, is about a loop that never updates: not this.
-    torch warns at a fresh scheduler's first step only, so the filter is set there alone: entering
-    catch_warnings every step cost ~5 us and reset the interpreter's warning caches (the loop overhead)."""
-    if step > 1:
+    optimizer.step()" warning, which skipped first steps give (at the first step, and at a SequentialLR
+    milestone when fp16 skipped every step until then), is about a loop that never updates: not this. Torch
+    warns only while the optimizer has never stepped (its own _opt_called flag), so the filter is set only
+    then: entering catch_warnings every step cost ~5 us and reset the interpreter's warning caches (the loop
+    overhead). Should torch drop the flag, every step takes the filtered path: slower, never wrong."""
+    if getattr(scheduler.optimizer, "_opt_called", False):
         scheduler.step()
         return
     with warnings.catch_warnings():
