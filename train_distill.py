@@ -4481,7 +4481,7 @@ class ExportedLM(nn.Module):
 def scored_data(cfg):
     """The windows an evaluation scores, in words (C8): counted on the val split, as evaluate() takes them (40
     examples under data.val_windows 512 are 40 scored, not 512)."""
-    total = len(TokenWindows(cfg, "val"))
+    total = window_count(cfg, "val")
     scored = len(eval_windows(cfg, total))
     windows = f"every one of {total} rows" if scored == total else f"{scored} of {total} rows"
     data = cfg["data.val_bin"] or f"the built-in corpus's val text ({cfg['data.builtin.val_bytes']} bytes)"
