@@ -29,7 +29,7 @@ import numpy as np
 
 try:
     from train_distill import (ConfigError, atomic_write_text, file_digests, hf_config_value, one_line_parser,
-                               tokenizer_digest, transformers_installed, transformers_module)
+                               tokenizer_digest, transformers_installed, transformers_module, write_stdout)
 except ModuleNotFoundError as missing:  # C3: the tool runs the script's own checks; copied alone: one line
     if missing.name != "train_distill":
         raise
@@ -399,7 +399,7 @@ def save_tokenizer(tokenizer, out_dir):
     return {"dir": "tokenizer", "files": file_digests(final)}
 
 
-def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern="*.txt", say=print,
+def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern="*.txt", say=write_stdout,
                      chat_template=None):
     """Tokenize text files into out_dir/train.bin and out_dir/val.bin (flat token ids, uint16 when the
     vocabulary fits, else uint32), or JSONL/Parquet examples into those, their masks and bounds (C10); write

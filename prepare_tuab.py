@@ -32,7 +32,7 @@ import numpy as np
 try:
     from train_probe import (ELECTRODE_ALIASES, INCOMPLETE, ConfigError, atomic_write_text, file_sha256,
                              one_line_parser, read_manifest, remove_stale_temp_files, resolve_config, window_channels,
-                             window_settings)
+                             window_settings, write_stdout)
 except ModuleNotFoundError as missing:  # C3: the tool runs the script's own config checks; copied alone: one line
     if missing.name != "train_probe":
         raise
@@ -352,7 +352,7 @@ def npy_bytes(array):
     return buffer.getvalue()
 
 
-def prepare_tuab(src, out, cfg, workers=None, say=print):
+def prepare_tuab(src, out, cfg, workers=None, say=write_stdout):
     """SRC (TUAB v3.0.1) -> OUT/{train,val,test}_{x,y}.npy and OUT/manifest.json. Resumable: a kill at any point
     and the same command finishes with the bytes of an uninterrupted run; with the same inputs a second run
     only says "up to date". Returns the manifest."""
@@ -496,7 +496,7 @@ def main(argv=None):
             raise ConfigError([("C3", "--workers", f"{args.workers} must be >= 1")])
         cfg, _ = resolve_config(args.config, args.set, check_files=False)  # the files are about to be made
         prepare_tuab(args.src, args.out, cfg, args.workers)
-        print(next_step(cfg, args.out, args.config))
+        write_stdout(next_step(cfg, args.out, args.config))  # `| head`: no BrokenPipe traceback (R8)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

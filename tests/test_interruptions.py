@@ -108,6 +108,23 @@ def test_r8_help_config_into_a_closed_pipe_ends_without_a_traceback(script):
     assert out.returncode == 0 and out.stderr == ""
 
 
+
+@pytest.mark.parametrize("tool", ["prepare_text.py", "prepare_tuab.py"])
+def test_r8_a_preparation_tool_into_a_closed_pipe_writes_everything_and_ends_without_a_traceback(tool, tmp_path):
+    if tool == "prepare_text.py":
+        args = ["--demo_chat", "40", "--out", str(tmp_path / "out")]
+    else:
+        from test_prepare_tuab import write_tree
+        args = [str(write_tree(tmp_path / "v3.0.1")), "--out", str(tmp_path / "out")]
+    write_end = closed_pipe()
+    try:
+        out = subprocess.run([sys.executable, os.path.join(ROOT, tool), *args], cwd=ROOT, stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "manifest.json" in os.listdir(tmp_path / "out")
+
 # ---------------------------------------------------------------------------------------------------------
 # R12: a kill during an export, or inside a feature save, leaves a complete export and no leftovers after
 # the next start.
