@@ -2920,33 +2920,14 @@ def patience_exhausted(run):
 
 
 # -----------------------------------------------------------------------------
-# Export and --evaluate (E11): the best head with the reference to its frozen backbone, loadable in one line
-# (model = train_probe.load_export("runs/<run>/export")), and saved weights scored on a config's data by the
-# same evaluate() the run used, so the numbers are the run's own.
+# Export (E11): the best head with the reference to its frozen backbone, loadable in one line
+# (model = train_probe.load_export("runs/<run>/export")). Loading it and --evaluate (saved weights scored on a
+# config's data by the run's own evaluate()) are the companion file probe_evaluate.py.
 def model_config(cfg):
     """The keys that rebuild the network and its features: the backbone (and its seeded init), the head, the
     precision."""
     return {k: v for k, v in cfg.items() if k in ("seed", "train.precision", "launch_dir")  # C8: where its module is
             or k.startswith(("backbone.", "head."))}
-
-
-class ExportedProbe(nn.Module):
-    """Windows [B, C, T] -> logits [B, classes]: the frozen backbone, its features (backbone.output, .pool), the
-    head."""
-
-    def __init__(self, backbone, head, cfg):
-        super().__init__()
-        self.backbone, self.head, self.cfg = backbone, head, cfg
-
-    def forward(self, x):
-        return self.head(extract_features(self.backbone, x, x.device, self.cfg))
-
-
-def head_from_state(cfg, state):
-    dim = state["linear.weight"].shape[1]
-    head = ProbeHead(dim, cfg["head.num_classes"], torch.zeros(dim), torch.ones(dim), cfg["head.dropout"])
-    head.load_state_dict(state)  # the standardisation buffers and the linear layer
-    return head
 
 
 def export_probe(run):
@@ -2983,31 +2964,8 @@ def export_probe(run):
 
 def load_export(export_dir):
     """An export as one module, windows [B, C, T] -> logits, in eval mode (the README's one line)."""
-    with open(os.path.join(export_dir, "probe.json")) as f:
-        meta = json.load(f)
-    cfg = {**{k: default for k, (default, _, _) in CONFIG.items()}, **meta["config"]}
-    weights = cfg["backbone.checkpoint"]
-    if weights and not os.path.isfile(weights):  # C8: the export refers to the backbone's weights, it holds no copy
-        raise ConfigError([("C3", "backbone.checkpoint", f"the export {export_dir} needs the backbone weights "
-                            f"{weights}, which are not there: put that file back (or a copy at that path)")])
-    state = torch.load(os.path.join(export_dir, meta["file"]), map_location="cpu", weights_only=True)
-    model = ExportedProbe(build_backbone(cfg, meta["in_channels"]), head_from_state(cfg, state), cfg).eval()
-    model.window_shape = meta.get("window_shape") or [meta["in_channels"], None]  # an older export: the channels
-    return model
-
-
-def check_window_shape(trained, sets, weights):
-    """E11: the windows scored have the [channels, samples] the run trained on (None = not recorded). Other
-    channels through a channel-agnostic backbone, or other lengths through a pooled one, still give features
-    of the head's width, and numbers that mean nothing; the export and the checkpoint are checked alike."""
-    for s in sets.values():
-        if trained and any(want not in (None, got) for want, got in zip(trained, s.shape[1:])):
-            key = f"data.{s.split}_x" if s.x_path else \
-                f"data.synthetic.{'channels' if s.shape[1] != trained[0] else 'length'}"
-            raise ConfigError([("E11", key, f"{s.x_path or 'synthetic'} holds windows of {s.shape[1]} channels x "
-                                f"{s.shape[2]} samples, {weights} was trained on {trained[0]} x "
-                                f"{trained[1] or '?'}: its backbone and head cannot read them; evaluate windows "
-                                "with the training channels, in their order, and the training window length")])
+    return companion("probe_evaluate", "load_export", fix="load export/head.pt, a plain state dict, yourself") \
+        .load_export(export_dir)
 
 
 def scored_data(cfg):
@@ -3015,116 +2973,6 @@ def scored_data(cfg):
     if cfg["data.val_x"] is None:
         return f"the synthetic windows (data.synthetic.*, seed {cfg['seed']})"
     return f"val {cfg['data.val_x']}" + (f", test {cfg['data.test_x']}" if cfg["data.test_x"] else "")
-
-
-def evaluate_saved(config_path, overrides, path):
-    """--evaluate PATH: AUROC, balanced accuracy and loss on the run's (or the config's) val and test splits."""
-    kind, source = evaluation_weights(path)
-    cfg, scoring = evaluation_config(config_path, overrides, kind, source)  # C8: the run's own unless keys are named
-    d = setup_distributed(cfg)
-    sets = {"val": WindowSet(cfg, "val"), **({"test": WindowSet(cfg, "test")} if cfg["data.test_x"] else {})}
-    if kind == "export":
-        if not os.path.isfile(os.path.join(source, "probe.json")):
-            raise ConfigError([("C3", "--evaluate", f"{source} holds no probe.json, so it is no export of "
-                                f"train_probe.py; {evaluation_choices(source)}")])
-        model = load_export(source)
-        model_cfg = {**cfg, **model_config(model.cfg)}
-        backbone, head, weights = model.backbone, model.head, f"export {source}"
-        trained = model.window_shape
-    else:
-        ckpt = read_checkpoint(source, TASK)
-        model_cfg = {**cfg, **model_config(ckpt["config"])}  # the network as trained; the data: evaluation_config
-        trained = (ckpt.get("inputs") or {}).get("window shape")  # None in a checkpoint older than E11's check
-        weights = f"{source} (step {ckpt['global_step']})"
-        backbone = build_backbone(model_cfg, trained[0] if trained else sets["val"].shape[1])
-        head = head_from_state(model_cfg, ckpt["model"])
-    check_window_shape(trained, sets, weights)  # E11: one rule for the export and the checkpoint
-    backbone = backbone.to(d["device"])
-    dim = check_backbone(backbone, model_cfg, d["device"], sets.values())[1].shape[1]
-    if dim != head.linear.in_features:
-        raise ConfigError([("C3", "--evaluate", f"the backbone gives {dim} features, the head in {source} takes "
-                            f"{head.linear.in_features}; evaluate with the config the run trained with")])
-    run = {"cfg": model_cfg, "dist": d, "module": head.to(d["device"]), "backbone": backbone, "bar": None,
-           "quiet": True, "log_file": sys.stderr, "eval_sources": {k: (s, s.labels) for k, s in sets.items()},
-           "predictions": {}}
-    metrics = {}
-    for split in sets:
-        metrics.update(evaluate(run, split))
-    if d["main"]:
-        print(scoring)  # C8: which data, with which config
-        write_predictions(evaluation_out_dir(path), {k: (s.labels, run["predictions"][k]) for k, s in sets.items()})
-        report_evaluation(path, weights, metrics)
-    return 0
-
-
-def evaluation_out_dir(path):
-    """Where --evaluate's per-window files go: <run dir>/evaluation/ for a path in a run (the run directory,
-    its checkpoints/*.pt, its export/), else evaluation/ in the directory named or holding the path."""
-    run = run_directory_of(path)
-    return os.path.join(run or (path if os.path.isdir(path) else os.path.dirname(path) or "."), "evaluation")
-
-
-def write_predictions(out, splits):
-    """E11: what braindecode and scikit-learn users look at beside the numbers: <split>_predictions.csv (index,
-    label, the argmax prediction, the score: P(last class), every class's probability with more than two) and,
-    when matplotlib is installed, <split>_roc.png and <split>_confusion.png. One line says where."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        for split, (labels, probs) in splits.items():
-            two = probs.shape[1] == 2
-            scores = ["score"] if two else [f"score_{c}" for c in range(probs.shape[1])]
-            header = ",".join(["index", "label", "prediction", *scores])
-            # 9 digits: the float32 probabilities exactly, so the CSV's AUROC is the printed one to the last bit
-            rows = [f"{i},{y},{p.argmax()}," + (f"{p[1]:.9g}" if two else ",".join(f"{v:.9g}" for v in p))
-                    for i, (y, p) in enumerate(zip(labels.tolist(), probs))]
-            atomic_write_text(os.path.join(out, f"{split}_predictions.csv"), "\n".join([header, *rows]) + "\n")
-        plotted = plot_evaluation(out, splits)
-    except OSError as err:
-        print(f"per-window predictions not written: {out}: {err.strerror or err}", flush=True)
-        return
-    names = ", ".join(f"{s}_predictions.csv" + (f", {s}_roc.png, {s}_confusion.png" if plotted else "") for s in splits)
-    print(f"per-window predictions: {out}/ ({names})" + ("" if plotted else "; ROC and confusion-matrix PNGs need "
-                                                          "matplotlib, which is not installed"), flush=True)
-
-
-def roc_curve_points(scores, positive):
-    """(false positive rate, true positive rate) at every distinct score, highest first, from (0, 0) to (1, 1)."""
-    order = np.argsort(-scores, kind="mergesort")
-    scores, positive = scores[order], positive[order]
-    last = np.r_[np.flatnonzero(scores[1:] != scores[:-1]), len(scores) - 1]  # the end of each tie group
-    tp, fp = np.cumsum(positive)[last], np.cumsum(~positive)[last]
-    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
-
-
-def plot_evaluation(out, splits):
-    """<split>_roc.png (one-vs-rest per class with more than two) and <split>_confusion.png; False without
-    matplotlib (never required). matplotlib's object API: no pyplot state, no display."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    for split, (labels, probs) in splits.items():
-        fig = Figure(figsize=(4.5, 4.5))
-        ax = fig.subplots()
-        for c in [probs.shape[1] - 1] if probs.shape[1] == 2 else range(probs.shape[1]):
-            fpr, tpr = roc_curve_points(probs[:, c], labels == c)
-            ax.plot(fpr, tpr, label=f"class {c}: AUROC {auroc(probs[:, c], labels == c):.4f}")
-        ax.plot([0, 1], [0, 1], ":", color="grey")
-        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{split} ROC ({len(labels)} windows)")
-        ax.legend(loc="lower right")
-        fig.savefig(os.path.join(out, f"{split}_roc.png"), dpi=100, bbox_inches="tight")
-        n = probs.shape[1]
-        counts = np.zeros((n, n), np.int64)
-        np.add.at(counts, (labels, probs.argmax(1)), 1)
-        fig = Figure(figsize=(4, 4))
-        ax = fig.subplots()
-        ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(int(counts.max()), 1))
-        for (i, j), v in np.ndenumerate(counts):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > counts.max() / 2 else "black")
-        ax.set(xticks=range(n), yticks=range(n), xlabel="predicted class", ylabel="true class",
-               title=f"{split} confusion (bacc {balanced_accuracy(probs.argmax(1), labels):.4f})")
-        fig.savefig(os.path.join(out, f"{split}_confusion.png"), dpi=100, bbox_inches="tight")
-    return True
 
 
 # -----------------------------------------------------------------------------
@@ -3353,7 +3201,8 @@ def main(argv=None):
         return 0
     try:
         if args.evaluate:
-            return evaluate_saved(args.config, args.set, args.evaluate)
+            scorer = companion("probe_evaluate", "--evaluate", fix="run without --evaluate")
+            return scorer.evaluate_saved(args.config, args.set, args.evaluate)
         if args.dry_run:
             return dry_run(args.config, args.set, run_dir=args.run_dir, resume_mode=args.resume)
         cfg, notes = resolve_config(args.config, args.set)

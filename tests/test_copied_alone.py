@@ -3,7 +3,8 @@ with no other file of the kit importable (no PYTHONPATH; the directory holds the
 shipped configs made tiny run --dry_run, a short training that is SIGKILLed mid-run, and the same command
 resuming it to the end. A feature that needs another file of the kit (the preparation tools) names it in one
 line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py, fsdp_sharding.py,
-chunked_loss.py, teacher_cache.py), which works when copied together with the script."""
+chunked_loss.py, teacher_cache.py, probe_evaluate.py, probe_backbones.py), which works when copied together with
+the script."""
 import os
 import shutil
 import subprocess
@@ -57,7 +58,7 @@ def killed_then_resumed(where, script, args, steps):
     assert f"done: {steps} optimizer steps" in done.stdout
 
 
-def test_train_probe_copied_alone_dry_runs_trains_and_resumes_after_a_kill(tmp_path):
+def test_train_probe_copied_alone_dry_runs_trains_resumes_after_a_kill_and_evaluates_beside_its_companion(tmp_path):
     where = copied_alone(tmp_path, "train_probe.py")
     config = ["--config", os.path.join(CONFIGS, "probe_synthetic.yaml")]
     dry = run(where, "train_probe.py", "--dry_run", *config)
@@ -65,6 +66,17 @@ def test_train_probe_copied_alone_dry_runs_trains_and_resumes_after_a_kill(tmp_p
     killed_then_resumed(where, "train_probe.py", [*config, "--set", *PROBE_TINY], 12)
     assert (where / "runs" / "probe_synthetic" / "export").is_dir()
     assert sorted(os.listdir(where)) == ["runs", "train_probe.py"]  # the copy needed nothing else
+    # --evaluate and load_export are the companion probe_evaluate.py: alone, one line, exit 2; beside it, they score
+    export = ["--evaluate", "runs/probe_synthetic/export", *config, "--set", *PROBE_TINY]
+    out = run(where, "train_probe.py", *export)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "config error: --evaluate: needs probe_evaluate.py beside train_probe.py (copy it from the kit), or run "
+        "without --evaluate"], out.stderr[-2000:]
+    assert not (where / "runs" / "probe_synthetic" / "evaluation").exists()
+    shutil.copy(os.path.join(ROOT, "probe_evaluate.py"), where)
+    out = run(where, "train_probe.py", *export)  # the export: load_export() rebuilds the network
+    assert out.returncode == 0 and '"val/auroc"' in out.stdout.splitlines()[-1], out.stdout[-2000:] + out.stderr
+    assert (where / "runs" / "probe_synthetic" / "evaluation" / "val_predictions.csv").is_file()
 
 
 def test_train_distill_copied_alone_makes_the_demo_teacher_dry_runs_and_distils_resuming_after_a_kill(tmp_path):

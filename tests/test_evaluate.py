@@ -199,12 +199,13 @@ def test_e11_probe_evaluate_without_matplotlib_writes_the_csv_and_says_the_pngs_
 def test_e11_roc_curve_points_enclose_the_auroc_with_ties_and_more_than_two_classes_get_a_score_each(tmp_path):
     rng = np.random.default_rng(3)
     scores, labels = rng.integers(0, 6, 200) / 5.0, rng.random(200) < 0.4  # many ties
-    fpr, tpr = tp.roc_curve_points(scores, labels)
+    scorer = tp.companion("probe_evaluate", "--evaluate")  # --evaluate's code is that companion file's
+    fpr, tpr = scorer.roc_curve_points(scores, labels)
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
     area = float(np.sum((fpr[1:] - fpr[:-1]) * (tpr[1:] + tpr[:-1]) / 2))  # ties: the diagonal step, half credit
     assert area == pytest.approx(tp.auroc(scores, labels), abs=1e-12)
     probs = rng.dirichlet(np.ones(3), 5)
-    tp.write_predictions(str(tmp_path), {"test": (np.array([0, 1, 2, 2, 1]), probs)})
+    scorer.write_predictions(str(tmp_path), {"test": (np.array([0, 1, 2, 2, 1]), probs)})
     header, rows = read_csv(tmp_path / "test_predictions.csv")
     assert header == ["index", "label", "prediction", "score_0", "score_1", "score_2"]
     assert [int(r[2]) for r in rows] == probs.argmax(1).tolist()
