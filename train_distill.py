@@ -702,7 +702,7 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
     """The distillation config: load, cast, validate. Tools import this so they judge what training runs."""
     cfg, notes = load_config(path, overrides, CONFIG, base)
     problems = common_value_problems(cfg, TASK)
-    sharding(cfg), chunking(cfg), caching(cfg)  # D1, D6, R9: companions loaded here, at start-up, when asked for
+    sharding(cfg), chunking(cfg), caching(cfg), packing(cfg)  # D1, D6, R9, C10: companions loaded at start-up
     require = problem_check(problems)
     data_problems(cfg, problems, check_files)
     network_and_kd_value_problems(cfg, problems, notes)
@@ -743,9 +743,6 @@ def data_problems(cfg, problems, check_files):
                 f"{pad!r} must be an id in 0..vocab_size-1 or null")
         if check_files and not problems:
             problems += prepared_text_problems(cfg)
-            require(not cfg["data.packing"] or example_bounds(cfg, "train") is not None, "data.packing",
-                    f"true, but {cfg['data.train_bin']} holds no examples prepared by prepare_text.py (a token stream's"
-                    " windows are full already); set data.packing false", "C10")
             for key in ("data.train_bin", "data.val_bin"):
                 size, item = os.path.getsize(cfg[key]), np.dtype(cfg["data.dtype"]).itemsize
                 require(size % item == 0, key,
@@ -761,8 +758,6 @@ def data_problems(cfg, problems, check_files):
                 f"{cfg['data.vocab_size']!r}, but the built-in corpus is bytes (256); set it to null")
         require(cfg["data.pad_token"] is None, "data.pad_token",
                 "is for .bin files; the built-in corpus pads with byte 0 itself; set it to null")
-        require(not cfg["data.packing"], "data.packing", "true, but the built-in corpus holds no examples (its "
-                "windows are full already); set data.packing false", "C10")
         for key in ("data.builtin.train_bytes", "data.builtin.val_bytes"):
             require(cfg[key] > cfg["data.seq_len"], key, f"{cfg[key]!r} must exceed data.seq_len")
         if check_files:
@@ -770,9 +765,8 @@ def data_problems(cfg, problems, check_files):
             require(problem is None, "data.train_bin", problem)
     for key in ("data.limit", "data.val_windows"):
         require(cfg[key] is None or cfg[key] >= 1, key, f"{cfg[key]!r} must be >= 1 or null")
-    require(not (cfg["data.packing"] and on_policy_used(cfg)), "data.packing", "true, but micro-batches are generated "
-            "(kd.on_policy_fraction > 0 or kd.seq_kd): each example continues its own prompt, one example a row; set "
-            "data.packing false", "C10")
+    if cfg["data.packing"]:  # C10: what cannot be packed (packing.py)
+        problems += packing(cfg).packing_problems(cfg, check_files and bins and not problems)
 
 
 def network_and_kd_value_problems(cfg, problems, notes):
@@ -1651,6 +1645,12 @@ def prepared_text(path):
                           None)
 
 
+def packing(cfg):
+    """packing.py when data.packing is true (C10), else None. resolve_config() calls it first, so a missing file is
+    one line before anything is written (C3)."""
+    return companion("packing", "data.packing") if cfg["data.packing"] else None
+
+
 def example_bounds(cfg, split):
     """C10: a prepared split's examples as the run reads them (data.too_long applied: long ones cut to
     data.seq_len + 1 tokens, or dropped): {starts, ends, long (how many were longer), mask path}; None: windows."""
@@ -1668,25 +1668,14 @@ def example_bounds(cfg, split):
 def example_rows(name, stat, room, too_long, packing):
     """example_bounds() of the bounds file `name` (`stat` keys the memo: the layout is computed once a run, the same
     on every process and on resume): starts, ends, long, and the rows: row r holds the examples
-    order[row_bounds[r]:row_bounds[r + 1]], one each, or packed (C10) first-fit in data order, each example into
-    the first row with room for it (a tree of the rows' free room finds it in log(rows) steps)."""
+    order[row_bounds[r]:row_bounds[r + 1]], one each, or packed (C10, packing.py) first-fit in data order."""
     bounds = np.load(name)
     starts, ends = bounds[:-1], bounds[1:]
     long = ends - starts > room
     keep = ~long if too_long == "drop" else np.ones(len(starts), bool)
     starts, ends = starts[keep], np.minimum(ends[keep], starts[keep] + room)
-    row_of = np.arange(len(starts))
-    if packing:
-        leaves = 1 << max(1, len(starts)).bit_length()
-        free = [room] * (2 * leaves)  # the most room left in any row below each node of the tree
-        for i, n in enumerate((ends - starts).tolist()):
-            node = 1
-            while node < leaves:
-                node = 2 * node + (free[2 * node] < n)
-            row_of[i], free[node] = node - leaves, free[node] - n
-            while node > 1 and free[node // 2] != max(free[node], free[node ^ 1]):
-                node //= 2
-                free[node] = max(free[2 * node], free[2 * node + 1])
+    row_of = (companion("packing", "data.packing").first_fit_rows(ends - starts, room) if packing
+              else np.arange(len(starts)))
     order = np.argsort(row_of, kind="stable")  # a row's examples in data order
     return {"starts": starts, "ends": ends, "long": int(long.sum()), "order": order,
             "row_bounds": np.searchsorted(row_of[order], np.arange(row_of.max(initial=-1) + 2))}
@@ -1898,7 +1887,7 @@ class GPT(nn.Module):
     the hidden states of those layers instead: 0 = the embeddings, i = after block i, n_layer = the last (ln_f's).
     With `past` (generation, see generate()): () or the cache it returned -> (logits of idx's last position
     [B, vocab], the cache: every block's keys and values). positions [B, T] (packed rows, C10): each token's place
-    in its example, which it alone attends to (block_causal_mask)."""
+    in its example, which it alone attends to (packing.py's block_causal_mask)."""
     kv_cache = True
 
     def __init__(self, vocab, block_size, n_layer, n_head, n_embd):
@@ -1918,7 +1907,8 @@ class GPT(nn.Module):
         start = past[0][0].shape[2] if past else 0  # generation: the new positions follow the cached ones
         where = torch.arange(start, start + idx.shape[1], device=idx.device) if positions is None else positions
         x = self.wte(idx) + self.wpe(where)
-        states, cache, mask = [x], [], None if positions is None else block_causal_mask(positions)
+        mask = None if positions is None else companion("packing", "data.packing").block_causal_mask(positions)
+        states, cache = [x], []
         for i, block in enumerate(self.blocks):
             if past is None:
                 x = block(x, mask=mask)
@@ -1933,13 +1923,6 @@ class GPT(nn.Module):
         if self.layers is not None and logits:  # kd.hidden_layers (never with kd.chunk_tokens: objective_problems)
             return out, [(states[i] if i < len(self.blocks) else hidden) for i in self.layers]
         return out, hidden
-
-
-def block_causal_mask(positions):
-    """C10: [B, 1, T, T], True where token i of a packed row attends to token j: j <= i in i's own example, which
-    starts positions[i] tokens before i."""
-    i = torch.arange(positions.shape[1], device=positions.device)
-    return ((i[None, None, :] <= i[None, :, None]) & (i[None, None, :] >= (i - positions)[:, :, None]))[:, None]
 
 
 class HFCausalLM(nn.Module):
@@ -1973,8 +1956,8 @@ class HFCausalLM(nn.Module):
 
     def packed_mask(self, positions):
         """C10: block_causal_mask as the model's attention takes a 4D mask as it is: sdpa a boolean one, eager adds
-        it to the scores (packing_check refuses any other implementation)."""
-        mask = block_causal_mask(positions)
+        it to the scores (hf_packing_check refuses any other implementation)."""
+        mask = companion("packing", "data.packing").block_causal_mask(positions)
         if self.model.config._attn_implementation == "sdpa":
             return mask
         return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
@@ -2211,7 +2194,9 @@ def build_trainable(cfg, teacher):
     who = "the student" if cfg["kd.enabled"] else "the trained network"
     hidden = hidden_request(cfg, 0) if teacher is not None else False
     lm = build_lm(cfg, trained_arch(cfg), trained_key(cfg), who, hidden)
-    lm = use_layers(packing_check(lm, cfg, trained_key(cfg), who), hidden, cfg, who)
+    if packing(cfg):  # C10: the network keeps a packed row's examples apart, or the run is refused
+        packing(cfg).packing_check(lm, cfg, trained_key(cfg), who)
+    lm = use_layers(lm, hidden, cfg, who)
     pairs = None
     if isinstance(hidden, tuple):  # kd.hidden_layers with kd.gamma > 0: a projection per pair, none otherwise
         pairs = [(layer_width(lm, s), layer_width(teacher, t)) for s, t in cfg["kd.hidden_layers"]]
@@ -2355,7 +2340,9 @@ def build_teacher(cfg, device, hidden=None):
         teacher = target_lm(cfg, arch, "teacher.target", "the teacher", hidden)
     else:
         teacher = load_teacher_checkpoint(cfg, hidden)
-    use_layers(packing_check(teacher, cfg, teacher_key(cfg), "the teacher"), hidden, cfg, "the teacher")
+    if packing(cfg):  # C10
+        packing(cfg).packing_check(teacher, cfg, teacher_key(cfg), "the teacher")
+    use_layers(teacher, hidden, cfg, "the teacher")
     teacher.requires_grad_(False)
     return teacher.eval().to(device)
 
@@ -2364,17 +2351,10 @@ def teacher_key(cfg):
     return next(k for k in ("kd.hf_teacher_dir", "teacher.target", "kd.teacher_checkpoint") if cfg[k])
 
 
-def packing_check(lm, cfg, key, who):
-    """C10, data.packing: the built-in GPT keeps a packed row's examples apart itself; a Hugging Face model is
-    checked to: its attention must take the 4D mask (eager, sdpa) and, on a probe row of two examples, the second's
-    logits must be those it has alone (a model that adds its own mask or ignores ours fails it). A user module
-    (ids -> logits) cannot be told where examples start: refused."""
-    if not cfg["data.packing"] or isinstance(lm, GPT):
-        return lm
-    fix = "set data.packing false (one example a row, padded)"
-    if isinstance(lm, TargetLM):
-        raise ConfigError([("C10", "data.packing", f"true, but {who} ({key}) is a user module (token ids -> logits) "
-                            f"that cannot be told where a packed row's examples start; {fix}")])
+def hf_packing_check(lm, cfg, key, who, fix):
+    """C10, data.packing (packing.py's packing_check hands a Hugging Face model here): its attention must take the
+    4D mask (eager, sdpa) and, on a probe row of two examples, the second's logits must be those it has alone (a
+    model that adds its own mask or ignores ours fails it)."""
     how = lm.model.config._attn_implementation
     if how not in ("eager", "sdpa"):
         raise ConfigError([("C10", "data.packing", f"true, but {who} ({key}) uses attention {how!r}, which takes no "

@@ -3,8 +3,8 @@ with no other file of the kit importable (no PYTHONPATH; the directory holds the
 shipped configs made tiny run --dry_run, a short training that is SIGKILLed mid-run, and the same command
 resuming it to the end. A feature that needs another file of the kit (the preparation tools) names it in one
 line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py, fsdp_sharding.py,
-chunked_loss.py, teacher_cache.py, probe_evaluate.py, probe_backbones.py), which works when copied together with
-the script."""
+chunked_loss.py, teacher_cache.py, probe_evaluate.py, probe_backbones.py, packing.py), which works when copied
+together with the script."""
 import os
 import shutil
 import subprocess
@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 import train_distill as td  # noqa: E402
 import train_probe as tp  # noqa: E402
 from run_records import launch  # noqa: E402
+from test_prepare_text import chat_data  # noqa: E402, F401
 
 CONFIGS = os.path.join(ROOT, "configs")
 PROBE_TINY = ["data.synthetic.num_train=96", "data.synthetic.num_val=32", "data.synthetic.length=256",
@@ -142,7 +143,8 @@ def companion_line(key, name, script):
     ("train_distill.py", "distill_demo", "train.strategy=fsdp", "fsdp_sharding"),
     ("train_distill.py", "distill_demo", "train.activation_checkpointing=true", "fsdp_sharding"),
     ("train_distill.py", "distill_demo", "kd.chunk_tokens=8", "chunked_loss"),
-    ("train_distill.py", "distill_demo", "kd.teacher_cache=cache", "teacher_cache")])
+    ("train_distill.py", "distill_demo", "kd.teacher_cache=cache", "teacher_cache"),
+    ("train_distill.py", "distill_demo", "data.packing=true", "packing")])
 def test_c3_a_script_copied_alone_asked_for_a_companion_feature_names_the_file_in_one_line(
         script, config, setting, name, tmp_path):
     """A feature whose code is a companion file of the kit (issue 32): the run, its --dry_run and diagnose (copied
@@ -191,6 +193,18 @@ def test_d6_train_distill_copied_with_chunked_loss_py_trains_chunked(tmp_path):
               *DISTILL_TINY, "train.max_steps=2", "train.eval_every=2", "kd.chunk_tokens=8")
     assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert "done: 2 optimizer steps" in out.stdout
+
+
+def test_c10_train_distill_copied_with_packing_py_trains_packed_rows(chat_data, tmp_path):
+    """The script and its companion copied together: data.packing runs there on prepared chat examples (the
+    built-in GPT trained on them, several examples a row)."""
+    where = copied_alone(tmp_path, "train_distill.py")
+    shutil.copy(os.path.join(ROOT, "packing.py"), where)
+    data = [f"data.{key}={value}" for key, value in chat_data["data"].items()]
+    out = run(where, "train_distill.py", "--config", os.path.join(CONFIGS, "distill_demo_teacher.yaml"), "--set",
+              *DISTILL_TINY, *data, "data.seq_len=255", "train.max_steps=2", "train.eval_every=2", "data.packing=true")
+    assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "rows of packed examples" in out.stdout and "done: 2 optimizer steps" in out.stdout, out.stdout[-2000:]
 
 
 def test_r9_train_distill_copied_with_teacher_cache_py_builds_the_cache_and_distils_offline(tmp_path):

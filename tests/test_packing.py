@@ -18,6 +18,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import train_distill as T  # noqa: E402
 
+PACKING = T.companion("packing", "data.packing")  # packing.py, as a packed run loads it
+
 
 @pytest.fixture(scope="module")
 def packing_teacher(chat_data, tmp_path_factory):
@@ -146,16 +148,16 @@ def test_c10_no_attention_across_packed_examples_in_hugging_face_models(kind, at
     lm = T.HFCausalLM(model, False)
     assert_examples_apart(lm, 100)
     cfg = {"data.packing": True, "data.seq_len": 16, "data.vocab_size": 100, "data.train_bin": "train.bin"}
-    assert T.packing_check(lm, cfg, "student.hf_dir", "the student") is lm
+    assert PACKING.packing_check(lm, cfg, "student.hf_dir", "the student") is lm
     n = 8  # packing_check's probe row; a plain causal mask in place of the block-diagonal one:
     lm.packed_mask = lambda positions: torch.ones(n, n, dtype=torch.bool).tril()[None, None] if attention == "sdpa" \
         else torch.zeros(n, n).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -1e30)[None, None]
     with pytest.raises(T.ConfigError) as err:  # the probe refuses a model that lets the examples see each other
-        T.packing_check(lm, cfg, "student.hf_dir", "the student")
+        PACKING.packing_check(lm, cfg, "student.hf_dir", "the student")
     assert err.value.problems[0][:2] == ("C10", "data.packing") and "attend to each other" in err.value.problems[0][2]
     model.config._attn_implementation = "flash_attention_2"  # position_ids alone: no mask to give it, refused
     with pytest.raises(T.ConfigError) as err:
-        T.packing_check(lm, cfg, "student.hf_dir", "the student")
+        PACKING.packing_check(lm, cfg, "student.hf_dir", "the student")
     assert "'flash_attention_2', which takes no block-diagonal mask" in err.value.problems[0][2]
 
 
