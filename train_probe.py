@@ -164,8 +164,7 @@ class ConfigError(Exception):
 
 
 def one_line_parser(doc):
-    """The command line of a script or tool: a wrong or missing option is one line and exit 2 (C3), not
-    argparse's usage block."""
+    """A command line whose wrong or missing option is one line and exit 2 (C3), not argparse's usage block."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: {message}; see --help\n")
     return parser
@@ -175,8 +174,7 @@ def _flatten(tree, schema, prefix=""):
     flat = {}
     for name, value in tree.items():
         key = f"{prefix}{name}"
-        free_form = key in schema and schema[key][1] == "dict"
-        if isinstance(value, dict) and not free_form:
+        if isinstance(value, dict) and schema.get(key, (None, None))[1] != "dict":  # a free-form mapping stays whole
             flat.update(_flatten(value, schema, key + "."))
         else:
             flat[key] = value
@@ -207,50 +205,39 @@ def cast_value(value, kind):
         raise ValueError("one of " + ", ".join(str(c).lower() for c in kind))
     if kind in ("float", "int"):
         wanted = "a whole number" if kind == "int" else "a number"  # C1: batch_size 'lots' wants a whole one
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(wanted)
         try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
             number = float(value)
         except ValueError:
             raise ValueError(wanted) from None
         if not math.isfinite(number):
             raise ValueError("a finite number")
-        if kind == "int":
-            if number != int(number):
-                raise ValueError("a whole number")
-            return int(number)
-        return number
+        if kind == "int" and number != int(number):
+            raise ValueError(wanted)
+        return int(number) if kind == "int" else number
     if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "yes", "on", "1"):
-            return True
-        if text in ("false", "no", "off", "0"):
-            return False
-        raise ValueError("true or false")
+        text = str(value).strip().lower()  # True -> 'true'
+        if text not in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            raise ValueError("true or false")
+        return text in ("true", "yes", "on", "1")
     if kind == "str":
         if isinstance(value, (dict, list)) or value is None:
             raise ValueError("a string")
         return str(value)
-    if kind == "floats":
-        if not isinstance(value, (list, tuple)):
-            raise ValueError("a list of numbers such as [0.9, 0.999]")
-        return [cast_value(v, "float") for v in value]
-    if kind == "strs":
-        if not isinstance(value, (list, tuple)) or not value:
-            raise ValueError("a list of names such as [FP1, FP2]")
-        return [cast_value(v, "str") for v in value]
+    if kind in ("floats", "strs"):  # a list of float / str
+        if not isinstance(value, (list, tuple)) or (kind == "strs" and not value):
+            raise ValueError("a list of numbers such as [0.9, 0.999]" if kind == "floats" else
+                             "a list of names such as [FP1, FP2]")
+        return [cast_value(v, kind[:-1]) for v in value]
     if kind == "pairs":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
             raise ValueError("a list of pairs such as [[1, 2], [2, 4]]")
         return [[cast_value(a, "int"), cast_value(b, "int")] for a, b in value]
     if kind == "dict":
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
+        if value is not None and not isinstance(value, dict):
             raise ValueError("a mapping")
-        return value
+        return {} if value is None else value
     raise AssertionError(f"unknown kind {kind}")
 
 
@@ -261,9 +248,8 @@ KEY_ALIASES = {"learning_rate": "lr", "max_lr": "lr", "maxlr": "lr", "peak_lr": 
 
 
 def closest_key(key, schema):
-    """C2: the valid key a misspelt one most likely meant, or None. A key whose last part (or its usual
-    alias) names exactly one part of a valid key gets that key, preferring the same section; otherwise the
-    closest spelling of the whole dotted key."""
+    """C2: the valid key a misspelt one most likely meant, or None: one whose last part is the key's last part (or
+    its usual alias), the same section first; else the closest spelling of the whole dotted key."""
     *section, leaf = key.split(".")
     leaf = KEY_ALIASES.get(leaf.lower(), leaf.lower())
     same_leaf = [k for k in schema if k.rsplit(".", 1)[-1] == leaf]
@@ -281,10 +267,9 @@ def yaml_error_text(err):
 
 
 def read_yaml(path, schema):
-    """The config file as a nested dict, read as written. YAML keeps the last of two equal keys and drops the
-    first without a word (a second `optim:` block replaces the first): a key given twice is an error (C2).
-    YAML 1.1 rewrites plain text (run_name: 007 -> 7, 12:30 -> 750, yes -> True, 2024_01 -> 202401): a
-    string-typed key keeps the text written in the file, and one cut short by ' #' (a comment) is an error (C1)."""
+    """The config file as a nested dict, read as written. A key given twice is an error: YAML would keep the second
+    silently (C2). A string-typed key keeps the text written (YAML 1.1 reads run_name: 007 as 7, 12:30 as 750, yes
+    as True), and one cut short by ' #' (a comment) is an error (C1)."""
     with open(path) as f:
         text = f.read()
     lines = text.splitlines()
@@ -328,27 +313,24 @@ def read_yaml(path, schema):
     return tree
 
 
-def literal_text(text):
-    """--set key=TEXT for a string-typed key: the text as typed (C1: run_name=007 stays '007'), unquoted
-    when it is a quoted YAML string; empty, null or ~ is null."""
+def literal_text(text, string=True):
+    """--set key=TEXT's value as YAML reads TEXT; for a string-typed key the text as typed (C1: run_name=007 stays
+    '007'), unquoted when it is a quoted YAML string. Empty, null or ~ is null; TEXT that is no YAML is itself."""
     try:
         node = yaml.compose(text)
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+            return None
+        if string and isinstance(node, yaml.ScalarNode):
+            return node.value if node.style else text.strip()
+        return yaml.safe_load(text)  # a list or mapping for a string: cast_value says a string was expected
     except yaml.YAMLError:
-        return text.strip()
-    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
-        return None
-    if isinstance(node, yaml.ScalarNode):
-        return node.value if node.style else text.strip()
-    return yaml.safe_load(text)  # a list or mapping: cast_value says a string was expected
+        return text.strip() if string else text
 
 
 def load_config(path, overrides, schema, base=None):
-    """Read YAML + `--set key=value` overrides into a flat {dotted.key: typed value} dict. `base`: a resolved
-    config the file's keys and the overrides go on top of (--evaluate: the run's own, C8), else the defaults.
-
-    Returns (cfg, notes): notes are non-fatal observations such as a string cast to a number (C1).
-    Raises ConfigError listing every problem at once: unknown keys (C2), uncastable values (C1).
-    """
+    """YAML + `--set key=value` overrides on top of `base` (--evaluate: the run's resolved config, C8) or the
+    defaults -> (flat {dotted.key: typed value}, notes such as a string cast to a number (C1)). Raises ConfigError
+    listing every problem at once: unknown keys (C2), uncastable values (C1)."""
     raw = {}
     if path:
         if not os.path.isfile(path):
@@ -364,13 +346,7 @@ def load_config(path, overrides, schema, base=None):
         if not sep or not key:
             problems.append(("C3", "--set", f"'{item}' is not key=value"))
             continue
-        if key in schema and schema[key][1] in ("str", "str?"):
-            value = literal_text(text)  # C1: run_name=007 stays '007'
-        else:
-            try:
-                value = yaml.safe_load(text) if text.strip() else None
-            except yaml.YAMLError:
-                value = text
+        value = literal_text(text, key in schema and schema[key][1] in ("str", "str?"))  # C1: run_name=007 stays '007'
         mapping = next((k for k in schema if schema[k][1] == "dict" and key.startswith(k + ".")), None)
         if key not in schema and mapping:  # backbone.kwargs.depth=4: one entry inside a free-form mapping
             base = flat.get(mapping, schema[mapping][0])  # the YAML's mapping, else the default (copied, never edited)
@@ -524,9 +500,8 @@ def config_reference(schema, script):
 
 
 def write_stdout(text, bar=None):
-    """Text and a newline to stdout, flushed at once (a SIGKILL loses no line a pipe's buffer held), above a
-    tqdm bar when one is drawn. False when stdout is closed (`| head` has exited, the terminal is gone): stdout
-    then points at /dev/null, so what is still buffered fails neither a later write nor the exit (R8)."""
+    """A line to stdout (above a tqdm bar), flushed at once: a SIGKILL loses no line a pipe's buffer held. False when
+    stdout is closed (`| head` exited): it then points at /dev/null, so no later write or the exit fails (R8)."""
     try:
         if bar is not None:
             bar.write(text, file=sys.stdout)
@@ -543,10 +518,8 @@ def write_stdout(text, bar=None):
 
 
 def absolute_paths(cfg, path_keys):
-    """C8: the config as a run records it (config.yaml, checkpoints, export): every path key resolved from the
-    current directory, as a relative path means at launch, and that directory as launch_dir unless the config
-    records one already. Whatever reads the run later (diagnose, --evaluate, load_export, a dry run) then reads
-    the same files and finds the same *.target module from any directory."""
+    """C8: the config as a run records it: path keys absolute (a relative one means the launch directory) and that
+    directory as launch_dir, so whatever reads the run later reads the same files and *.target modules anywhere."""
     out = {k: os.path.abspath(v) if k in path_keys and isinstance(v, str) else v for k, v in cfg.items()}
     if "launch_dir" in out:
         out["launch_dir"] = out["launch_dir"] or os.getcwd()
@@ -554,35 +527,25 @@ def absolute_paths(cfg, path_keys):
 
 
 def import_target(target, key, launch_dir=None):
-    """'package.module:callable' (a *.target key) -> the callable. The working directory is searched as well:
-    `python scripts/train_x.py` puts scripts/ on sys.path, not the directory the run starts from, where the
-    user's model code usually sits (python -m and the REPL search it too). Then launch_dir, where the run
-    was launched (C8: its module is found when the run is evaluated or diagnosed from elsewhere)."""
+    """'package.module:callable' (a *.target key) -> the callable, searched for in the working directory too (python
+    scripts/train_x.py puts only scripts/ on sys.path; the user's model code usually sits where the run starts, as
+    python -m would find it), then in launch_dir (C8: the run is evaluated or diagnosed from elsewhere)."""
     module_name, _, attr = target.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(1, os.getcwd())  # after the script's own directory, as python -m would have it
-
-    def load():
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        return obj
-
-    try:
-        return load()
-    except ModuleNotFoundError as err:
-        if not (launch_dir and os.path.isdir(launch_dir) and launch_dir not in sys.path
-                and err.name == module_name.split(".")[0]):
+    for attempt in range(2):
+        try:
+            obj = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except (ImportError, AttributeError) as err:
             error = err
-        else:
-            sys.path.append(launch_dir)  # C8: last, so nothing the current setup imports changes
-            importlib.invalidate_caches()
-            try:
-                return load()
-            except (ImportError, AttributeError) as again:
-                error = again
-    except (ImportError, AttributeError) as err:
-        error = err
+        if attempt or not (isinstance(error, ModuleNotFoundError) and launch_dir and os.path.isdir(launch_dir)
+                           and launch_dir not in sys.path and error.name == module_name.split(".")[0]):
+            break
+        sys.path.append(launch_dir)  # C8: last, so nothing the current setup imports changes
+        importlib.invalidate_caches()
     where = f"importable from {os.getcwd()} or PYTHONPATH"
     if launch_dir and os.path.realpath(launch_dir) != os.path.realpath(os.getcwd()):
         where += (f"; the run was launched from {launch_dir}" + ("" if os.path.isdir(launch_dir) else ", which is not "
@@ -591,17 +554,14 @@ def import_target(target, key, launch_dir=None):
                         f"{where}")]) from None
 
 
-# Companion files: an optional feature whose code would crowd the script (metric sinks, FSDP) lives in a file
-# of the kit beside it, loaded once at start-up when the config asks for the feature. A script copied alone
-# runs without them while no such feature is on.
+# Companion files: an optional feature (metric sinks, FSDP) lives in a file of the kit beside the script, loaded once
+# at start-up when the config asks for it; a script copied alone runs without them while no such feature is on.
 COMPANIONS = {}  # name -> the module this script loaded (each script keeps its own: both may share one process)
 
 
 def companion(name, feature, fix=None):
-    """<name>.py from this script's own directory (never from sys.path: a user's module of the same name cannot
-    stand in for it), loaded once and handed this script as `kit`, so it logs, saves and refuses through the
-    script's own log(), atomic_save() and ConfigError. Missing: one line naming the file and the feature, exit 2
-    (C3), in the run, its --dry_run and the tools, which all resolve the config first."""
+    """<name>.py from this script's directory (never sys.path: a user's module of that name cannot stand in), given
+    this script as `kit` (its log(), atomic_save(), ConfigError). Missing: one line naming the file, exit 2 (C3)."""
     if name not in COMPANIONS:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
         if not os.path.isfile(path):
@@ -653,11 +613,8 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
 
 # ==== shared: schedule (identical in train_probe.py and train_distill.py) ====
 def optimizer_steps_per_epoch(num_samples, batch_size, grad_accum, world_size=1):
-    """S2/G1: the kit's accumulation rule, computed here and nowhere else.
-
-    One micro-batch is batch_size samples on each of world_size processes; an optimizer step takes
-    grad_accum micro-batches, and the last, possibly short, group still steps exactly once.
-    """
+    """S2/G1: the kit's accumulation rule, here and nowhere else. A micro-batch is batch_size samples on each of
+    world_size processes; a step takes grad_accum micro-batches, and the last, possibly short, group steps once."""
     micro_batches = math.ceil(num_samples / (batch_size * world_size))
     return math.ceil(micro_batches / grad_accum)
 
@@ -667,23 +624,20 @@ def plan_schedule(cfg, num_samples, world_size=1):
     batch, accum = cfg["train.batch_size"], cfg["train.grad_accum"]
     micro = math.ceil(num_samples / (batch * world_size))
     per_epoch = optimizer_steps_per_epoch(num_samples, batch, accum, world_size)
-    if cfg["train.max_steps"] is not None:
-        total = cfg["train.max_steps"]
-        epochs = math.ceil(total / per_epoch)
-    else:
-        epochs = cfg["train.epochs"]
-        total = per_epoch * epochs
+    steps = cfg["train.max_steps"]  # S2: when set, it is the run's length; else the epochs are
+    epochs = cfg["train.epochs"] if steps is None else math.ceil(steps / per_epoch)
+    total = per_epoch * epochs if steps is None else steps
     warmup = cfg["schedule.warmup"]
     warmup_steps = round(warmup * total) if warmup < 1 else int(warmup)  # S3: always optimizer steps
     plan = {"num_samples": num_samples, "world_size": world_size, "batch_size": batch, "grad_accum": accum,
             "micro_batches_per_epoch": micro, "steps_per_epoch": per_epoch, "epochs": epochs,
             "total_steps": total, "warmup_steps": warmup_steps}
     problems = []
-    if cfg["schedule.total_steps"] is not None and cfg["schedule.total_steps"] != total:
-        ratio = cfg["schedule.total_steps"] / total
-        problems.append(("S2", "schedule.total_steps",
-                         f"is {cfg['schedule.total_steps']} but the run has {total} optimizer steps "
-                         f"({ratio:.3g}x; micro-batches per epoch {micro}, accumulation {accum}); set it to null"))
+    given = cfg["schedule.total_steps"]
+    if given is not None and given != total:
+        problems.append(("S2", "schedule.total_steps", f"is {given} but the run has {total} optimizer steps "
+                         f"({given / total:.3g}x; micro-batches per epoch {micro}, accumulation {accum}); "
+                         "set it to null"))
     if total < 2:
         problems.append(("C3", "train.max_steps", f"the run has {total} optimizer step(s); it needs at least 2"))
     elif warmup_steps >= total:
@@ -697,8 +651,7 @@ def plan_schedule(cfg, num_samples, world_size=1):
 
 
 def run_length_text(cfg, plan):
-    """How the run's length follows (S2): from train.epochs, or set by train.max_steps (then the epochs are
-    whatever those steps cover, not a factor of the length)."""
+    """How the run's length follows (S2): from train.epochs, or train.max_steps (the epochs then are what it covers)."""
     total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
     if cfg["train.max_steps"] is not None:
         return (f"train.max_steps sets the length: {total} optimizer steps ({total / per_epoch:.3g} epochs of "
@@ -715,11 +668,8 @@ def build_optimizer(cfg, param_groups):
 
 
 def build_schedule(optimizer, cfg, plan):
-    """The LR schedule, built only from torch's own schedulers (S5, S6), indexed by optimizer step.
-
-    Step 1 uses lr / div_factor; with w >= 2 warmup steps step w uses the peak lr; the last step uses
-    the floor. The caller steps it once after every optimizer step and nowhere else (S1).
-    """
+    """The LR schedule from torch's own schedulers (S5, S6): step 1 at lr / div_factor, step w of w >= 2 warmup steps
+    at the peak, the last step at the floor. The caller steps it once after every optimizer step, nowhere else (S1)."""
     from torch.optim import lr_scheduler as sched
     lr, kind = cfg["optim.lr"], cfg["schedule.type"]
     total, warm = plan["total_steps"], plan["warmup_steps"]
@@ -754,9 +704,7 @@ def build_schedule(optimizer, cfg, plan):
         else:
             raise ConfigError([("S6", "schedule.type",
                                 f"{kind!r} is not one of onecycle, cosine, linear, wsd, constant")])
-        if len(phases) == 1:
-            return phases[0]
-        return sched.SequentialLR(optimizer, phases, milestones=milestones)
+        return phases[0] if len(phases) == 1 else sched.SequentialLR(optimizer, phases, milestones=milestones)
 
 
 def schedule_landmarks(cfg, plan):
@@ -781,28 +729,23 @@ def schedule_landmarks(cfg, plan):
 
 
 def lr_curve(cfg, plan, resume_at=None):
-    """The LR each optimizer step 1..total will use, from the real torch scheduler on a dummy parameter.
-
-    With resume_at=k the optimizer and scheduler state_dicts are saved after step k and loaded into
-    fresh objects, as a resumed run does (R3), so the returned curve includes that round trip.
-    """
-    def fresh():
-        opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
-        return opt, build_schedule(opt, cfg, plan)
+    """The LR each optimizer step 1..total uses, from the real torch scheduler on a dummy parameter; with
+    resume_at=k through a resumed run's round trip of both state_dicts after step k (R3)."""
+    def fresh(states=()):
+        optimizer = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+        scheduler = build_schedule(optimizer, cfg, plan)
+        for obj, state in zip((optimizer, scheduler), states):
+            obj.load_state_dict(state)
+        return optimizer, scheduler
 
     optimizer, scheduler = fresh()
-    group = optimizer.param_groups[0]
     curve = np.empty(plan["total_steps"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": no weights here
         for i in range(plan["total_steps"]):
-            if resume_at is not None and i == resume_at:
-                saved = (optimizer.state_dict(), scheduler.state_dict())
-                optimizer, scheduler = fresh()
-                optimizer.load_state_dict(saved[0])
-                scheduler.load_state_dict(saved[1])
-                group = optimizer.param_groups[0]
-            curve[i] = group["lr"]
+            if i == resume_at:
+                optimizer, scheduler = fresh((optimizer.state_dict(), scheduler.state_dict()))
+            curve[i] = optimizer.param_groups[0]["lr"]
             scheduler.step()
     return curve
 
@@ -865,12 +808,9 @@ def setup_distributed(cfg):
 
 
 def epoch_order(num_samples, batch_size, grad_accum, world_size, seed, epoch):
-    """One epoch as optimizer steps -> global micro-batches of sample indices (R5, G1, S2).
-
-    The permutation depends only on (seed, epoch), so the data position is just the step number and
-    resume needs no sampler state. A global micro-batch holds batch_size * world_size samples: N
-    processes with batch b see, step for step, the samples one process with batch N*b sees.
-    """
+    """One epoch as optimizer steps -> global micro-batches of sample indices (R5, G1, S2). The permutation depends
+    only on (seed, epoch): the data position is the step number, resume needs no sampler state. A global micro-batch
+    is batch_size * world_size samples: N processes of batch b see, step for step, what one of batch N*b sees."""
     order = np.random.default_rng([seed, epoch]).permutation(num_samples)
     size = batch_size * world_size
     micro = [order[i:i + size] for i in range(0, num_samples, size)]
