@@ -238,14 +238,7 @@ def apply_overrides(tree, overrides, script, findings):
             findings.append(finding("C3", "critical", f"--set '{item}' is not key=value",
                                     "write it as --set section.key=value, e.g. --set optim.lr=3.0e-4"))
             continue
-        if key in schema and schema[key][1] in ("str", "str?"):
-            value = script.literal_text(text)
-        else:
-            try:
-                value = yaml.safe_load(text) if text.strip() else None
-            except yaml.YAMLError:
-                value = text
-        tree_set(tree, key, value, schema)
+        tree_set(tree, key, script.literal_text(text, key in schema and schema[key][1] in ("str", "str?")), schema)
 
 
 def config_task(tree):
