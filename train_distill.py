@@ -445,9 +445,8 @@ def load_config(path, overrides, schema, base=None):
             close = closest_key(key, schema)
             hint = f"; did you mean {close}?" if close else "; --help_config lists every key"
             problems.append(("C2", key, f"unknown key{hint}"))
-    # S2: train.max_steps named and train.epochs not named as late (nowhere, or in the file under a --set
-    # max_steps) means those steps, as the Hugging Face Trainer's max_steps does: the earlier epochs step aside,
-    # said in a note; so does a file's max_steps under a --set epochs. Both named at one level: refused (C3).
+    # S2: of train.max_steps and train.epochs the one named later (--set over the file, the file over the defaults)
+    # sets the length, as the HF Trainer's max_steps does; the other steps aside, with a note. Both at one level: C3.
     for key, other in (("train.max_steps", "train.epochs"), ("train.epochs", "train.max_steps")):
         later = key in typed_on_set and other not in typed_on_set and flat.get(other) is not None
         unnamed = key == "train.max_steps" and other not in flat
@@ -463,8 +462,7 @@ def load_config(path, overrides, schema, base=None):
         except ValueError as err:
             problems.append(("C1", key, f"got {value!r}, expected {err}"))
             continue
-        # C1: a file's `3e-4` is text to YAML 1.1 (and to other readers of the file); `--set optim.lr=1e-3` is
-        # a number the user typed, cast without a note
+        # C1: a file's `3e-4` is text to YAML 1.1 (and other readers); a number typed on --set is cast without a note
         if (isinstance(value, str) and kind in ("float", "int", "float?", "int?") and cfg[key] is not None
                 and key not in typed_on_set):
             notes.append(("C1", key, f"the string {value!r} was read as the number {cfg[key]!r}"))
@@ -477,7 +475,7 @@ KIT_TASKS = {"probe": "train_probe.py", "distill": "train_distill.py"}  # the co
 
 
 def common_value_problems(cfg, task):
-    """Values that would only fail hours later (C3), shared by both scripts."""
+    """Values of the keys both scripts have that would only fail hours later (C3)."""
     p = []
 
     def require(ok, key, msg, row="C3"):
@@ -1091,12 +1089,8 @@ def schedule_landmarks(cfg, plan):
     lr, kind, total, warm = cfg["optim.lr"], cfg["schedule.type"], plan["total_steps"], plan["warmup_steps"]
     warms = kind == "onecycle" or warm >= 2
     initial = lr / cfg["schedule.div_factor"] if warms else lr
-    if kind == "onecycle":
-        final = lr / (cfg["schedule.div_factor"] * cfg["schedule.final_div_factor"])  # S5
-    elif kind == "constant":
-        final = lr
-    else:
-        final = lr * cfg["schedule.final_lr_ratio"]
+    final = {"onecycle": lr / (cfg["schedule.div_factor"] * cfg["schedule.final_div_factor"]),  # S5: torch's floor
+             "constant": lr}.get(kind, lr * cfg["schedule.final_lr_ratio"])
     start = warm - 1 if warm >= 2 else 0
     flat = range(0)
     if kind == "constant":
@@ -1558,11 +1552,9 @@ def content_record(path):
         known = None
     if not isinstance(known, dict) or [known.get("stat"), known.get("sampled")] != [stat, sampled.hexdigest()]:
         known = {"stat": stat, "sampled": sampled.hexdigest(), **read_content(path)}
-        try:
+        with contextlib.suppress(OSError):  # a read-only home: the next start reads the file whole again
             os.makedirs(CONTENT_CACHE, exist_ok=True)
             atomic_write_text(memo, json.dumps(known))
-        except OSError:  # a read-only home: the next start reads the file whole again
-            pass
     rest = {k: v for k, v in known.items() if k not in ("stat", "sampled")}
     return {"path": os.path.abspath(path), "bytes": st.st_size, **rest}
 # ==== end shared: data file content ====
@@ -3321,11 +3313,9 @@ def read_checkpoint(path, task):
 
 
 def evaluation_config(config_path, overrides, kind, source):
-    """C8/E11: the config --evaluate scores with: the run's own resolved config (a checkpoint's saved config, the
-    config.yaml an export carries), with the keys --config writes and --set on top, so the data and settings
-    are the run's unless the user names others. Without the run's config only --config says what to score; with
-    neither it refuses (the built-in defaults' data would be scored). Returns (cfg, a line saying what it scores
-    with which config, and which keys are not the run's), the line printed once every check has passed."""
+    """C8/E11: the config --evaluate scores with: the run's own (a checkpoint's, an export's config.yaml) under
+    --config's keys and --set, else --config alone; neither is refused (the defaults' data would be scored).
+    Returns (cfg, the line saying what is scored with which config and which keys are not the run's)."""
     saved, where = None, None
     if kind == "checkpoint":
         saved, where = read_checkpoint(source, TASK)["config"], source
