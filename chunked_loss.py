@@ -25,7 +25,7 @@ def linear_head(lm, key):
     built-in GPT (tied embedding), a Hugging Face causal LM without logit scaling or soft-capping."""
     if isinstance(lm, kit.GPT):
         return lm.wte.weight, None
-    if isinstance(lm, kit.HFCausalLM):
+    if kit.is_hf_lm(lm):
         config = lm.model.config.get_text_config()
         scaled = [f"config.{n} {getattr(config, n)!r}" for n in ("final_logit_softcapping", "logit_scale",
                                                                  "logits_scaling")

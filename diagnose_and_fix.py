@@ -677,9 +677,9 @@ def probe_memory(script, cfg, plan, device="meta"):
 def hf_teacher_on_meta(script, path, hidden):
     """E6: a Hugging Face teacher built from its config.json alone on the meta device (no weights read, no
     download); train_distill.py loads it in fp32, so its weights count 4 bytes per parameter."""
-    import transformers
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    return script.HFCausalLM(transformers.AutoModelForCausalLM.from_config(config), hidden)
+    auto = script.transformers_module()
+    model = auto.AutoModelForCausalLM.from_config(auto.AutoConfig.from_pretrained(path, local_files_only=True))
+    return script.hf_models("kd.hf_teacher_dir").HFCausalLM(model, hidden)
 
 
 def generation_lengths(script, cfg):

@@ -60,11 +60,11 @@ def block_causal_mask(positions):
 
 def packing_check(lm, cfg, key, who):
     """The built-in GPT keeps a packed row's examples apart itself; a user module (ids -> logits) cannot be told
-    where examples start: refused; a Hugging Face model is checked by the script's hf_packing_check()."""
+    where examples start: refused; a Hugging Face model is checked by hf_models.py's packing_probe()."""
     if isinstance(lm, kit.GPT):
         return lm
     if isinstance(lm, kit.TargetLM):
         raise kit.ConfigError([("C10", "data.packing", f"true, but {who} ({key}) is a user module (token ids -> "
                                 f"logits) that cannot be told where a packed row's examples start; {FIX} (one "
                                 "example a row, padded)")])
-    return kit.hf_packing_check(lm, cfg, key, who, f"{FIX} (one example a row, padded)")
+    return kit.hf_models(key).packing_probe(lm, cfg, key, who, f"{FIX} (one example a row, padded)")

@@ -31,7 +31,6 @@ import functools
 import hashlib
 import importlib
 import importlib.util
-import inspect
 import itertools
 import json
 import math
@@ -661,6 +660,8 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
     cfg, notes = load_config(path, overrides, CONFIG, base)
     problems = common_value_problems(cfg, TASK)
     sharding(cfg), chunking(cfg), caching(cfg), packing(cfg)  # D1, D6, R9, C10: companions loaded at start-up
+    for key in hf_dir_keys(cfg):  # C3: hf_models.py for a Hugging Face directory, loaded here as well
+        hf_models(key)
     require = problem_check(problems)
     data_problems(cfg, problems, check_files)
     network_and_kd_value_problems(cfg, problems, notes)
@@ -782,27 +783,14 @@ def model_source_problems(cfg, problems, check_files):
         for key in teacher_keys_set(cfg):
             problems.append(("C3", key, f"is set ({cfg[key]!r}), but kd.enabled is false: this run trains student.* "
                              "as a plain language model with no teacher; remove it, or set kd.enabled=true"))
-    hf_dirs = [("student.hf_dir", "the student", False)] + ([("kd.hf_teacher_dir", "the teacher", True)]
-                                                            if cfg["kd.enabled"] else [])
-    for key, who, weights in hf_dirs:
-        if cfg[key] is None:
-            continue
-        if not transformers_installed():
-            problems.append(("C3", key, f"needs the transformers package, which is not installed for {sys.executable}; "
-                                        f"{sys.executable} -m pip install transformers, or use a built-in model or a "
-                                        "*.target module"))
-        elif check_files:
-            problems += hf_dir_problems(cfg, cfg[key], key, who, weights)
+    for key in hf_dir_keys(cfg):
+        problems += hf_models(key).source_problems(cfg, key, check_files)
     if check_files and cfg["kd.enabled"] and cfg["kd.teacher_checkpoint"] and not problems:
         try:  # the checkpoint's window length and, for a Hugging Face network, its directory's limits (--dry_run too)
             saved = read_teacher_checkpoint(cfg)["config"]
             hf = trained_arch(saved).get("hf_dir")
-            if hf is not None and not os.path.isfile(os.path.join(hf, "config.json")):
-                problems.append(("C3", "kd.teacher_checkpoint", f"{cfg['kd.teacher_checkpoint']} holds a Hugging Face "
-                                 f"network whose directory {hf} (its config.json) is gone; give that run's export/ "
-                                 "as kd.hf_teacher_dir instead"))
-            elif hf is not None:
-                problems += hf_dir_problems(cfg, hf, "kd.teacher_checkpoint", "the teacher", False)
+            if hf is not None:
+                problems += hf_models("kd.teacher_checkpoint", HF_CHECKPOINT_FIX).saved_dir_problems(cfg, hf)
         except ConfigError as err:
             problems += err.problems
 
@@ -921,9 +909,6 @@ def transformers_installed():
     return importlib.util.find_spec("transformers") is not None
 
 
-HF_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")  # the names HF configs give the position limit
-
-
 def tokenizer_digest(tokenizer):
     """C10: sha256 of a tokenizer's id -> token map (its added tokens too): what the token ids mean, whatever else
     its files hold. prepare_text.py records it in manifest.json; runs compare it with the models' tokenizers."""
@@ -940,52 +925,6 @@ def hf_config_value(config, names):
             return name, get(name)
     text = get("text_config")
     return hf_config_value(text, names) if text else (None, None)
-
-
-def hf_weights_present(path):
-    return any(f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin"))
-               for f in os.listdir(path))
-
-
-def hf_dir_problems(cfg, path, key, who, need_weights):
-    """A local Hugging Face directory checked from its config.json alone (no transformers import, no
-    weights read): it exists, has weights where they are needed, predicts data.vocab_size tokens and
-    takes windows of data.seq_len tokens (an HF model indexes past its position table with an IndexError
-    at step 1, or silently degrades past its RoPE length)."""
-    config_file = os.path.join(path, "config.json")
-    if not os.path.exists(path):  # a mistyped path is that, not a directory without config.json
-        near = difflib.get_close_matches(os.path.basename(os.path.normpath(path)),
-                                         os.listdir(os.path.dirname(os.path.abspath(path)) or ".")
-                                         if os.path.isdir(os.path.dirname(os.path.abspath(path))) else [], n=1)
-        return [("C3", key, f"{path} does not exist"
-                 + (f" (did you mean {os.path.join(os.path.dirname(path), near[0])}?)"
-                                                       if near else "")
-                                                       + "; give a local Hugging Face model directory")]
-    if not os.path.isdir(path):
-        return [("C3", key,
-                 f"{path} is a file; give a local Hugging Face model directory (what save_pretrained writes)")]
-    if not os.path.isfile(config_file):
-        return [("C3", key, f"{path} is not a local Hugging Face model directory (no config.json in it)")]
-    if need_weights and not hf_weights_present(path):
-        return [("C3", key, f"{path} has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
-                            f"{who} needs trained weights")]
-    try:
-        with open(config_file) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as err:
-        return [("C3", key, f"{config_file} does not read as JSON ({type(err).__name__}); fix or replace it")]
-    problems, vocab, seq_len = [], vocab_size(cfg), cfg["data.seq_len"]
-    _, model_vocab = hf_config_value(config, ("vocab_size",))
-    if vocab is not None and model_vocab is not None and model_vocab != vocab:
-        problems.append(("C3", "data.vocab_size",
-                         f"{vocab}{' (the built-in corpus is bytes)' if not cfg['data.train_bin'] else ''}, "
-                         f"but {who} in {path} predicts {model_vocab} tokens; tokenize the text with its tokenizer "
-                         "(python prepare_text.py) and set data.vocab_size to that size"))
-    name, limit = hf_config_value(config, HF_POSITION_KEYS)
-    if limit is not None and seq_len > limit:
-        problems.append(("C3", "data.seq_len", f"{seq_len} is longer than {who}'s position limit {limit} ({name} in "
-                                               f"{config_file}); set data.seq_len to at most {limit}"))
-    return problems
 
 
 # ==== shared: schedule (identical in train_probe.py and train_distill.py) ====
@@ -1645,18 +1584,6 @@ def data_tokenizer_problem(cfg):
              "carries may not match; prepare again: python prepare_text.py SOURCES --tokenizer DIR --out NEW_DIR")]
 
 
-@functools.lru_cache(maxsize=8)
-def directory_tokenizer_digest(path, stat):
-    """tokenizer_digest() of the tokenizer saved in a model directory, None when it holds none (or it does not
-    load). `stat` (its tokenizer files' file_stat) keys the memo."""
-    if not stat:
-        return None
-    try:
-        return tokenizer_digest(transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True))
-    except Exception:  # a directory whose tokenizer files do not load: nothing to compare (its model errors are C3's)
-        return None
-
-
 def prepared_text_problems(cfg):
     """C10: token files prepare_text.py made must be what the config says: the same vocabulary and id type,
     unchanged since, examples that fit data.seq_len (or data.too_long), and the models' tokenizer. resolve_config()
@@ -1703,15 +1630,8 @@ def prepared_text_problems(cfg):
                 "(prompt/completion or messages)" if key == "data.val_bin" else "train on: set kd.on_policy_fraction=1 "
                 "(the student writes every completion) or kd.seq_kd=true (the teacher does), or prepare "
                 "prompt/completion or messages rows")))
-        for model in models if key == "data.train_bin" else ():
-            stat = tuple(file_stat(os.path.join(cfg[model], n)) for n in TOKENIZER_FILES
-                         if os.path.isfile(os.path.join(cfg[model], n)))
-            digest = directory_tokenizer_digest(cfg[model], stat)
-            if digest is not None and digest != manifest.get("tokenizer", {}).get("sha256"):
-                problems.append(("C10", model, f"{cfg[model]}'s tokenizer is not the one {made} was prepared with "
-                                 f"({manifest.get('tokenizer', {}).get('dir')}): its ids mean other tokens; prepare "
-                                 f"the data with this model's tokenizer: python prepare_text.py SOURCES --tokenizer "
-                                 f"{cfg[model]} --out DIR"))
+        for model in models if key == "data.train_bin" else ():  # C10: the models' tokenizer is the data's
+            problems += hf_models(model).tokenizer_problems(cfg, model, manifest, made)
     return problems
 
 
@@ -1857,42 +1777,26 @@ class GPT(nn.Module):
         return out, hidden
 
 
-class HFCausalLM(nn.Module):
-    """A Hugging Face causal LM behind the built-in model's interface: idx -> (logits, last hidden state or
-    None), attribute width. A training forward runs without a KV cache (use_cache=False: training never reuses
-    one) and asks for the hidden states only when the hidden-state loss needs them (kd.gamma > 0); generation
-    (`past`, see GPT) uses the model's own cache (past_key_values) and computes the last position's logits only."""
-    kv_cache = True
+# Hugging Face models (student.hf_dir, kd.hf_teacher_dir, a checkpoint or *.target callable holding one): their
+# code (the directory and tokenizer checks, loading, HFCausalLM, the packing probe, the save_pretrained export) is
+# hf_models.py, a companion file beside this script, loaded at config resolution when a config names a Hugging Face
+# directory, and where a checkpoint or a callable turns out to hold a Hugging Face model.
+HF_CHECKPOINT_FIX = "give a checkpoint whose network is not a Hugging Face model"
 
-    def __init__(self, model, hidden):
-        super().__init__()
-        self.model, self.hidden, self.width, self.layers = model, bool(hidden), model.config.hidden_size, None
-        self.depth = hf_config_value(model.config, ("num_hidden_layers", "n_layer"))[1]  # hidden_states has depth + 1
-        # the KV cache's argument and output: `cache` in current transformers, `past_key_values` before (now deprecated)
-        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def forward(self, idx, logits=True, past=None, positions=None):
-        packed = {} if positions is None else {"position_ids": positions, "attention_mask": self.packed_mask(positions)}
-        if past is not None:
-            name = self.cache_name
-            out = self.model(input_ids=idx, **{name: past or None}, use_cache=True, logits_to_keep=1, return_dict=True)
-            return out.logits[:, -1], out[name]
-        if not logits:  # kd.chunk_tokens: the last hidden state only (the head runs in the loss, chunk by chunk)
-            out = self.model(input_ids=idx, use_cache=False, output_hidden_states=True, logits_to_keep=1,
-                             return_dict=True, **packed)
-            return None, out.hidden_states[-1]
-        out = self.model(input_ids=idx, use_cache=False, output_hidden_states=self.hidden, return_dict=True, **packed)
-        if self.layers is not None:
-            return out.logits, [out.hidden_states[i] for i in self.layers]
-        return out.logits, (out.hidden_states[-1] if self.hidden else None)
+def hf_models(key, fix=None):
+    """hf_models.py, for the Hugging Face model `key` names; missing, one line naming the file and key (C3)."""
+    return companion("hf_models", key, fix)
 
-    def packed_mask(self, positions):
-        """C10: block_causal_mask as the model's attention takes a 4D mask as it is: sdpa a boolean one, eager adds
-        it to the scores (hf_packing_check refuses any other implementation)."""
-        mask = companion("packing", "data.packing").block_causal_mask(positions)
-        if self.model.config._attn_implementation == "sdpa":
-            return mask
-        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+
+def hf_dir_keys(cfg):
+    """The keys naming a Hugging Face directory the run reads: student.hf_dir; kd.hf_teacher_dir with KD on."""
+    return [k for k in ("student.hf_dir", "kd.hf_teacher_dir") if cfg[k] and (cfg["kd.enabled"] or k[0] == "s")]
+
+
+def is_hf_lm(lm):
+    """lm is a Hugging Face model behind the kit's interface (HFCausalLM): only hf_models.py, once loaded, makes one."""
+    return "hf_models" in COMPANIONS and isinstance(lm, COMPANIONS["hf_models"].HFCausalLM)
 
 
 class TargetLM(nn.Module):
@@ -1986,8 +1890,7 @@ def trained_arch(cfg):
 
 def describe_arch(arch):
     if "hf_dir" in arch:
-        weights = "its weights" if hf_weights_present(arch["hf_dir"]) else "config.json only: random init"
-        return f"Hugging Face model {arch['hf_dir']} ({weights})"
+        return hf_models("student.hf_dir").describe(arch["hf_dir"])
     if "target" in arch:
         return f"{arch['target']}(**{arch['kwargs']})"
     return f"built-in GPT, {arch['n_layer']} layers x {arch['n_embd']} wide, {arch['n_head']} heads"
@@ -1999,40 +1902,8 @@ def transformers_module():
     return transformers
 
 
-def load_hf_model(path, key, seed, weights=True):
-    """A local Hugging Face causal LM in fp32 (autocast lowers the compute), never downloaded
-    (local_files_only). A directory without weights (config.json alone), or weights=False (the weights
-    come from a checkpoint), gives a random init seeded by `seed`."""
-    transformers = transformers_module()
-    try:
-        if weights and hf_weights_present(path):
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        else:
-            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-            torch.manual_seed(seed)
-            model = transformers.AutoModelForCausalLM.from_config(config)
-    except Exception as err:  # whatever transformers raises for a directory it cannot build
-        raise ConfigError([("C3", key, f"{path} does not load as a causal LM ({type(err).__name__}: "
-                            f"{(str(err).splitlines() or [''])[0][:200]})")]) from None
-    return model.float()
-
-
 def is_hf_model(module):
     return "transformers" in sys.modules and isinstance(module, sys.modules["transformers"].PreTrainedModel)
-
-
-def hf_lm(model, cfg, key, who, hidden):
-    """Wrap a Hugging Face model after checking it against the data: vocabulary and position limit."""
-    head = model.get_output_embeddings()
-    vocab = head.out_features if isinstance(head, nn.Linear) else model.config.vocab_size
-    if vocab != vocab_size(cfg):
-        raise ConfigError([("C3", "data.vocab_size", f"{vocab_size(cfg)}, but {who} ({key}) predicts {vocab} tokens; "
-                            "tokenize the text with its tokenizer and set data.vocab_size to that size")])
-    name, limit = hf_config_value(model.config, HF_POSITION_KEYS)
-    if limit is not None and cfg["data.seq_len"] > limit:
-        raise ConfigError([("C3", "data.seq_len", f"{cfg['data.seq_len']} is longer than {who}'s position limit "
-                            f"{limit} (config.{name} of {key}); set data.seq_len to at most {limit}")])
-    return HFCausalLM(model, hidden)
 
 
 def target_lm(cfg, arch, key, who, hidden):
@@ -2045,7 +1916,8 @@ def target_lm(cfg, arch, key, who, hidden):
         raise ConfigError([("C3", key, f"{arch['target']} returned a {type(module).__name__}, not a torch.nn.Module")])
     module = module.float()
     if is_hf_model(module):
-        return hf_lm(module, cfg, key, who, hidden)
+        fix = f"make {arch['target']} return a module that is not a transformers model"
+        return hf_models(key, fix).hf_lm(module, cfg, key, who, hidden)
     lm, seq_len, vocab = TargetLM(module, hidden), cfg["data.seq_len"], vocab_size(cfg)
     mode = module.training
     module.eval()
@@ -2076,8 +1948,9 @@ def target_lm(cfg, arch, key, who, hidden):
 def build_lm(cfg, arch, key, who, hidden, weights=True):
     """The language model `arch` (trained_arch's description) names, behind one interface:
     idx [B, T] -> (logits [B, T, vocab], last hidden state [B, T, width] or None), attribute width."""
-    if "hf_dir" in arch:
-        return hf_lm(load_hf_model(arch["hf_dir"], key, cfg["seed"], weights), cfg, key, who, hidden)
+    if "hf_dir" in arch:  # weights=False: a kd.teacher_checkpoint's network, its weights in the checkpoint
+        hf = hf_models(key, None if weights else HF_CHECKPOINT_FIX)
+        return hf.dir_lm(cfg, arch["hf_dir"], key, who, hidden, weights)
     if "target" in arch:
         return target_lm(cfg, arch, key, who, hidden)
     return GPT(vocab_size(cfg), cfg["data.seq_len"], **arch)
@@ -2237,11 +2110,6 @@ def load_teacher_checkpoint(cfg, hidden=True):
         raise ConfigError([("C3", key, f"{path} has a vocabulary of {vocab_size(saved)}, this run's data has "
                             f"{vocab_size(cfg)}; teacher and student must share one tokenizer")])
     if "hf_dir" in arch or "target" in arch:
-        if "hf_dir" in arch and not transformers_installed():
-            raise ConfigError([("C3", key,
-                                f"{path} holds a Hugging Face network; it needs the transformers package, which "
-                                f"is not installed for {sys.executable} ({sys.executable} -m pip install "
-                                "transformers)")])
         lm = build_lm(cfg, arch, key, "the teacher", hidden, weights=False)
     else:
         want = {dim: cfg[f"teacher.{dim}"] for dim in ("n_layer", "n_head", "n_embd")}
@@ -2255,17 +2123,12 @@ def load_teacher_checkpoint(cfg, hidden=True):
     return lm
 
 
-def load_hf_teacher(cfg, hidden=True):
-    path = cfg["kd.hf_teacher_dir"]
-    return hf_lm(load_hf_model(path, "kd.hf_teacher_dir", cfg["seed"]), cfg, "kd.hf_teacher_dir", "the teacher", hidden)
-
-
 def build_teacher(cfg, device, hidden=None):
     """Load and freeze: eval mode, no grad, never in the optimizer, checked unchanged after training.
     teacher(x) -> (logits, last hidden state, or None unless `hidden`; default: kd.gamma > 0)."""
     hidden = hidden_request(cfg, 1) if hidden is None else hidden
     if cfg["kd.hf_teacher_dir"]:
-        teacher = load_hf_teacher(cfg, hidden)
+        teacher = hf_models("kd.hf_teacher_dir").load_hf_teacher(cfg, hidden)
     elif cfg["teacher.target"]:
         torch.manual_seed(cfg["seed"])  # a callable that initialises anything does so the same way every run
         arch = {"target": cfg["teacher.target"], "kwargs": dict(cfg["teacher.kwargs"])}
@@ -2283,25 +2146,6 @@ def teacher_key(cfg):
     return next(k for k in ("kd.hf_teacher_dir", "teacher.target", "kd.teacher_checkpoint") if cfg[k])
 
 
-def hf_packing_check(lm, cfg, key, who, fix):
-    """C10, data.packing (packing.py's packing_check hands a Hugging Face model here): its attention must take the
-    4D mask (eager, sdpa) and, on a probe row of two examples, the second's logits must be those it has alone (a
-    model that adds its own mask or ignores ours fails it)."""
-    how = lm.model.config._attn_implementation
-    if how not in ("eager", "sdpa"):
-        raise ConfigError([("C10", "data.packing", f"true, but {who} ({key}) uses attention {how!r}, which takes no "
-                            f"block-diagonal mask (eager and sdpa do); {fix}")])
-    n = min(8, cfg["data.seq_len"])
-    row, training = torch.arange(1, n + 1) % vocab_size(cfg), lm.training
-    positions = torch.cat([torch.arange(n // 2), torch.arange(n - n // 2)])
-    with torch.no_grad():
-        packed, alone = lm.eval()(row[None], positions=positions[None])[0][0, n // 2:], lm(row[None, n // 2:])[0][0]
-    lm.train(training)
-    if not torch.allclose(packed, alone, rtol=1e-3, atol=1e-4 * float(alone.abs().max())):
-        raise ConfigError([("C10", "data.packing", f"true, but {who} ({key}) lets a packed row's examples attend to "
-                            f"each other (given the 4D mask and position_ids, the logits of a row's second example "
-                            f"are not those it has alone); {fix}")])
-    return lm
 
 
 def param_groups(module):
@@ -3517,7 +3361,7 @@ def end_ids(cfg, lm, device):
     """The ids that end a generated sequence (kd.eos_token, or a Hugging Face student's eos_token_id: one or a
     list), as a tensor; None when nothing ends one."""
     ids = cfg["kd.eos_token"]
-    if ids is None and isinstance(lm, HFCausalLM):
+    if ids is None and is_hf_lm(lm):
         config = getattr(lm.model, "generation_config", None) or lm.model.config
         ids = getattr(config, "eos_token_id", None)
         ids = ids if ids is not None else getattr(lm.model.config, "eos_token_id", None)
@@ -4277,11 +4121,6 @@ def patience_exhausted(run):
 
 # -----------------------------------------------------------------------------
 # Export: the best network where its users load it without this script (docs/distill_models.md).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
-
-
 def export_best(run):
     """best.pt's network into <run_dir>/export/: a Hugging Face model as a save_pretrained directory
     (config.json + model.safetensors, plus the tokenizer files of student.hf_dir), loadable with
@@ -4302,9 +4141,8 @@ def export_best(run):
     tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=f".export-{os.getpid()}-")
     os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide the export from the people it is for
     try:
-        if isinstance(lm, HFCausalLM):
-            transformers_module()  # its progress bars off, for a model a *.target callable built too
-            lm.model.save_pretrained(tmp, state_dict={k[len("model."):]: v for k, v in state.items()})
+        if is_hf_lm(lm):
+            hf_models(trained_key(cfg)).save_export(lm, state, tmp)
         else:
             if isinstance(lm, TargetLM):
                 state = {k[len("model."):]: v for k, v in state.items()}
@@ -4331,9 +4169,9 @@ def export_tokenizer(run, arch, tmp):
     saved it beside the data; checked byte for byte against the manifest, here again as it is copied), so
     AutoTokenizer loads from the export what AutoModelForCausalLM does; without one, a Hugging Face student's own
     (student.hf_dir's tokenizer files). Any kind of student: the built-in GPT's export carries it too."""
-    where, want = data_tokenizer(run["cfg"])
-    names = None if where is not None else TOKENIZER_FILES
-    where = where if where is not None else arch.get("hf_dir")
+    (where, want), names = data_tokenizer(run["cfg"]), None
+    if where is None and "hf_dir" in arch:  # a Hugging Face student's own tokenizer files
+        where, names = arch["hf_dir"], hf_models("student.hf_dir").TOKENIZER_FILES
     if where is None or not os.path.isdir(where):
         return
     copied = file_digests(where, names)
@@ -4384,8 +4222,10 @@ class ExportedLM(nn.Module):
     def forward(self, x, positions=None):  # C10: a packed val set's positions, as evaluate() gives the run's model
         if positions is None:
             return split_outputs(self.lm(x))
-        lm = self.lm if isinstance(self.lm, GPT) else HFCausalLM(self.lm, False)  # its block-diagonal mask
-        return lm(x, positions=positions)
+        if isinstance(self.lm, GPT):
+            return self.lm(x, positions=positions)
+        hf = hf_models("--evaluate", "set data.packing=false")  # a Hugging Face export: its block-diagonal mask
+        return hf.HFCausalLM(self.lm, False)(x, positions=positions)
 
 
 def scored_data(cfg):
@@ -4629,7 +4469,7 @@ def check_tiny_run(cfg, student, a, offline, train_fn_together, check):
     check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")), "best.pt written")
     check(export_matches_best(a, student, run["teacher"]),
           "export/ reloads without the kit "
-          f"({'from_pretrained' if isinstance(run['module'].lm, HFCausalLM) else 'a state dict'}) "
+          f"({'from_pretrained' if is_hf_lm(run['module'].lm) else 'a state dict'}) "
           "and gives best.pt's logits")
     if offline:
         check(run["teacher"] is None and run["teacher_cache"]["manifest"]["complete"],

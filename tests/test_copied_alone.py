@@ -3,7 +3,7 @@ with no other file of the kit importable (no PYTHONPATH; the directory holds the
 shipped configs made tiny run --dry_run, a short training that is SIGKILLed mid-run, and the same command
 resuming it to the end. A feature that needs another file of the kit (the preparation tools) names it in one
 line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py, fsdp_sharding.py,
-chunked_loss.py, teacher_cache.py, probe_evaluate.py, probe_backbones.py, packing.py), which works when copied
+chunked_loss.py, teacher_cache.py, probe_evaluate.py, probe_backbones.py, packing.py, hf_models.py), which works when copied
 together with the script."""
 import os
 import shutil
@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_distill as td  # noqa: E402
 import train_probe as tp  # noqa: E402
+import zoo  # noqa: E402
 from run_records import launch  # noqa: E402
 from test_prepare_text import chat_data  # noqa: E402, F401
 
@@ -144,7 +145,9 @@ def companion_line(key, name, script):
     ("train_distill.py", "distill_demo", "train.activation_checkpointing=true", "fsdp_sharding"),
     ("train_distill.py", "distill_demo", "kd.chunk_tokens=8", "chunked_loss"),
     ("train_distill.py", "distill_demo", "kd.teacher_cache=cache", "teacher_cache"),
-    ("train_distill.py", "distill_demo", "data.packing=true", "packing")])
+    ("train_distill.py", "distill_demo", "data.packing=true", "packing"),
+    ("train_distill.py", "distill_demo_teacher", "student.hf_dir=hf", "hf_models"),
+    ("train_distill.py", "distill_demo", "kd.hf_teacher_dir=hf", "hf_models")])
 def test_c3_a_script_copied_alone_asked_for_a_companion_feature_names_the_file_in_one_line(
         script, config, setting, name, tmp_path):
     """A feature whose code is a companion file of the kit (issue 32): the run, its --dry_run and diagnose (copied
@@ -224,6 +227,20 @@ def test_r9_train_distill_copied_with_teacher_cache_py_builds_the_cache_and_dist
     assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert f"teacher: offline, its top-4 from the cache {cache}" in out.stdout and "nothing to build" in out.stdout
     assert "done: 2 optimizer steps" in out.stdout
+
+
+def test_c3_train_distill_copied_with_hf_models_py_trains_and_exports_a_hugging_face_student(tmp_path):
+    """The script and its companion copied together: the zoo's tiny Hugging Face Llama (the models tests' smallest)
+    as student.hf_dir trains there, and its export is a save_pretrained directory."""
+    pytest.importorskip("transformers", reason=f"transformers is not installed for {sys.executable}")
+    where = copied_alone(tmp_path, "train_distill.py")
+    shutil.copy(os.path.join(ROOT, "hf_models.py"), where)
+    student = zoo.hf_llama(tmp_path / "llama")
+    out = run(where, "train_distill.py", "--config", os.path.join(CONFIGS, "distill_demo_teacher.yaml"), "--set",
+              *DISTILL_TINY, "train.max_steps=2", "train.eval_every=2", f"student.hf_dir={student}")
+    assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"model: Hugging Face model {student} (its weights)" in out.stdout and "done: 2 optimizer steps" in out.stdout
+    assert "model.safetensors" in os.listdir(where / "runs" / "distill_demo_teacher" / "export")
 
 
 def test_c3_each_script_loads_a_companion_from_its_own_directory_once_with_itself_as_kit(monkeypatch):

@@ -201,7 +201,7 @@ def test_hf_student_checkpoint_is_the_next_teacher(gpt2_student):
     x = val_batch(cfg)
     with torch.no_grad():
         t_logits, t_hidden = teacher(x)
-    assert isinstance(teacher, T.HFCausalLM) and t_hidden.shape == (4, 16, 32)  # kd.gamma 0.2: hidden states on
+    assert isinstance(teacher, T.hf_models("kd.teacher_checkpoint").HFCausalLM) and t_hidden.shape == (4, 16, 32)  # kd.gamma 0.2: hidden states on
     assert torch.equal(t_logits, kit_logits(T.resolve_config(None, settings)[0], a, x))
 
 

@@ -323,7 +323,7 @@ def test_e14_seq_kd_labels_are_those_trl_gkd_makes_when_its_teacher_generates(tm
     with torch.no_grad():
         _, _, labels = gkd.GKDTrainer.generate_on_policy_outputs(
             model, {"prompts": prompt, "prompt_attention_mask": torch.ones_like(prompt)}, config)
-    writer = T.Trainable(T.HFCausalLM(model, False)).eval()
+    writer = T.Trainable(T.hf_models("student.hf_dir").HFCausalLM(model, False)).eval()
     x = torch.cat([prompt, torch.zeros(8, 24, dtype=torch.long)], 1)
     _, targets = T.on_policy_batch(writer, x, cfg, None, torch.Generator().manual_seed(0), torch.tensor(eos))
     width = labels.shape[1] - 1
@@ -511,7 +511,8 @@ def generation_model(kind, tmp_path):
     transformers = pytest.importorskip("transformers")
     import zoo
     path = (zoo.hf_gpt2 if kind == "hf_gpt2" else zoo.hf_llama)(tmp_path / kind)
-    return T.Trainable(T.HFCausalLM(transformers.AutoModelForCausalLM.from_pretrained(path).float(), False))
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).float()
+    return T.Trainable(T.hf_models("student.hf_dir").HFCausalLM(model, False))
 
 
 def positions_seen(module):

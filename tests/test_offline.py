@@ -109,7 +109,7 @@ def test_offline_training_loads_no_teacher(data, teacher, cache, tmp_path, monke
         raise AssertionError("a teacher was loaded in an offline run")
     monkeypatch.setattr(T, "build_teacher", refuse)
     monkeypatch.setattr(T, "load_teacher_checkpoint", refuse)
-    monkeypatch.setattr(T, "load_hf_teacher", refuse)
+    monkeypatch.setattr(T.hf_models("kd.hf_teacher_dir"), "load_hf_teacher", refuse)  # hf_models.py's loader
     cfg, outcome, state = run(offline(data, teacher, cache, "kd.teacher_checkpoint=null"), tmp_path / "run")
     assert outcome == "finished" and state["teacher"] is None
     assert all(k.startswith("lm.") for k in state["module"].state_dict())  # no projection, no teacher tensors

@@ -145,7 +145,7 @@ def test_c10_no_attention_across_packed_examples_in_hugging_face_models(kind, at
     transformers = pytest.importorskip("transformers")
     path = getattr(zoo, f"hf_{kind}")(tmp_path / kind, vocab=100)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention).float()
-    lm = T.HFCausalLM(model, False)
+    lm = T.hf_models("student.hf_dir").HFCausalLM(model, False)
     assert_examples_apart(lm, 100)
     cfg = {"data.packing": True, "data.seq_len": 16, "data.vocab_size": 100, "data.train_bin": "train.bin"}
     assert PACKING.packing_check(lm, cfg, "student.hf_dir", "the student") is lm
