@@ -91,7 +91,7 @@ def environment(**extra):
     env = {k: v for k, v in os.environ.items() if k != "KIT_FAULT_KILL_AT"}
     # R4 compares runs bit for bit, so they must be deterministic: with 2 intra-op threads two fresh processes
     # of the GPT-2 student gave step-1 gradient norms 3.110836982727051 and 3.11083722114563 (losses equal;
-    # in 2 of 3 suite runs), before any kill. One thread, launch.sh's own choice on 2 cores, as in test_ddp.py.
+    # in 2 of 3 suite runs), before any kill: CPU kernel arithmetic, not resume (FAILURE_MODES R4). One thread.
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in [env.get("PYTHONPATH")] if p])  # 'zoo:...' targets
     return {**env, **extra}
