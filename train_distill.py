@@ -4211,23 +4211,8 @@ def load_export(export_dir):
 
 # -----------------------------------------------------------------------------
 # --evaluate (E11): a checkpoint, a run directory (its best.pt) or an export scored on the config's val windows
-# by the same evaluate() the run used, so the numbers are the run's own: CE, perplexity, teacher agreement.
-class ExportedLM(nn.Module):
-    """An exported language model in the shape evaluate() calls: tokens -> (logits, hidden or None)."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, x, positions=None):  # C10: a packed val set's positions, as evaluate() gives the run's model
-        if positions is None:
-            return split_outputs(self.lm(x))
-        if isinstance(self.lm, GPT):
-            return self.lm(x, positions=positions)
-        hf = hf_models("--evaluate", "set data.packing=false")  # a Hugging Face export: its block-diagonal mask
-        return hf.HFCausalLM(self.lm, False)(x, positions=positions)
-
-
+# by the same evaluate() the run used. Its code is distill_evaluate.py, a companion file beside this script,
+# loaded by main() for --evaluate only; scored_data() stays here (the shared evaluation_config() calls it).
 def scored_data(cfg):
     """The windows an evaluation scores, in words (C8): counted on the val split, as evaluate() takes them (40
     examples under data.val_windows 512 are 40 scored, not 512)."""
@@ -4236,46 +4221,6 @@ def scored_data(cfg):
     windows = f"every one of {total} rows" if scored == total else f"{scored} of {total} rows"
     data = cfg["data.val_bin"] or f"the built-in corpus's val text ({cfg['data.builtin.val_bytes']} bytes)"
     return f"{windows} of {cfg['data.seq_len']} tokens of {data}"
-
-
-def evaluate_saved(config_path, overrides, path):
-    """--evaluate PATH: val/loss (token CE), val/ppl and, with a teacher (or its cache), val/agreement."""
-    kind, source = evaluation_weights(path)
-    cfg, scoring = evaluation_config(config_path, overrides, kind, source)  # C8: the run's own unless keys are named
-    d = setup_distributed(cfg)
-    val_set = TokenWindows(cfg, "val")
-    windows = eval_windows(cfg, len(val_set))
-    offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None
-    teacher = build_teacher(cfg, d["device"]) if cfg["kd.enabled"] and not offline else None
-    print_progress = print if d["main"] else (lambda line: None)
-    cache = None
-    manifest = caching(cfg).read_manifest(cfg["kd.teacher_cache"]) if offline else None
-    if manifest is not None and manifest["complete"]:  # checked against this run as training checks it (R9)
-        cache = caching(cfg).prepare_teacher_cache(cfg, d, TokenWindows(cfg, "train"), val_set, windows, print_progress)
-    elif offline and d["main"]:  # E11: an evaluation builds nothing (a cache takes hours at real size)
-        print(f"note E11: kd.teacher_cache: {cfg['kd.teacher_cache']} is {'incomplete' if manifest else 'absent'} and "
-              "--evaluate builds no cache: scored without it, val/agreement left out (build it with --cache_teacher, "
-              "or set kd.teacher_cache=null to compare with the teacher itself)", file=sys.stderr)
-    if kind == "export":
-        if not any(os.path.isfile(os.path.join(source, f)) for f in ("model.json", "config.json")):
-            raise ConfigError([("C3", "--evaluate", f"{source} holds no model.json or config.json, so it is no export "
-                                f"of train_distill.py; {evaluation_choices(source)}")])
-        module, weights = ExportedLM(load_export(source)), f"export {source}"
-    else:
-        ckpt = read_checkpoint(source, TASK)
-        # E11: the network as trained, without the KD projection: it only ever fed the hidden-state loss, and a
-        # teacher of another width here would not fit it. The data and the teacher: evaluation_config (C8).
-        module = build_trainable(ckpt["config"], None)
-        state = saved_weights(ckpt, source, "--evaluate")  # D4: a sharded run's checkpoint names its DCP directory
-        module.load_state_dict({k: v for k, v in state.items() if not k.startswith("proj.")})
-        weights = f"{source} (step {ckpt['global_step']})"
-    run = {"cfg": cfg, "dist": d, "module": module.to(d["device"]), "val_set": val_set, "val_windows": windows,
-           "teacher": teacher, "teacher_cache": cache, "sharded": None}  # one whole copy of the weights on each process
-    metrics = evaluate(run)
-    if d["main"]:
-        print(scoring)  # C8: which data, with which config
-        report_evaluation(path, weights, metrics)
-    return 0
 
 
 # -----------------------------------------------------------------------------
@@ -4550,7 +4495,8 @@ def main(argv=None):
         return 0
     try:
         if args.evaluate:
-            return evaluate_saved(args.config, args.set, args.evaluate)
+            scorer = companion("distill_evaluate", "--evaluate", fix="run without --evaluate")
+            return scorer.evaluate_saved(args.config, args.set, args.evaluate)
         if args.dry_run:
             return dry_run(args.config, args.set, run_dir=args.run_dir)
         cfg, notes = resolve_config(args.config, args.set)

@@ -3,8 +3,8 @@ with no other file of the kit importable (no PYTHONPATH; the directory holds the
 shipped configs made tiny run --dry_run, a short training that is SIGKILLed mid-run, and the same command
 resuming it to the end. A feature that needs another file of the kit (the preparation tools) names it in one
 line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py, fsdp_sharding.py,
-chunked_loss.py, teacher_cache.py, probe_evaluate.py, probe_backbones.py, packing.py, hf_models.py), which works when copied
-together with the script."""
+chunked_loss.py, teacher_cache.py, probe_evaluate.py, probe_backbones.py, packing.py, hf_models.py,
+distill_evaluate.py), which works when copied together with the script."""
 import os
 import shutil
 import subprocess
@@ -92,6 +92,15 @@ def test_train_distill_copied_alone_makes_the_demo_teacher_dry_runs_and_distils_
     killed_then_resumed(where, "train_distill.py", student, 8)
     assert (where / "runs" / "distill_demo" / "export").is_dir()
     assert sorted(os.listdir(where)) == ["runs", "train_distill.py"]
+    # --evaluate is the companion distill_evaluate.py: alone, one line, exit 2; beside it, the export is scored
+    export = ["--evaluate", "runs/distill_demo/export", *student]
+    out = run(where, "train_distill.py", *export)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "config error: --evaluate: needs distill_evaluate.py beside train_distill.py (copy it from the kit), or run "
+        "without --evaluate"], out.stderr[-2000:]
+    shutil.copy(os.path.join(ROOT, "distill_evaluate.py"), where)
+    out = run(where, "train_distill.py", *export)
+    assert out.returncode == 0 and '"val/agreement"' in out.stdout.splitlines()[-1], out.stdout[-2000:] + out.stderr
 
 
 @pytest.mark.parametrize("module, flag, tool, config", [(tp, "--prepare_tuab", "prepare_tuab.py", "probe_synthetic"),

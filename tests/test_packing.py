@@ -134,7 +134,7 @@ def test_c10_e11_an_export_scores_packed_rows_with_each_example_apart_as_the_run
     else:
         transformers = pytest.importorskip("transformers")
         lm = transformers.AutoModelForCausalLM.from_pretrained(zoo.hf_gpt2(tmp_path / kind, vocab=100)).float()
-    assert_examples_apart(T.ExportedLM(lm), 100)
+    assert_examples_apart(T.companion("distill_evaluate", "--evaluate").ExportedLM(lm), 100)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
