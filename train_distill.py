@@ -512,10 +512,8 @@ def common_value_problems(cfg, task):
     require(cfg["train.progress_every_s"] >= 0, "train.progress_every_s", "must be >= 0 (seconds)")
     sinks = metric_sinks(cfg)  # E10: the companion is loaded here, at start-up, when a sink is on
     p += sinks.sink_problems(cfg) if sinks else []
-    require(cfg["train.save_every_minutes"] is None or cfg["train.save_every_minutes"] > 0,
-            "train.save_every_minutes", "must be > 0 or null")
-    require(cfg["train.clip_grad_norm"] is None or cfg["train.clip_grad_norm"] > 0,
-            "train.clip_grad_norm", "must be > 0 or null")
+    for key in ("train.save_every_minutes", "train.clip_grad_norm"):
+        require(cfg[key] is None or cfg[key] > 0, key, "must be > 0 or null")
     require(0 < cfg["train.max_loss_share"] <= 1, "train.max_loss_share", "must be in (0, 1]")
     for key in ("expect.initial_lr", "expect.peak_lr", "expect.final_lr"):
         require(cfg[key] is None or cfg[key] >= 0, key, "must be >= 0 or null")
