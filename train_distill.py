@@ -400,9 +400,8 @@ def literal_text(text, string=True):
 
 
 def load_config(path, overrides, schema, base=None):
-    """YAML + `--set key=value` overrides on top of `base` (--evaluate: the run's resolved config, C8) or the
-    defaults -> (flat {dotted.key: typed value}, notes such as a string cast to a number (C1)). Raises ConfigError
-    listing every problem at once: unknown keys (C2), uncastable values (C1)."""
+    """YAML + `--set key=value` on `base` (--evaluate: the run's config, C8) or the defaults -> ({dotted.key: typed
+    value}, notes such as a string read as a number (C1)); ConfigError lists every problem at once (C1, C2)."""
     raw = {}
     if path:
         if not os.path.isfile(path):
@@ -595,9 +594,8 @@ def absolute_paths(cfg, path_keys):
 
 
 def import_target(target, key, launch_dir=None):
-    """'package.module:callable' (a *.target key) -> the callable, searched for in the working directory too (python
-    scripts/train_x.py puts only scripts/ on sys.path; the user's model code usually sits where the run starts, as
-    python -m would find it), then in launch_dir (C8: the run is evaluated or diagnosed from elsewhere)."""
+    """'package.module:callable' (a *.target key) -> the callable, from the working directory too (the user's model
+    code sits there; python scripts/x.py puts only scripts/ on sys.path), then launch_dir (C8: used from elsewhere)."""
     module_name, _, attr = target.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(1, os.getcwd())  # after the script's own directory, as python -m would have it
@@ -1427,11 +1425,10 @@ def batch_parts(batch, packed):
 
 
 # ==== shared: data file content (identical in train_probe.py and train_distill.py) ====
-# R9/R11: one rule for what a data file holds, used by resume, every cache, the dry run and diagnose_and_fix.py:
-# the SHA-256 of all its bytes (sampled blocks miss an edit between them). A TUAB-size file is read whole once per
-# content, not at every start: the digest is kept in a small record under CONTENT_CACHE, one per file (device,
-# inode), used while the file's size, mtime_ns, ctime_ns and 16 sampled blocks are the recorded ones. Any write
-# changes ctime (os.utime and touch -r set mtime back, never ctime), so such a record is of the file's bytes.
+# R9/R11: what a data file holds, for resume, every cache, the dry run and diagnose_and_fix.py: the SHA-256 of all
+# its bytes (sampled blocks miss an edit between them), read once per content, not at every start: a record under
+# CONTENT_CACHE per file (device, inode) holds it while size, mtime_ns, ctime_ns and 16 sampled blocks are unchanged.
+# Any write changes ctime (os.utime and touch -r set mtime back, never ctime), so such a record is of the bytes.
 CONTENT_CACHE = os.environ.get("KIT_CONTENT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kit-content")
 CONTENT_BLOCK = 1 << 24  # bytes read at a time: 16 MiB of memory whatever the file's size
 
@@ -3101,8 +3098,8 @@ def close_sinks(run, ok=True):
 
 
 # ==== shared: evaluate command (identical in train_probe.py and train_distill.py) ====
-# --evaluate PATH --config CONFIG (E11): saved weights scored on the config's data by the run's own
-# evaluate(), without writing code. The script-specific part is evaluate_saved(), near the end of each file.
+# --evaluate PATH --config CONFIG (E11): saved weights scored on the config's data by the run's own evaluate(),
+# without writing code; the script-specific part is evaluate_saved().
 def evaluation_weights(path):
     """What --evaluate PATH names: ("export", dir) for an export directory, else ("checkpoint", file): a run
     directory's best.pt (its last.pt when no eval was ever finite), or a checkpoint file itself."""
@@ -3155,9 +3152,8 @@ def read_checkpoint(path, task):
 
 
 def evaluation_config(config_path, overrides, kind, source):
-    """C8/E11: the config --evaluate scores with: the run's own (a checkpoint's, an export's config.yaml) under
-    --config's keys and --set, else --config alone; neither is refused (the defaults' data would be scored).
-    Returns (cfg, the line saying what is scored with which config and which keys are not the run's)."""
+    """C8/E11: (the config --evaluate scores with, the line saying so): the run's own (a checkpoint's, an export's
+    config.yaml) under --config and --set, else --config alone; neither is refused (it would score the defaults)."""
     saved, where = None, None
     if kind == "checkpoint":
         saved, where = read_checkpoint(source, TASK)["config"], source
