@@ -680,11 +680,10 @@ def data_problems(cfg, problems, check_files):
     if check_files:
         for key in ("data.train_bin", "data.val_bin"):
             check_file(cfg, key, problems, (".bin",))
-    if check_files and cfg["kd.enabled"]:  # a teacher run (kd.enabled false) may name the file it is about to make
-        teacher = cfg["kd.teacher_checkpoint"]
-        if teacher is not None and not os.path.exists(teacher):
-            problems.append(("C3", "kd.teacher_checkpoint",
-                             f"file {teacher} not found; {how_to_make_teacher(teacher)}"))
+    teacher = cfg["kd.teacher_checkpoint"]  # a teacher run (kd.enabled false) may name the file it is about to make
+    if check_files and cfg["kd.enabled"] and teacher is not None:
+        require(os.path.exists(teacher), "kd.teacher_checkpoint",
+                f"file {teacher} not found; {how_to_make_teacher(teacher)}")
     require(cfg["data.seq_len"] >= 1, "data.seq_len", f"{cfg['data.seq_len']!r} must be >= 1")
     vocab = vocab_size(cfg)
     if bins:
@@ -701,13 +700,11 @@ def data_problems(cfg, problems, check_files):
             for key in ("data.train_bin", "data.val_bin"):
                 size, item = os.path.getsize(cfg[key]), np.dtype(cfg["data.dtype"]).itemsize
                 require(size % item == 0, key,
-                        f"{cfg[key]} has {size} bytes, not a whole number of {cfg['data.dtype']} "
-                                               "ids; check data.dtype")
+                        f"{cfg[key]} has {size} bytes, not a whole number of {cfg['data.dtype']} ids; check data.dtype")
                 # C10: a split of examples (rows of their own, padded) may hold fewer tokens than one row
                 require(size // item > cfg["data.seq_len"] or example_bounds(cfg, key[5:-4]) is not None, key,
-                        f"{cfg[key]} holds {size // item} tokens, fewer than one "
-                                                                 "window of data.seq_len + 1 = "
-                                                                 f"{cfg['data.seq_len'] + 1}")
+                        f"{cfg[key]} holds {size // item} tokens, fewer than one window of data.seq_len + 1 = "
+                        f"{cfg['data.seq_len'] + 1}")
     else:
         require(cfg["data.vocab_size"] in (None, 256), "data.vocab_size",
                 f"{cfg['data.vocab_size']!r}, but the built-in corpus is bytes (256); set it to null")
@@ -770,9 +767,8 @@ def model_source_problems(cfg, problems, check_files):
                     "null, but kd.teacher_cache stores the teacher's top-k: set kd.top_k (e.g. 32), "
                     "kd.teacher_cache_mode=sampled or kd.teacher_cache=null")
             require(cfg["kd.gamma"] == 0, "kd.gamma",
-                    f"{cfg['kd.gamma']!r}, but the hidden-state term needs the teacher's "
-                                                      "hidden states, which kd.teacher_cache does not store: set "
-                                                      "kd.gamma=0 (or kd.teacher_cache=null for online KD)")
+                    f"{cfg['kd.gamma']!r}, but the hidden-state term needs the teacher's hidden states, which "
+                    "kd.teacher_cache does not store: set kd.gamma=0 (or kd.teacher_cache=null for online KD)")
             require(not os.path.isfile(cache), "kd.teacher_cache",
                     f"{cache} is a file; give a directory (made when absent)")
     else:  # plain LM training of student.*: every teacher and KD key would be ignored, so one set is an error
@@ -1663,9 +1659,8 @@ def check_token_ids(x, y, vocab, name):
 
 
 def data_digest(train_set, val_set):
-    """C4: what a checkpoint records of the data it was trained on, compared on resume and when the checkpoint
-    becomes a teacher: the sha256 of the train and val bytes (the built-in corpus, or the token files by
-    content_record)."""
+    """C4: what a checkpoint records of the data it was trained on, compared on resume and when it becomes a
+    teacher: the sha256 of the train and val bytes."""
     return {"train": train_set.digest, "val": val_set.digest}
 
 
@@ -1843,8 +1838,7 @@ def split_outputs(out):
 class Trainable(nn.Module):
     """What the optimizer trains and the checkpoint's "model" holds: the language model and, when the
     hidden-state term is on (kd.gamma > 0, G8) and both widths are known, the learned projection of its hidden
-    states to the teacher's width
-    (kd.gamma's term); with kd.hidden_layers one projection per layer pair (`pairs`: their student and teacher
+    states to the teacher's width; with kd.hidden_layers one per layer pair (`pairs`: their student and teacher
     widths). Keys: "lm.*" (a Hugging Face or user model's own keys under "lm.model.*"), "proj.*" ("proj.0.*", ...)."""
 
     def __init__(self, lm, teacher_width=None, pairs=None):
@@ -2139,8 +2133,6 @@ def build_teacher(cfg, device, hidden=None):
 
 def teacher_key(cfg):
     return next(k for k in ("kd.hf_teacher_dir", "teacher.target", "kd.teacher_checkpoint") if cfg[k])
-
-
 
 
 def param_groups(module):
@@ -3201,8 +3193,7 @@ def print_plan(run, resumed):
     b, a, w, n = plan["batch_size"], plan["grad_accum"], plan["world_size"], plan["num_samples"]
     tr, va = run["train_set"], run["val_set"]
     what = "windows" if tr.examples is None else "rows of packed examples" if tr.packed else "examples, each a window"
-    log(run, f"data: {tr.source}; {n} train {what} of "
-             f"{tr.seq_len} tokens, vocab {tr.vocab}")
+    log(run, f"data: {tr.source}; {n} train {what} of {tr.seq_len} tokens, vocab {tr.vocab}")
     log(run, f"val: {va.source}; each eval scores {len(run['val_windows'])} of its {len(va)} windows")
     log(run, f"steps: ceil({n} / ({b} x {w} processes)) = {plan['micro_batches_per_epoch']} micro-batches per epoch; "
              f"ceil({plan['micro_batches_per_epoch']} / grad_accum {a}) = {plan['steps_per_epoch']} optimizer "
@@ -4116,12 +4107,10 @@ def patience_exhausted(run):
 # -----------------------------------------------------------------------------
 # Export: the best network where its users load it without this script (docs/distill_models.md).
 def export_best(run):
-    """best.pt's network into <run_dir>/export/: a Hugging Face model as a save_pretrained directory
-    (config.json + model.safetensors, plus the tokenizer files of student.hf_dir), loadable with
-    AutoModelForCausalLM.from_pretrained; any other network as model.pt, a plain state dict
-    (torch.load(..., weights_only=True)), with model.json saying how to build the module it loads into.
-    Written into a temporary directory and published by publish_directory(), so a kill leaves no half export
-    and never no export at all (R12); process 0 only."""
+    """best.pt's network into <run_dir>/export/: a Hugging Face model as a save_pretrained directory (hf_models.py),
+    any other as model.pt, a plain state dict, with model.json saying how to build the module it loads into; the
+    tokenizer (export_tokenizer). Published whole by publish_directory(): a kill leaves no half export and never
+    none (R12); process 0 only."""
     if not run["dist"]["main"]:
         return None
     cfg, best_path = run["cfg"], os.path.join(run["ckpt_dir"], "best.pt")
@@ -4385,9 +4374,8 @@ def check_tiny_run(cfg, student, a, offline, train_fn_together, check):
         on = sum(r.get("on_policy/micro_batches", 0) for r in trains.values())
         check(0 < on and all("on_policy/gen_s" in r for r in trains.values()),
               f"on-policy: the student generated {on} of {plan['micro_batches_per_epoch'] * plan['epochs']} "
-              "micro-batches "
-              f"(kd.on_policy_fraction {student['kd.on_policy_fraction']:g}), scored by the teacher; generation cost "
-              "in every step record")
+              f"micro-batches (kd.on_policy_fraction {student['kd.on_policy_fraction']:g}), scored by the teacher; "
+              "generation cost in every step record")
     if student["kd.seq_kd"] and student["kd.on_policy_fraction"] < 1:  # E14
         seq = sum(r.get("seq_kd/micro_batches", 0) for r in trains.values())
         check(0 < seq, f"seq_kd: the teacher wrote the completions of {seq} micro-batches, their labels")
@@ -4407,8 +4395,7 @@ def check_tiny_run(cfg, student, a, offline, train_fn_together, check):
           "R7)")
     check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")), "best.pt written")
     check(export_matches_best(a, student, run["teacher"]),
-          "export/ reloads without the kit "
-          f"({'from_pretrained' if is_hf_lm(run['module'].lm) else 'a state dict'}) "
+          f"export/ reloads without the kit ({'from_pretrained' if is_hf_lm(run['module'].lm) else 'a state dict'}) "
           "and gives best.pt's logits")
     if offline:
         check(run["teacher"] is None and run["teacher_cache"]["manifest"]["complete"],
@@ -4498,8 +4485,7 @@ def main(argv=None):
             print(f"note {rid}: {key}: {msg}", file=sys.stderr)
         if args.cache_teacher and not (cfg["kd.enabled"] and cfg["kd.teacher_cache"]):
             raise ConfigError([("C3", "--cache_teacher",
-                                "needs kd.enabled=true and kd.teacher_cache set (the directory "
-                                "to build)")])
+                                "needs kd.enabled=true and kd.teacher_cache set (the directory to build)")])
         outcome, run = train(cfg, args.run_dir or os.path.join("runs", cfg["run_name"]), args.resume,
                              cache_only=args.cache_teacher)
         close_sinks(run, ok=outcome != "stopped")
