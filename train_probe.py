@@ -29,7 +29,6 @@ import signal
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 
 import numpy as np
@@ -575,6 +574,7 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
     """The probe's config: load, cast, validate. Tools import this so they judge what training runs."""
     cfg, notes = load_config(path, overrides, CONFIG, base)
     problems = common_value_problems(cfg, TASK)
+    backbones(cfg)  # C3: loaded here, at start-up, when the config names a backbone of its own
     if check_files:
         for key in ("data.train_x", "data.train_y", "data.val_x", "data.val_y", "data.test_x", "data.test_y"):
             check_file(cfg, key, problems, (".npy",))
@@ -1073,134 +1073,36 @@ def build_backbone(cfg, in_channels):
         raise ConfigError([("C3", "backbone.target",
                             f"{target} returned a {type(backbone).__name__}, not an nn.Module")])
     if cfg["backbone.checkpoint"]:
-        load_backbone_checkpoint(backbone, cfg["backbone.checkpoint"])
+        backbones(cfg).load_backbone_checkpoint(backbone, cfg["backbone.checkpoint"])
     backbone.requires_grad_(False)
     return backbone.eval()
 
 
-def load_backbone_checkpoint(backbone, path):
-    """A state dict (name -> tensor), plain or inside a dict under state_dict (Lightning), model_state_dict or
-    model. Names may carry a prefix (Lightning's "model." or "backbone.", DDP's "module."): the one prefix that
-    leaves exactly the backbone's names is stripped. Loaded with weights_only=True: no code runs (R7)."""
-    key = "backbone.checkpoint"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        detail = next((line.strip() for line in str(err).split("WeightsUnpickler error:")[-1].splitlines()
-                       if line.strip()), type(err).__name__)
-        if "Unsupported global" in detail:
-            raise ConfigError([("R7", key, f"{path} holds pickled Python objects, which torch.load(weights_only=True) "
-                                f"refuses ({detail.split(' was not')[0]}); if you trust the file, convert it once: "
-                                f"python -c \"import torch; c = torch.load('{path}', weights_only=False); torch.save("
-                                "c.get('state_dict', c) if isinstance(c, dict) else c.state_dict(), "
-                                "'backbone_weights.pt')\" "
-                                "and set backbone.checkpoint to backbone_weights.pt")]) from None
-        raise ConfigError([("C3", key, f"{path} is not a readable torch checkpoint ({detail})")]) from None
-    if isinstance(state, dict) and not all(torch.is_tensor(v) for v in state.values()):
-        inner = next((state[k] for k in ("state_dict", "model_state_dict", "model")
-                      if isinstance(state.get(k), dict)), None)
-        if inner is None:
-            raise ConfigError([("C3", key,
-                                f"{path} is a dict with keys {sorted(map(str, state))[:8]} and no state dict "
-                                "(name -> tensor) under state_dict, model_state_dict or model")])
-        state = inner
-    if not isinstance(state, dict) or not state:
-        raise ConfigError([("C3", key, f"{path} holds a {type(state).__name__}, not a state dict (name -> tensor)")])
-    want = set(backbone.state_dict())
-    anchors = sorted(want)[:3]
-    prefixes = {""} | {name[:-len(a)] for name in state for a in anchors if name.endswith("." + a)}
-    for prefix in sorted(prefixes, key=len):
-        found = {name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)}
-        if set(found) == want:
-            break
-    else:
-        missing, extra = sorted(want - set(state)), sorted(set(state) - want)
-        raise ConfigError([("C3", key, f"{path} does not fit the backbone: {len(missing)} of its {len(want)} tensors "
-                            f"missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}), and no name "
-                            "prefix such as 'model.' or 'backbone.' fixes it; check backbone.target and "
-                            "backbone.kwargs")])
-    try:
-        backbone.load_state_dict(found)
-    except RuntimeError as err:  # a shape mismatch: "size mismatch for conv.weight: copying a param with shape ..."
-        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
-        raise ConfigError([("C3", key, f"{path} does not fit the backbone: {detail}")]) from None
+# Your own backbone (docs/probe-backbones.md): what only it needs (a weights file, an output that is not one
+# [B, D] tensor, a pool, its build file's hash) is probe_backbones.py, a companion file beside this script,
+# loaded at config resolution when a key below is set. The built-in encoder's path stays here.
+BACKBONE_KEYS = ("backbone.target", "backbone.checkpoint", "backbone.output", "backbone.pool")
 
 
-POOL_CHOICES = ("mean_tokens ([B, N, D] -> mean over N), mean_time ([B, D, T] -> mean over T), cls (token 0 of "
-                "[B, N, D]) or flatten")
-
-
-def pool_choices(shape):
-    """The backbone.pool values that work for a feature shape, for the messages: 3-D outputs are tokens or a
-    time series; 4-D [B, F, T, 1] / [B, F, 1, T] (braindecode's ShallowFBCSPNet, Deep4Net, EEGNet) a time
-    series with a singleton axis, which mean_time averages; anything else only flattens."""
-    if len(shape) == 3:
-        return POOL_CHOICES
-    if len(shape) == 4 and 1 in shape[2:]:
-        return f"mean_time ([B, {', '.join(map(str, shape[1:]))}] -> mean over its time axis) or flatten"
-    return "flatten"
+def backbones(cfg):
+    """The probe_backbones companion when the config sets one of BACKBONE_KEYS, else None."""
+    key = next((k for k in BACKBONE_KEYS if cfg[k] is not None), None)
+    return companion("probe_backbones", key) if key else None
 
 
 def feature_tensor(out, output):
-    """The features in a backbone's output, by one rule: a tensor is itself; a tuple or list gives its first
-    element (Hugging Face's return_dict=False order); a dict or a ModelOutput (a dict whose None fields are
-    not keys) gives last_hidden_state, else its only tensor. backbone.output names another key or index."""
-    if torch.is_tensor(out):
-        if output is not None:
-            raise ConfigError([("C3", "backbone.output",
-                                f"is {output!r} but the backbone returns one tensor; set it to null")])
+    """The features in a backbone's output: one tensor as it is, anything else (or a backbone.output) by
+    probe_backbones.py's rule."""
+    if torch.is_tensor(out) and output is None:
         return out
-    if isinstance(out, dict):
-        tensors = {k: v for k, v in out.items() if torch.is_tensor(v)}
-        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
-        if output is not None:
-            if output not in tensors:
-                raise ConfigError([("C3", "backbone.output", f"{output!r} is not a tensor key of the backbone's "
-                                    f"{type(out).__name__} (tensors: {shapes or 'none'})")])
-            pick = tensors[output]
-        elif "last_hidden_state" in tensors or len(tensors) == 1:
-            pick = tensors.get("last_hidden_state", next(iter(tensors.values())))
-        else:
-            raise ConfigError([("C3", "backbone.output", f"the backbone returns a {type(out).__name__} with tensors "
-                                f"{shapes or 'none'}; set backbone.output to the key of the features")])
-        where = f"key {output!r} (keys: {shapes})"
-    elif isinstance(out, (tuple, list)):
-        index = 0 if output is None else int(output) if str(output).lstrip("-").isdigit() else None
-        if index is None or not -len(out) <= index < len(out):
-            raise ConfigError([("C3", "backbone.output",
-                                f"is {output!r} but the backbone returns a {type(out).__name__} "
-                                f"of {len(out)} items; give an index from 0 to {len(out) - 1}")])
-        pick, where = out[index], f"item {index} of {len(out)}"
-    else:
-        raise ConfigError([("C3", "backbone.target", f"the backbone returns a {type(out).__name__}; expected a tensor, "
-                            "a tuple/list, a dict or a ModelOutput")])
-    if not torch.is_tensor(pick):
-        raise ConfigError([("C3", "backbone.output", f"the backbone output's {where} is a {type(pick).__name__}, "
-                            "not a tensor; set backbone.output to the key or index of the features")])
-    return pick
+    return companion("probe_backbones", "backbone.output").feature_tensor(out, output)
 
 
 def pool_features(feats, pool):
-    """[B, ...] -> [B, D] as backbone.pool says. A non-2-D output is never pooled by a guess: [B, N, D] tokens
-    and [B, D, T] time series are both 3-D, and pooling the wrong axis still trains, badly."""
-    if pool is None:
-        if feats.ndim != 2:
-            raise ConfigError([("C3", "backbone.pool", f"is null but the backbone's features have shape "
-                                f"{tuple(feats.shape)}, not [B, D]; set backbone.pool to {pool_choices(feats.shape)}")])
+    """[B, D] features as they are; any other shape (or a backbone.pool) as probe_backbones.py pools it."""
+    if pool is None and feats.ndim == 2:
         return feats
-    if pool == "flatten":
-        return feats.flatten(1)
-    if pool == "mean_time" and feats.ndim == 4 and 1 in feats.shape[2:]:
-        return feats.flatten(2).mean(2)  # [B, F, T, 1] or [B, F, 1, T]: the singleton axis is not time
-    if feats.ndim != 3:
-        raise ConfigError([("C3", "backbone.pool", f"{pool} needs a 3-D output but the features have shape "
-                            f"{tuple(feats.shape)}; set backbone.pool to {pool_choices(feats.shape)}"
-                            + (", or null for a [B, D] output" if feats.ndim != 2 else " (or null: it is [B, D])"))])
-    if pool == "mean_tokens":
-        return feats.mean(1)
-    if pool == "mean_time":
-        return feats.mean(2)
-    return feats[:, 0]  # cls
+    return companion("probe_backbones", "backbone.pool").pool_features(feats, pool)
 
 
 def backbone_output(backbone, x, device, cfg):
@@ -1213,17 +1115,6 @@ def backbone_output(backbone, x, device, cfg):
 def extract_features(backbone, x, device, cfg):
     """[B, D] fp32 features of a batch of windows: the backbone's feature tensor, pooled by backbone.pool."""
     return pool_features(backbone_output(backbone, x, device, cfg), cfg["backbone.pool"])
-
-
-def model_code_frame(err):
-    """Where a model's own code (not torch's, not this script's) raised err or called what raised it: the
-    innermost such frame of the traceback as 'Class.forward (file.py:line)', or None."""
-    torch_dir, here, found = os.path.dirname(torch.__file__), os.path.abspath(__file__), None
-    for frame, line in traceback.walk_tb(err.__traceback__):
-        path = os.path.abspath(frame.f_code.co_filename)
-        if not path.startswith(torch_dir + os.sep) and path != here:
-            found = f"{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)} ({os.path.basename(path)}:{line})"
-    return found
 
 
 def check_backbone(backbone, cfg, device, splits):
@@ -1240,7 +1131,7 @@ def check_backbone(backbone, cfg, device, splits):
             raise
         except Exception as err:
             first = (str(err).strip().splitlines() or [""])[0]
-            inside = model_code_frame(err)
+            inside = backbones(cfg).model_code_frame(err) if cfg["backbone.target"] else None  # the built-in: none
             # data.train_x names a file; with synthetic data (it is null) naming it would send the user to a key
             # they never set
             batch = f"data.{dataset.split}_x" if dataset.x_path else f"synthetic {dataset.split}"
@@ -1268,18 +1159,6 @@ def code_sha256(path):
     return file_sha256(path) if path and os.path.isfile(path) else None
 
 
-def build_file(cfg):
-    """R11: the user's build file, the module file of backbone.target ('mymod:build' -> mymod.py), hashed. Not
-    the file that defines the returned class (braindecode's deep4.py for a Deep4Net that mymod.py builds): an
-    edit of mymod.py changes the features just as well. Compared by content (the path is for messages: a moved
-    project is the same backbone). None for the built-in encoder."""
-    if cfg["backbone.target"] is None:
-        return None
-    import_target(cfg["backbone.target"], "backbone.target", cfg["launch_dir"])
-    path = getattr(sys.modules[cfg["backbone.target"].partition(":")[0]], "__file__", None)
-    return {"path": path, "sha256": code_sha256(path)}
-
-
 def data_identity(cfg, split, part="x"):
     """A split's windows (part "x") or labels ("y"): the .npy file's bytes and sha256 (content_record, R11: not
     its path or times); for synthetic data the data.synthetic.* values that make them, with the seed, which
@@ -1292,9 +1171,10 @@ def data_identity(cfg, split, part="x"):
 
 def config_inputs(cfg):
     """The part of feature_inputs known without building the backbone (already_complete and launch.sh use it)."""
+    build = backbones(cfg).build_file(cfg) if cfg["backbone.target"] else None  # R11: the user's build file
     return {"backbone.target": cfg["backbone.target"], "backbone.kwargs": cfg["backbone.kwargs"],
             "backbone.output": cfg["backbone.output"], "backbone.pool": cfg["backbone.pool"],
-            "train.precision": cfg["train.precision"], "backbone build file": build_file(cfg),
+            "train.precision": cfg["train.precision"], "backbone build file": build,
             "data.train_x content": data_identity(cfg, "train"),
             "data.train_y content": data_identity(cfg, "train", "y")}
 

@@ -149,6 +149,7 @@ def companion_line(key, name, script):
 
 @pytest.mark.parametrize("script, config, setting, name", [
     ("train_probe.py", "probe_synthetic", "log.tensorboard=true", "metric_sinks"),
+    ("train_probe.py", "probe_synthetic", "backbone.pool=flatten", "probe_backbones"),
     ("train_distill.py", "distill_demo", "log.wandb=proj", "metric_sinks"),
     ("train_distill.py", "distill_demo", "train.strategy=fsdp", "fsdp_sharding"),
     ("train_distill.py", "distill_demo", "train.activation_checkpointing=true", "fsdp_sharding"),
@@ -183,6 +184,26 @@ def test_e10_train_probe_copied_with_metric_sinks_py_writes_tensorboard_events(t
     assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     events = os.listdir(where / "runs" / "probe_synthetic" / "tb")
     assert len(events) == 1 and events[0].startswith("events.out.tfevents"), events
+
+
+def test_c3_train_probe_copied_with_probe_backbones_py_trains_a_users_backbone_from_its_checkpoint(tmp_path):
+    """The script and its companion copied together: a user's module (backbone.target) returning a dict of
+    [B, N, D] tokens (backbone.output, backbone.pool) with its weights in a Lightning-style checkpoint
+    (backbone.checkpoint) trains there."""
+    where = copied_alone(tmp_path, "train_probe.py")
+    shutil.copy(os.path.join(ROOT, "probe_backbones.py"), where)
+    (where / "mine.py").write_text(
+        "import torch\n\n\nclass Tokens(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.proj = torch.nn.Conv1d(19, 8, 32, stride=32)\n\n    def forward(self, x):\n"
+        "        return {'tokens': self.proj(x).transpose(1, 2), 'note': 'x'}\n\n\n"
+        "if __name__ == '__main__':\n    torch.save({'state_dict': {'model.' + k: v for k, v in "
+        "Tokens().state_dict().items()}}, 'mine.ckpt')\n")
+    assert run(where, "mine.py").returncode == 0
+    out = run(where, "train_probe.py", "--config", os.path.join(CONFIGS, "probe_synthetic.yaml"), "--set",
+              *PROBE_TINY, "train.epochs=1", "backbone.target=mine:Tokens", "backbone.checkpoint=mine.ckpt",
+              "backbone.output=tokens", "backbone.pool=mean_tokens")
+    assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "tensors loaded from" in out.stdout and "done: 6 optimizer steps" in out.stdout, out.stdout[-2000:]
 
 
 def test_d1_train_distill_copied_with_fsdp_sharding_py_trains_sharded_and_checkpoints_with_dcp(tmp_path):

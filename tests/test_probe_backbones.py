@@ -296,6 +296,7 @@ def test_c3_backbone_target_imports_from_the_working_directory_when_the_script_i
     project = tmp_path / "project"
     (project / "scripts").mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, "train_probe.py"), project / "scripts" / "train_probe.py")
+    shutil.copy(os.path.join(ROOT, "probe_backbones.py"), project / "scripts")  # a user's backbone: its companion
     shutil.copy(os.path.join(TESTS, "zoo.py"), project / "mymodels.py")
     out = run_in(project, *sets(*TINY, *CHANNELS, "backbone.target=mymodels:eegnet", "train.epochs=1"),
                  "--run_dir", "runs/eegnet", script="scripts/train_probe.py")
