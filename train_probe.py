@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -1368,30 +1369,27 @@ def build_head(cfg, sample_features):
 
 
 # ==== shared: run dir, checkpoints, resume (identical in train_probe.py and train_distill.py) ====
-# Tests only, read once at import (KIT_FAULT_*): the loop asks one pre-resolved flag, STEP_FAULTS, per micro-batch.
-KILL_AT = os.environ.get("KIT_FAULT_KILL_AT")  # "STEP:MICRO" SIGKILLs before that micro-batch
-# "STEP" holds before that step until a stop signal arrives (R8), so a test's signal lands
-# mid-run however busy the machine is (a tiny run can otherwise finish between the test's look and its kill)
+# Tests only (KIT_FAULT_*), read once at import: the loop asks one flag, STEP_FAULTS, per micro-batch.
+KILL_AT = os.environ.get("KIT_FAULT_KILL_AT")  # "STEP:MICRO": SIGKILL before that micro-batch (R1)
+# "STEP": wait there for a stop signal (R8), so a test's signal lands mid-run however busy the machine is
 HOLD_AT = os.environ.get("KIT_FAULT_HOLD_AT")
 STEP_FAULTS = KILL_AT is not None or HOLD_AT is not None
-SAVE_KILL_AT = os.environ.get("KIT_FAULT_SAVE_KILL_AT")  # "POINT[:N]" SIGKILLs at POINT of the Nth atomic_save
+SAVE_KILL_AT = os.environ.get("KIT_FAULT_SAVE_KILL_AT")  # "POINT[:N]": SIGKILL at POINT of the Nth save (R6, R12)
 SAVES = [0]  # atomic_save calls in this process, for SAVE_KILL_AT
 
 
 def step_fault(run, step, micro):
-    """Tests only (R1, R8): KIT_FAULT_KILL_AT dies before this micro-batch, KIT_FAULT_HOLD_AT waits for a signal."""
     if KILL_AT == f"{step}:{micro}":
         os.kill(os.getpid(), signal.SIGKILL)
     while HOLD_AT == str(step) and micro == 0 and run["stop_signal"] is None:
         signal.pause()  # returns once a handler has run; an ignored signal (nohup's SIGHUP) does not wake it
 
 
-def save_fault(point):
-    """Tests only (R6): die at one point of the save sequence, as a kill or a power cut would."""
-    if SAVE_KILL_AT is not None:
-        name, _, nth = SAVE_KILL_AT.partition(":")
-        if name == point and SAVES[0] == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+def save_fault(point, nth=1):
+    """Die at POINT of the Nth atomic_save, or of publishing an export (R6, R12), as a kill or a power cut would."""
+    name, _, at = (SAVE_KILL_AT or "").partition(":")
+    if name == point and int(at or 1) == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class TrainingAborted(Exception):
@@ -1426,18 +1424,13 @@ def open_run(run_dir, cfg, dist_info):
 
 
 def remove_stale_temp_files(run_dir, ckpt_dir):
-    """R6/R12: what a kill leaves of the kit's writes goes when the run starts again. Temp files and directories
-    whose writer is gone (a live writer's are left alone): checkpoints/.tmp-PID-*.pt (a DCP directory
-    .tmp-PID-*, D2) and features/.tmp-PID-*.pt (atomic_save), config.yaml.tmp-PID (atomic_write_text),
-    .export-PID-*/ (an export being written); a *.prev.pt.tmp link (a second name of a checkpoint that is still
-    there); and export.prev/, an export moved aside for its replacement, once export/ is there again (until
-    then it is the complete export on disk)."""
+    """R6/R12: what a kill left of the kit's writes goes when the run starts again: temp files and directories
+    of a writer that is gone (.tmp-PID-*, *.tmp-PID, .export-PID-*), a *.prev.pt.tmp link (a second name of a
+    checkpoint still there), and export.prev/ once export/ is there again (until then the complete export)."""
     for directory in (run_dir, ckpt_dir, os.path.join(run_dir, "features")):
         for name in os.listdir(directory) if os.path.isdir(directory) else ():
-            if name.startswith((".tmp-", ".export-")):
-                pid = name.split("-")[1]
-            else:
-                pid = name.rpartition(".tmp-")[2] if ".tmp-" in name else ""
+            tail = name.rpartition(".tmp-")[2] if ".tmp-" in name else ""
+            pid = name.split("-")[1] if name.startswith((".tmp-", ".export-")) else tail
             if name.endswith(".prev.pt.tmp") or (pid.isdigit() and not process_alive(int(pid))):
                 remove_path(os.path.join(directory, name))
     if os.path.isdir(os.path.join(run_dir, "export")):
@@ -1453,24 +1446,18 @@ def remove_path(path):
             os.unlink(path)
 
 
-def export_fault(point):
-    """Tests only (R12): KIT_FAULT_SAVE_KILL_AT=POINT dies at that point of publishing an export."""
-    if SAVE_KILL_AT == point:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def publish_directory(tmp, out):
     """R12: the complete directory tmp becomes out. An existing out is renamed aside to out.prev first, never
     deleted before the new one is in: a kill at any point leaves one complete export on disk (out, or out.prev
     between the two renames, which the next start replaces: finished_run_pending)."""
-    export_fault("export_written")
+    save_fault("export_written")
     aside = out + ".prev"
     if os.path.isdir(out):
         remove_path(aside)  # a leftover of an earlier kill; out itself is complete
         os.replace(out, aside)
-        export_fault("export_aside")
+        save_fault("export_aside")
     os.replace(tmp, out)
-    export_fault("export_published")
+    save_fault("export_published")
     remove_path(aside)
 
 
@@ -1562,9 +1549,7 @@ def schedule_signature(cfg, plan):
     """S7: everything that shapes the LR curve; frozen in the checkpoint, compared on resume."""
     keys = ["optim.lr", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum"]
     keys += [k for k in cfg if k.startswith("schedule.")]
-    sig = {k: cfg[k] for k in keys}
-    sig.update({"total_steps": plan["total_steps"], "num_samples": plan["num_samples"]})
-    return sig
+    return {**{k: cfg[k] for k in keys}, "total_steps": plan["total_steps"], "num_samples": plan["num_samples"]}
 
 
 def atomic_save(obj, path):
@@ -1574,26 +1559,26 @@ def atomic_save(obj, path):
     SAVES[0] += 1
     # The writer's pid in the name: open_run removes the temp file of a writer that was killed.
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp-{os.getpid()}-", suffix=".pt")
-    save_fault("after_mkstemp")
+    save_fault("after_mkstemp", SAVES[0])
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
-            save_fault("after_write")
+            save_fault("after_write", SAVES[0])
             f.flush()
             os.fsync(f.fileno())
-        save_fault("after_fsync")
+        save_fault("after_fsync", SAVES[0])
         if os.path.exists(path):
             prev = path[:-3] + ".prev.pt"
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(prev + ".tmp")  # R6: left by a kill between the link and the rename below
             os.link(path, prev + ".tmp")
-            save_fault("after_link")
+            save_fault("after_link", SAVES[0])
             os.replace(prev + ".tmp", prev)
             with contextlib.suppress(FileNotFoundError):  # rename is a no-op when both names are links to one file
                 os.unlink(prev + ".tmp")                  # (a kill after this rename, before the next one, leaves that)
-            save_fault("after_prev")
+            save_fault("after_prev", SAVES[0])
         os.replace(tmp, path)
-        save_fault("after_replace")
+        save_fault("after_replace", SAVES[0])
         dir_fd = os.open(directory, os.O_RDONLY)
         os.fsync(dir_fd)
         os.close(dir_fd)
@@ -1603,10 +1588,9 @@ def atomic_save(obj, path):
 
 
 def checkpoint_state(run, name="last"):
-    """Everything the loop needs to continue exactly; loadable with weights_only=True (R7). A collective
-    under DDP (every process's RNG state is gathered); None on every process but 0, which writes. Sharded
-    (run["sharded"]'s hooks, D2): every process first writes its shards of the weights and optimizer state
-    into a DCP directory, which the checkpoint names ("shards") instead of holding them."""
+    """Everything the loop needs to continue exactly, loadable with weights_only=True (R7); a collective (every
+    process's RNG state), None but on process 0. D2: sharded weights and optimizer state go to a DCP directory
+    first, which the checkpoint names ("shards")."""
     d, st = run["dist"], run["state"]
     rngs = all_gather_list([rng_state()], d["world"])
     shards = run["sharded"]["save"](run, name) if run["sharded"] else None
@@ -1633,9 +1617,7 @@ def host_copy(obj):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return {key: host_copy(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(host_copy(value) for value in obj) if type(obj) in (list, tuple) else obj
-    return obj
+    return type(obj)(host_copy(value) for value in obj) if type(obj) in (list, tuple) else obj
 
 
 def save_last(run):
@@ -1654,10 +1636,9 @@ def save_last(run):
 
 
 def save_best(run):
-    """best.pt at a better eval: written now when no best.pt was written in the last
-    train.save_every_minutes, otherwise held as a host copy and written with the next last.pt (the time
-    trigger, a stop, the end), so evals on fast epochs do not each pay an fsynced write (R6). Sharded
-    (D2): its DCP directory is already written, so the file follows at once."""
+    """best.pt at a better eval: written now when none was in the last train.save_every_minutes, else held as a
+    host copy for the next last.pt, so evals on fast epochs do not each pay an fsynced write (R6). Sharded (D2):
+    its DCP directory is written already, so the file follows at once."""
     ckpt = checkpoint_state(run, "best")
     if ckpt is None:
         return
@@ -1684,7 +1665,7 @@ def load_latest_checkpoint(run, path):
                 f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
             continue
         sharded = isinstance(ckpt, dict) and ckpt.get("shards")
-        gone = shard_reader("--resume").missing_shards(ckpt, candidate) if sharded else None
+        gone = sharded and shard_reader("--resume").missing_shards(ckpt, candidate)
         if gone:  # D2: the DCP directory it names is half of the checkpoint (deleted, or a kill before it was in)
             log(run, f"WARNING R6: {gone}; trying the previous checkpoint")
             continue
@@ -1693,15 +1674,13 @@ def load_latest_checkpoint(run, path):
 
 
 def drop_stale_expectations(run):
-    """S5 at the start of the run: expect.* values this run's schedule does not produce (a --set optim.lr=...
-    on a config whose expect: block was written for its own LR) are dropped with a note, so the run's
-    config.yaml, and every check of it later, judges the schedule the run really follows. --dry_run and
-    diagnose_and_fix.py --config refuse such a config before any run."""
+    """S5: expect.* values this run's schedule does not produce (a --set optim.lr=... on a config whose expect:
+    block was written for its own LR) are dropped with a note, so config.yaml judges the schedule the run
+    follows. --dry_run and diagnose_and_fix.py --config refuse such a config before any run."""
     cfg = run["cfg"]
     stale = [msg for rid, msg in check_lr_curve(run["expected_lr"], cfg, run["plan"]) if rid == "S5"]
     if stale:
-        for key in ("expect.initial_lr", "expect.peak_lr", "expect.final_lr"):
-            cfg[key] = None
+        cfg.update({"expect.initial_lr": None, "expect.peak_lr": None, "expect.final_lr": None})
         log(run, f"note S5: the config's expect: block does not hold for this run ({'; '.join(stale)}): the "
                  "schedule changed (a --set?); expect.* dropped for this run, fix or remove them in the config")
 
@@ -1752,19 +1731,15 @@ def resume(run, mode):
     if ckpt.get("task") != cfg["task"]:
         raise ConfigError([("R1", "--resume",
                             f"{source} is a '{ckpt.get('task')}' checkpoint, this is '{cfg['task']}'")])
-    problem = other_data_problem(cfg, ckpt, run.get("data_digest"), source)
+    problem = other_data_problem(cfg, ckpt, run.get("data_digest"), source) or \
+        (finished_run_problem(cfg, ckpt, run["run_dir"]) if ckpt.get("finished") else None)
     if problem:
         raise problem
-    if ckpt.get("finished"):
-        problem = finished_run_problem(cfg, ckpt, run["run_dir"])
-        if problem:
-            raise problem
-        run["state"].update({k: ckpt[k] for k in run["state"] if k in ckpt})
-        return True  # complete: the caller says so and does nothing
-    changed = resume_changes(run, ckpt, source)
-    load_resume_state(run, ckpt, source, changed)
-    for key in run["state"]:
-        run["state"][key] = ckpt.get(key, run["state"][key])  # R2: global_step; R5: the data position follows from it
+    if not ckpt.get("finished"):  # a finished run is never continued: complete, the caller says so
+        load_resume_state(run, ckpt, source, resume_changes(run, ckpt, source))
+    run["state"].update({k: ckpt[k] for k in run["state"] if k in ckpt})  # R2: global_step; R5: the data position
+    if run["state"]["finished"]:
+        return True
     log(run, f"resumed from {source} at optimizer step {ckpt['global_step']} "
              f"(epoch {ckpt['data_position']['epoch'] + 1}, step {ckpt['data_position']['step_in_epoch']} of it)")
     write_metrics(run, {"event": "resume", "step": ckpt["global_step"], "from": source})
@@ -1772,9 +1747,8 @@ def resume(run, mode):
 
 
 def resume_changes(run, ckpt, source):
-    """R5/S7: whether this run may continue ckpt (the same global micro-batch, seed and schedule, or
-    a schedule change explicitly allowed): a ConfigError naming what differs, else {key: (saved, new)} of the
-    allowed schedule changes."""
+    """R5/S7: a ConfigError naming what differs when this run may not continue ckpt (another global micro-batch,
+    seed, or schedule not explicitly allowed to change), else the allowed schedule changes {key: (saved, new)}."""
     cfg, plan = run["cfg"], run["plan"]
     world, saved_world = run["dist"]["world"], ckpt["world_size"]
     # R5: the data order and the schedule depend on the global micro-batch (train.batch_size x processes),
@@ -1822,9 +1796,8 @@ def load_resume_state(run, ckpt, source, changed):
         run["optimizer"].load_state_dict(ckpt["optimizer"])
     # S7, explicitly allowed: the new curve, advanced by real steps to the saved position (not last_epoch, R3)
     if changed:
-        log(run,
-            f"WARNING S7: schedule changed ({', '.join(changed)}); the LR follows the new curve from step "
-            f"{ckpt['global_step']}")
+        log(run, f"WARNING S7: schedule changed ({', '.join(changed)}); the LR follows the new curve from step "
+                 f"{ckpt['global_step']}")
         for group in run["optimizer"].param_groups:  # as a fresh optimizer: the loaded mid-run LR and the old
             group.pop("initial_lr", None)            # initial_lr must not seed the new curve (chained schedulers)
             group["lr"] = cfg["optim.lr"]
@@ -1863,10 +1836,8 @@ def finished_run_problem(cfg, ckpt, run_dir):
 
 
 def finished_run_verdict(cfg, ckpt, run_dir):
-    """Whether a finished checkpoint's run is simply complete: the one answer for the probe's early exit
-    (already_complete) and for launch.sh. Raises finished_run_problem's ConfigError when the run was relaunched
-    with other values (a finished run is never continued); returns finished_run_pending's words when the script
-    still has something to write or to refuse (R12, S7); None: complete (log_run_complete)."""
+    """Is a finished run simply complete (the probe's already_complete, launch.sh)? None: yes; else the script's
+    finished_run_pending words (R12, S7); a relaunch with other values raises finished_run_problem's error."""
     problem = finished_run_problem(cfg, ckpt, run_dir)
     if problem:
         raise problem
@@ -1888,7 +1859,10 @@ def best_text(run):
 
 def install_stop_handlers(run):
     """R8: SIGTERM/SIGINT/SIGUSR1 (preemption notice)/SIGHUP (a dropped ssh session) finish the current
-    step, save, then exit."""
+    step, save, then exit. Only the main thread can install them (a test or tool may call train() elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
     def request_stop(signum, _frame):
         if run["stop_signal"] is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
@@ -1900,9 +1874,8 @@ def install_stop_handlers(run):
 
 
 def tensor_digest(module):
-    """SHA-256 of every parameter and buffer (persistent or not): name, dtype, shape and bytes. 0-dim and
-    integer tensors (BatchNorm's num_batches_tracked) included, so a frozen network that moved in any bit,
-    running statistics too, gets another digest."""
+    """SHA-256 of every parameter and buffer (persistent or not, 0-dim and integer ones too: BatchNorm's
+    num_batches_tracked): a frozen network that moved in any bit, running statistics too, gets another digest."""
     digest = hashlib.sha256()
     named = [("param " + n, t) for n, t in module.named_parameters()]
     named += [("buffer " + n, t) for n, t in module.named_buffers()]
@@ -1912,32 +1885,22 @@ def tensor_digest(module):
     return digest.hexdigest()
 
 
-def in_main_thread():
-    """Signal handlers can only be installed from the main thread (a test or tool may call train() elsewhere)."""
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
 def checkpoint_tensors_equal(path_a, path_b):
-    a = torch.load(path_a, map_location="cpu", weights_only=True)
-    b = torch.load(path_b, map_location="cpu", weights_only=True)
-
+    """R4: two checkpoints' weights, optimizer and scheduler state equal bit for bit."""
     def tensors(obj, prefix=""):
         if torch.is_tensor(obj):
             yield prefix, obj
-        elif isinstance(obj, dict):
-            for k in obj:
-                yield from tensors(obj[k], f"{prefix}.{k}")
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                yield from tensors(v, f"{prefix}.{i}")
+        elif isinstance(obj, (dict, list, tuple)):
+            for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj):
+                yield from tensors(v, f"{prefix}.{k}")
 
-    def everything(ckpt, path):  # D2: a sharded checkpoint's weights and optimizer state are in its DCP directory
+    def everything(path):  # D2: a sharded checkpoint's weights and optimizer state are in its DCP directory
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if ckpt.get("shards"):
-            return {"scheduler": ckpt["scheduler"], **shard_reader().shard_tensors(ckpt, path, "")}
-        return {k: ckpt[k] for k in ("model", "optimizer", "scheduler")}
+            return dict(tensors({"scheduler": ckpt["scheduler"], **shard_reader().shard_tensors(ckpt, path, "")}))
+        return dict(tensors({k: ckpt[k] for k in ("model", "optimizer", "scheduler")}))
 
-    ta, tb = dict(tensors(everything(a, path_a))), dict(tensors(everything(b, path_b)))
+    ta, tb = everything(path_a), everything(path_b)
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
@@ -1960,12 +1923,10 @@ def remove_refused_run_dir():
 
 
 def exit_process(code):
-    """End the process with `code`. Under torchrun the interpreter's own shutdown is skipped: gloo's worker
-    threads can still be releasing the last collective's tensors, which are Python objects. A thread that
-    asks for the GIL once Py_Finalize has begun is ended by CPython inside that C++ destructor, and the
-    process aborts after a run that finished and saved ("terminate called without an active exception",
-    status 134: seen in a core dump as ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> decref during
-    Py_FinalizeEx). Every file the run writes is flushed line by line or fsynced by now: nothing is lost."""
+    """End the process with `code`, under torchrun without the interpreter's shutdown: a gloo thread still
+    releasing the last collective's tensors asks for the GIL during Py_Finalize and the process aborts after a
+    run that finished and saved (status 134, seen in ProcessGroupGloo::runLoop -> ~AsyncBarrierWork). Every
+    file the run writes is flushed line by line or fsynced by now: nothing is lost."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
@@ -2019,8 +1980,7 @@ def end_progress(run):
         run["bar"] = None
 
 
-# Metric sinks (E10): TensorBoard, Weights & Biases, MLflow, each optional. metric_sinks.py beside this script
-# opens, feeds and closes them; it is loaded at start-up when the config turns a sink on.
+# Metric sinks (E10), each optional: metric_sinks.py beside this script opens, feeds and closes them.
 SINK_KEYS = ("log.tensorboard", "log.wandb", "log.mlflow")
 
 
@@ -2316,8 +2276,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     open_sinks(run)  # E10: after resume(), which set the step the sinks continue from
     print_plan(run, resumed, train_feats is not None)
     task = probe_task(run, train_feats, test_set)
-    if in_main_thread():
-        install_stop_handlers(run)
+    install_stop_handlers(run)
     if st["trained"]:  # R1: training ended but its final evaluation did not (it died there): run only that
         log(run, f"training ended at step {st['global_step']}, its final evaluation did not run; running it now")
         outcome = "finished"
@@ -2409,8 +2368,8 @@ def log_step(run, task, out, epoch, window):
     write_metrics(run, record)
     window.update(time=time.perf_counter(), samples=0, targets=0)
     if out["empty"]:
-        pass  # said by fit's WARNING G2
-    elif run["bar"] is not None:
+        return  # said by warn_step's WARNING G2; no loss parts either
+    if run["bar"] is not None:
         run["bar"].set_postfix(loss=f"{out['loss']:.4g}", lr=f"{out['lr']:.3g}")
     else:
         log(run, f"step {step}/{run['plan']['total_steps']} epoch {epoch + 1} lr {out['lr']:.4g} "
@@ -2518,14 +2477,11 @@ def optimizer_step(run, task, micro_batches, count):
 
 
 def advance_schedule(scheduler):
-    """S1: the schedule advances once per optimizer step, skipped steps (G2, G4, fp16 overflow) included: the LR
-    stays a function of the data position, global_step == the scheduler's step count, and the dry-run curve is
-    exactly the one training uses. Skips are counted and logged instead; torch's "lr_scheduler.step() before
-    optimizer.step()" warning, which skipped first steps give (at the first step, and at a SequentialLR
-    milestone when fp16 skipped every step until then), is about a loop that never updates: not this. Torch
-    warns only while the optimizer has never stepped (its own _opt_called flag), so the filter is set only
-    then: entering catch_warnings every step cost ~5 us and reset the interpreter's warning caches (the loop
-    overhead). Should torch drop the flag, every step takes the filtered path: slower, never wrong."""
+    """S1: the schedule advances once per optimizer step, skipped steps (G2, G4, fp16 overflow) included, so the
+    LR is a function of the data position and the dry-run curve is the one training uses. Torch's "step()
+    before optimizer.step()" warning (skipped first steps; a SequentialLR milestone fp16 skipped up to) comes
+    only while the optimizer never stepped (its _opt_called flag): filtered then alone, as catch_warnings every
+    step cost ~5 us and reset the warning caches. Without the flag every step is filtered: slower, never wrong."""
     if getattr(scheduler.optimizer, "_opt_called", False):
         scheduler.step()
         return
@@ -2602,11 +2558,9 @@ def balanced_accuracy(predictions, labels):
 
 # ==== shared: loop checks (identical in train_probe.py and train_distill.py) ====
 def total_grad_norm(grads):
-    """G3: the value torch.nn.utils.clip_grad_norm_ returns. On the CPU torch has no foreach kernels and
-    takes each gradient's norm, then the norm of those, after grouping the tensors by device and dtype on
-    every call; the kit's gradients share one device, so this runs the same arithmetic without the
-    grouping (the same bits, about a quarter of the time on a small model). Elsewhere: torch's own.
-    D1: a sharded gradient (FSDP2's DTensor) counts every process's shard, never the local shard alone."""
+    """G3: the value torch.nn.utils.clip_grad_norm_ returns. On the CPU: torch's arithmetic (the norm of each
+    gradient's norm) without its per-call grouping by device and dtype, the same bits in a quarter of the time
+    on a small model. D1: a sharded gradient (FSDP2's DTensor) counts every process's shard."""
     if grads and hasattr(grads[0], "full_tensor"):
         return torch.nn.utils.get_total_norm(grads).full_tensor()
     if grads and grads[0].device.type == "cpu":
@@ -2615,9 +2569,8 @@ def total_grad_norm(grads):
 
 
 def clip_gradients(params, max_norm, norm, norm_on_host):
-    """G3: clip_grad_norm_'s second half, given the norm of its first. Below max_norm its factor clamps to
-    exactly 1.0 and the multiply changes no bit: torch multiplies anyway only to avoid a host sync, and the
-    loop has already paid for its one sync. (The margin covers float32 vs float64 rounding.)"""
+    """G3: clip_grad_norm_'s second half, given the norm of its first. Below max_norm its factor is exactly 1.0:
+    torch multiplies anyway only to avoid a host sync the loop has paid already (margin: float32 rounding)."""
     if max_norm is not None and norm_on_host + 1e-6 > max_norm * (1 - 1e-5):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
 
@@ -2642,14 +2595,11 @@ def same_metrics(a, b):
 
 
 def frozen_evals(previous, metrics, lr, peak, moved=None):
-    """E1, the one rule of the script's warning and diagnose_and_fix.py's log check: two evals in a row
-    with identical metrics mean the model stopped changing (LR 0, weights left out of the optimizer),
-    unless it converged: the schedule annealed the LR to under ANNEALED of its peak (a OneCycle tail at 4e-9
-    moves no weight enough to show), or the LR is above 0 and the trained parameters moved between the two
-    evals (`moved`, which the script knows), or, judged from a log alone (moved None), the eval loss is at
-    its floor (a saturated classifier's val loss of 1.5e-7 repeats to the last bit while its weights still
-    move). `peak`: the run's largest LR (the schedule's in the script, the log's in the tool). Returns why
-    the model looks frozen, or None."""
+    """E1, the one rule of the script's warning and diagnose_and_fix.py's log check: two evals in a row with
+    identical metrics mean a frozen model (LR 0, weights out of the optimizer) unless it converged: an LR
+    annealed under ANNEALED of the run's `peak`, trained parameters that `moved` (the script knows), or, from a
+    log alone (moved None), an eval loss at its floor (1.5e-7 repeats to the last bit while weights move).
+    Returns why the model looks frozen, or None."""
     if previous is None or not same_metrics(previous, metrics) or 0 <= lr < ANNEALED * peak:
         return None
     if lr <= 0:
@@ -2661,13 +2611,11 @@ def frozen_evals(previous, metrics, lr, peak, moved=None):
 
 
 def dominating_loss(records, limit, persist=3):
-    """E2, the one rule of the script's warning and diagnose_and_fix.py's log check. records: (step,
-    {name: value}) of the logged loss components in step order. A term dominates when it is above `limit`
-    of the components' summed magnitude in `persist` logged records in a row (one noisy record is not a
-    weighting). The label loss ("ce") is not judged: a distillation whose CE carries nearly all the loss
-    is a student that agrees with its teacher, the healthy end of every KD run (a KD weight too small to
-    teach is the config check's, from the weights). Returns {name: (first step, last step, records above,
-    largest share)} over the dominating terms' records above the limit; {} when none."""
+    """E2, the one rule of the script's warning and diagnose_and_fix.py's log check. records: (step, {name:
+    value}) of the logged loss parts in step order. A term dominates above `limit` of the parts' summed magnitude
+    in `persist` records in a row (one noisy record is not a weighting). The label loss ("ce") is not judged: a
+    student that agrees with its teacher is the healthy end of a KD run. Returns {name: (first step, last step,
+    records above, largest share)}."""
     shares = []
     for step, parts in records:
         total = sum(abs(v) for v in parts.values())
@@ -2705,10 +2653,8 @@ def record_eval(run, metrics):
     if frozen:  # E1: a converged model (LR > 0, weights still moving) repeats its metrics too, and is not warned
         log(run, f"WARNING E1: eval at step {step} is identical to the previous one ({metrics}); {frozen}")
     st["last_eval"], st["last_eval_params"] = dict(metrics), fingerprint
-    name = cfg["train.best_metric"]
-    value = metrics[name]
-    lower = name.endswith("loss") or name.endswith("ppl")
-    best = st["best_value"]
+    name, best = cfg["train.best_metric"], st["best_value"]
+    value, lower = metrics[name], name.endswith(("loss", "ppl"))
     if math.isfinite(value) and (best is None or (value < best if lower else value > best)):
         st["best_value"], st["best_step"], st["evals_since_best"] = value, step, 0
         save_best(run)
