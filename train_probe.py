@@ -1605,14 +1605,12 @@ def checkpoint_state(run, name="last"):
                               "seed": run["cfg"]["seed"]},
             "world_size": d["world"], "config": dict(run["cfg"]),
             "schedule": schedule_signature(run["cfg"], run["plan"]),
-            # what the model's inputs depend on (the probe's features: R11), checked on resume
-            "inputs": run.get("inputs"),
+            "inputs": run.get("inputs"),  # R11: what the model's inputs (the probe's features) depend on
             "data_digest": run.get("data_digest"), "torch_version": str(torch.__version__), **st}
 
 
 def host_copy(obj):
-    """The checkpoint with every tensor copied to host memory: a best.pt waiting for its write must not
-    change when training goes on."""
+    """Every tensor copied to host memory: a best.pt waiting for its write must not change as training goes on."""
     if torch.is_tensor(obj):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
@@ -1937,8 +1935,7 @@ def exit_process(code):
 
 
 # ==== shared: progress and metric sinks (identical in train_probe.py and train_distill.py) ====
-# Optional views of a running job, chosen once at start-up: a tqdm bar on a terminal or timed progress
-# lines without one (E7). Everything here works on host numbers the step has already read (G7).
+# E7: a tqdm bar on a terminal, else timed progress lines; from host numbers the step has already read (G7).
 def clock(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -2435,16 +2432,13 @@ def optimizer_step(run, task, micro_batches, count):
             parts.setdefault(name, []).append(value.detach().float())
     if scaler:
         scaler.unscale_(optimizer)  # G5: unscale before clipping, public API only
-    # G3: the total norm clip_grad_norm_ would compute, read back with the loss below; the clip itself
-    # follows once the host knows whether it changes anything.
+    # G3: clip_grad_norm_'s total norm, read back with the loss; the clip follows once the host knows it matters
     norm = total_grad_norm([p.grad for p in run["params"] if p.grad is not None])
-    # G7: all the host needs from this step in one read: the micro-batch losses, the loss parts and the
-    # gradient norm (and, under DDP, every process's stop request).
+    # G7: one host read per step: the micro-batch losses, the loss parts, the gradient norm (and DDP's flags)
     stats = torch.stack([*losses, *(v for part in parts.values() for v in part), norm.float()])
     save_due = save_is_due(run)
-    if d["world"] > 1:  # sums the losses, the parts, the stop requests and the due saves over processes, so
-        # every process stops or saves at the same step; the gradient norm is the same on every process
-        # after DDP's gradient all-reduce and is divided back below
+    if d["world"] > 1:  # summed over processes, so every process stops or saves at the same step (R8); the
+        # gradient norm, the same on every process after DDP's all-reduce, is divided back below
         flags = [float(run["stop_signal"] is not None), float(save_due)]
         stats = torch.cat([stats, torch.tensor(flags, device=stats.device)])
         dist.all_reduce(stats)
@@ -2624,11 +2618,8 @@ def dominating_loss(records, limit, persist=3):
     found = {}
     for name in sorted({k for _, p in shares for k in p} - {"ce"}):
         over = [(step, p[name]) for step, p in shares if p.get(name, 0.0) > limit]
-        streak = longest = 0
-        for _, p in shares:
-            streak = streak + 1 if p.get(name, 0.0) > limit else 0
-            longest = max(longest, streak)
-        if longest >= persist:
+        above = "".join("1" if p.get(name, 0.0) > limit else "0" for _, p in shares)
+        if "1" * persist in above:  # `persist` records above the limit in a row
             found[name] = (over[0][0], over[-1][0], len(over), max(v for _, v in over))
     return found
 
