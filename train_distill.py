@@ -2490,9 +2490,8 @@ def remove_path(path):
 
 
 def publish_directory(tmp, out):
-    """R12: the complete directory tmp becomes out. An existing out is renamed aside to out.prev first, never
-    deleted before the new one is in: a kill at any point leaves one complete export on disk (out, or out.prev
-    between the two renames, which the next start replaces: finished_run_pending)."""
+    """R12: the complete directory tmp becomes out; an existing out is renamed aside to out.prev first, so a kill
+    at any point leaves one complete export on disk (out.prev between the renames: finished_run_pending)."""
     save_fault("export_written")
     aside = out + ".prev"
     if os.path.isdir(out):
@@ -2631,9 +2630,8 @@ def atomic_save(obj, path):
 
 
 def checkpoint_state(run, name="last"):
-    """Everything the loop needs to continue exactly, loadable with weights_only=True (R7); a collective (every
-    process's RNG state), None but on process 0. D2: sharded weights and optimizer state go to a DCP directory
-    first, which the checkpoint names ("shards")."""
+    """Everything the loop needs to continue exactly, loadable with weights_only=True (R7); a collective, None but
+    on process 0. D2: sharded weights and optimizer state go to the DCP directory the checkpoint names first."""
     d, st = run["dist"], run["state"]
     rngs = all_gather_list([rng_state()], d["world"])
     shards = run["sharded"]["save"](run, name) if run["sharded"] else None
@@ -2677,9 +2675,8 @@ def save_last(run):
 
 
 def save_best(run):
-    """best.pt at a better eval: written now when none was in the last train.save_every_minutes, else held as a
-    host copy for the next last.pt, so evals on fast epochs do not each pay an fsynced write (R6). Sharded (D2):
-    its DCP directory is written already, so the file follows at once."""
+    """best.pt now when none was written in the last train.save_every_minutes (always when sharded, D2: its DCP
+    directory is written already), else a host copy written with the next last.pt: no fsync per fast eval (R6)."""
     ckpt = checkpoint_state(run, "best")
     if ckpt is None:
         return
@@ -2716,8 +2713,7 @@ def load_latest_checkpoint(run, path):
 
 def drop_stale_expectations(run):
     """S5: expect.* values this run's schedule does not produce (a --set optim.lr=... on a config whose expect:
-    block was written for its own LR) are dropped with a note, so config.yaml judges the schedule the run
-    follows. --dry_run and diagnose_and_fix.py --config refuse such a config before any run."""
+    block was written for its own LR) are dropped with a note (--dry_run and diagnose refuse such a config)."""
     cfg = run["cfg"]
     stale = [msg for rid, msg in check_lr_curve(run["expected_lr"], cfg, run["plan"]) if rid == "S5"]
     if stale:
@@ -2964,10 +2960,9 @@ def remove_refused_run_dir():
 
 
 def exit_process(code):
-    """End the process with `code`, under torchrun without the interpreter's shutdown: a gloo thread still
-    releasing the last collective's tensors asks for the GIL during Py_Finalize and the process aborts after a
-    run that finished and saved (status 134, seen in ProcessGroupGloo::runLoop -> ~AsyncBarrierWork). Every
-    file the run writes is flushed line by line or fsynced by now: nothing is lost."""
+    """End the process; under torchrun skip the interpreter's shutdown, where a gloo thread still releasing the
+    last collective's tensors (ProcessGroupGloo::runLoop -> ~AsyncBarrierWork) asks for the GIL and aborts a run
+    that finished and saved (status 134). Every file is flushed or fsynced by now: nothing is lost."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
