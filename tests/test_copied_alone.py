@@ -261,7 +261,8 @@ def test_r9_train_distill_copied_with_teacher_cache_py_builds_the_cache_and_dist
 
 def test_c3_train_distill_copied_with_hf_models_py_trains_and_exports_a_hugging_face_student(tmp_path):
     """The script and its companion copied together: the zoo's tiny Hugging Face Llama (the models tests' smallest)
-    as student.hf_dir trains there, and its export is a save_pretrained directory."""
+    as student.hf_dir trains there, and its export is a save_pretrained directory. Its best.pt as the next teacher
+    without the file: the config names no Hugging Face directory, the checkpoint holds one: the same one line."""
     pytest.importorskip("transformers", reason=f"transformers is not installed for {sys.executable}")
     where = copied_alone(tmp_path, "train_distill.py")
     shutil.copy(os.path.join(ROOT, "hf_models.py"), where)
@@ -271,6 +272,14 @@ def test_c3_train_distill_copied_with_hf_models_py_trains_and_exports_a_hugging_
     assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert f"model: Hugging Face model {student} (its weights)" in out.stdout and "done: 2 optimizer steps" in out.stdout
     assert "model.safetensors" in os.listdir(where / "runs" / "distill_demo_teacher" / "export")
+    os.remove(where / "hf_models.py")  # distill_demo's kd.teacher_checkpoint is that run's best.pt
+    line = ("config error: kd.teacher_checkpoint: needs hf_models.py beside train_distill.py (copy it from the kit), or "
+            "give a checkpoint whose network is not a Hugging Face model")
+    for extra in ([], ["--dry_run"]):
+        out = run(where, "train_distill.py", *extra, "--config", os.path.join(CONFIGS, "distill_demo.yaml"), "--set",
+                  *DISTILL_TINY, *TEACHER_TINY)
+        assert out.returncode == 2 and out.stderr.strip().splitlines() == [line], (extra, out.stderr[-2000:])
+    assert sorted(os.listdir(where / "runs")) == ["distill_demo_teacher"]  # nothing written
 
 
 def test_c3_each_script_loads_a_companion_from_its_own_directory_once_with_itself_as_kit(monkeypatch):
