@@ -6,12 +6,16 @@ perplexity and, with a teacher (or its complete cache), teacher agreement. PATH 
 
 A companion file: train_distill.py loads it (companion() in its shared config block) for --evaluate only, and
 hands itself over as `kit`; the data, the networks, the metrics and the refusals are the script's own
-(kit.TokenWindows, kit.build_trainable, kit.evaluate, kit.ConfigError).
+(kit.TokenWindows, kit.build_trainable, kit.evaluate, kit.ConfigError). The block `evaluate command` at the end
+is byte-identical in probe_evaluate.py (tests/test_shared_blocks.py).
 """
+import json
+import math
 import os
 import sys
 import types
 
+import torch
 import torch.nn as nn
 
 kit: types.ModuleType  # the training script that loaded this file: companion() sets it before this code runs
@@ -49,8 +53,8 @@ def teacher_cache(cfg, d, val_set, windows):
 
 def evaluate_saved(config_path, overrides, path):
     """--evaluate PATH: val/loss (token CE), val/ppl and, with a teacher (or its cache), val/agreement."""
-    kind, source = kit.evaluation_weights(path)
-    cfg, scoring = kit.evaluation_config(config_path, overrides, kind, source)  # C8: the run's own unless keys named
+    kind, source = evaluation_weights(path)
+    cfg, scoring = evaluation_config(config_path, overrides, kind, source)  # C8: the run's own unless keys named
     d = kit.setup_distributed(cfg)
     val_set = kit.TokenWindows(cfg, "val")
     windows = kit.eval_windows(cfg, len(val_set))
@@ -60,10 +64,10 @@ def evaluate_saved(config_path, overrides, path):
     if kind == "export":
         if not any(os.path.isfile(os.path.join(source, f)) for f in ("model.json", "config.json")):
             raise kit.ConfigError([("C3", "--evaluate", f"{source} holds no model.json or config.json, so it is no "
-                                    f"export of train_distill.py; {kit.evaluation_choices(source)}")])
+                                    f"export of train_distill.py; {evaluation_choices(source)}")])
         module, weights = ExportedLM(kit.load_export(source)), f"export {source}"
     else:
-        ckpt = kit.read_checkpoint(source, kit.TASK)
+        ckpt = read_checkpoint(source, kit.TASK)
         # E11: the network as trained, without the KD projection: it only ever fed the hidden-state loss, and a
         # teacher of another width here would not fit it. The data and the teacher: evaluation_config (C8).
         module = kit.build_trainable(ckpt["config"], None)
@@ -75,5 +79,103 @@ def evaluate_saved(config_path, overrides, path):
     metrics = kit.evaluate(run)
     if d["main"]:
         print(scoring)  # C8: which data, with which config
-        kit.report_evaluation(path, weights, metrics)
+        report_evaluation(path, weights, metrics)
     return 0
+
+
+# ==== shared: evaluate command (identical in probe_evaluate.py and distill_evaluate.py) ====
+# --evaluate PATH --config CONFIG (E11): what both scripts' evaluations share; the task's own part is evaluate_saved()
+# above. Edit it in probe_evaluate.py, then python tests/shared_blocks.py --write copies it into distill_evaluate.py.
+def evaluation_weights(path):
+    """What --evaluate PATH names: ("export", dir) for an export directory, else ("checkpoint", file): a run
+    directory's best.pt (its last.pt when no eval was ever finite), or a checkpoint file itself."""
+    checkpoints = os.path.join(path, "checkpoints")
+    if os.path.isdir(checkpoints):
+        for name in ("best.pt", "last.pt"):
+            if os.path.isfile(os.path.join(checkpoints, name)):
+                return "checkpoint", os.path.join(checkpoints, name)
+        raise kit.ConfigError([("C3", "--evaluate", f"{path} is a run directory without checkpoints/best.pt or "
+                                "last.pt")])
+    if any(os.path.isfile(os.path.join(path, n)) for n in ("best.pt", "last.pt")):  # runs/x/checkpoints itself
+        raise kit.ConfigError([("E11", "--evaluate", f"{path} is a directory of checkpoints; "
+                                f"{evaluation_choices(path)}")])
+    if os.path.isdir(path):
+        return "export", path
+    if os.path.isfile(path):
+        return "checkpoint", path
+    raise kit.ConfigError([("C3", "--evaluate", f"{path} not found; {evaluation_choices(path)}")])
+
+
+def run_directory_of(path):
+    """The run directory `path` is or lies in (the run dir, its checkpoints/ or a file there, its export/), or None."""
+    parent = os.path.dirname(path.rstrip(os.sep)) or "."
+    candidates = [path, parent, os.path.dirname(parent) or "."]
+    return next((p for p in candidates if os.path.isdir(os.path.join(p, "checkpoints"))), None)
+
+
+def evaluation_choices(path):
+    """E11: the way out of every --evaluate refusal, with the paths of the run that `path` lies in, if any."""
+    run = run_directory_of(path)
+    if run is None:
+        return "give a run directory (runs/<run_name>), a checkpoint (its checkpoints/best.pt) or its export/"
+    return (f"give the run directory {run}, a checkpoint such as {os.path.join(run, 'checkpoints', 'best.pt')} or "
+            f"the export {os.path.join(run, 'export')}")
+
+
+def read_checkpoint(path, task):
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive; a log or a text file is none
+    try:
+        if not zipped:
+            raise ValueError("not a file torch.save wrote")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # R7
+    except Exception as err:  # a torn file, something that is not a checkpoint: one line, not torch's advice (E11)
+        first = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else type(err).__name__
+        raise kit.ConfigError([("E11", "--evaluate", f"{path} is not a readable checkpoint ({first}); "
+                                f"{evaluation_choices(path)}")]) from None
+    if not isinstance(ckpt, dict) or ckpt.get("task") != task or not ("model" in ckpt or ckpt.get("shards")):
+        raise kit.ConfigError([("C3", "--evaluate", f"{path} is not a {task} checkpoint of this kit (written by "
+                                f"{kit.KIT_TASKS[task]}); {evaluation_choices(path)}")])
+    return ckpt
+
+
+def evaluation_config(config_path, overrides, kind, source):
+    """C8/E11: (the config --evaluate scores with, the line saying so): the run's own (a checkpoint's, an export's
+    config.yaml) under --config and --set, else --config alone; neither is refused (it would score the defaults)."""
+    saved, where = None, None
+    if kind == "checkpoint":
+        saved, where = read_checkpoint(source, kit.TASK)["config"], source
+    elif os.path.isfile(os.path.join(source, "config.yaml")):
+        where = os.path.join(source, "config.yaml")
+        saved = kit._flatten(kit.read_yaml(where, kit.CONFIG), kit.CONFIG)
+    elif not config_path:
+        raise kit.ConfigError([("C3", "--evaluate", f"{source} holds no config.yaml, the config of the run it comes "
+                                "from (an export written before exports kept it): give that run's, --config "
+                                "runs/<run_name>/config.yaml")])
+    try:
+        cfg, _ = kit.resolve_config(config_path, overrides, base=saved)
+    except kit.ConfigError as err:  # E11: the training files an evaluation never reads need not be on this machine
+        needed = [p for p in err.problems if not (p[1] in kit.TRAINING_ONLY_FILES and p[2].startswith("file "))]
+        if needed:
+            raise kit.ConfigError(needed) from None
+        cfg, _ = kit.resolve_config(config_path, overrides, check_files=False, base=saved)
+    run_cfg = kit.absolute_paths(saved, kit.PATH_KEYS) if saved else {}  # a run saved before paths were absolute
+    differ = [f"{k} {v!r} (the run's: {run_cfg[k]!r})" for k, v in cfg.items() if k in run_cfg and v != run_cfg[k]
+              and k not in ("launch_dir", "run_name")]
+    return cfg, (f"scoring {kit.scored_data(cfg)} with " + (f"the run's config ({where})" if saved else config_path)
+                 + (f" + {config_path}" if saved and config_path else "") + (" + --set" if overrides else "")
+                 + (f"; not the run's: {', '.join(differ)}" if differ else ""))
+
+
+def report_evaluation(path, weights, metrics):
+    """A line per split for people, then one JSON line for scripts: always the last line of the output."""
+    splits = {}
+    for key, value in metrics.items():
+        split, _, name = key.partition("/")
+        splits.setdefault(split, []).append(f"{name} {value:.6g}")
+    print(f"evaluated {weights}")
+    for split, parts in splits.items():
+        print(f"  {split}: " + ", ".join(parts))
+    clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}  # strict JSON, as metrics.jsonl
+    print(json.dumps({"path": path, "weights": weights, **clean}), flush=True)
+# ==== end shared: evaluate command ====

@@ -8,9 +8,11 @@ backbone reference) back into one module, windows [B, C, T] -> logits.
 A companion file: train_probe.py loads it (companion() in its shared config block) for --evaluate and
 load_export(), and hands itself over as `kit`; the backbone, the head, the metrics and the refusals are the
 script's own (kit.build_backbone, kit.ProbeHead, kit.evaluate, kit.ConfigError), and the export it reads is
-the one the script's export_probe() writes at the end of every run.
+the one the script's export_probe() writes at the end of every run. The block `evaluate command` at the end is
+byte-identical in distill_evaluate.py (tests/test_shared_blocks.py).
 """
 import json
+import math
 import os
 import sys
 import types
@@ -72,21 +74,21 @@ def check_window_shape(trained, sets, weights):
 
 def evaluate_saved(config_path, overrides, path):
     """--evaluate PATH: AUROC, balanced accuracy and loss on the run's (or the config's) val and test splits."""
-    kind, source = kit.evaluation_weights(path)
+    kind, source = evaluation_weights(path)
     # C8: the run's own config unless keys are named
-    cfg, scoring = kit.evaluation_config(config_path, overrides, kind, source)
+    cfg, scoring = evaluation_config(config_path, overrides, kind, source)
     d = kit.setup_distributed(cfg)
     sets = {split: kit.WindowSet(cfg, split) for split in ("val", "test") if split == "val" or cfg["data.test_x"]}
     if kind == "export":
         if not os.path.isfile(os.path.join(source, "probe.json")):
             raise kit.ConfigError([("C3", "--evaluate", f"{source} holds no probe.json, so it is no export of "
-                                    f"train_probe.py; {kit.evaluation_choices(source)}")])
+                                    f"train_probe.py; {evaluation_choices(source)}")])
         model = load_export(source)
         model_cfg = {**cfg, **kit.model_config(model.cfg)}
         backbone, head, weights = model.backbone, model.head, f"export {source}"
         trained = model.window_shape
     else:
-        ckpt = kit.read_checkpoint(source, kit.TASK)
+        ckpt = read_checkpoint(source, kit.TASK)
         model_cfg = {**cfg, **kit.model_config(ckpt["config"])}  # the network as trained; the data: evaluation_config
         trained = (ckpt.get("inputs") or {}).get("window shape")  # None in a checkpoint older than E11's check
         weights = f"{source} (step {ckpt['global_step']})"
@@ -107,14 +109,14 @@ def evaluate_saved(config_path, overrides, path):
     if d["main"]:
         print(scoring)  # C8: which data, with which config
         write_predictions(evaluation_out_dir(path), {k: (s.labels, run["predictions"][k]) for k, s in sets.items()})
-        kit.report_evaluation(path, weights, metrics)
+        report_evaluation(path, weights, metrics)
     return 0
 
 
 def evaluation_out_dir(path):
     """Where --evaluate's per-window files go: <run dir>/evaluation/ for a path in a run (the run directory,
     its checkpoints/*.pt, its export/), else evaluation/ in the directory named or holding the path."""
-    run = kit.run_directory_of(path)
+    run = run_directory_of(path)
     return os.path.join(run or (path if os.path.isdir(path) else os.path.dirname(path) or "."), "evaluation")
 
 
@@ -179,3 +181,101 @@ def plot_evaluation(out, splits):
                title=f"{split} confusion (bacc {kit.balanced_accuracy(probs.argmax(1), labels):.4f})")
         fig.savefig(os.path.join(out, f"{split}_confusion.png"), dpi=100, bbox_inches="tight")
     return True
+
+
+# ==== shared: evaluate command (identical in probe_evaluate.py and distill_evaluate.py) ====
+# --evaluate PATH --config CONFIG (E11): what both scripts' evaluations share; the task's own part is evaluate_saved()
+# above. Edit it in probe_evaluate.py, then python tests/shared_blocks.py --write copies it into distill_evaluate.py.
+def evaluation_weights(path):
+    """What --evaluate PATH names: ("export", dir) for an export directory, else ("checkpoint", file): a run
+    directory's best.pt (its last.pt when no eval was ever finite), or a checkpoint file itself."""
+    checkpoints = os.path.join(path, "checkpoints")
+    if os.path.isdir(checkpoints):
+        for name in ("best.pt", "last.pt"):
+            if os.path.isfile(os.path.join(checkpoints, name)):
+                return "checkpoint", os.path.join(checkpoints, name)
+        raise kit.ConfigError([("C3", "--evaluate", f"{path} is a run directory without checkpoints/best.pt or "
+                                "last.pt")])
+    if any(os.path.isfile(os.path.join(path, n)) for n in ("best.pt", "last.pt")):  # runs/x/checkpoints itself
+        raise kit.ConfigError([("E11", "--evaluate", f"{path} is a directory of checkpoints; "
+                                f"{evaluation_choices(path)}")])
+    if os.path.isdir(path):
+        return "export", path
+    if os.path.isfile(path):
+        return "checkpoint", path
+    raise kit.ConfigError([("C3", "--evaluate", f"{path} not found; {evaluation_choices(path)}")])
+
+
+def run_directory_of(path):
+    """The run directory `path` is or lies in (the run dir, its checkpoints/ or a file there, its export/), or None."""
+    parent = os.path.dirname(path.rstrip(os.sep)) or "."
+    candidates = [path, parent, os.path.dirname(parent) or "."]
+    return next((p for p in candidates if os.path.isdir(os.path.join(p, "checkpoints"))), None)
+
+
+def evaluation_choices(path):
+    """E11: the way out of every --evaluate refusal, with the paths of the run that `path` lies in, if any."""
+    run = run_directory_of(path)
+    if run is None:
+        return "give a run directory (runs/<run_name>), a checkpoint (its checkpoints/best.pt) or its export/"
+    return (f"give the run directory {run}, a checkpoint such as {os.path.join(run, 'checkpoints', 'best.pt')} or "
+            f"the export {os.path.join(run, 'export')}")
+
+
+def read_checkpoint(path, task):
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive; a log or a text file is none
+    try:
+        if not zipped:
+            raise ValueError("not a file torch.save wrote")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # R7
+    except Exception as err:  # a torn file, something that is not a checkpoint: one line, not torch's advice (E11)
+        first = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else type(err).__name__
+        raise kit.ConfigError([("E11", "--evaluate", f"{path} is not a readable checkpoint ({first}); "
+                                f"{evaluation_choices(path)}")]) from None
+    if not isinstance(ckpt, dict) or ckpt.get("task") != task or not ("model" in ckpt or ckpt.get("shards")):
+        raise kit.ConfigError([("C3", "--evaluate", f"{path} is not a {task} checkpoint of this kit (written by "
+                                f"{kit.KIT_TASKS[task]}); {evaluation_choices(path)}")])
+    return ckpt
+
+
+def evaluation_config(config_path, overrides, kind, source):
+    """C8/E11: (the config --evaluate scores with, the line saying so): the run's own (a checkpoint's, an export's
+    config.yaml) under --config and --set, else --config alone; neither is refused (it would score the defaults)."""
+    saved, where = None, None
+    if kind == "checkpoint":
+        saved, where = read_checkpoint(source, kit.TASK)["config"], source
+    elif os.path.isfile(os.path.join(source, "config.yaml")):
+        where = os.path.join(source, "config.yaml")
+        saved = kit._flatten(kit.read_yaml(where, kit.CONFIG), kit.CONFIG)
+    elif not config_path:
+        raise kit.ConfigError([("C3", "--evaluate", f"{source} holds no config.yaml, the config of the run it comes "
+                                "from (an export written before exports kept it): give that run's, --config "
+                                "runs/<run_name>/config.yaml")])
+    try:
+        cfg, _ = kit.resolve_config(config_path, overrides, base=saved)
+    except kit.ConfigError as err:  # E11: the training files an evaluation never reads need not be on this machine
+        needed = [p for p in err.problems if not (p[1] in kit.TRAINING_ONLY_FILES and p[2].startswith("file "))]
+        if needed:
+            raise kit.ConfigError(needed) from None
+        cfg, _ = kit.resolve_config(config_path, overrides, check_files=False, base=saved)
+    run_cfg = kit.absolute_paths(saved, kit.PATH_KEYS) if saved else {}  # a run saved before paths were absolute
+    differ = [f"{k} {v!r} (the run's: {run_cfg[k]!r})" for k, v in cfg.items() if k in run_cfg and v != run_cfg[k]
+              and k not in ("launch_dir", "run_name")]
+    return cfg, (f"scoring {kit.scored_data(cfg)} with " + (f"the run's config ({where})" if saved else config_path)
+                 + (f" + {config_path}" if saved and config_path else "") + (" + --set" if overrides else "")
+                 + (f"; not the run's: {', '.join(differ)}" if differ else ""))
+
+
+def report_evaluation(path, weights, metrics):
+    """A line per split for people, then one JSON line for scripts: always the last line of the output."""
+    splits = {}
+    for key, value in metrics.items():
+        split, _, name = key.partition("/")
+        splits.setdefault(split, []).append(f"{name} {value:.6g}")
+    print(f"evaluated {weights}")
+    for split, parts in splits.items():
+        print(f"  {split}: " + ", ".join(parts))
+    clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}  # strict JSON, as metrics.jsonl
+    print(json.dumps({"path": path, "weights": weights, **clean}), flush=True)
+# ==== end shared: evaluate command ====

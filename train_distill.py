@@ -3041,102 +3041,6 @@ def close_sinks(run, ok=True):
 # ==== end shared: progress and metric sinks ====
 
 
-# ==== shared: evaluate command (identical in train_probe.py and train_distill.py) ====
-# --evaluate PATH --config CONFIG (E11): saved weights scored on the config's data by the run's own evaluate(),
-# without writing code; the script-specific part is evaluate_saved().
-def evaluation_weights(path):
-    """What --evaluate PATH names: ("export", dir) for an export directory, else ("checkpoint", file): a run
-    directory's best.pt (its last.pt when no eval was ever finite), or a checkpoint file itself."""
-    checkpoints = os.path.join(path, "checkpoints")
-    if os.path.isdir(checkpoints):
-        for name in ("best.pt", "last.pt"):
-            if os.path.isfile(os.path.join(checkpoints, name)):
-                return "checkpoint", os.path.join(checkpoints, name)
-        raise ConfigError([("C3", "--evaluate", f"{path} is a run directory without checkpoints/best.pt or last.pt")])
-    if any(os.path.isfile(os.path.join(path, n)) for n in ("best.pt", "last.pt")):  # runs/x/checkpoints itself
-        raise ConfigError([("E11", "--evaluate", f"{path} is a directory of checkpoints; {evaluation_choices(path)}")])
-    if os.path.isdir(path):
-        return "export", path
-    if os.path.isfile(path):
-        return "checkpoint", path
-    raise ConfigError([("C3", "--evaluate", f"{path} not found; {evaluation_choices(path)}")])
-
-
-def run_directory_of(path):
-    """The run directory `path` is or lies in (the run dir, its checkpoints/ or a file there, its export/), or None."""
-    parent = os.path.dirname(path.rstrip(os.sep)) or "."
-    candidates = [path, parent, os.path.dirname(parent) or "."]
-    return next((p for p in candidates if os.path.isdir(os.path.join(p, "checkpoints"))), None)
-
-
-def evaluation_choices(path):
-    """E11: the way out of every --evaluate refusal, with the paths of the run that `path` lies in, if any."""
-    run = run_directory_of(path)
-    if run is None:
-        return "give a run directory (runs/<run_name>), a checkpoint (its checkpoints/best.pt) or its export/"
-    return (f"give the run directory {run}, a checkpoint such as {os.path.join(run, 'checkpoints', 'best.pt')} or "
-            f"the export {os.path.join(run, 'export')}")
-
-
-def read_checkpoint(path, task):
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive; a log or a text file is none
-    try:
-        if not zipped:
-            raise ValueError("not a file torch.save wrote")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # R7
-    except Exception as err:  # a torn file, something that is not a checkpoint: one line, not torch's advice (E11)
-        first = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError([("E11", "--evaluate", f"{path} is not a readable checkpoint ({first}); "
-                            f"{evaluation_choices(path)}")]) from None
-    if not isinstance(ckpt, dict) or ckpt.get("task") != task or not ("model" in ckpt or ckpt.get("shards")):
-        raise ConfigError([("C3", "--evaluate", f"{path} is not a {task} checkpoint of this kit (written by "
-                            f"{KIT_TASKS[task]}); {evaluation_choices(path)}")])
-    return ckpt
-
-
-def evaluation_config(config_path, overrides, kind, source):
-    """C8/E11: (the config --evaluate scores with, the line saying so): the run's own (a checkpoint's, an export's
-    config.yaml) under --config and --set, else --config alone; neither is refused (it would score the defaults)."""
-    saved, where = None, None
-    if kind == "checkpoint":
-        saved, where = read_checkpoint(source, TASK)["config"], source
-    elif os.path.isfile(os.path.join(source, "config.yaml")):
-        where = os.path.join(source, "config.yaml")
-        saved = _flatten(read_yaml(where, CONFIG), CONFIG)
-    elif not config_path:
-        raise ConfigError([("C3", "--evaluate", f"{source} holds no config.yaml, the config of the run it comes from "
-                            "(an export written before exports kept it): give that run's, --config "
-                            "runs/<run_name>/config.yaml")])
-    try:
-        cfg, _ = resolve_config(config_path, overrides, base=saved)
-    except ConfigError as err:  # E11: the training files an evaluation never reads need not be on this machine
-        needed = [p for p in err.problems if not (p[1] in TRAINING_ONLY_FILES and p[2].startswith("file "))]
-        if needed:
-            raise ConfigError(needed) from None
-        cfg, _ = resolve_config(config_path, overrides, check_files=False, base=saved)
-    run_cfg = absolute_paths(saved, PATH_KEYS) if saved else {}  # a run saved before paths were recorded absolute
-    differ = [f"{k} {v!r} (the run's: {run_cfg[k]!r})" for k, v in cfg.items() if k in run_cfg and v != run_cfg[k]
-              and k not in ("launch_dir", "run_name")]
-    return cfg, (f"scoring {scored_data(cfg)} with " + (f"the run's config ({where})" if saved else config_path)
-                 + (f" + {config_path}" if saved and config_path else "") + (" + --set" if overrides else "")
-                 + (f"; not the run's: {', '.join(differ)}" if differ else ""))
-
-
-def report_evaluation(path, weights, metrics):
-    """A line per split for people, then one JSON line for scripts: always the last line of the output."""
-    splits = {}
-    for key, value in metrics.items():
-        split, _, name = key.partition("/")
-        splits.setdefault(split, []).append(f"{name} {value:.6g}")
-    print(f"evaluated {weights}")
-    for split, parts in splits.items():
-        print(f"  {split}: " + ", ".join(parts))
-    clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}  # strict JSON, as metrics.jsonl
-    print(json.dumps({"path": path, "weights": weights, **clean}), flush=True)
-# ==== end shared: evaluate command ====
-
-
 # -----------------------------------------------------------------------------
 # The run: data -> teacher (frozen) -> student + projection, optimizer, schedule -> resume -> fit.
 def print_plan(run, resumed):
@@ -4127,7 +4031,7 @@ def load_export(export_dir):
 # -----------------------------------------------------------------------------
 # --evaluate (E11): a checkpoint, a run directory (its best.pt) or an export scored on the config's val windows
 # by the same evaluate() the run used. Its code is distill_evaluate.py, a companion file beside this script,
-# loaded by main() for --evaluate only; scored_data() stays here (the shared evaluation_config() calls it).
+# loaded by main() for --evaluate only; scored_data() stays here (its evaluation_config() calls it).
 def scored_data(cfg):
     """The windows an evaluation scores, in words (C8): counted on the val split, as evaluate() takes them (40
     examples under data.val_windows 512 are 40 scored, not 512)."""
