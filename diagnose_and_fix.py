@@ -729,7 +729,7 @@ def distill_memory(script, cfg, plan, device="meta"):
             teacher = hf_teacher_on_meta(script, cfg["kd.hf_teacher_dir"], cfg["kd.gamma"] > 0)  # or the CPU
         elif cfg.get("teacher.target") is not None:  # the user's callable, built on the meta device
             factory = script.import_target(cfg["teacher.target"], "teacher.target", cfg.get("launch_dir"))
-            teacher = script.TargetLM(factory(**cfg["teacher.kwargs"]), cfg["kd.gamma"] > 0)
+            teacher = script.user_models("teacher.target").TargetLM(factory(**cfg["teacher.kwargs"]), cfg["kd.gamma"])
         else:
             teacher = script.GPT(vocab, seq, **{d: cfg[f"teacher.{d}"] for d in arch})
         trainable = script.build_trainable(cfg, teacher)

@@ -63,7 +63,7 @@ def packing_check(lm, cfg, key, who):
     where examples start: refused; a Hugging Face model is checked by hf_models.py's packing_probe()."""
     if isinstance(lm, kit.GPT):
         return lm
-    if isinstance(lm, kit.TargetLM):
+    if kit.is_user_lm(lm):
         raise kit.ConfigError([("C10", "data.packing", f"true, but {who} ({key}) is a user module (token ids -> "
                                 f"logits) that cannot be told where a packed row's examples start; {FIX} (one "
                                 "example a row, padded)")])

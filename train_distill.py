@@ -659,6 +659,8 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
     sharding(cfg), chunking(cfg), caching(cfg), packing(cfg)  # D1, D6, R9, C10: companions loaded at start-up
     for key in hf_dir_keys(cfg):  # C3: hf_models.py for a Hugging Face directory, loaded here as well
         hf_models(key)
+    for key in user_model_keys(cfg):  # C3: user_models.py for a user's callable too
+        user_models(key)
     require = problem_check(problems)
     data_problems(cfg, problems, check_files)
     network_and_kd_value_problems(cfg, problems, notes)
@@ -1790,25 +1792,22 @@ def is_hf_lm(lm):
     return "hf_models" in COMPANIONS and isinstance(lm, COMPANIONS["hf_models"].HFCausalLM)
 
 
-class TargetLM(nn.Module):
-    """A user's nn.Module (student.target, teacher.target) behind the same interface. Its forward takes
-    token ids [B, T] and returns logits [B, T, vocab]; or a tuple/list (logits, hidden [B, T, D], ...); or
-    an object or dict with logits (and hidden_states, whose last entry is taken). Hidden states are
-    needed only with kd.gamma > 0; width is read from them when the module returns them. No KV cache: generation
-    reruns the whole prefix for each new token."""
-    kv_cache = False
+# A user's module (student.target, teacher.target, or a checkpoint holding one): its adapter and check (TargetLM,
+# target_lm) are user_models.py, a companion file beside this script, loaded at config resolution when a config
+# names a callable, and where a teacher checkpoint turns out to hold one.
+def user_models(key, fix=None):
+    """user_models.py, for the user's module `key` names; missing, one line naming the file and key (C3)."""
+    return companion("user_models", key, fix)
 
-    def __init__(self, model, hidden):
-        super().__init__()
-        self.model, self.hidden, self.width, self.layers, self.depth = model, bool(hidden), None, None, None
 
-    def forward(self, idx, positions=None):  # positions: never given, packing_check refuses data.packing (C10)
-        out = self.model(idx)
-        logits, hidden = split_outputs(out)
-        if self.layers is not None:
-            states = layer_states(out)
-            return logits, [states[i] for i in self.layers]
-        return logits, (hidden if self.hidden else None)
+def user_model_keys(cfg):
+    """The keys naming a user's callable the run builds: student.target; teacher.target with KD on."""
+    return [k for k in ("student.target", "teacher.target") if cfg[k] and (cfg["kd.enabled"] or k[0] == "s")]
+
+
+def is_user_lm(lm):
+    """lm is a user's module behind the kit's interface (TargetLM): only user_models.py, once loaded, makes one."""
+    return "user_models" in COMPANIONS and isinstance(lm, COMPANIONS["user_models"].TargetLM)
 
 
 def layer_states(out):
@@ -1896,45 +1895,6 @@ def is_hf_model(module):
     return "transformers" in sys.modules and isinstance(module, sys.modules["transformers"].PreTrainedModel)
 
 
-def target_lm(cfg, arch, key, who, hidden):
-    """The user's module from its callable, checked with one forward of a [1, data.seq_len] batch of
-    token ids in eval mode without gradients (no dropout, no RNG draw): logits of the vocabulary's size
-    and, with kd.gamma > 0, hidden states; their width sizes the projection. A callable returning a
-    Hugging Face model is driven as one (use_cache=False, hidden states on request, its position limit)."""
-    module = import_target(arch["target"], key, cfg["launch_dir"])(**arch["kwargs"])
-    if not isinstance(module, nn.Module):
-        raise ConfigError([("C3", key, f"{arch['target']} returned a {type(module).__name__}, not a torch.nn.Module")])
-    module = module.float()
-    if is_hf_model(module):
-        fix = f"make {arch['target']} return a module that is not a transformers model"
-        return hf_models(key, fix).hf_lm(module, cfg, key, who, hidden)
-    lm, seq_len, vocab = TargetLM(module, hidden), cfg["data.seq_len"], vocab_size(cfg)
-    mode = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            out = module(torch.zeros(1, seq_len, dtype=torch.long))
-            (logits, states), every = split_outputs(out), layer_states(out)
-    except Exception as err:  # a position table shorter than data.seq_len, a wrong input convention, ...
-        raise ConfigError([("C3", key, f"{arch['target']} fails on token ids of shape [1, data.seq_len={seq_len}] "
-                            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})")]) from None
-    module.train(mode)
-    if not torch.is_tensor(logits) or tuple(logits.shape) != (1, seq_len, vocab):
-        shape = list(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
-        raise ConfigError([("C3", key,
-                            f"{arch['target']} returns logits {shape} for token ids [1, {seq_len}], expected "
-                            f"[1, {seq_len}, {vocab}] (data.vocab_size {vocab}); see docs/distill_models.md")])
-    if every is not None:  # every layer's state: kd.hidden_layers may pick among them
-        lm.depth, lm.widths = len(every) - 1, [h.shape[-1] for h in every]
-    if torch.is_tensor(states) and states.dim() == 3 and tuple(states.shape[:2]) == (1, seq_len):
-        lm.width = states.shape[-1]
-    elif hidden:
-        raise ConfigError([("C3", "kd.gamma",
-                            f"{cfg['kd.gamma']!r} needs hidden states from {who}, but {arch['target']} "
-                            "returns none [B, T, D]; return (logits, hidden) from its forward, or set kd.gamma=0")])
-    return lm
-
-
 def build_lm(cfg, arch, key, who, hidden, weights=True):
     """The language model `arch` (trained_arch's description) names, behind one interface:
     idx [B, T] -> (logits [B, T, vocab], last hidden state [B, T, width] or None), attribute width."""
@@ -1942,7 +1902,8 @@ def build_lm(cfg, arch, key, who, hidden, weights=True):
         hf = hf_models(key, None if weights else HF_CHECKPOINT_FIX)
         return hf.dir_lm(cfg, arch["hf_dir"], key, who, hidden, weights)
     if "target" in arch:
-        return target_lm(cfg, arch, key, who, hidden)
+        user = user_models(key, None if weights else "give a checkpoint whose network is not a user's module")
+        return user.target_lm(cfg, arch, key, who, hidden)
     return GPT(vocab_size(cfg), cfg["data.seq_len"], **arch)
 
 
@@ -2122,7 +2083,7 @@ def build_teacher(cfg, device, hidden=None):
     elif cfg["teacher.target"]:
         torch.manual_seed(cfg["seed"])  # a callable that initialises anything does so the same way every run
         arch = {"target": cfg["teacher.target"], "kwargs": dict(cfg["teacher.kwargs"])}
-        teacher = target_lm(cfg, arch, "teacher.target", "the teacher", hidden)
+        teacher = user_models("teacher.target").target_lm(cfg, arch, "teacher.target", "the teacher", hidden)
     else:
         teacher = load_teacher_checkpoint(cfg, hidden)
     if packing(cfg):  # C10
@@ -3413,7 +3374,7 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
         # micro-batch (an on-policy one adds it at weight 0), so DDP skips its per-step search of the autograd
         # graph for unused parameters.
         model = torch.nn.parallel.DistributedDataParallel(
-            module, find_unused_parameters=isinstance(module.lm, TargetLM))
+            module, find_unused_parameters=is_user_lm(module.lm))
     # the student and its projection: the frozen teacher is never in the optimizer
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, param_groups(module))
@@ -3963,7 +3924,7 @@ def export_best(run):
         if is_hf_lm(lm):
             hf_models(trained_key(cfg)).save_export(lm, state, tmp)
         else:
-            if isinstance(lm, TargetLM):
+            if is_user_lm(lm):
                 state = {k[len("model."):]: v for k, v in state.items()}
             torch.save(state, os.path.join(tmp, "model.pt"))
             build = (f"module = {arch['target']}(**kwargs)" if "target" in arch else

@@ -4,7 +4,7 @@ shipped configs made tiny run --dry_run, a short training that is SIGKILLed mid-
 resuming it to the end. A feature that needs another file of the kit (the preparation tools) names it in one
 line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py, fsdp_sharding.py,
 chunked_loss.py, teacher_cache.py, probe_evaluate.py, probe_backbones.py, packing.py, hf_models.py,
-distill_evaluate.py), which works when copied together with the script."""
+distill_evaluate.py, user_models.py), which works when copied together with the script."""
 import os
 import shutil
 import subprocess
@@ -156,6 +156,7 @@ def companion_line(key, name, script):
     ("train_distill.py", "distill_demo", "kd.chunk_tokens=8", "chunked_loss"),
     ("train_distill.py", "distill_demo", "kd.teacher_cache=cache", "teacher_cache"),
     ("train_distill.py", "distill_demo", "data.packing=true", "packing"),
+    ("train_distill.py", "distill_demo", "student.target=zoo:tiny_causal_lm", "user_models"),
     ("train_distill.py", "distill_demo_teacher", "student.hf_dir=hf", "hf_models"),
     ("train_distill.py", "distill_demo", "kd.hf_teacher_dir=hf", "hf_models")])
 def test_c3_a_script_copied_alone_asked_for_a_companion_feature_names_the_file_in_one_line(
@@ -238,6 +239,19 @@ def test_c10_train_distill_copied_with_packing_py_trains_packed_rows(chat_data, 
               *DISTILL_TINY, *data, "data.seq_len=255", "train.max_steps=2", "train.eval_every=2", "data.packing=true")
     assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert "rows of packed examples" in out.stdout and "done: 2 optimizer steps" in out.stdout, out.stdout[-2000:]
+
+
+def test_c3_train_distill_copied_with_user_models_py_trains_and_exports_a_users_module(tmp_path):
+    """The script and its companion copied together: student.target (zoo's GRU language model, its module copied
+    beside the script as a user's own file) trains there and is exported as a state dict."""
+    where = copied_alone(tmp_path, "train_distill.py")
+    for name in ("user_models.py", os.path.join("tests", "zoo.py")):
+        shutil.copy(os.path.join(ROOT, name), where)
+    out = run(where, "train_distill.py", "--config", os.path.join(CONFIGS, "distill_demo_teacher.yaml"), "--set",
+              *DISTILL_TINY, "train.max_steps=2", "train.eval_every=2", "student.target=zoo:tiny_causal_lm")
+    assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "zoo:tiny_causal_lm" in out.stdout and "done: 2 optimizer steps" in out.stdout, out.stdout[-2000:]
+    assert (where / "runs" / "distill_demo_teacher" / "export" / "model.pt").is_file()
 
 
 def test_r9_train_distill_copied_with_teacher_cache_py_builds_the_cache_and_distils_offline(tmp_path):
