@@ -686,12 +686,12 @@ def generation_lengths(script, cfg):
     """E6: (longest prompt, new tokens after it) of a generated micro-batch: kd.prompt_tokens and kd.max_new_tokens
     of windows; on prepared examples (C10) the data's own prompts, each example's as the run takes it
     (example_prompts over every train example), and the longest sequence they make."""
-    prompt, new = script.on_policy_lengths(cfg)
+    prompt, new = script.generating(cfg).on_policy_lengths(cfg)  # on_policy.py's
     if not cfg["data.train_bin"] or script.example_bounds(cfg, "train") is None:
         return prompt, new
     train, prompt, total = script.TokenWindows(cfg, "train"), 0, 0
     for rows in np.array_split(np.arange(len(train)), max(1, len(train) // 1024)):
-        prompts, news, live = script.example_prompts(train[rows][1], cfg)
+        prompts, news, live = script.generating(cfg).example_prompts(train[rows][1], cfg)
         if live.any():
             prompt, total = max(prompt, int(prompts[live].max())), max(total, int((prompts + news)[live].max()))
     return prompt, total - prompt

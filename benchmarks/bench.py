@@ -1043,7 +1043,7 @@ def generation_sides(td, run, prompt, new, batch):
 
     def kit():
         seed = torch.Generator().manual_seed(0)
-        return timed(lambda: td.generate(module, prompts, new, 1.0, seed))
+        return timed(lambda: td.generating(run["cfg"]).generate(module, prompts, new, 1.0, seed))
 
     def hf():
         model.eval()

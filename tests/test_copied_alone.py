@@ -4,7 +4,7 @@ shipped configs made tiny run --dry_run, a short training that is SIGKILLed mid-
 resuming it to the end. A feature that needs another file of the kit (the preparation tools) names it in one
 line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py, fsdp_sharding.py,
 chunked_loss.py, teacher_cache.py, probe_evaluate.py, probe_backbones.py, packing.py, hf_models.py,
-distill_evaluate.py, user_models.py), which works when copied together with the script."""
+distill_evaluate.py, user_models.py, on_policy.py), which works when copied together with the script."""
 import os
 import shutil
 import subprocess
@@ -158,7 +158,9 @@ def companion_line(key, name, script):
     ("train_distill.py", "distill_demo", "data.packing=true", "packing"),
     ("train_distill.py", "distill_demo", "student.target=zoo:tiny_causal_lm", "user_models"),
     ("train_distill.py", "distill_demo_teacher", "student.hf_dir=hf", "hf_models"),
-    ("train_distill.py", "distill_demo", "kd.hf_teacher_dir=hf", "hf_models")])
+    ("train_distill.py", "distill_demo", "kd.hf_teacher_dir=hf", "hf_models"),
+    ("train_distill.py", "distill_demo", "kd.on_policy_fraction=0.5", "on_policy"),
+    ("train_distill.py", "distill_demo", "kd.seq_kd=true", "on_policy")])
 def test_c3_a_script_copied_alone_asked_for_a_companion_feature_names_the_file_in_one_line(
         script, config, setting, name, tmp_path):
     """A feature whose code is a companion file of the kit (issue 32): the run, its --dry_run and diagnose (copied
@@ -252,6 +254,25 @@ def test_c3_train_distill_copied_with_user_models_py_trains_and_exports_a_users_
     assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert "zoo:tiny_causal_lm" in out.stdout and "done: 2 optimizer steps" in out.stdout, out.stdout[-2000:]
     assert (where / "runs" / "distill_demo_teacher" / "export" / "model.pt").is_file()
+
+
+def test_e14_train_distill_copied_with_on_policy_py_distils_on_policy_and_with_seq_kd(tmp_path):
+    """The script and its companion copied together: a tiny teacher, then a student half on-policy with the
+    other micro-batches the teacher's (kd.seq_kd), its generation on record in the step records."""
+    where = copied_alone(tmp_path, "train_distill.py")
+    shutil.copy(os.path.join(ROOT, "on_policy.py"), where)
+    short = [*DISTILL_TINY, "train.max_steps=2", "train.eval_every=2"]
+    teacher = run(where, "train_distill.py", "--config", os.path.join(CONFIGS, "distill_demo_teacher.yaml"), "--set",
+                  *short)
+    assert teacher.returncode == 0, teacher.stderr[-2000:]
+    out = run(where, "train_distill.py", "--config", os.path.join(CONFIGS, "distill_demo.yaml"), "--set", *short,
+              *TEACHER_TINY, "kd.on_policy_fraction=0.5", "kd.seq_kd=true", "kd.prompt_tokens=8",
+              "kd.max_new_tokens=8")
+    assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "on-policy: 0.5 of the micro-batches continue a 8-token prompt" in out.stdout
+    assert "done: 2 optimizer steps" in out.stdout
+    trains = td.read_metrics(str(where / "runs" / "distill_demo"))[0]
+    assert sum(r["on_policy/micro_batches"] + r["seq_kd/micro_batches"] for r in trains.values()) == 4  # 2 steps x 2
 
 
 def test_r9_train_distill_copied_with_teacher_cache_py_builds_the_cache_and_distils_offline(tmp_path):

@@ -208,6 +208,11 @@ def test_e12_c3_objective_configs_are_refused_with_one_line(settings, key, row, 
 
 
 # ----------------------------------------------------------------------------- on-policy data
+def on_policy():
+    """on_policy.py as train_distill.py loads it beside itself (the code of generation is that companion's)."""
+    return T.companion("on_policy", "kd.on_policy_fraction")
+
+
 def on_policy_run(cfg, frozen, step=0):
     """What make_task reads of a run, for calling the on-policy loss directly."""
     windows = T.TokenWindows(cfg, "train")
@@ -226,14 +231,14 @@ def test_e14_on_policy_loss_is_the_divergence_on_the_generated_tokens_the_teache
                                                 "kd.on_policy_fraction=1", "kd.sample_temperature=0.8"))
     frozen = T.build_teacher(cfg, torch.device("cpu"))
     run_, task, windows, module = on_policy_run(cfg, frozen, step=6)
-    prompt, new = T.on_policy_lengths(cfg)
+    prompt, new = on_policy().on_policy_lengths(cfg)
     indices = np.arange(len(windows))
     x, y = windows[indices]
     padded_prompt = (x[:, :prompt] == 0).any(1)
     assert 0 < int(padded_prompt.sum()) < len(x)  # the row mask matters
     total, parts = task["loss"](module, (x, y))
     assert set(parts) == {"kd"}  # on-policy: the divergence only
-    gen = T.on_policy_generator(cfg, 7, 0, 0, torch.device("cpu"))
+    gen = on_policy().on_policy_generator(cfg, 7, 0, 0, torch.device("cpu"))
     seq = x[:, :prompt]
     with torch.no_grad():  # the whole prefix rerun for every token, each row's token by inverse-CDF sampling
         for _ in range(new):
@@ -271,14 +276,14 @@ def test_e14_seq_kd_micro_batches_train_on_the_teachers_continuation_as_labels_a
         "kd.max_new_tokens=5"))
     frozen = T.build_teacher(cfg, torch.device("cpu"))
     run_, task, windows, module = on_policy_run(cfg, frozen)
-    pieces = T.make_on_policy(run_, T.make_kd_term(cfg))
+    pieces = on_policy().make_on_policy(run_, T.make_kd_term(cfg))
     writers = []
     for step in range(40):
         run_["state"]["global_step"] = step
-        writers += [(pieces["draw_next"](), T.on_policy_draw(cfg, step + 1, micro)) for micro in range(2)]
+        writers += [(pieces["draw_next"](), on_policy().on_policy_draw(cfg, step + 1, micro)) for micro in range(2)]
     assert all(who == ("student" if on else "teacher") for who, on in writers)
     assert {who for who, _ in writers} == {"student", "teacher"}
-    step = next(s for s in range(1, 100) if not T.on_policy_draw(cfg, s, 0))  # micro-batch 0: the teacher's
+    step = next(s for s in range(1, 100) if not on_policy().on_policy_draw(cfg, s, 0))  # micro-batch 0: the teacher's
     indices = np.arange(len(windows))
     x, y = windows[indices]
     prompt, new = 6, 5
@@ -325,7 +330,7 @@ def test_e14_seq_kd_labels_are_those_trl_gkd_makes_when_its_teacher_generates(tm
             model, {"prompts": prompt, "prompt_attention_mask": torch.ones_like(prompt)}, config)
     writer = T.Trainable(T.hf_models("student.hf_dir").HFCausalLM(model, False)).eval()
     x = torch.cat([prompt, torch.zeros(8, 24, dtype=torch.long)], 1)
-    _, targets = T.on_policy_batch(writer, x, cfg, None, torch.Generator().manual_seed(0), torch.tensor(eos))
+    _, targets = on_policy().on_policy_batch(writer, x, cfg, None, torch.Generator().manual_seed(0), torch.tensor(eos))
     width = labels.shape[1] - 1
     ended = (labels[:, 8:] == T.IGNORE).any(1)
     assert 0 < int(ended.sum()) < 8  # rows end at an end id, others run to kd.max_new_tokens
@@ -337,13 +342,13 @@ def test_on_policy_draws_are_the_same_on_every_process_and_each_process_samples_
     same ones (their loss parts line up in the all-reduce); the samples also on the process, so each generates its
     own share with its own stream. About the configured fraction of micro-batches is drawn."""
     cfg, _ = T.resolve_config(None, ["kd.enabled=true", "teacher.target=zoo:tiny_causal_lm", "kd.on_policy_fraction=0.3"])
-    draws = [T.on_policy_draw(cfg, step, micro) for step in range(1, 201) for micro in range(4)]
+    draws = [on_policy().on_policy_draw(cfg, step, micro) for step in range(1, 201) for micro in range(4)]
     assert 0.25 < np.mean(draws) < 0.35
-    assert draws == [T.on_policy_draw(cfg, step, micro) for step in range(1, 201) for micro in range(4)]
+    assert draws == [on_policy().on_policy_draw(cfg, step, micro) for step in range(1, 201) for micro in range(4)]
     cpu = torch.device("cpu")
-    a, b = (T.on_policy_generator(cfg, 3, 1, rank, cpu).initial_seed() for rank in (0, 1))
-    assert a != b and a == T.on_policy_generator(cfg, 3, 1, 0, cpu).initial_seed()
-    assert T.on_policy_generator(cfg, 3, 2, 0, cpu).initial_seed() != a
+    a, b = (on_policy().on_policy_generator(cfg, 3, 1, rank, cpu).initial_seed() for rank in (0, 1))
+    assert a != b and a == on_policy().on_policy_generator(cfg, 3, 1, 0, cpu).initial_seed()
+    assert on_policy().on_policy_generator(cfg, 3, 2, 0, cpu).initial_seed() != a
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -388,7 +393,7 @@ def empty_steps(cfg, windows, world=1):
         order = T.epoch_order(len(windows), cfg["train.batch_size"], cfg["train.grad_accum"], world, cfg["seed"], epoch)
         for step in order:
             n += 1
-            drawn = [T.on_policy_draw(cfg, n, m) for m in range(len(step))]
+            drawn = [on_policy().on_policy_draw(cfg, n, m) for m in range(len(step))]
             if all(drawn) and not any(real[m].any() for m in step):
                 empty.append(n)
             lopsided |= any(d and real[m].any() and not all(real[T.rank_share(m, r, world)].any() for r in range(world))
@@ -470,14 +475,15 @@ torch.manual_seed(0)
 module = T.Trainable(T.GPT(64, 32, 2, 2, 16))
 reference = copy.deepcopy(module)
 fsdp = T.companion("fsdp_sharding", "train.strategy")
+generate = T.companion("on_policy", "kd.on_policy_fraction").generate
 fsdp.shard_model(module, "fp32")
 prompt = torch.randint(1, 64, (3, 4), generator=torch.Generator().manual_seed(rank))
 eos = torch.arange(64) if rank == 0 else None  # every id ends a row on process 0: it stops after one token
 live = torch.tensor([True, True, rank == 1])
 with fsdp.gathered_for_generation(module):
-    seq = T.generate(module, prompt, 20, 1.0, torch.Generator().manual_seed(rank), eos=eos, live=live,
-                     grad_free=torch.no_grad)  # as make_on_policy under FSDP
-assert torch.equal(seq, T.generate(reference, prompt, 20, 1.0, torch.Generator().manual_seed(rank), eos=eos, live=live))
+    seq = generate(module, prompt, 20, 1.0, torch.Generator().manual_seed(rank), eos=eos, live=live,
+                   grad_free=torch.no_grad)  # as make_on_policy under FSDP
+assert torch.equal(seq, generate(reference, prompt, 20, 1.0, torch.Generator().manual_seed(rank), eos=eos, live=live))
 from torch.distributed.tensor import DTensor
 assert all(isinstance(p, DTensor) for p in module.parameters())  # sharded again
 logits, _ = module(torch.randint(1, 64, (2, 8)))
@@ -533,12 +539,12 @@ def test_e14_kv_cache_generation_gives_the_tokens_of_the_whole_prefix_rerun(kind
     seen = positions_seen(module)
     for temperature in (0.0, 1.0):
         del seen[:]
-        cached = T.generate(module, prompt, 40, temperature, torch.Generator().manual_seed(3))
+        cached = on_policy().generate(module, prompt, 40, temperature, torch.Generator().manual_seed(3))
         assert seen == [(6, 8)] + [(6, 1)] * 39  # the prompt once, then one new position per token
-        rerun = T.generate(module, prompt, 40, temperature, torch.Generator().manual_seed(3), use_cache=False)
+        rerun = on_policy().generate(module, prompt, 40, temperature, torch.Generator().manual_seed(3), use_cache=False)
         assert torch.equal(cached, rerun) and torch.equal(cached[:, :8], prompt), temperature
     assert module.training  # generation ran in eval mode and gave the mode back
-    sampled = T.generate(module, prompt, 40, 1.0, torch.Generator().manual_seed(4))
+    sampled = on_policy().generate(module, prompt, 40, 1.0, torch.Generator().manual_seed(4))
     assert not torch.equal(sampled, cached)  # another generator, other samples: the draws come from it
 
 
@@ -552,7 +558,7 @@ def test_e14_a_row_ends_at_its_end_id_and_costs_nothing_after(tmp_path):
     prompt[7, 3] = 0  # padding (id 0) inside the last window's prompt
     live, eos = torch.tensor([True] * 7 + [False]), torch.arange(0, 256, 8)  # 1 id in 8 ends a row
     seen = positions_seen(module)
-    seq = T.generate(module, prompt, 40, 1.0, torch.Generator().manual_seed(5), eos=eos, fill=0, live=live)
+    seq = on_policy().generate(module, prompt, 40, 1.0, torch.Generator().manual_seed(5), eos=eos, fill=0, live=live)
     ends = [next((j for j in range(40) if int(seq[r, 8 + j]) in eos.tolist()), None) for r in range(7)]
     assert sum(e is not None for e in ends) >= 4, ends  # rows do end
     assert (seq[7, 8:] == 0).all()  # no real prompt: nothing generated
@@ -560,13 +566,13 @@ def test_e14_a_row_ends_at_its_end_id_and_costs_nothing_after(tmp_path):
         assert e is None or (seq[r, 9 + e:] == 0).all()
     going = [sum(e is None or e >= t for e in ends) for t in range(1, 40)]
     assert [rows for rows, _ in seen] == [8] + [n for n in going if n]  # the model saw only the rows still going
-    rerun = T.generate(module, prompt, 40, 1.0, torch.Generator().manual_seed(5), eos=eos, fill=0, live=live,
-                       use_cache=False)
+    rerun = on_policy().generate(module, prompt, 40, 1.0, torch.Generator().manual_seed(5), eos=eos, fill=0,
+                                 live=live, use_cache=False)
     assert torch.equal(seq, rerun)
     cfg, _ = T.resolve_config(None, ["kd.enabled=true", "teacher.target=zoo:tiny_causal_lm", "data.seq_len=48",
                                      "kd.on_policy_fraction=1", "kd.prompt_tokens=8", "kd.max_new_tokens=40"])
     x = torch.cat([prompt, torch.zeros(8, 40, dtype=torch.long)], 1)
-    inputs, targets = T.on_policy_batch(module, x, cfg, 0, torch.Generator().manual_seed(5), eos)
+    inputs, targets = on_policy().on_policy_batch(module, x, cfg, 0, torch.Generator().manual_seed(5), eos)
     assert torch.equal(inputs, seq[:, :-1])  # the same rows live (pad 0), the same fill, the same draws
     mask = targets != T.IGNORE
     assert torch.equal(targets[mask], seq[:, 1:][mask])  # the labels are the generated tokens (TRL's)

@@ -27,6 +27,11 @@ TINY = ["data.seq_len=8", "data.limit=20", "data.val_windows=8", "train.epochs=2
         "kd.gamma=0.2", "kd.temperature=2", "student.n_layer=1", "student.n_embd=16"]
 
 
+def on_policy():
+    """on_policy.py as train_distill.py loads it beside itself (the code of generation is that companion's)."""
+    return T.companion("on_policy", "kd.on_policy_fraction")
+
+
 def write_texts(root, rng):
     words = ["alpha", "beta", "gamma", "delta", "the", "fox", "jumps", "over", "lazy", "dog", "and", "runs"]
     texts = {}
@@ -439,7 +444,7 @@ def test_c10_e14_on_policy_examples_continue_their_own_prompt_up_to_the_assistan
     assert "seq_kd: the labels of all the micro-batches are tokens (up to" in said, said
     train = T.TokenWindows(cfg, "train")
     x, y = train[np.arange(len(train))]
-    prompt, new, live = T.example_prompts(y, cfg)
+    prompt, new, live = on_policy().example_prompts(y, cfg)
     rows = [json.loads(line) for line in open(chat_data["src"])]
     rows = [r for i, r in enumerate(rows) if not P.in_val(i, 0.1)]
     assert live.all() and len(rows) == len(train) and (new == 6).all()
@@ -447,7 +452,7 @@ def test_c10_e14_on_policy_examples_continue_their_own_prompt_up_to_the_assistan
         text = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         assert x[row, :prompt[row]].tolist() == tok(text, add_special_tokens=False)["input_ids"]
     module = T.build_trainable(cfg, None)
-    inputs, targets = T.example_on_policy_batch(module, x, y, cfg, torch.Generator().manual_seed(0), None)
+    inputs, targets = on_policy().example_on_policy_batch(module, x, y, cfg, torch.Generator().manual_seed(0), None)
     mask = targets != T.IGNORE
     positions = torch.arange(x.shape[1])
     for row in range(len(x)):  # E14: the KD term only on the generated tokens, after each row's own prompt
@@ -541,7 +546,7 @@ def test_c10_e14_prompt_only_data_trains_only_when_every_micro_batch_generates_a
         cfg, _ = T.resolve_config(None, prompts + [writes])
     train = T.TokenWindows(cfg, "train")
     x, y = train[np.arange(len(train))]
-    prompt, new, live = T.example_prompts(y, cfg)
+    prompt, new, live = on_policy().example_prompts(y, cfg)
     lengths = np.diff(np.load(prompt_data / "train.starts.npy"))
     assert live.all() and (prompt == lengths).all() and (new == 6).all()
     assert ((y == T.IGNORE) | (y == T.GENERATE)).all() and int((y == T.GENERATE).sum()) == len(train)
