@@ -2486,10 +2486,9 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
+    n, p = state["numpy"], state["python"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
-    p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
 
 
@@ -2854,8 +2853,7 @@ def checkpoint_tensors_equal(path_a, path_b):
 
 
 def shard_reader(key="--checkpoint"):
-    """D2: the companion that reads the DCP directory a sharded checkpoint file names (fsdp_sharding.py; only a
-    task that shards its weights writes one), for the reader asking through `key`."""
+    """D2: fsdp_sharding.py, which reads the DCP directory a sharded checkpoint names, for a reader asking via key."""
     return companion("fsdp_sharding", key, fix="read a checkpoint that is not sharded")
 
 
@@ -2892,8 +2890,7 @@ def clock(seconds):
 
 
 def start_progress(run):
-    """The bar when process 0 writes to a terminal; otherwise show_progress() writes a line every
-    train.progress_every_s, so `tail -f` of a nohup, cron or --detach log shows the run moving."""
+    """E7: the bar on process 0's terminal, else show_progress()'s lines, so `tail -f` of a nohup log shows them."""
     now = time.monotonic()
     run["progress"] = {"start": now, "first_step": run["state"]["global_step"], "last_line": now}
     if run["dist"]["main"] and sys.stderr.isatty():
