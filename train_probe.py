@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import difflib
 import hashlib
-import importlib
 import importlib.util
 import json
 import math
@@ -83,9 +82,8 @@ CONFIG = {
     "train.precision": ("fp32", ("fp32", "bf16", "fp16"), "autocast dtype; fp16 adds a GradScaler"),
     "train.device": ("auto", ("auto", "cpu", "cuda"), "auto = cuda when available"),
     "train.log_every": (10, "int", "optimizer steps between train records"),
-    "train.progress_every_s": (60.0, "float",
-                               "seconds between progress lines (step, elapsed, steps/s, ETA) when stderr is no "
-                               "terminal (nohup, cron, --detach); a terminal gets a tqdm bar instead"),
+    "train.progress_every_s": (60.0, "float", "seconds between progress lines (step, elapsed, steps/s, ETA) when "
+                               "stderr is no terminal (nohup, cron, --detach); a terminal gets a tqdm bar instead"),
     "train.eval_every": (None, "int?", "optimizer steps between evals; null = once per epoch"),
     "train.save_every_steps": (None, "int?", "optimizer steps between last.pt saves; null = no step trigger"),
     "train.save_every_minutes": (5.0, "float?", "minutes of training between last.pt saves (R8: bounds what a SIGKILL "
@@ -577,9 +575,8 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
     problems = common_value_problems(cfg, TASK)
     backbones(cfg)  # C3: loaded here, at start-up, when the config names a backbone of its own
     if check_files:
-        for key in ("data.train_x", "data.train_y", "data.val_x", "data.val_y", "data.test_x", "data.test_y"):
-            check_file(cfg, key, problems, (".npy",))
-        check_file(cfg, "backbone.checkpoint", problems, ())
+        for key in PATH_KEYS:
+            check_file(cfg, key, problems, (".npy",) if key.startswith("data.") else ())
     if cfg["data.train_x"] is not None and None in (cfg["data.train_y"], cfg["data.val_x"], cfg["data.val_y"]):
         problems.append(("C3", "data.train_x", "is set, so data.train_y, data.val_x and data.val_y must be too"))
     if (cfg["data.test_x"] is None) != (cfg["data.test_y"] is None):
@@ -589,11 +586,11 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
         if cfg[key] < (2 if key == "head.num_classes" else 1):
             problems.append(("C3", key, f"{cfg[key]!r} is too small"))
     if cfg["train.best_metric"] not in ("val/auroc", "val/bacc", "val/loss"):
-        problems.append(("C3", "train.best_metric",
-                         f"{cfg['train.best_metric']!r} is not one of val/auroc, val/bacc, val/loss"))
+        problems.append(("C3", "train.best_metric", f"{cfg['train.best_metric']!r} is not one of val/auroc, val/bacc, "
+                         "val/loss"))
     if cfg["data.limit"] is not None and cfg["data.limit"] < 1:
-        problems.append(("C3", "data.limit",
-                         f"{cfg['data.limit']!r} keeps no windows; use >= 1, or null for every window"))
+        problems.append(("C3", "data.limit", f"{cfg['data.limit']!r} keeps no windows; use >= 1, or null for every "
+                         "window"))
     if cfg["backbone.target"] is not None and ":" not in cfg["backbone.target"]:
         problems.append(("C3", "backbone.target", "must look like 'package.module:callable'"))
     if not 0 <= cfg["head.dropout"] < 1:
@@ -919,11 +916,8 @@ def content_record(path):
 # -----------------------------------------------------------------------------
 # Data: .npy windows (memory-mapped, multi-GB sets never load into RAM) or synthetic EEG made on the fly.
 def synthetic_window(seed, split, index, label, cfg):
-    """A TUAB-shaped window: background noise, an alpha rhythm and slow (delta) waves.
-
-    Abnormal windows carry more delta power and a weaker alpha rhythm, as abnormal EEG does.
-    Deterministic from (seed, split, index), so workers and resumed runs make identical data.
-    """
+    """A TUAB-shaped window: noise, an alpha rhythm and slow (delta) waves; abnormal ones carry more delta and less
+    alpha, as abnormal EEG does. Deterministic from (seed, split, index): workers and resumes make the same data."""
     rng = np.random.default_rng([seed, split, index, 7])
     channels, length = cfg["data.synthetic.channels"], cfg["data.synthetic.length"]
     t = np.arange(length) / cfg["data.synthetic.sample_rate"]
@@ -1004,30 +998,22 @@ def class_ids(path, key):
                         ".astype(np.int64))")])
 
 
-def check_channels(train_set, *others):
-    """Every split must have the training windows' channels: the backbone and the head are built for them (C3)."""
-    for other in others:
-        if other is not None and other.shape[1] != train_set.shape[1]:
+def data_sets(cfg):
+    """R10: every split the run reads, with its refusals (shapes, labels, channels, C9's NaN/inf), before anything is
+    written: train(), --dry_run and diagnose_and_fix.py call it on the real config (the same line)."""
+    sets = {split: WindowSet(cfg, split) for split in ("train", "val", "test") if split != "test" or cfg["data.test_x"]}
+    train_set = sets["train"]
+    for other in sets.values():  # C3: the backbone and the head are built for the training windows' channels
+        if other.shape[1] != train_set.shape[1]:
             raise ConfigError([("C3", f"data.{other.split}_x", f"{other.x_path or 'synthetic'} has {other.shape[1]} "
                                 f"channels, data.train_x has {train_set.shape[1]}; every split needs the same channels "
                                 "in the same order")])
-
-
-def data_sets(cfg):
-    """R10: every split the run reads, with its refusals (shapes, labels, channels, C9's NaN/inf), before anything is
-    written: train() starts with it, --dry_run and diagnose_and_fix.py call it on the real config (the same line)."""
-    sets = {split: WindowSet(cfg, split) for split in ("train", "val", "test") if split != "test" or cfg["data.test_x"]}
-    check_channels(*sets.values())
     return sets
 
 
-def npy_length(path):
-    """Rows of a .npy file from its header alone (the dry-run tool sizes schedules with this)."""
-    return np.load(path, mmap_mode="r").shape[0]
-
-
 def train_set_size(cfg):
-    n = npy_length(cfg["data.train_x"]) if cfg["data.train_x"] else cfg["data.synthetic.num_train"]
+    """Training windows, a .npy file's from its header alone (the tools size schedules with this)."""
+    n = np.load(cfg["data.train_x"], mmap_mode="r").shape[0] if cfg["data.train_x"] else cfg["data.synthetic.num_train"]
     return n if cfg["data.limit"] is None else min(n, cfg["data.limit"])
 
 
@@ -1120,9 +1106,8 @@ def extract_features(backbone, x, device, cfg):
 
 def check_backbone(backbone, cfg, device, splits):
     """One batch of every split through the backbone before anything is written (C3): a model built for other
-    channels, an output that is not [B, D] after backbone.pool, or splits with different feature sizes fail
-    here with one line, not at the first eval. Returns the unpooled output's shape and the first training
-    windows' pooled features (the feature size is their width; feature_inputs keeps them to compare on resume)."""
+    channels, an output not [B, D] after backbone.pool, or splits of other feature sizes fail here in one line.
+    Returns the unpooled output's shape and the first training windows' features (feature_inputs keeps them)."""
     dims, shapes, samples = {}, {}, {}
     for dataset in splits:
         x, _ = dataset[np.arange(min(2, len(dataset)))]
@@ -1133,8 +1118,7 @@ def check_backbone(backbone, cfg, device, splits):
         except Exception as err:
             first = (str(err).strip().splitlines() or [""])[0]
             inside = backbones(cfg).model_code_frame(err) if cfg["backbone.target"] else None  # the built-in: none
-            # data.train_x names a file; with synthetic data (it is null) naming it would send the user to a key
-            # they never set
+            # synthetic data: data.train_x is null, naming it would send the user to a key they never set
             batch = f"data.{dataset.split}_x" if dataset.x_path else f"synthetic {dataset.split}"
             raise ConfigError([("C3", "backbone.target" if cfg["backbone.target"] else "backbone.kwargs",
                                 f"the backbone fails on a {batch} batch of shape {tuple(x.shape)}: "
@@ -1161,9 +1145,8 @@ def code_sha256(path):
 
 
 def data_identity(cfg, split, part="x"):
-    """A split's windows (part "x") or labels ("y"): the .npy file's bytes and sha256 (content_record, R11: not
-    its path or times); for synthetic data the data.synthetic.* values that make them, with the seed, which
-    resume() checks itself (S7) and feature_cache_key adds."""
+    """A split's windows ("x") or labels ("y"): the file's bytes and sha256 (content_record, R11: not its path or
+    times); synthetic, the data.synthetic.* values (the seed: resume() checks it, S7, feature_cache_key adds it)."""
     if cfg["data.train_x"]:
         record = content_record(cfg[f"data.{split}_{part}"])
         return {"bytes": record["bytes"], "sha256": record["sha256"]}
@@ -1181,11 +1164,10 @@ def config_inputs(cfg):
 
 
 def feature_inputs(cfg, digest, sample, window_shape):
-    """S7/R11: everything the training features depend on, saved in every checkpoint (run["inputs"]) and
-    compared by check_resume_inputs: the settings, the user's build file, the backbone's tensors (digest), the
-    training windows' [channels, samples] (E11: --evaluate scores no other), the feature size, the training
-    data, and the first two training windows' features (they catch a change in code no hash here sees: the
-    library that defines the class, the built-in encoder's own code)."""
+    """S7/R11: everything the training features depend on, saved in every checkpoint (run["inputs"]) and compared
+    by check_resume_inputs: settings, build file, the backbone's tensors (digest), the windows' [channels, samples]
+    (E11: --evaluate scores no other), feature size, training data, and the first two windows' features (a change
+    in code no hash here sees: the library that defines the class, the built-in encoder's own code)."""
     return {**config_inputs(cfg), "backbone digest": digest, "window shape": [int(n) for n in window_shape],
             "feature dim": int(sample.shape[1]), "first features": sample.float()}
 
@@ -1218,8 +1200,7 @@ def input_changes(saved, now):
 
 
 def read_checkpoint_quietly(run_dir, mode):
-    """The checkpoint a resume would start from (last.pt, else last.prev.pt), or None; resume() gives the
-    messages (R6)."""
+    """The checkpoint a resume would start from (last.pt, else last.prev.pt) or None; resume() says why (R6)."""
     if mode == "none":
         return None
     path = os.path.join(run_dir, "checkpoints", "last.pt") if mode == "auto" else mode
@@ -1259,10 +1240,9 @@ def check_resume_inputs(cfg, run_dir, mode, inputs):
 
 
 def feature_cache_key(cfg, inputs, split, n, device, class_file):
-    """R11: the one key of a split's cached features, the only way feature_cache() reuses a file. Everything the
-    resume check compares (feature_inputs: settings, build file, backbone digest, feature size), with the
-    split's own windows (the .npy file's content, data_identity; for synthetic data the values that
-    make them), the file that defines the backbone's class (a library upgrade) and how they are computed."""
+    """R11: the one key of a split's cached features, the only way feature_cache() reuses a file: what the resume
+    check compares (feature_inputs), the split's own windows (data_identity), the file that defines the backbone's
+    class (a library upgrade) and how they are computed."""
     data = data_identity(cfg, split)
     what = {"format": 3, **{k: v for k, v in inputs.items() if not k.startswith(("first features", "data.train_"))},
             "backbone build file": (inputs["backbone build file"] or {}).get("sha256"),
@@ -1272,8 +1252,8 @@ def feature_cache_key(cfg, inputs, split, n, device, class_file):
 
 
 def compute_features(run, backbone, dataset, n):
-    """The first n windows' features in batches of train.eval_batch_size, with a tqdm bar on a terminal or a
-    log line a minute otherwise (a large backbone over a large set takes a while)."""
+    """The first n windows' features, with a tqdm bar on a terminal or else a log line a minute (a large backbone
+    over a large set takes a while)."""
     cfg, d = run["cfg"], run["dist"]
     size, started = cfg["train.eval_batch_size"], time.monotonic()
     bar, said = None, started
@@ -1299,10 +1279,9 @@ def compute_features(run, backbone, dataset, n):
 
 
 def feature_cache(run, backbone, dataset, limit=None):
-    """All of a split's features in one pass: the backbone is frozen and the data unaugmented, so every
-    later epoch would recompute exactly these numbers. Kept in <run_dir>/features/ under a name made of
-    what they depend on (feature_cache_key, R11), so a resumed run loads them instead of computing them again,
-    and features of other inputs are never loaded."""
+    """A split's features in one pass (the backbone is frozen, the data unaugmented: every epoch would recompute
+    these numbers), kept in <run_dir>/features/ under a name made of what they depend on (feature_cache_key,
+    R11): a resume loads them, features of other inputs are never loaded."""
     n = min(len(dataset), limit or len(dataset))
     class_file = getattr(sys.modules.get(type(backbone).__module__), "__file__", None)
     key = feature_cache_key(run["cfg"], run["inputs"], dataset.split, n, run["dist"]["device"], class_file)
@@ -1339,12 +1318,9 @@ def use_feature_cache(cfg, num_samples, feature_dim):
 
 
 class ProbeHead(nn.Module):
-    """The probe: fixed standardisation (train-set mean/std, saved with the head), optional dropout, one
-    linear layer.
-
-    Per-sample arithmetic only, no BatchNorm: an update must not depend on how a step is split into
-    micro-batches (G2; with head.dropout > 0 the masks differ with the split, as they do with any seed).
-    """
+    """Fixed standardisation (train-set mean/std, saved with the head), optional dropout, one linear layer. Per-
+    sample arithmetic only, no BatchNorm: an update must not depend on how a step is split into micro-batches
+    (G2; with head.dropout > 0 the masks differ with the split, as they do with any seed)."""
 
     def __init__(self, dim, num_classes, mean, std, dropout=0.0):
         super().__init__()
@@ -2002,9 +1978,9 @@ def print_plan(run, resumed, cached):
     marks = schedule_landmarks(cfg, plan)
     b, a, w, n = plan["batch_size"], plan["grad_accum"], plan["world_size"], plan["num_samples"]
     source = f"files {cfg['data.train_x']}, ..." if cfg["data.train_x"] else "SYNTHETIC EEG (data.train_x is null)"
-    log(run, f"data: {source}; {n} train windows, {len(run['eval_sources']['val'][1])} val windows"
-             + (f", {len(run['eval_sources']['test'][1])} test windows" if "test" in run["eval_sources"] else "")
-             + f", shape {tuple(run['train_set'].shape[1:])}, feature cache {'on' if cached else 'off'}")
+    evals = "".join(f", {len(labels)} {split} windows" for split, (_, labels) in run["eval_sources"].items())
+    log(run, f"data: {source}; {n} train windows{evals}, shape {tuple(run['train_set'].shape[1:])}, feature cache "
+             f"{'on' if cached else 'off'}")
     log(run, f"steps: ceil({n} / ({b} x {w} processes)) = {plan['micro_batches_per_epoch']} micro-batches per epoch; "
              f"ceil({plan['micro_batches_per_epoch']} / grad_accum {a}) = {plan['steps_per_epoch']} optimizer "
              "steps per epoch; " + run_length_text(cfg, plan))
@@ -2043,10 +2019,9 @@ def already_complete(cfg, plan, run_dir, mode, d):
 
 
 def finished_run_pending(cfg, ckpt, run_dir):
-    """Why a finished run is not simply complete, in words, or None (already_complete and launch.sh ask before
-    saying "complete"): what its features depend on changed where the config does not show it (the build file,
-    the training data), and train() then refuses, naming it (S7/R11); or its export is missing, killed before
-    it was published (R12), and train() writes it."""
+    """Why a finished run is not simply complete, in words, or None (already_complete and launch.sh ask): what its
+    features depend on changed where the config does not show it (build file, training data: train() refuses,
+    S7/R11), or its export is missing, killed before it was published (R12: train() writes it)."""
     changes = input_changes(ckpt.get("inputs") or {}, config_inputs(cfg))
     if not os.path.isdir(os.path.join(run_dir, "export")):
         changes.append(("export", f"{os.path.join(run_dir, 'export')} is missing; the script writes it"))
@@ -2143,9 +2118,8 @@ def finish_probe(run, test_set):
 # ---- The training loop, in the order it runs: train -> fit -> optimizer_step -> evaluate. What it
 # calls only when an option is on (the feature cache, metric sinks) was chosen before train().
 def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
-    """Run (or continue) one probe training: the data and its schedule, the backbone, features and head
-    (build_probe_run), resume, the loop (fit), then the test split and the export (finish_probe).
-    Returns (outcome, run)."""
+    """Run (or continue) one probe training: data and schedule, backbone, features and head (build_probe_run),
+    resume, the loop (fit), then the test split and the export (finish_probe). Returns (outcome, run)."""
     d = setup_distributed(cfg)
     seed_everything(cfg["seed"], d["rank"])
     sets = data_sets(cfg)
@@ -2561,25 +2535,22 @@ def patience_exhausted(run):
 # (model = train_probe.load_export("runs/<run>/export")). Loading it and --evaluate (saved weights scored on a
 # config's data by the run's own evaluate()) are the companion file probe_evaluate.py.
 def model_config(cfg):
-    """The keys that rebuild the network and its features: the backbone (and its seeded init), the head, the
-    precision."""
+    """The keys that rebuild the network and its features: backbone (its seeded init), head, precision."""
     return {k: v for k, v in cfg.items() if k in ("seed", "train.precision", "launch_dir")  # C8: where its module is
             or k.startswith(("backbone.", "head."))}
 
 
 def export_probe(run):
-    """best.pt's head (the last weights when no eval was finite) into <run_dir>/export/: head.pt, a plain state
-    dict, probe.json with the backbone reference (backbone.target/kwargs/checkpoint as an absolute path, the
-    launch_dir its module is found from, the seed of a built-in encoder) and the in_channels, and the run's
-    config.yaml. Written into a temporary directory and published by publish_directory(): a kill
-    leaves no half export, and never none (R12)."""
+    """best.pt's head (the last weights when no eval was finite) into <run_dir>/export/: head.pt (a state dict),
+    probe.json (the backbone reference: model_config(), in_channels, window shape) and the run's config.yaml.
+    Written into a temporary directory and published whole (publish_directory): a kill leaves no half export,
+    and never none (R12)."""
     if not run["dist"]["main"]:
         return None
     best_path, out = os.path.join(run["ckpt_dir"], "best.pt"), os.path.join(run["run_dir"], "export")
     best = torch.load(best_path, map_location="cpu", weights_only=True) if os.path.exists(best_path) else None
     state = best["model"] if best else host_copy(run["module"].state_dict())
-    # R12: a kill's leftover names its writer
-    tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=f".export-{os.getpid()}-")
+    tmp = tempfile.mkdtemp(dir=run["run_dir"], prefix=f".export-{os.getpid()}-")  # R12: a leftover names its writer
     os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide the export from the people it is for
     try:
         torch.save(state, os.path.join(tmp, "head.pt"))
@@ -2703,10 +2674,9 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
 
 
 # -----------------------------------------------------------------------------
-# Prepared windows. prepare_tuab.py, beside this script, turns the TUAB v3.0.1 download into the .npy windows
-# configs/tuab_4s.yaml names and writes a manifest.json of what they are (C7). Training only reads them: the
-# settings below are what data.* says the windows are, and every run, dry run and diagnose compares them with
-# the manifest (C6). Your own .npy windows, without a manifest, are read as they are.
+# Prepared windows: prepare_tuab.py turns the TUAB download into .npy windows with a manifest.json of what they
+# are (C7). Every run, dry run and diagnose compares what data.* says with the manifest (C6); your own .npy
+# windows, without a manifest, are read as they are.
 # (Written in lower case: the electrodes c3 and c4 would read as catalogue row ids to tests/test_failure_modes.py.)
 REFERENTIAL_19 = "fp1 fp2 f3 f4 c3 c4 p3 p4 o1 o2 f7 f8 t3 t4 t5 t6 fz cz pz".upper().split()
 TCP_22 = ("fp1-f7 f7-t3 t3-t5 t5-o1 fp2-f8 f8-t4 t4-t6 t6-o2 a1-t3 t3-c3 c3-cz cz-c4 c4-t4 t4-a2 fp1-f3 f3-c3 c3-p3 "
@@ -2775,8 +2745,7 @@ def prepared_data_problems(cfg):
     """C6: windows prepare_tuab.py made (a manifest.json beside them) must be what the config says: the same
     sample rate, window length, channels, units, filters and val share, the files as prepared, and a finished
     preparation. resolve_config() calls it, so the run, --dry_run and diagnose_and_fix.py refuse alike."""
-    keys = [k for k in ("data.train_x", "data.train_y", "data.val_x", "data.val_y", "data.test_x", "data.test_y")
-            if cfg[k] and os.path.isfile(cfg[k])]
+    keys = [k for k in PATH_KEYS if k.startswith("data.") and cfg[k] and os.path.isfile(cfg[k])]
     problems, want = [], {**window_settings(cfg), "val_fraction": cfg["data.val_fraction"]}
     for directory in sorted({os.path.dirname(os.path.abspath(cfg[k])) for k in keys}):
         mine = [k for k in keys if os.path.dirname(os.path.abspath(cfg[k])) == directory]
@@ -2848,9 +2817,8 @@ def main(argv=None):
         outcome, run = train(cfg, args.run_dir or os.path.join("runs", cfg["run_name"]), args.resume)
         close_sinks(run, ok=outcome != "stopped")
         if dist.is_initialized():
-            # Every process leaves its last collective (the final save) before any closes its connections:
-            # a peer that exits first would fail the slower one mid-collective. The exit itself is
-            # exit_process()'s job (the gloo threads versus Py_Finalize).
+            # every process leaves its last collective (the final save) before any closes its connections: a peer
+            # gone first would fail the slower one mid-collective (the exit itself is exit_process()'s job)
             dist.barrier()
     except ConfigError as err:
         sys.stderr.write(f"{err}\n")  # one write: under torchrun every process says it, whole lines (C3)
