@@ -2041,15 +2041,11 @@ def build_probe_run(cfg, run_dir, resume_mode, d, plan, sets, stop_after, quiet)
     run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, backbone_output_shape=shape,
                inputs=inputs)
     cached = use_feature_cache(cfg, len(train_set), inputs["feature dim"])
-    evals = {k: s for k, s in sets.items() if k != "train"}
-    train_feats = None
-    if cached:
-        train_feats = feature_cache(run, backbone, train_set)
-        run["eval_sources"] = {k: (feature_cache(run, backbone, s), s.labels) for k, s in evals.items()}
-        sample = train_feats
-    else:
-        run["eval_sources"] = {k: (s, s.labels) for k, s in evals.items()}
-        sample = feature_cache(run, backbone, train_set, limit=2048)  # for standardisation only
+    train_feats = feature_cache(run, backbone, train_set) if cached else None
+    run["eval_sources"] = {k: (feature_cache(run, backbone, s) if cached else s, s.labels)
+                           for k, s in sets.items() if k != "train"}
+    # uncached: the first 2048 windows' features, for the standardisation only
+    sample = train_feats if cached else feature_cache(run, backbone, train_set, limit=2048)
     module = build_head(cfg, sample).to(d["device"])
     # DDP copies process 0's weights and buffers to every process at construction; the head's buffers are
     # fixed, so the default per-forward buffer broadcast only copies equal values.
