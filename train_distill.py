@@ -3000,10 +3000,8 @@ def objective_text(cfg, vocabulary):
 
 
 # -----------------------------------------------------------------------------
-# Generated micro-batches (E14): on-policy data (kd.on_policy_fraction, GKD's lmbda: the student continues a
-# prompt, the teacher scores that sequence) and sequence-level KD (kd.seq_kd: the teacher's continuation is the
-# data). Their code is on_policy.py, a companion file beside this script, loaded at config resolution when a key
-# of theirs is set; make_task() plugs it in once, so the loop has no branch for it.
+# Generated micro-batches (E14: on-policy data, kd.seq_kd): their code is on_policy.py, a companion file beside
+# this script, loaded at config resolution when a key of theirs is set; make_task() plugs it in once, no loop branch.
 GENERATION_KEYS = ("kd.on_policy_fraction", "kd.seq_kd", "kd.prompt_tokens", "kd.max_new_tokens",
                    "kd.sample_temperature", "kd.eos_token")
 
