@@ -656,7 +656,7 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
     """The distillation config: load, cast, validate. Tools import this so they judge what training runs."""
     cfg, notes = load_config(path, overrides, CONFIG, base)
     problems = common_value_problems(cfg, TASK)
-    sharding(cfg), chunking(cfg), caching(cfg), packing(cfg), generating(cfg)  # D1, D6, R9, C10, E14: at start-up
+    sharding(cfg), chunking(cfg), caching(cfg), packing(cfg), generating(cfg), divergences(cfg)  # at start-up
     for key in hf_dir_keys(cfg):  # C3: hf_models.py for a Hugging Face directory, loaded here as well
         hf_models(key)
     for key in user_model_keys(cfg):  # C3: user_models.py for a user's callable too
@@ -2199,36 +2199,20 @@ def xlogy_ratio(log_p, log_q):
 
 
 # kd.divergence: D(p, q) between the teacher's p = softmax(teacher / T) and the student's q = softmax(student / T),
-# both at the same temperature (E13: a T on one side only is another objective, never a scaled one).
+# both at the same temperature (E13: a T on one side only is another objective, never a scaled one). Forward KL is
+# the functions above; the others (reverse KL, JSD, skew KL, TVD) are divergences.py, a companion file beside this
+# script, loaded at config resolution when kd.divergence names one.
+def divergences(cfg):
+    """divergences.py when a distillation's kd.divergence is not forward_kl (E13), else None. resolve_config() calls
+    it first, so a missing file is one line before anything is written (C3)."""
+    return companion("divergences", "kd.divergence") if cfg["kd.enabled"] and cfg["kd.divergence"] != "forward_kl" \
+        else None
+
+
 def is_forward_kl(kind, jsd_beta, skew_alpha):
     """Whether this divergence is forward KL exactly (jsd at b = 0 and skew_kl at a = 0 are): the only one
     a sampled teacher cache estimates without bias (E12)."""
     return kind == "forward_kl" or (kind == "jsd" and jsd_beta == 0) or (kind == "skew_kl" and skew_alpha == 0)
-
-
-def divergence(log_p, log_q, kind, jsd_beta=0.5, skew_alpha=0.1):
-    """D(p, q) per position, summed over the last dimension of fp32 log-probabilities (the vocabulary, or the
-    k + 1 outcomes of top-k KD). The published formulas:
-      forward_kl  KL(p || q) = sum p (log p - log q)                    (Hinton et al.; mean-seeking)
-      reverse_kl  KL(q || p)                                            (MiniLLM; mode-seeking)
-      jsd         b KL(p || m) + (1 - b) KL(q || m), m = b p + (1 - b) q, b = kd.jsd_beta; b = 0 is forward KL
-                  and b = 1 reverse KL, exactly (GKD, eq. 1; TRL's GKDTrainer.generalized_jsd_loss)
-      skew_kl     KL(p || a p + (1 - a) q), a = kd.skew_alpha; a = 0 is forward KL (DistiLLM's skew KL)
-      tvd         (1/2) sum |p - q|                                      (total variation)
-    A zero probability contributes 0, not nan (xlogy_ratio)."""
-    if is_forward_kl(kind, jsd_beta, skew_alpha):
-        return xlogy_ratio(log_p, log_q).sum(-1)
-    if kind == "reverse_kl" or (kind == "jsd" and jsd_beta == 1):
-        return xlogy_ratio(log_q, log_p).sum(-1)
-    if kind == "jsd":
-        log_m = torch.logaddexp(log_p + math.log(jsd_beta), log_q + math.log1p(-jsd_beta))
-        return jsd_beta * xlogy_ratio(log_p, log_m).sum(-1) + (1 - jsd_beta) * xlogy_ratio(log_q, log_m).sum(-1)
-    if kind == "skew_kl":
-        log_m = torch.logaddexp(log_p + math.log(skew_alpha), log_q + math.log1p(-skew_alpha))
-        return xlogy_ratio(log_p, log_m).sum(-1)
-    if kind == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-    raise AssertionError(f"unknown divergence {kind}")
 
 
 def divergence_scale(kind, temperature):
@@ -2250,34 +2234,17 @@ def topk_allows(kind, jsd_beta):
     return kind in ("forward_kl", "skew_kl", "tvd") or (kind == "jsd" and jsd_beta == 0)
 
 
-def coarsen(log_q, log_p_top, index, log_rest):
-    """(log p, log q) over the k + 1 outcomes of top-k KD: the teacher's top-k tokens and one bucket for all
-    the others (each model's exact remaining mass, a logsumexp over the excluded logits); the bucket is left
-    out when empty (k = vocab), whose logsumexp of nothing would put nan into the gradient."""
-    log_q_top = log_q.gather(-1, index)
-    if index.shape[-1] == log_q.shape[-1]:
-        return log_p_top, log_q_top
-    rest_q = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
-    return torch.cat([log_p_top, log_rest.unsqueeze(-1)], -1), torch.cat([log_q_top, rest_q.unsqueeze(-1)], -1)
-
-
 def kd_divergence(student_logits, kind, temperature, teacher_logits=None, top_k=None, cached=None,
                   jsd_beta=0.5, skew_alpha=0.1, log_q=None):
     """kd.divergence per position, in fp32 whatever the autocast dtype (G6): from the teacher's logits (full,
     or its top-k with top_k) or from its top-k numbers read from kd.teacher_cache (`cached`, as teacher_topk
-    returns them). forward_kl is kd_kl / kd_kl_topk themselves. log_q: the student's log_probs at T, when the
-    step has them already (G8: one log_softmax per model and step)."""
+    returns them). forward_kl is kd_kl / kd_kl_topk themselves, the others divergences.py's. log_q: the student's
+    log_probs at T, when the step has them already (G8: one log_softmax per model and step)."""
     if kind == "forward_kl":
         return kd_kl_topk(student_logits, *cached, temperature, log_q=log_q) if cached else \
             kd_kl(student_logits, teacher_logits, temperature, top_k, log_q=log_q)
-    with torch.autocast(student_logits.device.type, enabled=False):
-        log_q = log_probs(student_logits, temperature) if log_q is None else log_q  # E13: the student at T ...
-        if cached is None and top_k is None:
-            log_p = F.log_softmax(teacher_logits.float() / temperature, -1)  # ... and the teacher at the same T
-        else:
-            assert topk_allows(kind, jsd_beta), kind  # E12: resolve_config refuses the combination
-            log_p, log_q = coarsen(log_q, *(cached or teacher_topk(teacher_logits, temperature, top_k)))
-        return divergence(log_p, log_q, kind, jsd_beta, skew_alpha)
+    return companion("divergences", "kd.divergence").kd_divergence(student_logits, kind, temperature, teacher_logits,
+                                                                   top_k, cached, jsd_beta, skew_alpha, log_q)
 
 
 def hidden_term(projected, teacher_hidden):

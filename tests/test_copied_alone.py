@@ -4,7 +4,8 @@ shipped configs made tiny run --dry_run, a short training that is SIGKILLed mid-
 resuming it to the end. A feature that needs another file of the kit (the preparation tools) names it in one
 line, exit 2 (C3); so does a feature whose code is a companion file (metric_sinks.py, fsdp_sharding.py,
 chunked_loss.py, teacher_cache.py, probe_evaluate.py, probe_backbones.py, packing.py, hf_models.py,
-distill_evaluate.py, user_models.py, on_policy.py), which works when copied together with the script."""
+distill_evaluate.py, user_models.py, on_policy.py, divergences.py), which works when copied together with the
+script."""
 import os
 import shutil
 import subprocess
@@ -157,6 +158,7 @@ def companion_line(key, name, script):
     ("train_distill.py", "distill_demo", "kd.teacher_cache=cache", "teacher_cache"),
     ("train_distill.py", "distill_demo", "data.packing=true", "packing"),
     ("train_distill.py", "distill_demo", "student.target=zoo:tiny_causal_lm", "user_models"),
+    ("train_distill.py", "distill_demo", "kd.divergence=jsd", "divergences"),
     ("train_distill.py", "distill_demo_teacher", "student.hf_dir=hf", "hf_models"),
     ("train_distill.py", "distill_demo", "kd.hf_teacher_dir=hf", "hf_models"),
     ("train_distill.py", "distill_demo", "kd.on_policy_fraction=0.5", "on_policy"),
@@ -273,6 +275,21 @@ def test_e14_train_distill_copied_with_on_policy_py_distils_on_policy_and_with_s
     assert "done: 2 optimizer steps" in out.stdout
     trains = td.read_metrics(str(where / "runs" / "distill_demo"))[0]
     assert sum(r["on_policy/micro_batches"] + r["seq_kd/micro_batches"] for r in trains.values()) == 4  # 2 steps x 2
+
+
+def test_e13_train_distill_copied_with_divergences_py_distils_with_jsd(tmp_path):
+    """The script and its companion copied together: a tiny teacher, then the student distilled from it with
+    kd.divergence jsd (GKD's generalised JSD), the term logged."""
+    where = copied_alone(tmp_path, "train_distill.py")
+    shutil.copy(os.path.join(ROOT, "divergences.py"), where)
+    short = [*DISTILL_TINY, "train.max_steps=2", "train.eval_every=2"]
+    teacher = run(where, "train_distill.py", "--config", os.path.join(CONFIGS, "distill_demo_teacher.yaml"), "--set",
+                  *short)
+    assert teacher.returncode == 0, teacher.stderr[-2000:]
+    out = run(where, "train_distill.py", "--config", os.path.join(CONFIGS, "distill_demo.yaml"), "--set", *short,
+              *TEACHER_TINY, "kd.divergence=jsd", "kd.top_k=null")
+    assert out.returncode == 0 and "WARNING" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "JSD(beta 0.5)" in out.stdout and "done: 2 optimizer steps" in out.stdout, out.stdout[-2000:]
 
 
 def test_r9_train_distill_copied_with_teacher_cache_py_builds_the_cache_and_distils_offline(tmp_path):

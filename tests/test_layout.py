@@ -13,7 +13,7 @@ SOURCES = ["train_probe.py", "train_distill.py", "diagnose_and_fix.py", "prepare
            "test_scheduler_dry_run.py", "metric_sinks.py", "fsdp_sharding.py", "diagnose_plot.py", "chunked_loss.py",
            "teacher_cache.py", "probe_evaluate.py", "packing.py", "hf_models.py",
            "distill_evaluate.py", "probe_backbones.py", "user_models.py",
-           "on_policy.py"]  # the tools, the companions
+           "on_policy.py", "divergences.py"]  # the tools, the companions
 LOOP = ("train", "fit", "optimizer_step", "evaluate")
 
 
