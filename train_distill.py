@@ -1126,11 +1126,10 @@ def vocab_size(cfg):
     return cfg["data.vocab_size"] if cfg["data.train_bin"] else 256
 
 
-# C4: the built-in corpus is generated, not read from the machine: the same bytes under every Python, OS and
-# version of any package (it used to be the running interpreter's stdlib sources, whose bytes change
-# between patch releases, and so did the demo's data, its table and every teacher trained on it). The
-# script stays one file: nothing to ship beside it. BUILTIN_CHECK pins the first documents' sha256, so a
-# Python whose generator ever gave other bytes stops with one line instead of training on other data.
+# C4: the built-in corpus is generated, not read from the machine: the same bytes under every Python, OS and package
+# version (it used to be the interpreter's stdlib sources, whose bytes change between patch releases, and so did
+# the demo's data and every teacher trained on it), and nothing to ship beside the script. BUILTIN_CHECK pins the
+# first documents' sha256: a Python whose generator ever gave other bytes stops with one line.
 BUILTIN_VERBS = ("get", "set", "load", "save", "parse", "build", "find", "read", "write", "update", "check", "make",
                  "count", "merge", "split", "join", "compute", "render", "apply", "resolve", "encode", "decode",
                  "scan", "sort")
@@ -1148,10 +1147,8 @@ BUILTIN_CHECK = "f7c8ea7dc17aaa9d8139502f276d9305d06c331074dc28dc45c84fb4af9b516
 
 
 def builtin_document(number):
-    """Document `number` of the built-in corpus: a Python-like module (docstrings, imports, functions,
-    classes, loops) whose names are reused within a function, so a model gains from looking back.
-    random.Random(int).random() is the one stream Python promises to keep across versions; nothing else
-    of the random module is used."""
+    """Document `number`: a Python-like module whose names are reused within a function (a model gains from
+    looking back), drawn from random.Random(int).random() alone, the one stream Python keeps across versions."""
     r = random.Random(number).random
 
     def pick(seq):
@@ -1229,14 +1226,9 @@ def builtin_corpus_problem():
 
 @functools.lru_cache(maxsize=8)
 def builtin_corpus(split, seq_len, max_bytes):
-    """Byte-level text of the generated documents (builtin_document): vocab 256, nothing to download, the
-    same bytes on every machine (the run log prints their sha256).
-
-    Document n goes to val when n % 10 == 0, to train otherwise; documents are taken in order until
-    max_bytes. Each is padded with byte 0 to whole windows with at least one pad, so a window never mixes
-    two documents and a document's last window has fewer real targets: the uneven token counts that
-    token-weighted accumulation must handle (G2).
-    """
+    """The bytes (vocab 256) of builtin_document n, for val when n % 10 == 0, else train, in order up to max_bytes.
+    Each is padded with byte 0 to whole windows with at least one pad: a window never mixes two documents, and a
+    document's last window has fewer real targets, the uneven token counts accumulation must weigh (G2)."""
     numbers = itertools.count(0, 10) if split == "val" else (n for n in itertools.count(1) if n % 10)
     parts, size = [], 0
     for number in numbers:
@@ -1787,10 +1779,10 @@ def split_outputs(out):
 
 
 class Trainable(nn.Module):
-    """What the optimizer trains and the checkpoint's "model" holds: the language model and, when the
-    hidden-state term is on (kd.gamma > 0, G8) and both widths are known, the learned projection of its hidden
-    states to the teacher's width; with kd.hidden_layers one per layer pair (`pairs`: their student and teacher
-    widths). Keys: "lm.*" (a Hugging Face or user model's own keys under "lm.model.*"), "proj.*" ("proj.0.*", ...)."""
+    """What the optimizer trains and the checkpoint's "model" holds: the language model ("lm.*"; a Hugging Face or
+    user model's keys under "lm.model.*") and, with the hidden-state term on (kd.gamma > 0, G8) and both widths
+    known, the learned projection to the teacher's width ("proj.*"), or one per kd.hidden_layers pair ("proj.0.*",
+    ...; `pairs`: their student and teacher widths)."""
 
     def __init__(self, lm, teacher_width=None, pairs=None):
         super().__init__()
@@ -1808,19 +1800,15 @@ class Trainable(nn.Module):
         if past is not None:
             return self.lm(idx, past=past)
         out, hidden = self.lm(idx, positions=positions) if logits else self.lm(idx, logits=False, positions=positions)
-        projected = None
         if project and isinstance(self.proj, nn.ModuleList):
-            projected = [proj(h) for proj, h in zip(self.proj, hidden)]
-        elif project:
-            projected = self.proj(hidden)
-        return (out if logits else hidden), projected
+            return (out if logits else hidden), [proj(h) for proj, h in zip(self.proj, hidden)]
+        return (out if logits else hidden), (self.proj(hidden) if project else None)
 
 
 def trained_arch(cfg):
-    """The network a config trains, as plain data: student.* whether it is distilled (kd.enabled true) or
-    trained as a plain LM (false: how a teacher is made), so "train a teacher" and "train a student" read
-    the same. {"hf_dir": path} | {"target": "module:callable", "kwargs": {...}} | the built-in GPT's
-    {"n_layer", "n_head", "n_embd"}. A checkpoint's saved config rebuilds its network from this."""
+    """The network a config trains (student.*, distilled or a plain LM: a teacher-to-be), as plain data a
+    checkpoint's saved config rebuilds it from: {"hf_dir": path} | {"target": "module:callable", "kwargs": {...}}
+    | the built-in GPT's {"n_layer", "n_head", "n_embd"}."""
     if cfg.get("student.hf_dir"):
         return {"hf_dir": cfg["student.hf_dir"]}
     if cfg.get("student.target"):
@@ -1860,8 +1848,7 @@ def build_lm(cfg, arch, key, who, hidden, weights=True):
 
 def trained_key(cfg):
     """The config key that names the trained network (for messages)."""
-    arch = trained_arch(cfg)
-    return "student.hf_dir" if "hf_dir" in arch else "student.target" if "target" in arch else "student.n_layer"
+    return next((k for k in ("student.hf_dir", "student.target") if cfg.get(k)), "student.n_layer")
 
 
 def hidden_request(cfg, column):
@@ -1892,8 +1879,7 @@ def use_layers(lm, hidden, cfg, who):
 
 
 def layer_width(lm, layer):
-    widths = getattr(lm, "widths", None)
-    return widths[layer] if widths else lm.width
+    return lm.widths[layer] if getattr(lm, "widths", None) else lm.width
 
 
 def build_trainable(cfg, teacher):
@@ -1914,11 +1900,10 @@ def build_trainable(cfg, teacher):
 
 
 def projection_resume_hooks(module, optimizer, cfg):
-    """G8: resuming across the projection's presence. A checkpoint written at kd.gamma 0 before the kit left
-    the projection out holds proj.weight and proj.bias, which no gradient ever reached (AdamW skips a
-    parameter without one), and their optimizer entries, the last of each group (param_groups' order:
-    the LM, then the projection): they are dropped, and the run continues exactly as it would have. A
-    checkpoint without a projection resumed at kd.gamma > 0 has none to give: one line says so."""
+    """G8: resuming across the projection's presence. A checkpoint written at kd.gamma 0 before the kit left the
+    projection out holds proj.weight and proj.bias, never reached by a gradient (AdamW skips them), and their
+    optimizer entries, the last of each group (param_groups' order: the LM, then the projection): they are dropped
+    and the run continues exactly as it would have. A checkpoint without one resumed at kd.gamma > 0: one line."""
     dropped = {}
 
     def model_hook(_module, state, prefix, *_args):
@@ -1931,19 +1916,15 @@ def projection_resume_hooks(module, optimizer, cfg):
                                 "start a new run (--set run_name=NEW)")])
 
     def optimizer_hook(_optimizer, state):
-        shapes = sorted(dropped.values())
         groups = state["param_groups"]
         if not dropped or len(groups) != len(optimizer.param_groups):
             return None
-        extra = [g["params"][-1] for g, mine in zip(groups, optimizer.param_groups)
-                 if len(g["params"]) == len(mine["params"]) + 1]
-        moments = sorted(tuple(state["state"][i]["exp_avg"].shape) for i in extra
-                         if "exp_avg" in state["state"].get(i, {}))
-        # never stepped (no state), or the projection's shapes
-        if len(extra) == len(dropped) and moments in ([], shapes):
-            for g, mine in zip(groups, optimizer.param_groups):
-                if len(g["params"]) == len(mine["params"]) + 1:
-                    state["state"].pop(g["params"].pop(), None)
+        extra = [g for g, mine in zip(groups, optimizer.param_groups) if len(g["params"]) == len(mine["params"]) + 1]
+        moments = sorted(tuple(state["state"][g["params"][-1]]["exp_avg"].shape) for g in extra
+                         if "exp_avg" in state["state"].get(g["params"][-1], {}))
+        if len(extra) == len(dropped) and moments in ([], sorted(dropped.values())):  # never stepped, or its shapes
+            for g in extra:
+                state["state"].pop(g["params"].pop(), None)
         return state
 
     module.register_load_state_dict_pre_hook(model_hook)
@@ -1951,8 +1932,8 @@ def projection_resume_hooks(module, optimizer, cfg):
 
 
 def how_to_make_teacher(path):
-    """What to run when the teacher checkpoint is missing: a kd.enabled=false run whose run dir holds it,
-    named by its config in configs/ (beside the current directory or this script) when there is one."""
+    """What to run when the teacher checkpoint is missing: a kd.enabled=false run writing it, by its config in
+    configs/ (of the current directory or beside this script) when there is one."""
     parts = os.path.normpath(path).split(os.sep)
     if len(parts) < 3 or parts[-2] != "checkpoints" or not parts[-3]:
         return "make the teacher with a kd.enabled=false run of this script, or fix the path"
@@ -1973,14 +1954,13 @@ def how_to_make_teacher(path):
 
 
 def read_teacher_checkpoint(cfg):
-    """The checkpoint in kd.teacher_checkpoint (mmapped: cheap enough for resolve_config), checked to be
-    this script's, with windows at least data.seq_len long for the built-in GPT it may hold."""
+    """kd.teacher_checkpoint (mmapped: cheap enough for resolve_config), checked to be this script's, with
+    windows at least data.seq_len long for the built-in GPT it may hold."""
     path, key = cfg["kd.teacher_checkpoint"], "kd.teacher_checkpoint"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # whatever the unpickler meets in a torn or foreign file
-        raise ConfigError([("C3", key,
-                            f"{path} does not load ({type(err).__name__}); give a train_distill.py "
+        raise ConfigError([("C3", key, f"{path} does not load ({type(err).__name__}); give a train_distill.py "
                             "checkpoint")]) from None
     if not isinstance(ckpt, dict) or ckpt.get("task") != TASK or not isinstance(ckpt.get("config"), dict):
         raise ConfigError([("C3", key, f"{path} is not a train_distill.py checkpoint; make the teacher with "
@@ -2000,10 +1980,9 @@ def read_teacher_checkpoint(cfg):
 
 
 def load_teacher_checkpoint(cfg, hidden=True):
-    """A checkpoint of this script (kd.enabled false, or a student used as the next teacher): its saved
-    config says which network it holds (trained_arch: its student.*); a built-in GPT must be the one teacher.*
-    describes, a Hugging Face network is rebuilt from its directory's config.json, a user module from its
-    callable."""
+    """A checkpoint of this script (kd.enabled false, or a student as the next teacher): its saved config's
+    trained_arch names the network; a built-in GPT must be the one teacher.* describes, a Hugging Face network is
+    rebuilt from its directory's config.json, a user module from its callable."""
     path, key = cfg["kd.teacher_checkpoint"], "kd.teacher_checkpoint"
     ckpt = read_teacher_checkpoint(cfg)
     saved = ckpt["config"]
@@ -2020,8 +1999,7 @@ def load_teacher_checkpoint(cfg, hidden=True):
                                 + ", ".join(f"{k} {v}" for k, v in arch.items())
                                 + "; set teacher.n_layer/n_head/n_embd to those values")])
         lm = GPT(vocab_size(saved), saved["data.seq_len"], **arch)
-    lm.load_state_dict({k[len("lm."):]: v for k, v in saved_weights(ckpt, path, "kd.teacher_checkpoint").items()
-                        if k.startswith("lm.")})
+    lm.load_state_dict({k[3:]: v for k, v in saved_weights(ckpt, path, key).items() if k.startswith("lm.")})
     return lm
 
 
@@ -2109,42 +2087,26 @@ def nll_sum(log_q, targets):
     return F.nll_loss(log_q.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def teacher_terms(log_p):
-    """What a KL against the teacher's distribution needs, computed once without gradient: (log p, p, where
-    p > 0)."""
+def kl_from_log_probs(log_p, log_q):
+    """KL(p || q) per position from the teacher's log p (no gradient) and the student's log q: its gradient wrt
+    the logits is (q - p) / T through log_softmax's backward. Term by term, not sum p log p - sum p log q: a small
+    KL keeps its digits. A p = 0 entry adds 0, not nan, even where log q is -inf (a vocabulary both models mask)."""
     p = log_p.exp()
-    return log_p, p, p > 0
-
-
-def kl_from_log_probs(teacher, log_q):
-    """KL(p || q) per position, sum of p (log p - log q), with `teacher` = teacher_terms(log p): the student's
-    side is a subtract, a product and a sum (its gradient wrt the logits is (q - p) / T through log_softmax's
-    backward). Differences term by term, not sum p log p - sum p log q: a small KL (a student close to its
-    teacher) keeps its digits. A p = 0 entry adds 0, not nan, even where log q is -inf (a vocabulary both
-    models mask)."""
-    log_p, p, keep = teacher
-    return torch.where(keep, p * (log_p - log_q), 0.0).sum(-1)
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
 
 
 def kd_kl(student_logits, teacher_logits, temperature, top_k=None, log_q=None):
-    """KL(teacher_T || student_T) per position of [..., V] logits, in fp32 (G6). log_q: the student's
-    log_probs at T when the step already has them (the CE term shares them at T = 1).
-
-    top_k: the teacher's k most likely tokens are compared one by one and the rest of the vocabulary
-    is one more outcome, "any other token", whose probability is each model's remaining mass
-    (computed exactly, by logsumexp over the excluded logits, not as 1 - sum). That is the KL of the
-    two distributions coarsened to k + 1 outcomes: a biased estimate of full KD (never above it, by
-    the data-processing inequality, and blind to how the student spreads its tail mass), equal to it
-    at k = vocab, where the bucket is empty and left out. Online top-k is kl_topk of teacher_topk:
-    the offline run (kd.teacher_cache) calls the same kl_topk on those numbers read from disk.
-    """
+    """KL(teacher_T || student_T) per position of [..., V] logits, in fp32 (G6). log_q: the student's log_probs
+    at T when the step has them (the CE term shares them at T = 1). top_k: the KL of the two distributions
+    coarsened to the teacher's k most likely tokens + one bucket, "any other token", holding each model's exact
+    remaining mass (a logsumexp over the excluded logits, not 1 - sum): a biased estimate of full KD (never above
+    it, by data processing; blind to how the student spreads its tail mass), equal to it at k = vocab, where the
+    bucket is left out. The offline run (kd.teacher_cache) calls the same kl_topk on teacher_topk's numbers."""
     log_q = log_probs(student_logits, temperature) if log_q is None else log_q
     with torch.no_grad():  # the teacher is frozen
-        if top_k is not None:
-            top = teacher_topk(teacher_logits, temperature, top_k)
-        else:
-            teacher = teacher_terms(log_probs(teacher_logits, temperature))
-    return kl_topk(log_q, *top) if top_k is not None else kl_from_log_probs(teacher, log_q)
+        teacher = log_probs(teacher_logits, temperature) if top_k is None else \
+            teacher_topk(teacher_logits, temperature, top_k)
+    return kl_from_log_probs(teacher, log_q) if top_k is None else kl_topk(log_q, *teacher)
 
 
 def first_token(logits):
@@ -2216,30 +2178,25 @@ def is_forward_kl(kind, jsd_beta, skew_alpha):
 
 
 def divergence_scale(kind, temperature):
-    """The factor that keeps the KD gradient's size independent of T. Every divergence here but tvd is
-    locally quadratic in the logit difference / T (an f-divergence with a smooth f): its gradient in the
-    student's logits shrinks as 1/T^2 at high T, so T^2 (Hinton et al.). tvd is |p - q|, linear in it: its
-    gradient shrinks as 1/T, so T."""
+    """The factor that keeps the KD gradient's size independent of T: T^2 for the divergences locally quadratic in
+    the logit difference / T (smooth f-divergences, gradient ~ 1/T^2; Hinton et al.), T for tvd (linear, ~ 1/T)."""
     return temperature if kind == "tvd" else temperature ** 2
 
 
 def topk_allows(kind, jsd_beta):
-    """E12: whether kd.top_k (and an offline kd.teacher_cache, which is top-k) may coarsen this divergence to
-    the teacher's top-k tokens + one bucket. Every divergence here is an f-divergence, so the coarsened value
-    is a lower bound of the full one (data processing); the gap is what decides. For an expectation under the
-    teacher (forward KL, skew KL: p-weighted) it is the teacher's tail mass times a divergence of the tails,
-    and for tvd at most the teacher's tail mass: small when the top-k hold most of p. reverse KL and jsd
-    with b > 0 weigh by the student's q: its tail mass, which nothing keeps small, goes where the teacher's
-    per-token probabilities are unknown (only their sum is kept), so the mode-seeking penalty on it is lost."""
+    """E12: whether kd.top_k (and an offline kd.teacher_cache, top-k too) may coarsen this divergence to the
+    teacher's top-k + one bucket. The coarsened f-divergence is a lower bound (data processing); the gap decides.
+    p-weighted ones (forward KL, skew KL) lose the teacher's tail mass times a divergence of the tails, tvd at most
+    that mass: small when the top-k hold most of p. reverse KL and jsd with b > 0 weigh by the student's q, whose
+    tail mass nothing keeps small and whose per-token teacher probabilities are unknown: the penalty is lost."""
     return kind in ("forward_kl", "skew_kl", "tvd") or (kind == "jsd" and jsd_beta == 0)
 
 
 def kd_divergence(student_logits, kind, temperature, teacher_logits=None, top_k=None, cached=None,
                   jsd_beta=0.5, skew_alpha=0.1, log_q=None):
-    """kd.divergence per position, in fp32 whatever the autocast dtype (G6): from the teacher's logits (full,
-    or its top-k with top_k) or from its top-k numbers read from kd.teacher_cache (`cached`, as teacher_topk
-    returns them). forward_kl is kd_kl / kd_kl_topk themselves, the others divergences.py's. log_q: the student's
-    log_probs at T, when the step has them already (G8: one log_softmax per model and step)."""
+    """kd.divergence per position, in fp32 (G6), from the teacher's logits (full, or top_k) or kd.teacher_cache's
+    numbers (`cached`, as teacher_topk returns them); forward_kl is kd_kl / kd_kl_topk, the others divergences.py's.
+    log_q: the student's log_probs at T when the step has them (G8: one log_softmax per model and step)."""
     if kind == "forward_kl":
         return kd_kl_topk(student_logits, *cached, temperature, log_q=log_q) if cached else \
             kd_kl(student_logits, teacher_logits, temperature, top_k, log_q=log_q)
