@@ -142,7 +142,7 @@ def make_chunked_loss(run):
         if beta > 0:
             parts["kd"] = beta * temperature ** 2 * kd
         if gamma > 0:
-            parts["hidden"] = gamma * torch.where(y != kit.IGNORE, kit.hidden_term(projected, t_hidden), 0.0).sum()
+            parts["hidden"] = gamma * torch.where(y != kit.IGNORE, kit.hidden_loss(projected, t_hidden), 0.0).sum()
             total = total + parts["hidden"]
         return total, parts
 

@@ -70,8 +70,7 @@ CONFIG = {
     # optimizer
     "optim.name": ("adamw", ("adamw", "sgd"), "optimizer"),
     "optim.lr": (1e-3, "float", "peak learning rate"),
-    "optim.weight_decay": (0.1, "float",
-                           "decoupled weight decay (AdamW) / L2 (SGD), on weight matrices and embeddings only"),
+    "optim.weight_decay": (0.1, "float", "decoupled (AdamW) / L2 (SGD) weight decay on weight matrices and embeddings"),
     "optim.betas": ([0.9, 0.95], "floats", "AdamW betas"),
     "optim.momentum": (0.9, "float", "SGD momentum"),
     # learning-rate schedule, stepped once per optimizer step (S1)
@@ -98,28 +97,24 @@ CONFIG = {
     "train.precision": ("fp32", ("fp32", "bf16", "fp16"), "autocast dtype; fp16 adds a GradScaler"),
     "train.device": ("auto", ("auto", "cpu", "cuda"), "auto = cuda when available"),
     "train.log_every": (10, "int", "optimizer steps between train records"),
-    "train.progress_every_s": (60.0, "float",
-                               "seconds between progress lines (step, elapsed, steps/s, ETA) when stderr is no "
-                               "terminal (nohup, cron, --detach); a terminal gets a tqdm bar instead"),
+    "train.progress_every_s": (60.0, "float", "seconds between progress lines (step, elapsed, steps/s, ETA) when "
+                               "stderr is no terminal (nohup, cron, --detach); a terminal gets a tqdm bar instead"),
     "train.eval_every": (None, "int?", "optimizer steps between evals; null = once per epoch"),
     "train.save_every_steps": (None, "int?", "optimizer steps between last.pt saves; null = no step trigger"),
     "train.save_every_minutes": (5.0, "float?", "minutes of training between last.pt saves (R8: bounds what a SIGKILL "
                                  "loses); null = no time trigger. The end, a stop signal and a G4 abort always save"),
     "train.max_bad_steps": (20, "int", "abort after this many consecutive non-finite steps (G4)"),
     "train.patience": (None, "int?", "early stopping: evals without improvement; null = off"),
-    "train.best_metric": ("val/loss", "str",
-                          "metric that picks best.pt: val/loss, val/ppl (lower is better) or val/agreement"),
+    "train.best_metric": ("val/loss", "str", "picks best.pt: val/loss, val/ppl (lower is better) or val/agreement"),
     "train.max_loss_share": (0.9, "float", "warn when a loss term other than the label CE is above this share of the "
                              "loss for 3 logged steps in a row (E2; a 40x feature loss is ~95%)"),
     "train.num_workers": (0, "int", "DataLoader worker processes"),
     "train.eval_batch_size": (32, "int", "windows per eval batch"),
     "train.allow_schedule_change": (False, "bool", "resume even if schedule-shaping keys changed (S7)"),
-    "train.strategy": ("ddp", ("ddp", "fsdp"), "several processes: ddp replicates the trained network; fsdp shards "
-                       "its weights, gradients and optimizer state over the processes (FSDP2) and saves DCP "
-                       "checkpoints (D1-D4)"),
-    "train.activation_checkpointing": (False, "bool", "recompute each block's activations in the backward instead of "
-                                       "keeping them (less memory, about a third more compute); the blocks are the "
-                                       "network's longest nn.ModuleList"),
+    "train.strategy": ("ddp", ("ddp", "fsdp"), "several processes: ddp replicates the trained network, fsdp shards "
+                       "its weights, gradients and optimizer state (FSDP2) and saves DCP checkpoints (D1-D4)"),
+    "train.activation_checkpointing": (False, "bool", "recompute each block's activations in the backward (less "
+                                       "memory, ~1/3 more compute); blocks = the longest nn.ModuleList"),
     # metric sinks (optional packages): each receives every metrics.jsonl record, process 0 only (E10)
     "log.tensorboard": (False, "bool", "TensorBoard event files in <run_dir>/tb/ (needs the tensorboard package)"),
     "log.wandb": (None, "str?", "a Weights & Biases project to log to (needs wandb; honours WANDB_MODE=offline, "
@@ -131,19 +126,14 @@ CONFIG = {
                        "text, the same bytes everywhere)"),
     "data.val_bin": (None, "str?", "validation tokens .bin (set both or neither)"),
     "data.dtype": ("uint16", ("uint16", "uint32"), "token id type of the .bin files"),
-    "data.vocab_size": (None, "int?",
-                        "vocabulary size of the .bin files (required with them); the built-in corpus is bytes, 256"),
-    "data.seq_len": (128, "int",
-                     "tokens per window; a sample is window i = tokens[i*seq_len : i*seq_len + seq_len + 1]"),
-    "data.pad_token": (None, "int?",
-                       ".bin files only: id marking padding; a target equal to it or following it is ignored"),
-    "data.too_long": ("refuse", ("refuse", "truncate", "drop"), "examples prepared by prepare_text.py (chat, "
-                      "prompt/completion) longer than data.seq_len + 1 tokens: refuse the config, truncate them "
-                      "to it, or drop them (C10)"),
-    "data.packing": (False, "bool", "examples prepared by prepare_text.py: pack several to a row of data.seq_len + 1 "
-                     "tokens (first-fit in data order, fixed at start), none attending across examples (a "
-                     "block-diagonal mask and per-example positions; built-in GPT and Hugging Face models); false = "
-                     "one example a row, padded (C10)"),
+    "data.vocab_size": (None, "int?", "vocab size of the .bin files (required with them; the built-in corpus: 256)"),
+    "data.seq_len": (128, "int", "tokens per window: window i = tokens[i*seq_len : i*seq_len + seq_len + 1]"),
+    "data.pad_token": (None, "int?", ".bin files: the padding id; a target equal to it or following it is ignored"),
+    "data.too_long": ("refuse", ("refuse", "truncate", "drop"), "examples (prepare_text.py's chat, prompt/completion) "
+                      "longer than data.seq_len + 1 tokens: refuse the config, truncate them or drop them (C10)"),
+    "data.packing": (False, "bool", "prepare_text.py's examples: pack several to a row of data.seq_len + 1 tokens "
+                     "(first-fit in data order, fixed at start), none attending across examples (block-diagonal mask, "
+                     "per-example positions; built-in GPT and Hugging Face models); false = one a row, padded (C10)"),
     "data.limit": (None, "int?", "use only the first N windows of each split (debugging, --dry_run)"),
     "data.val_windows": (512, "int?", "windows each eval scores, evenly spaced over the val split; null = all"),
     "data.builtin.train_bytes": (2_000_000, "int", "built-in corpus: bytes of training text (whole files, padded)"),
@@ -153,61 +143,50 @@ CONFIG = {
     "teacher.n_layer": (4, "int", "kd.enabled true: teacher blocks (must match kd.teacher_checkpoint)"),
     "teacher.n_head": (4, "int", "teacher attention heads"),
     "teacher.n_embd": (128, "int", "teacher width"),
-    "student.n_layer": (2, "int",
-                        "blocks of the trained network (the student; with kd.enabled false, the teacher-to-be)"),
+    "student.n_layer": (2, "int", "blocks of the trained network (the student; kd.enabled false: the teacher-to-be)"),
     "student.n_head": (2, "int", "student attention heads"),
     "student.n_embd": (64, "int", "student width; a learned projection maps it to the teacher's width (kd.gamma)"),
     # models the user brings (docs/distill_models.md); null = the built-in GPT of the *.n_* keys above
     "student.hf_dir": (None, "str?", "a local Hugging Face causal-LM directory trained as the student: its weights, or "
                        "config.json alone for a random init seeded by seed (needs transformers; never downloads)"),
-    "student.target": (None, "str?",
-                       "or: 'package.module:callable' returning the student nn.Module: token ids [B, T] -> "
+    "student.target": (None, "str?", "or: 'package.module:callable' returning the student nn.Module: ids [B, T] -> "
                        "logits [B, T, vocab], (logits, hidden [B, T, D]) or an output with .logits"),
     "student.kwargs": ({}, "dict", "keyword arguments for student.target's callable"),
-    "teacher.target": (None, "str?",
-                       "kd.enabled true: 'package.module:callable' returning the frozen teacher nn.Module "
-                       "with its weights (as student.target)"),
+    "teacher.target": (None, "str?", "kd.enabled true: 'package.module:callable' returning the frozen teacher "
+                       "nn.Module with its weights (as student.target)"),
     "teacher.kwargs": ({}, "dict", "keyword arguments for teacher.target's callable"),
     # distillation
-    "kd.enabled": (False, "bool",
-                   "false: plain LM training of student.* (makes a teacher); true: distil student.* from the teacher"),
+    "kd.enabled": (False, "bool", "false: train student.* as a plain LM (a teacher); true: distil it from the teacher"),
     "kd.alpha": (0.5, "float", "weight of the cross-entropy on the labels"),
     "kd.beta": (0.5, "float", "weight of T^2 * KL(teacher_T || student_T)"),
     "kd.gamma": (0.1, "float", "weight of the hidden-state loss through the learned projection (0: neither is built)"),
     "kd.temperature": (2.0, "float", "softmax temperature T of the KD term"),
-    "kd.top_k": (None, "int?",
-                 "compare only the teacher's top-k tokens per position (+ one bucket for the rest); null = full KD"),
+    "kd.top_k": (None, "int?", "KD on the teacher's top-k tokens per position + a bucket for the rest; null = full KD"),
     "kd.divergence": ("forward_kl", ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"),
                       "D(teacher_T, student_T) of the KD term: forward_kl, reverse_kl (MiniLLM), "
                       "jsd (GKD's generalized JSD), skew_kl (DistiLLM), tvd; scaled by T^2 (tvd: T)"),
-    "kd.jsd_beta": (0.5, "float",
-                    "jsd: GKD's beta, the teacher's weight in the mixture; 0 = forward KL, 1 = reverse KL"),
+    "kd.jsd_beta": (0.5, "float", "jsd: GKD's beta, the teacher's weight in the mixture; 0 = forward KL, 1 = reverse"),
     "kd.skew_alpha": (0.1, "float", "skew_kl: KL(p || a p + (1 - a) q) with a = this (DistiLLM); 0 = forward KL"),
     "kd.on_policy_fraction": (0.0, "float", "GKD's lmbda: the share of micro-batches whose KD term is taken on the "
                               "student's own continuations of a prompt, scored by the teacher; 0 = off"),
-    "kd.seq_kd": (False, "bool", "GKD's seq_kd: the micro-batches not on-policy train on the teacher's continuation "
-                  "of the prompt (sampled as the student's, up to kd.max_new_tokens) in place of the data's: its "
-                  "tokens are the labels of CE, KD and the hidden term; needs an online teacher"),
+    "kd.seq_kd": (False, "bool", "GKD's seq_kd: micro-batches not on-policy train on the teacher's continuation of "
+                  "the prompt (sampled as the student's, up to kd.max_new_tokens), not the data; online teacher only"),
     "kd.prompt_tokens": (None, "int?",
                          "on-policy, seq_kd: the prompt is each window's first N tokens; null = data.seq_len // 2"),
     "kd.max_new_tokens": (None, "int?", "on-policy, seq_kd: tokens generated after the prompt; null = the rest "
                           "of the window (data.seq_len - kd.prompt_tokens)"),
-    "kd.sample_temperature": (1.0, "float", "on-policy, seq_kd: the sampling temperature; 0 = greedy (the "
-                                            "first-ranked token)"),
+    "kd.sample_temperature": (1.0, "float", "on-policy, seq_kd: sampling temperature, 0 = greedy (first-ranked token)"),
     "kd.eos_token": (None, "int?", "on-policy, seq_kd: the id that ends a generated sequence (nothing after it is "
                                    "generated or scored); null = a Hugging Face student's eos_token_id, else none"),
     "kd.hidden_layers": (None, "pairs?", "kd.gamma's layer map [[student_layer, teacher_layer], ...], one learned "
                          "projection per pair; layer 0 = embeddings, L = after block L, the last = the final hidden "
                          "state; null = [[last, last]]"),
-    "kd.teacher_checkpoint": (None, "str?",
-                              "checkpoint of a run of this script (best.pt or last.pt): a kd.enabled=false "
+    "kd.teacher_checkpoint": (None, "str?", "a checkpoint of this script (best.pt or last.pt): a kd.enabled=false "
                               "run's network, or a student as the next teacher; its saved config rebuilds the network"),
-    "kd.hf_teacher_dir": (None, "str?",
-                          "or: a local Hugging Face causal-LM directory with weights (needs transformers; "
+    "kd.hf_teacher_dir": (None, "str?", "or: a local Hugging Face causal-LM directory with weights (transformers; "
                           "never downloads); or teacher.target: exactly one of the three with kd.enabled"),
-    "kd.teacher_cache": (None, "str?",
-                         "offline KD: directory of the teacher's cached top-k (built first when absent or "
-                         "incomplete, then training loads no teacher); needs kd.top_k, kd.gamma 0; null = online"),
+    "kd.teacher_cache": (None, "str?", "offline KD: directory of the teacher's cached top-k (built first when absent "
+                         "or incomplete, then training loads no teacher); needs kd.top_k, kd.gamma 0; null = online"),
     "kd.chunk_tokens": (0, "int", "compute the head, CE and KD terms this many positions at a time from the last "
                         "hidden states, each chunk's gradient taken in the forward (nothing recomputed), so no "
                         "[batch, seq, vocab] tensor exists (D6); 0 = off. Built-in GPT and Hugging Face models"),
@@ -1671,11 +1650,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """idx [B, T] -> (logits [B, T, vocab], last hidden state [B, T, width]); with `layers` set (kd.hidden_layers)
-    the hidden states of those layers instead: 0 = the embeddings, i = after block i, n_layer = the last (ln_f's).
-    With `past` (generation, see generate()): () or the cache it returned -> (logits of idx's last position
-    [B, vocab], the cache: every block's keys and values). positions [B, T] (packed rows, C10): each token's place
-    in its example, which it alone attends to (packing.py's block_causal_mask)."""
+    """idx [B, T] -> (logits [B, T, vocab], last hidden state [B, T, width]), or with `layers` (kd.hidden_layers)
+    those layers' states: 0 = the embeddings, i = after block i, n_layer = ln_f's. `past` (generation): () or the
+    cache it returned -> (idx's last logits [B, vocab], every block's keys and values). positions [B, T] (packed
+    rows, C10): each token's place in its example, the only one it attends to (packing.py's block_causal_mask)."""
     kv_cache = True
 
     def __init__(self, vocab, block_size, n_layer, n_head, n_embd):
@@ -1756,10 +1734,8 @@ def is_user_lm(lm):
 def layer_states(out):
     """Every layer's hidden state, when a forward's output lists them (kd.hidden_layers): Hugging Face's
     hidden_states (embeddings first), or a list/tuple of tensors as the second item of a tuple; else None."""
-    if isinstance(out, (tuple, list)):
-        states = out[1] if len(out) > 1 else None
-    elif torch.is_tensor(out):
-        states = None
+    if isinstance(out, (tuple, list)) or torch.is_tensor(out):
+        states = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
     else:
         states = out.get("hidden_states") if isinstance(out, dict) else getattr(out, "hidden_states", None)
     ok = isinstance(states, (tuple, list)) and states and all(torch.is_tensor(h) for h in states)
@@ -1779,10 +1755,9 @@ def split_outputs(out):
 
 
 class Trainable(nn.Module):
-    """What the optimizer trains and the checkpoint's "model" holds: the language model ("lm.*"; a Hugging Face or
-    user model's keys under "lm.model.*") and, with the hidden-state term on (kd.gamma > 0, G8) and both widths
-    known, the learned projection to the teacher's width ("proj.*"), or one per kd.hidden_layers pair ("proj.0.*",
-    ...; `pairs`: their student and teacher widths)."""
+    """What the optimizer trains and the checkpoint's "model" holds: the language model ("lm.*", a Hugging Face or
+    user model's under "lm.model.*") and, with kd.gamma > 0 (G8) and both widths known, the projection to the
+    teacher's width ("proj.*"), or one per kd.hidden_layers pair ("proj.0.*", ...; `pairs`: their widths)."""
 
     def __init__(self, lm, teacher_width=None, pairs=None):
         super().__init__()
@@ -1793,10 +1768,9 @@ class Trainable(nn.Module):
             self.proj = nn.Linear(lm.width, teacher_width) if teacher_width and lm.width else None
 
     def forward(self, idx, project=False, logits=True, past=None, positions=None):
-        """(logits, projected hidden state, or with kd.hidden_layers a list of them, or None); logits=False
-        (kd.chunk_tokens): (last hidden state, projected or None), the logits left to the chunked loss; past
-        (generation): the language model's (last logits, cache). Generation comes through here, not through .lm,
-        so that FSDP's hooks on this root module gather the weights (D1)."""
+        """(logits, projected hidden state(s) or None); logits=False (kd.chunk_tokens): the last hidden state in
+        place of the logits; past (generation): the LM's (last logits, cache), through this root module, not .lm,
+        so that FSDP's hooks on it gather the weights (D1)."""
         if past is not None:
             return self.lm(idx, past=past)
         out, hidden = self.lm(idx, positions=positions) if logits else self.lm(idx, logits=False, positions=positions)
@@ -1939,14 +1913,12 @@ def how_to_make_teacher(path):
         return "make the teacher with a kd.enabled=false run of this script, or fix the path"
     # C3: dirname, not os.path.join(*parts): an absolute path keeps its leading "/"
     run_dir, name = os.path.dirname(os.path.dirname(os.path.normpath(path))), parts[-3]
-    def here(p):  # a path to type in the current directory
-        return p if os.path.isabs(p) or p.startswith(".") else os.path.join(".", p)
-
     for base in (os.getcwd(), os.path.dirname(os.path.abspath(__file__))):
         config = os.path.join(base, "configs", name + ".yaml")
         if os.path.isfile(config):
-            launcher = os.path.join(base, "launch.sh")
-            run = (f"{here(os.path.relpath(launcher))} {os.path.relpath(config)}" if os.path.isfile(launcher) else
+            launcher = os.path.relpath(os.path.join(base, "launch.sh"))  # typed in the current directory: ./launch.sh
+            launcher = launcher if launcher.startswith(".") else os.path.join(".", launcher)
+            run = (f"{launcher} {os.path.relpath(config)}" if os.path.isfile(launcher) else
                    f"python {os.path.relpath(os.path.abspath(__file__))} --config {os.path.relpath(config)}")
             return f"make the teacher first: {run} (from this directory: it writes {run_dir}), or fix the path"
     return (f"make the teacher first: python {os.path.basename(__file__)} --config TEACHER.yaml --set kd.enabled=false "
@@ -1980,9 +1952,8 @@ def read_teacher_checkpoint(cfg):
 
 
 def load_teacher_checkpoint(cfg, hidden=True):
-    """A checkpoint of this script (kd.enabled false, or a student as the next teacher): its saved config's
-    trained_arch names the network; a built-in GPT must be the one teacher.* describes, a Hugging Face network is
-    rebuilt from its directory's config.json, a user module from its callable."""
+    """A checkpoint of this script: its saved config's trained_arch names the network; a built-in GPT must be the
+    one teacher.* describes, a Hugging Face one is rebuilt from its config.json, a user module from its callable."""
     path, key = cfg["kd.teacher_checkpoint"], "kd.teacher_checkpoint"
     ckpt = read_teacher_checkpoint(cfg)
     saved = ckpt["config"]
@@ -2096,12 +2067,10 @@ def kl_from_log_probs(log_p, log_q):
 
 
 def kd_kl(student_logits, teacher_logits, temperature, top_k=None, log_q=None):
-    """KL(teacher_T || student_T) per position of [..., V] logits, in fp32 (G6). log_q: the student's log_probs
-    at T when the step has them (the CE term shares them at T = 1). top_k: the KL of the two distributions
-    coarsened to the teacher's k most likely tokens + one bucket, "any other token", holding each model's exact
-    remaining mass (a logsumexp over the excluded logits, not 1 - sum): a biased estimate of full KD (never above
-    it, by data processing; blind to how the student spreads its tail mass), equal to it at k = vocab, where the
-    bucket is left out. The offline run (kd.teacher_cache) calls the same kl_topk on teacher_topk's numbers."""
+    """KL(teacher_T || student_T) per position of [..., V] logits, in fp32 (G6); log_q: the student's log_probs at T
+    if the step has them. top_k: the KL coarsened to the teacher's top k + one bucket with each model's exact rest
+    mass (logsumexp, not 1 - sum): biased, never above full KD (data processing; blind to the student's tail),
+    equal at k = vocab (no bucket). Offline (kd.teacher_cache), the same kl_topk reads teacher_topk's numbers."""
     log_q = log_probs(student_logits, temperature) if log_q is None else log_q
     with torch.no_grad():  # the teacher is frozen
         teacher = log_probs(teacher_logits, temperature) if top_k is None else \
@@ -2116,11 +2085,10 @@ def first_token(logits):
 
 
 def teacher_topk(teacher_logits, temperature, top_k):
-    """What top-k KD needs of the teacher, in fp32 (G6): (log p of its k most likely tokens at temperature
-    T [..., k], their ids [..., k], log p of all the other tokens together [...]; -inf when k >= vocab).
-    These are the numbers kd.teacher_cache stores. index[..., 0] is first_token(teacher_logits): topk orders
-    tied values as it likes (116 of 188 bf16 ties differed from argmax), so the first token of a tie is put
-    first (swapped with whichever tied token topk put there, or, when more than k tokens tie, in its place)."""
+    """What top-k KD needs of the teacher in fp32 (G6), and kd.teacher_cache stores: (log p at T of its k most likely
+    tokens [..., k], their ids [..., k], log p of all others together [...], -inf when k >= vocab). index[..., 0] is
+    first_token(teacher_logits): topk orders ties as it likes (116 of 188 bf16 ties differed from argmax), so it is
+    swapped with whichever tied token topk put first (or, when more than k tokens tie, put in its place)."""
     with torch.autocast(teacher_logits.device.type, enabled=False):
         logits = teacher_logits.float()
         log_p = F.log_softmax(logits / temperature, -1)
@@ -2132,12 +2100,9 @@ def teacher_topk(teacher_logits, temperature, top_k):
         at = hit.int().argmax(-1, keepdim=True)  # where topk put the first token (0 when it is left out)
         index = index.scatter(-1, at, torch.where(hit.any(-1, keepdim=True), index[..., :1], index.gather(-1, at)))
         index = index.scatter(-1, torch.zeros_like(at), first)  # E3: a tie's first token first, whatever topk did
-        log_p_top = log_p.gather(-1, index)
-        if k < log_p.shape[-1]:
-            log_rest = log_p.scatter(-1, index, float("-inf")).logsumexp(-1)
-        else:
-            log_rest = torch.full(log_p.shape[:-1], float("-inf"), device=log_p.device)
-        return log_p_top, index, log_rest
+        log_rest = log_p.scatter(-1, index, float("-inf")).logsumexp(-1) if k < log_p.shape[-1] else \
+            torch.full(log_p.shape[:-1], float("-inf"), device=log_p.device)
+        return log_p.gather(-1, index), index, log_rest
 
 
 def kl_topk(log_q, log_p_top, index, log_rest):
@@ -2204,20 +2169,14 @@ def kd_divergence(student_logits, kind, temperature, teacher_logits=None, top_k=
                                                                    top_k, cached, jsd_beta, skew_alpha, log_q)
 
 
-def hidden_term(projected, teacher_hidden):
-    """The hidden-state loss per position: hidden_loss of the last hidden states, or with kd.hidden_layers the
-    mean of hidden_loss over the layer pairs (so kd.gamma weighs the term alike whatever their number)."""
-    if torch.is_tensor(projected):
-        return hidden_loss(projected, teacher_hidden)
-    return sum(hidden_loss(s, t) for s, t in zip(projected, teacher_hidden)) / len(projected)
-
-
-def hidden_loss(student_projected, teacher_hidden):
-    """Per-position mean squared difference of the layer-normalised hidden states, in fp32. The
-    normalisation makes the term scale-free, O(1) whatever the teacher's activation scale (E2: the
-    reference run's feature loss was 40x its KD loss)."""
-    with torch.autocast(student_projected.device.type, enabled=False):
-        s, t = student_projected.float(), teacher_hidden.float()
+def hidden_loss(projected, teacher_hidden):
+    """The hidden-state term per position: the mean squared difference of the layer-normalised hidden states in
+    fp32, scale-free, O(1) whatever the teacher's activation scale (E2: the reference run's feature loss was 40x
+    its KD loss); with kd.hidden_layers (lists) the mean over the pairs, so kd.gamma weighs it alike."""
+    if not torch.is_tensor(projected):
+        return sum(hidden_loss(s, t) for s, t in zip(projected, teacher_hidden)) / len(projected)
+    with torch.autocast(projected.device.type, enabled=False):
+        s, t = projected.float(), teacher_hidden.float()
         return (F.layer_norm(s, s.shape[-1:]) - F.layer_norm(t, t.shape[-1:])).pow(2).mean(-1)
 
 
@@ -3305,7 +3264,7 @@ def make_loss(run, kd_term):
             if beta > 0:  # divergence_scale: T^2 (tvd: T) keeps the KD gradient's scale independent of T
                 parts["kd"] = kd_term(logits, t_logits, cached, real, log_q)
             if gamma > 0:
-                parts["hidden"] = gamma * torch.where(real, hidden_term(projected, t_hidden), 0.0).sum()
+                parts["hidden"] = gamma * torch.where(real, hidden_loss(projected, t_hidden), 0.0).sum()
         return sum(parts.values()), parts
 
     return loss
