@@ -462,8 +462,9 @@ def check_file(cfg, key, problems, suffixes):
         problems.append(("C3", key, f"{path} should end with {' or '.join(suffixes)}"))
 
 
-def config_reference(schema, script):
-    """--help_config: every key with its default, type and meaning, straight from CONFIG, grouped by section."""
+def config_reference(schema, script, companions):
+    """--help_config: every key with its default, type and meaning, straight from CONFIG, grouped by section; a key
+    that loads a companion file names it (C3: the script's COMPANION_KEYS, the one table of which key needs which)."""
     def text(value):
         return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
 
@@ -472,7 +473,8 @@ def config_reference(schema, script):
             return " | ".join(text(choice) for choice in kind)
         return kind[:-1] + " or null" if kind.endswith("?") else kind
 
-    rows = [(key, text(default), kind_text(kind), doc) for key, (default, kind, doc) in schema.items()]
+    rows = [(key, text(default), kind_text(kind), doc + (f" [set: needs {companions[key]}.py beside {script}]" if key in
+             companions else "")) for key, (default, kind, doc) in schema.items()]
     widths = [max(len(row[0]) for row in rows), max(len(row[1]) for row in rows),
               max(len(row[2]) for row in rows if len(row[2]) <= 24)]  # a longer list of choices: the doc below it
     lines = [f"{script}: every config key, its default, its type and its meaning. A YAML file of nested keys",
@@ -2796,10 +2798,15 @@ def parse_args(argv=None):
     return args
 
 
+# C3: which config key loads which companion file (--help_config names it beside the key); the loaders are backbones()
+# and metric_sinks(), tests/test_config_text.py holds this table to them.
+COMPANION_KEYS = {**dict.fromkeys(BACKBONE_KEYS, "probe_backbones"), **dict.fromkeys(SINK_KEYS, "metric_sinks")}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.help_config:
-        write_stdout(config_reference(CONFIG, os.path.basename(__file__)))  # `--help_config | head`: no traceback
+        write_stdout(config_reference(CONFIG, os.path.basename(__file__), COMPANION_KEYS))  # R8: `| head` ok
         return 0
     try:
         if args.evaluate:

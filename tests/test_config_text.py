@@ -124,7 +124,7 @@ def test_c3_launch_sh_names_the_line_column_and_reason_of_a_yaml_syntax_error(tm
 @pytest.mark.parametrize("task", sorted(SCRIPTS))
 def test_help_config_prints_each_section_once_with_aligned_columns(task):
     script = SCRIPTS[task]
-    text = script.config_reference(script.CONFIG, f"train_{task}.py")
+    text = script.config_reference(script.CONFIG, f"train_{task}.py", script.COMPANION_KEYS)
     sections = [line for line in text.splitlines() if line and not line.startswith(" ") and line.islower()]
     assert len(sections) == len(set(sections)), sections
     rows = [line for line in text.splitlines() if line.startswith("  ") and line.split()[0] in script.CONFIG]
@@ -146,3 +146,43 @@ def test_help_config_prints_each_section_once_with_aligned_columns(task):
             starts.append(len(lines[i + 1]) - len(lines[i + 1].lstrip()))
         columns.add(tuple(starts))
     assert len(columns) == 1, sorted(columns)
+
+
+# C3: a value of each key that makes resolve_config() load a companion file (KD on where a key needs it)
+LOADS_A_COMPANION = {
+    "probe": {"backbone.target": "m:f", "backbone.checkpoint": "w.pt", "backbone.output": "0",
+              "backbone.pool": "mean_time", "log.tensorboard": "true", "log.wandb": "p", "log.mlflow": "sqlite:///m.db"},
+    "distill": {"train.strategy": "fsdp", "train.activation_checkpointing": "true", "log.tensorboard": "true",
+                "log.wandb": "p", "log.mlflow": "sqlite:///m.db", "data.packing": "true", "teacher.target": "m:f",
+                "student.hf_dir": "d", "student.target": "m:f", "kd.divergence": "jsd", "kd.on_policy_fraction": "0.5",
+                "kd.seq_kd": "true", "kd.prompt_tokens": "4", "kd.max_new_tokens": "4", "kd.sample_temperature": "0.5",
+                "kd.eos_token": "0", "kd.hf_teacher_dir": "d", "kd.teacher_cache": "c", "kd.chunk_tokens": "4"}}
+
+
+class Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("task", sorted(SCRIPTS))
+def test_c3_help_config_names_the_companion_file_each_key_loads(task, monkeypatch):
+    """--help_config names, beside each key that loads a companion, the very file resolve_config() loads for it,
+    and no other key (a user copying the script alone learns which file a key needs before setting it)."""
+    script, name = SCRIPTS[task], f"train_{task}.py"
+    text = subprocess.run([sys.executable, os.path.join(ROOT, name), "--help_config"], capture_output=True,
+                          text=True, check=True).stdout
+    annotated = {}
+    for match in re.finditer(r"^  (\S+)\s.*(?:\n {8,}\S.*)?", text, re.M):
+        found = re.findall(rf"\[set: needs (\w+)\.py beside {name}\]", match.group(0))
+        if found:
+            annotated[match.group(1)] = found[0]
+    assert set(annotated) == set(LOADS_A_COMPANION[task]), set(annotated) ^ set(LOADS_A_COMPANION[task])
+
+    def companion(file, feature, fix=None):
+        raise Loaded(file, feature)
+
+    monkeypatch.setattr(script, "companion", companion)
+    for key, value in LOADS_A_COMPANION[task].items():
+        extra = ["kd.enabled=true"] if key.startswith(("kd.", "teacher.")) else []
+        with pytest.raises(Loaded) as loaded:
+            script.resolve_config(None, [f"{key}={value}"] + extra, check_files=False)
+        assert loaded.value.args == (annotated[key], key), (key, loaded.value.args)

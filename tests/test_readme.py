@@ -51,7 +51,8 @@ def test_readme_is_a_front_page():
 
 @pytest.mark.parametrize("script", TRAINING_SCRIPTS)
 def test_every_config_key_has_a_doc_and_appears_in_help_config(script):
-    schema = importlib.import_module(script).CONFIG
+    module = importlib.import_module(script)
+    schema = module.CONFIG
     undocumented = [key for key, (_default, _kind, doc) in schema.items() if not str(doc).strip()]
     assert not undocumented, f"{script}.CONFIG keys without a doc string: {undocumented}"
     out = subprocess.run([sys.executable, os.path.join(ROOT, script + ".py"), "--help_config"], capture_output=True,
@@ -68,7 +69,8 @@ def test_every_config_key_has_a_doc_and_appears_in_help_config(script):
     assert not missing, f"{script}.py --help_config does not print {missing}"
     for key, (default, kind, doc) in schema.items():  # each line: key, default (YAML), type, meaning
         name, default_text, kind_text, meaning = re.split(r"\s{2,}", printed[key].strip(), maxsplit=3)
-        assert yaml.safe_load(default_text) == default and meaning == doc, printed[key]
+        needs = f" [set: needs {module.COMPANION_KEYS[key]}.py beside {script}.py]" if key in module.COMPANION_KEYS else ""
+        assert yaml.safe_load(default_text) == default and meaning == doc + needs, printed[key]  # C3: needs its file
         if isinstance(kind, tuple):
             assert [yaml.safe_load(c) for c in kind_text.split(" | ")] == list(kind), printed[key]
         else:
