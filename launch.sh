@@ -264,7 +264,10 @@ eval "$PREFLIGHT"
 NODE_TAG=""
 [ "$NNODES" -gt 1 ] && NODE_TAG=".node${NODE_RANK:-0}"
 if [ "$DRY" = 0 ] && [ "$SHOW" = 0 ] && [ "$NO_RUN_DIR" = 0 ]; then
-  [ -d "$RUN_DIR" ] || export KIT_NEW_RUN_DIR="$RUN_DIR"  # made for the lock: a run the script refuses removes it (C3)
+  TOP="$RUN_DIR"  # C3: the first of RUN_DIR's missing parents (runs/): a refused run removes it too, while empty
+  while [ ! -d "$(dirname "$TOP")" ]; do TOP=$(dirname "$TOP"); done
+  # made for the lock: a run the script refuses removes it (C3)
+  [ -d "$RUN_DIR" ] || export KIT_NEW_RUN_DIR="$RUN_DIR" KIT_NEW_RUN_TOP="$TOP"
   mkdir -p "$RUN_DIR"
   LOCK="$RUN_DIR/launch$NODE_TAG.lock"
   exec 9<>"$LOCK"

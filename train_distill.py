@@ -2744,14 +2744,19 @@ def shard_reader(key="--checkpoint"):
 
 def remove_refused_run_dir():
     """C3: a run launch.sh made a new run dir for (its lock alone in it: KIT_NEW_RUN_DIR) and that was refused
-    before writing anything leaves no run dir behind, as the script run by itself leaves none."""
+    before writing anything leaves no run dir behind, as the script run by itself leaves none; nor the parents
+    (runs/) launch.sh made for it, up to KIT_NEW_RUN_TOP, while they are empty."""
     path = os.environ.get("KIT_NEW_RUN_DIR")
     names = os.listdir(path) if path and os.path.isdir(path) else []
     if names and all(name.startswith("launch") and name.endswith(".lock") for name in names):
-        with contextlib.suppress(OSError):  # another process of the same launch got there first
+        with contextlib.suppress(OSError):  # another process of the same launch got there first; a parent in use
             for name in names:
                 os.unlink(os.path.join(path, name))
             os.rmdir(path)
+            path, top = os.path.abspath(path), os.path.abspath(os.environ.get("KIT_NEW_RUN_TOP") or path)
+            while path.startswith(top + os.sep):
+                path = os.path.dirname(path)
+                os.rmdir(path)
 
 
 def exit_process(code):

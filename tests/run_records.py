@@ -7,7 +7,7 @@ import sys
 KIT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Variables a developer's shell may hold that would change what a launch does.
 SCRUB = ("KIT_FAULT_KILL_AT", "KIT_FAULT_HOLD_AT", "KIT_FAULT_CACHE_KILL_AT", "KIT_FAULT_SAVE_KILL_AT",
-         "KIT_NEW_RUN_DIR", "KIT_PYTHON", "KIT_VENV", "KIT_TORCH",
+         "KIT_NEW_RUN_DIR", "KIT_NEW_RUN_TOP", "KIT_PYTHON", "KIT_VENV", "KIT_TORCH",
          "KIT_TORCH_INDEX", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
          "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "KIT_GPU_IDLE_MB")
 

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -233,6 +235,19 @@ def test_c3_task_prob_through_launch_sh_suggests_probe(tmp_path):
     assert out.returncode == 2 and len(lines) == 1
     assert "did you mean task: probe (train_probe.py)?" in lines[0]
     assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("where", [(), ("--run_dir", "out/a/b")])
+def test_c3_a_launch_the_script_refuses_leaves_no_runs_dir_behind(tmp_path, where):
+    """A refusal the preflight cannot see (the backbone's import is the script's) removes the run dir launch.sh
+    made for its lock and every empty parent it made with it (runs/), not one that was there before."""
+    cfg = write_config(tmp_path)
+    out = launch(cfg, "--gpus", "cpu", "--", *where, "--set", "backbone.target=no_such_module:f", cwd=tmp_path)
+    assert out.returncode == 2 and "backbone.target: cannot import" in out.stderr, out.stdout + out.stderr
+    assert sorted(os.listdir(tmp_path)) == ["tiny.yaml"]
+    (tmp_path / "runs" / "other").mkdir(parents=True)  # made by someone else: stays
+    assert launch(cfg, "--gpus", "cpu", "--", "--set", "backbone.target=no_such_module:f", cwd=tmp_path).returncode == 2
+    assert os.listdir(tmp_path / "runs") == ["other"]
 
 
 def test_s7_finished_run_relaunched_with_other_values_says_how_to_start_a_new_run(tmp_path):
