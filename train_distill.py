@@ -173,14 +173,12 @@ CONFIG = {
                   "the prompt (sampled as the student's, up to kd.max_new_tokens), not the data; online teacher only"),
     "kd.prompt_tokens": (None, "int?",
                          "on-policy, seq_kd: the prompt is each window's first N tokens; null = data.seq_len // 2"),
-    "kd.max_new_tokens": (None, "int?", "on-policy, seq_kd: tokens generated after the prompt; null = the rest "
-                          "of the window (data.seq_len - kd.prompt_tokens)"),
+    "kd.max_new_tokens": (None, "int?", "on-policy, seq_kd: new tokens after the prompt; null = to the window end"),
     "kd.sample_temperature": (1.0, "float", "on-policy, seq_kd: sampling temperature, 0 = greedy (first-ranked token)"),
     "kd.eos_token": (None, "int?", "on-policy, seq_kd: the id that ends a generated sequence (nothing after it is "
                                    "generated or scored); null = a Hugging Face student's eos_token_id, else none"),
-    "kd.hidden_layers": (None, "pairs?", "kd.gamma's layer map [[student_layer, teacher_layer], ...], one learned "
-                         "projection per pair; layer 0 = embeddings, L = after block L, the last = the final hidden "
-                         "state; null = [[last, last]]"),
+    "kd.hidden_layers": (None, "pairs?", "kd.gamma's layer map [[student_layer, teacher_layer], ...], a projection "
+                         "per pair; 0 = embeddings, L = after block L (the last: final state); null = [[last, last]]"),
     "kd.teacher_checkpoint": (None, "str?", "a checkpoint of this script (best.pt or last.pt): a kd.enabled=false "
                               "run's network, or a student as the next teacher; its saved config rebuilds the network"),
     "kd.hf_teacher_dir": (None, "str?", "or: a local Hugging Face causal-LM directory with weights (transformers; "
@@ -1121,8 +1119,8 @@ BUILTIN_NOUNS = ("item", "name", "path", "value", "key", "node", "line", "token"
 BUILTIN_WORDS = ("the", "a", "each", "every", "given", "current", "next", "first", "last", "new", "old", "empty",
                  "valid", "of", "in", "from", "to", "for", "with", "and", "or", "when", "if", "is", "are", "not",
                  "only", "all", "one")
-BUILTIN_MODULES = ("os", "sys", "re", "json", "math", "time", "random", "itertools", "functools",
-                   "collections", "hashlib")
+BUILTIN_MODULES = ("os", "sys", "re", "json", "math", "time", "random", "itertools", "functools", "collections",
+                   "hashlib")
 BUILTIN_CALLS = ("len", "sorted", "list", "str", "int", "min", "max", "sum", "abs", "repr", "tuple", "set")
 BUILTIN_CHECK = "f7c8ea7dc17aaa9d8139502f276d9305d06c331074dc28dc45c84fb4af9b5160"  # sha256 of documents 0..99 joined
 
@@ -1637,9 +1635,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(self, x, kv=None, mask=None):
-        """x [B, T, C] -> x; with kv (generation: () at the prompt, else this block's cached keys and values of the
-        earlier positions, and then x holds one new position) -> (x, the keys and values up to x's last position).
-        mask: packed rows' block-diagonal causal mask (C10), else causal."""
+        """x [B, T, C] -> x; with kv (generation: () at the prompt, else this block's cache, x one new position) ->
+        (x, the keys and values up to x's last position). mask: packed rows' block-diagonal mask (C10), else causal."""
         b, t, c = x.shape
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.qkv(self.ln1(x)).split(c, 2))
         if kv:
@@ -1693,10 +1690,9 @@ class GPT(nn.Module):
         return out, hidden
 
 
-# Hugging Face models (student.hf_dir, kd.hf_teacher_dir, a checkpoint or *.target callable holding one): their
-# code (the directory and tokenizer checks, loading, HFCausalLM, the packing probe, the save_pretrained export) is
-# hf_models.py, a companion file beside this script, loaded at config resolution when a config names a Hugging Face
-# directory, and where a checkpoint or a callable turns out to hold a Hugging Face model.
+# Hugging Face models (student.hf_dir, kd.hf_teacher_dir, or held by a checkpoint or *.target callable): their code
+# (checks, loading, HFCausalLM, the packing probe, the export) is the companion hf_models.py, loaded at config
+# resolution when a config names a Hugging Face directory, and where a checkpoint or callable turns out to hold one.
 HF_CHECKPOINT_FIX = "give a checkpoint whose network is not a Hugging Face model"
 
 
@@ -1715,9 +1711,8 @@ def is_hf_lm(lm):
     return "hf_models" in COMPANIONS and isinstance(lm, COMPANIONS["hf_models"].HFCausalLM)
 
 
-# A user's module (student.target, teacher.target, or a checkpoint holding one): its adapter and check (TargetLM,
-# target_lm) are user_models.py, a companion file beside this script, loaded at config resolution when a config
-# names a callable, and where a teacher checkpoint turns out to hold one.
+# A user's module (student.target, teacher.target, or held by a checkpoint): its adapter and check (TargetLM,
+# target_lm) are the companion user_models.py, loaded at config resolution for a callable or a checkpoint holding one.
 def user_models(key, fix=None):
     """user_models.py, for the user's module `key` names; missing, one line naming the file and key (C3)."""
     return companion("user_models", key, fix)
@@ -1866,9 +1861,9 @@ def build_trainable(cfg, teacher):
     if packing(cfg):  # C10: the network keeps a packed row's examples apart, or the run is refused
         packing(cfg).packing_check(lm, cfg, trained_key(cfg), who)
     lm = use_layers(lm, hidden, cfg, who)
-    pairs = None
-    if isinstance(hidden, tuple):  # kd.hidden_layers with kd.gamma > 0: a projection per pair, none otherwise
-        pairs = [(layer_width(lm, s), layer_width(teacher, t)) for s, t in cfg["kd.hidden_layers"]]
+    # kd.hidden_layers with kd.gamma > 0: a projection per pair, none otherwise
+    pairs = [(layer_width(lm, s), layer_width(teacher, t)) for s, t in cfg["kd.hidden_layers"]] \
+        if isinstance(hidden, tuple) else None
     # train mode throughout (from_pretrained returns eval mode): the user's dropout is on while training.
     # G8: no projection at kd.gamma 0, so no parameter the loss never uses (DDP needs no unused-parameter
     # search, the checkpoint holds none); it is made after the LM, so the LM's init is the same either way.
@@ -1941,8 +1936,7 @@ def read_teacher_checkpoint(cfg):
                             "kd.enabled=false and point here at its checkpoints/best.pt")])
     saved = ckpt["config"]
     if not saved.get("data.train_bin") and ckpt.get("data_digest") != builtin_digest(saved):
-        # C4: a teacher trained on the built-in corpus of another version of this script (before it was generated,
-        # it was the interpreter's stdlib sources): its outputs describe other text, nothing distils from it silently
+        # C4: a teacher of another version's built-in corpus describes other text: nothing distils from it silently
         raise ConfigError([("C3", key, f"{path} was trained on another built-in corpus than the one this script "
                             "generates (older versions read the interpreter's standard library); train the teacher "
                             "again into a new run dir (move the old one away first) and point here at its best.pt")])
@@ -1985,7 +1979,7 @@ def build_teacher(cfg, device, hidden=None):
     elif cfg["teacher.target"]:
         torch.manual_seed(cfg["seed"])  # a callable that initialises anything does so the same way every run
         arch = {"target": cfg["teacher.target"], "kwargs": dict(cfg["teacher.kwargs"])}
-        teacher = user_models("teacher.target").target_lm(cfg, arch, "teacher.target", "the teacher", hidden)
+        teacher = build_lm(cfg, arch, "teacher.target", "the teacher", hidden)
     else:
         teacher = load_teacher_checkpoint(cfg, hidden)
     if packing(cfg):  # C10
