@@ -2597,8 +2597,7 @@ DRY_RUN_SETTINGS = ["train.epochs=2", "train.max_steps=null", "train.batch_size=
 
 
 def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="auto"):
-    """Check the full schedule of the real config, then train/eval/save/stop/resume a tiny copy of it.
-    Returns the exit code: 0 only when every check held."""
+    """Check the real config's full schedule, then train/eval/save/stop/resume a tiny copy: 0 when all checks held."""
     train_fn = train_fn or train
     cfg, _ = resolve_config(config_path, overrides)
     data_sets(cfg)  # R10/C9: the real data's refusals, the run's line and exit 2 (the tiny runs read 26 windows)
@@ -2619,8 +2618,8 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
             dist.barrier()
         return outcome_and_run
 
-    print_main(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes"
-                                                                         if d["world"] > 1 else ""))
+    where = f" on {d['world']} processes" if d["world"] > 1 else ""
+    print_main(f"dry run of {config_path or 'the built-in defaults'}{where}")
     try:
         plan = plan_schedule(cfg, train_set_size(cfg), d["world"])
         failures = check_lr_curve(lr_curve(cfg, plan), cfg, plan)
@@ -2631,6 +2630,8 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
     # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process
     per_world = [f"data.limit={26 * d['world']}", f"data.synthetic.num_train={26 * d['world']}"]
     tiny, _ = resolve_config(config_path, list(overrides) + DRY_RUN_SETTINGS + per_world)
+    # E5: under 26 windows a process, more epochs: the evals at steps 3, 6 and the stop at 5 come before the end
+    tiny["train.epochs"] = max(2, math.ceil(7 / optimizer_steps_per_epoch(train_set_size(tiny), 4, 2, d["world"])))
     # Every process trains into process 0's temporary directory and reads the same files back afterwards
     # (processes on one node share its filesystem; launch.sh runs a multi-node job's dry run on one node).
     with tempfile.TemporaryDirectory(prefix="dry_run_") if d["main"] else contextlib.nullcontext() as tmp:
@@ -2640,7 +2641,8 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
         outcome, run = train_together(tiny, a, "none", quiet=True)
         plan = run["plan"]
         check(outcome == "finished" and run["state"]["global_step"] == plan["total_steps"],
-              f"train: {plan['total_steps']} optimizer steps over 2 epochs with a short last accumulation group (G1)")
+              f"train: {plan['total_steps']} optimizer steps over {plan['epochs']} epochs of {plan['num_samples']} "
+              "windows" + (" with a short last accumulation group (G1)" if plan["micro_batches_per_epoch"] % 2 else ""))
         records = [json.loads(line) for line in open(os.path.join(a, "metrics.jsonl"))]
         logged = np.array([r["lr"] for r in records if "lr" in r])
         check(len(logged) == plan["total_steps"] and np.array_equal(logged, lr_curve(tiny, plan)),

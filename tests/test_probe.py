@@ -48,6 +48,19 @@ def test_e5_dry_run_fails_when_expected_final_lr_is_wrong():
     assert "S5" in out.stdout and "dry run FAILED" in out.stdout
 
 
+@pytest.mark.parametrize("n", [3, 10, 24])
+def test_e5_dry_run_on_prepared_data_of_fewer_than_26_training_windows_passes(tmp_path, n):
+    """Fewer training windows than the tiny runs take (26) make fewer steps an epoch: the dry run trains more
+    epochs of what exists, so every check (evals at 3 and 6, a stop at step 5, resume) still runs and holds."""
+    rng = np.random.default_rng(0)
+    for split, size in (("train", n), ("val", 8)):
+        np.save(tmp_path / f"{split}_x.npy", rng.standard_normal((size, 4, 128)).astype(np.float32))
+        np.save(tmp_path / f"{split}_y.npy", (np.arange(size) % 2).astype(np.int64))
+    data = [f"data.{s}_{k}={tmp_path}/{s}_{k}.npy" for s in ("train", "val") for k in ("x", "y")]
+    out = run_script("--dry_run", *sets(*data, "backbone.kwargs.width=8", "backbone.kwargs.heads=2"))
+    assert out.returncode == 0 and "FAIL" not in out.stdout, out.stdout + out.stderr
+    assert f"epochs of {n} windows" in out.stdout and "eval at steps [3, 6, " in out.stdout
+
 @pytest.mark.parametrize("kill_at,cache", [("7:1", "true"), ("5:0", "false"), ("4:0", "true")],
                          ids=["mid_epoch_mid_accumulation", "epoch_boundary_uncached", "short_last_group"])
 def test_r4_r5_resume_after_sigkill_is_bit_exact(tmp_path, kill_at, cache):
