@@ -117,8 +117,7 @@ CONFIG = {
                                        "memory, ~1/3 more compute); blocks = the longest nn.ModuleList"),
     # metric sinks (optional packages): each receives every metrics.jsonl record, process 0 only (E10)
     "log.tensorboard": (False, "bool", "TensorBoard event files in <run_dir>/tb/ (needs the tensorboard package)"),
-    "log.wandb": (None, "str?", "a Weights & Biases project to log to (needs wandb; honours WANDB_MODE=offline, "
-                  "WANDB_DIR); null = off"),
+    "log.wandb": (None, "str?", "Weights & Biases project (wandb; honours WANDB_MODE=offline, WANDB_DIR); null = off"),
     "log.mlflow": (None, "str?", "an MLflow tracking URI: sqlite:///mlflow.db for a local store (no server; needs "
                    "pip install mlflow), http://host:5000 for a server; metric names with '.' for '/'; null = off"),
     # data: nanoGPT-style token files (flat uint16/uint32 ids, memory-mapped) or the built-in corpus
@@ -162,17 +161,16 @@ CONFIG = {
     "kd.gamma": (0.1, "float", "weight of the hidden-state loss through the learned projection (0: neither is built)"),
     "kd.temperature": (2.0, "float", "softmax temperature T of the KD term"),
     "kd.top_k": (None, "int?", "KD on the teacher's top-k tokens per position + a bucket for the rest; null = full KD"),
-    "kd.divergence": ("forward_kl", ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"),
-                      "D(teacher_T, student_T) of the KD term: forward_kl, reverse_kl (MiniLLM), "
-                      "jsd (GKD's generalized JSD), skew_kl (DistiLLM), tvd; scaled by T^2 (tvd: T)"),
+    "kd.divergence": ("forward_kl", ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"), "D(teacher_T, student_T): "
+                      "forward_kl, reverse_kl (MiniLLM), jsd (GKD's generalized JSD), skew_kl (DistiLLM), tvd; "
+                      "scaled by T^2 (tvd: T)"),
     "kd.jsd_beta": (0.5, "float", "jsd: GKD's beta, the teacher's weight in the mixture; 0 = forward KL, 1 = reverse"),
     "kd.skew_alpha": (0.1, "float", "skew_kl: KL(p || a p + (1 - a) q) with a = this (DistiLLM); 0 = forward KL"),
     "kd.on_policy_fraction": (0.0, "float", "GKD's lmbda: the share of micro-batches whose KD term is taken on the "
                               "student's own continuations of a prompt, scored by the teacher; 0 = off"),
     "kd.seq_kd": (False, "bool", "GKD's seq_kd: micro-batches not on-policy train on the teacher's continuation of "
                   "the prompt (sampled as the student's, up to kd.max_new_tokens), not the data; online teacher only"),
-    "kd.prompt_tokens": (None, "int?",
-                         "on-policy, seq_kd: the prompt is each window's first N tokens; null = data.seq_len // 2"),
+    "kd.prompt_tokens": (None, "int?", "on-policy, seq_kd: a prompt is a window's first N tokens; null = seq_len // 2"),
     "kd.max_new_tokens": (None, "int?", "on-policy, seq_kd: new tokens after the prompt; null = to the window end"),
     "kd.sample_temperature": (1.0, "float", "on-policy, seq_kd: sampling temperature, 0 = greedy (first-ranked token)"),
     "kd.eos_token": (None, "int?", "on-policy, seq_kd: the id that ends a generated sequence (nothing after it is "
@@ -1777,9 +1775,8 @@ class Trainable(nn.Module):
 
 
 def trained_arch(cfg):
-    """The network a config trains (student.*, distilled or a plain LM: a teacher-to-be), as plain data a
-    checkpoint's saved config rebuilds it from: {"hf_dir": path} | {"target": "module:callable", "kwargs": {...}}
-    | the built-in GPT's {"n_layer", "n_head", "n_embd"}."""
+    """The network a config trains (student.*, distilled or a plain LM) as data a checkpoint's config rebuilds it
+    from: {"hf_dir": path} | {"target": "module:callable", "kwargs": {...}} | {"n_layer", "n_head", "n_embd"}."""
     if cfg.get("student.hf_dir"):
         return {"hf_dir": cfg["student.hf_dir"]}
     if cfg.get("student.target"):
@@ -1838,10 +1835,9 @@ def use_layers(lm, hidden, cfg, who):
         return lm
     depth = len(lm.blocks) if isinstance(lm, GPT) else lm.depth
     if depth is None:
-        raise ConfigError([("C3", "kd.hidden_layers",
-                            f"{cfg['kd.hidden_layers']} needs the hidden state of every layer "
-                            f"of {who}, which returns its last one only; return (logits, [hidden state of each layer]) "
-                            "or an output with hidden_states, or set kd.hidden_layers=null")])
+        raise ConfigError([("C3", "kd.hidden_layers", f"{cfg['kd.hidden_layers']} needs the hidden state of every "
+                            f"layer of {who}, which returns its last one only; return (logits, [hidden state of "
+                            "each layer]) or an output with hidden_states, or set kd.hidden_layers=null")])
     if max(hidden) > depth:
         raise ConfigError([("C3", "kd.hidden_layers", f"{cfg['kd.hidden_layers']} names layer {max(hidden)} of {who}, "
                             f"which has {depth} layers: 0 (the embeddings) to {depth} (the last)")])
@@ -1871,10 +1867,9 @@ def build_trainable(cfg, teacher):
 
 
 def projection_resume_hooks(module, optimizer, cfg):
-    """G8: resuming across the projection's presence. A checkpoint written at kd.gamma 0 before the kit left the
-    projection out holds proj.weight and proj.bias, never reached by a gradient (AdamW skips them), and their
-    optimizer entries, the last of each group (param_groups' order: the LM, then the projection): they are dropped
-    and the run continues exactly as it would have. A checkpoint without one resumed at kd.gamma > 0: one line."""
+    """G8: resuming across the projection's presence. A kd.gamma 0 checkpoint from before the kit left it out holds
+    an untrained proj.* and its optimizer entries (each group's last, param_groups' order): both are dropped, and
+    the run continues exactly as it would have. One without a projection resumed at kd.gamma > 0: one line."""
     dropped = {}
 
     def model_hook(_module, state, prefix, *_args):
@@ -2055,9 +2050,8 @@ def nll_sum(log_q, targets):
 
 
 def kl_from_log_probs(log_p, log_q):
-    """KL(p || q) per position from the teacher's log p (no gradient) and the student's log q: its gradient wrt
-    the logits is (q - p) / T through log_softmax's backward. Term by term, not sum p log p - sum p log q: a small
-    KL keeps its digits. A p = 0 entry adds 0, not nan, even where log q is -inf (a vocabulary both models mask)."""
+    """KL(p || q) per position from the teacher's log p (no gradient) and the student's log q, term by term (not
+    sum p log p - sum p log q: a small KL keeps its digits); p = 0 adds 0, not nan, even where log q is -inf."""
     p = log_p.exp()
     return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
 
@@ -2145,19 +2139,17 @@ def divergence_scale(kind, temperature):
 
 
 def topk_allows(kind, jsd_beta):
-    """E12: whether kd.top_k (and an offline kd.teacher_cache, top-k too) may coarsen this divergence to the
-    teacher's top-k + one bucket. The coarsened f-divergence is a lower bound (data processing); the gap decides.
-    p-weighted ones (forward KL, skew KL) lose the teacher's tail mass times a divergence of the tails, tvd at most
-    that mass: small when the top-k hold most of p. reverse KL and jsd with b > 0 weigh by the student's q, whose
-    tail mass nothing keeps small and whose per-token teacher probabilities are unknown: the penalty is lost."""
+    """E12: whether kd.top_k (and kd.teacher_cache, top-k too) may coarsen this divergence to the teacher's top-k +
+    one bucket: a lower bound (data processing) whose gap decides. p-weighted ones (forward, skew KL) lose the
+    teacher's tail mass times a divergence of the tails, tvd at most that mass: small. reverse KL and jsd (b > 0)
+    weigh by the student's q, whose tail mass nothing keeps small, over unknown teacher probabilities: lost."""
     return kind in ("forward_kl", "skew_kl", "tvd") or (kind == "jsd" and jsd_beta == 0)
 
 
 def kd_divergence(student_logits, kind, temperature, teacher_logits=None, top_k=None, cached=None,
                   jsd_beta=0.5, skew_alpha=0.1, log_q=None):
-    """kd.divergence per position, in fp32 (G6), from the teacher's logits (full, or top_k) or kd.teacher_cache's
-    numbers (`cached`, as teacher_topk returns them); forward_kl is kd_kl / kd_kl_topk, the others divergences.py's.
-    log_q: the student's log_probs at T when the step has them (G8: one log_softmax per model and step)."""
+    """kd.divergence per position in fp32 (G6) from the teacher's logits or kd.teacher_cache's numbers (`cached`):
+    forward_kl is kd_kl / kd_kl_topk, the others divergences.py's; log_q: the student's at T if the step has it (G8)."""
     if kind == "forward_kl":
         return kd_kl_topk(student_logits, *cached, temperature, log_q=log_q) if cached else \
             kd_kl(student_logits, teacher_logits, temperature, top_k, log_q=log_q)
