@@ -799,6 +799,9 @@ def device_memory_bytes(cfg, opts):
     return None, "no GPU here and no --device_memory"
 
 
+META_VALUE_READS = ("cannot be called on meta tensors", "Cannot copy out of meta tensor")  # .item(), .tolist() on meta
+
+
 def check_memory(script, cfg, plan, opts):
     estimator = probe_memory if script.TASK == "probe" else distill_memory
     built = "the models built on the meta device (no memory used)"
@@ -806,9 +809,11 @@ def check_memory(script, cfg, plan, opts):
         parts = estimator(script, cfg, plan)
     except Exception as meta_err:  # a model whose __init__ calls .item() (HF Llama/GPT-2, some braindecode nets)
         why = f"{type(meta_err).__name__}: {(str(meta_err).splitlines() or [''])[0][:120]}"
+        reads = any(text in str(meta_err) for text in META_VALUE_READS)  # E6: expected, said plainly; others as is
         try:  # E6: then for real on the CPU, one sample through the forward
             parts = estimator(script, cfg, plan, device="cpu")
-            built = f"the models built on the CPU, since the meta-device build failed ({why})"
+            built = "the models built on the CPU: " + ("they read a tensor's value, which the meta device does not hold"
+                                                       if reads else f"the meta-device build failed ({why})")
         except Exception as err:
             return [finding("E6", "info", f"no memory estimate: building the model failed on the meta device ({why}) "
                             f"and on the CPU ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]})",

@@ -173,10 +173,12 @@ class HFCausalLM(nn.Module):
 def load_hf_model(path, key, seed, weights=True):
     """A local Hugging Face causal LM in fp32 (autocast lowers the compute), never downloaded
     (local_files_only). A directory without weights (config.json alone), or weights=False (the weights
-    come from a checkpoint), gives a random init seeded by `seed`."""
+    come from a checkpoint), gives a random init seeded by `seed`. Under torch.device("meta") (E6: the memory
+    estimate), the config's network alone: a meta tensor holds no value to read, and transformers 5 refuses
+    from_pretrained there."""
     transformers = kit.transformers_module()
     try:
-        if weights and hf_weights_present(path):
+        if weights and hf_weights_present(path) and torch.get_default_device().type != "meta":
             model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         else:
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)

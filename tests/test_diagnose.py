@@ -595,6 +595,33 @@ def test_e6_memory_estimate_counts_a_hugging_face_teacher_in_fp32(tmp_path):
 
 
 @NEEDS_DISTILL
+def test_e6_a_hugging_face_students_memory_line_is_clean_and_an_unexpected_meta_failure_is_still_shown(tmp_path,
+                                                                                                      monkeypatch):
+    """An HF student with weights: on the meta device no weights are read (transformers 5 refuses from_pretrained
+    there), and its forward reading a tensor's value (the expected failure) sends the estimate to the CPU with a
+    plain line, no cut-off error text. Any other meta-device failure is still named in the line."""
+    transformers = pytest.importorskip("transformers", reason=f"transformers is not installed for {sys.executable}")
+    import train_distill as td
+    config = transformers.GPT2Config(vocab_size=256, n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    cfg, _ = td.resolve_config(None, [f"student.hf_dir={tmp_path}", "data.seq_len=64"])
+    plan = td.plan_schedule(cfg, td.train_set_size(cfg))
+    [line] = dx.check_memory(td, cfg, plan, {"device_memory": None})
+    assert line["id"] == "E6" and line["evidence"].startswith("estimated "), line
+    assert "read a tensor's value" in line["evidence"] and not re.search(r"Error|failed|from_pretrained",
+                                                                          line["evidence"]), line["evidence"]
+
+    def estimator(script, cfg, plan, device="meta"):
+        if device == "meta":
+            raise ValueError("a real bug in the model's __init__")
+        return {"weights": 2**20}
+
+    monkeypatch.setattr(dx, "distill_memory", estimator)
+    [line] = dx.check_memory(td, cfg, plan, {"device_memory": None})
+    assert "the meta-device build failed (ValueError: a real bug in the model's __init__)" in line["evidence"]
+
+
+@NEEDS_DISTILL
 def test_e6_memory_estimate_follows_the_teacher_the_run_loads_user_module_or_none_offline(tmp_path):
     # teacher.target: the user's module, built on the meta device, counted in fp32; kd.teacher_cache: the run
     # loads no teacher at all (its cached top-k is read), so no teacher weights and no teacher logits.
