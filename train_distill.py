@@ -1952,15 +1952,12 @@ def load_teacher_checkpoint(cfg, hidden=True):
     if vocab_size(saved) != vocab_size(cfg):
         raise ConfigError([("C3", key, f"{path} has a vocabulary of {vocab_size(saved)}, this run's data has "
                             f"{vocab_size(cfg)}; teacher and student must share one tokenizer")])
-    if "hf_dir" in arch or "target" in arch:
-        lm = build_lm(cfg, arch, key, "the teacher", hidden, weights=False)
-    else:
-        want = {dim: cfg[f"teacher.{dim}"] for dim in ("n_layer", "n_head", "n_embd")}
-        if arch != want:
-            raise ConfigError([("C3", "teacher.n_layer", f"{path} holds a network with "
-                                + ", ".join(f"{k} {v}" for k, v in arch.items())
-                                + "; set teacher.n_layer/n_head/n_embd to those values")])
-        lm = GPT(vocab_size(saved), saved["data.seq_len"], **arch)
+    if "n_layer" in arch and arch != {dim: cfg[f"teacher.{dim}"] for dim in arch}:  # the built-in GPT
+        raise ConfigError([("C3", "teacher.n_layer", f"{path} holds a network with "
+                            + ", ".join(f"{k} {v}" for k, v in arch.items())
+                            + "; set teacher.n_layer/n_head/n_embd to those values")])
+    lm = GPT(vocab_size(saved), saved["data.seq_len"], **arch) if "n_layer" in arch else \
+        build_lm(cfg, arch, key, "the teacher", hidden, weights=False)
     lm.load_state_dict({k[3:]: v for k, v in saved_weights(ckpt, path, key).items() if k.startswith("lm.")})
     return lm
 
@@ -2027,10 +2024,9 @@ def saved_weights(ckpt, path, key="--checkpoint"):
 
 
 # -----------------------------------------------------------------------------
-# Losses, each summed over real target tokens (the shared loop divides by the step's token count, G2)
-# and computed in fp32 whatever the autocast dtype (G6): CPU autocast even runs log_softmax in fp16.
-# The step computes each model's log-probabilities once (log_probs) and every term reads them; a term
-# whose weight is 0 is not computed at all (G8: make_task's loss picks the terms once).
+# Losses, each summed over real target tokens (the shared loop divides by the step's token count, G2), in fp32
+# whatever the autocast dtype (G6: CPU autocast even runs log_softmax in fp16). Each model's log-probabilities are
+# computed once a step (log_probs); a term of weight 0 is not computed at all (G8: make_task's loss picks them once).
 def log_probs(logits, temperature=1.0):
     """log softmax(logits / T) over the vocabulary in fp32 (G6): the one full-vocabulary pass per model and
     step. At T = 1 there is no division (x / 1 is x, bit for bit)."""
