@@ -2,7 +2,7 @@
 order, no function is longer than a screen or two, no line wider than 120 characters, and the preparation
 tools stay small. diagnose_and_fix.py's whole-file budget (1,800 lines, reached once --plot's code became its
 companion file diagnose_plot.py) holds from now on; the training scripts' (train_probe.py 2,400, train_distill.py
-3,000) are not reached yet and are not asserted here."""
+3,000) are not reached yet: a ratchet holds them where the last restructuring left them, lowered as they shrink."""
 import ast
 import os
 
@@ -50,3 +50,11 @@ def test_each_preparation_tool_is_at_most_800_lines(name):
 def test_diagnose_and_fix_is_at_most_1800_lines():
     text, _ = parsed("diagnose_and_fix.py")
     assert len(text.splitlines()) <= 1800
+
+
+@pytest.mark.parametrize("name, ratchet", [("train_probe.py", 2860), ("train_distill.py", 3900)])
+def test_the_training_scripts_do_not_grow_back_toward_their_size_before_issue_32(name, ratchet):
+    """Issue 32's budgets are 2,400 and 3,000 lines; from 3,388 and 4,840 the scripts are down to the ratchet.
+    A feature that needs room goes to a companion file (docs/design.md), or the ratchet is lowered, never raised."""
+    text, _ = parsed(name)
+    assert len(text.splitlines()) <= ratchet
