@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from test_distill import ckpt, data, kd_settings, teacher  # noqa: F401 (fixtures)
-from test_offline import CLEAN_ENV, build, build_in_one_and_two_processes, cache_code, command, file_hashes, offline
+from test_offline import (CLEAN_ENV, build, build_in_one_and_two_processes, cache_code, command, file_hashes, offline,
+                          uninterrupted_build)
 from test_cache_checks import refused, refused_alike
 import train_distill as T
 
@@ -93,7 +94,7 @@ def test_sampled_draws_depend_on_the_position_not_on_the_chunking():
     assert not torch.equal(whole[1], cache_code().teacher_sampled(t_logits, 2.0, 5, None, 0, 0, seed=1)[1])
 
 
-def test_sampled_cache_build_killed_mid_chunk_resumes_to_the_same_bytes(data, teacher, cache, tmp_path):
+def test_sampled_cache_build_killed_mid_chunk_resumes_to_the_same_bytes(data, teacher, tmp_path):
     settings = sampled(data, teacher, tmp_path / "c")
     killed = subprocess.run(command(settings, "--cache_teacher"), env={**CLEAN_ENV, "KIT_FAULT_CACHE_KILL_AT": "3"},
                             capture_output=True, text=True, cwd=tmp_path)
@@ -102,7 +103,7 @@ def test_sampled_cache_build_killed_mid_chunk_resumes_to_the_same_bytes(data, te
     resumed = subprocess.run(command(settings, "--cache_teacher"), env=CLEAN_ENV, capture_output=True, text=True,
                              cwd=tmp_path)
     assert resumed.returncode == 0 and "continuing" in resumed.stdout, resumed.stderr
-    assert file_hashes(tmp_path / "c") == file_hashes(cache)
+    assert file_hashes(tmp_path / "c") == uninterrupted_build(sampled(data, teacher, tmp_path / "ref"), tmp_path)
 
 
 def test_sampled_cache_is_the_same_bytes_from_one_and_two_torchrun_processes(data, teacher, tmp_path):
