@@ -6,6 +6,7 @@ line, exit 2 (C3); so does a feature whose code is a companion file (metric_sink
 chunked_loss.py, teacher_cache.py, probe_evaluate.py, probe_backbones.py, packing.py, hf_models.py,
 distill_evaluate.py, user_models.py, on_policy.py, divergences.py), which works when copied together with the
 script."""
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -148,7 +149,7 @@ def companion_line(key, name, script):
     return f"config error: {key}: needs {name}.py beside {script} (copy it from the kit), or leave {key} unset"
 
 
-@pytest.mark.parametrize("script, config, setting, name", [
+COMPANION_KEYS = [
     ("train_probe.py", "probe_synthetic", "log.tensorboard=true", "metric_sinks"),
     ("train_probe.py", "probe_synthetic", "backbone.pool=flatten", "probe_backbones"),
     ("train_distill.py", "distill_demo", "log.wandb=proj", "metric_sinks"),
@@ -162,7 +163,33 @@ def companion_line(key, name, script):
     ("train_distill.py", "distill_demo_teacher", "student.hf_dir=hf", "hf_models"),
     ("train_distill.py", "distill_demo", "kd.hf_teacher_dir=hf", "hf_models"),
     ("train_distill.py", "distill_demo", "kd.on_policy_fraction=0.5", "on_policy"),
-    ("train_distill.py", "distill_demo", "kd.seq_kd=true", "on_policy")])
+    ("train_distill.py", "distill_demo", "kd.seq_kd=true", "on_policy")]
+
+
+def loaded_copy(where, script):
+    """The copy imported from its own directory, as its process would run it (companion() looks beside __file__)."""
+    spec = importlib.util.spec_from_file_location(f"copy_of_{script[:-3]}_{abs(hash(str(where)))}", where / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script, config, setting, name", COMPANION_KEYS)
+def test_c3_a_script_copied_alone_refuses_each_companion_key_naming_the_file_in_one_line(
+        script, config, setting, name, tmp_path, monkeypatch):
+    """Every key whose code is a companion file (issue 32): the copy's own config resolution, which the run, its
+    --dry_run and diagnose all go through first, refuses it with the file's one line. In one process per script
+    copy; the processes' exit codes, stderr and diagnose's line are the next test's, for one key of each kind."""
+    where = copied_alone(tmp_path, script)
+    copy = loaded_copy(where, script)
+    monkeypatch.chdir(where)
+    with pytest.raises(copy.ConfigError) as refused:
+        copy.resolve_config(os.path.join(CONFIGS, f"{config}.yaml"), [setting])
+    assert str(refused.value) == companion_line(setting.split("=")[0], name, script)
+    assert sorted(os.listdir(where)) == [script]
+
+
+@pytest.mark.parametrize("script, config, setting, name", [COMPANION_KEYS[0], COMPANION_KEYS[10], COMPANION_KEYS[12]])
 def test_c3_a_script_copied_alone_asked_for_a_companion_feature_names_the_file_in_one_line(
         script, config, setting, name, tmp_path):
     """A feature whose code is a companion file of the kit (issue 32): the run, its --dry_run and diagnose (copied
