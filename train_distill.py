@@ -636,7 +636,7 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
     sharding(cfg), chunking(cfg), caching(cfg), packing(cfg), generating(cfg), divergences(cfg)  # at start-up
     for key in hf_dir_keys(cfg):  # C3: hf_models.py for a Hugging Face directory, loaded here as well
         hf_models(key)
-    for key in user_model_keys(cfg):  # C3: user_models.py for a user's callable too
+    for key in built_model_keys(cfg, "student.target", "teacher.target"):  # C3: user_models.py for a callable too
         user_models(key)
     require = problem_check(problems)
     data_problems(cfg, problems, check_files)
@@ -1699,9 +1699,14 @@ def hf_models(key, fix=None):
     return companion("hf_models", key, fix)
 
 
+def built_model_keys(cfg, student_key, teacher_key):
+    """Which of the two keys name a model this run builds: the student's when set; the teacher's when set, KD on."""
+    return [k for k in (student_key, teacher_key) if cfg[k] and (k == student_key or cfg["kd.enabled"])]
+
+
 def hf_dir_keys(cfg):
-    """The keys naming a Hugging Face directory the run reads: student.hf_dir; kd.hf_teacher_dir with KD on."""
-    return [k for k in ("student.hf_dir", "kd.hf_teacher_dir") if cfg[k] and (cfg["kd.enabled"] or k[0] == "s")]
+    """The keys naming a Hugging Face directory the run reads."""
+    return built_model_keys(cfg, "student.hf_dir", "kd.hf_teacher_dir")
 
 
 def is_hf_lm(lm):
@@ -1714,11 +1719,6 @@ def is_hf_lm(lm):
 def user_models(key, fix=None):
     """user_models.py, for the user's module `key` names; missing, one line naming the file and key (C3)."""
     return companion("user_models", key, fix)
-
-
-def user_model_keys(cfg):
-    """The keys naming a user's callable the run builds: student.target; teacher.target with KD on."""
-    return [k for k in ("student.target", "teacher.target") if cfg[k] and (cfg["kd.enabled"] or k[0] == "s")]
 
 
 def is_user_lm(lm):
