@@ -633,7 +633,8 @@ def resolve_config(path=None, overrides=(), check_files=True, base=None):
     """The distillation config: load, cast, validate. Tools import this so they judge what training runs."""
     cfg, notes = load_config(path, overrides, CONFIG, base)
     problems = common_value_problems(cfg, TASK)
-    sharding(cfg), chunking(cfg), caching(cfg), packing(cfg), generating(cfg), divergences(cfg)  # at start-up
+    # C3: the companion files the config turns on load first: a missing one is one line before anything is written
+    sharding(cfg), chunking(cfg), caching(cfg), packing(cfg), generating(cfg), divergences(cfg)
     for key in hf_dir_keys(cfg):  # C3: hf_models.py for a Hugging Face directory, loaded here as well
         hf_models(key)
     for key in built_model_keys(cfg, "student.target", "teacher.target"):  # C3: user_models.py for a callable too
@@ -1261,10 +1262,7 @@ class TokenWindows(torch.utils.data.Dataset):
             self.digest = hashlib.sha256(self.tokens.tobytes()).hexdigest()
             self.source = f"built-in corpus: generated Python-like text, {num_tokens} bytes, sha256 {self.digest[:12]}"
         self.packed = self.examples is not None and cfg["data.packing"]
-        self.num_windows = ((num_tokens - 1) // self.seq_len if self.examples is None
-                            else len(self.examples["row_bounds"]) - 1)
-        if cfg["data.limit"] is not None:
-            self.num_windows = min(self.num_windows, cfg["data.limit"])
+        self.num_windows = window_count(cfg, split)
         self.offsets = np.arange(self.seq_len + 1)
 
     def __getstate__(self):  # a worker started by spawn maps the file itself, it is never pickled whole
@@ -1431,8 +1429,7 @@ def prepared_text(path):
 
 
 def packing(cfg):
-    """packing.py when data.packing is true (C10), else None. resolve_config() calls it first, so a missing file is
-    one line before anything is written (C3)."""
+    """packing.py when data.packing is true (C10), else None."""
     return companion("packing", "data.packing") if cfg["data.packing"] else None
 
 
@@ -2006,8 +2003,7 @@ def model_blocks(module):
 
 
 def sharding(cfg):
-    """fsdp_sharding.py when train.strategy is fsdp or train.activation_checkpointing is on (D1), else None.
-    resolve_config() calls it first, so a missing file is one line before anything is written (C3)."""
+    """fsdp_sharding.py when train.strategy is fsdp or train.activation_checkpointing is on (D1), else None."""
     if cfg["train.strategy"] == "fsdp":
         return companion("fsdp_sharding", "train.strategy")
     if cfg["train.activation_checkpointing"]:
@@ -2116,8 +2112,7 @@ def xlogy_ratio(log_p, log_q):
 # the functions above; the others (reverse KL, JSD, skew KL, TVD) are divergences.py, a companion file beside this
 # script, loaded at config resolution when kd.divergence names one.
 def divergences(cfg):
-    """divergences.py when a distillation's kd.divergence is not forward_kl (E13), else None. resolve_config() calls
-    it first, so a missing file is one line before anything is written (C3)."""
+    """divergences.py when a distillation's kd.divergence is not forward_kl (E13), else None."""
     return companion("divergences", "kd.divergence") if cfg["kd.enabled"] and cfg["kd.divergence"] != "forward_kl" \
         else None
 
@@ -2165,22 +2160,18 @@ def hidden_loss(projected, teacher_hidden):
 
 
 # -----------------------------------------------------------------------------
-# A loss that never holds the whole vocabulary (kd.chunk_tokens, D6): its code is chunked_loss.py, a companion
-# file beside this script, loaded at config resolution when kd.chunk_tokens is set.
+# A loss that never holds the whole vocabulary (kd.chunk_tokens, D6): its code is chunked_loss.py, a companion file.
 def chunking(cfg):
-    """chunked_loss.py when kd.chunk_tokens is set (D6), else None. resolve_config() calls it first, so a missing
-    file is one line before anything is written (C3)."""
+    """chunked_loss.py when kd.chunk_tokens is set (D6), else None."""
     return companion("chunked_loss", "kd.chunk_tokens") if cfg["kd.chunk_tokens"] else None
 
 
 # -----------------------------------------------------------------------------
 # Offline KD (kd.teacher_cache, R9): the teacher runs once over every training and eval window, its numbers are
 # stored, and training reads them with no teacher in memory. Its code (the cache's size, identity, manifest,
-# lock, build and readers, and the sampled mode's draws) is teacher_cache.py, a companion file beside this
-# script, loaded at config resolution when the run is offline.
+# lock, build and readers, and the sampled mode's draws) is teacher_cache.py, a companion file.
 def caching(cfg):
-    """teacher_cache.py when kd.teacher_cache is set with KD on (offline KD), else None. resolve_config() calls it
-    first, so a missing file is one line before anything is written (C3)."""
+    """teacher_cache.py when kd.teacher_cache is set with KD on (offline KD), else None."""
     return companion("teacher_cache", "kd.teacher_cache") if cfg["kd.enabled"] and cfg["kd.teacher_cache"] else None
 
 
