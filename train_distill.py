@@ -2840,7 +2840,7 @@ def print_plan(run, resumed):
                  + objective_text(cfg, 'full vocabulary' if k is None else f'top-{k} + rest bucket'))
     if run["teacher_cache"] is not None:
         m = run["teacher_cache"]["manifest"]
-        size, how = caching(cfg).teacher_cache_size(cfg, m["windows"]["train"], m["windows"]["val"])
+        _, how = caching(cfg).teacher_cache_size(cfg, m["windows"]["train"], m["windows"]["val"])
         what = caching(cfg).cache_slots(m, m["data.vocab_size"])[1]
         log(run, f"teacher: offline, its {what} from the cache {run['teacher_cache']['path']} (built from "
                  f"{m['teacher']['source']}, sha256 {m['teacher']['tensor_digest'][:12]}; {how}); no teacher in "
@@ -2896,8 +2896,8 @@ def run_inputs(cfg, d, print_progress, build_cache=True, cache_only=False):
         raise ConfigError([("C3", "data.val_bin", "the eval windows hold no real target tokens (all padding?)")])
     cache = caching(cfg).prepare_teacher_cache(cfg, d, train_set, val_set, windows, print_progress,
                                                build_cache) if offline else None
-    inputs = {"train_set": train_set, "val_set": val_set, "plan": plan, "windows": windows, "teacher": teacher,
-              "cache": cache, "module": None}
+    inputs = {"train_set": train_set, "val_set": val_set, "plan": plan, "val_windows": windows, "teacher": teacher,
+              "teacher_cache": cache, "module": None}
     if not cache_only:
         inputs["module"] = build_trainable(cfg, teacher).to(d["device"])  # a Hugging Face or user model's errors too
         if cfg["train.activation_checkpointing"]:
@@ -2930,17 +2930,15 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     print_progress = (lambda line: None) if quiet or not d["main"] else write_stdout
     inputs = run_inputs(cfg, d, print_progress, cache_only=cache_only)  # every refusal before the run dir (R10)
     if cache_only:
-        return "cached", {"teacher_cache": inputs["cache"], "dist": d}
-    train_set, val_set, plan, windows = inputs["train_set"], inputs["val_set"], inputs["plan"], inputs["windows"]
-    teacher, cache, module = inputs["teacher"], inputs["cache"], inputs["module"]
+        return "cached", {"teacher_cache": inputs["teacher_cache"], "dist": d}
+    teacher, module = inputs["teacher"], inputs["module"]
     # R4: every process its own stream for the training forward's randomness (the dropout of a user's or
     # Hugging Face model), the same on every run; build_trainable seeded the same init on every process.
     seed_everything(cfg["seed"], d["rank"])
     run = open_run(run_dir, cfg, d)
-    run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, val_set=val_set,
-               val_windows=windows, teacher=teacher, teacher_digest=tensor_digest(teacher)
-               if teacher is not None else None,
-               teacher_cache=cache, data_digest=data_digest(train_set, val_set), check_strategy=check_strategy)
+    run.update(inputs, quiet=quiet, stop_after=stop_after, check_strategy=check_strategy,
+               teacher_digest=tensor_digest(teacher) if teacher is not None else None,
+               data_digest=data_digest(inputs["train_set"], inputs["val_set"]))
     model = module
     if cfg["train.strategy"] == "fsdp":  # D1: sharded weights, gradients and optimizer state; DCP checkpoints (D2)
         fsdp = sharding(cfg)
@@ -2961,10 +2959,10 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False, cache_
     scaler = make_grad_scaler(d["device"], cfg["train.precision"])
     if scaler and run["sharded"]:
         scaler = sharding(cfg).sharded_grad_scaler(d["device"])
-    if cfg["kd.enabled"] and teacher is not None:
+    if teacher is not None:
         projection_resume_hooks(module, optimizer, cfg)  # G8: checkpoints from before the projection left kd.gamma 0
-    run.update(module=module, model=model, params=params, optimizer=optimizer,
-               scheduler=build_schedule(optimizer, cfg, plan), scaler=scaler)
+    run.update(model=model, params=params, optimizer=optimizer,
+               scheduler=build_schedule(optimizer, cfg, run["plan"]), scaler=scaler)
     resumed = resume(run, resume_mode)
     if run["state"]["finished"]:
         log_run_complete(run, run["state"]["global_step"])
@@ -3346,7 +3344,6 @@ def make_batches(run):
 
 
 def make_kd_term(cfg):
-    """kd_term(logits, t_logits, cached, mask, log_q=None): the KD term of a micro-batch (below)."""
     beta, temperature, top_k = cfg["kd.beta"], cfg["kd.temperature"], cfg["kd.top_k"]
     kind, jsd_beta, skew_alpha = cfg["kd.divergence"], cfg["kd.jsd_beta"], cfg["kd.skew_alpha"]
     scale = divergence_scale(kind, temperature)
@@ -3665,14 +3662,23 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None):
                 f"({describe_arch(trained_arch(cfg))}), no teacher and no KD steps, as the real run")
         offline = cfg["kd.enabled"] and cfg["kd.teacher_cache"] is not None
 
-        def cached(settings, name):  # an offline config: the tiny runs build and read their own teacher cache
-            return settings + [f"kd.teacher_cache={os.path.join(tmp, name)}"] if offline else settings
+        def tiny_config(precision):  # an offline config: the tiny runs build and read their own teacher cache
+            cache = [f"kd.teacher_cache={os.path.join(tmp, 'cache_' + precision)}"] if offline else []
+            return resolve_config(config_path, tiny + [f"train.precision={precision}"] + cache)[0]
 
-        student, _ = resolve_config(config_path, cached(tiny + ["train.precision=fp32"], "cache_fp32"))
-        plan = check_tiny_run(cfg, student, os.path.join(tmp, "uninterrupted"), offline, train_fn_together, check)
-        check_stop_and_resume(student, tmp, train_fn_together, check)
+        student, a, b = tiny_config("fp32"), os.path.join(tmp, "uninterrupted"), os.path.join(tmp, "interrupted")
+        plan = check_tiny_run(cfg, student, a, offline, train_fn_together, check)
+        # R1-R5, R8: stopped at step 5 and resumed, the tiny run ends bit-identical to the uninterrupted one
+        outcome, _ = train_fn_together(student, b, "none", stop_after=5, quiet=True)
+        check(outcome == "stopped", "stop at step 5 saves and exits (R8 path)")
+        outcome, _ = train_fn_together(student, b, "auto", quiet=True)
+        check(outcome == "finished" and checkpoint_tensors_equal(os.path.join(a, "checkpoints", "last.pt"),
+                                                                 os.path.join(b, "checkpoints", "last.pt")),
+              "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
+        outcome, _ = train_fn_together(student, b, "auto", quiet=True)
+        check(outcome == "complete", "a finished run restarted says it is complete")
         for precision in ("fp16", "bf16"):
-            low, _ = resolve_config(config_path, cached(tiny + [f"train.precision={precision}"], f"cache_{precision}"))
+            low = tiny_config(precision)
             check_precision_run(cfg, low, plan, os.path.join(tmp, precision), train_fn_together, check)
         print_main(f"  tiny runs took {time.perf_counter() - start:.1f} s")
         if d["world"] > 1:
@@ -3765,20 +3771,6 @@ def check_tiny_run(cfg, student, a, offline, train_fn_together, check):
               and not any(p.requires_grad for p in run["teacher"].parameters()) and not run["teacher"].training,
               "teacher frozen: eval mode, no grad, tensors identical to its checkpoint after training")
     return plan
-
-
-def check_stop_and_resume(student, tmp, train_fn_together, check):
-    """R1-R5, R8: a tiny run stopped at step 5 and resumed ends bit-identical to the uninterrupted one; a finished
-    run restarted says so."""
-    a, b = os.path.join(tmp, "uninterrupted"), os.path.join(tmp, "interrupted")
-    outcome, _ = train_fn_together(student, b, "none", stop_after=5, quiet=True)
-    check(outcome == "stopped", "stop at step 5 saves and exits (R8 path)")
-    outcome, run = train_fn_together(student, b, "auto", quiet=True)
-    check(outcome == "finished" and checkpoint_tensors_equal(os.path.join(a, "checkpoints", "last.pt"),
-                                                             os.path.join(b, "checkpoints", "last.pt")),
-          "resume from that save ends bit-identical to the uninterrupted run (R1-R5)")
-    outcome, _ = train_fn_together(student, b, "auto", quiet=True)
-    check(outcome == "complete", "a finished run restarted says it is complete")
 
 
 def check_precision_run(cfg, low, plan, p_dir, train_fn_together, check):
