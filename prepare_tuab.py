@@ -30,8 +30,8 @@ from fractions import Fraction
 import numpy as np
 
 try:
-    from train_probe import (ELECTRODE_ALIASES, INCOMPLETE, ConfigError, atomic_write_text, file_sha256,
-                             one_line_parser, read_manifest, remove_stale_temp_files, resolve_config, window_channels,
+    from train_probe import (ELECTRODE_ALIASES, INCOMPLETE, ConfigError, atomic_write_text, one_line_parser,
+                             read_content, read_manifest, remove_stale_temp_files, resolve_config, window_channels,
                              window_settings, write_stdout)
 except ModuleNotFoundError as missing:  # C3: the tool runs the script's own config checks; copied alone: one line
     if missing.name != "train_probe":
@@ -458,7 +458,7 @@ def output_record(path):
     array = np.load(path, mmap_mode="r")
     shape, dtype = list(array.shape), str(array.dtype)
     del array  # the memory map closed before the file is hashed
-    return {"shape": shape, "dtype": dtype, "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+    return {"shape": shape, "dtype": dtype, "bytes": os.path.getsize(path), "sha256": read_content(path)["sha256"]}
 
 
 def next_step(cfg, out, config_path):

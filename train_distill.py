@@ -2459,8 +2459,8 @@ def save_best(run):
         run["best_pending"] = host_copy(ckpt)
 
 
-def load_latest_checkpoint(run, path):
-    """R6: a torn or unreadable last.pt falls back to last.prev.pt, with a message."""
+def load_latest_checkpoint(path, warn=lambda message: None):
+    """R6: a torn or unreadable last.pt falls back to last.prev.pt, said by warn (resume() logs it)."""
     candidates = [path] + ([path[:-3] + ".prev.pt"] if path.endswith("last.pt") else [])
     for candidate in candidates:
         if not os.path.exists(candidate):
@@ -2468,13 +2468,12 @@ def load_latest_checkpoint(run, path):
         try:
             ckpt = torch.load(candidate, map_location="cpu", weights_only=True)  # R7
         except Exception as err:  # a torn file raises whatever the unpickler meets
-            log(run,
-                f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
+            warn(f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
             continue
         sharded = isinstance(ckpt, dict) and ckpt.get("shards")
         gone = sharded and shard_reader("--resume").missing_shards(ckpt, candidate)
         if gone:  # D2: the DCP directory it names is half of the checkpoint (deleted, or a kill before it was in)
-            log(run, f"WARNING R6: {gone}; trying the previous checkpoint")
+            warn(f"WARNING R6: {gone}; trying the previous checkpoint")
             continue
         return ckpt, candidate
     return None, None
@@ -2517,7 +2516,7 @@ def resume(run, mode):
     path = last if mode == "auto" else mode
     if mode != "auto" and not os.path.exists(path):
         raise ConfigError([("C3", "--resume", f"checkpoint {path} not found")])
-    ckpt, source = load_latest_checkpoint(run, path)
+    ckpt, source = load_latest_checkpoint(path, lambda message: log(run, message))
     # R1 under DDP: every process must continue from the same step, or the collectives pair up different steps
     # (a node that cannot see the run dir would silently start from step 0).
     seen = all_gather_list([ckpt["global_step"] if ckpt else None], run["dist"]["world"])
@@ -2627,8 +2626,7 @@ def load_resume_state(run, ckpt, source, changed):
 
 
 def finished_run_problem(cfg, ckpt, run_dir):
-    """A finished run relaunched with other values: a ConfigError naming them and how to start a new run
-    (a finished run is never continued), or None when nothing that shapes the run changed."""
+    """A finished run relaunched with other values (it is never continued): a ConfigError naming them, else None."""
     ignored = ("run_name", "train.allow_schedule_change", "train.num_workers", "train.device", "launch_dir",
                "expect.initial_lr", "expect.peak_lr", "expect.final_lr")  # expectations shape nothing (S5)
     saved = absolute_paths(ckpt.get("config") or {}, PATH_KEYS)  # C8: a run saved before paths were recorded absolute
@@ -3048,8 +3046,7 @@ def fit(run, task):
 
 
 def log_step(run, task, out, epoch, window):
-    """One logged step: its metrics record (rates over the window since the last one, which restarts here),
-    the progress bar or line, and E2's check of the loss parts."""
+    """One logged step: its record (rates over the window since the last, restarted here), bar or line, E2's check."""
     st, unit, step = run["state"], task["count_name"], run["state"]["global_step"]
     elapsed = max(time.perf_counter() - window["time"], 1e-9)
     record = {"step": step, "epoch": epoch + 1, "lr": out["lr"],

@@ -1080,8 +1080,7 @@ def backbones(cfg):
 
 
 def feature_tensor(out, output):
-    """The features in a backbone's output: one tensor as it is, anything else (or a backbone.output) by
-    probe_backbones.py's rule."""
+    """The features in a backbone's output: one tensor as it is, else (or by backbone.output) probe_backbones.py's."""
     if torch.is_tensor(out) and output is None:
         return out
     return companion("probe_backbones", "backbone.output").feature_tensor(out, output)
@@ -1143,7 +1142,7 @@ def check_backbone(backbone, cfg, device, splits):
 # the feature cache's file names (feature_cache_key, R11). Nothing stale is used silently.
 def code_sha256(path):
     """SHA-256 of a module's source file (the backbone's code), or None for a module without one."""
-    return file_sha256(path) if path and os.path.isfile(path) else None
+    return read_content(path)["sha256"] if path and os.path.isfile(path) else None
 
 
 def data_identity(cfg, split, part="x"):
@@ -1201,27 +1200,15 @@ def input_changes(saved, now):
     return changes
 
 
-def read_checkpoint_quietly(run_dir, mode):
-    """The checkpoint a resume would start from (last.pt, else last.prev.pt) or None; resume() says why (R6)."""
-    if mode == "none":
-        return None
-    path = os.path.join(run_dir, "checkpoints", "last.pt") if mode == "auto" else mode
-    for candidate in (path, path[:-3] + ".prev.pt") if path.endswith("last.pt") else (path,):
-        try:
-            ckpt = torch.load(candidate, map_location="cpu", weights_only=True)
-        except Exception:
-            continue
-        if isinstance(ckpt, dict):
-            return ckpt
-    return None
-
-
 def check_resume_inputs(cfg, run_dir, mode, inputs):
     """S7/R11: the head in a checkpoint was trained on the features these inputs give. A resume on other
     features (another backbone.pool, kwargs, output, build file, weights, feature size or training data) is
     refused here, one line, before the feature files or anything else in the run dir are written."""
-    ckpt = read_checkpoint_quietly(run_dir, mode)
-    if ckpt is None or ckpt.get("task") != cfg["task"]:
+    if mode == "none":
+        return
+    # the checkpoint a resume would start from (last.pt, else last.prev.pt: resume() says why, R6)
+    ckpt, _ = load_latest_checkpoint(os.path.join(run_dir, "checkpoints", "last.pt") if mode == "auto" else mode)
+    if not isinstance(ckpt, dict) or ckpt.get("task") != cfg["task"]:
         return  # nothing to resume, or resume() explains
     if not ckpt.get("finished") and (ckpt.get("data_position") or {}).get("seed", cfg["seed"]) != cfg["seed"]:
         return  # another seed: resume() refuses it by name (S7); the digest and the data would differ anyway
@@ -1254,8 +1241,7 @@ def feature_cache_key(cfg, inputs, split, n, device, class_file):
 
 
 def compute_features(run, backbone, dataset, n):
-    """The first n windows' features, with a tqdm bar on a terminal or else a log line a minute (a large backbone
-    over a large set takes a while)."""
+    """The first n windows' features, a tqdm bar on a terminal, else a log line a minute (a large backbone is slow)."""
     cfg, d = run["cfg"], run["dist"]
     size, started = cfg["train.eval_batch_size"], time.monotonic()
     bar, said = None, started
@@ -1273,9 +1259,7 @@ def compute_features(run, backbone, dataset, n):
         elif time.monotonic() - said >= 60:
             said = time.monotonic()
             log(run, f"features: {start + len(x)}/{n} {dataset.split} windows ({(start + len(x)) / n:.0%})")
-    if bar is not None:
-        bar.close()
-        run["bar"] = None
+    end_progress(run)
     log(run, f"features: {n} {dataset.split} windows in {time.monotonic() - started:.1f} s")
     return torch.cat(chunks)
 
@@ -1624,8 +1608,8 @@ def save_best(run):
         run["best_pending"] = host_copy(ckpt)
 
 
-def load_latest_checkpoint(run, path):
-    """R6: a torn or unreadable last.pt falls back to last.prev.pt, with a message."""
+def load_latest_checkpoint(path, warn=lambda message: None):
+    """R6: a torn or unreadable last.pt falls back to last.prev.pt, said by warn (resume() logs it)."""
     candidates = [path] + ([path[:-3] + ".prev.pt"] if path.endswith("last.pt") else [])
     for candidate in candidates:
         if not os.path.exists(candidate):
@@ -1633,13 +1617,12 @@ def load_latest_checkpoint(run, path):
         try:
             ckpt = torch.load(candidate, map_location="cpu", weights_only=True)  # R7
         except Exception as err:  # a torn file raises whatever the unpickler meets
-            log(run,
-                f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
+            warn(f"WARNING R6: {candidate} is unreadable ({type(err).__name__}: {err}); trying the previous checkpoint")
             continue
         sharded = isinstance(ckpt, dict) and ckpt.get("shards")
         gone = sharded and shard_reader("--resume").missing_shards(ckpt, candidate)
         if gone:  # D2: the DCP directory it names is half of the checkpoint (deleted, or a kill before it was in)
-            log(run, f"WARNING R6: {gone}; trying the previous checkpoint")
+            warn(f"WARNING R6: {gone}; trying the previous checkpoint")
             continue
         return ckpt, candidate
     return None, None
@@ -1682,7 +1665,7 @@ def resume(run, mode):
     path = last if mode == "auto" else mode
     if mode != "auto" and not os.path.exists(path):
         raise ConfigError([("C3", "--resume", f"checkpoint {path} not found")])
-    ckpt, source = load_latest_checkpoint(run, path)
+    ckpt, source = load_latest_checkpoint(path, lambda message: log(run, message))
     # R1 under DDP: every process must continue from the same step, or the collectives pair up different steps
     # (a node that cannot see the run dir would silently start from step 0).
     seen = all_gather_list([ckpt["global_step"] if ckpt else None], run["dist"]["world"])
@@ -1792,8 +1775,7 @@ def load_resume_state(run, ckpt, source, changed):
 
 
 def finished_run_problem(cfg, ckpt, run_dir):
-    """A finished run relaunched with other values: a ConfigError naming them and how to start a new run
-    (a finished run is never continued), or None when nothing that shapes the run changed."""
+    """A finished run relaunched with other values (it is never continued): a ConfigError naming them, else None."""
     ignored = ("run_name", "train.allow_schedule_change", "train.num_workers", "train.device", "launch_dir",
                "expect.initial_lr", "expect.peak_lr", "expect.final_lr")  # expectations shape nothing (S5)
     saved = absolute_paths(ckpt.get("config") or {}, PATH_KEYS)  # C8: a run saved before paths were recorded absolute
@@ -2066,8 +2048,7 @@ def build_probe_run(cfg, run_dir, resume_mode, d, plan, sets, stop_after, quiet)
 
 
 def probe_task(run, train_feats, test_set):
-    """What fit() needs from the probe: its batches (cached features, or windows through the frozen backbone),
-    its loss and its evaluation."""
+    """What fit() needs: batches (cached features, or windows through the frozen backbone), the loss, the eval."""
     cfg, d, train_set, backbone = run["cfg"], run["dist"], run["train_set"], run["backbone"]
     labels = torch.from_numpy(train_set.labels)
 
@@ -2096,8 +2077,7 @@ def probe_task(run, train_feats, test_set):
 
 
 def finish_probe(run, test_set):
-    """After the loop: the test split scored with best.pt, the run marked finished (saved, so a relaunch knows),
-    the summary line and the export."""
+    """After the loop: the test split scored with best.pt, the run saved as finished, the summary, the export."""
     st, module = run["state"], run["module"]
     if not st["finished"]:
         if test_set is not None:
@@ -2121,8 +2101,7 @@ def finish_probe(run, test_set):
 # ---- The training loop, in the order it runs: train -> fit -> optimizer_step -> evaluate. What it
 # calls only when an option is on (the feature cache, metric sinks) was chosen before train().
 def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
-    """Run (or continue) one probe training: data and schedule, backbone, features and head (build_probe_run),
-    resume, the loop (fit), then the test split and the export (finish_probe). Returns (outcome, run)."""
+    """Run or continue one probe training (build_probe_run, resume, fit, finish_probe): (outcome, run)."""
     d = setup_distributed(cfg)
     seed_everything(cfg["seed"], d["rank"])
     sets = data_sets(cfg)
@@ -2222,8 +2201,7 @@ def fit(run, task):
 
 
 def log_step(run, task, out, epoch, window):
-    """One logged step: its metrics record (rates over the window since the last one, which restarts here),
-    the progress bar or line, and E2's check of the loss parts."""
+    """One logged step: its record (rates over the window since the last, restarted here), bar or line, E2's check."""
     st, unit, step = run["state"], task["count_name"], run["state"]["global_step"]
     elapsed = max(time.perf_counter() - window["time"], 1e-9)
     record = {"step": step, "epoch": epoch + 1, "lr": out["lr"],
@@ -2736,14 +2714,6 @@ def read_manifest(directory):
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def prepared_data_problems(cfg):
