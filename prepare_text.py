@@ -76,11 +76,15 @@ def input_problems(sources, tokenizer_dir, out_dir, val_fraction, pattern):
             problems.append(("C3", "--out", f"{out_dir} already holds {' and '.join(there)}; choose another --out "
                                             "(nothing was overwritten)"))
     files = text_files(sources, pattern)
+    absent = [source for source in sources if not os.path.exists(source)]  # C3: a typo says so, not "no files"
     if not sources:
         problems.append(("C3", "SOURCES", "missing: give text or JSONL files or directories (or --demo_chat)"))
-    elif not files:
-        problems.append(("C3", "SOURCES", f"no text files in {' '.join(sources)} (directories: files matching "
-                                          f"{pattern}, see --glob)"))
+    elif absent:
+        problems.append(("C3", "SOURCES", f"{', '.join(absent)}: no such file or directory; fix the path"))
+    elif not files:  # C3: a directory of chat .jsonl read with the default --glob '*.txt': name the flag that reads it
+        data = sorted({os.path.splitext(f)[1] for f in text_files(sources, "*") if f.endswith((".jsonl", ".parquet"))})
+        hint = f"; to read its {' and '.join(data)} files: --glob '*{data[0]}'" if data else ", see --glob"
+        problems.append(("C3", "SOURCES", f"no files matching {pattern} in {' '.join(sources)}{hint}"))
     if problems:
         raise ConfigError(problems)
     return files

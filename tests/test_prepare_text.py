@@ -124,6 +124,21 @@ def test_c3_tokenize_bad_input_exits_2_with_one_line_and_overwrites_nothing(tmp_
     assert (out / "train.bin").read_bytes() == b"keep" and not (tmp_path / "e").exists()
 
 
+@needs_hf
+def test_c3_prepare_text_names_a_missing_source_and_the_glob_a_directory_of_jsonl_needs(tmp_path, capsys):
+    # a new user's typo was 'no text files in chat.jsnl (directories: ...)', and a directory of chat .jsonl read
+    # with the default --glob '*.txt' said only 'see --glob'
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    (chats / "a.jsonl").write_text('{"text": "hi"}\n')
+    cases = [([str(chats / "a.jsnl")], f"SOURCES: {chats / 'a.jsnl'}: no such file or directory; fix the path"),
+             ([str(chats)], f"SOURCES: no files matching *.txt in {chats}; to read its .jsonl files: --glob '*.jsonl'")]
+    for sources, line in cases:
+        assert P.main(sources + ["--tokenizer", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"config error: {line}"]
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- examples in TRL's formats (C10)
 WORDS = "alpha beta gamma delta the fox jumps over lazy dog and runs sort list please explain".split()
 
