@@ -1279,19 +1279,14 @@ class TokenWindows(torch.utils.data.Dataset):
     def __len__(self):
         return self.num_windows
 
-    def windows(self, indices):
-        indices = np.asarray(indices, dtype=np.int64)
-        if self.examples is not None:
-            return self.rows(indices)[0]
-        return np.asarray(self.stream()[indices[:, None] * self.seq_len + self.offsets], dtype=np.int64)
-
     def rows(self, indices):
         """(ids [n, L + 1], real targets [n, L], positions [n, L + 1]) of windows (positions None), or of rows of
         examples (C10): each example cut at data.seq_len + 1 tokens, after the one before it in its row (one a row
         unless data.packing), padding after the last; its targets those its loss mask holds, never its first
         token (the one before it ends another example); its positions 0, 1, ... (padding's 0)."""
         if self.examples is None:
-            w = self.windows(indices)
+            starts = np.asarray(indices, dtype=np.int64)[:, None] * self.seq_len
+            w = np.asarray(self.stream()[starts + self.offsets], dtype=np.int64)
             return w, self.real_targets(w), None
         if self.mask is None:
             self.mask = np.memmap(self.examples["mask"], dtype=np.uint8, mode="r")

@@ -890,7 +890,7 @@ def gkd_side(td, run, student_dir, teacher_dir, tmp, prompt=None, new_tokens=Non
     transformers.utils.logging.set_verbosity_error()
     cfg, plan, train_set = run["cfg"], run["plan"], run["train_set"]
     order = td.epoch_order(plan["num_samples"], plan["batch_size"], 1, 1, cfg["seed"], 0)[:plan["total_steps"]]
-    windows = np.concatenate([train_set.windows(indices) for (indices,) in order])
+    windows = np.concatenate([train_set.rows(indices)[0] for (indices,) in order])
     y = torch.cat([train_set[indices][1] for (indices,) in order])
     labels = torch.cat([torch.full((len(y), 1), -100), y], 1)  # labels[:, 1:] are the kit's targets
     ones = np.ones_like(windows)
