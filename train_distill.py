@@ -661,7 +661,7 @@ def data_problems(cfg, problems, check_files):
     if check_files:
         for key in ("data.train_bin", "data.val_bin"):
             check_file(cfg, key, problems, (".bin",))
-    teacher = cfg["kd.teacher_checkpoint"]  # a teacher run (kd.enabled false) may name the file it is about to make
+    teacher = cfg["kd.teacher_checkpoint"]  # with kd.enabled false, model_source_problems refuses the key itself
     if check_files and cfg["kd.enabled"] and teacher is not None:
         require(os.path.exists(teacher), "kd.teacher_checkpoint",
                 f"file {teacher} not found; {how_to_make_teacher(teacher)}")
@@ -787,11 +787,11 @@ def objective_problems(cfg, notes):
             "kd.cache_proposal_temperature", "must be > 0, or null (= kd.temperature)")
     if cfg["kd.enabled"] and cfg["kd.teacher_cache_mode"] == "sampled":
         require(cache is not None, "kd.teacher_cache_mode",
-                "needs kd.teacher_cache, the directory the draws are stored "
-                                                            "in: set it, or kd.teacher_cache_mode=topk (the default)")
+                "needs kd.teacher_cache, the directory the draws are stored in: set it, or kd.teacher_cache_mode=topk "
+                "(the default)")
         require(k is None, "kd.top_k",
-                "set, but a sampled kd.teacher_cache stores kd.cache_samples draws per position, "
-                                       "not the top-k: set kd.top_k=null")
+                "set, but a sampled kd.teacher_cache stores kd.cache_samples draws per position, not the top-k: set "
+                "kd.top_k=null")
     if cfg["kd.enabled"] and sampled and not is_forward_kl(kind, cfg["kd.jsd_beta"], cfg["kd.skew_alpha"]):
         p.append(("E12", "kd.divergence", f"{what}, but a sampled kd.teacher_cache (kd.teacher_cache_mode sampled) "
                   "gives an unbiased gradient of forward KL only: its loss is linear in the sampled weights, this "
