@@ -83,6 +83,16 @@ def evaluate_saved(config_path, overrides, path):
     return 0
 
 
+def scored_data(cfg):
+    """The windows an evaluation scores, in words (C8): counted on the val split, as evaluate() takes them (40
+    examples under data.val_windows 512 are 40 scored, not 512)."""
+    total = kit.window_count(cfg, "val")
+    scored = len(kit.eval_windows(cfg, total))
+    windows = f"every one of {total} rows" if scored == total else f"{scored} of {total} rows"
+    data = cfg["data.val_bin"] or f"the built-in corpus's val text ({cfg['data.builtin.val_bytes']} bytes)"
+    return f"{windows} of {cfg['data.seq_len']} tokens of {data}"
+
+
 # ==== shared: evaluate command (identical in probe_evaluate.py and distill_evaluate.py) ====
 # --evaluate PATH --config CONFIG (E11): what both scripts' evaluations share; the task's own part is evaluate_saved()
 # above. Edit it in probe_evaluate.py, then python tests/shared_blocks.py --write copies it into distill_evaluate.py.
@@ -162,7 +172,7 @@ def evaluation_config(config_path, overrides, kind, source):
     run_cfg = kit.absolute_paths(saved, kit.PATH_KEYS) if saved else {}  # a run saved before paths were absolute
     differ = [f"{k} {v!r} (the run's: {run_cfg[k]!r})" for k, v in cfg.items() if k in run_cfg and v != run_cfg[k]
               and k not in ("launch_dir", "run_name")]
-    return cfg, (f"scoring {kit.scored_data(cfg)} with " + (f"the run's config ({where})" if saved else config_path)
+    return cfg, (f"scoring {scored_data(cfg)} with " + (f"the run's config ({where})" if saved else config_path)
                  + (f" + {config_path}" if saved and config_path else "") + (" + --set" if overrides else "")
                  + (f"; not the run's: {', '.join(differ)}" if differ else ""))
 

@@ -183,6 +183,13 @@ def plot_evaluation(out, splits):
     return True
 
 
+def scored_data(cfg):
+    """The windows an evaluation scores, in words (C8)."""
+    if cfg["data.val_x"] is None:
+        return f"the synthetic windows (data.synthetic.*, seed {cfg['seed']})"
+    return f"val {cfg['data.val_x']}" + (f", test {cfg['data.test_x']}" if cfg["data.test_x"] else "")
+
+
 # ==== shared: evaluate command (identical in probe_evaluate.py and distill_evaluate.py) ====
 # --evaluate PATH --config CONFIG (E11): what both scripts' evaluations share; the task's own part is evaluate_saved()
 # above. Edit it in probe_evaluate.py, then python tests/shared_blocks.py --write copies it into distill_evaluate.py.
@@ -262,7 +269,7 @@ def evaluation_config(config_path, overrides, kind, source):
     run_cfg = kit.absolute_paths(saved, kit.PATH_KEYS) if saved else {}  # a run saved before paths were absolute
     differ = [f"{k} {v!r} (the run's: {run_cfg[k]!r})" for k, v in cfg.items() if k in run_cfg and v != run_cfg[k]
               and k not in ("launch_dir", "run_name")]
-    return cfg, (f"scoring {kit.scored_data(cfg)} with " + (f"the run's config ({where})" if saved else config_path)
+    return cfg, (f"scoring {scored_data(cfg)} with " + (f"the run's config ({where})" if saved else config_path)
                  + (f" + {config_path}" if saved and config_path else "") + (" + --set" if overrides else "")
                  + (f"; not the run's: {', '.join(differ)}" if differ else ""))
 

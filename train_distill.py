@@ -3552,15 +3552,7 @@ def load_export(export_dir):
 # -----------------------------------------------------------------------------
 # --evaluate (E11): a checkpoint, a run directory (its best.pt) or an export scored on the config's val windows
 # by the same evaluate() the run used. Its code is distill_evaluate.py, a companion file beside this script,
-# loaded by main() for --evaluate only; scored_data() stays here (its evaluation_config() calls it).
-def scored_data(cfg):
-    """The windows an evaluation scores, in words (C8): counted on the val split, as evaluate() takes them (40
-    examples under data.val_windows 512 are 40 scored, not 512)."""
-    total = window_count(cfg, "val")
-    scored = len(eval_windows(cfg, total))
-    windows = f"every one of {total} rows" if scored == total else f"{scored} of {total} rows"
-    data = cfg["data.val_bin"] or f"the built-in corpus's val text ({cfg['data.builtin.val_bytes']} bytes)"
-    return f"{windows} of {cfg['data.seq_len']} tokens of {data}"
+# loaded by main() for --evaluate only.
 
 
 # -----------------------------------------------------------------------------

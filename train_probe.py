@@ -2523,9 +2523,8 @@ def model_config(cfg):
 
 def export_probe(run):
     """best.pt's head (the last weights when no eval was finite) into <run_dir>/export/: head.pt (a state dict),
-    probe.json (the backbone reference: model_config(), in_channels, window shape) and the run's config.yaml.
-    Written into a temporary directory and published whole (publish_directory): a kill leaves no half export,
-    and never none (R12)."""
+    probe.json (the backbone reference: model_config(), in_channels, window shape) and the run's config.yaml,
+    written into a temporary directory and published whole (publish_directory): no half export, never none (R12)."""
     if not run["dist"]["main"]:
         return None
     best_path, out = os.path.join(run["ckpt_dir"], "best.pt"), os.path.join(run["run_dir"], "export")
@@ -2555,13 +2554,6 @@ def load_export(export_dir):
     """An export as one module, windows [B, C, T] -> logits, in eval mode (the README's one line)."""
     return companion("probe_evaluate", "load_export", fix="load export/head.pt, a plain state dict, yourself") \
         .load_export(export_dir)
-
-
-def scored_data(cfg):
-    """The windows an evaluation scores, in words (C8)."""
-    if cfg["data.val_x"] is None:
-        return f"the synthetic windows (data.synthetic.*, seed {cfg['seed']})"
-    return f"val {cfg['data.val_x']}" + (f", test {cfg['data.test_x']}" if cfg["data.test_x"] else "")
 
 
 # -----------------------------------------------------------------------------
@@ -2676,8 +2668,7 @@ def window_channels(cfg):
 
 
 def window_settings(cfg):
-    """Everything a recording's windows depend on besides its bytes: the cache key of a prepared recording and
-    what a training run compares with the manifest (C6)."""
+    """What a recording's windows depend on besides its bytes: prepare_tuab.py's cache key, the run's check (C6)."""
     rate, seconds = cfg["data.sample_rate"], cfg["data.window_seconds"]
     return {"sample_rate": rate, "window_seconds": seconds, "window_samples": int(round(rate * seconds)),
             "channels": window_channels(cfg), "units": cfg["data.units"], "bandpass": cfg["data.bandpass"],
