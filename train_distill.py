@@ -1496,7 +1496,6 @@ def prepared_text_problems(cfg):
     calls it, so the run, --dry_run and diagnose_and_fix.py refuse alike."""
     problems, models = [], [k for k in ("student.hf_dir", "kd.hf_teacher_dir") if cfg[k] and os.path.isdir(cfg[k])]
     problems += data_tokenizer_problem(cfg)
-    seen = set()
     for key in ("data.train_bin", "data.val_bin"):
         manifest, record = prepared_text(cfg[key])
         if record is None:
@@ -1516,8 +1515,7 @@ def prepared_text_problems(cfg):
             problems.append(("C10", key, f"{cfg[key]} is {os.path.getsize(cfg[key])} bytes, {made} says "
                              f"{record.get('bytes')}: it changed after it was prepared; prepare again: {again}"))
         longest = record.get("longest", 0)
-        if longest > cfg["data.seq_len"] + 1 and cfg["data.too_long"] == "refuse" and "data.seq_len" not in seen:
-            seen.add("data.seq_len")  # one line for both splits: the longest of the two
+        if longest > cfg["data.seq_len"] + 1 and cfg["data.too_long"] == "refuse":  # the longest of both splits
             longest = max(r.get("longest", 0) for r in manifest.get("splits", {}).values())
             problems.append(("C10", "data.seq_len", f"{cfg['data.seq_len']}, but the longest example {made} holds is "
                              f"{longest} tokens; set data.seq_len to at least {longest - 1}, or data.too_long to "
@@ -1538,7 +1536,7 @@ def prepared_text_problems(cfg):
                 "prompt/completion or messages rows")))
         for model in models if key == "data.train_bin" else ():  # C10: the models' tokenizer is the data's
             problems += hf_models(model).tokenizer_problems(cfg, model, manifest, made)
-    return problems
+    return list(dict.fromkeys(problems))  # one line per problem: both splits of one preparation share a manifest
 
 
 TOKEN_SCAN_IDS = 1 << 24  # ids per block when a token file is scanned: 32-64 MiB of memory whatever the file's size
