@@ -390,9 +390,10 @@ def settle(script, tree, opts, findings):
                     findings.append(finding("S2", "info", "the training data is not on this machine, so the run's "
                                             "length is unknown; the schedule checks were skipped",
                                             "pass --num_samples N (training samples per epoch) to check the schedule"))
-                else:
-                    findings.append(finding("C3", "critical", f"cannot size the training set: {type(err).__name__}: "
-                                            f"{err}", "check the data files the config names"))
+                else:  # C3: a data file the script refuses (a directory, no .npy) is the run's own line
+                    findings += check_run_inputs(script, cfg, opts) or [finding(
+                        "C3", "critical", f"cannot size the training set: {type(err).__name__}: {err}",
+                        "check the data files the config names")]
                 return cfg, None
         try:
             return cfg, script.plan_schedule(cfg, num_samples, opts["world_size"])

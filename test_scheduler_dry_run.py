@@ -299,9 +299,9 @@ def run(args):
     script = load_script(task)
     try:
         cfg, notes = script.resolve_config(args.config, args.set, check_files=False)  # data may live elsewhere
+        num_samples, source = dataset_size(script, cfg, args.num_samples)  # C3: a file the script refuses: its line
     except script.ConfigError as err:
         raise BadInput(str(err)) from None
-    num_samples, source = dataset_size(script, cfg, args.num_samples)
     plan, failures, shown = plan_or_failures(script, cfg, num_samples, args.world_size)
     if plan is not None:  # every input is validated before anything is printed or written
         total = plan["total_steps"]

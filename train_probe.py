@@ -939,7 +939,7 @@ class WindowSet(torch.utils.data.Dataset):
         self.x_path, self.y_path = (cfg[f"data.{split}_x"],
                                     cfg[f"data.{split}_y"]) if cfg["data.train_x"] else (None, None)
         if self.x_path:
-            x = np.load(self.x_path, mmap_mode="r")
+            x = load_npy(cfg, f"data.{split}_x")
             self.labels = class_ids(self.y_path, f"data.{split}_y")
             self.shape = x.shape
             if self.labels.ndim != 1:
@@ -984,11 +984,19 @@ class WindowSet(torch.utils.data.Dataset):
         return torch.from_numpy(x), torch.from_numpy(self.labels[indices])
 
 
+def load_npy(cfg, key, refuse=(IsADirectoryError, PermissionError, ValueError)):  # a missing file: check_file's
+    try:
+        return np.load(cfg[key], mmap_mode="r")
+    except refuse as err:  # C3: a directory, an unreadable file or no .npy (text): one line, never np.load's traceback
+        raise ConfigError([("C3", key, f"{cfg[key]}: {getattr(err, 'strerror', None) or 'not in .npy format'}; give "
+                            "the file np.save wrote")]) from None
+
+
 def class_ids(path, key):
     """C3: a labels file as int64 class ids. Strings ('abnormal'), Python objects or fractional / non-finite
     numbers are refused in one line naming the file and the fix, not a ValueError from astype."""
     try:
-        y = np.asarray(np.load(path, mmap_mode="r"))
+        y = np.asarray(load_npy({key: path}, key, refuse=OSError))
     except ValueError:  # Python objects (a list of strings saved as is): np.load cannot map them
         y = np.array([], object)
     whole = y.dtype.kind in "biu" or (y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all())
@@ -1015,7 +1023,7 @@ def data_sets(cfg):
 
 def train_set_size(cfg):
     """Training windows, a .npy file's from its header alone (the tools size schedules with this)."""
-    n = np.load(cfg["data.train_x"], mmap_mode="r").shape[0] if cfg["data.train_x"] else cfg["data.synthetic.num_train"]
+    n = load_npy(cfg, "data.train_x").shape[0] if cfg["data.train_x"] else cfg["data.synthetic.num_train"]
     return n if cfg["data.limit"] is None else min(n, cfg["data.limit"])
 
 
@@ -1074,13 +1082,11 @@ BACKBONE_KEYS = ("backbone.target", "backbone.checkpoint", "backbone.output", "b
 
 
 def backbones(cfg):
-    """The probe_backbones companion when the config sets one of BACKBONE_KEYS, else None."""
     key = next((k for k in BACKBONE_KEYS if cfg[k] is not None), None)
     return companion("probe_backbones", key) if key else None
 
 
 def feature_tensor(out, output):
-    """The features in a backbone's output: one tensor as it is, else (or by backbone.output) probe_backbones.py's."""
     if torch.is_tensor(out) and output is None:
         return out
     return companion("probe_backbones", "backbone.output").feature_tensor(out, output)
@@ -1094,14 +1100,12 @@ def pool_features(feats, pool):
 
 
 def backbone_output(backbone, x, device, cfg):
-    """The backbone's feature tensor (feature_tensor) for a batch of windows, in fp32, not yet pooled."""
     with torch.no_grad(), autocast(device, cfg["train.precision"]):
         out = backbone(to_device(x, device))
     return feature_tensor(out, cfg["backbone.output"]).float()
 
 
 def extract_features(backbone, x, device, cfg):
-    """[B, D] fp32 features of a batch of windows: the backbone's feature tensor, pooled by backbone.pool."""
     return pool_features(backbone_output(backbone, x, device, cfg), cfg["backbone.pool"])
 
 
@@ -1141,7 +1145,6 @@ def check_backbone(backbone, cfg, device, splits):
 # What the features depend on: one description (feature_inputs), compared on resume (S7, R11) and hashed into
 # the feature cache's file names (feature_cache_key, R11). Nothing stale is used silently.
 def code_sha256(path):
-    """SHA-256 of a module's source file (the backbone's code), or None for a module without one."""
     return read_content(path)["sha256"] if path and os.path.isfile(path) else None
 
 
@@ -1178,9 +1181,7 @@ def input_changes(saved, now):
     (the same backbone on another device type differs in the last bits)."""
     changes = []
     for key, value in now.items():
-        if key not in saved:
-            continue
-        old = saved[key]
+        old = saved.get(key, value)  # a key the checkpoint does not record: nothing to compare it with
         if key == "first features":
             scale = float(old.abs().max()) if torch.is_tensor(old) and old.numel() else 0.0
             if torch.is_tensor(old) and old.shape == value.shape and \
@@ -1292,7 +1293,6 @@ def feature_cache(run, backbone, dataset, limit=None):
 
 
 def use_feature_cache(cfg, num_samples, feature_dim):
-    """auto: cache when train features take under a quarter of the available RAM."""
     if cfg["backbone.cache_features"] != "auto":
         return cfg["backbone.cache_features"]
     try:

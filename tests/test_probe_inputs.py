@@ -9,6 +9,7 @@ The backbone is a zoo model built by a user's own build file (`mymod_r11.py:buil
 Deep4Net is built by the user's `mymod.py`): the class lives in zoo.py, so only the build file's content can
 say that the features changed.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -204,15 +205,44 @@ def test_c9_c3_a_nan_window_or_string_labels_are_one_line_from_the_run_the_dry_r
         np.save(tmp_path / f"{name}.npy", x)
     else:
         np.save(tmp_path / f"{name}.npy", np.array(["normal", "abnormal"] * 6))
+    assert says in one_line_everywhere(settings, key, tmp_path, capsys)
+
+
+def one_line_everywhere(settings, key, tmp_path, capsys):
+    """The run's one line (exit 2, nothing written), the same from --dry_run and as diagnose's one critical finding."""
     lines = []
     for extra in ([], ["--dry_run"]):
         code = tp.main([*sets(*settings), "--run_dir", str(tmp_path / "run"), *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith(f"config error: {key}: "), err
         lines.append(err[0])
-    assert lines[0] == lines[1] and says in lines[0] and not (tmp_path / "run").exists()
+    assert lines[0] == lines[1] and not (tmp_path / "run").exists()
     capsys.readouterr()
     (tmp_path / "probe.yaml").write_text("task: probe\n")
     dx.main(["--config", str(tmp_path / "probe.yaml"), *sets(*settings), "--json"])
     found = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["severity"] == "critical"]
     assert [f"config error: {f['evidence']}" for f in found] == lines[:1]
+    return lines[0]
+
+
+@pytest.mark.parametrize("name, says", [("train_x", "Is a directory"), ("val_x", "not in .npy format"),
+                                        ("val_y", "Is a directory")])
+def test_c3_a_data_file_that_is_a_directory_or_no_npy_is_one_line_from_the_run_the_dry_run_and_diagnose(
+        name, says, tmp_path, capsys):
+    """A new user's data.train_x naming a directory, or a text file saved as .npy: np.load's traceback, exit 1, from
+    the run and the dry run, and diagnose's 'cannot size the training set: IsADirectoryError ...'."""
+    settings = TINY + save_splits(tmp_path)
+    os.remove(tmp_path / f"{name}.npy")
+    if says == "Is a directory":
+        os.mkdir(tmp_path / f"{name}.npy")
+    else:
+        (tmp_path / f"{name}.npy").write_text("0.1 0.2 0.3\n")
+    line = one_line_everywhere(settings, f"data.{name}", tmp_path, capsys)
+    assert line.endswith(f"{name}.npy: {says}; give the file np.save wrote"), line
+    if name == "train_x":  # the schedule tool sizes the run from this file's header: the same line, exit 2
+        path = os.path.join(os.path.dirname(tp.__file__), "test_scheduler_dry_run.py")
+        spec = importlib.util.spec_from_file_location("lr_tool", path)
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+        assert tool.main([str(tmp_path / "probe.yaml"), *sets(*settings)]) == 2
+        assert capsys.readouterr().err.strip() == line
