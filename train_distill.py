@@ -3467,11 +3467,11 @@ def export_best(run):
     tokenizer (export_tokenizer). Published whole by publish_directory(): a kill leaves no half export and never
     none (R12); process 0 only."""
     if not run["dist"]["main"]:
-        return None
+        return
     cfg, best_path = run["cfg"], os.path.join(run["ckpt_dir"], "best.pt")
     if not os.path.exists(best_path):
         log(run, "WARNING: no best.pt (no eval had a finite value); nothing exported")
-        return None
+        return
     best = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)
     state = {k[len("lm."):]: v for k, v in saved_weights(best, best_path).items() if k.startswith("lm.")}  # D4
     lm, arch, out = run["module"].lm, trained_arch(cfg), os.path.join(run["run_dir"], "export")
@@ -3499,7 +3499,6 @@ def export_best(run):
             shutil.rmtree(tmp)
     log(run, f"exported best.pt's network (step {best['global_step']}, {cfg['train.best_metric']} "
              f"{best['best_value']:.5g}) to {out}")
-    return out
 
 
 def export_tokenizer(run, arch, tmp):
@@ -3625,11 +3624,11 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None):
             dist.barrier()
         return outcome_and_run
 
-    print_main(f"dry run of {config_path or 'the built-in defaults'}" + (f" on {d['world']} processes"
-                                                                         if d["world"] > 1 else "")
-        + (", sharded (train.strategy fsdp)" if cfg["train.strategy"] == "fsdp" else "")
-        + (", activation checkpointing" if cfg["train.activation_checkpointing"] else "")
-        + (f", chunked loss ({cfg['kd.chunk_tokens']} positions)" if cfg["kd.chunk_tokens"] else ""))
+    print_main(f"dry run of {config_path or 'the built-in defaults'}"
+               + (f" on {d['world']} processes" if d["world"] > 1 else "")
+               + (", sharded (train.strategy fsdp)" if cfg["train.strategy"] == "fsdp" else "")
+               + (", activation checkpointing" if cfg["train.activation_checkpointing"] else "")
+               + (f", chunked loss ({cfg['kd.chunk_tokens']} positions)" if cfg["kd.chunk_tokens"] else ""))
     check_real_config(cfg, d, check, run_dir or os.path.join("runs", cfg["run_name"]))
     tiny = dry_run_settings(cfg, overrides, d)
     # Every process trains into process 0's temporary directory and reads the same files back afterwards
