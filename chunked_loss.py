@@ -20,6 +20,16 @@ import torch.nn.functional as F
 kit: types.ModuleType  # the training script that loaded this file: companion() sets it before this code runs
 
 
+def chunk_problems(cfg):
+    """objective_problems() of kd.chunk_tokens (C3): a distillation's other divergences and layer maps."""
+    kind = cfg["kd.divergence"]
+    if cfg["kd.enabled"] and (kind != "forward_kl" or (cfg["kd.hidden_layers"] and cfg["kd.gamma"] > 0)):
+        what = f"kd.divergence {kind}" if kind != "forward_kl" else "kd.hidden_layers"
+        return [("C3", "kd.chunk_tokens", f"{cfg['kd.chunk_tokens']!r}: the chunked loss computes forward KL on the "
+                 f"last hidden state only, not {what}; set kd.chunk_tokens=0")]
+    return []
+
+
 def linear_head(lm, key):
     """(weight [V, D], bias or None) of a network whose logits are its last hidden state times a matrix: the
     built-in GPT (tied embedding), a Hugging Face causal LM without logit scaling or soft-capping."""

@@ -771,7 +771,7 @@ def model_source_problems(cfg, problems, check_files):
 def objective_problems(cfg, notes):
     """The distillation objective's keys (kd.divergence and its parameters, on-policy data, the layer map):
     values and combinations that cannot work, as (row, key, message); notes for keys a run ignores."""
-    p, kind, k, cache = [], cfg["kd.divergence"], cfg["kd.top_k"], cfg["kd.teacher_cache"]
+    p, k, cache = [], cfg["kd.top_k"], cfg["kd.teacher_cache"]
 
     def require(ok, key, msg, row="C3"):
         if not ok:
@@ -780,8 +780,6 @@ def objective_problems(cfg, notes):
     require(0 <= cfg["kd.jsd_beta"] <= 1, "kd.jsd_beta", "must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
     require(0 <= cfg["kd.skew_alpha"] < 1, "kd.skew_alpha",
             "must be in [0, 1) (0 = forward KL; 1 would compare p with itself)")
-    what = f"jsd with kd.jsd_beta {cfg['kd.jsd_beta']:g}" if kind == "jsd" else kind
-    sampled = cache is not None and cfg["kd.teacher_cache_mode"] == "sampled"
     require(cfg["kd.cache_samples"] >= 1, "kd.cache_samples", "must be >= 1 (draws per position)")
     require(cfg["kd.cache_proposal_temperature"] is None or cfg["kd.cache_proposal_temperature"] > 0,
             "kd.cache_proposal_temperature", "must be > 0, or null (= kd.temperature)")
@@ -792,24 +790,8 @@ def objective_problems(cfg, notes):
         require(k is None, "kd.top_k",
                 "set, but a sampled kd.teacher_cache stores kd.cache_samples draws per position, not the top-k: set "
                 "kd.top_k=null")
-    if cfg["kd.enabled"] and sampled and not is_forward_kl(kind, cfg["kd.jsd_beta"], cfg["kd.skew_alpha"]):
-        p.append(("E12", "kd.divergence", f"{what}, but a sampled kd.teacher_cache (kd.teacher_cache_mode sampled) "
-                  "gives an unbiased gradient of forward KL only: its loss is linear in the sampled weights, this "
-                  "divergence is not, so its estimate would be biased; set kd.divergence=forward_kl or "
-                  "kd.teacher_cache_mode=topk"))
-    elif cfg["kd.enabled"] and (k is not None or cache is not None) and not topk_allows(kind, cfg["kd.jsd_beta"]):
-        source = "an offline kd.teacher_cache stores" if cache is not None else f"kd.top_k {k} keeps"
-        p.append(("E12", "kd.divergence",
-                  f"{what} weighs by the student's probabilities, but {source} only the teacher's "
-                  "top-k tokens: where the student puts its tail mass would go unscored; set kd.top_k=null (online "
-                  "full-vocabulary KD) or kd.divergence to forward_kl, skew_kl or tvd"
-                  + (" (or kd.jsd_beta=0)" if kind == "jsd" else "")))
-    if cfg["kd.enabled"] and cfg["kd.chunk_tokens"] and (kind != "forward_kl"
-                                                         or (cfg["kd.hidden_layers"] and cfg["kd.gamma"] > 0)):
-        what = f"kd.divergence {kind}" if kind != "forward_kl" else "kd.hidden_layers"
-        p.append(("C3", "kd.chunk_tokens",
-                  f"{cfg['kd.chunk_tokens']!r}: the chunked loss computes forward KL on the last "
-                  f"hidden state only, not {what}; set kd.chunk_tokens=0"))
+    p += divergences(cfg).divergence_problems(cfg) if divergences(cfg) else []  # E12: divergences.py's checks
+    p += chunking(cfg).chunk_problems(cfg) if chunking(cfg) else []  # C3: what the chunked loss cannot compute
     p += generating(cfg).generation_problems(cfg, notes, require) if generating(cfg) else []  # E14
     layers = cfg["kd.hidden_layers"]
     if layers is not None:
@@ -2102,32 +2084,18 @@ def xlogy_ratio(log_p, log_q):
 
 # kd.divergence: D(p, q) between the teacher's p = softmax(teacher / T) and the student's q = softmax(student / T),
 # both at the same temperature (E13: a T on one side only is another objective, never a scaled one). Forward KL is
-# the functions above; the others (reverse KL, JSD, skew KL, TVD) are divergences.py, a companion file beside this
-# script, loaded at config resolution when kd.divergence names one.
+# the functions above; the others (reverse KL, JSD, skew KL, TVD) and their config checks (E12) are divergences.py, a
+# companion file beside this script, loaded at config resolution when kd.divergence names one.
 def divergences(cfg):
     """divergences.py when a distillation's kd.divergence is not forward_kl (E13), else None."""
     return companion("divergences", "kd.divergence") if cfg["kd.enabled"] and cfg["kd.divergence"] != "forward_kl" \
         else None
 
 
-def is_forward_kl(kind, jsd_beta, skew_alpha):
-    """Whether this divergence is forward KL exactly (jsd at b = 0 and skew_kl at a = 0 are): the only one
-    a sampled teacher cache estimates without bias (E12)."""
-    return kind == "forward_kl" or (kind == "jsd" and jsd_beta == 0) or (kind == "skew_kl" and skew_alpha == 0)
-
-
 def divergence_scale(kind, temperature):
     """The factor that keeps the KD gradient's size independent of T: T^2 for the divergences locally quadratic in
     the logit difference / T (smooth f-divergences, gradient ~ 1/T^2; Hinton et al.), T for tvd (linear, ~ 1/T)."""
     return temperature if kind == "tvd" else temperature ** 2
-
-
-def topk_allows(kind, jsd_beta):
-    """E12: whether kd.top_k (and kd.teacher_cache, top-k too) may coarsen this divergence to the teacher's top-k +
-    one bucket: a lower bound (data processing) whose gap decides. p-weighted ones (forward, skew KL) lose the
-    teacher's tail mass times a divergence of the tails, tvd at most that mass: small. reverse KL and jsd (b > 0)
-    weigh by the student's q, whose tail mass nothing keeps small, over unknown teacher probabilities: lost."""
-    return kind in ("forward_kl", "skew_kl", "tvd") or (kind == "jsd" and jsd_beta == 0)
 
 
 def kd_divergence(student_logits, kind, temperature, teacher_logits=None, top_k=None, cached=None,
