@@ -109,8 +109,9 @@ def parse_args(argv=None):
             "--checkpoint": "a checkpoint (runs/<run>/checkpoints/last.pt or best.pt)"}
     given = [("--config", args.config), ("--checkpoint", args.checkpoint)] + [("--log", p) for p in args.log or []]
     for flag, path in given:
-        if path and not os.path.exists(path):  # C3: a missing input is bad input, one line and exit 2, not a finding
-            raise UsageError(f"{flag} {path}: no such file; give the path of {what[flag]}")
+        if path and not os.path.isfile(path):  # C3: a missing input (or a directory) is bad input: one line, exit 2
+            said = "is a directory" if os.path.isdir(path) else "no such file"
+            raise UsageError(f"{flag} {path}: {said}; give the path of {what[flag]}")
     if args.log and len(args.log) > 1 and (args.fix or args.checkpoint):
         raise UsageError("--fix and --checkpoint take one run: give a single --log with them")
     if args.plot is not None:

@@ -347,6 +347,16 @@ def test_c3_a_missing_input_file_is_one_line_and_exit_2_not_a_finding(tmp_path, 
         assert "no such file; give the path of" in err
 
 
+def test_c3_a_directory_given_for_an_input_file_is_one_line_and_exit_2_not_a_finding(tmp_path, capsys):
+    """A new user's --config runs/ was 'CRITICAL C3 config runs cannot be read (IsADirectoryError ...)', exit 1."""
+    for flag in ("--config", "--log", "--checkpoint"):
+        assert dx.main([flag, str(tmp_path)]) == 2
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        said = f"diagnose_and_fix.py: {flag} {tmp_path}: is a directory; give the path of "
+        assert out == "" and len(lines) == 1 and lines[0].startswith(said), err
+
+
 def test_s1_constant_lr_from_a_real_run_whose_cosine_cannot_decay(runs):
     code, report = diagnose("--log", str(runs["flat"] / "metrics.jsonl"))
     assert find(report, "S1", "log")["severity"] == "critical"
