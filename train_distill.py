@@ -2722,8 +2722,7 @@ def start_progress(run):
 
 
 def progress_text(run, step):
-    """Elapsed time, steps/s and the ETA of the run, from this process's steps so far (a resumed run
-    measures its own); the line carrying it counts as the latest progress line."""
+    """Elapsed, steps/s and ETA from this process's steps (a resumed run measures its own); its line is the latest."""
     p, total = run["progress"], run["plan"]["total_steps"]
     p["last_line"] = now = time.monotonic()
     elapsed, done = now - p["start"], step - p["first_step"]

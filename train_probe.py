@@ -1046,9 +1046,8 @@ class EEGEncoder(nn.Module):
 
 @contextlib.contextmanager
 def seeded_init(seed):
-    """Module initialisation drawn from `seed` (the same weights on every process), with every global torch RNG
-    stream, CPU and CUDA, restored afterwards: each process keeps its own stream from seed_everything for the
-    dropout masks, instead of every process dropping the same features of its samples (R4)."""
+    """Module initialisation drawn from `seed` (the same weights on every process), then every global torch RNG
+    stream (CPU, CUDA) restored: each process keeps its own seed_everything stream for its dropout masks (R4)."""
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         torch.manual_seed(seed)
         yield
@@ -1910,8 +1909,7 @@ def start_progress(run):
 
 
 def progress_text(run, step):
-    """Elapsed time, steps/s and the ETA of the run, from this process's steps so far (a resumed run
-    measures its own); the line carrying it counts as the latest progress line."""
+    """Elapsed, steps/s and ETA from this process's steps (a resumed run measures its own); its line is the latest."""
     p, total = run["progress"], run["plan"]["total_steps"]
     p["last_line"] = now = time.monotonic()
     elapsed, done = now - p["start"], step - p["first_step"]
