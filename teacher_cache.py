@@ -2,9 +2,10 @@
 
 Offline KD: the teacher runs once over every training window and every eval window, its numbers (teacher_topk's,
 or with kd.teacher_cache_mode sampled teacher_sampled's draws) are stored on disk, and training reads them with
-no teacher in memory. This file holds everything only the cache uses: its size, its identity (the content of
-the teacher's and the data's files, R9), the manifest and its checks, the one-builder lock, the resumable build
-(--cache_teacher, or the run's start-up), the readers (TeacherCacheWindows), and the sampled mode's draws.
+no teacher in memory. This file holds everything only the cache uses: its config checks, its size, its identity
+(the content of the teacher's and the data's files, R9), the manifest and its checks, the one-builder lock, the
+resumable build (--cache_teacher, or the run's start-up), the readers (TeacherCacheWindows), and the sampled
+mode's draws.
 
 A companion file: train_distill.py loads it (companion() in its shared config block, through caching()) when
 kd.teacher_cache is set with KD on, and hands itself over as `kit`; this file refuses, loads the teacher and
@@ -27,6 +28,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 kit: types.ModuleType  # the training script that loaded this file: companion() sets it before this code runs
+
+
+def cache_problems(cfg):
+    """model_source_problems() of an offline run (C3): the cache holds the teacher's top-k log-probabilities (or its
+    sampled draws) and nothing else, in a directory."""
+    cache, p = cfg["kd.teacher_cache"], []
+    if cfg["kd.top_k"] is None and cfg["kd.teacher_cache_mode"] != "sampled":
+        p.append(("C3", "kd.top_k", "null, but kd.teacher_cache stores the teacher's top-k: set kd.top_k (e.g. 32), "
+                  "kd.teacher_cache_mode=sampled or kd.teacher_cache=null"))
+    if cfg["kd.gamma"] != 0:
+        p.append(("C3", "kd.gamma", f"{cfg['kd.gamma']!r}, but the hidden-state term needs the teacher's hidden "
+                  "states, which kd.teacher_cache does not store: set kd.gamma=0 (or kd.teacher_cache=null for online "
+                  "KD)"))
+    if os.path.isfile(cache):
+        p.append(("C3", "kd.teacher_cache", f"{cache} is a file; give a directory (made when absent)"))
+    return p
 
 
 def teacher_sampled(teacher_logits, temperature, samples, proposal_temperature, stream, first_row, seed=0):

@@ -724,7 +724,6 @@ def model_source_problems(cfg, problems, check_files):
     """C3: where the trained network and the teacher come from (one source each; an offline cache; Hugging Face
     directories; the teacher checkpoint's window length), added to problems."""
     require = problem_check(problems)
-    k = cfg["kd.top_k"]
     # the models: at most one source of the trained network (student.*), exactly one teacher source with KD
     for key in ("student.target", "teacher.target"):
         require(cfg[key] is None or re.fullmatch(r"[\w.]+:[\w.]+", cfg[key]) is not None, key,
@@ -743,15 +742,7 @@ def model_source_problems(cfg, problems, check_files):
                 "kd.enabled is true: set exactly one of kd.teacher_checkpoint (a checkpoint of this script), "
                 "kd.hf_teacher_dir and teacher.target (with a complete kd.teacher_cache, none is needed)"
                 + (f"; now set: {', '.join(sources)}" if sources else ""))
-        if cache is not None:  # offline KD: the cache holds the teacher's top-k log-probabilities and nothing else
-            require(k is not None or cfg["kd.teacher_cache_mode"] == "sampled", "kd.top_k",
-                    "null, but kd.teacher_cache stores the teacher's top-k: set kd.top_k (e.g. 32), "
-                    "kd.teacher_cache_mode=sampled or kd.teacher_cache=null")
-            require(cfg["kd.gamma"] == 0, "kd.gamma",
-                    f"{cfg['kd.gamma']!r}, but the hidden-state term needs the teacher's hidden states, which "
-                    "kd.teacher_cache does not store: set kd.gamma=0 (or kd.teacher_cache=null for online KD)")
-            require(not os.path.isfile(cache), "kd.teacher_cache",
-                    f"{cache} is a file; give a directory (made when absent)")
+        problems += caching(cfg).cache_problems(cfg) if caching(cfg) else []  # offline KD: teacher_cache.py's checks
     else:  # plain LM training of student.*: every teacher and KD key would be ignored, so one set is an error
         for key in teacher_keys_set(cfg):
             problems.append(("C3", key, f"is set ({cfg[key]!r}), but kd.enabled is false: this run trains student.* "
