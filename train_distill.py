@@ -1761,10 +1761,6 @@ def transformers_module():
     return transformers
 
 
-def is_hf_model(module):
-    return "transformers" in sys.modules and isinstance(module, sys.modules["transformers"].PreTrainedModel)
-
-
 def build_lm(cfg, arch, key, who, hidden, weights=True):
     """The language model `arch` (trained_arch's description) names, behind one interface:
     idx [B, T] -> (logits [B, T, vocab], last hidden state [B, T, width] or None), attribute width."""

@@ -8,6 +8,7 @@ one (hf_models.py). docs/distill_models.md says what the forward may return.
 A companion file: train_distill.py loads it (companion() in its shared config block, through user_models()) when
 a config names a callable, or a teacher checkpoint holds a user's module, and hands itself over as `kit`.
 """
+import sys
 import types
 
 import torch
@@ -37,6 +38,10 @@ class TargetLM(nn.Module):
         return logits, (hidden if self.hidden else None)
 
 
+def is_hf_model(module):
+    return "transformers" in sys.modules and isinstance(module, sys.modules["transformers"].PreTrainedModel)
+
+
 def target_lm(cfg, arch, key, who, hidden):
     """The user's module from its callable, checked with one forward of a [1, data.seq_len] batch of
     token ids in eval mode without gradients (no dropout, no RNG draw): logits of the vocabulary's size
@@ -47,7 +52,7 @@ def target_lm(cfg, arch, key, who, hidden):
         raise kit.ConfigError([("C3", key, f"{arch['target']} returned a {type(module).__name__}, not a "
                                 "torch.nn.Module")])
     module = module.float()
-    if kit.is_hf_model(module):
+    if is_hf_model(module):
         fix = f"make {arch['target']} return a module that is not a transformers model"
         return kit.hf_models(key, fix).hf_lm(module, cfg, key, who, hidden)
     lm, seq_len, vocab = TargetLM(module, hidden), cfg["data.seq_len"], kit.vocab_size(cfg)

@@ -211,7 +211,7 @@ def test_c3_kd_disabled_trains_your_own_hf_model_as_the_teacher_and_exports_it_w
     student's), says so in the log, and exports it for from_pretrained with the tokenizer's files; the
     export is then a teacher (kd.hf_teacher_dir) as it is."""
     cfg, outcome, run = train(TINY + [f"student.hf_dir={models['gpt2']}", "train.epochs=1"], tmp_path / "t")
-    assert outcome == "finished" and T.is_hf_model(run["module"].lm.model)
+    assert outcome == "finished" and T.companion("user_models", "student.target").is_hf_model(run["module"].lm.model)
     log = (tmp_path / "t" / "train.log").read_text()
     assert f"model: Hugging Face model {models['gpt2']} (its weights) from student.hf_dir" in log
     assert "kd.enabled false: plain LM training of it, no teacher" in log
