@@ -1432,7 +1432,6 @@ def example_rows(name, stat, room, too_long, packing):
 
 
 def file_digests(path, names=None):
-    """{name: sha256 of its bytes} of the files `names` in directory `path` that exist (default: every file)."""
     names = sorted(os.listdir(path)) if names is None else names
     found = {}
     for name in names:
@@ -1668,7 +1667,6 @@ def built_model_keys(cfg, student_key, teacher_key):
 
 
 def hf_dir_keys(cfg):
-    """The keys naming a Hugging Face directory the run reads."""
     return built_model_keys(cfg, "student.hf_dir", "kd.hf_teacher_dir")
 
 
@@ -1994,7 +1992,6 @@ def log_probs(logits, temperature=1.0):
 
 
 def token_cross_entropy(logits, targets):
-    """Summed CE over the real targets (IGNORE excluded)."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
