@@ -3243,8 +3243,6 @@ def evaluate(run):
     return metrics
 
 
-# -----------------------------------------------------------------------------
-# Eval: token-weighted over a fixed set of val windows, from sums and counts (E3).
 def perplexity(mean_ce):
     """E3: exp of the mean token CE; inf past float range (not an OverflowError, not a clamped value)."""
     if math.isnan(mean_ce):
@@ -3688,8 +3686,8 @@ def check_tiny_run(cfg, student, a, offline, train_fn_together, check):
     last = torch.load(last_path, map_location="cpu", weights_only=True)
     check(last["global_step"] == last["scheduler"]["last_epoch"] == plan["total_steps"]
           and optimizer_step_count(last, last_path) in (None, last["global_step"] - last["skipped_steps"]),
-          "checkpoint loads with weights_only=True; global_step == scheduler steps == optimizer steps + skipped (R2, "
-          "R7)")
+          "checkpoint loads with weights_only=True; global_step == scheduler steps == optimizer steps + skipped "
+          "(R2, R7)")
     check(os.path.exists(os.path.join(a, "checkpoints", "best.pt")), "best.pt written")
     check(export_matches_best(a, student, run["teacher"]),
           f"export/ reloads without the kit ({'from_pretrained' if is_hf_lm(run['module'].lm) else 'a state dict'}) "

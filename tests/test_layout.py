@@ -52,7 +52,7 @@ def test_diagnose_and_fix_is_at_most_1800_lines():
     assert len(text.splitlines()) <= 1800
 
 
-@pytest.mark.parametrize("name, ratchet", [("train_probe.py", 2811), ("train_distill.py", 3808)])
+@pytest.mark.parametrize("name, ratchet", [("train_probe.py", 2811), ("train_distill.py", 3806)])
 def test_the_training_scripts_do_not_grow_back_toward_their_size_before_issue_32(name, ratchet):
     """Issue 32's budgets are 2,400 and 3,000 lines; from 3,388 and 4,840 the scripts are down to the ratchet.
     A feature that needs room goes to a companion file (docs/design.md), or the ratchet is lowered, never raised."""
