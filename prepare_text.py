@@ -220,8 +220,10 @@ def check_messages(where, key, messages, need_assistant):
     for i, message in enumerate(messages):
         if isinstance(message, dict):
             misspelt_key(where, f"{key}[{i}].", message, ("role", "content"))
-        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
-            raise row_error(*where, f"{key}[{i}]", "must be a {\"role\", \"content\"} object")
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):  # C10: say which key it lacks
+            lacks = [repr(k) for k in ("role", "content") if isinstance(message, dict) and k not in message]
+            said = f"has no {' and '.join(lacks)}; " if lacks else ""
+            raise row_error(*where, f"{key}[{i}]", said + "each message must be a {\"role\", \"content\"} object")
         if message["role"] not in ROLES:
             raise row_error(*where, f"{key}[{i}].role", f"{message['role']!r} is not one of {', '.join(ROLES)}")
         if not isinstance(message["content"], str):

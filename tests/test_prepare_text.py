@@ -241,6 +241,7 @@ def test_c10_bad_examples_are_one_line_naming_the_file_line_and_key_exit_2_and_w
         (good[:2] + [{"question": "x", "answer": "y"}], [], "bad.jsonl:3: keys", "none of TRL's dataset formats"),
         (good[:1] + [{"prompt": "a ", "completion": "b"}], [], "bad.jsonl:2: format", "mixed formats"),
         ([{"messages": [msg("user", "hi"), msg("bot", "x")]}], [], "bad.jsonl:1: messages[1].role", "'bot'"),
+        ([{"messages": [msg("user", "hi"), {"content": "x"}]}], [], "bad.jsonl:1: messages[1]", "has no 'role'; "),
         ([{"messages": [msg("user", "hi"), msg("assistant", " ")]}], [], "bad.jsonl:1: messages[1].content",
          "empty assistant turn"),
         ([{"messages": [msg("user", "hi")]}], [], "bad.jsonl:1: messages", "no assistant turn"),
