@@ -3649,10 +3649,15 @@ def check_real_config(cfg, d, check, run_dir):
 
 def dry_run_settings(cfg, overrides, d):
     """The overrides that shrink the real config to the tiny runs'."""
-    # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process
-    tiny = list(overrides) + DRY_RUN_SETTINGS + [f"data.limit={26 * d['world']}"]
-    if cfg["data.train_bin"] and example_bounds(cfg, "train") is not None:  # C10: examples whole, as the run has them
-        tiny.append(f"data.seq_len={cfg['data.seq_len']}")
+    # C10: examples whole, as the run has them; E5: windows no longer than the run's (a split it takes holds one)
+    whole = cfg["data.train_bin"] and example_bounds(cfg, "train") is not None
+    seq_len = cfg["data.seq_len"] if whole else min(16, cfg["data.seq_len"])
+    shape = {"data.seq_len": seq_len, "data.limit": 26 * d["world"]}
+    # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process;
+    # E5: under 26 windows a process, more epochs: the evals at steps 3, 6 and the stop at 5 come before the end
+    windows = window_count({**cfg, **shape}, "train") if cfg["data.train_bin"] else shape["data.limit"]
+    shape["train.epochs"] = max(2, math.ceil(7 / optimizer_steps_per_epoch(windows, 4, 2, d["world"])))
+    tiny = list(overrides) + DRY_RUN_SETTINGS + [f"{key}={value}" for key, value in shape.items()]
     if cfg["kd.hidden_layers"]:  # the tiny built-in student as deep as the layer map reaches
         tiny.append(f"student.n_layer={max(1, *(s for s, _ in cfg['kd.hidden_layers']))}")
     tiny += generating(cfg).tiny_settings(cfg) if generating(cfg) else []  # E14: both kinds of micro-batch
@@ -3666,7 +3671,8 @@ def check_tiny_run(cfg, student, a, offline, train_fn_together, check):
     outcome, run = train_fn_together(student, a, "none", quiet=True)
     plan = run["plan"]
     check(outcome == "finished" and run["state"]["global_step"] == plan["total_steps"],
-          f"{who}: {plan['total_steps']} optimizer steps over 2 epochs with a short last accumulation group (G1)")
+          f"{who}: {plan['total_steps']} optimizer steps over {plan['epochs']} epochs of {plan['num_samples']} windows"
+          + (" with a short last accumulation group (G1)" if plan["micro_batches_per_epoch"] % 2 else ""))
     trains, evals, _ = read_metrics(a)
     logged = np.array([trains[s]["lr"] for s in sorted(trains)])
     check(len(logged) == plan["total_steps"] and np.array_equal(logged, lr_curve(student, plan)),

@@ -515,6 +515,32 @@ def test_e5_dry_run_without_config_passes(capsys):
     assert "FAIL" not in out and "fp16" in out and "bf16" in out and "bit-identical" in out
 
 
+@pytest.mark.parametrize("windows", [1, 20])
+def test_e5_dry_run_on_token_files_of_few_short_windows_passes_and_refuses_with_the_runs_line(tmp_path, capsys,
+                                                                                               windows):
+    """Token files the run accepts (8-token windows, one val window): the dry run's tiny runs were 16 tokens
+    long and 2 epochs, so it refused a val file the run takes ('fewer than one window of data.seq_len + 1 =
+    17'), or, under 26 windows, FAILed its own eval checks (20) or refused 'warmup 2 of 2 steps' (1).
+    Now windows no longer than the run's and more epochs of few windows; what the run refuses, it refuses too."""
+    rng = np.random.default_rng(windows)
+    rng.integers(1, VOCAB, windows * 8 + 1).astype(np.uint16).tofile(tmp_path / "train.bin")
+    rng.integers(1, VOCAB, 9).astype(np.uint16).tofile(tmp_path / "val.bin")
+    sets = [a for s in [f"data.train_bin={tmp_path / 'train.bin'}", f"data.val_bin={tmp_path / 'val.bin'}",
+                        f"data.vocab_size={VOCAB}", "data.seq_len=8", "train.batch_size=1", "train.epochs=2",
+                        "train.max_steps=null", "schedule.warmup=0", "kd.enabled=false", *MODELS[3:]]
+            for a in ("--set", s)]
+    assert T.main(["--dry_run", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and f"epochs of {windows} windows" in out and "eval at steps [3, 6, " in out, out
+    if windows == 1:  # one val token short: the run's line, from the run and the dry run alike, exit 2
+        (tmp_path / "val.bin").write_bytes((tmp_path / "val.bin").read_bytes()[:-2])
+        lines = [(T.main([*flags, *sets, "--run_dir", str(tmp_path / "run")]), capsys.readouterr().err)
+                 for flags in ([], ["--dry_run"])]
+        assert lines[0] == lines[1] and lines[0][0] == 2 and "holds 8 tokens, fewer than one window of data.seq_len" \
+            " + 1 = 9" in lines[0][1] and lines[0][1].count("\n") == 1, lines
+        assert not (tmp_path / "run").exists()
+
+
 def test_hf_teacher_from_a_local_directory(data, tmp_path):
     transformers = pytest.importorskip("transformers", reason=f"transformers is not installed for {sys.executable}")
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2,
