@@ -119,6 +119,17 @@ def test_d6_a_chunked_run_equals_the_unchunked_run(teacher, extra, tmp_path):
     assert last_per_step(results[0], "val/agreement") == last_per_step(results[7], "val/agreement")
 
 
+def test_d6_e14_seq_kd_and_on_policy_runs_chunked_equal_unchunked(teacher, tmp_path):
+    """kd.seq_kd's micro-batches (the teacher's continuation as data) go through the chunked loss; the on-policy
+    ones through on_policy.py's own loss, whole logits: the same losses, gradient norms and evals as unchunked."""
+    kd = TINY + ["kd.enabled=true", f"kd.teacher_checkpoint={teacher}", "kd.seq_kd=true", "kd.on_policy_fraction=0.5",
+                 "kd.top_k=null", "kd.gamma=0.1"]
+    results = unchunked_and_chunked(kd, 7, tmp_path)
+    for kind in ("seq_kd", "on_policy"):  # both kinds were drawn, the same micro-batches in both runs
+        counts = [last_per_step(results[size], f"{kind}/micro_batches") for size in (0, 7)]
+        assert counts[0] == counts[1] and sum(counts[0]) > 0, (kind, counts)
+
+
 def test_d6_hugging_face_student_and_teacher_chunked_equal_unchunked(tmp_path):
     pytest.importorskip("transformers")
     student, teacher = zoo.hf_gpt2(tmp_path / "s", dropout=0.0), zoo.hf_llama(tmp_path / "t")
