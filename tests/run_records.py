@@ -84,12 +84,13 @@ def loud_findings(run_dir, checkpoint="last.pt"):
         return found + [line.strip() for line in f if "WARNING" in line]
 
 
-def distill_killed_and_resumed(settings, tmp_path):
+def distill_killed_and_resumed(settings, tmp_path, processes=1):
     """R4 as a user meets it: train_distill.py with these --set settings as processes, once uninterrupted and
     once SIGKILLed inside step 5 (after the step-4 save) then run again with the same command. All runs share
     one environment: bit-exactness holds for a fixed thread count, which a test process that other tests have
-    touched need not keep. Checks the kill and that both end with bit-identical last.pt; returns (metrics by
-    step of the uninterrupted run, of the interrupted one, the interrupted run dir)."""
+    touched need not keep. processes 2: each run under torchrun (gloo), one intra-op thread a process. Checks the
+    kill and that both end with bit-identical last.pt; returns (metrics by step of the uninterrupted run, of the
+    interrupted one, the interrupted run dir)."""
     import subprocess
     import sys
 
@@ -99,15 +100,17 @@ def distill_killed_and_resumed(settings, tmp_path):
     import train_distill as td
 
     def command(run_dir):
-        argv = [sys.executable, os.path.join(root, "train_distill.py"), "--run_dir", str(run_dir)]
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] * (processes > 1)
+        argv = [sys.executable, *torchrun, os.path.join(root, "train_distill.py"), "--run_dir", str(run_dir)]
         return argv + [a for item in settings for a in ("--set", item)]
 
     env = {k: v for k, v in os.environ.items() if k != "KIT_FAULT_KILL_AT"}
+    env.update({"OMP_NUM_THREADS": "1"} if processes > 1 else {})
     uninterrupted, interrupted = os.path.join(tmp_path, "uninterrupted"), os.path.join(tmp_path, "interrupted")
     clean = subprocess.run(command(uninterrupted), env=env, capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
     killed = subprocess.run(command(interrupted), env={**env, "KIT_FAULT_KILL_AT": "5:1"}, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr
+    assert killed.returncode == (-9 if processes == 1 else 1), killed.stderr  # torchrun: its workers failed
     saved = torch.load(os.path.join(interrupted, "checkpoints", "last.pt"), map_location="cpu", weights_only=True)
     assert saved["global_step"] == 4  # killed inside step 5, after the step-4 save
     resumed = subprocess.run(command(interrupted), env=env, capture_output=True, text=True)

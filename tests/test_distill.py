@@ -532,6 +532,9 @@ def test_e5_dry_run_on_token_files_of_few_short_windows_passes_and_refuses_with_
     assert T.main(["--dry_run", *sets]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and f"epochs of {windows} windows" in out and "eval at steps [3, 6, " in out, out
+    # under torchrun the epochs follow each process's share: 2 x batch 4 take 20 windows in 2 steps an epoch
+    cfg, _ = T.resolve_config(None, sets[1::2])
+    assert f"train.epochs={7 if windows == 1 else 4}" in T.dry_run_settings(cfg, [], {"world": 2})
     if windows == 1:  # one val token short: the run's line, from the run and the dry run alike, exit 2
         (tmp_path / "val.bin").write_bytes((tmp_path / "val.bin").read_bytes()[:-2])
         lines = [(T.main([*flags, *sets, "--run_dir", str(tmp_path / "run")]), capsys.readouterr().err)

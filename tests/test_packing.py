@@ -193,13 +193,30 @@ def test_c10_g2_a_packed_global_batch_has_the_padded_ones_loss_update_and_eval(c
             assert evals[s]["val/agreement"] == evals_p[s]["val/agreement"]
 
 
-def test_c10_r4_a_packed_run_resumes_bit_exactly_after_sigkill(chat_data, packing_teacher, tmp_path):
+def test_c10_r4_g2_a_packed_run_on_two_processes_resumes_bit_exactly_and_equals_one_process(chat_data,
+                                                                                           packing_teacher, tmp_path):
+    """Packed rows under torchrun (2 processes, gloo, batch 1 each), SIGKILLed inside step 5 and relaunched: the
+    same last.pt bit for bit. Against one process of batch 2 (in-process, one thread): the same optimizer steps,
+    losses and terms to round-off, the same weights (G2): each process trained its own half of every global
+    micro-batch of packed rows (two halves alike, or one half twice, would not add up to the one-process step),
+    with the rows' positions and loss mask as one process has them."""
     from run_records import distill_killed_and_resumed
-    clean, resumed, run_dir = distill_killed_and_resumed(
-        settings(chat_data, packing_teacher, "data.packing=true", "train.batch_size=1", "train.grad_accum=2",
-                 "train.epochs=2"), tmp_path)
+    from test_ddp import one_thread
+    packed = settings(chat_data, packing_teacher, "data.packing=true", "train.grad_accum=2", "train.epochs=2")
+    clean, resumed, run_dir = distill_killed_and_resumed(packed + ["train.batch_size=1"], tmp_path, processes=2)
     assert len(clean) >= 6 and all(clean[s]["loss"] == resumed[s]["loss"] for s in clean if s in resumed)
     assert "rows of packed examples" in open(os.path.join(run_dir, "train.log")).read()
+    cfg, _ = T.resolve_config(None, packed + ["train.batch_size=2"])
+    with one_thread():
+        outcome, run = T.train(cfg, str(tmp_path / "one"), "none", quiet=True)
+    two = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), map_location="cpu", weights_only=True)
+    assert outcome == "finished" and two["world_size"] == 2 and two["global_step"] == run["plan"]["total_steps"]
+    one = T.read_metrics(str(tmp_path / "one"))[0]
+    assert sorted(one) == sorted(clean) == list(range(1, run["plan"]["total_steps"] + 1))
+    for key in ("loss", "loss/ce", "loss/kd", "grad_norm"):
+        assert np.allclose([one[s][key] for s in one], [clean[s][key] for s in one], rtol=1e-5), key
+    for name, p in run["module"].state_dict().items():
+        assert torch.allclose(p, two["model"][name], rtol=1e-4, atol=1e-6), name
 
 
 def test_c10_e5_the_dry_runs_export_check_takes_packed_rows(chat_data, packing_teacher, tmp_path):
