@@ -3518,8 +3518,7 @@ def read_metrics(run_dir):
     """metrics.jsonl as (train records by step, eval records by step, events); the last record of a step wins."""
     trains, evals, events = {}, {}, []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
+        for r in map(json.loads, f):
             if "event" in r:
                 events.append(r)
             elif "lr" in r:
@@ -3623,16 +3622,12 @@ def check_real_config(cfg, d, check, run_dir):
     # R10: whatever the real run refuses before its first step (its token files, teacher or cache, network) is
     # refused here first, by the same function with the same line (exit 2); nothing is written
     inputs = run_inputs(cfg, d, lambda line: None, build_cache=False)
-    for name in ("last.pt", "last.prev.pt"):  # S7/C4: the run dir's checkpoint, trained on other bytes: the
-        try:  # relaunch would refuse to continue it; refused here with its line (it passed, then the run refused)
-            ckpt = torch.load(os.path.join(run_dir, "checkpoints", name), map_location="cpu", weights_only=True)
-        except Exception:
-            continue
-        problem = other_data_problem(cfg, ckpt, data_digest(inputs["train_set"], inputs["val_set"]),
-                                     os.path.join(run_dir, "checkpoints", name))
-        if problem:
-            raise problem
-        break
+    # S7/C4: the run dir's checkpoint (as resume() reads it, R6), trained on other bytes: the relaunch would refuse
+    # to continue it; refused here with its line (it passed, then the run refused)
+    ckpt, source = load_latest_checkpoint(os.path.join(run_dir, "checkpoints", "last.pt"))
+    problem = ckpt and other_data_problem(cfg, ckpt, data_digest(inputs["train_set"], inputs["val_set"]), source)
+    if problem:
+        raise problem
     check(True, f"the config's own inputs pass what the run checks before step 1: {len(inputs['train_set'])} train "
                 f"windows, every token id < {inputs['train_set'].vocab}, "
                 + ("the teacher cache, " if cfg["kd.enabled"] and cfg["kd.teacher_cache"] else "")
@@ -3649,11 +3644,11 @@ def check_real_config(cfg, d, check, run_dir):
 
 def dry_run_settings(cfg, overrides, d):
     """The overrides that shrink the real config to the tiny runs'."""
-    # C10: examples whole, as the run has them; E5: windows no longer than the run's (a split it takes holds one)
+    # C10: examples whole, as the run has them; E5: windows no longer than the run's (a split it takes holds one).
+    # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process
     whole = cfg["data.train_bin"] and example_bounds(cfg, "train") is not None
-    seq_len = cfg["data.seq_len"] if whole else min(16, cfg["data.seq_len"])
-    shape = {"data.seq_len": seq_len, "data.limit": 26 * d["world"]}
-    # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process;
+    shape = {"data.seq_len": cfg["data.seq_len"] if whole else min(16, cfg["data.seq_len"]),
+             "data.limit": 26 * d["world"]}
     # E5: under 26 windows a process, more epochs: the evals at steps 3, 6 and the stop at 5 come before the end
     windows = window_count({**cfg, **shape}, "train") if cfg["data.train_bin"] else shape["data.limit"]
     shape["train.epochs"] = max(2, math.ceil(7 / optimizer_steps_per_epoch(windows, 4, 2, d["world"])))
@@ -3719,9 +3714,8 @@ def check_precision_run(cfg, low, plan, p_dir, train_fn_together, check):
     skips = np.diff([0] + [trains[s].get("skipped_steps", 0) for s in sorted(trains)])
     sound = sum(1 for r, skip in zip((trains[s] for s in sorted(trains)), skips)
                 if skip or (r.get("loss") is not None and math.isfinite(r["loss"])))
-    lrs = np.array([trains[s]["lr"] for s in sorted(trains)])
     check(outcome == "finished" and sound == len(trains) == plan["total_steps"] and skips.sum() == skipped
-          and np.array_equal(lrs, lr_curve(low, plan))
+          and np.array_equal([trains[s]["lr"] for s in sorted(trains)], lr_curve(low, plan))
           and all(math.isfinite(e["val/loss"]) for e in evals.values())
           and (precision != "fp16" or all("scale" in r for r in trains.values())),
           f"{precision}: {plan['total_steps']} steps, {skipped} skipped by "
