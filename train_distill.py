@@ -3646,7 +3646,7 @@ def dry_run_settings(cfg, overrides, d):
     """The overrides that shrink the real config to the tiny runs'."""
     # C10: examples whole, as the run has them; E5: windows no longer than the run's (a split it takes holds one).
     # N processes x batch 4 over N x 26 windows: the same step counts, short last group included, as one process
-    whole = cfg["data.train_bin"] and example_bounds(cfg, "train") is not None
+    whole = any(cfg[f"data.{s}_bin"] and example_bounds(cfg, s) is not None for s in ("train", "val"))
     shape = {"data.seq_len": cfg["data.seq_len"] if whole else min(16, cfg["data.seq_len"]),
              "data.limit": 26 * d["world"]}
     # E5: under 26 windows a process, more epochs: the evals at steps 3, 6 and the stop at 5 come before the end

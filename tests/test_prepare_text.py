@@ -384,6 +384,19 @@ def test_c10_a_seq_len_below_the_longest_example_is_refused_unless_data_too_long
                 if len(ids) <= seq_len + 1)
 
 
+def test_c10_the_dry_run_keeps_data_seq_len_when_only_the_val_split_holds_examples(chat_data, tmp_path, capsys):
+    # a new user's own token stream for training and prepared chat rows for val: the run accepted data.seq_len, the
+    # dry run refused it ('data.seq_len: 16, but the longest example ... holds is N tokens'): it kept the run's
+    # data.seq_len only when the train split held examples
+    plain = tmp_path / "train.bin"
+    np.random.default_rng(0).integers(0, chat_data["data"]["vocab_size"], 4000).astype(np.uint16).tofile(plain)
+    settings = [s for s in chat_settings(chat_data) if not s.startswith("kd.")] + [f"data.train_bin={plain}",
+                                                                                "kd.enabled=false"]
+    T.resolve_config(None, settings)  # the run's own checks accept it
+    code = T.main([a for s in settings for a in ("--set", s)] + ["--run_dir", str(tmp_path / "r"), "--dry_run"])
+    assert code == 0, capsys.readouterr()
+
+
 def test_c10_prepared_data_must_match_the_config_and_the_models_tokenizer(chat_data, tmp_path, capsys):
     import transformers
     rng = np.random.default_rng(9)
