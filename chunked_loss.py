@@ -134,7 +134,9 @@ def make_chunked_loss(run):
     temperature, top_k = cfg["kd.temperature"], cfg["kd.top_k"]
     chunk, key = cfg["kd.chunk_tokens"], kit.trained_key(cfg)
 
-    def chunked_loss(model, batch):  # D6: the same terms as make_loss()'s loss(), never a [batch, seq, vocab] tensor
+    def chunked_loss(model, batch, on_policy=False):  # D6: make_loss()'s terms, never a [batch, seq, vocab] tensor
+        """on_policy (E14): on_policy.py's loss of a micro-batch the student wrote, the divergence alone on the
+        generated tokens y marks."""
         x, y, pos, cached = kit.batch_parts(batch, run["train_set"].packed)  # C10: packed rows carry positions
         hidden, projected = model(x, project=teacher is not None and gamma > 0, logits=False, positions=pos)
         head = linear_head(run["module"].lm, key)  # read after the forward: FSDP swaps the parameters it gathers
@@ -146,12 +148,15 @@ def make_chunked_loss(run):
                 _, t_hidden = teacher(x, logits=False, positions=pos)
             online = beta > 0
         side = tuple(cached) if cached else (t_hidden, *linear_head(teacher, "the teacher")) if online else ()
-        total, ce, kd = chunked_terms(hidden, head, y, side, online, alpha, beta * temperature ** 2, temperature,
+        weight_ce = 0.0 if on_policy else alpha
+        total, ce, kd = chunked_terms(hidden, head, y, side, online, weight_ce, beta * temperature ** 2, temperature,
                                       top_k, chunk)
-        parts = {"ce": alpha * ce} if alpha > 0 else {}  # G8: chunk_terms computed no CE at kd.alpha 0
+        parts = {"ce": alpha * ce} if weight_ce > 0 else {}  # G8: chunk_terms computed no CE at kd.alpha 0
         if beta > 0:
             parts["kd"] = beta * temperature ** 2 * kd
-        if gamma > 0:
+        if gamma > 0 and on_policy:  # E14: the projection scores nothing; at weight 0 DDP needs no unused search
+            total = total + 0.0 * projected.float().sum()
+        elif gamma > 0:
             parts["hidden"] = gamma * torch.where(y != kit.IGNORE, kit.hidden_loss(projected, t_hidden), 0.0).sum()
             total = total + parts["hidden"]
         return total, parts

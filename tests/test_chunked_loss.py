@@ -119,12 +119,24 @@ def test_d6_a_chunked_run_equals_the_unchunked_run(teacher, extra, tmp_path):
     assert last_per_step(results[0], "val/agreement") == last_per_step(results[7], "val/agreement")
 
 
-def test_d6_e14_seq_kd_and_on_policy_runs_chunked_equal_unchunked(teacher, tmp_path):
-    """kd.seq_kd's micro-batches (the teacher's continuation as data) go through the chunked loss; the on-policy
-    ones through on_policy.py's own loss, whole logits: the same losses, gradient norms and evals as unchunked."""
+def test_d6_e14_seq_kd_and_on_policy_runs_chunked_equal_unchunked(teacher, tmp_path, monkeypatch):
+    """kd.seq_kd's micro-batches (the teacher's continuation as data) and the on-policy ones (the student's, scored
+    by on_policy.py, which took whole logits of both networks) go through the chunked loss: the same losses,
+    gradient norms and evals as unchunked, and no forward but generation's asks a network for its logits."""
+    whole, forward, train = {0: 0, 7: 0}, td.GPT.forward, td.train
+
+    def counted(module, idx, logits=True, past=None, positions=None):  # generation's are [B, vocab] (past given)
+        whole[chunk[0]] += logits and past is None
+        return forward(module, idx, logits, past, positions)
+
+    chunk = [None]
+    monkeypatch.setattr(td.GPT, "forward", counted)
+    monkeypatch.setattr(td, "train", lambda cfg, *a, **k: chunk.__setitem__(0, cfg["kd.chunk_tokens"]) or train(
+        cfg, *a, **k))
     kd = TINY + ["kd.enabled=true", f"kd.teacher_checkpoint={teacher}", "kd.seq_kd=true", "kd.on_policy_fraction=0.5",
                  "kd.top_k=null", "kd.gamma=0.1"]
     results = unchunked_and_chunked(kd, 7, tmp_path)
+    assert whole[0] > 0 and whole[7] == 0, whole
     for kind in ("seq_kd", "on_policy"):  # both kinds were drawn, the same micro-batches in both runs
         counts = [last_per_step(results[size], f"{kind}/micro_batches") for size in (0, 7)]
         assert counts[0] == counts[1] and sum(counts[0]) > 0, (kind, counts)
