@@ -15,8 +15,11 @@ SCRUB = ("KIT_FAULT_KILL_AT", "KIT_FAULT_HOLD_AT", "KIT_FAULT_CACHE_KILL_AT", "K
 def launch_env(env=None):
     """The environment of a launch made by a test: the tests' own interpreter (one Python for both halves of
     every comparison, C5), unless the test passes KIT_PYTHON="" to exercise launch.sh's own choice (then with
-    stand-in pythons: a test never installs anything). A variable given as None is left out."""
-    merged = {**{k: v for k, v in os.environ.items() if k not in SCRUB}, "KIT_PYTHON": sys.executable, **(env or {})}
+    stand-in pythons: a test never installs anything). One intra-op thread, as every process of the suite
+    (conftest.py, R4), unless the test passes OMP_NUM_THREADS=None to exercise launch.sh's own choice. A variable
+    given as None is left out."""
+    merged = {**{k: v for k, v in os.environ.items() if k not in SCRUB}, "KIT_PYTHON": sys.executable,
+              "OMP_NUM_THREADS": "1", **(env or {})}
     return {k: v for k, v in merged.items() if v is not None}
 
 

@@ -149,9 +149,12 @@ def test_cache_benchmark_runs_the_real_train_both_ways(tmp_path):
 
 
 def test_last_line_is_json_with_every_headline_key(capsys):
-    threads = bench.torch.get_num_threads()
-    assert bench.main(["--quick", "--only", "dry_run"]) == 0
-    assert bench.torch.get_num_threads() == threads  # the benchmark's --threads 1 does not leak into the caller
+    bench.torch.set_num_threads(2)  # not the suite's one thread (conftest.py), so a leak of --threads 1 shows
+    try:
+        assert bench.main(["--quick", "--only", "dry_run"]) == 0
+        assert bench.torch.get_num_threads() == 2  # the benchmark's --threads 1 does not leak into the caller
+    finally:
+        bench.torch.set_num_threads(1)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     for key in ("overhead_ratio", "syncs_per_step", "epochs", "cache_speedup", "topk_time_ratio_32k",

@@ -98,3 +98,24 @@ def test_r4_each_process_draws_its_own_dropout_masks(tmp_path, monkeypatch):
         heads.append(run["module"])
     assert torch.equal(heads[0].feature_mean, heads[1].feature_mean)  # the same features, the same data
     assert not torch.equal(heads[0].linear.weight, heads[1].linear.weight)
+
+
+def test_r4_the_suite_computes_on_one_intra_op_thread_since_float32_bits_depend_on_the_count():
+    """The tests compare runs and processes bit for bit: conftest.py pins one intra-op thread for the pytest
+    process and everything it starts. Why it must: the same float32 kernel gives the same bits every time at one
+    thread count and other bits at another (LayerNorm's weight gradient is summed per thread's rows)."""
+    from run_records import launch_env
+    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    assert launch_env()["OMP_NUM_THREADS"] == "1" and "OMP_NUM_THREADS" not in launch_env({"OMP_NUM_THREADS": None})
+    x, dy = torch.randn(48, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(), torch.ones(48, 32)
+    norm = torch.nn.LayerNorm(32)
+    norm.weight.data.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+
+    def weight_grad(threads):
+        torch.set_num_threads(threads)
+        try:
+            return torch.autograd.grad(norm(x), norm.weight, x.detach() * dy)[0]
+        finally:
+            torch.set_num_threads(1)
+    assert torch.equal(weight_grad(1), weight_grad(1)) and torch.equal(weight_grad(2), weight_grad(2))
+    assert not torch.equal(weight_grad(1), weight_grad(2))
