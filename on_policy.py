@@ -238,7 +238,6 @@ def make_on_policy(run, kd_term):
     kinds = ["on_policy"] * (cfg["kd.on_policy_fraction"] > 0) + ["seq_kd"] * (cfg["kd.on_policy_fraction"] < 1
                                                                                and cfg["kd.seq_kd"])
     cost = {f"{kind}/{name}": 0 for kind in kinds for name in ("micro_batches", "tokens", "gen_s")}
-    chunked = kit.chunking(cfg).make_chunked_loss(run) if cfg["kd.chunk_tokens"] else None
 
     def draw_next():
         step = st["global_step"] + 1  # the step optimizer_step is computing; its micro-batches come in order
@@ -270,8 +269,6 @@ def make_on_policy(run, kd_term):
 
     def loss(model, batch):
         inputs, targets = generated(batch)
-        if chunked:  # D6: the student's and the teacher's logits a chunk of positions at a time, as in a data one
-            return chunked(model, (inputs, targets), on_policy=True)
         # the DDP model: its gradients are all-reduced like any micro-batch's
         logits, projected = model(inputs, project=run["module"].proj is not None)
         with torch.no_grad():
@@ -315,9 +312,12 @@ def with_generation(run, kd_term, task):
     the data loss of make_loss() on the teacher's sequence) or none (the data loss on the data); the step's
     generated tokens (G2), the generation cost in the step records, and why a step may score nothing."""
     pieces, data_loss = make_on_policy(run, kd_term), task["loss"]
+    chunked = kit.chunking(run["cfg"]).make_chunked_loss(run) if run["cfg"]["kd.chunk_tokens"] else None
 
     def loss(model, batch):
         who = pieces["draw_next"]()
+        if who == "student" and chunked:  # D6: the student's and the teacher's logits a chunk of positions at a time
+            return chunked(model, pieces["generated"](batch), on_policy=True)
         if who == "student":
             return pieces["loss"](model, batch)
         if who == "teacher":  # E14, GKD's seq_kd: the teacher's continuation is the data, its tokens the labels
