@@ -473,8 +473,9 @@ def check_momentum_cycling(cfg):
                     changes=[("schedule.cycle_momentum", False)])]
 
 
-def check_curve(script, cfg, plan, curve):
+def check_curve(script, cfg, plan, curve, findings=()):
     """S5/S10: the real torch curve against the config's expectations and the sanity checks."""
+    guessed = any(f["id"] in ("C1", "S6") and f["severity"] == "critical" and f["changes"] for f in findings)
     peak_step = int(np.argmax(curve)) + 1
     found = [finding("S5", "info", f"torch's {cfg['schedule.type']} schedule: step 1 LR {curve[0]:.4g}, peak "
                      f"{curve.max():.4g} at step {peak_step}, last step ({len(curve)}) {curve[-1]:.4g}",
@@ -482,6 +483,8 @@ def check_curve(script, cfg, plan, curve):
     actual = {"initial": float(curve[0]), "peak": float(curve.max()), "final": float(curve[-1])}
     for rid, message in script.check_lr_curve(curve, cfg, plan):
         named = re.match(r"expect\.(initial|peak|final)_lr", message)
+        if rid == "S5" and named and guessed:  # S5: the expect: block says what the user meant; a curve drawn with a
+            continue  # guessed value (C1 above) is no reason to report it, nor for --fix to rewrite it
         if rid == "S5" and named:
             key, value = f"expect.{named.group(1)}_lr", float(f"{actual[named.group(1)]:.6g}")
             onecycle_floor = cfg["schedule.type"] == "onecycle" and named.group(1) == "final"
@@ -1548,7 +1551,7 @@ def diagnose_tree(tree, name, opts, with_runs=True):
         findings += check_plan(script, cfg, plan)
         findings += check_warmup(cfg, plan)
         findings += check_momentum_cycling(cfg)
-        findings += check_curve(script, cfg, plan, curve)
+        findings += check_curve(script, cfg, plan, curve, findings)
         findings += check_intervals(cfg, plan)
         findings += check_memory(script, cfg, plan, opts)
         refusals = check_run_inputs(script, cfg, opts)
@@ -1577,8 +1580,8 @@ def fix_tree(report, opts):
             for key, value in f["changes"]:
                 present, old = tree_get(tree, key)
                 old = old if present else REMOVE
-                if old == value:
-                    continue
+                if old == value or key.startswith("expect.") and any(c[3] in ("C1", "S6") for c in changes):
+                    continue  # S5: the expect: block is never fitted to a curve drawn with a guessed value (C1)
                 apply_change(tree, key, value, current["script"].CONFIG)
                 changes.append((key, old, value, f["id"], f["evidence"]))
                 applied = True

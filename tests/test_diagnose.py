@@ -357,6 +357,17 @@ def test_c3_a_directory_given_for_an_input_file_is_one_line_and_exit_2_not_a_fin
         assert out == "" and len(lines) == 1 and lines[0].startswith(said), err
 
 
+def test_s5_c1_a_guessed_value_is_no_reason_to_report_or_rewrite_the_expect_block(tmp_path):
+    """A new user's optim.lr typo: the C1 repair assumes the default LR, and the expect: block (peak 0.003, what the
+    user meant) came out as three S5 criticals, then --fix rewrote it to the default's curve."""
+    src, out = os.path.join(ROOT, "configs", "probe_synthetic.yaml"), tmp_path / "fixed.yaml"
+    code, report = diagnose("--config", src, "--set", "optim.lr=3e-3x", "--fix", "--output", str(out))
+    assert code == 1 and flagged(report) == {("C1", "critical")}, flagged(report)
+    fixed, stated = yaml.safe_load(out.read_text()), yaml.safe_load(open(src))
+    assert {k: float(v) for k, v in fixed["expect"].items()} == {k: float(v) for k, v in stated["expect"].items()}
+    assert report["fix"]["remaining_critical"] == 3  # the S5 lines for the user to decide: the LR or the expect: block
+
+
 def test_s1_constant_lr_from_a_real_run_whose_cosine_cannot_decay(runs):
     code, report = diagnose("--log", str(runs["flat"] / "metrics.jsonl"))
     assert find(report, "S1", "log")["severity"] == "critical"
