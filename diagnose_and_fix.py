@@ -356,7 +356,7 @@ def settle(script, tree, opts, findings):
             cfg, notes = resolve(script, tree, check_files)
         except script.ConfigError as err:
             progress = False
-            missing = [(key, message.split(";")[0][5:].removesuffix(" not found"))
+            missing = [(key, message[5:].split(" not found")[0])
                        for _, key, message in err.problems if is_missing_file(message)]
             if missing and check_files:  # one finding for all of them; without a size the run cannot be judged
                 made = next((m.split("; ", 1)[1].removesuffix(", or fix the path") + "; or " for _, _, m in
@@ -411,10 +411,11 @@ def settle(script, tree, opts, findings):
 
 
 def missing_files_finding(missing, opts, made=""):
-    """C3: one finding for every file the config names that is not on this machine ([(key, path)]): info when the
-    run can still be judged (--num_samples, or a log whose run is sized by its checkpoint), else critical; made:
-    the run's own words on a data directory that does not exist (the tool that makes it), put first in the fix."""
-    listing = ", ".join(f"{key} ({what})" for key, what in missing)
+    """C3: one finding for the files [(key, path)] not on this machine: info when the run can still be judged (by
+    --num_samples, or a log sized by its checkpoint), else critical; made: the run's words naming the tool to run."""
+    listing = ", ".join(f"{key} ({path})" for key, path in missing)
+    if not all(os.path.isabs(path) for _, path in missing):  # where relative paths are read, said once
+        listing += f" (relative to the current directory, {os.getcwd()})"
     if opts["num_samples"]:
         return finding("C3", "info", f"not on this machine: {listing}; the run is sized with "
                        f"--num_samples {opts['num_samples']}", "make sure the files exist where the run starts")

@@ -357,6 +357,17 @@ def test_c3_a_directory_given_for_an_input_file_is_one_line_and_exit_2_not_a_fin
         assert out == "" and len(lines) == 1 and lines[0].startswith(said), err
 
 
+def test_c3_files_not_on_this_machine_are_one_finding_naming_each_path_and_the_directory_once(tmp_path, monkeypatch):
+    """TUAB's six files before stage 1: each entry read 'data.train_x (data/tuab_4s/train_x.npy not found (a relative
+    path is read from the current directory, /home/...))', the same parenthesis six times in one line."""
+    monkeypatch.chdir(tmp_path)
+    for extra, severity in (([], "critical"), (["--num_samples", "1000"], "info")):
+        _, report = diagnose("--config", os.path.join(ROOT, "configs", "tuab_4s.yaml"), *extra)
+        [said] = [f["evidence"] for f in report["findings"] if f["id"] == "C3" and f["severity"] == severity]
+        assert "data.train_x (data/tuab_4s/train_x.npy), data.train_y (data/tuab_4s/train_y.npy)" in said, said
+        assert said.count(str(tmp_path)) == 1 and "not found (" not in said, said
+
+
 def test_s5_c1_a_guessed_value_is_no_reason_to_report_or_rewrite_the_expect_block(tmp_path):
     """A new user's optim.lr typo: the C1 repair assumes the default LR, and the expect: block (peak 0.003, what the
     user meant) came out as three S5 criticals, then --fix rewrote it to the default's curve."""
