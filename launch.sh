@@ -154,6 +154,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$CONFIG" ] || { usage >&2; exit 2; }
+[ ! -d "$CONFIG" ] || die 2 "config $CONFIG is a directory; give the path of a YAML config file"  # C3
 [ -f "$CONFIG" ] || die 2 "config $CONFIG not found; give the path of a YAML config"
 for arg in ${SCRIPT_ARGS[@]+"${SCRIPT_ARGS[@]}"}; do
   if [ "$arg" = "--dry_run" ]; then DRY=1; fi  # the same dry run either way: on the launch's processes

@@ -183,6 +183,13 @@ def test_unknown_task_and_bad_gpus_value_exit_2(tmp_path):
     assert out.returncode == 2 and "--gpus two" in out.stderr
 
 
+def test_c3_a_directory_given_as_the_config_is_one_line_exit_2(tmp_path):
+    out = launch(str(tmp_path), cwd=tmp_path)  # a new user's ./launch.sh configs/: it said 'config configs not found'
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"launch.sh: config {tmp_path} is a directory; give the path of a YAML config file"], out.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_gpus_auto_without_nvidia_smi_fails_clearly(tmp_path):
     cfg = write_config(tmp_path)
     out = launch(cfg, "--gpus", "auto", cwd=tmp_path, env={"PATH": path_without_nvidia_smi()})
