@@ -139,6 +139,20 @@ def test_c3_prepare_text_names_a_missing_source_and_the_glob_a_directory_of_json
     assert not (tmp_path / "out").exists()
 
 
+@needs_hf
+def test_c3_prepare_text_names_an_unreadable_source_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    # a chmod 000 chat file was open()'s PermissionError traceback after the tokenizer loaded (as root every file is
+    # readable, so the tests' process is told which one is not, as os.access would tell a user)
+    for name in ("ok.jsonl", "locked.jsonl"):
+        (tmp_path / name).write_text('{"text": "hi"}\n')
+    monkeypatch.setattr(P.os, "access", lambda path, mode: not str(path).endswith("locked.jsonl"))
+    argv = [str(tmp_path / "ok.jsonl"), str(tmp_path / "locked.jsonl"), "--tokenizer", str(tmp_path)]
+    assert P.main(argv + ["--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"config error: SOURCES: {tmp_path / 'locked.jsonl'}: permission denied; make it readable (chmod +r)"]
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- examples in TRL's formats (C10)
 WORDS = "alpha beta gamma delta the fox jumps over lazy dog and runs sort list please explain".split()
 
