@@ -709,12 +709,8 @@ def schedule_landmarks(cfg, plan):
     final = {"onecycle": lr / (cfg["schedule.div_factor"] * cfg["schedule.final_div_factor"]),  # S5: torch's floor
              "constant": lr}.get(kind, lr * cfg["schedule.final_lr_ratio"])
     start = warm - 1 if warm >= 2 else 0
-    flat = range(0)
-    if kind == "constant":
-        flat = range(start, total)
-    elif kind == "wsd":
-        decay = max(1, min(total - 1 - start, round(cfg["schedule.decay"] * total)))
-        flat = range(start, total - decay)
+    decay = max(1, min(total - 1 - start, round(cfg["schedule.decay"] * total))) if kind == "wsd" else 0
+    flat = range(start, total - decay) if kind in ("constant", "wsd") else range(0)  # the peak held, by design
     return {"initial": initial, "peak": lr, "final": final, "peak_step": start + 1, "flat_steps": flat}
 
 
@@ -1204,6 +1200,7 @@ def check_resume_inputs(cfg, run_dir, mode, inputs):
     """S7/R11: the head in a checkpoint was trained on the features these inputs give. A resume on other
     features (another backbone.pool, kwargs, output, build file, weights, feature size or training data) is
     refused here, one line, before the feature files or anything else in the run dir are written."""
+    check_resume_mode(run_dir, mode)  # R1/C3: --resume none on checkpoints, a --resume PATH not there
     if mode == "none":
         return
     # the checkpoint a resume would start from (last.pt, else last.prev.pt: resume() says why, R6)
@@ -1423,11 +1420,10 @@ def publish_directory(tmp, out):
 
 def process_alive(pid):
     try:
-        os.kill(pid, 0)
+        with contextlib.suppress(PermissionError):  # another user's process: alive
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -1649,21 +1645,27 @@ def other_data_problem(cfg, ckpt, digest, source):
                          "or --run_dir NEW), nothing was touched")])
 
 
+def check_resume_mode(run_dir, mode):
+    """R1/C3: --resume none on a run dir with checkpoints, or a --resume PATH not there, before anything is written."""
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    if mode == "none" and (os.path.exists(last) or os.path.exists(last[:-3] + ".prev.pt")):
+        raise ConfigError([("R1", "--resume", f"none, but {run_dir} already holds checkpoints; use "
+                            "--resume auto to continue, or another --run_dir to start afresh (nothing was "
+                            "touched)")])
+    if mode not in ("none", "auto") and not os.path.exists(mode):
+        raise ConfigError([("C3", "--resume", f"checkpoint {mode} not found")])
+
+
 def resume(run, mode):
     """R1/R2/R3: the one place the loop position comes from a checkpoint; nothing later reassigns it."""
     cfg, plan = run["cfg"], run["plan"]
     run["expected_lr"] = lr_curve(cfg, plan)  # S9: the curve the optimizer's LR must follow, step by step
     drop_stale_expectations(run)
-    last = os.path.join(run["ckpt_dir"], "last.pt")
+    check_resume_mode(run["run_dir"], mode)  # the script asked first, before its run dir was written
     if mode == "none":
-        if os.path.exists(last) or os.path.exists(last[:-3] + ".prev.pt"):
-            raise ConfigError([("R1", "--resume", f"none, but {run['run_dir']} already holds checkpoints; use "
-                                "--resume auto to continue, or another --run_dir to start afresh (nothing was "
-                                "touched)")])
         return False
+    last = os.path.join(run["ckpt_dir"], "last.pt")
     path = last if mode == "auto" else mode
-    if mode != "auto" and not os.path.exists(path):
-        raise ConfigError([("C3", "--resume", f"checkpoint {path} not found")])
     ckpt, source = load_latest_checkpoint(path, lambda message: log(run, message))
     # R1 under DDP: every process must continue from the same step, or the collectives pair up different steps
     # (a node that cannot see the run dir would silently start from step 0).
@@ -1780,11 +1782,9 @@ def finished_run_problem(cfg, ckpt, run_dir):
     saved = absolute_paths(ckpt.get("config") or {}, PATH_KEYS)  # C8: a run saved before paths were recorded absolute
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items()
                if k in saved and k not in ignored and saved[k] != v]
-    if not changed:
-        return None
     return ConfigError([("S7", "run_name", f"{run_dir} holds a finished run (step {ckpt.get('global_step')}) and these "
                          f"values differ from it: {', '.join(changed)}; a finished run is never continued: start a new "
-                         "run with another run_name (--set run_name=NEW) or --run_dir NEW")])
+                         "run with another run_name (--set run_name=NEW) or --run_dir NEW")]) if changed else None
 
 
 def finished_run_verdict(cfg, ckpt, run_dir):

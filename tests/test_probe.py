@@ -384,6 +384,26 @@ def test_r1_resume_none_refuses_a_run_dir_with_checkpoints(tmp_path):
     assert open(os.path.join(run_dir, "checkpoints/last.pt"), "rb").read() == before
 
 
+def test_r1_c3_a_refused_resume_mode_leaves_every_file_of_the_run_dir_byte_identical(tmp_path):
+    """--resume none on checkpoints (R1) or a --resume PATH not there (C3) is refused before the feature cache is
+    computed, the run dir opened or a feature file replaced: 'nothing was touched' holds for every file. The dry
+    run refuses the same, with the same line."""
+    run_dir = str(tmp_path / "run")
+    tp.train(config(), run_dir, "none", quiet=True)
+
+    def files():
+        return {os.path.join(d, n): open(os.path.join(d, n), "rb").read() for d, _, ns in os.walk(run_dir) for n in ns}
+    before = files()
+    assert any(os.sep + "features" + os.sep in path for path in before)  # the cache a late refusal rewrote
+    for mode, line in (("none", "already holds checkpoints"), (str(tmp_path / "gone.pt"), "gone.pt not found")):
+        with pytest.raises(tp.ConfigError, match=line) as refused:
+            tp.train(config(), run_dir, mode, quiet=True)
+        assert files() == before
+        with pytest.raises(tp.ConfigError) as dry:
+            tp.dry_run(None, TINY, run_dir=run_dir, resume_mode=mode)
+        assert str(dry.value) == str(refused.value) and files() == before
+
+
 def test_finished_run_restarted_says_complete(tmp_path):
     run_dir = str(tmp_path / "run")
     tp.train(config(), run_dir, "none", quiet=True)
