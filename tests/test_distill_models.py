@@ -88,11 +88,7 @@ def command(settings, run_dir):
 
 
 def environment(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "KIT_FAULT_KILL_AT"}
-    # R4 compares runs bit for bit, so they must be deterministic: with 2 intra-op threads two fresh processes
-    # of the GPT-2 student gave step-1 gradient norms 3.110836982727051 and 3.11083722114563 (losses equal;
-    # in 2 of 3 suite runs), before any kill: CPU kernel arithmetic, not resume (FAILURE_MODES R4). One thread.
-    env["OMP_NUM_THREADS"] = "1"
+    env = {k: v for k, v in os.environ.items() if k != "KIT_FAULT_KILL_AT"}  # one intra-op thread (conftest.py, R4)
     env["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in [env.get("PYTHONPATH")] if p])  # 'zoo:...' targets
     return {**env, **extra}
 

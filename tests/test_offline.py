@@ -15,12 +15,10 @@ from test_distill import LOOP, MODELS, ROOT, ckpt, data, kd_settings, run, teach
 import train_distill as T
 from run_records import teacher_run
 
-# Builds and runs compared byte for byte across processes need deterministic arithmetic (FAILURE_MODES R4): with two
-# intra-op threads, a cache build killed and resumed in fresh processes once wrote a train.rest differing in the last
-# bits from the in-process build's (CI on 0ac9bd3). Every process here uses one thread, and what is compared byte for
-# byte with a process's output comes from a process too (uninterrupted_build).
-CLEAN_ENV = {**{k: v for k, v in os.environ.items() if k not in ("KIT_FAULT_KILL_AT", "KIT_FAULT_CACHE_KILL_AT")},
-             "OMP_NUM_THREADS": "1"}
+# Builds and runs compared byte for byte across processes run at one intra-op thread, as every process of the suite
+# (conftest.py, R4); what is compared byte for byte with a process's output comes from a process too
+# (uninterrupted_build).
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("KIT_FAULT_KILL_AT", "KIT_FAULT_CACHE_KILL_AT")}
 
 
 def cache_code():
