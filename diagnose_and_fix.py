@@ -156,11 +156,10 @@ def read_config_tree(path):
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         return None, [finding("C3", "critical", f"config {path} is not valid YAML{where}: {problem}",
                               "fix the YAML syntax there (indentation, a missing ':' or an unclosed quote)")]
-    if tree is None:
-        tree = {}
-    if not isinstance(tree, dict):
-        return None, [finding("C3", "critical", f"config {path} holds a {type(tree).__name__}, not a mapping of keys",
-                              fix)]
+    if not isinstance(tree, dict):  # None: an empty file, which the scripts refuse (load_config, C3) as well
+        what = "is empty (no keys)" if tree is None else f"holds a {type(tree).__name__}, not a mapping of keys"
+        return None, [finding("C3", "critical", f"config {path} {what}", fix if tree is not None else
+                              "write the keys to change in it, or omit --config to train the defaults")]
     script = training_script(config_task(tree))
     if script is not None:  # read again as the script reads it: a key given twice (C2), text kept as written (C1)
         try:
@@ -256,7 +255,7 @@ def resolve(script, tree, check_files):
         path = os.path.join(tmp, "config.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(tree, f, sort_keys=False)
-        return script.resolve_config(path, (), check_files=check_files)
+        return script.resolve_config(path if tree else None, (), check_files=check_files)  # {}: the defaults (C3)
 
 
 def is_missing_file(message):

@@ -333,8 +333,9 @@ def load_config(path, overrides, schema, base=None):
         if not os.path.isfile(path):
             raise ConfigError([("C3", "--config", f"file {path} not found; give the path of a YAML config")])
         raw = read_yaml(path, schema)
-        if not isinstance(raw, dict):
-            raise ConfigError([("C3", path, "must be a YAML mapping of keys to values")])
+        if not isinstance(raw, dict) or raw == {}:  # C3: an empty file trained the defaults without a word
+            raise ConfigError([("C3", path, "is empty (no keys); write the keys to change in it, or omit --config to "
+                                "train the defaults" if raw == {} else "must be a YAML mapping of keys to values")])
     flat = {**(base or {}), **_flatten(raw, schema)}
     problems, notes, typed_on_set = [], [], set()
     for item in overrides or []:
@@ -1804,9 +1805,8 @@ def log_run_complete(run, step):
 def best_text(run):
     """The best eval for the closing lines; a metric that was never finite (a one-class AUROC) is said so."""
     st, name = run["state"], run["cfg"]["train.best_metric"]
-    if st["best_value"] is None:
-        return f"no finite {name} in any eval, so no best.pt"
-    return f"best {name}={st['best_value']:.5g} at step {st['best_step']}"
+    return (f"no finite {name} in any eval, so no best.pt" if st["best_value"] is None else
+            f"best {name}={st['best_value']:.5g} at step {st['best_step']}")
 
 
 def install_stop_handlers(run):

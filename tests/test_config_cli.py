@@ -141,3 +141,25 @@ def test_c3_a_wrong_or_missing_option_is_one_line_and_exit_2_in_every_script_and
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and "usage:" not in err[0], (argv, err)
         assert argv[0] in err[0] or "--set" in err[0] or "required" in err[0], err
+
+
+@pytest.mark.parametrize("text", ["", "# nothing set yet\n"], ids=["no_bytes", "only_a_comment"])
+def test_c3_an_empty_config_is_refused_by_both_scripts_their_dry_runs_launch_sh_and_diagnose(text, tmp_path):
+    """A new user's empty --config trained the defaults without a word, and was task 'probe' to launch.sh and
+    diagnose but 'distill' to train_distill.py: every reader now refuses it with one line naming the file."""
+    from run_records import launch
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    line = (f"config error: {path}: is empty (no keys); write the keys to change in it, or omit --config to train the "
+            "defaults")
+    for script in ("train_probe.py", "train_distill.py"):
+        for extra in ([], ["--dry_run"]):
+            out = run(os.path.join(ROOT, script), "--config", str(path), *extra, cwd=tmp_path)
+            assert (out.returncode, out.stderr.strip().splitlines()) == (2, [line]), (script, extra, out.stderr)
+    out = launch(str(path), "--gpus", "cpu", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [line], out.stderr
+    assert os.listdir(tmp_path) == ["empty.yaml"]  # no run dir, from any of them
+    out = run(os.path.join(ROOT, "diagnose_and_fix.py"), "--config", str(path), "--json")
+    found = json.loads(out.stdout)["findings"]
+    assert [(f["id"], f["severity"]) for f in found] == [("C3", "critical")] and "is empty" in found[0]["evidence"]
+    assert "omit --config" in found[0]["fix"]
