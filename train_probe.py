@@ -330,8 +330,11 @@ def load_config(path, overrides, schema, base=None):
     value}, notes such as a string read as a number (C1)); ConfigError lists every problem at once (C1, C2)."""
     raw = {}
     if path:
-        if not os.path.isfile(path):
-            raise ConfigError([("C3", "--config", f"file {path} not found; give the path of a YAML config")])
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):  # C3: one line, never open()'s traceback
+            said = (f"{path} is a directory; give the path of a YAML config file" if os.path.isdir(path) else
+                    f"file {path} may not be read (permission denied); fix its permissions" if os.path.exists(path)
+                    else f"file {path} not found; give the path of a YAML config")
+            raise ConfigError([("C3", "--config", said)])
         raw = read_yaml(path, schema)
         if not isinstance(raw, dict) or raw == {}:  # C3: an empty file trained the defaults without a word
             raise ConfigError([("C3", path, "is empty (no keys); write the keys to change in it, or omit --config to "
@@ -815,9 +818,8 @@ NO_CONTEXT = contextlib.nullcontext()  # reusable: entered once per micro-batch 
 
 
 def autocast(device, precision):
-    if precision == "fp32":
-        return NO_CONTEXT
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return NO_CONTEXT if precision == "fp32" else \
+        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def make_grad_scaler(device, precision):
@@ -827,9 +829,7 @@ def make_grad_scaler(device, precision):
 
 def to_device(tensor, device):
     """Pinned host memory + non_blocking: the copy overlaps compute on GPUs (G7); a no-op on CPU."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
 def all_gather_list(items, world):

@@ -163,3 +163,20 @@ def test_c3_an_empty_config_is_refused_by_both_scripts_their_dry_runs_launch_sh_
     found = json.loads(out.stdout)["findings"]
     assert [(f["id"], f["severity"]) for f in found] == [("C3", "critical")] and "is empty" in found[0]["evidence"]
     assert "omit --config" in found[0]["fix"]
+
+
+@pytest.mark.parametrize("script", [tp, td], ids=["train_probe", "train_distill"])
+def test_c3_a_config_that_is_a_directory_or_may_not_be_read_is_one_line_naming_it(script, tmp_path, monkeypatch):
+    """--config DIR said 'file DIR not found'; a config the user may not read (chmod 000) was read_yaml's
+    PermissionError traceback from both scripts. Tests run as root, who reads anything: os.access says no."""
+    out = run(script.__file__, "--config", str(tmp_path), "--dry_run", cwd=tmp_path)
+    assert (out.returncode, out.stderr.strip().splitlines()) == (2, [
+        f"config error: --config: {tmp_path} is a directory; give the path of a YAML config file"]), out.stderr
+    path = tmp_path / "config.yaml"
+    path.write_text("seed: 1\n")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda name, mode, **kw: str(name) != str(path) and real(name, mode, **kw))
+    with pytest.raises(script.ConfigError) as refused:
+        script.resolve_config(str(path))
+    assert str(refused.value) == (f"config error: --config: file {path} may not be read (permission denied); fix "
+                                  "its permissions")
