@@ -512,6 +512,9 @@ def check_file(cfg, key, problems, suffixes):
                f"--out {folder}), or fix the path" if key.startswith("data.") and folder and not os.path.isdir(folder)
                else "fix the path")
         problems.append(("C3", key, f"file {path} not found{where}; {fix}"))
+    elif path is not None and (not os.path.isfile(path) or not os.access(path, os.R_OK)):  # C3: never a traceback
+        problems.append(("C3", key, f"file {path} may not be read (permission denied); fix its permissions" if
+                         os.path.isfile(path) else f"{path} is a directory, not a file; fix the path"))
     elif path is not None and suffixes and not path.endswith(suffixes):
         problems.append(("C3", key, f"{path} should end with {' or '.join(suffixes)}"))
 
@@ -1321,9 +1324,8 @@ def float_npy_layout(path):
         array = np.load(path, mmap_mode="r") if path.endswith(".npy") else None
     except Exception:  # not a .npy the loader maps (Python objects, a torn header): its reader says so
         return None
-    if array is None or array.dtype.kind not in "fc":
-        return None
-    return array.offset, array.dtype, array.shape, not array.flags.c_contiguous
+    return None if array is None or array.dtype.kind not in "fc" else \
+        (array.offset, array.dtype, array.shape, not array.flags.c_contiguous)
 
 
 def read_content(path):
@@ -2435,11 +2437,9 @@ def other_data_problem(cfg, ckpt, digest, source):
     """S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run:
     the ConfigError resume() raises, and the dry run of train_distill.py before it (same line), else None."""
     older = ckpt.get("data_digest") is None and cfg.get("data.train_bin")  # token files were not hashed before R11
-    if digest is None or ckpt.get("data_digest") == digest or older:
-        return None
-    return ConfigError([("S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 "
-                         f"differs, or was not recorded by an older version); start a new run (--set run_name=NEW "
-                         "or --run_dir NEW), nothing was touched")])
+    return None if digest is None or ckpt.get("data_digest") == digest or older else ConfigError([(
+        "S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 differs, or was not "
+        "recorded by an older version); start a new run (--set run_name=NEW or --run_dir NEW), nothing was touched")])
 
 
 def check_resume_mode(run_dir, mode):

@@ -180,3 +180,30 @@ def test_c3_a_config_that_is_a_directory_or_may_not_be_read_is_one_line_naming_i
         script.resolve_config(str(path))
     assert str(refused.value) == (f"config error: --config: file {path} may not be read (permission denied); fix "
                                   "its permissions")
+
+
+@pytest.mark.parametrize("script, key, name", [(td, "data.train_bin", "train.bin"), (tp, "data.train_x", "train_x.npy")],
+                         ids=["train_distill", "train_probe"])
+def test_c3_a_data_path_that_is_a_directory_or_may_not_be_read_is_one_line_naming_the_key(script, key, name, tmp_path,
+                                                                                          monkeypatch):
+    """train_distill.py read a token file that is a directory or one the user may not read into a PermissionError
+    traceback (TokenWindows, first_id_past): the shared check_file() refuses both by key, before anything starts.
+    Tests run as root, who reads anything: os.access says no."""
+    (tmp_path / name).mkdir()
+    with pytest.raises(script.ConfigError) as refused:
+        script.resolve_config(None, [f"{key}={tmp_path / name}"])
+    assert ("C3", key, f"{tmp_path / name} is a directory, not a file; fix the path") in refused.value.problems
+    if script is td:  # the whole run: one line, exit 2, no traceback
+        (tmp_path / "val.bin").write_bytes(b"\0" * 64)
+        out = run(script.__file__, "--set", f"{key}={tmp_path / name}", f"data.val_bin={tmp_path / 'val.bin'}",
+                  "data.vocab_size=256", "--dry_run", cwd=tmp_path)
+        assert (out.returncode, out.stderr.strip().splitlines()) == (2, [
+            f"config error: {key}: {tmp_path / name} is a directory, not a file; fix the path"]), out.stderr
+    os.rmdir(tmp_path / name)
+    path = tmp_path / name
+    path.write_bytes(b"\0" * 64)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda where, mode, **kw: str(where) != str(path) and real(where, mode, **kw))
+    with pytest.raises(script.ConfigError) as refused:
+        script.resolve_config(None, [f"{key}={path}"])
+    assert ("C3", key, f"file {path} may not be read (permission denied); fix its permissions") in refused.value.problems
