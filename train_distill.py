@@ -3559,12 +3559,12 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None):
     train_fn = train_fn or train
     cfg, _ = resolve_config(config_path, overrides)
     d = setup_distributed(cfg)  # under torchrun the tiny runs use every process: the DDP paths are checked too
-    print_main = print if d["main"] else (lambda *args, **kwargs: None)
+    print_main = write_stdout if d["main"] else (lambda *args: None)  # R8: `--dry_run | head` ends without a traceback
     results = []
 
     def check(ok, what):
         results.append(bool(ok))
-        print_main(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
+        print_main(f"  {'ok  ' if ok else 'FAIL'} {what}")
 
     def train_fn_together(*args, **kwargs):  # returns once process 0 has written every file of that run
         outcome_and_run = train_fn(*args, **kwargs)
@@ -3613,7 +3613,7 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None):
         if d["world"] > 1:
             dist.barrier()  # every process has read the files before process 0 deletes the directory
     ok = all(results)
-    print_main("dry run passed" if ok else "dry run FAILED", flush=True)
+    print_main("dry run passed" if ok else "dry run FAILED")
     return 0 if ok else 1
 
 

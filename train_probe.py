@@ -2573,12 +2573,12 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
     # features' settings) is refused here with the run's line, before the real run is launched on it
     check_resume_inputs(cfg, run_dir or os.path.join("runs", cfg["run_name"]), resume_mode, config_inputs(cfg))
     d = setup_distributed(cfg)  # under torchrun the tiny runs use every process: the DDP paths are checked too
-    print_main = print if d["main"] else (lambda *args, **kwargs: None)
+    print_main = write_stdout if d["main"] else (lambda *args: None)  # R8: `--dry_run | head` ends without a traceback
     results = []
 
     def check(ok, what):
         results.append(ok)
-        print_main(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
+        print_main(f"  {'ok  ' if ok else 'FAIL'} {what}")
 
     def train_together(*args, **kwargs):  # returns once process 0 has written every file of that run
         outcome_and_run = train_fn(*args, **kwargs)
@@ -2642,7 +2642,7 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
         if d["world"] > 1:
             dist.barrier()  # every process has read the files before process 0 deletes the directory
     ok = all(results)
-    print_main("dry run passed" if ok else "dry run FAILED", flush=True)
+    print_main("dry run passed" if ok else "dry run FAILED")
     return 0 if ok else 1
 
 

@@ -109,6 +109,16 @@ def test_r8_help_config_into_a_closed_pipe_ends_without_a_traceback(script):
 
 
 
+def test_r8_a_dry_run_into_a_closed_pipe_runs_every_check_and_ends_without_a_traceback():
+    write_end = closed_pipe()  # `train_probe.py --dry_run | head -n 1`: every line after the first fails with EPIPE
+    try:
+        out = subprocess.run([sys.executable, PROBE, "--dry_run"], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE,
+                             text=True, timeout=600)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0 and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
+
+
 @pytest.mark.parametrize("tool", ["prepare_text.py", "prepare_tuab.py"])
 def test_r8_a_preparation_tool_into_a_closed_pipe_writes_everything_and_ends_without_a_traceback(tool, tmp_path):
     if tool == "prepare_text.py":
