@@ -839,6 +839,12 @@ def optimizer_steps_per_epoch(num_samples, batch_size, grad_accum, world_size=1)
     return math.ceil(micro_batches / grad_accum)
 
 
+def dry_run_epochs(num_samples, world_size):
+    """E5: the epochs a dry run's tiny run (batch 4 x accum 2: DRY_RUN_SETTINGS) needs to reach its evals at steps 3
+    and 6 and its stop at step 5 before its end, on however few windows the data has (2 at the least)."""
+    return max(2, math.ceil(7 / optimizer_steps_per_epoch(num_samples, 4, 2, world_size)))
+
+
 def plan_schedule(cfg, num_samples, world_size=1):
     """Derive every step count from the data (S2, S3, S7): never hand-typed, so never inconsistent."""
     batch, accum = cfg["train.batch_size"], cfg["train.grad_accum"]
@@ -1040,8 +1046,9 @@ NO_CONTEXT = contextlib.nullcontext()  # reusable: entered once per micro-batch 
 
 
 def autocast(device, precision):
-    return NO_CONTEXT if precision == "fp32" else \
-        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    if precision == "fp32":
+        return NO_CONTEXT
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def make_grad_scaler(device, precision):
@@ -1051,7 +1058,9 @@ def make_grad_scaler(device, precision):
 
 def to_device(tensor, device):
     """Pinned host memory + non_blocking: the copy overlaps compute on GPUs (G7); a no-op on CPU."""
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def all_gather_list(items, world):
@@ -1324,8 +1333,9 @@ def float_npy_layout(path):
         array = np.load(path, mmap_mode="r") if path.endswith(".npy") else None
     except Exception:  # not a .npy the loader maps (Python objects, a torn header): its reader says so
         return None
-    return None if array is None or array.dtype.kind not in "fc" else \
-        (array.offset, array.dtype, array.shape, not array.flags.c_contiguous)
+    if array is None or array.dtype.kind not in "fc":
+        return None
+    return array.offset, array.dtype, array.shape, not array.flags.c_contiguous
 
 
 def read_content(path):
@@ -2219,10 +2229,11 @@ def publish_directory(tmp, out):
 
 def process_alive(pid):
     try:
-        with contextlib.suppress(PermissionError):  # another user's process: alive
-            os.kill(pid, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:  # another user's process: alive
+        return True
     return True
 
 
@@ -2437,9 +2448,11 @@ def other_data_problem(cfg, ckpt, digest, source):
     """S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run:
     the ConfigError resume() raises, and the dry run of train_distill.py before it (same line), else None."""
     older = ckpt.get("data_digest") is None and cfg.get("data.train_bin")  # token files were not hashed before R11
-    return None if digest is None or ckpt.get("data_digest") == digest or older else ConfigError([(
-        "S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 differs, or was not "
-        "recorded by an older version); start a new run (--set run_name=NEW or --run_dir NEW), nothing was touched")])
+    if digest is None or ckpt.get("data_digest") == digest or older:
+        return None
+    return ConfigError([("S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 "
+                         f"differs, or was not recorded by an older version); start a new run (--set run_name=NEW "
+                         "or --run_dir NEW), nothing was touched")])
 
 
 def check_resume_mode(run_dir, mode):
@@ -2579,9 +2592,11 @@ def finished_run_problem(cfg, ckpt, run_dir):
     saved = absolute_paths(ckpt.get("config") or {}, PATH_KEYS)  # C8: a run saved before paths were recorded absolute
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items()
                if k in saved and k not in ignored and saved[k] != v]
+    if not changed:
+        return None
     return ConfigError([("S7", "run_name", f"{run_dir} holds a finished run (step {ckpt.get('global_step')}) and these "
                          f"values differ from it: {', '.join(changed)}; a finished run is never continued: start a new "
-                         "run with another run_name (--set run_name=NEW) or --run_dir NEW")]) if changed else None
+                         "run with another run_name (--set run_name=NEW) or --run_dir NEW")])
 
 
 def finished_run_verdict(cfg, ckpt, run_dir):
@@ -2601,8 +2616,9 @@ def log_run_complete(run, step):
 def best_text(run):
     """The best eval for the closing lines; a metric that was never finite (a one-class AUROC) is said so."""
     st, name = run["state"], run["cfg"]["train.best_metric"]
-    return (f"no finite {name} in any eval, so no best.pt" if st["best_value"] is None else
-            f"best {name}={st['best_value']:.5g} at step {st['best_step']}")
+    if st["best_value"] is None:
+        return f"no finite {name} in any eval, so no best.pt"
+    return f"best {name}={st['best_value']:.5g} at step {st['best_step']}"
 
 
 def install_stop_handlers(run):
@@ -3651,7 +3667,7 @@ def dry_run_settings(cfg, overrides, d):
              "data.limit": 26 * d["world"]}
     # E5: under 26 windows a process, more epochs: the evals at steps 3, 6 and the stop at 5 come before the end
     windows = window_count({**cfg, **shape}, "train") if cfg["data.train_bin"] else shape["data.limit"]
-    shape["train.epochs"] = max(2, math.ceil(7 / optimizer_steps_per_epoch(windows, 4, 2, d["world"])))
+    shape["train.epochs"] = dry_run_epochs(windows, d["world"])
     tiny = list(overrides) + DRY_RUN_SETTINGS + [f"{key}={value}" for key, value in shape.items()]
     if cfg["kd.hidden_layers"]:  # the tiny built-in student as deep as the layer map reaches
         tiny.append(f"student.n_layer={max(1, *(s for s, _ in cfg['kd.hidden_layers']))}")

@@ -620,6 +620,12 @@ def optimizer_steps_per_epoch(num_samples, batch_size, grad_accum, world_size=1)
     return math.ceil(micro_batches / grad_accum)
 
 
+def dry_run_epochs(num_samples, world_size):
+    """E5: the epochs a dry run's tiny run (batch 4 x accum 2: DRY_RUN_SETTINGS) needs to reach its evals at steps 3
+    and 6 and its stop at step 5 before its end, on however few windows the data has (2 at the least)."""
+    return max(2, math.ceil(7 / optimizer_steps_per_epoch(num_samples, 4, 2, world_size)))
+
+
 def plan_schedule(cfg, num_samples, world_size=1):
     """Derive every step count from the data (S2, S3, S7): never hand-typed, so never inconsistent."""
     batch, accum = cfg["train.batch_size"], cfg["train.grad_accum"]
@@ -821,8 +827,9 @@ NO_CONTEXT = contextlib.nullcontext()  # reusable: entered once per micro-batch 
 
 
 def autocast(device, precision):
-    return NO_CONTEXT if precision == "fp32" else \
-        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    if precision == "fp32":
+        return NO_CONTEXT
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def make_grad_scaler(device, precision):
@@ -832,7 +839,9 @@ def make_grad_scaler(device, precision):
 
 def to_device(tensor, device):
     """Pinned host memory + non_blocking: the copy overlaps compute on GPUs (G7); a no-op on CPU."""
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def all_gather_list(items, world):
@@ -860,8 +869,9 @@ def float_npy_layout(path):
         array = np.load(path, mmap_mode="r") if path.endswith(".npy") else None
     except Exception:  # not a .npy the loader maps (Python objects, a torn header): its reader says so
         return None
-    return None if array is None or array.dtype.kind not in "fc" else \
-        (array.offset, array.dtype, array.shape, not array.flags.c_contiguous)
+    if array is None or array.dtype.kind not in "fc":
+        return None
+    return array.offset, array.dtype, array.shape, not array.flags.c_contiguous
 
 
 def read_content(path):
@@ -1087,14 +1097,16 @@ def backbones(cfg):
 
 
 def feature_tensor(out, output):
-    return out if torch.is_tensor(out) and output is None else \
-        companion("probe_backbones", "backbone.output").feature_tensor(out, output)
+    if torch.is_tensor(out) and output is None:
+        return out
+    return companion("probe_backbones", "backbone.output").feature_tensor(out, output)
 
 
 def pool_features(feats, pool):
     """[B, D] features as they are; any other shape (or a backbone.pool) as probe_backbones.py pools it."""
-    return feats if pool is None and feats.ndim == 2 else \
-        companion("probe_backbones", "backbone.pool").pool_features(feats, pool)
+    if pool is None and feats.ndim == 2:
+        return feats
+    return companion("probe_backbones", "backbone.pool").pool_features(feats, pool)
 
 
 def backbone_output(backbone, x, device, cfg):
@@ -1179,7 +1191,9 @@ def input_changes(saved, now):
     (the same backbone on another device type differs in the last bits)."""
     changes = []
     for key, value in now.items():
-        old = saved.get(key, value)  # a key the checkpoint does not record: nothing to compare it with
+        if key not in saved:  # a key the checkpoint does not record: nothing to compare it with
+            continue
+        old = saved[key]
         if key == "first features":
             scale = float(old.abs().max()) if torch.is_tensor(old) and old.numel() else 0.0
             if torch.is_tensor(old) and old.shape == value.shape and \
@@ -1423,10 +1437,11 @@ def publish_directory(tmp, out):
 
 def process_alive(pid):
     try:
-        with contextlib.suppress(PermissionError):  # another user's process: alive
-            os.kill(pid, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:  # another user's process: alive
+        return True
     return True
 
 
@@ -1641,9 +1656,11 @@ def other_data_problem(cfg, ckpt, digest, source):
     """S7, C4: a run continued on other bytes than it started on (a corpus that changed under it) is not one run:
     the ConfigError resume() raises, and the dry run of train_distill.py before it (same line), else None."""
     older = ckpt.get("data_digest") is None and cfg.get("data.train_bin")  # token files were not hashed before R11
-    return None if digest is None or ckpt.get("data_digest") == digest or older else ConfigError([(
-        "S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 differs, or was not "
-        "recorded by an older version); start a new run (--set run_name=NEW or --run_dir NEW), nothing was touched")])
+    if digest is None or ckpt.get("data_digest") == digest or older:
+        return None
+    return ConfigError([("S7", "--run_dir", f"{source} was trained on other data than this run reads (its sha256 "
+                         f"differs, or was not recorded by an older version); start a new run (--set run_name=NEW "
+                         "or --run_dir NEW), nothing was touched")])
 
 
 def check_resume_mode(run_dir, mode):
@@ -1783,9 +1800,11 @@ def finished_run_problem(cfg, ckpt, run_dir):
     saved = absolute_paths(ckpt.get("config") or {}, PATH_KEYS)  # C8: a run saved before paths were recorded absolute
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items()
                if k in saved and k not in ignored and saved[k] != v]
+    if not changed:
+        return None
     return ConfigError([("S7", "run_name", f"{run_dir} holds a finished run (step {ckpt.get('global_step')}) and these "
                          f"values differ from it: {', '.join(changed)}; a finished run is never continued: start a new "
-                         "run with another run_name (--set run_name=NEW) or --run_dir NEW")]) if changed else None
+                         "run with another run_name (--set run_name=NEW) or --run_dir NEW")])
 
 
 def finished_run_verdict(cfg, ckpt, run_dir):
@@ -1805,8 +1824,9 @@ def log_run_complete(run, step):
 def best_text(run):
     """The best eval for the closing lines; a metric that was never finite (a one-class AUROC) is said so."""
     st, name = run["state"], run["cfg"]["train.best_metric"]
-    return (f"no finite {name} in any eval, so no best.pt" if st["best_value"] is None else
-            f"best {name}={st['best_value']:.5g} at step {st['best_step']}")
+    if st["best_value"] is None:
+        return f"no finite {name} in any eval, so no best.pt"
+    return f"best {name}={st['best_value']:.5g} at step {st['best_step']}"
 
 
 def install_stop_handlers(run):
@@ -2599,7 +2619,7 @@ def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="au
     per_world = [f"data.limit={26 * d['world']}", f"data.synthetic.num_train={26 * d['world']}"]
     tiny, _ = resolve_config(config_path, list(overrides) + DRY_RUN_SETTINGS + per_world)
     # E5: under 26 windows a process, more epochs: the evals at steps 3, 6 and the stop at 5 come before the end
-    tiny["train.epochs"] = max(2, math.ceil(7 / optimizer_steps_per_epoch(train_set_size(tiny), 4, 2, d["world"])))
+    tiny["train.epochs"] = dry_run_epochs(train_set_size(tiny), d["world"])
     # Every process trains into process 0's temporary directory and reads the same files back afterwards
     # (processes on one node share its filesystem; launch.sh runs a multi-node job's dry run on one node).
     with tempfile.TemporaryDirectory(prefix="dry_run_") if d["main"] else contextlib.nullcontext() as tmp:
