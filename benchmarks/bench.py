@@ -781,6 +781,7 @@ TRL_SETTINGS = ["kd.enabled=true", "kd.teacher_checkpoint=null", "kd.alpha=0", "
                 "train.eval_every=null", "train.save_every_steps=null", "train.clip_grad_norm=1.0"]
 TRL_TOPK = 16  # the offline side: the teacher's top-16 from kd.teacher_cache
 TRL_WARMUP = 10  # steps each side runs before its timed steps (allocator, autograd graph, the Trainer's first calls)
+TRL_MISSING = "trl is not installed (pip install trl; for this benchmark only)"
 
 
 def tiny_gpt2_pair(directory, seq_len=64, width=128):
@@ -980,7 +981,7 @@ def bench_trl(repeats, tmp, steps=40, warmup=TRL_WARMUP, width=128):
         import trl
         import transformers
     except ImportError:
-        return {"skipped": "trl is not installed (pip install trl; for this benchmark only)"}
+        return {"skipped": TRL_MISSING}
     import train_distill as td
     transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bars in the benchmark's output
     student_dir, teacher_dir = tiny_gpt2_pair(os.path.join(tmp, "trl_models"), width=width)
@@ -1062,7 +1063,7 @@ def bench_onpolicy(repeats, tmp, steps=8, warmup=2, width=128, sizes=None):
         import trl
         import transformers
     except ImportError:
-        return {"skipped": "trl is not installed (pip install trl; for this benchmark only)"}
+        return {"skipped": TRL_MISSING}
     import train_distill as td
     transformers.utils.logging.disable_progress_bar()
     s = dict(ONPOLICY, **(sizes or {}))
@@ -1150,7 +1151,7 @@ def bench_trl_128k(repeats, tmp, steps=8, warmup=2, sizes=None):
         import trl
         import transformers
     except ImportError:
-        return {"skipped": "trl is not installed (pip install trl; for this benchmark only)"}
+        return {"skipped": TRL_MISSING}
     import train_distill as td
     transformers.utils.logging.disable_progress_bar()
     s = dict(VOCAB_128K, **(sizes or {}))
@@ -1326,7 +1327,7 @@ def bench_trl_chat(repeats, tmp, steps=40, warmup=TRL_WARMUP, sizes=None):
         import datasets  # noqa: F401  GKDTrainer's dataset
         import transformers
     except ImportError:
-        return {"skipped": "trl is not installed (pip install trl; for this benchmark only)"}
+        return {"skipped": TRL_MISSING}
     import train_distill as td
     transformers.utils.logging.disable_progress_bar()
     s = dict(CHAT, **(sizes or {}))
@@ -1442,7 +1443,7 @@ def packing_rows(o):
         return []
     label = "padding vs packing (data.packing)"
     if "skipped" in o:
-        return [(label, "same chat examples", "skipped", "-", o["skipped"])]
+        return skipped_row(label, "same chat examples", o)
     work = (f"{o['examples']} chat examples (median {o['length_median']:.0f}, p90 {o['length_p90']:.0f}, longest "
             f"{o['length_max']} tokens, {o['truncated']} truncated), rows of {o['seq_len'] + 1} tokens, batch "
             f"{o['batch']} rows; Llama student 2 x {o['width']} from teacher 4 x {o['width']}, sdpa, forward KL, fp32, "
@@ -1560,6 +1561,11 @@ def machine():
 
 def fmt(value, spec=".3g"):
     return "n/a" if value is None else format(value, spec)
+
+
+def skipped_row(label, work, result):
+    """The one row a benchmark gives when a package it needs is missing: says which, instead of a number."""
+    return [(label, work, "skipped", "-", result["skipped"])]
 
 
 def noisy_verdict(ratio, target, noise_estimate):
@@ -1710,7 +1716,7 @@ def trl_rows(t):
         return []
     label = "peer: TRL GKDTrainer (distillation)"
     if "skipped" in t:
-        return [(label, "same distillation work", "skipped", "-", t["skipped"])]
+        return skipped_row(label, "same distillation work", t)
     ms, n = t["ms_per_step"], t["noise"]
     work = (f"GPT-2 student 2 x 128 from teacher 4 x 128, 16 x 64 byte tokens per step, forward KL at T 1, AdamW, fp32, "
             f"1 thread; median of steps {t['warmup'] + 1}-{t['steps']}, fastest of {t['rounds']} interleaved rounds")
@@ -1743,7 +1749,7 @@ def onpolicy_rows(o):
         return []
     label = "on-policy KD: TRL GKDTrainer lmbda 1"
     if "skipped" in o:
-        return [(label, "same on-policy work", "skipped", "-", o["skipped"])]
+        return skipped_row(label, "same on-policy work", o)
     ms, n = o["ms"], o["noise"]
     work = (f"GPT-2 student 2 x 128 from teacher 4 x 128, {o['batch']} prompts of {o['prompt']} byte tokens + "
             f"{o['new']} sampled (temperature 1) per step, forward KL on the generated tokens, fp32, 1 thread; "
@@ -1778,7 +1784,7 @@ def trl_128k_rows(t):
         return []
     label = "vocab 128k: TRL GKDTrainer"
     if "skipped" in t:
-        return [(label, "same distillation work", "skipped", "-", t["skipped"])]
+        return skipped_row(label, "same distillation work", t)
     ms, n = t["ms"], t["noise"]
     work = (f"GPT-2 student 2 x {t['width']} from teacher 4 x {t['width']}, vocabulary {t['vocab']:,}, "
             f"{t['batch']} x 64 tokens per step, forward KL at T 1, kit kd.chunk_tokens {t['chunk']}, fp32, 1 thread")
@@ -1808,7 +1814,7 @@ def trl_chat_rows(t):
         return []
     label = "chat data: TRL GKDTrainer"
     if "skipped" in t:
-        return [(label, "same chat distillation work", "skipped", "-", t["skipped"])]
+        return skipped_row(label, "same chat distillation work", t)
     ms, n = t["ms"], t["noise"]
     work = (f"Llama-style student 2 x {t['width']} from teacher 4 x {t['width']}, ChatML, {t['rows']} single-turn "
             f"conversations (prepare_text.py for the kit; GKD's own collator renders, masks and left-pads them each "
