@@ -268,8 +268,12 @@ def read_yaml(path, schema):
     """The config file as a nested dict, read as written. A key given twice is an error: YAML would keep the second
     silently (C2). A string-typed key keeps the text written (YAML 1.1 reads run_name: 007 as 7, 12:30 as 750, yes
     as True), and one cut short by ' #' (a comment) is an error (C1)."""
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path) as f:
+            text = f.read()
+    except UnicodeDecodeError as err:  # C3: a Latin-1 or binary file (was a UnicodeDecodeError traceback)
+        raise ConfigError([("C3", path, f"is not {err.encoding} text ({err.reason} at byte {err.start}); save it as "
+                            f"{err.encoding}")]) from None
     lines = text.splitlines()
     loader = yaml.SafeLoader(text)
     problems = []

@@ -168,7 +168,8 @@ def test_c3_an_empty_config_is_refused_by_both_scripts_their_dry_runs_launch_sh_
 @pytest.mark.parametrize("script", [tp, td], ids=["train_probe", "train_distill"])
 def test_c3_a_config_that_is_a_directory_or_may_not_be_read_is_one_line_naming_it(script, tmp_path, monkeypatch):
     """--config DIR said 'file DIR not found'; a config the user may not read (chmod 000) was read_yaml's
-    PermissionError traceback from both scripts. Tests run as root, who reads anything: os.access says no."""
+    PermissionError traceback from both scripts, and one that is not UTF-8 text (saved as Latin-1, or binary) its
+    UnicodeDecodeError traceback. Tests run as root, who reads anything: os.access says no."""
     out = run(script.__file__, "--config", str(tmp_path), "--dry_run", cwd=tmp_path)
     assert (out.returncode, out.stderr.strip().splitlines()) == (2, [
         f"config error: --config: {tmp_path} is a directory; give the path of a YAML config file"]), out.stderr
@@ -180,6 +181,12 @@ def test_c3_a_config_that_is_a_directory_or_may_not_be_read_is_one_line_naming_i
         script.resolve_config(str(path))
     assert str(refused.value) == (f"config error: --config: file {path} may not be read (permission denied); fix "
                                   "its permissions")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"seed: 1\nrun_name: caf\xe9\n")
+    with pytest.raises(script.ConfigError) as refused:
+        script.resolve_config(str(latin))
+    assert str(refused.value) == (f"config error: {latin}: is not utf-8 text (invalid continuation byte at byte 21); "
+                                  "save it as utf-8")
 
 
 @pytest.mark.parametrize("script, key, name", [(td, "data.train_bin", "train.bin"), (tp, "data.train_x", "train_x.npy")],
