@@ -28,8 +28,9 @@ import sys
 import numpy as np
 
 try:
-    from train_distill import (ConfigError, atomic_write_text, file_digests, hf_config_value, one_line_parser,
-                               tokenizer_digest, transformers_installed, transformers_module, write_stdout)
+    from train_distill import (EXAMPLES_MARK, ConfigError, atomic_write_text, file_digests, hf_config_value,
+                               one_line_parser, tokenizer_digest, transformers_installed, transformers_module,
+                               write_stdout)
 except ModuleNotFoundError as missing:  # C3: the tool runs the script's own checks; copied alone: one line
     if missing.name != "train_distill":
         raise
@@ -347,9 +348,9 @@ def in_val(i, val_fraction):
 
 
 def write_examples(examples, vocab, out_dir, val_fraction, prompts_only=False):
-    """OUT/{split}.bin (ids), {split}.mask.bin (uint8 loss mask per token) and {split}.starts.npy (int64, each
-    example's first token and the end), under temporary names renamed only when all are whole. Returns the
-    manifest's account of each split."""
+    """OUT/{split}.bin (ids, then EXAMPLES_MARK: a copy without its manifest is known, C10), {split}.mask.bin (uint8
+    loss mask per token) and {split}.starts.npy (int64, each example's first token and the end), under temporary
+    names renamed only when all are whole. Returns the manifest's account of each split."""
     parts = {"train": [], "val": []}
     for i, example in enumerate(examples):
         parts["val" if in_val(i, val_fraction) else "train"].append(example)
@@ -360,7 +361,7 @@ def write_examples(examples, vocab, out_dir, val_fraction, prompts_only=False):
                                 "train on; give more rows or change --val_fraction")])
         lengths = np.array([len(ids) for ids, _ in chosen])
         names = {"file": f"{split}.bin", "mask": f"{split}.mask.bin", "starts": f"{split}.starts.npy"}
-        arrays = {"file": np.concatenate([ids for ids, _ in chosen]).astype(token_dtype(vocab)),
+        arrays = {"file": np.concatenate([ids for ids, _ in chosen] + [EXAMPLES_MARK]).astype(token_dtype(vocab)),
                   "mask": np.concatenate([mask for _, mask in chosen]),
                   "starts": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)}
         for key, name in names.items():

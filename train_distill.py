@@ -689,7 +689,7 @@ def data_problems(cfg, problems, check_files):
                 f"{pad!r} must be an id in 0..vocab_size-1 or null")
         if check_files and not problems:
             problems += prepared_text_problems(cfg)
-            for key in ("data.train_bin", "data.val_bin"):
+            for key in [k for k in ("data.train_bin", "data.val_bin") if k not in {p[1] for p in problems}]:
                 size, item = os.path.getsize(cfg[key]), np.dtype(cfg["data.dtype"]).itemsize
                 require(size % item == 0, key,
                         f"{cfg[key]} has {size} bytes, not a whole number of {cfg['data.dtype']} ids; check data.dtype")
@@ -1409,6 +1409,29 @@ def prepared_text(path):
                           None)
 
 
+# C10: the last ids of an examples token file, so that one copied without its manifest is known by its content: no
+# plain token stream ends with these 64 ids of 0 and 1 (prepare_text.py writes them after the last example)
+EXAMPLES_MARK = np.unpackbits(np.frombuffer(hashlib.sha256(b"prepare_text.py examples").digest()[:8], np.uint8))
+
+
+def incomplete_examples(key, path, record):
+    """C10: examples without the manifest.json, loss mask or bounds prepare_text.py wrote beside them (copied
+    alone, renamed) are one line naming the missing file: read as a plain stream, every token would be trained."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if record is not None:
+        companions = [os.path.join(folder, record[k]) for k in ("mask", "starts") if k in record]
+        return [("C10", key, f"{name} is missing, which {folder}/manifest.json names for the examples of "
+                 f"{os.path.basename(path)}; copy it from the directory prepare_text.py wrote")
+                for name in companions if not os.path.isfile(name)][:1]
+    tail = np.fromfile(path, np.uint8, offset=max(0, os.path.getsize(path) - 4 * len(EXAMPLES_MARK))).tobytes()
+    if not any(tail.endswith(EXAMPLES_MARK.astype(t).tobytes()) for t in ("uint16", "uint32")):
+        return []
+    stem = os.path.basename(path).removesuffix(".bin")
+    return [("C10", key, f"{path} holds examples prepare_text.py wrote (it ends with their mark), but no {folder}/"
+             "manifest.json names it, so their loss masks and bounds would be ignored and every token trained; copy "
+             f"the manifest.json, {stem}.mask.bin and {stem}.starts.npy prepare_text.py wrote beside it")]
+
+
 def packing(cfg):
     """packing.py when data.packing is true (C10), else None."""
     return companion("packing", "data.packing") if cfg["data.packing"] else None
@@ -1483,6 +1506,7 @@ def prepared_text_problems(cfg):
     problems += data_tokenizer_problem(cfg)
     for key in ("data.train_bin", "data.val_bin"):
         manifest, record = prepared_text(cfg[key])
+        problems += incomplete_examples(key, cfg[key], record)
         if record is None:
             continue
         made = f"{os.path.dirname(cfg[key]) or '.'}/manifest.json"

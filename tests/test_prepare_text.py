@@ -408,7 +408,37 @@ def test_c10_the_dry_run_keeps_data_seq_len_when_only_the_val_split_holds_exampl
                                                                                 "kd.enabled=false"]
     T.resolve_config(None, settings)  # the run's own checks accept it
     code = T.main([a for s in settings for a in ("--set", s)] + ["--run_dir", str(tmp_path / "r"), "--dry_run"])
-    assert code == 0, capsys.readouterr()
+    said = capsys.readouterr()
+    assert code == 0 and "WARNING" not in said.out + said.err, said  # C10: a plain stream is no examples copied alone
+
+
+def test_c10_examples_copied_without_their_manifest_mask_or_bounds_are_one_line_from_the_run_dry_run_and_diagnose(
+        chat_data, tmp_path, capsys):
+    # a new user's trial: train.bin copied alone from a chat preparation trained every token (the prompts', the
+    # template's) as one stream, exit 0; without the mask or bounds it was a FileNotFoundError traceback
+    import shutil
+    prepared = chat_data["root"] / "data"
+    (tmp_path / "alone").mkdir()
+    shutil.copy(prepared / "train.bin", tmp_path / "alone" / "train.bin")
+    lines, nothing = dry_run_and_diagnose_lines(
+        chat_settings(chat_data, f"data.train_bin={tmp_path / 'alone' / 'train.bin'}"), tmp_path, capsys)
+    assert len(lines) == 3 and len(set(lines)) == 1 and nothing, lines
+    assert lines[0].startswith("config error: data.train_bin:") and f"no {tmp_path / 'alone'}/manifest.json" in lines[0]
+    assert lines[0].endswith("copy the manifest.json, train.mask.bin and train.starts.npy prepare_text.py wrote "
+                             "beside it"), lines[0]
+    for gone in ("train.mask.bin", "train.starts.npy"):
+        shutil.copytree(prepared, tmp_path / gone)
+        os.remove(tmp_path / gone / gone)
+        lines, nothing = dry_run_and_diagnose_lines(chat_settings(
+            chat_data, f"data.train_bin={tmp_path / gone / 'train.bin'}"), tmp_path, capsys)
+        assert len(lines) == 3 and len(set(lines)) == 1 and nothing, lines
+        assert lines[0].startswith(f"config error: data.train_bin: {tmp_path / gone / gone} is missing"), lines[0]
+    for dtype in ("uint16", "uint32"):  # known by its content whatever data.dtype says: the mark in either id type
+        marked = tmp_path / f"{dtype}.bin"
+        np.concatenate([np.arange(300) % 50, T.EXAMPLES_MARK]).astype(dtype).tofile(marked)
+        assert [p[1] for p in T.incomplete_examples("data.val_bin", str(marked), None)] == ["data.val_bin"]
+        np.arange(300).astype(dtype).tofile(marked)
+        assert T.incomplete_examples("data.val_bin", str(marked), None) == []
 
 
 def test_c10_prepared_data_must_match_the_config_and_the_models_tokenizer(chat_data, tmp_path, capsys):
