@@ -58,8 +58,27 @@ def text_files(sources, pattern):
     return found
 
 
-def input_problems(sources, tokenizer_dir, out_dir, val_fraction, pattern):
-    """C3: every problem with the command line at once, before anything is read or written; and the files."""
+def out_problems(out_dir, outputs=("train.bin", "val.bin", "tokenizer")):
+    """C3: what keeps --out from taking the outputs: missing, a file (or under one), a directory the user may not
+    write, or one that holds outputs already (nothing is overwritten)."""
+    if not out_dir:
+        return [("C3", "--out", "missing: give the directory for train.bin, val.bin and data.yaml")]
+    there = os.path.abspath(out_dir)
+    while not os.path.exists(there):  # the deepest part that exists: os.makedirs makes the rest
+        there = os.path.dirname(there)
+    if not os.path.isdir(there):
+        return [("C3", "--out", f"{there} is a file, not a directory; choose another --out")]
+    if not os.access(there, os.W_OK | os.X_OK):
+        return [("C3", "--out", f"{there} may not be written (permission denied); fix its permissions or choose "
+                 "another --out")]
+    held = [name for name in outputs if os.path.exists(os.path.join(out_dir, name))]
+    return [("C3", "--out", f"{out_dir} already holds {' and '.join(held)}; choose another --out (nothing was "
+             "overwritten)")] if held else []
+
+
+def input_problems(sources, tokenizer_dir, out_dir, val_fraction, pattern, chat_template=None):
+    """C3: every problem with the command line at once, one line each, before anything is read or written (as
+    prepare_tuab.py does); and the files."""
     problems = []
     if not 0 < val_fraction < 1:
         problems.append(("C3", "--val_fraction", f"{val_fraction!r} must be between 0 and 1"))
@@ -69,13 +88,9 @@ def input_problems(sources, tokenizer_dir, out_dir, val_fraction, pattern):
     elif not transformers_installed():
         problems.append(("C3", "--tokenizer", f"needs the transformers package, which is not installed for "
                                               f"{sys.executable}; {sys.executable} -m pip install transformers"))
-    if not out_dir:
-        problems.append(("C3", "--out", "missing: give the directory for train.bin, val.bin and data.yaml"))
-    else:
-        there = [name for name in ("train.bin", "val.bin", "tokenizer") if os.path.exists(os.path.join(out_dir, name))]
-        if there:
-            problems.append(("C3", "--out", f"{out_dir} already holds {' and '.join(there)}; choose another --out "
-                                            "(nothing was overwritten)"))
+    problems += out_problems(out_dir)
+    if chat_template is not None and not os.path.isfile(chat_template):
+        problems.append(("C10", "--chat_template", f"{chat_template} is not a file; give a Jinja chat template"))
     files = text_files(sources, pattern)
     absent = [source for source in sources if not os.path.exists(source)]  # C3: a typo says so, not "no files"
     if not sources:
@@ -385,10 +400,7 @@ def write_examples(examples, vocab, out_dir, val_fraction, prompts_only=False):
 
 def chat_template_source(tokenizer, template_file):
     """--chat_template FILE into the tokenizer; returns the manifest's record of the template (None: none)."""
-    if template_file is not None:
-        if not os.path.isfile(template_file):
-            raise ConfigError([("C10", "--chat_template", f"{template_file} is not a file; give a Jinja chat "
-                                "template")])
+    if template_file is not None:  # input_problems() has checked it is a file
         with open(template_file, encoding="utf-8") as f:
             tokenizer.chat_template = f.read()
     if not tokenizer.chat_template:
@@ -415,7 +427,7 @@ def tokenize_to_bins(sources, tokenizer_dir, out_dir, val_fraction=0.1, pattern=
     vocabulary fits, else uint32), or JSONL/Parquet examples into those, their masks and bounds (C10); write
     out_dir/manifest.json and out_dir/data.yaml, the data: keys a config needs. Text: the val split is the last
     val_fraction of every file's tokens, so both splits see every source; examples: every 1/val_fraction-th."""
-    files = input_problems(sources, tokenizer_dir, out_dir, val_fraction, pattern)
+    files = input_problems(sources, tokenizer_dir, out_dir, val_fraction, pattern, chat_template)
     structured = [f for f in files if f.endswith(EXAMPLE_SUFFIXES)]
     if structured and len(structured) != len(files):
         text = next(f for f in files if f not in structured)
@@ -538,21 +550,18 @@ def write_demo_chat(out_dir, rows):
 
 def prepare_demo_chat(out_dir, rows, val_fraction, given):
     """--demo_chat N: the demo's sources written into OUT/source, then prepared into OUT as any chat JSONL is.
-    C3: its command line is checked before anything is written."""
-    if given:
-        raise ConfigError([("C3", "--demo_chat", f"writes its own SOURCES and tokenizer; leave out {given}")])
+    C3: its command line is checked before anything is written, every problem at once (as input_problems())."""
+    problems = [("C3", "--demo_chat", f"writes its own SOURCES and tokenizer; leave out {given}")] if given else []
     if rows < 20:
-        raise ConfigError([("C3", "--demo_chat", f"{rows} conversations; give at least 20 (default {DEMO_CHAT_ROWS})")])
+        problems.append(("C3", "--demo_chat", f"{rows} conversations; give at least 20 (default {DEMO_CHAT_ROWS})"))
     if not transformers_installed():
-        raise ConfigError([("C3", "--demo_chat", f"needs the transformers package, which is not installed for "
-                                                 f"{sys.executable}; {sys.executable} -m pip install transformers")])
+        problems.append(("C3", "--demo_chat", f"needs the transformers package, which is not installed for "
+                                              f"{sys.executable}; {sys.executable} -m pip install transformers"))
     if not 0 < val_fraction < 1:
-        raise ConfigError([("C3", "--val_fraction", f"{val_fraction!r} must be between 0 and 1")])
-    there = [n for n in ("source", "train.bin", "val.bin", "tokenizer")
-             if out_dir and os.path.exists(os.path.join(out_dir, n))]
-    if not out_dir or there:
-        raise ConfigError([("C3", "--out", f"{out_dir} already holds {' and '.join(there)}; choose another --out "
-                            "(nothing was overwritten)" if there else "missing: give the directory to prepare into")])
+        problems.append(("C3", "--val_fraction", f"{val_fraction!r} must be between 0 and 1"))
+    problems += out_problems(out_dir, ("source", "train.bin", "val.bin", "tokenizer"))
+    if problems:
+        raise ConfigError(problems)
     source, tokenizer = write_demo_chat(out_dir, rows)
     return tokenize_to_bins([source], tokenizer, out_dir, val_fraction)
 

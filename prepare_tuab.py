@@ -71,20 +71,48 @@ def electrode(label):
     return ELECTRODE_ALIASES.get(name, name)
 
 
+def source_problems(src):
+    """C3: what keeps SRC from being the TUAB download: not a directory, or not its layout."""
+    if not src or not os.path.isdir(src):
+        return [("C3", "SRC", f"{src} is not a directory; give the TUAB v3.0.1 download (the directory that holds "
+                 "edf/)")]
+    root = os.path.join(src, "edf") if os.path.isdir(os.path.join(src, "edf")) else src
+    missing = [f"{s}/{label}" for s in TUAB_SPLITS for label in TUAB_LABELS
+               if not os.path.isdir(os.path.join(root, s, label))]
+    if not missing:
+        return []
+    return [("C3", "SRC", f"{src} does not have the TUAB layout edf/{{train,eval}}/{{normal,abnormal}}/01_tcp_ar/"
+             f"*.edf (no {', '.join(missing)} under {root}); give the v3.0.1 directory of the download")]
+
+
+def out_problems(out):
+    """C3: what keeps --out from holding the windows: missing, a file (or under one), a directory the user may not
+    write, or one holding windows this tool did not write (never overwritten)."""
+    if not out:
+        return [("C3", "--out", "missing: give the directory for the windows, e.g. data/tuab_4s")]
+    there = os.path.abspath(out)
+    while not os.path.exists(there):  # the deepest part that exists: os.makedirs makes the rest
+        there = os.path.dirname(there)
+    if not os.path.isdir(there):
+        return [("C3", "--out", f"{there} is a file, not a directory; choose another --out")]
+    if not os.access(there, os.W_OK | os.X_OK):
+        return [("C3", "--out", f"{there} may not be written (permission denied); fix its permissions or choose "
+                 "another --out")]
+    foreign = [n for n in PREP_OUTPUTS if os.path.exists(os.path.join(out, n))]
+    if foreign and read_manifest(out) is None and not os.path.exists(os.path.join(out, INCOMPLETE)):
+        return [("C3", "--out", f"{out} already holds {', '.join(foreign)}, which prepare_tuab.py did not write "
+                 "(there is no manifest.json); choose another --out, or remove them")]
+    return []
+
+
 def tuab_recordings(src):
     """Every .edf under SRC's edf/{train,eval}/{normal,abnormal}/ (any montage directory below those), in sorted
     order: (root, recordings, skipped). A file named otherwise than SUBJECT_sNNN_tNNN.edf is skipped; SRC without
     the layout or without any .edf is a config error (C3)."""
-    if not src or not os.path.isdir(src):
-        raise ConfigError([("C3", "SRC", f"{src} is not a directory; give the TUAB v3.0.1 download "
-                            "(the directory that holds edf/)")])
+    problems = source_problems(src)
+    if problems:
+        raise ConfigError(problems)
     root = os.path.join(src, "edf") if os.path.isdir(os.path.join(src, "edf")) else src
-    missing = [f"{s}/{label}" for s in TUAB_SPLITS for label in TUAB_LABELS
-               if not os.path.isdir(os.path.join(root, s, label))]
-    if missing:
-        raise ConfigError([("C3", "SRC", f"{src} does not have the TUAB layout edf/{{train,eval}}/"
-                            f"{{normal,abnormal}}/01_tcp_ar/*.edf (no {', '.join(missing)} under {root}); give the "
-                            "v3.0.1 directory of the download")])
     recordings, skipped = [], []
     for split_dir in TUAB_SPLITS:
         for label_dir, label in TUAB_LABELS.items():
@@ -352,14 +380,18 @@ def npy_bytes(array):
     return buffer.getvalue()
 
 
-def prepare_tuab(src, out, cfg, workers=None, say=write_stdout):
+def prepare_tuab(src, out, cfg, workers=None, say=write_stdout, problems=()):
     """SRC (TUAB v3.0.1) -> OUT/{train,val,test}_{x,y}.npy and OUT/manifest.json. Resumable: a kill at any point
     and the same command finishes with the bytes of an uninterrupted run; with the same inputs a second run
-    only says "up to date". Returns the manifest."""
-    root, recordings, misnamed = tuab_recordings(src)
+    only says "up to date". Returns the manifest. C3: every problem with SRC, --out, the EDF reader and the
+    command line's other `problems` is said at once, one line each (as prepare_text.py does), before any work."""
+    problems = source_problems(src) + out_problems(out) + list(problems)
     if importlib.util.find_spec("mne") is None:
-        raise ConfigError([("C3", "SRC", f"reading EDF files needs the mne package, which is not installed "
-                            f"for {sys.executable}; install it: {sys.executable} -m pip install mne")])
+        problems.append(("C3", "SRC", f"reading EDF files needs the mne package, which is not installed for "
+                         f"{sys.executable}; install it: {sys.executable} -m pip install mne"))
+    if problems:
+        raise ConfigError(problems)
+    root, recordings, misnamed = tuab_recordings(src)
     inputs = prepare_inputs(recordings, misnamed, cfg)
     parts_dir = os.path.join(out, ".parts")
     if up_to_date(out, inputs):
@@ -401,12 +433,8 @@ def prepare_tuab(src, out, cfg, workers=None, say=write_stdout):
 
 
 def start_output(out, parts_dir):
-    """OUT made ready to write: never over windows this tool did not write; the manifest removed and an INCOMPLETE
-    file written first, so from here until the end a kill leaves a directory no run accepts (C6)."""
-    foreign = [n for n in PREP_OUTPUTS if os.path.exists(os.path.join(out, n))]
-    if foreign and read_manifest(out) is None and not os.path.exists(os.path.join(out, INCOMPLETE)):
-        raise ConfigError([("C3", "--out", f"{out} already holds {', '.join(foreign)}, which prepare_tuab.py did not "
-                            "write (there is no manifest.json); choose another --out, or remove them")])
+    """OUT made ready to write (out_problems() has checked it): the manifest removed and an INCOMPLETE file written
+    first, so from here until the end a kill leaves a directory no run accepts (C6)."""
     os.makedirs(parts_dir, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(out, "manifest.json"))  # C6: from here on the outputs are not the finished ones
@@ -490,12 +518,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if not args.out:
-            raise ConfigError([("C3", "--out", "missing: give the directory for the windows, e.g. data/tuab_4s")])
-        if args.workers is not None and args.workers < 1:
-            raise ConfigError([("C3", "--workers", f"{args.workers} must be >= 1")])
-        cfg, _ = resolve_config(args.config, args.set, check_files=False)  # the files are about to be made
-        prepare_tuab(args.src, args.out, cfg, args.workers)
+        problems = [] if args.workers is None or args.workers >= 1 else [
+            ("C3", "--workers", f"{args.workers} must be >= 1")]
+        try:
+            cfg, _ = resolve_config(args.config, args.set, check_files=False)  # the files are about to be made
+        except ConfigError as err:  # C3: said with SRC's and --out's problems, all at once
+            cfg, problems = None, err.problems + problems
+        prepare_tuab(args.src, args.out, cfg, args.workers, problems=problems)
         write_stdout(next_step(cfg, args.out, args.config))  # `| head`: no BrokenPipe traceback (R8)
     except ConfigError as err:
         print(err, file=sys.stderr)

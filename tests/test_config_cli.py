@@ -143,6 +143,37 @@ def test_c3_a_wrong_or_missing_option_is_one_line_and_exit_2_in_every_script_and
         assert argv[0] in err[0] or "--set" in err[0] or "required" in err[0], err
 
 
+def test_c3_each_preparation_tool_says_every_bad_input_at_once_one_line_each(tmp_path, capsys, monkeypatch):
+    """A new user's trial: prepare_tuab.py said only that SRC was missing; fixed, the next run said --out was a file,
+    the next that --workers was 0. prepare_text.py with --out a file was a FileExistsError traceback after the
+    tokenizer had loaded. Both now say every problem with their input at once, one line each, exit 2, nothing made."""
+    import importlib.util
+    import prepare_text
+    import prepare_tuab
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "locked").mkdir()
+    nowhere, afile = str(tmp_path / "nowhere"), str(tmp_path / "afile")
+    no_mne = ["SRC"] if importlib.util.find_spec("mne") is None else []
+    no_hf = [] if prepare_text.transformers_installed() else ["--demo_chat"]
+    cases = [(prepare_tuab, [nowhere, "--out", f"{afile}/x", "--workers", "0", "--set", "data.val_fraction=1.5"],
+              ["SRC", "--out", "data.val_fraction", "--workers"] + no_mne),
+             (prepare_tuab, [nowhere, "--out", str(tmp_path / "locked" / "x")], ["SRC", "--out"] + no_mne),
+             (prepare_text, [nowhere, "--tokenizer", nowhere, "--out", afile, "--chat_template", nowhere],
+              ["--tokenizer", "--out", "--chat_template", "SOURCES"]),
+             (prepare_text, ["--demo_chat", "5", "--val_fraction", "2", "--out", str(tmp_path / "locked" / "x")],
+              ["--demo_chat"] + no_hf + ["--val_fraction", "--out"])]
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).endswith("locked"))  # as root all is writable
+    for tool, argv, keys in cases:
+        assert tool.main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert [line.split(": ")[1] for line in lines] == keys and all(
+            line.startswith("config error: ") for line in lines), lines
+        assert ("afile is a file" in lines[keys.index("--out")]) != ("locked may not be written" in lines[
+            keys.index("--out")]), lines
+    assert sorted(os.listdir(tmp_path)) == ["afile", "locked"] and not os.listdir(tmp_path / "locked")
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
 @pytest.mark.parametrize("text", ["", "# nothing set yet\n"], ids=["no_bytes", "only_a_comment"])
 def test_c3_an_empty_config_is_refused_by_both_scripts_their_dry_runs_launch_sh_and_diagnose(text, tmp_path):
     """A new user's empty --config trained the defaults without a word, and was task 'probe' to launch.sh and
