@@ -65,7 +65,12 @@ def generation_problems(cfg, notes, require):
     if (fraction > 0 or seq_kd) and cfg["kd.enabled"]:
         require(fraction == 0 or cfg["kd.beta"] > 0, "kd.on_policy_fraction", "needs kd.beta > 0: an on-policy "
                 "micro-batch trains the divergence only, and kd.beta 0 weighs it by nothing")
-        if min(prompt, new) >= 1 and prompt + new > cfg["data.seq_len"]:
+        if own_prompts(cfg):  # C10: each example continues its own prompt; kd.prompt_tokens plays no part
+            if new > cfg["data.seq_len"]:
+                p.append(("C3", "kd.max_new_tokens", f"{new}: an example's prompt (at least 1 token) + {new} new "
+                          f"tokens exceed data.seq_len + 1 = {cfg['data.seq_len'] + 1}, the window the models take: "
+                          f"set it to at most {cfg['data.seq_len']} (null: up to the window's end)"))
+        elif min(prompt, new) >= 1 and prompt + new > cfg["data.seq_len"]:
             p.append(("C3", "kd.max_new_tokens", f"{new}: prompt {prompt} + {new} new tokens exceed data.seq_len "
                       f"{cfg['data.seq_len']}; the sequence must fit the window the models take: at most "
                       f"{cfg['data.seq_len'] - prompt} new tokens"))
@@ -79,6 +84,15 @@ def generation_problems(cfg, notes, require):
         notes.append(("E14", "kd.seq_kd", "is ignored: kd.on_policy_fraction 1 has the student write every "
                       "micro-batch, and seq_kd has the teacher write the others"))
     return p
+
+
+def own_prompts(cfg):
+    """C10: whether every training example carries its own prompt (prepare_text.py's chat and prompt/completion
+    rows, no {"text"} rows): example_prompts() continues it, whatever kd.prompt_tokens' default says (a check of
+    seq_len // 2 + kd.max_new_tokens refused configs that run)."""
+    manifest, record = kit.prepared_text(cfg["data.train_bin"]) if cfg["data.train_bin"] else (None, None)
+    return record is not None and "starts" in record and not any(
+        str(f).startswith("text") for f in manifest.get("formats", {}).values())
 
 
 def on_policy_draw(cfg, step, micro):

@@ -539,6 +539,21 @@ def test_c10_e14_on_policy_examples_continue_their_own_prompt_up_to_the_assistan
     assert all(clean[s]["loss"] == resumed[s]["loss"] for s in clean if s in resumed)
 
 
+def test_c10_e14_kd_max_new_tokens_on_examples_is_checked_against_their_own_prompts_not_kd_prompt_tokens(
+        chat_data, tmp_path, capsys):
+    # a new user's on-policy run on chat rows: 'kd.max_new_tokens: 24: prompt 8 + 24 new tokens exceed data.seq_len
+    # 16', a prompt of seq_len // 2 that examples never use (each continues its own); the same run at 12 trained
+    seq_len = max(s["longest"] for s in chat_data["manifest"]["splits"].values()) - 1
+    fits = seq_len - seq_len // 2 + 1  # refused by the window check, which examples do not take
+    cfg, _ = T.resolve_config(None, chat_settings(chat_data, "kd.on_policy_fraction=0.5", f"kd.max_new_tokens={fits}"))
+    assert on_policy().own_prompts(cfg)
+    lines, nothing = dry_run_and_diagnose_lines(
+        chat_settings(chat_data, "kd.seq_kd=true", f"kd.max_new_tokens={seq_len + 1}"), tmp_path, capsys)
+    assert len(lines) == 3 and len(set(lines)) == 1 and nothing, lines
+    assert lines[0].startswith(f"config error: kd.max_new_tokens: {seq_len + 1}: an example's prompt") \
+        and f"at most {seq_len}" in lines[0], lines[0]
+
+
 def test_c10_g2_examples_are_token_weighted_over_the_global_batch_and_ce_is_taken_on_the_mask_alone(chat_data,
                                                                                                    tmp_path):
     """3 + 2 micro-batches of 2 examples against 2 batches of 6 and 4 (test_distill.py's G2 test on chat data):
