@@ -281,6 +281,7 @@ def repair(script, tree, rid, key, message, attempt):
     if key not in schema:  # a whole-file or --set problem: nothing to edit in the tree
         return rid, where, "see the message", []
     default, kind, _doc = schema[key]
+    kind = (True, False) if kind == "bool" else kind  # C1: 'ture' is true mistyped: its fix was the default, false
     if rid == "C1":
         rid = "S6" if key == "schedule.type" else "C1"
         new = default
@@ -315,10 +316,12 @@ def repair(script, tree, rid, key, message, attempt):
     return rid, where, "set it by hand", []
 
 
-def plan_repair(cfg, rid, total):
-    """Changes for a plan_schedule problem (S2 explicit total, S3 warmup vs run length)."""
+def plan_repair(cfg, rid, message):
+    """Changes for a plan_schedule problem (S2 explicit total, S3 warmup vs run length, which `message` gives)."""
     if rid == "S2":
         return "set schedule.total_steps to null: it is derived from the data", [("schedule.total_steps", None)]
+    found = re.search(r"run has (?:only )?(\d+) optimizer step", message)
+    total = int(found.group(1)) if found else None
     if rid == "S3" and total:
         if cfg["schedule.type"] == "onecycle" and round(0.1 * total) < 2:
             if total > 2:
@@ -326,11 +329,6 @@ def plan_repair(cfg, rid, total):
             return "the run is too short for onecycle; lengthen it", []
         return "set schedule.warmup to 0.1 (10% of the optimizer steps)", [("schedule.warmup", 0.1)]
     return "lengthen the run (train.epochs / train.max_steps)", []
-
-
-def total_from_message(message):
-    found = re.search(r"run has (?:only )?(\d+) optimizer step", message)
-    return int(found.group(1)) if found else None
 
 
 def settle(script, tree, opts, findings):
@@ -400,7 +398,7 @@ def settle(script, tree, opts, findings):
         except script.ConfigError as err:
             progress = False
             for rid, key, message in err.problems:
-                fix, changes = plan_repair(cfg, rid, total_from_message(message))
+                fix, changes = plan_repair(cfg, rid, message)
                 if attempts.get((rid, key), 0) >= 3:
                     changes = []
                 progress |= report(rid, "critical", key, f"{key} {message}", fix, changes)

@@ -192,6 +192,16 @@ def test_c1_string_number_is_reported_not_silent_and_bad_values_all_reported_at_
     assert "'3e-4'" in find(report, "C1")["evidence"] or any("'3e-4'" in f["evidence"] for f in report["findings"])
 
 
+def test_c1_a_mistyped_boolean_is_fixed_to_the_closest_word_not_the_default(tmp_path):
+    # a new user's 'kd.enabled: ture': the fix said 'set kd.enabled to False' (the default), and the fixed config
+    # was refused again (kd.hf_teacher_dir set with kd.enabled false); 'ture' is true, 'flase' false
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  allow_schedule_change: ture\n")
+    code, report = diagnose("--config", str(path), "--fix", "--output", str(tmp_path / "fixed.yaml"))
+    assert code == 1 and find(report, "C1")["fix"] == "set train.allow_schedule_change to True (the closest valid choice)"
+    assert yaml.safe_load((tmp_path / "fixed.yaml").read_text())["train"]["allow_schedule_change"] is True
+
+
 def test_s2_steps_are_derived_from_samples_batch_accumulation_and_world_size():
     """4000 samples, batch 64, 2 processes -> ceil(4000/128) = 32 micro-batches -> ceil(32/2) = 16 steps
     per epoch x 20 epochs = 320; the same config on one process has 640."""
