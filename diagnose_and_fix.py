@@ -844,9 +844,8 @@ def check_memory(script, cfg, plan, opts):
 
 
 def check_run_inputs(script, cfg, opts):
-    """R10: what the training run refuses before its first step, found by the script's own run_inputs (its token
-    files, its teacher or teacher cache, the network it trains; nothing written) or the probe's data_sets,
-    reported with the run's line."""
+    """R10: what the training run refuses before its first step, found by the script's own checks (distill's run_inputs:
+    its token files, teacher or teacher cache, network; the probe's data_sets, check_backbone), with the run's line."""
     files = ("data.train_bin", "data.val_bin", "kd.teacher_checkpoint", "kd.hf_teacher_dir", "student.hf_dir",
              *(f"data.{split}_{part}" for split in ("train", "val", "test") for part in "xy"))
     if any(cfg.get(k) and not os.path.exists(cfg[k]) for k in files):
@@ -855,8 +854,9 @@ def check_run_inputs(script, cfg, opts):
     try:
         if hasattr(script, "run_inputs"):
             script.run_inputs(cfg, d, lambda line: None, build_cache=False)
-        else:  # the probe: its data (shapes, labels, C9's NaN/inf), as train() reads it first
-            script.data_sets(cfg)
+        else:  # the probe: its data (shapes, labels, C9's NaN/inf), then a batch of each split through its backbone
+            sets = script.data_sets(cfg)
+            script.check_backbone(script.build_backbone(cfg, sets["train"].shape[1]), cfg, d["device"], sets.values())
     except script.ConfigError as err:
         return [finding(rid, "critical", f"{key}: {msg}", "the run stops with this line (config error, exit 2) "
                         "before its first step; fix what it names") for rid, key, msg in err.problems]

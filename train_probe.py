@@ -141,7 +141,7 @@ CONFIG = {
                       "mean_time [B, D, T] -> mean over T; cls [B, N, D] -> token 0; flatten = all dims after B"),
     "backbone.cache_features": ("auto", ("auto", True, False), "compute features once, kept in <run_dir>/features/ "
                                 "for resumes (auto: if they fit in RAM)"),
-    "head.num_classes": (2, "int", "classes; AUROC uses the last class as positive"),
+    "head.num_classes": (2, "int", "classes, labels 0..N-1; AUROC: class 1 vs 0, or one-vs-rest macro mean for more"),
     "head.standardize": (True, "bool", "standardise features with training-set mean/std (fixed, not trained)"),
     "head.dropout": (0.0, "float", "dropout on the standardised features before the linear layer (a probe "
                      "regulariser; draws from the torch RNG, which resume restores, R4)"),
@@ -959,16 +959,17 @@ class WindowSet(torch.utils.data.Dataset):
                 raise ConfigError([("C3", f"data.{split}_y",
                                     f"{self.y_path} has shape {self.labels.shape}; labels must "
                                     "be one class id per window, shape [N] (save y.reshape(-1) instead)")])
-            if x.ndim != 3 or len(self.labels) != x.shape[0]:
+            if x.ndim != 3 or len(self.labels) != x.shape[0] or not len(self.labels):  # C3: no window: min() below
                 raise ConfigError([("C3", f"data.{split}_x", f"{self.x_path} has shape {x.shape} and its labels "
-                                    f"{len(self.labels)} rows; expected X [N, C, T] and y [N]")])
+                                    f"{len(self.labels)} rows; expected X [N, C, T] and y [N], N >= 1")])
             if self.labels.min() < 0 or self.labels.max() >= cfg["head.num_classes"]:
                 raise ConfigError([("C3", f"data.{split}_y", f"labels span {self.labels.min()}..{self.labels.max()}, "
                                     f"head.num_classes is {cfg['head.num_classes']}")])
+            self.top_class = int(self.labels.max())  # the whole file's, before data.limit (data_sets checks it)
         else:
             n = cfg[f"data.synthetic.num_{split}"] if split in ("train", "val") else 0
             rng = np.random.default_rng([cfg["seed"], {"train": 0, "val": 1}.get(split, 2)])
-            self.labels = (rng.random(n) < 0.5).astype(np.int64)
+            self.labels, self.top_class = (rng.random(n) < 0.5).astype(np.int64), 1  # normal 0, abnormal 1
             self.shape = (n, cfg["data.synthetic.channels"], cfg["data.synthetic.length"])
         if cfg["data.limit"] is not None:
             self.labels = self.labels[:cfg["data.limit"]]
@@ -1028,11 +1029,17 @@ def data_sets(cfg):
     written: train(), --dry_run and diagnose_and_fix.py call it on the real config (the same line)."""
     sets = {split: WindowSet(cfg, split) for split in ("train", "val", "test") if split != "test" or cfg["data.test_x"]}
     train_set = sets["train"]
-    for other in sets.values():  # C3: the backbone and the head are built for the training windows' channels
-        if other.shape[1] != train_set.shape[1]:
+    for other in sets.values():  # C3: the backbone and the head are built for the training windows' channels and
+        if other.shape[1:] != train_set.shape[1:]:  # length (a pooling backbone takes any length: a meaningless AUROC)
             raise ConfigError([("C3", f"data.{other.split}_x", f"{other.x_path or 'synthetic'} has {other.shape[1]} "
-                                f"channels, data.train_x has {train_set.shape[1]}; every split needs the same channels "
-                                "in the same order")])
+                                f"channels x {other.shape[2]} samples, data.train_x has {train_set.shape[1]} x "
+                                f"{train_set.shape[2]}; every split needs the same channels in the same order and "
+                                "windows of the same length")])
+    top = max(s.top_class for s in sets.values())  # C3: a class no label holds is a typo, never a probe to train
+    if top + 1 < cfg["head.num_classes"]:
+        raise ConfigError([("C3", "head.num_classes", f"is {cfg['head.num_classes']}, but the labels of every split "
+                            f"are 0..{top}: the head would learn a class no window has, and AUROC and balanced "
+                            f"accuracy would not be the task's; set head.num_classes: {top + 1}")])
     return sets
 
 
@@ -1077,9 +1084,14 @@ def build_backbone(cfg, in_channels):
     try:
         with seeded_init(cfg["seed"]):
             backbone = factory(*args, **kwargs)
-    except TypeError as err:  # an unknown or missing keyword; the message names it
-        raise ConfigError([("C3", "backbone.kwargs", f"{kwargs} rejected by {target or 'the built-in encoder'}: "
-                            f"{err}")]) from None
+    except Exception as err:  # C3: one line naming the key to fix
+        if isinstance(err, TypeError) or target is None:  # a keyword it does not take, a value the encoder refuses
+            raise ConfigError([("C3", "backbone.kwargs", f"{kwargs} rejected by {target or 'the built-in encoder'}: "
+                                f"{err}")]) from None
+        where = backbones(cfg).model_code_frame(err)  # the user's build raised: where in their code
+        raise ConfigError([("C3", "backbone.target", f"{target} raised {type(err).__name__}: "
+                            f"{(str(err).strip().splitlines() or [''])[0]}" + (f" in {where}" if where else "")
+                            + f" with backbone.kwargs {kwargs}; fix the build function")]) from None
     if not isinstance(backbone, nn.Module):
         raise ConfigError([("C3", "backbone.target",
                             f"{target} returned a {type(backbone).__name__}, not an nn.Module")])
@@ -1125,9 +1137,9 @@ def extract_features(backbone, x, device, cfg):
 
 def check_backbone(backbone, cfg, device, splits):
     """One batch of every split through the backbone before anything is written (C3): a model built for other
-    channels, an output not [B, D] after backbone.pool, or splits of other feature sizes fail here in one line.
+    channels or an output not [B, D] after backbone.pool fail here in one line (data_sets() made the splits alike).
     Returns the unpooled output's shape and the first training windows' features (feature_inputs keeps them)."""
-    dims, shapes, samples = {}, {}, {}
+    found = []
     for dataset in splits:
         x, _ = dataset[np.arange(min(2, len(dataset)))]
         try:
@@ -1145,14 +1157,8 @@ def check_backbone(backbone, cfg, device, splits):
                                 + (f"the error came from the model's own forward ({inside}): check the layers you "
                                    "changed and backbone.kwargs against the data" if inside else
                                    "check backbone.kwargs against the data"))]) from None
-        samples[dataset.split] = pool_features(raw, cfg["backbone.pool"]).cpu()
-        dims[dataset.split] = samples[dataset.split].shape[1]
-        shapes[dataset.split] = tuple(raw.shape[1:])
-    if len(set(dims.values())) > 1:
-        raise ConfigError([("C3", "backbone.pool", f"the splits give features of different sizes {dims} (windows of "
-                            "different lengths, flattened?); use a pool that removes the time axis")])
-    first = next(iter(dims))  # train() lists the training split first
-    return shapes[first], samples[first]
+        found.append((tuple(raw.shape[1:]), pool_features(raw, cfg["backbone.pool"]).cpu()))
+    return found[0]  # the training split's (train() lists it first); data_sets() refused windows of other shapes
 
 
 # -----------------------------------------------------------------------------

@@ -208,6 +208,36 @@ def test_c9_c3_a_nan_window_or_string_labels_are_one_line_from_the_run_the_dry_r
     assert says in one_line_everywhere(settings, key, tmp_path, capsys)
 
 
+LINE_CASES = {  # a new user's trial: what gave exit 0 with meaningless numbers, or a traceback, and diagnose's
+    # exit 0 -> the settings and the words of the one line
+    "val_windows_of_another_length": (["lengths"], "data.val_x",
+                                      "has 4 channels x 64 samples, data.train_x has 4 x 128"),
+    "empty_val_file": (["empty"], "data.val_x", "has shape (0, 4, 128) and its labels 0 rows"),
+    "more_classes_than_labels": (["head.num_classes=3"], "head.num_classes", "are 0..1: the head would learn a class"),
+    "a_build_that_raises": (["backbone.target=zoo:fetching_weights", "backbone.kwargs={channels: 4}"],
+                            "backbone.target",
+                            "raised RuntimeError: the weights server is unreachable in fetching_weights (zoo.py:"),
+    "a_3d_output_without_pool": (["backbone.target=zoo:conv_time", "backbone.kwargs={channels: 4}"], "backbone.pool",
+                                 "features have shape (2, 16, 32), not [B, D]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINE_CASES))
+def test_c3_what_the_backbone_or_the_head_cannot_use_is_one_line_from_the_run_the_dry_run_and_diagnose(
+        case, tmp_path, capsys):
+    """Val windows half as long through a pooling backbone trained to val/auroc 0.35 (exit 0); head.num_classes 3 on
+    0/1 labels trained a 3-way head (exit 0); a build function that raised, or an empty split, was a traceback. Each
+    is now the run's one line (exit 2, nothing written), the same from --dry_run, and diagnose's critical finding
+    (it built the backbone for its memory estimate and said 'info')."""
+    extra, key, says = LINE_CASES[case]
+    files = save_splits(tmp_path, lengths=(128, 64) if extra == ["lengths"] else (128, 128))
+    if extra == ["empty"]:
+        np.save(tmp_path / "val_x.npy", np.zeros((0, 4, 128), np.float32))
+        np.save(tmp_path / "val_y.npy", np.zeros(0, np.int64))
+    settings = TINY + files + [e for e in extra if "=" in e]
+    assert says in one_line_everywhere(settings, key, tmp_path, capsys)
+
+
 def one_line_everywhere(settings, key, tmp_path, capsys):
     """The run's one line (exit 2, nothing written), the same from --dry_run and as diagnose's one critical finding."""
     lines = []

@@ -117,6 +117,11 @@ def replaced_head(channels, **kwargs):
     return ReplacedHead(channels, **kwargs)
 
 
+def fetching_weights(channels, **kwargs):
+    """A build function that raises before it returns a model (its weights server is down, say)."""
+    raise RuntimeError("the weights server is unreachable")
+
+
 class DictEncoder(nn.Module):
     """Hugging Face style: {"last_hidden_state": [B, N, dim], "pooler_output": [B, dim]} as a plain dict, or
     as transformers' BaseModelOutputWithPooling (model_output=True)."""
