@@ -1227,6 +1227,8 @@ def check_resume_inputs(cfg, run_dir, mode, inputs):
     """S7/R11: the head in a checkpoint was trained on the features these inputs give. A resume on other
     features (another backbone.pool, kwargs, output, build file, weights, feature size or training data) is
     refused here, one line, before the feature files or anything else in the run dir are written."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):  # C3: not makedirs' NotADirectoryError traceback
+        raise ConfigError([("C3", "--run_dir", f"{run_dir} is a file, not a directory; give another --run_dir")])
     check_resume_mode(run_dir, mode)  # R1/C3: --resume none on checkpoints, a --resume PATH not there
     if mode == "none":
         return
