@@ -93,7 +93,7 @@ CONFIG = {
     "train.best_metric": ("val/auroc", "str", "metric that picks best.pt (loss/ppl: lower is better)"),
     "train.max_loss_share": (0.9, "float", "warn when a loss term other than the label CE is above this share of the "
                              "loss for 3 logged steps in a row (E2; a 40x feature loss is ~95%)"),
-    "train.num_workers": (0, "int", "DataLoader worker processes (uncached path)"),
+    "train.num_workers": (0, "int", "DataLoader worker processes (uncached path; at most the cores it may use)"),
     "train.eval_batch_size": (256, "int", "samples per eval / feature-extraction batch"),
     "train.allow_schedule_change": (False, "bool", "resume even if schedule-shaping keys changed (S7)"),
     # metric sinks (optional packages): each receives every metrics.jsonl record, process 0 only (E10)
@@ -2091,8 +2091,10 @@ def probe_task(run, train_feats, test_set):
             # R4: the loader's own generator, not the global torch RNG: each iterator draws a base seed for its
             # workers, and a resumed run creates one iterator more than an uninterrupted one, which would shift
             # every later dropout mask. The workers draw nothing (the windows are deterministic): one seed serves.
+            # E7: workers beyond the cores this process may use only compete for them (torch warns twice an epoch)
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             loader = torch.utils.data.DataLoader(train_set, batch_size=None, sampler=index_lists,
-                                                 num_workers=cfg["train.num_workers"],
+                                                 num_workers=min(cfg["train.num_workers"], cores),
                                                  pin_memory=d["device"].type == "cuda",
                                                  generator=torch.Generator().manual_seed(cfg["seed"]))
             for x, y in loader:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 import pytest
 
@@ -172,6 +173,18 @@ def test_e7_saw_tooth_of_a_cached_probe_is_not_a_drop_but_a_sustained_slowdown_i
 
 
 # ----------------------------------------------------------------------------- S5
+def test_e7_more_loader_workers_than_cores_train_without_torchs_warning(tmp_path, monkeypatch):
+    """configs/tuab_4s.yaml's train.num_workers: 4 with the feature cache off, on a 2-core machine: torch's
+    'This DataLoader will create 4 worker processes ...' UserWarning twice an epoch. Here one core and 3 workers."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    cfg, _ = tp.resolve_config(None, TINY + ["backbone.cache_features=false", "train.num_workers=3", "train.epochs=1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert tp.train(cfg, str(tmp_path / "run"), "none", quiet=True)[0] == "finished"
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []  # not other tests' files
+
+
 def test_s5_set_optim_lr_against_the_configs_expect_block_is_said_at_the_start_and_dropped(tmp_path):
     """The README's example: configs/probe_synthetic.yaml (expect: for lr 3e-3) with --set optim.lr=1e-3.
     The run notes it before its first step, trains, and its config.yaml carries no stale expect.*, so
