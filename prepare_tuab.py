@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -489,14 +490,15 @@ def output_record(path):
     return {"shape": shape, "dtype": dtype, "bytes": os.path.getsize(path), "sha256": read_content(path)["sha256"]}
 
 
-def next_step(cfg, out, config_path):
-    """The command that trains on what prepare_tuab() wrote: the config's own when it names these files."""
+def next_step(cfg, out, config_path, overrides=()):
+    """The command that trains on what prepare_tuab() wrote: the config's own, with these files when it names others,
+    and the --set values the windows were made with (C6: without them the run refuses the windows)."""
     keys = [f"data.{split}_{kind}" for split in ("train", "val", "test") for kind in ("x", "y")]
     written = {key: os.path.join(out, key[len("data."):] + ".npy") for key in keys}
-    if config_path and all(cfg[k] and os.path.abspath(cfg[k]) == os.path.abspath(v) for k, v in written.items()):
-        return f"next: ./launch.sh {config_path}"
-    return (f"next: ./launch.sh {config_path or 'CONFIG'} -- --set " + " ".join(f"{k}={v}" for k, v in written.items())
-            + (" (the config names other files)" if config_path else ""))
+    named = config_path and all(cfg[k] and os.path.abspath(cfg[k]) == os.path.abspath(v) for k, v in written.items())
+    sets = ([] if named else [f"{k}={v}" for k, v in written.items()]) + list(overrides)
+    return (f"next: ./launch.sh {config_path or 'CONFIG'}" + (" -- --set " + " ".join(map(shlex.quote, sets)) if sets
+            else "") + (" (the config names other files)" if config_path and not named else ""))
 
 
 def parse_args(argv=None):
@@ -525,7 +527,7 @@ def main(argv=None):
         except ConfigError as err:  # C3: said with SRC's and --out's problems, all at once
             cfg, problems = None, err.problems + problems
         prepare_tuab(args.src, args.out, cfg, args.workers, problems=problems)
-        write_stdout(next_step(cfg, args.out, args.config))  # `| head`: no BrokenPipe traceback (R8)
+        write_stdout(next_step(cfg, args.out, args.config, args.set))  # `| head`: no BrokenPipe traceback (R8)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

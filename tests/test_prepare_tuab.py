@@ -277,7 +277,11 @@ def test_c7_a_second_run_with_the_same_inputs_is_up_to_date_and_any_changed_inpu
     config.write_text("data: {" + ", ".join(f"{s}_{k}: {out}/{s}_{k}.npy" for s in ("train", "val", "test")
                                             for k in "xy") + "}\n")
     for args, said in ((["--config", str(config)], f"next: ./launch.sh {config}\n"),
-                       ([], f"next: ./launch.sh CONFIG -- --set data.train_x={out}/train_x.npy")):
+                       ([], f"next: ./launch.sh CONFIG -- --set data.train_x={out}/train_x.npy"),
+                       # C6: the values the windows were made with (here the default's, so up to date); the printed
+                       # command without them was refused by the run (a new user's trial: --set data.notch=60)
+                       (["--config", str(config), "--set", "data.val_fraction=0.2", "data.units=uV"],
+                        f"next: ./launch.sh {config} -- --set data.val_fraction=0.2 data.units=uV\n")):
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
             assert pt.main([str(tuab["src"]), "--out", str(out), *args]) == 0
