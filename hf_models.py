@@ -73,10 +73,11 @@ def hf_dir_problems(cfg, path, key, who, need_weights):
         near = difflib.get_close_matches(os.path.basename(os.path.normpath(path)),
                                          os.listdir(os.path.dirname(os.path.abspath(path)) or ".")
                                          if os.path.isdir(os.path.dirname(os.path.abspath(path))) else [], n=1)
+        # C3: as check_file() says of data paths: run from elsewhere (the demo's configs), the directory is there
+        where = "" if os.path.isabs(path) else f" (a relative path is read from the current directory, {os.getcwd()})"
         return [("C3", key, f"{path} does not exist"
-                 + (f" (did you mean {os.path.join(os.path.dirname(path), near[0])}?)"
-                                                       if near else "")
-                                                       + "; give a local Hugging Face model directory")]
+                 + (f" (did you mean {os.path.join(os.path.dirname(path), near[0])}?)" if near else "")
+                 + f"{where}; give a local Hugging Face model directory")]
     if not os.path.isdir(path):
         return [("C3", key,
                  f"{path} is a file; give a local Hugging Face model directory (what save_pretrained writes)")]

@@ -291,6 +291,8 @@ BAD = [  # (settings added to TINY, @name = the zoo's directory, the key the one
     (["teacher.n_layer=3"], "teacher.n_layer", "kd.enabled is false"),
     (["student.kwargs={width: 24}"], "student.kwargs", "student.target is null"),
     (["student.hf_dir=@gpt2x"], "student.hf_dir", "gpt2x does not exist (did you mean"),  # a mistyped path
+    # a relative path, run from another directory than the config's (a new user's 'configs/chat_models/teacher')
+    (["student.hf_dir=no_such_dir/teacher"], "student.hf_dir", f"read from the current directory, {os.getcwd()}"),
 ]
 
 
