@@ -412,6 +412,19 @@ def test_c10_the_dry_run_keeps_data_seq_len_when_only_the_val_split_holds_exampl
     assert code == 0 and "WARNING" not in said.out + said.err, said  # C10: a plain stream is no examples copied alone
 
 
+def test_c10_g2_a_dry_run_whose_tiny_examples_keep_no_trained_token_says_so(chat_data, tmp_path, capsys):
+    # a new user's data.too_long truncate at a data.seq_len that cut every assistant turn of the first examples: the
+    # run trained on the later ones, its dry run said 'FAIL finite losses (one term: the LM's CE)' of a KD config
+    # (step 1, skipped by G2, logged no loss terms), and its fp16 line '8 skipped by the GradScaler'
+    val = tmp_path / "val.bin"  # a plain stream: eval has targets (a val split without any is a config error)
+    np.random.default_rng(0).integers(0, chat_data["data"]["vocab_size"], 400).astype(np.uint16).tofile(val)
+    settings = chat_settings(chat_data, "data.too_long=truncate", f"data.val_bin={val}", "kd.gamma=0", seq_len=6)
+    code = T.main([a for s in settings for a in ("--set", s)] + ["--run_dir", str(tmp_path / "r"), "--dry_run"])
+    out = capsys.readouterr().out
+    assert code == 1 and "  FAIL a token to train on: all 8 steps skipped (G2), the tiny run's windows" in out, out
+    assert "finite losses" not in out and out.count("  FAIL ") == 1
+
+
 def test_c10_examples_copied_without_their_manifest_mask_or_bounds_are_one_line_from_the_run_dry_run_and_diagnose(
         chat_data, tmp_path, capsys):
     # a new user's trial: train.bin copied alone from a chat preparation trained every token (the prompts', the
