@@ -82,7 +82,10 @@ def hf_dir_problems(cfg, path, key, who, need_weights):
         return [("C3", key,
                  f"{path} is a file; give a local Hugging Face model directory (what save_pretrained writes)")]
     if not os.path.isfile(config_file):
-        return [("C3", key, f"{path} is not a local Hugging Face model directory (no config.json in it)")]
+        export = os.path.join(path, "export")  # C3: a run directory of this script: its export is the network
+        hint = f"; it is a run directory: give its export, {export}" if os.path.isfile(
+            os.path.join(export, "config.json")) else ""
+        return [("C3", key, f"{path} is not a local Hugging Face model directory (no config.json in it){hint}")]
     if need_weights and not hf_weights_present(path):
         return [("C3", key, f"{path} has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
                             f"{who} needs trained weights")]

@@ -317,6 +317,17 @@ def test_c3_model_config_errors_exit_2_with_one_line_before_anything_is_written(
     assert not run_dir.exists()
 
 
+@needs_hf
+def test_c3_a_run_directory_given_as_a_hugging_face_directory_names_its_export(models, tmp_path):
+    # a new user's 'kd.hf_teacher_dir: runs/teacher' (the teacher's run, not its export) said only 'no config.json'
+    import shutil
+    shutil.copytree(models["gpt2"], tmp_path / "teacher_run" / "export")
+    with pytest.raises(T.ConfigError) as err:
+        T.resolve_config(None, TINY + ["kd.enabled=true", f"kd.hf_teacher_dir={tmp_path / 'teacher_run'}"])
+    assert str(err.value).endswith("(no config.json in it); it is a run directory: give its export, "
+                                   f"{tmp_path / 'teacher_run' / 'export'}"), str(err.value)
+
+
 def test_c3_builtin_teacher_checkpoint_window_length_checked_in_dry_run(tmp_path, capsys):
     """A built-in GPT teacher's position limit is its saved data.seq_len: --dry_run says so in one line."""
     _, outcome, _ = train(TINY + ["student.n_layer=1", "student.n_embd=32", "student.n_head=4"], tmp_path / "t")
