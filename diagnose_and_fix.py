@@ -872,21 +872,16 @@ def check_teacher_cache(script, cfg, usable=True):
             and (cfg.get("kd.top_k") or cfg.get("kd.teacher_cache_mode") == "sampled")):
         return []
     path, code = cfg["kd.teacher_cache"], script.caching(cfg)
-    manifest = os.path.join(path, "manifest.json")
     try:
         size, how = code.teacher_cache_size(cfg)
     except Exception as err:  # data files this machine lacks: C3 already says so
         return [finding("E6", "info", f"no teacher-cache size: {type(err).__name__}: {err}",
                         "fix the data paths first")]
-    complete = False
-    if os.path.exists(manifest):
-        try:
-            with open(manifest) as f:
-                complete = bool(json.load(f).get("complete"))
-        except (OSError, ValueError):
-            pass
+    try:
+        complete = usable and bool((code.read_manifest(path) or {}).get("complete"))  # the run's own reader
+    except script.ConfigError:  # no cache's manifest: check_run_inputs says the run's line
+        complete = False
     free = code.free_disk_bytes(path)
-    complete = complete and usable
     evidence = (f"kd.teacher_cache {path}: {how}; {free / 2**30:,.1f} GiB free there"
                 + ("; already built" if complete else ""))
     if size > free and not complete:
@@ -1271,8 +1266,6 @@ def check_throughput(train, steps, evals=()):
 
 
 def check_log(path, script, cfg, plan, curve):
-    if not os.path.isfile(path):
-        return [finding("C3", "critical", f"log {path} does not exist", "give the run's metrics.jsonl", source="log")]
     try:
         train, evals, info = read_log(path)
     except OSError as err:
@@ -1312,9 +1305,6 @@ def check_log(path, script, cfg, plan, curve):
 # Checkpoint checks: readable (R6), weights_only (R7), loop position (R1, R2, R4), schedule keys (S7).
 def load_checkpoint(path):
     """(checkpoint, findings): never unpickles arbitrary objects (weights_only=True only)."""
-    if not os.path.isfile(path):
-        return None, [finding("R6", "critical", f"checkpoint {path} does not exist", "give the path of a .pt file",
-                              source="checkpoint")]
     try:
         return torch.load(path, map_location="cpu", weights_only=True), []  # R7: never the full unpickler
     except pickle.UnpicklingError as err:
@@ -1542,10 +1532,9 @@ def diagnose_tree(tree, name, opts, with_runs=True):
     apply_overrides(as_read, opts["overrides"], script, [])  # what --fix starts from: file + --set
     report.update(script=script, tree=tree, original=as_read)
     cfg, plan = settle(script, tree, opts, findings)
-    report.update(cfg=cfg, plan=plan, curve=None)
-    curve = None
+    curve = script.lr_curve(cfg, plan) if plan is not None else None
+    report.update(cfg=cfg, plan=plan, curve=curve)
     if plan is not None:
-        curve = report["curve"] = script.lr_curve(cfg, plan)
         findings += check_plan(script, cfg, plan)
         findings += check_warmup(cfg, plan)
         findings += check_momentum_cycling(cfg)
@@ -1667,12 +1656,11 @@ def print_text(findings, header, fixed, out=None):
 
 
 def to_json(report, findings, fix_info):
-    def plain(value):
-        return None if value == REMOVE else value
     return {"config": report["config"], "task": report["script"].TASK if report["script"] else None,
             "plan": report["plan"], "counts": counts(findings), "exit_code": min(counts(findings)["critical"], 100),
             "findings": [{**{k: f[k] for k in ("id", "severity", "source", "evidence", "fix", "at")},
-                          "changes": [{"key": k, "value": plain(v), "remove": v == REMOVE} for k, v in f["changes"]]}
+                          "changes": [{"key": k, "value": None if v == REMOVE else v, "remove": v == REMOVE}
+                                      for k, v in f["changes"]]}
                          for f in findings],
             "fix": fix_info}
 
@@ -1688,15 +1676,8 @@ def default_config(args, log):
     if args.checkpoint:
         try:
             ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-            if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
-                flat = ckpt["config"]
-                tree = {}
-                for key, value in flat.items():
-                    node = tree
-                    for part in key.split(".")[:-1]:
-                        node = node.setdefault(part, {})
-                    node[key.split(".")[-1]] = value
-                return f"{args.checkpoint} (its saved config)", tree
+            if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):  # flat keys, nested as in a file
+                return f"{args.checkpoint} (its saved config)", training_script("probe").unflatten(ckpt["config"])
         except Exception:
             pass  # the checkpoint check reports why it does not load
     return None, None
