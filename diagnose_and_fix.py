@@ -138,6 +138,12 @@ def known_tasks():
 
 # -----------------------------------------------------------------------------
 # The config as a nested tree: read it, apply --set, edit keys (repairs and --fix work on the tree).
+def kit_script():
+    """train_probe.py, else train_distill.py: what this tool takes from either one's shared blocks (write_stdout,
+    R8; unflatten); None when it was copied without them."""
+    return training_script("probe") or training_script("distill")
+
+
 def read_config_tree(path):
     """(tree, findings): an unreadable, unparsable or non-mapping file is a critical C3 finding."""
     fix = "give the path of a readable YAML mapping of keys to values"
@@ -1641,18 +1647,15 @@ def counts(findings):
     return {s: sum(f["severity"] == s for f in findings) for s in SEVERITIES}
 
 
-def print_text(findings, header, fixed, out=None):
-    out = out or sys.stdout  # looked up now: callers may have redirected it
-    print(header, file=out)
+def report_text(findings, header, fixed):
+    lines = [header]
     order = {"config": 0, "log": 1, "checkpoint": 2}
     for f in sorted(findings, key=lambda f: (order[f["source"]], SEVERITIES.index(f["severity"]))):
-        print(f"{f['severity'].upper():8} {f['id']:4} [{f['source']}] {f['evidence']}", file=out)
-        print(f"{'':14}fix: {f['fix']}", file=out)
+        lines += [f"{f['severity'].upper():8} {f['id']:4} [{f['source']}] {f['evidence']}", f"{'':14}fix: {f['fix']}"]
     n = counts(findings)
-    print(f"{n['critical']} critical, {n['warning']} warning, {n['info']} info; exit code {min(n['critical'], 100)}",
-          file=out)
-    if fixed:
-        print(fixed, file=out)
+    lines.append(f"{n['critical']} critical, {n['warning']} warning, {n['info']} info; exit code "
+                 f"{min(n['critical'], 100)}")
+    return "\n".join(lines + [fixed] * bool(fixed))
 
 
 def to_json(report, findings, fix_info):
@@ -1677,7 +1680,7 @@ def default_config(args, log):
         try:
             ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
             if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):  # flat keys, nested as in a file
-                return f"{args.checkpoint} (its saved config)", training_script("probe").unflatten(ckpt["config"])
+                return f"{args.checkpoint} (its saved config)", kit_script().unflatten(ckpt["config"])
         except Exception:
             pass  # the checkpoint check reports why it does not load
     return None, None
@@ -1728,10 +1731,15 @@ def run_record(args, log):
 
 def main(argv=None):
     try:
-        args = parse_args(argv)
-    except UsageError as err:
+        return diagnose_all(parse_args(argv))
+    except UsageError as err:  # the command line; or the picture --plot could not write after all (disk full, say)
         print(f"diagnose_and_fix.py: {err}", file=sys.stderr)
-        return 2
+    return 2
+
+
+def diagnose_all(args):
+    """Every run's diagnosis, --fix, the report and --plot; returns the exit code (the critical findings)."""
+    say = getattr(kit_script(), "write_stdout", print)  # R8: `| head` ends without a traceback, after every check
     opts = {"overrides": args.set, "num_samples": args.num_samples, "world_size": run_world_size(args, None),
             "device_memory": args.device_memory, "log": None, "checkpoint": args.checkpoint}
     results = [(log, *diagnose_run(args, dict(opts, log=log, world_size=run_world_size(args, log),
@@ -1756,21 +1764,17 @@ def main(argv=None):
                                      "removed": n == REMOVE, "id": rid, "why": why} for k, o, n, rid, why in changes]}
     if args.json:
         reports = [to_json(report, findings, fix_info) for _, _, report, findings in results]
-        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1, default=str))
+        say(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1, default=str))
     else:
         for log, name, report, findings in results:
             task = report["script"].TASK if report["script"] else "?"
             parts = [f"config {name} (task {task})" if name else "no config"]
             parts += [f"log {log}"] if log else []
             parts += [f"checkpoint {args.checkpoint}"] if args.checkpoint else []
-            print_text(findings, "diagnose_and_fix.py: " + ", ".join(parts), fixed_line)
+            say(report_text(findings, "diagnose_and_fix.py: " + ", ".join(parts), fixed_line))
     if args.plot is not None:
         views = [plotting().run_view(log, report, findings) for log, _, report, findings in results]
-        try:
-            plotting().plot_runs(views, args.plot, out=sys.stderr if args.json else sys.stdout)
-        except UsageError as err:  # the picture could not be written after all (disk full, say)
-            print(f"diagnose_and_fix.py: {err}", file=sys.stderr)
-            return 2
+        plotting().plot_runs(views, args.plot, out=(lambda text: print(text, file=sys.stderr)) if args.json else say)
     return min(sum(counts(findings)["critical"] for *_, findings in results), 100)
 
 

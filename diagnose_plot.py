@@ -452,10 +452,9 @@ def ascii_panels(views):
     return "\n".join(out)
 
 
-def plot_runs(views, path, out=None):
-    """PNG (svg, pdf) at path when matplotlib imports; else, or for path '-', ASCII panels on `out`.
-    Returns (the kind drawn: "image" or "ascii", the labels of the runs' legend)."""
-    out = out or sys.stdout
+def plot_runs(views, path, out=print):
+    """PNG (svg, pdf) at path when matplotlib imports; else, or for path '-', ASCII panels written by `out` (a function
+    of one text: the tool's write_stdout, R8). Returns (the kind drawn: "image" or "ascii", the runs' legend labels)."""
     names = [v["name"] for v in views]
     for v in views:  # two runs from directories of the same name: tell them apart by their path
         if names.count(v["name"]) > 1:
@@ -469,11 +468,10 @@ def plot_runs(views, path, out=None):
             legend = draw_png(views, path)
             size = f"{int(PLOT_INCHES[0] * PLOT_DPI)} x {int(PLOT_INCHES[1] * PLOT_DPI)} pixels" \
                 if path.lower().endswith(".png") else f"{PLOT_INCHES[0]:g} x {PLOT_INCHES[1]:g} inches"
-            print(f"plot: wrote {path} ({size}); "
-                  "marked " + "; ".join(marks_summary(v) for v in views), file=out)
+            out(f"plot: wrote {path} ({size}); marked " + "; ".join(marks_summary(v) for v in views))
             return "image", legend
     text = ascii_panels(views)
-    print(text, file=out, flush=True)
+    out(text)
     if path != "-":
         print(f"plot: {path} not written: matplotlib is not installed for {sys.executable} ({sys.executable} -m pip "
               "install matplotlib); the ASCII panels show the same", file=sys.stderr)

@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import math
 import os
-import signal
 import sys
 import time
 
@@ -145,25 +144,25 @@ def plan_or_failures(script, cfg, num_samples, world_size):
     return None, failures, None
 
 
-def print_derivation(cfg, plan, source, warmup_known=True):
+def print_derivation(say, cfg, plan, source, warmup_known=True):
     n, b, w, a = plan["num_samples"], plan["batch_size"], plan["world_size"], plan["grad_accum"]
     micro, per_epoch, total = plan["micro_batches_per_epoch"], plan["steps_per_epoch"], plan["total_steps"]
-    print("derivation (S2: one accumulation rule, shared by the schedule and the loop)")
-    print(f"  samples          {n}  ({source})")
-    print(f"  micro-batches    ceil({n} / (batch_size {b} x world_size {w})) = {micro} per epoch")
-    print(f"  optimizer steps  ceil({micro} / grad_accum {a}) = {per_epoch} per epoch (a short last group steps once, "
-          "G1)")
+    say("derivation (S2: one accumulation rule, shared by the schedule and the loop)")
+    say(f"  samples          {n}  ({source})")
+    say(f"  micro-batches    ceil({n} / (batch_size {b} x world_size {w})) = {micro} per epoch")
+    say(f"  optimizer steps  ceil({micro} / grad_accum {a}) = {per_epoch} per epoch (a short last group steps once, "
+        "G1)")
     if cfg["train.max_steps"] is not None:
-        print(f"  total            train.max_steps = {total} optimizer steps ({plan['epochs']} epoch(s) started)")
+        say(f"  total            train.max_steps = {total} optimizer steps ({plan['epochs']} epoch(s) started)")
     else:
-        print(f"  total            {per_epoch} x {plan['epochs']} epochs = {total} optimizer steps")
+        say(f"  total            {per_epoch} x {plan['epochs']} epochs = {total} optimizer steps")
     warm = cfg["schedule.warmup"]
     if not warmup_known:
-        print(f"  warmup           schedule.warmup {warm:g}: not usable, see the failed check")
+        say(f"  warmup           schedule.warmup {warm:g}: not usable, see the failed check")
         return
     how = f"schedule.warmup {warm:g} x {total}, rounded" if warm < 1 else "schedule.warmup, given in optimizer steps,"
-    print(f"  warmup           {how} = {plan['warmup_steps']} optimizer steps ({plan['warmup_steps'] / total:.1%} of "
-          "the run)")
+    say(f"  warmup           {how} = {plan['warmup_steps']} optimizer steps ({plan['warmup_steps'] / total:.1%} of "
+        "the run)")
 
 
 # -----------------------------------------------------------------------------
@@ -191,9 +190,9 @@ def simulate(script, cfg, plan, resume_at):
     return curve, resumed, failures
 
 
-def print_checks(plan, resume_at, failures, cfg, ran_curve):
+def print_checks(say, plan, resume_at, failures, cfg, ran_curve):
     """One line per check: ok, or FAIL with the row id and the reason."""
-    print("checks")
+    say("checks")
     by_row = {}
     for rid, msg in failures:
         by_row.setdefault(rid, []).append(msg)
@@ -212,14 +211,14 @@ def print_checks(plan, resume_at, failures, cfg, ran_curve):
                    ("R3", f"save/restore of the scheduler after step {resume_at}: the curve continues exactly")]
     for rid, what in passes:
         if rid not in by_row:
-            print(f"  ok   {rid:<4} {what}")
+            say(f"  ok   {rid:<4} {what}")
     for rid, msg in failures:
-        print(f"  FAIL {rid:<4} {msg}")
+        say(f"  FAIL {rid:<4} {msg}")
 
 
 # -----------------------------------------------------------------------------
 # Presentation: landmark table, ASCII plot, lr.csv, lr.png.
-def print_table(curve, plan, marks, cfg):
+def print_table(say, curve, plan, marks, cfg):
     total = len(curve)
     peak_step = int(np.argmax(curve)) + 1
     rows = [("step 1", 1, f"initial {marks['initial']:.6g}", cfg["expect.initial_lr"])]
@@ -229,9 +228,9 @@ def print_table(curve, plan, marks, cfg):
     for pct in (25, 50, 75):
         rows.append((f"{pct}% of the run", max(1, math.ceil(pct * total / 100)), "", None))
     rows.append(("100% = final step", total, f"floor {marks['final']:.6g}", cfg["expect.final_lr"]))
-    print(f"{'point':<18} {'step':>9}  {'lr (torch)':<13} {'schedule says':<32} expect:")
+    say(f"{'point':<18} {'step':>9}  {'lr (torch)':<13} {'schedule says':<32} expect:")
     for name, step, says, want in rows:
-        print(f"{name:<18} {step:>9}  {curve[step - 1]:<13.6g} {says:<32} {'' if want is None else f'{want:.6g}'}")
+        say(f"{name:<18} {step:>9}  {curve[step - 1]:<13.6g} {says:<32} {'' if want is None else f'{want:.6g}'}")
 
 
 def ascii_plot(curve, width=PLOT_WIDTH, height=PLOT_HEIGHT):
@@ -297,6 +296,7 @@ def run(args):
     start = time.perf_counter()
     task = configured_task(args.config, args.set)
     script = load_script(task)
+    say = script.write_stdout  # R8: `... | head` ends without a traceback, after every check and file, with their code
     try:
         cfg, notes = script.resolve_config(args.config, args.set, check_files=False)  # data may live elsewhere
         num_samples, source = dataset_size(script, cfg, args.num_samples)  # C3: a file the script refuses: its line
@@ -312,42 +312,42 @@ def run(args):
     out = args.out or os.path.join("runs", cfg["run_name"], "schedule")
     if os.path.exists(out) and not os.path.isdir(out):
         raise BadInput(f"--out: {out} exists and is not a directory; give a directory for lr.csv")
-    print(f"schedule dry run of {args.config} (task {cfg['task']} -> {script.__name__}.py, "
-          f"schedule.type {cfg['schedule.type']}, optim.lr {cfg['optim.lr']:g})")
+    say(f"schedule dry run of {args.config} (task {cfg['task']} -> {script.__name__}.py, "
+        f"schedule.type {cfg['schedule.type']}, optim.lr {cfg['optim.lr']:g})")
     for rid, key, msg in notes:
-        print(f"note {rid}: {key}: {msg}")
+        say(f"note {rid}: {key}: {msg}")
     if shown is not None:
-        print_derivation(cfg, shown, source, warmup_known="S3" not in dict(failures))
+        print_derivation(say, cfg, shown, source, warmup_known="S3" not in dict(failures))
     if failures:  # S2/S3: the curve training would run cannot be built from this config
-        print_checks(plan, None, failures, cfg, ran_curve=False)
-        print(f"schedule dry run FAILED ({len(failures)} problem(s)); nothing written")
+        print_checks(say, plan, None, failures, cfg, ran_curve=False)
+        say(f"schedule dry run FAILED ({len(failures)} problem(s)); nothing written")
         return 1
     warm_share = plan["warmup_steps"] / total
     if plan["warmup_steps"] >= 2 and not 0.05 <= warm_share <= 0.30:
-        print(f"note S3: warmup is {warm_share:.1%} of the run; 5-30% is the sane band for most jobs")
+        say(f"note S3: warmup is {warm_share:.1%} of the run; 5-30% is the sane band for most jobs")
     curve, _, failures = simulate(script, cfg, plan, resume_at)
     if curve is None:
-        print_checks(plan, resume_at, failures, cfg, ran_curve=False)
-        print(f"schedule dry run FAILED ({len(failures)} problem(s)); nothing written")
+        print_checks(say, plan, resume_at, failures, cfg, ran_curve=False)
+        say(f"schedule dry run FAILED ({len(failures)} problem(s)); nothing written")
         return 1
     marks = script.schedule_landmarks(cfg, plan)
-    print(f"schedule: {cfg['schedule.type']}, LR {curve[0]:.4g} at step 1 -> peak {curve.max():.4g} at step "
-          f"{int(np.argmax(curve)) + 1} -> {curve[-1]:.4g} at step {total}")
-    print_table(curve, plan, marks, cfg)
-    print(ascii_plot(curve))
+    say(f"schedule: {cfg['schedule.type']}, LR {curve[0]:.4g} at step 1 -> peak {curve.max():.4g} at step "
+        f"{int(np.argmax(curve)) + 1} -> {curve[-1]:.4g} at step {total}")
+    print_table(say, curve, plan, marks, cfg)
+    say(ascii_plot(curve))
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, "lr.csv"), curve)
     title = f"{os.path.basename(args.config)}: {cfg['schedule.type']}, {total} optimizer steps"
     png = write_png(os.path.join(out, "lr.png"), curve, plan, resume_at, title)
-    print(f"wrote {os.path.join(out, 'lr.csv')}" + (f" and {os.path.join(out, 'lr.png')}" if png
-                                                   else " (lr.png skipped: matplotlib is not installed for "
-                                                   f"{sys.executable})"))
-    print_checks(plan, resume_at, failures, cfg, ran_curve=True)
+    say(f"wrote {os.path.join(out, 'lr.csv')}" + (f" and {os.path.join(out, 'lr.png')}" if png
+                                                 else " (lr.png skipped: matplotlib is not installed for "
+                                                 f"{sys.executable})"))
+    print_checks(say, plan, resume_at, failures, cfg, ran_curve=True)
     elapsed = time.perf_counter() - start
     if failures:
-        print(f"schedule dry run FAILED ({len(failures)} problem(s)) in {elapsed:.1f} s")
+        say(f"schedule dry run FAILED ({len(failures)} problem(s)) in {elapsed:.1f} s")
         return 1
-    print(f"schedule dry run passed: {total} optimizer steps simulated twice in {elapsed:.1f} s")
+    say(f"schedule dry run passed: {total} optimizer steps simulated twice in {elapsed:.1f} s")
     return 0
 
 
@@ -360,6 +360,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` ends quietly, without a traceback
     sys.exit(main())

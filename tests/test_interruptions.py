@@ -4,7 +4,10 @@ export or a feature save leaves a complete export and no leftovers once the run 
 
 The terminal is a real pseudo-terminal (os.openpty): tqdm draws its bar only when stderr is one.
 """
+import contextlib
 import fcntl
+import io
+import json
 import os
 import signal
 import struct
@@ -117,6 +120,39 @@ def test_r8_a_dry_run_into_a_closed_pipe_runs_every_check_and_ends_without_a_tra
     finally:
         os.close(write_end)
     assert out.returncode == 0 and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
+
+
+def into_a_closed_pipe(*argv):
+    write_end = closed_pipe()
+    try:
+        return subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=300)
+    finally:
+        os.close(write_end)
+
+
+def test_r8_diagnose_into_a_closed_pipe_runs_every_check_and_exits_with_the_findings_code(tmp_path):
+    """`diagnose_and_fix.py ... | head -1` ended in a BrokenPipeError traceback, exit 1 whatever it found, and --plot
+    never drew: the report now goes through the training script's own write_stdout()."""
+    import diagnose_and_fix as dx
+    log = tmp_path / "metrics.jsonl"  # an LR that never moves where probe_synthetic's onecycle curve does: S1
+    log.write_text("".join(json.dumps({"step": s, "lr": 1e-3, "loss": 2 - s / 40}) + "\n" for s in range(1, 41)))
+    argv = ["--config", os.path.join(ROOT, "configs", "probe_synthetic.yaml"), "--set", "train.grad_accum=0",
+            "--log", str(log)]
+    with contextlib.redirect_stdout(io.StringIO()) as report:
+        code = dx.main([*argv, "--json"])
+    assert code == json.loads(report.getvalue())["exit_code"] >= 2  # not 1, a traceback's code
+    out = into_a_closed_pipe(os.path.join(ROOT, "diagnose_and_fix.py"), *argv, "--plot", str(tmp_path / "runs.png"))
+    assert out.returncode == code and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "runs.png") or "matplotlib is not installed" in out.stderr  # drawn after it
+
+
+def test_r8_the_schedule_tool_into_a_closed_pipe_writes_its_files_and_exits_with_its_checks_code(tmp_path):
+    """test_scheduler_dry_run.py set SIGPIPE to its default: `| head -1` killed it (exit 141 in a shell)."""
+    out = into_a_closed_pipe(os.path.join(ROOT, "test_scheduler_dry_run.py"), os.path.join(ROOT, "configs",
+                             "probe_synthetic.yaml"), "--out", str(tmp_path))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, (out.returncode, out.stderr[-2000:])
+    assert os.path.getsize(tmp_path / "lr.csv") > 0
 
 
 @pytest.mark.parametrize("tool", ["prepare_text.py", "prepare_tuab.py"])
