@@ -9,8 +9,10 @@
 
 Every finding carries its FAILURE_MODES.md row id, a severity (critical, warning, info), one line of evidence
 with the numbers and one line saying how to fix it. Exit code = the number of critical findings (0 = clean,
-capped at 100); a config that cannot be read or parsed is itself a critical finding, never a traceback.
-Command-line misuse (e.g. --fix without --output) is one line on stderr and exit code 2.
+capped at 100). Input the run refuses as a whole is refused here as the run refuses it, one line on stderr and exit
+code 2: command-line misuse (e.g. --fix without --output), an input file that is missing or a directory, and a
+config file that holds no config (empty, not YAML, not text, not a mapping: the run's own line). A config that
+holds keys is diagnosed: each problem the run would refuse (an unknown key, a wrong type) is a critical finding.
 
 It re-implements nothing of training: it imports the script the config's `task` names (train_probe.py,
 train_distill.py) and judges the config with that script's own loader (resolve_config), data size
@@ -53,7 +55,11 @@ LOSS_WEIGHT_RATIO = 10.0     # E2: one configured loss weight this many times an
 
 
 class UsageError(Exception):
-    """The command line itself is unusable: one line, exit code 2 (a bad config is a finding instead)."""
+    """The command line itself is unusable: one line, exit code 2 (a bad key of a config is a finding instead)."""
+
+
+class Refused(Exception):
+    """C3: a config file that holds no config, refused with the training script's own line, exit code 2."""
 
 
 # -----------------------------------------------------------------------------
@@ -139,33 +145,26 @@ def known_tasks():
 # -----------------------------------------------------------------------------
 # The config as a nested tree: read it, apply --set, edit keys (repairs and --fix work on the tree).
 def kit_script():
-    """train_probe.py, else train_distill.py: what this tool takes from either one's shared blocks (write_stdout,
-    R8; unflatten); None when it was copied without them."""
+    """train_probe.py, else train_distill.py: what this tool takes from either one's shared blocks (load_config's
+    refusal of a file that holds no config, C3; write_stdout, R8; unflatten); None when copied without them."""
     return training_script("probe") or training_script("distill")
 
 
 def read_config_tree(path):
-    """(tree, findings): an unreadable, unparsable or non-mapping file is a critical C3 finding."""
-    fix = "give the path of a readable YAML mapping of keys to values"
-    if not os.path.exists(path):
-        return None, [finding("C3", "critical", f"config {path} does not exist", fix)]
+    """(tree, findings): the file as the script its task names reads it, a key given twice (C2) or text cut by a
+    comment (C1) a critical finding. A file that holds no config (empty, not YAML, not text, not a mapping) is no
+    input to judge: Refused with the run's own line (C3), as the run refuses it before it starts."""
+    rules, tree = kit_script(), None
+    with contextlib.suppress(OSError, ValueError, yaml.YAMLError), open(path) as f:
+        tree = yaml.safe_load(f)  # only the task, to pick the script
+    if rules is None:  # copied without the scripts: the task's finding names the one to copy
+        return tree if isinstance(tree, dict) else {}, []
     try:
-        with open(path) as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        return None, [finding("C3", "critical", f"config {path} cannot be read ({type(err).__name__}: {err})", fix)]
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        return None, [finding("C3", "critical", f"config {path} is not valid YAML{where}: {problem}",
-                              "fix the YAML syntax there (indentation, a missing ':' or an unclosed quote)")]
-    if not isinstance(tree, dict):  # None: an empty file, which the scripts refuse (load_config, C3) as well
-        what = "is empty (no keys)" if tree is None else f"holds a {type(tree).__name__}, not a mapping of keys"
-        return None, [finding("C3", "critical", f"config {path} {what}", fix if tree is not None else
-                              "write the keys to change in it, or omit --config to train the defaults")]
+        rules.load_config(path, (), rules.CONFIG)
+    except rules.ConfigError as err:
+        whole = [problem for problem in err.problems if problem[1] in (path, "--config")]
+        if whole:
+            raise Refused(str(rules.ConfigError(whole))) from None
     script = training_script(config_task(tree))
     if script is not None:  # read again as the script reads it: a key given twice (C2), text kept as written (C1)
         try:
@@ -1734,6 +1733,8 @@ def main(argv=None):
         return diagnose_all(parse_args(argv))
     except UsageError as err:  # the command line; or the picture --plot could not write after all (disk full, say)
         print(f"diagnose_and_fix.py: {err}", file=sys.stderr)
+    except Refused as err:  # C3: the run's own line
+        print(err, file=sys.stderr)
     return 2
 
 

@@ -160,27 +160,22 @@ def test_fix_refuses_without_output_and_overwrites_the_input_only_when_named(tmp
     assert code == 0 and ("S4", "warning") not in flagged(report)
 
 
-def test_c3_unparsable_config_is_one_critical_finding_never_a_traceback(tmp_path):
+@pytest.mark.parametrize("text", [b"task: probe\noptim:\n  lr: [5.0e-4\n  name: adamw\n", b"- a list\n- a list\n",
+                                  b"run_name: caf\xe9\n", b"\xff\xfe\x00binary"],
+                         ids=["not_yaml", "not_a_mapping", "latin_1", "binary"])  # empty: tests/test_config_cli.py
+def test_c3_a_config_file_that_holds_no_config_is_refused_with_the_runs_line_and_exit_2(text, tmp_path, capsys):
+    """The run refuses these before it starts (exit 2, one line); diagnose made each one CRITICAL C3 finding, exit
+    1, the exit code of a config it had judged (a binary file: 'cannot be read (UnicodeDecodeError ...)'). A file
+    with no config is no input to judge: the run's own line, exit 2, nothing on stdout, --fix writes nothing."""
     path = tmp_path / "config.yaml"
-    path.write_text("optim:\n  lr: [5.0e-4\n  name: adamw\n")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "diagnose_and_fix.py"), "--config", str(path)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert "Traceback" not in out.stderr + out.stdout
-    assert re.search(r"^CRITICAL C3 .*config\.yaml is not valid YAML at line 3", out.stdout, re.M)
-
-
-@pytest.mark.parametrize("text", ["- a list\n- not a mapping\n", b"\xff\xfe\x00binary"],
-                         ids=["not_a_mapping", "not_text"])  # a missing file: test_c3_a_missing_input_file_...
-def test_c3_unreadable_config_is_one_critical_finding(text, tmp_path):
-    path = tmp_path / "config.yaml"
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    elif text is not None:
-        path.write_text(text)
-    code, report = diagnose("--config", str(path))
-    assert code == 1 and flagged(report) == {("C3", "critical")}
-    assert str(path) in find(report, "C3")["evidence"]
+    path.write_bytes(text)
+    with pytest.raises(dx.training_script("probe").ConfigError) as refused:
+        dx.training_script("probe").resolve_config(str(path))
+    for extra in ([], ["--fix", "--output", str(tmp_path / "fixed.yaml")], ["--json"]):
+        assert dx.main(["--config", str(path), *extra]) == 2
+        out, err = capsys.readouterr()
+        assert (out, err) == ("", f"{refused.value}\n") and len(err.splitlines()) == 1, (out, err)
+    assert os.listdir(tmp_path) == ["config.yaml"]
 
 
 def test_c1_string_number_is_reported_not_silent_and_bad_values_all_reported_at_once(tmp_path):
