@@ -12,6 +12,7 @@ config resolution when a config names a Hugging Face directory, and where a chec
 out to hold a Hugging Face model; it hands itself over as `kit`, so this file refuses, seeds and checks through the
 script's own ConfigError, vocab_size() and hf_config_value() (and packing.py's block_causal_mask()).
 """
+import contextlib
 import difflib
 import functools
 import inspect
@@ -99,13 +100,34 @@ def hf_dir_problems(cfg, path, key, who, need_weights):
     if vocab is not None and model_vocab is not None and model_vocab != vocab:
         problems.append(("C3", "data.vocab_size",
                          f"{vocab}{' (the built-in corpus is bytes)' if not cfg['data.train_bin'] else ''}, "
-                         f"but {who} in {path} predicts {model_vocab} tokens; tokenize the text with its tokenizer "
-                         "(python prepare_text.py) and set data.vocab_size to that size"))
+                         f"but {who} in {path} predicts {model_vocab} tokens; {vocab_fix(cfg, model_vocab)}"))
     name, limit = kit.hf_config_value(config, HF_POSITION_KEYS)
     if limit is not None and seq_len > limit:
         problems.append(("C3", "data.seq_len", f"{seq_len} is longer than {who}'s position limit {limit} ({name} in "
                                                f"{config_file}); set data.seq_len to at most {limit}"))
     return problems
+
+
+def vocab_fix(cfg, model_vocab):
+    """C3: the fix of a data.vocab_size a model does not predict. Tokenizing again with the model's tokenizer, said
+    to every case, looped where the ids already were the models' (a tokenizer's size below theirs: the data fits) or
+    where the student and the teacher share a tokenizer but pad their embeddings to two sizes (the same fix, then
+    refused for the other model)."""
+    sizes = set()
+    for key in ("student.hf_dir", "kd.hf_teacher_dir"):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            with open(os.path.join(cfg[key], "config.json")) as f:
+                sizes.add(kit.hf_config_value(json.load(f), ("vocab_size",))[1])
+    sizes.discard(None)
+    if len(sizes) > 1:
+        return (f"the student and the teacher predict {' and '.join(map(str, sorted(sizes)))} tokens, and "
+                "distillation compares one vocabulary: give them one vocab_size (resize the smaller one's embeddings "
+                "and head to the larger size)")
+    prepared = (kit.prepared_text(cfg["data.train_bin"])[0] or {}).get("vocab_size") if cfg["data.train_bin"] else None
+    if prepared and prepared <= model_vocab:
+        return (f"set data.vocab_size to {model_vocab}, the model's size: the data's ids (prepared for a vocabulary of "
+                f"{prepared}) fit in it")
+    return "tokenize the text with its tokenizer (python prepare_text.py) and set data.vocab_size to that size"
 
 
 def tokenizer_problems(cfg, model, manifest, made):
@@ -200,7 +222,7 @@ def hf_lm(model, cfg, key, who, hidden):
     vocab = head.out_features if isinstance(head, nn.Linear) else model.config.vocab_size
     if vocab != kit.vocab_size(cfg):
         raise kit.ConfigError([("C3", "data.vocab_size", f"{kit.vocab_size(cfg)}, but {who} ({key}) predicts {vocab} "
-                                "tokens; tokenize the text with its tokenizer and set data.vocab_size to that size")])
+                                f"tokens; {vocab_fix(cfg, vocab)}")])
     name, limit = kit.hf_config_value(model.config, HF_POSITION_KEYS)
     if limit is not None and cfg["data.seq_len"] > limit:
         raise kit.ConfigError([("C3", "data.seq_len", f"{cfg['data.seq_len']} is longer than {who}'s position limit "

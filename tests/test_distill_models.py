@@ -274,6 +274,9 @@ BAD = [  # (settings added to TINY, @name = the zoo's directory, the key the one
      "position limit 64"),
     (["kd.enabled=true", "kd.hf_teacher_dir=@gpt2_vocab300"], "data.vocab_size", "300"),
     (["kd.enabled=true", f"teacher.target={USER}", "student.hf_dir=@gpt2_vocab300"], "data.vocab_size", "300"),
+    # one tokenizer, embeddings padded to two sizes (Qwen2.5 7B and 0.5B): 'tokenize with its tokenizer' looped
+    (["kd.enabled=true", "kd.hf_teacher_dir=@gpt2_vocab300", "student.hf_dir=@gpt2"], "data.vocab_size",
+     "the student and the teacher predict 256 and 300 tokens, and distillation compares one vocabulary"),
     (["kd.enabled=true", "kd.hf_teacher_dir=@config_only"], "kd.hf_teacher_dir", "no weights"),
     (["kd.enabled=true", f"teacher.target={USER}", "kd.hf_teacher_dir=@gpt2"], "kd.teacher_checkpoint", "exactly one"),
     (["kd.enabled=true", f"teacher.target={USER}", f"student.target={USER}", "student.hf_dir=@gpt2"],

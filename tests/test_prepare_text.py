@@ -491,6 +491,21 @@ def test_c10_prepared_data_must_match_the_config_and_the_models_tokenizer(chat_d
     assert [p[1] for p in err.value.problems] == ["data.val_bin"] and "changed after" in err.value.problems[0][2]
 
 
+def test_c3_c10_a_model_padded_past_the_data_tokenizer_is_told_to_set_data_vocab_size_not_to_tokenize_again(
+        chat_data, tmp_path):
+    # a new user's data prepared with a tokenizer directory (its size, 74) for models of 128: 'tokenize the text with
+    # its tokenizer and set data.vocab_size to that size'; the data fits, data.vocab_size is the whole fix
+    vocab = chat_data["data"]["vocab_size"]
+    student = zoo.hf_config_only(tmp_path / "student", "llama", vocab=vocab + 8, positions=128)
+    settings = [s for s in chat_settings(chat_data) if not s.startswith("kd.")] + ["kd.enabled=false",
+                                                                                f"student.hf_dir={student}"]
+    with pytest.raises(T.ConfigError) as err:
+        T.resolve_config(None, settings)
+    assert str(err.value).endswith(f"predicts {vocab + 8} tokens; set data.vocab_size to {vocab + 8}, the model's "
+                                   f"size: the data's ids (prepared for a vocabulary of {vocab}) fit in it"), err.value
+    T.resolve_config(None, settings + [f"data.vocab_size={vocab + 8}"])  # the fix works
+
+
 def test_c10_a_saved_tokenizer_changed_after_preparation_is_refused_in_one_line_and_never_exported(chat_data, tmp_path,
                                                                                                    capsys):
     import shutil
