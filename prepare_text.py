@@ -141,7 +141,7 @@ def write_bins(files, tokenizer, vocab, paths, val_fraction):
         with open(tmp["train"], "wb") as train_file, open(tmp["val"], "wb") as val_file:
             for path in files:
                 try:
-                    with open(path, encoding="utf-8") as f:
+                    with open(path, encoding="utf-8-sig") as f:  # C3: a BOM (Windows editors) is no text
                         text = f.read()
                 except UnicodeDecodeError:
                     raise ConfigError([("C3", "SOURCES", f"{path} is not UTF-8 text; convert it or leave it out")]) \
@@ -191,7 +191,7 @@ def read_rows(path):
         yield from enumerate(parquet.read_table(path).to_pylist(), 1)
         return
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # C10: a BOM before row 1 was 'not valid JSON'
             for number, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -401,7 +401,7 @@ def write_examples(examples, vocab, out_dir, val_fraction, prompts_only=False):
 def chat_template_source(tokenizer, template_file):
     """--chat_template FILE into the tokenizer; returns the manifest's record of the template (None: none)."""
     if template_file is not None:  # input_problems() has checked it is a file
-        with open(template_file, encoding="utf-8") as f:
+        with open(template_file, encoding="utf-8-sig") as f:
             tokenizer.chat_template = f.read()
     if not tokenizer.chat_template:
         return None

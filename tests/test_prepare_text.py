@@ -506,6 +506,27 @@ def test_c3_c10_a_model_padded_past_the_data_tokenizer_is_told_to_set_data_vocab
     T.resolve_config(None, settings + [f"data.vocab_size={vocab + 8}"])  # the fix works
 
 
+def test_c3_c10_sources_and_a_template_saved_with_a_utf8_bom_prepare_as_without_it(chat_data, tmp_path):
+    # a new user's JSONL saved by a Windows editor: 'bom.jsonl:1: JSON: not valid JSON (Unexpected UTF-8 BOM ...)';
+    # a text file's BOM was tokenized as text, and a template's rendered before every conversation
+    import shutil
+    src = tmp_path / "bom" / "chat.jsonl"
+    src.parent.mkdir()
+    src.write_bytes(b"\xef\xbb\xbf" + open(chat_data["src"], "rb").read())
+    (tmp_path / "t.jinja").write_bytes(b"\xef\xbb\xbf" + zoo.CHATML.encode())
+    tok = shutil.copytree(chat_data["tok"], tmp_path / "tok")
+    assert P.main([str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "chat"), "--chat_template",
+                   str(tmp_path / "t.jinja")]) == 0
+    for name in ("train.bin", "train.mask.bin", "val.bin"):
+        assert (tmp_path / "chat" / name).read_bytes() == (chat_data["root"] / "data" / name).read_bytes(), name
+    for name, head in (("plain.txt", b""), ("bom.txt", b"\xef\xbb\xbf")):
+        (tmp_path / "t" / name.split(".")[0]).mkdir(parents=True)
+        (tmp_path / "t" / name.split(".")[0] / name).write_bytes(head + b"one two three four five six seven eight")
+        assert P.main([str(tmp_path / "t" / name.split(".")[0]), "--tokenizer", str(tok), "--out",
+                       str(tmp_path / name)]) == 0
+    assert (tmp_path / "plain.txt" / "train.bin").read_bytes() == (tmp_path / "bom.txt" / "train.bin").read_bytes()
+
+
 def test_c10_a_saved_tokenizer_changed_after_preparation_is_refused_in_one_line_and_never_exported(chat_data, tmp_path,
                                                                                                    capsys):
     import shutil
