@@ -132,8 +132,8 @@ def pool_features(feats, pool):
                                     f"{tuple(feats.shape)}, not [B, D]; set backbone.pool to "
                                     f"{pool_choices(feats.shape)}")])
         return feats
-    if pool == "flatten":
-        return feats.flatten(1)
+    if pool == "flatten":  # C3: a [B] output (one number a window), which pool_choices offers it, too: [B, 1]
+        return feats.reshape(len(feats), -1)
     if pool == "mean_time" and feats.ndim == 4 and 1 in feats.shape[2:]:
         return feats.flatten(2).mean(2)  # [B, F, T, 1] or [B, F, 1, T]: the singleton axis is not time
     if feats.ndim != 3:

@@ -79,6 +79,15 @@ def test_feature_tensor_rule_for_tensor_tuple_dict_and_model_output():
         tp.feature_tensor(a, "last_hidden_state")
 
 
+def test_c3_a_one_number_a_window_output_is_offered_flatten_and_flatten_makes_it_one_feature():
+    """A backbone returning [B] (a score a window, a user's trial): the refusal said 'set backbone.pool to flatten',
+    and flatten then raised an IndexError traceback (exit 1)."""
+    x = torch.arange(3, dtype=torch.float32)
+    with pytest.raises(tp.ConfigError, match=r"shape \(3,\), not \[B, D\]; set backbone.pool to flatten$"):
+        tp.pool_features(x, None)
+    assert torch.equal(tp.pool_features(x, "flatten"), x.reshape(3, 1))
+
+
 def test_backbone_pool_choices_pool_the_axis_they_name_and_a_3d_output_needs_one():
     x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
     assert torch.equal(tp.pool_features(x, "mean_tokens"), x.mean(1))
