@@ -1036,10 +1036,11 @@ def data_sets(cfg):
                                 f"{train_set.shape[2]}; every split needs the same channels in the same order and "
                                 "windows of the same length")])
     top = max(s.top_class for s in sets.values())  # C3: a class no label holds is a typo, never a probe to train
-    if top + 1 < cfg["head.num_classes"]:
+    if top + 1 < cfg["head.num_classes"]:  # all 0: head.num_classes cannot be 1, the labels are the mistake
+        fix = f"set head.num_classes: {top + 1}" if top else "a probe needs two classes: check the data.*_y files"
         raise ConfigError([("C3", "head.num_classes", f"is {cfg['head.num_classes']}, but the labels of every split "
                             f"are 0..{top}: the head would learn a class no window has, and AUROC and balanced "
-                            f"accuracy would not be the task's; set head.num_classes: {top + 1}")])
+                            f"accuracy would not be the task's; {fix}")])
     return sets
 
 

@@ -214,6 +214,8 @@ LINE_CASES = {  # a new user's trial: what gave exit 0 with meaningless numbers,
                                       "has 4 channels x 64 samples, data.train_x has 4 x 128"),
     "empty_val_file": (["empty"], "data.val_x", "has shape (0, 4, 128) and its labels 0 rows"),
     "more_classes_than_labels": (["head.num_classes=3"], "head.num_classes", "are 0..1: the head would learn a class"),
+    "labels_of_one_class": (["zeros"], "head.num_classes", "are 0..0: the head would learn a class no window has, "
+                            "and AUROC and balanced accuracy would not be the task's; a probe needs two classes"),
     "a_build_that_raises": (["backbone.target=zoo:fetching_weights", "backbone.kwargs={channels: 4}"],
                             "backbone.target",
                             "raised RuntimeError: the weights server is unreachable in fetching_weights (zoo.py:"),
@@ -234,6 +236,8 @@ def test_c3_what_the_backbone_or_the_head_cannot_use_is_one_line_from_the_run_th
     if extra == ["empty"]:
         np.save(tmp_path / "val_x.npy", np.zeros((0, 4, 128), np.float32))
         np.save(tmp_path / "val_y.npy", np.zeros(0, np.int64))
+    for split in ("train", "val") if extra == ["zeros"] else ():  # a file of normal windows only, twice
+        np.save(tmp_path / f"{split}_y.npy", np.zeros(12 if split == "train" else 8, np.int64))
     settings = TINY + files + [e for e in extra if "=" in e]
     assert says in one_line_everywhere(settings, key, tmp_path, capsys)
 
