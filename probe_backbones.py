@@ -62,6 +62,10 @@ def load_backbone_checkpoint(backbone, path):
                                 f"tensors missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}), "
                                 "and no name prefix such as 'model.' or 'backbone.' fixes it; check backbone.target "
                                 "and backbone.kwargs")])
+    bad = next((name for name, t in found.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad:  # C9: every feature would be NaN: G4 aborts the run after the whole feature cache, blaming the data
+        raise kit.ConfigError([("C9", key, f"{path}: tensor {bad} holds NaN or inf (weights saved after a pretraining "
+                                "diverged?); every feature would be NaN: give a checkpoint from before that")])
     try:
         backbone.load_state_dict(found)
     except RuntimeError as err:  # a shape mismatch: "size mismatch for conv.weight: copying a param with shape ..."

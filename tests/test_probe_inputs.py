@@ -219,6 +219,7 @@ LINE_CASES = {  # a new user's trial: what gave exit 0 with meaningless numbers,
     "a_build_that_raises": (["backbone.target=zoo:fetching_weights", "backbone.kwargs={channels: 4}"],
                             "backbone.target",
                             "raised RuntimeError: the weights server is unreachable in fetching_weights (zoo.py:"),
+    "nan_weights": (["nan_weights"], "backbone.checkpoint", "w.pt: tensor net.0.weight holds NaN or inf"),
     "a_3d_output_without_pool": (["backbone.target=zoo:conv_time", "backbone.kwargs={channels: 4}"], "backbone.pool",
                                  "features have shape (2, 16, 32), not [B, D]"),
 }
@@ -238,6 +239,13 @@ def test_c3_what_the_backbone_or_the_head_cannot_use_is_one_line_from_the_run_th
         np.save(tmp_path / "val_y.npy", np.zeros(0, np.int64))
     for split in ("train", "val") if extra == ["zeros"] else ():  # a file of normal windows only, twice
         np.save(tmp_path / f"{split}_y.npy", np.zeros(12 if split == "train" else 8, np.int64))
+    if extra == ["nan_weights"]:  # a diverged pretraining's weights: the run computed every feature, then G4 aborted
+        state = tp.build_backbone(tp.resolve_config(None, TINY + ["backbone.target=zoo:conv_time",
+                                                                 "backbone.kwargs={channels: 4}"])[0], 4).state_dict()
+        state["net.0.weight"][0, 0, 0] = float("nan")
+        torch.save(state, tmp_path / "w.pt")
+        extra = ["backbone.target=zoo:conv_time", "backbone.kwargs={channels: 4}", "backbone.pool=mean_time",
+                 f"backbone.checkpoint={tmp_path / 'w.pt'}"]
     settings = TINY + files + [e for e in extra if "=" in e]
     assert says in one_line_everywhere(settings, key, tmp_path, capsys)
 
