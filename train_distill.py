@@ -1396,6 +1396,11 @@ def content_record(path):
 # Examples prepared by prepare_text.py (C10): beside the token file, manifest.json says what made it (tokenizer
 # and chat template digests) and, for chat and prompt/completion data, names each split's loss mask
 # (*.mask.bin, one byte per token) and example bounds (*.starts.npy). Every run, dry run and diagnose checks it.
+# The token file of examples ends with EXAMPLES_MARK, 64 ids of 0 and 1 no plain token stream ends with: a copy without
+# its manifest, which a run would read as one plain stream (every token trained), is known by its content.
+EXAMPLES_MARK = np.unpackbits(np.frombuffer(hashlib.sha256(b"prepare_text.py examples").digest()[:8], np.uint8))
+
+
 def prepared_text(path):
     """(manifest, its record of the token file `path`) when prepare_text.py made it, else (None, None)."""
     try:
@@ -1409,14 +1414,8 @@ def prepared_text(path):
                           None)
 
 
-# C10: the last ids of an examples token file, so that one copied without its manifest is known by its content: no
-# plain token stream ends with these 64 ids of 0 and 1 (prepare_text.py writes them after the last example)
-EXAMPLES_MARK = np.unpackbits(np.frombuffer(hashlib.sha256(b"prepare_text.py examples").digest()[:8], np.uint8))
-
-
 def incomplete_examples(key, path, record):
-    """C10: examples without the manifest.json, loss mask or bounds prepare_text.py wrote beside them (copied
-    alone, renamed) are one line naming the missing file: read as a plain stream, every token would be trained."""
+    """C10: one line naming the manifest.json, loss mask or bounds file that examples copied alone or renamed lack."""
     folder = os.path.dirname(os.path.abspath(path))
     if record is not None:
         companions = [os.path.join(folder, record[k]) for k in ("mask", "starts") if k in record]
@@ -1444,10 +1443,9 @@ def example_bounds(cfg, split):
     record = prepared_text(path)[1]
     if not record or "starts" not in record:
         return None
-    name = os.path.join(os.path.dirname(os.path.abspath(path)), record["starts"])
+    mask, name = (os.path.join(os.path.dirname(os.path.abspath(path)), record[k]) for k in ("mask", "starts"))
     rows = example_rows(name, file_stat(name), cfg["data.seq_len"] + 1, cfg["data.too_long"], cfg["data.packing"])
-    return dict(rows, mask=os.path.join(os.path.dirname(os.path.abspath(path)), record["mask"]),
-                prompts_only=record.get("loss_tokens") == 0)
+    return dict(rows, mask=mask, prompts_only=record.get("loss_tokens") == 0)
 
 
 @functools.lru_cache(maxsize=4)
@@ -1469,12 +1467,8 @@ def example_rows(name, stat, room, too_long, packing):
 
 def file_digests(path, names=None):
     names = sorted(os.listdir(path)) if names is None else names
-    found = {}
-    for name in names:
-        if os.path.isfile(os.path.join(path, name)):
-            with open(os.path.join(path, name), "rb") as f:
-                found[name] = hashlib.sha256(f.read()).hexdigest()
-    return found
+    return {name: read_content(os.path.join(path, name))["sha256"] for name in names
+            if os.path.isfile(os.path.join(path, name))}
 
 
 def data_tokenizer(cfg):
@@ -1511,6 +1505,10 @@ def prepared_text_problems(cfg):
             continue
         made = f"{os.path.dirname(cfg[key]) or '.'}/manifest.json"
         again = f"python prepare_text.py SOURCES --tokenizer DIR --out {os.path.dirname(cfg[key]) or '.'}"
+        train = prepared_text(cfg["data.train_bin"])[0] or manifest  # C10: one tokenizer's ids in both splits
+        if manifest.get("tokenizer", {}).get("sha256") != train.get("tokenizer", {}).get("sha256"):
+            problems.append(("C10", key, f"{cfg[key]} was prepared with another tokenizer than data.train_bin: its ids "
+                             f"are other tokens (a val/loss of noise); prepare it with the train data's one: {again}"))
         if cfg["data.dtype"] != manifest.get("dtype"):
             problems.append(("C10", "data.dtype", f"{cfg['data.dtype']!r}, but {made} says {manifest.get('dtype')!r}; "
                              f"set data.dtype: {manifest.get('dtype')}"))

@@ -527,6 +527,25 @@ def test_c3_c10_sources_and_a_template_saved_with_a_utf8_bom_prepare_as_without_
     assert (tmp_path / "plain.txt" / "train.bin").read_bytes() == (tmp_path / "bom.txt" / "train.bin").read_bytes()
 
 
+def test_c10_val_data_prepared_with_another_tokenizer_than_the_train_data_is_one_line_from_the_run_dry_run_and_diagnose(
+        chat_data, tmp_path, capsys):
+    # val rows prepared apart (the docs' way to a val set with completions) with another tokenizer: its ids are other
+    # tokens, and the run reported a val/loss of noise, exit 0
+    rng = np.random.default_rng(9)
+    other = zoo.chat_tokenizer(tmp_path / "other", [words(rng, 50)[::-1] + " zebra" for _ in range(20)])
+    assert P.main([chat_data["src"], "--tokenizer", other, "--out", str(tmp_path / "val")]) == 0
+    capsys.readouterr()
+    vocab = max(chat_data["data"]["vocab_size"], yaml.safe_load((tmp_path / "val" / "data.yaml").read_text())[
+        "data"]["vocab_size"])
+    settings = [s for s in chat_settings(chat_data) if not s.startswith("kd.")] + [
+        f"data.val_bin={tmp_path / 'val' / 'val.bin'}", f"data.vocab_size={vocab}", "data.too_long=truncate",
+        "kd.enabled=false"]
+    lines, nothing = dry_run_and_diagnose_lines(settings, tmp_path, capsys)
+    assert len(lines) == 3 and len(set(lines)) == 1 and nothing, lines
+    assert lines[0].startswith(f"config error: data.val_bin: {tmp_path / 'val' / 'val.bin'} was prepared with another "
+                               "tokenizer than data.train_bin"), lines[0]
+
+
 def test_c10_a_saved_tokenizer_changed_after_preparation_is_refused_in_one_line_and_never_exported(chat_data, tmp_path,
                                                                                                    capsys):
     import shutil
