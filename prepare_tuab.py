@@ -102,7 +102,7 @@ def out_problems(out):
     foreign = [n for n in PREP_OUTPUTS if os.path.exists(os.path.join(out, n))]
     if foreign and read_manifest(out) is None and not os.path.exists(os.path.join(out, INCOMPLETE)):
         return [("C3", "--out", f"{out} already holds {', '.join(foreign)}, which prepare_tuab.py did not write "
-                 "(there is no manifest.json); choose another --out, or remove them")]
+                 "(there is no manifest.json of its own); choose another --out, or remove them")]
     return []
 
 

@@ -2733,11 +2733,13 @@ def window_setting_problems(cfg):
 
 
 def read_manifest(directory):
+    """C6: prepare_tuab.py's manifest.json in `directory`, else None (none, unreadable, or another tool's)."""
     try:
         with open(os.path.join(directory, "manifest.json")) as f:
-            return json.load(f)
+            manifest = json.load(f)
     except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) and manifest.get("made_by") == "prepare_tuab.py" else None
 
 
 def prepared_data_problems(cfg):
@@ -2753,13 +2755,10 @@ def prepared_data_problems(cfg):
             problems.append(("C6", mine[0], f"{directory} holds an unfinished preparation (its {INCOMPLETE} file); "
                              f"run the same command again to finish it ({again})"))
             continue
-        if not os.path.exists(os.path.join(directory, "manifest.json")):
-            continue  # the user's own windows: nothing to compare with
         manifest = read_manifest(directory)
-        made = ((manifest or {}).get("inputs") or {}).get("settings")
-        if not isinstance(made, dict):
-            problems.append(("C6", mine[0], f"{directory}/manifest.json is unreadable; prepare again: {again}"))
+        if manifest is None:  # your own windows, beside no manifest.json or another tool's: nothing to compare with
             continue
+        made = (manifest.get("inputs") or {}).get("settings") or {}
         for name, value in want.items():
             if name != "window_samples" and made.get(name) != value:
                 problems.append(("C6", f"data.{name}", f"{value!r} but {directory}/manifest.json says the windows were "

@@ -289,3 +289,14 @@ def test_c3_a_data_file_that_is_a_directory_or_no_npy_is_one_line_from_the_run_t
         spec.loader.exec_module(tool)
         assert tool.main([str(tmp_path / "probe.yaml"), *sets(*settings)]) == 2
         assert capsys.readouterr().err.strip() == line
+
+
+@pytest.mark.parametrize("manifest", ['[{"file": "train_x.npy"}]', '{"exported_by": "my_pipeline", "files": 4}'],
+                         ids=["a_list", "another_tools_mapping"])
+def test_c6_your_own_windows_beside_another_tools_manifest_json_are_read_as_they_are(manifest, tmp_path):
+    # a new user's windows exported with their own tool's manifest.json: a JSON list was an AttributeError traceback,
+    # a mapping 'manifest.json is unreadable; prepare again: python prepare_tuab.py ...', a tool they never ran
+    keys = save_splits(tmp_path)
+    (tmp_path / "manifest.json").write_text(manifest)
+    cfg, _ = tp.resolve_config(None, TINY + keys)
+    assert cfg["data.train_x"] == str(tmp_path / "train_x.npy") and tp.read_manifest(str(tmp_path)) is None
