@@ -1420,7 +1420,7 @@ def incomplete_examples(key, path, record):
     if record is not None:
         companions = [os.path.join(folder, record[k]) for k in ("mask", "starts") if k in record]
         return [("C10", key, f"{name} is missing, which {folder}/manifest.json names for the examples of "
-                 f"{os.path.basename(path)}; copy it from the directory prepare_text.py wrote")
+                 f"{os.path.basename(path)}; copy {os.path.basename(name)} from the directory prepare_text.py wrote")
                 for name in companions if not os.path.isfile(name)][:1]
     tail = np.fromfile(path, np.uint8, offset=max(0, os.path.getsize(path) - 4 * len(EXAMPLES_MARK))).tobytes()
     if not any(tail.endswith(EXAMPLES_MARK.astype(t).tobytes()) for t in ("uint16", "uint32")):
@@ -1508,7 +1508,7 @@ def prepared_text_problems(cfg):
         train = prepared_text(cfg["data.train_bin"])[0] or manifest  # C10: one tokenizer's ids in both splits
         if manifest.get("tokenizer", {}).get("sha256") != train.get("tokenizer", {}).get("sha256"):
             problems.append(("C10", key, f"{cfg[key]} was prepared with another tokenizer than data.train_bin: its ids "
-                             f"are other tokens (a val/loss of noise); prepare it with the train data's one: {again}"))
+                             f"are other tokens (a val/loss of noise); prepare it with data.train_bin's: {again}"))
         if cfg["data.dtype"] != manifest.get("dtype"):
             problems.append(("C10", "data.dtype", f"{cfg['data.dtype']!r}, but {made} says {manifest.get('dtype')!r}; "
                              f"set data.dtype: {manifest.get('dtype')}"))

@@ -3,7 +3,6 @@ across examples (a block-diagonal causal mask and per-example positions, for the
 models), the loss token-weighted over the global batch as with one example a row (G2)."""
 import math
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -255,9 +254,10 @@ def test_c10_r9_the_teacher_cache_of_packed_rows_is_their_teachers_and_keyed_on_
 def test_c10_packing_what_cannot_keep_examples_apart_is_one_line_exit_2_from_run_dry_run_and_diagnose(
         extra, why, chat_data, packing_teacher, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(HERE)  # student.target's zoo module
-    if extra == "stream":  # the same token files without their manifest: a token stream, cut into windows
+    if extra == "stream":  # the same tokens as a plain stream (no manifest, no EXAMPLES_MARK), cut into windows
         for split in ("train", "val"):
-            shutil.copy(chat_data["data"][f"{split}_bin"], tmp_path / f"{split}.bin")
+            ids = np.fromfile(chat_data["data"][f"{split}_bin"], chat_data["data"]["dtype"])
+            ids[:-len(T.EXAMPLES_MARK)].tofile(tmp_path / f"{split}.bin")
         extra = [f"data.{split}_bin={tmp_path / split}.bin" for split in ("train", "val")]
     chosen = settings(chat_data, packing_teacher, "data.packing=true", *extra) if extra else ["data.packing=true"]
     if extra and "student.target=zoo:tiny_causal_lm" in extra:
