@@ -747,7 +747,7 @@ def model_source_problems(cfg, problems, check_files):
     sources = [key for key in ("kd.teacher_checkpoint", "kd.hf_teacher_dir", "teacher.target") if cfg[key] is not None]
     cache = cfg["kd.teacher_cache"]
     if cfg["kd.enabled"]:
-        require(cfg["kd.alpha"] + cfg["kd.beta"] + cfg["kd.gamma"] > 0, "kd.alpha",
+        require(max(cfg["kd.alpha"], cfg["kd.beta"], cfg["kd.gamma"]) > 0, "kd.alpha",  # a sum said it of alpha -5
                 "kd.alpha, kd.beta and kd.gamma are all 0")
         require(len(sources) == 1 or (cache is not None and not sources), "kd.teacher_checkpoint",
                 "kd.enabled is true: set exactly one of kd.teacher_checkpoint (a checkpoint of this script), "

@@ -184,6 +184,7 @@ BAD = [  # (settings added to a valid KD config, key the one line must name)
     (["kd.temprature=3"], "did you mean kd.temperature"),
     (["optim.lr=abc"], "optim.lr"),
     (["kd.temperature=0"], "kd.temperature"),
+    (["kd.alpha=-5"], "kd.alpha: -5.0 must be >= 0"),  # alone: not also 'kd.alpha, kd.beta and kd.gamma are all 0'
     (["kd.teacher_checkpoint=null"], "kd.teacher_checkpoint"),
     (["kd.teacher_checkpoint=/nonexistent/best.pt"], "kd.teacher_checkpoint"),
     (["student.n_embd=31"], "student.n_embd"),
