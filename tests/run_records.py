@@ -23,17 +23,39 @@ def launch_env(env=None):
     return {k: v for k, v in merged.items() if v is not None}
 
 
+def launch_call(*args, cwd, env=None, kit=KIT):
+    """C5: every launch.sh a test runs is made here (launch, start_launch, or run_together of this; tests/
+    test_interpreter.py checks it), so none falls back to the python3 on PATH, which may lack torch (a venv not
+    activated) and make launch.sh install it. kit: the checkout whose launch.sh runs (a fresh clone).
+    (argv, subprocess keyword arguments)."""
+    return [os.path.join(kit, "launch.sh"), *args], {"cwd": cwd, "env": launch_env(env)}
+
+
 def launch(*args, cwd, env=None, timeout=240, kit=KIT):
-    """C5: every launch.sh a test runs goes through here or start_launch (tests/test_interpreter.py checks it),
-    so none falls back to the python3 on PATH, which may lack torch (a venv not activated) and make launch.sh
-    install it. kit: the checkout whose launch.sh runs (a fresh clone)."""
-    return subprocess.run([os.path.join(kit, "launch.sh"), *args], cwd=cwd, capture_output=True, text=True,
-                          env=launch_env(env), timeout=timeout)
+    argv, where = launch_call(*args, cwd=cwd, env=env, kit=kit)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **where)
 
 
 def start_launch(*args, cwd, env=None, kit=KIT, **popen):
     """launch() without waiting: the Popen, with popen's stdout/stderr/text settings."""
-    return subprocess.Popen([os.path.join(kit, "launch.sh"), *args], cwd=cwd, env=launch_env(env), **popen)
+    argv, where = launch_call(*args, cwd=cwd, env=env, kit=kit)
+    return subprocess.Popen(argv, **where, **popen)
+
+def run_together(*calls, timeout=600):
+    """subprocess.run(argv, capture_output=True, text=True, **kwargs) for each (argv, kwargs) in calls, all started
+    before any is waited for: independent runs (an uninterrupted reference and the run a test kills) use both cores
+    of the 2-core test machine instead of one after the other. Each is still a process of one intra-op thread
+    (R4): its bits depend on its thread count and inputs, not on what else runs. A CompletedProcess each, in order."""
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+             for argv, kwargs in calls]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+        return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 # A probe run small enough for seconds, large enough for several epochs, a short last micro-batch
 # (38 = 9 x 4 + 2) and a short last accumulation group (10 micro-batches, grad_accum 3 -> 3+3+3+1):
@@ -110,9 +132,14 @@ def distill_killed_and_resumed(settings, tmp_path, processes=1):
     env = {k: v for k, v in os.environ.items() if k != "KIT_FAULT_KILL_AT"}
     env.update({"OMP_NUM_THREADS": "1"} if processes > 1 else {})
     uninterrupted, interrupted = os.path.join(tmp_path, "uninterrupted"), os.path.join(tmp_path, "interrupted")
-    clean = subprocess.run(command(uninterrupted), env=env, capture_output=True, text=True)
+    clean_run = (command(uninterrupted), {"env": env})
+    killed_run = (command(interrupted), {"env": {**env, "KIT_FAULT_KILL_AT": "5:1"}})
+    # one process each: both at once (run_together); two torchrun launches at once would be 4 workers on 2 cores
+    if processes == 1:
+        clean, killed = run_together(clean_run, killed_run)
+    else:
+        [clean], [killed] = run_together(clean_run), run_together(killed_run)
     assert clean.returncode == 0, clean.stderr
-    killed = subprocess.run(command(interrupted), env={**env, "KIT_FAULT_KILL_AT": "5:1"}, capture_output=True, text=True)
     assert killed.returncode == (-9 if processes == 1 else 1), killed.stderr  # torchrun: its workers failed
     saved = torch.load(os.path.join(interrupted, "checkpoints", "last.pt"), map_location="cpu", weights_only=True)
     assert saved["global_step"] == 4  # killed inside step 5, after the step-4 save

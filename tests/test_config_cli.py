@@ -21,8 +21,14 @@ import train_probe as tp  # noqa: E402
 SYNTHETIC = os.path.join(ROOT, "configs", "probe_synthetic.yaml")
 
 
+def call(*args, cwd=ROOT):
+    """python ARGS as run_together() takes it."""
+    return [sys.executable, *args], {"cwd": cwd}
+
+
 def run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    argv, where = call(*args, cwd=cwd)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, **where)
 
 
 @pytest.mark.parametrize("script", [tp, td], ids=["train_probe", "train_distill"])
@@ -179,20 +185,23 @@ def test_c3_an_empty_config_is_refused_by_both_scripts_their_dry_runs_launch_sh_
     """A new user's empty --config trained the defaults without a word, and was task 'probe' to launch.sh and
     diagnose but 'distill' to train_distill.py: every reader now refuses it with one line naming the file, exit 2
     (diagnose made it one CRITICAL C3 finding, exit 1, the code of a config it had judged)."""
-    from run_records import launch
+    from run_records import launch_call, run_together
     path = tmp_path / "empty.yaml"
     path.write_text(text)
     line = (f"config error: {path}: is empty (no keys); write the keys to change in it, or omit --config to train the "
             "defaults")
-    for script in ("train_probe.py", "train_distill.py"):
-        for extra in ([], ["--dry_run"]):
-            out = run(os.path.join(ROOT, script), "--config", str(path), *extra, cwd=tmp_path)
-            assert (out.returncode, out.stderr.strip().splitlines()) == (2, [line]), (script, extra, out.stderr)
-    out = launch(str(path), "--gpus", "cpu", cwd=tmp_path)
-    assert out.returncode == 2 and out.stderr.strip().splitlines() == [line], out.stderr
+    # six processes, each refusing on its own: started together (run_together), judged one by one
+    scripts = [(script, extra) for script in ("train_probe.py", "train_distill.py") for extra in ([], ["--dry_run"])]
+    *outs, launched, diagnosed = run_together(
+        *[call(os.path.join(ROOT, script), "--config", str(path), *extra, cwd=tmp_path) for script, extra in scripts],
+        launch_call(str(path), "--gpus", "cpu", cwd=tmp_path),
+        call(os.path.join(ROOT, "diagnose_and_fix.py"), "--config", str(path), "--json"))
+    for (script, extra), out in zip(scripts, outs):
+        assert (out.returncode, out.stderr.strip().splitlines()) == (2, [line]), (script, extra, out.stderr)
+    assert launched.returncode == 2 and launched.stderr.strip().splitlines() == [line], launched.stderr
     assert os.listdir(tmp_path) == ["empty.yaml"]  # no run dir, from any of them
-    out = run(os.path.join(ROOT, "diagnose_and_fix.py"), "--config", str(path), "--json")
-    assert (out.returncode, out.stdout, out.stderr.strip().splitlines()) == (2, "", [line]), out.stderr
+    assert (diagnosed.returncode, diagnosed.stdout, diagnosed.stderr.strip().splitlines()) == (2, "", [line]), \
+        diagnosed.stderr
 
 
 @pytest.mark.parametrize("script", [tp, td], ids=["train_probe", "train_distill"])

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import zoo
+from run_records import run_together
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -95,11 +96,11 @@ def environment(**extra):
 
 def uninterrupted_and_killed(settings, tmp):
     """The same command line, uninterrupted vs SIGKILLed before micro-batch 1 of step 3 and run again. All
-    runs are processes with one environment (bit-exactness holds for a fixed thread count)."""
+    runs are processes with one environment (bit-exactness holds for a fixed thread count); the first two at once."""
     a, b = tmp / "uninterrupted", tmp / "interrupted"
-    clean = subprocess.run(command(settings, a), env=environment(), capture_output=True, text=True)
+    clean, killed = run_together((command(settings, a), {"env": environment()}),
+                                 (command(settings, b), {"env": environment(KIT_FAULT_KILL_AT="3:1")}))
     assert clean.returncode == 0, clean.stderr
-    killed = subprocess.run(command(settings, b), env=environment(KIT_FAULT_KILL_AT="3:1"), capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert ckpt(b)["global_step"] == 2  # mid-epoch: the resumed process makes a DataLoader iterator the clean one did not
     resumed = subprocess.run(command(settings, b), env=environment(), capture_output=True, text=True)

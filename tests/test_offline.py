@@ -13,7 +13,7 @@ import torch
 
 from test_distill import LOOP, MODELS, ROOT, ckpt, data, kd_settings, run, teacher  # noqa: F401 (fixtures)
 import train_distill as T
-from run_records import teacher_run
+from run_records import run_together, teacher_run
 
 # Builds and runs compared byte for byte across processes run at one intra-op thread, as every process of the suite
 # (conftest.py, R4); what is compared byte for byte with a process's output comes from a process too
@@ -163,10 +163,9 @@ def test_offline_run_matches_online_topk_to_float32_roundoff_and_val_agreement_i
 def test_r4_offline_resume_is_bit_exact_after_sigkill(data, teacher, cache, tmp_path):
     settings = offline(data, teacher, cache)
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    clean = subprocess.run(command(settings, run_dir=uninterrupted), env=CLEAN_ENV, capture_output=True, text=True)
+    clean, killed = run_together((command(settings, run_dir=uninterrupted), {"env": CLEAN_ENV}),
+                                 (command(settings, run_dir=interrupted), {"env": {**CLEAN_ENV, "KIT_FAULT_KILL_AT": "5:1"}}))
     assert clean.returncode == 0, clean.stderr
-    killed = subprocess.run(command(settings, run_dir=interrupted), env={**CLEAN_ENV, "KIT_FAULT_KILL_AT": "5:1"},
-                            capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert ckpt(interrupted)["global_step"] == 4
     resumed = subprocess.run(command(settings, run_dir=interrupted), env=CLEAN_ENV, capture_output=True, text=True)

@@ -14,7 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_probe as tp  # noqa: E402
-from run_records import PROBE_TINY as TINY, last_per_step, records  # noqa: E402
+from run_records import PROBE_TINY as TINY, last_per_step, records, run_together  # noqa: E402
 
 
 def config(*extra):
@@ -22,9 +22,15 @@ def config(*extra):
     return cfg
 
 
+def script_call(*args, env=None):
+    """train_probe.py with these arguments as run_together() takes it: (argv, subprocess keyword arguments)."""
+    argv = [sys.executable, os.path.join(ROOT, "train_probe.py"), *args]
+    return argv, {"cwd": ROOT, "env": {**os.environ, **(env or {})}}
+
+
 def run_script(*args, env=None, **kw):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train_probe.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=240, **kw)
+    argv, where = script_call(*args, env=env)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=240, **where, **kw)
 
 
 def sets(*overrides):
@@ -66,8 +72,9 @@ def test_e5_dry_run_on_prepared_data_of_fewer_than_26_training_windows_passes(tm
 def test_r4_r5_resume_after_sigkill_is_bit_exact(tmp_path, kill_at, cache):
     base = sets(*TINY, f"backbone.cache_features={cache}", "train.save_every_steps=2")
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    assert run_script(*base, "--run_dir", whole).returncode == 0
-    died = run_script(*base, "--run_dir", killed, env={"KIT_FAULT_KILL_AT": kill_at})
+    done, died = run_together(script_call(*base, "--run_dir", whole),
+                              script_call(*base, "--run_dir", killed, env={"KIT_FAULT_KILL_AT": kill_at}))
+    assert done.returncode == 0, done.stderr
     assert died.returncode == -signal.SIGKILL, died.stderr
     resumed = run_script(*base, "--run_dir", killed)
     assert resumed.returncode == 0, resumed.stderr
@@ -434,10 +441,10 @@ def test_s7_resume_with_a_changed_schedule_is_refused_unless_allowed(tmp_path):
 
 
 def test_r8_sigterm_finishes_the_step_saves_and_resume_is_bit_exact(tmp_path):
-    base = sets(*TINY, "train.epochs=200", "train.save_every_steps=1000")
+    base = sets(*TINY, "train.save_every_steps=1000")  # 12 steps, no periodic save: last.pt is the signal's
     whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
-    # held before step 5 until the signal: the 800-step run takes under a second, and on a busy machine it
-    # finished before this test sent its signal
+    # held before step 5 until the signal (KIT_FAULT_HOLD_AT): however busy the machine, the run cannot finish
+    # before this test sends its signal, so it needs no long run to outlast the wait
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_probe.py"), *base, "--run_dir", stopped],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "KIT_FAULT_HOLD_AT": "5"})
@@ -451,8 +458,9 @@ def test_r8_sigterm_finishes_the_step_saves_and_resume_is_bit_exact(tmp_path):
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     c = ckpt(stopped)
     assert 0 < c["global_step"] <= 5 and not c["finished"]  # the step in flight finished, then the save
-    assert run_script(*base, "--run_dir", stopped).returncode == 0
-    assert run_script(*base, "--run_dir", whole).returncode == 0
+    resumed, done = run_together(script_call(*base, "--run_dir", stopped), script_call(*base, "--run_dir", whole))
+    assert resumed.returncode == done.returncode == 0, resumed.stderr + done.stderr
+    assert "resumed from" in resumed.stdout
     assert tp.checkpoint_tensors_equal(os.path.join(whole, "checkpoints/last.pt"),
                                        os.path.join(stopped, "checkpoints/last.pt"))
 

@@ -36,11 +36,26 @@ def zoo_config(name, *extra):
     return tp.resolve_config(None, zoo_overrides(name, *extra))[0]
 
 
-def run_in(cwd, *args, env=None, script=None):
-    """The script as a user runs it: from their project directory, no PYTHONPATH."""
+def start_in(cwd, *args, env=None, script=None):
+    """The script as a user runs it: from their project directory, no PYTHONPATH. Started, not waited for."""
     env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, script or os.path.join(ROOT, "train_probe.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=240)
+    return subprocess.Popen([sys.executable, script or os.path.join(ROOT, "train_probe.py"), *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(proc, timeout=240):
+    """A started process's CompletedProcess, as subprocess.run returns it."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run_in(cwd, *args, env=None, script=None):
+    return finish(start_in(cwd, *args, env=env, script=script))
 
 
 def main_exit(capsys, *overrides, run_dir):
@@ -115,6 +130,9 @@ def test_r4_zoo_backbone_resume_after_sigkill_is_bit_exact_and_batchnorm_never_m
     extra = ["head.dropout=0.3", f"backbone.cache_features={cache}", "train.save_every_steps=2"]
     cfg = zoo_config(name, *extra)
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    base = sets(*zoo_overrides(name, *extra))
+    # the run to kill trains on the other core while this process trains the uninterrupted one
+    dying = start_in(TESTS, *base, "--run_dir", killed, env={"KIT_FAULT_KILL_AT": "7:1"})  # zoo imports from cwd
     outcome, run = tp.train(cfg, whole, "none", quiet=True)
     assert outcome == "finished"
     # frozen: every submodule still in eval mode, every parameter and buffer (running stats, counters) as built
@@ -123,8 +141,7 @@ def test_r4_zoo_backbone_resume_after_sigkill_is_bit_exact_and_batchnorm_never_m
     assert tp.tensor_digest(run["backbone"]) == tp.tensor_digest(fresh)
     for (key, after), before in zip(run["backbone"].state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(after, before), key
-    base = sets(*zoo_overrides(name, *extra))
-    died = run_in(TESTS, *base, "--run_dir", killed, env={"KIT_FAULT_KILL_AT": "7:1"})  # zoo imports from cwd
+    died = finish(dying)
     assert died.returncode == -signal.SIGKILL, died.stderr
     resumed = run_in(TESTS, *base, "--run_dir", killed)
     assert resumed.returncode == 0, resumed.stderr

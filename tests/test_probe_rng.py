@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from test_launch import launch, write_config, TINY_YAML
-from test_probe import TINY, ckpt, run_script, sets
+from run_records import run_together
+from test_probe import TINY, ckpt, run_script, script_call, sets
 import train_probe as tp
 
 
@@ -41,8 +42,9 @@ def checkpoints_equal(path_a, path_b):
 def test_r4_dropout_run_sigkilled_mid_epoch_and_resumed_is_bit_identical_rng_state_included(tmp_path, cache):
     base = sets(*TINY, "head.dropout=0.5", f"backbone.cache_features={cache}", "train.save_every_steps=1")
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    assert run_script(*base, "--run_dir", whole).returncode == 0
-    died = run_script(*base, "--run_dir", killed, env={"KIT_FAULT_KILL_AT": "6:1"})
+    done, died = run_together(script_call(*base, "--run_dir", whole),
+                              script_call(*base, "--run_dir", killed, env={"KIT_FAULT_KILL_AT": "6:1"}))
+    assert done.returncode == 0, done.stderr
     assert died.returncode == -signal.SIGKILL, died.stderr
     assert ckpt(killed)["global_step"] == 5
     # resumed mid-epoch 2 and killed again mid-epoch 3: its last.pt (step 11) was written after a resume

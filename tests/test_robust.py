@@ -15,9 +15,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_probe as tp  # noqa: E402
-from run_records import last_per_step, records  # noqa: E402
+from run_records import last_per_step, records, run_together  # noqa: E402
 
-from test_probe import TINY, config  # noqa: E402  the probe tests' tiny run: 4 optimizer steps per epoch, 12 in all
+from test_probe import TINY, config, script_call  # noqa: E402  the probe tests' tiny run: 4 optimizer steps per epoch, 12 in all
 
 
 def sets(*overrides):
@@ -217,8 +217,9 @@ def test_r6_training_killed_inside_a_save_resumes_bit_exact(tmp_path):
     # step 2, best.pt at 4, last.pt at 4 (the 4th, the first that rotates last.pt into last.prev.pt), ...
     base = sets(*TINY, "train.epochs=2", "train.save_every_steps=2", "backbone.cache_features=false")
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    assert run_script(*base, "--run_dir", whole).returncode == 0
-    died = run_script(*base, "--run_dir", killed, env={"KIT_FAULT_SAVE_KILL_AT": "after_link:4"})
+    done, died = run_together(script_call(*base, "--run_dir", whole),
+                              script_call(*base, "--run_dir", killed, env={"KIT_FAULT_SAVE_KILL_AT": "after_link:4"}))
+    assert done.returncode == 0, done.stderr
     assert died.returncode == -signal.SIGKILL, died.stderr
     assert os.path.exists(os.path.join(killed, "checkpoints", "last.prev.pt.tmp"))
     resumed = run_script(*base, "--run_dir", killed)

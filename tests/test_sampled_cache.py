@@ -14,6 +14,7 @@ from test_offline import (CLEAN_ENV, build, build_in_one_and_two_processes, cach
                           uninterrupted_build)
 from test_cache_checks import refused, refused_alike
 import train_distill as T
+from run_records import run_together
 
 SAMPLED = ["kd.teacher_cache_mode=sampled", "kd.top_k=null", "kd.cache_samples=6"]
 
@@ -169,11 +170,10 @@ def test_e12_sampled_cache_takes_forward_kl_and_its_exact_aliases(data, teacher,
 def test_r4_training_from_a_sampled_cache_resumes_bit_exact_after_sigkill(data, teacher, cache, tmp_path):
     settings = sampled(data, teacher, cache)
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    clean = subprocess.run(command(settings, run_dir=uninterrupted), env=CLEAN_ENV, capture_output=True, text=True)
+    clean, killed = run_together((command(settings, run_dir=uninterrupted), {"env": CLEAN_ENV}),
+                                 (command(settings, run_dir=interrupted), {"env": {**CLEAN_ENV, "KIT_FAULT_KILL_AT": "5:1"}}))
     assert clean.returncode == 0, clean.stderr
     assert "6 sampled tokens" in open(uninterrupted / "train.log").read()
-    killed = subprocess.run(command(settings, run_dir=interrupted), env={**CLEAN_ENV, "KIT_FAULT_KILL_AT": "5:1"},
-                            capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     resumed = subprocess.run(command(settings, run_dir=interrupted), env=CLEAN_ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
