@@ -1418,10 +1418,12 @@ def incomplete_examples(key, path, record):
     """C10: one line naming the manifest.json, loss mask or bounds file that examples copied alone or renamed lack."""
     folder = os.path.dirname(os.path.abspath(path))
     if record is not None:
-        companions = [os.path.join(folder, record[k]) for k in ("mask", "starts") if k in record]
-        return [("C10", key, f"{name} is missing, which {folder}/manifest.json names for the examples of "
-                 f"{os.path.basename(path)}; copy {os.path.basename(name)} from the directory prepare_text.py wrote")
-                for name in companions if not os.path.isfile(name)][:1]
+        companions = [(os.path.join(folder, record[k]), least) for k, least in  # a byte a token; 8 per bound, + header
+                      (("mask", record.get("tokens", 0)), ("starts", 8 * record.get("examples", 0))) if k in record]
+        return [("C10", key, f"{name} is {'cut short' if os.path.isfile(name) else 'missing'}, which {folder}/manifest"
+                 f".json names for the examples of {os.path.basename(path)}; copy {os.path.basename(name)} from the "
+                 "directory prepare_text.py wrote") for name, least in companions
+                if not os.path.isfile(name) or os.path.getsize(name) < least][:1]
     tail = np.fromfile(path, np.uint8, offset=max(0, os.path.getsize(path) - 4 * len(EXAMPLES_MARK))).tobytes()
     if not any(tail.endswith(EXAMPLES_MARK.astype(t).tobytes()) for t in ("uint16", "uint32")):
         return []

@@ -439,13 +439,14 @@ def test_c10_examples_copied_without_their_manifest_mask_or_bounds_are_one_line_
     assert lines[0].startswith("config error: data.train_bin:") and f"no {tmp_path / 'alone'}/manifest.json" in lines[0]
     assert lines[0].endswith("copy the manifest.json, train.mask.bin and train.starts.npy prepare_text.py wrote "
                              "beside it"), lines[0]
-    for gone in ("train.mask.bin", "train.starts.npy"):
-        shutil.copytree(prepared, tmp_path / gone)
-        os.remove(tmp_path / gone / gone)
+    # and a copy cut short (an interrupted transfer) was a ValueError traceback at the first step, its run dir made
+    for gone, how in (("train.mask.bin", "missing"), ("train.starts.npy", "missing"), ("train.mask.bin", "cut short")):
+        copy = shutil.copytree(prepared, tmp_path / f"{how}-{gone}")
+        os.remove(copy / gone) if how == "missing" else os.truncate(copy / gone, os.path.getsize(copy / gone) // 2)
         lines, nothing = dry_run_and_diagnose_lines(chat_settings(
-            chat_data, f"data.train_bin={tmp_path / gone / 'train.bin'}"), tmp_path, capsys)
+            chat_data, f"data.train_bin={copy / 'train.bin'}"), tmp_path, capsys)
         assert len(lines) == 3 and len(set(lines)) == 1 and nothing, lines
-        assert lines[0].startswith(f"config error: data.train_bin: {tmp_path / gone / gone} is missing"), lines[0]
+        assert lines[0].startswith(f"config error: data.train_bin: {copy / gone} is {how}, "), lines[0]
     for dtype in ("uint16", "uint32"):  # known by its content whatever data.dtype says: the mark in either id type
         marked = tmp_path / f"{dtype}.bin"
         np.concatenate([np.arange(300) % 50, T.EXAMPLES_MARK]).astype(dtype).tofile(marked)
