@@ -1004,7 +1004,8 @@ def load_npy(cfg, key, refuse=(IsADirectoryError, PermissionError, ValueError)):
     except refuse as err:  # C3: a directory, an unreadable file or no .npy (text): one line, never np.load's traceback
         problems = []
         check_file(cfg, key, problems, ())  # a directory, a file it may not read: the run's own line (the tools')
-        said = getattr(err, "strerror", None) or "not in .npy format"
+        said = getattr(err, "strerror", None) or ("shorter than its .npy header says (a copy cut short?)"
+                                                  if "greater than file size" in str(err) else "not in .npy format")
         raise ConfigError(problems or [("C3", key, f"{cfg[key]}: {said}; give the file np.save wrote")]) from None
 
 

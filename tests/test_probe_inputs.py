@@ -213,6 +213,7 @@ LINE_CASES = {  # a new user's trial: what gave exit 0 with meaningless numbers,
     "val_windows_of_another_length": (["lengths"], "data.val_x",
                                       "has 4 channels x 64 samples, data.train_x has 4 x 128"),
     "empty_val_file": (["empty"], "data.val_x", "has shape (0, 4, 128) and its labels 0 rows"),
+    "truncated_val_file": (["cut"], "data.val_x", "val_x.npy: shorter than its .npy header says (a copy cut short?)"),
     "more_classes_than_labels": (["head.num_classes=3"], "head.num_classes", "are 0..1: the head would learn a class"),
     "labels_of_one_class": (["zeros"], "head.num_classes", "are 0..0: the head would learn a class no window has, "
                             "and AUROC and balanced accuracy would not be the task's; a probe needs two classes"),
@@ -237,6 +238,8 @@ def test_c3_what_the_backbone_or_the_head_cannot_use_is_one_line_from_the_run_th
     if extra == ["empty"]:
         np.save(tmp_path / "val_x.npy", np.zeros((0, 4, 128), np.float32))
         np.save(tmp_path / "val_y.npy", np.zeros(0, np.int64))
+    if extra == ["cut"]:  # an interrupted copy: a whole header, part of the data ('not in .npy format' before)
+        (tmp_path / "val_x.npy").write_bytes((tmp_path / "val_x.npy").read_bytes()[:1000])
     for split in ("train", "val") if extra == ["zeros"] else ():  # a file of normal windows only, twice
         np.save(tmp_path / f"{split}_y.npy", np.zeros(12 if split == "train" else 8, np.int64))
     if extra == ["nan_weights"]:  # a diverged pretraining's weights: the run computed every feature, then G4 aborted
