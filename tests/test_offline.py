@@ -17,7 +17,7 @@ from run_records import run_together, teacher_run
 
 # Builds and runs compared byte for byte across processes run at one intra-op thread, as every process of the suite
 # (conftest.py, R4); what is compared byte for byte with a process's output comes from a process too
-# (uninterrupted_build).
+# (killed_build_beside_its_reference).
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("KIT_FAULT_KILL_AT", "KIT_FAULT_CACHE_KILL_AT")}
 
 
@@ -42,11 +42,16 @@ def build(settings):
     return cfg, got["teacher_cache"]
 
 
-def uninterrupted_build(settings, cwd):
-    """The reference a killed and resumed build must equal byte for byte: the same command, never killed."""
-    done = subprocess.run(command(settings, "--cache_teacher"), env=CLEAN_ENV, capture_output=True, text=True, cwd=cwd)
+def killed_build_beside_its_reference(settings, reference, cwd):
+    """--cache_teacher of `settings` SIGKILLed inside its 3rd chunk and, at the same time (run_together: two
+    processes of one thread each), the reference a killed and resumed build must equal byte for byte: the same
+    command with the `reference` cache path, never killed. Returns the killed build's CompletedProcess."""
+    killed, done = run_together(
+        (command(settings, "--cache_teacher"), {"env": {**CLEAN_ENV, "KIT_FAULT_CACHE_KILL_AT": "3"}, "cwd": cwd}),
+        (command(reference, "--cache_teacher"), {"env": CLEAN_ENV, "cwd": cwd}))
     assert done.returncode == 0, done.stderr
-    return file_hashes(next(v for k, v in (s.split("=", 1) for s in settings) if k == "kd.teacher_cache"))
+    assert killed.returncode == -9, killed.stderr
+    return killed
 
 
 def command(settings, *flags, run_dir=None):
@@ -181,9 +186,7 @@ def test_cache_build_killed_mid_chunk_resumes_to_the_same_bytes(data, teacher, t
     """--cache_teacher SIGKILLed inside its 3rd chunk (its values written, ids/rest/done byte not), then the
     same command again: every file, manifest included, equals the uninterrupted build's, byte for byte."""
     settings = offline(data, teacher, tmp_path / "c")
-    killed = subprocess.run(command(settings, "--cache_teacher"), env={**CLEAN_ENV, "KIT_FAULT_CACHE_KILL_AT": "3"},
-                            capture_output=True, text=True, cwd=tmp_path)
-    assert killed.returncode == -9, killed.stderr
+    killed_build_beside_its_reference(settings, offline(data, teacher, tmp_path / "ref"), tmp_path)
     manifest = json.load(open(tmp_path / "c" / "manifest.json"))
     assert not manifest["complete"] and np.fromfile(tmp_path / "c" / "train.done", np.uint8).tolist() == [1, 1, 0]
     assert not (tmp_path / "runs").exists()  # the build alone makes no run dir
@@ -192,7 +195,7 @@ def test_cache_build_killed_mid_chunk_resumes_to_the_same_bytes(data, teacher, t
     assert resumed.returncode == 0, resumed.stderr
     chunks = sum(-(-n // manifest["chunk"]) for n in manifest["windows"].values())
     assert "continuing" in resumed.stdout and f"{chunks - 2}/{chunks - 2} chunks" in resumed.stdout  # only what was left
-    assert file_hashes(tmp_path / "c") == uninterrupted_build(offline(data, teacher, tmp_path / "ref"), tmp_path)
+    assert file_hashes(tmp_path / "c") == file_hashes(tmp_path / "ref")
 
 
 def test_cache_holds_teacher_topk_of_every_train_and_eval_window(data, teacher, cache):

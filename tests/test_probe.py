@@ -55,17 +55,21 @@ def test_e5_dry_run_fails_when_expected_final_lr_is_wrong():
 
 
 @pytest.mark.parametrize("n", [3, 10, 24])
-def test_e5_dry_run_on_prepared_data_of_fewer_than_26_training_windows_passes(tmp_path, n):
+def test_e5_dry_run_on_prepared_data_of_fewer_than_26_training_windows_passes(tmp_path, n, capsys, monkeypatch):
     """Fewer training windows than the tiny runs take (26) make fewer steps an epoch: the dry run trains more
-    epochs of what exists, so every check (evals at 3 and 6, a stop at step 5, resume) still runs and holds."""
+    epochs of what exists, so every check (evals at 3 and 6, a stop at step 5, resume) still runs and holds.
+    (train_probe.main in this process, from the kit's root as the other dry-run tests' processes run it: the
+    epoch rule is the subject here, not the process; test_e5_dry_run_passes_with_no_config runs the command.)"""
     rng = np.random.default_rng(0)
     for split, size in (("train", n), ("val", 8)):
         np.save(tmp_path / f"{split}_x.npy", rng.standard_normal((size, 4, 128)).astype(np.float32))
         np.save(tmp_path / f"{split}_y.npy", (np.arange(size) % 2).astype(np.int64))
     data = [f"data.{s}_{k}={tmp_path}/{s}_{k}.npy" for s in ("train", "val") for k in ("x", "y")]
-    out = run_script("--dry_run", *sets(*data, "backbone.kwargs.width=8", "backbone.kwargs.heads=2"))
-    assert out.returncode == 0 and "FAIL" not in out.stdout, out.stdout + out.stderr
-    assert f"epochs of {n} windows" in out.stdout and "eval at steps [3, 6, " in out.stdout
+    monkeypatch.chdir(ROOT)
+    code = tp.main(["--dry_run", *sets(*data, "backbone.kwargs.width=8", "backbone.kwargs.heads=2")])
+    out = capsys.readouterr()
+    assert code == 0 and "FAIL" not in out.out, out.out + out.err
+    assert f"epochs of {n} windows" in out.out and "eval at steps [3, 6, " in out.out
 
 @pytest.mark.parametrize("kill_at,cache", [("7:1", "true"), ("5:0", "false"), ("4:0", "true")],
                          ids=["mid_epoch_mid_accumulation", "epoch_boundary_uncached", "short_last_group"])
@@ -185,9 +189,8 @@ def nan_dataset(tmp_path, bad_index=7):
 
 
 def test_g4_nan_batch_is_skipped_counted_logged_and_run_continues(tmp_path):
-    run_dir = str(tmp_path / "run")
-    out = run_script(*sets(*TINY, *nan_dataset(tmp_path)), "--run_dir", run_dir)
-    assert out.returncode == 0, out.stderr
+    run_dir = str(tmp_path / "run")  # in this process: the skip is the subject (the next tests run the command)
+    assert tp.train(config(*nan_dataset(tmp_path)), run_dir, "none", quiet=True)[0] == "finished"
     recs = records(run_dir)
     bad = [r for r in recs if "nonfinite" in r]
     assert len(bad) == 3 and all(r["loss"] is None for r in bad)  # one step per epoch holds window 7
@@ -411,11 +414,12 @@ def test_r1_c3_a_refused_resume_mode_leaves_every_file_of_the_run_dir_byte_ident
         assert str(dry.value) == str(refused.value) and files() == before
 
 
-def test_finished_run_restarted_says_complete(tmp_path):
+def test_finished_run_restarted_says_complete(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     tp.train(config(), run_dir, "none", quiet=True)
-    out = run_script(*sets(*TINY), "--run_dir", run_dir)
-    assert out.returncode == 0 and "already complete" in out.stdout
+    capsys.readouterr()
+    assert tp.main([*sets(*TINY), "--run_dir", run_dir]) == 0  # the restart, in this process
+    assert "already complete" in capsys.readouterr().out
 
 
 def test_r6_torn_last_checkpoint_falls_back_to_the_previous_one(tmp_path):

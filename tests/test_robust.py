@@ -63,14 +63,16 @@ def test_e5_a_best_metric_never_finite_ends_the_run_normally_with_a_warning(tmp_
     assert ckpt(run_dir)["finished"]
 
 
-def test_e5_dry_run_on_a_label_sorted_val_file_passes(tmp_path):
+def test_e5_dry_run_on_a_label_sorted_val_file_passes(tmp_path, capsys, monkeypatch):
     # data.limit=26 keeps the first 26 val windows: all class 0 in a file sorted by label. The test split is then
-    # evaluated with the last weights (there is no best.pt).
+    # evaluated with the last weights (there is no best.pt). The dry run in this process, from the kit's root.
     keys = npy_data(tmp_path, test_channels=4, val_labels=np.r_[np.zeros(26), np.ones(4)])
-    out = run_script("--dry_run", *sets(*TINY, *keys))
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "no best.pt: val/auroc was never finite" in out.stdout and "dry run passed" in out.stdout
-    assert "test split evaluated once at the end" in out.stdout
+    monkeypatch.chdir(ROOT)
+    code = tp.main(["--dry_run", *sets(*TINY, *keys)])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    assert "no best.pt: val/auroc was never finite" in out.out and "dry run passed" in out.out
+    assert "test split evaluated once at the end" in out.out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,10 +80,10 @@ def test_e5_dry_run_on_a_label_sorted_val_file_passes(tmp_path):
 def test_e5_dry_run_exercises_the_test_split(tmp_path):
     (tmp_path / "good").mkdir()
     (tmp_path / "bad").mkdir()
-    good = run_script("--dry_run", *sets(*TINY, *npy_data(tmp_path / "good", test_channels=4)))
+    good, bad = run_together(script_call("--dry_run", *sets(*TINY, *npy_data(tmp_path / "good", test_channels=4))),
+                             script_call("--dry_run", *sets(*TINY, *npy_data(tmp_path / "bad", test_channels=3))))  # 3, not 4
     assert good.returncode == 0, good.stdout + good.stderr
     assert "test split evaluated once at the end" in good.stdout
-    bad = run_script("--dry_run", *sets(*TINY, *npy_data(tmp_path / "bad", test_channels=3)))  # 3 channels, not 4
     assert bad.returncode != 0 and "dry run passed" not in bad.stdout
 
 
