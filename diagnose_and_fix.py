@@ -103,6 +103,9 @@ def parse_args(argv=None):
         raise UsageError("--fix needs --output FILE (give the config's own path to overwrite it on purpose)")
     if args.output and not args.fix:
         raise UsageError("--output is only used with --fix")
+    folder = os.path.dirname(os.path.abspath(args.output)) if args.output else None
+    if args.output and (os.path.isdir(args.output) or not os.path.isdir(folder)):  # C3: not a traceback at the end
+        raise UsageError(f"--output {args.output}: name a file in an existing directory")
     if args.num_samples is not None and args.num_samples < 1:
         raise UsageError(f"--num_samples {args.num_samples} must be >= 1")
     if args.world_size is not None and args.world_size < 1:

@@ -362,6 +362,18 @@ def test_c3_a_directory_given_for_an_input_file_is_one_line_and_exit_2_not_a_fin
         assert out == "" and len(lines) == 1 and lines[0].startswith(said), err
 
 
+def test_c3_a_fix_output_in_a_missing_directory_or_a_directory_is_one_line_and_exit_2(tmp_path, capsys):
+    """--fix --output nodir/fixed.yaml (or under a file, or a directory) diagnosed the whole config, then ended in a
+    FileNotFoundError / NotADirectoryError traceback (exit 1) when it wrote the result."""
+    config = os.path.join(ROOT, "configs", "probe_synthetic.yaml")
+    (tmp_path / "notes").write_text("mine\n")
+    for output in (tmp_path / "nodir" / "fixed.yaml", tmp_path / "notes" / "fixed.yaml", tmp_path):
+        assert dx.main(["--config", config, "--fix", "--output", str(output)]) == 2
+        out, err = capsys.readouterr()
+        assert (out, err) == ("", f"diagnose_and_fix.py: --output {output}: name a file in an existing directory\n")
+    assert os.listdir(tmp_path) == ["notes"]
+
+
 def test_c3_files_not_on_this_machine_are_one_finding_naming_each_path_and_the_directory_once(tmp_path, monkeypatch):
     """TUAB's six files before stage 1: each entry read 'data.train_x (data/tuab_4s/train_x.npy not found (a relative
     path is read from the current directory, /home/...))', the same parenthesis six times in one line."""
