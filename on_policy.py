@@ -14,7 +14,9 @@ training loop has no branch for it. The models and their KV-cache forward (`past
 terms are the script's own (kit.Trainable, kit.IGNORE, kit.first_token).
 """
 import contextlib
+import json
 import math
+import os
 import time
 import types
 
@@ -77,6 +79,8 @@ def generation_problems(cfg, notes, require):
         elif min(prompt, new) < 1 and cfg["kd.prompt_tokens"] is not None:
             p.append(("C3", "kd.prompt_tokens",
                       f"{prompt} leaves no room in data.seq_len {cfg['data.seq_len']} to generate"))
+    if (fraction > 0 or seq_kd) and cfg["kd.enabled"]:
+        notes += end_id_notes(cfg)
     for key in ("kd.on_policy_fraction", "kd.seq_kd"):
         if cfg[key] and not cfg["kd.enabled"]:
             notes.append(("C3", key, "is ignored: kd.enabled is false"))
@@ -93,6 +97,53 @@ def own_prompts(cfg):
     manifest, record = kit.prepared_text(cfg["data.train_bin"]) if cfg["data.train_bin"] else (None, None)
     return record is not None and "starts" in record and not any(
         str(f).startswith("text") for f in manifest.get("formats", {}).values())
+
+
+def configured_end_ids(cfg):
+    """E14: the end ids end_ids() will take, read from the files before any model loads: kd.eos_token, else
+    student.hf_dir's generation_config.json then config.json eos_token_id; None when unknown here (a user's module,
+    the built-in GPT: nothing ends a sample)."""
+    if cfg["kd.eos_token"] is not None:
+        return {cfg["kd.eos_token"]}
+    for name in ("generation_config.json", "config.json") if cfg["student.hf_dir"] else ():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            with open(os.path.join(cfg["student.hf_dir"], name)) as f:
+                ids = json.load(f).get("eos_token_id")
+            if ids is not None:
+                return set(ids if isinstance(ids, list) else [ids])
+    return None
+
+
+def data_end_ids(cfg, examples=1000):
+    """C10/E14: {id: token} of the ids that end the first `examples` training examples' trained tokens (an assistant
+    turn's end token, a completion's <eos>): what the student should learn to stop at. Empty for windows."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        bounds = kit.example_bounds(cfg, "train") if cfg["data.train_bin"] else None
+        tokens = np.memmap(cfg["data.train_bin"], dtype=cfg["data.dtype"], mode="r")
+        mask, ends = np.memmap(bounds["mask"], dtype=np.uint8, mode="r"), set()
+        for a, b in zip(bounds["starts"][:examples], bounds["ends"][:examples]):
+            trained = np.flatnonzero(mask[a + 1:b])  # an example's first token is never a target
+            ends |= {int(tokens[a + 1 + trained[-1]])} if len(trained) else set()
+        names = {}
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            with open(os.path.join(kit.data_tokenizer(cfg)[0], "tokenizer.json")) as f:
+                names = {t["id"]: t["content"] for t in json.load(f).get("added_tokens", [])}
+        return {i: names.get(i) for i in sorted(ends)}
+    return {}
+
+
+def end_id_notes(cfg):
+    """E14: a note when the data's completions end with an id generation does not stop at: such a sample runs past
+    its end (a chat student wrote the user's next turn), and the student is scored on it."""
+    ends, stops = data_end_ids(cfg), configured_end_ids(cfg)
+    missing = [f"{i} ({name!r})" if name else str(i) for i, name in ends.items() if i not in (stops or ())]
+    if not missing or stops is None:
+        return []
+    where = (f"kd.eos_token {cfg['kd.eos_token']}" if cfg["kd.eos_token"] is not None else
+             f"eos_token_id {sorted(stops)} of {cfg['student.hf_dir']}")
+    return [("E14", "kd.eos_token", f"generation stops at {where}, but the data's completions end with "
+             f"{', '.join(missing)}: a sample runs on past such an end; set kd.eos_token to the one end id, or list "
+             "every one in the student's generation_config.json eos_token_id (and leave kd.eos_token null)")]
 
 
 def on_policy_draw(cfg, step, micro):

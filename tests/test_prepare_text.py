@@ -623,6 +623,23 @@ def test_c10_e14_kd_max_new_tokens_on_examples_is_checked_against_their_own_prom
         and f"at most {seq_len}" in lines[0], lines[0]
 
 
+def test_c10_e14_a_note_says_when_generation_does_not_stop_where_the_datas_completions_end(chat_data, tmp_path):
+    # a new user's on-policy run: his student's eos_token_id was <eos>, his chats' turns end with <|im_end|>; the run
+    # said nothing, and every sample ran on past its turn's end (docs: 'a seq_kd student learned ... <eos> ...')
+    vocab = chat_data["data"]["vocab_size"]
+    student = zoo.hf_config_only(tmp_path / "student", "llama", vocab=vocab, positions=128, eos_token_id=1)
+    _, notes = T.resolve_config(None, chat_settings(chat_data, "kd.on_policy_fraction=0.5",
+                                                    f"student.hf_dir={student}"))
+    said = [m for rid, key, m in notes if rid == "E14" and key == "kd.eos_token"]
+    assert said == [f"generation stops at eos_token_id [1] of {student}, but the data's completions end with 3 "
+                    "('<|im_end|>'): a sample runs on past such an end; set kd.eos_token to the one end id, or list "
+                    "every one in the student's generation_config.json eos_token_id (and leave kd.eos_token null)"], notes
+    for fix in ("kd.eos_token=3", "kd.on_policy_fraction=0"):  # the end it names, or no generation: nothing to say
+        _, notes = T.resolve_config(None, chat_settings(chat_data, "kd.on_policy_fraction=0.5",
+                                                        f"student.hf_dir={student}", fix))
+        assert not [n for n in notes if n[0] == "E14"], notes
+
+
 def test_c10_g2_examples_are_token_weighted_over_the_global_batch_and_ce_is_taken_on_the_mask_alone(chat_data,
                                                                                                    tmp_path):
     """3 + 2 micro-batches of 2 examples against 2 batches of 6 and 4 (test_distill.py's G2 test on chat data):
