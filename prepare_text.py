@@ -100,6 +100,9 @@ def input_problems(sources, tokenizer_dir, out_dir, val_fraction, pattern, chat_
     elif any(not os.access(f, os.R_OK) for f in files):  # C3: one line, not open()'s PermissionError mid-way
         locked = [f for f in files if not os.access(f, os.R_OK)]
         problems.append(("C3", "SOURCES", f"{', '.join(locked)}: permission denied; make it readable (chmod +r)"))
+    elif any(os.path.getsize(f) == 0 for f in files):  # C3: an empty text file was 'the train split holds 1 tokens'
+        empty = [f for f in files if os.path.getsize(f) == 0]
+        problems.append(("C3", "SOURCES", f"{', '.join(empty)}: empty (0 bytes); leave it out or fill it"))
     elif not files:  # C3: a directory of chat .jsonl read with the default --glob '*.txt': name the flag that reads it
         data = sorted({os.path.splitext(f)[1] for f in text_files(sources, "*") if f.endswith((".jsonl", ".parquet"))})
         hint = f"; to read its {' and '.join(data)} files: --glob '*{data[0]}'" if data else ", see --glob"

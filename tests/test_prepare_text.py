@@ -132,7 +132,11 @@ def test_c3_prepare_text_names_a_missing_source_and_the_glob_a_directory_of_json
     chats.mkdir()
     (chats / "a.jsonl").write_text('{"text": "hi"}\n')
     cases = [([str(chats / "a.jsnl")], f"SOURCES: {chats / 'a.jsnl'}: no such file or directory; fix the path"),
-             ([str(chats)], f"SOURCES: no files matching *.txt in {chats}; to read its .jsonl files: --glob '*.jsonl'")]
+             ([str(chats)], f"SOURCES: no files matching *.txt in {chats}; to read its .jsonl files: --glob '*.jsonl'"),
+             # an empty text file among the sources said 'the train split holds 1 tokens', naming none
+             ([str(tmp_path / "empty.txt")],
+              f"SOURCES: {tmp_path / 'empty.txt'}: empty (0 bytes); leave it out or fill it")]
+    (tmp_path / "empty.txt").write_text("")
     for sources, line in cases:
         assert P.main(sources + ["--tokenizer", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [f"config error: {line}"]
