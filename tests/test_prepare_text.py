@@ -637,7 +637,8 @@ def test_c10_e14_a_note_says_when_generation_does_not_stop_where_the_datas_compl
     said = [m for rid, key, m in notes if rid == "E14" and key == "kd.eos_token"]
     assert said == [f"generation stops at eos_token_id [1] of {student}, but the data's completions end with 3 "
                     "('<|im_end|>'): a sample runs on past such an end; set kd.eos_token to the one end id, or list "
-                    "every one in the student's generation_config.json eos_token_id (and leave kd.eos_token null)"], notes
+                    "every one in the student's generation_config.json eos_token_id (and leave kd.eos_token null)"], \
+        notes
     for fix in ("kd.eos_token=3", "kd.on_policy_fraction=0"):  # the end it names, or no generation: nothing to say
         _, notes = T.resolve_config(None, chat_settings(chat_data, "kd.on_policy_fraction=0.5",
                                                         f"student.hf_dir={student}", fix))
