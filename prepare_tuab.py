@@ -490,6 +490,14 @@ def output_record(path):
     return {"shape": shape, "dtype": dtype, "bytes": os.path.getsize(path), "sha256": read_content(path)["sha256"]}
 
 
+def launcher_command():
+    """launch.sh beside this tool as typed from the current directory: ./launch.sh in the kit, from anywhere else
+    its shorter path (relative or absolute): a user in their project directory has no ./launch.sh."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch.sh")
+    relative = os.path.relpath(path)
+    return "./launch.sh" if relative == "launch.sh" else min(relative, path, key=len)
+
+
 def next_step(cfg, out, config_path, overrides=()):
     """The command that trains on what prepare_tuab() wrote: the config's own, with these files when it names others,
     and the --set values the windows were made with (C6: without them the run refuses the windows)."""
@@ -497,8 +505,9 @@ def next_step(cfg, out, config_path, overrides=()):
     written = {key: os.path.join(out, key[len("data."):] + ".npy") for key in keys}
     named = config_path and all(cfg[k] and os.path.abspath(cfg[k]) == os.path.abspath(v) for k, v in written.items())
     sets = ([] if named else [f"{k}={v}" for k, v in written.items()]) + list(overrides)
-    return (f"next: ./launch.sh {config_path or 'CONFIG'}" + (" -- --set " + " ".join(map(shlex.quote, sets)) if sets
-            else "") + (" (the config names other files)" if config_path and not named else ""))
+    return (f"next: {launcher_command()} {config_path or 'CONFIG'}"
+            + (" -- --set " + " ".join(map(shlex.quote, sets)) if sets else "")
+            + (" (the config names other files)" if config_path and not named else ""))
 
 
 def parse_args(argv=None):

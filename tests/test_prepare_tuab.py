@@ -265,7 +265,7 @@ def test_c7_ctrl_c_keeps_what_is_done_and_says_the_same_command_continues(tuab, 
     assert (tmp_path / "out" / tp.INCOMPLETE).exists() and not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_c7_a_second_run_with_the_same_inputs_is_up_to_date_and_any_changed_input_is_not(tuab):
+def test_c7_a_second_run_with_the_same_inputs_is_up_to_date_and_any_changed_input_is_not(tuab, monkeypatch):
     out = tuab["out"]
     stamps = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
     (out / ".parts").mkdir()  # what a kill after the manifest, before the parts were removed, leaves
@@ -274,6 +274,7 @@ def test_c7_a_second_run_with_the_same_inputs_is_up_to_date_and_any_changed_inpu
     assert lines == [f"prepare_tuab: {out} is up to date ({len(FILES) + 1} source files, same settings)"]
     assert {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)} == stamps and manifest == tuab["manifest"]
     config = out.parent / "tuab.yaml"  # the command line says what to run next: the config's own launch line
+    monkeypatch.chdir(ROOT)  # from the kit: ./launch.sh
     config.write_text("data: {" + ", ".join(f"{s}_{k}: {out}/{s}_{k}.npy" for s in ("train", "val", "test")
                                             for k in "xy") + "}\n")
     for args, said in ((["--config", str(config)], f"next: ./launch.sh {config}\n"),
@@ -287,6 +288,8 @@ def test_c7_a_second_run_with_the_same_inputs_is_up_to_date_and_any_changed_inpu
             assert pt.main([str(tuab["src"]), "--out", str(out), *args]) == 0
         assert "is up to date" in stdout.getvalue() and said in stdout.getvalue()
     cfg, _ = tp.resolve_config(None, [], check_files=False)
+    monkeypatch.chdir(out)  # from a user's own directory, which has no ./launch.sh: the kit's, by a path that works
+    assert os.path.samefile(pt.next_step(cfg, str(out), None).split()[1], os.path.join(ROOT, "launch.sh"))
     root, recordings, misnamed = pt.tuab_recordings(str(tuab["src"]))
     assert pt.up_to_date(str(out), pt.prepare_inputs(recordings, misnamed, cfg))
     for change in ("data.notch=60", "data.val_fraction=0.3", "data.montage=tcp", "data.sample_rate=200"):
