@@ -8,11 +8,13 @@
     python diagnose_and_fix.py --config C --fix --output C.fixed.yaml [--json]
 
 Every finding carries its FAILURE_MODES.md row id, a severity (critical, warning, info), one line of evidence
-with the numbers and one line saying how to fix it. Exit code = the number of critical findings (0 = clean,
-capped at 100). Input the run refuses as a whole is refused here as the run refuses it, one line on stderr and exit
-code 2: command-line misuse (e.g. --fix without --output), an input file that is missing or a directory, and a
-config file that holds no config (empty, not YAML, not text, not a mapping: the run's own line). A config that
-holds keys is diagnosed: each problem the run would refuse (an unknown key, a wrong type) is a critical finding.
+with the numbers and one line saying how to fix it. Exit code 0: no critical finding; 1: one or more (their count
+is in the summary line and in --json's counts); 2: refused input (ruff's, mypy's and pytest's convention, so a
+script tells bad input from a diagnosis). Input the run refuses as a whole is refused here as the run refuses it,
+one line on stderr and exit code 2: command-line misuse (e.g. --fix without --output), an input file that is
+missing or a directory, and a config file that holds no config (empty, not YAML, not text, not a mapping: the run's
+own line). A config that holds keys is diagnosed: each problem the run would refuse (an unknown key, a wrong type)
+is a critical finding.
 
 It re-implements nothing of training: it imports the script the config's `task` names (train_probe.py,
 train_distill.py) and judges the config with that script's own loader (resolve_config), data size
@@ -75,7 +77,8 @@ def finding(rid, severity, evidence, fix, source="config", changes=(), at=()):
 # -----------------------------------------------------------------------------
 # Command line.
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="exit code: 0 no critical finding, "
+                                     "1 one or more (their count is in the report), 2 refused input")  # C3
     parser.add_argument("--config", help="YAML config (default: the config.yaml beside --log, or the checkpoint's)")
     parser.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config keys as the training script would: --set a=1 b=2 (repeatable)")
@@ -1649,20 +1652,25 @@ def counts(findings):
     return {s: sum(f["severity"] == s for f in findings) for s in SEVERITIES}
 
 
+def exit_code(findings):
+    """C3: 1 when any finding is critical, else 0; main() exits 2 for refused input. Never the count (it was, capped
+    at 100): two critical findings exited 2, as refused input does, so a cron job could not tell them apart."""
+    return 1 if counts(findings)["critical"] else 0
+
+
 def report_text(findings, header, fixed):
     lines = [header]
     order = {"config": 0, "log": 1, "checkpoint": 2}
     for f in sorted(findings, key=lambda f: (order[f["source"]], SEVERITIES.index(f["severity"]))):
         lines += [f"{f['severity'].upper():8} {f['id']:4} [{f['source']}] {f['evidence']}", f"{'':14}fix: {f['fix']}"]
     n = counts(findings)
-    lines.append(f"{n['critical']} critical, {n['warning']} warning, {n['info']} info; exit code "
-                 f"{min(n['critical'], 100)}")
+    lines.append(f"{n['critical']} critical, {n['warning']} warning, {n['info']} info; exit code {exit_code(findings)}")
     return "\n".join(lines + [fixed] * bool(fixed))
 
 
 def to_json(report, findings, fix_info):
     return {"config": report["config"], "task": report["script"].TASK if report["script"] else None,
-            "plan": report["plan"], "counts": counts(findings), "exit_code": min(counts(findings)["critical"], 100),
+            "plan": report["plan"], "counts": counts(findings), "exit_code": exit_code(findings),
             "findings": [{**{k: f[k] for k in ("id", "severity", "source", "evidence", "fix", "at")},
                           "changes": [{"key": k, "value": None if v == REMOVE else v, "remove": v == REMOVE}
                                       for k, v in f["changes"]]}
@@ -1742,7 +1750,7 @@ def main(argv=None):
 
 
 def diagnose_all(args):
-    """Every run's diagnosis, --fix, the report and --plot; returns the exit code (the critical findings)."""
+    """Every run's diagnosis, --fix, the report and --plot; returns the exit code (1: a critical finding in any run)."""
     say = getattr(kit_script(), "write_stdout", print)  # R8: `| head` ends without a traceback, after every check
     opts = {"overrides": args.set, "num_samples": args.num_samples, "world_size": run_world_size(args, None),
             "device_memory": args.device_memory, "log": None, "checkpoint": args.checkpoint}
@@ -1779,7 +1787,7 @@ def diagnose_all(args):
     if args.plot is not None:
         views = [plotting().run_view(log, report, findings) for log, _, report, findings in results]
         plotting().plot_runs(views, args.plot, out=(lambda text: print(text, file=sys.stderr)) if args.json else say)
-    return min(sum(counts(findings)["critical"] for *_, findings in results), 100)
+    return max(exit_code(findings) for *_, findings in results)
 
 
 if __name__ == "__main__":

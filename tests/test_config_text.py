@@ -61,7 +61,7 @@ def test_c2_a_key_given_twice_is_refused_naming_it_and_both_lines(task, tmp_path
     assert [p[:2] for p in problems] == [("C2", "train.batch_size")] and "at lines 3 and 4" in problems[0][2]
     # the tools refuse it too: diagnose reads the file as the script does (YAML alone would keep batch_size 8)
     code, findings = diagnose(path)
-    assert code >= 1 and [(f["id"], f["severity"]) for f in findings] == [("C2", "critical")], findings
+    assert code == 1 and [(f["id"], f["severity"]) for f in findings] == [("C2", "critical")], findings
     assert "train.batch_size" in findings[0]["evidence"] and "lines 3 and 4" in findings[0]["evidence"]
 
 

@@ -143,6 +143,7 @@ def test_c3_a_tool_copied_without_the_training_script_it_runs_names_the_script_i
     config = "probe_synthetic" if script == "train_probe.py" else "distill_demo"
     out = run(tmp_path, "diagnose_and_fix.py", "--config", os.path.join(CONFIGS, f"{config}.yaml"))
     assert out.returncode == 1 and f"fix: copy {script} beside diagnose_and_fix.py" in out.stdout, out.stdout
+    assert out.stdout.splitlines()[-1].startswith("1 critical, "), out.stdout  # C3: exit 1, the count in the report
 
 
 def companion_line(key, name, script):
@@ -203,7 +204,7 @@ def test_c3_a_script_copied_alone_asked_for_a_companion_feature_names_the_file_i
     assert sorted(os.listdir(where)) == [script]  # nothing written, no run dir
     shutil.copy(os.path.join(ROOT, "diagnose_and_fix.py"), where)
     out = run(where, "diagnose_and_fix.py", *args)
-    assert out.returncode >= 1 and f"CRITICAL C3   [config] {line[len('config error: '):]}" in out.stdout, out.stdout
+    assert out.returncode == 1 and f"CRITICAL C3   [config] {line[len('config error: '):]}" in out.stdout, out.stdout
 
 
 def test_e10_train_probe_copied_with_metric_sinks_py_writes_tensorboard_events(tmp_path):

@@ -41,7 +41,7 @@ def diagnose(*argv):
     with contextlib.redirect_stdout(out):
         code = dx.main([*argv, "--json"])
     report = json.loads(out.getvalue())
-    assert report["exit_code"] == code == min(report["counts"]["critical"], 100)
+    assert report["exit_code"] == code == (1 if report["counts"]["critical"] else 0)  # C3: 2 is refused input
     return code, report
 
 
@@ -104,7 +104,7 @@ def test_broken_config_is_caught_with_its_id_and_severity(path):
         assert flagged(report) == set() and code == 0
     else:  # exactly this mistake: the rest of each broken config is valid
         assert flagged(report) == {(rid, severity)}
-        assert code == (1 if severity == "critical" else 0)
+        assert code == (1 if severity == "critical" else 0) and report["counts"]["critical"] == (severity == "critical")
     for f in report["findings"]:
         assert f["evidence"] and f["fix"]
 
@@ -116,7 +116,7 @@ def test_good_configs_are_clean(path):
     code, report = diagnose("--config", path)
     missing = [f for f in report["findings"] if f["id"] == "C3" and f["evidence"].startswith("not found:")]
     assert flagged(report) - {("C3", "critical")} == set()
-    assert code == len(missing) <= 1
+    assert code == report["counts"]["critical"] == len(missing) <= 1
     if report["plan"] is None:
         assert missing, "without missing files the run's length must be known"
         stated = re.search(r"--num_samples (\d+)", open(path).read())  # a size the config's comments give
@@ -131,7 +131,7 @@ def test_fix_output_diagnoses_clean_and_loads_in_the_training_script(path, tmp_p
     before = open(path, "rb").read()
     out = tmp_path / "fixed.yaml"
     code, report = diagnose("--config", path, *head["args"], "--fix", "--output", str(out))
-    assert code == report["counts"]["critical"]  # the exit code is the input's diagnosis
+    assert code == (1 if report["counts"]["critical"] else 0)  # the exit code is the input's diagnosis
     assert open(path, "rb").read() == before  # the input is never touched
     assert report["fix"]["written"] and report["fix"]["remaining_critical"] == 0
     rid, severity = expected(head)
@@ -178,12 +178,31 @@ def test_c3_a_config_file_that_holds_no_config_is_refused_with_the_runs_line_and
     assert os.listdir(tmp_path) == ["config.yaml"]
 
 
+def test_c3_diagnose_exit_codes_tell_refused_input_from_critical_findings(tmp_path, capsys):
+    """The exit code was the number of critical findings: two findings exited 2, as refused input does, so a cron
+    job or CI step could not tell bad input from a diagnosis without parsing stdout. Now 0 = no critical finding,
+    1 = one or more (the count is in the summary line and --json's counts), 2 = refused input (ruff, mypy, pytest)."""
+    two = tmp_path / "two.yaml"
+    two.write_text("train:\n  grad_accum: 0\n  batch_size: many\n")
+    code, report = diagnose("--config", str(two))
+    assert flagged(report) == {("C3", "critical"), ("C1", "critical")}  # train.grad_accum, train.batch_size
+    assert (code, report["exit_code"], report["counts"]["critical"]) == (1, 1, 2)
+    assert dx.main(["--config", str(two)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].startswith("2 critical, 0 warning, ")
+    assert dx.main(["--config", str(two), "--fix", "--output", str(tmp_path / "fixed.yaml")]) == 1  # the input's
+    capsys.readouterr()
+    (tmp_path / "empty.yaml").write_text("")  # refused: the run's one line, nothing on stdout
+    assert dx.main(["--config", str(tmp_path / "empty.yaml"), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "is empty (no keys)" in err, (out, err)
+
+
 def test_c1_string_number_is_reported_not_silent_and_bad_values_all_reported_at_once(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("optim:\n  lr: 3e-4\n  maxlr: 1\ntrain:\n  grad_accum: 0\n  batch_size: many\n")
     code, report = diagnose("--config", str(path))
     assert flagged(report) == {("C1", "warning"), ("C2", "critical"), ("C3", "critical"), ("C1", "critical")}
-    assert code == 3
+    assert code == 1 and report["counts"]["critical"] == 3
     assert "'3e-4'" in find(report, "C1")["evidence"] or any("'3e-4'" in f["evidence"] for f in report["findings"])
 
 
@@ -193,7 +212,8 @@ def test_c1_a_mistyped_boolean_is_fixed_to_the_closest_word_not_the_default(tmp_
     path = tmp_path / "config.yaml"
     path.write_text("train:\n  allow_schedule_change: ture\n")
     code, report = diagnose("--config", str(path), "--fix", "--output", str(tmp_path / "fixed.yaml"))
-    assert code == 1 and find(report, "C1")["fix"] == "set train.allow_schedule_change to True (the closest valid choice)"
+    assert code == report["counts"]["critical"] == 1
+    assert find(report, "C1")["fix"] == "set train.allow_schedule_change to True (the closest valid choice)"
     assert yaml.safe_load((tmp_path / "fixed.yaml").read_text())["train"]["allow_schedule_change"] is True
 
 
@@ -390,7 +410,7 @@ def test_s5_c1_a_guessed_value_is_no_reason_to_report_or_rewrite_the_expect_bloc
     user meant) came out as three S5 criticals, then --fix rewrote it to the default's curve."""
     src, out = os.path.join(ROOT, "configs", "probe_synthetic.yaml"), tmp_path / "fixed.yaml"
     code, report = diagnose("--config", src, "--set", "optim.lr=3e-3x", "--fix", "--output", str(out))
-    assert code == 1 and flagged(report) == {("C1", "critical")}, flagged(report)
+    assert code == report["counts"]["critical"] == 1 and flagged(report) == {("C1", "critical")}, flagged(report)
     fixed, stated = yaml.safe_load(out.read_text()), yaml.safe_load(open(src))
     assert {k: float(v) for k, v in fixed["expect"].items()} == {k: float(v) for k, v in stated["expect"].items()}
     assert report["fix"]["remaining_critical"] == 3  # the S5 lines for the user to decide: the LR or the expect: block
@@ -401,7 +421,7 @@ def test_s1_constant_lr_from_a_real_run_whose_cosine_cannot_decay(runs):
     assert find(report, "S1", "log")["severity"] == "critical"
     assert "flat there too" in find(report, "S1", "log")["evidence"]
     assert find(report, "S10", "config")["severity"] == "critical"  # the config side says the same
-    assert code == 2
+    assert code == 1 and report["counts"]["critical"] == 2
 
 
 def test_s2_lr_at_its_floor_long_before_the_end_is_flagged(runs, tmp_path):
@@ -583,21 +603,23 @@ def test_r2_r1_global_step_disagreeing_with_scheduler_optimizer_and_data_positio
     evidence = " | ".join(f["evidence"] for f in report["findings"] if f["severity"] == "critical")
     assert "global_step 61 but the scheduler has stepped 64 times" in evidence
     assert "the optimizer has taken 64 steps, global_step - skipped_steps = 61 - 0 = 61" in evidence
-    assert flagged(report) == {("R2", "critical"), ("R1", "critical")} and code == 3
+    assert flagged(report) == {("R2", "critical"), ("R1", "critical")} and code == 1
+    assert report["counts"]["critical"] == 3
 
 
 def test_r4_r1_missing_rng_and_data_position(runs, tmp_path):
     def strip(ckpt):
         del ckpt["rng"], ckpt["data_position"]
     code, report = checkpoint_report(runs, tampered(runs, tmp_path, strip))
-    assert flagged(report) == {("R4", "critical"), ("R1", "critical")} and code == 2
+    assert flagged(report) == {("R4", "critical"), ("R1", "critical")} and code == 1
+    assert report["counts"]["critical"] == 2
 
 
 def test_r7_checkpoint_needing_weights_only_false_is_flagged_without_unpickling_it(runs, tmp_path):
     def numpy_rng(ckpt):
         ckpt["rng"][0]["numpy"] = np.random.get_state()  # numpy arrays and a tuple: needs the full unpickler
     code, report = checkpoint_report(runs, tampered(runs, tmp_path, numpy_rng))
-    assert flagged(report) == {("R7", "critical")} and code == 1
+    assert flagged(report) == {("R7", "critical")} and code == report["counts"]["critical"] == 1
     assert "numpy" in find(report, "R7")["evidence"]
 
 
@@ -607,14 +629,16 @@ def test_r6_torn_checkpoint_is_flagged_and_the_readable_previous_one_named(runs,
     (tmp_path / "last.prev.pt").write_bytes(whole)
     code, report = checkpoint_report(runs, str(tmp_path / "last.pt"))
     r6 = find(report, "R6", "checkpoint")
-    assert r6["severity"] == "critical" and "last.prev.pt is readable" in r6["evidence"] and code == 1
+    assert r6["severity"] == "critical" and "last.prev.pt is readable" in r6["evidence"]
+    assert code == report["counts"]["critical"] == 1
 
 
 def test_s7_schedule_keys_changed_since_the_checkpoint(runs):
     path = str(runs["clean"] / "checkpoints" / "last.pt")
     code, report = checkpoint_report(runs, path, "--set", "train.epochs=5")
     s7 = find(report, "S7", "checkpoint")
-    assert s7["severity"] == "critical" and "train.epochs 4 -> 5" in s7["evidence"] and code == 1
+    assert s7["severity"] == "critical" and "train.epochs 4 -> 5" in s7["evidence"]
+    assert code == report["counts"]["critical"] == 1
     _, allowed = checkpoint_report(runs, path, "--set", "train.epochs=5", "--set", "train.allow_schedule_change=true")
     assert find(allowed, "S7", "checkpoint")["severity"] == "warning"
     _, world = checkpoint_report(runs, path, "--world_size", "2")
@@ -625,7 +649,7 @@ def test_s7_a_changed_seed_is_flagged_like_the_script_refuses_it(runs):
     code, report = checkpoint_report(runs, str(runs["clean"] / "checkpoints" / "last.pt"), "--set", "seed=7")
     s7 = find(report, "S7", "checkpoint")
     assert s7["severity"] == "critical" and "trained with seed 0" in s7["evidence"] and "restore seed: 0" in s7["fix"]
-    assert code == 1
+    assert code == report["counts"]["critical"] == 1
 
 
 @NEEDS_DISTILL

@@ -242,7 +242,7 @@ def test_d2_a_sharded_best_pt_copied_alone_is_one_line_naming_its_directory(work
         assert f"config error: {key}: {line}" in err and "Traceback" not in err, err
     assert not os.path.exists(tmp_path / "new")
     for argv, source in [(["--checkpoint", str(best)], "checkpoint"), (["--config", cfg, *sets(as_teacher)], "config")]:
-        assert dx.main([*argv, "--json"]) >= 1
+        assert dx.main([*argv, "--json"]) == 1
         found = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["severity"] == "critical"]
         assert [(f["id"], f["source"]) for f in found] == [("D2", source)] and line in found[0]["evidence"], found
 

@@ -132,7 +132,7 @@ def test_r11_s7_diagnose_flags_a_checkpoint_whose_features_came_from_other_setti
 
     assert report()[1] == []
     code, s7 = report("backbone.pool=cls")
-    assert code >= 1 and s7[0]["severity"] == "critical" and "backbone.pool: 'mean_tokens' -> 'cls'" in s7[0]["evidence"]
+    assert code == 1 and s7[0]["severity"] == "critical" and "backbone.pool: 'mean_tokens' -> 'cls'" in s7[0]["evidence"]
 
 
 # ----------------------------------------------------------------------------- issue 31: data content, C9, C3
