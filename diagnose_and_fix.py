@@ -1149,13 +1149,17 @@ def check_nonfinite(train, steps):
     # G2: a step with no token to score (train_distill.py's empty_step()) is recorded with skipped_steps and no
     # loss or gradient; the run said WARNING G2 at each, so the log's diagnosis says it too
     empty = [s for s in steps if "skipped_steps" in train[s] and "loss" not in train[s] and "grad_norm" not in train[s]]
-    if empty:
-        found.append(finding("G2", "warning", f"{len(empty)} of {last} steps ({len(empty) / last:.1%}) had no token "
-                             f"to score and were skipped, no update (steps {', '.join(map(str, empty[:8]))}"
-                             + (", ..." if len(empty) > 8 else "") + "; the run said WARNING G2 at each)",
+    if empty:  # all: nothing trained at all (a run that truncated every completion away ended 'done', exit 0)
+        generated = any(k.startswith(("on_policy/", "seq_kd/")) for s in steps for k in train[s])  # E14's records
+        found.append(finding("G2", "critical" if len(empty) == last else "warning", f"{len(empty)} of {last} steps "
+                             f"({len(empty) / last:.1%}) had no token to score and were skipped, no update (steps "
+                             f"{', '.join(map(str, empty[:8]))}" + (", ..." if len(empty) > 8 else "")
+                             + "; the run said WARNING G2 at each)",
                              "on-policy KD (E14) whose windows hold padding inside their first kd.prompt_tokens: a "
-                             "shorter kd.prompt_tokens, or data with fewer padded windows", source="log",
-                             at=[(s, s) for s in empty]))
+                             "shorter kd.prompt_tokens, or data with fewer padded windows" if generated else
+                             "windows with no trained target: examples whose completions data.too_long truncate "
+                             "cut away (a longer data.seq_len, or data.too_long drop), or data.pad_token padding",
+                             source="log", at=[(s, s) for s in empty]))
     share = len(overflow) / last
     if share > 0.05 and len(overflow) >= 3:
         early = sum(s <= 20 for s in overflow)

@@ -427,6 +427,14 @@ def test_c10_g2_a_dry_run_whose_tiny_examples_keep_no_trained_token_says_so(chat
     out = capsys.readouterr().out
     assert code == 1 and "  FAIL a token to train on: all 8 steps skipped (G2), the tiny run's windows" in out, out
     assert "finite losses" not in out and out.count("  FAIL ") == 1
+    # the run itself trains nothing ('done', exit 0, a WARNING G2 a step): diagnose --log says so, critical, and why
+    import diagnose_and_fix as dx
+    argv = [a for s in settings for a in ("--set", s)]
+    assert T.main(argv + ["--run_dir", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    dx.main(["--log", str(tmp_path / "r" / "metrics.jsonl"), "--json"])
+    g2 = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["id"] == "G2"]
+    assert [f["severity"] for f in g2] == ["critical"] and "data.too_long truncate" in g2[0]["fix"], g2
 
 
 def test_c10_examples_copied_without_their_manifest_mask_or_bounds_are_one_line_from_the_run_dry_run_and_diagnose(
