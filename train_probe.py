@@ -1225,25 +1225,26 @@ def input_changes(saved, now):
     return changes
 
 
-def check_resume_inputs(cfg, run_dir, mode, inputs):
+def check_resume_inputs(cfg, run_dir, mode, inputs, world, num_samples):
     """S7/R11: the head in a checkpoint was trained on the features these inputs give. A resume on other
-    features (another backbone.pool, kwargs, output, build file, weights, feature size or training data) is
-    refused here, one line, before the feature files or anything else in the run dir are written."""
+    features (another backbone.pool, kwargs, output, build file, weights, feature size or training data), or
+    one resume() refuses (resume_changes), is refused here, one line, before anything in the run dir is written."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):  # C3: not makedirs' NotADirectoryError traceback
         raise ConfigError([("C3", "--run_dir", f"{run_dir} is a file, not a directory; give another --run_dir")])
     check_resume_mode(run_dir, mode)  # R1/C3: --resume none on checkpoints, a --resume PATH not there
     if mode == "none":
         return
     # the checkpoint a resume would start from (last.pt, else last.prev.pt: resume() says why, R6)
-    ckpt, _ = load_latest_checkpoint(os.path.join(run_dir, "checkpoints", "last.pt") if mode == "auto" else mode)
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    ckpt, source = load_latest_checkpoint(last if mode == "auto" else mode)
     if not isinstance(ckpt, dict) or ckpt.get("task") != cfg["task"]:
         return  # nothing to resume, or resume() explains
-    if not ckpt.get("finished") and (ckpt.get("data_position") or {}).get("seed", cfg["seed"]) != cfg["seed"]:
-        return  # another seed: resume() refuses it by name (S7); the digest and the data would differ anyway
-    if ckpt.get("finished"):
-        problem = finished_run_problem(cfg, ckpt, run_dir)
-        if problem:
-            raise problem
+    if not ckpt.get("finished"):  # R1/S7: resume()'s refusals (seed, world size, schedule), before the cache is written
+        resume_changes({"cfg": cfg, "plan": plan_schedule(cfg, num_samples, world), "dist": {"world": world}},
+                       ckpt, source)
+    problem = finished_run_problem(cfg, ckpt, run_dir) if ckpt.get("finished") else None
+    if problem:
+        raise problem
     changes = input_changes(ckpt.get("inputs") or {}, inputs)
     if changes:
         fix = ("a finished run is never continued: start a new run with another run_name (--set run_name=NEW) or "
@@ -2057,7 +2058,7 @@ def build_probe_run(cfg, run_dir, resume_mode, d, plan, sets, stop_after, quiet)
     shape, first = check_backbone(backbone, cfg, d["device"], sets.values())  # every split, before anything is written
     digest = tensor_digest(backbone)
     inputs = feature_inputs(cfg, digest, first, train_set.shape[1:])
-    check_resume_inputs(cfg, run_dir, resume_mode, inputs)  # S7/R11: before a feature file is replaced
+    check_resume_inputs(cfg, run_dir, resume_mode, inputs, d["world"], len(train_set))  # S7/R11/R1: writes nothing
     run = open_run(run_dir, cfg, d)
     run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, backbone_output_shape=shape,
                inputs=inputs)
@@ -2600,15 +2601,15 @@ DRY_RUN_SETTINGS = ["train.epochs=2", "train.max_steps=null", "train.batch_size=
                     "log.tensorboard=false", "log.wandb=null", "log.mlflow=null"]  # the checks run, no dashboards fill
 
 
-def dry_run(config_path, overrides, train_fn=None, run_dir=None, resume_mode="auto"):
+def dry_run(config_path, overrides, train_fn=train, run_dir=None, resume_mode="auto"):
     """Check the real config's full schedule, then train/eval/save/stop/resume a tiny copy: 0 when all checks held."""
-    train_fn = train_fn or train
     cfg, _ = resolve_config(config_path, overrides)
     data_sets(cfg)  # R10/C9: the real data's refusals, the run's line and exit 2 (the tiny runs read 26 windows)
-    # S7/R11: a run dir whose checkpoint the real run would refuse to continue (its training data edited, other
-    # features' settings) is refused here with the run's line, before the real run is launched on it
-    check_resume_inputs(cfg, run_dir or os.path.join("runs", cfg["run_name"]), resume_mode, config_inputs(cfg))
     d = setup_distributed(cfg)  # under torchrun the tiny runs use every process: the DDP paths are checked too
+    # S7/R11: a run dir whose checkpoint the real run would refuse to continue (its training data edited, other
+    # features' settings, another schedule) is refused here with the run's line, before the real run is launched on it
+    check_resume_inputs(cfg, run_dir or os.path.join("runs", cfg["run_name"]), resume_mode, config_inputs(cfg),
+                        d["world"], train_set_size(cfg))
     print_main = write_stdout if d["main"] else (lambda *args: None)  # R8: `--dry_run | head` ends without a traceback
     results = []
 

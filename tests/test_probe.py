@@ -395,22 +395,25 @@ def test_r1_resume_none_refuses_a_run_dir_with_checkpoints(tmp_path):
 
 
 def test_r1_c3_a_refused_resume_mode_leaves_every_file_of_the_run_dir_byte_identical(tmp_path):
-    """--resume none on checkpoints (R1) or a --resume PATH not there (C3) is refused before the feature cache is
-    computed, the run dir opened or a feature file replaced: 'nothing was touched' holds for every file. The dry
-    run refuses the same, with the same line."""
+    """--resume none on checkpoints (R1), a --resume PATH not there (C3), or a resume of an interrupted run that
+    resume() refuses (S7: another schedule, data.limit; another seed) is refused before the feature cache is
+    computed, the run dir opened or a feature file written: 'nothing was touched' holds for every file, and no new
+    file appears. The dry run refuses the same, with the same line."""
     run_dir = str(tmp_path / "run")
-    tp.train(config(), run_dir, "none", quiet=True)
+    tp.train(config(), run_dir, "none", stop_after=5, quiet=True)
 
     def files():
         return {os.path.join(d, n): open(os.path.join(d, n), "rb").read() for d, _, ns in os.walk(run_dir) for n in ns}
     before = files()
     assert any(os.sep + "features" + os.sep in path for path in before)  # the cache a late refusal rewrote
-    for mode, line in (("none", "already holds checkpoints"), (str(tmp_path / "gone.pt"), "gone.pt not found")):
+    for mode, extra, line in (("none", [], "already holds checkpoints"),
+                              (str(tmp_path / "gone.pt"), [], "gone.pt not found"),
+                              ("auto", ["data.limit=20"], "num_samples 38 -> 20"), ("auto", ["seed=1"], "seed=0")):
         with pytest.raises(tp.ConfigError, match=line) as refused:
-            tp.train(config(), run_dir, mode, quiet=True)
+            tp.train(config(*extra), run_dir, mode, quiet=True)
         assert files() == before
         with pytest.raises(tp.ConfigError) as dry:
-            tp.dry_run(None, TINY, run_dir=run_dir, resume_mode=mode)
+            tp.dry_run(None, TINY + extra, run_dir=run_dir, resume_mode=mode)
         assert str(dry.value) == str(refused.value) and files() == before
 
 
