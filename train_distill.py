@@ -2499,7 +2499,6 @@ def resume(run, mode):
     cfg, plan = run["cfg"], run["plan"]
     run["expected_lr"] = lr_curve(cfg, plan)  # S9: the curve the optimizer's LR must follow, step by step
     drop_stale_expectations(run)
-    check_resume_mode(run["run_dir"], mode)  # the script asked first, before its run dir was written
     if mode == "none":
         return False
     last = os.path.join(run["ckpt_dir"], "last.pt")

@@ -1288,6 +1288,10 @@ def compute_features(run, backbone, dataset, n):
         elif time.monotonic() - said >= 60:
             said = time.monotonic()
             log(run, f"features: {start + len(x)}/{n} {dataset.split} windows ({(start + len(x)) / n:.0%})")
+        if run["stop_signal"] is not None:  # R8: stop at the next window batch; the cache file is written whole or not
+            log(run, f"stopped by signal {run['stop_signal']} while caching the {dataset.split} features "
+                     f"({start + len(x)}/{n} windows, none saved); the same command computes them again")
+            exit_process(128 + int(run["stop_signal"]))
     end_progress(run)
     log(run, f"features: {n} {dataset.split} windows in {time.monotonic() - started:.1f} s")
     return torch.cat(chunks)
@@ -1694,7 +1698,6 @@ def resume(run, mode):
     cfg, plan = run["cfg"], run["plan"]
     run["expected_lr"] = lr_curve(cfg, plan)  # S9: the curve the optimizer's LR must follow, step by step
     drop_stale_expectations(run)
-    check_resume_mode(run["run_dir"], mode)  # the script asked first, before its run dir was written
     if mode == "none":
         return False
     last = os.path.join(run["ckpt_dir"], "last.pt")
@@ -2060,6 +2063,7 @@ def build_probe_run(cfg, run_dir, resume_mode, d, plan, sets, stop_after, quiet)
     inputs = feature_inputs(cfg, digest, first, train_set.shape[1:])
     check_resume_inputs(cfg, run_dir, resume_mode, inputs, d["world"], len(train_set))  # S7/R11/R1: writes nothing
     run = open_run(run_dir, cfg, d)
+    install_stop_handlers(run)  # R8: before the feature cache, which may take hours on a large backbone
     run.update(quiet=quiet, stop_after=stop_after, plan=plan, train_set=train_set, backbone_output_shape=shape,
                inputs=inputs)
     cached = use_feature_cache(cfg, len(train_set), inputs["feature dim"])
@@ -2160,7 +2164,6 @@ def train(cfg, run_dir, resume_mode="auto", stop_after=None, quiet=False):
     open_sinks(run)  # E10: after resume(), which set the step the sinks continue from
     print_plan(run, resumed, train_feats is not None)
     task = probe_task(run, train_feats, test_set)
-    install_stop_handlers(run)
     if st["trained"]:  # R1: training ended but its final evaluation did not (it died there): run only that
         log(run, f"training ended at step {st['global_step']}, its final evaluation did not run; running it now")
         outcome = "finished"

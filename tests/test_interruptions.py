@@ -250,3 +250,25 @@ def test_r8_the_teacher_cache_build_into_a_closed_stdout_completes(tmp_path, lm_
         os.close(write_end)
     assert out.returncode == 0 and out.stderr == "", out.stderr
     assert '"complete": true' in (cache / "manifest.json").read_text()
+
+
+def test_r8_a_stop_while_the_probe_caches_features_says_so_and_the_same_command_computes_them_again(tmp_path):
+    """SIGTERM while the feature cache is computed (hours on a large backbone) stops at the next window batch with
+    one line and the kit's stop code (128 + signal), not a silent death; no feature file, whole or partial, is
+    left to be read back, and the same command computes the features again and trains."""
+    import train_probe as tp
+    run_dir = tmp_path / "run"
+    # the signal arrives inside the first of the train split's 3 window batches (38 windows, 16 a batch)
+    signal_first_batch = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); import train_probe as tp; "
+                          "extract = tp.extract_features; tp.extract_features = lambda *a: "
+                          "(os.kill(os.getpid(), signal.SIGTERM), extract(*a))[1]; "
+                          "tp.exit_process(tp.main(sys.argv[2:]))")
+    stopped = subprocess.run([sys.executable, "-c", signal_first_batch, ROOT, *sets(*TINY), "--run_dir",
+                              str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    last = (run_dir / "train.log").read_text().splitlines()[-1]
+    assert "stopped by signal 15 while caching the train features (16/38 windows, none saved); the same command " \
+           "computes them again" in last
+    assert [path.name for path in run_dir.glob("features/*")] == []  # not even a temp file
+    outcome, _ = tp.train(tp.resolve_config(None, TINY)[0], str(run_dir), "auto", quiet=True)
+    assert outcome == "finished" and "features: computing 38 train windows" in (run_dir / "train.log").read_text()
