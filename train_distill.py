@@ -2484,7 +2484,9 @@ def other_data_problem(cfg, ckpt, digest, source):
 
 
 def check_resume_mode(run_dir, mode):
-    """R1/C3: --resume none on a run dir with checkpoints, or a --resume PATH not there, before anything is written."""
+    """R1/C3: a --run_dir that is a file, --resume none on checkpoints, a --resume PATH not there: before any write."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):  # C3: not makedirs' NotADirectoryError traceback
+        raise ConfigError([("C3", "--run_dir", f"{run_dir} is a file, not a directory; give another --run_dir")])
     last = os.path.join(run_dir, "checkpoints", "last.pt")
     if mode == "none" and (os.path.exists(last) or os.path.exists(last[:-3] + ".prev.pt")):
         raise ConfigError([("R1", "--resume", f"none, but {run_dir} already holds checkpoints; use "
@@ -3596,10 +3598,9 @@ def optimizer_step_count(ckpt, path=None):
     return int(steps[0]) if steps else (0 if ckpt["config"]["optim.name"] == "adamw" else None)
 
 
-def dry_run(config_path, overrides, train_fn=None, run_dir=None):
+def dry_run(config_path, overrides, train_fn=train, run_dir=None):
     """Check the full schedule of the real config, then train/eval/save/stop/resume tiny copies of it in
     fp32, fp16 and bf16. Returns the exit code: 0 only when every check held."""
-    train_fn = train_fn or train
     cfg, _ = resolve_config(config_path, overrides)
     d = setup_distributed(cfg)  # under torchrun the tiny runs use every process: the DDP paths are checked too
     print_main = write_stdout if d["main"] else (lambda *args: None)  # R8: `--dry_run | head` ends without a traceback
@@ -3664,6 +3665,7 @@ def check_real_config(cfg, d, check, run_dir):
     """The real config's own inputs and its full schedule, before any tiny run."""
     # R10: whatever the real run refuses before its first step (its token files, teacher or cache, network) is
     # refused here first, by the same function with the same line (exit 2); nothing is written
+    check_resume_mode(run_dir, "auto")  # C3: a --run_dir that is a file
     inputs = run_inputs(cfg, d, lambda line: None, build_cache=False)
     # S7/C4: the run dir's checkpoint (as resume() reads it, R6), trained on other bytes: the relaunch would refuse
     # to continue it; refused here with its line (it passed, then the run refused)

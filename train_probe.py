@@ -1229,9 +1229,7 @@ def check_resume_inputs(cfg, run_dir, mode, inputs, world, num_samples):
     """S7/R11: the head in a checkpoint was trained on the features these inputs give. A resume on other
     features (another backbone.pool, kwargs, output, build file, weights, feature size or training data), or
     one resume() refuses (resume_changes), is refused here, one line, before anything in the run dir is written."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):  # C3: not makedirs' NotADirectoryError traceback
-        raise ConfigError([("C3", "--run_dir", f"{run_dir} is a file, not a directory; give another --run_dir")])
-    check_resume_mode(run_dir, mode)  # R1/C3: --resume none on checkpoints, a --resume PATH not there
+    check_resume_mode(run_dir, mode)  # R1/C3: --run_dir a file, --resume none on checkpoints, a --resume PATH not there
     if mode == "none":
         return
     # the checkpoint a resume would start from (last.pt, else last.prev.pt: resume() says why, R6)
@@ -1683,7 +1681,9 @@ def other_data_problem(cfg, ckpt, digest, source):
 
 
 def check_resume_mode(run_dir, mode):
-    """R1/C3: --resume none on a run dir with checkpoints, or a --resume PATH not there, before anything is written."""
+    """R1/C3: a --run_dir that is a file, --resume none on checkpoints, a --resume PATH not there: before any write."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):  # C3: not makedirs' NotADirectoryError traceback
+        raise ConfigError([("C3", "--run_dir", f"{run_dir} is a file, not a directory; give another --run_dir")])
     last = os.path.join(run_dir, "checkpoints", "last.pt")
     if mode == "none" and (os.path.exists(last) or os.path.exists(last[:-3] + ".prev.pt")):
         raise ConfigError([("R1", "--resume", f"none, but {run_dir} already holds checkpoints; use "

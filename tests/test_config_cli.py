@@ -228,17 +228,18 @@ def test_c3_a_config_that_is_a_directory_or_may_not_be_read_is_one_line_naming_i
                                   "save it as utf-8")
 
 
-def test_c3_a_run_dir_that_is_a_file_is_one_line_from_the_probe_its_dry_run_and_launch_sh(tmp_path, capsys):
+def test_c3_a_run_dir_that_is_a_file_is_one_line_from_either_script_its_dry_run_and_launch_sh(tmp_path, capsys):
     """--run_dir naming a file (a new user's typo: --run_dir my_probe.yaml) was makedirs' NotADirectoryError
-    traceback (exit 1), and launch.sh's `mkdir: cannot create directory` (exit 1) for a run_name whose runs/<name> is
-    a file; the dry run passed it. Now one line, exit 2, the file untouched."""
+    traceback (exit 1; train_distill.py's until the check moved to the shared check_resume_mode()), and launch.sh's
+    `mkdir: cannot create directory` (exit 1) for a run_name whose runs/<name> is a file; the dry run passed it.
+    Now one line, exit 2, the file untouched."""
     from run_records import launch
     path = tmp_path / "runs" / "notes"
     path.parent.mkdir()
     path.write_text("mine\n")
     line = "config error: --run_dir: {} is a file, not a directory; give another --run_dir"
-    for extra in ([], ["--dry_run"]):
-        assert tp.main(["--run_dir", str(path), *extra]) == 2
+    for script, extra in ((tp, []), (tp, ["--dry_run"]), (td, []), (td, ["--dry_run"])):
+        assert script.main(["--run_dir", str(path), *extra]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [line.format(path)]
     out = launch(SYNTHETIC, "--", "--set", "run_name=notes", cwd=tmp_path)  # it makes the run dir for its lock first
     assert (out.returncode, out.stderr.strip().splitlines()) == (2, [line.format("runs/notes")])
