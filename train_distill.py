@@ -1467,6 +1467,15 @@ def example_rows(name, stat, room, too_long, packing):
             "row_bounds": np.searchsorted(row_of[order], np.arange(row_of.max(initial=-1) + 2))}
 
 
+def truncated_away(cfg, split):
+    """C10, G2: True when no example of a prepared split, as the run reads it (example_bounds()), keeps a target its
+    loss mask trains (never its first token). A loop over the offsets kept, not the examples, stopping at the first
+    some example trains: on data that trains, as many reads an example as its shortest prompt's tokens."""
+    ex = example_bounds(cfg, split)
+    mask, lengths = np.memmap(ex["mask"], dtype=np.uint8, mode="r"), ex["ends"] - ex["starts"]
+    return not any(mask[ex["starts"][lengths > k] + k].any() for k in range(1, cfg["data.seq_len"] + 1))
+
+
 def file_digests(path, names=None):
     names = sorted(os.listdir(path)) if names is None else names
     return {name: read_content(os.path.join(path, name))["sha256"] for name in names
@@ -1523,18 +1532,24 @@ def prepared_text_problems(cfg):
         if os.path.getsize(cfg[key]) != record.get("bytes"):
             problems.append(("C10", key, f"{cfg[key]} is {os.path.getsize(cfg[key])} bytes, {made} says "
                              f"{record.get('bytes')}: it changed after it was prepared; prepare again: {again}"))
-        longest = record.get("longest", 0)
-        if longest > cfg["data.seq_len"] + 1 and cfg["data.too_long"] == "refuse":  # the longest of both splits
-            longest = max(r.get("longest", 0) for r in manifest.get("splits", {}).values())
+        longest = max(r.get("longest", 0) for r in manifest.get("splits", {}).values())  # of both splits
+        if record.get("longest", 0) > cfg["data.seq_len"] + 1 and cfg["data.too_long"] == "refuse":
             problems.append(("C10", "data.seq_len", f"{cfg['data.seq_len']}, but the longest example {made} holds is "
                              f"{longest} tokens; set data.seq_len to at least {longest - 1}, or data.too_long to "
                              "truncate or drop the longer examples"))
+        generates = cfg["kd.enabled"] and (cfg["kd.on_policy_fraction"] >= 1 or cfg["kd.seq_kd"])
+        if (key == "data.train_bin" and "starts" in record and record.get("loss_tokens") != 0 and not generates
+                and cfg["data.too_long"] == "truncate" and truncated_away(cfg, "train")):  # G2: all steps skipped
+            problems.append(("C10", "data.seq_len", f"{cfg['data.seq_len']} with data.too_long truncate keeps no "
+                             f"trained token in any example of {cfg[key]} (each keeps its first data.seq_len + 1 "
+                             "tokens, all before its loss mask's), so the run would train nothing; set data.seq_len "
+                             f"to at least {longest - 1} (the longest example whole: data.too_long drop would leave "
+                             "no example)"))
         formats = set(manifest.get("formats", {}).values())
         if "starts" in record and cfg["kd.prompt_tokens"] is not None and key == "data.train_bin" and not any(
                 f.startswith("text") for f in formats):  # a key that would be ignored is an error
             problems.append(("C10", "kd.prompt_tokens", f"is set, but the examples of {cfg[key]} ({', '.join(formats)})"
                              " carry their own prompts, which on-policy continues; remove it"))
-        generates = cfg["kd.enabled"] and (cfg["kd.on_policy_fraction"] >= 1 or cfg["kd.seq_kd"])
         if "starts" in record and record.get("loss_tokens") == 0 and (key == "data.val_bin" or not generates):
             # E14: prompt-only rows train only when every micro-batch generates its completion; eval scores the
             # val data's own completions (a fixed reference, comparable from eval to eval), so val needs them
@@ -1595,15 +1610,14 @@ def builtin_digest(cfg):
 
 def window_count(cfg, split):
     """A split's windows, cheaply: the token file's size, its examples, or the built-in corpus (built once, cached)."""
-    examples = example_bounds(cfg, split) if cfg[f"data.{split}_bin"] else None
+    path = cfg[f"data.{split}_bin"]
+    examples = example_bounds(cfg, split) if path else None
     if examples is not None:
         n = len(examples["row_bounds"]) - 1
-    elif cfg[f"data.{split}_bin"]:
-        n = ((os.path.getsize(cfg[f"data.{split}_bin"]) // np.dtype(cfg["data.dtype"]).itemsize - 1)
-             // cfg["data.seq_len"])
-    else:
-        n = (len(builtin_corpus(split, cfg["data.seq_len"],
-                                cfg[f"data.builtin.{split}_bytes"])) - 1) // cfg["data.seq_len"]
+    else:  # windows of data.seq_len tokens, and one more: the last window's last target
+        tokens = (os.path.getsize(path) // np.dtype(cfg["data.dtype"]).itemsize if path else
+                  len(builtin_corpus(split, cfg["data.seq_len"], cfg[f"data.builtin.{split}_bytes"])))
+        n = (tokens - 1) // cfg["data.seq_len"]
     return n if cfg["data.limit"] is None else min(n, cfg["data.limit"])
 
 
@@ -2001,11 +2015,8 @@ def model_blocks(module):
 
 def sharding(cfg):
     """fsdp_sharding.py when train.strategy is fsdp or train.activation_checkpointing is on (D1), else None."""
-    if cfg["train.strategy"] == "fsdp":
-        return companion("fsdp_sharding", "train.strategy")
-    if cfg["train.activation_checkpointing"]:
-        return companion("fsdp_sharding", "train.activation_checkpointing")
-    return None
+    on = [k for k, off in (("train.strategy", "ddp"), ("train.activation_checkpointing", False)) if cfg[k] != off]
+    return companion("fsdp_sharding", on[0]) if on else None
 
 
 def saved_weights(ckpt, path, key="--checkpoint"):
@@ -2037,13 +2048,6 @@ def nll_sum(log_q, targets):
     return F.nll_loss(log_q.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def kl_from_log_probs(log_p, log_q):
-    """KL(p || q) per position from the teacher's log p (no gradient) and the student's log q, term by term (not
-    sum p log p - sum p log q: a small KL keeps its digits); p = 0 adds 0, not nan, even where log q is -inf."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
-
-
 def kd_kl(student_logits, teacher_logits, temperature, top_k=None, log_q=None):
     """KL(teacher_T || student_T) per position of [..., V] logits, in fp32 (G6); log_q: the student's log_probs at T
     if the step has them. top_k: the KL coarsened to the teacher's top k + one bucket with each model's exact rest
@@ -2053,7 +2057,7 @@ def kd_kl(student_logits, teacher_logits, temperature, top_k=None, log_q=None):
     with torch.no_grad():  # the teacher is frozen
         teacher = log_probs(teacher_logits, temperature) if top_k is None else \
             teacher_topk(teacher_logits, temperature, top_k)
-    return kl_from_log_probs(teacher, log_q) if top_k is None else kl_topk(log_q, *teacher)
+    return xlogy_ratio(teacher, log_q).sum(-1) if top_k is None else kl_topk(log_q, *teacher)
 
 
 def first_token(logits):
@@ -2099,8 +2103,10 @@ def kd_kl_topk(student_logits, log_p_top, index, log_rest, temperature, log_q=No
 
 
 def xlogy_ratio(log_p, log_q):
-    """p * (log p - log q) with 0 where p = 0 (a teacher logit of -inf), not nan."""
-    return torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), torch.zeros_like(log_p))
+    """p * (log p - log q) term by term, summed to KL(p || q) (not sum p log p - sum p log q: a small KL keeps its
+    digits); p = 0 (a teacher logit of -inf) adds 0, not nan, even where log q is -inf."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0)
 
 
 # kd.divergence: D(p, q) between the teacher's p = softmax(teacher / T) and the student's q = softmax(student / T),
@@ -3290,9 +3296,7 @@ def evaluate(run):
 
 def perplexity(mean_ce):
     """E3: exp of the mean token CE; inf past float range (not an OverflowError, not a clamped value)."""
-    if math.isnan(mean_ce):
-        return float("nan")
-    return math.exp(mean_ce) if mean_ce < 709.0 else float("inf")
+    return float("inf") if mean_ce >= 709.0 else math.exp(mean_ce)  # nan >= 709 is False: nan stays nan
 
 
 def make_task(run):
@@ -3518,10 +3522,9 @@ def export_tokenizer(run, arch, tmp):
 def finished_run_pending(cfg, ckpt, run_dir):
     """Why a finished run is not simply complete, in words, or None (launch.sh asks before saying "complete"):
     its export is missing, killed before it was published (R12). The script's next start writes it."""
-    if os.path.isfile(os.path.join(run_dir, "checkpoints",
-                                   "best.pt")) and not os.path.isdir(os.path.join(run_dir, "export")):
-        return f"{os.path.join(run_dir, 'export')} is missing; the script writes it from best.pt"
-    return None
+    export = os.path.join(run_dir, "export")
+    missing = os.path.isfile(os.path.join(run_dir, "checkpoints", "best.pt")) and not os.path.isdir(export)
+    return f"{export} is missing; the script writes it from best.pt" if missing else None
 
 
 def load_export(export_dir):
@@ -3532,10 +3535,8 @@ def load_export(export_dir):
     with open(os.path.join(export_dir, "model.json")) as f:
         meta = json.load(f)
     arch = meta["arch"]
-    if "target" in arch:
-        module = import_target(arch["target"], "export", meta.get("launch_dir"))(**arch["kwargs"])
-    else:
-        module = GPT(meta["vocab_size"], meta["seq_len"], **arch)
+    module = (import_target(arch["target"], "export", meta.get("launch_dir"))(**arch["kwargs"]) if "target" in arch
+              else GPT(meta["vocab_size"], meta["seq_len"], **arch))
     module.load_state_dict(torch.load(os.path.join(export_dir, meta["file"]), map_location="cpu", weights_only=True))
     return module.eval()
 

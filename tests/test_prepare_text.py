@@ -416,20 +416,59 @@ def test_c10_the_dry_run_keeps_data_seq_len_when_only_the_val_split_holds_exampl
     assert code == 0 and "WARNING" not in said.out + said.err, said  # C10: a plain stream is no examples copied alone
 
 
+def last_example_trained_early(chat, tmp_path):
+    """The chat data copied, the last train example's loss mask also training its 3rd token (the others' first
+    trained token is their 32nd: the system prompt's length): settings of data.train_bin and data.val_bin."""
+    import shutil
+    out = shutil.copytree(chat["root"] / "data", tmp_path / "data")
+    split = chat["manifest"]["splits"]["train"]
+    mask = np.fromfile(out / split["mask"], np.uint8)
+    mask[np.load(out / split["starts"])[-2] + 2] = 1
+    mask.tofile(out / split["mask"])
+    return [f"data.train_bin={out / 'train.bin'}", f"data.val_bin={out / 'val.bin'}"]
+
+
+def test_g2_c10_truncation_that_keeps_no_trained_token_of_any_example_is_refused_by_the_run_dry_run_and_diagnose(
+        chat_data, tmp_path, capsys):
+    # a new user's data.too_long truncate at a data.seq_len below the prompts: every example kept its prompt alone,
+    # every step was skipped by G2 (a WARNING a step) and the run ended 'done: 5 optimizer steps, 5 skipped', exit 0
+    longest = max(s["longest"] for s in chat_data["manifest"]["splits"].values())
+    val = tmp_path / "val.bin"  # a plain stream: eval has targets (eval windows without any are refused at start)
+    np.random.default_rng(0).integers(0, chat_data["data"]["vocab_size"], 400).astype(np.uint16).tofile(val)
+    lines, nothing = dry_run_and_diagnose_lines(chat_settings(chat_data, "data.too_long=truncate",
+                                                              f"data.val_bin={val}", seq_len=8), tmp_path, capsys)
+    assert len(lines) == 3 and len(set(lines)) == 1 and nothing, lines
+    assert lines[0] == (f"config error: data.seq_len: 8 with data.too_long truncate keeps no trained token in any "
+                        f"example of {chat_data['root'] / 'data' / 'train.bin'} (each keeps its first data.seq_len + 1 "
+                        "tokens, all before its loss mask's), so the run would train nothing; set data.seq_len to at "
+                        f"least {longest - 1} (the longest example whole: data.too_long drop would leave no example)"
+                        ), lines
+    for seq_len in (30, 31):  # each example's first trained target is its 32nd token: kept from data.seq_len 31
+        cfg, _ = T.resolve_config(None, chat_settings(chat_data, "data.too_long=truncate", "data.seq_len=80"))
+        assert T.truncated_away({**cfg, "data.seq_len": seq_len}, "train") == (seq_len == 30)
+    # ANY example: one that keeps a trained token (the last) is enough
+    settings = chat_settings(chat_data, "data.too_long=truncate", seq_len=8) + last_example_trained_early(
+        chat_data, tmp_path)
+    cfg, _ = T.resolve_config(None, settings)  # accepted
+    assert not T.truncated_away(cfg, "train") and T.TokenWindows(cfg, "train").count(np.arange(36)) == 1
+
+
 def test_c10_g2_a_dry_run_whose_tiny_examples_keep_no_trained_token_says_so(chat_data, tmp_path, capsys):
     # a new user's data.too_long truncate at a data.seq_len that cut every assistant turn of the first examples: the
     # run trained on the later ones, its dry run said 'FAIL finite losses (one term: the LM's CE)' of a KD config
     # (step 1, skipped by G2, logged no loss terms), and its fp16 line '8 skipped by the GradScaler'
     val = tmp_path / "val.bin"  # a plain stream: eval has targets (a val split without any is a config error)
     np.random.default_rng(0).integers(0, chat_data["data"]["vocab_size"], 400).astype(np.uint16).tofile(val)
-    settings = chat_settings(chat_data, "data.too_long=truncate", f"data.val_bin={val}", "kd.gamma=0", seq_len=6)
+    settings = chat_settings(chat_data, "data.too_long=truncate", "kd.gamma=0", seq_len=6) + [
+        last_example_trained_early(chat_data, tmp_path)[0], f"data.val_bin={val}"]
     code = T.main([a for s in settings for a in ("--set", s)] + ["--run_dir", str(tmp_path / "r"), "--dry_run"])
     out = capsys.readouterr().out
     assert code == 1 and "  FAIL a token to train on: all 8 steps skipped (G2), the tiny run's windows" in out, out
     assert "finite losses" not in out and out.count("  FAIL ") == 1
-    # the run itself trains nothing ('done', exit 0, a WARNING G2 a step): diagnose --log says so, critical, and why
+    # a run on those first examples alone trains nothing ('done', exit 0, a WARNING G2 a step; the config check
+    # passes: a later example keeps a trained token): diagnose --log says so, critical, and why
     import diagnose_and_fix as dx
-    argv = [a for s in settings for a in ("--set", s)]
+    argv = [a for s in settings + ["data.limit=26"] for a in ("--set", s)]
     assert T.main(argv + ["--run_dir", str(tmp_path / "r")]) == 0
     capsys.readouterr()
     dx.main(["--log", str(tmp_path / "r" / "metrics.jsonl"), "--json"])
