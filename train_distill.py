@@ -1541,10 +1541,9 @@ def prepared_text_problems(cfg):
         if (key == "data.train_bin" and "starts" in record and record.get("loss_tokens") != 0 and not generates
                 and cfg["data.too_long"] == "truncate" and truncated_away(cfg, "train")):  # G2: all steps skipped
             problems.append(("C10", "data.seq_len", f"{cfg['data.seq_len']} with data.too_long truncate keeps no "
-                             f"trained token in any example of {cfg[key]} (each keeps its first data.seq_len + 1 "
-                             "tokens, all before its loss mask's), so the run would train nothing; set data.seq_len "
-                             f"to at least {longest - 1} (the longest example whole: data.too_long drop would leave "
-                             "no example)"))
+                             f"trained token in any example of {cfg[key]} (each cut at data.seq_len + 1 tokens, "
+                             "before its loss mask's), so the run would train nothing; set data.seq_len to at least "
+                             f"{longest - 1} (the longest example whole: data.too_long drop would leave no example)"))
         formats = set(manifest.get("formats", {}).values())
         if "starts" in record and cfg["kd.prompt_tokens"] is not None and key == "data.train_bin" and not any(
                 f.startswith("text") for f in formats):  # a key that would be ignored is an error

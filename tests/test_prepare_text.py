@@ -439,8 +439,8 @@ def test_g2_c10_truncation_that_keeps_no_trained_token_of_any_example_is_refused
                                                               f"data.val_bin={val}", seq_len=8), tmp_path, capsys)
     assert len(lines) == 3 and len(set(lines)) == 1 and nothing, lines
     assert lines[0] == (f"config error: data.seq_len: 8 with data.too_long truncate keeps no trained token in any "
-                        f"example of {chat_data['root'] / 'data' / 'train.bin'} (each keeps its first data.seq_len + 1 "
-                        "tokens, all before its loss mask's), so the run would train nothing; set data.seq_len to at "
+                        f"example of {chat_data['root'] / 'data' / 'train.bin'} (each cut at data.seq_len + 1 tokens, "
+                        "before its loss mask's), so the run would train nothing; set data.seq_len to at "
                         f"least {longest - 1} (the longest example whole: data.too_long drop would leave no example)"
                         ), lines
     for seq_len in (30, 31):  # each example's first trained target is its 32nd token: kept from data.seq_len 31
