@@ -124,6 +124,8 @@ def parse_args(argv=None):
         if path and not os.path.isfile(path):  # C3: a missing input (or a directory) is bad input: one line, exit 2
             said = "is a directory" if os.path.isdir(path) else "no such file"
             raise UsageError(f"{flag} {path}: {said}; give the path of {what[flag]}")
+        if flag == "--log" and path.endswith((".yaml", ".yml")):  # C3: a config given as the log: not 'no records'
+            raise UsageError(f"--log {path}: a YAML config, not a log; give it as --config, and --log {what[flag]}")
     if args.log and len(args.log) > 1 and (args.fix or args.checkpoint):
         raise UsageError("--fix and --checkpoint take one run: give a single --log with them")
     if args.plot is not None:

@@ -382,6 +382,16 @@ def test_c3_a_directory_given_for_an_input_file_is_one_line_and_exit_2_not_a_fin
         assert out == "" and len(lines) == 1 and lines[0].startswith(said), err
 
 
+def test_c3_a_config_given_as_the_log_is_one_line_and_exit_2_not_a_log_without_records(capsys):
+    """A new user's --log my_probe.yaml was read as a plain-text log: 'WARNING E7 holds no records with a step',
+    exit 0, as if the run had logged nothing."""
+    config = os.path.join(ROOT, "configs", "probe_synthetic.yaml")
+    assert dx.main(["--log", config]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"diagnose_and_fix.py: --log {config}: a YAML config, not a log; give it as --config, "
+                          "and --log the run's metrics.jsonl\n")
+
+
 def test_c3_a_fix_output_in_a_missing_directory_or_a_directory_is_one_line_and_exit_2(tmp_path, capsys):
     """--fix --output nodir/fixed.yaml (or under a file, or a directory) diagnosed the whole config, then ended in a
     FileNotFoundError / NotADirectoryError traceback (exit 1) when it wrote the result."""
