@@ -269,7 +269,7 @@ if [ "$DRY" = 0 ] && [ "$SHOW" = 0 ] && [ "$NO_RUN_DIR" = 0 ]; then
   while [ ! -d "$(dirname "$TOP")" ]; do TOP=$(dirname "$TOP"); done
   # made for the lock: a run the script refuses removes it (C3)
   [ -d "$RUN_DIR" ] || export KIT_NEW_RUN_DIR="$RUN_DIR" KIT_NEW_RUN_TOP="$TOP"
-  if [ -e "$RUN_DIR" ] && [ ! -d "$RUN_DIR" ]; then  # C3: the probe's own line (check_resume_inputs), not mkdir's
+  if [ -e "$RUN_DIR" ] && [ ! -d "$RUN_DIR" ]; then  # C3: the scripts' own line (check_resume_mode), not mkdir's
     echo "config error: --run_dir: $RUN_DIR is a file, not a directory; give another --run_dir" >&2
     exit 2
   fi

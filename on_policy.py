@@ -135,9 +135,11 @@ def data_end_ids(cfg, examples=1000):
 def end_id_notes(cfg):
     """E14: a note when the data's completions end with an id generation does not stop at: such a sample runs past
     its end (a chat student wrote the user's next turn), and the student is scored on it."""
-    ends, stops = data_end_ids(cfg), configured_end_ids(cfg)
-    missing = [f"{i} ({name!r})" if name else str(i) for i, name in ends.items() if i not in (stops or ())]
-    if not missing or stops is None:
+    stops = configured_end_ids(cfg)
+    if stops is None:  # nothing ends a sample: no end to compare, and no reason to read the data
+        return []
+    missing = [f"{i} ({name!r})" if name else str(i) for i, name in data_end_ids(cfg).items() if i not in stops]
+    if not missing:
         return []
     where = (f"kd.eos_token {cfg['kd.eos_token']}" if cfg["kd.eos_token"] is not None else
              f"eos_token_id {sorted(stops)} of {cfg['student.hf_dir']}")
